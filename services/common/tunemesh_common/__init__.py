@@ -1,0 +1,1 @@
+"""Code shared by every tunemesh service: errors, tensor codecs, models, etcd registry."""
