@@ -1,0 +1,54 @@
+# tunemesh: `make demo` runs the mesh on a real model; `make test` runs the suite.
+# Both install what they need first (Debian packages, a venv with pinned wheels).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+export no_proxy := 127.0.0.1,localhost
+export NO_PROXY := 127.0.0.1,localhost
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: all system deps protos protos-check lint install test test-fast demo bench clean
+
+all: install
+
+system:  ## Debian packages: etcd (server + client)
+	@command -v etcd >/dev/null && command -v etcdctl >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null; }
+
+$(VENV)/.deps: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	touch $@
+
+deps: system $(VENV)/.deps
+
+protos: deps  ## regenerate Python stubs and type stubs from protos/
+	$(PY) scripts/gen_protos.py
+
+protos-check: deps  ## fail when the committed stubs drift from protos/
+	$(PY) scripts/gen_protos.py --check
+
+lint: deps
+	$(VENV)/bin/buf lint
+
+install: deps protos
+	$(PY) -m pip install -q --no-deps -e .
+
+test: deps protos-check lint install  ## install everything, then run the whole suite
+	$(VENV)/bin/pytest -q
+
+test-fast: install
+	$(VENV)/bin/pytest -q -m "not slow and not e2e"
+
+demo: install  ## start the mesh, two tenants fine-tune SmolLM2-135M-Instruct, stop the mesh
+	$(PY) scripts/demo.py
+
+bench: install
+	$(PY) bench/train_throughput.py
+
+clean:
+	rm -rf $(VENV) .tunemesh

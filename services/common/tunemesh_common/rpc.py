@@ -1,0 +1,149 @@
+"""gRPC server plumbing shared by every service.
+
+One interceptor maps typed errors to a status (reason in the `tunemesh-reason` trailer)
+and, where a service asks for it, authenticates the caller into a tenant.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import os
+import pathlib
+from collections.abc import Callable, Iterable, Mapping
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tunemesh_common.errors import TunemeshError, Unauthenticated
+
+log = logging.getLogger(__name__)
+
+REASON_KEY = "tunemesh-reason"
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+SERVER_OPTIONS = [
+    ("grpc.so_reuseport", 0),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+]
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.enable_http_proxy", 0),
+]
+
+_tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
+Authenticator = Callable[[Mapping[str, str]], str]
+
+
+def current_tenant() -> str:
+    """The tenant the running RPC was authenticated as."""
+    return _tenant.get()
+
+
+def api_key_from_metadata(metadata: Mapping[str, str]) -> str:
+    """Read `authorization: Bearer KEY` or `x-api-key: KEY`."""
+    auth = metadata.get("authorization", "")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    return metadata.get("x-api-key", "").strip()
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps TunemeshError to its status; unexpected errors to INTERNAL without a traceback.
+
+    With an `authenticator`, every RPC except health and reflection first resolves the
+    caller's tenant (UNAUTHENTICATED otherwise) into `current_tenant()`.
+    """
+
+    def __init__(self, authenticator: Authenticator | None = None) -> None:
+        self._authenticator = authenticator
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = handler_call_details.method
+        needs_auth = self._authenticator is not None and not method.startswith(
+            ("/grpc.health.", "/grpc.reflection.")
+        )
+        inner = handler.unary_unary
+
+        async def guarded(request, context: grpc.aio.ServicerContext):
+            try:
+                if needs_auth:
+                    metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+                    _tenant.set(self._authenticator(metadata))
+                return await inner(request, context)
+            except TunemeshError as err:
+                await _abort(context, err)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+        return grpc.unary_unary_rpc_method_handler(
+            guarded,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+async def _abort(context: grpc.aio.ServicerContext, err: TunemeshError) -> None:
+    code = _STATUS_BY_VALUE[int(err.code)]
+    context.set_trailing_metadata(((REASON_KEY, err.reason),))
+    await context.abort(code, err.message)
+
+
+_STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+class KeyFileAuthenticator:
+    """API keys -> tenants, from a JSON object `{"key": "tenant", ...}`."""
+
+    def __init__(self, keys: Mapping[str, str]) -> None:
+        if not keys:
+            raise ValueError("no API keys configured")
+        self._keys = dict(keys)
+
+    @classmethod
+    def from_file(cls, path: pathlib.Path) -> "KeyFileAuthenticator":
+        return cls(json.loads(path.read_text()))
+
+    def __call__(self, metadata: Mapping[str, str]) -> str:
+        key = api_key_from_metadata(metadata)
+        if not key:
+            raise Unauthenticated("MISSING_API_KEY", "send `authorization: Bearer <api key>`")
+        tenant = self._keys.get(key)
+        if tenant is None:
+            raise Unauthenticated("INVALID_API_KEY", "the API key is not valid")
+        return tenant
+
+
+def build_server(authenticator: Authenticator | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with the error/auth interceptor and a health servicer (NOT_SERVING)."""
+    server = grpc.aio.server(interceptors=[ErrorInterceptor(authenticator)], options=SERVER_OPTIONS)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+async def mark_serving(health_servicer: health.aio.HealthServicer, services: Iterable[str]) -> None:
+    for name in ["", *services]:
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
+
+
+def write_ready_file(path: pathlib.Path, payload: dict) -> None:
+    """Publish {"address": ..., "pid": ...} atomically, for launchers to wait on."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload))
+    os.replace(tmp, path)
+
+

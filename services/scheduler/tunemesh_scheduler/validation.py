@@ -1,0 +1,141 @@
+"""Checks on public requests, run before anything is queued.
+
+Every failure is INVALID_ARGUMENT with a reason and a message naming the offending
+datum and field; nothing that fails here reaches a trainer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from tunemesh.v1 import sessions_pb2, types_pb2
+from tunemesh_common import tensors
+from tunemesh_common.errors import InvalidArgument
+
+# loss name -> (required loss_fn_inputs, optional loss_fn_inputs, accepted config keys)
+LOSSES: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {
+    "cross_entropy": (frozenset({"target_tokens"}), frozenset({"weights"}), frozenset()),
+}
+_INT_INPUTS = frozenset({"target_tokens"})
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Request size limits (from the scheduler settings)."""
+
+    max_datums: int
+    max_tokens: int
+
+
+def datum_tokens(datum: types_pb2.Datum) -> list[int]:
+    tokens: list[int] = []
+    for chunk in datum.model_input.chunks:
+        if chunk.WhichOneof("chunk") != "encoded_text":
+            raise InvalidArgument("UNSUPPORTED_CHUNK", "only encoded_text chunks are supported")
+        tokens.extend(chunk.encoded_text.tokens)
+    return tokens
+
+
+def check_loss(loss_fn: str, config) -> None:
+    if loss_fn not in LOSSES:
+        raise InvalidArgument("UNKNOWN_LOSS", f"unknown loss_fn {loss_fn!r}; supported: {sorted(LOSSES)}")
+    unknown = set(config) - LOSSES[loss_fn][2]
+    if unknown:
+        raise InvalidArgument("UNKNOWN_LOSS_CONFIG", f"{loss_fn} takes no config keys {sorted(unknown)}")
+    for key, value in config.items():
+        if value.WhichOneof("kind") == "number" and not math.isfinite(value.number):
+            raise InvalidArgument("NON_FINITE_INPUT", f"loss_fn_config[{key!r}] is not finite")
+
+
+def check_data(data, loss_fn: str, model: sessions_pb2.SupportedModel, limits: Limits) -> int:
+    """Validate a forward / forward_backward payload; return its total token count."""
+    if not data:
+        raise InvalidArgument("EMPTY_DATA", "data is empty: send at least one Datum")
+    if len(data) > limits.max_datums:
+        raise InvalidArgument("REQUEST_TOO_LARGE", f"{len(data)} datums exceed the limit of {limits.max_datums}")
+    total = 0
+    for index, datum in enumerate(data):
+        total += _check_datum(index, datum, loss_fn, model)
+        if total > limits.max_tokens:
+            raise InvalidArgument("REQUEST_TOO_LARGE", f"request exceeds {limits.max_tokens} tokens")
+    return total
+
+
+def _check_datum(index: int, datum: types_pb2.Datum, loss_fn: str, model: sessions_pb2.SupportedModel) -> int:
+    where = f"data[{index}]"
+    tokens = np.asarray(datum_tokens(datum), dtype=np.int64)
+    n = int(tokens.size)
+    if n == 0:
+        raise InvalidArgument("EMPTY_INPUT", f"{where}.model_input has no tokens")
+    if n > model.max_seq_len:
+        raise InvalidArgument("SEQUENCE_TOO_LONG", f"{where}: {n} tokens exceed {model.name}'s {model.max_seq_len}")
+    _check_token_range(tokens, model.vocab_size, f"{where}.model_input")
+    required, optional, _ = LOSSES[loss_fn]
+    missing = required - set(datum.loss_fn_inputs)
+    if missing:
+        raise InvalidArgument("MISSING_LOSS_INPUT", f"{where}: {loss_fn} needs loss_fn_inputs {sorted(missing)}")
+    unknown = set(datum.loss_fn_inputs) - required - optional
+    if unknown:
+        raise InvalidArgument("UNKNOWN_LOSS_INPUT", f"{where}: {loss_fn} does not take {sorted(unknown)}")
+    shapes = {}
+    for key, tensor in datum.loss_fn_inputs.items():
+        shapes[key] = _check_input(f"{where}.loss_fn_inputs[{key!r}]", key, tensor, n, model.vocab_size)
+    if "weights" in shapes and shapes["weights"] != shapes["target_tokens"]:
+        raise InvalidArgument(
+            "SHAPE_MISMATCH", f"{where}: weights shape {shapes['weights']} != target_tokens {shapes['target_tokens']}"
+        )
+    return n
+
+
+def _check_input(where: str, key: str, tensor: types_pb2.TensorData, n: int, vocab_size: int) -> tuple:
+    array = tensors.decode(tensor, name=where)
+    if array.ndim not in (1, 2) or array.shape[0] != n:
+        raise InvalidArgument(
+            "SHAPE_MISMATCH", f"{where}: shape {list(array.shape)} must be ({n},) or ({n}, K) to match model_input"
+        )
+    if key in _INT_INPUTS:
+        if array.dtype.kind != "i":
+            raise InvalidArgument("BAD_DTYPE", f"{where}: must be an integer tensor")
+        _check_token_range(array, vocab_size, where)
+    elif array.dtype.kind != "f":
+        raise InvalidArgument("BAD_DTYPE", f"{where}: must be a float tensor")
+    elif not np.isfinite(array).all():
+        raise InvalidArgument("NON_FINITE_INPUT", f"{where}: contains NaN or infinity")
+    return array.shape
+
+
+def _check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    bad = (tokens < 0) | (tokens >= vocab_size)
+    if bad.any():
+        position = int(np.flatnonzero(bad.reshape(-1))[0])
+        raise InvalidArgument(
+            "TOKEN_OUT_OF_RANGE",
+            f"{where}: token {int(tokens.reshape(-1)[position])} at position {position} is outside [0, {vocab_size})",
+        )
+
+
+def check_adam(params: types_pb2.AdamParams) -> None:
+    values = {f.name: v for f, v in params.ListFields()}
+    for name, value in values.items():
+        if not math.isfinite(value) or value < 0:
+            raise InvalidArgument("BAD_OPTIMIZER_PARAM", f"adam_params.{name} = {value} must be finite and >= 0")
+    for name in ("beta1", "beta2"):
+        if getattr(params, name) >= 1:
+            raise InvalidArgument("BAD_OPTIMIZER_PARAM", f"adam_params.{name} must be < 1")
+
+
+def check_lora(config: types_pb2.LoraConfig, model: sessions_pb2.SupportedModel) -> None:
+    rank = config.rank or 32
+    if not 1 <= rank <= model.max_lora_rank:
+        raise InvalidArgument(
+            "BAD_LORA_RANK", f"LoRA rank {rank} is outside [1, {model.max_lora_rank}] for {model.name}"
+        )
+    if not math.isfinite(config.alpha) or config.alpha < 0:
+        raise InvalidArgument("BAD_LORA_ALPHA", "LoRA alpha must be finite and >= 0")
+    if not (config.train_attn or config.train_mlp or config.train_unembed or config.train_experts):
+        raise InvalidArgument("NO_LORA_TARGETS", "enable at least one of train_attn, train_mlp, train_unembed")
+    if config.train_experts and model.family != "moe":
+        raise InvalidArgument("NOT_MOE", f"train_experts needs a mixture-of-experts model; {model.name} is dense")

@@ -1,0 +1,59 @@
+"""Trainer logic above the engine: slot capacity, serial execution, node description.
+
+Engine calls run one at a time on a dedicated worker thread: torch state is not shared
+across threads, and the event loop stays free to answer health checks and info calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Sequence
+
+from tunemesh_common.errors import ResourceExhausted
+from tunemesh_trainer.domain import AdamSpec, EngineItem, ItemOutcome, LoraSpec, ModelInfo
+
+log = logging.getLogger(__name__)
+
+
+class TrainerCore:
+    """Owns one engine; every engine call goes through the single worker thread."""
+
+    def __init__(self, engine, max_adapters: int) -> None:
+        self._engine = engine
+        self.max_adapters = max_adapters
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._engine.info
+
+    def adapter_count(self) -> int:
+        return len(self._engine.adapter_ids())
+
+    async def _call(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
+
+    async def create_adapter(self, adapter_id: str, spec: LoraSpec) -> int:
+        if self.adapter_count() >= self.max_adapters and adapter_id not in self._engine.adapter_ids():
+            raise ResourceExhausted("NO_ADAPTER_SLOT", f"all {self.max_adapters} adapter slots are in use")
+        count = await self._call(self._engine.create_adapter, adapter_id, spec)
+        log.info("adapter %s created (rank %d, %d parameters)", adapter_id, spec.rank, count)
+        return count
+
+    async def delete_adapter(self, adapter_id: str) -> None:
+        await self._call(self._engine.delete_adapter, adapter_id)
+        log.info("adapter %s deleted", adapter_id)
+
+    async def run_batch(self, items: Sequence[EngineItem]) -> tuple[list[ItemOutcome], float]:
+        start = time.perf_counter()
+        outcomes = await self._call(self._engine.run_batch, list(items))
+        return outcomes, time.perf_counter() - start
+
+    async def optim_step(self, adapter_id: str, adam: AdamSpec) -> dict[str, float]:
+        return await self._call(self._engine.optim_step, adapter_id, adam)
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=False, cancel_futures=True)

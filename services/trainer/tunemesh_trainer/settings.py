@@ -1,0 +1,27 @@
+"""Trainer settings: flags, else `TUNEMESH_TRAINER_*` environment variables, else defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from tunemesh_common import settings
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSettings:
+    node_id: str = "trainer-0"
+    model: str = "tunemesh/tiny-dense"  # registry name of the base model to serve
+    listen: str = "127.0.0.1:0"  # host:port; port 0 picks a free one
+    etcd: str = ""  # host:port of etcd; empty runs without registration (tests)
+    data_dir: pathlib.Path = pathlib.Path("~/.cache/tunemesh").expanduser()  # model cache
+    models_file: pathlib.Path | None = None  # JSON list of extra local models
+    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid"}
+    max_adapters: int = 64  # adapter slots on this node
+    num_threads: int = 0  # torch threads; 0 = torch's default
+    lease_ttl_s: int = 5  # etcd lease time-to-live
+    advertise_host: str = "127.0.0.1"  # host others use to reach this node
+
+
+def load(argv: list[str] | None = None) -> TrainerSettings:
+    return settings.load(TrainerSettings, "TUNEMESH_TRAINER_", argv)
