@@ -1,0 +1,121 @@
+"""A single-member etcd on loopback: command line, health wait, and a managed process.
+
+Used by `tunemesh up` (detached etcd for a local mesh) and by the e2e test fixture.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from tunemesh_common.errors import FailedPrecondition, Unavailable
+
+logger = logging.getLogger(__name__)
+
+ETCD_BINARY = "etcd"
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def pick_free_port(host: str = "127.0.0.1") -> int:
+    """Return a port that was free on `host` a moment ago (bind to 0, then release)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def etcd_argv(data_dir: Path, client_port: int, peer_port: int, name: str = "tunemesh") -> list[str]:
+    """Command line of a one-member etcd listening on 127.0.0.1 only."""
+    client_url = f"http://127.0.0.1:{client_port}"
+    peer_url = f"http://127.0.0.1:{peer_port}"
+    return [
+        ETCD_BINARY,
+        "--name", name,
+        "--data-dir", str(data_dir),
+        "--listen-client-urls", client_url,
+        "--advertise-client-urls", client_url,
+        "--listen-peer-urls", peer_url,
+        "--initial-advertise-peer-urls", peer_url,
+        "--initial-cluster", f"{name}={peer_url}",
+        "--initial-cluster-state", "new",
+    ]
+
+
+def is_healthy(endpoint: str, timeout: float = 1.0) -> bool:
+    """True when etcd at `host:port` answers its /health endpoint with health=true."""
+    try:
+        with _NO_PROXY.open(f"http://{endpoint}/health", timeout=timeout) as response:
+            return json.loads(response.read()).get("health") == "true"
+    except (OSError, urllib.error.URLError, ValueError):
+        return False
+
+
+def wait_healthy(endpoint: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Block until etcd is healthy; raise Unavailable on timeout or if `proc` exits."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise Unavailable("ETCD_EXITED", f"etcd exited with code {proc.returncode}")
+        if is_healthy(endpoint, timeout=0.5):
+            return
+        time.sleep(0.05)
+    raise Unavailable("ETCD_NOT_HEALTHY", f"etcd at {endpoint} not healthy after {timeout:.0f}s")
+
+
+class EtcdProcess:
+    """An etcd child process with fixed ports, so it can be killed and restarted in place."""
+
+    def __init__(self, data_dir: Path, log_path: Path | None = None) -> None:
+        self.data_dir = Path(data_dir)
+        self.log_path = Path(log_path) if log_path else self.data_dir.parent / "etcd.log"
+        self.client_port = pick_free_port()
+        self.peer_port = pick_free_port()
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        """`127.0.0.1:PORT` of the client listener."""
+        return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, timeout: float = 15.0) -> None:
+        """Start etcd (reusing the data dir if present) and wait until it is healthy."""
+        if self._proc is not None and self._proc.poll() is None:
+            raise FailedPrecondition("ETCD_RUNNING", f"etcd already running (pid {self._proc.pid})")
+        self.data_dir.parent.mkdir(parents=True, exist_ok=True)
+        argv = etcd_argv(self.data_dir, self.client_port, self.peer_port)
+        with open(self.log_path, "ab") as log:
+            self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            wait_healthy(self.endpoint, timeout, self._proc)
+        except Unavailable:
+            self.stop()
+            raise
+        logger.info("etcd up at %s (pid %d)", self.endpoint, self._proc.pid)
+
+    def stop(self, grace: float = 5.0) -> None:
+        """SIGTERM, then SIGKILL after `grace` seconds."""
+        if self._proc is None or self._proc.poll() is not None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+
+    def kill(self) -> None:
+        """SIGKILL, as in a crash."""
+        if self._proc is not None and self._proc.poll() is None:
+            os.kill(self._proc.pid, signal.SIGKILL)
+            self._proc.wait()
