@@ -1,0 +1,202 @@
+"""Fused multi-tenant LoRA training on a frozen HF causal LM, in plain torch."""
+
+from __future__ import annotations
+
+import logging
+import math
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from tunemesh_common.errors import AlreadyExists, Code, InvalidArgument, NotFound, Unimplemented
+from tunemesh_trainer.domain import (
+    AdamSpec,
+    EngineItem,
+    ItemFailure,
+    ItemKind,
+    ItemOutcome,
+    LoraSpec,
+    ModelInfo,
+)
+from tunemesh_trainer.engine.adapter import AdapterSlot
+from tunemesh_trainer.engine.batch import PackedBatch, pack_items
+from tunemesh_trainer.engine.losses import LOSSES
+from tunemesh_trainer.engine.multi_lora import LoraRouting, candidate_targets, install_wrappers
+from tunemesh_trainer.engine.validation import validate_item
+
+logger = logging.getLogger(__name__)
+
+
+class TorchTrainingEngine:
+    """A frozen base model whose target linears carry many adapters' LoRA factors."""
+
+    def __init__(
+        self,
+        model_dir: pathlib.Path,
+        name: str,
+        family: str,
+        max_lora_rank: int,
+        max_seq_len: int,
+        num_threads: int | None = None,
+        device: str = "cpu",
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self._device = torch.device(device)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.requires_grad_(False)
+        self._model = model.eval().to(self._device)
+        self._groups = candidate_targets(model)
+        self._routing = LoraRouting()
+        self._wrappers = install_wrappers(model, sorted(self._groups), self._routing)
+        self._has_experts = any(p.ndim == 3 and ".experts." in n for n, p in model.named_parameters())
+        self._slots: dict[str, AdapterSlot] = {}
+        self.info = ModelInfo(
+            name=name,
+            family=family,
+            vocab_size=int(model.config.vocab_size),
+            max_seq_len=max_seq_len,
+            max_lora_rank=max_lora_rank,
+        )
+        logger.info("loaded %s (%s) with %d LoRA target linears", name, family, len(self._groups))
+
+    # adapters -----------------------------------------------------------------
+
+    def create_adapter(self, adapter_id: str, spec: LoraSpec) -> int:
+        if not adapter_id:
+            raise InvalidArgument("BAD_ADAPTER_ID", "adapter id must be non-empty")
+        if adapter_id in self._slots:
+            raise AlreadyExists("ADAPTER_EXISTS", f"adapter {adapter_id!r} already exists")
+        if not 1 <= spec.rank <= self.info.max_lora_rank:
+            raise InvalidArgument("BAD_LORA_RANK", f"rank must lie in [1, {self.info.max_lora_rank}]")
+        if not math.isfinite(spec.alpha) or spec.alpha < 0:
+            raise InvalidArgument("BAD_LORA_ALPHA", "alpha must be finite and >= 0")
+        if spec.train_experts and self._has_experts:
+            raise Unimplemented("EXPERT_LORA_UNSUPPORTED", "LoRA on MoE experts is not supported yet")
+        targets = self.target_modules(spec)
+        if not targets:
+            raise InvalidArgument("NO_TARGET_MODULES", "the spec selects no module of this model")
+        shapes = {n: (self._wrappers[n].base.in_features, self._wrappers[n].base.out_features) for n in targets}
+        slot = AdapterSlot(spec, shapes, self._device)
+        for module_name, pair in slot.pairs.items():
+            self._wrappers[module_name].pairs[adapter_id] = pair
+        self._slots[adapter_id] = slot
+        return slot.num_params
+
+    def target_modules(self, spec: LoraSpec) -> list[str]:
+        """Names of the linears an adapter with `spec` gets LoRA on (sorted)."""
+        wanted = {"attn": spec.train_attn, "mlp": spec.train_mlp, "unembed": spec.train_unembed}
+        return sorted(n for n, group in self._groups.items() if wanted[group])
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        slot = self._slot(adapter_id)
+        for module_name in slot.pairs:
+            del self._wrappers[module_name].pairs[adapter_id]
+        del self._slots[adapter_id]
+
+    def adapter_ids(self) -> list[str]:
+        return sorted(self._slots)
+
+    def adapter(self, adapter_id: str) -> AdapterSlot:
+        """The adapter's slot (weights, accumulated grads, optimizer): for checkpoints."""
+        return self._slot(adapter_id)
+
+    def adapter_digest(self, adapter_id: str) -> str:
+        return self._slot(adapter_id).digest()
+
+    def optim_step(self, adapter_id: str, adam: AdamSpec) -> dict[str, float]:
+        return self._slot(adapter_id).optim_step(adam)
+
+    def _slot(self, adapter_id: str) -> AdapterSlot:
+        slot = self._slots.get(adapter_id)
+        if slot is None:
+            raise NotFound("ADAPTER_NOT_FOUND", f"no adapter {adapter_id!r}")
+        return slot
+
+    # batches ------------------------------------------------------------------
+
+    def run_batch(self, items: Sequence[EngineItem]) -> list[ItemOutcome]:
+        outcomes = [ItemOutcome(item_id=item.item_id) for item in items]
+        required = {name: d.required_inputs for name, d in LOSSES.items()}
+        runnable = []
+        for item, outcome in zip(items, outcomes):
+            outcome.failure = validate_item(
+                item,
+                adapters=self._slots,
+                required_inputs=required,
+                vocab_size=self.info.vocab_size,
+                max_seq_len=self.info.max_seq_len,
+            )
+            if outcome.failure is None:
+                runnable.append((item, outcome))
+        if runnable:
+            self._run(runnable)
+        return outcomes
+
+    def _run(self, runnable: list[tuple[EngineItem, ItemOutcome]]) -> None:
+        items = [item for item, _ in runnable]
+        packed = pack_items(items, self._device)
+        train = any(item.kind is ItemKind.FORWARD_BACKWARD for item in items)
+        with torch.set_grad_enabled(train), self._routing.use(packed.plan):
+            logits_btv = self._model(
+                input_ids=packed.tokens_bt, position_ids=packed.positions_bt, use_cache=False
+            ).logits
+            losses = [self._score(item, out, logits_btv, row) for (item, out), row in zip(runnable, packed.first_rows)]
+        if train:
+            self._backward(runnable, losses)
+
+    def _score(
+        self, item: EngineItem, outcome: ItemOutcome, logits_btv: torch.Tensor, first_row: int
+    ) -> torch.Tensor | None:
+        """Per-datum loss and outputs of one item; returns its loss, or None if non-finite."""
+        loss_def = LOSSES[item.loss_fn]
+        total = None
+        for offset, datum in enumerate(item.data):
+            n = int(datum.tokens.shape[0])
+            inputs = {k: self._input_tensor(k, v) for k, v in datum.loss_inputs.items()}
+            result = loss_def.fn(logits_btv[first_row + offset, :n], inputs, item.loss_config)
+            total = result.loss if total is None else total + result.loss
+            outcome.outputs.append({k: _to_numpy(v) for k, v in result.outputs.items()})
+        loss_value = float(total.detach())
+        outcome.metrics = {"loss:sum": loss_value, "num_tokens:sum": float(item.num_tokens)}
+        if not math.isfinite(loss_value):
+            outcome.outputs = []
+            outcome.failure = _failure("NON_FINITE_LOSS", f"loss is {loss_value}")
+            return None
+        return total
+
+    def _input_tensor(self, key: str, value: np.ndarray) -> torch.Tensor:
+        dtype = torch.long if key == "target_tokens" else torch.float32
+        return torch.as_tensor(np.asarray(value), dtype=dtype, device=self._device)
+
+    def _backward(
+        self, runnable: list[tuple[EngineItem, ItemOutcome]], losses: list[torch.Tensor | None]
+    ) -> None:
+        """Backward over the finite losses only; keep each adapter's gradients only if finite."""
+        trained = [(item, out, loss) for (item, out), loss in zip(runnable, losses)
+                   if item.kind is ItemKind.FORWARD_BACKWARD and loss is not None]
+        slots = {item.adapter_id: self._slots[item.adapter_id] for item, _ in runnable}
+        for slot in slots.values():
+            slot.drop_fresh_grads()
+        if trained:
+            sum(loss for _, _, loss in trained).backward()
+        for adapter_id, slot in slots.items():
+            outcomes = [out for item, out, _ in trained if item.adapter_id == adapter_id]
+            if outcomes and slot.fresh_grads_finite():
+                slot.absorb_fresh_grads()
+                continue
+            slot.drop_fresh_grads()
+            for outcome in outcomes:
+                outcome.outputs = []
+                outcome.failure = _failure("NON_FINITE_GRADIENT", "gradient is not finite")
+
+
+def _failure(reason: str, message: str) -> ItemFailure:
+    return ItemFailure(code=int(Code.INVALID_ARGUMENT), reason=reason, message=message)
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    return tensor.detach().to(torch.float32).cpu().numpy()
