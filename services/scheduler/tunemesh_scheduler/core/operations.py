@@ -1,0 +1,138 @@
+"""Operation records: creation, request-id index, state transitions, long-poll waits."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+from collections.abc import Callable
+from typing import Any
+
+from tunemesh_common.errors import NotFound
+from tunemesh_scheduler.core.records import OperationError, OperationRecord, OpKind, OpState
+
+
+class OperationStore:
+    """All operations in memory, with cheap counters for status and metrics.
+
+    Every state change goes through this class so the counters stay exact and waiters
+    are woken exactly when an operation becomes done.
+    """
+
+    def __init__(self, clock: Callable[[], float], new_id: Callable[[], str]) -> None:
+        self._clock = clock
+        self._new_id = new_id
+        self._ops: dict[str, OperationRecord] = {}
+        self._requests: dict[tuple[str, str], OperationRecord] = {}
+        self._events: dict[str, asyncio.Event] = {}
+        self.by_state: collections.Counter[str] = collections.Counter()
+        self.queued_by_tenant: collections.Counter[str] = collections.Counter()
+        self.queued_by_node: collections.Counter[str] = collections.Counter()
+
+    def __len__(self) -> int:
+        return len(self._ops)
+
+    def create(
+        self,
+        *,
+        tenant: str,
+        run: str,
+        seq_id: int,
+        kind: OpKind,
+        request_id: str,
+        payload: Any,
+        payload_digest: bytes | str,
+        num_tokens: int,
+        node_id: str,
+    ) -> OperationRecord:
+        """Store a new QUEUED operation and index its request id."""
+        op = OperationRecord(
+            name=f"operations/{self._new_id()}",
+            tenant=tenant,
+            run=run,
+            seq_id=seq_id,
+            kind=kind,
+            request_id=request_id,
+            payload_digest=payload_digest,
+            num_tokens=num_tokens,
+            node_id=node_id,
+            create_time=self._clock(),
+            payload=payload,
+        )
+        self._ops[op.name] = op
+        self.index_request(op, request_id)
+        self._count(op, +1)
+        return op
+
+    def index_request(self, op: OperationRecord, request_id: str) -> None:
+        """Make `request_id` (if any) of the op's tenant resolve to `op`."""
+        if request_id:
+            self._requests.setdefault((op.tenant, request_id), op)
+
+    def find_request(self, tenant: str, request_id: str) -> OperationRecord | None:
+        """The operation first submitted by `tenant` with `request_id`, if any."""
+        if not request_id:
+            return None
+        return self._requests.get((tenant, request_id))
+
+    def get(self, tenant: str, name: str) -> OperationRecord:
+        """The tenant's operation, or NotFound(OPERATION_NOT_FOUND)."""
+        op = self._ops.get(name)
+        if op is None or op.tenant != tenant:
+            raise NotFound("OPERATION_NOT_FOUND", f"operation {name!r} not found")
+        return op
+
+    def unfinished(self) -> list[OperationRecord]:
+        """Operations not yet done (for shutdown)."""
+        return [op for op in self._ops.values() if not op.done]
+
+    def mark_running(self, op: OperationRecord) -> None:
+        """QUEUED -> RUNNING (the op was handed to a trainer)."""
+        self._move(op, OpState.RUNNING)
+
+    def succeed(self, op: OperationRecord, result: Any) -> None:
+        """Finish with a result."""
+        op.result = result
+        self._finish(op, OpState.SUCCEEDED)
+
+    def fail(self, op: OperationRecord, error: OperationError) -> None:
+        """Finish with an error."""
+        op.error = error
+        self._finish(op, OpState.FAILED)
+
+    def cancel(self, op: OperationRecord) -> None:
+        """Finish a QUEUED op as CANCELLED."""
+        op.error = OperationError(1, "CANCELLED", "operation cancelled by the client")
+        self._finish(op, OpState.CANCELLED)
+
+    async def wait(self, op: OperationRecord, timeout_s: float) -> OperationRecord:
+        """Return when `op` is done or after `timeout_s`, whichever comes first."""
+        if op.done or timeout_s <= 0:
+            return op
+        event = self._events.get(op.name)
+        if event is None:
+            event = self._events[op.name] = asyncio.Event()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await event.wait()
+        except TimeoutError:
+            pass
+        return op
+
+    def _finish(self, op: OperationRecord, state: OpState) -> None:
+        op.end_time = self._clock()
+        op.payload = None  # the trainer has what it needs; free the memory
+        self._move(op, state)
+        event = self._events.pop(op.name, None)
+        if event is not None:
+            event.set()
+
+    def _move(self, op: OperationRecord, state: OpState) -> None:
+        self._count(op, -1)
+        op.state = state
+        self._count(op, +1)
+
+    def _count(self, op: OperationRecord, delta: int) -> None:
+        self.by_state[op.state.value] += delta
+        if op.state is OpState.QUEUED:
+            self.queued_by_tenant[op.tenant] += delta
+            self.queued_by_node[op.node_id] += delta

@@ -1,0 +1,66 @@
+"""What the core needs from the outside world, as Protocols the server layer implements.
+
+`PlacementPort` is backed by etcd (revision-checked placement), `TrainerPort` by the
+internal gRPC TrainerService. Ports raise typed `tunemesh_common.errors` exceptions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from tunemesh_scheduler.core.records import OperationError, OpKind
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchItem:
+    """One forward/forward_backward call in a fused batch (maps to internal BatchItem)."""
+
+    op_name: str  # echoed as item_id
+    run_name: str  # the adapter id on the trainer
+    kind: OpKind  # FORWARD or FORWARD_BACKWARD
+    payload: Any  # opaque: the server's decoded request (data, loss_fn, config)
+    num_tokens: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ItemOutcome:
+    """Outcome of one batch item: exactly one of `result` or `error` is meaningful."""
+
+    result: Any = None
+    error: OperationError | None = None
+
+
+class PlacementPort(Protocol):
+    """Chooses (and durably records) the trainer node for a run."""
+
+    async def place(self, run_name: str, base_model: str) -> str:
+        """Return the node id for a new run.
+
+        Raises NotFound(UNKNOWN_MODEL), ResourceExhausted(NO_CAPACITY) or Unavailable.
+        """
+        ...
+
+    async def release(self, run_name: str, node_id: str) -> None:
+        """Undo `place` (called when the adapter could not be created)."""
+        ...
+
+
+class TrainerPort(Protocol):
+    """Calls into trainer nodes."""
+
+    async def create_adapter(
+        self, node_id: str, run_name: str, base_model: str, lora: Any
+    ) -> None:
+        """Create the run's adapter slot on the node."""
+        ...
+
+    async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> Sequence[ItemOutcome]:
+        """Execute items of different runs as one fused pass; one outcome per item, in
+        order. Raising fails every item of the batch with the error (UNAVAILABLE: node down)."""
+        ...
+
+    async def optim_step(self, node_id: str, run_name: str, payload: Any) -> Any:
+        """Apply the accumulated gradients of one adapter; returns the opaque result."""
+        ...

@@ -1,0 +1,117 @@
+"""Plain records the scheduler core keeps in memory and hands to the server layer.
+
+Records returned by `SchedulerCore` are live objects: callers read them (e.g. to encode
+a proto) and must not mutate them. Times are epoch seconds (float) from the core's clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any
+
+from tunemesh_common.errors import Code, TunemeshError
+
+
+class OpKind(enum.StrEnum):
+    """What an operation asks a trainer to do."""
+
+    FORWARD = "FORWARD"
+    FORWARD_BACKWARD = "FORWARD_BACKWARD"
+    OPTIM_STEP = "OPTIM_STEP"
+
+
+# Kinds merged across runs into one fused `run_batch` call; the rest run one by one.
+BATCHABLE_KINDS = frozenset({OpKind.FORWARD, OpKind.FORWARD_BACKWARD})
+
+
+class OpState(enum.StrEnum):
+    """Lifecycle of an operation (mirrors tunemesh.v1.OperationState)."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def done(self) -> bool:
+        return self in _DONE_STATES
+
+
+_DONE_STATES = frozenset({OpState.SUCCEEDED, OpState.FAILED, OpState.CANCELLED})
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class OperationError:
+    """Failure of one operation, in wire form (google.rpc code, REASON, message)."""
+
+    code: int
+    reason: str
+    message: str
+
+    @classmethod
+    def of(cls, error: TunemeshError) -> OperationError:
+        """Convert a typed error into its wire form."""
+        return cls(int(error.code), error.reason, error.message)
+
+    @property
+    def retryable(self) -> bool:
+        return self.code == Code.UNAVAILABLE
+
+
+@dataclasses.dataclass(slots=True)
+class SessionRecord:
+    """A client session (`sessions/{id}`) owned by one tenant."""
+
+    name: str
+    tenant: str
+    labels: dict[str, str]
+    create_time: float
+    last_heartbeat_time: float
+    ended: bool = False
+
+
+@dataclasses.dataclass(slots=True)
+class RunRecord:
+    """A LoRA training run (`runs/{id}`); `last_seq_id` is the highest seq_id such
+    that every operation 1..last_seq_id is done; `step` counts successful optim steps."""
+
+    name: str
+    tenant: str
+    session: str
+    base_model: str
+    lora: Any
+    node_id: str
+    create_time: float
+    step: int = 0
+    last_seq_id: int = 0
+
+
+@dataclasses.dataclass(slots=True)
+class OperationRecord:
+    """A queued unit of work (`operations/{id}`) and, once done, its outcome.
+
+    `payload` is opaque to the core (the server's decoded request) and is dropped once
+    the operation is done; `result` is whatever the trainer port returned.
+    """
+
+    name: str
+    tenant: str
+    run: str
+    seq_id: int
+    kind: OpKind
+    request_id: str
+    payload_digest: bytes | str
+    num_tokens: int
+    node_id: str
+    create_time: float
+    state: OpState = OpState.QUEUED
+    end_time: float | None = None
+    result: Any = None
+    error: OperationError | None = None
+    payload: Any = dataclasses.field(default=None, repr=False)
+
+    @property
+    def done(self) -> bool:
+        return self.state.done

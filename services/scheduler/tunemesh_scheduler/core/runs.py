@@ -1,0 +1,129 @@
+"""Training runs: creation (placement + adapter), idempotency by request id, listing."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound
+from tunemesh_scheduler.core.ports import PlacementPort, TrainerPort
+from tunemesh_scheduler.core.records import RunRecord
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class RunRegistry:
+    """In-memory runs keyed by name, one creation order list per tenant."""
+
+    def __init__(
+        self,
+        placement: PlacementPort,
+        trainer: TrainerPort,
+        clock: Callable[[], float],
+        new_id: Callable[[], str],
+    ) -> None:
+        self._placement = placement
+        self._trainer = trainer
+        self._clock = clock
+        self._new_id = new_id
+        self._runs: dict[str, RunRecord] = {}
+        self._by_tenant: dict[str, list[str]] = {}
+        # (tenant, request_id) -> (payload key, future of the run being created)
+        self._requests: dict[tuple[str, str], tuple[tuple, asyncio.Future[RunRecord]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+    async def create(
+        self, tenant: str, session: str, base_model: str, lora: Any, request_id: str
+    ) -> RunRecord:
+        """Place and create a run; a retry with the same request id gets the same run."""
+        if not request_id:
+            return await self._place_and_create(tenant, session, base_model, lora)
+        key = (tenant, request_id)
+        payload = (session, base_model, lora)
+        seen = self._requests.get(key)
+        if seen is not None:
+            if seen[0] != payload:
+                raise AlreadyExists(
+                    "REQUEST_ID_REUSED", f"request id {request_id!r} was used for another run"
+                )
+            return await asyncio.shield(seen[1])
+        future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+        self._requests[key] = (payload, future)
+        try:
+            record = await self._place_and_create(tenant, session, base_model, lora)
+        except BaseException as exc:
+            del self._requests[key]  # a failed create may be retried with the same id
+            _fail_future(future, exc)
+            raise
+        future.set_result(record)
+        return record
+
+    async def _place_and_create(
+        self, tenant: str, session: str, base_model: str, lora: Any
+    ) -> RunRecord:
+        name = f"runs/{self._new_id()}"
+        node_id = await self._placement.place(name, base_model)
+        try:
+            await self._trainer.create_adapter(node_id, name, base_model, lora)
+        except BaseException:
+            await self._placement.release(name, node_id)
+            raise
+        record = RunRecord(
+            name=name,
+            tenant=tenant,
+            session=session,
+            base_model=base_model,
+            lora=lora,
+            node_id=node_id,
+            create_time=self._clock(),
+        )
+        self.restore(record)
+        log.info("run created", extra={"run": name, "tenant": tenant, "node": node_id})
+        return record
+
+    def restore(self, record: RunRecord) -> None:
+        """Register an existing run (e.g. reloaded from durable metadata)."""
+        self._runs[record.name] = record
+        self._by_tenant.setdefault(record.tenant, []).append(record.name)
+
+    def get(self, tenant: str, name: str) -> RunRecord:
+        """The tenant's run, or NotFound(RUN_NOT_FOUND)."""
+        record = self._runs.get(name)
+        if record is None or record.tenant != tenant:
+            raise NotFound("RUN_NOT_FOUND", f"run {name!r} not found")
+        return record
+
+    def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[RunRecord], str]:
+        """One page of the tenant's runs in creation order, and the next page token
+        ('' when there is no more). The token is an opaque offset."""
+        if page_size < 0:
+            raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        start = _parse_token(page_token)
+        names = self._by_tenant.get(tenant, [])
+        page = [self._runs[n] for n in names[start : start + size]]
+        end = start + len(page)
+        return page, (str(end) if end < len(names) else "")
+
+
+def _parse_token(token: str) -> int:
+    if not token:
+        return 0
+    if not token.isdigit():
+        raise InvalidArgument("INVALID_PAGE_TOKEN", f"bad page token {token!r}")
+    return int(token)
+
+
+def _fail_future(future: asyncio.Future, exc: BaseException) -> None:
+    if isinstance(exc, asyncio.CancelledError):
+        future.cancel()
+        return
+    future.set_exception(exc)
+    future.exception()  # mark retrieved so asyncio logs no "never retrieved" warning

@@ -1,0 +1,296 @@
+"""`SchedulerCore`: the facade the gRPC servicers call.
+
+Every method takes the already-authenticated tenant id first. Resources of another
+tenant read as NotFound. All state is in memory; durable placement lives behind
+`PlacementPort`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any
+
+from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument
+from tunemesh_common.errors import Unavailable
+from tunemesh_scheduler.core.dispatch import NodeDispatcher
+from tunemesh_scheduler.core.operations import OperationStore
+from tunemesh_scheduler.core.ports import ItemOutcome, PlacementPort, TrainerPort
+from tunemesh_scheduler.core.records import (
+    OperationError,
+    OperationRecord,
+    OpKind,
+    OpState,
+    RunRecord,
+    SessionRecord,
+)
+from tunemesh_scheduler.core.runs import RunRegistry
+from tunemesh_scheduler.core.sequencing import RunLane
+from tunemesh_scheduler.core.sessions import SessionRegistry
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """Tuning knobs of the core (a slice of the scheduler's settings)."""
+
+    # Seconds queued ops wait for a missing earlier seq_id before failing with SEQ_ID_GAP.
+    gap_timeout_s: float = 300.0
+    # Most tokens in one fused batch (a single larger op still goes, alone).
+    batch_token_budget: int = 16384
+    # Merge window before each batch; 0 = dispatch as soon as the loop is free.
+    batch_wait_s: float = 0.0
+
+
+def _new_uuid() -> str:
+    return str(uuid.uuid4())
+
+
+class SchedulerCore:
+    """Sessions, runs and operations of all tenants; per-run order; fused batching."""
+
+    def __init__(
+        self,
+        placement: PlacementPort,
+        trainer: TrainerPort,
+        config: SchedulerConfig = SchedulerConfig(),
+        *,
+        clock: Callable[[], float] = time.time,
+        new_id: Callable[[], str] = _new_uuid,
+    ) -> None:
+        self._trainer = trainer
+        self._config = config
+        self.sessions = SessionRegistry(clock, new_id)
+        self.runs = RunRegistry(placement, trainer, clock, new_id)
+        self.operations = OperationStore(clock, new_id)
+        self._lanes: dict[str, RunLane] = {}
+        self._dispatchers: dict[str, NodeDispatcher] = {}
+        self._serving = False
+
+    # ---- lifecycle -------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Begin serving (call from the event loop that will run the core)."""
+        self._serving = True
+
+    async def stop(self) -> None:
+        """Stop dispatching; every unfinished operation fails with UNAVAILABLE."""
+        self._serving = False
+        for dispatcher in self._dispatchers.values():
+            await dispatcher.stop()
+        self._dispatchers.clear()
+        for lane in self._lanes.values():
+            lane.close()
+        error = OperationError(Code.UNAVAILABLE, "SCHEDULER_STOPPING", "scheduler stopped")
+        for op in self.operations.unfinished():
+            self.operations.fail(op, error)
+
+    # ---- sessions --------------------------------------------------------------------
+
+    def create_session(self, tenant: str, labels: dict[str, str] | None = None) -> SessionRecord:
+        return self.sessions.create(tenant, labels)
+
+    def get_session(self, tenant: str, name: str) -> SessionRecord:
+        return self.sessions.get(tenant, name)
+
+    def heartbeat_session(self, tenant: str, name: str) -> SessionRecord:
+        return self.sessions.heartbeat(tenant, name)
+
+    def end_session(self, tenant: str, name: str) -> SessionRecord:
+        return self.sessions.end(tenant, name)
+
+    # ---- runs ------------------------------------------------------------------------
+
+    async def create_run(
+        self, tenant: str, session: str, base_model: str, lora: Any, request_id: str = ""
+    ) -> RunRecord:
+        """Place a new run and create its adapter; idempotent by (tenant, request_id)."""
+        self._check_serving()
+        self.sessions.get_open(tenant, session)
+        record = await self.runs.create(tenant, session, base_model, lora, request_id)
+        self._add_lane(record)
+        return record
+
+    def restore_run(self, record: RunRecord) -> None:
+        """Adopt a run known from durable metadata (its `last_seq_id` is kept)."""
+        self.runs.restore(record)
+        self._add_lane(record)
+
+    def get_run(self, tenant: str, name: str) -> RunRecord:
+        return self.runs.get(tenant, name)
+
+    def list_runs(
+        self, tenant: str, page_size: int = 0, page_token: str = ""
+    ) -> tuple[list[RunRecord], str]:
+        """A page of the tenant's runs and the next page token ('' at the end)."""
+        return self.runs.list(tenant, page_size, page_token)
+
+    # ---- operations ------------------------------------------------------------------
+
+    async def submit(
+        self,
+        tenant: str,
+        run: str,
+        seq_id: int,
+        request_id: str,
+        kind: OpKind,
+        payload: Any,
+        payload_digest: bytes | str,
+        num_tokens: int = 0,
+    ) -> OperationRecord:
+        """Queue one training call of a run; returns its operation (an earlier one on
+        an idempotent retry). See `_validate` / `_find_duplicate` for the errors."""
+        self._check_serving()
+        record = self.runs.get(tenant, run)
+        lane = self._lanes[run]
+        kind = _validate(seq_id, kind, num_tokens)
+        existing = self._find_duplicate(tenant, lane, seq_id, request_id, kind, payload_digest)
+        if existing is not None:
+            self.operations.index_request(existing, request_id)
+            return existing
+        self.sessions.get_open(tenant, record.session)
+        op = self.operations.create(
+            tenant=tenant, run=run, seq_id=seq_id, kind=kind, request_id=request_id,
+            payload=payload, payload_digest=payload_digest, num_tokens=num_tokens,
+            node_id=record.node_id,
+        )
+        lane.add(op)
+        return op
+
+    def get_operation(self, tenant: str, name: str) -> OperationRecord:
+        return self.operations.get(tenant, name)
+
+    async def wait_operation(self, tenant: str, name: str, timeout_s: float) -> OperationRecord:
+        """Long-poll: return once the operation is done or `timeout_s` passed."""
+        op = self.operations.get(tenant, name)
+        return await self.operations.wait(op, timeout_s)
+
+    def cancel_operation(self, tenant: str, name: str) -> OperationRecord:
+        """Best-effort cancel: a QUEUED op becomes CANCELLED (later seq_ids of its run
+        proceed); a RUNNING or done op is returned unchanged."""
+        op = self.operations.get(tenant, name)
+        if op.state is not OpState.QUEUED:
+            return op
+        lane = self._lanes[op.run]
+        if op is lane.head and not self._dispatchers[op.node_id].discard(op):
+            return op
+        self.operations.cancel(op)
+        lane.on_done(op)
+        return op
+
+    # ---- status ----------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Cheap plain-dict status for `tunemesh status` and metrics."""
+        ops = self.operations
+        return {
+            "serving": self._serving,
+            "sessions_open": self.sessions.count_open(),
+            "runs": len(self.runs),
+            "operations_total": len(ops),
+            "operations_by_state": dict(+ops.by_state),
+            "queued_by_tenant": dict(+ops.queued_by_tenant),
+            "queued_by_node": dict(+ops.queued_by_node),
+            "nodes": {node: d.snapshot() for node, d in self._dispatchers.items()},
+        }
+
+    # ---- internals -------------------------------------------------------------------
+
+    def _check_serving(self) -> None:
+        if not self._serving:
+            raise Unavailable("NOT_SERVING", "scheduler is not serving")
+
+    def _find_duplicate(
+        self,
+        tenant: str,
+        lane: RunLane,
+        seq_id: int,
+        request_id: str,
+        kind: OpKind,
+        digest: bytes | str,
+    ) -> OperationRecord | None:
+        """An earlier identical submission, or None for a new one.
+
+        Raises AlreadyExists(REQUEST_ID_REUSED) when the tenant's request id names a
+        different call, AlreadyExists(SEQ_ID_REUSED) when the run's seq_id holds a
+        different call, and FailedPrecondition(SEQ_ID_PASSED) for a seq_id at or below
+        the run's `last_seq_id` that the core holds no record of (e.g. after restore).
+        """
+        by_request = self.operations.find_request(tenant, request_id)
+        if by_request is not None and not _same_call(by_request, lane.run.name, seq_id, kind, digest):
+            raise AlreadyExists("REQUEST_ID_REUSED", f"request id {request_id!r} was used for another call")
+        by_seq = lane.find(seq_id)
+        if by_seq is not None:
+            if not _same_call(by_seq, lane.run.name, seq_id, kind, digest):
+                raise AlreadyExists("SEQ_ID_REUSED", f"seq_id {seq_id} of {lane.run.name} holds another call")
+            return by_seq
+        if by_request is not None:
+            return by_request
+        if seq_id <= lane.run.last_seq_id:
+            raise FailedPrecondition(
+                "SEQ_ID_PASSED", f"seq_id {seq_id} <= last_seq_id {lane.run.last_seq_id}"
+            )
+        return None
+
+    def _add_lane(self, record: RunRecord) -> None:
+        if record.name not in self._lanes:
+            self._lanes[record.name] = RunLane(
+                record, self._config.gap_timeout_s, self._release, self._fail_gap
+            )
+
+    def _dispatcher(self, node_id: str) -> NodeDispatcher:
+        dispatcher = self._dispatchers.get(node_id)
+        if dispatcher is None:
+            dispatcher = self._dispatchers[node_id] = NodeDispatcher(
+                node_id, self._trainer, self.operations.mark_running, self._finish,
+                self._config.batch_token_budget, self._config.batch_wait_s,
+            )
+            dispatcher.start()
+        return dispatcher
+
+    def _release(self, op: OperationRecord) -> None:
+        self._dispatcher(op.node_id).enqueue(op)
+
+    def _finish(self, op: OperationRecord, outcome: ItemOutcome) -> None:
+        if op.done:
+            return
+        if outcome.error is not None:
+            self.operations.fail(op, outcome.error)
+        else:
+            self.operations.succeed(op, outcome.result)
+            if op.kind is OpKind.OPTIM_STEP:
+                self._lanes[op.run].run.step += 1
+        self._lanes[op.run].on_done(op)
+
+    def _fail_gap(self, lane: RunLane, waiting: list[OperationRecord]) -> None:
+        log.warning("seq_id %d never arrived; failing %d ops", lane.next_seq_id, len(waiting),
+                    extra={"run": lane.run.name})
+        error = OperationError(
+            Code.FAILED_PRECONDITION, "SEQ_ID_GAP",
+            f"seq_id {lane.next_seq_id} of {lane.run.name} did not arrive within "
+            f"{self._config.gap_timeout_s:g}s",
+        )
+        for op in waiting:
+            self.operations.fail(op, error)
+        lane.pump()
+
+
+def _validate(seq_id: int, kind: OpKind | str, num_tokens: int) -> OpKind:
+    if seq_id < 1:
+        raise InvalidArgument("INVALID_SEQ_ID", f"seq_id must be >= 1, got {seq_id}")
+    if num_tokens < 0:
+        raise InvalidArgument("INVALID_NUM_TOKENS", "num_tokens must be >= 0")
+    try:
+        return OpKind(kind)
+    except ValueError:
+        raise InvalidArgument("UNSUPPORTED_KIND", f"unsupported operation kind {kind!r}") from None
+
+
+def _same_call(
+    op: OperationRecord, run: str, seq_id: int, kind: OpKind, digest: bytes | str
+) -> bool:
+    return op.run == run and op.seq_id == seq_id and op.kind == kind and op.payload_digest == digest

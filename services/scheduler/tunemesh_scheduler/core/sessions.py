@@ -1,0 +1,62 @@
+"""Client sessions, each owned by one tenant."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from tunemesh_common.errors import FailedPrecondition, NotFound
+from tunemesh_scheduler.core.records import SessionRecord
+
+
+class SessionRegistry:
+    """In-memory sessions keyed by name; another tenant's session reads as NotFound."""
+
+    def __init__(self, clock: Callable[[], float], new_id: Callable[[], str]) -> None:
+        self._clock = clock
+        self._new_id = new_id
+        self._sessions: dict[str, SessionRecord] = {}
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def create(self, tenant: str, labels: dict[str, str] | None = None) -> SessionRecord:
+        """Open a new session for `tenant`."""
+        now = self._clock()
+        record = SessionRecord(
+            name=f"sessions/{self._new_id()}",
+            tenant=tenant,
+            labels=dict(labels or {}),
+            create_time=now,
+            last_heartbeat_time=now,
+        )
+        self._sessions[record.name] = record
+        return record
+
+    def get(self, tenant: str, name: str) -> SessionRecord:
+        """The tenant's session, or NotFound(SESSION_NOT_FOUND)."""
+        record = self._sessions.get(name)
+        if record is None or record.tenant != tenant:
+            raise NotFound("SESSION_NOT_FOUND", f"session {name!r} not found")
+        return record
+
+    def get_open(self, tenant: str, name: str) -> SessionRecord:
+        """Like `get`, but an ended session is FailedPrecondition(SESSION_ENDED)."""
+        record = self.get(tenant, name)
+        if record.ended:
+            raise FailedPrecondition("SESSION_ENDED", f"session {name!r} has ended")
+        return record
+
+    def heartbeat(self, tenant: str, name: str) -> SessionRecord:
+        """Record that the client is alive."""
+        record = self.get_open(tenant, name)
+        record.last_heartbeat_time = self._clock()
+        return record
+
+    def end(self, tenant: str, name: str) -> SessionRecord:
+        """Mark the session ended (idempotent)."""
+        record = self.get(tenant, name)
+        record.ended = True
+        return record
+
+    def count_open(self) -> int:
+        return sum(1 for s in self._sessions.values() if not s.ended)

@@ -1,0 +1,119 @@
+"""Fake ports and helpers for the scheduler core tests."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+from typing import Any
+
+from tunemesh_common.errors import NotFound
+from tunemesh_scheduler.core import BatchItem, ItemOutcome, OpKind, SchedulerConfig, SchedulerCore
+
+
+class FakePlacement:
+    """Places runs of known models on `self.node`."""
+
+    def __init__(self, models: tuple[str, ...] = ("tiny",), node: str = "node-a") -> None:
+        self.models = models
+        self.node = node  # where the next run goes; tests change it
+        self.placed: list[tuple[str, str]] = []
+        self.released: list[tuple[str, str]] = []
+        self.error: Exception | None = None
+
+    async def place(self, run_name: str, base_model: str) -> str:
+        await asyncio.sleep(0)
+        if self.error is not None:
+            raise self.error
+        if base_model not in self.models:
+            raise NotFound("UNKNOWN_MODEL", base_model)
+        self.placed.append((run_name, self.node))
+        return self.node
+
+    async def release(self, run_name: str, node_id: str) -> None:
+        self.released.append((run_name, node_id))
+
+
+class FakeTrainer:
+    """Records every call; `hold` (an Event) blocks calls until set; per-node errors."""
+
+    def __init__(self) -> None:
+        self.adapters: list[tuple[str, str]] = []
+        self.batches: list[tuple[str, list[BatchItem]]] = []
+        self.executed: list[tuple[str, OpKind, Any]] = []  # (run, kind, payload) in order
+        self.hold: asyncio.Event | None = None
+        self.batch_error: dict[str, Exception] = {}
+        self.item_errors: dict[Any, ItemOutcome] = {}  # payload -> outcome
+        self.adapter_error: Exception | None = None
+        self.short_answer = False
+
+    async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora: Any) -> None:
+        if self.adapter_error is not None:
+            raise self.adapter_error
+        self.adapters.append((node_id, run_name))
+
+    async def run_batch(self, node_id: str, items: list[BatchItem]) -> list[ItemOutcome]:
+        self.batches.append((node_id, list(items)))
+        if self.hold is not None:
+            await self.hold.wait()
+        if node_id in self.batch_error:
+            raise self.batch_error[node_id]
+        outcomes = []
+        for item in items:
+            self.executed.append((item.run_name, item.kind, item.payload))
+            outcomes.append(self.item_errors.get(item.payload, ItemOutcome(result=("ok", item.payload))))
+        return outcomes[:-1] if self.short_answer else outcomes
+
+    async def optim_step(self, node_id: str, run_name: str, payload: Any) -> Any:
+        if self.hold is not None:
+            await self.hold.wait()
+        self.executed.append((run_name, OpKind.OPTIM_STEP, payload))
+        return ("stepped", payload)
+
+
+@dataclasses.dataclass
+class Mesh:
+    """A core wired to fake ports, with shortcuts for tests."""
+
+    core: SchedulerCore
+    placement: FakePlacement
+    trainer: FakeTrainer
+
+    async def new_run(self, tenant: str = "t1", node: str = "node-a") -> str:
+        """Open a session for `tenant` and create a run placed on `node`."""
+        self.placement.node = node
+        session = self.core.create_session(tenant)
+        run = await self.core.create_run(tenant, session.name, "tiny", {"rank": 8})
+        return run.name
+
+    async def submit(self, run: str, seq: int, tenant: str = "t1", *, tokens: int = 10,
+                     kind: OpKind = OpKind.FORWARD_BACKWARD, payload: Any = None,
+                     request_id: str = ""):
+        """Submit a call whose payload (and digest) defaults to (run, seq)."""
+        payload = (run, seq) if payload is None else payload
+        return await self.core.submit(
+            tenant, run, seq, request_id, kind, payload, repr(payload), tokens
+        )
+
+    async def wait_all(self, ops, timeout_s: float = 5.0) -> None:
+        for op in ops:
+            await self.core.wait_operation(op.tenant, op.name, timeout_s)
+            assert op.done, op
+
+
+async def make_mesh(**config: Any) -> Mesh:
+    """A started core with fake ports (call inside a running loop)."""
+    counter = itertools.count(1)
+    placement, trainer = FakePlacement(), FakeTrainer()
+    core = SchedulerCore(
+        placement, trainer, SchedulerConfig(**config),
+        clock=lambda: 1000.0, new_id=lambda: f"id{next(counter)}",
+    )
+    await core.start()
+    return Mesh(core, placement, trainer)
+
+
+async def settle(rounds: int = 20) -> None:
+    """Let the event loop run queued callbacks and tasks."""
+    for _ in range(rounds):
+        await asyncio.sleep(0)

@@ -1,0 +1,136 @@
+"""Sessions and runs of the scheduler core: ownership, idempotent creation, listing."""
+
+import asyncio
+
+import pytest
+from scheduler_fakes import make_mesh
+
+from tunemesh_common.errors import (
+    AlreadyExists,
+    Code,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
+
+
+def test_sessions_belong_to_their_tenant():
+    async def main():
+        mesh = await make_mesh()
+        core = mesh.core
+        session = core.create_session("t1", {"who": "alice"})
+        assert session.name.startswith("sessions/") and session.labels == {"who": "alice"}
+        assert core.heartbeat_session("t1", session.name) is session
+        with pytest.raises(NotFound) as info:
+            core.get_session("t2", session.name)
+        assert info.value.reason == "SESSION_NOT_FOUND"
+        with pytest.raises(NotFound):
+            core.heartbeat_session("t2", session.name)
+        core.end_session("t1", session.name)
+        with pytest.raises(FailedPrecondition) as info:
+            await core.create_run("t1", session.name, "tiny", {"rank": 8})
+        assert info.value.reason == "SESSION_ENDED"
+        with pytest.raises(NotFound):
+            await core.create_run("t1", "sessions/nope", "tiny", {})
+
+    asyncio.run(main())
+
+
+def test_create_run_places_and_creates_adapter():
+    async def main():
+        mesh = await make_mesh()
+        session = mesh.core.create_session("t1")
+        run = await mesh.core.create_run("t1", session.name, "tiny", {"rank": 4})
+        assert run.name.startswith("runs/")
+        assert (run.tenant, run.session, run.base_model) == ("t1", session.name, "tiny")
+        assert run.lora == {"rank": 4} and run.node_id == "node-a"
+        assert (run.step, run.last_seq_id, run.create_time) == (0, 0, 1000.0)
+        assert mesh.placement.placed == [(run.name, "node-a")]
+        assert mesh.trainer.adapters == [("node-a", run.name)]
+        assert mesh.core.get_run("t1", run.name) is run
+        with pytest.raises(NotFound) as info:
+            mesh.core.get_run("t2", run.name)
+        assert info.value.reason == "RUN_NOT_FOUND"
+
+    asyncio.run(main())
+
+
+def test_create_run_is_idempotent_by_request_id():
+    async def main():
+        mesh = await make_mesh()
+        session = mesh.core.create_session("t1")
+        create = mesh.core.create_run
+        first, second = await asyncio.gather(
+            create("t1", session.name, "tiny", {"rank": 8}, "req-1"),
+            create("t1", session.name, "tiny", {"rank": 8}, "req-1"),
+        )
+        again = await create("t1", session.name, "tiny", {"rank": 8}, "req-1")
+        assert first is second is again
+        assert len(mesh.placement.placed) == 1
+        with pytest.raises(AlreadyExists) as info:
+            await create("t1", session.name, "tiny", {"rank": 16}, "req-1")
+        assert info.value.reason == "REQUEST_ID_REUSED"
+        other = await create("t1", session.name, "tiny", {"rank": 8}, "req-2")
+        assert other.name != first.name
+        # Another tenant's identical request id is a different request.
+        s2 = mesh.core.create_session("t2")
+        theirs = await create("t2", s2.name, "tiny", {"rank": 8}, "req-1")
+        assert theirs.name not in (first.name, other.name)
+
+    asyncio.run(main())
+
+
+def test_failed_creation_can_be_retried_with_same_request_id():
+    async def main():
+        mesh = await make_mesh()
+        session = mesh.core.create_session("t1")
+        with pytest.raises(NotFound) as info:
+            await mesh.core.create_run("t1", session.name, "huge", {}, "req")
+        assert info.value.reason == "UNKNOWN_MODEL"
+        mesh.placement.error = ResourceExhausted("NO_CAPACITY", "full")
+        with pytest.raises(ResourceExhausted):
+            await mesh.core.create_run("t1", session.name, "tiny", {}, "req")
+        mesh.placement.error = None
+        mesh.trainer.adapter_error = Unavailable("NODE_DOWN", "gone")
+        with pytest.raises(Unavailable):
+            await mesh.core.create_run("t1", session.name, "tiny", {}, "req")
+        (failed_run, node), = mesh.placement.placed
+        assert mesh.placement.released == [(failed_run, node)]
+        mesh.trainer.adapter_error = None
+        run = await mesh.core.create_run("t1", session.name, "tiny", {}, "req")
+        assert mesh.core.list_runs("t1") == ([run], "")
+
+    asyncio.run(main())
+
+
+def test_list_runs_pages_only_own_runs():
+    async def main():
+        mesh = await make_mesh()
+        mine = [await mesh.new_run("t1") for _ in range(5)]
+        theirs = await mesh.new_run("t2")
+        page, token = mesh.core.list_runs("t1", page_size=2)
+        names = [r.name for r in page]
+        while token:
+            page, token = mesh.core.list_runs("t1", page_size=2, page_token=token)
+            names += [r.name for r in page]
+        assert names == mine
+        assert [r.name for r in mesh.core.list_runs("t2")[0]] == [theirs]
+        assert mesh.core.list_runs("t3") == ([], "")
+        with pytest.raises(InvalidArgument):
+            mesh.core.list_runs("t1", page_token="garbage")
+
+    asyncio.run(main())
+
+
+def test_not_serving_before_start_and_after_stop():
+    async def main():
+        mesh = await make_mesh()
+        run = await mesh.new_run()
+        await mesh.core.stop()
+        with pytest.raises(Unavailable) as info:
+            await mesh.submit(run, 1)
+        assert info.value.code == Code.UNAVAILABLE
+
+    asyncio.run(main())
