@@ -1,1 +1,80 @@
-"""tunemesh SDK."""
+"""tunemesh SDK: train LoRA adapters on a tunemesh service with Tinker-style primitives.
+
+    import tunemesh
+    with tunemesh.ServiceClient("127.0.0.1:50051", api_key="...") as service:
+        trainer = service.create_lora_training_client("tiny-dense", rank=8)
+        fb = trainer.forward_backward([tunemesh.Datum(...)], "cross_entropy")
+        step = trainer.optim_step(tunemesh.AdamParams(learning_rate=1e-4))
+        print(fb.result().metrics, step.result().metrics)
+
+Names are exported lazily, so `import tunemesh` (and `import tunemesh.v1.*_pb2` by the
+services) loads neither grpc nor numpy until an SDK name is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "tunemesh.client": ("ServiceClient",),
+    "tunemesh.training_client": ("TrainingClient",),
+    "tunemesh.futures": ("APIFuture",),
+    "tunemesh.retry": ("RetryPolicy",),
+    "tunemesh.types": (
+        "AdamParams",
+        "Datum",
+        "EncodedTextChunk",
+        "ForwardBackwardOutput",
+        "GetInfoResponse",
+        "GetServerCapabilitiesResponse",
+        "LoraConfig",
+        "ModelData",
+        "ModelInput",
+        "ModelInputChunk",
+        "OptimStepResponse",
+        "SupportedModel",
+        "TensorData",
+    ),
+    "tunemesh.errors": (
+        "TunemeshError",
+        "AbortedError",
+        "AlreadyExistsError",
+        "CancelledError",
+        "ClientClosedError",
+        "DeadlineExceededError",
+        "FailedPreconditionError",
+        "InternalError",
+        "InvalidArgumentError",
+        "NotFoundError",
+        "PermissionDeniedError",
+        "ResourceExhaustedError",
+        "UnauthenticatedError",
+        "UnavailableError",
+        "UnimplementedError",
+    ),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+if TYPE_CHECKING:
+    from tunemesh.client import ServiceClient
+    from tunemesh.errors import *  # noqa: F403
+    from tunemesh.futures import APIFuture
+    from tunemesh.retry import RetryPolicy
+    from tunemesh.training_client import TrainingClient
+    from tunemesh.types import *  # noqa: F403
+
+
+def __getattr__(name: str) -> Any:
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tunemesh' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,0 +1,190 @@
+"""Conversions between the SDK's dataclasses and the tunemesh.v1 protos."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from tunemesh import types
+from tunemesh.errors import TunemeshError, error_for
+from tunemesh.v1 import operations_pb2, sessions_pb2, training_pb2, types_pb2
+
+_DTYPE_TO_WIRE = {
+    "float32": (types_pb2.DTYPE_FLOAT32, "<f4"),
+    "int64": (types_pb2.DTYPE_INT64, "<i8"),
+    "int32": (types_pb2.DTYPE_INT32, "<i4"),
+}
+_WIRE_TO_DTYPE = {wire: (name, layout) for name, (wire, layout) in _DTYPE_TO_WIRE.items()}
+
+
+def tensor_to_proto(tensor: types.TensorData) -> types_pb2.TensorData:
+    wire, layout = _DTYPE_TO_WIRE[tensor.dtype]
+    array = tensor.to_numpy()
+    return types_pb2.TensorData(
+        dtype=wire, shape=list(array.shape), data=array.astype(layout, copy=False).tobytes()
+    )
+
+
+def tensor_from_proto(msg: types_pb2.TensorData) -> types.TensorData:
+    """Decode a wire tensor; bfloat16 is widened to float32."""
+    shape = tuple(int(d) for d in msg.shape)
+    if msg.dtype == types_pb2.DTYPE_BFLOAT16:
+        upper = np.frombuffer(msg.data, dtype="<u2").astype("<u4") << 16
+        return types.TensorData(upper.view("<f4").reshape(shape), "float32")
+    if msg.dtype not in _WIRE_TO_DTYPE:
+        raise ValueError(f"tensor with unknown dtype {msg.dtype}")
+    name, layout = _WIRE_TO_DTYPE[msg.dtype]
+    itemsize = np.dtype(layout).itemsize
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(msg.data) != count * itemsize:
+        raise ValueError(f"tensor of shape {list(shape)} has {len(msg.data)} bytes of {name}")
+    return types.TensorData(np.frombuffer(msg.data, dtype=layout).reshape(shape), name)
+
+
+def model_input_to_proto(model_input: types.ModelInput) -> types_pb2.ModelInput:
+    chunks = []
+    for chunk in model_input.chunks:
+        if not isinstance(chunk, types.EncodedTextChunk):
+            raise TypeError(f"unsupported model input chunk {type(chunk).__name__}")
+        encoded = types_pb2.EncodedTextChunk(tokens=chunk.tokens)
+        chunks.append(types_pb2.ModelInputChunk(encoded_text=encoded))
+    return types_pb2.ModelInput(chunks=chunks)
+
+
+def model_input_from_proto(msg: types_pb2.ModelInput) -> types.ModelInput:
+    return types.ModelInput(
+        [types.EncodedTextChunk(list(c.encoded_text.tokens)) for c in msg.chunks]
+    )
+
+
+def datum_to_proto(datum: types.Datum) -> types_pb2.Datum:
+    inputs = {key: tensor_to_proto(value) for key, value in datum.loss_fn_inputs.items()}
+    return types_pb2.Datum(
+        model_input=model_input_to_proto(datum.model_input), loss_fn_inputs=inputs
+    )
+
+
+def datum_from_proto(msg: types_pb2.Datum) -> types.Datum:
+    inputs = {key: tensor_from_proto(value) for key, value in msg.loss_fn_inputs.items()}
+    return types.Datum(model_input_from_proto(msg.model_input), inputs)
+
+
+def loss_config_to_proto(
+    config: Mapping[str, float | str] | None,
+) -> dict[str, types_pb2.LossConfigValue]:
+    out = {}
+    for key, value in (config or {}).items():
+        if isinstance(value, str):
+            out[key] = types_pb2.LossConfigValue(text=value)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            out[key] = types_pb2.LossConfigValue(number=float(value))
+        else:
+            raise TypeError(f"loss_fn_config[{key!r}] must be a number or a string")
+    return out
+
+
+def adam_to_proto(params: types.AdamParams) -> types_pb2.AdamParams:
+    return types_pb2.AdamParams(
+        learning_rate=params.learning_rate,
+        beta1=params.beta1,
+        beta2=params.beta2,
+        eps=params.eps,
+        weight_decay=params.weight_decay,
+        grad_clip_norm=params.grad_clip_norm,
+    )
+
+
+def lora_to_proto(config: types.LoraConfig) -> types_pb2.LoraConfig:
+    return types_pb2.LoraConfig(
+        rank=config.rank,
+        alpha=config.alpha or 0.0,
+        seed=config.seed or 0,
+        train_mlp=config.train_mlp,
+        train_attn=config.train_attn,
+        train_unembed=config.train_unembed,
+        train_experts=config.train_experts,
+    )
+
+
+def lora_from_proto(msg: types_pb2.LoraConfig) -> types.LoraConfig:
+    return types.LoraConfig(
+        rank=msg.rank,
+        alpha=msg.alpha or None,
+        seed=msg.seed or None,
+        train_mlp=msg.train_mlp,
+        train_attn=msg.train_attn,
+        train_unembed=msg.train_unembed,
+        train_experts=msg.train_experts,
+    )
+
+
+def forward_request(
+    cls: type, run: str, seq_id: int, request_id: str, data: Sequence[types.Datum],
+    loss_fn: str, loss_fn_config: Mapping[str, float | str] | None,
+):
+    """Build a ForwardRequest or ForwardBackwardRequest (same fields)."""
+    return cls(
+        run=run,
+        seq_id=seq_id,
+        request_id=request_id,
+        data=[datum_to_proto(d) for d in data],
+        loss_fn=loss_fn,
+        loss_fn_config=loss_config_to_proto(loss_fn_config),
+    )
+
+
+def optim_step_request(
+    run: str, seq_id: int, request_id: str, params: types.AdamParams
+) -> training_pb2.OptimStepRequest:
+    return training_pb2.OptimStepRequest(
+        run=run, seq_id=seq_id, request_id=request_id, adam_params=adam_to_proto(params)
+    )
+
+
+def forward_backward_output(op: operations_pb2.Operation) -> types.ForwardBackwardOutput:
+    result = op.forward_backward
+    outputs = [
+        {key: tensor_from_proto(t) for key, t in out.loss_fn_outputs.items()}
+        for out in result.outputs
+    ]
+    return types.ForwardBackwardOutput(outputs, dict(result.metrics))
+
+
+def optim_step_output(op: operations_pb2.Operation) -> types.OptimStepResponse:
+    return types.OptimStepResponse(dict(op.optim_step.metrics))
+
+
+def operation_error(op: operations_pb2.Operation) -> TunemeshError | None:
+    """The typed error of a finished operation, or None if it succeeded."""
+    if op.state == operations_pb2.OPERATION_STATE_CANCELLED and not op.HasField("error"):
+        return error_for(1, "CANCELLED", f"operation {op.name} was cancelled")
+    if op.WhichOneof("result") != "error":
+        return None
+    return error_for(op.error.code, op.error.reason, op.error.message)
+
+
+def run_info(run: training_pb2.TrainingRun) -> types.GetInfoResponse:
+    return types.GetInfoResponse(
+        model_id=run.name,
+        model_data=types.ModelData(model_name=run.base_model),
+        lora_config=lora_from_proto(run.lora_config),
+        step=run.step,
+        last_seq_id=run.last_seq_id,
+    )
+
+
+def capabilities(msg: sessions_pb2.GetCapabilitiesResponse) -> types.GetServerCapabilitiesResponse:
+    models = [
+        types.SupportedModel(
+            model_name=m.name,
+            family=m.family,
+            vocab_size=m.vocab_size,
+            max_seq_len=m.max_seq_len,
+            max_lora_rank=m.max_lora_rank,
+        )
+        for m in msg.models
+    ]
+    return types.GetServerCapabilitiesResponse(
+        models, max_datums=msg.limits.max_datums, max_tokens=msg.limits.max_tokens
+    )

@@ -1,0 +1,190 @@
+"""ServiceClient: the connection, the session and its heartbeat, and run creation."""
+
+from __future__ import annotations
+
+import logging
+import os
+import pathlib
+import threading
+import uuid
+from typing import Any
+
+import grpc
+
+from tunemesh import _wire, tokenizer
+from tunemesh.operations import OperationTracker
+from tunemesh.retry import RetryPolicy
+from tunemesh.training_client import TrainingClient
+from tunemesh.transport import Transport
+from tunemesh.types import GetServerCapabilitiesResponse, LoraConfig
+from tunemesh.v1 import sessions_pb2, training_pb2
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+HEARTBEAT_INTERVAL_S = 10.0
+_SESSION_GONE = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION)
+
+
+class ServiceClient:
+    """Entry point: `ServiceClient(address, api_key)`; use as a context manager or close().
+
+    `address` defaults to $TUNEMESH_ADDRESS, `api_key` to $TUNEMESH_API_KEY. The
+    session is created on first need and kept alive by a heartbeat every 10 s.
+    """
+
+    def __init__(
+        self,
+        address: str | None = None,
+        api_key: str | None = None,
+        *,
+        retry_policy: RetryPolicy | None = None,
+        channel: grpc.Channel | None = None,
+        heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
+        tokenizer_cache_dir: str | os.PathLike[str] | None = None,
+        wait_timeout_s: float = 30.0,
+    ) -> None:
+        self.address = address or os.environ.get("TUNEMESH_ADDRESS") or DEFAULT_ADDRESS
+        api_key = api_key if api_key is not None else os.environ.get("TUNEMESH_API_KEY")
+        policy = retry_policy or RetryPolicy()
+        if channel is None:
+            self._transport = Transport.connect(self.address, api_key, policy)
+        else:
+            self._transport = Transport(channel, api_key, policy)
+        self._tracker = OperationTracker(self._transport, wait_timeout_s)
+        self._heartbeat_interval_s = heartbeat_interval_s
+        self._cache_root = (
+            pathlib.Path(tokenizer_cache_dir)
+            if tokenizer_cache_dir
+            else tokenizer.default_cache_root()
+        )
+        self._lock = threading.Lock()
+        self._session: str | None = None
+        self._stop = threading.Event()
+        self._training_clients: list[TrainingClient] = []
+        self._tokenizer_lock = threading.Lock()
+        self._tokenizers: dict[str, Any] = {}
+
+    @property
+    def session(self) -> str:
+        """The session name, `sessions/{id}`; creates the session on first use."""
+        with self._lock:
+            if self._session is None:
+                self._session = self._create_session()
+            return self._session
+
+    def get_server_capabilities(self) -> GetServerCapabilitiesResponse:
+        """The base models served now and the per-request limits."""
+        response = self._transport.call(
+            self._transport.sessions.GetCapabilities,
+            sessions_pb2.GetCapabilitiesRequest(),
+            what="GetCapabilities",
+        )
+        return _wire.capabilities(response)
+
+    def create_lora_training_client(
+        self,
+        base_model: str,
+        rank: int = 32,
+        seed: int | None = None,
+        train_mlp: bool = True,
+        train_attn: bool = True,
+        train_unembed: bool = True,
+        alpha: float | None = None,
+        train_experts: bool = True,
+    ) -> TrainingClient:
+        """Create a LoRA training run on `base_model` and return its client."""
+        config = LoraConfig(
+            rank=rank, alpha=alpha, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
+            train_unembed=train_unembed, train_experts=train_experts,
+        )
+        request = training_pb2.CreateTrainingRunRequest(
+            session=self.session,
+            base_model=base_model,
+            lora_config=_wire.lora_to_proto(config),
+            request_id=str(uuid.uuid4()),
+        )
+        response = self._transport.call(
+            self._transport.training.CreateTrainingRun, request, what="CreateTrainingRun"
+        )
+        return self._training_client(response.run.name, response.run.base_model or base_model)
+
+    def get_tokenizer(self, base_model: str) -> Any:
+        """The tokenizer of `base_model`, fetched once per client and cached on disk."""
+        with self._tokenizer_lock:
+            if base_model not in self._tokenizers:
+                response = self._transport.call(
+                    self._transport.sessions.GetTokenizer,
+                    sessions_pb2.GetTokenizerRequest(base_model=base_model),
+                    what="GetTokenizer",
+                )
+                files = [(f.name, f.content) for f in response.files]
+                directory = tokenizer.materialize(files, self._cache_root)
+                self._tokenizers[base_model] = tokenizer.load(directory)
+            return self._tokenizers[base_model]
+
+    def close(self) -> None:
+        """End the session, fail pending futures and close the channel. Idempotent."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        self._tracker.close()
+        with self._lock:
+            clients, session = list(self._training_clients), self._session
+        for client in clients:
+            client._close()
+        if session is not None:
+            self._end_session(session)
+        self._transport.close()
+
+    def __enter__(self) -> ServiceClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _training_client(self, run: str, base_model: str) -> TrainingClient:
+        client = TrainingClient(
+            self._transport, self._tracker, run, base_model, self.get_tokenizer
+        )
+        with self._lock:
+            self._training_clients.append(client)
+        return client
+
+    def _create_session(self) -> str:
+        if self._stop.is_set():
+            raise RuntimeError("the ServiceClient is closed")
+        request = sessions_pb2.CreateSessionRequest(labels={"client": "tunemesh-python"})
+        response = self._transport.call(
+            self._transport.sessions.CreateSession, request, what="CreateSession"
+        )
+        name = response.session.name
+        threading.Thread(
+            target=self._heartbeat, args=(name,), name="tunemesh-heartbeat", daemon=True
+        ).start()
+        return name
+
+    def _heartbeat(self, session: str) -> None:
+        request = sessions_pb2.HeartbeatSessionRequest(session=session)
+        while not self._stop.wait(self._heartbeat_interval_s):
+            try:
+                self._transport.sessions.HeartbeatSession(
+                    request, timeout=self._heartbeat_interval_s,
+                    metadata=self._transport.metadata,
+                )
+            except grpc.RpcError as err:
+                if self._stop.is_set():
+                    return
+                logger.warning("heartbeat of %s failed: %s", session, err.code())
+                if err.code() in _SESSION_GONE:
+                    return
+
+    def _end_session(self, session: str) -> None:
+        try:
+            self._transport.sessions.EndSession(
+                sessions_pb2.EndSessionRequest(session=session),
+                timeout=5.0,
+                metadata=self._transport.metadata,
+            )
+        except grpc.RpcError as err:
+            logger.warning("ending %s failed: %s", session, err.code())

@@ -1,0 +1,84 @@
+"""Retry policy for unary calls: exponential backoff with jitter under a total deadline.
+
+Every RPC the SDK retries is idempotent: training calls carry a request_id and seq_id
+that a retry reuses, and the rest are reads. Retried status codes:
+
+- UNAVAILABLE: node or connection down; the canonical "try again".
+- DEADLINE_EXCEEDED: one attempt ran past its own deadline.
+- RESOURCE_EXHAUSTED: capacity or rate limits (Tinker retries HTTP 429 too).
+- ABORTED: a concurrency conflict on the server (e.g. a placement race).
+
+INTERNAL and UNKNOWN are not retried: the service maps unexpected bugs to INTERNAL, and
+repeating a request that hit a bug only delays the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+
+from tunemesh.errors import error_from_rpc
+
+logger = logging.getLogger(__name__)
+
+RETRYABLE_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+    }
+)
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetryPolicy:
+    """How long and how often to retry a failed call."""
+
+    initial_backoff_s: float = 0.5
+    max_backoff_s: float = 10.0
+    multiplier: float = 2.0
+    total_timeout_s: float = 300.0
+    attempt_timeout_s: float = 60.0
+    retryable_codes: frozenset[grpc.StatusCode] = RETRYABLE_CODES
+
+    def backoff(self, attempt: int, rand: Callable[[], float] = random.random) -> float:
+        """Delay before retry number `attempt` (0-based): half fixed, half random."""
+        ceiling = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier**attempt)
+        return ceiling / 2 + rand() * ceiling / 2
+
+
+def call_with_retry(
+    attempt: Callable[[float], T],
+    policy: RetryPolicy,
+    *,
+    what: str = "call",
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """Run `attempt(timeout_s)` until it succeeds, fails for good, or the deadline passes.
+
+    Raises the typed TunemeshError of the last failure.
+    """
+    deadline = clock() + policy.total_timeout_s
+    retries = 0
+    while True:
+        remaining = deadline - clock()
+        try:
+            return attempt(max(0.001, min(policy.attempt_timeout_s, remaining)))
+        except grpc.RpcError as err:
+            error = error_from_rpc(err)
+        delay = policy.backoff(retries)
+        if error.code not in policy.retryable_codes or clock() + delay >= deadline:
+            raise error
+        logger.info("%s failed with %s; retry %d in %.2fs", what, error, retries + 1, delay)
+        sleep(delay)
+        retries += 1

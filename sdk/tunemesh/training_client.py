@@ -1,0 +1,137 @@
+"""TrainingClient: ordered, pipelined calls on one LoRA training run."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+from tunemesh import _wire
+from tunemesh.futures import APIFuture
+from tunemesh.operations import OperationTracker, SubmitLane
+from tunemesh.transport import Transport
+from tunemesh.types import (
+    AdamParams,
+    Datum,
+    ForwardBackwardOutput,
+    GetInfoResponse,
+    OptimStepResponse,
+)
+from tunemesh.v1 import training_pb2
+
+LossFnConfig = Mapping[str, float | str] | None
+
+
+class TrainingClient:
+    """Trains one run. Each call takes the next seq_id at call time and returns a future.
+
+    Calls may be pipelined (submit forward_backward, optim_step and the next
+    forward_backward before waiting): the service executes them in seq_id order.
+    Retries reuse the call's request_id and seq_id, so each call executes once.
+    """
+
+    def __init__(
+        self,
+        transport: Transport,
+        tracker: OperationTracker,
+        run: str,
+        base_model: str,
+        tokenizer_for: Callable[[str], Any] | None = None,
+    ) -> None:
+        self._transport = transport
+        self._tracker = tracker
+        self._run = run
+        self._base_model = base_model
+        self._tokenizer_for = tokenizer_for
+        self._lane = SubmitLane(name=f"tunemesh-submit-{run}")
+        self._seq_lock = threading.Lock()
+        self._last_seq_id = 0
+
+    @property
+    def run(self) -> str:
+        """The run's resource name, `runs/{id}`."""
+        return self._run
+
+    model_id = run
+
+    @property
+    def base_model(self) -> str:
+        return self._base_model
+
+    def forward(
+        self, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+        loss_fn_config: LossFnConfig = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Score `data` with `loss_fn`: outputs and metrics, no gradients."""
+        return self._forward_like(
+            training_pb2.ForwardRequest, self._transport.training.Forward,
+            data, loss_fn, loss_fn_config,
+        )
+
+    def forward_backward(
+        self, data: Sequence[Datum], loss_fn: str = "cross_entropy",
+        loss_fn_config: LossFnConfig = None,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        """Forward and backward pass; gradients accumulate until optim_step."""
+        return self._forward_like(
+            training_pb2.ForwardBackwardRequest, self._transport.training.ForwardBackward,
+            data, loss_fn, loss_fn_config,
+        )
+
+    def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
+        """Apply one AdamW step to the run's adapter and clear its gradients."""
+        request = _wire.optim_step_request(self._run, 0, "", adam_params or AdamParams())
+        return self._start(self._transport.training.OptimStep, request, _wire.optim_step_output)
+
+    def get_info(self) -> GetInfoResponse:
+        """The run as the service reports it (base model, LoRA config, step)."""
+        response = self._transport.call(
+            self._transport.training.GetTrainingRun,
+            training_pb2.GetTrainingRunRequest(name=self._run),
+            what="GetTrainingRun",
+        )
+        return _wire.run_info(response.run)
+
+    def get_tokenizer(self) -> Any:
+        """The base model's tokenizer, fetched from the service and cached on disk."""
+        if self._tokenizer_for is None:
+            raise RuntimeError("this TrainingClient has no tokenizer source")
+        return self._tokenizer_for(self._base_model)
+
+    def _forward_like(
+        self, request_cls: type, method: Any, data: Sequence[Datum], loss_fn: str,
+        loss_fn_config: LossFnConfig,
+    ) -> APIFuture[ForwardBackwardOutput]:
+        datums = [d if isinstance(d, Datum) else _not_a_datum(d) for d in data]
+        request = _wire.forward_request(
+            request_cls, self._run, 0, "", datums, loss_fn, loss_fn_config
+        )
+        return self._start(method, request, _wire.forward_backward_output)
+
+    def _start(self, method: Any, request: Any, convert: Callable) -> APIFuture[Any]:
+        """Stamp the next seq_id and a fresh request_id, then queue the submission.
+
+        The request is built before a seq_id is taken, so a call rejected on the client
+        never leaves a gap in the run's seq_ids.
+        """
+        request.request_id = str(uuid.uuid4())
+        with self._seq_lock:
+            self._last_seq_id += 1
+            request.seq_id = self._last_seq_id
+            what = f"{type(request).__name__}(seq_id={request.seq_id})"
+
+            def submit():
+                return self._transport.call(method, request, what=what).operation
+
+            return self._tracker.start(self._lane, submit, convert)
+
+    def _close(self) -> None:
+        self._lane.close()
+
+    def __repr__(self) -> str:
+        return f"TrainingClient(run={self._run!r}, base_model={self._base_model!r})"
+
+
+def _not_a_datum(value: Any) -> Datum:
+    raise TypeError(f"expected tunemesh.Datum, got {type(value).__name__}")

@@ -1,0 +1,55 @@
+"""The gRPC channel, the public stubs and authenticated, retried unary calls."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import grpc
+
+from tunemesh.retry import RetryPolicy, call_with_retry
+from tunemesh.v1 import operations_pb2_grpc, sessions_pb2_grpc, training_pb2_grpc
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+class Transport:
+    """Owns one channel; every call carries `authorization: Bearer <key>` and is retried."""
+
+    def __init__(
+        self, channel: grpc.Channel, api_key: str | None, policy: RetryPolicy
+    ) -> None:
+        self.channel = channel
+        self.policy = policy
+        self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.sessions = sessions_pb2_grpc.SessionServiceStub(channel)
+        self.training = training_pb2_grpc.TrainingServiceStub(channel)
+        self.operations = operations_pb2_grpc.OperationServiceStub(channel)
+
+    @classmethod
+    def connect(cls, address: str, api_key: str | None, policy: RetryPolicy) -> Transport:
+        """Open an insecure channel (TLS termination is the deployment's concern)."""
+        options = [
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ]
+        return cls(grpc.insecure_channel(address, options=options), api_key, policy)
+
+    def call(
+        self, method: Any, request: Any, *, what: str = "call", attempt_timeout_s: float = 0
+    ) -> Any:
+        """Invoke a unary stub method with auth metadata, retrying per the policy.
+
+        `attempt_timeout_s` overrides the policy's per-attempt deadline (e.g. long polls).
+        """
+        policy = self.policy
+        if attempt_timeout_s:
+            policy = dataclasses.replace(policy, attempt_timeout_s=attempt_timeout_s)
+        return call_with_retry(
+            lambda timeout: method(request, timeout=timeout, metadata=self.metadata),
+            policy,
+            what=what,
+        )
+
+    def close(self) -> None:
+        self.channel.close()
