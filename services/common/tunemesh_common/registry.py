@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 ROOT = "/tunemesh"
 RETRY_DELAY_S = 0.5
-_ETCD_ERRORS = (aetcd.ClientError, grpc.RpcError, OSError)
+ETCD_ERRORS = (aetcd.ClientError, grpc.RpcError, OSError)
 _CHANNEL_OPTIONS = {
     "grpc.enable_http_proxy": 0,
     "grpc.initial_reconnect_backoff_ms": 200,
@@ -156,7 +156,7 @@ class NodeRegistration:
         if revoke and self._lease is not None:
             try:
                 await self._lease.revoke()
-            except _ETCD_ERRORS as err:
+            except ETCD_ERRORS as err:
                 logger.warning("node %s: lease revoke failed: %s", self.node_id, err)
         self._lease = None
         if self._owned:
@@ -180,7 +180,7 @@ class NodeRegistration:
                 if reply is None or reply.TTL <= 0:
                     logger.warning("node %s: lease %x lost; registering again", self.node_id, self._lease.id)
                     await self._register()
-            except _ETCD_ERRORS as err:
+            except ETCD_ERRORS as err:
                 logger.warning("node %s: keepalive failed: %s", self.node_id, err)
 
 
@@ -235,12 +235,12 @@ class NodeWatcher:
         while True:
             try:
                 await self._watch_once()
-            except _ETCD_ERRORS as err:
+            except ETCD_ERRORS as err:
                 logger.warning("watch %s broke (%s); resyncing", self.kind, err)
             await asyncio.sleep(RETRY_DELAY_S)
             try:
                 await self._resync()
-            except _ETCD_ERRORS as err:
+            except ETCD_ERRORS as err:
                 logger.warning("resync %s failed: %s", self.kind, err)
 
     async def _watch_once(self) -> None:
@@ -255,7 +255,7 @@ class NodeWatcher:
             watch, self._watch = self._watch, None
             try:
                 await watch.cancel()
-            except _ETCD_ERRORS as err:
+            except ETCD_ERRORS as err:
                 logger.debug("watch %s cancel: %s", self.kind, err)
 
     async def _resync(self) -> None:

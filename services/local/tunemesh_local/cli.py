@@ -1,0 +1,97 @@
+"""`tunemesh up | status | down`: a local mesh on loopback.
+
+State dir: --state-dir, else $TUNEMESH_STATE_DIR, else ~/.tunemesh/local.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tunemesh_common.errors import TunemeshError
+from tunemesh_local import launcher, state, status
+from tunemesh_local.launcher import MeshConfig, ServiceFactory
+from tunemesh_local.state import MeshState
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tunemesh", description="Run a tunemesh mesh on this machine.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    up = commands.add_parser("up", help="start etcd, trainers and a scheduler in the background")
+    up.add_argument("--trainers", type=int, default=1, help="trainer processes (default 1)")
+    up.add_argument("--models", nargs="+", default=[], metavar="NAME",
+                    help="base models, assigned to trainers round-robin (default: the trainer's default)")
+    up.add_argument("--api-keys-file", type=Path, help="JSON api_key -> tenant (default: demo keys)")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for services (default 120)")
+    stat = commands.add_parser("status", help="show processes, registered trainers and placements")
+    stat.add_argument("--json", action="store_true", help="machine-readable output")
+    down = commands.add_parser("down", help="stop every process of the mesh")
+    down.add_argument("--grace", type=float, default=10.0, help="seconds between SIGTERM and SIGKILL")
+    for sub in (up, stat, down):
+        sub.add_argument("--state-dir", type=Path, default=None,
+                         help=f"state directory (default ${state.STATE_DIR_ENV} or ~/.tunemesh/local)")
+    return parser
+
+
+def main(argv: list[str] | None = None, services: ServiceFactory = launcher.default_services) -> int:
+    args = build_parser().parse_args(argv)
+    state_dir = (args.state_dir or state.default_state_dir()).expanduser()
+    try:
+        if args.command == "up":
+            return _up(args, state_dir, services)
+        if args.command == "status":
+            return _status(args, state_dir)
+        return _down(args, state_dir)
+    except TunemeshError as err:
+        print(f"tunemesh {args.command}: {err.message}", file=sys.stderr)
+        return 1
+
+
+def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> int:
+    config = MeshConfig(state_dir=state_dir, trainers=args.trainers, models=tuple(args.models),
+                        api_keys_file=args.api_keys_file, ready_timeout=args.timeout)
+    print(f"starting etcd, {config.trainers} trainer(s) and a scheduler (state: {state_dir}) ...", flush=True)
+    mesh = launcher.up(config, services)
+    print(describe_up(mesh, state_dir_flag=args.state_dir is not None))
+    return 0
+
+
+def describe_up(mesh: MeshState, state_dir_flag: bool) -> str:
+    """What to tell the user once the mesh is up."""
+    keys = launcher.read_api_keys(Path(mesh.api_keys_file))
+    first_key = next(iter(keys))
+    suffix = f" --state-dir {mesh.state_dir}" if state_dir_flag else ""
+    rows = [f"  {p.name:<12} {p.address or '-':<22} pid {p.pid}" for p in mesh.processes]
+    return "\n".join([
+        "tunemesh mesh is up:", *rows, "",
+        "Connect with:",
+        f"  export TUNEMESH_ADDRESS={mesh.scheduler_address}",
+        f"  export TUNEMESH_API_KEY={first_key}",
+        f"API keys ({', '.join(sorted(set(keys.values())))}): {mesh.api_keys_file}",
+        f"Logs: {Path(mesh.state_dir) / 'logs'}",
+        f"Status: tunemesh status{suffix}    Stop: tunemesh down{suffix}",
+    ])
+
+
+def _status(args: argparse.Namespace, state_dir: Path) -> int:
+    mesh = state.load(state_dir)
+    if mesh is None:
+        print(f"no mesh recorded in {state_dir} (start one with `tunemesh up`)", file=sys.stderr)
+        return 1
+    view = status.collect_status(mesh)
+    print(status.to_json(view) if args.json else status.render_status(view))
+    return 0 if all(p["alive"] for p in view["processes"]) else 2
+
+
+def _down(args: argparse.Namespace, state_dir: Path) -> int:
+    mesh = launcher.down(state_dir, grace=args.grace)
+    if mesh is None:
+        print(f"no mesh recorded in {state_dir}; nothing to stop")
+        return 0
+    print(f"stopped {len(mesh.processes)} process(es) of the mesh in {state_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,200 @@
+"""`tunemesh up` / `tunemesh down`: a whole mesh as background processes on loopback.
+
+Layout of a state dir: `mesh.json` (state), `api_keys.json` (generated demo keys),
+`etcd/` (etcd data), `logs/<name>.log`, `run/<name>.ready.json`, `trainers/<node-id>/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+from tunemesh_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from tunemesh_common.etcd_process import etcd_argv, pick_free_port, wait_healthy
+from tunemesh_local import processes, state
+from tunemesh_local.state import MeshState, ProcessRecord
+
+DEMO_API_KEYS = {"tml-demo-alice": "alice", "tml-demo-bob": "bob"}
+ETCD_START_TIMEOUT_S = 15.0
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """What `tunemesh up` was asked for."""
+
+    state_dir: Path
+    trainers: int = 1
+    models: tuple[str, ...] = ()
+    api_keys_file: Path | None = None
+    ready_timeout: float = 120.0
+
+    def log_file(self, name: str) -> Path:
+        return self.state_dir / "logs" / f"{name}.log"
+
+    def ready_file(self, name: str) -> Path:
+        return self.state_dir / "run" / f"{name}.ready.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceSpec:
+    """One service process to start: it must write `config.ready_file(name)` once serving."""
+
+    name: str
+    role: str
+    argv: tuple[str, ...]
+
+
+ServiceFactory = Callable[[MeshConfig, str, Path], list[ServiceSpec]]
+
+
+def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path) -> list[ServiceSpec]:
+    """N trainers (models assigned round-robin, one per trainer) and one scheduler."""
+    specs = []
+    for index in range(config.trainers):
+        node_id = f"trainer-{index}"
+        argv = [sys.executable, "-m", "tunemesh_trainer", "--node-id", node_id, "--etcd", etcd_endpoint,
+                "--listen", "127.0.0.1:0", "--ready-file", str(config.ready_file(node_id)),
+                "--data-dir", str(config.state_dir / "trainers" / node_id)]
+        if config.models:
+            argv += ["--model", config.models[index % len(config.models)]]
+        specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
+    argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint, "--listen", "127.0.0.1:0",
+            "--ready-file", str(config.ready_file("scheduler")), "--api-keys-file", str(api_keys_file)]
+    specs.append(ServiceSpec("scheduler", "scheduler", tuple(argv)))
+    return specs
+
+
+def read_api_keys(path: Path) -> dict[str, str]:
+    """A JSON object api_key -> tenant."""
+    try:
+        keys = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as err:
+        raise InvalidArgument("BAD_API_KEYS_FILE", f"cannot read API keys from {path}: {err}") from err
+    if not isinstance(keys, dict) or not keys or not all(
+        isinstance(k, str) and k and isinstance(v, str) and v for k, v in keys.items()
+    ):
+        raise InvalidArgument("BAD_API_KEYS_FILE", f"{path} must be a non-empty JSON object api_key -> tenant")
+    return keys
+
+
+def ensure_api_keys(config: MeshConfig) -> Path:
+    """The given keys file (validated), or demo keys in the state dir (kept across restarts)."""
+    if config.api_keys_file is not None:
+        read_api_keys(config.api_keys_file)
+        return Path(config.api_keys_file).resolve()
+    path = config.state_dir / "api_keys.json"
+    if not path.exists():
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(DEMO_API_KEYS, f, indent=2)
+    read_api_keys(path)
+    return path
+
+
+def live_processes(mesh: MeshState) -> list[ProcessRecord]:
+    return [p for p in mesh.processes if processes.is_alive(p.pid, p.start_time)]
+
+
+def _check_config(config: MeshConfig) -> None:
+    if config.trainers < 1:
+        raise InvalidArgument("BAD_TRAINERS", f"--trainers must be >= 1, got {config.trainers}")
+    if len(config.models) > config.trainers:
+        raise InvalidArgument(
+            "BAD_TRAINERS", f"{len(config.models)} models need at least as many trainers, got {config.trainers}"
+        )
+
+
+def _check_not_running(state_dir: Path) -> None:
+    previous = state.load(state_dir)
+    if previous is None:
+        return
+    alive = live_processes(previous)
+    if alive:
+        names = ", ".join(f"{p.name} (pid {p.pid})" for p in alive)
+        raise FailedPrecondition(
+            "MESH_RUNNING",
+            f"a mesh from {state_dir} is still running: {names}. Stop it with "
+            f"`tunemesh down --state-dir {state_dir}` first.",
+        )
+    state.remove(state_dir)
+
+
+def up(config: MeshConfig, services: ServiceFactory = default_services) -> MeshState:
+    """Start etcd and every service, wait until each is ready, record and return the mesh.
+
+    On any failure everything started so far is stopped and the state file removed.
+    """
+    _check_config(config)
+    config = dataclasses.replace(config, state_dir=Path(config.state_dir).resolve())
+    config.state_dir.mkdir(parents=True, exist_ok=True)
+    _check_not_running(config.state_dir)
+    shutil.rmtree(config.state_dir / "run", ignore_errors=True)  # stale ready files
+    (config.state_dir / "run").mkdir()
+    api_keys_file = ensure_api_keys(config)
+    mesh = MeshState(str(config.state_dir), "", str(api_keys_file), [])
+    try:
+        _start_etcd(config, mesh)
+        _start_services(config, mesh, services(config, mesh.etcd_endpoint, api_keys_file))
+    except BaseException:
+        _stop(mesh, grace=3.0)
+        state.remove(config.state_dir)
+        raise
+    return mesh
+
+
+def _start_etcd(config: MeshConfig, mesh: MeshState) -> None:
+    client_port, peer_port = pick_free_port(), pick_free_port()
+    endpoint = f"127.0.0.1:{client_port}"
+    log_path = config.log_file("etcd")
+    proc = processes.spawn(etcd_argv(config.state_dir / "etcd", client_port, peer_port), log_path)
+    mesh.etcd_endpoint = endpoint
+    mesh.processes.append(ProcessRecord("etcd", "etcd", proc.pid, processes.start_time(proc.pid),
+                                        str(log_path), address=endpoint))
+    state.save(mesh)
+    try:
+        wait_healthy(endpoint, ETCD_START_TIMEOUT_S, proc)
+    except Unavailable as err:
+        raise Unavailable(err.reason, f"{err.message}; log {log_path}:\n{processes.tail(log_path)}") from err
+
+
+def _start_services(config: MeshConfig, mesh: MeshState, specs: list[ServiceSpec]) -> None:
+    started = []
+    for spec in specs:
+        log_path = config.log_file(spec.name)
+        proc = processes.spawn(list(spec.argv), log_path)
+        record = ProcessRecord(spec.name, spec.role, proc.pid, processes.start_time(proc.pid), str(log_path))
+        mesh.processes.append(record)
+        started.append((spec, proc, record))
+    state.save(mesh)
+    since = time.monotonic()
+    for spec, proc, record in started:
+        info = processes.wait_ready(spec.name, proc, config.ready_file(spec.name), Path(record.log_path),
+                                    config.ready_timeout, since)
+        record.address = str(info["address"])
+        record.metrics_url = str(info.get("metrics_url", ""))
+        if spec.role == "scheduler":
+            mesh.scheduler_address = record.address
+    state.save(mesh)
+
+
+def _stop(mesh: MeshState, grace: float) -> None:
+    """Services first (so trainers can revoke their leases), etcd last."""
+    services = [(p.pid, p.start_time) for p in mesh.processes if p.role != "etcd"]
+    processes.terminate(services, grace)
+    processes.terminate([(p.pid, p.start_time) for p in mesh.by_role("etcd")], grace)
+
+
+def down(state_dir: Path, grace: float = 10.0) -> MeshState | None:
+    """Stop the mesh recorded in `state_dir` and remove its state file; None if none recorded."""
+    mesh = state.load(Path(state_dir))
+    if mesh is None:
+        return None
+    _stop(mesh, grace)
+    state.remove(Path(state_dir))
+    return mesh

@@ -1,0 +1,78 @@
+"""`tunemesh status`: the recorded processes, plus what etcd says (trainers, placements)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from tunemesh_common import registry
+from tunemesh_local import processes
+from tunemesh_local.state import MeshState
+
+ETCD_QUERY_TIMEOUT_S = 3.0
+
+
+def collect_status(mesh: MeshState, timeout: float = ETCD_QUERY_TIMEOUT_S) -> dict:
+    """A JSON-ready view of the mesh."""
+    view = {
+        "state_dir": mesh.state_dir,
+        "etcd_endpoint": mesh.etcd_endpoint,
+        "scheduler_address": mesh.scheduler_address,
+        "api_keys_file": mesh.api_keys_file,
+        "processes": [
+            {"name": p.name, "role": p.role, "pid": p.pid, "alive": processes.is_alive(p.pid, p.start_time),
+             "address": p.address, "metrics_url": p.metrics_url, "log": p.log_path}
+            for p in mesh.processes
+        ],
+        "etcd": {"reachable": False, "error": ""},
+        "trainers": [],
+        "placements": {},
+    }
+    try:
+        view["trainers"], view["placements"] = asyncio.run(asyncio.wait_for(_query(mesh.etcd_endpoint), timeout))
+        view["etcd"]["reachable"] = True
+    except (TimeoutError, *registry.ETCD_ERRORS) as err:
+        view["etcd"]["error"] = str(err) or type(err).__name__
+    return view
+
+
+async def _query(endpoint: str) -> tuple[list[dict], dict[str, str]]:
+    from tunemesh.internal.v1 import trainer_pb2
+
+    prefix = registry.node_prefix("trainers")
+    async with registry.connect(endpoint, timeout=ETCD_QUERY_TIMEOUT_S) as client:
+        nodes = [trainer_pb2.TrainerNode.FromString(kv.value) for kv in await client.get_prefix(prefix)]
+        placements = await registry.PlacementTable(client).list_placements()
+    trainers = [
+        {"node_id": n.node_id, "address": n.address, "models": [m.name for m in n.models],
+         "adapters": n.adapters, "max_adapters": n.max_adapters, "metrics_url": n.metrics_url}
+        for n in nodes
+    ]
+    return trainers, placements
+
+
+def render_status(view: dict) -> str:
+    """Readable tables."""
+    lines = [f"state dir   {view['state_dir']}", f"scheduler   {view['scheduler_address'] or '-'}",
+             f"etcd        {view['etcd_endpoint']} "
+             + ("(reachable)" if view["etcd"]["reachable"] else f"(UNREACHABLE: {view['etcd']['error']})"),
+             f"api keys    {view['api_keys_file']}", ""]
+    lines += _table(["PROCESS", "PID", "STATE", "ADDRESS"],
+                    [[p["name"], str(p["pid"]), "up" if p["alive"] else "DEAD", p["address"] or "-"]
+                     for p in view["processes"]])
+    lines += [""] + _table(["TRAINER", "ADDRESS", "MODELS", "ADAPTERS"],
+                           [[t["node_id"], t["address"], ",".join(t["models"]) or "-",
+                             f"{t['adapters']}/{t['max_adapters']}"] for t in view["trainers"]])
+    lines += [""] + _table(["RUN", "TRAINER"], [[run, node] for run, node in sorted(view["placements"].items())])
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        rows = [["(none)"] + [""] * (len(header) - 1)]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+
+
+def to_json(view: dict) -> str:
+    return json.dumps(view, indent=2, sort_keys=True)

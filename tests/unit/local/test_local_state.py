@@ -1,0 +1,122 @@
+"""State file, API keys, argument parsing and service commands of the local launcher."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tunemesh_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from tunemesh_local import cli, launcher, processes, state
+from tunemesh_local.launcher import MeshConfig
+from tunemesh_local.state import MeshState, ProcessRecord
+
+
+def _mesh(tmp_path: Path) -> MeshState:
+    records = [ProcessRecord("etcd", "etcd", 11, 123, "/l/etcd.log", address="127.0.0.1:2379"),
+               ProcessRecord("scheduler", "scheduler", 12, None, "/l/s.log", "127.0.0.1:5000", "http://m")]
+    return MeshState(str(tmp_path), "127.0.0.1:2379", str(tmp_path / "keys.json"), records, "127.0.0.1:5000")
+
+
+def test_state_round_trips_and_is_removed(tmp_path: Path) -> None:
+    mesh = _mesh(tmp_path)
+    path = state.save(mesh)
+    assert path == tmp_path / "mesh.json"
+    assert json.loads(path.read_text())["processes"][1]["metrics_url"] == "http://m"
+    assert state.load(tmp_path) == mesh
+    assert [p.name for p in state.load(tmp_path).by_role("scheduler")] == ["scheduler"]
+    state.remove(tmp_path)
+    assert state.load(tmp_path) is None
+    state.remove(tmp_path)  # idempotent
+
+
+def test_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "mesh.json").write_text("{not json")
+    with pytest.raises(FailedPrecondition, match="mesh.json"):
+        state.load(tmp_path)
+    (tmp_path / "mesh.json").write_text('{"state_dir": "x"}')
+    with pytest.raises(FailedPrecondition, match="unexpected layout"):
+        state.load(tmp_path)
+
+
+def test_default_state_dir_prefers_env(tmp_path: Path) -> None:
+    assert state.default_state_dir({"TUNEMESH_STATE_DIR": str(tmp_path)}) == tmp_path
+    assert state.default_state_dir({}) == Path.home() / ".tunemesh" / "local"
+
+
+def test_arg_parsing() -> None:
+    args = cli.build_parser().parse_args(["up", "--trainers", "3", "--models", "a", "b", "--state-dir", "/x"])
+    assert (args.command, args.trainers, args.models, args.state_dir) == ("up", 3, ["a", "b"], Path("/x"))
+    assert args.api_keys_file is None
+    assert cli.build_parser().parse_args(["status", "--json"]).json is True
+    assert cli.build_parser().parse_args(["down", "--grace", "2"]).grace == 2.0
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([])
+
+
+def test_default_services_follow_the_contract(tmp_path: Path) -> None:
+    config = MeshConfig(state_dir=tmp_path, trainers=3, models=("m1", "m2"))
+    specs = launcher.default_services(config, "127.0.0.1:2379", tmp_path / "keys.json")
+    assert [(s.name, s.role) for s in specs] == [
+        ("trainer-0", "trainer"), ("trainer-1", "trainer"), ("trainer-2", "trainer"), ("scheduler", "scheduler")]
+    t2 = list(specs[2].argv)
+    assert t2[1:3] == ["-m", "tunemesh_trainer"]
+    assert t2[t2.index("--model") + 1] == "m1"  # round-robin
+    assert t2[t2.index("--node-id") + 1] == "trainer-2"
+    assert t2[t2.index("--ready-file") + 1] == str(config.ready_file("trainer-2"))
+    sched = list(specs[3].argv)
+    assert sched[sched.index("--api-keys-file") + 1] == str(tmp_path / "keys.json")
+    assert sched[sched.index("--etcd") + 1] == "127.0.0.1:2379"
+    no_models = launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")
+    assert "--model" not in no_models[0].argv
+
+
+def test_more_models_than_trainers_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="trainers"):
+        launcher.up(MeshConfig(state_dir=tmp_path, trainers=1, models=("a", "b")))
+    assert state.load(tmp_path) is None
+
+
+def test_api_keys_demo_generated_and_validated(tmp_path: Path) -> None:
+    path = launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path))
+    assert launcher.read_api_keys(path) == {"tml-demo-alice": "alice", "tml-demo-bob": "bob"}
+    assert path.stat().st_mode & 0o077 == 0
+    bad = tmp_path / "bad.json"
+    bad.write_text('["not", "a", "map"]')
+    with pytest.raises(InvalidArgument, match="api_key -> tenant"):
+        launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path, api_keys_file=bad))
+
+
+def test_wait_ready_reports_exit_with_log_tail(tmp_path: Path) -> None:
+    log = tmp_path / "svc.log"
+    proc = processes.spawn([sys.executable, "-c", "print('boom: no model'); raise SystemExit(3)"], log)
+    with pytest.raises(Unavailable, match="(?s)exited with code 3.*boom: no model"):
+        processes.wait_ready("svc", proc, tmp_path / "never.json", log, timeout=10)
+
+
+def test_terminate_escalates_to_sigkill(tmp_path: Path) -> None:
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('up', flush=True); time.sleep(60)"
+    proc = processes.spawn([sys.executable, "-c", code], tmp_path / "stubborn.log")
+    while "up" not in (tmp_path / "stubborn.log").read_text():
+        time.sleep(0.02)
+    started = processes.start_time(proc.pid)
+    assert processes.is_alive(proc.pid, started)
+    assert not processes.is_alive(proc.pid, started + 1)  # a reused pid is not ours
+    t0 = time.monotonic()
+    processes.terminate([(proc.pid, started)], grace=0.5)
+    assert 0.4 < time.monotonic() - t0 < 5  # SIGTERM was ignored, so only SIGKILL ended it
+    assert not processes.is_alive(proc.pid)
+
+
+def test_child_env_exempts_loopback_from_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("no_proxy", "corp.example")
+    env = processes.child_env()
+    assert env["no_proxy"] == "corp.example,127.0.0.1,localhost"
+    assert "127.0.0.1" in env["NO_PROXY"]
+    out = subprocess.run([sys.executable, "-c", "import os; print(os.environ['no_proxy'])"],
+                         env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "corp.example,127.0.0.1,localhost"
