@@ -1,0 +1,52 @@
+"""Engine-side defensive validation: one ItemFailure per bad item, numpy only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tunemesh_common.errors import Code
+from tunemesh_trainer.domain import DatumArrays, EngineItem, ItemKind
+from tunemesh_trainer.engine.validation import validate_item
+
+REQUIRED = {"cross_entropy": ("target_tokens",)}
+
+
+def _item(tokens, loss_inputs, loss_fn="cross_entropy", adapter="a"):
+    datum = DatumArrays(tokens=np.asarray(tokens), loss_inputs={k: np.asarray(v) for k, v in loss_inputs.items()})
+    return EngineItem("i", adapter, ItemKind.FORWARD_BACKWARD, [datum], loss_fn=loss_fn)
+
+
+def _check(item):
+    return validate_item(item, adapters={"a"}, required_inputs=REQUIRED, vocab_size=10, max_seq_len=4)
+
+
+def test_valid_item_passes():
+    assert _check(_item([1, 2, 3], {"target_tokens": [2, 3, 4], "weights": [1.0, -1.0, 0.5]})) is None
+    assert _check(_item([1, 2], {"target_tokens": [[1, 2], [3, 4]], "weights": [[1.0, 0], [0, 1]]})) is None
+
+
+@pytest.mark.parametrize(
+    ("item", "code", "reason"),
+    [
+        (_item([1], {"target_tokens": [1]}, adapter="zz"), Code.NOT_FOUND, "ADAPTER_NOT_FOUND"),
+        (_item([1], {"target_tokens": [1]}, loss_fn="nope"), Code.INVALID_ARGUMENT, "UNKNOWN_LOSS"),
+        (_item([1, 10], {"target_tokens": [1, 2]}), Code.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE"),
+        (_item([1, -1], {"target_tokens": [1, 2]}), Code.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE"),
+        (_item([1, 2], {"target_tokens": [1, 10]}), Code.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE"),
+        (_item([1, 2], {"target_tokens": [1]}), Code.INVALID_ARGUMENT, "LENGTH_MISMATCH"),
+        (_item([1, 2], {"target_tokens": [1, 2], "weights": [1.0]}), Code.INVALID_ARGUMENT, "LENGTH_MISMATCH"),
+        (_item([1, 2], {"weights": [1.0, 1.0]}), Code.INVALID_ARGUMENT, "MISSING_LOSS_INPUT"),
+        (_item([1] * 5, {"target_tokens": [1] * 5}), Code.INVALID_ARGUMENT, "BAD_SEQUENCE_LENGTH"),
+        (_item([1.0, 2.0], {"target_tokens": [1, 2]}), Code.INVALID_ARGUMENT, "BAD_TOKENS"),
+    ],
+)
+def test_bad_items_fail_with_reason(item, code, reason):
+    failure = _check(item)
+    assert failure is not None
+    assert (failure.code, failure.reason) == (int(code), reason)
+
+
+def test_empty_item_fails():
+    item = EngineItem("i", "a", ItemKind.FORWARD, [])
+    assert _check(item).reason == "EMPTY_DATA"
