@@ -61,7 +61,8 @@ class FakeTrainer:
         outcomes = []
         for item in items:
             self.executed.append((item.run_name, item.kind, item.payload))
-            outcomes.append(self.item_errors.get(item.payload, ItemOutcome(result=("ok", item.payload))))
+            ok = ItemOutcome(result=("ok", item.payload))
+            outcomes.append(self.item_errors.get(item.payload, ok))
         return outcomes[:-1] if self.short_answer else outcomes
 
     async def optim_step(self, node_id: str, run_name: str, payload: Any) -> Any:

@@ -143,7 +143,9 @@ class NodeDispatcher:
         raise Unimplemented("UNSUPPORTED_KIND", f"no trainer call for {op.kind}")
 
 
-async def _guard(call: Awaitable[Any], op: OperationRecord) -> tuple[Any, OperationError | None]:
+async def _guard(
+    call: Awaitable[Any], op: OperationRecord
+) -> tuple[Any, OperationError | None]:
     """Await a port call and return (value, None) or (None, error). This is the batch
     boundary: anything unexpected is logged and reported as INTERNAL, never propagated."""
     try:
@@ -153,4 +155,4 @@ async def _guard(call: Awaitable[Any], op: OperationRecord) -> tuple[Any, Operat
         return None, OperationError.of(exc)
     except Exception:
         log.exception("trainer call crashed", extra={"operation": op.name, "run": op.run})
-        return None, OperationError(Code.INTERNAL, "TRAINER_ERROR", "internal error in trainer call")
+        return None, OperationError(Code.INTERNAL, "TRAINER_ERROR", "trainer call failed")

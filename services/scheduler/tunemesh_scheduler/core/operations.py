@@ -7,7 +7,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh_common.errors import NotFound
+from tunemesh_common.errors import Code, NotFound
 from tunemesh_scheduler.core.records import OperationError, OperationRecord, OpKind, OpState
 
 
@@ -101,7 +101,7 @@ class OperationStore:
 
     def cancel(self, op: OperationRecord) -> None:
         """Finish a QUEUED op as CANCELLED."""
-        op.error = OperationError(1, "CANCELLED", "operation cancelled by the client")
+        op.error = OperationError(Code.CANCELLED, "CANCELLED", "operation cancelled by the client")
         self._finish(op, OpState.CANCELLED)
 
     async def wait(self, op: OperationRecord, timeout_s: float) -> OperationRecord:

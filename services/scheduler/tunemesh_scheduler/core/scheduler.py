@@ -221,12 +221,17 @@ class SchedulerCore:
         the run's `last_seq_id` that the core holds no record of (e.g. after restore).
         """
         by_request = self.operations.find_request(tenant, request_id)
-        if by_request is not None and not _same_call(by_request, lane.run.name, seq_id, kind, digest):
-            raise AlreadyExists("REQUEST_ID_REUSED", f"request id {request_id!r} was used for another call")
+        call = (lane.run.name, seq_id, kind, digest)
+        if by_request is not None and not _same_call(by_request, call):
+            raise AlreadyExists(
+                "REQUEST_ID_REUSED", f"request id {request_id!r} was used for another call"
+            )
         by_seq = lane.find(seq_id)
         if by_seq is not None:
-            if not _same_call(by_seq, lane.run.name, seq_id, kind, digest):
-                raise AlreadyExists("SEQ_ID_REUSED", f"seq_id {seq_id} of {lane.run.name} holds another call")
+            if not _same_call(by_seq, call):
+                raise AlreadyExists(
+                    "SEQ_ID_REUSED", f"seq_id {seq_id} of {lane.run.name} holds another call"
+                )
             return by_seq
         if by_request is not None:
             return by_request
@@ -290,7 +295,6 @@ def _validate(seq_id: int, kind: OpKind | str, num_tokens: int) -> OpKind:
         raise InvalidArgument("UNSUPPORTED_KIND", f"unsupported operation kind {kind!r}") from None
 
 
-def _same_call(
-    op: OperationRecord, run: str, seq_id: int, kind: OpKind, digest: bytes | str
-) -> bool:
-    return op.run == run and op.seq_id == seq_id and op.kind == kind and op.payload_digest == digest
+def _same_call(op: OperationRecord, call: tuple[str, int, OpKind, bytes | str]) -> bool:
+    """Whether `op` is the call (run, seq_id, kind, payload_digest)."""
+    return (op.run, op.seq_id, op.kind, op.payload_digest) == call
