@@ -207,6 +207,7 @@ def test_failed_build_publishes_nothing(tmp_path):
         raise RuntimeError("boom")
 
     target = tmp_path / "m"
+    (tmp_path / ".m.tmp-crashed").mkdir()  # a build killed mid-way, lock released
     with pytest.raises(RuntimeError):
         cache.publish_once(target, broken)
     assert [p.name for p in tmp_path.iterdir()] == [".m.lock"]

@@ -37,6 +37,8 @@ def publish_once(target: Path, build: Callable[[Path], None]) -> Path:
     with _exclusive_lock(target.parent / f".{target.name}.lock"):
         if target.is_dir():
             return target
+        for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a crashed build
+            shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             logger.info("building %s", target)

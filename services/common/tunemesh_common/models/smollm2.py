@@ -55,4 +55,5 @@ def build(directory: Path) -> None:
     model.generation_config.save_pretrained(str(directory))
     if tokenizer.chat_template is None:
         raise FailedPrecondition("MODEL_SOURCE_INVALID", f"{gguf} carries no chat template")
+    tokenizer.model_max_length = MAX_POSITION_EMBEDDINGS
     tokenizer.save_pretrained(str(directory))
