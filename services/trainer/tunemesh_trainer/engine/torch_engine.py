@@ -79,7 +79,8 @@ class TorchTrainingEngine:
         targets = self.target_modules(spec)
         if not targets:
             raise InvalidArgument("NO_TARGET_MODULES", "the spec selects no module of this model")
-        shapes = {n: (self._wrappers[n].base.in_features, self._wrappers[n].base.out_features) for n in targets}
+        bases = {n: self._wrappers[n].base for n in targets}
+        shapes = {n: (base.in_features, base.out_features) for n, base in bases.items()}
         slot = AdapterSlot(spec, shapes, self._device)
         for module_name, pair in slot.pairs.items():
             self._wrappers[module_name].pairs[adapter_id] = pair
@@ -144,7 +145,10 @@ class TorchTrainingEngine:
             logits_btv = self._model(
                 input_ids=packed.tokens_bt, position_ids=packed.positions_bt, use_cache=False
             ).logits
-            losses = [self._score(item, out, logits_btv, row) for (item, out), row in zip(runnable, packed.first_rows)]
+            losses = [
+                self._score(item, outcome, logits_btv, row)
+                for (item, outcome), row in zip(runnable, packed.first_rows)
+            ]
         if train:
             self._backward(runnable, losses)
 
@@ -176,8 +180,11 @@ class TorchTrainingEngine:
         self, runnable: list[tuple[EngineItem, ItemOutcome]], losses: list[torch.Tensor | None]
     ) -> None:
         """Backward over the finite losses only; keep each adapter's gradients only if finite."""
-        trained = [(item, out, loss) for (item, out), loss in zip(runnable, losses)
-                   if item.kind is ItemKind.FORWARD_BACKWARD and loss is not None]
+        trained = [
+            (item, outcome, loss)
+            for (item, outcome), loss in zip(runnable, losses)
+            if item.kind is ItemKind.FORWARD_BACKWARD and loss is not None
+        ]
         slots = {item.adapter_id: self._slots[item.adapter_id] for item, _ in runnable}
         for slot in slots.values():
             slot.drop_fresh_grads()

@@ -27,7 +27,8 @@ def validate_item(
 ) -> ItemFailure | None:
     """Return why `item` cannot run, or None. `required_inputs` maps loss name -> inputs."""
     if item.adapter_id not in adapters:
-        return ItemFailure(int(Code.NOT_FOUND), "ADAPTER_NOT_FOUND", f"no adapter {item.adapter_id!r}")
+        message = f"no adapter {item.adapter_id!r}"
+        return ItemFailure(int(Code.NOT_FOUND), "ADAPTER_NOT_FOUND", message)
     if item.loss_fn not in required_inputs:
         return _invalid("UNKNOWN_LOSS", f"unknown loss function {item.loss_fn!r}")
     if not item.data:
@@ -45,7 +46,7 @@ def _validate_datum(
 ) -> ItemFailure | None:
     tokens = np.asarray(datum.tokens)
     if tokens.ndim != 1 or not np.issubdtype(tokens.dtype, np.integer):
-        return _invalid("BAD_TOKENS", f"tokens must be a 1-D integer array, got {tokens.dtype}{tokens.shape}")
+        return _invalid("BAD_TOKENS", f"tokens must be 1-D integers, got {tokens.dtype}{tokens.shape}")
     n = tokens.shape[0]
     if not 1 <= n <= max_seq_len:
         return _invalid("BAD_SEQUENCE_LENGTH", f"length {n} outside [1, {max_seq_len}]")
@@ -57,7 +58,9 @@ def _validate_datum(
     return _validate_inputs(datum.loss_inputs, n, vocab_size)
 
 
-def _validate_inputs(inputs: Mapping[str, np.ndarray], n: int, vocab_size: int) -> ItemFailure | None:
+def _validate_inputs(
+    inputs: Mapping[str, np.ndarray], n: int, vocab_size: int
+) -> ItemFailure | None:
     targets = inputs.get("target_tokens")
     target_shape = None
     if targets is not None:
@@ -70,9 +73,13 @@ def _validate_inputs(inputs: Mapping[str, np.ndarray], n: int, vocab_size: int) 
     for key, value in inputs.items():
         value = np.asarray(value)
         if value.dtype.kind not in "iuf" or value.ndim == 0 or value.shape[0] != n:
-            return _invalid("LENGTH_MISMATCH", f"loss input {key!r} has shape {value.shape}, tokens ({n},)")
+            return _invalid(
+                "LENGTH_MISMATCH", f"loss input {key!r} has shape {value.shape}, tokens ({n},)"
+            )
         if target_shape is not None and value.shape != target_shape:
-            return _invalid("LENGTH_MISMATCH", f"loss input {key!r} has shape {value.shape}, targets {target_shape}")
+            return _invalid(
+                "LENGTH_MISMATCH", f"loss input {key!r} has shape {value.shape}, targets {target_shape}"
+            )
     return None
 
 
