@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import grpc
+
 from tunemesh import _wire
+from tunemesh.errors import TunemeshError
 from tunemesh.futures import APIFuture
 from tunemesh.operations import OperationTracker, SubmitLane
 from tunemesh.transport import Transport
@@ -22,9 +24,23 @@ from tunemesh.v1 import training_pb2
 
 LossFnConfig = Mapping[str, float | str] | None
 
+REJECTED_CODES = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+"""Submit failures after which the service holds no trace of the call (validation)."""
+
 
 class TrainingClient:
-    """Trains one run. Each call takes the next seq_id at call time and returns a future.
+    """Trains one run. Each call returns a future at once and is sent in call order.
 
     Calls may be pipelined (submit forward_backward, optim_step and the next
     forward_backward before waiting): the service executes them in seq_id order.
@@ -45,8 +61,7 @@ class TrainingClient:
         self._base_model = base_model
         self._tokenizer_for = tokenizer_for
         self._lane = SubmitLane(name=f"tunemesh-submit-{run}")
-        self._seq_lock = threading.Lock()
-        self._last_seq_id = 0
+        self._next_seq_id = 1  # touched only by the lane's thread
 
     @property
     def run(self) -> str:
@@ -110,21 +125,29 @@ class TrainingClient:
         return self._start(method, request, _wire.forward_backward_output)
 
     def _start(self, method: Any, request: Any, convert: Callable) -> APIFuture[Any]:
-        """Stamp the next seq_id and a fresh request_id, then queue the submission.
+        """Queue the submission in call order; it is stamped with the next seq_id on send.
 
-        The request is built before a seq_id is taken, so a call rejected on the client
-        never leaves a gap in the run's seq_ids.
+        The lane sends one call at a time in call order, so seq_ids follow call order. A
+        submit the service definitively rejects (see REJECTED_CODES) was never queued,
+        so its seq_id goes to the next call and no gap stalls the run; any other outcome
+        (success, or failure after retries where the service may hold it) uses it up.
         """
         request.request_id = str(uuid.uuid4())
-        with self._seq_lock:
-            self._last_seq_id += 1
-            request.seq_id = self._last_seq_id
-            what = f"{type(request).__name__}(seq_id={request.seq_id})"
+        kind = type(request).__name__
 
-            def submit():
-                return self._transport.call(method, request, what=what).operation
+        def submit():
+            request.seq_id = self._next_seq_id
+            what = f"{kind}(seq_id={request.seq_id})"
+            try:
+                operation = self._transport.call(method, request, what=what).operation
+            except TunemeshError as err:
+                if err.code not in REJECTED_CODES:
+                    self._next_seq_id += 1
+                raise
+            self._next_seq_id += 1
+            return operation
 
-            return self._tracker.start(self._lane, submit, convert)
+        return self._tracker.start(self._lane, submit, convert)
 
     def _close(self) -> None:
         self._lane.close()

@@ -51,7 +51,6 @@ class FakeMesh:
         self.by_request_id: dict[str, str] = {}
         self.ops: dict[str, operations_pb2.Operation] = {}
         self.queued: dict[int, tuple[str, object]] = {}
-        self.consumed: set[int] = set()
         self.executed: list[int] = []
         self.next_seq = 1
         self.step = 0
@@ -75,8 +74,7 @@ class FakeMesh:
             if request.request_id in self.by_request_id:
                 return self.ops[self.by_request_id[request.request_id]]
             if getattr(request, "loss_fn", "cross_entropy") == "bogus":
-                self.consumed.add(request.seq_id)  # a rejected seq_id leaves no gap
-                self.cond.notify_all()
+                # Like the scheduler: a rejected submit leaves no trace, its seq_id is free.
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_LOSS_FN", "bogus?")
             name = f"operations/{len(self.ops) + 1}"
             op = operations_pb2.Operation(
@@ -92,11 +90,7 @@ class FakeMesh:
     def _execute_loop(self) -> None:
         while True:
             with self.cond:
-                while True:
-                    while self.next_seq in self.consumed:
-                        self.next_seq += 1
-                    if self.next_seq in self.queued:
-                        break
+                while self.next_seq not in self.queued:
                     self.cond.wait()
                 seq = self.next_seq
                 method, request = self.queued.pop(seq)
@@ -369,7 +363,8 @@ def test_errors_map_to_typed_errors_and_do_not_break_later_calls(mesh, service):
     assert failed_info.value.reason == "NON_FINITE_LOSS"
     assert failed_info.value.message == "loss is nan"
     assert fine.result(timeout=10).metrics["loss:sum"] == pytest.approx(0.2)
-    assert mesh.executed == [2, 3]
+    assert [seq for _, seq, _ in mesh.attempts] == [1, 1, 2]  # the rejected seq_id is reused
+    assert mesh.executed == [1, 2]
 
 
 def test_long_poll_loops_until_done(mesh, service):

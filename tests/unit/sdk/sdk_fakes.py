@@ -1,0 +1,82 @@
+"""A fake grpc.Channel that dispatches the generated stubs' calls to Python handlers."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+
+class FakeRpcError(grpc.RpcError, grpc.Call):
+    """What a failed unary call raises: code, details and trailing metadata."""
+
+    def __init__(self, code: grpc.StatusCode, details: str = "", reason: str = "") -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+        self._trailers = (("tunemesh-reason", reason),) if reason else ()
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def trailing_metadata(self):
+        return self._trailers
+
+    def initial_metadata(self):
+        return ()
+
+    def is_active(self):
+        return False
+
+    def time_remaining(self):
+        return None
+
+    def cancel(self):
+        return False
+
+    def add_callback(self, callback):
+        return False
+
+
+Handler = Callable[[Any, dict[str, str]], Any]
+
+
+class FakeChannel:
+    """Routes `/pkg.Service/Method` to `handlers["Method"](request, metadata)`.
+
+    Requests pass through the real serializers, so what a handler sees is what the wire
+    would carry. Every call is recorded as (method, request, metadata, timeout).
+    """
+
+    def __init__(self, handlers: dict[str, Handler]) -> None:
+        self.handlers = handlers
+        self.calls: list[tuple[str, Any, dict[str, str], float | None]] = []
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def unary_unary(self, path, request_serializer=None, response_deserializer=None, **_):
+        method = path.rsplit("/", 1)[-1]
+
+        def invoke(request, timeout=None, metadata=None, **__):
+            decoded = type(request).FromString(request_serializer(request))
+            meta = dict(metadata or ())
+            with self.lock:
+                self.calls.append((method, decoded, meta, timeout))
+            handler = self.handlers.get(method)
+            if handler is None:
+                raise FakeRpcError(grpc.StatusCode.UNIMPLEMENTED, method)
+            response = handler(decoded, meta)
+            return response_deserializer(response.SerializeToString())
+
+        return invoke
+
+    def close(self) -> None:
+        self.closed = True
+
+    def requests(self, method: str) -> list[Any]:
+        with self.lock:
+            return [req for name, req, _, _ in self.calls if name == method]

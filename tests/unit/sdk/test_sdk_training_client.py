@@ -1,0 +1,240 @@
+"""TrainingClient and ServiceClient over a fake channel: seq_ids, retries, futures, close."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import grpc
+import pytest
+from sdk_fakes import FakeChannel, FakeRpcError
+
+import tunemesh
+from tunemesh.v1 import operations_pb2, sessions_pb2, training_pb2
+
+FAST = tunemesh.RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.005, total_timeout_s=5)
+
+
+class FakeMesh:
+    """Handlers for a FakeChannel: operations finish at the first WaitOperation."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: dict[str, object] = {}  # operation name -> submit request
+        self.flaky: dict[str, int] = {}  # request_id -> failures left
+        self.fail_next_submits = 0
+        self.hang = False
+        self.done_at_submit = False
+        self.reject: dict[str, grpc.StatusCode] = {}  # loss_fn -> submit error
+        self.handlers = {
+            "CreateSession": lambda r, m: sessions_pb2.CreateSessionResponse(
+                session=sessions_pb2.Session(name="sessions/s1")),
+            "EndSession": lambda r, m: sessions_pb2.EndSessionResponse(),
+            "HeartbeatSession": lambda r, m: sessions_pb2.HeartbeatSessionResponse(),
+            "CreateTrainingRun": self.create_run,
+            "ForwardBackward": self.submit(training_pb2.ForwardBackwardResponse),
+            "Forward": self.submit(training_pb2.ForwardResponse),
+            "OptimStep": self.submit(training_pb2.OptimStepResponse),
+            "WaitOperation": self.wait,
+        }
+
+    def create_run(self, request, metadata):
+        self.maybe_fail(request.request_id)
+        run = training_pb2.TrainingRun(name="runs/r1", base_model=request.base_model)
+        return training_pb2.CreateTrainingRunResponse(run=run)
+
+    def maybe_fail(self, request_id: str) -> None:
+        with self.lock:
+            if self.fail_next_submits and request_id not in self.flaky:
+                self.flaky[request_id] = self.fail_next_submits
+            if self.flaky.get(request_id, 0) > 0:
+                self.flaky[request_id] -= 1
+                raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
+
+    def submit(self, response_cls):
+        def handle(request, metadata):
+            self.maybe_fail(request.request_id)
+            if getattr(request, "loss_fn", "") in self.reject:
+                raise FakeRpcError(self.reject[request.loss_fn], "no", reason="REJECTED")
+            name = f"operations/{request.request_id}"
+            with self.lock:
+                self.requests[name] = request
+            op = operations_pb2.Operation(name=name, seq_id=request.seq_id)
+            if self.done_at_submit:
+                self.finish(op, request)
+            return response_cls(operation=op)
+
+        return handle
+
+    def wait(self, request, metadata):
+        with self.lock:
+            submitted = self.requests[request.name]
+        op = operations_pb2.Operation(name=request.name, seq_id=submitted.seq_id)
+        if self.hang:
+            time.sleep(0.01)
+        else:
+            self.finish(op, submitted)
+        return operations_pb2.WaitOperationResponse(operation=op)
+
+    @staticmethod
+    def finish(op, request) -> None:
+        op.done = True
+        if isinstance(request, training_pb2.OptimStepRequest):
+            op.optim_step.metrics["seq:max"] = request.seq_id
+        elif request.loss_fn == "nan":
+            op.error.code, op.error.reason, op.error.message = 3, "NON_FINITE_LOSS", "nan"
+        else:
+            op.forward_backward.metrics["seq:max"] = request.seq_id
+            op.forward_backward.outputs.add()
+
+
+@pytest.fixture()
+def mesh():
+    return FakeMesh()
+
+
+@pytest.fixture()
+def channel(mesh):
+    return FakeChannel(mesh.handlers)
+
+
+@pytest.fixture()
+def service(channel):
+    client = tunemesh.ServiceClient("fake:1", "k", retry_policy=FAST, channel=channel)
+    yield client
+    client.close()
+
+
+DATA = [tunemesh.Datum(tunemesh.ModelInput.from_ints([1, 2]),
+                       {"target_tokens": [2, 3], "weights": [1, 1]})]
+
+SUBMITS = ("Forward", "ForwardBackward", "OptimStep")
+
+
+def submitted(channel) -> list:
+    return [req for name, req, _, _ in channel.calls if name in SUBMITS]
+
+
+def test_each_call_takes_the_next_seq_id_and_a_fresh_request_id(service, channel):
+    trainer = service.create_lora_training_client("m")
+    futures = [trainer.forward_backward(DATA), trainer.optim_step(), trainer.forward(DATA),
+               trainer.forward_backward(DATA, "importance_sampling", {"beta": 0.1}),
+               trainer.optim_step(tunemesh.AdamParams(learning_rate=0.5))]
+    assert [f.result(timeout=5).metrics["seq:max"] for f in futures] == [1, 2, 3, 4, 5]
+    requests = submitted(channel)
+    assert [r.seq_id for r in requests] == [1, 2, 3, 4, 5]
+    assert len({r.request_id for r in requests}) == 5
+    assert all(uuid.UUID(r.request_id).version == 4 for r in requests)
+    assert {r.run for r in requests} == {"runs/r1"}
+    assert requests[3].loss_fn_config["beta"].number == pytest.approx(0.1)
+    assert requests[4].adam_params.learning_rate == 0.5
+
+
+def test_concurrent_callers_get_unique_consecutive_seq_ids(service, channel):
+    trainer = service.create_lora_training_client("m")
+    per_thread: list[list] = []
+
+    def caller():
+        mine = [trainer.forward_backward(DATA) for _ in range(25)]
+        per_thread.append([f.result(timeout=10).metrics["seq:max"] for f in mine])
+
+    threads = [threading.Thread(target=caller) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seqs = [r.seq_id for r in submitted(channel)]
+    assert seqs == list(range(1, 201))  # unique, gap-free and sent in seq order
+    assert all(s == sorted(s) for s in per_thread)  # each caller's calls stay in its order
+    assert sorted(x for s in per_thread for x in s) == list(range(1, 201))
+
+
+def test_retries_reuse_request_id_and_seq_id(service, channel, mesh):
+    trainer = service.create_lora_training_client("m")
+    mesh.fail_next_submits = 2
+    assert trainer.forward_backward(DATA).result(timeout=5).metrics["seq:max"] == 1
+    mesh.fail_next_submits = 0
+    assert trainer.optim_step().result(timeout=5).metrics["seq:max"] == 2
+    attempts = [(r.seq_id, r.request_id) for r in submitted(channel)]
+    assert len(attempts) == 4 and len(set(attempts[:3])) == 1 and attempts[3][0] == 2
+
+
+def test_create_run_retries_with_same_request_id_and_one_lazy_session(service, channel, mesh):
+    assert channel.requests("CreateSession") == []
+    mesh.fail_next_submits = 1
+    trainer = service.create_lora_training_client(
+        "m", rank=4, seed=9, train_unembed=False, alpha=8.0)
+    mesh.fail_next_submits = 0
+    service.create_lora_training_client("m")
+    creates = channel.requests("CreateTrainingRun")
+    assert len(creates) == 3 and creates[0].request_id == creates[1].request_id
+    assert creates[2].request_id != creates[0].request_id
+    lora = creates[0].lora_config
+    assert (lora.rank, lora.seed, lora.alpha, lora.train_unembed) == (4, 9, 8.0, False)
+    assert len(channel.requests("CreateSession")) == 1 and creates[0].session == "sessions/s1"
+    assert trainer.model_id == trainer.run == "runs/r1"
+
+
+def test_bad_datum_raises_at_call_time_without_consuming_a_seq_id(service, channel):
+    trainer = service.create_lora_training_client("m")
+    with pytest.raises(TypeError):
+        trainer.forward_backward([{"not": "a datum"}])
+    with pytest.raises(TypeError):
+        trainer.forward(DATA, loss_fn_config={"bad": object()})
+    trainer.forward(DATA).result(timeout=5)
+    assert [r.seq_id for r in submitted(channel)] == [1]
+
+
+def test_a_failed_operation_fails_only_its_future(service):
+    trainer = service.create_lora_training_client("m")
+    bad = trainer.forward_backward(DATA, loss_fn="nan")
+    good = trainer.forward_backward(DATA)
+    with pytest.raises(tunemesh.InvalidArgumentError) as info:
+        bad.result(timeout=5)
+    assert info.value.reason == "NON_FINITE_LOSS"
+    assert good.result(timeout=5).metrics["seq:max"] == 2
+
+
+def test_rejected_submit_frees_its_seq_id_but_ambiguous_failures_use_it_up(service, channel,
+                                                                         mesh):
+    mesh.reject = {"bad": grpc.StatusCode.INVALID_ARGUMENT, "boom": grpc.StatusCode.INTERNAL}
+    trainer = service.create_lora_training_client("m")
+    futures = [trainer.forward_backward(DATA, loss_fn) for loss_fn in
+               ("bad", "cross_entropy", "boom", "cross_entropy")]
+    with pytest.raises(tunemesh.InvalidArgumentError):
+        futures[0].result(timeout=5)
+    with pytest.raises(tunemesh.InternalError):
+        futures[2].result(timeout=5)
+    assert [f.result(timeout=5).metrics["seq:max"] for f in futures[1::2]] == [1, 3]
+    assert [r.seq_id for r in submitted(channel)] == [1, 1, 2, 3]
+
+
+def test_operation_done_at_submit_needs_no_wait(service, channel, mesh):
+    mesh.done_at_submit = True
+    trainer = service.create_lora_training_client("m")
+    assert trainer.optim_step().result(timeout=5).metrics["seq:max"] == 1
+    assert channel.requests("WaitOperation") == []
+
+
+def test_close_fails_pending_futures_and_ends_the_session(service, channel, mesh):
+    mesh.hang = True
+    trainer = service.create_lora_training_client("m")
+    pending = trainer.forward_backward(DATA)
+    time.sleep(0.05)
+    service.close()
+    with pytest.raises(tunemesh.ClientClosedError):
+        pending.result(timeout=5)
+    with pytest.raises(tunemesh.ClientClosedError):
+        trainer.optim_step().result(timeout=5)
+    assert [r.session for r in channel.requests("EndSession")] == ["sessions/s1"]
+    assert channel.closed
+
+
+def test_defaults_come_from_the_environment(monkeypatch, channel):
+    monkeypatch.setenv("TUNEMESH_ADDRESS", "example:123")
+    monkeypatch.setenv("TUNEMESH_API_KEY", "env-key")
+    with tunemesh.ServiceClient(channel=channel, retry_policy=FAST) as client:
+        client.session
+    assert client.address == "example:123"
+    assert channel.calls[0][2]["authorization"] == "Bearer env-key"
