@@ -99,6 +99,20 @@ class TrainingClient:
         request = _wire.optim_step_request(self._run, 0, "", adam_params or AdamParams())
         return self._start(self._transport.training.OptimStep, request, _wire.optim_step_output)
 
+    # Tinker-style async spellings: `await` gives the future (the call is queued), a
+    # second `await` gives the result, so cookbook code ports unchanged.
+
+    async def forward_async(self, *args: Any, **kwargs: Any) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward(*args, **kwargs)
+
+    async def forward_backward_async(
+        self, *args: Any, **kwargs: Any
+    ) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward_backward(*args, **kwargs)
+
+    async def optim_step_async(self, *args: Any, **kwargs: Any) -> APIFuture[OptimStepResponse]:
+        return self.optim_step(*args, **kwargs)
+
     def get_info(self) -> GetInfoResponse:
         """The run as the service reports it (base model, LoRA config, step)."""
         response = self._transport.call(

@@ -349,6 +349,14 @@ def test_await_inside_asyncio_run(mesh, service):
     assert fb_out.metrics["loss:sum"] == pytest.approx(0.4)
     assert step_out.metrics["step:max"] == 1
 
+    async def tinker_style_double_await():
+        fb = await trainer.forward_backward_async([datum([3, 4])], "cross_entropy")
+        step = await trainer.optim_step_async(tunemesh.AdamParams())
+        return await fb, await step
+
+    fb_out, step_out = asyncio.run(tinker_style_double_await())
+    assert fb_out.metrics["step:max"] == 1 and step_out.metrics["step:max"] == 2
+
 
 def test_errors_map_to_typed_errors_and_do_not_break_later_calls(mesh, service):
     trainer = service.create_lora_training_client(MODEL)
