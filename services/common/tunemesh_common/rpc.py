@@ -147,3 +147,19 @@ def write_ready_file(path: pathlib.Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
+
+
+async def wait_for_termination() -> None:
+    """Return on SIGTERM or SIGINT."""
+    import asyncio
+    import signal
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+def configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -13,7 +13,7 @@ import numpy as np
 
 from tunemesh.v1 import sessions_pb2, types_pb2
 from tunemesh_common import tensors
-from tunemesh_common.errors import InvalidArgument
+from tunemesh_common.errors import InvalidArgument, Unimplemented
 
 # loss name -> (required loss_fn_inputs, optional loss_fn_inputs, accepted config keys)
 LOSSES: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {
@@ -135,7 +135,18 @@ def check_lora(config: types_pb2.LoraConfig, model: sessions_pb2.SupportedModel)
         )
     if not math.isfinite(config.alpha) or config.alpha < 0:
         raise InvalidArgument("BAD_LORA_ALPHA", "LoRA alpha must be finite and >= 0")
-    if not (config.train_attn or config.train_mlp or config.train_unembed or config.train_experts):
+    if not (config.train_attn or config.train_mlp or config.train_unembed):
         raise InvalidArgument("NO_LORA_TARGETS", "enable at least one of train_attn, train_mlp, train_unembed")
-    if config.train_experts and model.family != "moe":
-        raise InvalidArgument("NOT_MOE", f"train_experts needs a mixture-of-experts model; {model.name} is dense")
+    if config.train_experts and model.family == "moe":
+        raise Unimplemented("EXPERT_LORA_UNAVAILABLE", "LoRA on MoE experts (train_experts) is not available yet")
+
+
+def normalized_lora(config: types_pb2.LoraConfig, model: sessions_pb2.SupportedModel) -> types_pb2.LoraConfig:
+    """The config as stored and sent to trainers: rank 0 -> 32, alpha 0 -> rank,
+    train_experts off on dense models (they have no experts)."""
+    normalized = types_pb2.LoraConfig()
+    normalized.CopyFrom(config)
+    normalized.train_experts = config.train_experts and model.family == "moe"
+    normalized.rank = config.rank or 32
+    normalized.alpha = config.alpha or float(normalized.rank)
+    return normalized

@@ -4,27 +4,39 @@ from __future__ import annotations
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
-from tunemesh_common.errors import TunemeshError
+from tunemesh_common.errors import TunemeshError, Unavailable
 from tunemesh_trainer import convert
 from tunemesh_trainer.core import TrainerCore
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
-    def __init__(self, core: TrainerCore, node_id: str, address: str, tokenizer_files: dict[str, bytes],
-                 metrics_url: str = "") -> None:
-        self._core = core
+    """Registered before the server starts; answers UNAVAILABLE LOADING until `attach`."""
+
+    def __init__(self, node_id: str, address: str, metrics_url: str = "") -> None:
+        self._core: TrainerCore | None = None
         self._node_id = node_id
         self._address = address
         self._metrics_url = metrics_url
+        self._tokenizer_files: list[sessions_pb2.TokenizerFile] = []
+
+    def attach(self, core: TrainerCore, tokenizer_files: dict[str, bytes]) -> None:
+        """Start serving with a loaded engine."""
         self._tokenizer_files = [sessions_pb2.TokenizerFile(name=n, content=c) for n, c in tokenizer_files.items()]
+        self._core = core
+
+    @property
+    def core(self) -> TrainerCore:
+        if self._core is None:
+            raise Unavailable("LOADING", f"trainer {self._node_id} is still loading its base model")
+        return self._core
 
     def node(self) -> trainer_pb2.TrainerNode:
         return trainer_pb2.TrainerNode(
             node_id=self._node_id,
             address=self._address,
-            models=[convert.supported_model(self._core.info)],
-            max_adapters=self._core.max_adapters,
-            adapters=self._core.adapter_count(),
+            models=[convert.supported_model(self.core.info)],
+            max_adapters=self.core.max_adapters,
+            adapters=self.core.adapter_count(),
             metrics_url=self._metrics_url,
         )
 
@@ -32,11 +44,11 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.GetTrainerInfoResponse(node=self.node())
 
     async def CreateAdapter(self, request, context):
-        count = await self._core.create_adapter(request.adapter_id, convert.lora_spec(request.lora_config))
+        count = await self.core.create_adapter(request.adapter_id, convert.lora_spec(request.lora_config))
         return trainer_pb2.CreateAdapterResponse(num_parameters=count)
 
     async def DeleteAdapter(self, request, context):
-        await self._core.delete_adapter(request.adapter_id)
+        await self.core.delete_adapter(request.adapter_id)
         return trainer_pb2.DeleteAdapterResponse()
 
     async def RunBatch(self, request, context):
@@ -46,14 +58,14 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 decoded.append(convert.engine_item(item))
             except TunemeshError as err:
                 early[item.item_id] = convert.item_error(item.item_id, int(err.code), err.reason, err.message)
-        outcomes, seconds = await self._core.run_batch(decoded) if decoded else ([], 0.0)
+        outcomes, seconds = await self.core.run_batch(decoded) if decoded else ([], 0.0)
         done = {o.item_id: convert.item_result(o) for o in outcomes} | early
         return trainer_pb2.RunBatchResponse(
             results=[done[item.item_id] for item in request.items], engine_seconds=seconds
         )
 
     async def OptimStep(self, request, context):
-        metrics = await self._core.optim_step(request.adapter_id, convert.adam_spec(request.adam_params))
+        metrics = await self.core.optim_step(request.adapter_id, convert.adam_spec(request.adam_params))
         return trainer_pb2.OptimStepResponse(metrics=metrics)
 
     async def GetTokenizer(self, request, context):

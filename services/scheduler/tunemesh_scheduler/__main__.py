@@ -1,0 +1,69 @@
+"""`python -m tunemesh_scheduler`: the public front door of the mesh."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from tunemesh.v1 import operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc
+from tunemesh.v1 import training_pb2, training_pb2_grpc
+from tunemesh_common import registry, rpc
+from tunemesh_scheduler import settings as settings_mod
+from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
+from tunemesh_scheduler.nodes import EtcdPlacement, TrainerDirectory
+from tunemesh_scheduler.server import OperationServicer, SessionServicer, TrainingServicer
+from tunemesh_scheduler.tokenizers import TokenizerCache
+from tunemesh_scheduler.trainer_client import GrpcTrainerPort
+from tunemesh_scheduler.validation import Limits
+
+log = logging.getLogger("tunemesh_scheduler")
+SERVICES = [
+    sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
+    training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
+    operations_pb2.DESCRIPTOR.services_by_name["OperationService"].full_name,
+]
+
+
+async def serve(s: settings_mod.SchedulerSettings) -> None:
+    keys = settings_mod.api_keys(s)
+    if not keys:
+        raise SystemExit("no API keys: pass --api-keys-file or --api-keys key=tenant,...")
+    etcd = registry.connect(s.etcd)
+    directory = TrainerDirectory()
+    watcher = await registry.NodeWatcher.start(etcd, "trainers", on_change=directory.on_change)
+    placement = EtcdPlacement(directory, registry.PlacementTable(etcd))
+    await placement.load_existing()
+    trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s)
+    config = SchedulerConfig(s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000)
+    core = SchedulerCore(placement, trainers, config)
+    await core.start()
+    limits = Limits(s.max_datums, s.max_tokens)
+    server, health = rpc.build_server(rpc.KeyFileAuthenticator(keys))
+    sessions_pb2_grpc.add_SessionServiceServicer_to_server(
+        SessionServicer(core, directory, limits, TokenizerCache(directory, trainers)), server
+    )
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(core, directory, limits), server)
+    operations_pb2_grpc.add_OperationServiceServicer_to_server(OperationServicer(core, s.wait_cap_s), server)
+    rpc.enable_reflection(server, SERVICES)
+    port = server.add_insecure_port(s.listen)
+    await server.start()
+    await rpc.mark_serving(health, SERVICES)
+    address = f"{s.listen.rsplit(':', 1)[0]}:{port}"
+    if s.ready_file is not None:
+        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid()})
+    log.info("scheduler serving on %s (%d tenants' keys, etcd %s)", address, len(set(keys.values())), s.etcd)
+    await rpc.wait_for_termination()
+    await server.stop(grace=2)
+    await core.stop()
+    await watcher.stop()
+    await trainers.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    rpc.configure_logging()
+    asyncio.run(serve(settings_mod.load(argv)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,72 @@
+"""Scheduler records -> public protos, and request digests for idempotency."""
+
+from __future__ import annotations
+
+import hashlib
+
+from google.protobuf import timestamp_pb2
+
+from tunemesh.v1 import operations_pb2, sessions_pb2, training_pb2
+from tunemesh_scheduler.core.records import OperationRecord, OpKind, OpState, RunRecord, SessionRecord
+
+_STATES = {
+    OpState.QUEUED: operations_pb2.OPERATION_STATE_QUEUED,
+    OpState.RUNNING: operations_pb2.OPERATION_STATE_RUNNING,
+    OpState.SUCCEEDED: operations_pb2.OPERATION_STATE_SUCCEEDED,
+    OpState.FAILED: operations_pb2.OPERATION_STATE_FAILED,
+    OpState.CANCELLED: operations_pb2.OPERATION_STATE_CANCELLED,
+}
+
+
+def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
+    if seconds is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def digest(request) -> bytes:
+    """Digest of a request without its request_id: equal digests mean the same call."""
+    clone = type(request)()
+    clone.CopyFrom(request)
+    clone.ClearField("request_id")
+    return hashlib.sha256(clone.SerializeToString(deterministic=True)).digest()
+
+
+def session(record: SessionRecord) -> sessions_pb2.Session:
+    return sessions_pb2.Session(name=record.name, labels=record.labels, create_time=timestamp(record.create_time))
+
+
+def run(record: RunRecord) -> training_pb2.TrainingRun:
+    return training_pb2.TrainingRun(
+        name=record.name,
+        session=record.session,
+        base_model=record.base_model,
+        lora_config=record.lora,
+        step=record.step,
+        trainer_node=record.node_id,
+        create_time=timestamp(record.create_time),
+        last_seq_id=record.last_seq_id,
+    )
+
+
+def operation(record: OperationRecord) -> operations_pb2.Operation:
+    op = operations_pb2.Operation(
+        name=record.name,
+        done=record.state.done,
+        state=_STATES[record.state],
+        run=record.run,
+        seq_id=record.seq_id,
+        create_time=timestamp(record.create_time),
+        end_time=timestamp(record.end_time),
+    )
+    if record.error is not None:
+        e = record.error
+        op.error.CopyFrom(operations_pb2.OperationError(code=e.code, reason=e.reason, message=e.message))
+    elif record.state is OpState.SUCCEEDED:
+        if record.kind is OpKind.OPTIM_STEP:
+            op.optim_step.CopyFrom(record.result)
+        else:
+            op.forward_backward.CopyFrom(record.result)
+    return op

@@ -1,0 +1,87 @@
+"""Trainer membership (from the etcd watch) and run placement (etcd transactions)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from tunemesh.internal.v1 import trainer_pb2
+from tunemesh.v1 import sessions_pb2
+from tunemesh_common.errors import NotFound, ResourceExhausted, Unavailable
+
+log = logging.getLogger(__name__)
+
+
+def run_id(run_name: str) -> str:
+    return run_name.removeprefix("runs/")
+
+
+class TrainerDirectory:
+    """The live trainer nodes, kept current by a NodeWatcher's on_change callback."""
+
+    def __init__(self) -> None:
+        self._nodes: dict[str, trainer_pb2.TrainerNode] = {}
+
+    def on_change(self, node_id: str, value: bytes | None) -> None:
+        if value is None:
+            log.warning("trainer %s left", node_id)
+            self._nodes.pop(node_id, None)
+            return
+        node = trainer_pb2.TrainerNode.FromString(value)
+        if node_id not in self._nodes:
+            log.info("trainer %s joined at %s", node_id, node.address)
+        self._nodes[node_id] = node
+
+    def nodes(self) -> dict[str, trainer_pb2.TrainerNode]:
+        return dict(self._nodes)
+
+    def address_of(self, node_id: str) -> str:
+        node = self._nodes.get(node_id)
+        if node is None:
+            raise Unavailable("TRAINER_GONE", f"trainer {node_id} is not registered")
+        return node.address
+
+    def models(self) -> list[sessions_pb2.SupportedModel]:
+        by_name = {m.name: m for node in self._nodes.values() for m in node.models}
+        return [by_name[name] for name in sorted(by_name)]
+
+    def model(self, name: str) -> sessions_pb2.SupportedModel:
+        for node in self._nodes.values():
+            for model in node.models:
+                if model.name == name:
+                    return model
+        served = ", ".join(m.name for m in self.models()) or "none"
+        raise NotFound("UNKNOWN_MODEL", f"no trainer serves base model {name!r} (served: {served})")
+
+    def serving(self, name: str) -> list[str]:
+        return sorted(n for n, node in self._nodes.items() if any(m.name == name for m in node.models))
+
+
+class EtcdPlacement:
+    """PlacementPort: the least-loaded trainer serving the model, written by etcd transaction."""
+
+    def __init__(self, directory: TrainerDirectory, table) -> None:
+        self._directory = directory
+        self._table = table  # tunemesh_common.registry.PlacementTable
+        self._load: collections.Counter[str] = collections.Counter()
+
+    async def load_existing(self) -> dict[str, str]:
+        placements = await self._table.list_placements()
+        self._load = collections.Counter(placements.values())
+        return placements
+
+    async def place(self, run_name: str, base_model: str) -> str:
+        self._directory.model(base_model)  # NotFound when nobody serves it
+        nodes = self._directory.nodes()
+        free = [n for n in self._directory.serving(base_model) if self._load[n] < nodes[n].max_adapters]
+        if not free:
+            raise ResourceExhausted("NO_CAPACITY", f"every trainer of {base_model} is full")
+        node_id = min(free, key=lambda n: (self._load[n], n))
+        if not await self._table.place_run(run_id(run_name), node_id):
+            raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was placed elsewhere concurrently")
+        self._load[node_id] += 1
+        return node_id
+
+    async def release(self, run_name: str, node_id: str) -> None:
+        await self._table.release_run(run_id(run_name), node_id)
+        self._load[node_id] -= 1

@@ -1,0 +1,43 @@
+"""Scheduler settings: flags, else `TUNEMESH_SCHEDULER_*` environment variables, else defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+from tunemesh_common import settings
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerSettings:
+    listen: str = "127.0.0.1:0"  # host:port; port 0 picks a free one
+    etcd: str = "127.0.0.1:2379"  # host:port of etcd
+    api_keys_file: pathlib.Path | None = None  # JSON {"api key": "tenant", ...}
+    api_keys: str = ""  # or inline "key1=tenant1,key2=tenant2"
+    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid"}
+    batch_token_budget: int = 16384  # most tokens in one fused batch
+    batch_wait_ms: int = 0  # extra time a ready batch waits for other tenants' work
+    max_datums: int = 1024  # most datums per request
+    max_tokens: int = 262144  # most tokens per request
+    gap_timeout_s: int = 300  # a run waiting this long on a missing seq_id fails its queue
+    wait_cap_s: int = 30  # longest WaitOperation hold
+    trainer_timeout_s: int = 600  # deadline of one call to a trainer
+
+
+def load(argv: list[str] | None = None) -> SchedulerSettings:
+    return settings.load(SchedulerSettings, "TUNEMESH_SCHEDULER_", argv)
+
+
+def api_keys(s: SchedulerSettings) -> dict[str, str]:
+    """The configured API key -> tenant map (file first, then the inline list)."""
+    import json
+
+    keys: dict[str, str] = {}
+    if s.api_keys_file is not None:
+        keys.update(json.loads(s.api_keys_file.read_text()))
+    for pair in filter(None, (p.strip() for p in s.api_keys.split(","))):
+        key, _, tenant = pair.partition("=")
+        if not tenant:
+            raise ValueError(f"api_keys entry {pair!r} is not key=tenant")
+        keys[key] = tenant
+    return keys

@@ -1,0 +1,98 @@
+"""TrainerPort over the internal gRPC TrainerService: one channel per trainer node."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+from tunemesh.v1 import training_pb2, types_pb2
+from tunemesh_common.errors import TunemeshError, Unavailable, error_for
+from tunemesh_common.rpc import CHANNEL_OPTIONS, REASON_KEY
+from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome
+from tunemesh_scheduler.core.records import OperationError, OpKind
+
+log = logging.getLogger(__name__)
+
+_ITEM_KINDS = {
+    OpKind.FORWARD: trainer_pb2.ITEM_KIND_FORWARD,
+    OpKind.FORWARD_BACKWARD: trainer_pb2.ITEM_KIND_FORWARD_BACKWARD,
+}
+
+
+def _translate(err: grpc.aio.AioRpcError, node_id: str) -> TunemeshError:
+    """A trainer's status as a typed error; transport failures become UNAVAILABLE."""
+    reason = dict(err.trailing_metadata() or ()).get(REASON_KEY, "")
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or not reason:
+        return Unavailable("TRAINER_UNAVAILABLE", f"trainer {node_id}: {err.code().name}: {err.details()}")
+    return error_for(err.code().value[0], reason, err.details() or "")
+
+
+class GrpcTrainerPort:
+    """Implements core.ports.TrainerPort; `address_of` maps node ids to `host:port`."""
+
+    def __init__(self, address_of: Callable[[str], str], timeout_s: float) -> None:
+        self._address_of = address_of
+        self._timeout_s = timeout_s
+        self._channels: dict[str, tuple[str, grpc.aio.Channel, trainer_pb2_grpc.TrainerServiceStub]] = {}
+
+    def stub(self, node_id: str) -> trainer_pb2_grpc.TrainerServiceStub:
+        address = self._address_of(node_id)
+        cached = self._channels.get(node_id)
+        if cached is None or cached[0] != address:
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            cached = (address, channel, trainer_pb2_grpc.TrainerServiceStub(channel))
+            self._channels[node_id] = cached
+        return cached[2]
+
+    async def _call(self, node_id: str, method: str, request):
+        try:
+            return await getattr(self.stub(node_id), method)(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise _translate(err, node_id) from None
+
+    async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora) -> None:
+        request = trainer_pb2.CreateAdapterRequest(adapter_id=run_name, base_model=base_model, lora_config=lora)
+        await self._call(node_id, "CreateAdapter", request)
+
+    async def delete_adapter(self, node_id: str, run_name: str) -> None:
+        await self._call(node_id, "DeleteAdapter", trainer_pb2.DeleteAdapterRequest(adapter_id=run_name))
+
+    async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> list[ItemOutcome]:
+        request = trainer_pb2.RunBatchRequest(items=[_batch_item(item) for item in items])
+        response = await self._call(node_id, "RunBatch", request)
+        return [_outcome(result) for result in response.results]
+
+    async def optim_step(self, node_id: str, run_name: str, payload: training_pb2.OptimStepRequest):
+        request = trainer_pb2.OptimStepRequest(adapter_id=run_name, adam_params=payload.adam_params)
+        response = await self._call(node_id, "OptimStep", request)
+        return types_pb2.OptimStepResult(metrics=response.metrics)
+
+    async def tokenizer_files(self, node_id: str) -> trainer_pb2.GetTokenizerResponse:
+        return await self._call(node_id, "GetTokenizer", trainer_pb2.GetTokenizerRequest())
+
+    async def close(self) -> None:
+        for _, channel, _ in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+def _batch_item(item: BatchItem) -> trainer_pb2.BatchItem:
+    request = item.payload  # ForwardRequest or ForwardBackwardRequest, validated
+    return trainer_pb2.BatchItem(
+        item_id=item.op_name,
+        adapter_id=item.run_name,
+        kind=_ITEM_KINDS[item.kind],
+        data=request.data,
+        loss_fn=request.loss_fn or "cross_entropy",
+        loss_fn_config=request.loss_fn_config,
+    )
+
+
+def _outcome(result: trainer_pb2.BatchItemResult) -> ItemOutcome:
+    if result.WhichOneof("outcome") == "error":
+        e = result.error
+        return ItemOutcome(error=OperationError(e.code, e.reason, e.message))
+    return ItemOutcome(result=result.result)

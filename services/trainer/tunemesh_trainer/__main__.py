@@ -1,0 +1,83 @@
+"""`python -m tunemesh_trainer`: load a base model, serve TrainerService, register in etcd."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+from tunemesh_common import rpc
+from tunemesh_common.models import ModelRegistry, tokenizer_files
+from tunemesh_trainer import settings as settings_mod
+from tunemesh_trainer.core import TrainerCore
+from tunemesh_trainer.server import TrainerServicer
+
+log = logging.getLogger("tunemesh_trainer")
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
+
+
+def build_core(s: settings_mod.TrainerSettings) -> tuple[TrainerCore, dict[str, bytes]]:
+    """Materialise the model (cached), load it into the torch engine."""
+    from tunemesh_trainer.engine import build_torch_engine
+
+    registry = ModelRegistry.default(s.data_dir, config_file=s.models_file)
+    entry = registry.entry(s.model)
+    path = registry.materialize(s.model)
+    engine = build_torch_engine(
+        path, name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
+        max_seq_len=entry.max_seq_len, num_threads=s.num_threads or None,
+    )
+    return TrainerCore(engine, s.max_adapters), tokenizer_files(path)
+
+
+async def keep_registered(registration, servicer: TrainerServicer, period_s: float) -> None:
+    """Refresh the node record (adapter count) when it changes."""
+    last = servicer.node().SerializeToString()
+    while True:
+        await asyncio.sleep(period_s)
+        value = servicer.node().SerializeToString()
+        if value != last:
+            await registration.update(value)
+            last = value
+
+
+async def serve(s: settings_mod.TrainerSettings) -> None:
+    server, health = rpc.build_server()
+    port = server.add_insecure_port(s.listen)
+    address = f"{s.advertise_host}:{port}"
+    servicer = TrainerServicer(s.node_id, address)
+    trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
+    rpc.enable_reflection(server, [SERVICE_NAME])
+    await server.start()  # health answers NOT_SERVING while the model loads
+    log.info("trainer %s loading %s", s.node_id, s.model)
+    core, tokenizer = await asyncio.to_thread(build_core, s)
+    servicer.attach(core, tokenizer)
+    await rpc.mark_serving(health, [SERVICE_NAME])
+    registration = refresher = None
+    if s.etcd:
+        from tunemesh_common.registry import NodeRegistration
+
+        registration = await NodeRegistration.start(
+            s.etcd, "trainers", s.node_id, servicer.node().SerializeToString(), ttl=s.lease_ttl_s
+        )
+        refresher = asyncio.create_task(keep_registered(registration, servicer, 1.0))
+    if s.ready_file is not None:
+        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(), "node_id": s.node_id})
+    log.info("trainer %s serving %s on %s", s.node_id, s.model, address)
+    await rpc.wait_for_termination()
+    if refresher is not None:
+        refresher.cancel()
+    if registration is not None:
+        await registration.stop()
+    await server.stop(grace=2)
+    servicer.core.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    rpc.configure_logging()
+    asyncio.run(serve(settings_mod.load(argv)))
+
+
+if __name__ == "__main__":
+    main()
