@@ -24,6 +24,11 @@ DEMO_API_KEYS = {"tml-demo-alice": "alice", "tml-demo-bob": "bob"}
 ETCD_START_TIMEOUT_S = 15.0
 
 
+def default_data_dir() -> Path:
+    """The model cache trainers share: $TUNEMESH_DATA_DIR, else ~/.cache/tunemesh."""
+    return Path(os.environ.get("TUNEMESH_DATA_DIR", "~/.cache/tunemesh")).expanduser()
+
+
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
     """What `tunemesh up` was asked for."""
@@ -33,6 +38,7 @@ class MeshConfig:
     models: tuple[str, ...] = ()
     api_keys_file: Path | None = None
     ready_timeout: float = 120.0
+    data_dir: Path | None = None  # model cache shared by trainers; None: the trainer's default
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -60,7 +66,7 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
         node_id = f"trainer-{index}"
         argv = [sys.executable, "-m", "tunemesh_trainer", "--node-id", node_id, "--etcd", etcd_endpoint,
                 "--listen", "127.0.0.1:0", "--ready-file", str(config.ready_file(node_id)),
-                "--data-dir", str(config.state_dir / "trainers" / node_id)]
+                "--data-dir", str(config.data_dir or default_data_dir())]
         if config.models:
             argv += ["--model", config.models[index % len(config.models)]]
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
