@@ -8,9 +8,11 @@ transformers is installed, else with the `tokenizers` library.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import pathlib
 import tempfile
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -53,12 +55,16 @@ def materialize(files: Sequence[tuple[str, bytes]], cache_root: pathlib.Path) ->
     return target
 
 
-def load(directory: pathlib.Path) -> Any:
-    """AutoTokenizer if transformers is importable, else a `tokenizers.Tokenizer`."""
-    try:
-        from transformers import AutoTokenizer
-    except ImportError:
-        from tokenizers import Tokenizer
+_IMPORT_LOCK = threading.Lock()  # transformers' lazy modules are not safe to import from two threads
 
-        return Tokenizer.from_str((directory / "tokenizer.json").read_text())
-    return AutoTokenizer.from_pretrained(str(directory))
+
+def load(directory: pathlib.Path) -> Any:
+    """AutoTokenizer if transformers is installed, else a `tokenizers.Tokenizer`."""
+    with _IMPORT_LOCK:
+        if importlib.util.find_spec("transformers") is None:
+            from tokenizers import Tokenizer
+
+            return Tokenizer.from_str((directory / "tokenizer.json").read_text())
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(directory))
