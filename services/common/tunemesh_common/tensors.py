@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from tunemesh.v1 import types_pb2
@@ -17,26 +19,30 @@ _DTYPE_BY_KIND = {np.dtype("<f4"): types_pb2.DTYPE_FLOAT32, np.dtype("<i8"): typ
 
 
 def decode(tensor: types_pb2.TensorData, *, name: str = "tensor") -> np.ndarray:
-    """Decode a TensorData; raise InvalidArgument if its bytes do not match its shape."""
+    """Decode a TensorData; raise InvalidArgument if its bytes do not match its shape.
+
+    The element count is the product of `shape` (1 for a scalar, shape `[]`).
+    """
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgument("BAD_TENSOR", f"{name}: negative dimension in shape {list(shape)}")
     if tensor.dtype == types_pb2.DTYPE_BFLOAT16:
-        raw = np.frombuffer(tensor.data, dtype="<u2")
-        values = (raw.astype(np.uint32) << 16).view(np.float32)
+        wire = np.dtype("<u2")
     elif tensor.dtype in _NUMPY_BY_DTYPE:
-        dtype = _NUMPY_BY_DTYPE[tensor.dtype]
-        if len(tensor.data) % dtype.itemsize:
-            raise InvalidArgument("BAD_TENSOR", f"{name}: {len(tensor.data)} bytes is not a whole number of {dtype} elements")
-        values = np.frombuffer(tensor.data, dtype=dtype)
+        wire = _NUMPY_BY_DTYPE[tensor.dtype]
     else:
         raise InvalidArgument("BAD_TENSOR", f"{name}: unsupported dtype {tensor.dtype}")
-    expected = int(np.prod(shape)) if shape else values.size
-    if values.size != expected:
+    expected = math.prod(shape)  # Python ints: no overflow
+    if len(tensor.data) != expected * wire.itemsize:
         raise InvalidArgument(
-            "BAD_TENSOR", f"{name}: shape {list(shape)} needs {expected} elements, data has {values.size}"
+            "BAD_TENSOR",
+            f"{name}: shape {list(shape)} needs {expected} elements of {wire.itemsize} bytes, "
+            f"data has {len(tensor.data)} bytes",
         )
-    return values.reshape(shape) if shape else values
+    values = np.frombuffer(tensor.data, dtype=wire)
+    if tensor.dtype == types_pb2.DTYPE_BFLOAT16:
+        values = (values.astype(np.uint32) << 16).view(np.float32)
+    return values.reshape(shape)
 
 
 def encode(array: np.ndarray) -> types_pb2.TensorData:

@@ -1,0 +1,173 @@
+"""rpc.py: the error/auth interceptor on a real in-process grpc.aio server, and API-key parsing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import grpc
+import pytest
+
+from tunemesh_common import errors, rpc
+from tunemesh_common.errors import Code, Unauthenticated
+
+SERVICE = "tunemesh.test.Probe"
+SECRET = "s3cret-detail-that-must-not-leak"
+
+TYPED = [
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.Cancelled, grpc.StatusCode.CANCELLED),
+    (errors.Internal, grpc.StatusCode.INTERNAL),
+]
+
+
+def _handlers(behaviour: dict):
+    """Methods: Raise (raises behaviour['error']), Whoami (echoes current_tenant())."""
+
+    async def raise_(request: bytes, context) -> bytes:
+        raise behaviour["error"]
+
+    async def whoami(request: bytes, context) -> bytes:
+        return rpc.current_tenant().encode()
+
+    return grpc.method_handlers_generic_handler(SERVICE, {
+        "Raise": grpc.unary_unary_rpc_method_handler(raise_),
+        "Whoami": grpc.unary_unary_rpc_method_handler(whoami),
+    })
+
+
+async def _call(authenticator, behaviour: dict, method: str, metadata=()):
+    """Serve on loopback, make one call, return (code, details, trailers, body)."""
+    server, _ = rpc.build_server(authenticator)
+    server.add_generic_rpc_handlers((_handlers(behaviour),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=rpc.CHANNEL_OPTIONS) as channel:
+            call = channel.unary_unary(f"/{SERVICE}/{method}")
+            try:
+                body = await call(b"", metadata=metadata, timeout=10)
+                return grpc.StatusCode.OK, "", {}, body
+            except grpc.aio.AioRpcError as err:
+                return err.code(), err.details(), dict(err.trailing_metadata() or ()), None
+    finally:
+        await server.stop(None)
+
+
+def test_interceptor_maps_every_typed_error_to_its_status_and_reason_trailer():
+    async def scenario():
+        results = []
+        for cls, _ in TYPED:
+            behaviour = {"error": cls(f"REASON_{cls.__name__.upper()}", f"message of {cls.__name__}")}
+            results.append(await _call(None, behaviour, "Raise"))
+        return results
+
+    for (cls, status), (code, details, trailers, _) in zip(TYPED, asyncio.run(scenario())):
+        assert code == status, cls
+        assert details == f"message of {cls.__name__}"
+        assert trailers.get(rpc.REASON_KEY) == f"REASON_{cls.__name__.upper()}"
+
+
+def test_status_table_covers_every_code_by_number():
+    # The interceptor looks statuses up by google.rpc number: both enumerations must agree.
+    for code in Code:
+        if code is Code.OK:
+            continue
+        assert getattr(grpc.StatusCode, code.name).value[0] == int(code)
+
+
+def test_unexpected_exception_is_internal_without_traceback_or_message():
+    behaviour = {"error": RuntimeError(SECRET)}
+    code, details, trailers, _ = asyncio.run(_call(None, behaviour, "Raise"))
+    assert code == grpc.StatusCode.INTERNAL
+    assert SECRET not in details
+    assert "Traceback" not in details and "RuntimeError" not in details
+    assert rpc.REASON_KEY not in trailers
+    assert f"/{SERVICE}/Raise" in details  # names the method for operators
+
+
+AUTH = rpc.KeyFileAuthenticator({"key-a": "tenant-a", "key-b": "tenant-b"})
+
+
+@pytest.mark.parametrize(
+    "metadata, tenant",
+    [
+        ((("authorization", "Bearer key-a"),), "tenant-a"),
+        ((("authorization", "bearer   key-b  "),), "tenant-b"),
+        ((("x-api-key", "key-b"),), "tenant-b"),
+    ],
+)
+def test_authenticated_calls_see_their_tenant(metadata, tenant):
+    code, _, _, body = asyncio.run(_call(AUTH, {}, "Whoami", metadata))
+    assert code == grpc.StatusCode.OK
+    assert body == tenant.encode()
+
+
+@pytest.mark.parametrize(
+    "metadata, reason",
+    [
+        ((), "MISSING_API_KEY"),
+        ((("authorization", "Bearer "),), "MISSING_API_KEY"),
+        ((("authorization", "Bearer key-c"),), "INVALID_API_KEY"),
+        ((("authorization", "key-a"),), "MISSING_API_KEY"),  # no Bearer scheme
+        ((("x-api-key", "nope"),), "INVALID_API_KEY"),
+    ],
+)
+def test_bad_or_missing_keys_are_unauthenticated_with_reason(metadata, reason):
+    code, _, trailers, _ = asyncio.run(_call(AUTH, {}, "Whoami", metadata))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert trailers[rpc.REASON_KEY] == reason
+
+
+def test_health_is_served_without_a_key():
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def scenario():
+        server, health = rpc.build_server(AUTH)
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        await rpc.mark_serving(health, ["x.Y"])
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                return await stub.Check(health_pb2.HealthCheckRequest(service="x.Y"), timeout=10)
+        finally:
+            await server.stop(None)
+
+    assert asyncio.run(scenario()).status == 1  # SERVING
+
+
+@pytest.mark.parametrize(
+    "metadata, key",
+    [
+        ({"authorization": "Bearer abc"}, "abc"),
+        ({"authorization": "BEARER  abc "}, "abc"),
+        ({"x-api-key": " xyz "}, "xyz"),
+        ({"authorization": "Bearer abc", "x-api-key": "xyz"}, "abc"),
+        ({"authorization": "Basic dXNlcg==", "x-api-key": "xyz"}, "xyz"),
+        ({"authorization": "Basic dXNlcg=="}, ""),
+        ({}, ""),
+    ],
+)
+def test_api_key_from_metadata(metadata, key):
+    assert rpc.api_key_from_metadata(metadata) == key
+
+
+def test_key_file_authenticator(tmp_path):
+    path = tmp_path / "keys.json"
+    path.write_text(json.dumps({"k1": "alice", "k2": "bob"}))
+    auth = rpc.KeyFileAuthenticator.from_file(path)
+    assert auth({"authorization": "Bearer k2"}) == "bob"
+    with pytest.raises(Unauthenticated) as info:
+        auth({"authorization": "Bearer k3"})
+    assert info.value.reason == "INVALID_API_KEY"
+    with pytest.raises(ValueError):
+        rpc.KeyFileAuthenticator({})
