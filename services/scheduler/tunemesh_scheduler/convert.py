@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 
 from google.protobuf import timestamp_pb2
 
@@ -21,9 +22,10 @@ _STATES = {
 def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
     if seconds is None:
         return None
-    ts = timestamp_pb2.Timestamp()
-    ts.FromNanoseconds(int(seconds * 1e9))
-    return ts
+    # Split before scaling: epoch seconds * 1e9 exceeds float64's exact integers.
+    whole = math.floor(seconds)
+    nanos = round((seconds - whole) * 1e9)
+    return timestamp_pb2.Timestamp(seconds=whole + nanos // 10**9, nanos=nanos % 10**9)
 
 
 def digest(request) -> bytes:
