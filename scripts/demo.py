@@ -44,7 +44,11 @@ def chat_datum(tokenizer, question: str, answer: str):
 
 
 def train_tenant(address: str, tenant: str, args, bar, losses: list[float]) -> None:
-    """Pipelined SFT loop: forward_backward and optim_step are submitted back to back."""
+    """Pipelined SFT: all steps are submitted at once, then results are read in order.
+
+    The data does not depend on results, so nothing waits; each step's loss is the
+    loss before that step's update.
+    """
     import tunemesh
 
     with tunemesh.ServiceClient(address, api_key=KEYS[tenant]) as service:
@@ -52,11 +56,14 @@ def train_tenant(address: str, tenant: str, args, bar, losses: list[float]) -> N
         tokenizer = client.get_tokenizer()
         pairs = [chat_datum(tokenizer, q, a) for q, a in demo_data.TENANTS[tenant]]
         adam = tunemesh.AdamParams(learning_rate=args.lr)
-        for step in range(args.steps):
+        steps = []
+        for step in range(args.steps):  # submit every step up front: the mesh keeps them in order
             batch = [pairs[(step * args.batch + i) % len(pairs)] for i in range(args.batch)]
             fb = client.forward_backward([d for d, _ in batch], "cross_entropy")
-            client.optim_step(adam)  # pipelined: not awaited before the next step's submit
-            loss = fb.result().metrics["loss:sum"] / sum(n for _, n in batch)
+            steps.append((fb, client.optim_step(adam), sum(n for _, n in batch)))
+        for fb, optim, num_targets in steps:
+            loss = fb.result().metrics["loss:sum"] / num_targets
+            optim.result()
             losses.append(loss)
             bar.set_postfix_str(f"loss/token {loss:.3f}")
             bar.update(1)
