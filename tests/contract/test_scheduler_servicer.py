@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import tunemesh
-from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+from tunemesh.internal.v1 import trainer_pb2_grpc
 from tunemesh.v1 import (
     operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc,
     types_pb2,
@@ -113,7 +113,6 @@ class Mesh:
         self.loop = loop
         self.engine = engine
         self.model_dir = model_dir
-        self.trainer = CountingTrainer("node-t", "")
         self.trainer_core = TrainerCore(engine, 8)
         self.table = MemoryPlacementTable()
         loop.run(self._start())
@@ -124,10 +123,10 @@ class Mesh:
 
     async def _start(self) -> None:
         self.trainer_server, _ = rpc.build_server()
-        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.trainer, self.trainer_server)
         trainer_port = self.trainer_server.add_insecure_port("127.0.0.1:0")
+        self.trainer = CountingTrainer("node-t", f"127.0.0.1:{trainer_port}")
+        trainer_pb2_grpc.add_TrainerServiceServicer_to_server(self.trainer, self.trainer_server)
         await self.trainer_server.start()
-        self.trainer._address = f"127.0.0.1:{trainer_port}"
         self.trainer.attach(self.trainer_core, tokenizer_files(self.model_dir))
         self.directory = TrainerDirectory()
         self.directory.on_change("node-t", self.trainer.node().SerializeToString())
@@ -233,7 +232,7 @@ def test_forward_backward_optim_step_and_wait(mesh):
     assert step_done.state == operations_pb2.OPERATION_STATE_SUCCEEDED
     assert step_done.optim_step.metrics["step:max"] == 1.0 and step_done.optim_step.metrics["grad_norm:max"] > 0
     got = mesh.training.GetTrainingRun(training_pb2.GetTrainingRunRequest(name=run), metadata=A).run
-    assert (got.step, got.last_seq_id, got.trainer_node, got.base_model) == (2 - 1, 2, "node-t", TINY_DENSE)
+    assert (got.step, got.last_seq_id, got.trainer_node, got.base_model) == (1, 2, "node-t", TINY_DENSE)
     assert (got.lora_config.rank, got.lora_config.alpha) == (4, 4.0)  # alpha 0 -> rank
     fetched = mesh.operations.GetOperation(operations_pb2.GetOperationRequest(name=fb.name), metadata=A).operation
     assert fetched == fb_done
