@@ -24,6 +24,17 @@ from tunemesh.v1 import training_pb2
 
 LossFnConfig = Mapping[str, float | str] | None
 
+# Transport-level failures: the submit may or may not have reached the service.
+IN_DOUBT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.UNKNOWN,
+    }
+)
 REJECTED_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -62,6 +73,7 @@ class TrainingClient:
         self._tokenizer_for = tokenizer_for
         self._lane = SubmitLane(name=f"tunemesh-submit-{run}")
         self._next_seq_id = 1  # touched only by the lane's thread
+        self._in_doubt: tuple[Any, Any] | None = None  # a submit whose outcome is unknown
 
     @property
     def run(self) -> str:
@@ -143,25 +155,46 @@ class TrainingClient:
 
         The lane sends one call at a time in call order, so seq_ids follow call order. A
         submit the service definitively rejects (see REJECTED_CODES) was never queued,
-        so its seq_id goes to the next call and no gap stalls the run; any other outcome
-        (success, or failure after retries where the service may hold it) uses it up.
+        so its seq_id goes to the next call and no gap stalls the run. A submit whose
+        outcome is unknown (retries ran out: the service may or may not hold it) is
+        re-sent, same seq_id and request_id, before the next call: the service either
+        returns the operation it holds or queues it now, so no gap can form.
         """
         request.request_id = str(uuid.uuid4())
-        kind = type(request).__name__
 
         def submit():
+            self._settle_in_doubt()
             request.seq_id = self._next_seq_id
-            what = f"{kind}(seq_id={request.seq_id})"
-            try:
-                operation = self._transport.call(method, request, what=what).operation
-            except TunemeshError as err:
-                if err.code not in REJECTED_CODES:
-                    self._next_seq_id += 1
-                raise
-            self._next_seq_id += 1
-            return operation
+            return self._send(method, request)
 
         return self._tracker.start(self._lane, submit, convert)
+
+    def _send(self, method: Any, request: Any):
+        """Send one stamped submit; track its seq_id's fate (used, free, or in doubt)."""
+        what = f"{type(request).__name__}(seq_id={request.seq_id})"
+        try:
+            operation = self._transport.call(method, request, what=what).operation
+        except TunemeshError as err:
+            if err.code in IN_DOUBT_CODES:
+                self._in_doubt = (method, request)
+            elif err.code not in REJECTED_CODES:  # the service failed while holding it
+                self._in_doubt = None
+                self._next_seq_id += 1
+            raise
+        self._in_doubt = None
+        self._next_seq_id += 1
+        return operation
+
+    def _settle_in_doubt(self) -> None:
+        """Re-send a submit whose outcome is unknown; raise if it is still unknown."""
+        if self._in_doubt is not None:
+            method, request = self._in_doubt
+            try:
+                self._send(method, request)
+            except TunemeshError as err:
+                if err.code not in REJECTED_CODES:
+                    raise
+                self._in_doubt = None  # the service never queued it: its seq_id is free
 
     def _close(self) -> None:
         self._lane.close()

@@ -187,7 +187,6 @@ def test_unavailable_loading_until_attached(loop, engine, model):
         served.close()
 
 
-@pytest.mark.xfail(strict=True, reason="bug: GetTokenizer answers an empty file list before attach (no LOADING)")
 def test_get_tokenizer_is_unavailable_until_attached(loop):
     served = Served(loop, TrainerServicer("node-late2", "127.0.0.1:0"))
     try:
@@ -314,8 +313,6 @@ class _SlowCreates:
         return getattr(self._engine, name)
 
 
-@pytest.mark.xfail(strict=True, reason="bug: TrainerCore.create_adapter checks capacity before awaiting the "
-                                       "worker, so concurrent creates both pass the check")
 def test_concurrent_creates_cannot_exceed_capacity(loop, engine, model):
     core = TrainerCore(_SlowCreates(engine), 1)
     servicer = TrainerServicer("node-race", "127.0.0.1:0")

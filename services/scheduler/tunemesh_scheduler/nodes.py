@@ -53,6 +53,13 @@ class TrainerDirectory:
         served = ", ".join(m.name for m in self.models()) or "none"
         raise NotFound("UNKNOWN_MODEL", f"no trainer serves base model {name!r} (served: {served})")
 
+    def serving_model(self, name: str) -> sessions_pb2.SupportedModel:
+        """The model of an existing run: UNAVAILABLE (retry) while no trainer serves it."""
+        try:
+            return self.model(name)
+        except NotFound:
+            raise Unavailable("NO_TRAINER", f"no trainer of {name} is registered right now") from None
+
     def serving(self, name: str) -> list[str]:
         return sorted(n for n, node in self._nodes.items() if any(m.name == name for m in node.models))
 

@@ -79,7 +79,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         tenant = current_tenant()
         run = self._core.get_run(tenant, request.run)
         validation.check_loss(request.loss_fn or "cross_entropy", request.loss_fn_config)
-        model = self._directory.model(run.base_model)
+        model = self._directory.serving_model(run.base_model)
         tokens = validation.check_data(request.data, request.loss_fn or "cross_entropy", model, self._limits)
         record = await self._core.submit(
             tenant, request.run, request.seq_id, request.request_id, kind, request, convert.digest(request), tokens

@@ -24,6 +24,8 @@ class TokenizerCache:
                 except Unavailable as err:
                     last_error = err
                     continue
+                if not response.files:
+                    continue
                 self._files[base_model] = list(response.files)
                 break
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
@@ -9,7 +10,7 @@ import grpc
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import training_pb2, types_pb2
-from tunemesh_common.errors import TunemeshError, Unavailable, error_for
+from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
 from tunemesh_common.rpc import CHANNEL_OPTIONS, REASON_KEY
 from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome
 from tunemesh_scheduler.core.records import OperationError, OpKind
@@ -25,8 +26,10 @@ _ITEM_KINDS = {
 def _translate(err: grpc.aio.AioRpcError, node_id: str) -> TunemeshError:
     """A trainer's status as a typed error; transport failures become UNAVAILABLE."""
     reason = dict(err.trailing_metadata() or ()).get(REASON_KEY, "")
-    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) or not reason:
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable("TRAINER_UNAVAILABLE", f"trainer {node_id}: {err.code().name}: {err.details()}")
+    if not reason:
+        return Internal("TRAINER_ERROR", f"trainer {node_id}: {err.code().name}: {err.details()}")
     return error_for(err.code().value[0], reason, err.details() or "")
 
 
@@ -42,6 +45,8 @@ class GrpcTrainerPort:
         address = self._address_of(node_id)
         cached = self._channels.get(node_id)
         if cached is None or cached[0] != address:
+            if cached is not None:
+                asyncio.ensure_future(cached[1].close())
             channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
             cached = (address, channel, trainer_pb2_grpc.TrainerServiceStub(channel))
             self._channels[node_id] = cached

@@ -125,6 +125,8 @@ def check_adam(params: types_pb2.AdamParams) -> None:
     for name in ("beta1", "beta2"):
         if getattr(params, name) >= 1:
             raise InvalidArgument("BAD_OPTIMIZER_PARAM", f"adam_params.{name} must be < 1")
+    if params.eps <= 0:
+        raise InvalidArgument("BAD_OPTIMIZER_PARAM", "adam_params.eps must be > 0 (Tinker's default is 1e-12)")
 
 
 def check_lora(config: types_pb2.LoraConfig, model: sessions_pb2.SupportedModel) -> None:

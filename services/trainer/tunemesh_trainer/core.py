@@ -25,6 +25,7 @@ class TrainerCore:
         self._engine = engine
         self.max_adapters = max_adapters
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        self._creating: set[str] = set()
 
     @property
     def info(self) -> ModelInfo:
@@ -33,13 +34,22 @@ class TrainerCore:
     def adapter_count(self) -> int:
         return len(self._engine.adapter_ids())
 
+    def _reserve_slot(self, adapter_id: str) -> None:
+        """Claim a slot before the engine call, so concurrent creates cannot overfill."""
+        held = set(self._engine.adapter_ids()) | self._creating
+        if adapter_id not in held and len(held) >= self.max_adapters:
+            raise ResourceExhausted("NO_ADAPTER_SLOT", f"all {self.max_adapters} adapter slots are in use")
+        self._creating.add(adapter_id)
+
     async def _call(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     async def create_adapter(self, adapter_id: str, spec: LoraSpec) -> int:
-        if self.adapter_count() >= self.max_adapters and adapter_id not in self._engine.adapter_ids():
-            raise ResourceExhausted("NO_ADAPTER_SLOT", f"all {self.max_adapters} adapter slots are in use")
-        count = await self._call(self._engine.create_adapter, adapter_id, spec)
+        self._reserve_slot(adapter_id)
+        try:
+            count = await self._call(self._engine.create_adapter, adapter_id, spec)
+        finally:
+            self._creating.discard(adapter_id)
         log.info("adapter %s created (rank %d, %d parameters)", adapter_id, spec.rank, count)
         return count
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
-from tunemesh_common.errors import TunemeshError, Unavailable
+from tunemesh_common.errors import InvalidArgument, TunemeshError, Unavailable
 from tunemesh_trainer import convert
 from tunemesh_trainer.core import TrainerCore
 
@@ -44,6 +44,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.GetTrainerInfoResponse(node=self.node())
 
     async def CreateAdapter(self, request, context):
+        if request.base_model and request.base_model != self.core.info.name:
+            raise InvalidArgument(
+                "WRONG_BASE_MODEL", f"node {self._node_id} serves {self.core.info.name}, not {request.base_model}"
+            )
         count = await self.core.create_adapter(request.adapter_id, convert.lora_spec(request.lora_config))
         return trainer_pb2.CreateAdapterResponse(num_parameters=count)
 
@@ -69,4 +73,5 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.OptimStepResponse(metrics=metrics)
 
     async def GetTokenizer(self, request, context):
+        self.core  # UNAVAILABLE LOADING until the model is attached
         return trainer_pb2.GetTokenizerResponse(files=self._tokenizer_files)

@@ -238,3 +238,22 @@ def test_defaults_come_from_the_environment(monkeypatch, channel):
         client.session
     assert client.address == "example:123"
     assert channel.calls[0][2]["authorization"] == "Bearer env-key"
+
+
+def test_a_submit_in_doubt_is_resent_before_the_next_call_so_no_gap_forms(channel, mesh):
+    """Retries ran out on UNAVAILABLE: the next call first re-sends that submit unchanged."""
+    quick = tunemesh.RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.002, total_timeout_s=0.1)
+    with tunemesh.ServiceClient("fake:1", "k", retry_policy=quick, channel=channel) as service:
+        trainer = service.create_lora_training_client("m")
+        mesh.fail_next_submits = 10**6
+        with pytest.raises(tunemesh.UnavailableError):
+            trainer.forward_backward(DATA).result(timeout=5)
+        first = submitted(channel)[-1]
+        mesh.fail_next_submits = 0
+        mesh.flaky.clear()
+        assert trainer.optim_step().result(timeout=5).metrics["seq:max"] == 2
+    sent = submitted(channel)
+    resent, optim = sent[-2], sent[-1]
+    assert (resent.request_id, resent.seq_id) == (first.request_id, 1)
+    assert type(resent).__name__ == "ForwardBackwardRequest"
+    assert optim.seq_id == 2

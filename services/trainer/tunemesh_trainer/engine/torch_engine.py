@@ -174,7 +174,7 @@ class TorchTrainingEngine:
 
     def _input_tensor(self, key: str, value: np.ndarray) -> torch.Tensor:
         dtype = torch.long if key == "target_tokens" else torch.float32
-        return torch.as_tensor(np.asarray(value), dtype=dtype, device=self._device)
+        return torch.tensor(np.asarray(value), dtype=dtype, device=self._device)
 
     def _backward(
         self, runnable: list[tuple[EngineItem, ItemOutcome]], losses: list[torch.Tensor | None]
