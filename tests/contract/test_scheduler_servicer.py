@@ -8,10 +8,8 @@ can show that rejected requests never got there.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
-import threading
 
 import grpc
 import numpy as np
@@ -23,6 +21,7 @@ from tunemesh.v1 import (
     operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc,
     types_pb2,
 )
+from loop_thread import LoopThread
 from tunemesh_common import rpc, tensors
 from tunemesh_common.models import TINY_DENSE, ModelRegistry, tokenizer_files
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
@@ -44,22 +43,6 @@ LORA = types_pb2.LoraConfig(rank=4, train_attn=True, train_mlp=True, train_unemb
 ADAM = types_pb2.AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8)
 FAST_RETRY = tunemesh.RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, total_timeout_s=30.0,
                                   attempt_timeout_s=30.0)
-
-
-class LoopThread:
-    """An asyncio loop in a daemon thread; `run` executes a coroutine there and waits."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 class CountingTrainer(TrainerServicer):

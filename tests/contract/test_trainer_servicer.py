@@ -6,11 +6,9 @@ generated synchronous internal stub, exactly as another process would.
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import json
 import os
-import threading
 import time
 
 import grpc
@@ -19,6 +17,7 @@ import pytest
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import types_pb2
+from loop_thread import LoopThread
 from tunemesh_common import rpc, tensors
 from tunemesh_common.models import TINY_DENSE, ModelRegistry, tokenizer_files
 from tunemesh_trainer.core import TrainerCore
@@ -29,22 +28,6 @@ os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
 MAX_ADAPTERS = 3
 ADAM = types_pb2.AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-8)
 LORA = types_pb2.LoraConfig(rank=4, train_attn=True, train_mlp=True, train_unembed=True, seed=1)
-
-
-class LoopThread:
-    """An asyncio loop in a daemon thread; `run` executes a coroutine there and waits."""
-
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro, timeout: float = 60):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
 
 
 async def _serve(servicer: TrainerServicer) -> tuple[grpc.aio.Server, int]:

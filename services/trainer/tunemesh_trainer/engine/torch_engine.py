@@ -22,7 +22,7 @@ from tunemesh_trainer.domain import (
     ModelInfo,
 )
 from tunemesh_trainer.engine.adapter import AdapterSlot
-from tunemesh_trainer.engine.batch import PackedBatch, pack_items
+from tunemesh_trainer.engine.batch import pack_items
 from tunemesh_trainer.engine.losses import LOSSES
 from tunemesh_trainer.engine.multi_lora import LoraRouting, candidate_targets, install_wrappers
 from tunemesh_trainer.engine.validation import validate_item
