@@ -89,7 +89,8 @@ def overhead_summary(stages: dict[str, list[float]]) -> dict:
         p50 = {name: v["p50_ms"] for name, v in ms.items()}
         summary["breakdown_p50_ms"] = {
             "sdk_client (lanes, waiter threads, conversion)": round(p50["sdk"] - p50["public_rpc"], 3),
-            "scheduler (auth, validation, queue, dispatch, long-poll)": round(p50["public_rpc"] - p50["trainer_rpc"], 3),
+            "scheduler (auth, validation, queue, dispatch, long-poll)":
+                round(p50["public_rpc"] - p50["trainer_rpc"], 3),
             "trainer rpc (gRPC, proto<->numpy, worker thread)": round(p50["trainer_rpc"] - p50["trainer_engine"], 3),
             "engine in trainer": p50["trainer_engine"],
         }
@@ -271,7 +272,8 @@ def public_rpc_probe(address: str, api_key: str, run: str, datums: list) -> Prob
     from tunemesh.v1 import operations_pb2, operations_pb2_grpc, training_pb2, training_pb2_grpc
 
     channel = grpc.insecure_channel(address)
-    training, operations = training_pb2_grpc.TrainingServiceStub(channel), operations_pb2_grpc.OperationServiceStub(channel)
+    training = training_pb2_grpc.TrainingServiceStub(channel)
+    operations = operations_pb2_grpc.OperationServiceStub(channel)
     metadata, seq = (("authorization", f"Bearer {api_key}"),), iter(range(1, 1 << 30))
 
     def call() -> dict[str, float]:
@@ -282,7 +284,8 @@ def public_rpc_probe(address: str, api_key: str, run: str, datums: list) -> Prob
         op = training.ForwardBackward(request, metadata=metadata).operation
         submitted = time.perf_counter()
         while not op.done:
-            op = operations.WaitOperation(operations_pb2.WaitOperationRequest(name=op.name), metadata=metadata).operation
+            wait = operations_pb2.WaitOperationRequest(name=op.name)
+            op = operations.WaitOperation(wait, metadata=metadata).operation
         done = time.perf_counter()
         return {"public_rpc": done - began, "public_submit": submitted - began, "public_wait": done - submitted}
     return call
@@ -312,7 +315,8 @@ def engine_probe(model_dir: Path, entry, row: np.ndarray) -> Probe:
     engine = build_torch_engine(model_dir, name=entry.name, family=entry.family,
                                 max_lora_rank=entry.max_lora_rank, max_seq_len=entry.max_seq_len)
     engine.create_adapter("bench", LoraSpec(rank=8, alpha=8.0))
-    datum = DatumArrays(tokens=row[:-1], loss_inputs={"target_tokens": row[1:], "weights": np.ones(len(row) - 1, np.float32)})
+    weights = np.ones(len(row) - 1, np.float32)
+    datum = DatumArrays(tokens=row[:-1], loss_inputs={"target_tokens": row[1:], "weights": weights})
 
     def call() -> dict[str, float]:
         began = time.perf_counter()
