@@ -44,14 +44,18 @@ class AdapterSlot:
 
     def fresh_grads_finite(self) -> bool:
         """Whether the gradients of the last backward (in `.grad`) are all finite."""
-        return all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in self.params)
+        grads = [p.grad for p in self.params if p.grad is not None]
+        if not grads:
+            return True
+        norms = torch._foreach_norm(grads, ord=math.inf)  # inf/NaN anywhere shows in the max norm
+        return bool(torch.isfinite(torch.stack(norms)).all())
 
     def absorb_fresh_grads(self) -> None:
         """Add the last backward's gradients into the accumulated ones, then clear them."""
-        with torch.no_grad():
-            for param, acc in zip(self.params, self.grads):
-                if param.grad is not None:
-                    acc.add_(param.grad)
+        pairs = [(acc, p.grad) for p, acc in zip(self.params, self.grads) if p.grad is not None]
+        if pairs:
+            with torch.no_grad():
+                torch._foreach_add_([acc for acc, _ in pairs], [g for _, g in pairs])
         self.drop_fresh_grads()
 
     def drop_fresh_grads(self) -> None:

@@ -26,22 +26,19 @@ class PackedBatch:
 def pack_items(items: Sequence[EngineItem], device: torch.device) -> PackedBatch:
     """Rows follow item order, then datum order. Padding sits after each row's tokens,
     so with causal attention no real token sees a pad token."""
-    adapter_ids = list(dict.fromkeys(item.adapter_id for item in items))
-    slot_of = {aid: i for i, aid in enumerate(adapter_ids)}
     lengths = [int(d.tokens.shape[0]) for item in items for d in item.data]
     tokens_bt = torch.full((len(lengths), max(lengths)), PAD_TOKEN_ID, dtype=torch.long)
-    row_slot, first_rows, row = [], [], 0
+    segments, first_rows, row = [], [], 0
     for item in items:
         first_rows.append(row)
         for datum in item.data:
             tokens_bt[row, : datum.tokens.shape[0]] = torch.as_tensor(datum.tokens, dtype=torch.long)
-            row_slot.append(slot_of[item.adapter_id])
             row += 1
+        if segments and segments[-1][0] == item.adapter_id:
+            segments[-1] = (item.adapter_id, segments[-1][1], row)
+        else:
+            segments.append((item.adapter_id, first_rows[-1], row))
     trainable = frozenset(i.adapter_id for i in items if i.kind is ItemKind.FORWARD_BACKWARD)
-    plan = RowPlan(
-        adapter_ids=tuple(adapter_ids),
-        row_slot=torch.tensor(row_slot, dtype=torch.long, device=device),
-        trainable=trainable,
-    )
+    plan = RowPlan(segments=tuple(segments), trainable=trainable)
     positions_bt = torch.arange(tokens_bt.shape[1]).expand_as(tokens_bt)
     return PackedBatch(tokens_bt.to(device), positions_bt.to(device), plan, first_rows)

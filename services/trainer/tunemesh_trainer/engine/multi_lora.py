@@ -35,17 +35,17 @@ class LoraPair:
 class RowPlan:
     """Which adapter each row of the current batch uses.
 
-    `adapter_ids` lists the batch's distinct adapters; `row_slot[i]` indexes it for row i.
-    Adapters outside `trainable` are used detached (no graph, no gradient).
+    Rows of one item are contiguous, so the plan is a list of segments
+    `(adapter_id, first_row, end_row)`. Adapters outside `trainable` are used detached
+    (no graph, no gradient).
     """
 
-    adapter_ids: tuple[str, ...]
-    row_slot: torch.Tensor  # int64 (rows,)
+    segments: tuple[tuple[str, int, int], ...]
     trainable: frozenset[str]
 
     @property
     def num_rows(self) -> int:
-        return int(self.row_slot.shape[0])
+        return self.segments[-1][2] if self.segments else 0
 
 
 class LoraRouting:
@@ -75,44 +75,21 @@ class MultiLoraLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         plan = self.routing.plan
-        if plan is None:
+        if plan is None or not any(aid in self.pairs for aid, _, _ in plan.segments):
             return out
-        gathered = self._gather(plan, x)
-        if gathered is None:
-            return out
-        a_rows, b_rows, scale_rows = gathered
-        x_rtd = x.reshape(plan.num_rows, -1, x.shape[-1])
-        delta = torch.bmm(torch.bmm(x_rtd, a_rows.transpose(1, 2)), b_rows.transpose(1, 2))
-        return out + (delta * scale_rows).reshape(out.shape)
+        rows = plan.num_rows
+        x_r = x.reshape(rows, -1, x.shape[-1])
+        out_r = out.reshape(rows, -1, out.shape[-1])
+        pieces = [self._segment(plan, aid, x_r[start:end], out_r[start:end]) for aid, start, end in plan.segments]
+        return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(out.shape)
 
-    def _gather(
-        self, plan: RowPlan, x: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Per-row A (rows, r, in), B (rows, out, r), scale (rows, 1, 1); ranks zero-padded."""
-        pairs = [self.pairs.get(aid) for aid in plan.adapter_ids]
-        ranks = [p.rank for p in pairs if p is not None]
-        if not ranks:
-            return None
-        r_max = max(ranks)
-        in_f, out_f = self.base.in_features, self.base.out_features
-        a_list, b_list, scales = [], [], []
-        for aid, pair in zip(plan.adapter_ids, pairs):
-            if pair is None:
-                a_list.append(x.new_zeros(r_max, in_f))
-                b_list.append(x.new_zeros(out_f, r_max))
-                scales.append(0.0)
-                continue
-            a, b = (pair.a, pair.b) if aid in plan.trainable else (pair.a.detach(), pair.b.detach())
-            a_list.append(F.pad(a, (0, 0, 0, r_max - pair.rank)))
-            b_list.append(F.pad(b, (0, r_max - pair.rank)))
-            scales.append(pair.scale)
-        slots = plan.row_slot
-        scale_rows = torch.tensor(scales, dtype=x.dtype, device=x.device)[slots]
-        return (
-            torch.stack(a_list).index_select(0, slots),
-            torch.stack(b_list).index_select(0, slots),
-            scale_rows.view(-1, 1, 1),
-        )
+    def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """base + scale * x @ A.T @ B.T for the rows of one adapter (PEFT's order of operations)."""
+        pair = self.pairs.get(adapter_id)
+        if pair is None:
+            return out
+        a, b = (pair.a, pair.b) if adapter_id in plan.trainable else (pair.a.detach(), pair.b.detach())
+        return out + F.linear(F.linear(x, a), b) * pair.scale
 
 
 def candidate_targets(model: nn.Module) -> dict[str, str]:
