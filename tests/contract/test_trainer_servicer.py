@@ -317,3 +317,28 @@ def _try(call) -> str:
         return "ok"
     except grpc.RpcError as err:
         return dict(err.trailing_metadata() or ()).get(rpc.REASON_KEY, err.code().name)
+
+
+def test_run_batch_applies_optimizer_items_after_the_fused_pass(trainer):
+    """One batch: b's forward_backward, a's optim step, and an optim step of an unknown adapter."""
+    stub = trainer.stub
+    create(stub, "runs/a")
+    create(stub, "runs/b")
+    probe = datum([40, 41, 42, 43])
+    run_batch(stub, item("fb-a", "runs/a", [probe]))
+    before = logprobs_of(run_batch(stub, item("f-a", "runs/a", [probe], kind=trainer_pb2.ITEM_KIND_FORWARD)).results[0])
+    optim = trainer_pb2.BatchItem(item_id="opt-a", adapter_id="runs/a", kind=trainer_pb2.ITEM_KIND_OPTIM_STEP,
+                                  adam_params=ADAM)
+    lost = trainer_pb2.BatchItem(item_id="opt-x", adapter_id="runs/x", kind=trainer_pb2.ITEM_KIND_OPTIM_STEP,
+                                 adam_params=ADAM)
+    response = run_batch(stub, item("fb-b", "runs/b", [probe]), optim, lost)
+    results = {r.item_id: r for r in response.results}
+    assert [r.item_id for r in response.results] == ["fb-b", "opt-a", "opt-x"]
+    assert results["fb-b"].WhichOneof("outcome") == "result"
+    assert results["opt-a"].WhichOneof("outcome") == "optim_step"
+    assert results["opt-a"].optim_step.metrics["step:max"] == 1
+    assert results["opt-a"].optim_step.metrics["grad_norm:max"] > 0
+    assert (results["opt-x"].error.code, results["opt-x"].error.reason) == (
+        grpc.StatusCode.NOT_FOUND.value[0], "ADAPTER_NOT_FOUND")
+    after = logprobs_of(run_batch(stub, item("f-a2", "runs/a", [probe], kind=trainer_pb2.ITEM_KIND_FORWARD)).results[0])
+    assert after[0].sum() > before[0].sum()  # the step raised the likelihood of the trained probe

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
-from tunemesh.v1 import training_pb2, types_pb2
 from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
 from tunemesh_common.rpc import CHANNEL_OPTIONS, REASON_KEY
 from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome
@@ -20,6 +19,7 @@ log = logging.getLogger(__name__)
 _ITEM_KINDS = {
     OpKind.FORWARD: trainer_pb2.ITEM_KIND_FORWARD,
     OpKind.FORWARD_BACKWARD: trainer_pb2.ITEM_KIND_FORWARD_BACKWARD,
+    OpKind.OPTIM_STEP: trainer_pb2.ITEM_KIND_OPTIM_STEP,
 }
 
 
@@ -70,11 +70,6 @@ class GrpcTrainerPort:
         response = await self._call(node_id, "RunBatch", request)
         return [_outcome(result) for result in response.results]
 
-    async def optim_step(self, node_id: str, run_name: str, payload: training_pb2.OptimStepRequest):
-        request = trainer_pb2.OptimStepRequest(adapter_id=run_name, adam_params=payload.adam_params)
-        response = await self._call(node_id, "OptimStep", request)
-        return types_pb2.OptimStepResult(metrics=response.metrics)
-
     async def tokenizer_files(self, node_id: str) -> trainer_pb2.GetTokenizerResponse:
         return await self._call(node_id, "GetTokenizer", trainer_pb2.GetTokenizerRequest())
 
@@ -85,7 +80,12 @@ class GrpcTrainerPort:
 
 
 def _batch_item(item: BatchItem) -> trainer_pb2.BatchItem:
-    request = item.payload  # ForwardRequest or ForwardBackwardRequest, validated
+    request = item.payload  # the validated public request
+    if item.kind is OpKind.OPTIM_STEP:
+        return trainer_pb2.BatchItem(
+            item_id=item.op_name, adapter_id=item.run_name, kind=_ITEM_KINDS[item.kind],
+            adam_params=request.adam_params,
+        )
     return trainer_pb2.BatchItem(
         item_id=item.op_name,
         adapter_id=item.run_name,
@@ -97,7 +97,8 @@ def _batch_item(item: BatchItem) -> trainer_pb2.BatchItem:
 
 
 def _outcome(result: trainer_pb2.BatchItemResult) -> ItemOutcome:
-    if result.WhichOneof("outcome") == "error":
+    kind = result.WhichOneof("outcome")
+    if kind == "error":
         e = result.error
         return ItemOutcome(error=OperationError(e.code, e.reason, e.message))
-    return ItemOutcome(result=result.result)
+    return ItemOutcome(result=result.optim_step if kind == "optim_step" else result.result)

@@ -9,7 +9,7 @@ from tunemesh.v1 import operations_pb2, sessions_pb2, types_pb2
 from tunemesh_common import tensors
 from tunemesh_common.errors import InvalidArgument
 from tunemesh_trainer.domain import (
-    AdamSpec, DatumArrays, EngineItem, ItemKind, ItemOutcome, LoraSpec, ModelInfo,
+    AdamSpec, DatumArrays, EngineItem, ItemKind, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
 )
 
 _KINDS = {
@@ -62,6 +62,10 @@ def loss_config(config) -> dict[str, float | str]:
     return {k: (v.number if v.WhichOneof("kind") == "number" else v.text) for k, v in config.items()}
 
 
+def optim_item(item: trainer_pb2.BatchItem) -> OptimItem:
+    return OptimItem(item_id=item.item_id, adapter_id=item.adapter_id, adam=adam_spec(item.adam_params))
+
+
 def engine_item(item: trainer_pb2.BatchItem) -> EngineItem:
     if item.kind not in _KINDS:
         raise InvalidArgument("BAD_ITEM_KIND", f"item {item.item_id}: kind {item.kind} is not forward or forward_backward")
@@ -75,12 +79,16 @@ def engine_item(item: trainer_pb2.BatchItem) -> EngineItem:
     )
 
 
-def item_result(outcome: ItemOutcome) -> trainer_pb2.BatchItemResult:
+def item_result(outcome: ItemOutcome, optim: bool = False) -> trainer_pb2.BatchItemResult:
     if outcome.failure is not None:
         f = outcome.failure
         return trainer_pb2.BatchItemResult(
             item_id=outcome.item_id,
             error=operations_pb2.OperationError(code=f.code, reason=f.reason, message=f.message),
+        )
+    if optim:
+        return trainer_pb2.BatchItemResult(
+            item_id=outcome.item_id, optim_step=types_pb2.OptimStepResult(metrics=outcome.metrics)
         )
     result = types_pb2.ForwardBackwardResult(metrics=outcome.metrics)
     for datum_outputs in outcome.outputs:

@@ -12,8 +12,10 @@ import logging
 import time
 from collections.abc import Sequence
 
-from tunemesh_common.errors import ResourceExhausted
-from tunemesh_trainer.domain import AdamSpec, EngineItem, ItemOutcome, LoraSpec, ModelInfo
+from tunemesh_common.errors import ResourceExhausted, TunemeshError
+from tunemesh_trainer.domain import (
+    AdamSpec, EngineItem, ItemFailure, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +59,24 @@ class TrainerCore:
         await self._call(self._engine.delete_adapter, adapter_id)
         log.info("adapter %s deleted", adapter_id)
 
-    async def run_batch(self, items: Sequence[EngineItem]) -> tuple[list[ItemOutcome], float]:
+    async def run_batch(
+        self, items: Sequence[EngineItem], optims: Sequence[OptimItem] = ()
+    ) -> tuple[list[ItemOutcome], float]:
+        """The fused pass over `items`, then each optimizer step, in one engine-thread call."""
         start = time.perf_counter()
-        outcomes = await self._call(self._engine.run_batch, list(items))
+        outcomes = await self._call(self._execute, list(items), list(optims))
         return outcomes, time.perf_counter() - start
+
+    def _execute(self, items: list[EngineItem], optims: list[OptimItem]) -> list[ItemOutcome]:
+        outcomes = self._engine.run_batch(items) if items else []
+        for optim in optims:
+            outcome = ItemOutcome(item_id=optim.item_id)
+            try:
+                outcome.metrics = self._engine.optim_step(optim.adapter_id, optim.adam)
+            except TunemeshError as err:
+                outcome.failure = ItemFailure(int(err.code), err.reason, err.message)
+            outcomes.append(outcome)
+        return outcomes
 
     async def optim_step(self, adapter_id: str, adam: AdamSpec) -> dict[str, float]:
         return await self._call(self._engine.optim_step, adapter_id, adam)

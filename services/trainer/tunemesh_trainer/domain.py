@@ -77,6 +77,15 @@ class EngineItem:
 
 
 @dataclasses.dataclass
+class OptimItem:
+    """One adapter's optimizer step inside a batch (applied after the batch's pass)."""
+
+    item_id: str
+    adapter_id: str
+    adam: AdamSpec
+
+
+@dataclasses.dataclass
 class ItemFailure:
     """Why one item failed; the other items of its batch are unaffected."""
 

@@ -56,14 +56,18 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.DeleteAdapterResponse()
 
     async def RunBatch(self, request, context):
-        decoded, early = [], {}
+        decoded, optims, early = [], [], {}
         for item in request.items:
             try:
-                decoded.append(convert.engine_item(item))
+                if item.kind == trainer_pb2.ITEM_KIND_OPTIM_STEP:
+                    optims.append(convert.optim_item(item))
+                else:
+                    decoded.append(convert.engine_item(item))
             except TunemeshError as err:
                 early[item.item_id] = convert.item_error(item.item_id, int(err.code), err.reason, err.message)
-        outcomes, seconds = await self.core.run_batch(decoded) if decoded else ([], 0.0)
-        done = {o.item_id: convert.item_result(o) for o in outcomes} | early
+        outcomes, seconds = await self.core.run_batch(decoded, optims) if decoded or optims else ([], 0.0)
+        optim_ids = {o.item_id for o in optims}
+        done = {o.item_id: convert.item_result(o, o.item_id in optim_ids) for o in outcomes} | early
         return trainer_pb2.RunBatchResponse(
             results=[done[item.item_id] for item in request.items], engine_seconds=seconds
         )

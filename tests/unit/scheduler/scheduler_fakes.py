@@ -65,11 +65,6 @@ class FakeTrainer:
             outcomes.append(self.item_errors.get(item.payload, ok))
         return outcomes[:-1] if self.short_answer else outcomes
 
-    async def optim_step(self, node_id: str, run_name: str, payload: Any) -> Any:
-        if self.hold is not None:
-            await self.hold.wait()
-        self.executed.append((run_name, OpKind.OPTIM_STEP, payload))
-        return ("stepped", payload)
 
 
 @dataclasses.dataclass

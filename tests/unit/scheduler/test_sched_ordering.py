@@ -41,7 +41,7 @@ def test_pipelined_forward_backward_and_optim_step_complete_in_order():
         kinds = [(kind, payload[1]) for _, kind, payload in mesh.trainer.executed]
         assert kinds == [(OpKind.FORWARD_BACKWARD, 1), (OpKind.OPTIM_STEP, 2),
                          (OpKind.FORWARD_BACKWARD, 3), (OpKind.FORWARD, 4)]
-        assert ops[1].result == ("stepped", (run, 2))
+        assert ops[1].result == ("ok", (run, 2))
         record = mesh.core.get_run("t1", run)
         assert (record.step, record.last_seq_id) == (1, 4)
         assert all(op.end_time is not None and op.payload is None for op in ops)

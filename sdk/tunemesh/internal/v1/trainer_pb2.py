@@ -27,7 +27,7 @@ from tunemesh.v1 import sessions_pb2 as tunemesh_dot_v1_dot_sessions__pb2
 from tunemesh.v1 import types_pb2 as tunemesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunemesh/internal/v1/trainer.proto\x12\x14tunemesh.internal.v1\x1a\x1ctunemesh/v1/operations.proto\x1a\x1atunemesh/v1/sessions.proto\x1a\x17tunemesh/v1/types.proto\"\x99\x01\n\x0bTrainerNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tunemesh.v1.SupportedModel\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x05 \x01(\x05\x12\x13\n\x0bmetrics_url\x18\x06 \x01(\t\"\x17\n\x15GetTrainerInfoRequest\"I\n\x16GetTrainerInfoResponse\x12/\n\x04node\x18\x01 \x01(\x0b\x32!.tunemesh.internal.v1.TrainerNode\"l\n\x14\x43reateAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12,\n\x0blora_config\x18\x03 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\"/\n\x15\x43reateAdapterResponse\x12\x16\n\x0enum_parameters\x18\x01 \x01(\x03\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"\xaf\x02\n\tBatchItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.tunemesh.internal.v1.ItemKind\x12 \n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x12.tunemesh.v1.Datum\x12\x0f\n\x07loss_fn\x18\x05 \x01(\t\x12I\n\x0eloss_fn_config\x18\x06 \x03(\x0b\x32\x31.tunemesh.internal.v1.BatchItem.LossFnConfigEntry\x1aQ\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.tunemesh.v1.LossConfigValue:\x02\x38\x01\"\x91\x01\n\x0f\x42\x61tchItemResult\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32\".tunemesh.v1.ForwardBackwardResultH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.tunemesh.v1.OperationErrorH\x00\x42\t\n\x07outcome\"A\n\x0fRunBatchRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.tunemesh.internal.v1.BatchItem\"b\n\x10RunBatchResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tunemesh.internal.v1.BatchItemResult\x12\x16\n\x0e\x65ngine_seconds\x18\x02 \x01(\x01\"T\n\x10OptimStepRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12,\n\x0b\x61\x64\x61m_params\x18\x02 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\"\x8a\x01\n\x11OptimStepResponse\x12\x45\n\x07metrics\x18\x01 \x03(\x0b\x32\x34.tunemesh.internal.v1.OptimStepResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13GetTokenizerRequest\"A\n\x14GetTokenizerResponse\x12)\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1a.tunemesh.v1.TokenizerFile*\\\n\x08ItemKind\x12\x19\n\x15ITEM_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11ITEM_KIND_FORWARD\x10\x01\x12\x1e\n\x1aITEM_KIND_FORWARD_BACKWARD\x10\x02\x32\xf1\x04\n\x0eTrainerService\x12k\n\x0eGetTrainerInfo\x12+.tunemesh.internal.v1.GetTrainerInfoRequest\x1a,.tunemesh.internal.v1.GetTrainerInfoResponse\x12h\n\rCreateAdapter\x12*.tunemesh.internal.v1.CreateAdapterRequest\x1a+.tunemesh.internal.v1.CreateAdapterResponse\x12h\n\rDeleteAdapter\x12*.tunemesh.internal.v1.DeleteAdapterRequest\x1a+.tunemesh.internal.v1.DeleteAdapterResponse\x12Y\n\x08RunBatch\x12%.tunemesh.internal.v1.RunBatchRequest\x1a&.tunemesh.internal.v1.RunBatchResponse\x12\\\n\tOptimStep\x12&.tunemesh.internal.v1.OptimStepRequest\x1a\'.tunemesh.internal.v1.OptimStepResponse\x12\x65\n\x0cGetTokenizer\x12).tunemesh.internal.v1.GetTokenizerRequest\x1a*.tunemesh.internal.v1.GetTokenizerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunemesh/internal/v1/trainer.proto\x12\x14tunemesh.internal.v1\x1a\x1ctunemesh/v1/operations.proto\x1a\x1atunemesh/v1/sessions.proto\x1a\x17tunemesh/v1/types.proto\"\x99\x01\n\x0bTrainerNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tunemesh.v1.SupportedModel\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x05 \x01(\x05\x12\x13\n\x0bmetrics_url\x18\x06 \x01(\t\"\x17\n\x15GetTrainerInfoRequest\"I\n\x16GetTrainerInfoResponse\x12/\n\x04node\x18\x01 \x01(\x0b\x32!.tunemesh.internal.v1.TrainerNode\"l\n\x14\x43reateAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12,\n\x0blora_config\x18\x03 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\"/\n\x15\x43reateAdapterResponse\x12\x16\n\x0enum_parameters\x18\x01 \x01(\x03\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"\xdd\x02\n\tBatchItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.tunemesh.internal.v1.ItemKind\x12 \n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x12.tunemesh.v1.Datum\x12\x0f\n\x07loss_fn\x18\x05 \x01(\t\x12I\n\x0eloss_fn_config\x18\x06 \x03(\x0b\x32\x31.tunemesh.internal.v1.BatchItem.LossFnConfigEntry\x12,\n\x0b\x61\x64\x61m_params\x18\x07 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\x1aQ\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.tunemesh.v1.LossConfigValue:\x02\x38\x01\"\xc5\x01\n\x0f\x42\x61tchItemResult\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32\".tunemesh.v1.ForwardBackwardResultH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.tunemesh.v1.OperationErrorH\x00\x12\x32\n\noptim_step\x18\x04 \x01(\x0b\x32\x1c.tunemesh.v1.OptimStepResultH\x00\x42\t\n\x07outcome\"A\n\x0fRunBatchRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.tunemesh.internal.v1.BatchItem\"b\n\x10RunBatchResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tunemesh.internal.v1.BatchItemResult\x12\x16\n\x0e\x65ngine_seconds\x18\x02 \x01(\x01\"T\n\x10OptimStepRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12,\n\x0b\x61\x64\x61m_params\x18\x02 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\"\x8a\x01\n\x11OptimStepResponse\x12\x45\n\x07metrics\x18\x01 \x03(\x0b\x32\x34.tunemesh.internal.v1.OptimStepResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13GetTokenizerRequest\"A\n\x14GetTokenizerResponse\x12)\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1a.tunemesh.v1.TokenizerFile*v\n\x08ItemKind\x12\x19\n\x15ITEM_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11ITEM_KIND_FORWARD\x10\x01\x12\x1e\n\x1aITEM_KIND_FORWARD_BACKWARD\x10\x02\x12\x18\n\x14ITEM_KIND_OPTIM_STEP\x10\x03\x32\xf1\x04\n\x0eTrainerService\x12k\n\x0eGetTrainerInfo\x12+.tunemesh.internal.v1.GetTrainerInfoRequest\x1a,.tunemesh.internal.v1.GetTrainerInfoResponse\x12h\n\rCreateAdapter\x12*.tunemesh.internal.v1.CreateAdapterRequest\x1a+.tunemesh.internal.v1.CreateAdapterResponse\x12h\n\rDeleteAdapter\x12*.tunemesh.internal.v1.DeleteAdapterRequest\x1a+.tunemesh.internal.v1.DeleteAdapterResponse\x12Y\n\x08RunBatch\x12%.tunemesh.internal.v1.RunBatchRequest\x1a&.tunemesh.internal.v1.RunBatchResponse\x12\\\n\tOptimStep\x12&.tunemesh.internal.v1.OptimStepRequest\x1a\'.tunemesh.internal.v1.OptimStepResponse\x12\x65\n\x0cGetTokenizer\x12).tunemesh.internal.v1.GetTokenizerRequest\x1a*.tunemesh.internal.v1.GetTokenizerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_options = b'8\001'
   _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ITEMKIND']._serialized_start=1565
-  _globals['_ITEMKIND']._serialized_end=1657
+  _globals['_ITEMKIND']._serialized_start=1663
+  _globals['_ITEMKIND']._serialized_end=1781
   _globals['_TRAINERNODE']._serialized_start=144
   _globals['_TRAINERNODE']._serialized_end=297
   _globals['_GETTRAINERINFOREQUEST']._serialized_start=299
@@ -55,25 +55,25 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DELETEADAPTERRESPONSE']._serialized_start=602
   _globals['_DELETEADAPTERRESPONSE']._serialized_end=625
   _globals['_BATCHITEM']._serialized_start=628
-  _globals['_BATCHITEM']._serialized_end=931
-  _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_start=850
-  _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_end=931
-  _globals['_BATCHITEMRESULT']._serialized_start=934
-  _globals['_BATCHITEMRESULT']._serialized_end=1079
-  _globals['_RUNBATCHREQUEST']._serialized_start=1081
-  _globals['_RUNBATCHREQUEST']._serialized_end=1146
-  _globals['_RUNBATCHRESPONSE']._serialized_start=1148
-  _globals['_RUNBATCHRESPONSE']._serialized_end=1246
-  _globals['_OPTIMSTEPREQUEST']._serialized_start=1248
-  _globals['_OPTIMSTEPREQUEST']._serialized_end=1332
-  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1335
-  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1473
-  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_start=1427
-  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_end=1473
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=1475
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=1496
-  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1498
-  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1563
-  _globals['_TRAINERSERVICE']._serialized_start=1660
-  _globals['_TRAINERSERVICE']._serialized_end=2285
+  _globals['_BATCHITEM']._serialized_end=977
+  _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_start=896
+  _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_end=977
+  _globals['_BATCHITEMRESULT']._serialized_start=980
+  _globals['_BATCHITEMRESULT']._serialized_end=1177
+  _globals['_RUNBATCHREQUEST']._serialized_start=1179
+  _globals['_RUNBATCHREQUEST']._serialized_end=1244
+  _globals['_RUNBATCHRESPONSE']._serialized_start=1246
+  _globals['_RUNBATCHRESPONSE']._serialized_end=1344
+  _globals['_OPTIMSTEPREQUEST']._serialized_start=1346
+  _globals['_OPTIMSTEPREQUEST']._serialized_end=1430
+  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1433
+  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1571
+  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_start=1525
+  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_end=1571
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1573
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1594
+  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1596
+  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1661
+  _globals['_TRAINERSERVICE']._serialized_start=1784
+  _globals['_TRAINERSERVICE']._serialized_end=2409
 # @@protoc_insertion_point(module_scope)

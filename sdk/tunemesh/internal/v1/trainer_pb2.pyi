@@ -15,9 +15,11 @@ class ItemKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ITEM_KIND_UNSPECIFIED: _ClassVar[ItemKind]
     ITEM_KIND_FORWARD: _ClassVar[ItemKind]
     ITEM_KIND_FORWARD_BACKWARD: _ClassVar[ItemKind]
+    ITEM_KIND_OPTIM_STEP: _ClassVar[ItemKind]
 ITEM_KIND_UNSPECIFIED: ItemKind
 ITEM_KIND_FORWARD: ItemKind
 ITEM_KIND_FORWARD_BACKWARD: ItemKind
+ITEM_KIND_OPTIM_STEP: ItemKind
 
 class TrainerNode(_message.Message):
     __slots__ = ("node_id", "address", "models", "max_adapters", "adapters", "metrics_url")
@@ -72,7 +74,7 @@ class DeleteAdapterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("item_id", "adapter_id", "kind", "data", "loss_fn", "loss_fn_config")
+    __slots__ = ("item_id", "adapter_id", "kind", "data", "loss_fn", "loss_fn_config", "adam_params")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -86,23 +88,27 @@ class BatchItem(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     adapter_id: str
     kind: ItemKind
     data: _containers.RepeatedCompositeFieldContainer[_types_pb2.Datum]
     loss_fn: str
     loss_fn_config: _containers.MessageMap[str, _types_pb2.LossConfigValue]
-    def __init__(self, item_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., kind: _Optional[_Union[ItemKind, str]] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ...) -> None: ...
+    adam_params: _types_pb2.AdamParams
+    def __init__(self, item_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., kind: _Optional[_Union[ItemKind, str]] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ..., adam_params: _Optional[_Union[_types_pb2.AdamParams, _Mapping]] = ...) -> None: ...
 
 class BatchItemResult(_message.Message):
-    __slots__ = ("item_id", "result", "error")
+    __slots__ = ("item_id", "result", "error", "optim_step")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    OPTIM_STEP_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     result: _types_pb2.ForwardBackwardResult
     error: _operations_pb2.OperationError
-    def __init__(self, item_id: _Optional[str] = ..., result: _Optional[_Union[_types_pb2.ForwardBackwardResult, _Mapping]] = ..., error: _Optional[_Union[_operations_pb2.OperationError, _Mapping]] = ...) -> None: ...
+    optim_step: _types_pb2.OptimStepResult
+    def __init__(self, item_id: _Optional[str] = ..., result: _Optional[_Union[_types_pb2.ForwardBackwardResult, _Mapping]] = ..., error: _Optional[_Union[_operations_pb2.OperationError, _Mapping]] = ..., optim_step: _Optional[_Union[_types_pb2.OptimStepResult, _Mapping]] = ...) -> None: ...
 
 class RunBatchRequest(_message.Message):
     __slots__ = ("items",)

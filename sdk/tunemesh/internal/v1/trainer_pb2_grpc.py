@@ -93,14 +93,15 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RunBatch(self, request, context):
-        """Executes one fused batch of forward / forward_backward items of many adapters.
+        """Executes one batch of many adapters: a fused forward / forward_backward pass over
+        its forward items, then its optimizer-step items.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def OptimStep(self, request, context):
-        """Applies AdamW to one adapter and clears its gradients.
+        """Applies AdamW to one adapter and clears its gradients (outside a batch).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

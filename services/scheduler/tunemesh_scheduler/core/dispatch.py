@@ -1,10 +1,9 @@
-"""Per-node dispatch: fused batches of forward/forward_backward across runs, and
-one-by-one calls for other kinds (optim_step).
+"""Per-node dispatch: batches of forward / forward_backward / optim_step across runs.
 
-Each trainer node has one dispatcher task and at most one fused batch in flight: while
-it runs, newly ready operations accumulate and join the next batch. Non-batchable
-operations (OPTIM_STEP) start at once as their own tasks, concurrently with batches of
-other runs; per-run order is kept by `RunLane` (a run has at most one op out at a time).
+Each trainer node has one dispatcher task and at most one batch in flight: while it
+runs, newly ready operations accumulate and join the next batch. Per-run order is kept
+by `RunLane` (a run has at most one op out at a time), so a batch holds at most one op
+of each run. Kinds outside BATCHABLE_KINDS would start as their own tasks.
 """
 
 from __future__ import annotations
@@ -138,8 +137,6 @@ class NodeDispatcher:
         self._on_done(op, ItemOutcome(result=result, error=error))
 
     async def _call_single(self, op: OperationRecord) -> Any:
-        if op.kind is OpKind.OPTIM_STEP:
-            return await self._trainer.optim_step(self.node_id, op.run, op.payload)
         raise Unimplemented("UNSUPPORTED_KIND", f"no trainer call for {op.kind}")
 
 

@@ -57,10 +57,7 @@ class TrainerPort(Protocol):
         ...
 
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> Sequence[ItemOutcome]:
-        """Execute items of different runs as one fused pass; one outcome per item, in
-        order. Raising fails every item of the batch with the error (UNAVAILABLE: node down)."""
-        ...
-
-    async def optim_step(self, node_id: str, run_name: str, payload: Any) -> Any:
-        """Apply the accumulated gradients of one adapter; returns the opaque result."""
+        """Execute items of different runs (forward kinds as one fused pass, then optimizer
+        steps); one outcome per item, in order. Raising fails every item of the batch with
+        the error (UNAVAILABLE: node down)."""
         ...

@@ -21,8 +21,9 @@ class OpKind(enum.StrEnum):
     OPTIM_STEP = "OPTIM_STEP"
 
 
-# Kinds merged across runs into one fused `run_batch` call; the rest run one by one.
-BATCHABLE_KINDS = frozenset({OpKind.FORWARD, OpKind.FORWARD_BACKWARD})
+# Kinds merged across runs into one `run_batch` call (the trainer fuses the forward
+# kinds into one pass and applies the optimizer steps after it); the rest run one by one.
+BATCHABLE_KINDS = frozenset({OpKind.FORWARD, OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP})
 
 
 class OpState(enum.StrEnum):
