@@ -23,6 +23,17 @@ class PackedBatch:
     first_rows: list[int]  # per item: index of its first row
 
 
+def pack_targets(items: Sequence[EngineItem], shape_bt: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """Every datum's target_tokens as (rows, T, K): (N,) targets get K = 1; padding is 0."""
+    targets = [torch.as_tensor(d.loss_inputs["target_tokens"], dtype=torch.long).reshape(
+        int(d.tokens.shape[0]), -1) for item in items for d in item.data]
+    k_max = max(t.shape[1] for t in targets)
+    targets_btk = torch.zeros((*shape_bt, k_max), dtype=torch.long)
+    for row, t in enumerate(targets):
+        targets_btk[row, : t.shape[0], : t.shape[1]] = t
+    return targets_btk.to(device)
+
+
 def pack_items(items: Sequence[EngineItem], device: torch.device) -> PackedBatch:
     """Rows follow item order, then datum order. Padding sits after each row's tokens,
     so with causal attention no real token sees a pad token."""

@@ -1,8 +1,10 @@
-"""Loss functions by name: each maps one datum's logits and loss inputs to a loss.
+"""Loss functions by name: each maps one datum's target logprobs and loss inputs to a loss.
 
-A loss sees the datum's logits (N, V) and its loss inputs as tensors; it returns the
-scalar loss plus per-datum outputs. New losses (importance_sampling, ppo, cispo, dro)
-are one function and one `LOSSES` entry each.
+The engine computes every datum's target logprobs (N,) or (N, K) in one pass over the
+fused batch (`target_logprobs`); a loss sees them and the datum's loss inputs as tensors
+and returns the scalar loss plus per-datum outputs. Every Tinker loss (cross_entropy,
+importance_sampling, ppo, cispo, dro) is a function of target logprobs, so each new one
+is one function and one `LOSSES` entry.
 """
 
 from __future__ import annotations
@@ -24,6 +26,11 @@ class DatumLoss:
 LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float | str]], DatumLoss]
 
 
+def target_logprobs(logits_btv: torch.Tensor, targets_btk: torch.Tensor) -> torch.Tensor:
+    """log_softmax(logits)[target] for every row, position and target slot: (B, T, K)."""
+    return torch.log_softmax(logits_btv, dim=-1).gather(-1, targets_btk)
+
+
 @dataclasses.dataclass(frozen=True)
 class LossDef:
     """A loss function and the loss inputs it needs (each (N,) or (N, K) like targets)."""
@@ -33,20 +40,12 @@ class LossDef:
     optional_inputs: tuple[str, ...] = ()
 
 
-def gather_logprobs(logits_nv: torch.Tensor, target_tokens: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[target] for targets (N,) or (N, K); same shape as targets."""
-    logprobs_nv = torch.log_softmax(logits_nv, dim=-1)
-    index_nk = target_tokens.reshape(target_tokens.shape[0], -1)
-    return logprobs_nv.gather(-1, index_nk).reshape(target_tokens.shape)
-
-
 def cross_entropy(
-    logits_nv: torch.Tensor,
+    logprobs: torch.Tensor,
     inputs: Mapping[str, torch.Tensor],
     config: Mapping[str, float | str],
 ) -> DatumLoss:
     """-sum(weights * logprobs[target]); weights default to 1 and may be any real numbers."""
-    logprobs = gather_logprobs(logits_nv, inputs["target_tokens"])
     weights = inputs.get("weights")
     loss = -(logprobs.sum() if weights is None else (weights * logprobs).sum())
     return DatumLoss(loss=loss, outputs={"logprobs": logprobs})

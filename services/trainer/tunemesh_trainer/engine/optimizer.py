@@ -13,7 +13,7 @@ class AdapterOptimizer:
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
         self.params = params
-        self._adamw = torch.optim.AdamW(params, lr=1e-4, foreach=False)
+        self._adamw = torch.optim.AdamW(params, lr=1e-4, foreach=True)
         self.steps = 0
 
     def step(self, grads: list[torch.Tensor], adam: AdamSpec) -> dict[str, float]:

@@ -22,8 +22,8 @@ from tunemesh_trainer.domain import (
     ModelInfo,
 )
 from tunemesh_trainer.engine.adapter import AdapterSlot
-from tunemesh_trainer.engine.batch import pack_items
-from tunemesh_trainer.engine.losses import LOSSES
+from tunemesh_trainer.engine.batch import pack_items, pack_targets
+from tunemesh_trainer.engine.losses import LOSSES, target_logprobs
 from tunemesh_trainer.engine.multi_lora import LoraRouting, candidate_targets, install_wrappers
 from tunemesh_trainer.engine.validation import validate_item
 
@@ -145,15 +145,18 @@ class TorchTrainingEngine:
             logits_btv = self._model(
                 input_ids=packed.tokens_bt, position_ids=packed.positions_bt, use_cache=False
             ).logits
+            targets_btk = pack_targets(items, tuple(packed.tokens_bt.shape), self._device)
+            logprobs_btk = target_logprobs(logits_btv, targets_btk)
+            del logits_btv
             losses = [
-                self._score(item, outcome, logits_btv, row)
+                self._score(item, outcome, logprobs_btk, row)
                 for (item, outcome), row in zip(runnable, packed.first_rows)
             ]
         if train:
             self._backward(runnable, losses)
 
     def _score(
-        self, item: EngineItem, outcome: ItemOutcome, logits_btv: torch.Tensor, first_row: int
+        self, item: EngineItem, outcome: ItemOutcome, logprobs_btk: torch.Tensor, first_row: int
     ) -> torch.Tensor | None:
         """Per-datum loss and outputs of one item; returns its loss, or None if non-finite."""
         loss_def = LOSSES[item.loss_fn]
@@ -161,7 +164,9 @@ class TorchTrainingEngine:
         for offset, datum in enumerate(item.data):
             n = int(datum.tokens.shape[0])
             inputs = {k: self._input_tensor(k, v) for k, v in datum.loss_inputs.items()}
-            result = loss_def.fn(logits_btv[first_row + offset, :n], inputs, item.loss_config)
+            target_shape = inputs["target_tokens"].shape
+            logprobs = logprobs_btk[first_row + offset, :n, : int(np.prod(target_shape[1:]))]
+            result = loss_def.fn(logprobs.reshape(target_shape), inputs, item.loss_config)
             total = result.loss if total is None else total + result.loss
             outcome.outputs.append({k: _to_numpy(v) for k, v in result.outputs.items()})
         loss_value = float(total.detach())
