@@ -33,7 +33,6 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     directory = TrainerDirectory()
     watcher = await registry.NodeWatcher.start(etcd, "trainers", on_change=directory.on_change)
     placement = EtcdPlacement(directory, registry.PlacementTable(etcd))
-    await placement.load_existing()
     trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s)
     config = SchedulerConfig(s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000)
     core = SchedulerCore(placement, trainers, config)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import collections
 import logging
 
+from google.protobuf.message import DecodeError
+
 from tunemesh.internal.v1 import trainer_pb2
 from tunemesh.v1 import sessions_pb2
 from tunemesh_common.errors import NotFound, ResourceExhausted, Unavailable
@@ -27,7 +29,11 @@ class TrainerDirectory:
             log.warning("trainer %s left", node_id)
             self._nodes.pop(node_id, None)
             return
-        node = trainer_pb2.TrainerNode.FromString(value)
+        try:
+            node = trainer_pb2.TrainerNode.FromString(value)
+        except DecodeError:
+            log.error("ignoring an undecodable record of trainer %s", node_id)
+            return
         if node_id not in self._nodes:
             log.info("trainer %s joined at %s", node_id, node.address)
         self._nodes[node_id] = node
@@ -72,21 +78,23 @@ class EtcdPlacement:
         self._table = table  # tunemesh_common.registry.PlacementTable
         self._load: collections.Counter[str] = collections.Counter()
 
-    async def load_existing(self) -> dict[str, str]:
-        placements = await self._table.list_placements()
-        self._load = collections.Counter(placements.values())
-        return placements
-
     async def place(self, run_name: str, base_model: str) -> str:
         self._directory.model(base_model)  # NotFound when nobody serves it
         nodes = self._directory.nodes()
-        free = [n for n in self._directory.serving(base_model) if self._load[n] < nodes[n].max_adapters]
+        load = {n: max(self._load[n], nodes[n].adapters) for n in self._directory.serving(base_model)}
+        free = [n for n, used in load.items() if used < nodes[n].max_adapters]
         if not free:
             raise ResourceExhausted("NO_CAPACITY", f"every trainer of {base_model} is full")
-        node_id = min(free, key=lambda n: (self._load[n], n))
-        if not await self._table.place_run(run_id(run_name), node_id):
+        node_id = min(free, key=lambda n: (load[n], n))
+        self._load[node_id] += 1  # before the await: concurrent creates see this slot taken
+        try:
+            placed = await self._table.place_run(run_id(run_name), node_id)
+        except BaseException:
+            self._load[node_id] -= 1
+            raise
+        if not placed:
+            self._load[node_id] -= 1
             raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was placed elsewhere concurrently")
-        self._load[node_id] += 1
         return node_id
 
     async def release(self, run_name: str, node_id: str) -> None:

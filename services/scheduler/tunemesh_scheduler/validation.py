@@ -20,6 +20,7 @@ LOSSES: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {
     "cross_entropy": (frozenset({"target_tokens"}), frozenset({"weights"}), frozenset()),
 }
 _INT_INPUTS = frozenset({"target_tokens"})
+MAX_TARGETS_PER_POSITION = 128  # K of (N, K) targets, e.g. top-k distillation
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +96,10 @@ def _check_input(where: str, key: str, tensor: types_pb2.TensorData, n: int, voc
     if array.ndim not in (1, 2) or array.shape[0] != n:
         raise InvalidArgument(
             "SHAPE_MISMATCH", f"{where}: shape {list(array.shape)} must be ({n},) or ({n}, K) to match model_input"
+        )
+    if array.ndim == 2 and not 1 <= array.shape[1] <= MAX_TARGETS_PER_POSITION:
+        raise InvalidArgument(
+            "TOO_MANY_TARGETS", f"{where}: K = {array.shape[1]} must lie in [1, {MAX_TARGETS_PER_POSITION}]"
         )
     if key in _INT_INPUTS:
         if array.dtype.kind != "i":

@@ -26,7 +26,7 @@ def build_core(s: settings_mod.TrainerSettings) -> tuple[TrainerCore, dict[str, 
     path = registry.materialize(s.model)
     engine = build_torch_engine(
         path, name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
-        max_seq_len=entry.max_seq_len, num_threads=s.num_threads or None,
+        max_seq_len=entry.max_seq_len, num_threads=s.num_threads or None, max_batch_tokens=s.max_batch_tokens,
     )
     return TrainerCore(engine, s.max_adapters), tokenizer_files(path)
 

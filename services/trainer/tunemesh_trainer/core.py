@@ -12,7 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from tunemesh_common.errors import ResourceExhausted, TunemeshError
+from tunemesh_common.errors import Code, ResourceExhausted, TunemeshError
 from tunemesh_trainer.domain import (
     AdamSpec, EngineItem, ItemFailure, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
 )
@@ -75,6 +75,9 @@ class TrainerCore:
                 outcome.metrics = self._engine.optim_step(optim.adapter_id, optim.adam)
             except TunemeshError as err:
                 outcome.failure = ItemFailure(int(err.code), err.reason, err.message)
+            except Exception:  # an engine bug fails this step alone, never the batch
+                log.exception("optimizer step of %s failed", optim.adapter_id)
+                outcome.failure = ItemFailure(int(Code.INTERNAL), "ENGINE_ERROR", "the optimizer step failed")
             outcomes.append(outcome)
         return outcomes
 

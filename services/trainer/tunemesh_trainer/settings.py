@@ -19,6 +19,7 @@ class TrainerSettings:
     ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid"}
     max_adapters: int = 64  # adapter slots on this node
     num_threads: int = 0  # torch threads; 0 = torch's default
+    max_batch_tokens: int = 8192  # padded tokens per chunk of a fused pass (bounds memory)
     lease_ttl_s: int = 5  # etcd lease time-to-live
     advertise_host: str = "127.0.0.1"  # host others use to reach this node
 

@@ -52,6 +52,9 @@ class FakeTrainer:
             raise self.adapter_error
         self.adapters.append((node_id, run_name))
 
+    async def delete_adapter(self, node_id: str, run_name: str) -> None:
+        self.deleted = [*getattr(self, "deleted", []), (node_id, run_name)]
+
     async def run_batch(self, node_id: str, items: list[BatchItem]) -> list[ItemOutcome]:
         self.batches.append((node_id, list(items)))
         if self.hold is not None:

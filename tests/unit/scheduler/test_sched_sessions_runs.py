@@ -98,6 +98,7 @@ def test_failed_creation_can_be_retried_with_same_request_id():
             await mesh.core.create_run("t1", session.name, "tiny", {}, "req")
         (failed_run, node), = mesh.placement.placed
         assert mesh.placement.released == [(failed_run, node)]
+        assert mesh.trainer.deleted == [(node, failed_run)]  # undo, in case the trainer made it anyway
         mesh.trainer.adapter_error = None
         run = await mesh.core.create_run("t1", session.name, "tiny", {}, "req")
         assert mesh.core.list_runs("t1") == ([run], "")

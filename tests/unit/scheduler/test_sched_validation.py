@@ -9,7 +9,7 @@ import pytest
 
 from tunemesh.v1 import sessions_pb2, types_pb2
 from tunemesh_common import tensors
-from tunemesh_common.errors import Code, TunemeshError
+from tunemesh_common.errors import Code, InvalidArgument, TunemeshError
 from tunemesh_scheduler import validation
 
 VOCAB = 100
@@ -264,3 +264,17 @@ def test_normalized_lora_leaves_the_request_alone():
     request = lora(train_experts=True)
     validation.normalized_lora(request, DENSE)
     assert (request.rank, request.alpha, request.train_experts) == (0, 0.0, True)
+
+
+def test_two_dimensional_targets_are_capped_in_k():
+    n, k = 3, validation.MAX_TARGETS_PER_POSITION + 1
+    targets = np.zeros((n, k), dtype=np.int64)
+    data = [types_pb2.Datum(
+        model_input=types_pb2.ModelInput(chunks=[types_pb2.ModelInputChunk(
+            encoded_text=types_pb2.EncodedTextChunk(tokens=[1, 2, 3]))]),
+        loss_fn_inputs={"target_tokens": tensors.encode(targets)},
+    )]
+    model = sessions_pb2.SupportedModel(name="m", vocab_size=10, max_seq_len=16, max_lora_rank=8)
+    with pytest.raises(InvalidArgument) as err:
+        validation.check_data(data, "cross_entropy", model, validation.Limits(max_datums=4, max_tokens=64))
+    assert err.value.reason == "TOO_MANY_TARGETS"

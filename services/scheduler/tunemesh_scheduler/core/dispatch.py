@@ -20,7 +20,6 @@ from tunemesh_scheduler.core.records import (
     BATCHABLE_KINDS,
     OperationError,
     OperationRecord,
-    OpKind,
 )
 
 log = logging.getLogger(__name__)

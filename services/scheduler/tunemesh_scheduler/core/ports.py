@@ -56,6 +56,10 @@ class TrainerPort(Protocol):
         """Create the run's adapter slot on the node."""
         ...
 
+    async def delete_adapter(self, node_id: str, run_name: str) -> None:
+        """Free the run's adapter slot (undo of a failed create)."""
+        ...
+
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> Sequence[ItemOutcome]:
         """Execute items of different runs (forward kinds as one fused pass, then optimizer
         steps); one outcome per item, in order. Raising fails every item of the batch with

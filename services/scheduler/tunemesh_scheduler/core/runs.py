@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound
+from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from tunemesh_scheduler.core.ports import PlacementPort, TrainerPort
 from tunemesh_scheduler.core.records import RunRecord
 
@@ -73,7 +73,7 @@ class RunRegistry:
         try:
             await self._trainer.create_adapter(node_id, name, base_model, lora)
         except BaseException:
-            await self._placement.release(name, node_id)
+            await asyncio.shield(self._undo_create(name, node_id))
             raise
         record = RunRecord(
             name=name,
@@ -87,6 +87,15 @@ class RunRegistry:
         self.restore(record)
         log.info("run created", extra={"run": name, "tenant": tenant, "node": node_id})
         return record
+
+    async def _undo_create(self, name: str, node_id: str) -> None:
+        """Best effort: the trainer may still create the adapter (e.g. after a timeout);
+        its calls run in order, so a delete queued now lands after that create."""
+        try:
+            await self._trainer.delete_adapter(node_id, name)
+        except Exception as exc:  # NotFound when it was never created: nothing to undo
+            log.info("undo of %s on %s: %r", name, node_id, exc)
+        await self._placement.release(name, node_id)
 
     def restore(self, record: RunRecord) -> None:
         """Register an existing run (e.g. reloaded from durable metadata)."""
@@ -122,8 +131,7 @@ def _parse_token(token: str) -> int:
 
 
 def _fail_future(future: asyncio.Future, exc: BaseException) -> None:
-    if isinstance(exc, asyncio.CancelledError):
-        future.cancel()
-        return
+    if isinstance(exc, asyncio.CancelledError):  # concurrent retries get a retryable error
+        exc = Unavailable("CREATE_INTERRUPTED", "the run's creation was interrupted; retry")
     future.set_exception(exc)
     future.exception()  # mark retrieved so asyncio logs no "never retrieved" warning

@@ -23,6 +23,7 @@ def build_torch_engine(
     max_seq_len: int,
     num_threads: int | None = None,
     device: str = "cpu",
+    max_batch_tokens: int = 8192,
 ) -> TrainingEngine:
     """Load a base model from a local HF directory into a fused multi-LoRA torch engine."""
     from tunemesh_trainer.engine.torch_engine import TorchTrainingEngine
@@ -35,4 +36,5 @@ def build_torch_engine(
         max_seq_len=max_seq_len,
         num_threads=num_threads,
         device=device,
+        max_batch_tokens=max_batch_tokens,
     )

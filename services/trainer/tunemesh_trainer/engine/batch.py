@@ -53,3 +53,32 @@ def pack_items(items: Sequence[EngineItem], device: torch.device) -> PackedBatch
     plan = RowPlan(segments=tuple(segments), trainable=trainable)
     positions_bt = torch.arange(tokens_bt.shape[1]).expand_as(tokens_bt)
     return PackedBatch(tokens_bt.to(device), positions_bt.to(device), plan, first_rows)
+
+
+@dataclasses.dataclass
+class ChunkPart:
+    """Some consecutive datums of one item, placed in one chunk of the fused pass."""
+
+    index: int  # the item's position in the batch
+    item: EngineItem  # the item restricted to these datums
+
+
+def plan_chunks(items: Sequence[EngineItem], max_padded_tokens: int) -> list[list[ChunkPart]]:
+    """Split the batch's rows into chunks of at most `max_padded_tokens` padded tokens
+    (rows x longest row), in order; an item may span chunks, a row never does. Rows are
+    independent, so chunking bounds memory without changing any row's numbers."""
+    chunks: list[list[ChunkPart]] = [[]]
+    rows, longest = 0, 0
+    for index, item in enumerate(items):
+        for datum in item.data:
+            n = int(datum.tokens.shape[0])
+            if rows and (rows + 1) * max(longest, n) > max_padded_tokens:
+                chunks.append([])
+                rows, longest = 0, 0
+            chunk = chunks[-1]
+            if not chunk or chunk[-1].index != index:
+                chunk.append(ChunkPart(index, dataclasses.replace(item, data=[])))
+            chunk[-1].item.data.append(datum)
+            rows, longest = rows + 1, max(longest, n)
+    return [chunk for chunk in chunks if chunk]
+

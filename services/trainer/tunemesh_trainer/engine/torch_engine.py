@@ -22,7 +22,7 @@ from tunemesh_trainer.domain import (
     ModelInfo,
 )
 from tunemesh_trainer.engine.adapter import AdapterSlot
-from tunemesh_trainer.engine.batch import pack_items, pack_targets
+from tunemesh_trainer.engine.batch import ChunkPart, pack_items, pack_targets, plan_chunks
 from tunemesh_trainer.engine.losses import LOSSES, target_logprobs
 from tunemesh_trainer.engine.multi_lora import LoraRouting, candidate_targets, install_wrappers
 from tunemesh_trainer.engine.validation import validate_item
@@ -42,7 +42,9 @@ class TorchTrainingEngine:
         max_seq_len: int,
         num_threads: int | None = None,
         device: str = "cpu",
+        max_batch_tokens: int = 8192,
     ) -> None:
+        self._max_batch_tokens = max_batch_tokens  # padded tokens per chunk of a fused pass
         if num_threads:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
@@ -138,7 +140,34 @@ class TorchTrainingEngine:
         return outcomes
 
     def _run(self, runnable: list[tuple[EngineItem, ItemOutcome]]) -> None:
-        items = [item for item, _ in runnable]
+        """The fused pass; on an unexpected error (e.g. out of memory) each item is run
+        alone, so only the item that breaks fails."""
+        try:
+            self._fused(runnable)
+        except Exception:
+            logger.exception("fused pass over %d items failed; running them one by one", len(runnable))
+            for item, outcome in runnable:
+                self._slots[item.adapter_id].drop_fresh_grads()
+                outcome.outputs, outcome.metrics, outcome.failure = [], {}, None
+                if len(runnable) == 1:
+                    outcome.failure = ItemFailure(int(Code.INTERNAL), "ENGINE_ERROR", "the trainer failed on this item")
+                else:
+                    self._run([(item, outcome)])
+
+    def _fused(self, runnable: list[tuple[EngineItem, ItemOutcome]]) -> None:
+        """Chunk by padded size, forward/backward each chunk; gradients join each adapter's
+        accumulation only after every chunk, and only if its items all stayed finite."""
+        slots = {item.adapter_id: self._slots[item.adapter_id] for item, _ in runnable}
+        for slot in slots.values():
+            slot.drop_fresh_grads()
+        for outcome in (o for _, o in runnable):
+            outcome.metrics = {"loss:sum": 0.0, "num_tokens:sum": 0.0}
+        for chunk in plan_chunks([item for item, _ in runnable], self._max_batch_tokens):
+            self._run_chunk(chunk, [runnable[part.index][1] for part in chunk])
+        self._settle_gradients(runnable, slots)
+
+    def _run_chunk(self, parts: list[ChunkPart], outcomes: list[ItemOutcome]) -> None:
+        items = [part.item for part in parts]
         packed = pack_items(items, self._device)
         train = any(item.kind is ItemKind.FORWARD_BACKWARD for item in items)
         with torch.set_grad_enabled(train), self._routing.use(packed.plan):
@@ -148,17 +177,17 @@ class TorchTrainingEngine:
             targets_btk = pack_targets(items, tuple(packed.tokens_bt.shape), self._device)
             logprobs_btk = target_logprobs(logits_btv, targets_btk)
             del logits_btv
-            losses = [
-                self._score(item, outcome, logprobs_btk, row)
-                for (item, outcome), row in zip(runnable, packed.first_rows)
-            ]
-        if train:
-            self._backward(runnable, losses)
+            losses = [self._score(item, outcome, logprobs_btk, row)
+                      for item, outcome, row in zip(items, outcomes, packed.first_rows)]
+        trained = [loss for item, loss in zip(items, losses)
+                   if item.kind is ItemKind.FORWARD_BACKWARD and loss is not None]
+        if trained:
+            sum(trained).backward()
 
     def _score(
         self, item: EngineItem, outcome: ItemOutcome, logprobs_btk: torch.Tensor, first_row: int
     ) -> torch.Tensor | None:
-        """Per-datum loss and outputs of one item; returns its loss, or None if non-finite."""
+        """Loss and outputs of an item's datums in this chunk; None once the item is non-finite."""
         loss_def = LOSSES[item.loss_fn]
         total = None
         for offset, datum in enumerate(item.data):
@@ -170,40 +199,34 @@ class TorchTrainingEngine:
             total = result.loss if total is None else total + result.loss
             outcome.outputs.append({k: _to_numpy(v) for k, v in result.outputs.items()})
         loss_value = float(total.detach())
-        outcome.metrics = {"loss:sum": loss_value, "num_tokens:sum": float(item.num_tokens)}
-        if not math.isfinite(loss_value):
-            outcome.outputs = []
+        outcome.metrics["loss:sum"] += loss_value
+        outcome.metrics["num_tokens:sum"] += float(item.num_tokens)
+        if outcome.failure is None and not math.isfinite(loss_value):
             outcome.failure = _failure("NON_FINITE_LOSS", f"loss is {loss_value}")
-            return None
-        return total
+        return None if outcome.failure is not None else total
 
     def _input_tensor(self, key: str, value: np.ndarray) -> torch.Tensor:
         dtype = torch.long if key == "target_tokens" else torch.float32
         return torch.tensor(np.asarray(value), dtype=dtype, device=self._device)
 
-    def _backward(
-        self, runnable: list[tuple[EngineItem, ItemOutcome]], losses: list[torch.Tensor | None]
+    def _settle_gradients(
+        self, runnable: list[tuple[EngineItem, ItemOutcome]], slots: dict[str, AdapterSlot]
     ) -> None:
-        """Backward over the finite losses only; keep each adapter's gradients only if finite."""
-        trained = [
-            (item, outcome, loss)
-            for (item, outcome), loss in zip(runnable, losses)
-            if item.kind is ItemKind.FORWARD_BACKWARD and loss is not None
-        ]
-        slots = {item.adapter_id: self._slots[item.adapter_id] for item, _ in runnable}
-        for slot in slots.values():
-            slot.drop_fresh_grads()
-        if trained:
-            sum(loss for _, _, loss in trained).backward()
+        """Absorb each adapter's fresh gradients if all its items and gradients are finite;
+        otherwise drop them and fail its forward_backward items."""
         for adapter_id, slot in slots.items():
-            outcomes = [out for item, out, _ in trained if item.adapter_id == adapter_id]
-            if outcomes and slot.fresh_grads_finite():
+            own = [(item, out) for item, out in runnable
+                   if item.adapter_id == adapter_id and item.kind is ItemKind.FORWARD_BACKWARD]
+            if own and all(out.failure is None for _, out in own) and slot.fresh_grads_finite():
                 slot.absorb_fresh_grads()
                 continue
             slot.drop_fresh_grads()
-            for outcome in outcomes:
+            for _, outcome in own:
+                if outcome.failure is None:
+                    outcome.failure = _failure("NON_FINITE_GRADIENT", "gradient is not finite")
+        for _, outcome in runnable:
+            if outcome.failure is not None:
                 outcome.outputs = []
-                outcome.failure = _failure("NON_FINITE_GRADIENT", "gradient is not finite")
 
 
 def _failure(reason: str, message: str) -> ItemFailure:
