@@ -178,3 +178,43 @@ def test_unexpected_trainer_errors_become_internal_errors():
         assert (short.error.code, short.error.reason) == (Code.INTERNAL, "BAD_BATCH_RESPONSE")
 
     asyncio.run(main())
+
+
+def test_an_optim_step_queued_behind_a_forward_op_rides_in_its_batch():
+    async def main():
+        mesh = await make_mesh()
+        mesh.trainer.hold = asyncio.Event()
+        a, b = await mesh.new_run("t1"), await mesh.new_run("t2")
+        first = await mesh.submit(b, 1, "t2")  # occupies the node while a's ops queue up
+        await settle()
+        ops = [await mesh.submit(a, 1), await mesh.submit(a, 2, kind=OpKind.OPTIM_STEP, tokens=0),
+               await mesh.submit(a, 3), await mesh.submit(b, 2, "t2", kind=OpKind.OPTIM_STEP, tokens=0)]
+        mesh.trainer.hold.set()
+        await mesh.wait_all([first, *ops])
+        kinds = [[(item.run_name, item.kind) for item in items] for _, items in mesh.trainer.batches]
+        FB, OPT = OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP
+        assert kinds == [[(b, FB)], [(a, FB), (b, OPT), (a, OPT)], [(a, FB)]]
+        assert all(op.state is OpState.SUCCEEDED for op in ops)
+        run = mesh.core.get_run("t1", a)
+        assert (run.step, run.last_seq_id) == (1, 3)
+
+    asyncio.run(main())
+
+
+def test_a_cancelled_optim_step_does_not_ride_along():
+    async def main():
+        mesh = await make_mesh()
+        mesh.trainer.hold = asyncio.Event()
+        a, b = await mesh.new_run("t1"), await mesh.new_run("t2")
+        first = await mesh.submit(b, 1, "t2")
+        await settle()
+        fb = await mesh.submit(a, 1)
+        optim = await mesh.submit(a, 2, kind=OpKind.OPTIM_STEP, tokens=0)
+        mesh.core.cancel_operation("t1", optim.name)
+        mesh.trainer.hold.set()
+        await mesh.wait_all([first, fb])
+        sent = [item.op_name for _, items in mesh.trainer.batches for item in items]
+        assert optim.name not in sent and optim.state is OpState.CANCELLED
+        assert mesh.core.get_run("t1", a).last_seq_id == 2
+
+    asyncio.run(main())

@@ -38,8 +38,10 @@ class NodeDispatcher:
         on_done: OnDone,
         token_budget: int,
         batch_wait_s: float,
+        companion_of: Callable[[OperationRecord], OperationRecord | None] = lambda op: None,
     ) -> None:
         self.node_id = node_id
+        self._companion_of = companion_of
         self._trainer = trainer
         self._mark_running = mark_running
         self._on_done = on_done
@@ -103,7 +105,10 @@ class NodeDispatcher:
                 await self._run_batch(self._ready.take(self._token_budget))
                 backlog = True
 
-    async def _run_batch(self, ops: list[OperationRecord]) -> None:
+    async def _run_batch(self, heads: list[OperationRecord]) -> None:
+        # A head's run may send its next op along when the trainer applies it right after
+        # (an optim_step after a forward op): one trainer round per training step.
+        ops = heads + [c for op in heads if (c := self._companion_of(op)) is not None]
         items = [BatchItem(op.name, op.run, op.kind, op.payload, op.num_tokens) for op in ops]
         for op in ops:
             self._mark_running(op)
@@ -122,7 +127,8 @@ class NodeDispatcher:
                       len(outcomes), len(ops))
             error = OperationError(Code.INTERNAL, "BAD_BATCH_RESPONSE", "trainer answer malformed")
             outcomes = [ItemOutcome(error=error)] * len(ops)
-        for op, outcome in zip(ops, outcomes, strict=True):
+        # companions first: when a head finishes, its run moves past the done companion
+        for op, outcome in reversed(list(zip(ops, outcomes, strict=True))):
             self._on_done(op, outcome)
 
     def _start_single(self, op: OperationRecord) -> None:

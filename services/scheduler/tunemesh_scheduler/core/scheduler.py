@@ -252,10 +252,20 @@ class SchedulerCore:
         if dispatcher is None:
             dispatcher = self._dispatchers[node_id] = NodeDispatcher(
                 node_id, self._trainer, self.operations.mark_running, self._finish,
-                self._config.batch_token_budget, self._config.batch_wait_s,
+                self._config.batch_token_budget, self._config.batch_wait_s, self._companion_of,
             )
             dispatcher.start()
         return dispatcher
+
+    def _companion_of(self, op: OperationRecord) -> OperationRecord | None:
+        """The run's optim_step right after forward op `op`, if already queued: the trainer
+        applies a batch's optimizer items after its fused pass, so it can ride along."""
+        if op.kind is OpKind.OPTIM_STEP:
+            return None
+        nxt = self._lanes[op.run].find(op.seq_id + 1)
+        if nxt is not None and nxt.kind is OpKind.OPTIM_STEP and nxt.state is OpState.QUEUED:
+            return nxt
+        return None
 
     def _release(self, op: OperationRecord) -> None:
         self._dispatcher(op.node_id).enqueue(op)
