@@ -127,8 +127,7 @@ class NodeDispatcher:
                       len(outcomes), len(ops))
             error = OperationError(Code.INTERNAL, "BAD_BATCH_RESPONSE", "trainer answer malformed")
             outcomes = [ItemOutcome(error=error)] * len(ops)
-        # companions first: when a head finishes, its run moves past the done companion
-        for op, outcome in reversed(list(zip(ops, outcomes, strict=True))):
+        for op, outcome in zip(ops, outcomes, strict=True):
             self._on_done(op, outcome)
 
     def _start_single(self, op: OperationRecord) -> None:

@@ -64,7 +64,8 @@ class RunLane:
         if op is not None:
             self._disarm()
             self.head = op
-            self._on_ready(op)
+            if op.state is OpState.QUEUED:  # a RUNNING one already went out with the previous op
+                self._on_ready(op)
         elif any(p.state is OpState.QUEUED for p in self._pending.values()):
             self._arm()
         else:
