@@ -24,6 +24,12 @@ DEMO_API_KEYS = {"tml-demo-alice": "alice", "tml-demo-bob": "bob"}
 ETCD_START_TIMEOUT_S = 15.0
 
 
+def local_trainer_threads(trainers: int) -> int:
+    """Torch threads per trainer when the whole mesh shares this machine: the cores less
+    one left to etcd, the scheduler and clients, split among trainers (at least 1)."""
+    return max(1, ((os.cpu_count() or 2) - 1) // max(1, trainers))
+
+
 def default_data_dir() -> Path:
     """The model cache trainers share: $TUNEMESH_DATA_DIR, else ~/.cache/tunemesh."""
     return Path(os.environ.get("TUNEMESH_DATA_DIR", "~/.cache/tunemesh")).expanduser()
@@ -69,6 +75,8 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
                 "--data-dir", str(config.data_dir or default_data_dir())]
         if config.models:
             argv += ["--model", config.models[index % len(config.models)]]
+        if "TUNEMESH_TRAINER_NUM_THREADS" not in os.environ:
+            argv += ["--num-threads", str(local_trainer_threads(config.trainers))]
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
     argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint, "--listen", "127.0.0.1:0",
             "--ready-file", str(config.ready_file("scheduler")), "--api-keys-file", str(api_keys_file)]
