@@ -25,9 +25,13 @@ ETCD_START_TIMEOUT_S = 15.0
 
 
 def local_trainer_threads(trainers: int) -> int:
-    """Torch threads per trainer when the whole mesh shares this machine: the cores less
-    one left to etcd, the scheduler and clients, split among trainers (at least 1)."""
-    return max(1, ((os.cpu_count() or 2) - 1) // max(1, trainers))
+    """Torch threads per trainer when the whole mesh shares this machine, split among
+    trainers (at least 1). From 4 cores on, one core is left to etcd, the scheduler and
+    clients; on 2 cores compute wins: halving a real model's arithmetic costs more than
+    the control plane gains (bench/README.md has both measured)."""
+    cores = os.cpu_count() or 2
+    usable = cores - 1 if cores >= 4 else cores
+    return max(1, usable // max(1, trainers))
 
 
 def default_data_dir() -> Path:

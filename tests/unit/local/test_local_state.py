@@ -122,13 +122,13 @@ def test_child_env_exempts_loopback_from_proxies(monkeypatch: pytest.MonkeyPatch
     assert out.strip() == "corp.example,127.0.0.1,localhost"
 
 
-def test_local_trainers_leave_a_core_to_the_control_plane(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_local_trainer_threads_split_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TUNEMESH_TRAINER_NUM_THREADS", raising=False)
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 8)
     assert [launcher.local_trainer_threads(n) for n in (1, 2, 3, 10)] == [7, 3, 2, 1]
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 2)
     argv = list(launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")[0].argv)
-    assert argv[argv.index("--num-threads") + 1] == "1"
+    assert argv[argv.index("--num-threads") + 1] == "2"
     monkeypatch.setenv("TUNEMESH_TRAINER_NUM_THREADS", "2")  # the trainer reads it itself
     argv = list(launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")[0].argv)
     assert "--num-threads" not in argv
