@@ -20,6 +20,7 @@ class SchedulerSettings:
     max_datums: int = 1024  # most datums per request
     max_tokens: int = 262144  # most tokens per request
     gap_timeout_s: int = 300  # a run waiting this long on a missing seq_id fails its queue
+    max_ops_ahead: int = 1024  # most operations a run may queue beyond its last finished one
     wait_cap_s: int = 30  # longest WaitOperation hold
     trainer_timeout_s: int = 600  # deadline of one call to a trainer
 

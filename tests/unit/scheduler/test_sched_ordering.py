@@ -5,7 +5,7 @@ import asyncio
 import pytest
 from scheduler_fakes import make_mesh, settle
 
-from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument
+from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, ResourceExhausted
 from tunemesh_scheduler.core import ItemOutcome, OperationError, OpKind, OpState, RunRecord
 
 
@@ -154,5 +154,19 @@ def test_failed_op_does_not_block_the_rest_of_its_run():
         await mesh.wait_all(ops)
         assert ops[0].state is OpState.FAILED and ops[0].error == bad
         assert ops[1].state is OpState.SUCCEEDED
+
+    asyncio.run(main())
+
+
+def test_a_run_cannot_queue_unboundedly_far_ahead():
+    async def main():
+        mesh = await make_mesh(max_ops_ahead=3)
+        run = await mesh.new_run()
+        with pytest.raises(ResourceExhausted) as info:
+            await mesh.submit(run, 4)  # last finished is 0: seq 1..3 fit, 4 does not
+        assert info.value.reason == "TOO_MANY_QUEUED"
+        ops = [await mesh.submit(run, seq) for seq in (1, 2, 3)]
+        await mesh.wait_all(ops)
+        await mesh.wait_all([await mesh.submit(run, 4)])  # room again once earlier ops are done
 
     asyncio.run(main())

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument
-from tunemesh_common.errors import Unavailable
+from tunemesh_common.errors import ResourceExhausted, Unavailable
 from tunemesh_scheduler.core.dispatch import NodeDispatcher
 from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import ItemOutcome, PlacementPort, TrainerPort
@@ -44,6 +44,8 @@ class SchedulerConfig:
     batch_token_budget: int = 16384
     # Merge window before each batch; 0 = dispatch as soon as the loop is free.
     batch_wait_s: float = 0.0
+    # Most operations a run may have beyond its last finished seq_id (bounds memory).
+    max_ops_ahead: int = 1024
 
 
 def _new_uuid() -> str:
@@ -153,6 +155,12 @@ class SchedulerCore:
             self.operations.index_request(existing, request_id)
             return existing
         self.sessions.get_open(tenant, record.session)
+        if seq_id > record.last_seq_id + self._config.max_ops_ahead:
+            raise ResourceExhausted(  # retryable: the SDK backs off until earlier ops finish
+                "TOO_MANY_QUEUED",
+                f"seq_id {seq_id} is more than {self._config.max_ops_ahead} ahead of the run's "
+                f"last finished seq_id {record.last_seq_id}",
+            )
         op = self.operations.create(
             tenant=tenant, run=run, seq_id=seq_id, kind=kind, request_id=request_id,
             payload=payload, payload_digest=payload_digest, num_tokens=num_tokens,

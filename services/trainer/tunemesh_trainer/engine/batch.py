@@ -25,7 +25,7 @@ class PackedBatch:
 
 def pack_targets(items: Sequence[EngineItem], shape_bt: tuple[int, int], device: torch.device) -> torch.Tensor:
     """Every datum's target_tokens as (rows, T, K): (N,) targets get K = 1; padding is 0."""
-    targets = [torch.as_tensor(d.loss_inputs["target_tokens"], dtype=torch.long).reshape(
+    targets = [torch.tensor(d.loss_inputs["target_tokens"], dtype=torch.long).reshape(
         int(d.tokens.shape[0]), -1) for item in items for d in item.data]
     k_max = max(t.shape[1] for t in targets)
     targets_btk = torch.zeros((*shape_bt, k_max), dtype=torch.long)
