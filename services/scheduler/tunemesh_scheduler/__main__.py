@@ -34,7 +34,9 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     watcher = await registry.NodeWatcher.start(etcd, "trainers", on_change=directory.on_change)
     placement = EtcdPlacement(directory, registry.PlacementTable(etcd))
     trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s)
-    config = SchedulerConfig(s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead)
+    config = SchedulerConfig(
+        s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s
+    )
     core = SchedulerCore(placement, trainers, config)
     await core.start()
     limits = Limits(s.max_datums, s.max_tokens)

@@ -21,6 +21,7 @@ class SchedulerSettings:
     max_tokens: int = 262144  # most tokens per request
     gap_timeout_s: int = 300  # a run waiting this long on a missing seq_id fails its queue
     max_ops_ahead: int = 1024  # most operations a run may queue beyond its last finished one
+    finished_ttl_s: int = 3600  # finished operations are kept this long, then forgotten
     wait_cap_s: int = 30  # longest WaitOperation hold
     trainer_timeout_s: int = 600  # deadline of one call to a trainer
 

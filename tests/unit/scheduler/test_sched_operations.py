@@ -1,13 +1,14 @@
 """Operations: long-poll waits, cancel, tenant isolation, status snapshot, shutdown."""
 
 import asyncio
+import itertools
 import time
 
 import pytest
-from scheduler_fakes import make_mesh, settle
+from scheduler_fakes import FakePlacement, FakeTrainer, Mesh, make_mesh, settle
 
-from tunemesh_common.errors import Code, NotFound
-from tunemesh_scheduler.core import OpKind, OpState
+from tunemesh_common.errors import Code, FailedPrecondition, NotFound
+from tunemesh_scheduler.core import OpKind, OpState, SchedulerConfig, SchedulerCore
 
 
 def test_wait_wakes_when_the_operation_finishes():
@@ -165,5 +166,35 @@ def test_stop_fails_unfinished_ops_and_wakes_waiters():
         assert (await waiter).state is OpState.FAILED
         for op in ops:
             assert (op.error.code, op.error.reason) == (Code.UNAVAILABLE, "SCHEDULER_STOPPING")
+
+    asyncio.run(main())
+
+
+def test_finished_operations_are_forgotten_after_their_ttl_and_retries_cannot_rerun_them():
+    async def main():
+        now = [1000.0]
+        counter = itertools.count(1)
+        trainer = FakeTrainer()
+        placement = FakePlacement()
+        core = SchedulerCore(placement, trainer, SchedulerConfig(finished_ttl_s=60),
+                             clock=lambda: now[0], new_id=lambda: f"id{next(counter)}")
+        await core.start()
+        mesh = Mesh(core, placement, trainer)
+        run = await mesh.new_run()
+        done = await mesh.submit(run, 1, request_id="r1")
+        await mesh.wait_all([done])
+        now[0] += 30
+        queued_later = await mesh.submit(run, 2, request_id="r2")
+        await mesh.wait_all([queued_later])
+        now[0] += 45  # op 1 ended 75 s ago, op 2 ended 45 s ago
+        assert core.evict_finished() == 1
+        with pytest.raises(NotFound):
+            core.get_operation("t1", done.name)
+        assert core.get_operation("t1", queued_later.name) is queued_later
+        with pytest.raises(FailedPrecondition) as info:  # the same call again: never re-executed
+            await mesh.submit(run, 1, request_id="r1")
+        assert info.value.reason == "SEQ_ID_PASSED"
+        assert len(trainer.executed) == 2
+        await core.stop()
 
     asyncio.run(main())

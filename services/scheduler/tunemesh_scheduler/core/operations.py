@@ -24,6 +24,7 @@ class OperationStore:
         self._ops: dict[str, OperationRecord] = {}
         self._requests: dict[tuple[str, str], OperationRecord] = {}
         self._events: dict[str, asyncio.Event] = {}
+        self._finished: collections.deque[OperationRecord] = collections.deque()  # by end_time
         self.by_state: collections.Counter[str] = collections.Counter()
         self.queued_by_tenant: collections.Counter[str] = collections.Counter()
         self.queued_by_node: collections.Counter[str] = collections.Counter()
@@ -118,9 +119,22 @@ class OperationStore:
             pass
         return op
 
+    def evict_finished(self, older_than: float) -> list[OperationRecord]:
+        """Forget operations that finished before `older_than` (epoch seconds); returns them."""
+        evicted = []
+        while self._finished and self._finished[0].end_time < older_than:
+            op = self._finished.popleft()
+            del self._ops[op.name]
+            if self._requests.get((op.tenant, op.request_id)) is op:
+                del self._requests[(op.tenant, op.request_id)]
+            self._count(op, -1)
+            evicted.append(op)
+        return evicted
+
     def _finish(self, op: OperationRecord, state: OpState) -> None:
         op.end_time = self._clock()
         op.payload = None  # the trainer has what it needs; free the memory
+        self._finished.append(op)
         self._move(op, state)
         event = self._events.pop(op.name, None)
         if event is not None:

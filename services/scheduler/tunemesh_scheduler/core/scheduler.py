@@ -7,6 +7,7 @@ tenant read as NotFound. All state is in memory; durable placement lives behind
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import time
@@ -46,6 +47,9 @@ class SchedulerConfig:
     batch_wait_s: float = 0.0
     # Most operations a run may have beyond its last finished seq_id (bounds memory).
     max_ops_ahead: int = 1024
+    # Finished operations are forgotten this long after they end (GetOperation then
+    # answers NOT_FOUND; a retry of their seq_id answers SEQ_ID_PASSED).
+    finished_ttl_s: float = 3600.0
 
 
 def _new_uuid() -> str:
@@ -72,16 +76,35 @@ class SchedulerCore:
         self._lanes: dict[str, RunLane] = {}
         self._dispatchers: dict[str, NodeDispatcher] = {}
         self._serving = False
+        self._clock = clock
+        self._evictor: asyncio.Task | None = None
 
     # ---- lifecycle -------------------------------------------------------------------
 
     async def start(self) -> None:
         """Begin serving (call from the event loop that will run the core)."""
         self._serving = True
+        self._evictor = asyncio.get_running_loop().create_task(self._evict_periodically())
+
+    async def _evict_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(min(60.0, self._config.finished_ttl_s))
+            self.evict_finished()
+
+    def evict_finished(self) -> int:
+        """Forget operations finished more than `finished_ttl_s` ago; returns how many."""
+        evicted = self.operations.evict_finished(self._clock() - self._config.finished_ttl_s)
+        for op in evicted:
+            lane = self._lanes.get(op.run)
+            if lane is not None:
+                lane.forget(op)
+        return len(evicted)
 
     async def stop(self) -> None:
         """Stop dispatching; every unfinished operation fails with UNAVAILABLE."""
         self._serving = False
+        if self._evictor is not None:
+            self._evictor.cancel()
         for dispatcher in self._dispatchers.values():
             await dispatcher.stop()
         self._dispatchers.clear()

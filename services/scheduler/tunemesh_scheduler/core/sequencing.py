@@ -42,6 +42,11 @@ class RunLane:
         """The operation submitted with `seq_id`, if any."""
         return self._by_seq.get(seq_id)
 
+    def forget(self, op: OperationRecord) -> None:
+        """Drop an evicted (long finished) operation from the idempotency index."""
+        if self._by_seq.get(op.seq_id) is op and op.seq_id <= self.run.last_seq_id:
+            del self._by_seq[op.seq_id]
+
     def add(self, op: OperationRecord) -> None:
         """Accept a new QUEUED operation; releases it at once if it is the head."""
         self._by_seq[op.seq_id] = op
