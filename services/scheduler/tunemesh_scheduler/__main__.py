@@ -35,7 +35,8 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     placement = EtcdPlacement(directory, registry.PlacementTable(etcd))
     trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s)
     config = SchedulerConfig(
-        s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s
+        s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s,
+        s.max_runs_per_tenant,
     )
     core = SchedulerCore(placement, trainers, config)
     await core.start()

@@ -22,6 +22,7 @@ class SchedulerSettings:
     gap_timeout_s: int = 300  # a run waiting this long on a missing seq_id fails its queue
     max_ops_ahead: int = 1024  # most operations a run may queue beyond its last finished one
     finished_ttl_s: int = 3600  # finished operations are kept this long, then forgotten
+    max_runs_per_tenant: int = 16  # so no tenant can take every trainer's adapter slots
     wait_cap_s: int = 30  # longest WaitOperation hold
     trainer_timeout_s: int = 600  # deadline of one call to a trainer
 

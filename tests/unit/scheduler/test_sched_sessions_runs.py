@@ -135,3 +135,19 @@ def test_not_serving_before_start_and_after_stop():
         assert info.value.code == Code.UNAVAILABLE
 
     asyncio.run(main())
+
+
+def test_a_tenant_cannot_hold_more_runs_than_its_quota():
+    async def main():
+        mesh = await make_mesh(max_runs_per_tenant=2)
+        session = mesh.core.create_session("t1")
+        for _ in range(2):
+            await mesh.core.create_run("t1", session.name, "tiny", {}, "")
+        with pytest.raises(ResourceExhausted) as info:
+            await mesh.core.create_run("t1", session.name, "tiny", {}, "")
+        assert info.value.reason == "TENANT_RUN_QUOTA"
+        other = mesh.core.create_session("t2")  # another tenant is unaffected
+        await mesh.core.create_run("t2", other.name, "tiny", {}, "")
+        assert len(mesh.placement.placed) == 3
+
+    asyncio.run(main())

@@ -7,7 +7,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
+from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from tunemesh_scheduler.core.ports import PlacementPort, TrainerPort
 from tunemesh_scheduler.core.records import RunRecord
 
@@ -26,7 +26,9 @@ class RunRegistry:
         trainer: TrainerPort,
         clock: Callable[[], float],
         new_id: Callable[[], str],
+        max_runs_per_tenant: int = 0,
     ) -> None:
+        self._max_runs_per_tenant = max_runs_per_tenant  # 0: no quota
         self._placement = placement
         self._trainer = trainer
         self._clock = clock
@@ -68,6 +70,11 @@ class RunRegistry:
     async def _place_and_create(
         self, tenant: str, session: str, base_model: str, lora: Any
     ) -> RunRecord:
+        held = len(self._by_tenant.get(tenant, ()))
+        if self._max_runs_per_tenant and held >= self._max_runs_per_tenant:
+            raise ResourceExhausted(
+                "TENANT_RUN_QUOTA", f"tenant already holds {held} runs (the quota is {self._max_runs_per_tenant})"
+            )
         name = f"runs/{self._new_id()}"
         node_id = await self._placement.place(name, base_model)
         try:

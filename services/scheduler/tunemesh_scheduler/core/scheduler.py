@@ -50,6 +50,8 @@ class SchedulerConfig:
     # Finished operations are forgotten this long after they end (GetOperation then
     # answers NOT_FOUND; a retry of their seq_id answers SEQ_ID_PASSED).
     finished_ttl_s: float = 3600.0
+    # Most runs one tenant may hold, so no tenant can take every adapter slot; 0: none.
+    max_runs_per_tenant: int = 0
 
 
 def _new_uuid() -> str:
@@ -71,7 +73,7 @@ class SchedulerCore:
         self._trainer = trainer
         self._config = config
         self.sessions = SessionRegistry(clock, new_id)
-        self.runs = RunRegistry(placement, trainer, clock, new_id)
+        self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant)
         self.operations = OperationStore(clock, new_id)
         self._lanes: dict[str, RunLane] = {}
         self._dispatchers: dict[str, NodeDispatcher] = {}
