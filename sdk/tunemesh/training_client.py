@@ -134,6 +134,15 @@ class TrainingClient:
         )
         return _wire.run_info(response.run)
 
+    def delete(self) -> None:
+        """Delete the run and free its adapter slot on the service. Wait for (or cancel)
+        its pending calls first: a run with unfinished operations answers RUN_BUSY."""
+        self._transport.call(
+            self._transport.training.DeleteTrainingRun,
+            training_pb2.DeleteTrainingRunRequest(name=self._run),
+            what="DeleteTrainingRun",
+        )
+
     def get_tokenizer(self) -> Any:
         """The base model's tokenizer, fetched from the service and cached on disk."""
         if self._tokenizer_for is None:

@@ -65,6 +65,10 @@ class CountingTrainer(TrainerServicer):
         self.calls["OptimStep"] += 1
         return await super().OptimStep(request, context)
 
+    async def DeleteAdapter(self, request, context):
+        self.calls["DeleteAdapter"] += 1
+        return await super().DeleteAdapter(request, context)
+
     async def GetTokenizer(self, request, context):
         self.calls["GetTokenizer"] += 1
         return await super().GetTokenizer(request, context)
@@ -440,3 +444,20 @@ def test_sdk_surfaces_validation_errors_as_typed_errors(mesh, tmp_path):
         with tunemesh.ServiceClient(mesh.address, "key-zzz", retry_policy=FAST_RETRY) as bad:
             bad.get_server_capabilities()
     assert info.value.reason == "INVALID_API_KEY"
+
+
+def test_sdk_delete_frees_the_adapter_on_the_trainer(mesh, tmp_path):
+    with tunemesh.ServiceClient(mesh.address, "key-a", retry_policy=FAST_RETRY,
+                                tokenizer_cache_dir=tmp_path) as service:
+        trainer = service.create_lora_training_client(TINY_DENSE, rank=4, seed=6)
+        trainer.forward_backward([sdk_datum([60, 61, 62])], "cross_entropy").result(timeout=60)
+        deletes = mesh.trainer.calls["DeleteAdapter"]
+        with pytest.raises(tunemesh.NotFoundError):  # only its owner may delete it
+            with tunemesh.ServiceClient(mesh.address, "key-b", retry_policy=FAST_RETRY) as other:
+                other._transport.call(other._transport.training.DeleteTrainingRun,
+                                      training_pb2.DeleteTrainingRunRequest(name=trainer.run))
+        assert mesh.trainer.calls["DeleteAdapter"] == deletes
+        trainer.delete()
+        assert mesh.trainer.calls["DeleteAdapter"] == deletes + 1
+        with pytest.raises(tunemesh.NotFoundError):
+            trainer.get_info()

@@ -27,7 +27,7 @@ from tunemesh.v1 import operations_pb2 as tunemesh_dot_v1_dot_operations__pb2
 from tunemesh.v1 import types_pb2 as tunemesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunemesh/v1/training.proto\x12\x0btunemesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunemesh/v1/operations.proto\x1a\x17tunemesh/v1/types.proto\"\xd8\x01\n\x0bTrainingRun\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12,\n\x0blora_config\x18\x04 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x14\n\x0ctrainer_node\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blast_seq_id\x18\x08 \x01(\x03\"\x81\x01\n\x18\x43reateTrainingRunRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12,\n\x0blora_config\x18\x03 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"B\n\x19\x43reateTrainingRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.tunemesh.v1.TrainingRun\"%\n\x15GetTrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x16GetTrainingRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.tunemesh.v1.TrainingRun\"@\n\x17ListTrainingRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x18ListTrainingRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.tunemesh.v1.TrainingRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x8e\x02\n\x0e\x46orwardRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12 \n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x12.tunemesh.v1.Datum\x12\x0f\n\x07loss_fn\x18\x05 \x01(\t\x12\x45\n\x0eloss_fn_config\x18\x06 \x03(\x0b\x32-.tunemesh.v1.ForwardRequest.LossFnConfigEntry\x1aQ\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.tunemesh.v1.LossConfigValue:\x02\x38\x01\"<\n\x0f\x46orwardResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation\"\x9e\x02\n\x16\x46orwardBackwardRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12 \n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x12.tunemesh.v1.Datum\x12\x0f\n\x07loss_fn\x18\x05 \x01(\t\x12M\n\x0eloss_fn_config\x18\x06 \x03(\x0b\x32\x35.tunemesh.v1.ForwardBackwardRequest.LossFnConfigEntry\x1aQ\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.tunemesh.v1.LossConfigValue:\x02\x38\x01\"D\n\x17\x46orwardBackwardResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation\"q\n\x10OptimStepRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12,\n\x0b\x61\x64\x61m_params\x18\x04 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\">\n\x11OptimStepResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation2\xa1\x04\n\x0fTrainingService\x12\x62\n\x11\x43reateTrainingRun\x12%.tunemesh.v1.CreateTrainingRunRequest\x1a&.tunemesh.v1.CreateTrainingRunResponse\x12Y\n\x0eGetTrainingRun\x12\".tunemesh.v1.GetTrainingRunRequest\x1a#.tunemesh.v1.GetTrainingRunResponse\x12_\n\x10ListTrainingRuns\x12$.tunemesh.v1.ListTrainingRunsRequest\x1a%.tunemesh.v1.ListTrainingRunsResponse\x12\x44\n\x07\x46orward\x12\x1b.tunemesh.v1.ForwardRequest\x1a\x1c.tunemesh.v1.ForwardResponse\x12\\\n\x0f\x46orwardBackward\x12#.tunemesh.v1.ForwardBackwardRequest\x1a$.tunemesh.v1.ForwardBackwardResponse\x12J\n\tOptimStep\x12\x1d.tunemesh.v1.OptimStepRequest\x1a\x1e.tunemesh.v1.OptimStepResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunemesh/v1/training.proto\x12\x0btunemesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1ctunemesh/v1/operations.proto\x1a\x17tunemesh/v1/types.proto\"\xd8\x01\n\x0bTrainingRun\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12,\n\x0blora_config\x18\x04 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\x12\x0c\n\x04step\x18\x05 \x01(\x03\x12\x14\n\x0ctrainer_node\x18\x06 \x01(\t\x12/\n\x0b\x63reate_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0blast_seq_id\x18\x08 \x01(\x03\"\x81\x01\n\x18\x43reateTrainingRunRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12,\n\x0blora_config\x18\x03 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"B\n\x19\x43reateTrainingRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.tunemesh.v1.TrainingRun\"%\n\x15GetTrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"?\n\x16GetTrainingRunResponse\x12%\n\x03run\x18\x01 \x01(\x0b\x32\x18.tunemesh.v1.TrainingRun\"@\n\x17ListTrainingRunsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"[\n\x18ListTrainingRunsResponse\x12&\n\x04runs\x18\x01 \x03(\x0b\x32\x18.tunemesh.v1.TrainingRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"(\n\x18\x44\x65leteTrainingRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x1b\n\x19\x44\x65leteTrainingRunResponse\"\x8e\x02\n\x0e\x46orwardRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12 \n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x12.tunemesh.v1.Datum\x12\x0f\n\x07loss_fn\x18\x05 \x01(\t\x12\x45\n\x0eloss_fn_config\x18\x06 \x03(\x0b\x32-.tunemesh.v1.ForwardRequest.LossFnConfigEntry\x1aQ\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.tunemesh.v1.LossConfigValue:\x02\x38\x01\"<\n\x0f\x46orwardResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation\"\x9e\x02\n\x16\x46orwardBackwardRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12 \n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x12.tunemesh.v1.Datum\x12\x0f\n\x07loss_fn\x18\x05 \x01(\t\x12M\n\x0eloss_fn_config\x18\x06 \x03(\x0b\x32\x35.tunemesh.v1.ForwardBackwardRequest.LossFnConfigEntry\x1aQ\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.tunemesh.v1.LossConfigValue:\x02\x38\x01\"D\n\x17\x46orwardBackwardResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation\"q\n\x10OptimStepRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12,\n\x0b\x61\x64\x61m_params\x18\x04 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\">\n\x11OptimStepResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation2\x85\x05\n\x0fTrainingService\x12\x62\n\x11\x43reateTrainingRun\x12%.tunemesh.v1.CreateTrainingRunRequest\x1a&.tunemesh.v1.CreateTrainingRunResponse\x12Y\n\x0eGetTrainingRun\x12\".tunemesh.v1.GetTrainingRunRequest\x1a#.tunemesh.v1.GetTrainingRunResponse\x12_\n\x10ListTrainingRuns\x12$.tunemesh.v1.ListTrainingRunsRequest\x1a%.tunemesh.v1.ListTrainingRunsResponse\x12\x62\n\x11\x44\x65leteTrainingRun\x12%.tunemesh.v1.DeleteTrainingRunRequest\x1a&.tunemesh.v1.DeleteTrainingRunResponse\x12\x44\n\x07\x46orward\x12\x1b.tunemesh.v1.ForwardRequest\x1a\x1c.tunemesh.v1.ForwardResponse\x12\\\n\x0f\x46orwardBackward\x12#.tunemesh.v1.ForwardBackwardRequest\x1a$.tunemesh.v1.ForwardBackwardResponse\x12J\n\tOptimStep\x12\x1d.tunemesh.v1.OptimStepRequest\x1a\x1e.tunemesh.v1.OptimStepResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -52,22 +52,26 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTTRAININGRUNSREQUEST']._serialized_end=718
   _globals['_LISTTRAININGRUNSRESPONSE']._serialized_start=720
   _globals['_LISTTRAININGRUNSRESPONSE']._serialized_end=811
-  _globals['_FORWARDREQUEST']._serialized_start=814
-  _globals['_FORWARDREQUEST']._serialized_end=1084
-  _globals['_FORWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_start=1003
-  _globals['_FORWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_end=1084
-  _globals['_FORWARDRESPONSE']._serialized_start=1086
-  _globals['_FORWARDRESPONSE']._serialized_end=1146
-  _globals['_FORWARDBACKWARDREQUEST']._serialized_start=1149
-  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=1435
-  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_start=1003
-  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_end=1084
-  _globals['_FORWARDBACKWARDRESPONSE']._serialized_start=1437
-  _globals['_FORWARDBACKWARDRESPONSE']._serialized_end=1505
-  _globals['_OPTIMSTEPREQUEST']._serialized_start=1507
-  _globals['_OPTIMSTEPREQUEST']._serialized_end=1620
-  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1622
-  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1684
-  _globals['_TRAININGSERVICE']._serialized_start=1687
-  _globals['_TRAININGSERVICE']._serialized_end=2232
+  _globals['_DELETETRAININGRUNREQUEST']._serialized_start=813
+  _globals['_DELETETRAININGRUNREQUEST']._serialized_end=853
+  _globals['_DELETETRAININGRUNRESPONSE']._serialized_start=855
+  _globals['_DELETETRAININGRUNRESPONSE']._serialized_end=882
+  _globals['_FORWARDREQUEST']._serialized_start=885
+  _globals['_FORWARDREQUEST']._serialized_end=1155
+  _globals['_FORWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_start=1074
+  _globals['_FORWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_end=1155
+  _globals['_FORWARDRESPONSE']._serialized_start=1157
+  _globals['_FORWARDRESPONSE']._serialized_end=1217
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_start=1220
+  _globals['_FORWARDBACKWARDREQUEST']._serialized_end=1506
+  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_start=1074
+  _globals['_FORWARDBACKWARDREQUEST_LOSSFNCONFIGENTRY']._serialized_end=1155
+  _globals['_FORWARDBACKWARDRESPONSE']._serialized_start=1508
+  _globals['_FORWARDBACKWARDRESPONSE']._serialized_end=1576
+  _globals['_OPTIMSTEPREQUEST']._serialized_start=1578
+  _globals['_OPTIMSTEPREQUEST']._serialized_end=1691
+  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1693
+  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1755
+  _globals['_TRAININGSERVICE']._serialized_start=1758
+  _globals['_TRAININGSERVICE']._serialized_end=2403
 # @@protoc_insertion_point(module_scope)

@@ -77,6 +77,16 @@ class ListTrainingRunsResponse(_message.Message):
     next_page_token: str
     def __init__(self, runs: _Optional[_Iterable[_Union[TrainingRun, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
+class DeleteTrainingRunRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DeleteTrainingRunResponse(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class ForwardRequest(_message.Message):
     __slots__ = ("run", "seq_id", "request_id", "data", "loss_fn", "loss_fn_config")
     class LossFnConfigEntry(_message.Message):

@@ -50,6 +50,11 @@ class TrainingServiceStub:
                 request_serializer=tunemesh_dot_v1_dot_training__pb2.ListTrainingRunsRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_v1_dot_training__pb2.ListTrainingRunsResponse.FromString,
                 _registered_method=True)
+        self.DeleteTrainingRun = channel.unary_unary(
+                '/tunemesh.v1.TrainingService/DeleteTrainingRun',
+                request_serializer=tunemesh_dot_v1_dot_training__pb2.DeleteTrainingRunRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_v1_dot_training__pb2.DeleteTrainingRunResponse.FromString,
+                _registered_method=True)
         self.Forward = channel.unary_unary(
                 '/tunemesh.v1.TrainingService/Forward',
                 request_serializer=tunemesh_dot_v1_dot_training__pb2.ForwardRequest.SerializeToString,
@@ -87,6 +92,13 @@ class TrainingServiceServicer:
 
     def ListTrainingRuns(self, request, context):
         """Lists the caller's runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteTrainingRun(self, request, context):
+        """Deletes a run with no unfinished operations and frees its adapter slot.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -130,6 +142,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.ListTrainingRuns,
                     request_deserializer=tunemesh_dot_v1_dot_training__pb2.ListTrainingRunsRequest.FromString,
                     response_serializer=tunemesh_dot_v1_dot_training__pb2.ListTrainingRunsResponse.SerializeToString,
+            ),
+            'DeleteTrainingRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTrainingRun,
+                    request_deserializer=tunemesh_dot_v1_dot_training__pb2.DeleteTrainingRunRequest.FromString,
+                    response_serializer=tunemesh_dot_v1_dot_training__pb2.DeleteTrainingRunResponse.SerializeToString,
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
@@ -229,6 +246,33 @@ class TrainingService:
             '/tunemesh.v1.TrainingService/ListTrainingRuns',
             tunemesh_dot_v1_dot_training__pb2.ListTrainingRunsRequest.SerializeToString,
             tunemesh_dot_v1_dot_training__pb2.ListTrainingRunsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTrainingRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.v1.TrainingService/DeleteTrainingRun',
+            tunemesh_dot_v1_dot_training__pb2.DeleteTrainingRunRequest.SerializeToString,
+            tunemesh_dot_v1_dot_training__pb2.DeleteTrainingRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

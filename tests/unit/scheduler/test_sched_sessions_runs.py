@@ -3,7 +3,7 @@
 import asyncio
 
 import pytest
-from scheduler_fakes import make_mesh
+from scheduler_fakes import make_mesh, settle
 
 from tunemesh_common.errors import (
     AlreadyExists,
@@ -149,5 +149,32 @@ def test_a_tenant_cannot_hold_more_runs_than_its_quota():
         other = mesh.core.create_session("t2")  # another tenant is unaffected
         await mesh.core.create_run("t2", other.name, "tiny", {}, "")
         assert len(mesh.placement.placed) == 3
+
+    asyncio.run(main())
+
+
+def test_deleting_an_idle_run_frees_its_slot_and_quota():
+    async def main():
+        mesh = await make_mesh(max_runs_per_tenant=1)
+        session = mesh.core.create_session("t1")
+        run = await mesh.core.create_run("t1", session.name, "tiny", {}, "")
+        mesh.trainer.hold = asyncio.Event()
+        op = await mesh.submit(run.name, 1)
+        await settle()
+        with pytest.raises(FailedPrecondition) as busy:
+            await mesh.core.delete_run("t1", run.name)
+        assert busy.value.reason == "RUN_BUSY"
+        with pytest.raises(NotFound):  # another tenant cannot even see it
+            await mesh.core.delete_run("t2", run.name)
+        mesh.trainer.hold.set()
+        await mesh.wait_all([op])
+        await mesh.core.delete_run("t1", run.name)
+        assert mesh.trainer.deleted == [(run.node_id, run.name)]
+        assert (run.name, run.node_id) in mesh.placement.released
+        with pytest.raises(NotFound):
+            mesh.core.get_run("t1", run.name)
+        with pytest.raises(NotFound):
+            await mesh.submit(run.name, 2)
+        await mesh.core.create_run("t1", session.name, "tiny", {}, "")  # the quota is free again
 
     asyncio.run(main())

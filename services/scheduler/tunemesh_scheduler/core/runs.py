@@ -7,7 +7,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, Unavailable
+from tunemesh_common.errors import (
+    AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, TunemeshError, Unavailable,
+)
 from tunemesh_scheduler.core.ports import PlacementPort, TrainerPort
 from tunemesh_scheduler.core.records import RunRecord
 
@@ -103,6 +105,16 @@ class RunRegistry:
         except Exception as exc:  # NotFound when it was never created: nothing to undo
             log.info("undo of %s on %s: %r", name, node_id, exc)
         await self._placement.release(name, node_id)
+
+    async def delete(self, record: RunRecord) -> None:
+        """Forget the run at once (later calls get NotFound), then free its adapter slot."""
+        del self._runs[record.name]
+        self._by_tenant[record.tenant].remove(record.name)
+        try:
+            await self._trainer.delete_adapter(record.node_id, record.name)
+        except TunemeshError as exc:  # NotFound or a trainer that is gone: no slot left to free
+            log.warning("deleting the adapter of %s on %s: %r", record.name, record.node_id, exc)
+        await self._placement.release(record.name, record.node_id)
 
     def restore(self, record: RunRecord) -> None:
         """Register an existing run (e.g. reloaded from durable metadata)."""

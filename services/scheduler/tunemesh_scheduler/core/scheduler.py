@@ -150,6 +150,19 @@ class SchedulerCore:
     def get_run(self, tenant: str, name: str) -> RunRecord:
         return self.runs.get(tenant, name)
 
+    async def delete_run(self, tenant: str, name: str) -> None:
+        """Delete an idle run and free its adapter slot (and the tenant's quota)."""
+        self._check_serving()
+        record = self.runs.get(tenant, name)
+        lane = self._lanes[name]
+        if not lane.idle():
+            raise FailedPrecondition(
+                "RUN_BUSY", f"{name} has unfinished operations: wait for them or cancel them first"
+            )
+        lane.close()
+        del self._lanes[name]
+        await self.runs.delete(record)
+
     def list_runs(
         self, tenant: str, page_size: int = 0, page_token: str = ""
     ) -> tuple[list[RunRecord], str]:

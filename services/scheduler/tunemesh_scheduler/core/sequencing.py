@@ -42,6 +42,10 @@ class RunLane:
         """The operation submitted with `seq_id`, if any."""
         return self._by_seq.get(seq_id)
 
+    def idle(self) -> bool:
+        """No operation of the run is queued or running."""
+        return self.head is None and all(op.done for op in self._pending.values())
+
     def forget(self, op: OperationRecord) -> None:
         """Drop an evicted (long finished) operation from the idempotency index."""
         if self._by_seq.get(op.seq_id) is op and op.seq_id <= self.run.last_seq_id:
