@@ -89,6 +89,10 @@ class Internal(TunemeshError):
     code = Code.INTERNAL
 
 
+class DataLoss(TunemeshError):
+    code = Code.DATA_LOSS
+
+
 _BY_CODE = {cls.code: cls for cls in TunemeshError.__subclasses__()}
 
 

@@ -1,0 +1,1 @@
+"""tunemesh checkpoint service: durable, tenant-scoped adapter checkpoints."""
