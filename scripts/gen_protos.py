@@ -83,9 +83,12 @@ def main() -> int:
     args = parser.parse_args()
     if args.check:
         return check()
-    for stale in existing_generated():
-        (OUT_ROOT / stale).unlink()
-    generated = generate(OUT_ROOT)
+    with tempfile.TemporaryDirectory() as tmp:  # a protoc error leaves sdk/ untouched
+        generated = generate(pathlib.Path(tmp))
+        for stale in existing_generated():
+            (OUT_ROOT / stale).unlink()
+        for path in generated:
+            (OUT_ROOT / path).write_bytes((pathlib.Path(tmp) / path).read_bytes())
     print(f"generated {len(generated)} files from {len(proto_files())} protos into sdk/")
     return 0
 

@@ -24,34 +24,39 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from tunemesh.v1 import checkpoints_pb2 as tunemesh_dot_v1_dot_checkpoints__pb2
 from tunemesh.v1 import types_pb2 as tunemesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunemesh/v1/operations.proto\x12\x0btunemesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tunemesh/v1/types.proto\"?\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xfb\x02\n\tOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.tunemesh.v1.OperationState\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x0e\n\x06seq_id\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05\x65rror\x18\n \x01(\x0b\x32\x1b.tunemesh.v1.OperationErrorH\x00\x12>\n\x10\x66orward_backward\x18\x0b \x01(\x0b\x32\".tunemesh.v1.ForwardBackwardResultH\x00\x12\x32\n\noptim_step\x18\x0c \x01(\x0b\x32\x1c.tunemesh.v1.OptimStepResultH\x00\x42\x08\n\x06result\"#\n\x13GetOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x14GetOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation\"P\n\x14WaitOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"B\n\x15WaitOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation\"&\n\x16\x43\x61ncelOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x17\x43\x61ncelOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation*\xc4\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16OPERATION_STATE_QUEUED\x10\x01\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16OPERATION_STATE_FAILED\x10\x04\x12\x1d\n\x19OPERATION_STATE_CANCELLED\x10\x05\x32\x9d\x02\n\x10OperationService\x12S\n\x0cGetOperation\x12 .tunemesh.v1.GetOperationRequest\x1a!.tunemesh.v1.GetOperationResponse\x12V\n\rWaitOperation\x12!.tunemesh.v1.WaitOperationRequest\x1a\".tunemesh.v1.WaitOperationResponse\x12\\\n\x0f\x43\x61ncelOperation\x12#.tunemesh.v1.CancelOperationRequest\x1a$.tunemesh.v1.CancelOperationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ctunemesh/v1/operations.proto\x12\x0btunemesh.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x1dtunemesh/v1/checkpoints.proto\x1a\x17tunemesh/v1/types.proto\"?\n\x0eOperationError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\x05\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"\xed\x03\n\tOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04\x64one\x18\x02 \x01(\x08\x12*\n\x05state\x18\x03 \x01(\x0e\x32\x1b.tunemesh.v1.OperationState\x12\x0b\n\x03run\x18\x04 \x01(\t\x12\x0e\n\x06seq_id\x18\x05 \x01(\x03\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nd_time\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x05\x65rror\x18\n \x01(\x0b\x32\x1b.tunemesh.v1.OperationErrorH\x00\x12>\n\x10\x66orward_backward\x18\x0b \x01(\x0b\x32\".tunemesh.v1.ForwardBackwardResultH\x00\x12\x32\n\noptim_step\x18\x0c \x01(\x0b\x32\x1c.tunemesh.v1.OptimStepResultH\x00\x12<\n\x0fsave_checkpoint\x18\r \x01(\x0b\x32!.tunemesh.v1.SaveCheckpointResultH\x00\x12\x32\n\nload_state\x18\x0e \x01(\x0b\x32\x1c.tunemesh.v1.LoadStateResultH\x00\x42\x08\n\x06result\"C\n\x14SaveCheckpointResult\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.tunemesh.v1.Checkpoint\"-\n\x0fLoadStateResult\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"#\n\x13GetOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"A\n\x14GetOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation\"P\n\x14WaitOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x07timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"B\n\x15WaitOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation\"&\n\x16\x43\x61ncelOperationRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"D\n\x17\x43\x61ncelOperationResponse\x12)\n\toperation\x18\x01 \x01(\x0b\x32\x16.tunemesh.v1.Operation*\xc4\x01\n\x0eOperationState\x12\x1f\n\x1bOPERATION_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16OPERATION_STATE_QUEUED\x10\x01\x12\x1b\n\x17OPERATION_STATE_RUNNING\x10\x02\x12\x1d\n\x19OPERATION_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16OPERATION_STATE_FAILED\x10\x04\x12\x1d\n\x19OPERATION_STATE_CANCELLED\x10\x05\x32\x9d\x02\n\x10OperationService\x12S\n\x0cGetOperation\x12 .tunemesh.v1.GetOperationRequest\x1a!.tunemesh.v1.GetOperationResponse\x12V\n\rWaitOperation\x12!.tunemesh.v1.WaitOperationRequest\x1a\".tunemesh.v1.WaitOperationResponse\x12\\\n\x0f\x43\x61ncelOperation\x12#.tunemesh.v1.CancelOperationRequest\x1a$.tunemesh.v1.CancelOperationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunemesh.v1.operations_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OPERATIONSTATE']._serialized_start=947
-  _globals['_OPERATIONSTATE']._serialized_end=1143
-  _globals['_OPERATIONERROR']._serialized_start=135
-  _globals['_OPERATIONERROR']._serialized_end=198
-  _globals['_OPERATION']._serialized_start=201
-  _globals['_OPERATION']._serialized_end=580
-  _globals['_GETOPERATIONREQUEST']._serialized_start=582
-  _globals['_GETOPERATIONREQUEST']._serialized_end=617
-  _globals['_GETOPERATIONRESPONSE']._serialized_start=619
-  _globals['_GETOPERATIONRESPONSE']._serialized_end=684
-  _globals['_WAITOPERATIONREQUEST']._serialized_start=686
-  _globals['_WAITOPERATIONREQUEST']._serialized_end=766
-  _globals['_WAITOPERATIONRESPONSE']._serialized_start=768
-  _globals['_WAITOPERATIONRESPONSE']._serialized_end=834
-  _globals['_CANCELOPERATIONREQUEST']._serialized_start=836
-  _globals['_CANCELOPERATIONREQUEST']._serialized_end=874
-  _globals['_CANCELOPERATIONRESPONSE']._serialized_start=876
-  _globals['_CANCELOPERATIONRESPONSE']._serialized_end=944
-  _globals['_OPERATIONSERVICE']._serialized_start=1146
-  _globals['_OPERATIONSERVICE']._serialized_end=1431
+  _globals['_OPERATIONSTATE']._serialized_start=1208
+  _globals['_OPERATIONSTATE']._serialized_end=1404
+  _globals['_OPERATIONERROR']._serialized_start=166
+  _globals['_OPERATIONERROR']._serialized_end=229
+  _globals['_OPERATION']._serialized_start=232
+  _globals['_OPERATION']._serialized_end=725
+  _globals['_SAVECHECKPOINTRESULT']._serialized_start=727
+  _globals['_SAVECHECKPOINTRESULT']._serialized_end=794
+  _globals['_LOADSTATERESULT']._serialized_start=796
+  _globals['_LOADSTATERESULT']._serialized_end=841
+  _globals['_GETOPERATIONREQUEST']._serialized_start=843
+  _globals['_GETOPERATIONREQUEST']._serialized_end=878
+  _globals['_GETOPERATIONRESPONSE']._serialized_start=880
+  _globals['_GETOPERATIONRESPONSE']._serialized_end=945
+  _globals['_WAITOPERATIONREQUEST']._serialized_start=947
+  _globals['_WAITOPERATIONREQUEST']._serialized_end=1027
+  _globals['_WAITOPERATIONRESPONSE']._serialized_start=1029
+  _globals['_WAITOPERATIONRESPONSE']._serialized_end=1095
+  _globals['_CANCELOPERATIONREQUEST']._serialized_start=1097
+  _globals['_CANCELOPERATIONREQUEST']._serialized_end=1135
+  _globals['_CANCELOPERATIONRESPONSE']._serialized_start=1137
+  _globals['_CANCELOPERATIONRESPONSE']._serialized_end=1205
+  _globals['_OPERATIONSERVICE']._serialized_start=1407
+  _globals['_OPERATIONSERVICE']._serialized_end=1692
 # @@protoc_insertion_point(module_scope)

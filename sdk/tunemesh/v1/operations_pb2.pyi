@@ -2,6 +2,7 @@ import datetime
 
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from tunemesh.v1 import checkpoints_pb2 as _checkpoints_pb2
 from tunemesh.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -37,7 +38,7 @@ class OperationError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Operation(_message.Message):
-    __slots__ = ("name", "done", "state", "run", "seq_id", "create_time", "end_time", "error", "forward_backward", "optim_step")
+    __slots__ = ("name", "done", "state", "run", "seq_id", "create_time", "end_time", "error", "forward_backward", "optim_step", "save_checkpoint", "load_state")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -48,6 +49,8 @@ class Operation(_message.Message):
     ERROR_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
     OPTIM_STEP_FIELD_NUMBER: _ClassVar[int]
+    SAVE_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_STATE_FIELD_NUMBER: _ClassVar[int]
     name: str
     done: bool
     state: OperationState
@@ -58,7 +61,23 @@ class Operation(_message.Message):
     error: OperationError
     forward_backward: _types_pb2.ForwardBackwardResult
     optim_step: _types_pb2.OptimStepResult
-    def __init__(self, name: _Optional[str] = ..., done: _Optional[bool] = ..., state: _Optional[_Union[OperationState, str]] = ..., run: _Optional[str] = ..., seq_id: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[OperationError, _Mapping]] = ..., forward_backward: _Optional[_Union[_types_pb2.ForwardBackwardResult, _Mapping]] = ..., optim_step: _Optional[_Union[_types_pb2.OptimStepResult, _Mapping]] = ...) -> None: ...
+    save_checkpoint: SaveCheckpointResult
+    load_state: LoadStateResult
+    def __init__(self, name: _Optional[str] = ..., done: _Optional[bool] = ..., state: _Optional[_Union[OperationState, str]] = ..., run: _Optional[str] = ..., seq_id: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[_Union[OperationError, _Mapping]] = ..., forward_backward: _Optional[_Union[_types_pb2.ForwardBackwardResult, _Mapping]] = ..., optim_step: _Optional[_Union[_types_pb2.OptimStepResult, _Mapping]] = ..., save_checkpoint: _Optional[_Union[SaveCheckpointResult, _Mapping]] = ..., load_state: _Optional[_Union[LoadStateResult, _Mapping]] = ...) -> None: ...
+
+class SaveCheckpointResult(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: _checkpoints_pb2.Checkpoint
+    def __init__(self, checkpoint: _Optional[_Union[_checkpoints_pb2.Checkpoint, _Mapping]] = ...) -> None: ...
+
+class LoadStateResult(_message.Message):
+    __slots__ = ("path", "step")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    step: int
+    def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class GetOperationRequest(_message.Message):
     __slots__ = ("name",)

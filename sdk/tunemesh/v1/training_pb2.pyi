@@ -32,16 +32,20 @@ class TrainingRun(_message.Message):
     def __init__(self, name: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., trainer_node: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq_id: _Optional[int] = ...) -> None: ...
 
 class CreateTrainingRunRequest(_message.Message):
-    __slots__ = ("session", "base_model", "lora_config", "request_id")
+    __slots__ = ("session", "base_model", "lora_config", "request_id", "from_checkpoint", "load_optimizer_state")
     SESSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    LOAD_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     session: str
     base_model: str
     lora_config: _types_pb2.LoraConfig
     request_id: str
-    def __init__(self, session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    from_checkpoint: str
+    load_optimizer_state: bool
+    def __init__(self, session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., from_checkpoint: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ...) -> None: ...
 
 class CreateTrainingRunResponse(_message.Message):
     __slots__ = ("run",)
@@ -158,6 +162,84 @@ class OptimStepRequest(_message.Message):
     def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., adam_params: _Optional[_Union[_types_pb2.AdamParams, _Mapping]] = ...) -> None: ...
 
 class OptimStepResponse(_message.Message):
+    __slots__ = ("operation",)
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    operation: _operations_pb2.Operation
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+
+class SaveStateRequest(_message.Message):
+    __slots__ = ("run", "seq_id", "request_id", "name", "ttl_seconds", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    seq_id: int
+    request_id: str
+    name: str
+    ttl_seconds: int
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SaveStateResponse(_message.Message):
+    __slots__ = ("operation",)
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    operation: _operations_pb2.Operation
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+
+class SaveWeightsForSamplerRequest(_message.Message):
+    __slots__ = ("run", "seq_id", "request_id", "name", "ttl_seconds", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    seq_id: int
+    request_id: str
+    name: str
+    ttl_seconds: int
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SaveWeightsForSamplerResponse(_message.Message):
+    __slots__ = ("operation",)
+    OPERATION_FIELD_NUMBER: _ClassVar[int]
+    operation: _operations_pb2.Operation
+    def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+
+class LoadStateRequest(_message.Message):
+    __slots__ = ("run", "seq_id", "request_id", "path", "load_optimizer_state")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    seq_id: int
+    request_id: str
+    path: str
+    load_optimizer_state: bool
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., path: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ...) -> None: ...
+
+class LoadStateResponse(_message.Message):
     __slots__ = ("operation",)
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation

@@ -70,6 +70,21 @@ class TrainingServiceStub:
                 request_serializer=tunemesh_dot_v1_dot_training__pb2.OptimStepRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_v1_dot_training__pb2.OptimStepResponse.FromString,
                 _registered_method=True)
+        self.SaveState = channel.unary_unary(
+                '/tunemesh.v1.TrainingService/SaveState',
+                request_serializer=tunemesh_dot_v1_dot_training__pb2.SaveStateRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_v1_dot_training__pb2.SaveStateResponse.FromString,
+                _registered_method=True)
+        self.SaveWeightsForSampler = channel.unary_unary(
+                '/tunemesh.v1.TrainingService/SaveWeightsForSampler',
+                request_serializer=tunemesh_dot_v1_dot_training__pb2.SaveWeightsForSamplerRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_v1_dot_training__pb2.SaveWeightsForSamplerResponse.FromString,
+                _registered_method=True)
+        self.LoadState = channel.unary_unary(
+                '/tunemesh.v1.TrainingService/LoadState',
+                request_serializer=tunemesh_dot_v1_dot_training__pb2.LoadStateRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_v1_dot_training__pb2.LoadStateResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -125,6 +140,27 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveState(self, request, context):
+        """Queues a save of the adapter's weights and optimizer state as a state checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SaveWeightsForSampler(self, request, context):
+        """Queues a save of the adapter's weights alone as a sampler checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadState(self, request, context):
+        """Queues a load of a checkpoint's weights (and optionally optimizer state) into the run.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -162,6 +198,21 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.OptimStep,
                     request_deserializer=tunemesh_dot_v1_dot_training__pb2.OptimStepRequest.FromString,
                     response_serializer=tunemesh_dot_v1_dot_training__pb2.OptimStepResponse.SerializeToString,
+            ),
+            'SaveState': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveState,
+                    request_deserializer=tunemesh_dot_v1_dot_training__pb2.SaveStateRequest.FromString,
+                    response_serializer=tunemesh_dot_v1_dot_training__pb2.SaveStateResponse.SerializeToString,
+            ),
+            'SaveWeightsForSampler': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveWeightsForSampler,
+                    request_deserializer=tunemesh_dot_v1_dot_training__pb2.SaveWeightsForSamplerRequest.FromString,
+                    response_serializer=tunemesh_dot_v1_dot_training__pb2.SaveWeightsForSamplerResponse.SerializeToString,
+            ),
+            'LoadState': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadState,
+                    request_deserializer=tunemesh_dot_v1_dot_training__pb2.LoadStateRequest.FromString,
+                    response_serializer=tunemesh_dot_v1_dot_training__pb2.LoadStateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +405,87 @@ class TrainingService:
             '/tunemesh.v1.TrainingService/OptimStep',
             tunemesh_dot_v1_dot_training__pb2.OptimStepRequest.SerializeToString,
             tunemesh_dot_v1_dot_training__pb2.OptimStepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.v1.TrainingService/SaveState',
+            tunemesh_dot_v1_dot_training__pb2.SaveStateRequest.SerializeToString,
+            tunemesh_dot_v1_dot_training__pb2.SaveStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveWeightsForSampler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.v1.TrainingService/SaveWeightsForSampler',
+            tunemesh_dot_v1_dot_training__pb2.SaveWeightsForSamplerRequest.SerializeToString,
+            tunemesh_dot_v1_dot_training__pb2.SaveWeightsForSamplerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadState(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.v1.TrainingService/LoadState',
+            tunemesh_dot_v1_dot_training__pb2.LoadStateRequest.SerializeToString,
+            tunemesh_dot_v1_dot_training__pb2.LoadStateResponse.FromString,
             options,
             channel_credentials,
             insecure,

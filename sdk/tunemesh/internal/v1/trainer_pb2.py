@@ -22,12 +22,13 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from tunemesh.v1 import checkpoints_pb2 as tunemesh_dot_v1_dot_checkpoints__pb2
 from tunemesh.v1 import operations_pb2 as tunemesh_dot_v1_dot_operations__pb2
 from tunemesh.v1 import sessions_pb2 as tunemesh_dot_v1_dot_sessions__pb2
 from tunemesh.v1 import types_pb2 as tunemesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunemesh/internal/v1/trainer.proto\x12\x14tunemesh.internal.v1\x1a\x1ctunemesh/v1/operations.proto\x1a\x1atunemesh/v1/sessions.proto\x1a\x17tunemesh/v1/types.proto\"\x99\x01\n\x0bTrainerNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tunemesh.v1.SupportedModel\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x05 \x01(\x05\x12\x13\n\x0bmetrics_url\x18\x06 \x01(\t\"\x17\n\x15GetTrainerInfoRequest\"I\n\x16GetTrainerInfoResponse\x12/\n\x04node\x18\x01 \x01(\x0b\x32!.tunemesh.internal.v1.TrainerNode\"l\n\x14\x43reateAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12,\n\x0blora_config\x18\x03 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\"/\n\x15\x43reateAdapterResponse\x12\x16\n\x0enum_parameters\x18\x01 \x01(\x03\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"\xdd\x02\n\tBatchItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.tunemesh.internal.v1.ItemKind\x12 \n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x12.tunemesh.v1.Datum\x12\x0f\n\x07loss_fn\x18\x05 \x01(\t\x12I\n\x0eloss_fn_config\x18\x06 \x03(\x0b\x32\x31.tunemesh.internal.v1.BatchItem.LossFnConfigEntry\x12,\n\x0b\x61\x64\x61m_params\x18\x07 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\x1aQ\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.tunemesh.v1.LossConfigValue:\x02\x38\x01\"\xc5\x01\n\x0f\x42\x61tchItemResult\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32\".tunemesh.v1.ForwardBackwardResultH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.tunemesh.v1.OperationErrorH\x00\x12\x32\n\noptim_step\x18\x04 \x01(\x0b\x32\x1c.tunemesh.v1.OptimStepResultH\x00\x42\t\n\x07outcome\"A\n\x0fRunBatchRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.tunemesh.internal.v1.BatchItem\"b\n\x10RunBatchResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tunemesh.internal.v1.BatchItemResult\x12\x16\n\x0e\x65ngine_seconds\x18\x02 \x01(\x01\"T\n\x10OptimStepRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12,\n\x0b\x61\x64\x61m_params\x18\x02 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\"\x8a\x01\n\x11OptimStepResponse\x12\x45\n\x07metrics\x18\x01 \x03(\x0b\x32\x34.tunemesh.internal.v1.OptimStepResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13GetTokenizerRequest\"A\n\x14GetTokenizerResponse\x12)\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1a.tunemesh.v1.TokenizerFile*v\n\x08ItemKind\x12\x19\n\x15ITEM_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11ITEM_KIND_FORWARD\x10\x01\x12\x1e\n\x1aITEM_KIND_FORWARD_BACKWARD\x10\x02\x12\x18\n\x14ITEM_KIND_OPTIM_STEP\x10\x03\x32\xf1\x04\n\x0eTrainerService\x12k\n\x0eGetTrainerInfo\x12+.tunemesh.internal.v1.GetTrainerInfoRequest\x1a,.tunemesh.internal.v1.GetTrainerInfoResponse\x12h\n\rCreateAdapter\x12*.tunemesh.internal.v1.CreateAdapterRequest\x1a+.tunemesh.internal.v1.CreateAdapterResponse\x12h\n\rDeleteAdapter\x12*.tunemesh.internal.v1.DeleteAdapterRequest\x1a+.tunemesh.internal.v1.DeleteAdapterResponse\x12Y\n\x08RunBatch\x12%.tunemesh.internal.v1.RunBatchRequest\x1a&.tunemesh.internal.v1.RunBatchResponse\x12\\\n\tOptimStep\x12&.tunemesh.internal.v1.OptimStepRequest\x1a\'.tunemesh.internal.v1.OptimStepResponse\x12\x65\n\x0cGetTokenizer\x12).tunemesh.internal.v1.GetTokenizerRequest\x1a*.tunemesh.internal.v1.GetTokenizerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunemesh/internal/v1/trainer.proto\x12\x14tunemesh.internal.v1\x1a\x1dtunemesh/v1/checkpoints.proto\x1a\x1ctunemesh/v1/operations.proto\x1a\x1atunemesh/v1/sessions.proto\x1a\x17tunemesh/v1/types.proto\"\x99\x01\n\x0bTrainerNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tunemesh.v1.SupportedModel\x12\x14\n\x0cmax_adapters\x18\x04 \x01(\x05\x12\x10\n\x08\x61\x64\x61pters\x18\x05 \x01(\x05\x12\x13\n\x0bmetrics_url\x18\x06 \x01(\t\"\x17\n\x15GetTrainerInfoRequest\"I\n\x16GetTrainerInfoResponse\x12/\n\x04node\x18\x01 \x01(\x0b\x32!.tunemesh.internal.v1.TrainerNode\"l\n\x14\x43reateAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12,\n\x0blora_config\x18\x03 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\"/\n\x15\x43reateAdapterResponse\x12\x16\n\x0enum_parameters\x18\x01 \x01(\x03\"*\n\x14\x44\x65leteAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteAdapterResponse\"\xdd\x02\n\tBatchItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x12\n\nadapter_id\x18\x02 \x01(\t\x12,\n\x04kind\x18\x03 \x01(\x0e\x32\x1e.tunemesh.internal.v1.ItemKind\x12 \n\x04\x64\x61ta\x18\x04 \x03(\x0b\x32\x12.tunemesh.v1.Datum\x12\x0f\n\x07loss_fn\x18\x05 \x01(\t\x12I\n\x0eloss_fn_config\x18\x06 \x03(\x0b\x32\x31.tunemesh.internal.v1.BatchItem.LossFnConfigEntry\x12,\n\x0b\x61\x64\x61m_params\x18\x07 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\x1aQ\n\x11LossFnConfigEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12+\n\x05value\x18\x02 \x01(\x0b\x32\x1c.tunemesh.v1.LossConfigValue:\x02\x38\x01\"\xc5\x01\n\x0f\x42\x61tchItemResult\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x34\n\x06result\x18\x02 \x01(\x0b\x32\".tunemesh.v1.ForwardBackwardResultH\x00\x12,\n\x05\x65rror\x18\x03 \x01(\x0b\x32\x1b.tunemesh.v1.OperationErrorH\x00\x12\x32\n\noptim_step\x18\x04 \x01(\x0b\x32\x1c.tunemesh.v1.OptimStepResultH\x00\x42\t\n\x07outcome\"A\n\x0fRunBatchRequest\x12.\n\x05items\x18\x01 \x03(\x0b\x32\x1f.tunemesh.internal.v1.BatchItem\"b\n\x10RunBatchResponse\x12\x36\n\x07results\x18\x01 \x03(\x0b\x32%.tunemesh.internal.v1.BatchItemResult\x12\x16\n\x0e\x65ngine_seconds\x18\x02 \x01(\x01\"T\n\x10OptimStepRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12,\n\x0b\x61\x64\x61m_params\x18\x02 \x01(\x0b\x32\x17.tunemesh.v1.AdamParams\"\x8a\x01\n\x11OptimStepResponse\x12\x45\n\x07metrics\x18\x01 \x03(\x0b\x32\x34.tunemesh.internal.v1.OptimStepResponse.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x15\n\x13GetTokenizerRequest\"A\n\x14GetTokenizerResponse\x12)\n\x05\x66iles\x18\x01 \x03(\x0b\x32\x1a.tunemesh.v1.TokenizerFile\"\x84\x02\n\x12SaveAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x1f\n\x17include_optimizer_state\x18\x04 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\x03\x12Q\n\ruser_metadata\x18\x06 \x03(\x0b\x32:.tunemesh.internal.v1.SaveAdapterRequest.UserMetadataEntry\x1a\x33\n\x11UserMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"B\n\x13SaveAdapterResponse\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.tunemesh.v1.Checkpoint\"d\n\x12LoadAdapterRequest\x12\x12\n\nadapter_id\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0c\n\x04path\x18\x03 \x01(\t\x12\x1c\n\x14load_optimizer_state\x18\x04 \x01(\x08\"#\n\x13LoadAdapterResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03*v\n\x08ItemKind\x12\x19\n\x15ITEM_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11ITEM_KIND_FORWARD\x10\x01\x12\x1e\n\x1aITEM_KIND_FORWARD_BACKWARD\x10\x02\x12\x18\n\x14ITEM_KIND_OPTIM_STEP\x10\x03\x32\xb9\x06\n\x0eTrainerService\x12k\n\x0eGetTrainerInfo\x12+.tunemesh.internal.v1.GetTrainerInfoRequest\x1a,.tunemesh.internal.v1.GetTrainerInfoResponse\x12h\n\rCreateAdapter\x12*.tunemesh.internal.v1.CreateAdapterRequest\x1a+.tunemesh.internal.v1.CreateAdapterResponse\x12h\n\rDeleteAdapter\x12*.tunemesh.internal.v1.DeleteAdapterRequest\x1a+.tunemesh.internal.v1.DeleteAdapterResponse\x12Y\n\x08RunBatch\x12%.tunemesh.internal.v1.RunBatchRequest\x1a&.tunemesh.internal.v1.RunBatchResponse\x12\\\n\tOptimStep\x12&.tunemesh.internal.v1.OptimStepRequest\x1a\'.tunemesh.internal.v1.OptimStepResponse\x12\x65\n\x0cGetTokenizer\x12).tunemesh.internal.v1.GetTokenizerRequest\x1a*.tunemesh.internal.v1.GetTokenizerResponse\x12\x62\n\x0bSaveAdapter\x12(.tunemesh.internal.v1.SaveAdapterRequest\x1a).tunemesh.internal.v1.SaveAdapterResponse\x12\x62\n\x0bLoadAdapter\x12(.tunemesh.internal.v1.LoadAdapterRequest\x1a).tunemesh.internal.v1.LoadAdapterResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,42 +39,54 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_options = b'8\001'
   _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._loaded_options = None
   _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_ITEMKIND']._serialized_start=1663
-  _globals['_ITEMKIND']._serialized_end=1781
-  _globals['_TRAINERNODE']._serialized_start=144
-  _globals['_TRAINERNODE']._serialized_end=297
-  _globals['_GETTRAINERINFOREQUEST']._serialized_start=299
-  _globals['_GETTRAINERINFOREQUEST']._serialized_end=322
-  _globals['_GETTRAINERINFORESPONSE']._serialized_start=324
-  _globals['_GETTRAINERINFORESPONSE']._serialized_end=397
-  _globals['_CREATEADAPTERREQUEST']._serialized_start=399
-  _globals['_CREATEADAPTERREQUEST']._serialized_end=507
-  _globals['_CREATEADAPTERRESPONSE']._serialized_start=509
-  _globals['_CREATEADAPTERRESPONSE']._serialized_end=556
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=558
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=600
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=602
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=625
-  _globals['_BATCHITEM']._serialized_start=628
-  _globals['_BATCHITEM']._serialized_end=977
-  _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_start=896
-  _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_end=977
-  _globals['_BATCHITEMRESULT']._serialized_start=980
-  _globals['_BATCHITEMRESULT']._serialized_end=1177
-  _globals['_RUNBATCHREQUEST']._serialized_start=1179
-  _globals['_RUNBATCHREQUEST']._serialized_end=1244
-  _globals['_RUNBATCHRESPONSE']._serialized_start=1246
-  _globals['_RUNBATCHRESPONSE']._serialized_end=1344
-  _globals['_OPTIMSTEPREQUEST']._serialized_start=1346
-  _globals['_OPTIMSTEPREQUEST']._serialized_end=1430
-  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1433
-  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1571
-  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_start=1525
-  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_end=1571
-  _globals['_GETTOKENIZERREQUEST']._serialized_start=1573
-  _globals['_GETTOKENIZERREQUEST']._serialized_end=1594
-  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1596
-  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1661
-  _globals['_TRAINERSERVICE']._serialized_start=1784
-  _globals['_TRAINERSERVICE']._serialized_end=2409
+  _globals['_SAVEADAPTERREQUEST_USERMETADATAENTRY']._loaded_options = None
+  _globals['_SAVEADAPTERREQUEST_USERMETADATAENTRY']._serialized_options = b'8\001'
+  _globals['_ITEMKIND']._serialized_start=2164
+  _globals['_ITEMKIND']._serialized_end=2282
+  _globals['_TRAINERNODE']._serialized_start=175
+  _globals['_TRAINERNODE']._serialized_end=328
+  _globals['_GETTRAINERINFOREQUEST']._serialized_start=330
+  _globals['_GETTRAINERINFOREQUEST']._serialized_end=353
+  _globals['_GETTRAINERINFORESPONSE']._serialized_start=355
+  _globals['_GETTRAINERINFORESPONSE']._serialized_end=428
+  _globals['_CREATEADAPTERREQUEST']._serialized_start=430
+  _globals['_CREATEADAPTERREQUEST']._serialized_end=538
+  _globals['_CREATEADAPTERRESPONSE']._serialized_start=540
+  _globals['_CREATEADAPTERRESPONSE']._serialized_end=587
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=589
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=631
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=633
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=656
+  _globals['_BATCHITEM']._serialized_start=659
+  _globals['_BATCHITEM']._serialized_end=1008
+  _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_start=927
+  _globals['_BATCHITEM_LOSSFNCONFIGENTRY']._serialized_end=1008
+  _globals['_BATCHITEMRESULT']._serialized_start=1011
+  _globals['_BATCHITEMRESULT']._serialized_end=1208
+  _globals['_RUNBATCHREQUEST']._serialized_start=1210
+  _globals['_RUNBATCHREQUEST']._serialized_end=1275
+  _globals['_RUNBATCHRESPONSE']._serialized_start=1277
+  _globals['_RUNBATCHRESPONSE']._serialized_end=1375
+  _globals['_OPTIMSTEPREQUEST']._serialized_start=1377
+  _globals['_OPTIMSTEPREQUEST']._serialized_end=1461
+  _globals['_OPTIMSTEPRESPONSE']._serialized_start=1464
+  _globals['_OPTIMSTEPRESPONSE']._serialized_end=1602
+  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_start=1556
+  _globals['_OPTIMSTEPRESPONSE_METRICSENTRY']._serialized_end=1602
+  _globals['_GETTOKENIZERREQUEST']._serialized_start=1604
+  _globals['_GETTOKENIZERREQUEST']._serialized_end=1625
+  _globals['_GETTOKENIZERRESPONSE']._serialized_start=1627
+  _globals['_GETTOKENIZERRESPONSE']._serialized_end=1692
+  _globals['_SAVEADAPTERREQUEST']._serialized_start=1695
+  _globals['_SAVEADAPTERREQUEST']._serialized_end=1955
+  _globals['_SAVEADAPTERREQUEST_USERMETADATAENTRY']._serialized_start=1904
+  _globals['_SAVEADAPTERREQUEST_USERMETADATAENTRY']._serialized_end=1955
+  _globals['_SAVEADAPTERRESPONSE']._serialized_start=1957
+  _globals['_SAVEADAPTERRESPONSE']._serialized_end=2023
+  _globals['_LOADADAPTERREQUEST']._serialized_start=2025
+  _globals['_LOADADAPTERREQUEST']._serialized_end=2125
+  _globals['_LOADADAPTERRESPONSE']._serialized_start=2127
+  _globals['_LOADADAPTERRESPONSE']._serialized_end=2162
+  _globals['_TRAINERSERVICE']._serialized_start=2285
+  _globals['_TRAINERSERVICE']._serialized_end=3110
 # @@protoc_insertion_point(module_scope)

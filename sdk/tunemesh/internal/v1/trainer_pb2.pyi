@@ -1,3 +1,4 @@
+from tunemesh.v1 import checkpoints_pb2 as _checkpoints_pb2
 from tunemesh.v1 import operations_pb2 as _operations_pb2
 from tunemesh.v1 import sessions_pb2 as _sessions_pb2
 from tunemesh.v1 import types_pb2 as _types_pb2
@@ -154,3 +155,50 @@ class GetTokenizerResponse(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     files: _containers.RepeatedCompositeFieldContainer[_sessions_pb2.TokenizerFile]
     def __init__(self, files: _Optional[_Iterable[_Union[_sessions_pb2.TokenizerFile, _Mapping]]] = ...) -> None: ...
+
+class SaveAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "tenant", "path", "include_optimizer_state", "ttl_seconds", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    tenant: str
+    path: str
+    include_optimizer_state: bool
+    ttl_seconds: int
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, adapter_id: _Optional[str] = ..., tenant: _Optional[str] = ..., path: _Optional[str] = ..., include_optimizer_state: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class SaveAdapterResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: _checkpoints_pb2.Checkpoint
+    def __init__(self, checkpoint: _Optional[_Union[_checkpoints_pb2.Checkpoint, _Mapping]] = ...) -> None: ...
+
+class LoadAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "tenant", "path", "load_optimizer_state")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    tenant: str
+    path: str
+    load_optimizer_state: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., tenant: _Optional[str] = ..., path: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ...) -> None: ...
+
+class LoadAdapterResponse(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...

@@ -65,6 +65,16 @@ class TrainerServiceStub:
                 request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.GetTokenizerRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.GetTokenizerResponse.FromString,
                 _registered_method=True)
+        self.SaveAdapter = channel.unary_unary(
+                '/tunemesh.internal.v1.TrainerService/SaveAdapter',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.SaveAdapterRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.SaveAdapterResponse.FromString,
+                _registered_method=True)
+        self.LoadAdapter = channel.unary_unary(
+                '/tunemesh.internal.v1.TrainerService/LoadAdapter',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -114,6 +124,20 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SaveAdapter(self, request, context):
+        """Writes an adapter to the checkpoint service (PEFT files, optimizer state if asked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LoadAdapter(self, request, context):
+        """Reads a checkpoint from the checkpoint service into an adapter slot.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -146,6 +170,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetTokenizer,
                     request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.GetTokenizerRequest.FromString,
                     response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.GetTokenizerResponse.SerializeToString,
+            ),
+            'SaveAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.SaveAdapter,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.SaveAdapterRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.SaveAdapterResponse.SerializeToString,
+            ),
+            'LoadAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.LoadAdapter,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -311,6 +345,60 @@ class TrainerService:
             '/tunemesh.internal.v1.TrainerService/GetTokenizer',
             tunemesh_dot_internal_dot_v1_dot_trainer__pb2.GetTokenizerRequest.SerializeToString,
             tunemesh_dot_internal_dot_v1_dot_trainer__pb2.GetTokenizerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SaveAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.internal.v1.TrainerService/SaveAdapter',
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.SaveAdapterRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.SaveAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LoadAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.internal.v1.TrainerService/LoadAdapter',
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
