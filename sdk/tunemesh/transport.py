@@ -8,7 +8,7 @@ from typing import Any
 import grpc
 
 from tunemesh.retry import RetryPolicy, call_with_retry
-from tunemesh.v1 import operations_pb2_grpc, sessions_pb2_grpc, training_pb2_grpc
+from tunemesh.v1 import checkpoints_pb2_grpc, operations_pb2_grpc, sessions_pb2_grpc, training_pb2_grpc
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -25,6 +25,7 @@ class Transport:
         self.sessions = sessions_pb2_grpc.SessionServiceStub(channel)
         self.training = training_pb2_grpc.TrainingServiceStub(channel)
         self.operations = operations_pb2_grpc.OperationServiceStub(channel)
+        self.checkpoints = checkpoints_pb2_grpc.CheckpointServiceStub(channel)
 
     @classmethod
     def connect(cls, address: str, api_key: str | None, policy: RetryPolicy) -> Transport:
