@@ -1,0 +1,452 @@
+"""Checkpoint storage: immutable, named sets of blobs with a JSON manifest.
+
+`CheckpointStore` is the Protocol an object-store backend would also implement;
+`FilesystemStore` keeps checkpoints under one root directory:
+
+    objects/<key>/manifest.json     a checkpoint iff this file exists
+    objects/<key>/<blob files>
+    staging/<random>/               writes in progress
+    trash/<random>/                 deletes in progress
+
+A write fills a staging directory and publishes it with one `os.rename`, so a
+reader sees a checkpoint whole or not at all. `recover()` removes what a crash
+left in staging/ and trash/.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import re
+import secrets
+import shutil
+import threading
+import time
+import typing
+from collections.abc import Iterable, Iterator
+
+from tunemesh_common.errors import (
+    AlreadyExists,
+    DataLoss,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+)
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.json"
+_MANIFEST_TMP = MANIFEST_NAME + ".tmp"
+_FORMAT = 1
+_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MAX_KEY_CHARS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class BlobInfo:
+    """One file of a checkpoint."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+    """What a committed checkpoint holds, and the caller's metadata."""
+
+    key: str
+    blobs: tuple[BlobInfo, ...]
+    metadata: dict = dataclasses.field(hash=False)
+    commit_time: float
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(b.size for b in self.blobs)
+
+    def blob(self, name: str) -> BlobInfo:
+        for info in self.blobs:
+            if info.name == name:
+                return info
+        raise NotFound("BLOB_NOT_FOUND", f"checkpoint {self.key!r} has no blob {name!r}")
+
+
+class CheckpointWriter(abc.ABC):
+    """One checkpoint being written. As a context manager it aborts unless committed."""
+
+    @abc.abstractmethod
+    def write_blob(self, name: str, chunks: Iterable[bytes]) -> BlobInfo:
+        """Stores one blob from a stream of chunks; returns its size and sha256."""
+
+    @abc.abstractmethod
+    def commit(self, metadata: dict) -> Manifest:
+        """Publishes every written blob at once; AlreadyExists if the key is taken."""
+
+    @abc.abstractmethod
+    def abort(self) -> None:
+        """Drops everything written. Idempotent."""
+
+    @property
+    @abc.abstractmethod
+    def committed(self) -> bool:
+        """Whether commit() succeeded."""
+
+    def __enter__(self) -> CheckpointWriter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if not self.committed:
+            self.abort()
+
+
+@typing.runtime_checkable
+class CheckpointStore(typing.Protocol):
+    """Immutable checkpoints addressed by "/"-separated keys."""
+
+    def writer(self, key: str) -> CheckpointWriter: ...
+
+    def manifest(self, key: str) -> Manifest: ...
+
+    def read_blob(self, key: str, name: str, chunk_size: int = 1 << 20) -> Iterator[bytes]: ...
+
+    def list(self, prefix: str) -> list[Manifest]: ...
+
+    def update_metadata(self, key: str, metadata: dict) -> Manifest: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def recover(self) -> int: ...
+
+
+def validate_key(key: str) -> None:
+    """InvalidArgument("BAD_CHECKPOINT_KEY") unless every segment is a safe name."""
+    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_CHARS:
+        raise InvalidArgument("BAD_CHECKPOINT_KEY", f"bad checkpoint key {key!r}")
+    for segment in key.split("/"):
+        if not _is_segment(segment):
+            raise InvalidArgument("BAD_CHECKPOINT_KEY", f"bad checkpoint key {key!r}")
+
+
+def validate_blob_name(name: str) -> None:
+    """InvalidArgument("BAD_BLOB_NAME") unless name is one safe, non-reserved segment."""
+    if not _is_segment(name) or name in (MANIFEST_NAME, _MANIFEST_TMP):
+        raise InvalidArgument("BAD_BLOB_NAME", f"bad blob name {name!r}")
+
+
+def _is_segment(text: object) -> bool:
+    return isinstance(text, str) and ".." not in text and _SEGMENT.fullmatch(text) is not None
+
+
+def _canonical_metadata(metadata: dict) -> dict:
+    """A JSON round-trip copy of metadata; InvalidArgument if it is not a JSON object."""
+    if not isinstance(metadata, dict):
+        raise InvalidArgument("BAD_METADATA", "checkpoint metadata must be a dict")
+    try:
+        return json.loads(json.dumps(metadata, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise InvalidArgument("BAD_METADATA", f"checkpoint metadata is not JSON: {err}") from None
+
+
+def _manifest_json(manifest: Manifest) -> bytes:
+    doc = {
+        "format": _FORMAT,
+        "key": manifest.key,
+        "commit_time": manifest.commit_time,
+        "metadata": manifest.metadata,
+        "blobs": [dataclasses.asdict(b) for b in manifest.blobs],
+    }
+    return json.dumps(doc, indent=1, sort_keys=True).encode()
+
+
+def _parse_manifest(key: str, raw: bytes) -> Manifest:
+    """Manifest from manifest.json bytes; DataLoss("CORRUPT_MANIFEST") if malformed."""
+    try:
+        doc = json.loads(raw)
+        if doc["format"] != _FORMAT or doc["key"] != key or not isinstance(doc["metadata"], dict):
+            raise ValueError("unexpected format, key or metadata")
+        blobs = tuple(_parse_blob(b) for b in doc["blobs"])
+        return Manifest(key, blobs, doc["metadata"], float(doc["commit_time"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise DataLoss("CORRUPT_MANIFEST", f"manifest of checkpoint {key!r} is corrupt: {err}") from None
+
+
+def _parse_blob(doc: dict) -> BlobInfo:
+    name, size, sha256 = doc["name"], doc["size"], doc["sha256"]
+    if not _is_segment(name) or type(size) is not int or size < 0 or not isinstance(sha256, str):
+        raise ValueError(f"bad blob entry {doc!r}")
+    return BlobInfo(name, size, sha256)
+
+
+class FilesystemStore:
+    """CheckpointStore on a local (or mounted) filesystem under `root`.
+
+    One process owns a root. A lock serializes the steps that change objects/
+    (publish, delete, metadata rewrite) among this store's threads.
+    """
+
+    def __init__(self, root: pathlib.Path, *, fsync: bool = True) -> None:
+        self.root = pathlib.Path(root)
+        self._objects = self.root / "objects"
+        self._staging = self.root / "staging"
+        self._trash = self.root / "trash"
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        for path in (self._objects, self._staging, self._trash):
+            path.mkdir(parents=True, exist_ok=True)
+
+    def writer(self, key: str) -> CheckpointWriter:
+        validate_key(key)
+        staging_dir = self._staging / secrets.token_hex(16)
+        staging_dir.mkdir()
+        return _FilesystemWriter(self, key, staging_dir)
+
+    def manifest(self, key: str) -> Manifest:
+        validate_key(key)
+        try:
+            raw = (self._objects / key / MANIFEST_NAME).read_bytes()
+        except (FileNotFoundError, NotADirectoryError):
+            raise NotFound("CHECKPOINT_NOT_FOUND", f"no checkpoint {key!r}") from None
+        return _parse_manifest(key, raw)
+
+    def read_blob(self, key: str, name: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
+        """Streams a blob, verifying size and sha256 as it goes.
+
+        Errors about the checkpoint or blob are raised by this call; a mismatch
+        is only known at the end and raises DataLoss("CHECKSUM_MISMATCH") from
+        the iterator after chunks were yielded, so callers must treat the whole
+        stream as failed and discard what they received.
+        """
+        if chunk_size <= 0:
+            raise InvalidArgument("BAD_CHUNK_SIZE", f"chunk_size must be positive, got {chunk_size}")
+        info = self.manifest(key).blob(name)
+        try:
+            file = open(self._objects / key / name, "rb")
+        except FileNotFoundError:
+            raise DataLoss("BLOB_MISSING", f"blob {name!r} of checkpoint {key!r} is missing") from None
+        return _verified_chunks(file, key, info, chunk_size)
+
+    def list(self, prefix: str) -> list[Manifest]:
+        """Committed checkpoints at or below `prefix` ("" = all), sorted by key.
+
+        Checkpoints with a corrupt manifest are skipped with a warning.
+        """
+        if prefix:
+            validate_key(prefix)
+        found = []
+        for key in self._keys_under(prefix):
+            try:
+                found.append(self.manifest(key))
+            except NotFound:
+                continue  # deleted while listing
+            except DataLoss as err:
+                logger.warning("skipping checkpoint %r in listing: %s", key, err.message)
+        return sorted(found, key=lambda m: m.key)
+
+    def update_metadata(self, key: str, metadata: dict) -> Manifest:
+        metadata = _canonical_metadata(metadata)
+        with self._lock:
+            manifest = dataclasses.replace(self.manifest(key), metadata=metadata)
+            checkpoint_dir = self._objects / key
+            tmp = checkpoint_dir / _MANIFEST_TMP
+            self._write_file(tmp, _manifest_json(manifest))
+            os.replace(tmp, checkpoint_dir / MANIFEST_NAME)
+            self._sync_dir(checkpoint_dir)
+        return manifest
+
+    def delete(self, key: str) -> None:
+        validate_key(key)
+        checkpoint_dir = self._objects / key
+        trash_dir = self._trash / secrets.token_hex(16)
+        with self._lock:
+            if not (checkpoint_dir / MANIFEST_NAME).is_file():
+                raise NotFound("CHECKPOINT_NOT_FOUND", f"no checkpoint {key!r}")
+            os.rename(checkpoint_dir, trash_dir)
+            self._sync_dir(checkpoint_dir.parent)
+            self._remove_empty_parents(checkpoint_dir.parent)
+        shutil.rmtree(trash_dir, ignore_errors=True)
+
+    def recover(self) -> int:
+        """Removes leftovers of interrupted writes and deletes; returns how many.
+
+        Run it at start, before any writer of this root exists.
+        """
+        removed = 0
+        for area in (self._staging, self._trash):
+            for entry in area.iterdir():
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry, ignore_errors=True)
+                else:
+                    entry.unlink(missing_ok=True)
+                removed += 1
+        for key in self._keys_under(""):
+            stray = self._objects / key / _MANIFEST_TMP
+            if stray.exists():
+                stray.unlink()
+                removed += 1
+        if removed:
+            logger.info("checkpoint store %s: removed %d leftovers of interrupted work", self.root, removed)
+        return removed
+
+    # -- internals used by _FilesystemWriter --------------------------------
+
+    def _publish(self, staging_dir: pathlib.Path, key: str) -> None:
+        """Renames a filled staging dir to objects/<key>: the commit point."""
+        target = self._objects / key
+        with self._lock:
+            self._check_free(key)
+            self._make_parents(target.parent)
+            os.rename(staging_dir, target)
+            self._sync_dir(target.parent)
+
+    def _check_free(self, key: str) -> None:
+        target = self._objects / key
+        if (target / MANIFEST_NAME).exists():
+            raise AlreadyExists("CHECKPOINT_EXISTS", f"checkpoint {key!r} already exists")
+        if os.path.lexists(target):
+            raise FailedPrecondition("CHECKPOINT_KEY_CONFLICT", f"checkpoints exist below {key!r}")
+        for parent in target.relative_to(self._objects).parents:
+            if parent.parts and (self._objects / parent / MANIFEST_NAME).exists():
+                raise FailedPrecondition(
+                    "CHECKPOINT_KEY_CONFLICT", f"{key!r} lies inside checkpoint {parent.as_posix()!r}"
+                )
+
+    def _write_file(self, path: pathlib.Path, data: bytes) -> None:
+        with open(path, "wb") as file:
+            file.write(data)
+            file.flush()
+            if self._fsync:
+                os.fsync(file.fileno())
+
+    def _sync_dir(self, path: pathlib.Path) -> None:
+        if not self._fsync:
+            return
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _make_parents(self, path: pathlib.Path) -> None:
+        """Creates path's missing directories, syncing each one's parent."""
+        if path.is_dir():
+            return
+        self._make_parents(path.parent)
+        path.mkdir(exist_ok=True)
+        self._sync_dir(path.parent)
+
+    def _remove_empty_parents(self, path: pathlib.Path) -> None:
+        while path != self._objects:
+            try:
+                path.rmdir()
+            except OSError:
+                return  # not empty, or already gone
+            path = path.parent
+
+    def _keys_under(self, prefix: str) -> Iterator[str]:
+        """Keys of the checkpoint directories at or below objects/<prefix>."""
+        start = self._objects / prefix if prefix else self._objects
+        pending = [start]
+        while pending:
+            path = pending.pop()
+            if path != self._objects and (path / MANIFEST_NAME).exists():
+                yield path.relative_to(self._objects).as_posix()
+                continue
+            try:
+                entries = list(os.scandir(path))
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            pending.extend(pathlib.Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
+
+
+def _verified_chunks(file: typing.BinaryIO, key: str, info: BlobInfo, chunk_size: int) -> Iterator[bytes]:
+    with file:
+        digest = hashlib.sha256()
+        size = 0
+        while chunk := file.read(chunk_size):
+            size += len(chunk)
+            if size > info.size:
+                break
+            digest.update(chunk)
+            yield chunk
+    if size != info.size or digest.hexdigest() != info.sha256:
+        raise DataLoss(
+            "CHECKSUM_MISMATCH",
+            f"blob {info.name!r} of checkpoint {key!r} does not match its manifest",
+        )
+
+
+class _FilesystemWriter(CheckpointWriter):
+    """Writes blobs into a private staging directory until commit or abort."""
+
+    def __init__(self, store: FilesystemStore, key: str, staging_dir: pathlib.Path) -> None:
+        self.key = key
+        self._store = store
+        self._dir = staging_dir
+        self._blobs: dict[str, BlobInfo] = {}
+        self._closed = False
+        self._committed = False
+
+    @property
+    def committed(self) -> bool:
+        return self._committed
+
+    def write_blob(self, name: str, chunks: Iterable[bytes]) -> BlobInfo:
+        self._check_open()
+        validate_blob_name(name)
+        if name in self._blobs:
+            raise AlreadyExists("BLOB_EXISTS", f"blob {name!r} was already written")
+        path = self._dir / name
+        try:
+            info = self._stream_to(path, name, chunks)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self._blobs[name] = info
+        return info
+
+    def _stream_to(self, path: pathlib.Path, name: str, chunks: Iterable[bytes]) -> BlobInfo:
+        digest = hashlib.sha256()
+        size = 0
+        with open(path, "xb") as file:
+            for chunk in chunks:
+                digest.update(chunk)
+                file.write(chunk)
+                size += len(chunk)
+            file.flush()
+            if self._store._fsync:
+                os.fsync(file.fileno())
+        return BlobInfo(name, size, digest.hexdigest())
+
+    def commit(self, metadata: dict) -> Manifest:
+        self._check_open()
+        manifest = Manifest(
+            key=self.key,
+            blobs=tuple(self._blobs.values()),
+            metadata=_canonical_metadata(metadata),
+            commit_time=time.time(),
+        )
+        try:
+            self._store._write_file(self._dir / MANIFEST_NAME, _manifest_json(manifest))
+            self._store._sync_dir(self._dir)
+            self._store._publish(self._dir, self.key)
+        except BaseException:
+            self.abort()
+            raise
+        self._committed = True
+        self._closed = True
+        return manifest
+
+    def abort(self) -> None:
+        if self._committed:
+            return
+        self._closed = True
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise FailedPrecondition("WRITER_CLOSED", f"writer of {self.key!r} was committed or aborted")
