@@ -1,0 +1,175 @@
+"""The PEFT LoRA adapter directory: `adapter_config.json` + `adapter_model.safetensors`.
+
+This is the on-disk format of every checkpoint, so a download loads as is with
+`peft.PeftModel.from_pretrained(base, dir)`. Tensor keys are PEFT's,
+`base_model.model.<module>.lora_A.weight` (A: rank x in, B: out x rank); inside tunemesh
+the same tensors are named `<module>.lora_A.weight`. Pure Python: the checkpoint service
+validates imports without torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+
+from tunemesh_common.errors import InvalidArgument
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+PEFT_PREFIX = "base_model.model."
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+
+# Module-name suffix -> which LoraConfig switch puts LoRA on it.
+TARGET_GROUPS = {
+    "q_proj": "attn", "k_proj": "attn", "v_proj": "attn", "o_proj": "attn",
+    "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
+    "lm_head": "unembed",
+}
+_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
+_MAX_HEADER_BYTES = 64 << 20
+
+
+@dataclasses.dataclass(frozen=True)
+class AdapterConfig:
+    """The parts of a PEFT LoRA config tunemesh uses."""
+
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorHeader:
+    """One tensor of a safetensors file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def peft_key(name: str) -> str:
+    """`<module>.lora_A.weight` -> PEFT's key."""
+    return PEFT_PREFIX + name
+
+
+def internal_name(key: str) -> str:
+    """PEFT's key -> `<module>.lora_A.weight`, or InvalidArgument(BAD_ADAPTER_WEIGHTS)."""
+    if not key.startswith(PEFT_PREFIX) or not key.endswith(LORA_SUFFIXES):
+        raise InvalidArgument(
+            "BAD_ADAPTER_WEIGHTS",
+            f"tensor {key[:200]!r} is not a LoRA factor `{PEFT_PREFIX}<module>.lora_A|lora_B.weight`",
+        )
+    return key[len(PEFT_PREFIX):]
+
+
+def module_of(name: str) -> str:
+    """`<module>.lora_A.weight` -> `<module>`."""
+    return name.rsplit(".lora_", 1)[0]
+
+
+def build_config(base_model: str, rank: int, alpha: float, modules: list[str]) -> dict:
+    """A PEFT `adapter_config.json` for LoRA factors on `modules` (full module names)."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "target_modules": sorted({m.rsplit(".", 1)[-1] for m in modules}),
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def parse_config(raw: bytes) -> AdapterConfig:
+    """Validate an uploaded `adapter_config.json` (a plain LoRA adapter, nothing else)."""
+    try:
+        config = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise InvalidArgument("BAD_ADAPTER_CONFIG", f"{CONFIG_FILE} is not JSON: {err}") from None
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        raise InvalidArgument("BAD_ADAPTER_CONFIG", f"{CONFIG_FILE} must describe a LoRA adapter (peft_type LORA)")
+    rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise InvalidArgument("BAD_ADAPTER_CONFIG", "`r` must be a positive integer")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
+        raise InvalidArgument("BAD_ADAPTER_CONFIG", "`lora_alpha` must be a number >= 0")
+    for key, allowed in (("use_dora", (False, None)), ("use_rslora", (False, None)), ("bias", ("none", None)),
+                         ("fan_in_fan_out", (False, None)), ("modules_to_save", (None, [])),
+                         ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None))):
+        if config.get(key) not in allowed:
+            raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", f"{CONFIG_FILE}: {key}={config[key]!r} is not supported")
+    targets = config.get("target_modules")
+    if isinstance(targets, str) or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+        raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", "`target_modules` must be a list of module names")
+    return AdapterConfig(rank, float(alpha), tuple(targets))
+
+
+def lora_switches(modules: set[str]) -> dict[str, bool]:
+    """Which LoraConfig switches cover LoRA on `modules`; InvalidArgument for others."""
+    groups = set()
+    for module in modules:
+        group = TARGET_GROUPS.get(module.rsplit(".", 1)[-1])
+        if group is None:
+            raise InvalidArgument("UNSUPPORTED_TARGET_MODULE", f"LoRA on {module!r} is not supported")
+        groups.add(group)
+    return {"train_attn": "attn" in groups, "train_mlp": "mlp" in groups, "train_unembed": "unembed" in groups}
+
+
+def read_header(data: bytes) -> dict[str, TensorHeader]:
+    """The tensors of a safetensors file, with offsets checked against its size."""
+    if len(data) < 8:
+        raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} is too short")
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} has a bad header length")
+    try:
+        header = json.loads(data[8 : 8 + size])
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} header is not JSON") from None
+    if not isinstance(header, dict):
+        raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} header is not an object")
+    header.pop("__metadata__", None)
+    return {key: _tensor_header(key, entry, len(data) - 8 - size) for key, entry in header.items()}
+
+
+def _tensor_header(key: str, entry: object, body_bytes: int) -> TensorHeader:
+    try:
+        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+    except (TypeError, KeyError, ValueError):
+        raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r} has a malformed entry") from None
+    if dtype not in _DTYPE_BYTES:
+        raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: dtype {dtype} (use F32, F16 or BF16)")
+    count = 1
+    for dim in shape:
+        count *= dim
+    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= body_bytes
+            and end - begin == count * _DTYPE_BYTES[dtype]):
+        raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: offsets do not match its shape")
+    return TensorHeader(dtype, shape)
+
+
+def check_factors(tensors: dict[str, TensorHeader], rank: int) -> set[str]:
+    """Check PEFT LoRA factors (A: rank x in, B: out x rank, both per module); return the modules."""
+    if not tensors:
+        raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{WEIGHTS_FILE} holds no tensors")
+    names = {internal_name(key): header for key, header in tensors.items()}
+    modules = {module_of(n) for n in names}
+    for module in sorted(modules):
+        a, b = names.get(f"{module}.lora_A.weight"), names.get(f"{module}.lora_B.weight")
+        if a is None or b is None:
+            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{module}: needs both lora_A and lora_B")
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
+            raise InvalidArgument(
+                "BAD_ADAPTER_WEIGHTS", f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not match r={rank}"
+            )
+    return modules
