@@ -63,19 +63,43 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
+        if handler is None:
             return handler
         method = handler_call_details.method
         needs_auth = self._authenticator is not None and not method.startswith(
             ("/grpc.health.", "/grpc.reflection.")
         )
-        inner = handler.unary_unary
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                self._guard_unary(handler.unary_unary, method, needs_auth),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                self._guard_unary(handler.stream_unary, method, needs_auth),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None and not method.startswith("/grpc."):
+            return grpc.unary_stream_rpc_method_handler(
+                self._guard_stream(handler.unary_stream, method, needs_auth),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        _tenant.set(self._authenticator(metadata))
+
+    def _guard_unary(self, inner, method: str, needs_auth: bool):
+        """A unary-response handler (request or request stream in) with errors mapped."""
 
         async def guarded(request, context: grpc.aio.ServicerContext):
             try:
                 if needs_auth:
-                    metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-                    _tenant.set(self._authenticator(metadata))
+                    self._authenticate(context)
                 return await inner(request, context)
             except TunemeshError as err:
                 await _abort(context, err)
@@ -85,11 +109,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unexpected error in %s", method)
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
-        return grpc.unary_unary_rpc_method_handler(
-            guarded,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        return guarded
+
+    def _guard_stream(self, inner, method: str, needs_auth: bool):
+        """A response-streaming handler with errors mapped (also mid-stream)."""
+
+        async def guarded(request, context: grpc.aio.ServicerContext):
+            try:
+                if needs_auth:
+                    self._authenticate(context)
+                async for response in inner(request, context):
+                    yield response
+            except TunemeshError as err:
+                await _abort(context, err)
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                log.exception("unexpected error in %s", method)
+                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
+
+        return guarded
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: TunemeshError) -> None:
@@ -99,6 +138,19 @@ async def _abort(context: grpc.aio.ServicerContext, err: TunemeshError) -> None:
 
 
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+TENANT_KEY = "tunemesh-tenant"
+
+
+def trusted_tenant(metadata: Mapping[str, str]) -> str:
+    """Authenticator of internal services: the calling mesh service names the tenant in
+    `tunemesh-tenant` (the scheduler has authenticated it). Only mesh services may
+    reach a service that uses this (network policy)."""
+    tenant = metadata.get(TENANT_KEY, "")
+    if not tenant:
+        raise Unauthenticated("MISSING_TENANT", f"internal call without `{TENANT_KEY}` metadata")
+    return tenant
 
 
 class KeyFileAuthenticator:
@@ -163,3 +215,16 @@ async def wait_for_termination() -> None:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def error_from_peer(err: grpc.aio.AioRpcError, peer: str) -> TunemeshError:
+    """A status from another mesh service as a typed error. Transport failures become
+    UNAVAILABLE (retry); a status without a tunemesh reason (a crash) becomes INTERNAL."""
+    from tunemesh_common.errors import Internal, Unavailable, error_for
+
+    reason = dict(err.trailing_metadata() or ()).get(REASON_KEY, "")
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reason:
+        return Unavailable("PEER_UNAVAILABLE", f"{peer}: {err.code().name}: {err.details()}")
+    if not reason:
+        return Internal("PEER_ERROR", f"{peer}: {err.code().name}: {err.details()}")
+    return error_for(err.code().value[0], reason, err.details() or "")
