@@ -14,7 +14,9 @@ def _field_type(field: dataclasses.Field):
         return lambda s: s.lower() in ("1", "true", "yes")
     if isinstance(default, int):
         return int
-    if field.name.endswith(("_dir", "_file")):
+    if isinstance(default, float):
+        return float
+    if isinstance(default, pathlib.Path) or field.name.endswith(("_dir", "_file")):
         return lambda s: pathlib.Path(s).expanduser()
     return str
 

@@ -1,0 +1,68 @@
+"""`python -m tunemesh_checkpoint`: durable adapter checkpoints on a filesystem root."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+
+from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
+from tunemesh_checkpoint import settings as settings_mod
+from tunemesh_checkpoint.catalog import CheckpointCatalog
+from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
+from tunemesh_checkpoint.store import FilesystemStore
+from tunemesh_common import rpc
+
+log = logging.getLogger("tunemesh_checkpoint")
+SERVICES = [
+    checkpoints_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name,
+    checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointStorageService"].full_name,
+]
+
+
+async def sweep_periodically(catalog: CheckpointCatalog, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await asyncio.to_thread(catalog.sweep)
+        except Exception:  # a bad sweep must not stop the service; the next one retries
+            log.exception("expiry sweep failed")
+
+
+async def serve(s: settings_mod.CheckpointSettings) -> None:
+    store = FilesystemStore(s.root_dir)
+    recovered = await asyncio.to_thread(store.recover)
+    catalog = CheckpointCatalog(store)
+    await asyncio.to_thread(catalog.sweep)
+    server, health = rpc.build_server(rpc.trusted_tenant)
+    checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
+        CheckpointServicer(catalog, s.chunk_bytes, s.max_upload_bytes), server
+    )
+    checkpoint_pb2_grpc.add_CheckpointStorageServiceServicer_to_server(
+        StorageServicer(catalog, s.chunk_bytes, s.max_upload_bytes), server
+    )
+    rpc.enable_reflection(server, SERVICES)
+    port = server.add_insecure_port(s.listen)
+    await server.start()
+    await rpc.mark_serving(health, SERVICES)
+    address = f"{s.listen.rsplit(':', 1)[0]}:{port}"
+    if s.ready_file is not None:
+        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid()})
+    log.info("checkpoint service on %s, root %s (%d interrupted writes cleaned up)", address, s.root_dir, recovered)
+    sweeper = asyncio.create_task(sweep_periodically(catalog, s.sweep_interval_s))
+    await rpc.wait_for_termination()
+    sweeper.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await sweeper
+    await server.stop(grace=5)
+
+
+def main(argv: list[str] | None = None) -> None:
+    rpc.configure_logging()
+    asyncio.run(serve(settings_mod.load(argv)))
+
+
+if __name__ == "__main__":
+    main()

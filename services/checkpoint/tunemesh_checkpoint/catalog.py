@@ -1,0 +1,272 @@
+"""The checkpoint service's logic: tenant-scoped, immutable checkpoints over a store.
+
+Every method takes the caller's tenant first and resolves user paths through
+`CheckpointPath.storage_key(tenant)`, so another tenant's checkpoint is simply absent
+(NotFound). Expired checkpoints read as absent at once and are deleted by `sweep`.
+No grpc here: the server layer streams bytes in and out through these methods.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Iterator
+
+from tunemesh_checkpoint.store import BlobInfo, CheckpointStore, CheckpointWriter, Manifest
+from tunemesh_common import peft_format
+from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, storage_prefix
+from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, TunemeshError
+
+log = logging.getLogger(__name__)
+
+MAX_TTL_S = 10 * 365 * 24 * 3600
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+MAX_USER_METADATA = 64  # entries
+MAX_USER_METADATA_CHARS = 4096  # per key or value
+ALLOWED_FILES = {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE, peft_format.OPTIMIZER_FILE}
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointSpec:
+    """What a writer declares about a new checkpoint."""
+
+    path: CheckpointPath
+    base_model: str
+    lora: dict  # LoraConfig fields: rank, alpha, train_attn, train_mlp, train_unembed, train_experts, seed
+    step: int = 0
+    has_optimizer_state: bool = False
+    ttl_seconds: int = 0
+    user_metadata: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointRecord:
+    """A committed checkpoint as clients see it."""
+
+    path: CheckpointPath
+    base_model: str
+    lora: dict
+    step: int
+    has_optimizer_state: bool
+    user_metadata: dict[str, str]
+    create_time: float
+    expire_time: float | None
+    files: tuple[BlobInfo, ...]
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+
+class CheckpointCatalog:
+    """Write, read, list, expire and delete checkpoints of many tenants in one store."""
+
+    def __init__(self, store: CheckpointStore, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+
+    # ---- writing ---------------------------------------------------------------------
+
+    def open_write(self, tenant: str, spec: CheckpointSpec) -> CheckpointWriter:
+        """Check `spec` and return a writer for its files; `commit` finishes it."""
+        _check_spec(spec)
+        key = spec.path.storage_key(tenant)
+        if self._find(key) is not None:
+            raise _exists(spec.path)
+        return self._store.writer(key)
+
+    def commit(self, writer: CheckpointWriter, spec: CheckpointSpec, written: list[BlobInfo]) -> CheckpointRecord:
+        """Publish a written checkpoint once its files are the right set."""
+        names = sorted(b.name for b in written)
+        wanted = sorted(_required_files(spec))
+        if names != wanted:
+            raise InvalidArgument("BAD_CHECKPOINT_FILES", f"a {spec.path.kind} checkpoint needs files {wanted}, got {names}")
+        expire = self._clock() + spec.ttl_seconds if spec.ttl_seconds else None
+        metadata = {
+            "path": str(spec.path), "base_model": spec.base_model, "lora": spec.lora, "step": spec.step,
+            "has_optimizer_state": spec.has_optimizer_state, "user_metadata": spec.user_metadata,
+            "expire_time": expire,
+        }
+        try:
+            manifest = writer.commit(metadata)
+        except TunemeshError as err:
+            if err.reason == "CHECKPOINT_EXISTS":
+                raise _exists(spec.path) from None
+            raise
+        log.info("checkpoint %s committed (%d bytes)", spec.path, manifest.size_bytes)
+        return _record(manifest)
+
+    def write(self, tenant: str, spec: CheckpointSpec, files: Iterable[tuple[str, Iterable[bytes]]]) -> CheckpointRecord:
+        """Write and commit in one call (files as (name, chunks))."""
+        with self.open_write(tenant, spec) as writer:
+            written = [writer.write_blob(_file_name(name), chunks) for name, chunks in files]
+            return self.commit(writer, spec, written)
+
+    def import_peft(self, tenant: str, name: str, base_model: str, files: dict[str, bytes],
+                    ttl_seconds: int = 0, user_metadata: dict[str, str] | None = None) -> CheckpointRecord:
+        """Create `tunemesh://imports/{name}` from a PEFT adapter directory's two files."""
+        path = CheckpointPath.imported(name)
+        if not base_model:
+            raise InvalidArgument("MISSING_BASE_MODEL", "an import must name its base model")
+        extra = set(files) - {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE}
+        missing = {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE} - set(files)
+        if missing or extra:
+            raise InvalidArgument(
+                "BAD_CHECKPOINT_FILES",
+                f"an import holds exactly {peft_format.CONFIG_FILE} and {peft_format.WEIGHTS_FILE}"
+                f" (missing {sorted(missing)}, unexpected {sorted(extra)})",
+            )
+        config = peft_format.parse_config(files[peft_format.CONFIG_FILE])
+        modules = peft_format.check_factors(peft_format.read_header(files[peft_format.WEIGHTS_FILE]), config.rank)
+        lora = {"rank": config.rank, "alpha": config.alpha, **peft_format.lora_switches(modules),
+                "train_experts": False, "seed": 0}
+        normalized = peft_format.build_config(base_model, config.rank, config.alpha, sorted(modules))
+        spec = CheckpointSpec(path, base_model, lora, 0, False, ttl_seconds, dict(user_metadata or {}))
+        content = {peft_format.CONFIG_FILE: _json_bytes(normalized), peft_format.WEIGHTS_FILE: files[peft_format.WEIGHTS_FILE]}
+        return self.write(tenant, spec, [(n, [data]) for n, data in content.items()])
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def get(self, tenant: str, path: str) -> CheckpointRecord:
+        """The tenant's checkpoint at `path`, or NotFound (also when expired)."""
+        parsed = CheckpointPath.parse(path)
+        manifest = self._find(parsed.storage_key(tenant))
+        if manifest is None or self._expired(manifest):
+            raise NotFound("CHECKPOINT_NOT_FOUND", f"checkpoint {path!r} not found")
+        return _record(manifest)
+
+    def read(self, tenant: str, path: str, chunk_size: int = 1 << 20) -> tuple[CheckpointRecord, Iterator[tuple[str, int, bytes]]]:
+        """The checkpoint and its files as (file name, offset, chunk), verified by sha256."""
+        record = self.get(tenant, path)
+        key = record.path.storage_key(tenant)
+        return record, _file_chunks(self._store, key, record.files, chunk_size)
+
+    def list(self, tenant: str, run: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[CheckpointRecord], str]:
+        """One page of the tenant's live checkpoints (of one run, or all), ordered by key."""
+        if page_size < 0:
+            raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0")
+        size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        after = _decode_token(page_token)
+        live = [m for m in self._store.list(storage_prefix(tenant, run)) if not self._expired(m) and m.key > after]
+        page = live[:size]
+        token = _encode_token(page[-1].key) if len(live) > size else ""
+        return [_record(m) for m in page], token
+
+    # ---- management ------------------------------------------------------------------
+
+    def delete(self, tenant: str, path: str) -> None:
+        record = self.get(tenant, path)
+        self._store.delete(record.path.storage_key(tenant))
+        log.info("checkpoint %s deleted", path)
+
+    def set_ttl(self, tenant: str, path: str, ttl_seconds: int) -> CheckpointRecord:
+        """Expire `ttl_seconds` from now; 0 removes the expiry."""
+        _check_ttl(ttl_seconds)
+        record = self.get(tenant, path)
+        key = record.path.storage_key(tenant)
+        metadata = dict(self._store.manifest(key).metadata)
+        metadata["expire_time"] = self._clock() + ttl_seconds if ttl_seconds else None
+        return _record(self._store.update_metadata(key, metadata))
+
+    def sweep(self) -> int:
+        """Delete every expired checkpoint of every tenant; returns how many."""
+        removed = 0
+        for manifest in self._store.list(""):
+            if self._expired(manifest):
+                try:
+                    self._store.delete(manifest.key)
+                    removed += 1
+                except NotFound:  # deleted concurrently
+                    pass
+        if removed:
+            log.info("expiry sweep deleted %d checkpoints", removed)
+        return removed
+
+    def _find(self, key: str) -> Manifest | None:
+        try:
+            return self._store.manifest(key)
+        except NotFound:
+            return None
+
+    def _expired(self, manifest: Manifest) -> bool:
+        expire = manifest.metadata.get("expire_time")
+        return expire is not None and expire <= self._clock()
+
+
+def _required_files(spec: CheckpointSpec) -> set[str]:
+    files = {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE}
+    return files | {peft_format.OPTIMIZER_FILE} if spec.has_optimizer_state else files
+
+
+def _file_name(name: str) -> str:
+    if name not in ALLOWED_FILES:
+        raise InvalidArgument("BAD_CHECKPOINT_FILES", f"unexpected file {name[:100]!r}; allowed: {sorted(ALLOWED_FILES)}")
+    return name
+
+
+def _check_spec(spec: CheckpointSpec) -> None:
+    _check_ttl(spec.ttl_seconds)
+    if spec.has_optimizer_state and spec.path.kind is not CheckpointKind.STATE:
+        raise InvalidArgument("BAD_CHECKPOINT_KIND", "only state checkpoints hold optimizer state")
+    if not spec.base_model:
+        raise InvalidArgument("MISSING_BASE_MODEL", "a checkpoint must name its base model")
+    if len(spec.user_metadata) > MAX_USER_METADATA or any(
+        len(k) > MAX_USER_METADATA_CHARS or len(v) > MAX_USER_METADATA_CHARS for k, v in spec.user_metadata.items()
+    ):
+        raise InvalidArgument(
+            "BAD_USER_METADATA", f"user_metadata allows {MAX_USER_METADATA} entries of {MAX_USER_METADATA_CHARS} chars"
+        )
+
+
+def _check_ttl(ttl_seconds: int) -> None:
+    if not 0 <= ttl_seconds <= MAX_TTL_S:
+        raise InvalidArgument("BAD_TTL", f"ttl_seconds must lie in [0, {MAX_TTL_S}] (0: never expires)")
+
+
+def _exists(path: CheckpointPath) -> TunemeshError:
+    return AlreadyExists("CHECKPOINT_EXISTS", f"checkpoint {path} already exists; names are immutable")
+
+
+def _record(manifest: Manifest) -> CheckpointRecord:
+    meta = manifest.metadata
+    return CheckpointRecord(
+        path=CheckpointPath.parse(meta["path"]),
+        base_model=meta["base_model"],
+        lora=dict(meta["lora"]),
+        step=int(meta["step"]),
+        has_optimizer_state=bool(meta["has_optimizer_state"]),
+        user_metadata=dict(meta.get("user_metadata") or {}),
+        create_time=manifest.commit_time,
+        expire_time=meta.get("expire_time"),
+        files=manifest.blobs,
+    )
+
+
+def _file_chunks(store: CheckpointStore, key: str, files: tuple[BlobInfo, ...], chunk_size: int) -> Iterator[tuple[str, int, bytes]]:
+    for info in files:
+        offset = 0
+        for chunk in store.read_blob(key, info.name, chunk_size):
+            yield info.name, offset, chunk
+            offset += len(chunk)
+
+
+def _encode_token(key: str) -> str:
+    return base64.urlsafe_b64encode(key.encode()).decode()
+
+
+def _decode_token(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        raise InvalidArgument("INVALID_PAGE_TOKEN", f"bad page token {token[:100]!r}") from None
+
+
+def _json_bytes(value: dict) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+

@@ -1,0 +1,87 @@
+"""gRPC servicers of the checkpoint process: the public CheckpointService (reached through
+the scheduler, which names the tenant) and the internal CheckpointStorageService (trainers,
+samplers). Store I/O runs in worker threads so the event loop keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+
+from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
+from tunemesh_checkpoint import convert
+from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointSpec
+from tunemesh_common.checkpoint_paths import CheckpointPath
+from tunemesh_common.rpc import current_tenant
+
+
+class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
+    def __init__(self, catalog: CheckpointCatalog, chunk_bytes: int, max_upload_bytes: int) -> None:
+        self._catalog, self._chunk_bytes, self._max_upload_bytes = catalog, chunk_bytes, max_upload_bytes
+
+    async def ListCheckpoints(self, request, context):
+        records, token = await asyncio.to_thread(
+            self._catalog.list, current_tenant(), request.run, request.page_size, request.page_token
+        )
+        return checkpoints_pb2.ListCheckpointsResponse(
+            checkpoints=[convert.checkpoint(r) for r in records], next_page_token=token
+        )
+
+    async def GetCheckpoint(self, request, context):
+        record = await asyncio.to_thread(self._catalog.get, current_tenant(), request.path)
+        return checkpoints_pb2.GetCheckpointResponse(checkpoint=convert.checkpoint(record))
+
+    async def DeleteCheckpoint(self, request, context):
+        await asyncio.to_thread(self._catalog.delete, current_tenant(), request.path)
+        return checkpoints_pb2.DeleteCheckpointResponse()
+
+    async def UpdateCheckpointTtl(self, request, context):
+        record = await asyncio.to_thread(self._catalog.set_ttl, current_tenant(), request.path, request.ttl_seconds)
+        return checkpoints_pb2.UpdateCheckpointTtlResponse(checkpoint=convert.checkpoint(record))
+
+    async def DownloadCheckpoint(self, request, context):
+        async for part in _stream(self._catalog, current_tenant(), request.path, self._chunk_bytes):
+            yield checkpoints_pb2.DownloadCheckpointResponse(**part)
+
+    async def ImportCheckpoint(self, request_iterator, context):
+        header, files = await convert.read_upload(request_iterator, self._max_upload_bytes)
+        record = await asyncio.to_thread(
+            self._catalog.import_peft, current_tenant(), header.name, header.base_model, files,
+            header.ttl_seconds, dict(header.user_metadata),
+        )
+        return checkpoints_pb2.ImportCheckpointResponse(checkpoint=convert.checkpoint(record))
+
+
+class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
+    def __init__(self, catalog: CheckpointCatalog, chunk_bytes: int, max_upload_bytes: int) -> None:
+        self._catalog, self._chunk_bytes, self._max_upload_bytes = catalog, chunk_bytes, max_upload_bytes
+
+    async def WriteCheckpoint(self, request_iterator, context):
+        header, files = await convert.read_upload(request_iterator, self._max_upload_bytes)
+        spec = CheckpointSpec(
+            path=CheckpointPath.parse(header.path), base_model=header.base_model,
+            lora=convert.lora_dict(header.lora_config), step=header.step,
+            has_optimizer_state=header.has_optimizer_state, ttl_seconds=header.ttl_seconds,
+            user_metadata=dict(header.user_metadata),
+        )
+        record = await asyncio.to_thread(
+            self._catalog.write, current_tenant(), spec, [(name, [data]) for name, data in files.items()]
+        )
+        return checkpoint_pb2.WriteCheckpointResponse(checkpoint=convert.checkpoint(record))
+
+    async def ReadCheckpoint(self, request, context):
+        async for part in _stream(self._catalog, current_tenant(), request.path, self._chunk_bytes):
+            yield checkpoint_pb2.ReadCheckpointResponse(**part)
+
+
+async def _stream(catalog: CheckpointCatalog, tenant: str, path: str, chunk_bytes: int):
+    """{"checkpoint": ...} first, then {"chunk": ...} per file chunk (read in a thread)."""
+    record, chunks = await asyncio.to_thread(catalog.read, tenant, path, chunk_bytes)
+    yield {"checkpoint": convert.checkpoint(record)}
+    while (item := await asyncio.to_thread(_next, chunks)) is not None:
+        name, offset, data = item
+        yield {"chunk": checkpoints_pb2.FileChunk(file_name=name, offset=offset, data=data)}
+
+
+def _next(chunks: Iterator):
+    return next(chunks, None)
