@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "tunemesh.client": ("ServiceClient",),
+    "tunemesh.checkpoints": ("Checkpoint", "CheckpointClient", "CheckpointFile"),
     "tunemesh.training_client": ("TrainingClient",),
     "tunemesh.futures": ("APIFuture",),
     "tunemesh.retry": ("RetryPolicy",),
@@ -59,6 +60,7 @@ _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in nam
 __all__ = sorted(_MODULE_OF)
 
 if TYPE_CHECKING:
+    from tunemesh.checkpoints import Checkpoint, CheckpointClient, CheckpointFile
     from tunemesh.client import ServiceClient
     from tunemesh.errors import *  # noqa: F403
     from tunemesh.futures import APIFuture

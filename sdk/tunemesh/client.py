@@ -12,6 +12,7 @@ from typing import Any
 import grpc
 
 from tunemesh import _wire, tokenizer
+from tunemesh.checkpoints import CheckpointClient
 from tunemesh.operations import OperationTracker
 from tunemesh.retry import RetryPolicy
 from tunemesh.training_client import TrainingClient
@@ -108,6 +109,10 @@ class ServiceClient:
             self._transport.training.CreateTrainingRun, request, what="CreateTrainingRun"
         )
         return self._training_client(response.run.name, response.run.base_model or base_model)
+
+    def create_checkpoint_client(self) -> CheckpointClient:
+        """A client for the caller's checkpoints: list, get, delete, download, import."""
+        return CheckpointClient(self._transport)
 
     def get_tokenizer(self, base_model: str) -> Any:
         """The tokenizer of `base_model`, fetched once per client and cached on disk."""
