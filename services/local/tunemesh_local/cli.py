@@ -1,4 +1,4 @@
-"""`tunemesh up | status | down`: a local mesh on loopback.
+"""`tunemesh up | status | down`: a local mesh on loopback; `tunemesh checkpoints ...`.
 
 State dir: --state-dir, else $TUNEMESH_STATE_DIR, else ~/.tunemesh/local.
 """
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from tunemesh_common.errors import TunemeshError
-from tunemesh_local import launcher, state, status
+from tunemesh_local import checkpoints_cli, launcher, state, status
 from tunemesh_local.launcher import MeshConfig, ServiceFactory
 from tunemesh_local.state import MeshState
 
@@ -33,11 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (up, stat, down):
         sub.add_argument("--state-dir", type=Path, default=None,
                          help=f"state directory (default ${state.STATE_DIR_ENV} or ~/.tunemesh/local)")
+    checkpoints_cli.add_parser(commands)
     return parser
 
 
 def main(argv: list[str] | None = None, services: ServiceFactory = launcher.default_services) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "checkpoints":
+        return checkpoints_cli.run(args)
     state_dir = (args.state_dir or state.default_state_dir()).expanduser()
     try:
         if args.command == "up":
