@@ -63,6 +63,14 @@ def internal_name(key: str) -> str:
     return key[len(PEFT_PREFIX):]
 
 
+def internal_name_of_state(key: str) -> str:
+    """PEFT key of an optimizer tensor (`<PEFT key>/<field>`) -> `<internal name>/<field>`."""
+    weight_key, sep, field = key.rpartition("/")
+    if not sep:
+        raise InvalidArgument("BAD_OPTIMIZER_STATE", f"optimizer tensor {key[:200]!r} has no field")
+    return f"{internal_name(weight_key)}/{field}"
+
+
 def module_of(name: str) -> str:
     """`<module>.lora_A.weight` -> `<module>`."""
     return name.rsplit(".lora_", 1)[0]

@@ -8,6 +8,7 @@ import os
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh_common import rpc
+from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.models import ModelRegistry, tokenizer_files
 from tunemesh_trainer import settings as settings_mod
 from tunemesh_trainer.core import TrainerCore
@@ -46,7 +47,8 @@ async def serve(s: settings_mod.TrainerSettings) -> None:
     server, health = rpc.build_server()
     port = server.add_insecure_port(s.listen)
     address = f"{s.advertise_host}:{port}"
-    servicer = TrainerServicer(s.node_id, address)
+    storage = CheckpointStorageClient(s.checkpoint)
+    servicer = TrainerServicer(s.node_id, address, checkpoints=storage)
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
     rpc.enable_reflection(server, [SERVICE_NAME])
     await server.start()  # health answers NOT_SERVING while the model loads
@@ -71,6 +73,7 @@ async def serve(s: settings_mod.TrainerSettings) -> None:
     if registration is not None:
         await registration.stop()
     await server.stop(grace=2)
+    await storage.close()
     servicer.core.close()
 
 

@@ -31,6 +31,13 @@ def lora_spec(config: types_pb2.LoraConfig) -> LoraSpec:
     )
 
 
+def lora_config(spec: LoraSpec) -> types_pb2.LoraConfig:
+    return types_pb2.LoraConfig(
+        rank=spec.rank, alpha=spec.alpha, train_attn=spec.train_attn, train_mlp=spec.train_mlp,
+        train_unembed=spec.train_unembed, seed=spec.seed, train_experts=spec.train_experts,
+    )
+
+
 def adam_spec(params: types_pb2.AdamParams) -> AdamSpec:
     return AdamSpec(
         learning_rate=params.learning_rate,

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from tunemesh_common.errors import Code, ResourceExhausted, TunemeshError
 from tunemesh_trainer.domain import (
-    AdamSpec, EngineItem, ItemFailure, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
+    AdamSpec, AdapterState, EngineItem, ItemFailure, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
 )
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,15 @@ class TrainerCore:
                 outcome.failure = ItemFailure(int(Code.INTERNAL), "ENGINE_ERROR", "the optimizer step failed")
             outcomes.append(outcome)
         return outcomes
+
+    async def export_adapter(self, adapter_id: str, with_optimizer: bool) -> AdapterState:
+        """A snapshot taken between batches, so it never sees half a step."""
+        return await self._call(self._engine.export_adapter, adapter_id, with_optimizer)
+
+    async def import_adapter(self, adapter_id: str, state: AdapterState) -> int:
+        steps = await self._call(self._engine.import_adapter, adapter_id, state)
+        log.info("adapter %s loaded (optimizer step %d)", adapter_id, steps)
+        return steps
 
     async def optim_step(self, adapter_id: str, adam: AdamSpec) -> dict[str, float]:
         return await self._call(self._engine.optim_step, adapter_id, adam)

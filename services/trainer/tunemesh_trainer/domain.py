@@ -102,3 +102,18 @@ class ItemOutcome:
     outputs: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     failure: ItemFailure | None = None
+
+
+@dataclasses.dataclass
+class AdapterState:
+    """An adapter's persistent state as plain arrays: what a checkpoint holds.
+
+    `weights` maps `<module>.lora_A.weight` / `<module>.lora_B.weight` to float32 arrays
+    (A: rank x in, B: out x rank). `optimizer` maps `<weight name>/<key>` to AdamW's
+    per-parameter state (`exp_avg`, `exp_avg_sq`, `step`), or is None for weights only.
+    """
+
+    spec: LoraSpec
+    weights: dict[str, np.ndarray]
+    optimizer: dict[str, np.ndarray] | None = None
+    steps: int = 0

@@ -5,15 +5,20 @@ from __future__ import annotations
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
 from tunemesh_common.errors import InvalidArgument, TunemeshError, Unavailable
+from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_trainer import convert
+from tunemesh_trainer.checkpoints import CheckpointBridge
 from tunemesh_trainer.core import TrainerCore
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     """Registered before the server starts; answers UNAVAILABLE LOADING until `attach`."""
 
-    def __init__(self, node_id: str, address: str, metrics_url: str = "") -> None:
+    def __init__(self, node_id: str, address: str, metrics_url: str = "",
+                 checkpoints: CheckpointStorageClient | None = None) -> None:
         self._core: TrainerCore | None = None
+        self._bridge: CheckpointBridge | None = None
+        self._storage = checkpoints or CheckpointStorageClient("")
         self._node_id = node_id
         self._address = address
         self._metrics_url = metrics_url
@@ -22,6 +27,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     def attach(self, core: TrainerCore, tokenizer_files: dict[str, bytes]) -> None:
         """Start serving with a loaded engine."""
         self._tokenizer_files = [sessions_pb2.TokenizerFile(name=n, content=c) for n, c in tokenizer_files.items()]
+        self._bridge = CheckpointBridge(core, self._storage)
         self._core = core
 
     @property
@@ -79,3 +85,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def GetTokenizer(self, request, context):
         self.core  # UNAVAILABLE LOADING until the model is attached
         return trainer_pb2.GetTokenizerResponse(files=self._tokenizer_files)
+
+    async def SaveAdapter(self, request, context):
+        self.core  # UNAVAILABLE LOADING until the model is attached
+        checkpoint = await self._bridge.save(request)
+        return trainer_pb2.SaveAdapterResponse(checkpoint=checkpoint)
+
+    async def LoadAdapter(self, request, context):
+        self.core
+        step = await self._bridge.load(request)
+        return trainer_pb2.LoadAdapterResponse(step=step)

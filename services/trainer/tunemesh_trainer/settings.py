@@ -22,6 +22,7 @@ class TrainerSettings:
     max_batch_tokens: int = 8192  # padded tokens per chunk of a fused pass (bounds memory)
     lease_ttl_s: int = 5  # etcd lease time-to-live
     advertise_host: str = "127.0.0.1"  # host others use to reach this node
+    checkpoint: str = ""  # host:port of the checkpoint service; empty: saves and loads fail
 
 
 def load(argv: list[str] | None = None) -> TrainerSettings:

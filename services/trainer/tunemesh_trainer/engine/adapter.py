@@ -5,11 +5,12 @@ from __future__ import annotations
 import hashlib
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
-from tunemesh_common.errors import InvalidArgument
-from tunemesh_trainer.domain import AdamSpec, LoraSpec
+from tunemesh_common.errors import FailedPrecondition, InvalidArgument
+from tunemesh_trainer.domain import AdamSpec, AdapterState, LoraSpec
 from tunemesh_trainer.engine.multi_lora import LoraPair
 from tunemesh_trainer.engine.optimizer import AdapterOptimizer
 
@@ -87,6 +88,37 @@ class AdapterSlot:
                     raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{name}: shape mismatch")
                 target.copy_(tensors[name])
 
+    def export_state(self, with_optimizer: bool) -> AdapterState:
+        """Copies of the weights (and optimizer state) as float32 arrays."""
+        weights = {n: t.cpu().numpy().copy() for n, t in self.weights().items()}
+        optimizer = self.optimizer.export_state(list(weights)) if with_optimizer else None
+        return AdapterState(self.spec, weights, optimizer, self.optimizer.steps if with_optimizer else 0)
+
+    def import_state(self, state: AdapterState) -> int:
+        """Overwrite from `state` (see TrainingEngine.import_adapter); returns the step count."""
+        if (state.spec.rank, state.spec.alpha) != (self.spec.rank, self.spec.alpha):
+            raise FailedPrecondition(
+                "LORA_CONFIG_MISMATCH",
+                f"checkpoint has rank {state.spec.rank} / alpha {state.spec.alpha:g}, the run "
+                f"{self.spec.rank} / {self.spec.alpha:g}",
+            )
+        own = self.weights()
+        tensors = _complete(state.weights, own)
+        names = list(own)
+        if state.optimizer is not None:
+            _check_optimizer(state.optimizer, names)
+        with torch.no_grad():
+            for name, target in own.items():
+                target.copy_(torch.from_numpy(tensors[name]))
+        self.drop_fresh_grads()
+        for acc in self.grads:
+            acc.zero_()
+        if state.optimizer is None:
+            self.optimizer.reset()
+        else:
+            self.optimizer.import_state(names, state.optimizer, state.steps)
+        return self.optimizer.steps
+
     def digest(self) -> str:
         hasher = hashlib.sha256(repr(self.spec).encode())
         hasher.update(str(self.optimizer.steps).encode())
@@ -98,3 +130,39 @@ class AdapterSlot:
 def _named(pairs: dict[str, LoraPair], tensors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     names = [f"{m}.lora_{ab}.weight" for m in pairs for ab in ("A", "B")]
     return dict(zip(names, tensors))
+
+
+def _complete(weights: dict[str, np.ndarray], own: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """`weights` checked against the slot's, plus zero A and B for modules it lacks."""
+    unknown = sorted(set(weights) - set(own))
+    if unknown:
+        raise FailedPrecondition(
+            "LORA_CONFIG_MISMATCH", f"the run has no LoRA on {unknown[0].rsplit('.lora_', 1)[0]} ({len(unknown)} such tensors)"
+        )
+    out = {}
+    for name, target in own.items():
+        value = weights.get(name)
+        if value is None:
+            out[name] = np.zeros(tuple(target.shape), dtype=np.float32)
+            continue
+        if tuple(value.shape) != tuple(target.shape):
+            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{name}: shape {list(value.shape)}, the run has {list(target.shape)}")
+        if not np.isfinite(value).all():
+            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{name}: not finite")
+        out[name] = np.asarray(value, dtype=np.float32)
+    modules_missing_half = {n.rsplit(".lora_", 1)[0] for n in own if n not in weights} & {
+        n.rsplit(".lora_", 1)[0] for n in weights
+    }
+    if modules_missing_half:
+        raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{sorted(modules_missing_half)[0]}: needs both lora_A and lora_B")
+    return out
+
+
+def _check_optimizer(arrays: dict[str, np.ndarray], names: list[str]) -> None:
+    known = set(names)
+    for key, value in arrays.items():
+        name, _, field = key.partition("/")
+        if name not in known or field not in ("exp_avg", "exp_avg_sq", "step"):
+            raise InvalidArgument("BAD_OPTIMIZER_STATE", f"unexpected optimizer tensor {key[:200]!r}")
+        if not np.isfinite(value).all():
+            raise InvalidArgument("BAD_OPTIMIZER_STATE", f"{key}: not finite")

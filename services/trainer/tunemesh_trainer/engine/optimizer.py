@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from tunemesh_common.errors import InvalidArgument
@@ -51,6 +52,30 @@ class AdapterOptimizer:
 
     def state_dict(self) -> dict:
         return self._adamw.state_dict()
+
+    def export_state(self, names: list[str]) -> dict[str, np.ndarray]:
+        """Per-parameter AdamW state as `<name>/<key>` -> array copies (params in order)."""
+        out = {}
+        for name, param in zip(names, self.params, strict=True):
+            for key, value in self._adamw.state.get(param, {}).items():
+                out[f"{name}/{key}"] = torch.as_tensor(value).detach().cpu().numpy().copy()
+        return out
+
+    def import_state(self, names: list[str], arrays: dict[str, np.ndarray], steps: int) -> None:
+        """Restore what `export_state` produced (exact: same dtypes, same values)."""
+        self._adamw.state.clear()
+        for name, param in zip(names, self.params, strict=True):
+            state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == name}
+            if state:
+                self._adamw.state[param] = {
+                    k: torch.from_numpy(np.array(v, copy=True)).to(param.device) for k, v in state.items()
+                }
+        self.steps = steps
+
+    def reset(self) -> None:
+        """Forget all AdamW state: the next step is step 1."""
+        self._adamw.state.clear()
+        self.steps = 0
 
 
 def _finite(value: float) -> bool:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from tunemesh_trainer.domain import AdamSpec, EngineItem, ItemOutcome, LoraSpec, ModelInfo
+from tunemesh_trainer.domain import AdamSpec, AdapterState, EngineItem, ItemOutcome, LoraSpec, ModelInfo
 
 
 class TrainingEngine(Protocol):
@@ -39,6 +39,21 @@ class TrainingEngine(Protocol):
 
     def optim_step(self, adapter_id: str, adam: AdamSpec) -> dict[str, float]:
         """Apply one AdamW step to one adapter with its accumulated gradients, then clear them."""
+        ...
+
+    def export_adapter(self, adapter_id: str, with_optimizer: bool) -> AdapterState:
+        """A copy of the adapter's weights (and AdamW state and step count if asked)."""
+        ...
+
+    def import_adapter(self, adapter_id: str, state: AdapterState) -> int:
+        """Overwrite the adapter from `state` and return its optimizer step count.
+
+        The state's rank and alpha must equal the adapter's; its modules must be among
+        the adapter's (modules it lacks get zero A and B: no update, and none learned).
+        Without optimizer state the optimizer restarts at step 0. Accumulated gradients
+        are cleared either way. Raises FailedPrecondition / InvalidArgument and leaves
+        the adapter untouched when the state does not fit.
+        """
         ...
 
     def adapter_digest(self, adapter_id: str) -> str:

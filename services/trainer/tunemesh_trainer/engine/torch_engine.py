@@ -14,6 +14,7 @@ from transformers import AutoModelForCausalLM
 from tunemesh_common.errors import AlreadyExists, Code, InvalidArgument, NotFound, Unimplemented
 from tunemesh_trainer.domain import (
     AdamSpec,
+    AdapterState,
     EngineItem,
     ItemFailure,
     ItemKind,
@@ -106,6 +107,12 @@ class TorchTrainingEngine:
     def adapter(self, adapter_id: str) -> AdapterSlot:
         """The adapter's slot (weights, accumulated grads, optimizer): for checkpoints."""
         return self._slot(adapter_id)
+
+    def export_adapter(self, adapter_id: str, with_optimizer: bool) -> AdapterState:
+        return self._slot(adapter_id).export_state(with_optimizer)
+
+    def import_adapter(self, adapter_id: str, state: AdapterState) -> int:
+        return self._slot(adapter_id).import_state(state)
 
     def adapter_digest(self, adapter_id: str) -> str:
         return self._slot(adapter_id).digest()

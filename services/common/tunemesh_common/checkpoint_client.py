@@ -1,0 +1,96 @@
+"""Client of the internal CheckpointStorageService, for trainers and samplers.
+
+Files travel as 1 MiB chunks; reads are verified end to end (size and sha256 against the
+checkpoint's manifest) on top of the store's own check.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+from tunemesh.v1 import checkpoints_pb2
+from tunemesh_common.errors import DataLoss, FailedPrecondition
+from tunemesh_common.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
+
+CHUNK_BYTES = 1 << 20
+
+
+class CheckpointStorageClient:
+    """Writes and reads whole checkpoints; one channel to the checkpoint service."""
+
+    def __init__(self, address: str, timeout_s: float = 600.0, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.address = address
+        self._timeout_s = timeout_s
+        self._chunk_bytes = chunk_bytes
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) if address else None
+        self._stub = checkpoint_pb2_grpc.CheckpointStorageServiceStub(self._channel) if address else None
+
+    def _require(self) -> checkpoint_pb2_grpc.CheckpointStorageServiceStub:
+        if self._stub is None:
+            raise FailedPrecondition("NO_CHECKPOINT_SERVICE", "this node was started without a checkpoint service")
+        return self._stub
+
+    async def write(
+        self, tenant: str, header: checkpoint_pb2.WriteCheckpointHeader, files: dict[str, bytes]
+    ) -> checkpoints_pb2.Checkpoint:
+        """Upload `files` as a new checkpoint; returns it once committed."""
+        stub = self._require()
+
+        async def requests() -> AsyncIterator[checkpoint_pb2.WriteCheckpointRequest]:
+            yield checkpoint_pb2.WriteCheckpointRequest(header=header)
+            for name, data in files.items():
+                for offset in range(0, max(len(data), 1), self._chunk_bytes):
+                    chunk = checkpoints_pb2.FileChunk(
+                        file_name=name, offset=offset, data=data[offset : offset + self._chunk_bytes]
+                    )
+                    yield checkpoint_pb2.WriteCheckpointRequest(chunk=chunk)
+
+        try:
+            response = await stub.WriteCheckpoint(requests(), timeout=self._timeout_s, metadata=_tenant(tenant))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_peer(err, f"checkpoint service {self.address}") from None
+        return response.checkpoint
+
+    async def read(self, tenant: str, path: str) -> tuple[checkpoints_pb2.Checkpoint, dict[str, bytes]]:
+        """The tenant's checkpoint at `path` and its files, verified."""
+        stub = self._require()
+        checkpoint, files = None, {}
+        try:
+            async for response in stub.ReadCheckpoint(
+                checkpoint_pb2.ReadCheckpointRequest(path=path), timeout=self._timeout_s, metadata=_tenant(tenant)
+            ):
+                if response.WhichOneof("part") == "checkpoint":
+                    checkpoint = response.checkpoint
+                else:
+                    files.setdefault(response.chunk.file_name, bytearray()).extend(response.chunk.data)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_peer(err, f"checkpoint service {self.address}") from None
+        if checkpoint is None:
+            raise DataLoss("EMPTY_CHECKPOINT_STREAM", f"no checkpoint came back for {path}")
+        return checkpoint, _verified(checkpoint, files)
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+    return ((TENANT_KEY, tenant),)
+
+
+def _verified(checkpoint: checkpoints_pb2.Checkpoint, files: dict[str, bytearray]) -> dict[str, bytes]:
+    expected = {f.name: f for f in checkpoint.files}
+    extra = sorted(set(files) - set(expected))
+    if extra:
+        raise DataLoss("CHECKSUM_MISMATCH", f"{checkpoint.path}: unexpected file {extra[0][:100]!r}")
+    out = {}
+    for name, info in expected.items():
+        data = bytes(files.get(name, b""))
+        if len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
+            raise DataLoss("CHECKSUM_MISMATCH", f"{checkpoint.path}: {name} does not match its sha256")
+        out[name] = data
+    return out

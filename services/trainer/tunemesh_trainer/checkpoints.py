@@ -1,0 +1,53 @@
+"""Save and load adapters through the checkpoint service (server layer: protos in and out).
+
+A save snapshots the adapter on the engine thread between batches, encodes it in a worker
+thread and streams it while other runs keep training; a load fetches and checks the
+checkpoint first and touches the adapter only once everything fits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from tunemesh.internal.v1 import checkpoint_pb2, trainer_pb2
+from tunemesh.v1 import checkpoints_pb2
+from tunemesh_common.checkpoint_client import CheckpointStorageClient
+from tunemesh_common.errors import FailedPrecondition
+from tunemesh_trainer import checkpoint_files, convert
+from tunemesh_trainer.core import TrainerCore
+
+
+class CheckpointBridge:
+    """The trainer's side of SaveAdapter / LoadAdapter."""
+
+    def __init__(self, core: TrainerCore, storage: CheckpointStorageClient) -> None:
+        self._core = core
+        self._storage = storage
+
+    async def save(self, request: trainer_pb2.SaveAdapterRequest) -> checkpoints_pb2.Checkpoint:
+        state = await self._core.export_adapter(request.adapter_id, request.include_optimizer_state)
+        files = await asyncio.to_thread(checkpoint_files.encode, state, self._core.info.name)
+        header = checkpoint_pb2.WriteCheckpointHeader(
+            path=request.path,
+            base_model=self._core.info.name,
+            lora_config=convert.lora_config(state.spec),
+            step=state.steps,
+            has_optimizer_state=request.include_optimizer_state,
+            ttl_seconds=request.ttl_seconds,
+            user_metadata=request.user_metadata,
+        )
+        return await self._storage.write(request.tenant, header, files)
+
+    async def load(self, request: trainer_pb2.LoadAdapterRequest) -> int:
+        checkpoint, files = await self._storage.read(request.tenant, request.path)
+        if checkpoint.base_model != self._core.info.name:
+            raise FailedPrecondition(
+                "WRONG_BASE_MODEL", f"{request.path} is for {checkpoint.base_model}, this run uses {self._core.info.name}"
+            )
+        if request.load_optimizer_state and not checkpoint.has_optimizer_state:
+            raise FailedPrecondition(
+                "NO_OPTIMIZER_STATE", f"{request.path} holds weights only; load it without optimizer state"
+            )
+        spec = convert.lora_spec(checkpoint.lora_config)
+        state = await asyncio.to_thread(checkpoint_files.decode, files, spec, request.load_optimizer_state)
+        return await self._core.import_adapter(request.adapter_id, state)
