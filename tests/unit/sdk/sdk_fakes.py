@@ -74,6 +74,19 @@ class FakeChannel:
 
         return invoke
 
+    def unary_stream(self, path, *_, **__):
+        return self._unimplemented(path)
+
+    def stream_unary(self, path, *_, **__):
+        return self._unimplemented(path)
+
+    @staticmethod
+    def _unimplemented(path):
+        def invoke(*_, **__):
+            raise FakeRpcError(grpc.StatusCode.UNIMPLEMENTED, path.rsplit("/", 1)[-1])
+
+        return invoke
+
     def close(self) -> None:
         self.closed = True
 
