@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import struct
 
 from tunemesh_common.errors import InvalidArgument
@@ -109,11 +110,14 @@ def parse_config(raw: bytes) -> AdapterConfig:
     rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise InvalidArgument("BAD_ADAPTER_CONFIG", "`r` must be a positive integer")
-    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha >= 0:
-        raise InvalidArgument("BAD_ADAPTER_CONFIG", "`lora_alpha` must be a number >= 0")
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha < math.inf:
+        raise InvalidArgument("BAD_ADAPTER_CONFIG", "`lora_alpha` must be a finite number >= 0")
     for key, allowed in (("use_dora", (False, None)), ("use_rslora", (False, None)), ("bias", ("none", None)),
                          ("fan_in_fan_out", (False, None)), ("modules_to_save", (None, [])),
-                         ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None))):
+                         ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None)),
+                         ("layer_replication", (None, [])), ("target_parameters", (None, [])),
+                         ("alora_invocation_tokens", (None, [])), ("trainable_token_indices", (None, [], {})),
+                         ("use_qalora", (False, None)), ("lora_bias", (False, None))):
         if config.get(key) not in allowed:
             raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", f"{CONFIG_FILE}: {key}={config[key]!r} is not supported")
     targets = config.get("target_modules")
@@ -150,17 +154,24 @@ def read_header(data: bytes) -> dict[str, TensorHeader]:
     return {key: _tensor_header(key, entry, len(data) - 8 - size) for key, entry in header.items()}
 
 
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def _tensor_header(key: str, entry: object, body_bytes: int) -> TensorHeader:
     try:
-        dtype, shape, (begin, end) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
+        dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
     except (TypeError, KeyError, ValueError):
         raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r} has a malformed entry") from None
-    if dtype not in _DTYPE_BYTES:
+    if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+        raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: shape must be a list of sizes >= 0")
+    shape = tuple(shape)
+    if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
         raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: dtype {dtype} (use F32, F16 or BF16)")
     count = 1
     for dim in shape:
         count *= dim
-    if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= body_bytes
+    if not (_is_count(begin) and _is_count(end) and begin <= end <= body_bytes
             and end - begin == count * _DTYPE_BYTES[dtype]):
         raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: offsets do not match its shape")
     return TensorHeader(dtype, shape)
