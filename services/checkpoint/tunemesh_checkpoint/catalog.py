@@ -17,16 +17,15 @@ from collections.abc import Callable, Iterable, Iterator
 
 from tunemesh_checkpoint.store import BlobInfo, CheckpointStore, CheckpointWriter, Manifest
 from tunemesh_common import peft_format
-from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, storage_prefix
+from tunemesh_common.checkpoint_paths import (
+    CheckpointKind, CheckpointPath, check_ttl, check_user_metadata, storage_prefix,
+)
 from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, TunemeshError
 
 log = logging.getLogger(__name__)
 
-MAX_TTL_S = 10 * 365 * 24 * 3600
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
-MAX_USER_METADATA = 64  # entries
-MAX_USER_METADATA_CHARS = 4096  # per key or value
 ALLOWED_FILES = {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE, peft_format.OPTIMIZER_FILE}
 
 
@@ -165,7 +164,7 @@ class CheckpointCatalog:
 
     def set_ttl(self, tenant: str, path: str, ttl_seconds: int) -> CheckpointRecord:
         """Expire `ttl_seconds` from now; 0 removes the expiry."""
-        _check_ttl(ttl_seconds)
+        check_ttl(ttl_seconds)
         record = self.get(tenant, path)
         key = record.path.storage_key(tenant)
         metadata = dict(self._store.manifest(key).metadata)
@@ -209,22 +208,12 @@ def _file_name(name: str) -> str:
 
 
 def _check_spec(spec: CheckpointSpec) -> None:
-    _check_ttl(spec.ttl_seconds)
+    check_ttl(spec.ttl_seconds)
+    check_user_metadata(spec.user_metadata)
     if spec.has_optimizer_state and spec.path.kind is not CheckpointKind.STATE:
         raise InvalidArgument("BAD_CHECKPOINT_KIND", "only state checkpoints hold optimizer state")
     if not spec.base_model:
         raise InvalidArgument("MISSING_BASE_MODEL", "a checkpoint must name its base model")
-    if len(spec.user_metadata) > MAX_USER_METADATA or any(
-        len(k) > MAX_USER_METADATA_CHARS or len(v) > MAX_USER_METADATA_CHARS for k, v in spec.user_metadata.items()
-    ):
-        raise InvalidArgument(
-            "BAD_USER_METADATA", f"user_metadata allows {MAX_USER_METADATA} entries of {MAX_USER_METADATA_CHARS} chars"
-        )
-
-
-def _check_ttl(ttl_seconds: int) -> None:
-    if not 0 <= ttl_seconds <= MAX_TTL_S:
-        raise InvalidArgument("BAD_TTL", f"ttl_seconds must lie in [0, {MAX_TTL_S}] (0: never expires)")
 
 
 def _exists(path: CheckpointPath) -> TunemeshError:

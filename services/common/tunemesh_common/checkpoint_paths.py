@@ -23,6 +23,9 @@ SCHEME = "tunemesh://"
 SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_PATH_CHARS = 512
 AUTO_PREFIX = "auto-"  # names the service picks for unnamed sampler saves
+MAX_TTL_S = 10 * 365 * 24 * 3600
+MAX_USER_METADATA = 64  # entries
+MAX_USER_METADATA_CHARS = 4096  # per key or value
 
 
 class CheckpointKind(enum.StrEnum):
@@ -51,6 +54,25 @@ def check_name(name: str, *, user: bool = True) -> str:
             "BAD_CHECKPOINT_NAME", f"names starting with {AUTO_PREFIX!r} are reserved for unnamed saves"
         )
     return name
+
+
+def check_ttl(ttl_seconds: int) -> int:
+    """A TTL in seconds (0: never expires) or InvalidArgument(BAD_TTL)."""
+    if not 0 <= ttl_seconds <= MAX_TTL_S:
+        raise InvalidArgument("BAD_TTL", f"ttl_seconds must lie in [0, {MAX_TTL_S}] (0: never expires)")
+    return ttl_seconds
+
+
+def check_user_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """Labels kept with a checkpoint, bounded in count and size."""
+    if len(metadata) > MAX_USER_METADATA or any(
+        len(k) > MAX_USER_METADATA_CHARS or len(v) > MAX_USER_METADATA_CHARS for k, v in metadata.items()
+    ):
+        raise InvalidArgument(
+            "BAD_USER_METADATA",
+            f"user_metadata allows {MAX_USER_METADATA} entries of at most {MAX_USER_METADATA_CHARS} characters",
+        )
+    return metadata
 
 
 def auto_name(seq_id: int) -> str:
