@@ -6,13 +6,15 @@ import asyncio
 import logging
 import os
 
+from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh.v1 import operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from tunemesh.v1 import training_pb2, training_pb2_grpc
 from tunemesh_common import registry, rpc
 from tunemesh_scheduler import settings as settings_mod
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.nodes import EtcdPlacement, TrainerDirectory
-from tunemesh_scheduler.server import OperationServicer, SessionServicer, TrainingServicer
+from tunemesh_scheduler.checkpoints import CheckpointProxy
+from tunemesh_scheduler.server import CheckpointServicer, OperationServicer, SessionServicer, TrainingServicer
 from tunemesh_scheduler.tokenizers import TokenizerCache
 from tunemesh_scheduler.trainer_client import GrpcTrainerPort
 from tunemesh_scheduler.validation import Limits
@@ -22,6 +24,7 @@ SERVICES = [
     sessions_pb2.DESCRIPTOR.services_by_name["SessionService"].full_name,
     training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
     operations_pb2.DESCRIPTOR.services_by_name["OperationService"].full_name,
+    checkpoints_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name,
 ]
 
 
@@ -45,7 +48,11 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(core, directory, limits, TokenizerCache(directory, trainers)), server
     )
-    training_pb2_grpc.add_TrainingServiceServicer_to_server(TrainingServicer(core, directory, limits), server)
+    checkpoints = CheckpointProxy(s.checkpoint, s.checkpoint_timeout_s)
+    training_pb2_grpc.add_TrainingServiceServicer_to_server(
+        TrainingServicer(core, directory, limits, checkpoints), server
+    )
+    checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(CheckpointServicer(checkpoints, directory), server)
     operations_pb2_grpc.add_OperationServiceServicer_to_server(OperationServicer(core, s.wait_cap_s), server)
     rpc.enable_reflection(server, SERVICES)
     port = server.add_insecure_port(s.listen)
@@ -60,6 +67,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     await core.stop()
     await watcher.stop()
     await trainers.close()
+    await checkpoints.close()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -67,8 +67,16 @@ def operation(record: OperationRecord) -> operations_pb2.Operation:
         e = record.error
         op.error.CopyFrom(operations_pb2.OperationError(code=e.code, reason=e.reason, message=e.message))
     elif record.state is OpState.SUCCEEDED:
-        if record.kind is OpKind.OPTIM_STEP:
-            op.optim_step.CopyFrom(record.result)
-        else:
-            op.forward_backward.CopyFrom(record.result)
+        _set_result(op, record)
     return op
+
+
+def _set_result(op: operations_pb2.Operation, record: OperationRecord) -> None:
+    if record.kind is OpKind.OPTIM_STEP:
+        op.optim_step.CopyFrom(record.result)
+    elif record.kind in (OpKind.SAVE_STATE, OpKind.SAVE_SAMPLER):
+        op.save_checkpoint.CopyFrom(operations_pb2.SaveCheckpointResult(checkpoint=record.result))
+    elif record.kind is OpKind.LOAD_STATE:
+        op.load_state.CopyFrom(operations_pb2.LoadStateResult(path=record.result.path, step=record.result.step))
+    else:
+        op.forward_backward.CopyFrom(record.result)

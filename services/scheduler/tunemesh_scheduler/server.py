@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from tunemesh.v1 import (
-    operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc,
+    checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc, training_pb2,
+    training_pb2_grpc,
 )
+from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, auto_name, check_name
+from tunemesh_common.errors import FailedPrecondition, InvalidArgument
 from tunemesh_common.rpc import current_tenant
 from tunemesh_scheduler import convert, validation
-from tunemesh_scheduler.core import OpKind, SchedulerCore
+from tunemesh_scheduler.checkpoints import CheckpointProxy
+from tunemesh_scheduler.core import LoadRequest, OpKind, SaveRequest, SchedulerCore
 from tunemesh_scheduler.nodes import TrainerDirectory
 from tunemesh_scheduler.tokenizers import TokenizerCache
 
@@ -39,10 +43,14 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
 
 
 class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
-    def __init__(self, core: SchedulerCore, directory: TrainerDirectory, limits: validation.Limits) -> None:
-        self._core, self._directory, self._limits = core, directory, limits
+    def __init__(self, core: SchedulerCore, directory: TrainerDirectory, limits: validation.Limits,
+                 checkpoints: CheckpointProxy) -> None:
+        self._core, self._directory, self._limits, self._checkpoints = core, directory, limits, checkpoints
 
     async def CreateTrainingRun(self, request, context):
+        if request.from_checkpoint:
+            record = await self._create_from_checkpoint(current_tenant(), request)
+            return training_pb2.CreateTrainingRunResponse(run=convert.run(record))
         model = self._directory.model(request.base_model)
         validation.check_lora(request.lora_config, model)
         lora = validation.normalized_lora(request.lora_config, model)
@@ -79,6 +87,52 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         )
         return training_pb2.OptimStepResponse(operation=convert.operation(record))
 
+    async def SaveState(self, request, context):
+        op = await self._submit_save(request, OpKind.SAVE_STATE, CheckpointKind.STATE)
+        return training_pb2.SaveStateResponse(operation=op)
+
+    async def SaveWeightsForSampler(self, request, context):
+        op = await self._submit_save(request, OpKind.SAVE_SAMPLER, CheckpointKind.SAMPLER)
+        return training_pb2.SaveWeightsForSamplerResponse(operation=op)
+
+    async def LoadState(self, request, context):
+        tenant = current_tenant()
+        run = self._core.get_run(tenant, request.run)
+        checkpoint = await self._checkpoints.get(tenant, request.path)  # NOT_FOUND for others' paths
+        validation.check_checkpoint_fits(checkpoint, run.base_model, run.lora, request.load_optimizer_state)
+        payload = LoadRequest(checkpoint.path, request.load_optimizer_state)
+        record = await self._core.submit(
+            tenant, request.run, request.seq_id, request.request_id, OpKind.LOAD_STATE, payload, convert.digest(request)
+        )
+        return training_pb2.LoadStateResponse(operation=convert.operation(record))
+
+    async def _create_from_checkpoint(self, tenant: str, request):
+        if request.HasField("lora_config"):
+            raise InvalidArgument("LORA_CONFIG_FROM_CHECKPOINT", "a run created from a checkpoint takes its LoRA config")
+        checkpoint = await self._checkpoints.get(tenant, request.from_checkpoint)
+        if request.base_model and request.base_model != checkpoint.base_model:
+            raise FailedPrecondition("WRONG_BASE_MODEL", f"{checkpoint.path} is for {checkpoint.base_model}")
+        model = self._directory.model(checkpoint.base_model)
+        validation.check_lora(checkpoint.lora_config, model)
+        lora = validation.normalized_lora(checkpoint.lora_config, model)
+        validation.check_checkpoint_fits(checkpoint, model.name, lora, request.load_optimizer_state)
+        restore = LoadRequest(checkpoint.path, request.load_optimizer_state)
+        return await self._core.create_run(
+            tenant, request.session, model.name, lora, request.request_id, restore
+        )
+
+    async def _submit_save(self, request, kind: OpKind, checkpoint_kind: CheckpointKind):
+        tenant = current_tenant()
+        self._core.get_run(tenant, request.run)
+        validation.check_save(request)
+        path = CheckpointPath.for_run(request.run, checkpoint_kind, request.name or auto_name(request.seq_id))
+        payload = SaveRequest(str(path), kind is OpKind.SAVE_STATE, request.ttl_seconds,
+                              tuple(sorted(request.user_metadata.items())))
+        record = await self._core.submit(
+            tenant, request.run, request.seq_id, request.request_id, kind, payload, convert.digest(request)
+        )
+        return convert.operation(record)
+
     async def _submit_data(self, request, kind: OpKind):
         tenant = current_tenant()
         run = self._core.get_run(tenant, request.run)
@@ -107,3 +161,41 @@ class OperationServicer(operations_pb2_grpc.OperationServiceServicer):
     async def CancelOperation(self, request, context):
         record = self._core.cancel_operation(current_tenant(), request.name)
         return operations_pb2.CancelOperationResponse(operation=convert.operation(record))
+
+
+class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
+    """The public checkpoint API, forwarded to the checkpoint service for the caller's tenant."""
+
+    def __init__(self, checkpoints: CheckpointProxy, directory: TrainerDirectory) -> None:
+        self._checkpoints, self._directory = checkpoints, directory
+
+    async def ListCheckpoints(self, request, context):
+        return await self._checkpoints.call("ListCheckpoints", request, current_tenant())
+
+    async def GetCheckpoint(self, request, context):
+        return await self._checkpoints.call("GetCheckpoint", request, current_tenant())
+
+    async def DeleteCheckpoint(self, request, context):
+        return await self._checkpoints.call("DeleteCheckpoint", request, current_tenant())
+
+    async def UpdateCheckpointTtl(self, request, context):
+        return await self._checkpoints.call("UpdateCheckpointTtl", request, current_tenant())
+
+    async def DownloadCheckpoint(self, request, context):
+        async for response in self._checkpoints.download(request, current_tenant()):
+            yield response
+
+    async def ImportCheckpoint(self, request_iterator, context):
+        tenant = current_tenant()
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("BAD_UPLOAD", "the first message must carry the header")
+        check_name(first.header.name)
+        self._directory.model(first.header.base_model)  # NOT_FOUND UNKNOWN_MODEL
+
+        async def forwarded():
+            yield first
+            async for request in request_iterator:
+                yield request
+
+        return await self._checkpoints.import_(forwarded(), tenant)

@@ -25,6 +25,8 @@ class SchedulerSettings:
     max_runs_per_tenant: int = 16  # so no tenant can take every trainer's adapter slots
     wait_cap_s: int = 30  # longest WaitOperation hold
     trainer_timeout_s: int = 600  # deadline of one call to a trainer
+    checkpoint: str = ""  # host:port of the checkpoint service; empty: checkpoint calls fail
+    checkpoint_timeout_s: int = 600  # deadline of one call to the checkpoint service
 
 
 def load(argv: list[str] | None = None) -> SchedulerSettings:

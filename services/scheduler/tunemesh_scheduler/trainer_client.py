@@ -11,7 +11,7 @@ import grpc
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
 from tunemesh_common.rpc import CHANNEL_OPTIONS, REASON_KEY
-from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome
+from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome, LoadRequest, SaveRequest
 from tunemesh_scheduler.core.records import OperationError, OpKind
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,20 @@ class GrpcTrainerPort:
 
     async def delete_adapter(self, node_id: str, run_name: str) -> None:
         await self._call(node_id, "DeleteAdapter", trainer_pb2.DeleteAdapterRequest(adapter_id=run_name))
+
+    async def save_adapter(self, node_id: str, run_name: str, tenant: str, request: SaveRequest):
+        response = await self._call(node_id, "SaveAdapter", trainer_pb2.SaveAdapterRequest(
+            adapter_id=run_name, tenant=tenant, path=request.path,
+            include_optimizer_state=request.include_optimizer_state, ttl_seconds=request.ttl_seconds,
+            user_metadata=dict(request.user_metadata),
+        ))
+        return response.checkpoint
+
+    async def load_adapter(self, node_id: str, run_name: str, tenant: str, request: LoadRequest) -> int:
+        response = await self._call(node_id, "LoadAdapter", trainer_pb2.LoadAdapterRequest(
+            adapter_id=run_name, tenant=tenant, path=request.path, load_optimizer_state=request.load_optimizer_state,
+        ))
+        return response.step
 
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> list[ItemOutcome]:
         request = trainer_pb2.RunBatchRequest(items=[_batch_item(item) for item in items])

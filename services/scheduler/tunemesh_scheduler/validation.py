@@ -1,7 +1,8 @@
 """Checks on public requests, run before anything is queued.
 
-Every failure is INVALID_ARGUMENT with a reason and a message naming the offending
-datum and field; nothing that fails here reaches a trainer.
+Every failure is INVALID_ARGUMENT (FAILED_PRECONDITION when a checkpoint does not fit
+a run) with a reason and a message naming the offending datum and field; nothing that
+fails here reaches a trainer.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import math
 import numpy as np
 
 from tunemesh.v1 import sessions_pb2, types_pb2
-from tunemesh_common import tensors
-from tunemesh_common.errors import InvalidArgument, Unimplemented
+from tunemesh_common import checkpoint_paths, tensors
+from tunemesh_common.errors import FailedPrecondition, InvalidArgument, Unimplemented
 
 # loss name -> (required loss_fn_inputs, optional loss_fn_inputs, accepted config keys)
 LOSSES: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {
@@ -157,3 +158,29 @@ def normalized_lora(config: types_pb2.LoraConfig, model: sessions_pb2.SupportedM
     normalized.rank = config.rank or 32
     normalized.alpha = config.alpha or float(normalized.rank)
     return normalized
+
+
+def check_save(request) -> None:
+    """SaveState / SaveWeightsForSampler: name (if given), TTL and labels."""
+    if request.name:
+        checkpoint_paths.check_name(request.name)
+    checkpoint_paths.check_ttl(request.ttl_seconds)
+    checkpoint_paths.check_user_metadata(dict(request.user_metadata))
+
+
+def check_checkpoint_fits(checkpoint, base_model: str, lora: types_pb2.LoraConfig, with_optimizer: bool) -> None:
+    """A checkpoint can be loaded into a run with `base_model` and `lora` (FailedPrecondition if not)."""
+    if checkpoint.base_model != base_model:
+        raise FailedPrecondition(
+            "WRONG_BASE_MODEL", f"{checkpoint.path} is for {checkpoint.base_model}, the run uses {base_model}"
+        )
+    ck = checkpoint.lora_config
+    missing = [s for s in ("train_attn", "train_mlp", "train_unembed", "train_experts") if getattr(ck, s) and not getattr(lora, s)]
+    if (ck.rank, ck.alpha) != (lora.rank, lora.alpha) or missing:
+        raise FailedPrecondition(
+            "LORA_CONFIG_MISMATCH",
+            f"{checkpoint.path} has rank {ck.rank}, alpha {ck.alpha:g}{', ' + ', '.join(missing) if missing else ''};"
+            f" the run has rank {lora.rank}, alpha {lora.alpha:g}",
+        )
+    if with_optimizer and not checkpoint.has_optimizer_state:
+        raise FailedPrecondition("NO_OPTIMIZER_STATE", f"{checkpoint.path} holds weights only; load it without optimizer state")

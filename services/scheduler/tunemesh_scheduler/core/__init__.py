@@ -4,7 +4,9 @@ Pure asyncio on plain dataclasses; imports neither grpc nor torch. The server la
 decodes protos, calls `SchedulerCore`, and implements the ports in `ports.py`.
 """
 
-from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome, PlacementPort, TrainerPort
+from tunemesh_scheduler.core.ports import (
+    BatchItem, ItemOutcome, LoadRequest, LoadResult, PlacementPort, SaveRequest, TrainerPort,
+)
 from tunemesh_scheduler.core.records import (
     OperationError,
     OperationRecord,
@@ -18,12 +20,15 @@ from tunemesh_scheduler.core.scheduler import SchedulerConfig, SchedulerCore
 __all__ = [
     "BatchItem",
     "ItemOutcome",
+    "LoadRequest",
+    "LoadResult",
     "OpKind",
     "OpState",
     "OperationError",
     "OperationRecord",
     "PlacementPort",
     "RunRecord",
+    "SaveRequest",
     "SchedulerConfig",
     "SchedulerCore",
     "SessionRecord",

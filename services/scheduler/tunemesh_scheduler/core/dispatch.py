@@ -3,7 +3,7 @@
 Each trainer node has one dispatcher task and at most one batch in flight: while it
 runs, newly ready operations accumulate and join the next batch. Per-run order is kept
 by `RunLane` (a run has at most one op out at a time), so a batch holds at most one op
-of each run. Kinds outside BATCHABLE_KINDS would start as their own tasks.
+of each run. Other kinds (checkpoint saves and loads) start as their own tasks.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ class NodeDispatcher:
         token_budget: int,
         batch_wait_s: float,
         companion_of: Callable[[OperationRecord], OperationRecord | None] = lambda op: None,
+        run_single: Callable[[OperationRecord], Awaitable[Any]] | None = None,
     ) -> None:
         self.node_id = node_id
+        self._run_single_call = run_single
         self._companion_of = companion_of
         self._trainer = trainer
         self._mark_running = mark_running
@@ -141,7 +143,9 @@ class NodeDispatcher:
         self._on_done(op, ItemOutcome(result=result, error=error))
 
     async def _call_single(self, op: OperationRecord) -> Any:
-        raise Unimplemented("UNSUPPORTED_KIND", f"no trainer call for {op.kind}")
+        if self._run_single_call is None:
+            raise Unimplemented("UNSUPPORTED_KIND", f"no trainer call for {op.kind}")
+        return await self._run_single_call(op)
 
 
 async def _guard(

@@ -32,6 +32,32 @@ class ItemOutcome:
     error: OperationError | None = None
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class SaveRequest:
+    """Write a run's adapter as a new checkpoint at `path`."""
+
+    path: str
+    include_optimizer_state: bool
+    ttl_seconds: int = 0
+    user_metadata: tuple[tuple[str, str], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadRequest:
+    """Overwrite a run's adapter from the checkpoint at `path`."""
+
+    path: str
+    load_optimizer_state: bool
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class LoadResult:
+    """A finished load: the run's optimizer step count afterwards."""
+
+    path: str
+    step: int
+
+
 class PlacementPort(Protocol):
     """Chooses (and durably records) the trainer node for a run."""
 
@@ -58,6 +84,14 @@ class TrainerPort(Protocol):
 
     async def delete_adapter(self, node_id: str, run_name: str) -> None:
         """Free the run's adapter slot (undo of a failed create)."""
+        ...
+
+    async def save_adapter(self, node_id: str, run_name: str, tenant: str, request: SaveRequest) -> Any:
+        """Write the run's adapter to the checkpoint service; returns the checkpoint."""
+        ...
+
+    async def load_adapter(self, node_id: str, run_name: str, tenant: str, request: LoadRequest) -> int:
+        """Load a checkpoint of `tenant` into the run's adapter; returns its step count."""
         ...
 
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> Sequence[ItemOutcome]:

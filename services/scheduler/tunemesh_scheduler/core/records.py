@@ -19,6 +19,9 @@ class OpKind(enum.StrEnum):
     FORWARD = "FORWARD"
     FORWARD_BACKWARD = "FORWARD_BACKWARD"
     OPTIM_STEP = "OPTIM_STEP"
+    SAVE_STATE = "SAVE_STATE"
+    SAVE_SAMPLER = "SAVE_SAMPLER"
+    LOAD_STATE = "LOAD_STATE"
 
 
 # Kinds merged across runs into one `run_batch` call (the trainer fuses the forward

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunemesh_common.errors import (
@@ -14,6 +14,8 @@ from tunemesh_scheduler.core.ports import PlacementPort, TrainerPort
 from tunemesh_scheduler.core.records import RunRecord
 
 log = logging.getLogger(__name__)
+
+Prepare = Callable[[RunRecord], Awaitable[None]]
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 1000
@@ -44,13 +46,18 @@ class RunRegistry:
         return len(self._runs)
 
     async def create(
-        self, tenant: str, session: str, base_model: str, lora: Any, request_id: str
+        self, tenant: str, session: str, base_model: str, lora: Any, request_id: str,
+        prepare: Prepare | None = None, prepare_key: Any = None,
     ) -> RunRecord:
-        """Place and create a run; a retry with the same request id gets the same run."""
+        """Place and create a run; a retry with the same request id gets the same run.
+
+        `prepare` (e.g. loading a checkpoint) runs on the new record before the run is
+        visible; if it fails the run is undone. `prepare_key` names it for idempotency.
+        """
         if not request_id:
-            return await self._place_and_create(tenant, session, base_model, lora)
+            return await self._place_and_create(tenant, session, base_model, lora, prepare)
         key = (tenant, request_id)
-        payload = (session, base_model, lora)
+        payload = (session, base_model, lora, prepare_key)
         seen = self._requests.get(key)
         if seen is not None:
             if seen[0] != payload:
@@ -61,7 +68,7 @@ class RunRegistry:
         future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
         self._requests[key] = (payload, future)
         try:
-            record = await self._place_and_create(tenant, session, base_model, lora)
+            record = await self._place_and_create(tenant, session, base_model, lora, prepare)
         except BaseException as exc:
             del self._requests[key]  # a failed create may be retried with the same id
             _fail_future(future, exc)
@@ -70,7 +77,7 @@ class RunRegistry:
         return record
 
     async def _place_and_create(
-        self, tenant: str, session: str, base_model: str, lora: Any
+        self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None
     ) -> RunRecord:
         held = len(self._by_tenant.get(tenant, ()))
         if self._max_runs_per_tenant and held >= self._max_runs_per_tenant:
@@ -79,11 +86,6 @@ class RunRegistry:
             )
         name = f"runs/{self._new_id()}"
         node_id = await self._placement.place(name, base_model)
-        try:
-            await self._trainer.create_adapter(node_id, name, base_model, lora)
-        except BaseException:
-            await asyncio.shield(self._undo_create(name, node_id))
-            raise
         record = RunRecord(
             name=name,
             tenant=tenant,
@@ -93,6 +95,13 @@ class RunRegistry:
             node_id=node_id,
             create_time=self._clock(),
         )
+        try:
+            await self._trainer.create_adapter(node_id, name, base_model, lora)
+            if prepare is not None:
+                await prepare(record)
+        except BaseException:
+            await asyncio.shield(self._undo_create(name, node_id))
+            raise
         self.restore(record)
         log.info("run created", extra={"run": name, "tenant": tenant, "node": node_id})
         return record

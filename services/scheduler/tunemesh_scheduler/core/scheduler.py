@@ -19,7 +19,7 @@ from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, Inva
 from tunemesh_common.errors import ResourceExhausted, Unavailable
 from tunemesh_scheduler.core.dispatch import NodeDispatcher
 from tunemesh_scheduler.core.operations import OperationStore
-from tunemesh_scheduler.core.ports import ItemOutcome, PlacementPort, TrainerPort
+from tunemesh_scheduler.core.ports import ItemOutcome, LoadRequest, LoadResult, PlacementPort, TrainerPort
 from tunemesh_scheduler.core.records import (
     OperationError,
     OperationRecord,
@@ -133,12 +133,20 @@ class SchedulerCore:
     # ---- runs ------------------------------------------------------------------------
 
     async def create_run(
-        self, tenant: str, session: str, base_model: str, lora: Any, request_id: str = ""
+        self, tenant: str, session: str, base_model: str, lora: Any, request_id: str = "",
+        restore: LoadRequest | None = None,
     ) -> RunRecord:
-        """Place a new run and create its adapter; idempotent by (tenant, request_id)."""
+        """Place a new run and create its adapter, loaded from checkpoint `restore` if
+        given; idempotent by (tenant, request_id)."""
         self._check_serving()
         self.sessions.get_open(tenant, session)
-        record = await self.runs.create(tenant, session, base_model, lora, request_id)
+
+        async def load(record: RunRecord) -> None:
+            record.step = await self._trainer.load_adapter(record.node_id, record.name, tenant, restore)
+
+        record = await self.runs.create(
+            tenant, session, base_model, lora, request_id, load if restore else None, restore
+        )
         self._add_lane(record)
         return record
 
@@ -299,6 +307,7 @@ class SchedulerCore:
             dispatcher = self._dispatchers[node_id] = NodeDispatcher(
                 node_id, self._trainer, self.operations.mark_running, self._finish,
                 self._config.batch_token_budget, self._config.batch_wait_s, self._companion_of,
+                self._run_single,
             )
             dispatcher.start()
         return dispatcher
@@ -313,6 +322,13 @@ class SchedulerCore:
             return nxt
         return None
 
+    async def _run_single(self, op: OperationRecord) -> Any:
+        """A checkpoint save or load of one run (ordered like its other operations)."""
+        if op.kind is OpKind.LOAD_STATE:
+            step = await self._trainer.load_adapter(op.node_id, op.run, op.tenant, op.payload)
+            return LoadResult(op.payload.path, step)
+        return await self._trainer.save_adapter(op.node_id, op.run, op.tenant, op.payload)
+
     def _release(self, op: OperationRecord) -> None:
         self._dispatcher(op.node_id).enqueue(op)
 
@@ -325,6 +341,8 @@ class SchedulerCore:
             self.operations.succeed(op, outcome.result)
             if op.kind is OpKind.OPTIM_STEP:
                 self._lanes[op.run].run.step += 1
+            elif op.kind is OpKind.LOAD_STATE:
+                self._lanes[op.run].run.step = outcome.result.step
         self._lanes[op.run].on_done(op)
 
     def _fail_gap(self, lane: RunLane, waiting: list[OperationRecord]) -> None:

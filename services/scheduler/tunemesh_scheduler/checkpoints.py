@@ -1,0 +1,60 @@
+"""The checkpoint service as seen from the scheduler: the public CheckpointService is
+forwarded there with the caller's tenant named in `tunemesh-tenant` metadata."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
+from tunemesh_common.errors import FailedPrecondition
+from tunemesh_common.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
+
+
+class CheckpointProxy:
+    """One channel to the checkpoint process; every call is scoped to a tenant."""
+
+    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
+        self.address = address
+        self._timeout_s = timeout_s
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) if address else None
+        self._stub = checkpoints_pb2_grpc.CheckpointServiceStub(self._channel) if address else None
+
+    @property
+    def stub(self) -> checkpoints_pb2_grpc.CheckpointServiceStub:
+        if self._stub is None:
+            raise FailedPrecondition("NO_CHECKPOINT_SERVICE", "this mesh runs without a checkpoint service")
+        return self._stub
+
+    async def call(self, method: str, request, tenant: str):
+        """A unary CheckpointService call for `tenant`; errors come back typed."""
+        try:
+            return await getattr(self.stub, method)(request, timeout=self._timeout_s, metadata=_tenant(tenant))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_peer(err, "checkpoint service") from None
+
+    async def get(self, tenant: str, path: str) -> checkpoints_pb2.Checkpoint:
+        request = checkpoints_pb2.GetCheckpointRequest(path=path)
+        return (await self.call("GetCheckpoint", request, tenant)).checkpoint
+
+    async def download(self, request, tenant: str) -> AsyncIterator[checkpoints_pb2.DownloadCheckpointResponse]:
+        try:
+            async for response in self.stub.DownloadCheckpoint(request, timeout=self._timeout_s, metadata=_tenant(tenant)):
+                yield response
+        except grpc.aio.AioRpcError as err:
+            raise error_from_peer(err, "checkpoint service") from None
+
+    async def import_(self, requests: AsyncIterator, tenant: str) -> checkpoints_pb2.ImportCheckpointResponse:
+        try:
+            return await self.stub.ImportCheckpoint(requests, timeout=self._timeout_s, metadata=_tenant(tenant))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_peer(err, "checkpoint service") from None
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            await self._channel.close()
+
+
+def _tenant(tenant: str) -> tuple[tuple[str, str], ...]:
+    return ((TENANT_KEY, tenant),)
