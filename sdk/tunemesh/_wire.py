@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +154,18 @@ def forward_backward_output(op: operations_pb2.Operation) -> types.ForwardBackwa
 
 def optim_step_output(op: operations_pb2.Operation) -> types.OptimStepResponse:
     return types.OptimStepResponse(dict(op.optim_step.metrics))
+
+
+def save_output(op: operations_pb2.Operation, cls: type) -> Any:
+    """SaveWeightsResponse / SaveWeightsForSamplerResponse of a finished save."""
+    from tunemesh.checkpoints import checkpoint_from_proto
+
+    checkpoint = op.save_checkpoint.checkpoint
+    return cls(checkpoint.path, checkpoint_from_proto(checkpoint))
+
+
+def load_output(op: operations_pb2.Operation) -> types.LoadWeightsResponse:
+    return types.LoadWeightsResponse(op.load_state.path, op.load_state.step)
 
 
 def operation_error(op: operations_pb2.Operation) -> TunemeshError | None:

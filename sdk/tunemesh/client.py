@@ -114,6 +114,26 @@ class ServiceClient:
         """A client for the caller's checkpoints: list, get, delete, download, import."""
         return CheckpointClient(self._transport)
 
+    def create_training_client_from_state(self, path: str) -> TrainingClient:
+        """A new run on the checkpoint's base model and LoRA config, with its weights
+        loaded; the optimizer starts fresh (step 0)."""
+        return self._create_from_checkpoint(path, with_optimizer=False)
+
+    def create_training_client_from_state_with_optimizer(self, path: str) -> TrainingClient:
+        """A new run that continues a state checkpoint exactly: weights, AdamW moments
+        and step count."""
+        return self._create_from_checkpoint(path, with_optimizer=True)
+
+    def _create_from_checkpoint(self, path: str, with_optimizer: bool) -> TrainingClient:
+        request = training_pb2.CreateTrainingRunRequest(
+            session=self.session, from_checkpoint=path, load_optimizer_state=with_optimizer,
+            request_id=str(uuid.uuid4()),
+        )
+        response = self._transport.call(
+            self._transport.training.CreateTrainingRun, request, what="CreateTrainingRun"
+        )
+        return self._training_client(response.run.name, response.run.base_model)
+
     def get_tokenizer(self, base_model: str) -> Any:
         """The tokenizer of `base_model`, fetched once per client and cached on disk."""
         with self._tokenizer_lock:

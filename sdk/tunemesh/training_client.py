@@ -18,7 +18,10 @@ from tunemesh.types import (
     Datum,
     ForwardBackwardOutput,
     GetInfoResponse,
+    LoadWeightsResponse,
     OptimStepResponse,
+    SaveWeightsForSamplerResponse,
+    SaveWeightsResponse,
 )
 from tunemesh.v1 import training_pb2
 
@@ -111,6 +114,48 @@ class TrainingClient:
         request = _wire.optim_step_request(self._run, 0, "", adam_params or AdamParams())
         return self._start(self._transport.training.OptimStep, request, _wire.optim_step_output)
 
+    def save_state(
+        self, name: str, *, ttl_seconds: int | None = None, user_metadata: Mapping[str, str] | None = None,
+    ) -> APIFuture[SaveWeightsResponse]:
+        """Save weights and optimizer state as `tunemesh://runs/{run}/state/{name}`.
+
+        Ordered with the run's other calls: it holds exactly the updates of the calls
+        made before it. Names are immutable (a second save to a name fails
+        ALREADY_EXISTS); `ttl_seconds` makes it expire (default: never)."""
+        request = training_pb2.SaveStateRequest(
+            run=self._run, name=name, ttl_seconds=ttl_seconds or 0, user_metadata=dict(user_metadata or {})
+        )
+        return self._start(
+            self._transport.training.SaveState, request, lambda op: _wire.save_output(op, SaveWeightsResponse)
+        )
+
+    def save_weights_for_sampler(
+        self, name: str | None = None, *, ttl_seconds: int | None = None,
+        user_metadata: Mapping[str, str] | None = None,
+    ) -> APIFuture[SaveWeightsForSamplerResponse]:
+        """Save the weights alone as `tunemesh://runs/{run}/sampler/{name}`; without a
+        name the service picks a fresh version, `auto-{seq_id}`."""
+        request = training_pb2.SaveWeightsForSamplerRequest(
+            run=self._run, name=name or "", ttl_seconds=ttl_seconds or 0, user_metadata=dict(user_metadata or {})
+        )
+        return self._start(
+            self._transport.training.SaveWeightsForSampler, request,
+            lambda op: _wire.save_output(op, SaveWeightsForSamplerResponse),
+        )
+
+    def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Load a checkpoint's weights into this run; the optimizer restarts (step 0)."""
+        return self._load(path, with_optimizer=False)
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        """Load a state checkpoint's weights, AdamW moments and step count: training
+        then continues exactly as the saved run would have."""
+        return self._load(path, with_optimizer=True)
+
+    def _load(self, path: str, with_optimizer: bool) -> APIFuture[LoadWeightsResponse]:
+        request = training_pb2.LoadStateRequest(run=self._run, path=path, load_optimizer_state=with_optimizer)
+        return self._start(self._transport.training.LoadState, request, _wire.load_output)
+
     # Tinker-style async spellings: `await` gives the future (the call is queued), a
     # second `await` gives the result, so cookbook code ports unchanged.
 
@@ -124,6 +169,20 @@ class TrainingClient:
 
     async def optim_step_async(self, *args: Any, **kwargs: Any) -> APIFuture[OptimStepResponse]:
         return self.optim_step(*args, **kwargs)
+
+    async def save_state_async(self, *args: Any, **kwargs: Any) -> APIFuture[SaveWeightsResponse]:
+        return self.save_state(*args, **kwargs)
+
+    async def save_weights_for_sampler_async(
+        self, *args: Any, **kwargs: Any
+    ) -> APIFuture[SaveWeightsForSamplerResponse]:
+        return self.save_weights_for_sampler(*args, **kwargs)
+
+    async def load_state_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state(path)
+
+    async def load_state_with_optimizer_async(self, path: str) -> APIFuture[LoadWeightsResponse]:
+        return self.load_state_with_optimizer(path)
 
     def get_info(self) -> GetInfoResponse:
         """The run as the service reports it (base model, LoRA config, step)."""

@@ -223,6 +223,30 @@ class OptimStepResponse:
 
 
 @dataclasses.dataclass(frozen=True)
+class SaveWeightsResponse:
+    """Result of save_state: the checkpoint's path (`tunemesh://runs/{run}/state/{name}`)."""
+
+    path: str
+    checkpoint: Any = None  # tunemesh.Checkpoint: files, sizes, step, expiry
+
+
+@dataclasses.dataclass(frozen=True)
+class SaveWeightsForSamplerResponse:
+    """Result of save_weights_for_sampler: `tunemesh://runs/{run}/sampler/{name}`."""
+
+    path: str
+    checkpoint: Any = None  # tunemesh.Checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadWeightsResponse:
+    """Result of load_state: the checkpoint loaded and the run's optimizer step count."""
+
+    path: str
+    step: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
 class SupportedModel:
     """A base model the service can train on."""
 

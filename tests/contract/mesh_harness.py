@@ -106,7 +106,7 @@ class Mesh:
         self.checkpoint_root = checkpoint_root
         self.engine = engine
         self.model_dir = model_dir
-        self.trainer_core = TrainerCore(engine, 8)
+        self.trainer_core = TrainerCore(engine, 64)
         self.table = MemoryPlacementTable()
         loop.run(self._start())
         self.channel = grpc.insecure_channel(self.address, options=rpc.CHANNEL_OPTIONS)
