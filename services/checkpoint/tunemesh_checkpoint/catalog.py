@@ -102,7 +102,7 @@ class CheckpointCatalog:
     def write(self, tenant: str, spec: CheckpointSpec, files: Iterable[tuple[str, Iterable[bytes]]]) -> CheckpointRecord:
         """Write and commit in one call (files as (name, chunks))."""
         with self.open_write(tenant, spec) as writer:
-            written = [writer.write_blob(_file_name(name), chunks) for name, chunks in files]
+            written = [writer.write_blob(check_file_name(name), chunks) for name, chunks in files]
             return self.commit(writer, spec, written)
 
     def import_peft(self, tenant: str, name: str, base_model: str, files: dict[str, bytes],
@@ -201,7 +201,7 @@ def _required_files(spec: CheckpointSpec) -> set[str]:
     return files | {peft_format.OPTIMIZER_FILE} if spec.has_optimizer_state else files
 
 
-def _file_name(name: str) -> str:
+def check_file_name(name: str) -> str:
     if name not in ALLOWED_FILES:
         raise InvalidArgument("BAD_CHECKPOINT_FILES", f"unexpected file {name[:100]!r}; allowed: {sorted(ALLOWED_FILES)}")
     return name
@@ -251,9 +251,12 @@ def _decode_token(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token.encode()).decode()
+        key = base64.b64decode(token.encode(), altchars=b"-_", validate=True).decode()
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("INVALID_PAGE_TOKEN", f"bad page token {token[:100]!r}") from None
+        key = ""
+    if not key:
+        raise InvalidArgument("INVALID_PAGE_TOKEN", f"bad page token {token[:100]!r}")
+    return key
 
 
 def _json_bytes(value: dict) -> bytes:

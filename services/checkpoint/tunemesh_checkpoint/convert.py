@@ -50,27 +50,43 @@ def checkpoint(record: CheckpointRecord) -> checkpoints_pb2.Checkpoint:
     return msg
 
 
-async def read_upload(requests: AsyncIterator, max_bytes: int):
-    """(header, {file name: bytes}) of a header-then-chunks stream; chunks of a file must
-    arrive in order (offset = bytes so far) and the total must stay within `max_bytes`."""
-    header, files, total = None, {}, 0
-    async for request in requests:
-        part = request.WhichOneof("part")
-        if header is None:
-            if part != "header":
-                raise InvalidArgument("BAD_UPLOAD", "the first message must carry the header")
-            header = request.header
-            continue
-        if part != "chunk":
-            raise InvalidArgument("BAD_UPLOAD", "only the first message may carry a header")
-        chunk = request.chunk
-        buffer = files.setdefault(chunk.file_name, bytearray())
-        if chunk.offset != len(buffer):
-            raise InvalidArgument("BAD_UPLOAD", f"{chunk.file_name[:100]!r}: chunk at offset {chunk.offset}, expected {len(buffer)}")
-        total += len(chunk.data)
-        if total > max_bytes:
-            raise ResourceExhausted("UPLOAD_TOO_LARGE", f"uploads are limited to {max_bytes} bytes")
-        buffer += chunk.data
-    if header is None:
-        raise InvalidArgument("BAD_UPLOAD", "empty upload stream")
-    return header, {name: bytes(data) for name, data in files.items()}
+class Upload:
+    """A header-then-chunks request stream, read one whole file at a time.
+
+    A file's chunks must be contiguous and in order (offset = bytes so far), each file
+    may appear once, and the stream may carry at most `max_bytes` of file data.
+    """
+
+    def __init__(self, requests: AsyncIterator, max_bytes: int) -> None:
+        self._requests = aiter(requests)
+        self._max_bytes = max_bytes
+        self._pending = None  # the first chunk of the next file
+
+    async def header(self):
+        first = await anext(self._requests, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise InvalidArgument("BAD_UPLOAD", "the first message must carry the header")
+        return first.header
+
+    async def files(self) -> AsyncIterator[tuple[str, bytes]]:
+        """(file name, content) per file, each as soon as its last chunk arrived."""
+        seen, total, name, buffer = set(), 0, None, bytearray()
+        async for request in self._requests:
+            if request.WhichOneof("part") != "chunk":
+                raise InvalidArgument("BAD_UPLOAD", "only the first message may carry a header")
+            chunk = request.chunk
+            if chunk.file_name != name:
+                if name is not None:
+                    yield name, bytes(buffer)
+                if chunk.file_name in seen:
+                    raise InvalidArgument("BAD_UPLOAD", f"{chunk.file_name[:100]!r} was sent in two parts")
+                name, buffer = chunk.file_name, bytearray()
+                seen.add(name)
+            if chunk.offset != len(buffer):
+                raise InvalidArgument("BAD_UPLOAD", f"{name[:100]!r}: chunk at offset {chunk.offset}, expected {len(buffer)}")
+            total += len(chunk.data)
+            if total > self._max_bytes:
+                raise ResourceExhausted("UPLOAD_TOO_LARGE", f"uploads are limited to {self._max_bytes} bytes")
+            buffer += chunk.data
+        if name is not None:
+            yield name, bytes(buffer)

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh_checkpoint import convert
-from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointSpec
+from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointSpec, check_file_name
 from tunemesh_common.checkpoint_paths import CheckpointPath
 from tunemesh_common.rpc import current_tenant
 
@@ -44,7 +44,9 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
             yield checkpoints_pb2.DownloadCheckpointResponse(**part)
 
     async def ImportCheckpoint(self, request_iterator, context):
-        header, files = await convert.read_upload(request_iterator, self._max_upload_bytes)
+        upload = convert.Upload(request_iterator, self._max_upload_bytes)
+        header = await upload.header()
+        files = {name: data async for name, data in upload.files()}
         record = await asyncio.to_thread(
             self._catalog.import_peft, current_tenant(), header.name, header.base_model, files,
             header.ttl_seconds, dict(header.user_metadata),
@@ -57,16 +59,25 @@ class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
         self._catalog, self._chunk_bytes, self._max_upload_bytes = catalog, chunk_bytes, max_upload_bytes
 
     async def WriteCheckpoint(self, request_iterator, context):
-        header, files = await convert.read_upload(request_iterator, self._max_upload_bytes)
+        """Each file goes to the store as soon as it has arrived; the commit (one rename)
+        happens only after the stream ended, so an interrupted write never shows."""
+        upload = convert.Upload(request_iterator, self._max_upload_bytes)
+        header = await upload.header()
         spec = CheckpointSpec(
             path=CheckpointPath.parse(header.path), base_model=header.base_model,
             lora=convert.lora_dict(header.lora_config), step=header.step,
             has_optimizer_state=header.has_optimizer_state, ttl_seconds=header.ttl_seconds,
             user_metadata=dict(header.user_metadata),
         )
-        record = await asyncio.to_thread(
-            self._catalog.write, current_tenant(), spec, [(name, [data]) for name, data in files.items()]
-        )
+        writer = await asyncio.to_thread(self._catalog.open_write, current_tenant(), spec)
+        try:
+            written = []
+            async for name, data in upload.files():
+                written.append(await asyncio.to_thread(writer.write_blob, check_file_name(name), [data]))
+            record = await asyncio.to_thread(self._catalog.commit, writer, spec, written)
+        finally:
+            if not writer.committed:
+                await asyncio.to_thread(writer.abort)
         return checkpoint_pb2.WriteCheckpointResponse(checkpoint=convert.checkpoint(record))
 
     async def ReadCheckpoint(self, request, context):
