@@ -1,7 +1,8 @@
 """`tunemesh up` / `tunemesh down`: a whole mesh as background processes on loopback.
 
 Layout of a state dir: `mesh.json` (state), `api_keys.json` (generated demo keys),
-`etcd/` (etcd data), `logs/<name>.log`, `run/<name>.ready.json`, `trainers/<node-id>/`.
+`etcd/` (etcd data), `checkpoints/` (the checkpoint store, kept across restarts),
+`logs/<name>.log`, `run/<name>.ready.json`, `trainers/<node-id>/`.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ class MeshConfig:
     api_keys_file: Path | None = None
     ready_timeout: float = 120.0
     data_dir: Path | None = None  # model cache shared by trainers; None: the trainer's default
+    checkpoint_dir: Path | None = None  # checkpoint store root; None: <state_dir>/checkpoints
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -70,20 +72,27 @@ ServiceFactory = Callable[[MeshConfig, str, Path], list[ServiceSpec]]
 
 
 def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path) -> list[ServiceSpec]:
-    """N trainers (models assigned round-robin, one per trainer) and one scheduler."""
-    specs = []
+    """A checkpoint service, N trainers (models assigned round-robin, one per trainer) and
+    one scheduler. The checkpoint service's port is picked first so the others can be told."""
+    checkpoint = f"127.0.0.1:{pick_free_port()}"
+    root = config.checkpoint_dir or config.state_dir / "checkpoints"
+    specs = [ServiceSpec("checkpoint", "checkpoint", (
+        sys.executable, "-m", "tunemesh_checkpoint", "--listen", checkpoint, "--root-dir", str(root),
+        "--ready-file", str(config.ready_file("checkpoint")),
+    ))]
     for index in range(config.trainers):
         node_id = f"trainer-{index}"
         argv = [sys.executable, "-m", "tunemesh_trainer", "--node-id", node_id, "--etcd", etcd_endpoint,
                 "--listen", "127.0.0.1:0", "--ready-file", str(config.ready_file(node_id)),
-                "--data-dir", str(config.data_dir or default_data_dir())]
+                "--data-dir", str(config.data_dir or default_data_dir()), "--checkpoint", checkpoint]
         if config.models:
             argv += ["--model", config.models[index % len(config.models)]]
         if "TUNEMESH_TRAINER_NUM_THREADS" not in os.environ:
             argv += ["--num-threads", str(local_trainer_threads(config.trainers))]
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
     argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint, "--listen", "127.0.0.1:0",
-            "--ready-file", str(config.ready_file("scheduler")), "--api-keys-file", str(api_keys_file)]
+            "--ready-file", str(config.ready_file("scheduler")), "--api-keys-file", str(api_keys_file),
+            "--checkpoint", checkpoint]
     specs.append(ServiceSpec("scheduler", "scheduler", tuple(argv)))
     return specs
 

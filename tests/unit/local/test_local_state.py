@@ -61,18 +61,23 @@ def test_arg_parsing() -> None:
 def test_default_services_follow_the_contract(tmp_path: Path) -> None:
     config = MeshConfig(state_dir=tmp_path, trainers=3, models=("m1", "m2"))
     specs = launcher.default_services(config, "127.0.0.1:2379", tmp_path / "keys.json")
-    assert [(s.name, s.role) for s in specs] == [
+    assert [(s.name, s.role) for s in specs] == [("checkpoint", "checkpoint"),
         ("trainer-0", "trainer"), ("trainer-1", "trainer"), ("trainer-2", "trainer"), ("scheduler", "scheduler")]
-    t2 = list(specs[2].argv)
+    ckpt = list(specs[0].argv)
+    assert ckpt[ckpt.index("--root-dir") + 1] == str(tmp_path / "checkpoints")
+    address = ckpt[ckpt.index("--listen") + 1]
+    t2 = list(specs[3].argv)
+    assert t2[t2.index("--checkpoint") + 1] == address
     assert t2[1:3] == ["-m", "tunemesh_trainer"]
     assert t2[t2.index("--model") + 1] == "m1"  # round-robin
     assert t2[t2.index("--node-id") + 1] == "trainer-2"
     assert t2[t2.index("--ready-file") + 1] == str(config.ready_file("trainer-2"))
-    sched = list(specs[3].argv)
+    sched = list(specs[4].argv)
+    assert sched[sched.index("--checkpoint") + 1] == address
     assert sched[sched.index("--api-keys-file") + 1] == str(tmp_path / "keys.json")
     assert sched[sched.index("--etcd") + 1] == "127.0.0.1:2379"
     no_models = launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")
-    assert "--model" not in no_models[0].argv
+    assert "--model" not in no_models[1].argv
 
 
 def test_more_models_than_trainers_is_rejected(tmp_path: Path) -> None:
@@ -127,8 +132,8 @@ def test_local_trainer_threads_split_the_cores(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 8)
     assert [launcher.local_trainer_threads(n) for n in (1, 2, 3, 10)] == [7, 3, 2, 1]
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 2)
-    argv = list(launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")[0].argv)
+    argv = list(launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")[1].argv)
     assert argv[argv.index("--num-threads") + 1] == "2"
     monkeypatch.setenv("TUNEMESH_TRAINER_NUM_THREADS", "2")  # the trainer reads it itself
-    argv = list(launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")[0].argv)
+    argv = list(launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")[1].argv)
     assert "--num-threads" not in argv
