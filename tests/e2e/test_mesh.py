@@ -260,7 +260,7 @@ def test_placement_and_trainer_record_are_in_etcd_and_status(mesh: MeshState, ch
     assert out.returncode == 0, out.stderr
     status = json.loads(out.stdout)
     assert status["etcd"]["reachable"] and all(p["alive"] for p in status["processes"])
-    assert {p["role"] for p in status["processes"]} == {"etcd", "trainer", "scheduler"}
+    assert {p["role"] for p in status["processes"]} == {"etcd", "checkpoint", "trainer", "scheduler"}
     assert [t["node_id"] for t in status["trainers"]] == [trainer.name]
     for run in runs:
         assert status["placements"][run.removeprefix("runs/")] == trainer.name
