@@ -129,6 +129,14 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
+def write_json(path: Path | None, results: dict) -> None:
+    """Write a bench's figures (when --json was given)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+        log(f"wrote {path}")
+
+
 # the mesh ------------------------------------------------------------------------------
 
 
@@ -409,10 +417,7 @@ def main(argv: list[str] | None = None) -> dict:
             results["models"].append(model_result)
             results["overhead"] = overhead or results["overhead"]
     print(format_report(results))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-        log(f"wrote {args.json}")
+    write_json(args.json, results)
     return results
 
 

@@ -18,11 +18,9 @@ from __future__ import annotations
 import abc
 import dataclasses
 import hashlib
-import json
 import logging
 import os
 import pathlib
-import re
 import secrets
 import shutil
 import threading
@@ -30,6 +28,7 @@ import time
 import typing
 from collections.abc import Iterable, Iterator
 
+from tunemesh_checkpoint.manifest import (  # noqa: F401  (re-exported: the store's vocabulary)
 from tunemesh_common.errors import (
     AlreadyExists,
     DataLoss,
@@ -37,44 +36,11 @@ from tunemesh_common.errors import (
     InvalidArgument,
     NotFound,
 )
+    _MANIFEST_TMP, MANIFEST_NAME, BlobInfo, Manifest, canonical_metadata, manifest_json, parse_manifest,
+    validate_blob_name, validate_key,
+)
 
 logger = logging.getLogger(__name__)
-
-MANIFEST_NAME = "manifest.json"
-_MANIFEST_TMP = MANIFEST_NAME + ".tmp"
-_FORMAT = 1
-_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-_MAX_KEY_CHARS = 1024
-
-
-@dataclasses.dataclass(frozen=True)
-class BlobInfo:
-    """One file of a checkpoint."""
-
-    name: str
-    size: int
-    sha256: str
-
-
-@dataclasses.dataclass(frozen=True)
-class Manifest:
-    """What a committed checkpoint holds, and the caller's metadata."""
-
-    key: str
-    blobs: tuple[BlobInfo, ...]
-    metadata: dict = dataclasses.field(hash=False)
-    commit_time: float
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(b.size for b in self.blobs)
-
-    def blob(self, name: str) -> BlobInfo:
-        for info in self.blobs:
-            if info.name == name:
-                return info
-        raise NotFound("BLOB_NOT_FOUND", f"checkpoint {self.key!r} has no blob {name!r}")
-
 
 class CheckpointWriter(abc.ABC):
     """One checkpoint being written. As a context manager it aborts unless committed."""
@@ -123,65 +89,6 @@ class CheckpointStore(typing.Protocol):
     def recover(self) -> int: ...
 
 
-def validate_key(key: str) -> None:
-    """InvalidArgument("BAD_CHECKPOINT_KEY") unless every segment is a safe name."""
-    if not isinstance(key, str) or not key or len(key) > _MAX_KEY_CHARS:
-        raise InvalidArgument("BAD_CHECKPOINT_KEY", f"bad checkpoint key {key!r}")
-    for segment in key.split("/"):
-        if not _is_segment(segment):
-            raise InvalidArgument("BAD_CHECKPOINT_KEY", f"bad checkpoint key {key!r}")
-
-
-def validate_blob_name(name: str) -> None:
-    """InvalidArgument("BAD_BLOB_NAME") unless name is one safe, non-reserved segment."""
-    if not _is_segment(name) or name in (MANIFEST_NAME, _MANIFEST_TMP):
-        raise InvalidArgument("BAD_BLOB_NAME", f"bad blob name {name!r}")
-
-
-def _is_segment(text: object) -> bool:
-    return isinstance(text, str) and ".." not in text and _SEGMENT.fullmatch(text) is not None
-
-
-def _canonical_metadata(metadata: dict) -> dict:
-    """A JSON round-trip copy of metadata; InvalidArgument if it is not a JSON object."""
-    if not isinstance(metadata, dict):
-        raise InvalidArgument("BAD_METADATA", "checkpoint metadata must be a dict")
-    try:
-        return json.loads(json.dumps(metadata, allow_nan=False))
-    except (TypeError, ValueError) as err:
-        raise InvalidArgument("BAD_METADATA", f"checkpoint metadata is not JSON: {err}") from None
-
-
-def _manifest_json(manifest: Manifest) -> bytes:
-    doc = {
-        "format": _FORMAT,
-        "key": manifest.key,
-        "commit_time": manifest.commit_time,
-        "metadata": manifest.metadata,
-        "blobs": [dataclasses.asdict(b) for b in manifest.blobs],
-    }
-    return json.dumps(doc, indent=1, sort_keys=True).encode()
-
-
-def _parse_manifest(key: str, raw: bytes) -> Manifest:
-    """Manifest from manifest.json bytes; DataLoss("CORRUPT_MANIFEST") if malformed."""
-    try:
-        doc = json.loads(raw)
-        if doc["format"] != _FORMAT or doc["key"] != key or not isinstance(doc["metadata"], dict):
-            raise ValueError("unexpected format, key or metadata")
-        blobs = tuple(_parse_blob(b) for b in doc["blobs"])
-        return Manifest(key, blobs, doc["metadata"], float(doc["commit_time"]))
-    except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise DataLoss("CORRUPT_MANIFEST", f"manifest of checkpoint {key!r} is corrupt: {err}") from None
-
-
-def _parse_blob(doc: dict) -> BlobInfo:
-    name, size, sha256 = doc["name"], doc["size"], doc["sha256"]
-    if not _is_segment(name) or type(size) is not int or size < 0 or not isinstance(sha256, str):
-        raise ValueError(f"bad blob entry {doc!r}")
-    return BlobInfo(name, size, sha256)
-
-
 class FilesystemStore:
     """CheckpointStore on a local (or mounted) filesystem under `root`.
 
@@ -211,7 +118,7 @@ class FilesystemStore:
             raw = (self._objects / key / MANIFEST_NAME).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
             raise NotFound("CHECKPOINT_NOT_FOUND", f"no checkpoint {key!r}") from None
-        return _parse_manifest(key, raw)
+        return parse_manifest(key, raw)
 
     def read_blob(self, key: str, name: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """Streams a blob, verifying size and sha256 as it goes.
@@ -248,12 +155,12 @@ class FilesystemStore:
         return sorted(found, key=lambda m: m.key)
 
     def update_metadata(self, key: str, metadata: dict) -> Manifest:
-        metadata = _canonical_metadata(metadata)
+        metadata = canonical_metadata(metadata)
         with self._lock:
             manifest = dataclasses.replace(self.manifest(key), metadata=metadata)
             checkpoint_dir = self._objects / key
             tmp = checkpoint_dir / _MANIFEST_TMP
-            self._write_file(tmp, _manifest_json(manifest))
+            self._write_file(tmp, manifest_json(manifest))
             os.replace(tmp, checkpoint_dir / MANIFEST_NAME)
             self._sync_dir(checkpoint_dir)
         return manifest
@@ -427,11 +334,11 @@ class _FilesystemWriter(CheckpointWriter):
         manifest = Manifest(
             key=self.key,
             blobs=tuple(self._blobs.values()),
-            metadata=_canonical_metadata(metadata),
+            metadata=canonical_metadata(metadata),
             commit_time=time.time(),
         )
         try:
-            self._store._write_file(self._dir / MANIFEST_NAME, _manifest_json(manifest))
+            self._store._write_file(self._dir / MANIFEST_NAME, manifest_json(manifest))
             self._store._sync_dir(self._dir)
             self._store._publish(self._dir, self.key)
         except BaseException:
