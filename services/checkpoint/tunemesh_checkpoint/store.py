@@ -29,18 +29,13 @@ import typing
 from collections.abc import Iterable, Iterator
 
 from tunemesh_checkpoint.manifest import (  # noqa: F401  (re-exported: the store's vocabulary)
-from tunemesh_common.errors import (
-    AlreadyExists,
-    DataLoss,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-)
     _MANIFEST_TMP, MANIFEST_NAME, BlobInfo, Manifest, canonical_metadata, manifest_json, parse_manifest,
     validate_blob_name, validate_key,
 )
+from tunemesh_common.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
 
 logger = logging.getLogger(__name__)
+
 
 class CheckpointWriter(abc.ABC):
     """One checkpoint being written. As a context manager it aborts unless committed."""
