@@ -68,25 +68,27 @@ class Upload:
             raise InvalidArgument("BAD_UPLOAD", "the first message must carry the header")
         return first.header
 
-    async def files(self) -> AsyncIterator[tuple[str, bytes]]:
-        """(file name, content) per file, each as soon as its last chunk arrived."""
-        seen, total, name, buffer = set(), 0, None, bytearray()
+    async def files(self) -> AsyncIterator[tuple[str, list[bytes]]]:
+        """(file name, its chunks) per file, each as soon as its last chunk arrived (the
+        chunks are not joined: a large file is never copied into one buffer here)."""
+        seen, total, name, chunks, size = set(), 0, None, [], 0
         async for request in self._requests:
             if request.WhichOneof("part") != "chunk":
                 raise InvalidArgument("BAD_UPLOAD", "only the first message may carry a header")
             chunk = request.chunk
             if chunk.file_name != name:
                 if name is not None:
-                    yield name, bytes(buffer)
+                    yield name, chunks
                 if chunk.file_name in seen:
                     raise InvalidArgument("BAD_UPLOAD", f"{chunk.file_name[:100]!r} was sent in two parts")
-                name, buffer = chunk.file_name, bytearray()
+                name, chunks, size = chunk.file_name, [], 0
                 seen.add(name)
-            if chunk.offset != len(buffer):
-                raise InvalidArgument("BAD_UPLOAD", f"{name[:100]!r}: chunk at offset {chunk.offset}, expected {len(buffer)}")
+            if chunk.offset != size:
+                raise InvalidArgument("BAD_UPLOAD", f"{name[:100]!r}: chunk at offset {chunk.offset}, expected {size}")
             total += len(chunk.data)
             if total > self._max_bytes:
                 raise ResourceExhausted("UPLOAD_TOO_LARGE", f"uploads are limited to {self._max_bytes} bytes")
-            buffer += chunk.data
+            chunks.append(chunk.data)
+            size += len(chunk.data)
         if name is not None:
-            yield name, bytes(buffer)
+            yield name, chunks

@@ -46,7 +46,7 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
     async def ImportCheckpoint(self, request_iterator, context):
         upload = convert.Upload(request_iterator, self._max_upload_bytes)
         header = await upload.header()
-        files = {name: data async for name, data in upload.files()}
+        files = {name: b"".join(chunks) async for name, chunks in upload.files()}
         record = await asyncio.to_thread(
             self._catalog.import_peft, current_tenant(), header.name, header.base_model, files,
             header.ttl_seconds, dict(header.user_metadata),
@@ -72,8 +72,8 @@ class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
         writer = await asyncio.to_thread(self._catalog.open_write, current_tenant(), spec)
         try:
             written = []
-            async for name, data in upload.files():
-                written.append(await asyncio.to_thread(writer.write_blob, check_file_name(name), [data]))
+            async for name, chunks in upload.files():
+                written.append(await asyncio.to_thread(writer.write_blob, check_file_name(name), chunks))
             record = await asyncio.to_thread(self._catalog.commit, writer, spec, written)
         finally:
             if not writer.committed:

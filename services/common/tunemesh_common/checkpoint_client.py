@@ -58,7 +58,7 @@ class CheckpointStorageClient:
     async def read(self, tenant: str, path: str) -> tuple[checkpoints_pb2.Checkpoint, dict[str, bytes]]:
         """The tenant's checkpoint at `path` and its files, verified."""
         stub = self._require()
-        checkpoint, files = None, {}
+        checkpoint, files = None, {}  # file name -> chunks (joined once, at the end)
         try:
             async for response in stub.ReadCheckpoint(
                 checkpoint_pb2.ReadCheckpointRequest(path=path), timeout=self._timeout_s, metadata=_tenant(tenant)
@@ -66,7 +66,7 @@ class CheckpointStorageClient:
                 if response.WhichOneof("part") == "checkpoint":
                     checkpoint = response.checkpoint
                 else:
-                    files.setdefault(response.chunk.file_name, bytearray()).extend(response.chunk.data)
+                    files.setdefault(response.chunk.file_name, []).append(response.chunk.data)
         except grpc.aio.AioRpcError as err:
             raise error_from_peer(err, f"checkpoint service {self.address}") from None
         if checkpoint is None:
@@ -82,14 +82,14 @@ def _tenant(tenant: str) -> tuple[tuple[str, str], ...]:
     return ((TENANT_KEY, tenant),)
 
 
-def _verified(checkpoint: checkpoints_pb2.Checkpoint, files: dict[str, bytearray]) -> dict[str, bytes]:
+def _verified(checkpoint: checkpoints_pb2.Checkpoint, files: dict[str, list[bytes]]) -> dict[str, bytes]:
     expected = {f.name: f for f in checkpoint.files}
     extra = sorted(set(files) - set(expected))
     if extra:
         raise DataLoss("CHECKSUM_MISMATCH", f"{checkpoint.path}: unexpected file {extra[0][:100]!r}")
     out = {}
     for name, info in expected.items():
-        data = bytes(files.get(name, b""))
+        data = b"".join(files.get(name, ()))
         if len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
             raise DataLoss("CHECKSUM_MISMATCH", f"{checkpoint.path}: {name} does not match its sha256")
         out[name] = data
