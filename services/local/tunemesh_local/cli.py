@@ -79,6 +79,7 @@ def describe_up(mesh: MeshState, state_dir_flag: bool) -> str:
         f"  export TUNEMESH_API_KEY={first_key}",
         f"API keys ({', '.join(sorted(set(keys.values())))}): {mesh.api_keys_file}",
         f"Logs: {Path(mesh.state_dir) / 'logs'}",
+        f"Checkpoints: tunemesh checkpoints list{suffix}",
         f"Status: tunemesh status{suffix}    Stop: tunemesh down{suffix}",
     ])
 
