@@ -35,18 +35,17 @@ class CheckpointStorageClient:
         return self._stub
 
     async def write(
-        self, tenant: str, header: checkpoint_pb2.WriteCheckpointHeader, files: dict[str, bytes]
+        self, tenant: str, header: checkpoint_pb2.WriteCheckpointHeader, files: dict[str, list]
     ) -> checkpoints_pb2.Checkpoint:
-        """Upload `files` as a new checkpoint; returns it once committed."""
+        """Upload `files` (name -> buffers in order) as a new checkpoint; returns it once
+        committed. Buffers are cut into chunks as they are sent, never joined."""
         stub = self._require()
 
         async def requests() -> AsyncIterator[checkpoint_pb2.WriteCheckpointRequest]:
             yield checkpoint_pb2.WriteCheckpointRequest(header=header)
-            for name, data in files.items():
-                for offset in range(0, max(len(data), 1), self._chunk_bytes):
-                    chunk = checkpoints_pb2.FileChunk(
-                        file_name=name, offset=offset, data=data[offset : offset + self._chunk_bytes]
-                    )
+            for name, parts in files.items():
+                for offset, data in _chunks(parts, self._chunk_bytes):
+                    chunk = checkpoints_pb2.FileChunk(file_name=name, offset=offset, data=data)
                     yield checkpoint_pb2.WriteCheckpointRequest(chunk=chunk)
 
         try:
@@ -55,7 +54,7 @@ class CheckpointStorageClient:
             raise error_from_peer(err, f"checkpoint service {self.address}") from None
         return response.checkpoint
 
-    async def read(self, tenant: str, path: str) -> tuple[checkpoints_pb2.Checkpoint, dict[str, bytes]]:
+    async def read(self, tenant: str, path: str) -> tuple[checkpoints_pb2.Checkpoint, dict[str, bytearray]]:
         """The tenant's checkpoint at `path` and its files, verified."""
         stub = self._require()
         checkpoint, files = None, {}  # file name -> chunks (joined once, at the end)
@@ -78,18 +77,34 @@ class CheckpointStorageClient:
             await self._channel.close()
 
 
+def _chunks(parts: list, size: int):
+    """(offset, bytes) pieces of at most `size` bytes over consecutive buffers; an empty
+    file still yields one empty piece, so it exists on the other side."""
+    offset = 0
+    for part in parts:
+        view = memoryview(part).cast("B")
+        for start in range(0, len(view), size):
+            piece = bytes(view[start : start + size])
+            yield offset, piece
+            offset += len(piece)
+    if offset == 0:
+        yield 0, b""
+
+
 def _tenant(tenant: str) -> tuple[tuple[str, str], ...]:
     return ((TENANT_KEY, tenant),)
 
 
-def _verified(checkpoint: checkpoints_pb2.Checkpoint, files: dict[str, list[bytes]]) -> dict[str, bytes]:
+def _verified(checkpoint: checkpoints_pb2.Checkpoint, files: dict[str, list[bytes]]) -> dict[str, bytearray]:
+    """Each file joined once into a writable buffer (arrays may view it), size and sha256
+    checked against the checkpoint."""
     expected = {f.name: f for f in checkpoint.files}
     extra = sorted(set(files) - set(expected))
     if extra:
         raise DataLoss("CHECKSUM_MISMATCH", f"{checkpoint.path}: unexpected file {extra[0][:100]!r}")
     out = {}
     for name, info in expected.items():
-        data = b"".join(files.get(name, ()))
+        data = bytearray().join(files.get(name, ()))
         if len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
             raise DataLoss("CHECKSUM_MISMATCH", f"{checkpoint.path}: {name} does not match its sha256")
         out[name] = data

@@ -10,11 +10,15 @@ validates imports without torch.
 from __future__ import annotations
 
 import dataclasses
+import typing
 import json
 import math
 import struct
 
 from tunemesh_common.errors import InvalidArgument
+
+if typing.TYPE_CHECKING:
+    import numpy as np
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -43,10 +47,12 @@ class AdapterConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TensorHeader:
-    """One tensor of a safetensors file."""
+    """One tensor of a safetensors file (offsets relative to its data section)."""
 
     dtype: str
     shape: tuple[int, ...]
+    begin: int = dataclasses.field(default=0, compare=False)
+    end: int = dataclasses.field(default=0, compare=False)
 
 
 def peft_key(name: str) -> str:
@@ -141,11 +147,11 @@ def read_header(data: bytes) -> dict[str, TensorHeader]:
     """The tensors of a safetensors file, with offsets checked against its size."""
     if len(data) < 8:
         raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} is too short")
-    (size,) = struct.unpack("<Q", data[:8])
+    (size,) = struct.unpack("<Q", bytes(data[:8]))
     if size > min(_MAX_HEADER_BYTES, len(data) - 8):
         raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} has a bad header length")
     try:
-        header = json.loads(data[8 : 8 + size])
+        header = json.loads(bytes(data[8 : 8 + size]))
     except (ValueError, UnicodeDecodeError):
         raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} header is not JSON") from None
     if not isinstance(header, dict):
@@ -174,7 +180,7 @@ def _tensor_header(key: str, entry: object, body_bytes: int) -> TensorHeader:
     if not (_is_count(begin) and _is_count(end) and begin <= end <= body_bytes
             and end - begin == count * _DTYPE_BYTES[dtype]):
         raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: offsets do not match its shape")
-    return TensorHeader(dtype, shape)
+    return TensorHeader(dtype, shape, begin, end)
 
 
 def check_factors(tensors: dict[str, TensorHeader], rank: int) -> set[str]:
@@ -192,3 +198,37 @@ def check_factors(tensors: dict[str, TensorHeader], rank: int) -> set[str]:
                 "BAD_ADAPTER_WEIGHTS", f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not match r={rank}"
             )
     return modules
+
+
+def float32_file(tensors: dict[str, "np.ndarray"], metadata: dict[str, str] | None = None) -> list:
+    """A safetensors file of float32 arrays as a list of buffers (header, then each
+    tensor's bytes in name order), so writers stream it without building one big copy."""
+    import numpy as np
+
+    header, offset, parts = {}, 0, []
+    for name in sorted(tensors):
+        array = np.ascontiguousarray(tensors[name], dtype="<f4")
+        header[name] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        parts.append(memoryview(array).cast("B"))
+    if metadata:
+        header["__metadata__"] = dict(metadata)
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the data section starts 8-byte aligned
+    return [struct.pack("<Q", len(raw)) + raw, *parts]
+
+
+
+def read_float32(data) -> dict[str, "np.ndarray"] | None:
+    """The tensors of a safetensors file as float32 arrays viewing `data` (bytes or a
+    writable bytearray; no copy), or None when some tensor is not F32."""
+    import numpy as np
+
+    tensors = read_header(data)
+    if any(t.dtype != "F32" for t in tensors.values()):
+        return None
+    start = 8 + struct.unpack("<Q", bytes(data[:8]))[0]
+    return {
+        name: np.frombuffer(data, dtype="<f4", count=(t.end - t.begin) // 4, offset=start + t.begin).reshape(t.shape)
+        for name, t in tensors.items()
+    }

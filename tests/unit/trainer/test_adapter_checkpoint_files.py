@@ -45,7 +45,7 @@ def _train(engine, adapter_id: str, steps: range) -> list[float]:
 
 def _roundtrip(engine, adapter_id: str, with_optimizer: bool):
     state = engine.export_adapter(adapter_id, with_optimizer)
-    files = checkpoint_files.encode(state, "tunemesh/tiny-dense")
+    files = {name: b"".join(parts) for name, parts in checkpoint_files.encode(state, "tunemesh/tiny-dense").items()}
     return files, checkpoint_files.decode(files, state.spec, with_optimizer)
 
 

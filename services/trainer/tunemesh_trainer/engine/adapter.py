@@ -149,7 +149,8 @@ def _complete(weights: dict[str, np.ndarray], own: dict[str, torch.Tensor]) -> d
             raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{name}: shape {list(value.shape)}, the run has {list(target.shape)}")
         if not np.isfinite(value).all():
             raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{name}: not finite")
-        out[name] = np.asarray(value, dtype=np.float32)
+        value = np.asarray(value, dtype=np.float32)
+        out[name] = value if value.flags.writeable else value.copy()  # torch wants writable memory
     modules_missing_half = {n.rsplit(".lora_", 1)[0] for n in own if n not in weights} & {
         n.rsplit(".lora_", 1)[0] for n in weights
     }
