@@ -78,17 +78,26 @@ class CheckpointStorageClient:
 
 
 def _chunks(parts: list, size: int):
-    """(offset, bytes) pieces of at most `size` bytes over consecutive buffers; an empty
-    file still yields one empty piece, so it exists on the other side."""
-    offset = 0
+    """(offset, bytes) pieces of `size` bytes (the last may be shorter) over consecutive
+    buffers: small buffers are packed together, large ones cut without an extra copy.
+    An empty file still yields one empty piece, so it exists on the other side."""
+    offset, pending = 0, bytearray()
     for part in parts:
         view = memoryview(part).cast("B")
-        for start in range(0, len(view), size):
-            piece = bytes(view[start : start + size])
+        while len(view):
+            if not pending and len(view) >= size:
+                piece, view = bytes(view[:size]), view[size:]
+            else:
+                take = size - len(pending)
+                pending += view[:take]
+                view = view[take:]
+                if len(pending) < size:
+                    continue
+                piece, pending = bytes(pending), bytearray()
             yield offset, piece
-            offset += len(piece)
-    if offset == 0:
-        yield 0, b""
+            offset += size
+    if pending or offset == 0:
+        yield offset, bytes(pending)
 
 
 def _tenant(tenant: str) -> tuple[tuple[str, str], ...]:
