@@ -63,12 +63,15 @@ class AdapterOptimizer:
 
     def import_state(self, names: list[str], arrays: dict[str, np.ndarray], steps: int) -> None:
         """Restore what `export_state` produced (exact: same dtypes, same values)."""
+        by_name: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in arrays.items():
+            name, _, field = key.partition("/")
+            by_name.setdefault(name, {})[field] = value
         self._adamw.state.clear()
         for name, param in zip(names, self.params, strict=True):
-            state = {k.split("/", 1)[1]: v for k, v in arrays.items() if k.split("/", 1)[0] == name}
-            if state:
+            if name in by_name:
                 self._adamw.state[param] = {
-                    k: torch.from_numpy(np.array(v, copy=True)).to(param.device) for k, v in state.items()
+                    k: torch.from_numpy(np.array(v, copy=True)).to(param.device) for k, v in by_name[name].items()
                 }
         self.steps = steps
 
