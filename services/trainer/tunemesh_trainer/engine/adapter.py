@@ -11,7 +11,7 @@ from torch import nn
 
 from tunemesh_common.errors import FailedPrecondition, InvalidArgument
 from tunemesh_trainer.domain import AdamSpec, AdapterState, LoraSpec
-from tunemesh_trainer.engine.multi_lora import LoraPair
+from tunemesh_common.multi_lora import LoraPair
 from tunemesh_trainer.engine.optimizer import AdapterOptimizer
 
 

@@ -25,7 +25,7 @@ from tunemesh_trainer.domain import (
 from tunemesh_trainer.engine.adapter import AdapterSlot
 from tunemesh_trainer.engine.batch import ChunkPart, pack_items, pack_targets, plan_chunks
 from tunemesh_trainer.engine.losses import LOSSES, target_logprobs
-from tunemesh_trainer.engine.multi_lora import LoraRouting, candidate_targets, install_wrappers
+from tunemesh_common.multi_lora import LoraRouting, candidate_targets, install_wrappers
 from tunemesh_trainer.engine.validation import validate_item
 
 logger = logging.getLogger(__name__)
