@@ -1,0 +1,1 @@
+"""tunemesh sampler service: generation from a base model with hot-swapped LoRA adapters."""
