@@ -156,3 +156,9 @@ def _bad_path(path: object) -> InvalidArgument:
         f"{shown!r} is not a checkpoint path: expected tunemesh://runs/{{run}}/state/{{name}}, "
         "tunemesh://runs/{run}/sampler/{name} or tunemesh://imports/{name}",
     )
+
+
+def adapter_key(tenant: str, path: str) -> str:
+    """The name samplers give the weights of a tenant's checkpoint: one key per immutable
+    checkpoint, revealing neither tenant nor path (it is published in etcd)."""
+    return "a" + hashlib.sha256(f"{tenant}\0{path}".encode()).hexdigest()[:32]

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+
+from tunemesh_common.checkpoint_paths import adapter_key
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +26,7 @@ class AdapterRef:
     @property
     def key(self) -> str:
         """The engine's name for these weights (no tenant or path leaks into it)."""
-        return "a" + hashlib.sha256(f"{self.tenant}\0{self.path}".encode()).hexdigest()[:32]
+        return adapter_key(self.tenant, self.path)
 
 
 @dataclasses.dataclass

@@ -6,15 +6,18 @@ import asyncio
 import logging
 import os
 
-from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
+from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc, sampling_pb2, sampling_pb2_grpc
 from tunemesh.v1 import operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from tunemesh.v1 import training_pb2, training_pb2_grpc
 from tunemesh_common import registry, rpc
 from tunemesh_scheduler import settings as settings_mod
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
-from tunemesh_scheduler.nodes import EtcdPlacement, TrainerDirectory
+from tunemesh_scheduler.nodes import EtcdPlacement, SamplerDirectory, TrainerDirectory
+from tunemesh_scheduler.sampler_client import GrpcSamplerPort, SamplerRouter
 from tunemesh_scheduler.checkpoints import CheckpointProxy
-from tunemesh_scheduler.server import CheckpointServicer, OperationServicer, SessionServicer, TrainingServicer
+from tunemesh_scheduler.server import (
+    CheckpointServicer, OperationServicer, SamplingServicer, SessionServicer, TrainingServicer,
+)
 from tunemesh_scheduler.tokenizers import TokenizerCache
 from tunemesh_scheduler.trainer_client import GrpcTrainerPort
 from tunemesh_scheduler.validation import Limits
@@ -25,6 +28,7 @@ SERVICES = [
     training_pb2.DESCRIPTOR.services_by_name["TrainingService"].full_name,
     operations_pb2.DESCRIPTOR.services_by_name["OperationService"].full_name,
     checkpoints_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name,
+    sampling_pb2.DESCRIPTOR.services_by_name["SamplingService"].full_name,
 ]
 
 
@@ -35,6 +39,9 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     etcd = registry.connect(s.etcd)
     directory = TrainerDirectory()
     watcher = await registry.NodeWatcher.start(etcd, "trainers", on_change=directory.on_change)
+    sampler_directory = SamplerDirectory()
+    sampler_watcher = await registry.NodeWatcher.start(etcd, "samplers", on_change=sampler_directory.on_change)
+    samplers = SamplerRouter(sampler_directory, GrpcSamplerPort(sampler_directory.address_of, s.sampler_timeout_s))
     placement = EtcdPlacement(directory, registry.PlacementTable(etcd))
     trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s)
     config = SchedulerConfig(
@@ -43,7 +50,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     )
     core = SchedulerCore(placement, trainers, config)
     await core.start()
-    limits = Limits(s.max_datums, s.max_tokens)
+    limits = Limits(s.max_datums, s.max_tokens, s.max_samples)
     server, health = rpc.build_server(rpc.KeyFileAuthenticator(keys))
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(core, directory, limits, TokenizerCache(directory, trainers)), server
@@ -53,6 +60,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         TrainingServicer(core, directory, limits, checkpoints), server
     )
     checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(CheckpointServicer(checkpoints, directory), server)
+    sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(core, samplers, checkpoints, limits), server)
     operations_pb2_grpc.add_OperationServiceServicer_to_server(OperationServicer(core, s.wait_cap_s), server)
     rpc.enable_reflection(server, SERVICES)
     port = server.add_insecure_port(s.listen)
@@ -66,6 +74,8 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     await server.stop(grace=2)
     await core.stop()
     await watcher.stop()
+    await sampler_watcher.stop()
+    await samplers.close()
     await trainers.close()
     await checkpoints.close()
 

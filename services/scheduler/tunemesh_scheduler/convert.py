@@ -7,8 +7,10 @@ import math
 
 from google.protobuf import timestamp_pb2
 
-from tunemesh.v1 import operations_pb2, sessions_pb2, training_pb2
+from tunemesh.internal.v1 import sampler_pb2
+from tunemesh.v1 import operations_pb2, sampling_pb2, sessions_pb2, training_pb2
 from tunemesh_scheduler.core.records import OperationRecord, OpKind, OpState, RunRecord, SessionRecord
+from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 
 _STATES = {
     OpState.QUEUED: operations_pb2.OPERATION_STATE_QUEUED,
@@ -80,3 +82,15 @@ def _set_result(op: operations_pb2.Operation, record: OperationRecord) -> None:
         op.load_state.CopyFrom(operations_pb2.LoadStateResult(path=record.result.path, step=record.result.step))
     else:
         op.forward_backward.CopyFrom(record.result)
+
+
+def sampling_session(record: SamplingSessionRecord) -> sampling_pb2.SamplingSession:
+    return sampling_pb2.SamplingSession(
+        name=record.name, session=record.session, base_model=record.base_model, model_path=record.model_path,
+        sampler_node=record.node_id, create_time=timestamp(record.create_time),
+    )
+
+
+def adapter_ref(record: SamplingSessionRecord) -> sampler_pb2.AdapterRef:
+    """The weights a sampling session uses: its tenant's checkpoint, or none (base model)."""
+    return sampler_pb2.AdapterRef(tenant=record.tenant, path=record.model_path)

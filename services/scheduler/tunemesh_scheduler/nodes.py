@@ -1,4 +1,5 @@
-"""Trainer membership (from the etcd watch) and run placement (etcd transactions)."""
+"""Trainer and sampler membership (from etcd watches), run placement (etcd transactions)
+and sampling-session routing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import logging
 
 from google.protobuf.message import DecodeError
 
-from tunemesh.internal.v1 import trainer_pb2
+from tunemesh.internal.v1 import sampler_pb2, trainer_pb2
 from tunemesh.v1 import sessions_pb2
 from tunemesh_common.errors import NotFound, ResourceExhausted, Unavailable
 
@@ -18,33 +19,36 @@ def run_id(run_name: str) -> str:
     return run_name.removeprefix("runs/")
 
 
-class TrainerDirectory:
-    """The live trainer nodes, kept current by a NodeWatcher's on_change callback."""
+class NodeDirectory:
+    """The live nodes of one kind, kept current by a NodeWatcher's on_change callback."""
+
+    kind = "node"
+    record: type = trainer_pb2.TrainerNode
 
     def __init__(self) -> None:
-        self._nodes: dict[str, trainer_pb2.TrainerNode] = {}
+        self._nodes: dict = {}
 
     def on_change(self, node_id: str, value: bytes | None) -> None:
         if value is None:
-            log.warning("trainer %s left", node_id)
+            log.warning("%s %s left", self.kind, node_id)
             self._nodes.pop(node_id, None)
             return
         try:
-            node = trainer_pb2.TrainerNode.FromString(value)
+            node = self.record.FromString(value)
         except DecodeError:
-            log.error("ignoring an undecodable record of trainer %s", node_id)
+            log.error("ignoring an undecodable record of %s %s", self.kind, node_id)
             return
         if node_id not in self._nodes:
-            log.info("trainer %s joined at %s", node_id, node.address)
+            log.info("%s %s joined at %s", self.kind, node_id, node.address)
         self._nodes[node_id] = node
 
-    def nodes(self) -> dict[str, trainer_pb2.TrainerNode]:
+    def nodes(self) -> dict:
         return dict(self._nodes)
 
     def address_of(self, node_id: str) -> str:
         node = self._nodes.get(node_id)
         if node is None:
-            raise Unavailable("TRAINER_GONE", f"trainer {node_id} is not registered")
+            raise Unavailable(f"{self.kind.upper()}_GONE", f"{self.kind} {node_id} is not registered")
         return node.address
 
     def models(self) -> list[sessions_pb2.SupportedModel]:
@@ -57,17 +61,41 @@ class TrainerDirectory:
                 if model.name == name:
                     return model
         served = ", ".join(m.name for m in self.models()) or "none"
-        raise NotFound("UNKNOWN_MODEL", f"no trainer serves base model {name!r} (served: {served})")
+        raise NotFound("UNKNOWN_MODEL", f"no {self.kind} serves base model {name!r} (served: {served})")
 
     def serving_model(self, name: str) -> sessions_pb2.SupportedModel:
-        """The model of an existing run: UNAVAILABLE (retry) while no trainer serves it."""
+        """The model of existing work: UNAVAILABLE (retry) while no node serves it."""
         try:
             return self.model(name)
         except NotFound:
-            raise Unavailable("NO_TRAINER", f"no trainer of {name} is registered right now") from None
+            raise Unavailable(f"NO_{self.kind.upper()}", f"no {self.kind} of {name} is registered right now") from None
 
     def serving(self, name: str) -> list[str]:
         return sorted(n for n, node in self._nodes.items() if any(m.name == name for m in node.models))
+
+
+class TrainerDirectory(NodeDirectory):
+    kind = "trainer"
+    record = trainer_pb2.TrainerNode
+
+
+class SamplerDirectory(NodeDirectory):
+    """Samplers, and the routing of sampling sessions to them."""
+
+    kind = "sampler"
+    record = sampler_pb2.SamplerNode
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.in_flight: collections.Counter[str] = collections.Counter()  # requests sent, not answered
+
+    def route(self, base_model: str, adapter_key: str = "", exclude: str = "") -> str:
+        """A sampler already holding the adapter if any, else the least loaded one."""
+        self.serving_model(base_model)
+        candidates = [n for n in self.serving(base_model) if n != exclude] or self.serving(base_model)
+        holding = [n for n in candidates if adapter_key and adapter_key in self._nodes[n].resident_adapters]
+        load = {n: max(self.in_flight[n], self._nodes[n].active_requests) for n in candidates}
+        return min(holding or candidates, key=lambda n: (load[n], n))
 
 
 class EtcdPlacement:

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from tunemesh.internal.v1 import sampler_pb2
 from tunemesh.v1 import (
-    checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc, training_pb2,
-    training_pb2_grpc,
+    checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sampling_pb2, sampling_pb2_grpc, sessions_pb2,
+    sessions_pb2_grpc, training_pb2, training_pb2_grpc,
 )
-from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, auto_name, check_name
+from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, adapter_key, auto_name, check_name
 from tunemesh_common.errors import FailedPrecondition, InvalidArgument
 from tunemesh_common.rpc import current_tenant
 from tunemesh_scheduler import convert, validation
 from tunemesh_scheduler.checkpoints import CheckpointProxy
 from tunemesh_scheduler.core import LoadRequest, OpKind, SaveRequest, SchedulerCore
 from tunemesh_scheduler.nodes import TrainerDirectory
+from tunemesh_scheduler.sampler_client import SamplerRouter
 from tunemesh_scheduler.tokenizers import TokenizerCache
 
 
@@ -199,3 +201,45 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
                 yield request
 
         return await self._checkpoints.import_(forwarded(), tenant)
+
+
+class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
+    """Sampling sessions pinned to a base model or one checkpoint, forwarded to samplers."""
+
+    def __init__(self, core: SchedulerCore, samplers: SamplerRouter, checkpoints: CheckpointProxy,
+                 limits: validation.Limits) -> None:
+        self._core, self._samplers, self._checkpoints, self._limits = core, samplers, checkpoints, limits
+
+    async def CreateSamplingSession(self, request, context):
+        tenant = current_tenant()
+        self._core.sessions.get_open(tenant, request.session)
+        base_model, path, key = request.base_model, "", ""
+        if request.model_path:
+            checkpoint = await self._checkpoints.get(tenant, request.model_path)  # NOT_FOUND for others'
+            if base_model and base_model != checkpoint.base_model:
+                raise FailedPrecondition("WRONG_BASE_MODEL", f"{checkpoint.path} is for {checkpoint.base_model}")
+            base_model, path, key = checkpoint.base_model, checkpoint.path, adapter_key(tenant, checkpoint.path)
+        elif not base_model:
+            raise InvalidArgument("MISSING_MODEL", "give base_model or model_path")
+        node = self._samplers.directory.route(base_model, key)
+        record = self._core.sampling.create(tenant, request.session, base_model, path, key, node)
+        return sampling_pb2.CreateSamplingSessionResponse(sampling_session=convert.sampling_session(record))
+
+    async def Sample(self, request, context):
+        record = self._core.sampling.get(current_tenant(), request.sampling_session)
+        model = self._samplers.directory.serving_model(record.base_model)
+        tokens = validation.check_prompt(request.prompt, model)
+        validation.check_sampling(request.sampling_params, request.num_samples, len(tokens), model, self._limits)
+        forwarded = sampler_pb2.SampleRequest(
+            adapter=convert.adapter_ref(record), prompt_tokens=tokens, num_samples=request.num_samples,
+            sampling_params=request.sampling_params,
+        )
+        response = await self._samplers.call(record, "Sample", forwarded)
+        return sampling_pb2.SampleResponse(sequences=response.sequences)
+
+    async def ComputeLogprobs(self, request, context):
+        record = self._core.sampling.get(current_tenant(), request.sampling_session)
+        tokens = validation.check_prompt(request.prompt, self._samplers.directory.serving_model(record.base_model))
+        forwarded = sampler_pb2.ComputeLogprobsRequest(adapter=convert.adapter_ref(record), prompt_tokens=tokens)
+        response = await self._samplers.call(record, "ComputeLogprobs", forwarded)
+        return sampling_pb2.ComputeLogprobsResponse(logprobs=response.logprobs)

@@ -27,6 +27,8 @@ class SchedulerSettings:
     trainer_timeout_s: int = 600  # deadline of one call to a trainer
     checkpoint: str = ""  # host:port of the checkpoint service; empty: checkpoint calls fail
     checkpoint_timeout_s: int = 600  # deadline of one call to the checkpoint service
+    sampler_timeout_s: int = 600  # deadline of one call to a sampler
+    max_samples: int = 16  # sequences per Sample request
 
 
 def load(argv: list[str] | None = None) -> SchedulerSettings:

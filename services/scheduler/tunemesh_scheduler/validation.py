@@ -30,6 +30,9 @@ class Limits:
 
     max_datums: int
     max_tokens: int
+    max_samples: int = 16  # sequences per Sample request
+    max_stop: int = 8  # stop strings (and stop token ids) per request
+    max_stop_chars: int = 256  # characters per stop string
 
 
 def datum_tokens(datum: types_pb2.Datum) -> list[int]:
@@ -184,3 +187,44 @@ def check_checkpoint_fits(checkpoint, base_model: str, lora: types_pb2.LoraConfi
         )
     if with_optimizer and not checkpoint.has_optimizer_state:
         raise FailedPrecondition("NO_OPTIMIZER_STATE", f"{checkpoint.path} holds weights only; load it without optimizer state")
+
+
+def check_prompt(prompt: types_pb2.ModelInput, model: sessions_pb2.SupportedModel) -> tuple[int, ...]:
+    """A sampling prompt's token ids: non-empty and within the vocabulary."""
+    tokens: list[int] = []
+    for chunk in prompt.chunks:
+        if chunk.WhichOneof("chunk") != "encoded_text":
+            raise InvalidArgument("UNSUPPORTED_CHUNK", "only encoded_text chunks are supported")
+        tokens.extend(chunk.encoded_text.tokens)
+    if not tokens:
+        raise InvalidArgument("EMPTY_PROMPT", "the prompt is empty: send at least one token")
+    _check_token_range(np.asarray(tokens, dtype=np.int64), model.vocab_size, "prompt")
+    if len(tokens) > model.max_seq_len:
+        raise InvalidArgument("CONTEXT_EXCEEDED", f"the prompt has {len(tokens)} tokens; {model.name} takes {model.max_seq_len}")
+    return tuple(tokens)
+
+
+def check_sampling(params, num_samples: int, prompt_len: int, model: sessions_pb2.SupportedModel, limits: Limits) -> None:
+    """SamplingParams and num_samples of a Sample request."""
+    if not 1 <= num_samples <= limits.max_samples:
+        raise InvalidArgument("BAD_NUM_SAMPLES", f"num_samples must lie in [1, {limits.max_samples}], got {num_samples}")
+    if params.max_tokens < 1:
+        raise InvalidArgument("BAD_MAX_TOKENS", f"max_tokens must be >= 1, got {params.max_tokens}")
+    if prompt_len + params.max_tokens > model.max_seq_len:
+        raise InvalidArgument(
+            "CONTEXT_EXCEEDED",
+            f"prompt ({prompt_len}) + max_tokens ({params.max_tokens}) exceeds {model.name}'s context of {model.max_seq_len}",
+        )
+    if not (math.isfinite(params.temperature) and params.temperature >= 0):
+        raise InvalidArgument("BAD_TEMPERATURE", "temperature must be finite and >= 0 (0: greedy)")
+    if not (0 <= params.top_p <= 1):
+        raise InvalidArgument("BAD_TOP_P", "top_p must lie in [0, 1] (0 means 1)")
+    if params.top_k < 0:
+        raise InvalidArgument("BAD_TOP_K", "top_k must be >= 0 (0: no limit)")
+    if len(params.stop) > limits.max_stop or any(not s or len(s) > limits.max_stop_chars for s in params.stop):
+        raise InvalidArgument(
+            "BAD_STOP", f"at most {limits.max_stop} non-empty stop strings of <= {limits.max_stop_chars} characters"
+        )
+    if len(params.stop_token_ids) > limits.max_stop:
+        raise InvalidArgument("BAD_STOP", f"at most {limits.max_stop} stop token ids")
+    _check_token_range(np.asarray(list(params.stop_token_ids), dtype=np.int64), model.vocab_size, "stop_token_ids")

@@ -29,6 +29,7 @@ from tunemesh_scheduler.core.records import (
     SessionRecord,
 )
 from tunemesh_scheduler.core.runs import RunRegistry
+from tunemesh_scheduler.core.sampling import SamplingSessionRegistry
 from tunemesh_scheduler.core.sequencing import RunLane
 from tunemesh_scheduler.core.sessions import SessionRegistry
 
@@ -75,6 +76,7 @@ class SchedulerCore:
         self.sessions = SessionRegistry(clock, new_id)
         self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant)
         self.operations = OperationStore(clock, new_id)
+        self.sampling = SamplingSessionRegistry(clock, new_id)
         self._lanes: dict[str, RunLane] = {}
         self._dispatchers: dict[str, NodeDispatcher] = {}
         self._serving = False

@@ -1,0 +1,84 @@
+"""Calls into sampler nodes over the internal gRPC SamplerService."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+import grpc
+
+from tunemesh.internal.v1 import sampler_pb2, sampler_pb2_grpc
+from tunemesh_common.errors import Unavailable
+from tunemesh_common.rpc import CHANNEL_OPTIONS, error_from_peer
+from tunemesh_scheduler.core.sampling import SamplingSessionRecord
+from tunemesh_scheduler.nodes import SamplerDirectory
+
+log = logging.getLogger(__name__)
+
+
+class GrpcSamplerPort:
+    """One channel per sampler node; `address_of` maps node ids to `host:port`."""
+
+    def __init__(self, address_of: Callable[[str], str], timeout_s: float) -> None:
+        self._address_of = address_of
+        self._timeout_s = timeout_s
+        self._channels: dict[str, tuple[str, grpc.aio.Channel, sampler_pb2_grpc.SamplerServiceStub]] = {}
+
+    def _stub(self, node_id: str) -> sampler_pb2_grpc.SamplerServiceStub:
+        address = self._address_of(node_id)
+        cached = self._channels.get(node_id)
+        if cached is None or cached[0] != address:
+            if cached is not None:
+                asyncio.ensure_future(cached[1].close())
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            cached = self._channels[node_id] = (address, channel, sampler_pb2_grpc.SamplerServiceStub(channel))
+        return cached[2]
+
+    async def call(self, node_id: str, method: str, request):
+        try:
+            return await getattr(self._stub(node_id), method)(request, timeout=self._timeout_s)
+        except grpc.aio.AioRpcError as err:
+            raise error_from_peer(err, f"sampler {node_id}") from None
+
+    async def sample(self, node_id: str, request: sampler_pb2.SampleRequest) -> sampler_pb2.SampleResponse:
+        return await self.call(node_id, "Sample", request)
+
+    async def compute_logprobs(self, node_id: str, request: sampler_pb2.ComputeLogprobsRequest):
+        return await self.call(node_id, "ComputeLogprobs", request)
+
+    async def close(self) -> None:
+        for _, channel, _ in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+
+class SamplerRouter:
+    """Sends a sampling session's requests to its sampler; when that node is gone (or
+    answers UNAVAILABLE), routes the session to another sampler once and retries."""
+
+    def __init__(self, directory: SamplerDirectory, port: GrpcSamplerPort) -> None:
+        self.directory, self._port = directory, port
+
+    async def call(self, record: SamplingSessionRecord, method: str, request):
+        if record.node_id not in self.directory.nodes():
+            record.node_id = self.directory.route(record.base_model, record.adapter_key)
+        try:
+            return await self._counted(record.node_id, method, request)
+        except Unavailable:
+            others = [n for n in self.directory.serving(record.base_model) if n != record.node_id]
+            if not others:
+                raise
+            log.warning("sampler %s unavailable; %s moves", record.node_id, record.name)
+            record.node_id = self.directory.route(record.base_model, record.adapter_key, exclude=record.node_id)
+            return await self._counted(record.node_id, method, request)
+
+    async def close(self) -> None:
+        await self._port.close()
+
+    async def _counted(self, node_id: str, method: str, request):
+        self.directory.in_flight[node_id] += 1
+        try:
+            return await self._port.call(node_id, method, request)
+        finally:
+            self.directory.in_flight[node_id] -= 1
