@@ -20,6 +20,7 @@ _EXPORTS = {
     "tunemesh.client": ("ServiceClient",),
     "tunemesh.checkpoints": ("Checkpoint", "CheckpointClient", "CheckpointFile"),
     "tunemesh.training_client": ("TrainingClient",),
+    "tunemesh.sampling_client": ("SamplingClient",),
     "tunemesh.futures": ("APIFuture",),
     "tunemesh.retry": ("RetryPolicy",),
     "tunemesh.types": (
@@ -34,6 +35,9 @@ _EXPORTS = {
         "ModelData",
         "ModelInput",
         "ModelInputChunk",
+        "SampleResponse",
+        "SampledSequence",
+        "SamplingParams",
         "OptimStepResponse",
         "SaveWeightsForSamplerResponse",
         "SaveWeightsResponse",
@@ -68,6 +72,7 @@ if TYPE_CHECKING:
     from tunemesh.errors import *  # noqa: F403
     from tunemesh.futures import APIFuture
     from tunemesh.retry import RetryPolicy
+    from tunemesh.sampling_client import SamplingClient
     from tunemesh.training_client import TrainingClient
     from tunemesh.types import *  # noqa: F403
 

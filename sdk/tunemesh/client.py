@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import os
 import pathlib
@@ -15,10 +16,11 @@ from tunemesh import _wire, tokenizer
 from tunemesh.checkpoints import CheckpointClient
 from tunemesh.operations import OperationTracker
 from tunemesh.retry import RetryPolicy
+from tunemesh.sampling_client import SamplingClient
 from tunemesh.training_client import TrainingClient
 from tunemesh.transport import Transport
 from tunemesh.types import GetServerCapabilitiesResponse, LoraConfig
-from tunemesh.v1 import sessions_pb2, training_pb2
+from tunemesh.v1 import sampling_pb2, sessions_pb2, training_pb2
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +67,7 @@ class ServiceClient:
         self._training_clients: list[TrainingClient] = []
         self._tokenizer_lock = threading.Lock()
         self._tokenizers: dict[str, Any] = {}
+        self._sampling_executor = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="tunemesh-sample")
 
     @property
     def session(self) -> str:
@@ -134,6 +137,21 @@ class ServiceClient:
         )
         return self._training_client(response.run.name, response.run.base_model)
 
+    def create_sampling_client(
+        self, base_model: str | None = None, model_path: str | None = None
+    ) -> SamplingClient:
+        """A client sampling `base_model`, or the checkpoint at `model_path` (its base
+        model is the checkpoint's). It stays pinned to those weights."""
+        request = sampling_pb2.CreateSamplingSessionRequest(
+            session=self.session, base_model=base_model or "", model_path=model_path or ""
+        )
+        response = self._transport.call(
+            self._transport.sampling.CreateSamplingSession, request, what="CreateSamplingSession"
+        )
+        session = response.sampling_session
+        return SamplingClient(self._transport, self._sampling_executor, session.name, session.base_model,
+                              session.model_path)
+
     def get_tokenizer(self, base_model: str) -> Any:
         """The tokenizer of `base_model`, fetched once per client and cached on disk."""
         with self._tokenizer_lock:
@@ -160,6 +178,7 @@ class ServiceClient:
             client._close()
         if session is not None:
             self._end_session(session)
+        self._sampling_executor.shutdown(wait=False, cancel_futures=True)
         self._transport.close()
 
     def __enter__(self) -> ServiceClient:
@@ -170,7 +189,7 @@ class ServiceClient:
 
     def _training_client(self, run: str, base_model: str) -> TrainingClient:
         client = TrainingClient(
-            self._transport, self._tracker, run, base_model, self.get_tokenizer
+            self._transport, self._tracker, run, base_model, self.get_tokenizer, self.create_sampling_client
         )
         with self._lock:
             self._training_clients.append(client)

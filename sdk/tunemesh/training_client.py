@@ -68,7 +68,9 @@ class TrainingClient:
         run: str,
         base_model: str,
         tokenizer_for: Callable[[str], Any] | None = None,
+        sampling_client_for: Callable[..., Any] | None = None,
     ) -> None:
+        self._sampling_client_for = sampling_client_for
         self._transport = transport
         self._tracker = tracker
         self._run = run
@@ -142,6 +144,14 @@ class TrainingClient:
             self._transport.training.SaveWeightsForSampler, request,
             lambda op: _wire.save_output(op, SaveWeightsForSamplerResponse),
         )
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None) -> Any:
+        """Save the weights as a fresh sampler checkpoint (after every call made before
+        this one) and return a SamplingClient pinned to it."""
+        if self._sampling_client_for is None:
+            raise RuntimeError("this TrainingClient has no sampling client source")
+        saved = self.save_weights_for_sampler(name).result()
+        return self._sampling_client_for(model_path=saved.path)
 
     def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:
         """Load a checkpoint's weights into this run; the optimizer restarts (step 0)."""

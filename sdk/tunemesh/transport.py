@@ -8,7 +8,9 @@ from typing import Any
 import grpc
 
 from tunemesh.retry import RetryPolicy, call_with_retry
-from tunemesh.v1 import checkpoints_pb2_grpc, operations_pb2_grpc, sessions_pb2_grpc, training_pb2_grpc
+from tunemesh.v1 import (
+    checkpoints_pb2_grpc, operations_pb2_grpc, sampling_pb2_grpc, sessions_pb2_grpc, training_pb2_grpc,
+)
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 
@@ -26,6 +28,7 @@ class Transport:
         self.training = training_pb2_grpc.TrainingServiceStub(channel)
         self.operations = operations_pb2_grpc.OperationServiceStub(channel)
         self.checkpoints = checkpoints_pb2_grpc.CheckpointServiceStub(channel)
+        self.sampling = sampling_pb2_grpc.SamplingServiceStub(channel)
 
     @classmethod
     def connect(cls, address: str, api_key: str | None, policy: RetryPolicy) -> Transport:

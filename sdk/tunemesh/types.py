@@ -247,6 +247,35 @@ class LoadWeightsResponse:
 
 
 @dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. `stop` takes strings (cut from the text) or token ids (kept);
+    temperature 0 is greedy; top_k 0 or -1 and top_p 1 disable those filters."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: str | Sequence[str] | Sequence[int] | None = None
+    seed: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledSequence:
+    """One continuation: its new tokens, their logprobs, and why it ended ("length" or "stop")."""
+
+    tokens: list[int]
+    logprobs: list[float]
+    stop_reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResponse:
+    """Result of SamplingClient.sample."""
+
+    sequences: list[SampledSequence]
+
+
+@dataclasses.dataclass(frozen=True)
 class SupportedModel:
     """A base model the service can train on."""
 

@@ -1,0 +1,82 @@
+"""SamplingClient: generate from a base model or one immutable checkpoint."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any
+
+from tunemesh.futures import APIFuture
+from tunemesh.transport import Transport
+from tunemesh.types import ModelInput, SampledSequence, SampleResponse, SamplingParams
+from tunemesh.v1 import sampling_pb2
+
+_STOP_REASONS = {sampling_pb2.STOP_REASON_LENGTH: "length", sampling_pb2.STOP_REASON_STOP: "stop"}
+
+
+class SamplingClient:
+    """Samples from what it was created for, always: a checkpoint's weights never change,
+    so a client made after `save_weights_for_sampler` sees those weights and no others.
+    Calls return futures at once; many can be in flight (the service batches them)."""
+
+    def __init__(self, transport: Transport, executor: concurrent.futures.Executor, name: str, base_model: str,
+                 model_path: str) -> None:
+        self._transport, self._executor = transport, executor
+        self.sampling_session, self.base_model, self.model_path = name, base_model, model_path
+
+    def sample(self, prompt: ModelInput, num_samples: int = 1,
+               sampling_params: SamplingParams | None = None) -> APIFuture[SampleResponse]:
+        """`num_samples` continuations of `prompt`, with tokens, logprobs and stop reasons."""
+        request = sampling_pb2.SampleRequest(
+            sampling_session=self.sampling_session, prompt=_wire_prompt(prompt), num_samples=num_samples,
+            sampling_params=params_to_proto(sampling_params or SamplingParams()),
+        )
+        return self._submit(self._transport.sampling.Sample, request, _sample_response)
+
+    def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
+        """logprob of each prompt token given the ones before it; the first is None."""
+        request = sampling_pb2.ComputeLogprobsRequest(sampling_session=self.sampling_session,
+                                                      prompt=_wire_prompt(prompt))
+        return self._submit(self._transport.sampling.ComputeLogprobs, request,
+                            lambda response: [None, *response.logprobs])
+
+    async def sample_async(self, *args: Any, **kwargs: Any) -> SampleResponse:
+        return await self.sample(*args, **kwargs)
+
+    async def compute_logprobs_async(self, prompt: ModelInput) -> list[float | None]:
+        return await self.compute_logprobs(prompt)
+
+    def _submit(self, method: Any, request: Any, convert: Any) -> APIFuture[Any]:
+        what = type(request).__name__
+
+        def call() -> Any:  # deterministic for a seed, so retrying is safe
+            return convert(self._transport.call(method, request, what=what))
+
+        return APIFuture(self._executor.submit(call))
+
+    def __repr__(self) -> str:
+        return f"SamplingClient({self.sampling_session!r}, model_path={self.model_path!r})"
+
+
+def params_to_proto(params: SamplingParams) -> sampling_pb2.SamplingParams:
+    stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
+    msg = sampling_pb2.SamplingParams(
+        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        top_k=max(params.top_k, 0), stop=[s for s in stop if isinstance(s, str)],
+        stop_token_ids=[int(s) for s in stop if not isinstance(s, str)],
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    return msg
+
+
+def _wire_prompt(prompt: ModelInput):
+    from tunemesh import _wire
+
+    return _wire.model_input_to_proto(prompt)
+
+
+def _sample_response(response: sampling_pb2.SampleResponse) -> SampleResponse:
+    return SampleResponse([
+        SampledSequence(list(s.tokens), list(s.logprobs), _STOP_REASONS.get(s.stop_reason, "stop"))
+        for s in response.sequences
+    ])
