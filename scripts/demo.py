@@ -95,7 +95,7 @@ def main() -> int:
     state_dir = args.state_dir or pathlib.Path(tempfile.mkdtemp(prefix="tunemesh-demo-"))
     print(f"starting the mesh (etcd, scheduler, trainer) in {state_dir} ...", flush=True)
     mesh = launcher.up(launcher.MeshConfig(state_dir=state_dir, models=(args.model,), data_dir=data_dir,
-                                           ready_timeout=300))
+                                           ready_timeout=300, samplers=0))
     try:
         print(f"scheduler at {mesh.scheduler_address}; alice and bob train concurrently:\n", flush=True)
         losses = {tenant: [] for tenant in KEYS}

@@ -44,7 +44,7 @@ def model_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
-    """`with start_mesh(state_dir, trainers=1, models=(...), env={...}) as mesh:` a running
+    """`with start_mesh(state_dir, trainers=1, models=(...), env={...}, samplers=0) as mesh:` a running
     mesh (`tunemesh_local.state.MeshState`), stopped on exit. `env` is set for the children
     only (TUNEMESH_SCHEDULER_* / TUNEMESH_TRAINER_* settings); trainers share the
     session's model cache."""
@@ -53,7 +53,7 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
 
     @contextlib.contextmanager
     def start(state_dir: Path, trainers: int = 1, models: tuple[str, ...] = ("tunemesh/tiny-dense",),
-              env: dict[str, str] | None = None) -> Iterator[MeshState]:
+              env: dict[str, str] | None = None, samplers: int = 0, sampler_engine: str = "torch") -> Iterator[MeshState]:
         from tunemesh_local import launcher
 
         def services(config, etcd_endpoint, api_keys_file):
@@ -61,7 +61,7 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
                     launcher.default_services(config, etcd_endpoint, api_keys_file)]
 
         config = launcher.MeshConfig(state_dir=Path(state_dir), trainers=trainers, models=tuple(models),
-                                     ready_timeout=120.0)
+                                     ready_timeout=120.0, samplers=samplers, sampler_engine=sampler_engine)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in {**MESH_ENV, **(env or {})}.items():
                 patch.setenv(name, value)

@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--api-keys-file", type=Path, help="JSON api_key -> tenant (default: demo keys)")
     up.add_argument("--data-dir", type=Path, default=None,
                     help="model cache shared by trainers (default $TUNEMESH_DATA_DIR or ~/.cache/tunemesh)")
+    up.add_argument("--samplers", type=int, default=1, help="sampler processes (default 1; 0: no sampling)")
+    up.add_argument("--sampler-engine", default="auto", choices=["auto", "vllm", "torch"],
+                    help="generation engine of the samplers (default auto: vLLM where it can serve the model)")
     up.add_argument("--checkpoint-dir", type=Path, default=None,
                     help="checkpoint store root (default <state dir>/checkpoints, kept across restarts)")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for services (default 120)")
@@ -58,9 +61,9 @@ def main(argv: list[str] | None = None, services: ServiceFactory = launcher.defa
 def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> int:
     config = MeshConfig(state_dir=state_dir, trainers=args.trainers, models=tuple(args.models),
                         api_keys_file=args.api_keys_file, ready_timeout=args.timeout, data_dir=args.data_dir,
-                        checkpoint_dir=args.checkpoint_dir)
-    print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s) and a scheduler (state: {state_dir}) ...",
-          flush=True)
+                        checkpoint_dir=args.checkpoint_dir, samplers=args.samplers, sampler_engine=args.sampler_engine)
+    print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and a "
+          f"scheduler (state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)
     print(describe_up(mesh, state_dir_flag=args.state_dir is not None))
     return 0

@@ -51,6 +51,8 @@ class MeshConfig:
     ready_timeout: float = 120.0
     data_dir: Path | None = None  # model cache shared by trainers; None: the trainer's default
     checkpoint_dir: Path | None = None  # checkpoint store root; None: <state_dir>/checkpoints
+    samplers: int = 1  # sampler processes (models assigned round-robin like trainers)
+    sampler_engine: str = "auto"  # "auto", "vllm" or "torch"
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -90,10 +92,28 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
         if "TUNEMESH_TRAINER_NUM_THREADS" not in os.environ:
             argv += ["--num-threads", str(local_trainer_threads(config.trainers))]
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
+    specs += sampler_services(config, etcd_endpoint, checkpoint)
     argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint, "--listen", "127.0.0.1:0",
             "--ready-file", str(config.ready_file("scheduler")), "--api-keys-file", str(api_keys_file),
             "--checkpoint", checkpoint]
     specs.append(ServiceSpec("scheduler", "scheduler", tuple(argv)))
+    return specs
+
+
+def sampler_services(config: MeshConfig, etcd_endpoint: str, checkpoint: str) -> list[ServiceSpec]:
+    """`config.samplers` samplers; each fetches adapters from the checkpoint service."""
+    specs = []
+    for index in range(config.samplers):
+        node_id = f"sampler-{index}"
+        argv = [sys.executable, "-m", "tunemesh_sampler", "--node-id", node_id, "--etcd", etcd_endpoint,
+                "--listen", "127.0.0.1:0", "--ready-file", str(config.ready_file(node_id)),
+                "--data-dir", str(config.data_dir or default_data_dir()), "--checkpoint", checkpoint,
+                "--engine", config.sampler_engine, "--cache-dir", str(config.state_dir / "samplers")]
+        if config.models:
+            argv += ["--model", config.models[index % len(config.models)]]
+        if "TUNEMESH_SAMPLER_NUM_THREADS" not in os.environ:
+            argv += ["--num-threads", str(local_trainer_threads(config.trainers))]
+        specs.append(ServiceSpec(node_id, "sampler", tuple(argv)))
     return specs
 
 
@@ -131,6 +151,10 @@ def live_processes(mesh: MeshState) -> list[ProcessRecord]:
 def _check_config(config: MeshConfig) -> None:
     if config.trainers < 1:
         raise InvalidArgument("BAD_TRAINERS", f"--trainers must be >= 1, got {config.trainers}")
+    if config.samplers < 0:
+        raise InvalidArgument("BAD_SAMPLERS", f"--samplers must be >= 0, got {config.samplers}")
+    if config.sampler_engine not in ("auto", "vllm", "torch"):
+        raise InvalidArgument("BAD_SAMPLER_ENGINE", f"--sampler-engine must be auto, vllm or torch, got {config.sampler_engine!r}")
     if len(config.models) > config.trainers:
         raise InvalidArgument(
             "BAD_TRAINERS", f"{len(config.models)} models need at least as many trainers, got {config.trainers}"

@@ -62,7 +62,8 @@ def test_default_services_follow_the_contract(tmp_path: Path) -> None:
     config = MeshConfig(state_dir=tmp_path, trainers=3, models=("m1", "m2"))
     specs = launcher.default_services(config, "127.0.0.1:2379", tmp_path / "keys.json")
     assert [(s.name, s.role) for s in specs] == [("checkpoint", "checkpoint"),
-        ("trainer-0", "trainer"), ("trainer-1", "trainer"), ("trainer-2", "trainer"), ("scheduler", "scheduler")]
+        ("trainer-0", "trainer"), ("trainer-1", "trainer"), ("trainer-2", "trainer"), ("sampler-0", "sampler"),
+        ("scheduler", "scheduler")]
     ckpt = list(specs[0].argv)
     assert ckpt[ckpt.index("--root-dir") + 1] == str(tmp_path / "checkpoints")
     address = ckpt[ckpt.index("--listen") + 1]
@@ -72,12 +73,17 @@ def test_default_services_follow_the_contract(tmp_path: Path) -> None:
     assert t2[t2.index("--model") + 1] == "m1"  # round-robin
     assert t2[t2.index("--node-id") + 1] == "trainer-2"
     assert t2[t2.index("--ready-file") + 1] == str(config.ready_file("trainer-2"))
-    sched = list(specs[4].argv)
+    sampler = list(specs[4].argv)
+    assert sampler[sampler.index("--checkpoint") + 1] == address
+    assert sampler[sampler.index("--model") + 1] == "m1"
+    sched = list(specs[5].argv)
     assert sched[sched.index("--checkpoint") + 1] == address
     assert sched[sched.index("--api-keys-file") + 1] == str(tmp_path / "keys.json")
     assert sched[sched.index("--etcd") + 1] == "127.0.0.1:2379"
     no_models = launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")
     assert "--model" not in no_models[1].argv
+    no_samplers = launcher.default_services(MeshConfig(state_dir=tmp_path, samplers=0), "e:1", tmp_path / "k")
+    assert "sampler" not in {s.role for s in no_samplers}
 
 
 def test_more_models_than_trainers_is_rejected(tmp_path: Path) -> None:
