@@ -11,6 +11,7 @@ from tunemesh_common.models import TINY_DENSE, ModelRegistry
 
 @pytest.fixture(scope="module")
 def mesh(tmp_path_factory):
+    from tunemesh_sampler.engine import build_torch_engine as build_sampling_engine
     from tunemesh_trainer.engine import build_torch_engine
 
     registry = ModelRegistry.default(tmp_path_factory.mktemp("scheduler_servicer_data"))
@@ -18,9 +19,12 @@ def mesh(tmp_path_factory):
     engine = build_torch_engine(path, name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
                                 max_seq_len=entry.max_seq_len, num_threads=2)
     loop = LoopThread()
-    mesh = Mesh(loop, engine, path, tmp_path_factory.mktemp("checkpoints"))
+    sampling_engine = build_sampling_engine(path, name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
+                                            max_seq_len=entry.max_seq_len, num_threads=2)
+    mesh = Mesh(loop, engine, path, tmp_path_factory.mktemp("checkpoints"), sampling_engine)
     yield mesh
     mesh.close()
     loop.close()
+    sampling_engine.close()
 
 

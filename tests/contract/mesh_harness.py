@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 import tunemesh
-from tunemesh.internal.v1 import checkpoint_pb2_grpc, trainer_pb2_grpc
+from tunemesh.internal.v1 import checkpoint_pb2_grpc, sampler_pb2_grpc, trainer_pb2_grpc
 from tunemesh.v1 import (
-    checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc,
+    checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sampling_pb2_grpc, sessions_pb2, sessions_pb2_grpc,
+    training_pb2, training_pb2_grpc,
     types_pb2,
 )
 from loop_thread import LoopThread
@@ -29,9 +30,14 @@ from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_scheduler.checkpoints import CheckpointProxy
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
-from tunemesh_scheduler.nodes import EtcdPlacement, TrainerDirectory
+from tunemesh_sampler.adapters import AdapterCache
+from tunemesh_sampler.checkpoints import AdapterLoader
+from tunemesh_sampler.core import SamplerCore
+from tunemesh_sampler.server import SamplerServicer
+from tunemesh_scheduler.nodes import EtcdPlacement, SamplerDirectory, TrainerDirectory
+from tunemesh_scheduler.sampler_client import GrpcSamplerPort, SamplerRouter
 from tunemesh_scheduler.server import CheckpointServicer as SchedulerCheckpointServicer
-from tunemesh_scheduler.server import OperationServicer, SessionServicer, TrainingServicer
+from tunemesh_scheduler.server import OperationServicer, SamplingServicer, SessionServicer, TrainingServicer
 from tunemesh_scheduler.tokenizers import TokenizerCache
 from tunemesh_scheduler.trainer_client import GrpcTrainerPort
 from tunemesh_scheduler.validation import Limits
@@ -101,8 +107,9 @@ class MemoryPlacementTable:
 class Mesh:
     """Trainer server + scheduler server on one background loop."""
 
-    def __init__(self, loop: LoopThread, engine, model_dir, checkpoint_root) -> None:
+    def __init__(self, loop: LoopThread, engine, model_dir, checkpoint_root, sampling_engine) -> None:
         self.loop = loop
+        self.sampling_engine = sampling_engine
         self.checkpoint_root = checkpoint_root
         self.engine = engine
         self.model_dir = model_dir
@@ -114,6 +121,7 @@ class Mesh:
         self.training = training_pb2_grpc.TrainingServiceStub(self.channel)
         self.operations = operations_pb2_grpc.OperationServiceStub(self.channel)
         self.checkpoints = checkpoints_pb2_grpc.CheckpointServiceStub(self.channel)
+        self.sampling = sampling_pb2_grpc.SamplingServiceStub(self.channel)
 
     async def _start(self) -> None:
         self.trainer_server, _ = rpc.build_server()
@@ -138,6 +146,7 @@ class Mesh:
         self.core = SchedulerCore(EtcdPlacement(self.directory, self.table), self.port,
                                   SchedulerConfig(gap_timeout_s=60, batch_token_budget=4096))
         await self.core.start()
+        await self._start_sampler()
         self.server, _ = rpc.build_server(rpc.KeyFileAuthenticator(KEYS))
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(self.core, self.directory, LIMITS, TokenizerCache(self.directory, self.port)), self.server)
@@ -145,9 +154,25 @@ class Mesh:
             TrainingServicer(self.core, self.directory, LIMITS, self.proxy), self.server)
         checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
             SchedulerCheckpointServicer(self.proxy, self.directory), self.server)
+        sampling_pb2_grpc.add_SamplingServiceServicer_to_server(
+            SamplingServicer(self.core, self.samplers, self.proxy, LIMITS), self.server)
         operations_pb2_grpc.add_OperationServiceServicer_to_server(OperationServicer(self.core, 30.0), self.server)
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         await self.server.start()
+
+    async def _start_sampler(self) -> None:
+        """A sampler node on the same model (torch engine), registered as if from etcd."""
+        self.sampler_server, _ = rpc.build_server()
+        port = self.sampler_server.add_insecure_port("127.0.0.1:0")
+        self.sampler = SamplerServicer("node-s", f"127.0.0.1:{port}", max_adapters=2)
+        sampler_pb2_grpc.add_SamplerServiceServicer_to_server(self.sampler, self.sampler_server)
+        await self.sampler_server.start()
+        loader = AdapterLoader(self.sampling_engine, self.storage, self.checkpoint_root.parent / "sampler-cache")
+        self.sampler.attach(SamplerCore(self.sampling_engine, AdapterCache(loader.load, loader.unload, 2)))
+        self.sampler_directory = SamplerDirectory()
+        self.sampler_directory.on_change("node-s", self.sampler.node().SerializeToString())
+        self.samplers = SamplerRouter(
+            self.sampler_directory, GrpcSamplerPort(self.sampler_directory.address_of, timeout_s=60))
 
     async def _stop(self) -> None:
         await self.server.stop(None)
@@ -157,6 +182,8 @@ class Mesh:
         await self.storage.close()
         await self.proxy.close()
         await self.checkpoint_server.stop(None)
+        await self.samplers.close()
+        await self.sampler_server.stop(None)
 
     def close(self) -> None:
         self.channel.close()

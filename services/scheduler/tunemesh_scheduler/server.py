@@ -221,6 +221,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
             base_model, path, key = checkpoint.base_model, checkpoint.path, adapter_key(tenant, checkpoint.path)
         elif not base_model:
             raise InvalidArgument("MISSING_MODEL", "give base_model or model_path")
+        self._samplers.directory.model(base_model)  # NOT_FOUND UNKNOWN_MODEL when no sampler serves it
         node = self._samplers.directory.route(base_model, key)
         record = self._core.sampling.create(tenant, request.session, base_model, path, key, node)
         return sampling_pb2.CreateSamplingSessionResponse(sampling_session=convert.sampling_session(record))
