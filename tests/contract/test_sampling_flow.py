@@ -18,18 +18,19 @@ from tunemesh_common.models import TINY_DENSE
 PROMPT = [5, 6, 7, 8]
 ANSWER = [40, 41, 42, 43, 44, 45]
 GREEDY = tunemesh.SamplingParams(max_tokens=6, temperature=0.0)
+PATIENT = tunemesh.RetryPolicy(initial_backoff_s=0.01, max_backoff_s=0.05, total_timeout_s=300.0, attempt_timeout_s=60.0)
 
 
 @pytest.fixture()
 def alice(mesh, tmp_path):
-    with tunemesh.ServiceClient(mesh.address, "key-a", retry_policy=FAST_RETRY, tokenizer_cache_dir=tmp_path) as s:
+    with tunemesh.ServiceClient(mesh.address, "key-a", retry_policy=PATIENT, tokenizer_cache_dir=tmp_path) as s:
         yield s
 
 
 @pytest.fixture(scope="module")
 def trained(mesh, tmp_path_factory):
     """A run taught PROMPT -> ANSWER, its sampler checkpoint, and its PEFT download."""
-    with tunemesh.ServiceClient(mesh.address, "key-a", retry_policy=FAST_RETRY) as service:
+    with tunemesh.ServiceClient(mesh.address, "key-a", retry_policy=PATIENT) as service:
         trainer = service.create_lora_training_client(TINY_DENSE, rank=8, seed=4)
         tokens = PROMPT + ANSWER
         datum = tunemesh.Datum(tunemesh.ModelInput.from_ints(tokens[:-1]), {
