@@ -1,4 +1,4 @@
-"""The demo script end to end on the tiny model: mesh up, two tenants train, mesh down."""
+"""The demo script end to end on the tiny model: mesh up, two tenants train and sample, mesh down."""
 
 from __future__ import annotations
 
@@ -28,4 +28,7 @@ def test_demo_trains_two_tenants_and_stops_the_mesh(tmp_path):
         line = next(l for l in result.stdout.splitlines() if l.strip().startswith(f"{tenant}: loss/token"))
         first, last = (float(x) for x in line.split("loss/token")[1].split("->"))
         assert last < first
+    for tenant, question in (("alice", "What is tunemesh?"), ("bob", "How are you today?")):
+        assert f"{tenant}: {question}" in result.stdout  # answers before | after training, from the sampler
+    assert result.stdout.count("before training") == 2
     assert not (state_dir / "mesh.json").exists(), "the demo must stop the mesh it started"
