@@ -143,8 +143,10 @@ def write_json(path: Path | None, results: dict) -> None:
 class BenchMesh:
     """A local mesh for one model whose trainer uses the shared model cache `data_dir`."""
 
-    def __init__(self, model: str, data_dir: Path, state_dir: Path, tenants: int, samplers: int = 0) -> None:
+    def __init__(self, model: str, data_dir: Path, state_dir: Path, tenants: int, samplers: int = 0,
+                 sampler_engine: str = "torch") -> None:
         self.model, self.data_dir, self.state_dir, self.samplers = model, data_dir, state_dir, samplers
+        self.sampler_engine = sampler_engine
         self.keys = [f"bench-key-{i}" for i in range(tenants)]
         self.mesh = None
 
@@ -155,7 +157,7 @@ class BenchMesh:
         keys_file = self.state_dir / "bench_api_keys.json"
         keys_file.write_text(json.dumps({key: f"tenant-{i}" for i, key in enumerate(self.keys)}))
         config = launcher.MeshConfig(self.state_dir, trainers=1, models=(self.model,), api_keys_file=keys_file,
-                                     samplers=self.samplers,
+                                     samplers=self.samplers, sampler_engine=self.sampler_engine,
                                      ready_timeout=300.0)
         self.mesh = launcher.up(config, services=self._services)
         return self
