@@ -11,6 +11,9 @@ from tunemesh.types import ModelInput, SampledSequence, SampleResponse, Sampling
 from tunemesh.v1 import sampling_pb2
 
 _STOP_REASONS = {sampling_pb2.STOP_REASON_LENGTH: "length", sampling_pb2.STOP_REASON_STOP: "stop"}
+# One attempt may take this long: a batch of long generations on a busy sampler takes
+# minutes, and giving up early only makes the retry queue behind the abandoned work.
+SAMPLE_ATTEMPT_TIMEOUT_S = 900.0
 
 
 class SamplingClient:
@@ -49,7 +52,8 @@ class SamplingClient:
         what = type(request).__name__
 
         def call() -> Any:  # deterministic for a seed, so retrying is safe
-            return convert(self._transport.call(method, request, what=what))
+            return convert(self._transport.call(method, request, what=what,
+                                                attempt_timeout_s=SAMPLE_ATTEMPT_TIMEOUT_S))
 
         return APIFuture(self._executor.submit(call))
 

@@ -47,8 +47,9 @@ class Transport:
         `attempt_timeout_s` overrides the policy's per-attempt deadline (e.g. long polls).
         """
         policy = self.policy
-        if attempt_timeout_s:
-            policy = dataclasses.replace(policy, attempt_timeout_s=attempt_timeout_s)
+        if attempt_timeout_s:  # the whole call may then last at least one such attempt
+            policy = dataclasses.replace(policy, attempt_timeout_s=attempt_timeout_s,
+                                         total_timeout_s=max(policy.total_timeout_s, attempt_timeout_s))
         return call_with_retry(
             lambda timeout: method(request, timeout=timeout, metadata=self.metadata),
             policy,
