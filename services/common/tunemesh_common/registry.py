@@ -147,6 +147,16 @@ class NodeRegistration:
                 logger.warning("node %s: update failed (%s); registering again", self.node_id, err)
             await self._register_locked()
 
+    async def follow(self, value_of: Callable[[], bytes], period_s: float) -> None:
+        """Keep the record equal to `value_of()`, checked every `period_s` (run as a task)."""
+        last = self._value
+        while True:
+            await asyncio.sleep(period_s)
+            value = value_of()
+            if value != last:
+                await self.update(value)
+                last = value
+
     async def stop(self, revoke: bool = True) -> None:
         """Stop renewing; revoke the lease (record gone at once) unless `revoke=False` (crash)."""
         if self._task is not None:

@@ -6,6 +6,7 @@ and, where a service asks for it, authenticates the caller into a tenant.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import json
 import logging
@@ -203,7 +204,6 @@ def write_ready_file(path: pathlib.Path, payload: dict) -> None:
 
 async def wait_for_termination() -> None:
     """Return on SIGTERM or SIGINT."""
-    import asyncio
     import signal
 
     stop = asyncio.Event()
@@ -228,3 +228,26 @@ def error_from_peer(err: grpc.aio.AioRpcError, peer: str) -> TunemeshError:
     if not reason:
         return Internal("PEER_ERROR", f"{peer}: {err.code().name}: {err.details()}")
     return error_for(err.code().value[0], reason, err.details() or "")
+
+
+class PeerChannels:
+    """One channel (and stub) per peer node, made again when the node's address changes."""
+
+    def __init__(self, stub_class: type, address_of: Callable[[str], str]) -> None:
+        self._stub_class, self._address_of = stub_class, address_of
+        self._channels: dict[str, tuple[str, grpc.aio.Channel, object]] = {}
+
+    def stub(self, node_id: str):
+        address = self._address_of(node_id)
+        cached = self._channels.get(node_id)
+        if cached is None or cached[0] != address:
+            if cached is not None:
+                asyncio.ensure_future(cached[1].close())
+            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            cached = self._channels[node_id] = (address, channel, self._stub_class(channel))
+        return cached[2]
+
+    async def close(self) -> None:
+        for _, channel, _ in self._channels.values():
+            await channel.close()
+        self._channels.clear()

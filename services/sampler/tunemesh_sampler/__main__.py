@@ -34,17 +34,6 @@ def build_engine(s: settings_mod.SamplerSettings):
     )
 
 
-async def keep_registered(registration, servicer: SamplerServicer, period_s: float) -> None:
-    """Refresh the node record (resident adapters, load) when it changes."""
-    last = servicer.node().SerializeToString()
-    while True:
-        await asyncio.sleep(period_s)
-        value = servicer.node().SerializeToString()
-        if value != last:
-            await registration.update(value)
-            last = value
-
-
 async def serve(s: settings_mod.SamplerSettings) -> None:
     server, health = rpc.build_server()
     port = server.add_insecure_port(s.listen)
@@ -66,7 +55,7 @@ async def serve(s: settings_mod.SamplerSettings) -> None:
         registration = await NodeRegistration.start(
             s.etcd, "samplers", s.node_id, servicer.node().SerializeToString(), ttl=s.lease_ttl_s
         )
-        refresher = asyncio.create_task(keep_registered(registration, servicer, 0.5))
+        refresher = asyncio.create_task(registration.follow(lambda: servicer.node().SerializeToString(), 0.5))
     if s.ready_file is not None:
         rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(), "node_id": s.node_id})
     log.info("sampler %s serving %s on %s (%s engine)", s.node_id, s.model, address, type(engine).__name__)

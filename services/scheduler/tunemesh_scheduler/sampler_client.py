@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
 
@@ -10,7 +9,7 @@ import grpc
 
 from tunemesh.internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh_common.errors import Unavailable
-from tunemesh_common.rpc import CHANNEL_OPTIONS, error_from_peer
+from tunemesh_common.rpc import PeerChannels, error_from_peer
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 from tunemesh_scheduler.nodes import SamplerDirectory
 
@@ -21,23 +20,12 @@ class GrpcSamplerPort:
     """One channel per sampler node; `address_of` maps node ids to `host:port`."""
 
     def __init__(self, address_of: Callable[[str], str], timeout_s: float) -> None:
-        self._address_of = address_of
+        self._channels = PeerChannels(sampler_pb2_grpc.SamplerServiceStub, address_of)
         self._timeout_s = timeout_s
-        self._channels: dict[str, tuple[str, grpc.aio.Channel, sampler_pb2_grpc.SamplerServiceStub]] = {}
-
-    def _stub(self, node_id: str) -> sampler_pb2_grpc.SamplerServiceStub:
-        address = self._address_of(node_id)
-        cached = self._channels.get(node_id)
-        if cached is None or cached[0] != address:
-            if cached is not None:
-                asyncio.ensure_future(cached[1].close())
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            cached = self._channels[node_id] = (address, channel, sampler_pb2_grpc.SamplerServiceStub(channel))
-        return cached[2]
 
     async def call(self, node_id: str, method: str, request):
         try:
-            return await getattr(self._stub(node_id), method)(request, timeout=self._timeout_s)
+            return await getattr(self._channels.stub(node_id), method)(request, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as err:
             raise error_from_peer(err, f"sampler {node_id}") from None
 
@@ -48,9 +36,7 @@ class GrpcSamplerPort:
         return await self.call(node_id, "ComputeLogprobs", request)
 
     async def close(self) -> None:
-        for _, channel, _ in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()
 
 
 class SamplerRouter:

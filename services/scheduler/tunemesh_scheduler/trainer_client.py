@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable, Sequence
 
@@ -10,7 +9,7 @@ import grpc
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
-from tunemesh_common.rpc import CHANNEL_OPTIONS, REASON_KEY
+from tunemesh_common.rpc import REASON_KEY, PeerChannels
 from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome, LoadRequest, SaveRequest
 from tunemesh_scheduler.core.records import OperationError, OpKind
 
@@ -37,20 +36,11 @@ class GrpcTrainerPort:
     """Implements core.ports.TrainerPort; `address_of` maps node ids to `host:port`."""
 
     def __init__(self, address_of: Callable[[str], str], timeout_s: float) -> None:
-        self._address_of = address_of
+        self._channels = PeerChannels(trainer_pb2_grpc.TrainerServiceStub, address_of)
         self._timeout_s = timeout_s
-        self._channels: dict[str, tuple[str, grpc.aio.Channel, trainer_pb2_grpc.TrainerServiceStub]] = {}
 
     def stub(self, node_id: str) -> trainer_pb2_grpc.TrainerServiceStub:
-        address = self._address_of(node_id)
-        cached = self._channels.get(node_id)
-        if cached is None or cached[0] != address:
-            if cached is not None:
-                asyncio.ensure_future(cached[1].close())
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
-            cached = (address, channel, trainer_pb2_grpc.TrainerServiceStub(channel))
-            self._channels[node_id] = cached
-        return cached[2]
+        return self._channels.stub(node_id)
 
     async def _call(self, node_id: str, method: str, request):
         try:
@@ -88,9 +78,7 @@ class GrpcTrainerPort:
         return await self._call(node_id, "GetTokenizer", trainer_pb2.GetTokenizerRequest())
 
     async def close(self) -> None:
-        for _, channel, _ in self._channels.values():
-            await channel.close()
-        self._channels.clear()
+        await self._channels.close()
 
 
 def _batch_item(item: BatchItem) -> trainer_pb2.BatchItem:

@@ -32,17 +32,6 @@ def build_core(s: settings_mod.TrainerSettings) -> tuple[TrainerCore, dict[str, 
     return TrainerCore(engine, s.max_adapters), tokenizer_files(path)
 
 
-async def keep_registered(registration, servicer: TrainerServicer, period_s: float) -> None:
-    """Refresh the node record (adapter count) when it changes."""
-    last = servicer.node().SerializeToString()
-    while True:
-        await asyncio.sleep(period_s)
-        value = servicer.node().SerializeToString()
-        if value != last:
-            await registration.update(value)
-            last = value
-
-
 async def serve(s: settings_mod.TrainerSettings) -> None:
     server, health = rpc.build_server()
     port = server.add_insecure_port(s.listen)
@@ -63,7 +52,7 @@ async def serve(s: settings_mod.TrainerSettings) -> None:
         registration = await NodeRegistration.start(
             s.etcd, "trainers", s.node_id, servicer.node().SerializeToString(), ttl=s.lease_ttl_s
         )
-        refresher = asyncio.create_task(keep_registered(registration, servicer, 1.0))
+        refresher = asyncio.create_task(registration.follow(lambda: servicer.node().SerializeToString(), 1.0))
     if s.ready_file is not None:
         rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(), "node_id": s.node_id})
     log.info("trainer %s serving %s on %s", s.node_id, s.model, address)
