@@ -23,6 +23,7 @@ _EXPORTS = {
     "tunemesh.sampling_client": ("SamplingClient",),
     "tunemesh.futures": ("APIFuture",),
     "tunemesh.retry": ("RetryPolicy",),
+    "tunemesh.hyperparams": ("lora_learning_rate",),
     "tunemesh.types": (
         "AdamParams",
         "Datum",
@@ -71,6 +72,7 @@ if TYPE_CHECKING:
     from tunemesh.client import ServiceClient
     from tunemesh.errors import *  # noqa: F403
     from tunemesh.futures import APIFuture
+    from tunemesh.hyperparams import lora_learning_rate
     from tunemesh.retry import RetryPolicy
     from tunemesh.sampling_client import SamplingClient
     from tunemesh.training_client import TrainingClient
