@@ -13,14 +13,9 @@ import math
 import numpy as np
 
 from tunemesh.v1 import sessions_pb2, types_pb2
-from tunemesh_common import checkpoint_paths, tensors
+from tunemesh_common import checkpoint_paths, loss_specs, tensors
 from tunemesh_common.errors import FailedPrecondition, InvalidArgument, Unimplemented
 
-# loss name -> (required loss_fn_inputs, optional loss_fn_inputs, accepted config keys)
-LOSSES: dict[str, tuple[frozenset[str], frozenset[str], frozenset[str]]] = {
-    "cross_entropy": (frozenset({"target_tokens"}), frozenset({"weights"}), frozenset()),
-}
-_INT_INPUTS = frozenset({"target_tokens"})
 MAX_TARGETS_PER_POSITION = 128  # K of (N, K) targets, e.g. top-k distillation
 
 
@@ -44,15 +39,10 @@ def datum_tokens(datum: types_pb2.Datum) -> list[int]:
     return tokens
 
 
-def check_loss(loss_fn: str, config) -> None:
-    if loss_fn not in LOSSES:
-        raise InvalidArgument("UNKNOWN_LOSS", f"unknown loss_fn {loss_fn!r}; supported: {sorted(LOSSES)}")
-    unknown = set(config) - LOSSES[loss_fn][2]
-    if unknown:
-        raise InvalidArgument("UNKNOWN_LOSS_CONFIG", f"{loss_fn} takes no config keys {sorted(unknown)}")
-    for key, value in config.items():
-        if value.WhichOneof("kind") == "number" and not math.isfinite(value.number):
-            raise InvalidArgument("NON_FINITE_INPUT", f"loss_fn_config[{key!r}] is not finite")
+def check_loss(loss_fn: str, config) -> dict[str, float]:
+    """The loss exists and its config is valid; returns the config with defaults."""
+    values = {k: (v.number if v.WhichOneof("kind") == "number" else v.text) for k, v in config.items()}
+    return loss_specs.spec_of(loss_fn).resolve_config(values)
 
 
 def check_data(data, loss_fn: str, model: sessions_pb2.SupportedModel, limits: Limits) -> int:
@@ -78,20 +68,21 @@ def _check_datum(index: int, datum: types_pb2.Datum, loss_fn: str, model: sessio
     if n > model.max_seq_len:
         raise InvalidArgument("SEQUENCE_TOO_LONG", f"{where}: {n} tokens exceed {model.name}'s {model.max_seq_len}")
     _check_token_range(tokens, model.vocab_size, f"{where}.model_input")
-    required, optional, _ = LOSSES[loss_fn]
-    missing = required - set(datum.loss_fn_inputs)
+    spec = loss_specs.spec_of(loss_fn)
+    missing = set(spec.required_inputs) - set(datum.loss_fn_inputs)
     if missing:
         raise InvalidArgument("MISSING_LOSS_INPUT", f"{where}: {loss_fn} needs loss_fn_inputs {sorted(missing)}")
-    unknown = set(datum.loss_fn_inputs) - required - optional
+    unknown = set(datum.loss_fn_inputs) - set(spec.required_inputs) - set(spec.optional_inputs)
     if unknown:
         raise InvalidArgument("UNKNOWN_LOSS_INPUT", f"{where}: {loss_fn} does not take {sorted(unknown)}")
     shapes = {}
     for key, tensor in datum.loss_fn_inputs.items():
         shapes[key] = _check_input(f"{where}.loss_fn_inputs[{key!r}]", key, tensor, n, model.vocab_size)
-    if "weights" in shapes and shapes["weights"] != shapes["target_tokens"]:
-        raise InvalidArgument(
-            "SHAPE_MISMATCH", f"{where}: weights shape {shapes['weights']} != target_tokens {shapes['target_tokens']}"
-        )
+    for key, shape in shapes.items():
+        if shape != shapes["target_tokens"]:
+            raise InvalidArgument(
+                "SHAPE_MISMATCH", f"{where}: {key} shape {list(shape)} != target_tokens {list(shapes['target_tokens'])}"
+            )
     return n
 
 
@@ -105,7 +96,7 @@ def _check_input(where: str, key: str, tensor: types_pb2.TensorData, n: int, voc
         raise InvalidArgument(
             "TOO_MANY_TARGETS", f"{where}: K = {array.shape[1]} must lie in [1, {MAX_TARGETS_PER_POSITION}]"
         )
-    if key in _INT_INPUTS:
+    if key in loss_specs.INTEGER_INPUTS:
         if array.dtype.kind != "i":
             raise InvalidArgument("BAD_DTYPE", f"{where}: must be an integer tensor")
         _check_token_range(array, vocab_size, where)

@@ -183,6 +183,45 @@ def test_known_loss_without_config_passes():
     validation.check_loss("cross_entropy", {})
 
 
+def _rl(tokens, **overrides):
+    n = len(tokens)
+    inputs = {"logprobs": np.float32([-1.0] * n), "advantages": np.float32([0.5] * n)}
+    inputs.update(overrides)
+    return datum(tokens, **{k: v for k, v in inputs.items() if v is not None})
+
+
+@pytest.mark.parametrize("loss_fn", ["importance_sampling", "ppo", "cispo", "dro"])
+def test_rl_losses_accept_sampler_logprobs_advantages_and_a_mask(loss_fn):
+    assert check([_rl([1, 2, 3]), _rl([4, 5], weights=np.float32([0.0, 1.0]))], loss_fn) == 5
+
+
+@pytest.mark.parametrize("missing", ["logprobs", "advantages"])
+def test_rl_loss_without_a_required_input(missing):
+    rejected(check, [_rl([1, 2, 3], **{missing: None})], "ppo", reason="MISSING_LOSS_INPUT", where=missing)
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_advantages_are_refused(bad):
+    rejected(check, [_rl([1, 2]), _rl([1, 2, 3], advantages=np.float32([0.1, bad, 0.2]))], "importance_sampling",
+             reason="NON_FINITE_INPUT", where="data[1].loss_fn_inputs['advantages']")
+
+
+def test_rl_inputs_must_match_the_targets_shape():
+    rejected(check, [_rl([1, 2, 3], logprobs=np.float32([-1.0, -1.0]))], "cispo", reason="SHAPE_MISMATCH")
+    two_d = np.int64([[1, 2], [2, 3], [3, 4]])
+    rejected(check, [datum([1, 2, 3], targets=two_d, logprobs=np.float32([-1.0] * 3),
+                           advantages=np.float32([1.0] * 3))], "dro", reason="SHAPE_MISMATCH")
+
+
+def test_rl_loss_config_is_checked_and_defaulted():
+    number = types_pb2.LossConfigValue
+    assert validation.check_loss("ppo", {"clip_low_threshold": number(number=0.7)}) == {
+        "clip_low_threshold": 0.7, "clip_high_threshold": 1.2}
+    rejected(validation.check_loss, "ppo", {"clip_low_threshold": number(number=2.0)}, reason="BAD_LOSS_CONFIG")
+    rejected(validation.check_loss, "dro", {"beta": number(text="0.1")}, reason="BAD_LOSS_CONFIG")
+    rejected(validation.check_loss, "dro", {"beta": number(number=math.nan)}, reason="NON_FINITE_INPUT")
+
+
 # ---- optimizer -------------------------------------------------------------------------
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tunemesh_common import loss_specs
 from tunemesh_common.errors import Code
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine, losses
@@ -77,7 +78,9 @@ def test_an_unexpected_error_fails_only_the_item_that_raised(tiny_dense_dir, mon
     def exploding(logprobs, inputs, config):
         raise RuntimeError("simulated engine bug")
 
-    monkeypatch.setitem(losses.LOSSES, "explode", losses.LossDef(exploding, ("target_tokens",), ("weights",)))
+    spec = loss_specs.LossSpec("explode", ("target_tokens",), ("weights",))
+    monkeypatch.setitem(loss_specs.SPECS, "explode", spec)
+    monkeypatch.setitem(losses.LOSSES, "explode", losses.LossDef(exploding, spec))
     e = engine(tiny_dense_dir, 10_000)
     twin = engine(tiny_dense_dir, 10_000)
     good = EngineItem("good", "a1", FB, [datum(4, 9)])

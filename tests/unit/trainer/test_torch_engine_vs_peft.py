@@ -10,6 +10,7 @@ import torch
 
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
+from peft_reference import peft_model, peft_named_params, randomize_b, rel
 
 RTOL = 1e-5
 
@@ -48,40 +49,6 @@ def _datum(rng: np.random.Generator, n: int, k: int) -> DatumArrays:
     )
 
 
-def _randomize_b(engine, adapter_id: str, gen: torch.Generator) -> None:
-    """Non-zero B so that A's gradients are non-trivial too."""
-    slot = engine.adapter(adapter_id)
-    weights = {n: t.clone() for n, t in slot.weights().items()}
-    for name, tensor in weights.items():
-        if ".lora_B." in name:
-            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.05)
-    slot.load_weights(weights)
-
-
-def _peft_model(model_dir, spec: LoraSpec, targets: list[str], weights: dict[str, torch.Tensor]):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, target_modules=targets, lora_dropout=0.0)
-    model = get_peft_model(base, config).eval()
-    inner = model.base_model.model
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            module_name, _, rest = name.partition(".lora_")
-            layer = getattr(inner.get_submodule(module_name), f"lora_{rest[0]}")["default"]
-            layer.weight.copy_(tensor)
-    return model
-
-
-def _peft_named_params(model, targets: list[str]) -> dict[str, torch.nn.Parameter]:
-    inner = model.base_model.model
-    return {
-        f"{m}.lora_{ab}.weight": getattr(inner.get_submodule(m), f"lora_{ab}")["default"].weight
-        for m in targets for ab in ("A", "B")
-    }
-
-
 def _peft_item(model, data: list[DatumArrays]):
     """Each datum alone, unpadded: (item loss, per-datum logprobs)."""
     total, logprobs = 0.0, []
@@ -94,18 +61,13 @@ def _peft_item(model, data: list[DatumArrays]):
     return total, logprobs
 
 
-def _rel(a, b) -> float:
-    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
-
-
 def test_fused_step_matches_peft_per_adapter(tiny_dense_dir):
     engine = build_torch_engine(tiny_dense_dir, "tiny", "dense", max_lora_rank=32, max_seq_len=64)
     rng, gen = np.random.default_rng(7), torch.Generator().manual_seed(7)
     items = []
     for case in CASES:
         engine.create_adapter(case.adapter_id, case.spec)
-        _randomize_b(engine, case.adapter_id, gen)
+        randomize_b(engine, case.adapter_id, gen)
         data = [_datum(rng, n, case.k) for n in case.lengths]
         items.append(EngineItem(f"item-{case.adapter_id}", case.adapter_id, case.kind, data))
     initial = {c.adapter_id: engine.adapter(c.adapter_id).weights() for c in CASES}
@@ -116,12 +78,12 @@ def test_fused_step_matches_peft_per_adapter(tiny_dense_dir):
     for case, item, outcome in zip(CASES, items, outcomes):
         assert outcome.failure is None
         targets = engine.target_modules(case.spec)
-        peft = _peft_model(tiny_dense_dir, case.spec, targets, initial[case.adapter_id])
+        peft = peft_model(tiny_dense_dir, case.spec, targets, initial[case.adapter_id])
         loss, logprobs = _peft_item(peft, item.data)
         assert outcome.metrics["loss:sum"] == pytest.approx(float(loss.detach()), rel=RTOL)
         for got, want in zip(outcome.outputs, logprobs):
             assert got["logprobs"].shape == want.shape
-            assert _rel(got["logprobs"], want) <= RTOL
+            assert rel(got["logprobs"], want) <= RTOL
         if case.kind is ItemKind.FORWARD:
             assert all(float(g.abs().max()) == 0.0 for g in engine.adapter(case.adapter_id).accumulated_grads().values())
             continue
@@ -129,13 +91,13 @@ def test_fused_step_matches_peft_per_adapter(tiny_dense_dir):
 
 
 def _check_grads_and_step(engine, case: Case, peft, targets: list[str], loss: torch.Tensor) -> None:
-    params = _peft_named_params(peft, targets)
+    params = peft_named_params(peft, targets)
     loss.backward()
     grads = engine.adapter(case.adapter_id).accumulated_grads()
     assert set(grads) == set(params)
     for name, param in params.items():
         assert float(param.grad.abs().max()) > 0, name
-        assert _rel(grads[name], param.grad) <= RTOL, name
+        assert rel(grads[name], param.grad) <= RTOL, name
 
     adam = case.adam
     metrics = engine.optim_step(case.adapter_id, adam)
@@ -150,4 +112,4 @@ def _check_grads_and_step(engine, case: Case, peft, targets: list[str], loss: to
     assert metrics["step:max"] == 1.0
     weights = engine.adapter(case.adapter_id).weights()
     for name in names:
-        assert _rel(weights[name], params[name].detach()) <= RTOL, name
+        assert rel(weights[name], params[name].detach()) <= RTOL, name

@@ -4,7 +4,18 @@ The engine computes every datum's target logprobs (N,) or (N, K) in one pass ove
 fused batch (`target_logprobs`); a loss sees them and the datum's loss inputs as tensors
 and returns the scalar loss plus per-datum outputs. Every Tinker loss (cross_entropy,
 importance_sampling, ppo, cispo, dro) is a function of target logprobs, so each new one
-is one function and one `LOSSES` entry.
+is one function and one `LOSSES` entry; names, inputs and config defaults come from
+`tunemesh_common.loss_specs`, which the scheduler validates requests against.
+
+With lp the learner's target logprobs, q the sampler's (`logprobs`), A the advantages,
+w the optional per-token `weights` (default 1) and ratio = exp(lp - q), every loss is a
+sum over tokens:
+
+    cross_entropy        -sum(w * lp)
+    importance_sampling  -sum(w * ratio * A)
+    ppo                  -sum(w * min(ratio * A, clamp(ratio, lo, hi) * A))
+    cispo                -sum(w * detach(clamp(ratio, lo, hi)) * lp * A)
+    dro                  -sum(w * (lp * A - beta / 2 * (lp - q)^2))
 """
 
 from __future__ import annotations
@@ -13,6 +24,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 
 import torch
+
+from tunemesh_common.loss_specs import SPECS, LossSpec
 
 
 @dataclasses.dataclass
@@ -33,11 +46,14 @@ def target_logprobs(logits_btv: torch.Tensor, targets_btk: torch.Tensor) -> torc
 
 @dataclasses.dataclass(frozen=True)
 class LossDef:
-    """A loss function and the loss inputs it needs (each (N,) or (N, K) like targets)."""
+    """A loss function and its spec (inputs, config defaults)."""
 
     fn: LossFn
-    required_inputs: tuple[str, ...]
-    optional_inputs: tuple[str, ...] = ()
+    spec: LossSpec
+
+    @property
+    def required_inputs(self) -> tuple[str, ...]:
+        return self.spec.required_inputs
 
 
 def cross_entropy(
@@ -51,8 +67,48 @@ def cross_entropy(
     return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
 
 
-LOSSES: dict[str, LossDef] = {
-    "cross_entropy": LossDef(
-        fn=cross_entropy, required_inputs=("target_tokens",), optional_inputs=("weights",)
-    ),
+def _weighted_sum(per_token: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    weights = inputs.get("weights")
+    return per_token.sum() if weights is None else (weights * per_token).sum()
+
+
+def _ratio(logprobs: torch.Tensor, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return torch.exp(logprobs - inputs["logprobs"])
+
+
+def importance_sampling(logprobs, inputs, config) -> DatumLoss:
+    """-sum(ratio * A): the policy gradient of samples drawn from the sampler's weights."""
+    loss = -_weighted_sum(_ratio(logprobs, inputs) * inputs["advantages"], inputs)
+    return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
+
+
+def ppo(logprobs, inputs, config) -> DatumLoss:
+    """The clipped surrogate: the ratio's effect stops outside [lo, hi] in A's direction."""
+    ratio, advantages = _ratio(logprobs, inputs), inputs["advantages"]
+    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+    loss = -_weighted_sum(torch.minimum(ratio * advantages, clipped * advantages), inputs)
+    return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
+
+
+def cispo(logprobs, inputs, config) -> DatumLoss:
+    """A clipped, detached importance weight times the REINFORCE term lp * A."""
+    weight = torch.clamp(_ratio(logprobs, inputs), config["clip_low_threshold"], config["clip_high_threshold"])
+    loss = -_weighted_sum(weight.detach() * logprobs * inputs["advantages"], inputs)
+    return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
+
+
+def dro(logprobs, inputs, config) -> DatumLoss:
+    """lp * A with a quadratic penalty on moving away from the sampler's logprobs."""
+    drift = logprobs - inputs["logprobs"]
+    loss = -_weighted_sum(logprobs * inputs["advantages"] - 0.5 * config["beta"] * drift.square(), inputs)
+    return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
+
+
+_FUNCTIONS: dict[str, LossFn] = {
+    "cross_entropy": cross_entropy,
+    "importance_sampling": importance_sampling,
+    "ppo": ppo,
+    "cispo": cispo,
+    "dro": dro,
 }
+LOSSES: dict[str, LossDef] = {name: LossDef(fn=fn, spec=SPECS[name]) for name, fn in _FUNCTIONS.items()}

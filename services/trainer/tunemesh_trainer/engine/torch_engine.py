@@ -196,13 +196,14 @@ class TorchTrainingEngine:
     ) -> torch.Tensor | None:
         """Loss and outputs of an item's datums in this chunk; None once the item is non-finite."""
         loss_def = LOSSES[item.loss_fn]
+        config = loss_def.spec.resolve_config(item.loss_config)
         total = None
         for offset, datum in enumerate(item.data):
             n = int(datum.tokens.shape[0])
             inputs = {k: self._input_tensor(k, v) for k, v in datum.loss_inputs.items()}
             target_shape = inputs["target_tokens"].shape
             logprobs = logprobs_btk[first_row + offset, :n, : int(np.prod(target_shape[1:]))]
-            result = loss_def.fn(logprobs.reshape(target_shape), inputs, item.loss_config)
+            result = loss_def.fn(logprobs.reshape(target_shape), inputs, config)
             total = result.loss if total is None else total + result.loss
             outcome.outputs.append({k: _to_numpy(v) for k, v in result.outputs.items()})
         loss_value = float(total.detach())

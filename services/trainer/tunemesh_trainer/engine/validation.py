@@ -9,7 +9,8 @@ from collections.abc import Container, Mapping
 
 import numpy as np
 
-from tunemesh_common.errors import Code
+from tunemesh_common.errors import Code, InvalidArgument
+from tunemesh_common.loss_specs import SPECS
 from tunemesh_trainer.domain import DatumArrays, EngineItem, ItemFailure
 
 
@@ -29,8 +30,12 @@ def validate_item(
     if item.adapter_id not in adapters:
         message = f"no adapter {item.adapter_id!r}"
         return ItemFailure(int(Code.NOT_FOUND), "ADAPTER_NOT_FOUND", message)
-    if item.loss_fn not in required_inputs:
+    if item.loss_fn not in required_inputs or item.loss_fn not in SPECS:
         return _invalid("UNKNOWN_LOSS", f"unknown loss function {item.loss_fn!r}")
+    try:
+        SPECS[item.loss_fn].resolve_config(item.loss_config)
+    except InvalidArgument as err:
+        return _invalid(err.reason, err.message)
     if not item.data:
         return _invalid("EMPTY_DATA", "an item needs at least one datum")
     for index, datum in enumerate(item.data):
@@ -80,6 +85,8 @@ def _validate_inputs(
             return _invalid(
                 "LENGTH_MISMATCH", f"loss input {key!r} has shape {value.shape}, targets {target_shape}"
             )
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return _invalid("NON_FINITE_INPUT", f"loss input {key!r} contains NaN or infinity")
     return None
 
 

@@ -1,0 +1,8 @@
+"""Makes tests/support (reference implementations shared by test suites) importable."""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "support"))

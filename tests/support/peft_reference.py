@@ -1,0 +1,49 @@
+"""HF PEFT as the reference for the fused multi-LoRA engine: one PEFT model per adapter,
+holding that adapter's current weights."""
+
+from __future__ import annotations
+
+import torch
+
+from tunemesh_trainer.domain import LoraSpec
+
+
+def randomize_b(engine, adapter_id: str, gen: torch.Generator) -> None:
+    """Non-zero B so that A's gradients are non-trivial too."""
+    slot = engine.adapter(adapter_id)
+    weights = {n: t.clone() for n, t in slot.weights().items()}
+    for name, tensor in weights.items():
+        if ".lora_B." in name:
+            tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.05)
+    slot.load_weights(weights)
+
+
+def peft_model(model_dir, spec: LoraSpec, targets: list[str], weights: dict[str, torch.Tensor]):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, target_modules=targets, lora_dropout=0.0)
+    model = get_peft_model(base, config).eval()
+    inner = model.base_model.model
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            module_name, _, rest = name.partition(".lora_")
+            layer = getattr(inner.get_submodule(module_name), f"lora_{rest[0]}")["default"]
+            layer.weight.copy_(tensor)
+    return model
+
+
+def peft_named_params(model, targets: list[str]) -> dict[str, torch.nn.Parameter]:
+    inner = model.base_model.model
+    return {
+        f"{m}.lora_{ab}.weight": getattr(inner.get_submodule(m), f"lora_{ab}")["default"].weight
+        for m in targets for ab in ("A", "B")
+    }
+
+
+def rel(a, b) -> float:
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
