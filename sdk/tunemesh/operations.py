@@ -105,25 +105,31 @@ class OperationTracker:
         waiter.start()
 
     def _wait(self, future: APIFuture[Any], name: str, convert: Convert) -> None:
+        try:
+            operation = self.wait(name, until=future.done)
+        except Exception as err:  # noqa: BLE001
+            future._set_exception(err)
+            return
+        if operation is not None:
+            self._resolve(future, operation, convert)
+
+    def wait(self, name: str, until: Callable[[], bool] = lambda: False) -> operations_pb2.Operation | None:
+        """Long-poll operation `name` until it is done (None if `until()` turns true first)."""
         timeout = duration_pb2.Duration()
         timeout.FromNanoseconds(int(self._wait_timeout_s * 1e9))
         request = operations_pb2.WaitOperationRequest(name=name, timeout=timeout)
-        while not future.done():
+        while not until():
             if self._closed.is_set():
-                future._set_exception(ClientClosedError(message="the client was closed"))
-                return
-            try:
-                response = self._transport.call(
-                    self._transport.operations.WaitOperation,
-                    request,
-                    what=f"WaitOperation({name})",
-                    attempt_timeout_s=self._wait_timeout_s + _WAIT_MARGIN_S,
-                )
-            except Exception as err:  # noqa: BLE001
-                future._set_exception(err)
-                return
+                raise ClientClosedError(message="the client was closed")
+            response = self._transport.call(
+                self._transport.operations.WaitOperation,
+                request,
+                what=f"WaitOperation({name})",
+                attempt_timeout_s=self._wait_timeout_s + _WAIT_MARGIN_S,
+            )
             if response.operation.done:
-                self._resolve(future, response.operation, convert)
+                return response.operation
+        return None
 
     @staticmethod
     def _resolve(

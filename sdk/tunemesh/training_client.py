@@ -8,7 +8,8 @@ from typing import Any
 
 import grpc
 
-from tunemesh import _wire
+from tunemesh import _wire, custom_loss
+from tunemesh.custom_loss import CustomLossFn
 from tunemesh.errors import TunemeshError
 from tunemesh.futures import APIFuture
 from tunemesh.operations import OperationTracker, SubmitLane
@@ -111,6 +112,40 @@ class TrainingClient:
             data, loss_fn, loss_fn_config,
         )
 
+    def forward_backward_custom(self, data: Sequence[Datum], loss_fn: CustomLossFn) -> APIFuture[ForwardBackwardOutput]:
+        """Train on a loss written in torch and computed on this machine.
+
+        A forward returns the learner's target logprobs; `loss_fn(data, logprobs)` (one
+        tensor per datum, shaped like its target_tokens) returns `(loss, metrics)`; its
+        gradient -dloss/dlogprobs is sent as the weights of a cross_entropy
+        forward_backward, whose gradient then equals the custom loss's. The two calls
+        take consecutive places in this run's order, so no other call of this client
+        runs between them. Metrics: `loss:sum` is the custom loss, `surrogate_loss:sum`
+        the service's, plus `loss_fn`'s own. Needs torch.
+        """
+        datums = [d if isinstance(d, Datum) else _not_a_datum(d) for d in data]
+        result: dict[str, Any] = {}
+
+        def submit():
+            probe = _wire.forward_request(training_pb2.ForwardRequest, self._run, 0, str(uuid.uuid4()),
+                                          custom_loss.probe_data(datums), "cross_entropy", None)
+            forward = self._tracker.wait(self._stamped_send(self._transport.training.Forward, probe).name)
+            error = _wire.operation_error(forward)
+            if error is not None:
+                raise error
+            weights, result["loss"], result["metrics"] = custom_loss.surrogate_weights(
+                datums, _wire.forward_backward_output(forward), loss_fn)
+            request = _wire.forward_request(
+                training_pb2.ForwardBackwardRequest, self._run, 0, str(uuid.uuid4()),
+                custom_loss.surrogate_data(datums, weights), "cross_entropy", None)
+            return self._stamped_send(self._transport.training.ForwardBackward, request)
+
+        def convert(operation):
+            surrogate = _wire.forward_backward_output(operation)
+            return custom_loss.custom_output(surrogate, result["loss"], result["metrics"])
+
+        return self._tracker.start(self._lane, submit, convert)
+
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
         """Apply one AdamW step to the run's adapter and clear its gradients."""
         request = _wire.optim_step_request(self._run, 0, "", adam_params or AdamParams())
@@ -177,6 +212,11 @@ class TrainingClient:
     ) -> APIFuture[ForwardBackwardOutput]:
         return self.forward_backward(*args, **kwargs)
 
+    async def forward_backward_custom_async(
+        self, data: Sequence[Datum], loss_fn: CustomLossFn
+    ) -> APIFuture[ForwardBackwardOutput]:
+        return self.forward_backward_custom(data, loss_fn)
+
     async def optim_step_async(self, *args: Any, **kwargs: Any) -> APIFuture[OptimStepResponse]:
         return self.optim_step(*args, **kwargs)
 
@@ -239,13 +279,13 @@ class TrainingClient:
         returns the operation it holds or queues it now, so no gap can form.
         """
         request.request_id = str(uuid.uuid4())
+        return self._tracker.start(self._lane, lambda: self._stamped_send(method, request), convert)
 
-        def submit():
-            self._settle_in_doubt()
-            request.seq_id = self._next_seq_id
-            return self._send(method, request)
-
-        return self._tracker.start(self._lane, submit, convert)
+    def _stamped_send(self, method: Any, request: Any):
+        """On the lane: settle an in-doubt submit, stamp the next seq_id, send."""
+        self._settle_in_doubt()
+        request.seq_id = self._next_seq_id
+        return self._send(method, request)
 
     def _send(self, method: Any, request: Any):
         """Send one stamped submit; track its seq_id's fate (used, free, or in doubt)."""
