@@ -1,12 +1,14 @@
-"""The tunemesh demo: start the mesh, two tenants fine-tune at once, sample, stop the mesh.
+"""The tunemesh demo: two tenants post-train one shared base model at once, then sample.
 
-    python scripts/demo.py [--steps 12] [--model HuggingFaceTB/SmolLM2-135M-Instruct]
+    python scripts/demo.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--sft-steps 24] [--rl-steps 12]
 
-Two tenants (alice, bob) each train their own LoRA adapter on SmolLM2-135M-Instruct
-through the scheduler; their forward_backward calls are fused into shared batches on
-one trainer. Each tenant's mean per-token loss on its own data falls step by step.
-Before and after training each tenant saves its weights for sampling and asks the
-sampler the same question: the answers are printed side by side.
+Starts a local mesh (etcd, scheduler, checkpoint service, one trainer, one sampler).
+alice runs the cookbook's SFT recipe (extracting "name, age" from a sentence) and bob
+its RL recipe (GRPO on addition problems, exact-match reward) concurrently on the same
+resident SmolLM2-135M-Instruct; the scheduler fuses their work into shared batches.
+Each evaluates on held-out items with greedy samples before and after; the demo prints
+both tenants' accuracy before -> after, one held-out prompt answered before and after,
+and where the metrics (JSONL) and plots (PNG) are. The mesh is stopped at the end.
 """
 
 from __future__ import annotations
@@ -17,89 +19,52 @@ import os
 import pathlib
 import subprocess
 import sys
-import tempfile
+import textwrap
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parent
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import demo_data  # noqa: E402
+from cookbook import common, rl, sft  # noqa: E402
 
-SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-KEYS = {"alice": "tml-demo-alice", "bob": "tml-demo-bob"}
+TENANTS = {"alice": "tml-demo-alice", "bob": "tml-demo-bob"}
 
 
-def chat_datum(tokenizer, question: str, answer: str):
-    """One SFT datum: loss only on the assistant's answer tokens."""
+def recipe_args(args: argparse.Namespace, out: pathlib.Path) -> dict[str, tuple]:
+    """Each tenant's recipe, its arguments and progress-bar row."""
+    shared = ["--model", args.model, "--seed", str(args.seed)]
+    alice = sft.parser().parse_args([*shared, "--steps", str(args.sft_steps), "--log-dir", str(out / "alice-sft")])
+    bob = rl.parser().parse_args([*shared, "--steps", str(args.rl_steps), "--task", args.rl_task,
+                                  "--log-dir", str(out / "bob-rl")])
+    return {"alice": (sft, alice, 0), "bob": (rl, bob, 1)}
+
+
+def run_tenant(address: str, tenant: str, recipe, recipe_args: argparse.Namespace, position: int) -> dict:
     import tunemesh
 
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                           tokenize=False, add_generation_prompt=True)
-    full = prompt + answer + "<|im_end|>\n"
-    prompt_ids = tokenizer.encode(prompt, add_special_tokens=False)
-    ids = tokenizer.encode(full, add_special_tokens=False)
-    weights = [0.0] * (len(prompt_ids) - 1) + [1.0] * (len(ids) - len(prompt_ids))
-    return tunemesh.Datum(
-        model_input=tunemesh.ModelInput.from_ints(ids[:-1]),
-        loss_fn_inputs={"target_tokens": ids[1:], "weights": weights},
-    ), sum(weights)
+    with tunemesh.ServiceClient(address, api_key=TENANTS[tenant]) as service:
+        return recipe.train(service, recipe_args, position=position)
 
 
-def ask(client, tokenizer, question: str, max_tokens: int):
-    """Greedy answer to `question` from a sampling client (a future of the text)."""
-    import tunemesh
-
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": question}],
-                                           tokenize=False, add_generation_prompt=True)
-    ids = tokenizer.encode(prompt, add_special_tokens=False)
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    params = tunemesh.SamplingParams(max_tokens=max_tokens, temperature=0.0,
-                                     stop=[end] if isinstance(end, int) and end >= 0 else None)
-    future = client.sample(tunemesh.ModelInput.from_ints(ids), 1, params)
-    return lambda: tokenizer.decode(future.result().sequences[0].tokens, skip_special_tokens=True).strip()
-
-
-def train_tenant(address: str, tenant: str, args, bar, losses: list[float], answers: dict) -> None:
-    """Pipelined SFT: all steps are submitted at once, then results are read in order.
-
-    The data does not depend on results, so nothing waits; each step's loss is the
-    loss before that step's update. Sampling clients before and after pin the adapter's
-    weights at those two points.
-    """
-    import tunemesh
-
-    with tunemesh.ServiceClient(address, api_key=KEYS[tenant]) as service:
-        client = service.create_lora_training_client(args.model, rank=args.rank, seed=7)
-        tokenizer = client.get_tokenizer()
-        question = demo_data.TENANTS[tenant][0][0]
-        before = ask(client.save_weights_and_get_sampling_client("before"), tokenizer, question, args.max_tokens)
-        pairs = [chat_datum(tokenizer, q, a) for q, a in demo_data.TENANTS[tenant]]
-        adam = tunemesh.AdamParams(learning_rate=args.lr)
-        steps = []
-        for step in range(args.steps):  # submit every step up front: the mesh keeps them in order
-            batch = [pairs[(step * args.batch + i) % len(pairs)] for i in range(args.batch)]
-            fb = client.forward_backward([d for d, _ in batch], "cross_entropy")
-            steps.append((fb, client.optim_step(adam), sum(n for _, n in batch)))
-        for fb, optim, num_targets in steps:
-            loss = fb.result().metrics["loss:sum"] / num_targets
-            optim.result()
-            losses.append(loss)
-            bar.set_postfix_str(f"loss/token {loss:.3f}")
-            bar.update(1)
-        after = ask(client.save_weights_and_get_sampling_client("after"), tokenizer, question, args.max_tokens)
-        answers[tenant] = (question, before(), after())
-
-
-def side_by_side(answers: dict, width: int = 38) -> str:
-    """Each tenant's question, then its answers before | after training in two columns."""
-    import textwrap
-
-    lines = []
-    for tenant, (question, before, after) in answers.items():
-        lines += ["", f"{tenant}: {question}", f"  {'before training':<{width}} | after training", f"  {'-' * width}-+-{'-' * width}"]
-        left, right = textwrap.wrap(before or "(empty)", width), textwrap.wrap(after or "(empty)", width)
+def report(summaries: dict[str, dict], width: int = 36) -> str:
+    lines = ["", f"{'tenant':<7}{'recipe':<8}{'held-out accuracy':<22}detail"]
+    for tenant, s in summaries.items():
+        detail = (f"NLL/token {s['eval_nll_before']:.3f} -> {s['eval_nll_after']:.3f}" if s["recipe"] == "sft"
+                  else f"sampled reward {s['train_reward_first'] or 0:.2f} -> {s['train_reward_last'] or 0:.2f}")
+        accuracy = f"{s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%}"
+        lines.append(f"{tenant:<7}{s['recipe']:<8}{accuracy:<22}{detail}")
+    for tenant, s in summaries.items():
+        example = s["example"]
+        lines += ["", f"{tenant}: {example['prompt']}   (expected: {example['answer']})",
+                  f"  {'before training':<{width}} | after training", f"  {'-' * width}-+-{'-' * width}"]
+        left = textwrap.wrap(example["before"] or "(empty)", width)
+        right = textwrap.wrap(example["after"] or "(empty)", width)
         for i in range(max(len(left), len(right))):
             lines.append(f"  {left[i] if i < len(left) else '':<{width}} | {right[i] if i < len(right) else ''}")
+    lines.append("")
+    for tenant, s in summaries.items():
+        plots = ", ".join(sorted(p.name for p in pathlib.Path(s["log_dir"]).glob("*.png")))
+        lines.append(f"{tenant}: metrics.jsonl and {plots} in {s['log_dir']}")
     return "\n".join(lines)
 
 
@@ -110,21 +75,28 @@ def materialize(model: str, data_dir: pathlib.Path) -> None:
                     "--data-dir", str(data_dir)], check=True, stdout=subprocess.DEVNULL)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=SMOLLM2, help="base model (default SmolLM2-135M-Instruct)")
-    parser.add_argument("--steps", type=int, default=12, help="optimizer steps per tenant")
-    parser.add_argument("--batch", type=int, default=4, help="datums per step per tenant")
-    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--max-tokens", type=int, default=40, help="tokens sampled per answer")
+def parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default=common.SMOLLM2, help="the shared base model")
+    parser.add_argument("--sft-steps", type=int, default=24, help="alice's SFT steps")
+    parser.add_argument("--rl-steps", type=int, default=12, help="bob's RL steps")
+    parser.add_argument("--rl-task", default="add", choices=("add", "number"),
+                        help="bob's task (number: learnable by the random tiny test model)")
+    parser.add_argument("--seed", type=int, default=0, help="data and LoRA seed of both tenants")
+    parser.add_argument("--out", type=pathlib.Path, default=None, help="metrics and plots (default runs/demo-<time>)")
     parser.add_argument("--state-dir", type=pathlib.Path, default=None, help="mesh state (default: a temp dir)")
-    args = parser.parse_args()
-    os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
+    return parser.parse_args()
 
-    from tqdm import tqdm
+
+def main() -> int:
+    args = parse()
+    os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
+    import tempfile
+
     from tunemesh_local import launcher
 
+    out = args.out or ROOT / "runs" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
     data_dir = launcher.default_data_dir()
     materialize(args.model, data_dir)
     state_dir = args.state_dir or pathlib.Path(tempfile.mkdtemp(prefix="tunemesh-demo-"))
@@ -132,24 +104,17 @@ def main() -> int:
     mesh = launcher.up(launcher.MeshConfig(state_dir=state_dir, models=(args.model,), data_dir=data_dir,
                                            ready_timeout=300, samplers=1))
     try:
-        print(f"scheduler at {mesh.scheduler_address}; alice and bob train concurrently:\n", flush=True)
-        losses, answers = {tenant: [] for tenant in KEYS}, {}
-        bars = {t: tqdm(total=args.steps, desc=f"{t:>5}", position=i, leave=True) for i, t in enumerate(KEYS)}
+        print(f"scheduler at {mesh.scheduler_address}; alice (SFT) and bob (RL) train concurrently:\n", flush=True)
         start = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(len(KEYS)) as pool:
-            futures = [pool.submit(train_tenant, mesh.scheduler_address, t, args, bars[t], losses[t], answers)
-                       for t in KEYS]
-            for future in futures:
-                future.result()
-        for bar in bars.values():
-            bar.close()
-        print(f"\n{args.steps} steps per tenant in {time.perf_counter() - start:.0f} s")
-        for tenant, series in losses.items():
-            print(f"  {tenant:>5}: loss/token {series[0]:.3f} -> {series[-1]:.3f}")
-        print(side_by_side({t: answers[t] for t in KEYS}))
-        fell = all(series[-1] < series[0] for series in losses.values())
-        print("both tenants' losses fell" if fell else "WARNING: a tenant's loss did not fall")
-        return 0 if fell else 1
+        with concurrent.futures.ThreadPoolExecutor(len(TENANTS)) as pool:
+            futures = {tenant: pool.submit(run_tenant, mesh.scheduler_address, tenant, recipe, r_args, position)
+                       for tenant, (recipe, r_args, position) in recipe_args(args, out).items()}
+            summaries = {tenant: future.result() for tenant, future in futures.items()}
+        print(f"\n\nboth tenants done in {time.perf_counter() - start:.0f} s")
+        print(report(summaries))
+        learned = summaries["alice"]["eval_nll_after"] < summaries["alice"]["eval_nll_before"]
+        print("alice's held-out NLL fell" if learned else "WARNING: alice's held-out NLL did not fall")
+        return 0 if learned else 1
     finally:
         print("stopping the mesh ...", flush=True)
         launcher.down(state_dir)
