@@ -72,7 +72,8 @@ class TokenPair:
 
     def data(self) -> list[tunemesh.Datum]:
         """The chosen and the rejected datum, in that order; weights mark the reply tokens."""
-        return [common.datum(self.prompt, self.chosen, weights=1.0), common.datum(self.prompt, self.rejected, weights=1.0)]
+        return [common.datum(self.prompt, self.chosen, weights=1.0),
+                common.datum(self.prompt, self.rejected, weights=1.0)]
 
 
 def make_pairs(count: int, rng: random.Random) -> list[Pair]:
@@ -186,7 +187,8 @@ def train(service: tunemesh.ServiceClient, args: argparse.Namespace, *, position
     training = service.create_lora_training_client(args.model, rank=args.rank, seed=args.seed)
     renderer = common.Renderer(training.get_tokenizer())
     reference = service.create_sampling_client(base_model=args.model)
-    train_pairs, eval_pairs = (tokenize(s, renderer, reference) for s in split(args.seed, args.train_size, args.eval_size))
+    train_pairs, eval_pairs = (tokenize(pairs, renderer, reference)
+                               for pairs in split(args.seed, args.train_size, args.eval_size))
     log = log or common.MetricsLog(common.log_dir(args, "dpo"))
     lr, bar = common.learning_rate(args), common.progress(args.steps, "dpo", position)
     before = evaluate(training, eval_pairs, args.beta)
@@ -223,7 +225,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     with common.service_client(args) as service:
         summary = train(service, args)
-    print(f"held-out preference accuracy: {summary['eval_accuracy_before']:.1%} -> {summary['eval_accuracy_after']:.1%}")
+    print(f"held-out preference accuracy: {summary['eval_accuracy_before']:.1%} -> "
+          f"{summary['eval_accuracy_after']:.1%}")
     print(f"held-out mean margin:         {summary['eval_margin_before']:+.3f} -> {summary['eval_margin_after']:+.3f}")
     print(f"held-out DPO loss:            {summary['eval_loss_before']:.3f} -> {summary['eval_loss_after']:.3f}")
     print(f"metrics and plots in {summary['log_dir']}")
