@@ -13,7 +13,9 @@ tunemesh://...`), which by default sees the same prompt as the student.
 
 Metric: per-token reverse KL(student || teacher) on held-out prompts (student samples
 scored by both), before, during (`--eval-every`) and after; plus the task's greedy
-exact-match accuracy on the same prompts.
+exact-match accuracy on the same prompts, next to the teacher's own (the student learns
+the teacher's behaviour, right or wrong: SmolLM2-135M with the few-shot context answers
+with a bare number, often not the sum).
 
     python -m cookbook.distill --help
     python -m cookbook.distill --steps 6
@@ -166,7 +168,9 @@ def train(service: tunemesh.ServiceClient, args: argparse.Namespace, *, position
     bar = common.progress(args.steps, "distill", position)
     sampler = run.training.save_weights_and_get_sampling_client()
     kl_before, accuracy_before, replies_before = run.evaluate(sampler)
-    run.log.write(0, eval_kl=kl_before, eval_accuracy=accuracy_before)
+    teacher_replies = tasks.greedy_replies(run.teacher, run.renderer, run.eval_set, args.max_tokens, run.context)
+    teacher_accuracy = tasks.accuracy(run.task, run.eval_set, teacher_replies)
+    run.log.write(0, eval_kl=kl_before, eval_accuracy=accuracy_before, teacher_accuracy=teacher_accuracy)
     bar.set_postfix(eval_kl=f"{kl_before:.3f}")
     for step in range(args.steps):
         batch = run.train_set[step * args.batch:(step + 1) * args.batch]
@@ -182,7 +186,8 @@ def train(service: tunemesh.ServiceClient, args: argparse.Namespace, *, position
     bar.set_postfix(eval_kl=f"{kl_after:.3f}")
     bar.close()
     summary = {"eval_kl_before": kl_before, "eval_kl_after": kl_after,
-               "eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after}
+               "eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
+               "teacher_accuracy": teacher_accuracy}
     return _finish(run, summary, replies_before, replies_after, time.monotonic() - started)
 
 
@@ -190,7 +195,7 @@ def _finish(run: _Run, summary: dict[str, Any], replies_before: list[str], repli
             seconds: float) -> dict[str, Any]:
     run.log.plot("loss", ["loss"], "distill: loss (per-token mean)")
     run.log.plot("kl", ["reverse_kl", "eval_kl"], "distill: per-token reverse KL(student || teacher)")
-    run.log.plot("accuracy", ["eval_accuracy"], "distill: held-out greedy accuracy")
+    run.log.plot("accuracy", ["eval_accuracy", "teacher_accuracy"], "distill: held-out greedy accuracy")
     example = run.eval_set[0]
     summary = {"recipe": "distill", "metric": "eval_kl", "teacher": run.args.teacher, **summary,
                "example": {"prompt": example.question, "answer": example.answer,
@@ -207,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     example = summary["example"]
     print(f"held-out reverse KL per token: {summary['eval_kl_before']:.3f} -> {summary['eval_kl_after']:.3f}")
     print(f"held-out greedy accuracy:      {summary['eval_accuracy_before']:.1%} -> "
-          f"{summary['eval_accuracy_after']:.1%}")
+          f"{summary['eval_accuracy_after']:.1%} (teacher, with its context: {summary['teacher_accuracy']:.1%})")
     print(f"{example['prompt']}\n  expected: {example['answer']}\n  before:   {example['before']!r}\n"
           f"  after:    {example['after']!r}")
     print(f"metrics and plots in {summary['log_dir']} ({summary['seconds']:.0f} s)")

@@ -129,9 +129,9 @@ def accuracy(task: Task, batch: Sequence[Problem], replies: Sequence[str]) -> fl
 
 
 def greedy_replies(sampler: tunemesh.SamplingClient, renderer: common.Renderer, batch: Sequence[Problem],
-                   max_tokens: int) -> list[str]:
-    """Each problem's greedy reply from `sampler` (all requests in flight at once)."""
+                   max_tokens: int, context: Sequence[dict[str, str]] = ()) -> list[str]:
+    """Each problem's greedy reply from `sampler`, after the `context` messages if any (all in flight at once)."""
     params = tunemesh.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=renderer.stop)
-    futures = [sampler.sample(tunemesh.ModelInput.from_ints(renderer.prompt(p.messages())), 1, params)
+    futures = [sampler.sample(tunemesh.ModelInput.from_ints(renderer.prompt([*context, *p.messages()])), 1, params)
                for p in batch]
     return [renderer.text(f.result().sequences[0].tokens) for f in futures]
