@@ -2,13 +2,14 @@
 
 A `LoraRouting` object, shared by every wrapped linear of one model, carries the current
 batch's row -> adapter plan; outside a batch the wrappers compute the base model alone.
+Fused 3-D MoE experts get per-expert LoRA the same way (see `MultiLoraExperts`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -16,19 +17,33 @@ from torch import nn
 
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # fused 3-D expert weights, (experts, out, in)
+ExpertGroups = list[tuple[str | None, int]]  # (adapter id or None, token count) of one expert's tokens
 
 
 @dataclasses.dataclass
 class LoraPair:
-    """One adapter's LoRA factors on one linear: delta(x) = scale * x @ A.T @ B.T."""
+    """One adapter's LoRA factors on one linear: delta(x) = scale * x @ A.T @ B.T.
 
-    a: nn.Parameter  # (rank, in_features)
-    b: nn.Parameter  # (out_features, rank)
+    On fused experts (`experts` > 1) the factors hold every expert's, in PEFT's layout for
+    `target_parameters`: A is (experts * rank, in) with expert e's rows at e*rank..(e+1)*rank,
+    B is (out, rank * experts) with expert e's columns at e, e+experts, e+2*experts, ...
+    """
+
+    a: nn.Parameter  # (rank [* experts], in_features)
+    b: nn.Parameter  # (out_features, rank [* experts])
     scale: float
+    experts: int = 1
 
     @property
     def rank(self) -> int:
-        return int(self.a.shape[0])
+        return int(self.a.shape[0]) // self.experts
+
+    def expert_factors(self, expert: int, detach: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert `expert`'s (A (rank, in), B (out, rank)), views of the fused factors."""
+        a, b = (self.a.detach(), self.b.detach()) if detach else (self.a, self.b)
+        rank = self.rank
+        return a[expert * rank : (expert + 1) * rank], b[:, expert :: self.experts]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +68,8 @@ class LoraRouting:
 
     def __init__(self) -> None:
         self.plan: RowPlan | None = None
+        # Called by every MoE experts layer with its (tokens, top_k) expert choices, if set.
+        self.on_route: Callable[[torch.Tensor, int], None] | None = None
 
     @contextlib.contextmanager
     def use(self, plan: RowPlan) -> Iterator[None]:
@@ -117,11 +134,118 @@ def install_wrappers(
     model: nn.Module, names: list[str], routing: LoraRouting
 ) -> dict[str, MultiLoraLinear]:
     """Replace each named linear by a MultiLoraLinear sharing `routing`."""
-    wrappers: dict[str, MultiLoraLinear] = {}
-    for name in names:
-        parent_name, _, leaf = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapper = MultiLoraLinear(getattr(parent, leaf), routing)
-        setattr(parent, leaf, wrapper)
-        wrappers[name] = wrapper
-    return wrappers
+    return {name: _replace(model, name, lambda base: MultiLoraLinear(base, routing)) for name in names}
+
+
+def _replace(model: nn.Module, name: str, wrap: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """Put `wrap(submodule)` in the submodule's place; return the wrapper."""
+    parent_name, _, leaf = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    wrapper = wrap(getattr(parent, leaf))
+    setattr(parent, leaf, wrapper)
+    return wrapper
+
+
+class MultiLoraExperts(nn.Module):
+    """Fused MoE experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)) plus per-adapter,
+    per-expert LoRA on both. Token choices (expert, adapter) are grouped so that each
+    group's LoRA is one matmul pair; without LoRA in the batch the base module runs as is."""
+
+    def __init__(self, base: nn.Module, routing: LoraRouting) -> None:
+        super().__init__()
+        self.base = base
+        self.routing = routing
+        self.num_experts = int(base.gate_up_proj.shape[0])
+        self.pairs: dict[str, dict[str, LoraPair]] = {p: {} for p in EXPERT_PARAMETERS}
+
+    def forward(self, hidden_nh: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.routing.on_route is not None:
+            self.routing.on_route(top_k_index, self.num_experts)
+        plan = self.routing.plan
+        adapters = [] if plan is None else sorted(
+            {aid for aid, _, _ in plan.segments if any(aid in pairs for pairs in self.pairs.values())})
+        if not adapters:
+            return self.base(hidden_nh, top_k_index, top_k_weights)
+        return self._grouped(plan, adapters, hidden_nh, top_k_index, top_k_weights)
+
+    def _grouped(self, plan: RowPlan, adapters: list[str], hidden_nh: torch.Tensor,
+                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Sort token choices by (expert, adapter); run each expert on its tokens, adding
+        each adapter's LoRA on its contiguous share. `hidden_nh` holds the plan's rows one
+        after another (the MoE block flattens (rows, seq))."""
+        num_tokens, top_k = top_k_index.shape
+        slots = len(adapters) + 1  # slot 0: rows whose adapter has no expert LoRA here
+        adapter_n = torch.zeros(num_tokens, dtype=torch.long, device=hidden_nh.device)
+        per_row = num_tokens // plan.num_rows
+        for aid, start, end in plan.segments:
+            if aid in adapters:
+                adapter_n[start * per_row : end * per_row] = adapters.index(aid) + 1
+        token_c = torch.arange(num_tokens, device=hidden_nh.device).repeat_interleave(top_k)
+        choice_c = top_k_index.reshape(-1)
+        key_c = choice_c * slots + adapter_n[token_c]
+        order = torch.argsort(key_c, stable=True)
+        sizes = torch.bincount(key_c, minlength=(self.num_experts + 1) * slots).tolist()
+        out_nh = torch.zeros_like(hidden_nh)
+        start = 0
+        for expert in range(self.num_experts):  # index num_experts (if any) marks a dropped choice
+            group_sizes = sizes[expert * slots : (expert + 1) * slots]
+            picked = order[start : start + sum(group_sizes)]
+            start += sum(group_sizes)
+            if len(picked):
+                groups = [(([None] + adapters)[s], n) for s, n in enumerate(group_sizes) if n]
+                tokens = token_c[picked]
+                weights = top_k_weights.reshape(-1)[picked]
+                y = self._expert(expert, plan, groups, hidden_nh[tokens]) * weights[:, None]
+                out_nh.index_add_(0, tokens, y.to(out_nh.dtype))
+        return out_nh
+
+    def _expert(self, expert: int, plan: RowPlan, groups: ExpertGroups, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self._project("gate_up_proj", expert, plan, groups, x)
+        return self._project("down_proj", expert, plan, groups, self._gate(gate_up))
+
+    def _gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        apply_gate = getattr(self.base, "_apply_gate", None)
+        if apply_gate is not None:
+            return apply_gate(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return self.base.act_fn(gate) * up
+
+    def _project(
+        self, param: str, expert: int, plan: RowPlan, groups: ExpertGroups, x: torch.Tensor
+    ) -> torch.Tensor:
+        """x @ W_e.T, plus scale * x @ A_e.T @ B_e.T on each adapter's share of the rows."""
+        out = F.linear(x, getattr(self.base, param)[expert])
+        pairs = self.pairs[param]
+        if not any(aid in pairs for aid, _ in groups):
+            return out
+        pieces, first = [], 0
+        for aid, count in groups:
+            piece, pair = out[first : first + count], pairs.get(aid)
+            if pair is not None:
+                a, b = pair.expert_factors(expert, detach=aid not in plan.trainable)
+                piece = piece + F.linear(F.linear(x[first : first + count], a), b) * pair.scale
+            pieces.append(piece)
+            first += count
+        return torch.cat(pieces)
+
+
+def expert_targets(model: nn.Module) -> list[str]:
+    """Names of the fused experts modules MultiLoraExperts supports: 3-D gate_up_proj and
+    down_proj, concatenated [gate; up], not transposed, no bias (Qwen3-MoE, Mixtral)."""
+    found = []
+    for name, module in model.named_modules():
+        weights = [getattr(module, p, None) for p in EXPERT_PARAMETERS]
+        if not all(isinstance(w, nn.Parameter) and w.ndim == 3 for w in weights):
+            continue
+        layout = (getattr(module, "has_gate", True), getattr(module, "has_bias", False),
+                  getattr(module, "is_transposed", False), getattr(module, "is_concatenated", True))
+        if layout == (True, False, False, True) and hasattr(module, "act_fn"):
+            found.append(name)
+    return found
+
+
+def install_expert_wrappers(
+    model: nn.Module, names: list[str], routing: LoraRouting
+) -> dict[str, MultiLoraExperts]:
+    """Replace each named experts module by a MultiLoraExperts sharing `routing`."""
+    return {name: _replace(model, name, lambda base: MultiLoraExperts(base, routing)) for name in names}
