@@ -5,6 +5,13 @@ This is the on-disk format of every checkpoint, so a download loads as is with
 `base_model.model.<module>.lora_A.weight` (A: rank x in, B: out x rank); inside tunemesh
 the same tensors are named `<module>.lora_A.weight`. Pure Python: the checkpoint service
 validates imports without torch.
+
+LoRA on fused MoE expert weights is PEFT's `target_parameters` (A: experts*rank x in,
+B: out x rank*experts). PEFT nests one wrapper per parameter on the experts module, in the
+module's parameter order, so with both targeted gate_up_proj's factors sit one `base_layer`
+deeper: tunemesh's `<experts>.gate_up_proj.lora_A.weight` is PEFT's
+`<experts>.base_layer.lora_A.weight`, and `<experts>.down_proj.lora_A.weight` is
+`<experts>.lora_A.weight`. tunemesh always targets both.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ TARGET_GROUPS = {
     "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp",
     "lm_head": "unembed",
 }
+# tunemesh's expert-weight module suffix -> PEFT's (see the module docstring).
+EXPERT_PEFT_MODULES = {".experts.gate_up_proj": ".experts.base_layer", ".experts.down_proj": ".experts"}
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 _MAX_HEADER_BYTES = 64 << 20
 
@@ -57,6 +66,10 @@ class TensorHeader:
 
 def peft_key(name: str) -> str:
     """`<module>.lora_A.weight` -> PEFT's key."""
+    for ours, peft in EXPERT_PEFT_MODULES.items():
+        if f"{ours}.lora_" in name:
+            name = name.replace(f"{ours}.lora_", f"{peft}.lora_")
+            break
     return PEFT_PREFIX + name
 
 
@@ -67,7 +80,11 @@ def internal_name(key: str) -> str:
             "BAD_ADAPTER_WEIGHTS",
             f"tensor {key[:200]!r} is not a LoRA factor `{PEFT_PREFIX}<module>.lora_A|lora_B.weight`",
         )
-    return key[len(PEFT_PREFIX):]
+    name = key[len(PEFT_PREFIX):]
+    for ours, peft in EXPERT_PEFT_MODULES.items():
+        if f"{peft}.lora_" in name:
+            return name.replace(f"{peft}.lora_", f"{ours}.lora_")
+    return name
 
 
 def internal_name_of_state(key: str) -> str:
@@ -84,8 +101,11 @@ def module_of(name: str) -> str:
 
 
 def build_config(base_model: str, rank: int, alpha: float, modules: list[str]) -> dict:
-    """A PEFT `adapter_config.json` for LoRA factors on `modules` (full module names)."""
-    return {
+    """A PEFT `adapter_config.json` for LoRA factors on `modules` (full module names;
+    `<experts>.gate_up_proj` / `.down_proj` become `target_parameters`)."""
+    experts = sorted({m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in modules if _is_expert(m)})
+    modules = [m for m in modules if not _is_expert(m)]
+    config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "base_model_name_or_path": base_model,
@@ -103,6 +123,13 @@ def build_config(base_model: str, rank: int, alpha: float, modules: list[str]) -
         "rank_pattern": {},
         "alpha_pattern": {},
     }
+    if experts:
+        config["target_parameters"] = experts
+    return config
+
+
+def _is_expert(module: str) -> bool:
+    return module.endswith(tuple(EXPERT_PEFT_MODULES))
 
 
 def parse_config(raw: bytes) -> AdapterConfig:
