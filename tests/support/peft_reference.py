@@ -47,3 +47,29 @@ def rel(a, b) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+
+def peft_expert_model(model_dir, spec: LoraSpec, targets: list[str], weights: dict[str, torch.Tensor]):
+    """Like `peft_model`, with targets `<experts>.gate_up_proj` / `<experts>.down_proj`
+    becoming PEFT `target_parameters` on the fused 3-D expert weights."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    experts = sorted({t.rsplit(".", 1)[-1] for t in targets if ".experts." in t})
+    modules = [t for t in targets if ".experts." not in t]
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    config = LoraConfig(r=spec.rank, lora_alpha=spec.alpha or spec.rank, lora_dropout=0.0,
+                        target_modules=modules or None,
+                        target_parameters=[f"experts.{p}" for p in experts] or None)
+    model = get_peft_model(base, config).eval()
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            peft_factor(model, name).copy_(tensor)
+    return model
+
+
+def peft_factor(model, name: str) -> torch.nn.Parameter:
+    """The PEFT parameter of a tunemesh LoRA tensor name (`<module>.lora_A.weight`)."""
+    from tunemesh_common.peft_format import PEFT_PREFIX, peft_key
+
+    module, _, rest = peft_key(name)[len(PEFT_PREFIX):].partition(".lora_")
+    return getattr(model.base_model.model.get_submodule(module), f"lora_{rest[0]}")["default"].weight

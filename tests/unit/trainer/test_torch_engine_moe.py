@@ -2,6 +2,7 @@
 
 PEFT redirects dense-MLP names to the fused experts on Qwen3-MoE, so it cannot serve as
 the reference for dense-MLP LoRA there; that path is the dense model's, tested elsewhere.
+Expert LoRA is tested in test_expert_lora_vs_peft.py.
 """
 
 from __future__ import annotations
@@ -9,9 +10,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from test_torch_engine_vs_peft import RTOL, _datum, _peft_item, _peft_model, _peft_named_params, _randomize_b, _rel
+from peft_reference import peft_model as _peft_model
+from peft_reference import peft_named_params as _peft_named_params
+from peft_reference import randomize_b as _randomize_b
+from peft_reference import rel as _rel
+from test_torch_engine_vs_peft import RTOL, _datum, _peft_item
 
-from tunemesh_common.errors import Unimplemented
 from tunemesh_trainer.domain import EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
 
@@ -21,11 +25,15 @@ def moe_engine(tiny_moe_dir):
     return build_torch_engine(tiny_moe_dir, "tiny-moe", "moe", max_lora_rank=16, max_seq_len=32)
 
 
-def test_moe_targets_skip_fused_experts(moe_engine):
+def test_moe_targets_skip_fused_experts_unless_asked(moe_engine):
     targets = moe_engine.target_modules(LoraSpec(train_attn=False, train_unembed=False))
     assert targets == ["model.layers.1.mlp.down_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"]
-    with pytest.raises(Unimplemented):
-        moe_engine.create_adapter("experts", LoraSpec(rank=4, train_experts=True))
+    spec = LoraSpec(rank=4, train_attn=False, train_mlp=False, train_unembed=False, train_experts=True)
+    assert moe_engine.target_modules(spec) == ["model.layers.0.mlp.experts.down_proj",
+                                               "model.layers.0.mlp.experts.gate_up_proj"]
+    # 4 experts x rank 4: gate_up (64 -> 64) and down (32 -> 64)
+    assert moe_engine.create_adapter("experts", spec) == 4 * 4 * (64 + 64) + 4 * 4 * (32 + 64)
+    moe_engine.delete_adapter("experts")
 
 
 def test_moe_fused_attention_lora_matches_peft(moe_engine, tiny_moe_dir):

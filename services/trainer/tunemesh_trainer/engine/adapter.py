@@ -24,17 +24,19 @@ def module_seed(seed: int, module_name: str) -> int:
 class AdapterSlot:
     """Weights, gradients and optimizer state of one adapter, in sorted module order."""
 
-    def __init__(self, spec: LoraSpec, shapes: dict[str, tuple[int, int]], device: torch.device):
+    def __init__(self, spec: LoraSpec, shapes: dict[str, tuple[int, ...]], device: torch.device):
+        """`shapes`: module -> (in, out) for a linear, (in, out, experts) for fused experts
+        (whose factors take PEFT's `target_parameters` layout, see LoraPair)."""
         self.spec = spec
         alpha = spec.alpha if spec.alpha else float(spec.rank)
         self.pairs: dict[str, LoraPair] = {}
         for name in sorted(shapes):
-            in_f, out_f = shapes[name]
-            a = torch.empty(spec.rank, in_f, device=device)
+            in_f, out_f, experts = (*shapes[name], 1)[:3]
+            a = torch.empty(spec.rank * experts, in_f, device=device)
             gen = torch.Generator(device=device).manual_seed(module_seed(spec.seed, name))
             nn.init.kaiming_uniform_(a, a=math.sqrt(5), generator=gen)
-            b = torch.zeros(out_f, spec.rank, device=device)
-            self.pairs[name] = LoraPair(nn.Parameter(a), nn.Parameter(b), alpha / spec.rank)
+            b = torch.zeros(out_f, spec.rank * experts, device=device)
+            self.pairs[name] = LoraPair(nn.Parameter(a), nn.Parameter(b), alpha / spec.rank, experts)
         self.params = [p for pair in self.pairs.values() for p in (pair.a, pair.b)]
         self.grads = [torch.zeros_like(p) for p in self.params]
         self.optimizer = AdapterOptimizer(self.params)

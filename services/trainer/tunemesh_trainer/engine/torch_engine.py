@@ -24,15 +24,25 @@ from tunemesh_trainer.domain import (
 )
 from tunemesh_trainer.engine.adapter import AdapterSlot
 from tunemesh_trainer.engine.batch import ChunkPart, pack_items, pack_targets, plan_chunks
+from tunemesh_trainer.engine.expert_usage import ExpertUsage
 from tunemesh_trainer.engine.losses import LOSSES, target_logprobs
-from tunemesh_common.multi_lora import LoraRouting, candidate_targets, install_wrappers
+from tunemesh_common.multi_lora import (
+    EXPERT_PARAMETERS,
+    LoraPair,
+    LoraRouting,
+    candidate_targets,
+    expert_targets,
+    install_expert_wrappers,
+    install_wrappers,
+)
 from tunemesh_trainer.engine.validation import validate_item
 
 logger = logging.getLogger(__name__)
 
 
 class TorchTrainingEngine:
-    """A frozen base model whose target linears carry many adapters' LoRA factors."""
+    """A frozen base model whose target linears (and fused MoE expert weights) carry many
+    adapters' LoRA factors. Routers stay frozen: they are never a LoRA target."""
 
     def __init__(
         self,
@@ -56,6 +66,8 @@ class TorchTrainingEngine:
         self._routing = LoraRouting()
         self._wrappers = install_wrappers(model, sorted(self._groups), self._routing)
         self._has_experts = any(p.ndim == 3 and ".experts." in n for n, p in model.named_parameters())
+        self._experts = install_expert_wrappers(model, expert_targets(model), self._routing)
+        self._groups.update({f"{m}.{p}": "experts" for m in self._experts for p in EXPERT_PARAMETERS})
         self._slots: dict[str, AdapterSlot] = {}
         self.info = ModelInfo(
             name=name,
@@ -64,7 +76,8 @@ class TorchTrainingEngine:
             max_seq_len=max_seq_len,
             max_lora_rank=max_lora_rank,
         )
-        logger.info("loaded %s (%s) with %d LoRA target linears", name, family, len(self._groups))
+        logger.info("loaded %s (%s) with %d LoRA target linears and %d MoE experts layers",
+                    name, family, len(self._wrappers), len(self._experts))
 
     # adapters -----------------------------------------------------------------
 
@@ -77,28 +90,44 @@ class TorchTrainingEngine:
             raise InvalidArgument("BAD_LORA_RANK", f"rank must lie in [1, {self.info.max_lora_rank}]")
         if not math.isfinite(spec.alpha) or spec.alpha < 0:
             raise InvalidArgument("BAD_LORA_ALPHA", "alpha must be finite and >= 0")
-        if spec.train_experts and self._has_experts:
-            raise Unimplemented("EXPERT_LORA_UNSUPPORTED", "LoRA on MoE experts is not supported yet")
+        if spec.train_experts and self._has_experts and not self._experts:
+            raise Unimplemented("EXPERT_LORA_UNSUPPORTED", "LoRA on this model's expert layout is not supported")
         targets = self.target_modules(spec)
         if not targets:
             raise InvalidArgument("NO_TARGET_MODULES", "the spec selects no module of this model")
-        bases = {n: self._wrappers[n].base for n in targets}
-        shapes = {n: (base.in_features, base.out_features) for n, base in bases.items()}
-        slot = AdapterSlot(spec, shapes, self._device)
+        slot = AdapterSlot(spec, {n: self._target_shape(n) for n in targets}, self._device)
         for module_name, pair in slot.pairs.items():
-            self._wrappers[module_name].pairs[adapter_id] = pair
+            self._pair_table(module_name)[adapter_id] = pair
         self._slots[adapter_id] = slot
         return slot.num_params
 
     def target_modules(self, spec: LoraSpec) -> list[str]:
-        """Names of the linears an adapter with `spec` gets LoRA on (sorted)."""
-        wanted = {"attn": spec.train_attn, "mlp": spec.train_mlp, "unembed": spec.train_unembed}
+        """Names of the linears (and `<experts>.gate_up_proj` / `.down_proj` expert weights)
+        an adapter with `spec` gets LoRA on (sorted)."""
+        wanted = {"attn": spec.train_attn, "mlp": spec.train_mlp, "unembed": spec.train_unembed,
+                  "experts": spec.train_experts}
         return sorted(n for n, group in self._groups.items() if wanted[group])
+
+    def _target_shape(self, name: str) -> tuple[int, ...]:
+        """(in, out) of a target linear; (in, out, experts) of a fused expert weight."""
+        if name in self._wrappers:
+            base = self._wrappers[name].base
+            return base.in_features, base.out_features
+        module, _, param = name.rpartition(".")
+        experts, out_f, in_f = getattr(self._experts[module].base, param).shape
+        return in_f, out_f, experts
+
+    def _pair_table(self, name: str) -> dict[str, LoraPair]:
+        """The adapter id -> LoRA factors table of a target (linear or expert weight)."""
+        if name in self._wrappers:
+            return self._wrappers[name].pairs
+        module, _, param = name.rpartition(".")
+        return self._experts[module].pairs[param]
 
     def delete_adapter(self, adapter_id: str) -> None:
         slot = self._slot(adapter_id)
         for module_name in slot.pairs:
-            del self._wrappers[module_name].pairs[adapter_id]
+            del self._pair_table(module_name)[adapter_id]
         del self._slots[adapter_id]
 
     def adapter_ids(self) -> list[str]:
@@ -169,15 +198,19 @@ class TorchTrainingEngine:
             slot.drop_fresh_grads()
         for outcome in (o for _, o in runnable):
             outcome.metrics = {"loss:sum": 0.0, "num_tokens:sum": 0.0}
+        usage = ExpertUsage()
         for chunk in plan_chunks([item for item, _ in runnable], self._max_batch_tokens):
-            self._run_chunk(chunk, [runnable[part.index][1] for part in chunk])
+            self._run_chunk(chunk, [runnable[part.index][1] for part in chunk], usage)
+        for index, (_, outcome) in enumerate(runnable):
+            outcome.metrics.update(usage.metrics(index))
         self._settle_gradients(runnable, slots)
 
-    def _run_chunk(self, parts: list[ChunkPart], outcomes: list[ItemOutcome]) -> None:
+    def _run_chunk(self, parts: list[ChunkPart], outcomes: list[ItemOutcome], usage: ExpertUsage) -> None:
         items = [part.item for part in parts]
         packed = pack_items(items, self._device)
         train = any(item.kind is ItemKind.FORWARD_BACKWARD for item in items)
-        with torch.set_grad_enabled(train), self._routing.use(packed.plan):
+        listening = usage.listen(self._routing, [int(d.tokens.shape[0]) for i in items for d in i.data])
+        with torch.set_grad_enabled(train), self._routing.use(packed.plan), listening:
             logits_btv = self._model(
                 input_ids=packed.tokens_bt, position_ids=packed.positions_bt, use_cache=False
             ).logits
@@ -186,6 +219,8 @@ class TorchTrainingEngine:
             del logits_btv
             losses = [self._score(item, outcome, logprobs_btk, row)
                       for item, outcome, row in zip(items, outcomes, packed.first_rows)]
+        for part, row in zip(parts, packed.first_rows):
+            usage.absorb(part.index, row, len(part.item.data))
         trained = [loss for item, loss in zip(items, losses)
                    if item.kind is ItemKind.FORWARD_BACKWARD and loss is not None]
         if trained:
