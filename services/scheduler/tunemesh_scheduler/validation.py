@@ -14,7 +14,7 @@ import numpy as np
 
 from tunemesh.v1 import sessions_pb2, types_pb2
 from tunemesh_common import checkpoint_paths, loss_specs, tensors
-from tunemesh_common.errors import FailedPrecondition, InvalidArgument, Unimplemented
+from tunemesh_common.errors import FailedPrecondition, InvalidArgument
 
 MAX_TARGETS_PER_POSITION = 128  # K of (N, K) targets, e.g. top-k distillation
 
@@ -137,10 +137,10 @@ def check_lora(config: types_pb2.LoraConfig, model: sessions_pb2.SupportedModel)
         )
     if not math.isfinite(config.alpha) or config.alpha < 0:
         raise InvalidArgument("BAD_LORA_ALPHA", "LoRA alpha must be finite and >= 0")
-    if not (config.train_attn or config.train_mlp or config.train_unembed):
-        raise InvalidArgument("NO_LORA_TARGETS", "enable at least one of train_attn, train_mlp, train_unembed")
-    if config.train_experts and model.family == "moe":
-        raise Unimplemented("EXPERT_LORA_UNAVAILABLE", "LoRA on MoE experts (train_experts) is not available yet")
+    experts = config.train_experts and model.family == "moe"
+    if not (config.train_attn or config.train_mlp or config.train_unembed or experts):
+        raise InvalidArgument("NO_LORA_TARGETS", "enable at least one of train_attn, train_mlp, train_unembed"
+                              + (", train_experts" if model.family == "moe" else ""))
 
 
 def normalized_lora(config: types_pb2.LoraConfig, model: sessions_pb2.SupportedModel) -> types_pb2.LoraConfig:

@@ -282,9 +282,9 @@ def test_no_lora_targets():
     rejected(validation.check_lora, config, DENSE, reason="NO_LORA_TARGETS")
 
 
-def test_train_experts_on_moe_is_unimplemented_but_ignored_on_dense():
-    rejected(validation.check_lora, lora(train_experts=True), MOE, reason="EXPERT_LORA_UNAVAILABLE",
-             code=Code.UNIMPLEMENTED)
+def test_train_experts_is_a_target_on_moe_and_ignored_on_dense():
+    validation.check_lora(lora(train_experts=True), MOE)
+    validation.check_lora(types_pb2.LoraConfig(rank=8, train_experts=True), MOE)  # experts alone
     validation.check_lora(lora(train_experts=True), DENSE)
     validation.check_lora(lora(), MOE)
 
