@@ -58,6 +58,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--loss", default="importance_sampling", choices=LOSSES, help="policy-gradient loss")
     p.add_argument("--eval-size", type=int, default=16, help="held-out prompts")
     p.add_argument("--eval-every", type=int, default=0, help="held-out KL every this many steps (0: before/after)")
+    # Half the SFT helper's rate: on SmolLM2 at 1e-3 the student overshoots into bare wrong numbers
+    # (held-out KL 0.79 -> 0.37, accuracy 25% -> 0%); at 5e-4 KL 0.79 -> 0.20, accuracy = the teacher's.
+    p.set_defaults(lr=5e-4)
     return p
 
 
