@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import os
 import pathlib
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -50,7 +52,8 @@ def report(summaries: dict[str, dict], width: int = 36) -> str:
     lines = ["", f"{'tenant':<7}{'recipe':<8}{'held-out accuracy':<22}detail"]
     for tenant, s in summaries.items():
         detail = (f"NLL/token {s['eval_nll_before']:.3f} -> {s['eval_nll_after']:.3f}" if s["recipe"] == "sft"
-                  else f"sampled reward {s['train_reward_first'] or 0:.2f} -> {s['train_reward_last'] or 0:.2f}")
+                  else "sampled reward, first -> last third of the steps: {:.2f} -> {:.2f}".format(
+                      *reward_trend(pathlib.Path(s["log_dir"]))))
         accuracy = f"{s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%}"
         lines.append(f"{tenant:<7}{s['recipe']:<8}{accuracy:<22}{detail}")
     for tenant, s in summaries.items():
@@ -66,6 +69,14 @@ def report(summaries: dict[str, dict], width: int = 36) -> str:
         plots = ", ".join(sorted(p.name for p in pathlib.Path(s["log_dir"]).glob("*.png")))
         lines.append(f"{tenant}: metrics.jsonl and {plots} in {s['log_dir']}")
     return "\n".join(lines)
+
+
+def reward_trend(log_dir: pathlib.Path) -> tuple[float, float]:
+    """Mean sampled reward over the first and the last third of the RL steps (one step is noisy)."""
+    rows = [json.loads(line) for line in (log_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rewards = [r["reward"] for r in rows if r.get("reward") is not None]
+    third = max(1, len(rewards) // 3)
+    return (statistics.fmean(rewards[:third]), statistics.fmean(rewards[-third:])) if rewards else (0.0, 0.0)
 
 
 def materialize(model: str, data_dir: pathlib.Path) -> None:
