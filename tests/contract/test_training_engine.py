@@ -2,6 +2,8 @@
 
 Every engine must pass this suite: adapter lifecycle errors, per-item failures, forward
 purity, gradient accumulation, and isolation of one item's non-finite loss or gradient.
+"deepspeed" is a ZeRO-3 group of 2 CPU ranks (this process is rank 0); it is skipped when
+deepspeed is not installed, and its every digest is checked equal on both ranks.
 """
 
 from __future__ import annotations
@@ -38,13 +40,30 @@ def model_dir(tmp_path_factory) -> pathlib.Path:
 
 
 FACTORIES = {
-    "torch": lambda d: build_torch_engine(d, "tiny", "dense", max_lora_rank=16, max_seq_len=48, num_threads=2),
+    "torch": lambda d, _: build_torch_engine(d, "tiny", "dense", max_lora_rank=16, max_seq_len=48, num_threads=2),
+    "deepspeed": lambda d, group: group.build(
+        model_dir=d, name="tiny", family="dense", max_lora_rank=16, max_seq_len=48, num_threads=1
+    ),
 }
+
+
+@pytest.fixture(scope="module")
+def rank_group():
+    """Two ranks: this process and one worker subprocess."""
+    import torch
+
+    pytest.importorskip("deepspeed")
+    from tunemesh_trainer.engine.rank_group import shared_local_group
+
+    threads = torch.get_num_threads()
+    yield shared_local_group(2, threads=1, timeout_s=120)  # one per process, closed at exit
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(params=sorted(FACTORIES))
 def make_engine(request, model_dir):
-    return lambda: FACTORIES[request.param](model_dir)
+    group = request.getfixturevalue("rank_group") if request.param == "deepspeed" else None
+    return lambda: FACTORIES[request.param](model_dir, group)
 
 
 def _datum(seed: int, n: int, weight: float | None = None) -> DatumArrays:

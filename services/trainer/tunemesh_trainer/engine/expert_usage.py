@@ -44,6 +44,19 @@ class ExpertUsage:
         previous = self._counts.get(item_index)
         self._counts[item_index] = counts_le if previous is None else previous + counts_le
 
+    @property
+    def counts(self) -> dict[int, torch.Tensor]:
+        """Item index -> (layers, experts) token counts so far."""
+        return dict(self._counts)
+
+    def combine(self, counts: list[dict[int, torch.Tensor]]) -> None:
+        """Replace the counts by the sum of several (e.g. every rank's share of the batch)."""
+        total: dict[int, torch.Tensor] = {}
+        for share in counts:
+            for index, counts_le in share.items():
+                total[index] = counts_le if index not in total else total[index] + counts_le
+        self._counts = total
+
     def metrics(self, item_index: int) -> dict[str, float]:
         """`e_frac_with_tokens:mean` (share of (layer, expert) pairs given any token) and
         `e_tokens_per_expert:{mean,min,max}` over (layer, expert) pairs; {} without MoE layers."""

@@ -24,12 +24,14 @@ from tunemesh_trainer.domain import (
 )
 from tunemesh_trainer.engine.adapter import AdapterSlot
 from tunemesh_trainer.engine.batch import ChunkPart, pack_items, pack_targets, plan_chunks
+from tunemesh_trainer.engine.data_parallel import DataParallel
 from tunemesh_trainer.engine.expert_usage import ExpertUsage
 from tunemesh_trainer.engine.losses import LOSSES, target_logprobs
 from tunemesh_common.multi_lora import (
     EXPERT_PARAMETERS,
     LoraPair,
     LoraRouting,
+    RowPlan,
     candidate_targets,
     expert_targets,
     install_expert_wrappers,
@@ -54,14 +56,20 @@ class TorchTrainingEngine:
         num_threads: int | None = None,
         device: str = "cpu",
         max_batch_tokens: int = 8192,
+        data_parallel: DataParallel | None = None,
     ) -> None:
+        """With `data_parallel` over W > 1 ranks, every rank runs its share of each batch's
+        rows and the ranks join gradients and outcomes (see data_parallel.py)."""
         self._max_batch_tokens = max_batch_tokens  # padded tokens per chunk of a fused pass
+        self._parallel = data_parallel or DataParallel()
         if num_threads:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         model.requires_grad_(False)
         self._model = model.eval().to(self._device)
+        if self._parallel.world > 1:  # every rank's backward then walks every layer (see _run_chunk)
+            model.enable_input_require_grads()
         self._groups = candidate_targets(model)
         self._routing = LoraRouting()
         self._wrappers = install_wrappers(model, sorted(self._groups), self._routing)
@@ -78,6 +86,17 @@ class TorchTrainingEngine:
         )
         logger.info("loaded %s (%s) with %d LoRA target linears and %d MoE experts layers",
                     name, family, len(self._wrappers), len(self._experts))
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The base model with the LoRA wrappers installed (for partitioning it)."""
+        return self._model
+
+    def expert_block_types(self) -> list[type]:
+        """Classes of the modules holding a wrapped experts module (MoE blocks): their
+        parameters must be gathered as one unit under ZeRO-3."""
+        return sorted({type(self._model.get_submodule(n.rpartition(".")[0])) for n in self._experts},
+                      key=lambda cls: cls.__qualname__)
 
     # adapters -----------------------------------------------------------------
 
@@ -114,7 +133,8 @@ class TorchTrainingEngine:
             base = self._wrappers[name].base
             return base.in_features, base.out_features
         module, _, param = name.rpartition(".")
-        experts, out_f, in_f = getattr(self._experts[module].base, param).shape
+        weight = getattr(self._experts[module].base, param)
+        experts, out_f, in_f = getattr(weight, "ds_shape", weight.shape)  # full shape under ZeRO-3
         return in_f, out_f, experts
 
     def _pair_table(self, name: str) -> dict[str, LoraPair]:
@@ -181,6 +201,8 @@ class TorchTrainingEngine:
         try:
             self._fused(runnable)
         except Exception:
+            if self._parallel.world > 1:  # the other ranks are inside collectives: no retry alone
+                raise
             logger.exception("fused pass over %d items failed; running them one by one", len(runnable))
             for item, outcome in runnable:
                 self._slots[item.adapter_id].drop_fresh_grads()
@@ -199,16 +221,28 @@ class TorchTrainingEngine:
         for outcome in (o for _, o in runnable):
             outcome.metrics = {"loss:sum": 0.0, "num_tokens:sum": 0.0}
         usage = ExpertUsage()
-        for chunk in plan_chunks([item for item, _ in runnable], self._max_batch_tokens):
-            self._run_chunk(chunk, [runnable[part.index][1] for part in chunk], usage)
+        trained = sorted({item.adapter_id for item, _ in runnable if item.kind is ItemKind.FORWARD_BACKWARD})
+        walk_all = self._parallel.world > 1 and bool(trained)
+        chunks = plan_chunks(self._parallel.local_items([item for item, _ in runnable]), self._max_batch_tokens)
+        passes = self._parallel.pass_count(len(chunks))  # before any pass: a collective
+        for chunk in chunks:
+            self._run_chunk(chunk, [runnable[part.index][1] for part in chunk], usage, walk_all)
+        for _ in range(passes - len(chunks)):
+            self._idle_pass(walk_all)
+        self._parallel.reduce_gradients([slots[adapter_id] for adapter_id in trained])
+        self._parallel.merge_outcomes([outcome for _, outcome in runnable], usage)
         for index, (_, outcome) in enumerate(runnable):
             outcome.metrics.update(usage.metrics(index))
         self._settle_gradients(runnable, slots)
 
-    def _run_chunk(self, parts: list[ChunkPart], outcomes: list[ItemOutcome], usage: ExpertUsage) -> None:
+    def _run_chunk(
+        self, parts: list[ChunkPart], outcomes: list[ItemOutcome], usage: ExpertUsage, walk_all: bool
+    ) -> None:
+        """Forward (and backward) one chunk. `walk_all`: run a backward through every layer
+        even without a trainable row here, as the other ranks of the group do."""
         items = [part.item for part in parts]
         packed = pack_items(items, self._device)
-        train = any(item.kind is ItemKind.FORWARD_BACKWARD for item in items)
+        train = walk_all or any(item.kind is ItemKind.FORWARD_BACKWARD for item in items)
         listening = usage.listen(self._routing, [int(d.tokens.shape[0]) for i in items for d in i.data])
         with torch.set_grad_enabled(train), self._routing.use(packed.plan), listening:
             logits_btv = self._model(
@@ -225,6 +259,17 @@ class TorchTrainingEngine:
                    if item.kind is ItemKind.FORWARD_BACKWARD and loss is not None]
         if trained:
             sum(trained).backward()
+        elif walk_all:
+            (logprobs_btk.sum() * 0.0).backward()
+
+    def _idle_pass(self, walk_all: bool) -> None:
+        """A forward (and backward) over one pad token without LoRA: keeps a rank with no
+        rows left in step with the others' ZeRO-3 parameter gathers."""
+        tokens_bt = torch.zeros((1, 1), dtype=torch.long, device=self._device)
+        with torch.set_grad_enabled(walk_all), self._routing.use(RowPlan(segments=(), trainable=frozenset())):
+            logits_btv = self._model(input_ids=tokens_bt, position_ids=tokens_bt, use_cache=False).logits
+        if walk_all:
+            (logits_btv.sum() * 0.0).backward()
 
     def _score(
         self, item: EngineItem, outcome: ItemOutcome, logprobs_btk: torch.Tensor, first_row: int

@@ -1,0 +1,275 @@
+"""A trainer as a process group of W ranks: rank 0 drives its engine calls, the others follow.
+
+Rank 0 broadcasts every engine call (engine key, method name, pickled arguments) over a
+gloo control group; every rank runs it on its own DeepSpeedTrainingEngine; rank 0 then
+gathers a fingerprint of each rank's result (its error, digests, item failures, metrics)
+and refuses to go on if the ranks disagree. Workers run `serve_rank` until told to close.
+
+Ranks come from torchrun / the deepspeed launcher (RANK, WORLD_SIZE, MASTER_ADDR,
+MASTER_PORT in the environment) or from `start_local_workers` (`--ranks W`).
+`python -m tunemesh_trainer.engine.rank_group` is a worker.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import datetime
+import itertools
+import logging
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from tunemesh_common.errors import Internal
+from tunemesh_trainer.domain import AdamSpec, AdapterState, EngineItem, ItemOutcome, LoraSpec
+
+logger = logging.getLogger(__name__)
+_CLOSE, _BUILD, _DROP = "__close__", "__build__", "__drop__"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def launched_rank() -> int | None:
+    """This process's rank when a launcher (torchrun, deepspeed) started it, else None."""
+    rank = os.environ.get("RANK")
+    return int(rank) if rank is not None and "WORLD_SIZE" in os.environ else None
+
+
+def rank_env(rank: int, world: int, port: int, threads: int = 0) -> dict[str, str]:
+    """Environment of rank `rank` of a local group on 127.0.0.1:`port` (CPU: gloo)."""
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def start_local_workers(world: int, port: int, threads: int = 0) -> list[subprocess.Popen]:
+    """Start ranks 1..world-1 on this host as `python -m tunemesh_trainer.engine.rank_group`."""
+    return [
+        subprocess.Popen([sys.executable, "-m", "tunemesh_trainer.engine.rank_group"],
+                         env={**os.environ, **rank_env(rank, world, port, threads)})
+        for rank in range(1, world)
+    ]
+
+
+def join_group(timeout_s: float = 600.0) -> Any:
+    """Join the process group described by the environment; return the gloo control group.
+
+    `timeout_s` bounds every collective: a rank that died stops the others after it."""
+    import deepspeed
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
+    control = dist.new_group(backend="gloo", timeout=timeout)
+    logger.info("joined rank %d of %d", dist.get_rank(), dist.get_world_size())
+    return control
+
+
+@contextlib.contextmanager
+def local_group(world: int, threads: int = 0, timeout_s: float = 600.0) -> Iterator[RankGroup]:
+    """A group of `world` ranks on this host with this process as rank 0 (workers are
+    subprocesses), closed on exit. A process can form one group only: see shared_local_group."""
+    saved = dict(os.environ)
+    group, workers = _form(world, threads, timeout_s)
+    try:
+        yield group
+    finally:
+        group.close()
+        for worker in workers:
+            _stop(worker)
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+_SHARED: dict[int, RankGroup] = {}
+
+
+def shared_local_group(world: int, threads: int = 0, timeout_s: float = 600.0) -> RankGroup:
+    """This process's one local group of `world` ranks, formed on first use, closed at exit
+    (a second group formed in the same process after closing one hangs in DeepSpeed)."""
+    if world not in _SHARED:
+        if _SHARED:
+            raise Internal("GROUP_EXISTS", f"this process already leads a group of {next(iter(_SHARED))} ranks")
+        group, workers = _form(world, threads, timeout_s)
+        _SHARED[world] = group
+
+        def close() -> None:
+            group.close()
+            for worker in workers:
+                _stop(worker)
+
+        atexit.register(close)
+    return _SHARED[world]
+
+
+def _form(world: int, threads: int, timeout_s: float) -> tuple[RankGroup, list[subprocess.Popen]]:
+    """Start the workers and join as rank 0. The rank's environment (RANK, MASTER_PORT, ...)
+    stays set while the group lives: the collectives need it."""
+    port = free_port()
+    workers = start_local_workers(world, port, threads)
+    os.environ.update(rank_env(0, world, port))
+    try:
+        return RankGroup(join_group(timeout_s)), workers
+    except BaseException:
+        for worker in workers:
+            worker.kill()
+        raise
+
+
+def _stop(worker: subprocess.Popen) -> None:
+    try:
+        worker.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        worker.kill()
+        worker.wait()
+
+
+class RankGroup:
+    """Rank 0's handle on the group: builds engines on every rank and forwards calls."""
+
+    def __init__(self, control: Any) -> None:
+        import torch.distributed as dist
+
+        self._dist = dist
+        self._control = control
+        self._engines: dict[int, Any] = {}
+        self._keys = itertools.count()
+        self._diverged = ""
+
+    @property
+    def world(self) -> int:
+        return self._dist.get_world_size()
+
+    def build(self, **kwargs: Any) -> GroupEngine:
+        """A DeepSpeedTrainingEngine(**kwargs) on every rank, driven through the returned engine."""
+        key = next(self._keys)
+        self.call(key, _BUILD, (kwargs,))
+        return GroupEngine(self, key, self._engines[key].info)
+
+    def call(self, key: int, method: str, args: tuple) -> Any:
+        """Run `method(*args)` on engine `key` of every rank; rank 0's result or error."""
+        if self._diverged:
+            raise Internal("RANKS_DIVERGED", self._diverged)
+        self._dist.broadcast_object_list([(key, method, args)], src=0, group=self._control)
+        result, error = apply_call(self._engines, key, method, args)
+        prints: list = [None] * self.world
+        self._dist.gather_object(fingerprint(method, result, error), prints, dst=0, group=self._control)
+        if any(p != prints[0] for p in prints[1:]):
+            self._diverged = f"ranks disagree after {method}: {prints}"
+            logger.error("%s", self._diverged)
+            raise Internal("RANKS_DIVERGED", self._diverged)
+        if error is not None:
+            raise error
+        return result
+
+    def close(self) -> None:
+        """Release the workers (they leave `serve_rank`) and the process group."""
+        self._dist.broadcast_object_list([(None, _CLOSE, ())], src=0, group=self._control)
+        self._engines.clear()
+        self._dist.destroy_process_group()
+
+
+def serve_rank(control: Any) -> None:
+    """A worker's loop: run each call rank 0 broadcasts, report its fingerprint, until close."""
+    import torch.distributed as dist
+
+    engines: dict[int, Any] = {}
+    while True:
+        message: list = [None]
+        dist.broadcast_object_list(message, src=0, group=control)
+        key, method, args = message[0]
+        if method == _CLOSE:
+            break
+        result, error = apply_call(engines, key, method, args)
+        if error is not None and not hasattr(error, "reason"):
+            logger.error("rank %d: %s failed: %r", dist.get_rank(), method, error)
+        dist.gather_object(fingerprint(method, result, error), None, dst=0, group=control)
+    dist.destroy_process_group()
+
+
+def apply_call(engines: dict[int, Any], key: int, method: str, args: tuple) -> tuple[Any, Exception | None]:
+    """Run one call on this rank: (result, None) or (None, the exception)."""
+    from tunemesh_trainer.engine.deepspeed_engine import DeepSpeedTrainingEngine
+
+    try:
+        if method == _BUILD:
+            engines[key] = DeepSpeedTrainingEngine(**args[0])
+            return None, None
+        if method == _DROP:
+            engines.pop(key, None)
+            return None, None
+        return getattr(engines[key], method)(*args), None
+    except Exception as err:  # reported to rank 0, which raises its own
+        return None, err
+
+
+def fingerprint(method: str, result: Any, error: Exception | None) -> Any:
+    """What every rank must agree on after a call (small: no tensors, no outputs)."""
+    if error is not None:
+        return ("error", type(error).__name__, getattr(error, "reason", ""))
+    if method == "run_batch":
+        return [(o.item_id, o.failure and o.failure.reason, sorted(o.metrics.items())) for o in result]
+    if method == "export_adapter":
+        return None
+    return result
+
+
+class GroupEngine:
+    """The TrainingEngine rank 0 serves: each call runs on every rank's engine."""
+
+    def __init__(self, group: RankGroup, key: int, info: Any) -> None:
+        self._group = group
+        self._key = key
+        self.info = info
+
+    def _call(self, method: str, *args: Any) -> Any:
+        return self._group.call(self._key, method, args)
+
+    def create_adapter(self, adapter_id: str, spec: LoraSpec) -> int:
+        return self._call("create_adapter", adapter_id, spec)
+
+    def delete_adapter(self, adapter_id: str) -> None:
+        self._call("delete_adapter", adapter_id)
+
+    def adapter_ids(self) -> list[str]:
+        return self._call("adapter_ids")
+
+    def run_batch(self, items: Sequence[EngineItem]) -> list[ItemOutcome]:
+        return self._call("run_batch", list(items))
+
+    def optim_step(self, adapter_id: str, adam: AdamSpec) -> dict[str, float]:
+        return self._call("optim_step", adapter_id, adam)
+
+    def export_adapter(self, adapter_id: str, with_optimizer: bool) -> AdapterState:
+        return self._call("export_adapter", adapter_id, with_optimizer)
+
+    def import_adapter(self, adapter_id: str, state: AdapterState) -> int:
+        return self._call("import_adapter", adapter_id, state)
+
+    def adapter_digest(self, adapter_id: str) -> str:
+        """The digest, checked equal on every rank (weights, AdamW state, gradients)."""
+        return self._call("adapter_digest", adapter_id)
+
+    def close(self) -> None:
+        """Drop this engine on every rank."""
+        self._call(_DROP)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    serve_rank(join_group())
+
+
+if __name__ == "__main__":
+    main()
