@@ -1,4 +1,9 @@
-"""`python -m tunemesh_trainer`: load a base model, serve TrainerService, register in etcd."""
+"""`python -m tunemesh_trainer`: load a base model, serve TrainerService, register in etcd.
+
+With `--ranks W` (W > 1) this process is rank 0 of a DeepSpeed group and starts ranks
+1..W-1 on this host; under torchrun or the deepspeed launcher (RANK in the environment)
+rank 0 serves and every other rank follows its engine calls.
+"""
 
 from __future__ import annotations
 
@@ -12,27 +17,31 @@ from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.models import ModelRegistry, tokenizer_files
 from tunemesh_trainer import settings as settings_mod
 from tunemesh_trainer.core import TrainerCore
+from tunemesh_trainer.engine import rank_group
 from tunemesh_trainer.server import TrainerServicer
 
 log = logging.getLogger("tunemesh_trainer")
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
-def build_core(s: settings_mod.TrainerSettings) -> tuple[TrainerCore, dict[str, bytes]]:
-    """Materialise the model (cached), load it into the torch engine."""
+def build_core(
+    s: settings_mod.TrainerSettings, group: rank_group.RankGroup | None = None
+) -> tuple[TrainerCore, dict[str, bytes]]:
+    """Materialise the model (cached), load it into the torch engine, or into a DeepSpeed
+    engine on every rank of `group`."""
     from tunemesh_trainer.engine import build_torch_engine
 
     registry = ModelRegistry.default(s.data_dir, config_file=s.models_file)
     entry = registry.entry(s.model)
     path = registry.materialize(s.model)
-    engine = build_torch_engine(
-        path, name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
-        max_seq_len=entry.max_seq_len, num_threads=s.num_threads or None, max_batch_tokens=s.max_batch_tokens,
-    )
+    kwargs = dict(name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
+                  max_seq_len=entry.max_seq_len, num_threads=s.num_threads or None,
+                  max_batch_tokens=s.max_batch_tokens)
+    engine = build_torch_engine(path, **kwargs) if group is None else group.build(model_dir=path, **kwargs)
     return TrainerCore(engine, s.max_adapters), tokenizer_files(path)
 
 
-async def serve(s: settings_mod.TrainerSettings) -> None:
+async def serve(s: settings_mod.TrainerSettings, group: rank_group.RankGroup | None = None) -> None:
     server, health = rpc.build_server()
     port = server.add_insecure_port(s.listen)
     address = f"{s.advertise_host}:{port}"
@@ -42,7 +51,7 @@ async def serve(s: settings_mod.TrainerSettings) -> None:
     rpc.enable_reflection(server, [SERVICE_NAME])
     await server.start()  # health answers NOT_SERVING while the model loads
     log.info("trainer %s loading %s", s.node_id, s.model)
-    core, tokenizer = await asyncio.to_thread(build_core, s)
+    core, tokenizer = await asyncio.to_thread(build_core, s, group)
     servicer.attach(core, tokenizer)
     await rpc.mark_serving(health, [SERVICE_NAME])
     registration = refresher = None
@@ -68,7 +77,20 @@ async def serve(s: settings_mod.TrainerSettings) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     rpc.configure_logging()
-    asyncio.run(serve(settings_mod.load(argv)))
+    s = settings_mod.load(argv)
+    launched = rank_group.launched_rank()
+    if launched:  # a follower rank started by torchrun / deepspeed
+        rank_group.serve_rank(rank_group.join_group())
+        return
+    if launched == 0:
+        group = rank_group.RankGroup(rank_group.join_group())
+    elif s.ranks > 1:
+        group = rank_group.shared_local_group(s.ranks, threads=s.num_threads)  # closed at exit
+    else:
+        group = None
+    asyncio.run(serve(s, group))
+    if launched == 0:
+        group.close()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ class TrainerSettings:
     lease_ttl_s: int = 5  # etcd lease time-to-live
     advertise_host: str = "127.0.0.1"  # host others use to reach this node
     checkpoint: str = ""  # host:port of the checkpoint service; empty: saves and loads fail
+    ranks: int = 1  # > 1: a DeepSpeed ZeRO-3 group of this many local ranks (this process is rank 0)
 
 
 def load(argv: list[str] | None = None) -> TrainerSettings:
