@@ -20,6 +20,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     up = commands.add_parser("up", help="start etcd, trainers and a scheduler in the background")
     up.add_argument("--trainers", type=int, default=1, help="trainer processes (default 1)")
+    up.add_argument("--trainer-ranks", type=int, default=1,
+                    help="ranks per trainer: > 1 makes each a DeepSpeed ZeRO-3 group (needs deepspeed; default 1)")
     up.add_argument("--models", nargs="+", default=[], metavar="NAME",
                     help="base models, assigned to trainers round-robin (default: the trainer's default)")
     up.add_argument("--api-keys-file", type=Path, help="JSON api_key -> tenant (default: demo keys)")
@@ -61,7 +63,8 @@ def main(argv: list[str] | None = None, services: ServiceFactory = launcher.defa
 def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> int:
     config = MeshConfig(state_dir=state_dir, trainers=args.trainers, models=tuple(args.models),
                         api_keys_file=args.api_keys_file, ready_timeout=args.timeout, data_dir=args.data_dir,
-                        checkpoint_dir=args.checkpoint_dir, samplers=args.samplers, sampler_engine=args.sampler_engine)
+                        checkpoint_dir=args.checkpoint_dir, samplers=args.samplers, sampler_engine=args.sampler_engine,
+                        trainer_ranks=args.trainer_ranks)
     print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and a "
           f"scheduler (state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)

@@ -53,6 +53,7 @@ class MeshConfig:
     checkpoint_dir: Path | None = None  # checkpoint store root; None: <state_dir>/checkpoints
     samplers: int = 1  # sampler processes (models assigned round-robin like trainers)
     sampler_engine: str = "auto"  # "auto", "vllm" or "torch"
+    trainer_ranks: int = 1  # > 1: each trainer is a DeepSpeed ZeRO-3 group of this many local ranks
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -90,7 +91,9 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
         if config.models:
             argv += ["--model", config.models[index % len(config.models)]]
         if "TUNEMESH_TRAINER_NUM_THREADS" not in os.environ:
-            argv += ["--num-threads", str(local_trainer_threads(config.trainers))]
+            argv += ["--num-threads", str(local_trainer_threads(config.trainers * config.trainer_ranks))]
+        if config.trainer_ranks > 1:
+            argv += ["--ranks", str(config.trainer_ranks)]
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
     specs += sampler_services(config, etcd_endpoint, checkpoint)
     argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint, "--listen", "127.0.0.1:0",
@@ -149,6 +152,8 @@ def live_processes(mesh: MeshState) -> list[ProcessRecord]:
 
 
 def _check_config(config: MeshConfig) -> None:
+    if config.trainer_ranks < 1:
+        raise InvalidArgument("BAD_TRAINER_RANKS", f"--trainer-ranks must be >= 1, got {config.trainer_ranks}")
     if config.trainers < 1:
         raise InvalidArgument("BAD_TRAINERS", f"--trainers must be >= 1, got {config.trainers}")
     if config.samplers < 0:
