@@ -12,12 +12,17 @@ from pathlib import Path
 from tunemesh_common.errors import Unavailable
 
 LOOPBACK = "127.0.0.1,localhost"
+# Set by torchrun / a rank group for its own ranks. A mesh service that inherited them
+# would take itself for a rank of that group: trainers get their ranks from --ranks.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
+                  "MASTER_ADDR", "MASTER_PORT")
 LOG_TAIL_LINES = 30
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment, with loopback exempt from any HTTP proxy (it would capture gRPC)."""
-    env = dict(os.environ)
+    """This environment, with loopback exempt from any HTTP proxy (it would capture gRPC)
+    and without a process group's rank variables."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith("TORCHELASTIC_")}
     for name in ("no_proxy", "NO_PROXY"):
         env[name] = ",".join(filter(None, [env.get(name, ""), LOOPBACK]))
     env["PYTHONUNBUFFERED"] = "1"

@@ -133,6 +133,15 @@ def test_child_env_exempts_loopback_from_proxies(monkeypatch: pytest.MonkeyPatch
     assert out.strip() == "corp.example,127.0.0.1,localhost"
 
 
+def test_child_env_drops_an_enclosing_process_groups_rank_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "MASTER_PORT": "41045", "MASTER_ADDR": "127.0.0.1",
+                        "LOCAL_RANK": "0", "TORCHELASTIC_RUN_ID": "x", "TUNEMESH_KEEP": "1"}.items():
+        monkeypatch.setenv(name, value)
+    env = processes.child_env()
+    assert not {"RANK", "WORLD_SIZE", "MASTER_PORT", "MASTER_ADDR", "LOCAL_RANK", "TORCHELASTIC_RUN_ID"} & set(env)
+    assert env["TUNEMESH_KEEP"] == "1"
+
+
 def test_local_trainer_threads_split_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TUNEMESH_TRAINER_NUM_THREADS", raising=False)
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 8)
