@@ -208,6 +208,12 @@ def progress(total: int, desc: str, position: int = 0):
     return tqdm(total=total, desc=desc, position=position, leave=True, dynamic_ncols=True)
 
 
+def example_text(example: Mapping[str, str]) -> str:
+    """A held-out prompt with its expected answer and the replies before and after training."""
+    return (f"{example['prompt']}\n  expected: {example['answer']}\n  before:   {example['before']!r}\n"
+            f"  after:    {example['after']!r}")
+
+
 def write_summary(directory: pathlib.Path, summary: Mapping[str, Any]) -> pathlib.Path:
     path = pathlib.Path(directory) / "summary.json"
     path.write_text(json.dumps(dict(summary), indent=2) + "\n")

@@ -216,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"held-out reverse KL per token: {summary['eval_kl_before']:.3f} -> {summary['eval_kl_after']:.3f}")
     print(f"held-out greedy accuracy:      {summary['eval_accuracy_before']:.1%} -> "
           f"{summary['eval_accuracy_after']:.1%} (teacher, with its context: {summary['teacher_accuracy']:.1%})")
-    print(f"{example['prompt']}\n  expected: {example['answer']}\n  before:   {example['before']!r}\n"
-          f"  after:    {example['after']!r}")
+    print(common.example_text(example))
     print(f"metrics and plots in {summary['log_dir']} ({summary['seconds']:.0f} s)")
     return 0
 

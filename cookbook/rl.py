@@ -234,8 +234,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = train(service, args)
     example = summary["example"]
     print(f"held-out greedy accuracy: {summary['eval_accuracy_before']:.1%} -> {summary['eval_accuracy_after']:.1%}")
-    print(f"{example['prompt']}\n  expected: {example['answer']}\n  before:   {example['before']!r}\n"
-          f"  after:    {example['after']!r}")
+    print(common.example_text(example))
     print(f"metrics and plots in {summary['log_dir']} ({summary['seconds']:.0f} s)")
     return 0
 

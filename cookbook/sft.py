@@ -198,8 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     example = summary["example"]
     print(f"held-out NLL per token: {summary['eval_nll_before']:.3f} -> {summary['eval_nll_after']:.3f}")
     print(f"held-out exact match:   {summary['eval_accuracy_before']:.1%} -> {summary['eval_accuracy_after']:.1%}")
-    print(f"{example['prompt']}\n  expected: {example['answer']}\n  before:   {example['before']!r}\n"
-          f"  after:    {example['after']!r}")
+    print(common.example_text(example))
     print(f"metrics and plots in {summary['log_dir']}")
     return 0
 
