@@ -14,9 +14,11 @@ export TOKENIZERS_PARALLELISM := false
 
 all: install
 
-system:  ## Debian packages: etcd (server + client)
+system:  ## Debian packages: etcd (server + client), prometheus (+ promtool; its service is not started)
 	@command -v etcd >/dev/null && command -v etcdctl >/dev/null || \
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server etcd-client >/dev/null; }
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 $(VENV)/.deps: requirements.txt requirements-dev.txt requirements-vllm.txt requirements-deepspeed.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
