@@ -18,7 +18,8 @@ from torch import nn
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # fused 3-D expert weights, (experts, out, in)
-ExpertGroups = list[tuple[str | None, int]]  # (adapter id or None, token count) of one expert's tokens
+AdapterSlotKey = tuple[str | None, bool]  # (adapter id or None, whether its LoRA trains)
+ExpertGroups = list[tuple[AdapterSlotKey, int]]  # (slot, token count) of one expert's tokens
 
 
 @dataclasses.dataclass
@@ -149,59 +150,70 @@ def _replace(model: nn.Module, name: str, wrap: Callable[[nn.Module], nn.Module]
 class MultiLoraExperts(nn.Module):
     """Fused MoE experts (gate_up_proj (E, 2I, H), down_proj (E, H, I)) plus per-adapter,
     per-expert LoRA on both. Token choices (expert, adapter) are grouped so that each
-    group's LoRA is one matmul pair; without LoRA in the batch the base module runs as is."""
+    group's LoRA is one matmul pair; without LoRA in the batch the base module runs as is.
+
+    With an `exchange` (expert parallelism) this module holds only the base weights of
+    `local_experts`, and the exchange runs every forward across the ranks that share them.
+    """
 
     def __init__(self, base: nn.Module, routing: LoraRouting) -> None:
         super().__init__()
         self.base = base
         self.routing = routing
         self.num_experts = int(base.gate_up_proj.shape[0])
+        self.local_experts = range(self.num_experts)  # experts whose base weights `base` holds
+        self.exchange: Callable[..., torch.Tensor] | None = None
         self.pairs: dict[str, dict[str, LoraPair]] = {p: {} for p in EXPERT_PARAMETERS}
 
     def forward(self, hidden_nh: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.routing.on_route is not None:
             self.routing.on_route(top_k_index, self.num_experts)
         plan = self.routing.plan
+        if self.exchange is not None:
+            return self.exchange(self, plan, hidden_nh, top_k_index, top_k_weights)
         adapters = [] if plan is None else sorted(
             {aid for aid, _, _ in plan.segments if any(aid in pairs for pairs in self.pairs.values())})
         if not adapters:
             return self.base(hidden_nh, top_k_index, top_k_weights)
-        return self._grouped(plan, adapters, hidden_nh, top_k_index, top_k_weights)
+        slots = [(None, False)] + [(aid, aid in plan.trainable) for aid in adapters]
+        token_slot = token_adapter_slots(plan, {aid: i + 1 for i, aid in enumerate(adapters)}, len(hidden_nh),
+                                         hidden_nh.device)
+        return self.grouped(hidden_nh, top_k_index, top_k_weights, token_slot, slots)
 
-    def _grouped(self, plan: RowPlan, adapters: list[str], hidden_nh: torch.Tensor,
-                 top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
-        """Sort token choices by (expert, adapter); run each expert on its tokens, adding
-        each adapter's LoRA on its contiguous share. `hidden_nh` holds the plan's rows one
-        after another (the MoE block flattens (rows, seq))."""
+    def adapter_ids(self) -> list[str]:
+        """Adapters with LoRA on these experts (sorted)."""
+        return sorted({aid for pairs in self.pairs.values() for aid in pairs})
+
+    def grouped(self, hidden_nh: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                token_slot: torch.Tensor, slots: list[AdapterSlotKey], out_nh: torch.Tensor | None = None) -> torch.Tensor:
+        """Sort token choices by (expert, slot); run each local expert on its tokens, adding
+        each slot's adapter LoRA (detached unless the slot trains) on its contiguous share.
+        `token_slot` gives each token's index into `slots`; the result is added to `out_nh`
+        (default zeros)."""
         num_tokens, top_k = top_k_index.shape
-        slots = len(adapters) + 1  # slot 0: rows whose adapter has no expert LoRA here
-        adapter_n = torch.zeros(num_tokens, dtype=torch.long, device=hidden_nh.device)
-        per_row = num_tokens // plan.num_rows
-        for aid, start, end in plan.segments:
-            if aid in adapters:
-                adapter_n[start * per_row : end * per_row] = adapters.index(aid) + 1
         token_c = torch.arange(num_tokens, device=hidden_nh.device).repeat_interleave(top_k)
         choice_c = top_k_index.reshape(-1)
-        key_c = choice_c * slots + adapter_n[token_c]
+        key_c = choice_c * len(slots) + token_slot[token_c]
         order = torch.argsort(key_c, stable=True)
-        sizes = torch.bincount(key_c, minlength=(self.num_experts + 1) * slots).tolist()
-        out_nh = torch.zeros_like(hidden_nh)
-        start = 0
-        for expert in range(self.num_experts):  # index num_experts (if any) marks a dropped choice
-            group_sizes = sizes[expert * slots : (expert + 1) * slots]
-            picked = order[start : start + sum(group_sizes)]
-            start += sum(group_sizes)
+        sizes = torch.bincount(key_c, minlength=(self.num_experts + 1) * len(slots)).tolist()
+        out_nh = torch.zeros_like(hidden_nh) if out_nh is None else out_nh
+        bounds = [0]
+        for group_sizes in (sizes[e * len(slots) : (e + 1) * len(slots)] for e in range(self.num_experts)):
+            bounds.append(bounds[-1] + sum(group_sizes))
+        for expert in self.local_experts:  # index num_experts (if any) marks a dropped choice
+            picked = order[bounds[expert] : bounds[expert + 1]]
             if len(picked):
-                groups = [(([None] + adapters)[s], n) for s, n in enumerate(group_sizes) if n]
+                group_sizes = sizes[expert * len(slots) : (expert + 1) * len(slots)]
+                groups = [(slots[s], n) for s, n in enumerate(group_sizes) if n]
                 tokens = token_c[picked]
                 weights = top_k_weights.reshape(-1)[picked]
-                y = self._expert(expert, plan, groups, hidden_nh[tokens]) * weights[:, None]
+                y = self._expert(expert, groups, hidden_nh[tokens]) * weights[:, None]
                 out_nh.index_add_(0, tokens, y.to(out_nh.dtype))
         return out_nh
 
-    def _expert(self, expert: int, plan: RowPlan, groups: ExpertGroups, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self._project("gate_up_proj", expert, plan, groups, x)
-        return self._project("down_proj", expert, plan, groups, self._gate(gate_up))
+    def _expert(self, expert: int, groups: ExpertGroups, x: torch.Tensor) -> torch.Tensor:
+        gate_up = self._project("gate_up_proj", expert, groups, x)
+        return self._project("down_proj", expert, groups, self._gate(gate_up))
 
     def _gate(self, gate_up: torch.Tensor) -> torch.Tensor:
         apply_gate = getattr(self.base, "_apply_gate", None)
@@ -210,23 +222,37 @@ class MultiLoraExperts(nn.Module):
         gate, up = gate_up.chunk(2, dim=-1)
         return self.base.act_fn(gate) * up
 
-    def _project(
-        self, param: str, expert: int, plan: RowPlan, groups: ExpertGroups, x: torch.Tensor
-    ) -> torch.Tensor:
+    def _project(self, param: str, expert: int, groups: ExpertGroups, x: torch.Tensor) -> torch.Tensor:
         """x @ W_e.T, plus scale * x @ A_e.T @ B_e.T on each adapter's share of the rows."""
-        out = F.linear(x, getattr(self.base, param)[expert])
+        out = F.linear(x, getattr(self.base, param)[expert - self.local_experts.start])
         pairs = self.pairs[param]
-        if not any(aid in pairs for aid, _ in groups):
+        if not any(aid in pairs for (aid, _), _ in groups):
             return out
         pieces, first = [], 0
-        for aid, count in groups:
+        for (aid, trains), count in groups:
             piece, pair = out[first : first + count], pairs.get(aid)
             if pair is not None:
-                a, b = pair.expert_factors(expert, detach=aid not in plan.trainable)
+                a, b = pair.expert_factors(expert, detach=not trains)
                 piece = piece + F.linear(F.linear(x[first : first + count], a), b) * pair.scale
             pieces.append(piece)
             first += count
         return torch.cat(pieces)
+
+
+def token_adapter_slots(plan: RowPlan | None, slot_of: dict[str, int], num_tokens: int,
+                        device: torch.device, trainable_offset: bool = False) -> torch.Tensor:
+    """Each token's slot: `slot_of[adapter]` for tokens of rows whose adapter is listed
+    (plus 1 if `trainable_offset` and the adapter trains in `plan`), else 0. The tokens
+    are the plan's rows one after another (the MoE block flattens (rows, seq))."""
+    token_slot = torch.zeros(num_tokens, dtype=torch.long, device=device)
+    if plan is None or not plan.num_rows:
+        return token_slot
+    per_row = num_tokens // plan.num_rows
+    for aid, start, end in plan.segments:
+        if aid in slot_of:
+            extra = int(trainable_offset and aid in plan.trainable)
+            token_slot[start * per_row : end * per_row] = slot_of[aid] + extra
+    return token_slot
 
 
 def expert_targets(model: nn.Module) -> list[str]:

@@ -3,7 +3,8 @@
 Losses, logprobs, expert-usage metrics, LoRA gradients (read as AdamW's exp_avg after a
 step with beta1 = 0, which is exactly the gradient), and the weights after the step, on
 tiny dense and tiny MoE (with expert LoRA), with rows split unevenly across the ranks, an
-item spanning both, and a batch whose one row leaves a rank idle.
+item spanning both, and a batch whose one row leaves a rank idle. On tiny MoE also with
+expert parallelism over both ranks (each holds 2 of the 4 experts of every layer).
 """
 
 from __future__ import annotations
@@ -55,10 +56,10 @@ def _batches(seed: int) -> list[list[EngineItem]]:
     return [mixed, lonely]
 
 
-def _engines(group, model_dir, family: str):
+def _engines(group, model_dir, family: str, expert_parallel: int = 1):
     kwargs = dict(name="tiny", family=family, max_lora_rank=16, max_seq_len=48, max_batch_tokens=64)
     torch_engine = build_torch_engine(model_dir, num_threads=1, **kwargs)
-    ds_engine = group.build(model_dir=model_dir, num_threads=1, **kwargs)
+    ds_engine = group.build(model_dir=model_dir, num_threads=1, expert_parallel=expert_parallel, **kwargs)
     for engine in (torch_engine, ds_engine):
         for adapter_id, spec in SPECS.items():
             engine.create_adapter(adapter_id, spec)
@@ -76,10 +77,11 @@ def _assert_outcomes_close(got, want) -> None:
             np.testing.assert_allclose(go["logprobs"], wo["logprobs"], rtol=RTOL, atol=ATOL)
 
 
-@pytest.mark.parametrize("family", ["dense", "moe"])
-def test_two_ranks_match_one_process(rank_group, tiny_dense_dir, tiny_moe_dir, family):
+@pytest.mark.parametrize(("family", "expert_parallel"), [("dense", 1), ("moe", 1), ("moe", 2)],
+                         ids=["dense", "moe", "moe-ep2"])
+def test_two_ranks_match_one_process(rank_group, tiny_dense_dir, tiny_moe_dir, family, expert_parallel):
     model_dir = tiny_dense_dir if family == "dense" else tiny_moe_dir
-    torch_engine, ds_engine = _engines(rank_group, model_dir, family)
+    torch_engine, ds_engine = _engines(rank_group, model_dir, family, expert_parallel)
     for batch in _batches(seed=7):
         want = torch_engine.run_batch(batch)
         _assert_outcomes_close(ds_engine.run_batch(batch), want)

@@ -7,6 +7,10 @@ rows of a fused batch are split across ranks and the LoRA gradients summed (see
 data_parallel.py), so every rank applies identical optimizer steps. MoE blocks are ZeRO-3
 leaf modules: their parameters are gathered as one unit, which lets the experts wrapper
 index the fused expert weights directly. No DeepSpeed optimizer is built.
+
+With `expert_parallel` = P > 1 the ranks also form groups of P that split every MoE
+layer's experts (expert_parallel.py): each rank keeps E / P experts' base weights, outside
+ZeRO, and runs them for the tokens of its whole group.
 """
 
 from __future__ import annotations
@@ -59,6 +63,7 @@ class DeepSpeedTrainingEngine:
         num_threads: int | None = None,
         max_batch_tokens: int = 8192,
         zero_stage: int = 3,
+        expert_parallel: int = 1,
     ) -> None:
         import deepspeed
         import torch.distributed as dist
@@ -69,14 +74,24 @@ class DeepSpeedTrainingEngine:
             model_dir, name, family, max_lora_rank, max_seq_len, num_threads=num_threads,
             device="cpu", max_batch_tokens=max_batch_tokens, data_parallel=parallel,
         )
+        experts_per_rank = self._shard_experts(parallel, expert_parallel)
         _align_parameter_ids()
         leaves = self._local.expert_block_types()
         if zero_stage == 3 and leaves:
             set_z3_leaf_modules(self._local.model, leaves)
         self._zero, *_ = deepspeed.initialize(model=self._local.model, config=zero_config(zero_stage))
         self.info = self._local.info
-        logger.info("rank %d/%d: %s partitioned with ZeRO-%d (%d MoE leaf classes)",
-                    parallel.rank, parallel.world, name, zero_stage, len(leaves))
+        logger.info("rank %d/%d: %s partitioned with ZeRO-%d (%d MoE leaf classes, %s experts per layer here)",
+                    parallel.rank, parallel.world, name, zero_stage, len(leaves), experts_per_rank or "all")
+
+    def _shard_experts(self, parallel: DataParallel, size: int) -> int:
+        """Split the MoE layers' experts over expert-parallel groups of `size` ranks; 0 if not."""
+        from tunemesh_trainer.engine import expert_parallel
+
+        group = expert_parallel.form_groups(parallel.world, parallel.rank, size)
+        if size == 1 or not self._local.expert_layers:
+            return 0
+        return expert_parallel.shard_experts(self._local.expert_layers, group)
 
     def create_adapter(self, adapter_id: str, spec: LoraSpec) -> int:
         return self._local.create_adapter(adapter_id, spec)

@@ -31,6 +31,7 @@ from tunemesh_common.multi_lora import (
     EXPERT_PARAMETERS,
     LoraPair,
     LoraRouting,
+    MultiLoraExperts,
     RowPlan,
     candidate_targets,
     expert_targets,
@@ -92,6 +93,11 @@ class TorchTrainingEngine:
         """The base model with the LoRA wrappers installed (for partitioning it)."""
         return self._model
 
+    @property
+    def expert_layers(self) -> dict[str, MultiLoraExperts]:
+        """The wrapped fused-experts modules by name (for sharding them across ranks)."""
+        return self._experts
+
     def expert_block_types(self) -> list[type]:
         """Classes of the modules holding a wrapped experts module (MoE blocks): their
         parameters must be gathered as one unit under ZeRO-3."""
@@ -133,9 +139,10 @@ class TorchTrainingEngine:
             base = self._wrappers[name].base
             return base.in_features, base.out_features
         module, _, param = name.rpartition(".")
-        weight = getattr(self._experts[module].base, param)
-        experts, out_f, in_f = getattr(weight, "ds_shape", weight.shape)  # full shape under ZeRO-3
-        return in_f, out_f, experts
+        layer = self._experts[module]
+        weight = getattr(layer.base, param)
+        _, out_f, in_f = getattr(weight, "ds_shape", weight.shape)  # full shape under ZeRO-3
+        return in_f, out_f, layer.num_experts  # all experts, also where this rank holds a share
 
     def _pair_table(self, name: str) -> dict[str, LoraPair]:
         """The adapter id -> LoRA factors table of a target (linear or expert weight)."""
