@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--trainers", type=int, default=1, help="trainer processes (default 1)")
     up.add_argument("--trainer-ranks", type=int, default=1,
                     help="ranks per trainer: > 1 makes each a DeepSpeed ZeRO-3 group (needs deepspeed; default 1)")
+    up.add_argument("--trainer-expert-parallel", type=int, default=1, metavar="P",
+                    help="MoE models: each trainer's ranks split every layer's experts in groups of P "
+                         "(divides --trainer-ranks; default 1: every rank holds all experts)")
     up.add_argument("--models", nargs="+", default=[], metavar="NAME",
                     help="base models, assigned to trainers round-robin (default: the trainer's default)")
     up.add_argument("--api-keys-file", type=Path, help="JSON api_key -> tenant (default: demo keys)")
@@ -64,7 +67,7 @@ def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> 
     config = MeshConfig(state_dir=state_dir, trainers=args.trainers, models=tuple(args.models),
                         api_keys_file=args.api_keys_file, ready_timeout=args.timeout, data_dir=args.data_dir,
                         checkpoint_dir=args.checkpoint_dir, samplers=args.samplers, sampler_engine=args.sampler_engine,
-                        trainer_ranks=args.trainer_ranks)
+                        trainer_ranks=args.trainer_ranks, trainer_expert_parallel=args.trainer_expert_parallel)
     print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and a "
           f"scheduler (state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)

@@ -54,6 +54,7 @@ class MeshConfig:
     samplers: int = 1  # sampler processes (models assigned round-robin like trainers)
     sampler_engine: str = "auto"  # "auto", "vllm" or "torch"
     trainer_ranks: int = 1  # > 1: each trainer is a DeepSpeed ZeRO-3 group of this many local ranks
+    trainer_expert_parallel: int = 1  # > 1: its ranks split each MoE layer's experts in groups of this many
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -94,6 +95,8 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
             argv += ["--num-threads", str(local_trainer_threads(config.trainers * config.trainer_ranks))]
         if config.trainer_ranks > 1:
             argv += ["--ranks", str(config.trainer_ranks)]
+        if config.trainer_expert_parallel > 1:
+            argv += ["--expert-parallel", str(config.trainer_expert_parallel)]
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
     specs += sampler_services(config, etcd_endpoint, checkpoint)
     argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint, "--listen", "127.0.0.1:0",
@@ -154,6 +157,9 @@ def live_processes(mesh: MeshState) -> list[ProcessRecord]:
 def _check_config(config: MeshConfig) -> None:
     if config.trainer_ranks < 1:
         raise InvalidArgument("BAD_TRAINER_RANKS", f"--trainer-ranks must be >= 1, got {config.trainer_ranks}")
+    if config.trainer_expert_parallel < 1 or config.trainer_ranks % config.trainer_expert_parallel:
+        raise InvalidArgument("BAD_EXPERT_PARALLEL", f"--trainer-expert-parallel {config.trainer_expert_parallel} "
+                                                     f"must divide --trainer-ranks {config.trainer_ranks}")
     if config.trainers < 1:
         raise InvalidArgument("BAD_TRAINERS", f"--trainers must be >= 1, got {config.trainers}")
     if config.samplers < 0:

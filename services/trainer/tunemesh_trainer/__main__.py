@@ -37,7 +37,10 @@ def build_core(
     kwargs = dict(name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
                   max_seq_len=entry.max_seq_len, num_threads=s.num_threads or None,
                   max_batch_tokens=s.max_batch_tokens)
-    engine = build_torch_engine(path, **kwargs) if group is None else group.build(model_dir=path, **kwargs)
+    if group is None:
+        engine = build_torch_engine(path, **kwargs)
+    else:
+        engine = group.build(model_dir=path, expert_parallel=s.expert_parallel, **kwargs)
     return TrainerCore(engine, s.max_adapters), tokenizer_files(path)
 
 
@@ -79,6 +82,9 @@ def main(argv: list[str] | None = None) -> None:
     rpc.configure_logging()
     s = settings_mod.load(argv)
     launched = rank_group.launched_rank()
+    world = int(os.environ["WORLD_SIZE"]) if launched is not None else s.ranks
+    if s.expert_parallel < 1 or world % s.expert_parallel:
+        raise SystemExit(f"tunemesh_trainer: --expert-parallel {s.expert_parallel} must divide the {world} rank(s) of this trainer (--ranks)")
     if launched:  # a follower rank started by torchrun / deepspeed
         rank_group.serve_rank(rank_group.join_group())
         return

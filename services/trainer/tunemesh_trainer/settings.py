@@ -24,6 +24,7 @@ class TrainerSettings:
     advertise_host: str = "127.0.0.1"  # host others use to reach this node
     checkpoint: str = ""  # host:port of the checkpoint service; empty: saves and loads fail
     ranks: int = 1  # > 1: a DeepSpeed ZeRO-3 group of this many local ranks (this process is rank 0)
+    expert_parallel: int = 1  # > 1: groups of this many ranks split each MoE layer's experts (divides ranks)
 
 
 def load(argv: list[str] | None = None) -> TrainerSettings:
