@@ -294,3 +294,28 @@ def test_cli_prints_a_manifest_stream(capsys):
     assert out.count("# Source: tunemesh/templates/") == len(docs)
     assert all(d["metadata"]["name"].startswith("prod-") for d in docs)
     assert chart.main([str(CHART)]) == 1  # no API keys
+
+
+def test_metrics_disabled_turns_off_listeners_scrapes_and_their_policy():
+    docs = render_variant("default", ["metrics.enabled=false"])
+    assert not [d for d in docs if d["metadata"]["name"] in ("tm-prometheus", "tm-metrics")]
+    for name, workload in workloads(docs).items():
+        assert "prometheus.io/scrape" not in workload["spec"]["template"]["metadata"].get("annotations", {}), name
+        if name in MESH:
+            assert flags(workload["spec"]["template"]["spec"]["containers"][0])["metrics-listen"] == "", name
+
+
+def test_extra_models_reach_trainer_and_sampler_through_the_models_file():
+    docs = render_variant("gpu", ["trainer.expertParallel=2"])
+    listed = json.loads(one(docs, "ConfigMap", "tm-models")["data"]["models.json"])
+    assert listed == yaml.safe_load(open(CHART / "values-gpu.yaml"))["models"]["extra"]
+    for name in ("trainer", "sampler"):
+        spec = workloads(docs)[name]["spec"]["template"]["spec"]
+        [container] = spec["containers"]
+        mount_dir = flags(container)["models-file"].rpartition("/")[0]
+        [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == mount_dir]
+        assert {"name": mount["name"], "configMap": {"name": "tm-models"}} in spec["volumes"]
+        assert flags(container)["model"] == listed[0]["name"]
+        assert any(listed[0]["path"].startswith(m["mountPath"]) for m in container["volumeMounts"])
+    assert flags(workloads(docs)["trainer"]["spec"]["template"]["spec"]["containers"][0])["expert-parallel"] == "2"
+    assert "expert-parallel" not in flags(workloads(render_variant("gpu"))["trainer"]["spec"]["template"]["spec"]["containers"][0])
