@@ -21,6 +21,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -146,6 +147,7 @@ class RankGroup:
         self._engines: dict[int, Any] = {}
         self._keys = itertools.count()
         self._diverged = ""
+        self._calls = threading.Lock()  # one call at a time: the ranks follow one message stream
 
     @property
     def world(self) -> int:
@@ -158,7 +160,13 @@ class RankGroup:
         return GroupEngine(self, key, self._engines[key].info)
 
     def call(self, key: int, method: str, args: tuple) -> Any:
-        """Run `method(*args)` on engine `key` of every rank; rank 0's result or error."""
+        """Run `method(*args)` on engine `key` of every rank; rank 0's result or error.
+        Calls from several threads (the trainer core runs engine calls in worker threads)
+        take turns."""
+        with self._calls:
+            return self._call_locked(key, method, args)
+
+    def _call_locked(self, key: int, method: str, args: tuple) -> Any:
         if self._diverged:
             raise Internal("RANKS_DIVERGED", self._diverged)
         self._dist.broadcast_object_list([(key, method, args)], src=0, group=self._control)
@@ -175,7 +183,8 @@ class RankGroup:
 
     def close(self) -> None:
         """Release the workers (they leave `serve_rank`) and the process group."""
-        self._dist.broadcast_object_list([(None, _CLOSE, ())], src=0, group=self._control)
+        with self._calls:
+            self._dist.broadcast_object_list([(None, _CLOSE, ())], src=0, group=self._control)
         self._engines.clear()
         self._dist.destroy_process_group()
 
