@@ -28,6 +28,7 @@ import asyncio
 import dataclasses
 import inspect
 import logging
+import time
 from typing import Awaitable, Callable
 
 import aetcd
@@ -106,7 +107,8 @@ class NodeRegistration:
     """A node's record under a lease, kept alive in the background.
 
     If the lease is lost (expired while etcd was unreachable, or etcd lost its data),
-    the record is put again under a fresh lease.
+    the record is put again under a fresh lease. `etcd_up` and `lease_held` say how the
+    last exchanges went (for metrics).
     """
 
     def __init__(self, client: aetcd.Client, owned: bool, kind: str, node_id: str, ttl: int) -> None:
@@ -119,6 +121,8 @@ class NodeRegistration:
         self._lease: aetcd.Lease | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self.etcd_up = False  # the last call to etcd succeeded
+        self._confirmed = float("-inf")  # monotonic time etcd last confirmed the lease
 
     @classmethod
     async def start(cls, etcd: Etcd, kind: str, node_id: str, value: bytes, ttl: int = 5) -> NodeRegistration:
@@ -136,14 +140,21 @@ class NodeRegistration:
     def lease_id(self) -> int | None:
         return self._lease.id if self._lease else None
 
+    @property
+    def lease_held(self) -> bool:
+        """Whether etcd confirmed the lease within its TTL (the record is visible)."""
+        return self._lease is not None and time.monotonic() - self._confirmed < self.ttl
+
     async def update(self, value: bytes) -> None:
         """Replace the record (same lease; a new one if the lease is gone)."""
         async with self._lock:
             self._value = value
             try:
                 await self._client.put(self.key, value, lease=self._lease)
+                self.etcd_up = True
                 return
             except aetcd.ClientError as err:
+                self.etcd_up = False
                 logger.warning("node %s: update failed (%s); registering again", self.node_id, err)
             await self._register_locked()
 
@@ -177,8 +188,13 @@ class NodeRegistration:
             await self._register_locked()
 
     async def _register_locked(self) -> None:
-        self._lease = await self._client.lease(self.ttl)
-        await self._client.put(self.key, self._value, lease=self._lease)
+        try:
+            self._lease = await self._client.lease(self.ttl)
+            await self._client.put(self.key, self._value, lease=self._lease)
+        except ETCD_ERRORS:
+            self.etcd_up = False
+            raise
+        self.etcd_up, self._confirmed = True, time.monotonic()
         logger.info("node %s registered (lease %x, ttl %ss)", self.node_id, self._lease.id, self.ttl)
 
     async def _keep_alive(self) -> None:
@@ -187,10 +203,15 @@ class NodeRegistration:
             await asyncio.sleep(interval)
             try:
                 reply = await self._lease.refresh()
+                self.etcd_up = True
                 if reply is None or reply.TTL <= 0:
+                    self._confirmed = float("-inf")
                     logger.warning("node %s: lease %x lost; registering again", self.node_id, self._lease.id)
                     await self._register()
+                else:
+                    self._confirmed = time.monotonic()
             except ETCD_ERRORS as err:
+                self.etcd_up = False
                 logger.warning("node %s: keepalive failed: %s", self.node_id, err)
 
 
@@ -209,6 +230,7 @@ class NodeWatcher:
         self._task: asyncio.Task | None = None
         self.revision = 0
         self.resyncs = 0
+        self.connected = False  # the last read or watch of etcd is good (for metrics)
 
     @classmethod
     async def start(cls, etcd: Etcd, kind: str, on_change: ChangeCallback | None = None) -> NodeWatcher:
@@ -246,11 +268,13 @@ class NodeWatcher:
             try:
                 await self._watch_once()
             except ETCD_ERRORS as err:
+                self.connected = False
                 logger.warning("watch %s broke (%s); resyncing", self.kind, err)
             await asyncio.sleep(RETRY_DELAY_S)
             try:
                 await self._resync()
             except ETCD_ERRORS as err:
+                self.connected = False
                 logger.warning("resync %s failed: %s", self.kind, err)
 
     async def _watch_once(self) -> None:
@@ -275,6 +299,7 @@ class NodeWatcher:
         changes.update({k: None for k in self._nodes if k not in fresh})
         self.revision = result.header.revision
         self.resyncs += 1
+        self.connected = True
         await self._apply(changes)
 
     async def _apply(self, changes: dict[str, bytes | None]) -> None:

@@ -1,7 +1,8 @@
 """gRPC server plumbing shared by every service.
 
 One interceptor maps typed errors to a status (reason in the `tunemesh-reason` trailer)
-and, where a service asks for it, authenticates the caller into a tenant.
+and, where a service asks for it, authenticates the caller into a tenant; an outer one
+counts and times every call by its final status.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tunemesh_common.errors import TunemeshError, Unauthenticated
+from tunemesh_common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -70,25 +72,8 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         needs_auth = self._authenticator is not None and not method.startswith(
             ("/grpc.health.", "/grpc.reflection.")
         )
-        if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(
-                self._guard_unary(handler.unary_unary, method, needs_auth),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(
-                self._guard_unary(handler.stream_unary, method, needs_auth),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        if handler.unary_stream is not None and not method.startswith("/grpc."):
-            return grpc.unary_stream_rpc_method_handler(
-                self._guard_stream(handler.unary_stream, method, needs_auth),
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
-            )
-        return handler
+        return _rewrap(handler, lambda inner: self._guard_unary(inner, method, needs_auth),
+                       None if method.startswith("/grpc.") else lambda inner: self._guard_stream(inner, method, needs_auth))
 
     def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
@@ -130,6 +115,78 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
         return guarded
+
+
+def _rewrap(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable | None) -> grpc.RpcMethodHandler:
+    """`handler` with its behaviour wrapped: `unary(behaviour)` for a unary response (request
+    or request stream in), `stream(behaviour)` for a response stream (unchanged when None).
+    Bidirectional streams are left as they are."""
+    codecs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    if handler.unary_unary is not None:
+        return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **codecs)
+    if handler.stream_unary is not None:
+        return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **codecs)
+    if handler.unary_stream is not None and stream is not None:
+        return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **codecs)
+    return handler
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts and times every call by method and final status. It sits outside
+    `ErrorInterceptor`, so a typed error counts under the status it became. Health
+    `Watch` and reflection streams are not counted (they last as long as their client)."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self._metrics = metrics
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        return _rewrap(handler, lambda inner: self._time_unary(inner, method),
+                       None if method.startswith("/grpc.") else lambda inner: self._time_stream(inner, method))
+
+    def _time_unary(self, inner, method: str):
+        async def timed(request, context: grpc.aio.ServicerContext):
+            call = self._metrics.start(method)
+            try:
+                response = await inner(request, context)
+            except BaseException as exc:
+                call.finish(final_status(context, exc))
+                raise
+            call.finish(final_status(context))
+            return response
+
+        return timed
+
+    def _time_stream(self, inner, method: str):
+        async def timed(request, context: grpc.aio.ServicerContext):
+            call = self._metrics.start(method)
+            try:
+                async for response in inner(request, context):
+                    yield response
+            except BaseException as exc:
+                call.finish(final_status(context, exc))
+                raise
+            call.finish(final_status(context))
+
+        return timed
+
+
+def final_status(context: grpc.aio.ServicerContext, exc: BaseException | None = None) -> str:
+    """The status name a call ends with: the code set on `context` (an abort sets it);
+    CANCELLED or DEADLINE_EXCEEDED when the call was cancelled; else OK, or UNKNOWN when
+    an exception escaped (what grpc answers then)."""
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        remaining = context.time_remaining()
+        return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    if isinstance(code, int):
+        return _STATUS_BY_VALUE[code].name
+    return "OK" if exc is None else "UNKNOWN"
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: TunemeshError) -> None:
@@ -176,9 +233,15 @@ class KeyFileAuthenticator:
         return tenant
 
 
-def build_server(authenticator: Authenticator | None = None) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with the error/auth interceptor and a health servicer (NOT_SERVING)."""
-    server = grpc.aio.server(interceptors=[ErrorInterceptor(authenticator)], options=SERVER_OPTIONS)
+def build_server(
+    authenticator: Authenticator | None = None, metrics: RpcMetrics | None = None
+) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+    """A grpc.aio server with the error/auth interceptor (inside the metrics interceptor
+    when `metrics` is given) and a health servicer (NOT_SERVING)."""
+    interceptors = [ErrorInterceptor(authenticator)]
+    if metrics is not None:
+        interceptors.insert(0, MetricsInterceptor(metrics))  # the first one is the outermost
+    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
