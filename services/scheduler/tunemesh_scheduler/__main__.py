@@ -6,10 +6,12 @@ import asyncio
 import logging
 import os
 
+import prometheus_client
+
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc, sampling_pb2, sampling_pb2_grpc
 from tunemesh.v1 import operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from tunemesh.v1 import training_pb2, training_pb2_grpc
-from tunemesh_common import registry, rpc
+from tunemesh_common import metrics, registry, rpc
 from tunemesh_scheduler import settings as settings_mod
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.nodes import EtcdPlacement, SamplerDirectory, TrainerDirectory
@@ -48,10 +50,14 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s,
         s.max_runs_per_tenant,
     )
-    core = SchedulerCore(placement, trainers, config)
+    scheduler_metrics = metrics.SchedulerMetrics(prometheus_client.REGISTRY)
+    core = SchedulerCore(placement, trainers, config, metrics=scheduler_metrics)
     await core.start()
+    endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))
     limits = Limits(s.max_datums, s.max_tokens, s.max_samples)
-    server, health = rpc.build_server(rpc.KeyFileAuthenticator(keys))
+    server, health = rpc.build_server(
+        rpc.KeyFileAuthenticator(keys), metrics.RpcMetrics("scheduler", scheduler_metrics.registry)
+    )
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(core, directory, limits, TokenizerCache(directory, trainers)), server
     )
@@ -68,7 +74,8 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     await rpc.mark_serving(health, SERVICES)
     address = f"{s.listen.rsplit(':', 1)[0]}:{port}"
     if s.ready_file is not None:
-        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid()})
+        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(),
+                                            "metrics_url": endpoint.url if endpoint else ""})
     log.info("scheduler serving on %s (%d tenants' keys, etcd %s)", address, len(set(keys.values())), s.etcd)
     await rpc.wait_for_termination()
     await server.stop(grace=2)
@@ -78,6 +85,18 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     await samplers.close()
     await trainers.close()
     await checkpoints.close()
+    if endpoint is not None:
+        await endpoint.close()
+
+
+async def _serve_metrics(s: settings_mod.SchedulerSettings, scheduler_metrics: metrics.SchedulerMetrics,
+                         core: SchedulerCore, directories: tuple[TrainerDirectory, SamplerDirectory],
+                         watchers: tuple[registry.NodeWatcher, ...]) -> metrics.MetricsEndpoint | None:
+    """Gauges over the core's snapshot, the node directories and etcd; the /metrics endpoint."""
+    trainers, samplers = directories
+    scheduler_metrics.follow(core.snapshot, lambda: {"trainer": len(trainers.nodes()), "sampler": len(samplers.nodes())})
+    metrics.follow_etcd(scheduler_metrics.registry, "scheduler", lambda: all(w.connected for w in watchers))
+    return await metrics.MetricsEndpoint.start(s.metrics_listen, scheduler_metrics.registry)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -14,7 +14,8 @@ class SchedulerSettings:
     etcd: str = "127.0.0.1:2379"  # host:port of etcd
     api_keys_file: pathlib.Path | None = None  # JSON {"api key": "tenant", ...}
     api_keys: str = ""  # or inline "key1=tenant1,key2=tenant2"
-    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid"}
+    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid", "metrics_url"}
+    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics (port 0 picks one); empty: none
     batch_token_budget: int = 16384  # most tokens in one fused batch
     batch_wait_ms: int = 0  # extra time a ready batch waits for other tenants' work
     max_datums: int = 1024  # most datums per request

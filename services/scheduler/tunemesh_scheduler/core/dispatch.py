@@ -14,6 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunemesh_common.errors import Code, TunemeshError, Unimplemented
+from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.fairness import FairQueue
 from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome, TrainerPort
 from tunemesh_scheduler.core.records import (
@@ -40,8 +41,10 @@ class NodeDispatcher:
         batch_wait_s: float,
         companion_of: Callable[[OperationRecord], OperationRecord | None] = lambda op: None,
         run_single: Callable[[OperationRecord], Awaitable[Any]] | None = None,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self.node_id = node_id
+        self._metrics = metrics or SchedulerMetrics()
         self._run_single_call = run_single
         self._companion_of = companion_of
         self._trainer = trainer
@@ -115,9 +118,7 @@ class NodeDispatcher:
         for op in ops:
             self._mark_running(op)
         self.batch_running = True
-        self.batches_total += 1
-        self.batch_items_total += len(ops)
-        self.batch_tokens_total += sum(op.num_tokens for op in ops)
+        self._count_batch(ops)
         try:
             outcomes, error = await _guard(self._trainer.run_batch(self.node_id, items), ops[0])
         finally:
@@ -131,6 +132,16 @@ class NodeDispatcher:
             outcomes = [ItemOutcome(error=error)] * len(ops)
         for op, outcome in zip(ops, outcomes, strict=True):
             self._on_done(op, outcome)
+
+    def _count_batch(self, ops: list[OperationRecord]) -> None:
+        tokens = sum(op.num_tokens for op in ops)
+        self.batches_total += 1
+        self.batch_items_total += len(ops)
+        self.batch_tokens_total += tokens
+        self._metrics.batch(self.node_id, len(ops), tokens)
+        for op in ops:
+            if op.num_tokens:
+                self._metrics.tokens(op.tenant, op.kind.value, op.num_tokens)
 
     def _start_single(self, op: OperationRecord) -> None:
         self._mark_running(op)

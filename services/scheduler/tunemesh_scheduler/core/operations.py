@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunemesh_common.errors import Code, NotFound
+from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.records import OperationError, OperationRecord, OpKind, OpState
 
 
@@ -18,9 +19,11 @@ class OperationStore:
     are woken exactly when an operation becomes done.
     """
 
-    def __init__(self, clock: Callable[[], float], new_id: Callable[[], str]) -> None:
+    def __init__(self, clock: Callable[[], float], new_id: Callable[[], str],
+                 metrics: SchedulerMetrics | None = None) -> None:
         self._clock = clock
         self._new_id = new_id
+        self._metrics = metrics or SchedulerMetrics()
         self._ops: dict[str, OperationRecord] = {}
         self._requests: dict[tuple[str, str], OperationRecord] = {}
         self._events: dict[str, asyncio.Event] = {}
@@ -88,6 +91,7 @@ class OperationStore:
 
     def mark_running(self, op: OperationRecord) -> None:
         """QUEUED -> RUNNING (the op was handed to a trainer)."""
+        self._metrics.queue_wait(op.tenant, self._clock() - op.create_time)
         self._move(op, OpState.RUNNING)
 
     def succeed(self, op: OperationRecord, result: Any) -> None:
@@ -136,6 +140,7 @@ class OperationStore:
         op.payload = None  # the trainer has what it needs; free the memory
         self._finished.append(op)
         self._move(op, state)
+        self._metrics.operation_finished(op.tenant, op.kind.value, state.value)
         event = self._events.pop(op.name, None)
         if event is not None:
             event.set()

@@ -17,6 +17,7 @@ from typing import Any
 
 from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument
 from tunemesh_common.errors import ResourceExhausted, Unavailable
+from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.dispatch import NodeDispatcher
 from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import ItemOutcome, LoadRequest, LoadResult, PlacementPort, TrainerPort
@@ -70,12 +71,14 @@ class SchedulerCore:
         *,
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = _new_uuid,
+        metrics: SchedulerMetrics | None = None,
     ) -> None:
         self._trainer = trainer
         self._config = config
+        self._metrics = metrics or SchedulerMetrics()
         self.sessions = SessionRegistry(clock, new_id)
         self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant)
-        self.operations = OperationStore(clock, new_id)
+        self.operations = OperationStore(clock, new_id, self._metrics)
         self.sampling = SamplingSessionRegistry(clock, new_id)
         self._lanes: dict[str, RunLane] = {}
         self._dispatchers: dict[str, NodeDispatcher] = {}
@@ -309,7 +312,7 @@ class SchedulerCore:
             dispatcher = self._dispatchers[node_id] = NodeDispatcher(
                 node_id, self._trainer, self.operations.mark_running, self._finish,
                 self._config.batch_token_budget, self._config.batch_wait_s, self._companion_of,
-                self._run_single,
+                self._run_single, self._metrics,
             )
             dispatcher.start()
         return dispatcher
