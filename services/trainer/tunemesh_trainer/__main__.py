@@ -11,8 +11,10 @@ import asyncio
 import logging
 import os
 
+import prometheus_client
+
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
-from tunemesh_common import rpc
+from tunemesh_common import metrics, rpc
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.models import ModelRegistry, tokenizer_files
 from tunemesh_trainer import settings as settings_mod
@@ -25,7 +27,8 @@ SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_na
 
 
 def build_core(
-    s: settings_mod.TrainerSettings, group: rank_group.RankGroup | None = None
+    s: settings_mod.TrainerSettings, group: rank_group.RankGroup | None = None,
+    trainer_metrics: metrics.TrainerMetrics | None = None,
 ) -> tuple[TrainerCore, dict[str, bytes]]:
     """Materialise the model (cached), load it into the torch engine, or into a DeepSpeed
     engine on every rank of `group`."""
@@ -41,32 +44,31 @@ def build_core(
         engine = build_torch_engine(path, **kwargs)
     else:
         engine = group.build(model_dir=path, expert_parallel=s.expert_parallel, **kwargs)
-    return TrainerCore(engine, s.max_adapters), tokenizer_files(path)
+    return TrainerCore(engine, s.max_adapters, trainer_metrics), tokenizer_files(path)
 
 
 async def serve(s: settings_mod.TrainerSettings, group: rank_group.RankGroup | None = None) -> None:
-    server, health = rpc.build_server()
+    trainer_metrics = metrics.TrainerMetrics(prometheus_client.REGISTRY)
+    endpoint = await metrics.MetricsEndpoint.start(s.metrics_listen, trainer_metrics.registry, s.advertise_host)
+    metrics_url = endpoint.url if endpoint else ""
+    server, health = rpc.build_server(metrics=metrics.RpcMetrics("trainer", trainer_metrics.registry))
     port = server.add_insecure_port(s.listen)
     address = f"{s.advertise_host}:{port}"
     storage = CheckpointStorageClient(s.checkpoint)
-    servicer = TrainerServicer(s.node_id, address, checkpoints=storage)
+    servicer = TrainerServicer(s.node_id, address, metrics_url, checkpoints=storage)
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
     rpc.enable_reflection(server, [SERVICE_NAME])
     await server.start()  # health answers NOT_SERVING while the model loads
     log.info("trainer %s loading %s", s.node_id, s.model)
-    core, tokenizer = await asyncio.to_thread(build_core, s, group)
+    core, tokenizer = await asyncio.to_thread(build_core, s, group, trainer_metrics)
     servicer.attach(core, tokenizer)
+    trainer_metrics.follow(core.adapter_count, core.max_adapters)
+    metrics.describe_node(trainer_metrics.registry, "trainer", s.node_id, core.info.name)
     await rpc.mark_serving(health, [SERVICE_NAME])
-    registration = refresher = None
-    if s.etcd:
-        from tunemesh_common.registry import NodeRegistration
-
-        registration = await NodeRegistration.start(
-            s.etcd, "trainers", s.node_id, servicer.node().SerializeToString(), ttl=s.lease_ttl_s
-        )
-        refresher = asyncio.create_task(registration.follow(lambda: servicer.node().SerializeToString(), 1.0))
+    registration, refresher = await _register(s, servicer, trainer_metrics)
     if s.ready_file is not None:
-        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(), "node_id": s.node_id})
+        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(), "node_id": s.node_id,
+                                            "metrics_url": metrics_url})
     log.info("trainer %s serving %s on %s", s.node_id, s.model, address)
     await rpc.wait_for_termination()
     if refresher is not None:
@@ -76,6 +78,24 @@ async def serve(s: settings_mod.TrainerSettings, group: rank_group.RankGroup | N
     await server.stop(grace=2)
     await storage.close()
     servicer.core.close()
+    if endpoint is not None:
+        await endpoint.close()
+
+
+async def _register(s: settings_mod.TrainerSettings, servicer: TrainerServicer, trainer_metrics: metrics.TrainerMetrics):
+    """Register the node in etcd (if configured), keep its record current and report the
+    lease in metrics; returns (registration, refresher task), both None without etcd."""
+    if not s.etcd:
+        return None, None
+    from tunemesh_common.registry import NodeRegistration
+
+    registration = await NodeRegistration.start(
+        s.etcd, "trainers", s.node_id, servicer.node().SerializeToString(), ttl=s.lease_ttl_s
+    )
+    refresher = asyncio.create_task(registration.follow(lambda: servicer.node().SerializeToString(), 1.0))
+    metrics.follow_etcd(trainer_metrics.registry, "trainer", lambda: registration.etcd_up,
+                        lambda: registration.lease_held)
+    return registration, refresher
 
 
 def main(argv: list[str] | None = None) -> None:

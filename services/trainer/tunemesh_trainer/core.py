@@ -7,12 +7,14 @@ across threads, and the event loop stays free to answer health checks and info c
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
 import time
 from collections.abc import Sequence
 
 from tunemesh_common.errors import Code, ResourceExhausted, TunemeshError
+from tunemesh_common.metrics import TrainerMetrics
 from tunemesh_trainer.domain import (
     AdamSpec, AdapterState, EngineItem, ItemFailure, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
 )
@@ -23,9 +25,10 @@ log = logging.getLogger(__name__)
 class TrainerCore:
     """Owns one engine; every engine call goes through the single worker thread."""
 
-    def __init__(self, engine, max_adapters: int) -> None:
+    def __init__(self, engine, max_adapters: int, metrics: TrainerMetrics | None = None) -> None:
         self._engine = engine
         self.max_adapters = max_adapters
+        self._metrics = metrics or TrainerMetrics()
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
         self._creating: set[str] = set()
 
@@ -52,11 +55,13 @@ class TrainerCore:
             count = await self._call(self._engine.create_adapter, adapter_id, spec)
         finally:
             self._creating.discard(adapter_id)
+        self._metrics.adapter_loaded("new")
         log.info("adapter %s created (rank %d, %d parameters)", adapter_id, spec.rank, count)
         return count
 
     async def delete_adapter(self, adapter_id: str) -> None:
         await self._call(self._engine.delete_adapter, adapter_id)
+        self._metrics.adapter_unloaded()
         log.info("adapter %s deleted", adapter_id)
 
     async def run_batch(
@@ -65,7 +70,19 @@ class TrainerCore:
         """The fused pass over `items`, then each optimizer step, in one engine-thread call."""
         start = time.perf_counter()
         outcomes = await self._call(self._execute, list(items), list(optims))
-        return outcomes, time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self._count(items, optims, seconds)
+        return outcomes, seconds
+
+    def _count(self, items: Sequence[EngineItem], optims: Sequence[OptimItem], seconds: float) -> None:
+        tokens: collections.Counter[str] = collections.Counter()
+        counts: collections.Counter[str] = collections.Counter()
+        for item in items:
+            tokens[item.kind.value] += item.num_tokens
+            counts[item.kind.value] += 1
+        if optims:
+            counts["optim_step"] = len(optims)
+        self._metrics.step(seconds, tokens, counts)
 
     def _execute(self, items: list[EngineItem], optims: list[OptimItem]) -> list[ItemOutcome]:
         outcomes = self._engine.run_batch(items) if items else []
@@ -87,6 +104,7 @@ class TrainerCore:
 
     async def import_adapter(self, adapter_id: str, state: AdapterState) -> int:
         steps = await self._call(self._engine.import_adapter, adapter_id, state)
+        self._metrics.adapter_loaded("checkpoint")
         log.info("adapter %s loaded (optimizer step %d)", adapter_id, steps)
         return steps
 

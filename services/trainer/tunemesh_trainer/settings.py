@@ -16,7 +16,8 @@ class TrainerSettings:
     etcd: str = ""  # host:port of etcd; empty runs without registration (tests)
     data_dir: pathlib.Path = pathlib.Path("~/.cache/tunemesh").expanduser()  # model cache
     models_file: pathlib.Path | None = None  # JSON list of extra local models
-    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid"}
+    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid", "node_id", "metrics_url"}
+    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics (port 0 picks one); empty: none
     max_adapters: int = 64  # adapter slots on this node
     num_threads: int = 0  # torch threads; 0 = torch's default
     max_batch_tokens: int = 8192  # padded tokens per chunk of a fused pass (bounds memory)
