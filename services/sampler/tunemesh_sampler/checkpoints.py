@@ -9,6 +9,7 @@ import shutil
 from tunemesh_common import peft_format
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.errors import FailedPrecondition
+from tunemesh_common.metrics import SamplerMetrics
 from tunemesh_sampler.adapters import AdapterRef
 from tunemesh_sampler.engine import SamplingEngine
 
@@ -16,12 +17,18 @@ from tunemesh_sampler.engine import SamplingEngine
 class AdapterLoader:
     """`load` / `unload` for the AdapterCache: checkpoint -> `<cache_dir>/<key>/` -> engine."""
 
-    def __init__(self, engine: SamplingEngine, storage: CheckpointStorageClient, cache_dir: pathlib.Path) -> None:
+    def __init__(self, engine: SamplingEngine, storage: CheckpointStorageClient, cache_dir: pathlib.Path,
+                 metrics: SamplerMetrics | None = None) -> None:
         self._engine, self._storage, self._cache_dir = engine, storage, cache_dir
+        self._metrics = metrics or SamplerMetrics()
         shutil.rmtree(cache_dir, ignore_errors=True)  # nothing is resident at start
         cache_dir.mkdir(parents=True, exist_ok=True)
 
     async def load(self, ref: AdapterRef) -> None:
+        with self._metrics.adapter_load():
+            await self._load(ref)
+
+    async def _load(self, ref: AdapterRef) -> None:
         checkpoint, files = await self._storage.read(ref.tenant, ref.path)
         if checkpoint.base_model != self._engine.info.name:
             raise FailedPrecondition(

@@ -11,9 +11,10 @@ from tunemesh_sampler.core import SamplerCore
 class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
     """Registered before the server starts; answers UNAVAILABLE LOADING until `attach`."""
 
-    def __init__(self, node_id: str, address: str, max_adapters: int) -> None:
+    def __init__(self, node_id: str, address: str, max_adapters: int, metrics_url: str = "") -> None:
         self._core: SamplerCore | None = None
         self._node_id, self._address, self._max_adapters = node_id, address, max_adapters
+        self._metrics_url = metrics_url
 
     def attach(self, core: SamplerCore) -> None:
         self._core = core
@@ -32,6 +33,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
             resident_adapters=self.core.adapters.resident(),
             max_adapters=self._max_adapters,
             active_requests=self.core.active_requests,
+            metrics_url=self._metrics_url,
         )
 
     async def GetSamplerInfo(self, request, context):

@@ -19,7 +19,8 @@ class SamplerSettings:
     data_dir: pathlib.Path = pathlib.Path("~/.cache/tunemesh").expanduser()  # model cache
     models_file: pathlib.Path | None = None  # JSON list of extra local models
     cache_dir: pathlib.Path = pathlib.Path("~/.cache/tunemesh/sampler-adapters").expanduser()  # fetched adapters
-    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid"}
+    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid", "node_id", "metrics_url"}
+    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics (port 0 picks one); empty: none
     max_adapters: int = 8  # adapters resident at once; more are evicted (LRU) and reloaded
     max_lora_rank: int = 0  # 0: the model's registry default
     num_threads: int = 0  # torch threads; 0 = torch's default
