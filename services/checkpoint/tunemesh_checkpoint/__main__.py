@@ -7,13 +7,16 @@ import contextlib
 import logging
 import os
 
+import prometheus_client
+
 from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh_checkpoint import settings as settings_mod
 from tunemesh_checkpoint.catalog import CheckpointCatalog
+from tunemesh_checkpoint.metered_store import MeteredStore
 from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common import rpc
+from tunemesh_common import metrics, rpc
 
 log = logging.getLogger("tunemesh_checkpoint")
 SERVICES = [
@@ -32,11 +35,13 @@ async def sweep_periodically(catalog: CheckpointCatalog, interval_s: float) -> N
 
 
 async def serve(s: settings_mod.CheckpointSettings) -> None:
-    store = FilesystemStore(s.root_dir)
+    registry = prometheus_client.REGISTRY
+    store = MeteredStore(FilesystemStore(s.root_dir), metrics.CheckpointMetrics(registry))
     recovered = await asyncio.to_thread(store.recover)
     catalog = CheckpointCatalog(store)
     await asyncio.to_thread(catalog.sweep)
-    server, health = rpc.build_server(rpc.trusted_tenant)
+    endpoint = await metrics.MetricsEndpoint.start(s.metrics_listen, registry)
+    server, health = rpc.build_server(rpc.trusted_tenant, metrics.RpcMetrics("checkpoint", registry))
     checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
         CheckpointServicer(catalog, s.chunk_bytes, s.max_upload_bytes), server
     )
@@ -49,7 +54,8 @@ async def serve(s: settings_mod.CheckpointSettings) -> None:
     await rpc.mark_serving(health, SERVICES)
     address = f"{s.listen.rsplit(':', 1)[0]}:{port}"
     if s.ready_file is not None:
-        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid()})
+        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(),
+                                            "metrics_url": endpoint.url if endpoint else ""})
     log.info("checkpoint service on %s, root %s (%d interrupted writes cleaned up)", address, s.root_dir, recovered)
     sweeper = asyncio.create_task(sweep_periodically(catalog, s.sweep_interval_s))
     await rpc.wait_for_termination()
@@ -57,6 +63,8 @@ async def serve(s: settings_mod.CheckpointSettings) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await sweeper
     await server.stop(grace=5)
+    if endpoint is not None:
+        await endpoint.close()
 
 
 def main(argv: list[str] | None = None) -> None:
