@@ -46,9 +46,10 @@ def share_items(items: Sequence[EngineItem], rank: int, world: int) -> list[Engi
 class DataParallel:
     """This rank's place in the process group (the default torch.distributed group)."""
 
-    def __init__(self, rank: int = 0, world: int = 1) -> None:
+    def __init__(self, rank: int = 0, world: int = 1, device: str = "cpu") -> None:
         self.rank = rank
         self.world = world
+        self.device = device  # where collective buffers live (nccl needs them on the GPU)
 
     def local_items(self, items: Sequence[EngineItem]) -> list[EngineItem]:
         return list(items) if self.world == 1 else share_items(items, self.rank, self.world)
@@ -58,7 +59,7 @@ class DataParallel:
         parameters collectively, so ranks must walk the model together)."""
         if self.world == 1:
             return local_passes
-        count = torch.tensor([local_passes], dtype=torch.long)
+        count = torch.tensor([local_passes], dtype=torch.long, device=self.device)
         torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
         return int(count)
 

@@ -37,7 +37,20 @@ def zero_config(stage: int) -> dict:
     }
 
 
-def _align_parameter_ids() -> None:
+def rank_device() -> str:
+    """This rank's device: `cpu` under the CPU accelerator, else the accelerator's device of
+    LOCAL_RANK (e.g. `cuda:3`)."""
+    import os
+
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        return "cpu"
+    return accelerator.device_name(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _align_parameter_ids(device: str) -> None:
     """Start every rank's ZeRO parameter ids at the same number. ZeRO-3 checks that ranks
     traced the same parameters by id, and ids count up per process: a rank that partitioned
     models before (rank 0 of a re-formed group) would otherwise disagree."""
@@ -45,7 +58,7 @@ def _align_parameter_ids() -> None:
     import torch.distributed as dist
     from deepspeed.runtime.zero.partition_parameters import Init
 
-    next_id = torch.tensor([Init.param_id], dtype=torch.long)
+    next_id = torch.tensor([Init.param_id], dtype=torch.long, device=device)
     dist.all_reduce(next_id, op=dist.ReduceOp.MAX)
     Init.param_id = int(next_id)
 
@@ -69,13 +82,14 @@ class DeepSpeedTrainingEngine:
         import torch.distributed as dist
         from deepspeed.utils import set_z3_leaf_modules
 
-        parallel = DataParallel(dist.get_rank(), dist.get_world_size())
+        device = rank_device()
+        parallel = DataParallel(dist.get_rank(), dist.get_world_size(), device)
         self._local = TorchTrainingEngine(
             model_dir, name, family, max_lora_rank, max_seq_len, num_threads=num_threads,
-            device="cpu", max_batch_tokens=max_batch_tokens, data_parallel=parallel,
+            device=device, max_batch_tokens=max_batch_tokens, data_parallel=parallel,
         )
         experts_per_rank = self._shard_experts(parallel, expert_parallel)
-        _align_parameter_ids()
+        _align_parameter_ids(device)
         leaves = self._local.expert_block_types()
         if zero_stage == 3 and leaves:
             set_z3_leaf_modules(self._local.model, leaves)

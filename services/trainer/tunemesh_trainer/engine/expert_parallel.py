@@ -85,7 +85,7 @@ class TokenExchange:
         slots = [(None, False)] + [(aid, trains) for aid in adapters for trains in (False, True)]
         token_slot = token_adapter_slots(plan, {aid: 1 + 2 * i for i, aid in enumerate(adapters)}, n,
                                          hidden_nh.device, trainable_offset=True)
-        counts = _gather_counts(n, ep)
+        counts = _gather_counts(n, ep, hidden_nh.device)
         width = max(counts)
         floats = torch.cat([hidden_nh, top_k_weights.to(hidden_nh.dtype)], dim=1)
         floats_all = _GatherRows.apply(floats, ep, width)
@@ -97,9 +97,9 @@ class TokenExchange:
         return _SumRows.apply(out_all, ep, width, n)
 
 
-def _gather_counts(n: int, ep: ExpertGroup) -> list[int]:
-    counts = [torch.zeros(1, dtype=torch.long) for _ in range(ep.size)]
-    dist.all_gather(counts, torch.tensor([n], dtype=torch.long), group=ep.group)
+def _gather_counts(n: int, ep: ExpertGroup, device: torch.device) -> list[int]:
+    counts = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(ep.size)]
+    dist.all_gather(counts, torch.tensor([n], dtype=torch.long, device=device), group=ep.group)
     return [int(c) for c in counts]
 
 

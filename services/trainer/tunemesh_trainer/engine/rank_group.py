@@ -45,12 +45,21 @@ def launched_rank() -> int | None:
 
 
 def rank_env(rank: int, world: int, port: int, threads: int = 0) -> dict[str, str]:
-    """Environment of rank `rank` of a local group on 127.0.0.1:`port` (CPU: gloo)."""
+    """Environment of rank `rank` of a local group on 127.0.0.1:`port`: on a host with at
+    least `world` CUDA devices rank r uses device r (nccl), else the CPU (gloo), unless
+    DS_ACCELERATOR is set already."""
     env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "DS_ACCELERATOR": "cpu"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR") or ("cuda" if _cuda_devices() >= world else "cpu")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
+
+
+def _cuda_devices() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def start_local_workers(world: int, port: int, threads: int = 0) -> list[subprocess.Popen]:
