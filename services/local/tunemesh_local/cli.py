@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generation engine of the samplers (default auto: vLLM where it can serve the model)")
     up.add_argument("--checkpoint-dir", type=Path, default=None,
                     help="checkpoint store root (default <state dir>/checkpoints, kept across restarts)")
+    up.add_argument("--prometheus", action="store_true",
+                    help="also start Prometheus (Debian's `prometheus`) scraping every service once a second")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for services (default 120)")
     stat = commands.add_parser("status", help="show processes, registered trainers and placements")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
@@ -67,7 +69,8 @@ def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> 
     config = MeshConfig(state_dir=state_dir, trainers=args.trainers, models=tuple(args.models),
                         api_keys_file=args.api_keys_file, ready_timeout=args.timeout, data_dir=args.data_dir,
                         checkpoint_dir=args.checkpoint_dir, samplers=args.samplers, sampler_engine=args.sampler_engine,
-                        trainer_ranks=args.trainer_ranks, trainer_expert_parallel=args.trainer_expert_parallel)
+                        trainer_ranks=args.trainer_ranks, trainer_expert_parallel=args.trainer_expert_parallel,
+                        prometheus=args.prometheus)
     print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and a "
           f"scheduler (state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)
@@ -88,6 +91,8 @@ def describe_up(mesh: MeshState, state_dir_flag: bool) -> str:
         f"  export TUNEMESH_API_KEY={first_key}",
         f"API keys ({', '.join(sorted(set(keys.values())))}): {mesh.api_keys_file}",
         f"Logs: {Path(mesh.state_dir) / 'logs'}",
+        *([f"Prometheus: {mesh.prometheus_url} (config {Path(mesh.state_dir) / 'prometheus.yml'})"]
+          if mesh.prometheus_url else []),
         f"Checkpoints: tunemesh checkpoints list{suffix}",
         f"Status: tunemesh status{suffix}    Stop: tunemesh down{suffix}",
     ])

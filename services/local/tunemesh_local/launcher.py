@@ -2,7 +2,8 @@
 
 Layout of a state dir: `mesh.json` (state), `api_keys.json` (generated demo keys),
 `etcd/` (etcd data), `checkpoints/` (the checkpoint store, kept across restarts),
-`logs/<name>.log`, `run/<name>.ready.json`, `trainers/<node-id>/`.
+`logs/<name>.log`, `run/<name>.ready.json`, `trainers/<node-id>/`; with `--prometheus`
+also `prometheus.yml` and `prometheus/` (its data, kept across restarts).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Callable
 
 from tunemesh_common.errors import FailedPrecondition, InvalidArgument, Unavailable
 from tunemesh_common.etcd_process import etcd_argv, pick_free_port, wait_healthy
-from tunemesh_local import processes, state
+from tunemesh_local import processes, prometheus, state
 from tunemesh_local.state import MeshState, ProcessRecord
 
 DEMO_API_KEYS = {"tml-demo-alice": "alice", "tml-demo-bob": "bob"}
@@ -55,6 +56,7 @@ class MeshConfig:
     sampler_engine: str = "auto"  # "auto", "vllm" or "torch"
     trainer_ranks: int = 1  # > 1: each trainer is a DeepSpeed ZeRO-3 group of this many local ranks
     trainer_expert_parallel: int = 1  # > 1: its ranks split each MoE layer's experts in groups of this many
+    prometheus: bool = False  # also start a Prometheus scraping every service
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -203,6 +205,8 @@ def up(config: MeshConfig, services: ServiceFactory = default_services) -> MeshS
     try:
         _start_etcd(config, mesh)
         _start_services(config, mesh, services(config, mesh.etcd_endpoint, api_keys_file))
+        if config.prometheus:
+            _start_prometheus(config, mesh)
     except BaseException:
         _stop(mesh, grace=3.0)
         state.remove(config.state_dir)
@@ -242,6 +246,22 @@ def _start_services(config: MeshConfig, mesh: MeshState, specs: list[ServiceSpec
         record.metrics_url = str(info.get("metrics_url", ""))
         if spec.role == "scheduler":
             mesh.scheduler_address = record.address
+    state.save(mesh)
+
+
+def _start_prometheus(config: MeshConfig, mesh: MeshState) -> None:
+    """Write prometheus.yml for the services' metrics URLs, start Prometheus on a free
+    loopback port and wait until it is ready."""
+    config_file = config.state_dir / "prometheus.yml"
+    config_file.write_text(prometheus.scrape_config(mesh.processes))
+    listen = f"127.0.0.1:{pick_free_port()}"
+    log_path = config.log_file(prometheus.ROLE)
+    proc = processes.spawn(prometheus.argv(config_file, config.state_dir / "prometheus", listen), log_path)
+    mesh.processes.append(ProcessRecord(prometheus.ROLE, prometheus.ROLE, proc.pid, processes.start_time(proc.pid),
+                                        str(log_path), address=listen))
+    state.save(mesh)
+    prometheus.wait_ready(f"http://{listen}", proc, log_path, config.ready_timeout)
+    mesh.prometheus_url = f"http://{listen}"
     state.save(mesh)
 
 

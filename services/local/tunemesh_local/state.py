@@ -45,6 +45,7 @@ class MeshState:
     api_keys_file: str
     processes: list[ProcessRecord]
     scheduler_address: str = ""
+    prometheus_url: str = ""  # with `tunemesh up --prometheus`
 
     def by_role(self, role: str) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == role]
