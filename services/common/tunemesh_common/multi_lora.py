@@ -102,12 +102,13 @@ class MultiLoraLinear(nn.Module):
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(out.shape)
 
     def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """base + scale * x @ A.T @ B.T for the rows of one adapter (PEFT's order of operations)."""
+        """base + scale * x @ A.T @ B.T for the rows of one adapter (PEFT's order of operations;
+        the LoRA product in the factors' dtype, float32, also over a bfloat16 base)."""
         pair = self.pairs.get(adapter_id)
         if pair is None:
             return out
         a, b = (pair.a, pair.b) if adapter_id in plan.trainable else (pair.a.detach(), pair.b.detach())
-        return out + F.linear(F.linear(x, a), b) * pair.scale
+        return out + (F.linear(F.linear(x.to(a.dtype), a), b) * pair.scale).to(out.dtype)
 
 
 def candidate_targets(model: nn.Module) -> dict[str, str]:
@@ -233,7 +234,8 @@ class MultiLoraExperts(nn.Module):
             piece, pair = out[first : first + count], pairs.get(aid)
             if pair is not None:
                 a, b = pair.expert_factors(expert, detach=not trains)
-                piece = piece + F.linear(F.linear(x[first : first + count], a), b) * pair.scale
+                delta = F.linear(F.linear(x[first : first + count].to(a.dtype), a), b) * pair.scale
+                piece = piece + delta.to(piece.dtype)
             pieces.append(piece)
             first += count
         return torch.cat(pieces)

@@ -24,6 +24,7 @@ def build_torch_engine(
     num_threads: int | None = None,
     device: str = "cpu",
     max_batch_tokens: int = 8192,
+    dtype: str = "float32",
 ) -> TrainingEngine:
     """Load a base model from a local HF directory into a fused multi-LoRA torch engine."""
     from tunemesh_trainer.engine.torch_engine import TorchTrainingEngine
@@ -37,4 +38,5 @@ def build_torch_engine(
         num_threads=num_threads,
         device=device,
         max_batch_tokens=max_batch_tokens,
+        dtype=dtype,
     )

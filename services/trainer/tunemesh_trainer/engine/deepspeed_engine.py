@@ -77,6 +77,7 @@ class DeepSpeedTrainingEngine:
         max_batch_tokens: int = 8192,
         zero_stage: int = 3,
         expert_parallel: int = 1,
+        dtype: str = "float32",
     ) -> None:
         import deepspeed
         import torch.distributed as dist
@@ -86,7 +87,7 @@ class DeepSpeedTrainingEngine:
         parallel = DataParallel(dist.get_rank(), dist.get_world_size(), device)
         self._local = TorchTrainingEngine(
             model_dir, name, family, max_lora_rank, max_seq_len, num_threads=num_threads,
-            device=device, max_batch_tokens=max_batch_tokens, data_parallel=parallel,
+            device=device, max_batch_tokens=max_batch_tokens, data_parallel=parallel, dtype=dtype,
         )
         experts_per_rank = self._shard_experts(parallel, expert_parallel)
         _align_parameter_ids(device)

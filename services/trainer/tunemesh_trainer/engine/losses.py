@@ -40,8 +40,9 @@ LossFn = Callable[[torch.Tensor, Mapping[str, torch.Tensor], Mapping[str, float 
 
 
 def target_logprobs(logits_btv: torch.Tensor, targets_btk: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[target] for every row, position and target slot: (B, T, K)."""
-    return torch.log_softmax(logits_btv, dim=-1).gather(-1, targets_btk)
+    """log_softmax(logits)[target] for every row, position and target slot: (B, T, K), in
+    float32 whatever the model's dtype."""
+    return torch.log_softmax(logits_btv.float(), dim=-1).gather(-1, targets_btk)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,6 +41,7 @@ from tunemesh_common.multi_lora import (
 from tunemesh_trainer.engine.validation import validate_item
 
 logger = logging.getLogger(__name__)
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TorchTrainingEngine:
@@ -58,15 +59,20 @@ class TorchTrainingEngine:
         device: str = "cpu",
         max_batch_tokens: int = 8192,
         data_parallel: DataParallel | None = None,
+        dtype: str = "float32",
     ) -> None:
         """With `data_parallel` over W > 1 ranks, every rank runs its share of each batch's
-        rows and the ranks join gradients and outcomes (see data_parallel.py)."""
+        rows and the ranks join gradients and outcomes (see data_parallel.py). `dtype` is
+        the frozen base's (float32 or bfloat16); LoRA factors, their gradients, AdamW and
+        the losses are float32 either way."""
         self._max_batch_tokens = max_batch_tokens  # padded tokens per chunk of a fused pass
         self._parallel = data_parallel or DataParallel()
         if num_threads:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if dtype not in BASE_DTYPES:
+            raise InvalidArgument("BAD_DTYPE", f"base dtype must be one of {sorted(BASE_DTYPES)}, got {dtype!r}")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=BASE_DTYPES[dtype])
         model.requires_grad_(False)
         self._model = model.eval().to(self._device)
         if self._parallel.world > 1:  # every rank's backward then walks every layer (see _run_chunk)
