@@ -146,7 +146,7 @@ def test_snapshot_counts_queues_per_tenant_and_node():
         await settle()
         snap = mesh.core.snapshot()
         assert snap["operations_by_state"] == {"SUCCEEDED": 3, "QUEUED": 1}
-        assert snap["queued_by_tenant"] == {"t2": 1}
+        assert snap["queued_by_tenant"] == {"t1": 0, "t2": 1}  # t1 stays listed, at 0
         assert snap["nodes"]["node-a"]["batches_total"] == 3
         assert snap["nodes"]["node-a"]["ready"] == 0
 

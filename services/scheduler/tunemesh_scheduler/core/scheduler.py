@@ -252,7 +252,7 @@ class SchedulerCore:
             "runs": len(self.runs),
             "operations_total": len(ops),
             "operations_by_state": dict(+ops.by_state),
-            "queued_by_tenant": dict(+ops.queued_by_tenant),
+            "queued_by_tenant": dict(ops.queued_by_tenant),  # every tenant that ever queued, 0 when idle
             "queued_by_node": dict(+ops.queued_by_node),
             "nodes": {node: d.snapshot() for node, d in self._dispatchers.items()},
         }
