@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 
+import mesh_traffic
 import pytest
 
 from tunemesh_common.etcd_process import EtcdProcess
@@ -47,13 +48,14 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
     """`with start_mesh(state_dir, trainers=1, models=(...), env={...}, samplers=0) as mesh:` a running
     mesh (`tunemesh_local.state.MeshState`), stopped on exit. `env` is set for the children
     only (TUNEMESH_SCHEDULER_* / TUNEMESH_TRAINER_* settings); trainers share the
-    session's model cache."""
+    session's model cache. `prometheus=True` also starts a Prometheus (`mesh.prometheus_url`)."""
     if shutil.which("etcd") is None:
         pytest.skip("etcd binary not installed (Debian: etcd-server)")
 
     @contextlib.contextmanager
     def start(state_dir: Path, trainers: int = 1, models: tuple[str, ...] = ("tunemesh/tiny-dense",),
-              env: dict[str, str] | None = None, samplers: int = 0, sampler_engine: str = "torch") -> Iterator[MeshState]:
+              env: dict[str, str] | None = None, samplers: int = 0, sampler_engine: str = "torch",
+              prometheus: bool = False) -> Iterator[MeshState]:
         from tunemesh_local import launcher
 
         def services(config, etcd_endpoint, api_keys_file):
@@ -61,7 +63,8 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
                     launcher.default_services(config, etcd_endpoint, api_keys_file)]
 
         config = launcher.MeshConfig(state_dir=Path(state_dir), trainers=trainers, models=tuple(models),
-                                     ready_timeout=120.0, samplers=samplers, sampler_engine=sampler_engine)
+                                     ready_timeout=120.0, samplers=samplers, sampler_engine=sampler_engine,
+                                     prometheus=prometheus)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in {**MESH_ENV, **(env or {})}.items():
                 patch.setenv(name, value)
@@ -72,6 +75,20 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
             launcher.down(Path(mesh.state_dir), grace=5.0)
 
     return start
+
+
+@pytest.fixture(scope="session")
+def observed_mesh(start_mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[mesh_traffic.ObservedMesh]:
+    """A tiny-dense mesh (checkpoint, trainer, torch sampler, scheduler) with a Prometheus,
+    after two tenants trained, saved weights, sampled, scored and hit a NOT_FOUND
+    (`mesh_traffic.drive`), yielded once Prometheus holds at least two scrapes of what that
+    traffic recorded: `.prometheus_url`, `.mesh`, `.steps`. One per session, shared."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("prometheus binary not installed (Debian: prometheus)")
+    with start_mesh(tmp_path_factory.mktemp("observed"), samplers=1, prometheus=True) as mesh:
+        mesh_traffic.drive(mesh.scheduler_address)
+        mesh_traffic.wait_for_scrapes(mesh.prometheus_url)
+        yield mesh_traffic.ObservedMesh(mesh, mesh.prometheus_url, mesh_traffic.STEPS)
 
 
 MESH_ENV = {"HF_HUB_OFFLINE": "1", "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}

@@ -1,0 +1,92 @@
+"""`tunemesh up --prometheus` on a real mesh: after training and sampling, Prometheus holds
+every service's metrics with the values that traffic implies; every service answers
+grpc.health.v1 and reflection."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from mesh_traffic import ANSWER, MODEL, PROMPT
+
+from tunemesh_local import prometheus
+
+pytestmark = pytest.mark.e2e
+DATUM_TOKENS = len(PROMPT + ANSWER) - 1
+
+
+def _value(url: str, promql: str) -> float:
+    result = prometheus.query(url, promql)
+    assert len(result) == 1, f"{promql}: {result}"
+    return float(result[0]["value"][1])
+
+
+def test_every_service_is_scraped_with_rpc_counts_and_etcd_state(observed_mesh):
+    url, steps = observed_mesh.prometheus_url, observed_mesh.steps
+    for job in ("scheduler", "trainer", "sampler", "checkpoint"):
+        assert _value(url, f'up{{job="{job}"}}') == 1, job
+    ok = 'grpc_code="OK"'
+    assert _value(url, f'sum(tunemesh_rpc_handled_total{{service="scheduler",grpc_method="ForwardBackward",{ok}}})') \
+        == 2 * steps
+    assert _value(url, f'sum(tunemesh_rpc_handled_total{{service="trainer",grpc_method="RunBatch",{ok}}})') >= 1
+    assert _value(url, 'sum(tunemesh_rpc_handled_total{service="scheduler",grpc_method="GetCheckpoint",'
+                       'grpc_code="NOT_FOUND"})') == 1
+    assert _value(url, 'sum(tunemesh_rpc_duration_seconds_count{service="sampler",grpc_method="Sample"})') == 1
+    for service in ("scheduler", "trainer", "sampler"):
+        assert _value(url, f'tunemesh_etcd_up{{service="{service}"}}') == 1, service
+    for service in ("trainer", "sampler"):
+        assert _value(url, f'tunemesh_node_lease_held{{service="{service}"}}') == 1, service
+    assert _value(url, f'tunemesh_node_info{{service="trainer",node_id="trainer-0",model="{MODEL}"}}') == 1
+
+
+def test_scheduler_queues_batches_and_tenant_tokens(observed_mesh):
+    url, steps = observed_mesh.prometheus_url, observed_mesh.steps
+    for tenant in ("alice", "bob"):
+        assert _value(url, f'tunemesh_scheduler_tokens_total{{tenant="{tenant}",kind="forward_backward"}}') \
+            == steps * DATUM_TOKENS
+        assert _value(url, f'tunemesh_scheduler_queue_wait_seconds_count{{tenant="{tenant}"}}') >= 2 * steps
+        assert _value(url, f'tunemesh_scheduler_queue_depth{{tenant="{tenant}"}}') == 0
+    # every forward_backward and optim_step of both tenants, and alice's forward, went in fused batches
+    assert _value(url, "sum(tunemesh_scheduler_batch_items_sum)") == 2 * 2 * steps + 1
+    assert _value(url, "sum(tunemesh_scheduler_batch_tokens_sum)") == (2 * steps + 1) * DATUM_TOKENS
+    assert _value(url, 'tunemesh_scheduler_operations_finished_total{tenant="alice",kind="optim_step",'
+                       'state="SUCCEEDED"}') == steps
+    assert _value(url, 'tunemesh_scheduler_nodes{role="trainer"}') == 1
+    assert _value(url, 'tunemesh_scheduler_nodes{role="sampler"}') == 1
+
+
+def test_trainer_sampler_and_checkpoint_figures(observed_mesh):
+    url, steps = observed_mesh.prometheus_url, observed_mesh.steps
+    assert _value(url, 'tunemesh_trainer_tokens_total{kind="forward_backward"}') == 2 * steps * DATUM_TOKENS
+    assert _value(url, 'tunemesh_trainer_tokens_total{kind="forward"}') == DATUM_TOKENS
+    assert _value(url, 'tunemesh_trainer_items_total{kind="optim_step"}') == 2 * steps
+    assert _value(url, "tunemesh_trainer_step_duration_seconds_count") >= 1
+    assert _value(url, "tunemesh_trainer_tokens_per_second") > 0
+    assert _value(url, 'tunemesh_trainer_adapters_loaded_total{source="new"}') == 2
+    assert _value(url, "tunemesh_trainer_adapters_unloaded_total") == 1  # bob's run deleted
+    assert _value(url, "tunemesh_trainer_adapters_resident") == 1
+    generated = _value(url, "tunemesh_sampler_generated_tokens_total")
+    assert 0 < generated <= 2 * len(ANSWER)
+    assert _value(url, "tunemesh_sampler_tokens_per_second") > 0
+    assert _value(url, 'tunemesh_sampler_prompt_tokens_total{kind="logprobs"}') == len(PROMPT + ANSWER)
+    assert _value(url, "tunemesh_sampler_adapters_loaded_total") == 1
+    assert _value(url, 'tunemesh_sampler_adapter_load_duration_seconds_count{result="ok"}') == 1
+    assert _value(url, "tunemesh_sampler_adapters_resident") == 1
+    written, read = _value(url, "tunemesh_checkpoint_write_bytes_total"), _value(url, "tunemesh_checkpoint_read_bytes_total")
+    assert written > 1000 and read > 1000  # the sampler read back (at least) the weights alice saved
+    assert _value(url, 'tunemesh_checkpoint_op_duration_seconds_count{op="commit",result="ok"}') == 1
+
+
+def test_every_service_serves_health_and_reflection(observed_mesh):
+    services = [p for p in observed_mesh.mesh.processes if p.role not in ("etcd", "prometheus")]
+    assert sorted(p.role for p in services) == ["checkpoint", "sampler", "scheduler", "trainer"]
+    for record in services:
+        with grpc.insecure_channel(record.address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert health.status == health_pb2.HealthCheckResponse.SERVING, record.name
+            reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+            answer = next(reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                                          timeout=10))
+            names = {s.name for s in answer.list_services_response.service}
+            assert "grpc.health.v1.Health" in names and any(n.startswith("tunemesh.") for n in names), (record.name, names)
