@@ -22,6 +22,12 @@ AdapterSlotKey = tuple[str | None, bool]  # (adapter id or None, whether its LoR
 ExpertGroups = list[tuple[AdapterSlotKey, int]]  # (slot, token count) of one expert's tokens
 
 
+def full_shape(weight: torch.Tensor) -> torch.Size:
+    """A weight's shape, also when ZeRO-3 has partitioned it (then the tensor is empty and
+    `ds_shape` holds the shape)."""
+    return getattr(weight, "ds_shape", weight.shape)
+
+
 @dataclasses.dataclass
 class LoraPair:
     """One adapter's LoRA factors on one linear: delta(x) = scale * x @ A.T @ B.T.
@@ -161,7 +167,7 @@ class MultiLoraExperts(nn.Module):
         super().__init__()
         self.base = base
         self.routing = routing
-        self.num_experts = int(base.gate_up_proj.shape[0])
+        self.num_experts = int(full_shape(base.gate_up_proj)[0])
         self.local_experts = range(self.num_experts)  # experts whose base weights `base` holds
         self.exchange: Callable[..., torch.Tensor] | None = None
         self.pairs: dict[str, dict[str, LoraPair]] = {p: {} for p in EXPERT_PARAMETERS}
@@ -263,7 +269,7 @@ def expert_targets(model: nn.Module) -> list[str]:
     found = []
     for name, module in model.named_modules():
         weights = [getattr(module, p, None) for p in EXPERT_PARAMETERS]
-        if not all(isinstance(w, nn.Parameter) and w.ndim == 3 for w in weights):
+        if not all(isinstance(w, nn.Parameter) and len(full_shape(w)) == 3 for w in weights):
             continue
         layout = (getattr(module, "has_gate", True), getattr(module, "has_bias", False),
                   getattr(module, "is_transposed", False), getattr(module, "is_concatenated", True))

@@ -101,3 +101,23 @@ def test_two_ranks_match_one_process(rank_group, tiny_dense_dir, tiny_moe_dir, f
         ds_engine.adapter_digest(adapter_id)  # raises unless both ranks hold the same state
     after = _batches(seed=9)[0]
     _assert_outcomes_close(ds_engine.run_batch(after), torch_engine.run_batch(after))
+
+
+def test_ranks_load_the_base_partitioned_and_leave_later_loads_alone(rank_group, tiny_dense_dir):
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())
+    logger = logging.getLogger("transformers.modeling_utils")
+    level = logger.level
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    try:
+        rank_group.build(model_dir=tiny_dense_dir, name="tiny", family="dense", max_lora_rank=16, max_seq_len=48)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    assert any("zero.init()" in m for m in messages), messages  # built under zero.Init: a shard per rank
+    plain = build_torch_engine(tiny_dense_dir, name="tiny", family="dense", max_lora_rank=16, max_seq_len=48)
+    assert not any(hasattr(p, "ds_id") for p in plain.model.parameters())

@@ -15,9 +15,10 @@ ZeRO, and runs them for the tokens of its whole group.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from tunemesh_trainer.domain import AdamSpec, AdapterState, EngineItem, ItemOutcome, LoraSpec
 from tunemesh_trainer.engine.data_parallel import DataParallel
@@ -48,6 +49,23 @@ def rank_device() -> str:
     if accelerator.device_name() == "cpu":
         return "cpu"
     return accelerator.device_name(int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@contextlib.contextmanager
+def partitioned_loading(zero_stage: int) -> Iterator[None]:
+    """Under ZeRO-3, models loaded inside are built under `zero.Init`: each rank
+    materialises only its shard of every weight, never the whole model."""
+    if zero_stage != 3:
+        yield
+        return
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+    config = HfDeepSpeedConfig(zero_config(zero_stage))  # transformers holds a weak reference
+    try:
+        yield
+    finally:
+        unset_hf_deepspeed_config()
+        del config
 
 
 def _align_parameter_ids(device: str) -> None:
@@ -85,12 +103,13 @@ class DeepSpeedTrainingEngine:
 
         device = rank_device()
         parallel = DataParallel(dist.get_rank(), dist.get_world_size(), device)
-        self._local = TorchTrainingEngine(
-            model_dir, name, family, max_lora_rank, max_seq_len, num_threads=num_threads,
-            device=device, max_batch_tokens=max_batch_tokens, data_parallel=parallel, dtype=dtype,
-        )
-        experts_per_rank = self._shard_experts(parallel, expert_parallel)
         _align_parameter_ids(device)
+        with partitioned_loading(zero_stage):
+            self._local = TorchTrainingEngine(
+                model_dir, name, family, max_lora_rank, max_seq_len, num_threads=num_threads,
+                device=device, max_batch_tokens=max_batch_tokens, data_parallel=parallel, dtype=dtype,
+            )
+        experts_per_rank = self._shard_experts(parallel, expert_parallel)
         leaves = self._local.expert_block_types()
         if zero_stage == 3 and leaves:
             set_z3_leaf_modules(self._local.model, leaves)

@@ -16,6 +16,7 @@ that every rank's backward reaches every exchange.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -63,13 +64,24 @@ def shard_experts(layers: dict[str, MultiLoraExperts], ep: ExpertGroup) -> int:
                                   f"{name} has {layer.num_experts} experts, not divisible by {ep.size} ranks")
         per_rank = layer.num_experts // ep.size
         first = ep.rank * per_rank
-        for param in EXPERT_PARAMETERS:
-            local = getattr(layer.base, param).detach()[first : first + per_rank].clone()
+        weights = [getattr(layer.base, param) for param in EXPERT_PARAMETERS]
+        with _gathered(weights):  # loaded under zero.Init: every rank sees the whole tensors here
+            local = [w.detach()[first : first + per_rank].clone() for w in weights]
+        for param, weight in zip(EXPERT_PARAMETERS, local):
             delattr(layer.base, param)
-            layer.base.register_buffer(param, local)
+            layer.base.register_buffer(param, weight)
         layer.local_experts = range(first, first + per_rank)
         layer.exchange = exchange
     return per_rank
+
+
+def _gathered(weights: list[torch.Tensor]):
+    """Gather ZeRO-3 partitioned weights for reading (a collective); no-op for plain tensors."""
+    if not any(hasattr(w, "ds_id") for w in weights):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(weights)
 
 
 class TokenExchange:

@@ -35,6 +35,7 @@ from tunemesh_common.multi_lora import (
     RowPlan,
     candidate_targets,
     expert_targets,
+    full_shape,
     install_expert_wrappers,
     install_wrappers,
 )
@@ -80,7 +81,7 @@ class TorchTrainingEngine:
         self._groups = candidate_targets(model)
         self._routing = LoraRouting()
         self._wrappers = install_wrappers(model, sorted(self._groups), self._routing)
-        self._has_experts = any(p.ndim == 3 and ".experts." in n for n, p in model.named_parameters())
+        self._has_experts = any(len(full_shape(p)) == 3 and ".experts." in n for n, p in model.named_parameters())
         self._experts = install_expert_wrappers(model, expert_targets(model), self._routing)
         self._groups.update({f"{m}.{p}": "experts" for m in self._experts for p in EXPERT_PARAMETERS})
         self._slots: dict[str, AdapterSlot] = {}
@@ -147,7 +148,7 @@ class TorchTrainingEngine:
         module, _, param = name.rpartition(".")
         layer = self._experts[module]
         weight = getattr(layer.base, param)
-        _, out_f, in_f = getattr(weight, "ds_shape", weight.shape)  # full shape under ZeRO-3
+        _, out_f, in_f = full_shape(weight)
         return in_f, out_f, layer.num_experts  # all experts, also where this rank holds a share
 
     def _pair_table(self, name: str) -> dict[str, LoraPair]:
