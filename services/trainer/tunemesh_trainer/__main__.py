@@ -39,7 +39,7 @@ def build_core(
     path = registry.materialize(s.model)
     kwargs = dict(name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
                   max_seq_len=entry.max_seq_len, num_threads=s.num_threads or None,
-                  max_batch_tokens=s.max_batch_tokens)
+                  max_batch_tokens=s.max_batch_tokens, dtype=s.dtype)
     if group is None:
         engine = build_torch_engine(path, **kwargs)
     else:
@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     world = int(os.environ["WORLD_SIZE"]) if launched is not None else s.ranks
     if s.expert_parallel < 1 or world % s.expert_parallel:
         raise SystemExit(f"tunemesh_trainer: --expert-parallel {s.expert_parallel} must divide the {world} rank(s) of this trainer (--ranks)")
+    if s.dtype not in ("float32", "bfloat16"):
+        raise SystemExit(f"tunemesh_trainer: --dtype must be float32 or bfloat16, got {s.dtype!r}")
     if launched:  # a follower rank started by torchrun / deepspeed
         rank_group.serve_rank(rank_group.join_group())
         return

@@ -26,6 +26,7 @@ class TrainerSettings:
     checkpoint: str = ""  # host:port of the checkpoint service; empty: saves and loads fail
     ranks: int = 1  # > 1: a DeepSpeed ZeRO-3 group of this many local ranks (this process is rank 0)
     expert_parallel: int = 1  # > 1: groups of this many ranks split each MoE layer's experts (divides ranks)
+    dtype: str = "float32"  # the frozen base's dtype: float32 or bfloat16 (LoRA, grads and AdamW stay float32)
 
 
 def load(argv: list[str] | None = None) -> TrainerSettings:
