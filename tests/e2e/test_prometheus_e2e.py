@@ -90,3 +90,18 @@ def test_every_service_serves_health_and_reflection(observed_mesh):
                                                           timeout=10))
             names = {s.name for s in answer.list_services_response.service}
             assert "grpc.health.v1.Health" in names and any(n.startswith("tunemesh.") for n in names), (record.name, names)
+
+
+def test_status_shows_live_figures_and_nodes_publish_their_metrics_url(observed_mesh):
+    from tunemesh_local import status
+
+    view = status.collect_status(observed_mesh.mesh)
+    live = view["live"]
+    assert {name: figures["metrics"] for name, figures in live.items()} == {
+        "checkpoint": "ok", "trainer-0": "ok", "sampler-0": "ok", "scheduler": "ok"}
+    assert live["scheduler"]["queued"] == 0 and set(live["scheduler"]["queued_by_tenant"]) == {"alice", "bob"}
+    assert live["trainer-0"]["adapters"] == 1 and live["trainer-0"]["tokens_per_second"] is not None
+    assert live["sampler-0"]["adapters"] == 1 and live["sampler-0"]["adapter_slots"] >= 1
+    urls = {p.name: p.metrics_url for p in observed_mesh.mesh.processes}
+    assert [(t["node_id"], t["metrics_url"]) for t in view["trainers"]] == [("trainer-0", urls["trainer-0"])]
+    assert urls["trainer-0"].startswith("http://127.0.0.1:")

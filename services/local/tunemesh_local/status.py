@@ -1,4 +1,5 @@
-"""`tunemesh status`: the recorded processes, plus what etcd says (trainers, placements)."""
+"""`tunemesh status`: the recorded processes, live figures from their metrics, plus what
+etcd says (trainers, placements)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import asyncio
 import json
 
 from tunemesh_common import registry
-from tunemesh_local import processes
+from tunemesh_local import live_figures, processes
 from tunemesh_local.state import MeshState
 
 ETCD_QUERY_TIMEOUT_S = 3.0
@@ -19,12 +20,14 @@ def collect_status(mesh: MeshState, timeout: float = ETCD_QUERY_TIMEOUT_S) -> di
         "etcd_endpoint": mesh.etcd_endpoint,
         "scheduler_address": mesh.scheduler_address,
         "api_keys_file": mesh.api_keys_file,
+        "prometheus_url": mesh.prometheus_url,
         "processes": [
             {"name": p.name, "role": p.role, "pid": p.pid, "alive": processes.is_alive(p.pid, p.start_time),
              "address": p.address, "metrics_url": p.metrics_url, "log": p.log_path}
             for p in mesh.processes
         ],
         "etcd": {"reachable": False, "error": ""},
+        "live": live_figures.collect(mesh.processes),
         "trainers": [],
         "placements": {},
     }
@@ -56,15 +59,35 @@ def render_status(view: dict) -> str:
     lines = [f"state dir   {view['state_dir']}", f"scheduler   {view['scheduler_address'] or '-'}",
              f"etcd        {view['etcd_endpoint']} "
              + ("(reachable)" if view["etcd"]["reachable"] else f"(UNREACHABLE: {view['etcd']['error']})"),
-             f"api keys    {view['api_keys_file']}", ""]
-    lines += _table(["PROCESS", "PID", "STATE", "ADDRESS"],
-                    [[p["name"], str(p["pid"]), "up" if p["alive"] else "DEAD", p["address"] or "-"]
-                     for p in view["processes"]])
+             f"api keys    {view['api_keys_file']}"]
+    if view.get("prometheus_url"):
+        lines.append(f"prometheus  {view['prometheus_url']}")
+    lines += [""] + _table(["PROCESS", "PID", "STATE", "ADDRESS"],
+                           [[p["name"], str(p["pid"]), "up" if p["alive"] else "DEAD", p["address"] or "-"]
+                            for p in view["processes"]])
+    lines += [""] + _table(["LIVE", "QUEUED", "TOKENS/S", "ADAPTERS", "METRICS"],
+                           [[name, *_live_row(figures)] for name, figures in view.get("live", {}).items()])
     lines += [""] + _table(["TRAINER", "ADDRESS", "MODELS", "ADAPTERS"],
                            [[t["node_id"], t["address"], ",".join(t["models"]) or "-",
                              f"{t['adapters']}/{t['max_adapters']}"] for t in view["trainers"]])
     lines += [""] + _table(["RUN", "TRAINER"], [[run, node] for run, node in sorted(view["placements"].items())])
     return "\n".join(lines)
+
+
+def _live_row(figures: dict) -> list[str]:
+    """QUEUED, TOKENS/S, ADAPTERS and METRICS cells; "-" where a figure is unknown."""
+    queued = figures.get("queued")
+    if queued is not None and figures.get("queued_by_tenant"):
+        tenants = ", ".join(f"{t} {v:g}" for t, v in sorted(figures["queued_by_tenant"].items()) if v)
+        queued = f"{queued:g}" + (f" ({tenants})" if tenants else "")
+    rate = figures.get("tokens_per_second")
+    adapters, slots = figures.get("adapters"), figures.get("adapter_slots")
+    return [queued if isinstance(queued, str) else _number(queued), "-" if rate is None else f"{rate:.1f}",
+            "-" if adapters is None else f"{adapters:g}/{_number(slots)}", figures["metrics"]]
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:g}"
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
