@@ -1,0 +1,41 @@
+"""What the etcd metrics read: a registration's `etcd_up` / `lease_held` and a watcher's
+`connected` follow etcd going away and coming back."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from tunemesh_common.etcd_process import EtcdProcess
+from tunemesh_common.registry import NodeRegistration, NodeWatcher
+
+pytestmark = pytest.mark.e2e
+TTL = 2
+
+
+async def _until(predicate, timeout: float) -> float:
+    """Seconds until `predicate()` held (AssertionError after `timeout`)."""
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not reached"
+        await asyncio.sleep(0.1)
+    return time.monotonic() - start
+
+
+def test_etcd_loss_and_return_show_in_registration_and_watcher_state(etcd_process: EtcdProcess) -> None:
+    async def scenario() -> None:
+        endpoint = etcd_process.endpoint
+        watcher = await NodeWatcher.start(endpoint, "trainers")
+        reg = await NodeRegistration.start(endpoint, "trainers", "t9", b"record", ttl=TTL)
+        assert reg.etcd_up and reg.lease_held and watcher.connected
+        etcd_process.kill()
+        await _until(lambda: not reg.etcd_up and not watcher.connected, timeout=TTL + 5)
+        await _until(lambda: not reg.lease_held, timeout=TTL + 1)  # unconfirmed for a whole TTL
+        etcd_process.start()
+        await _until(lambda: reg.etcd_up and reg.lease_held and watcher.connected, timeout=15)
+        await reg.stop()
+        await watcher.stop()
+
+    asyncio.run(scenario())
