@@ -121,3 +121,17 @@ def test_ranks_load_the_base_partitioned_and_leave_later_loads_alone(rank_group,
     assert any("zero.init()" in m for m in messages), messages  # built under zero.Init: a shard per rank
     plain = build_torch_engine(tiny_dense_dir, name="tiny", family="dense", max_lora_rank=16, max_seq_len=48)
     assert not any(hasattr(p, "ds_id") for p in plain.model.parameters())
+
+
+def test_bf16_base_on_two_expert_parallel_ranks_follows_one_process(rank_group, tiny_moe_dir):
+    kwargs = dict(name="tiny", family="moe", max_lora_rank=16, max_seq_len=48, max_batch_tokens=64, dtype="bfloat16")
+    torch_engine = build_torch_engine(tiny_moe_dir, num_threads=1, **kwargs)
+    ds_engine = rank_group.build(model_dir=tiny_moe_dir, num_threads=1, expert_parallel=2, **kwargs)
+    for engine in (torch_engine, ds_engine):
+        engine.create_adapter("a", SPECS["a"])
+    batch = [item for item in _batches(seed=7)[0] if item.adapter_id == "a"]
+    for got, want in zip(ds_engine.run_batch(batch), torch_engine.run_batch(batch), strict=True):
+        assert got.failure is None and want.failure is None
+        assert got.metrics["loss:sum"] == pytest.approx(want.metrics["loss:sum"], rel=1e-2)
+    step = ds_engine.optim_step("a", ADAM)["grad_norm:max"]
+    assert step == pytest.approx(torch_engine.optim_step("a", ADAM)["grad_norm:max"], rel=5e-2)
