@@ -104,7 +104,10 @@ class MultiLoraLinear(nn.Module):
         rows = plan.num_rows
         x_r = x.reshape(rows, -1, x.shape[-1])
         out_r = out.reshape(rows, -1, out.shape[-1])
-        pieces = [self._segment(plan, aid, x_r[start:end], out_r[start:end]) for aid, start, end in plan.segments]
+        sizes = [end - start for _, start, end in plan.segments]  # the segments tile the rows in order
+        # split, not slicing: a slice's backward zero-fills a whole-batch gradient per segment
+        pieces = [self._segment(plan, aid, x_s, out_s) for (aid, _, _), x_s, out_s
+                  in zip(plan.segments, torch.split(x_r, sizes), torch.split(out_r, sizes))]
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(out.shape)
 
     def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -235,15 +238,14 @@ class MultiLoraExperts(nn.Module):
         pairs = self.pairs[param]
         if not any(aid in pairs for (aid, _), _ in groups):
             return out
-        pieces, first = [], 0
-        for (aid, trains), count in groups:
-            piece, pair = out[first : first + count], pairs.get(aid)
+        counts = [count for _, count in groups]
+        pieces = []
+        for ((aid, trains), _), piece, x_g in zip(groups, torch.split(out, counts), torch.split(x, counts)):
+            pair = pairs.get(aid)
             if pair is not None:
                 a, b = pair.expert_factors(expert, detach=not trains)
-                delta = F.linear(F.linear(x[first : first + count].to(a.dtype), a), b) * pair.scale
-                piece = piece + delta.to(piece.dtype)
+                piece = piece + (F.linear(F.linear(x_g.to(a.dtype), a), b) * pair.scale).to(piece.dtype)
             pieces.append(piece)
-            first += count
         return torch.cat(pieces)
 
 
