@@ -252,8 +252,10 @@ def test_prometheus_scrapes_every_pod_on_a_declared_metrics_port(variant):
 
 @pytest.fixture
 def chart_copy(tmp_path):
-    """A copy of deploy/k8s beside an empty grafana folder (its dashboards link points there)."""
+    """A copy of deploy/k8s beside an empty grafana folder (its dashboards link points there)
+    and a copy of deploy/prometheus (its alert rules)."""
     shutil.copytree(CHART, tmp_path / "k8s", symlinks=True)
+    shutil.copytree(CHART.parent / "prometheus", tmp_path / "prometheus")
     (tmp_path / "grafana").mkdir()
     return tmp_path
 
