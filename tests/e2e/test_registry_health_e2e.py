@@ -15,13 +15,12 @@ pytestmark = pytest.mark.e2e
 TTL = 2
 
 
-async def _until(predicate, timeout: float) -> float:
-    """Seconds until `predicate()` held (AssertionError after `timeout`)."""
+async def _until(predicate, timeout: float, state) -> None:
+    """Wait until `predicate()` holds (AssertionError naming `state()` after `timeout`)."""
     start = time.monotonic()
     while not predicate():
-        assert time.monotonic() - start < timeout, "condition not reached"
+        assert time.monotonic() - start < timeout, f"not reached in {timeout}s: {state()}"
         await asyncio.sleep(0.1)
-    return time.monotonic() - start
 
 
 def test_etcd_loss_and_return_show_in_registration_and_watcher_state(etcd_process: EtcdProcess) -> None:
@@ -29,12 +28,13 @@ def test_etcd_loss_and_return_show_in_registration_and_watcher_state(etcd_proces
         endpoint = etcd_process.endpoint
         watcher = await NodeWatcher.start(endpoint, "trainers")
         reg = await NodeRegistration.start(endpoint, "trainers", "t9", b"record", ttl=TTL)
-        assert reg.etcd_up and reg.lease_held and watcher.connected
+        state = lambda: dict(etcd_up=reg.etcd_up, lease_held=reg.lease_held, connected=watcher.connected)  # noqa: E731
+        assert state() == dict(etcd_up=True, lease_held=True, connected=True)
         etcd_process.kill()
-        await _until(lambda: not reg.etcd_up and not watcher.connected, timeout=TTL + 5)
-        await _until(lambda: not reg.lease_held, timeout=TTL + 1)  # unconfirmed for a whole TTL
+        await _until(lambda: not reg.etcd_up and not watcher.connected, TTL + 5, state)
+        await _until(lambda: not reg.lease_held, TTL + 1, state)  # unconfirmed for a whole TTL
         etcd_process.start()
-        await _until(lambda: reg.etcd_up and reg.lease_held and watcher.connected, timeout=15)
+        await _until(lambda: reg.etcd_up and reg.lease_held and watcher.connected, 15, state)
         await reg.stop()
         await watcher.stop()
 

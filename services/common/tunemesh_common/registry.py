@@ -279,6 +279,7 @@ class NodeWatcher:
 
     async def _watch_once(self) -> None:
         self._watch = await self._client.watch_prefix(self._prefix, start_revision=self.revision + 1)
+        self.connected = True  # etcd answered the watch's creation
         try:
             async for event in self._watch:
                 node_id = event.kv.key[len(self._prefix):].decode()
