@@ -120,9 +120,9 @@ class CheckpointCatalog:
                 f" (missing {sorted(missing)}, unexpected {sorted(extra)})",
             )
         config = peft_format.parse_config(files[peft_format.CONFIG_FILE])
-        modules = peft_format.check_factors(peft_format.read_header(files[peft_format.WEIGHTS_FILE]), config.rank)
-        lora = {"rank": config.rank, "alpha": config.alpha, **peft_format.lora_switches(modules),
-                "train_experts": False, "seed": 0}
+        modules = peft_format.check_factors(peft_format.read_header(files[peft_format.WEIGHTS_FILE]), config.rank,
+                                            config.target_parameters)
+        lora = {"rank": config.rank, "alpha": config.alpha, **peft_format.lora_switches(modules), "seed": 0}
         normalized = peft_format.build_config(base_model, config.rank, config.alpha, sorted(modules))
         spec = CheckpointSpec(path, base_model, lora, 0, False, ttl_seconds, dict(user_metadata or {}))
         content = {peft_format.CONFIG_FILE: _json_bytes(normalized), peft_format.WEIGHTS_FILE: files[peft_format.WEIGHTS_FILE]}

@@ -11,7 +11,8 @@ B: out x rank*experts). PEFT nests one wrapper per parameter on the experts modu
 module's parameter order, so with both targeted gate_up_proj's factors sit one `base_layer`
 deeper: tunemesh's `<experts>.gate_up_proj.lora_A.weight` is PEFT's
 `<experts>.base_layer.lora_A.weight`, and `<experts>.down_proj.lora_A.weight` is
-`<experts>.lora_A.weight`. tunemesh always targets both.
+`<experts>.lora_A.weight`. tunemesh always targets both, and accepts adapters only with
+both (with one, PEFT's keys would no longer say which weight a factor belongs to).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ TARGET_GROUPS = {
 }
 # tunemesh's expert-weight module suffix -> PEFT's (see the module docstring).
 EXPERT_PEFT_MODULES = {".experts.gate_up_proj": ".experts.base_layer", ".experts.down_proj": ".experts"}
+# The `target_parameters` of an expert-LoRA adapter (both, in any order).
+EXPERT_TARGET_PARAMETERS = frozenset(m[1:] for m in EXPERT_PEFT_MODULES)
 _DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2}
 _MAX_HEADER_BYTES = 64 << 20
 
@@ -52,6 +55,7 @@ class AdapterConfig:
     rank: int
     alpha: float
     target_modules: tuple[str, ...]
+    target_parameters: tuple[str, ...] = ()  # () or EXPERT_TARGET_PARAMETERS, sorted
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +107,8 @@ def module_of(name: str) -> str:
 def build_config(base_model: str, rank: int, alpha: float, modules: list[str]) -> dict:
     """A PEFT `adapter_config.json` for LoRA factors on `modules` (full module names;
     `<experts>.gate_up_proj` / `.down_proj` become `target_parameters`)."""
-    experts = sorted({m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in modules if _is_expert(m)})
-    modules = [m for m in modules if not _is_expert(m)]
+    experts = sorted({m.rsplit(".", 2)[-2] + "." + m.rsplit(".", 1)[-1] for m in modules if is_expert(m)})
+    modules = [m for m in modules if not is_expert(m)]
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -128,12 +132,14 @@ def build_config(base_model: str, rank: int, alpha: float, modules: list[str]) -
     return config
 
 
-def _is_expert(module: str) -> bool:
+def is_expert(module: str) -> bool:
+    """Whether `module` names a fused expert weight (`<experts>.gate_up_proj` / `.down_proj`)."""
     return module.endswith(tuple(EXPERT_PEFT_MODULES))
 
 
 def parse_config(raw: bytes) -> AdapterConfig:
-    """Validate an uploaded `adapter_config.json` (a plain LoRA adapter, nothing else)."""
+    """Validate an uploaded `adapter_config.json`: a plain LoRA adapter on linears, and on
+    both fused MoE expert weights (`target_parameters`), nothing else."""
     try:
         config = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
@@ -148,26 +154,47 @@ def parse_config(raw: bytes) -> AdapterConfig:
     for key, allowed in (("use_dora", (False, None)), ("use_rslora", (False, None)), ("bias", ("none", None)),
                          ("fan_in_fan_out", (False, None)), ("modules_to_save", (None, [])),
                          ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None)),
-                         ("layer_replication", (None, [])), ("target_parameters", (None, [])),
+                         ("layer_replication", (None, [])),
                          ("alora_invocation_tokens", (None, [])), ("trainable_token_indices", (None, [], {})),
                          ("use_qalora", (False, None)), ("lora_bias", (False, None))):
         if config.get(key) not in allowed:
             raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", f"{CONFIG_FILE}: {key}={config[key]!r} is not supported")
+    parameters = _target_parameters(config.get("target_parameters"))
     targets = config.get("target_modules")
+    if targets is None and parameters:
+        targets = []  # PEFT writes null for an adapter on expert weights alone
     if isinstance(targets, str) or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
         raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", "`target_modules` must be a list of module names")
-    return AdapterConfig(rank, float(alpha), tuple(targets))
+    return AdapterConfig(rank, float(alpha), tuple(targets), parameters)
+
+
+def _target_parameters(value: object) -> tuple[str, ...]:
+    """`target_parameters`: none, or exactly both fused expert weights."""
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
+        raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", "`target_parameters` must be a list of parameter names")
+    wanted = " and ".join(sorted(EXPERT_TARGET_PARAMETERS))
+    unknown = sorted(set(value) - EXPERT_TARGET_PARAMETERS)
+    if unknown:
+        raise InvalidArgument("UNSUPPORTED_TARGET_PARAMETER",
+                              f"LoRA on parameter {unknown[0][:200]!r} is not supported (only {wanted})")
+    if set(value) != EXPERT_TARGET_PARAMETERS:
+        raise InvalidArgument("UNSUPPORTED_TARGET_PARAMETER",
+                              f"`target_parameters` {sorted(value)} must name both {wanted}")
+    return tuple(sorted(EXPERT_TARGET_PARAMETERS))
 
 
 def lora_switches(modules: set[str]) -> dict[str, bool]:
     """Which LoraConfig switches cover LoRA on `modules`; InvalidArgument for others."""
     groups = set()
     for module in modules:
-        group = TARGET_GROUPS.get(module.rsplit(".", 1)[-1])
+        group = "experts" if is_expert(module) else TARGET_GROUPS.get(module.rsplit(".", 1)[-1])
         if group is None:
             raise InvalidArgument("UNSUPPORTED_TARGET_MODULE", f"LoRA on {module!r} is not supported")
         groups.add(group)
-    return {"train_attn": "attn" in groups, "train_mlp": "mlp" in groups, "train_unembed": "unembed" in groups}
+    return {"train_attn": "attn" in groups, "train_mlp": "mlp" in groups, "train_unembed": "unembed" in groups,
+            "train_experts": "experts" in groups}
 
 
 def read_header(data: bytes) -> dict[str, TensorHeader]:
@@ -210,21 +237,43 @@ def _tensor_header(key: str, entry: object, body_bytes: int) -> TensorHeader:
     return TensorHeader(dtype, shape, begin, end)
 
 
-def check_factors(tensors: dict[str, TensorHeader], rank: int) -> set[str]:
-    """Check PEFT LoRA factors (A: rank x in, B: out x rank, both per module); return the modules."""
+def check_factors(tensors: dict[str, TensorHeader], rank: int, target_parameters: tuple[str, ...] = ()) -> set[str]:
+    """Check PEFT LoRA factors (A: rank x in, B: out x rank, both per module; on fused
+    experts, which need `target_parameters`, A: experts*rank x in, B: out x rank*experts
+    with one expert count throughout); return the modules."""
     if not tensors:
         raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{WEIGHTS_FILE} holds no tensors")
     names = {internal_name(key): header for key, header in tensors.items()}
     modules = {module_of(n) for n in names}
+    expert_rows = set()
     for module in sorted(modules):
         a, b = names.get(f"{module}.lora_A.weight"), names.get(f"{module}.lora_B.weight")
         if a is None or b is None:
             raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{module}: needs both lora_A and lora_B")
-        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != rank or b.shape[1] != rank:
-            raise InvalidArgument(
-                "BAD_ADAPTER_WEIGHTS", f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not match r={rank}"
-            )
+        rows = _factor_rows(module, a, b, rank, bool(target_parameters))
+        if is_expert(module):
+            expert_rows.add(rows)
+    if len(expert_rows) > 1:
+        raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"expert factors disagree on the expert count ({sorted(expert_rows)} "
+                                                     f"rows at r={rank})")
     return modules
+
+
+def _factor_rows(module: str, a: TensorHeader, b: TensorHeader, rank: int, experts_declared: bool) -> int:
+    """A's row count (rank, or rank * experts on fused experts), checked against B and r."""
+    expert = is_expert(module)
+    if expert and not experts_declared:
+        raise InvalidArgument("BAD_ADAPTER_WEIGHTS",
+                              f"{module}: expert factors need `target_parameters` in {CONFIG_FILE}")
+    rows = a.shape[0] if len(a.shape) == 2 else -1
+    fits = (rows > 0 and rows % rank == 0) if expert else rows == rank
+    if len(b.shape) != 2 or not fits or b.shape[1] != rows:
+        shape = "experts*r" if expert else "r"
+        raise InvalidArgument(
+            "BAD_ADAPTER_WEIGHTS",
+            f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not match {shape} with r={rank}",
+        )
+    return rows
 
 
 def float32_file(tensors: dict[str, "np.ndarray"], metadata: dict[str, str] | None = None) -> list:

@@ -359,7 +359,8 @@ def test_an_adapter_saved_by_peft_passes_every_check(tmp_path):
     tensors = peft_format.read_header((tmp_path / peft_format.WEIGHTS_FILE).read_bytes())
     modules = peft_format.check_factors(tensors, config.rank)
     assert modules == {f"layers.{i}.{m}" for i in (0, 1) for m in ("q_proj", "v_proj")}
-    assert peft_format.lora_switches(modules) == {"train_attn": True, "train_mlp": False, "train_unembed": False}
+    assert peft_format.lora_switches(modules) == {"train_attn": True, "train_mlp": False, "train_unembed": False,
+                                                  "train_experts": False}
 
 
 def test_a_built_adapter_loads_in_peft_with_its_weights(tmp_path):
