@@ -71,6 +71,7 @@ def side_figures(workload: Workload, threads: str, seconds: list[float]) -> dict
 
 
 RATIOS = [("fused", "peft_sequential"), ("fused", "fused_1_thread"), ("deepspeed_2_ranks", "deepspeed_1_rank"),
+          ("deepspeed_2_ranks_ep2", "deepspeed_2_ranks"),
           ("deepspeed_2_ranks", "fused"), ("deepspeed_1_rank", "fused_1_thread")]
 
 
@@ -309,18 +310,20 @@ def deepspeed_child(args: argparse.Namespace, workload: Workload) -> None:
 
     model_dir, entry = model_dir_and_entry(args.data_dir)
     with local_group(args.child_ranks, threads=args.rank_threads, timeout_s=600) as group:
-        engine = group.build(model_dir=model_dir, num_threads=args.rank_threads, **engine_kwargs(entry, workload))
+        engine = group.build(model_dir=model_dir, num_threads=args.rank_threads, expert_parallel=args.child_ep,
+                             **engine_kwargs(entry, workload))
         side = EngineSide(engine, workload, entry.vocab_size, args.rank_threads)
         seconds, losses = measure({"deepspeed": side}, workload)
     args.child_json.write_text(json.dumps({"seconds": seconds["deepspeed"], "losses": losses["deepspeed"]}))
 
 
-def deepspeed_ranks(args: argparse.Namespace, workload: Workload, world: int) -> dict:
-    """Run `deepspeed_child` for `world` ranks in a child process; its seconds and losses."""
+def deepspeed_ranks(args: argparse.Namespace, workload: Workload, world: int, expert_parallel: int = 1) -> dict:
+    """Run `deepspeed_child` for `world` ranks (experts split over `expert_parallel` of
+    them) in a child process; its seconds and losses."""
     with tempfile.TemporaryDirectory(prefix="tunemesh-moe-bench-") as tmp:
         out = Path(tmp) / "deepspeed.json"
         command = [sys.executable, str(Path(__file__).resolve()), *workload_argv(args),
-                   "--child-ranks", str(world), "--child-json", str(out)]
+                   "--child-ranks", str(world), "--child-ep", str(expert_parallel), "--child-json", str(out)]
         subprocess.run(command, check=True, timeout=3600, env={**os.environ, "DS_ACCELERATOR": "cpu"})
         return json.loads(out.read_text())
 
@@ -341,10 +344,11 @@ def deepspeed_sides(args: argparse.Namespace, workload: Workload, torch_losses: 
     if importlib.util.find_spec("deepspeed") is None:
         return {}, {}, ["deepspeed is not installed: the DeepSpeed sides were skipped"]
     figures, errors = {}, {}
-    for world in args.ranks:
-        name = f"deepspeed_{world}_rank{'s' if world > 1 else ''}"
+    runs = [(world, 1) for world in args.ranks] + [(world, world) for world in args.ep_ranks if world > 1]
+    for world, expert_parallel in runs:
+        name = f"deepspeed_{world}_rank{'s' if world > 1 else ''}" + (f"_ep{world}" if expert_parallel > 1 else "")
         log(f"{name}: starting {world} local CPU rank(s), {args.rank_threads} thread(s) each")
-        child = deepspeed_ranks(args, workload, world)
+        child = deepspeed_ranks(args, workload, world, expert_parallel)
         figures[name] = side_figures(workload, f"{world}x{args.rank_threads}", child["seconds"])
         errors[name] = max(rel_err(a, b) for got, want in zip(child["losses"], torch_losses)
                            for a, b in zip(got, want))
@@ -370,10 +374,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--data-dir", type=Path, default=Path("~/.cache/tunemesh").expanduser(), help="model cache")
     p.add_argument("--json", type=Path, default=Path(__file__).resolve().parent / "results" / "moe_throughput.json",
                    help="write the figures here (default bench/results/moe_throughput.json)")
+    p.add_argument("--ep-ranks", default="2",
+                   help="rank counts also run with expert parallelism over all ranks, comma-separated ('' skips)")
     p.add_argument("--child-ranks", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--child-ep", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--child-json", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.ranks = [int(n) for n in args.ranks.split(",") if n]
+    args.ep_ranks = [int(n) for n in args.ep_ranks.split(",") if n] if args.ranks else []
     if args.warmup < 1 or args.repeats < 1 or args.steps < 1 or args.tenants < 1:
         p.error("--warmup, --repeats, --steps and --tenants must be >= 1")
     return args

@@ -71,3 +71,6 @@ def test_tiny_run_on_two_deepspeed_ranks(bench, data_dir, tmp_path):
     assert side["threads"] == "2x1" and side["tokens_per_s"] > 0
     assert "deepspeed_2_ranks / fused" in results["ratios"]
     assert results["deepspeed_vs_torch_max_rel_err"]["deepspeed_2_ranks"] <= 1e-5
+    assert results["sides"]["deepspeed_2_ranks_ep2"]["tokens_per_s"] > 0  # --ep-ranks defaults to 2
+    assert results["deepspeed_vs_torch_max_rel_err"]["deepspeed_2_ranks_ep2"] <= 1e-5
+    assert "deepspeed_2_ranks_ep2 / deepspeed_2_ranks" in results["ratios"]
