@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 from pathlib import Path
@@ -23,11 +24,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr)
     try:
-        registry = ModelRegistry.default(args.data_dir, config_file=args.config)
-        if args.command == "list":
-            print("\n".join(registry.names()))
-        else:
-            print(registry.materialize(args.name))
+        with contextlib.redirect_stdout(sys.stderr):  # stdout is the answer alone (libraries log to stdout)
+            registry = ModelRegistry.default(args.data_dir, config_file=args.config)
+            answer = "\n".join(registry.names()) if args.command == "list" else str(registry.materialize(args.name))
+        print(answer)
     except TunemeshError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
