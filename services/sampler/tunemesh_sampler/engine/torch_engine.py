@@ -1,4 +1,5 @@
-"""Batched multi-LoRA generation on a frozen HF causal LM, in plain torch.
+"""Batched multi-LoRA generation on a frozen HF causal LM, in plain torch (LoRA on linears
+and on fused MoE expert weights).
 
 Concurrent `generate` calls queue their rows (one row per sample); one worker thread takes
 all pending rows (up to `max_batch_rows`), groups them by adapter so each adapter's rows
@@ -39,8 +40,9 @@ from tunemesh_common.errors import (
     TunemeshError,
     Unavailable,
 )
-from tunemesh_common.multi_lora import LoraPair, LoraRouting, RowPlan, candidate_targets, install_wrappers
+from tunemesh_common.multi_lora import LoraRouting, RowPlan
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, SamplingSpec, StopReason
+from tunemesh_sampler.engine.lora_targets import LoraTargets
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +84,7 @@ class _Row:
 
 
 class TorchSamplingEngine:
-    """A frozen base model whose target linears carry many adapters' LoRA factors."""
+    """A frozen base model whose target linears and fused experts carry many adapters' LoRA factors."""
 
     def __init__(
         self,
@@ -105,8 +107,7 @@ class TorchSamplingEngine:
         model.requires_grad_(False)
         self._model = model.eval().to(self._device)
         self._routing = LoraRouting()
-        self._wrappers = install_wrappers(model, sorted(candidate_targets(model)), self._routing)
-        self._adapters: dict[str, list[str]] = {}  # adapter key -> the modules it has LoRA on
+        self._targets = LoraTargets(model, self._routing)
         self._eos = _eos_token_ids(model)
         self.info = ModelInfo(
             name=name,
@@ -122,49 +123,30 @@ class TorchSamplingEngine:
         self._scheduled = False
         self._closed = False
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="sampler-engine")
-        logger.info("loaded %s (%s) with %d LoRA target linears", name, family, len(self._wrappers))
+        logger.info("loaded %s (%s) with %d LoRA target linears and %d MoE experts layers",
+                    name, family, len(self._targets.linears), len(self._targets.experts))
 
     # adapters -----------------------------------------------------------------
 
     def load_adapter(self, adapter_key: str, directory: pathlib.Path) -> None:
         if not adapter_key:
             raise InvalidArgument("BAD_ADAPTER_KEY", "adapter key must be non-empty")
-        if adapter_key in self._adapters:
+        if adapter_key in self._targets:
             raise AlreadyExists("ADAPTER_LOADED", f"adapter {adapter_key!r} is already loaded")
         raw_config, data = _read_adapter_files(pathlib.Path(directory))
         config = peft_format.parse_config(raw_config)
         if not 1 <= config.rank <= self.info.max_lora_rank:
             raise InvalidArgument("BAD_LORA_RANK", f"rank {config.rank} is not in [1, {self.info.max_lora_rank}]")
-        modules = peft_format.check_factors(peft_format.read_header(data), config.rank)
+        modules = peft_format.check_factors(peft_format.read_header(data), config.rank, config.target_parameters)
         factors = _read_factors(data)
-        pairs = {module: self._pair(module, factors, config) for module in sorted(modules)}
-        for module, pair in pairs.items():
-            self._wrappers[module].pairs[adapter_key] = pair
-        self._adapters[adapter_key] = sorted(pairs)
+        pairs = {m: self._targets.pair(m, factors[f"{m}.lora_A.weight"], factors[f"{m}.lora_B.weight"], config,
+                                       self._device) for m in sorted(modules)}
+        self._targets.attach(adapter_key, pairs)
         logger.info("loaded adapter %s: rank %d on %d modules", adapter_key, config.rank, len(pairs))
 
-    def _pair(self, module: str, factors: dict[str, torch.Tensor], config: peft_format.AdapterConfig) -> LoraPair:
-        wrapper = self._wrappers.get(module)
-        if wrapper is None:
-            raise InvalidArgument("UNSUPPORTED_TARGET_MODULE", f"{module!r} is not a LoRA target of this model")
-        a, b = factors[f"{module}.lora_A.weight"], factors[f"{module}.lora_B.weight"]
-        base = wrapper.base
-        if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
-            raise InvalidArgument(
-                "BAD_ADAPTER_WEIGHTS",
-                f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit a "
-                f"{base.in_features} -> {base.out_features} linear",
-            )
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{module}: LoRA factors are not finite")
-        return LoraPair(_frozen(a, self._device), _frozen(b, self._device), config.alpha / config.rank)
-
     def unload_adapter(self, adapter_key: str) -> None:
-        modules = self._adapters.pop(adapter_key, None)
-        if modules is None:
+        if not self._targets.detach(adapter_key):
             raise NotFound("ADAPTER_NOT_LOADED", f"adapter {adapter_key!r} is not loaded")
-        for module in modules:
-            del self._wrappers[module].pairs[adapter_key]
 
     # generation ---------------------------------------------------------------
 
@@ -196,7 +178,7 @@ class TorchSamplingEngine:
             raise Unavailable("ENGINE_CLOSED", "the sampling engine is closed")
 
     def _check_adapter(self, adapter_key: str | None) -> None:
-        if adapter_key is not None and adapter_key not in self._adapters:
+        if adapter_key is not None and adapter_key not in self._targets:
             raise NotFound("ADAPTER_NOT_LOADED", f"adapter {adapter_key!r} is not loaded")
 
     def _check_tokens(self, tokens: Sequence[int], new_tokens: int) -> None:
@@ -404,10 +386,6 @@ def _read_factors(data: bytearray) -> dict[str, torch.Tensor]:
 
         tensors = {key: t.to(torch.float32) for key, t in load(bytes(data)).items()}
     return {peft_format.internal_name(key): t for key, t in tensors.items()}
-
-
-def _frozen(tensor: torch.Tensor, device: torch.device) -> nn.Parameter:
-    return nn.Parameter(tensor.to(device), requires_grad=False)
 
 
 def _eos_token_ids(model: nn.Module) -> frozenset[int]:

@@ -48,6 +48,20 @@ def can_serve(model_dir: pathlib.Path, family: str) -> str:
     return ""
 
 
+def check_adapter_config(raw_config: bytes, max_lora_rank: int) -> peft_format.AdapterConfig:
+    """The adapter's config if this engine can serve it: rank within `max_lora_rank`, and
+    no LoRA on fused MoE expert weights (vLLM's MoE + LoRA fails on CPU)."""
+    config = peft_format.parse_config(raw_config)
+    if config.rank > max_lora_rank:
+        raise InvalidArgument("BAD_LORA_RANK", f"rank {config.rank} exceeds this sampler's {max_lora_rank}")
+    if config.target_parameters:
+        raise InvalidArgument(
+            "UNSUPPORTED_TARGET_PARAMETER",
+            f"the vLLM sampling engine does not serve LoRA on MoE expert weights ({', '.join(config.target_parameters)}); "
+            "the torch engine does")
+    return config
+
+
 @dataclasses.dataclass
 class _Job:
     request: GenerateRequest | None  # None: a prompt-logprobs job
@@ -87,9 +101,7 @@ class VllmSamplingEngine:
     def load_adapter(self, adapter_key: str, directory: pathlib.Path) -> None:
         if adapter_key in self._loras:
             raise AlreadyExists("ADAPTER_LOADED", f"adapter {adapter_key} is already loaded")
-        config = peft_format.parse_config((directory / peft_format.CONFIG_FILE).read_bytes())
-        if config.rank > self.info.max_lora_rank:
-            raise InvalidArgument("BAD_LORA_RANK", f"rank {config.rank} exceeds this sampler's {self.info.max_lora_rank}")
+        check_adapter_config((directory / peft_format.CONFIG_FILE).read_bytes(), self.info.max_lora_rank)
         self._loras[adapter_key] = self._lora_request(adapter_key, directory)
 
     def unload_adapter(self, adapter_key: str) -> None:
