@@ -80,15 +80,16 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
 @pytest.fixture(scope="session")
 def observed_mesh(start_mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[mesh_traffic.ObservedMesh]:
     """A tiny-dense mesh (checkpoint, trainer, torch sampler, scheduler) with a Prometheus,
-    after two tenants trained, saved weights, sampled, scored and hit a NOT_FOUND
-    (`mesh_traffic.drive`), yielded once Prometheus holds at least two scrapes of what that
-    traffic recorded: `.prometheus_url`, `.mesh`, `.steps`. One per session, shared."""
+    after two rounds of: two tenants trained, saved weights, sampled, scored and hit a
+    NOT_FOUND (`mesh_traffic.drive`), each followed by two scrapes of every target (so
+    rates see increases): `.prometheus_url`, `.mesh`, `.steps`, `.rounds`. One per session."""
     if shutil.which("prometheus") is None:
         pytest.skip("prometheus binary not installed (Debian: prometheus)")
     with start_mesh(tmp_path_factory.mktemp("observed"), samplers=1, prometheus=True) as mesh:
-        mesh_traffic.drive(mesh.scheduler_address)
-        mesh_traffic.wait_for_scrapes(mesh.prometheus_url)
-        yield mesh_traffic.ObservedMesh(mesh, mesh.prometheus_url, mesh_traffic.STEPS)
+        for done in range(1, mesh_traffic.ROUNDS + 1):
+            mesh_traffic.drive(mesh.scheduler_address)
+            mesh_traffic.wait_for_scrapes(mesh.prometheus_url, rounds=done)
+        yield mesh_traffic.ObservedMesh(mesh, mesh.prometheus_url, mesh_traffic.STEPS, mesh_traffic.ROUNDS)
 
 
 MESH_ENV = {"HF_HUB_OFFLINE": "1", "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}

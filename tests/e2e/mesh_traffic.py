@@ -11,19 +11,20 @@ from tunemesh_local import prometheus
 from tunemesh_local.state import MeshState
 
 STEPS = 3
+ROUNDS = 2  # the traffic twice, scraped in between: rates and quantiles then see increases
 PROMPT = [5, 6, 7, 8]
 ANSWER = [60, 61, 62, 63]
 MODEL = "tunemesh/tiny-dense"
-# Series the traffic creates last: once each has two scrapes, rate() over them has data.
-LAST_SERIES = ("tunemesh_sampler_generated_tokens_total", "tunemesh_scheduler_tokens_total",
-               'tunemesh_rpc_handled_total{grpc_code="NOT_FOUND"}', "tunemesh_trainer_adapters_unloaded_total")
+# What each round does last: once these count a round, everything before it was recorded.
+LAST_COUNTERS = ('sum(tunemesh_rpc_handled_total{grpc_code="NOT_FOUND"})', "sum(tunemesh_trainer_adapters_unloaded_total)")
 
 
 @dataclasses.dataclass(frozen=True)
 class ObservedMesh:
     mesh: MeshState
     prometheus_url: str
-    steps: int  # training steps each tenant ran
+    steps: int  # training steps each tenant ran per round
+    rounds: int  # times `drive` ran
 
 
 def _datum() -> tunemesh.Datum:
@@ -60,11 +61,18 @@ def drive(address: str) -> None:
         runs[1].delete()
 
 
-def wait_for_scrapes(url: str, timeout: float = 20.0) -> None:
-    """Until each of `LAST_SERIES` has two samples in Prometheus (TimeoutError otherwise)."""
+def wait_for_scrapes(url: str, rounds: int, timeout: float = 30.0) -> None:
+    """Until Prometheus has seen `rounds` rounds of traffic and then scraped every target
+    twice more (TimeoutError otherwise)."""
     deadline = time.monotonic() + timeout
-    for series in LAST_SERIES:
-        while not prometheus.query(url, f"count_over_time({series}[1m]) >= 2"):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"Prometheus at {url} has not scraped {series} twice in {timeout:g}s")
-            time.sleep(0.2)
+    for counter in LAST_COUNTERS:
+        _wait(url, f"{counter} >= {rounds}", deadline)
+    seen = max(float(r["value"][1]) for r in prometheus.query(url, "timestamp(up)"))
+    _wait(url, f"min(timestamp(up)) >= {seen + 1.5}", deadline)  # 1 s scrapes: two more of each target
+
+
+def _wait(url: str, promql: str, deadline: float) -> None:
+    while not prometheus.query(url, promql):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"Prometheus at {url}: no result for {promql!r} in time")
+        time.sleep(0.2)

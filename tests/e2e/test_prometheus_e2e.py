@@ -1,5 +1,5 @@
-"""`tunemesh up --prometheus` on a real mesh: after training and sampling, Prometheus holds
-every service's metrics with the values that traffic implies; every service answers
+"""`tunemesh up --prometheus` on a real mesh: after two rounds of training and sampling,
+Prometheus holds every service's metrics with the values that traffic implies; every service answers
 grpc.health.v1 and reflection."""
 
 from __future__ import annotations
@@ -23,16 +23,16 @@ def _value(url: str, promql: str) -> float:
 
 
 def test_every_service_is_scraped_with_rpc_counts_and_etcd_state(observed_mesh):
-    url, steps = observed_mesh.prometheus_url, observed_mesh.steps
+    url, steps, rounds = observed_mesh.prometheus_url, observed_mesh.steps, observed_mesh.rounds
     for job in ("scheduler", "trainer", "sampler", "checkpoint"):
         assert _value(url, f'up{{job="{job}"}}') == 1, job
     ok = 'grpc_code="OK"'
     assert _value(url, f'sum(tunemesh_rpc_handled_total{{service="scheduler",grpc_method="ForwardBackward",{ok}}})') \
-        == 2 * steps
-    assert _value(url, f'sum(tunemesh_rpc_handled_total{{service="trainer",grpc_method="RunBatch",{ok}}})') >= 1
+        == 2 * steps * rounds
+    assert _value(url, f'sum(tunemesh_rpc_handled_total{{service="trainer",grpc_method="RunBatch",{ok}}})') >= rounds
     assert _value(url, 'sum(tunemesh_rpc_handled_total{service="scheduler",grpc_method="GetCheckpoint",'
-                       'grpc_code="NOT_FOUND"})') == 1
-    assert _value(url, 'sum(tunemesh_rpc_duration_seconds_count{service="sampler",grpc_method="Sample"})') == 1
+                       'grpc_code="NOT_FOUND"})') == rounds
+    assert _value(url, 'sum(tunemesh_rpc_duration_seconds_count{service="sampler",grpc_method="Sample"})') == rounds
     for service in ("scheduler", "trainer", "sampler"):
         assert _value(url, f'tunemesh_etcd_up{{service="{service}"}}') == 1, service
     for service in ("trainer", "sampler"):
@@ -41,41 +41,41 @@ def test_every_service_is_scraped_with_rpc_counts_and_etcd_state(observed_mesh):
 
 
 def test_scheduler_queues_batches_and_tenant_tokens(observed_mesh):
-    url, steps = observed_mesh.prometheus_url, observed_mesh.steps
+    url, steps, rounds = observed_mesh.prometheus_url, observed_mesh.steps, observed_mesh.rounds
     for tenant in ("alice", "bob"):
         assert _value(url, f'tunemesh_scheduler_tokens_total{{tenant="{tenant}",kind="forward_backward"}}') \
-            == steps * DATUM_TOKENS
-        assert _value(url, f'tunemesh_scheduler_queue_wait_seconds_count{{tenant="{tenant}"}}') >= 2 * steps
+            == steps * DATUM_TOKENS * rounds
+        assert _value(url, f'tunemesh_scheduler_queue_wait_seconds_count{{tenant="{tenant}"}}') >= 2 * steps * rounds
         assert _value(url, f'tunemesh_scheduler_queue_depth{{tenant="{tenant}"}}') == 0
     # every forward_backward and optim_step of both tenants, and alice's forward, went in fused batches
-    assert _value(url, "sum(tunemesh_scheduler_batch_items_sum)") == 2 * 2 * steps + 1
-    assert _value(url, "sum(tunemesh_scheduler_batch_tokens_sum)") == (2 * steps + 1) * DATUM_TOKENS
+    assert _value(url, "sum(tunemesh_scheduler_batch_items_sum)") == (2 * 2 * steps + 1) * rounds
+    assert _value(url, "sum(tunemesh_scheduler_batch_tokens_sum)") == (2 * steps + 1) * DATUM_TOKENS * rounds
     assert _value(url, 'tunemesh_scheduler_operations_finished_total{tenant="alice",kind="optim_step",'
-                       'state="SUCCEEDED"}') == steps
+                       'state="SUCCEEDED"}') == steps * rounds
     assert _value(url, 'tunemesh_scheduler_nodes{role="trainer"}') == 1
     assert _value(url, 'tunemesh_scheduler_nodes{role="sampler"}') == 1
 
 
 def test_trainer_sampler_and_checkpoint_figures(observed_mesh):
-    url, steps = observed_mesh.prometheus_url, observed_mesh.steps
-    assert _value(url, 'tunemesh_trainer_tokens_total{kind="forward_backward"}') == 2 * steps * DATUM_TOKENS
-    assert _value(url, 'tunemesh_trainer_tokens_total{kind="forward"}') == DATUM_TOKENS
-    assert _value(url, 'tunemesh_trainer_items_total{kind="optim_step"}') == 2 * steps
-    assert _value(url, "tunemesh_trainer_step_duration_seconds_count") >= 1
+    url, steps, rounds = observed_mesh.prometheus_url, observed_mesh.steps, observed_mesh.rounds
+    assert _value(url, 'tunemesh_trainer_tokens_total{kind="forward_backward"}') == 2 * steps * DATUM_TOKENS * rounds
+    assert _value(url, 'tunemesh_trainer_tokens_total{kind="forward"}') == DATUM_TOKENS * rounds
+    assert _value(url, 'tunemesh_trainer_items_total{kind="optim_step"}') == 2 * steps * rounds
+    assert _value(url, "tunemesh_trainer_step_duration_seconds_count") >= rounds
     assert _value(url, "tunemesh_trainer_tokens_per_second") > 0
-    assert _value(url, 'tunemesh_trainer_adapters_loaded_total{source="new"}') == 2
-    assert _value(url, "tunemesh_trainer_adapters_unloaded_total") == 1  # bob's run deleted
-    assert _value(url, "tunemesh_trainer_adapters_resident") == 1
+    assert _value(url, 'tunemesh_trainer_adapters_loaded_total{source="new"}') == 2 * rounds
+    assert _value(url, "tunemesh_trainer_adapters_unloaded_total") == rounds  # bob's runs deleted
+    assert _value(url, "tunemesh_trainer_adapters_resident") == rounds  # alice's runs
     generated = _value(url, "tunemesh_sampler_generated_tokens_total")
-    assert 0 < generated <= 2 * len(ANSWER)
+    assert 0 < generated <= 2 * len(ANSWER) * rounds
     assert _value(url, "tunemesh_sampler_tokens_per_second") > 0
-    assert _value(url, 'tunemesh_sampler_prompt_tokens_total{kind="logprobs"}') == len(PROMPT + ANSWER)
-    assert _value(url, "tunemesh_sampler_adapters_loaded_total") == 1
-    assert _value(url, 'tunemesh_sampler_adapter_load_duration_seconds_count{result="ok"}') == 1
-    assert _value(url, "tunemesh_sampler_adapters_resident") == 1
+    assert _value(url, 'tunemesh_sampler_prompt_tokens_total{kind="logprobs"}') == len(PROMPT + ANSWER) * rounds
+    assert _value(url, "tunemesh_sampler_adapters_loaded_total") == rounds
+    assert _value(url, 'tunemesh_sampler_adapter_load_duration_seconds_count{result="ok"}') == rounds
+    assert _value(url, "tunemesh_sampler_adapters_resident") == rounds
     written, read = _value(url, "tunemesh_checkpoint_write_bytes_total"), _value(url, "tunemesh_checkpoint_read_bytes_total")
     assert written > 1000 and read > 1000  # the sampler read back (at least) the weights alice saved
-    assert _value(url, 'tunemesh_checkpoint_op_duration_seconds_count{op="commit",result="ok"}') == 1
+    assert _value(url, 'tunemesh_checkpoint_op_duration_seconds_count{op="commit",result="ok"}') == rounds
 
 
 def test_every_service_serves_health_and_reflection(observed_mesh):
@@ -100,8 +100,9 @@ def test_status_shows_live_figures_and_nodes_publish_their_metrics_url(observed_
     assert {name: figures["metrics"] for name, figures in live.items()} == {
         "checkpoint": "ok", "trainer-0": "ok", "sampler-0": "ok", "scheduler": "ok"}
     assert live["scheduler"]["queued"] == 0 and set(live["scheduler"]["queued_by_tenant"]) == {"alice", "bob"}
-    assert live["trainer-0"]["adapters"] == 1 and live["trainer-0"]["tokens_per_second"] is not None
-    assert live["sampler-0"]["adapters"] == 1 and live["sampler-0"]["adapter_slots"] >= 1
+    rounds = observed_mesh.rounds
+    assert live["trainer-0"]["adapters"] == rounds and live["trainer-0"]["tokens_per_second"] is not None
+    assert live["sampler-0"]["adapters"] == rounds and live["sampler-0"]["adapter_slots"] >= rounds
     urls = {p.name: p.metrics_url for p in observed_mesh.mesh.processes}
     assert [(t["node_id"], t["metrics_url"]) for t in view["trainers"]] == [("trainer-0", urls["trainer-0"])]
     assert urls["trainer-0"].startswith("http://127.0.0.1:")
