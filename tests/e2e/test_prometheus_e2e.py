@@ -106,3 +106,15 @@ def test_status_shows_live_figures_and_nodes_publish_their_metrics_url(observed_
     urls = {p.name: p.metrics_url for p in observed_mesh.mesh.processes}
     assert [(t["node_id"], t["metrics_url"]) for t in view["trainers"]] == [("trainer-0", urls["trainer-0"])]
     assert urls["trainer-0"].startswith("http://127.0.0.1:")
+
+
+def test_the_local_prometheus_evaluates_the_alert_rules_and_none_fires(observed_mesh):
+    import json
+    import urllib.request
+
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(f"{observed_mesh.prometheus_url}/api/v1/rules", timeout=10) as reply:
+        groups = json.load(reply)["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) >= 7 and all(rule["health"] == "ok" for rule in rules), rules
+    assert [rule["name"] for rule in rules if rule["state"] == "firing"] == []  # a healthy mesh

@@ -253,7 +253,8 @@ def _start_prometheus(config: MeshConfig, mesh: MeshState) -> None:
     """Write prometheus.yml for the services' metrics URLs, start Prometheus on a free
     loopback port and wait until it is ready."""
     config_file = config.state_dir / "prometheus.yml"
-    config_file.write_text(prometheus.scrape_config(mesh.processes))
+    rules = [prometheus.ALERT_RULES] if prometheus.ALERT_RULES.is_file() else []
+    config_file.write_text(prometheus.scrape_config(mesh.processes, rule_files=rules))
     listen = f"127.0.0.1:{pick_free_port()}"
     log_path = config.log_file(prometheus.ROLE)
     proc = processes.spawn(prometheus.argv(config_file, config.state_dir / "prometheus", listen), log_path)

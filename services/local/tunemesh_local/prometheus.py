@@ -28,8 +28,14 @@ READY_POLL_S = 0.1
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback only
 
 
-def scrape_config(targets: Iterable[ProcessRecord], interval_s: float = SCRAPE_INTERVAL_S) -> str:
-    """prometheus.yml for every process that has a metrics URL, one job per role."""
+# The alert rules of deploy/prometheus, where a source checkout has them.
+ALERT_RULES = Path(__file__).resolve().parents[3] / "deploy" / "prometheus" / "alerts.yml"
+
+
+def scrape_config(targets: Iterable[ProcessRecord], interval_s: float = SCRAPE_INTERVAL_S,
+                  rule_files: Iterable[Path] = ()) -> str:
+    """prometheus.yml for every process that has a metrics URL, one job per role, loading
+    `rule_files`."""
     jobs: dict[str, list[str]] = {}
     for record in targets:
         if record.metrics_url:
@@ -39,7 +45,10 @@ def scrape_config(targets: Iterable[ProcessRecord], interval_s: float = SCRAPE_I
                 f"      - targets: [{json.dumps(url.netloc)}]\n        labels: {json.dumps(labels)}")
     interval = f"{interval_s:g}s"
     lines = ["global:", f"  scrape_interval: {interval}", f"  scrape_timeout: {interval}",
-             f"  evaluation_interval: {interval}", "scrape_configs:" + ("" if jobs else " []")]
+             f"  evaluation_interval: {interval}"]
+    rules = [f"  - {json.dumps(str(path))}" for path in rule_files]
+    lines += ["rule_files:", *rules] if rules else []
+    lines += ["scrape_configs:" + ("" if jobs else " []")]
     for role, entries in sorted(jobs.items()):
         lines += [f"  - job_name: {json.dumps(role)}", "    static_configs:", *entries]
     return "\n".join(lines) + "\n"

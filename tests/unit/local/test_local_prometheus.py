@@ -50,6 +50,18 @@ def test_promtool_accepts_the_scrape_config(tmp_path: Path, records):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (Debian: prometheus)")
+def test_promtool_accepts_the_config_with_the_alert_rules(tmp_path: Path):
+    assert prometheus.ALERT_RULES.is_file()  # the source checkout ships them
+    path = tmp_path / "prometheus.yml"
+    path.write_text(prometheus.scrape_config(RECORDS, rule_files=[prometheus.ALERT_RULES]))
+    import yaml
+
+    assert yaml.safe_load(path.read_text())["rule_files"] == [str(prometheus.ALERT_RULES)]
+    out = subprocess.run(["promtool", "check", "config", str(path)], capture_output=True, text=True)
+    assert out.returncode == 0 and "rules found" in out.stdout + out.stderr, out.stdout + out.stderr
+
+
 STAND_IN = """
 import json, os, signal, sys, time
 from prometheus_client import Counter, start_http_server
