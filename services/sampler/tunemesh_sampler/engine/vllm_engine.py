@@ -40,7 +40,7 @@ def can_serve(model_dir: pathlib.Path, family: str) -> str:
     except Exception as err:  # ImportError, or a broken install
         return f"vllm is not importable: {err}"
     if family == "moe":
-        return "LoRA on MoE models fails in vLLM on CPU"
+        return "LoRA on MoE models fails in vLLM on CPU, and only the torch engine serves expert LoRA"
     config = json.loads((model_dir / "config.json").read_text())
     head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if head_dim not in CPU_HEAD_SIZES:
