@@ -49,7 +49,7 @@ class LoraTargets:
             raise InvalidArgument("UNSUPPORTED_TARGET_MODULE", f"{module!r} is not a LoRA target of this model")
         rows = config.rank * experts
         if tuple(a.shape) != (rows, in_f) or tuple(b.shape) != (out_f, rows):
-            what = f"{experts} experts' {in_f} -> {out_f}" if experts > 1 else f"a {in_f} -> {out_f} linear"
+            what = f"a {in_f} -> {out_f} linear" if module in self.linears else f"{experts} experts' {in_f} -> {out_f}"
             raise InvalidArgument(
                 "BAD_ADAPTER_WEIGHTS", f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit {what}")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
