@@ -77,11 +77,20 @@ def tenants() -> dict:
         ("Usage in range", [
             stat_panel("Training tokens", "Tokens of forward and forward-backward operations handed to trainers.",
                        [Query(in_range("tunemesh_scheduler_tokens_total", tenant))], width=6),
+            stat_panel("Sampling tokens, by kind", "Prompt and generated tokens of Sample, prompt tokens of "
+                       "ComputeLogprobs.",
+                       [Query(in_range("tunemesh_scheduler_sampling_tokens_total", tenant, "kind"), "{{kind}}")],
+                       width=6),
             stat_panel("Operations finished, by state", "",
                        [Query(in_range("tunemesh_scheduler_operations_finished_total", tenant, "state"), "{{state}}")],
-                       width=12),
+                       width=8),
             stat_panel("Operations queued now", "", [Query(f"sum(tunemesh_scheduler_queue_depth{{{tenant}}})")],
-                       width=6),
+                       width=4),
+        ]),
+        ("Sampling", [
+            timeseries_panel("Sampling tokens/s by tenant and kind", "",
+                             [Query(rate("tunemesh_scheduler_sampling_tokens_total", tenant, "tenant, kind"),
+                                    "{{tenant}} {{kind}}")]),
         ]),
         ("Training", [
             timeseries_panel("Training tokens/s by tenant and kind", "",
@@ -104,7 +113,7 @@ def tenants() -> dict:
         ]),
     ]
     return dashboard("tunemesh-tenants", "tunemesh / Tenant usage",
-                     "Training tokens, operations and queueing of each tenant.",
+                     "Training and sampling tokens, operations and queueing of each tenant.",
                      [label_variable("tenant", "Tenant", "tunemesh_scheduler_queue_depth")], rows)
 
 

@@ -70,6 +70,12 @@ def test_trainer_sampler_and_checkpoint_figures(observed_mesh):
     assert 0 < generated <= 2 * len(ANSWER) * rounds
     assert _value(url, "tunemesh_sampler_tokens_per_second") > 0
     assert _value(url, 'tunemesh_sampler_prompt_tokens_total{kind="logprobs"}') == len(PROMPT + ANSWER) * rounds
+    # the scheduler's per-tenant view of the same sampling: all of it alice's
+    assert _value(url, 'tunemesh_scheduler_sampling_tokens_total{tenant="alice",kind="generated"}') == generated
+    assert _value(url, 'tunemesh_scheduler_sampling_tokens_total{tenant="alice",kind="prompt"}') == len(PROMPT) * rounds
+    assert _value(url, 'tunemesh_scheduler_sampling_tokens_total{tenant="alice",kind="logprobs"}') \
+        == len(PROMPT + ANSWER) * rounds
+    assert prometheus.query(url, 'tunemesh_scheduler_sampling_tokens_total{tenant="bob"}') == []
     assert _value(url, "tunemesh_sampler_adapters_loaded_total") == rounds
     assert _value(url, 'tunemesh_sampler_adapter_load_duration_seconds_count{result="ok"}') == rounds
     assert _value(url, "tunemesh_sampler_adapters_resident") == rounds

@@ -164,6 +164,8 @@ class SchedulerMetrics:
                                  ["tenant", "kind", "state"], registry=registry)
         self._tokens = Counter("tunemesh_scheduler_tokens", "tokens of forward work handed to trainers",
                                ["tenant", "kind"], registry=registry)
+        self._sampling = Counter("tunemesh_scheduler_sampling_tokens", "tokens of sampling requests served, per tenant",
+                                 ["tenant", "kind"], registry=registry)
         self._batch_items = Histogram("tunemesh_scheduler_batch_items", "operations per fused batch", ["trainer"],
                                       buckets=ITEM_BUCKETS, registry=registry)
         self._batch_tokens = Histogram("tunemesh_scheduler_batch_tokens", "tokens per fused batch", ["trainer"],
@@ -177,6 +179,10 @@ class SchedulerMetrics:
 
     def tokens(self, tenant: str, kind: str, count: int) -> None:
         self._tokens.labels(tenant, kind.lower()).inc(count)
+
+    def sampling_tokens(self, tenant: str, kind: str, count: int) -> None:
+        """`kind`: `prompt` / `generated` (Sample) or `logprobs` (ComputeLogprobs)."""
+        self._sampling.labels(tenant, kind).inc(count)
 
     def batch(self, trainer: str, items: int, tokens: int) -> None:
         self._batch_items.labels(trainer).observe(items)

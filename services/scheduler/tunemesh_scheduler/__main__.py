@@ -66,7 +66,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         TrainingServicer(core, directory, limits, checkpoints), server
     )
     checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(CheckpointServicer(checkpoints, directory), server)
-    sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(core, samplers, checkpoints, limits), server)
+    sampling_pb2_grpc.add_SamplingServiceServicer_to_server(SamplingServicer(core, samplers, checkpoints, limits, scheduler_metrics), server)
     operations_pb2_grpc.add_OperationServiceServicer_to_server(OperationServicer(core, s.wait_cap_s), server)
     rpc.enable_reflection(server, SERVICES)
     port = server.add_insecure_port(s.listen)

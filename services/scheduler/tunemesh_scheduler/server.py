@@ -9,6 +9,7 @@ from tunemesh.v1 import (
 )
 from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, adapter_key, auto_name, check_name
 from tunemesh_common.errors import FailedPrecondition, InvalidArgument
+from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_common.rpc import current_tenant
 from tunemesh_scheduler import convert, validation
 from tunemesh_scheduler.checkpoints import CheckpointProxy
@@ -207,8 +208,9 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
     """Sampling sessions pinned to a base model or one checkpoint, forwarded to samplers."""
 
     def __init__(self, core: SchedulerCore, samplers: SamplerRouter, checkpoints: CheckpointProxy,
-                 limits: validation.Limits) -> None:
+                 limits: validation.Limits, metrics: SchedulerMetrics | None = None) -> None:
         self._core, self._samplers, self._checkpoints, self._limits = core, samplers, checkpoints, limits
+        self._metrics = metrics or SchedulerMetrics()
 
     async def CreateSamplingSession(self, request, context):
         tenant = current_tenant()
@@ -227,7 +229,8 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         return sampling_pb2.CreateSamplingSessionResponse(sampling_session=convert.sampling_session(record))
 
     async def Sample(self, request, context):
-        record = self._core.sampling.get(current_tenant(), request.sampling_session)
+        tenant = current_tenant()
+        record = self._core.sampling.get(tenant, request.sampling_session)
         model = self._samplers.directory.serving_model(record.base_model)
         tokens = validation.check_prompt(request.prompt, model)
         validation.check_sampling(request.sampling_params, request.num_samples, len(tokens), model, self._limits)
@@ -236,11 +239,15 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
             sampling_params=request.sampling_params,
         )
         response = await self._samplers.call(record, "Sample", forwarded)
+        self._metrics.sampling_tokens(tenant, "prompt", len(tokens))
+        self._metrics.sampling_tokens(tenant, "generated", sum(len(seq.tokens) for seq in response.sequences))
         return sampling_pb2.SampleResponse(sequences=response.sequences)
 
     async def ComputeLogprobs(self, request, context):
-        record = self._core.sampling.get(current_tenant(), request.sampling_session)
+        tenant = current_tenant()
+        record = self._core.sampling.get(tenant, request.sampling_session)
         tokens = validation.check_prompt(request.prompt, self._samplers.directory.serving_model(record.base_model))
         forwarded = sampler_pb2.ComputeLogprobsRequest(adapter=convert.adapter_ref(record), prompt_tokens=tokens)
         response = await self._samplers.call(record, "ComputeLogprobs", forwarded)
+        self._metrics.sampling_tokens(tenant, "logprobs", len(tokens))
         return sampling_pb2.ComputeLogprobsResponse(logprobs=response.logprobs)
