@@ -121,6 +121,7 @@ class NodeRegistration:
         self._lease: aetcd.Lease | None = None
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._follower: asyncio.Task | None = None  # see start_following
         self.etcd_up = False  # the last call to etcd succeeded
         self._confirmed = float("-inf")  # monotonic time etcd last confirmed the lease
 
@@ -158,6 +159,14 @@ class NodeRegistration:
                 logger.warning("node %s: update failed (%s); registering again", self.node_id, err)
             await self._register_locked()
 
+    @classmethod
+    async def start_following(cls, etcd: Etcd, kind: str, node_id: str, value_of: Callable[[], bytes],
+                              ttl: int = 5, period_s: float = 1.0) -> NodeRegistration:
+        """`start` with `value_of()`, then keep the record equal to it (`follow`) until `stop`."""
+        registration = await cls.start(etcd, kind, node_id, value_of(), ttl=ttl)
+        registration._follower = asyncio.create_task(registration.follow(value_of, period_s))
+        return registration
+
     async def follow(self, value_of: Callable[[], bytes], period_s: float) -> None:
         """Keep the record equal to `value_of()`, checked every `period_s` (run as a task)."""
         last = self._value
@@ -170,6 +179,10 @@ class NodeRegistration:
 
     async def stop(self, revoke: bool = True) -> None:
         """Stop renewing; revoke the lease (record gone at once) unless `revoke=False` (crash)."""
+        if self._follower is not None:
+            self._follower.cancel()
+            await asyncio.gather(self._follower, return_exceptions=True)
+            self._follower = None
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)

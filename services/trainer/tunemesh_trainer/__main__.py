@@ -65,14 +65,12 @@ async def serve(s: settings_mod.TrainerSettings, group: rank_group.RankGroup | N
     trainer_metrics.follow(core.adapter_count, core.max_adapters)
     metrics.describe_node(trainer_metrics.registry, "trainer", s.node_id, core.info.name)
     await rpc.mark_serving(health, [SERVICE_NAME])
-    registration, refresher = await _register(s, servicer, trainer_metrics)
+    registration = await _register(s, servicer, trainer_metrics)
     if s.ready_file is not None:
         rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(), "node_id": s.node_id,
                                             "metrics_url": metrics_url})
     log.info("trainer %s serving %s on %s", s.node_id, s.model, address)
     await rpc.wait_for_termination()
-    if refresher is not None:
-        refresher.cancel()
     if registration is not None:
         await registration.stop()
     await server.stop(grace=2)
@@ -83,19 +81,16 @@ async def serve(s: settings_mod.TrainerSettings, group: rank_group.RankGroup | N
 
 
 async def _register(s: settings_mod.TrainerSettings, servicer: TrainerServicer, trainer_metrics: metrics.TrainerMetrics):
-    """Register the node in etcd (if configured), keep its record current and report the
-    lease in metrics; returns (registration, refresher task), both None without etcd."""
+    """Register the node in etcd (if configured), its record kept current, its etcd and lease
+    state in metrics; None without etcd."""
     if not s.etcd:
-        return None, None
+        return None
     from tunemesh_common.registry import NodeRegistration
 
-    registration = await NodeRegistration.start(
-        s.etcd, "trainers", s.node_id, servicer.node().SerializeToString(), ttl=s.lease_ttl_s
-    )
-    refresher = asyncio.create_task(registration.follow(lambda: servicer.node().SerializeToString(), 1.0))
-    metrics.follow_etcd(trainer_metrics.registry, "trainer", lambda: registration.etcd_up,
-                        lambda: registration.lease_held)
-    return registration, refresher
+    registration = await NodeRegistration.start_following(
+        s.etcd, "trainers", s.node_id, lambda: servicer.node().SerializeToString(), s.lease_ttl_s, 1.0)
+    metrics.follow_etcd(trainer_metrics.registry, "trainer", lambda: registration.etcd_up, lambda: registration.lease_held)
+    return registration
 
 
 def main(argv: list[str] | None = None) -> None:
