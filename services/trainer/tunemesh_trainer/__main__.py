@@ -23,6 +23,7 @@ from tunemesh_trainer.engine import rank_group
 from tunemesh_trainer.server import TrainerServicer
 
 log = logging.getLogger("tunemesh_trainer")
+RANK_LOST_EXIT = 3
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_name
 
 
@@ -108,12 +109,20 @@ def main(argv: list[str] | None = None) -> None:
     if launched == 0:
         group = rank_group.RankGroup(rank_group.join_group())
     elif s.ranks > 1:
-        group = rank_group.shared_local_group(s.ranks, threads=s.num_threads)  # closed at exit
+        group = rank_group.shared_local_group(s.ranks, threads=s.num_threads, on_worker_exit=_rank_lost)
     else:
         group = None
     asyncio.run(serve(s, group))
     if launched == 0:
         group.close()
+
+
+def _rank_lost(rank: int, code: int) -> None:
+    """A local rank died: the group's collectives cannot complete, so the trainer stops now
+    (its lease lapses and the scheduler re-places its runs) instead of hanging."""
+    log.error("rank %d exited with code %d; the trainer cannot go on without it and exits", rank, code)
+    logging.shutdown()
+    os._exit(RANK_LOST_EXIT)
 
 
 if __name__ == "__main__":

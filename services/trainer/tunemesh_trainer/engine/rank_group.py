@@ -22,7 +22,7 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from tunemesh_common.errors import Internal
@@ -30,6 +30,7 @@ from tunemesh_trainer.domain import AdamSpec, AdapterState, EngineItem, ItemOutc
 
 logger = logging.getLogger(__name__)
 _CLOSE, _BUILD, _DROP = "__close__", "__build__", "__drop__"
+WATCH_PERIOD_S = 0.5  # how often watchdogs look for a lost rank
 
 
 def free_port() -> int:
@@ -105,22 +106,42 @@ def local_group(world: int, threads: int = 0, timeout_s: float = 600.0) -> Itera
 _SHARED: dict[int, RankGroup] = {}
 
 
-def shared_local_group(world: int, threads: int = 0, timeout_s: float = 600.0) -> RankGroup:
+WorkerLost = Callable[[int, int], None]  # (rank, exit code)
+
+
+def shared_local_group(world: int, threads: int = 0, timeout_s: float = 600.0,
+                       on_worker_exit: WorkerLost | None = None) -> RankGroup:
     """This process's one local group of `world` ranks, formed on first use, closed at exit
-    (a second group formed in the same process after closing one hangs in DeepSpeed)."""
+    (a second group formed in the same process after closing one hangs in DeepSpeed).
+    `on_worker_exit(rank, code)` is called (from a watchdog thread) if a worker exits
+    before the group closes: the group cannot go on without it."""
     if world not in _SHARED:
         if _SHARED:
             raise Internal("GROUP_EXISTS", f"this process already leads a group of {next(iter(_SHARED))} ranks")
         group, workers = _form(world, threads, timeout_s)
         _SHARED[world] = group
+        closing = threading.Event()
+        if on_worker_exit is not None:
+            threading.Thread(target=_watch_workers, args=(workers, closing, on_worker_exit), daemon=True,
+                             name="rank-watchdog").start()
 
         def close() -> None:
+            closing.set()
             group.close()
             for worker in workers:
                 _stop(worker)
 
         atexit.register(close)
     return _SHARED[world]
+
+
+def _watch_workers(workers: list[subprocess.Popen], closing: threading.Event, on_exit: WorkerLost) -> None:
+    while not closing.wait(WATCH_PERIOD_S):
+        for rank, worker in enumerate(workers, start=1):
+            code = worker.poll()
+            if code is not None and not closing.is_set():
+                on_exit(rank, code)
+                return
 
 
 def _form(world: int, threads: int, timeout_s: float) -> tuple[RankGroup, list[subprocess.Popen]]:
