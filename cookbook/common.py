@@ -16,7 +16,7 @@ import os
 import pathlib
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import tunemesh
@@ -212,6 +212,22 @@ def example_text(example: Mapping[str, str]) -> str:
     """A held-out prompt with its expected answer and the replies before and after training."""
     return (f"{example['prompt']}\n  expected: {example['answer']}\n  before:   {example['before']!r}\n"
             f"  after:    {example['after']!r}")
+
+
+def run_recipe(recipe_parser: argparse.ArgumentParser, train: Callable[..., dict[str, Any]],
+               headline: Callable[[Mapping[str, Any]], list[str]], argv: Sequence[str] | None = None) -> int:
+    """A recipe's `main`: parse, `train(service, args)` on the mesh (or a local one), then print
+    `headline(summary)`, the held-out example (if any) and where the metrics are."""
+    args = recipe_parser.parse_args(argv)
+    with service_client(args) as service:
+        summary = train(service, args)
+    lines = headline(summary)
+    if "example" in summary:
+        lines.append(example_text(summary["example"]))
+    took = f" ({summary['seconds']:.0f} s)" if "seconds" in summary else ""
+    lines.append(f"metrics and plots in {summary['log_dir']}{took}")
+    print("\n".join(lines))
+    return 0
 
 
 def write_summary(directory: pathlib.Path, summary: Mapping[str, Any]) -> pathlib.Path:

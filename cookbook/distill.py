@@ -36,7 +36,7 @@ from typing import Any
 import tunemesh
 
 from cookbook import common, tasks
-from cookbook.rl import LOSSES, loss_config
+from cookbook.rl import LOSSES, policy_step
 
 INSTRUCTION = "Reply with only the number."
 
@@ -154,13 +154,9 @@ class _Run:
             else:
                 data.append(common.datum(s.prompt, s.sequence.tokens, logprobs=s.sequence.logprobs,
                                          advantages=advantages))
-        name, config = loss_config(self.args.loss)
-        backward = self.training.forward_backward(data, name, config)
-        step = self.training.optim_step(tunemesh.AdamParams(learning_rate=self.lr))
-        row = {"reverse_kl": mean_reverse_kl([(s.teacher_logprobs, s.sequence.logprobs) for s in scored]),
-               "loss": backward.result().metrics["loss:sum"], "tokens": float(tokens)}
-        step.result()
-        return row
+        loss = policy_step(self.training, data, self.args.loss, self.lr)
+        return {"reverse_kl": mean_reverse_kl([(s.teacher_logprobs, s.sequence.logprobs) for s in scored]),
+                "loss": loss, "tokens": float(tokens)}
 
 
 def train(service: tunemesh.ServiceClient, args: argparse.Namespace, *, position: int = 0,
@@ -209,16 +205,10 @@ def _finish(run: _Run, summary: dict[str, Any], replies_before: list[str], repli
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    with common.service_client(args) as service:
-        summary = train(service, args)
-    example = summary["example"]
-    print(f"held-out reverse KL per token: {summary['eval_kl_before']:.3f} -> {summary['eval_kl_after']:.3f}")
-    print(f"held-out greedy accuracy:      {summary['eval_accuracy_before']:.1%} -> "
-          f"{summary['eval_accuracy_after']:.1%} (teacher, with its context: {summary['teacher_accuracy']:.1%})")
-    print(common.example_text(example))
-    print(f"metrics and plots in {summary['log_dir']} ({summary['seconds']:.0f} s)")
-    return 0
+    return common.run_recipe(parser(), train, lambda s: [
+        f"held-out reverse KL per token: {s['eval_kl_before']:.3f} -> {s['eval_kl_after']:.3f}",
+        f"held-out greedy accuracy:      {s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%} "
+        f"(teacher, with its context: {s['teacher_accuracy']:.1%})"], argv)
 
 
 if __name__ == "__main__":

@@ -227,15 +227,10 @@ def _finish(log: common.MetricsLog, before: dict[str, float], after: dict[str, f
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    with common.service_client(args) as service:
-        summary = train(service, args)
-    print(f"held-out preference accuracy: {summary['eval_accuracy_before']:.1%} -> "
-          f"{summary['eval_accuracy_after']:.1%}")
-    print(f"held-out mean margin:         {summary['eval_margin_before']:+.3f} -> {summary['eval_margin_after']:+.3f}")
-    print(f"held-out DPO loss:            {summary['eval_loss_before']:.3f} -> {summary['eval_loss_after']:.3f}")
-    print(f"metrics and plots in {summary['log_dir']}")
-    return 0
+    return common.run_recipe(parser(), train, lambda s: [
+        f"held-out preference accuracy: {s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%}",
+        f"held-out mean margin:         {s['eval_margin_before']:+.3f} -> {s['eval_margin_after']:+.3f}",
+        f"held-out DPO loss:            {s['eval_loss_before']:.3f} -> {s['eval_loss_after']:.3f}"], argv)
 
 
 if __name__ == "__main__":

@@ -168,12 +168,18 @@ class _Run:
         data = step_datums(groups, self.args.loss, scale_by_std=not self.args.no_std)
         row["groups_used"] = float(len(data) // self.args.group_size)
         if data:
-            name, config = loss_config(self.args.loss)
-            backward = self.training.forward_backward(data, name, config)
-            step = self.training.optim_step(tunemesh.AdamParams(learning_rate=self.lr))
-            row["loss"] = backward.result().metrics["loss:sum"]
-            step.result()
+            row["loss"] = policy_step(self.training, data, self.args.loss, self.lr)
         return row
+
+
+def policy_step(training: tunemesh.TrainingClient, data: list[tunemesh.Datum], loss: str, lr: float) -> float:
+    """forward_backward with the `--loss` choice, then an AdamW step (pipelined); the loss."""
+    name, config = loss_config(loss)
+    backward = training.forward_backward(data, name, config)
+    step = training.optim_step(tunemesh.AdamParams(learning_rate=lr))
+    value = backward.result().metrics["loss:sum"]
+    step.result()
+    return value
 
 
 def train(service: tunemesh.ServiceClient, args: argparse.Namespace, *, position: int = 0,
@@ -229,14 +235,8 @@ def _finish(run: _Run, accuracy_before: float, accuracy_after: float, replies_be
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    with common.service_client(args) as service:
-        summary = train(service, args)
-    example = summary["example"]
-    print(f"held-out greedy accuracy: {summary['eval_accuracy_before']:.1%} -> {summary['eval_accuracy_after']:.1%}")
-    print(common.example_text(example))
-    print(f"metrics and plots in {summary['log_dir']} ({summary['seconds']:.0f} s)")
-    return 0
+    return common.run_recipe(parser(), train, lambda s: [
+        f"held-out greedy accuracy: {s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%}"], argv)
 
 
 if __name__ == "__main__":

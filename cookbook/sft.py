@@ -192,15 +192,9 @@ def _finish(run: _Run, nll_before: float, nll_after: float, accuracy_before: flo
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    with common.service_client(args) as service:
-        summary = train(service, args)
-    example = summary["example"]
-    print(f"held-out NLL per token: {summary['eval_nll_before']:.3f} -> {summary['eval_nll_after']:.3f}")
-    print(f"held-out exact match:   {summary['eval_accuracy_before']:.1%} -> {summary['eval_accuracy_after']:.1%}")
-    print(common.example_text(example))
-    print(f"metrics and plots in {summary['log_dir']}")
-    return 0
+    return common.run_recipe(parser(), train, lambda s: [
+        f"held-out NLL per token: {s['eval_nll_before']:.3f} -> {s['eval_nll_after']:.3f}",
+        f"held-out exact match:   {s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%}"], argv)
 
 
 if __name__ == "__main__":

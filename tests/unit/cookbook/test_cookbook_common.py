@@ -38,3 +38,29 @@ def test_metrics_log_writes_jsonl_series_and_a_plot(tmp_path):
 def test_example_text_names_the_prompt_answer_and_both_replies():
     text = common.example_text({"prompt": "What is 2 + 2?", "answer": "4", "before": "Two plus", "after": "4"})
     assert text.splitlines() == ["What is 2 + 2?", "  expected: 4", "  before:   'Two plus'", "  after:    '4'"]
+
+
+def test_run_recipe_trains_on_the_client_and_prints_headline_example_and_log_dir(monkeypatch, capsys):
+    import argparse
+    import contextlib
+
+    seen = []
+
+    @contextlib.contextmanager
+    def fake_client(args):
+        yield f"client for {args.address}"
+
+    def fake_train(service, args):
+        seen.append((service, args.steps))
+        return {"score": 0.5, "log_dir": "/runs/x", "seconds": 12.4,
+                "example": {"prompt": "2+2?", "answer": "4", "before": "5", "after": "4"}}
+
+    monkeypatch.setattr(common, "service_client", fake_client)
+    recipe = argparse.ArgumentParser()
+    recipe.add_argument("--address")
+    recipe.add_argument("--steps", type=int, default=1)
+    code = common.run_recipe(recipe, fake_train, lambda s: [f"score {s['score']:.0%}"], ["--address", "h:1", "--steps", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert code == 0 and seen == [("client for h:1", 3)]
+    assert out[0] == "score 50%" and out[1] == "2+2?" and "after:    '4'" in out[4]
+    assert out[-1] == "metrics and plots in /runs/x (12 s)"
