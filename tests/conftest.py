@@ -6,3 +6,5 @@ import pathlib
 import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent / "support"))
+
+from mesh_fixtures import model_data_dir, start_mesh  # noqa: E402,F401  (fixtures for every suite)

@@ -96,6 +96,24 @@ def connect(endpoint: str, timeout: float = 5.0) -> aetcd.Client:
     return aetcd.Client(host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
 
 
+async def until_reachable(what: str, call: Callable[[], Awaitable], max_delay_s: float = 5.0):
+    """`await call()` until etcd answers: a service that starts before etcd (or while it
+    restarts) waits for it, logging each failed try, instead of exiting."""
+    delay = RETRY_DELAY_S
+    while True:
+        try:
+            return await call()
+        except ETCD_ERRORS as err:
+            logger.warning("waiting for etcd to %s: %s; retry in %.1fs", what, _short(err), delay)
+        await asyncio.sleep(delay)
+        delay = min(max_delay_s, delay * 2)
+
+
+def _short(err: BaseException) -> str:
+    text = err.details() if isinstance(err, grpc.RpcError) and hasattr(err, "details") else str(err)
+    return f"{type(err).__name__}: {text or ''}"[:200]
+
+
 def _client_for(etcd: Etcd) -> tuple[aetcd.Client, bool]:
     """(client, owned): a client built from an endpoint string is owned by the caller."""
     if isinstance(etcd, str):
@@ -133,7 +151,7 @@ class NodeRegistration:
         client, owned = _client_for(etcd)
         registration = cls(client, owned, kind, node_id, ttl)
         registration._value = value
-        await registration._register()
+        await until_reachable(f"register {node_id}", registration._register)
         registration._task = asyncio.create_task(registration._keep_alive(), name=f"keepalive-{node_id}")
         return registration
 
@@ -247,14 +265,14 @@ class NodeWatcher:
 
     @classmethod
     async def start(cls, etcd: Etcd, kind: str, on_change: ChangeCallback | None = None) -> NodeWatcher:
-        """Read the current nodes (raises if etcd is unreachable), then follow changes.
+        """Read the current nodes (waiting while etcd is unreachable), then follow changes.
 
         `on_change(node_id, value_or_None)` (sync or async) is called for every change,
         including differences found by a resync; None means the node is gone.
         """
         client, owned = _client_for(etcd)
         watcher = cls(client, owned, kind, on_change)
-        await watcher._resync()
+        await until_reachable(f"read the {kind}", watcher._resync)
         watcher._task = asyncio.create_task(watcher._follow(), name=f"watch-{kind}")
         return watcher
 

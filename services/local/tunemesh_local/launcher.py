@@ -218,10 +218,11 @@ def _start_etcd(config: MeshConfig, mesh: MeshState) -> None:
     client_port, peer_port = pick_free_port(), pick_free_port()
     endpoint = f"127.0.0.1:{client_port}"
     log_path = config.log_file("etcd")
-    proc = processes.spawn(etcd_argv(config.state_dir / "etcd", client_port, peer_port), log_path)
+    argv = etcd_argv(config.state_dir / "etcd", client_port, peer_port)
+    proc = processes.spawn(argv, log_path)
     mesh.etcd_endpoint = endpoint
     mesh.processes.append(ProcessRecord("etcd", "etcd", proc.pid, processes.start_time(proc.pid),
-                                        str(log_path), address=endpoint))
+                                        str(log_path), address=endpoint, argv=list(argv)))
     state.save(mesh)
     try:
         wait_healthy(endpoint, ETCD_START_TIMEOUT_S, proc)
@@ -234,7 +235,8 @@ def _start_services(config: MeshConfig, mesh: MeshState, specs: list[ServiceSpec
     for spec in specs:
         log_path = config.log_file(spec.name)
         proc = processes.spawn(list(spec.argv), log_path)
-        record = ProcessRecord(spec.name, spec.role, proc.pid, processes.start_time(proc.pid), str(log_path))
+        record = ProcessRecord(spec.name, spec.role, proc.pid, processes.start_time(proc.pid), str(log_path),
+                               argv=list(spec.argv))
         mesh.processes.append(record)
         started.append((spec, proc, record))
     state.save(mesh)
@@ -247,6 +249,34 @@ def _start_services(config: MeshConfig, mesh: MeshState, specs: list[ServiceSpec
         if spec.role == "scheduler":
             mesh.scheduler_address = record.address
     state.save(mesh)
+
+
+def restart(state_dir: Path, name: str, timeout: float = 120.0) -> ProcessRecord:
+    """Start service `name` of a running mesh again, with its argv and on its address
+    (clients keep their endpoint); the old process must be gone (killed or crashed)."""
+    mesh = state.load(Path(state_dir))
+    record = next((p for p in (mesh.processes if mesh else []) if p.name == name), None)
+    if record is None or not record.argv:
+        raise InvalidArgument("UNKNOWN_SERVICE", f"no restartable service {name!r} in the mesh of {state_dir}")
+    if processes.is_alive(record.pid, record.start_time):
+        raise FailedPrecondition("SERVICE_RUNNING", f"{name} (pid {record.pid}) is still running")
+    argv = list(record.argv)
+    if record.role == "etcd":  # same ports and data dir
+        proc = processes.spawn(argv, Path(record.log_path))
+        record.pid, record.start_time = proc.pid, processes.start_time(proc.pid)
+        state.save(mesh)
+        wait_healthy(record.address, ETCD_START_TIMEOUT_S, proc)
+        return record
+    argv[argv.index("--listen") + 1] = record.address
+    ready_file = Path(argv[argv.index("--ready-file") + 1])
+    ready_file.unlink(missing_ok=True)
+    proc = processes.spawn(argv, Path(record.log_path))
+    record.pid, record.start_time = proc.pid, processes.start_time(proc.pid)
+    state.save(mesh)
+    info = processes.wait_ready(name, proc, ready_file, Path(record.log_path), timeout)
+    record.metrics_url = str(info.get("metrics_url", ""))
+    state.save(mesh)
+    return record
 
 
 def _start_prometheus(config: MeshConfig, mesh: MeshState) -> None:

@@ -34,6 +34,7 @@ class ProcessRecord:
     log_path: str
     address: str = ""
     metrics_url: str = ""
+    argv: list[str] = dataclasses.field(default_factory=list)  # how it was started (services)
 
 
 @dataclasses.dataclass

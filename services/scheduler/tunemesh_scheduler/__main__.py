@@ -16,7 +16,9 @@ from tunemesh_scheduler import settings as settings_mod
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.nodes import EtcdPlacement, SamplerDirectory, TrainerDirectory
 from tunemesh_scheduler.sampler_client import GrpcSamplerPort, SamplerRouter
+from tunemesh_scheduler import takeover
 from tunemesh_scheduler.checkpoints import CheckpointProxy
+from tunemesh_scheduler.durable import EtcdRunStore
 from tunemesh_scheduler.server import (
     CheckpointServicer, OperationServicer, SamplingServicer, SessionServicer, TrainingServicer,
 )
@@ -48,11 +50,17 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s)
     config = SchedulerConfig(
         s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s,
-        s.max_runs_per_tenant,
+        s.max_runs_per_tenant, store_timeout_s=s.store_timeout_s,
     )
     scheduler_metrics = metrics.SchedulerMetrics(prometheus_client.REGISTRY)
-    core = SchedulerCore(placement, trainers, config, metrics=scheduler_metrics)
+    store = EtcdRunStore(etcd) if s.durable else None
+    core = SchedulerCore(placement, trainers, config, metrics=scheduler_metrics, store=store)
     await core.start()
+    if store is not None:
+        plan = await takeover.load_plan(store)
+        await takeover.fence_runs(plan, trainers)
+        await takeover.free_orphans(plan, trainers, list(directory.nodes()))
+        core.recover(plan)
     endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))
     limits = Limits(s.max_datums, s.max_tokens, s.max_samples)
     server, health = rpc.build_server(

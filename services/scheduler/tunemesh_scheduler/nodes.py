@@ -10,6 +10,7 @@ from google.protobuf.message import DecodeError
 
 from tunemesh.internal.v1 import sampler_pb2, trainer_pb2
 from tunemesh.v1 import sessions_pb2
+from tunemesh_common import registry
 from tunemesh_common.errors import NotFound, ResourceExhausted, Unavailable
 
 log = logging.getLogger(__name__)
@@ -117,6 +118,9 @@ class EtcdPlacement:
         self._load[node_id] += 1  # before the await: concurrent creates see this slot taken
         try:
             placed = await self._table.place_run(run_id(run_name), node_id)
+        except registry.ETCD_ERRORS as err:
+            self._load[node_id] -= 1
+            raise Unavailable("ETCD_UNAVAILABLE", f"cannot record the run's placement in etcd: {err!r}") from None
         except BaseException:
             self._load[node_id] -= 1
             raise
@@ -126,5 +130,8 @@ class EtcdPlacement:
         return node_id
 
     async def release(self, run_name: str, node_id: str) -> None:
-        await self._table.release_run(run_id(run_name), node_id)
         self._load[node_id] -= 1
+        try:
+            await self._table.release_run(run_id(run_name), node_id)
+        except registry.ETCD_ERRORS as err:  # the placement stays behind; the run is gone all the same
+            log.warning("could not release %s on %s in etcd: %r", run_name, node_id, err)

@@ -26,6 +26,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
 
     async def CreateSession(self, request, context):
         record = self._core.create_session(current_tenant(), dict(request.labels))
+        await self._core.sync()  # durable before acknowledged (UNAVAILABLE while etcd is down)
         return sessions_pb2.CreateSessionResponse(session=convert.session(record))
 
     async def HeartbeatSession(self, request, context):
@@ -34,6 +35,7 @@ class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
 
     async def EndSession(self, request, context):
         self._core.end_session(current_tenant(), request.session)
+        await self._core.sync()
         return sessions_pb2.EndSessionResponse()
 
     async def GetCapabilities(self, request, context):

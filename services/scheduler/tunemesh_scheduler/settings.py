@@ -30,6 +30,8 @@ class SchedulerSettings:
     checkpoint_timeout_s: int = 600  # deadline of one call to the checkpoint service
     sampler_timeout_s: int = 600  # deadline of one call to a sampler
     max_samples: int = 16  # sequences per Sample request
+    durable: bool = True  # journal sessions, runs and op logs to etcd and recover them on start
+    store_timeout_s: float = 5.0  # a create waits this long for etcd, then answers UNAVAILABLE
 
 
 def load(argv: list[str] | None = None) -> SchedulerSettings:

@@ -10,7 +10,7 @@ import grpc
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
 from tunemesh_common.rpc import REASON_KEY, PeerChannels
-from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome, LoadRequest, SaveRequest
+from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, LoadRequest, SaveRequest
 from tunemesh_scheduler.core.records import OperationError, OpKind
 
 log = logging.getLogger(__name__)
@@ -48,24 +48,37 @@ class GrpcTrainerPort:
         except grpc.aio.AioRpcError as err:
             raise _translate(err, node_id) from None
 
-    async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora) -> None:
-        request = trainer_pb2.CreateAdapterRequest(adapter_id=run_name, base_model=base_model, lora_config=lora)
+    async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora, epoch: int = 0) -> None:
+        request = trainer_pb2.CreateAdapterRequest(
+            adapter_id=run_name, base_model=base_model, lora_config=lora, epoch=epoch
+        )
         await self._call(node_id, "CreateAdapter", request)
+
+    async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
+        request = trainer_pb2.AdoptAdapterRequest(adapter_id=run_name, epoch=epoch)
+        return (await self._call(node_id, "AdoptAdapter", request)).applied_seq_id
+
+    async def list_adapters(self, node_id: str) -> list[str]:
+        response = await self._call(node_id, "ListAdapters", trainer_pb2.ListAdaptersRequest())
+        return [a.adapter_id for a in response.adapters]
 
     async def delete_adapter(self, node_id: str, run_name: str) -> None:
         await self._call(node_id, "DeleteAdapter", trainer_pb2.DeleteAdapterRequest(adapter_id=run_name))
 
-    async def save_adapter(self, node_id: str, run_name: str, tenant: str, request: SaveRequest):
+    async def save_adapter(self, node_id: str, run_name: str, tenant: str, request: SaveRequest,
+                           fence: Fence = Fence()):
         response = await self._call(node_id, "SaveAdapter", trainer_pb2.SaveAdapterRequest(
             adapter_id=run_name, tenant=tenant, path=request.path,
             include_optimizer_state=request.include_optimizer_state, ttl_seconds=request.ttl_seconds,
-            user_metadata=dict(request.user_metadata),
+            user_metadata=dict(request.user_metadata), seq_id=fence.seq_id, epoch=fence.epoch,
         ))
         return response.checkpoint
 
-    async def load_adapter(self, node_id: str, run_name: str, tenant: str, request: LoadRequest) -> int:
+    async def load_adapter(self, node_id: str, run_name: str, tenant: str, request: LoadRequest,
+                           fence: Fence = Fence()) -> int:
         response = await self._call(node_id, "LoadAdapter", trainer_pb2.LoadAdapterRequest(
             adapter_id=run_name, tenant=tenant, path=request.path, load_optimizer_state=request.load_optimizer_state,
+            seq_id=fence.seq_id, epoch=fence.epoch,
         ))
         return response.step
 
@@ -86,7 +99,7 @@ def _batch_item(item: BatchItem) -> trainer_pb2.BatchItem:
     if item.kind is OpKind.OPTIM_STEP:
         return trainer_pb2.BatchItem(
             item_id=item.op_name, adapter_id=item.run_name, kind=_ITEM_KINDS[item.kind],
-            adam_params=request.adam_params,
+            adam_params=request.adam_params, seq_id=item.fence.seq_id, epoch=item.fence.epoch,
         )
     return trainer_pb2.BatchItem(
         item_id=item.op_name,
@@ -95,6 +108,8 @@ def _batch_item(item: BatchItem) -> trainer_pb2.BatchItem:
         data=request.data,
         loss_fn=request.loss_fn or "cross_entropy",
         loss_fn_config=request.loss_fn_config,
+        seq_id=item.fence.seq_id,
+        epoch=item.fence.epoch,
     )
 
 

@@ -1,14 +1,22 @@
-"""gRPC servicer of tunemesh.internal.v1.TrainerService: decode, call core, encode."""
+"""gRPC servicer of tunemesh.internal.v1.TrainerService: decode, call core, encode.
+
+Fenced calls (a seq_id and an epoch) pass the `Ledger` first: a stale epoch is refused,
+a repeated seq_id gets the first application's outcome. The engine work of a call runs
+to the end even when its caller goes away, so its outcome is always recorded.
+"""
 
 from __future__ import annotations
 
+import asyncio
+
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
-from tunemesh_common.errors import InvalidArgument, TunemeshError, Unavailable
+from tunemesh_common.errors import Code, InvalidArgument, TunemeshError, Unavailable
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_trainer import convert
 from tunemesh_trainer.checkpoints import CheckpointBridge
 from tunemesh_trainer.core import TrainerCore
+from tunemesh_trainer.ledger import Ledger
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -23,6 +31,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._address = address
         self._metrics_url = metrics_url
         self._tokenizer_files: list[sessions_pb2.TokenizerFile] = []
+        self.ledger = Ledger()
 
     def attach(self, core: TrainerCore, tokenizer_files: dict[str, bytes]) -> None:
         """Start serving with a loaded engine."""
@@ -55,28 +64,63 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 "WRONG_BASE_MODEL", f"node {self._node_id} serves {self.core.info.name}, not {request.base_model}"
             )
         count = await self.core.create_adapter(request.adapter_id, convert.lora_spec(request.lora_config))
+        self.ledger.open(request.adapter_id, request.epoch)
         return trainer_pb2.CreateAdapterResponse(num_parameters=count)
 
     async def DeleteAdapter(self, request, context):
         await self.core.delete_adapter(request.adapter_id)
+        self.ledger.close(request.adapter_id)
         return trainer_pb2.DeleteAdapterResponse()
 
     async def RunBatch(self, request, context):
-        decoded, optims, early = [], [], {}
+        fresh, repeats, early = [], {}, {}
         for item in request.items:
+            try:
+                first = self.ledger.admit(item.adapter_id, item.seq_id, item.epoch)
+            except TunemeshError as err:
+                early[item.item_id] = convert.item_error(item.item_id, int(err.code), err.reason, err.message)
+                continue
+            if first is not None:
+                repeats[item.item_id] = first
+            else:
+                fresh.append(item)
+        done, seconds = await asyncio.shield(asyncio.ensure_future(self._run_fresh(fresh)))
+        for item_id, first in repeats.items():
+            done[item_id] = _with_item_id(await asyncio.shield(first), item_id)  # shared: never cancel it
+        return trainer_pb2.RunBatchResponse(
+            results=[(done | early)[item.item_id] for item in request.items], engine_seconds=seconds
+        )
+
+    async def _run_fresh(self, items) -> tuple[dict[str, trainer_pb2.BatchItemResult], float]:
+        """Execute admitted items and record each outcome in the ledger, whatever happens."""
+        decoded, optims, done = [], [], {}
+        for item in items:
             try:
                 if item.kind == trainer_pb2.ITEM_KIND_OPTIM_STEP:
                     optims.append(convert.optim_item(item))
                 else:
                     decoded.append(convert.engine_item(item))
             except TunemeshError as err:
-                early[item.item_id] = convert.item_error(item.item_id, int(err.code), err.reason, err.message)
-        outcomes, seconds = await self.core.run_batch(decoded, optims) if decoded or optims else ([], 0.0)
-        optim_ids = {o.item_id for o in optims}
-        done = {o.item_id: convert.item_result(o, o.item_id in optim_ids) for o in outcomes} | early
-        return trainer_pb2.RunBatchResponse(
-            results=[done[item.item_id] for item in request.items], engine_seconds=seconds
-        )
+                done[item.item_id] = convert.item_error(item.item_id, int(err.code), err.reason, err.message)
+        seconds = 0.0
+        try:
+            if decoded or optims:
+                outcomes, seconds = await self.core.run_batch(decoded, optims)
+                optim_ids = {o.item_id for o in optims}
+                done |= {o.item_id: convert.item_result(o, o.item_id in optim_ids) for o in outcomes}
+        except TunemeshError as err:
+            for item in items:
+                done.setdefault(item.item_id, convert.item_error(item.item_id, int(err.code), err.reason, err.message))
+            raise
+        except BaseException:
+            for item in items:
+                done.setdefault(item.item_id, convert.item_error(item.item_id, int(Code.INTERNAL), "ENGINE_ERROR", "the batch failed"))
+            raise
+        finally:
+            for item in items:
+                if item.item_id in done:
+                    self.ledger.record(item.adapter_id, item.seq_id, done[item.item_id])
+        return done, seconds
 
     async def OptimStep(self, request, context):
         metrics = await self.core.optim_step(request.adapter_id, convert.adam_spec(request.adam_params))
@@ -88,10 +132,55 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def SaveAdapter(self, request, context):
         self.core  # UNAVAILABLE LOADING until the model is attached
-        checkpoint = await self._bridge.save(request)
-        return trainer_pb2.SaveAdapterResponse(checkpoint=checkpoint)
+
+        async def save():
+            return trainer_pb2.SaveAdapterResponse(checkpoint=await self._bridge.save(request))
+
+        return await self._fenced(request, save)
 
     async def LoadAdapter(self, request, context):
         self.core
-        step = await self._bridge.load(request)
-        return trainer_pb2.LoadAdapterResponse(step=step)
+
+        async def load():
+            return trainer_pb2.LoadAdapterResponse(step=await self._bridge.load(request))
+
+        return await self._fenced(request, load)
+
+    async def AdoptAdapter(self, request, context):
+        self.core
+        applied = self.ledger.adopt(request.adapter_id, request.epoch)
+        return trainer_pb2.AdoptAdapterResponse(applied_seq_id=applied)
+
+    async def ListAdapters(self, request, context):
+        adapters = [trainer_pb2.AdapterSummary(adapter_id=a, epoch=epoch, applied_seq_id=applied)
+                    for a, (epoch, applied) in sorted(self.ledger.summary().items())]
+        return trainer_pb2.ListAdaptersResponse(adapters=adapters)
+
+    async def _fenced(self, request, call):
+        """Run a single fenced call once: a repeat of its seq_id gets the first outcome
+        (a response, or the error it raised)."""
+        first = self.ledger.admit(request.adapter_id, request.seq_id, request.epoch)
+        if first is None:
+            first = asyncio.ensure_future(_outcome_of(call()))
+            first.add_done_callback(
+                lambda f: f.cancelled() or self.ledger.record(request.adapter_id, request.seq_id, f.result())
+            )
+        outcome = await asyncio.shield(first)
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+
+async def _outcome_of(call) -> object:
+    """The call's response, or the exception it raised, as a value."""
+    try:
+        return await call
+    except Exception as exc:  # noqa: BLE001 - re-raised to every caller of this seq_id
+        return exc
+
+
+def _with_item_id(result: trainer_pb2.BatchItemResult, item_id: str) -> trainer_pb2.BatchItemResult:
+    copy = trainer_pb2.BatchItemResult()
+    copy.CopyFrom(result)
+    copy.item_id = item_id
+    return copy

@@ -46,11 +46,23 @@ class FakeTrainer:
         self.item_errors: dict[Any, ItemOutcome] = {}  # payload -> outcome
         self.adapter_error: Exception | None = None
         self.short_answer = False
+        self.epochs: dict[str, int] = {}  # run -> epoch of its adapter
+        self.applied: dict[str, int] = {}  # run -> highest seq_id executed
 
-    async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora: Any) -> None:
+    async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora: Any, epoch: int = 0) -> None:
         if self.adapter_error is not None:
             raise self.adapter_error
         self.adapters.append((node_id, run_name))
+        self.epochs[run_name] = epoch
+
+    async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
+        if (node_id, run_name) not in self.adapters:
+            raise NotFound("ADAPTER_NOT_FOUND", run_name)
+        self.epochs[run_name] = epoch
+        return self.applied.get(run_name, 0)
+
+    async def list_adapters(self, node_id: str) -> list[str]:
+        return [run for node, run in self.adapters if node == node_id]
 
     async def delete_adapter(self, node_id: str, run_name: str) -> None:
         self.deleted = [*getattr(self, "deleted", []), (node_id, run_name)]
@@ -64,6 +76,7 @@ class FakeTrainer:
         outcomes = []
         for item in items:
             self.executed.append((item.run_name, item.kind, item.payload))
+            self.applied[item.run_name] = max(self.applied.get(item.run_name, 0), item.fence.seq_id)
             ok = ItemOutcome(result=("ok", item.payload))
             outcomes.append(self.item_errors.get(item.payload, ok))
         return outcomes[:-1] if self.short_answer else outcomes

@@ -49,14 +49,16 @@ class GetTrainerInfoResponse(_message.Message):
     def __init__(self, node: _Optional[_Union[TrainerNode, _Mapping]] = ...) -> None: ...
 
 class CreateAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "base_model", "lora_config")
+    __slots__ = ("adapter_id", "base_model", "lora_config", "epoch")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     base_model: str
     lora_config: _types_pb2.LoraConfig
-    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ...) -> None: ...
+    epoch: int
+    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class CreateAdapterResponse(_message.Message):
     __slots__ = ("num_parameters",)
@@ -75,7 +77,7 @@ class DeleteAdapterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("item_id", "adapter_id", "kind", "data", "loss_fn", "loss_fn_config", "adam_params")
+    __slots__ = ("item_id", "adapter_id", "kind", "data", "loss_fn", "loss_fn_config", "adam_params", "seq_id", "epoch")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +92,8 @@ class BatchItem(_message.Message):
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
     ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     adapter_id: str
     kind: ItemKind
@@ -97,7 +101,9 @@ class BatchItem(_message.Message):
     loss_fn: str
     loss_fn_config: _containers.MessageMap[str, _types_pb2.LossConfigValue]
     adam_params: _types_pb2.AdamParams
-    def __init__(self, item_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., kind: _Optional[_Union[ItemKind, str]] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ..., adam_params: _Optional[_Union[_types_pb2.AdamParams, _Mapping]] = ...) -> None: ...
+    seq_id: int
+    epoch: int
+    def __init__(self, item_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., kind: _Optional[_Union[ItemKind, str]] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ..., adam_params: _Optional[_Union[_types_pb2.AdamParams, _Mapping]] = ..., seq_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class BatchItemResult(_message.Message):
     __slots__ = ("item_id", "result", "error", "optim_step")
@@ -157,7 +163,7 @@ class GetTokenizerResponse(_message.Message):
     def __init__(self, files: _Optional[_Iterable[_Union[_sessions_pb2.TokenizerFile, _Mapping]]] = ...) -> None: ...
 
 class SaveAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "tenant", "path", "include_optimizer_state", "ttl_seconds", "user_metadata")
+    __slots__ = ("adapter_id", "tenant", "path", "include_optimizer_state", "ttl_seconds", "user_metadata", "seq_id", "epoch")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -171,13 +177,17 @@ class SaveAdapterRequest(_message.Message):
     INCLUDE_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     tenant: str
     path: str
     include_optimizer_state: bool
     ttl_seconds: int
     user_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, adapter_id: _Optional[str] = ..., tenant: _Optional[str] = ..., path: _Optional[str] = ..., include_optimizer_state: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    seq_id: int
+    epoch: int
+    def __init__(self, adapter_id: _Optional[str] = ..., tenant: _Optional[str] = ..., path: _Optional[str] = ..., include_optimizer_state: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., seq_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class SaveAdapterResponse(_message.Message):
     __slots__ = ("checkpoint",)
@@ -186,19 +196,57 @@ class SaveAdapterResponse(_message.Message):
     def __init__(self, checkpoint: _Optional[_Union[_checkpoints_pb2.Checkpoint, _Mapping]] = ...) -> None: ...
 
 class LoadAdapterRequest(_message.Message):
-    __slots__ = ("adapter_id", "tenant", "path", "load_optimizer_state")
+    __slots__ = ("adapter_id", "tenant", "path", "load_optimizer_state", "seq_id", "epoch")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     LOAD_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     adapter_id: str
     tenant: str
     path: str
     load_optimizer_state: bool
-    def __init__(self, adapter_id: _Optional[str] = ..., tenant: _Optional[str] = ..., path: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ...) -> None: ...
+    seq_id: int
+    epoch: int
+    def __init__(self, adapter_id: _Optional[str] = ..., tenant: _Optional[str] = ..., path: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ..., seq_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class LoadAdapterResponse(_message.Message):
     __slots__ = ("step",)
     STEP_FIELD_NUMBER: _ClassVar[int]
     step: int
     def __init__(self, step: _Optional[int] = ...) -> None: ...
+
+class AdoptAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "epoch")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    epoch: int
+    def __init__(self, adapter_id: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class AdoptAdapterResponse(_message.Message):
+    __slots__ = ("applied_seq_id",)
+    APPLIED_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    applied_seq_id: int
+    def __init__(self, applied_seq_id: _Optional[int] = ...) -> None: ...
+
+class ListAdaptersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class AdapterSummary(_message.Message):
+    __slots__ = ("adapter_id", "epoch", "applied_seq_id")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    APPLIED_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    epoch: int
+    applied_seq_id: int
+    def __init__(self, adapter_id: _Optional[str] = ..., epoch: _Optional[int] = ..., applied_seq_id: _Optional[int] = ...) -> None: ...
+
+class ListAdaptersResponse(_message.Message):
+    __slots__ = ("adapters",)
+    ADAPTERS_FIELD_NUMBER: _ClassVar[int]
+    adapters: _containers.RepeatedCompositeFieldContainer[AdapterSummary]
+    def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ...) -> None: ...

@@ -75,6 +75,16 @@ class TrainerServiceStub:
                 request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterResponse.FromString,
                 _registered_method=True)
+        self.AdoptAdapter = channel.unary_unary(
+                '/tunemesh.internal.v1.TrainerService/AdoptAdapter',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AdoptAdapterRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AdoptAdapterResponse.FromString,
+                _registered_method=True)
+        self.ListAdapters = channel.unary_unary(
+                '/tunemesh.internal.v1.TrainerService/ListAdapters',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -138,6 +148,22 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AdoptAdapter(self, request, context):
+        """Raises an adapter's epoch (a scheduler taking over its run): calls fenced with a
+        lower epoch are refused from then on. Returns what the adapter has applied.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapters(self, request, context):
+        """Lists the node's adapters with their epochs (a recovering scheduler frees the
+        adapters of runs it does not know).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -180,6 +206,16 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.LoadAdapter,
                     request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterRequest.FromString,
                     response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterResponse.SerializeToString,
+            ),
+            'AdoptAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptAdapter,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AdoptAdapterRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AdoptAdapterResponse.SerializeToString,
+            ),
+            'ListAdapters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapters,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -399,6 +435,60 @@ class TrainerService:
             '/tunemesh.internal.v1.TrainerService/LoadAdapter',
             tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterRequest.SerializeToString,
             tunemesh_dot_internal_dot_v1_dot_trainer__pb2.LoadAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.internal.v1.TrainerService/AdoptAdapter',
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AdoptAdapterRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AdoptAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.internal.v1.TrainerService/ListAdapters',
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,

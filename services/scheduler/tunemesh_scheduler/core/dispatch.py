@@ -16,7 +16,7 @@ from typing import Any
 from tunemesh_common.errors import Code, TunemeshError, Unimplemented
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.fairness import FairQueue
-from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome, TrainerPort
+from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, TrainerPort
 from tunemesh_scheduler.core.records import (
     BATCHABLE_KINDS,
     OperationError,
@@ -114,7 +114,8 @@ class NodeDispatcher:
         # A head's run may send its next op along when the trainer applies it right after
         # (an optim_step after a forward op): one trainer round per training step.
         ops = heads + [c for op in heads if (c := self._companion_of(op)) is not None]
-        items = [BatchItem(op.name, op.run, op.kind, op.payload, op.num_tokens) for op in ops]
+        items = [BatchItem(op.name, op.run, op.kind, op.payload, op.num_tokens, Fence(op.seq_id, op.epoch))
+                 for op in ops]
         for op in ops:
             self._mark_running(op)
         self.batch_running = True

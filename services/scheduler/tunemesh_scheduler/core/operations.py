@@ -9,6 +9,7 @@ from typing import Any
 
 from tunemesh_common.errors import Code, NotFound
 from tunemesh_common.metrics import SchedulerMetrics
+from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import OperationError, OperationRecord, OpKind, OpState
 
 
@@ -20,7 +21,9 @@ class OperationStore:
     """
 
     def __init__(self, clock: Callable[[], float], new_id: Callable[[], str],
-                 metrics: SchedulerMetrics | None = None) -> None:
+                 metrics: SchedulerMetrics | None = None,
+                 note: Callable[[StoreWrite], int] = lambda write: 0) -> None:
+        self._note = note  # journals every created, finished and evicted operation
         self._clock = clock
         self._new_id = new_id
         self._metrics = metrics or SchedulerMetrics()
@@ -47,6 +50,7 @@ class OperationStore:
         payload_digest: bytes | str,
         num_tokens: int,
         node_id: str,
+        epoch: int = 0,
     ) -> OperationRecord:
         """Store a new QUEUED operation and index its request id."""
         op = OperationRecord(
@@ -61,11 +65,21 @@ class OperationStore:
             node_id=node_id,
             create_time=self._clock(),
             payload=payload,
+            epoch=epoch,
         )
         self._ops[op.name] = op
         self.index_request(op, request_id)
         self._count(op, +1)
+        self._note(StoreWrite(op))
         return op
+
+    def restore(self, op: OperationRecord) -> None:
+        """Adopt an operation from durable state (done, or QUEUED with its payload)."""
+        self._ops[op.name] = op
+        self.index_request(op, op.request_id)
+        self._count(op, +1)
+        if op.done:
+            self._finished.append(op)
 
     def index_request(self, op: OperationRecord, request_id: str) -> None:
         """Make `request_id` (if any) of the op's tenant resolve to `op`."""
@@ -124,7 +138,8 @@ class OperationStore:
         return op
 
     def evict_finished(self, older_than: float) -> list[OperationRecord]:
-        """Forget operations that finished before `older_than` (epoch seconds); returns them."""
+        """Forget operations that finished before `older_than` (epoch seconds); returns
+        them (their durable records are the caller's to compact)."""
         evicted = []
         while self._finished and self._finished[0].end_time < older_than:
             op = self._finished.popleft()
@@ -140,6 +155,7 @@ class OperationStore:
         op.payload = None  # the trainer has what it needs; free the memory
         self._finished.append(op)
         self._move(op, state)
+        self._note(StoreWrite(op))
         self._metrics.operation_finished(op.tenant, op.kind.value, state.value)
         event = self._events.pop(op.name, None)
         if event is not None:

@@ -10,7 +10,18 @@ import dataclasses
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from tunemesh_scheduler.core.records import OperationError, OpKind
+from tunemesh_scheduler.core.records import (
+    OperationError, OperationRecord, OpKind, RunRecord, SessionRecord,
+)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Fence:
+    """Where an operation stands in its run: the trainer applies a (run, seq_id) once and
+    refuses calls of an epoch below the run's current one."""
+
+    seq_id: int = 0
+    epoch: int = 0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -22,6 +33,7 @@ class BatchItem:
     kind: OpKind  # FORWARD or FORWARD_BACKWARD
     payload: Any  # opaque: the server's decoded request (data, loss_fn, config)
     num_tokens: int
+    fence: Fence = Fence()  # the op's (seq_id, epoch); the default is unfenced
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -77,25 +89,70 @@ class TrainerPort(Protocol):
     """Calls into trainer nodes."""
 
     async def create_adapter(
-        self, node_id: str, run_name: str, base_model: str, lora: Any
+        self, node_id: str, run_name: str, base_model: str, lora: Any, epoch: int = 0
     ) -> None:
-        """Create the run's adapter slot on the node."""
+        """Create the run's adapter slot on the node, fenced at `epoch`."""
         ...
 
     async def delete_adapter(self, node_id: str, run_name: str) -> None:
         """Free the run's adapter slot (undo of a failed create)."""
         ...
 
-    async def save_adapter(self, node_id: str, run_name: str, tenant: str, request: SaveRequest) -> Any:
+    async def save_adapter(
+        self, node_id: str, run_name: str, tenant: str, request: SaveRequest, fence: Fence = Fence()
+    ) -> Any:
         """Write the run's adapter to the checkpoint service; returns the checkpoint."""
         ...
 
-    async def load_adapter(self, node_id: str, run_name: str, tenant: str, request: LoadRequest) -> int:
+    async def load_adapter(
+        self, node_id: str, run_name: str, tenant: str, request: LoadRequest, fence: Fence = Fence()
+    ) -> int:
         """Load a checkpoint of `tenant` into the run's adapter; returns its step count."""
+        ...
+
+    async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
+        """Raise the adapter's epoch (fencing off older callers); returns the highest
+        seq_id it has taken. NotFound when the node has no such adapter."""
+        ...
+
+    async def list_adapters(self, node_id: str) -> list[str]:
+        """The adapter ids on a node."""
         ...
 
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> Sequence[ItemOutcome]:
         """Execute items of different runs (forward kinds as one fused pass, then optimizer
         steps); one outcome per item, in order. Raising fails every item of the batch with
         the error (UNAVAILABLE: node down)."""
+        ...
+
+
+@dataclasses.dataclass(slots=True)
+class StoredState:
+    """What a `RunStore` holds: every session, run and logged operation."""
+
+    sessions: list[SessionRecord] = dataclasses.field(default_factory=list)
+    runs: list[RunRecord] = dataclasses.field(default_factory=list)
+    operations: list[OperationRecord] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StoreWrite:
+    """One change to durable state: put a record, or delete it (`delete=True`)."""
+
+    record: SessionRecord | RunRecord | OperationRecord
+    delete: bool = False
+
+
+class RunStore(Protocol):
+    """Durable control state (etcd in the mesh, memory in unit tests).
+
+    `apply` writes changes atomically and in order; an operation's payload is kept
+    while it is unfinished, its result once it succeeded. Raises Unavailable when the
+    store cannot be reached (the journal retries).
+    """
+
+    async def apply(self, writes: Sequence[StoreWrite]) -> None:
+        ...
+
+    async def load(self) -> StoredState:
         ...

@@ -90,6 +90,8 @@ class RunRecord:
     create_time: float
     step: int = 0
     last_seq_id: int = 0
+    epoch: int = 1  # fencing: raised by every scheduler that takes the run over
+    request_id: str = ""  # of the CreateTrainingRun call
 
 
 @dataclasses.dataclass(slots=True)
@@ -115,6 +117,7 @@ class OperationRecord:
     result: Any = None
     error: OperationError | None = None
     payload: Any = dataclasses.field(default=None, repr=False)
+    epoch: int = 0  # the run's epoch it is sent with
 
     @property
     def done(self) -> bool:

@@ -10,7 +10,7 @@ from typing import Any
 from tunemesh_common.errors import (
     AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, TunemeshError, Unavailable,
 )
-from tunemesh_scheduler.core.ports import PlacementPort, TrainerPort
+from tunemesh_scheduler.core.ports import PlacementPort, StoreWrite, TrainerPort
 from tunemesh_scheduler.core.records import RunRecord
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,9 @@ class RunRegistry:
         clock: Callable[[], float],
         new_id: Callable[[], str],
         max_runs_per_tenant: int = 0,
+        note: Callable[[StoreWrite], int] = lambda write: 0,
     ) -> None:
+        self._note = note  # journals every created or deleted run
         self._max_runs_per_tenant = max_runs_per_tenant  # 0: no quota
         self._placement = placement
         self._trainer = trainer
@@ -55,7 +57,7 @@ class RunRegistry:
         visible; if it fails the run is undone. `prepare_key` names it for idempotency.
         """
         if not request_id:
-            return await self._place_and_create(tenant, session, base_model, lora, prepare)
+            return await self._place_and_create(tenant, session, base_model, lora, prepare, "")
         key = (tenant, request_id)
         payload = (session, base_model, lora, prepare_key)
         seen = self._requests.get(key)
@@ -68,7 +70,7 @@ class RunRegistry:
         future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
         self._requests[key] = (payload, future)
         try:
-            record = await self._place_and_create(tenant, session, base_model, lora, prepare)
+            record = await self._place_and_create(tenant, session, base_model, lora, prepare, request_id)
         except BaseException as exc:
             del self._requests[key]  # a failed create may be retried with the same id
             _fail_future(future, exc)
@@ -77,7 +79,7 @@ class RunRegistry:
         return record
 
     async def _place_and_create(
-        self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None
+        self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None, request_id: str
     ) -> RunRecord:
         held = len(self._by_tenant.get(tenant, ()))
         if self._max_runs_per_tenant and held >= self._max_runs_per_tenant:
@@ -94,15 +96,17 @@ class RunRegistry:
             lora=lora,
             node_id=node_id,
             create_time=self._clock(),
+            request_id=request_id,
         )
         try:
-            await self._trainer.create_adapter(node_id, name, base_model, lora)
+            await self._trainer.create_adapter(node_id, name, base_model, lora, record.epoch)
             if prepare is not None:
                 await prepare(record)
         except BaseException:
             await asyncio.shield(self._undo_create(name, node_id))
             raise
         self.restore(record)
+        self._note(StoreWrite(record))
         log.info("run created", extra={"run": name, "tenant": tenant, "node": node_id})
         return record
 
@@ -119,6 +123,7 @@ class RunRegistry:
         """Forget the run at once (later calls get NotFound), then free its adapter slot."""
         del self._runs[record.name]
         self._by_tenant[record.tenant].remove(record.name)
+        self._note(StoreWrite(record, delete=True))
         try:
             await self._trainer.delete_adapter(record.node_id, record.name)
         except TunemeshError as exc:  # NotFound or a trainer that is gone: no slot left to free
@@ -126,9 +131,15 @@ class RunRegistry:
         await self._placement.release(record.name, record.node_id)
 
     def restore(self, record: RunRecord) -> None:
-        """Register an existing run (e.g. reloaded from durable metadata)."""
+        """Register an existing run (e.g. reloaded from durable metadata); a retry of
+        the CreateTrainingRun call that made it gets it back."""
         self._runs[record.name] = record
         self._by_tenant.setdefault(record.tenant, []).append(record.name)
+        if record.request_id and (record.tenant, record.request_id) not in self._requests:
+            future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
+            future.set_result(record)
+            key = (record.session, record.base_model, record.lora, None)
+            self._requests[(record.tenant, record.request_id)] = (key, future)
 
     def get(self, tenant: str, name: str) -> RunRecord:
         """The tenant's run, or NotFound(RUN_NOT_FOUND)."""

@@ -1,8 +1,9 @@
 """`SchedulerCore`: the facade the gRPC servicers call.
 
 Every method takes the already-authenticated tenant id first. Resources of another
-tenant read as NotFound. All state is in memory; durable placement lives behind
-`PlacementPort`.
+tenant read as NotFound. State lives in memory and is journaled to a `RunStore`
+(sessions, runs, each run's operation log), from which a restarted scheduler recovers
+(`recover`); durable placement lives behind `PlacementPort`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,11 @@ from tunemesh_common.errors import ResourceExhausted, Unavailable
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.dispatch import NodeDispatcher
 from tunemesh_scheduler.core.operations import OperationStore
-from tunemesh_scheduler.core.ports import ItemOutcome, LoadRequest, LoadResult, PlacementPort, TrainerPort
+from tunemesh_scheduler.core.journal import Journal
+from tunemesh_scheduler.core.ports import (
+    Fence, ItemOutcome, LoadRequest, LoadResult, PlacementPort, RunStore, StoreWrite, TrainerPort,
+)
+from tunemesh_scheduler.core.recovery import RecoveryPlan
 from tunemesh_scheduler.core.records import (
     OperationError,
     OperationRecord,
@@ -54,6 +59,11 @@ class SchedulerConfig:
     finished_ttl_s: float = 3600.0
     # Most runs one tenant may hold, so no tenant can take every adapter slot; 0: none.
     max_runs_per_tenant: int = 0
+    # Longest wait for the state store before a create answers UNAVAILABLE.
+    store_timeout_s: float = 5.0
+    # Longest wait for the state store before a training submit is acknowledged anyway
+    # (a store outage must not stop training; the op log catches up when it is back).
+    submit_store_wait_s: float = 2.0
 
 
 def _new_uuid() -> str:
@@ -72,13 +82,16 @@ class SchedulerCore:
         clock: Callable[[], float] = time.time,
         new_id: Callable[[], str] = _new_uuid,
         metrics: SchedulerMetrics | None = None,
+        store: RunStore | None = None,
     ) -> None:
         self._trainer = trainer
         self._config = config
         self._metrics = metrics or SchedulerMetrics()
-        self.sessions = SessionRegistry(clock, new_id)
-        self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant)
-        self.operations = OperationStore(clock, new_id, self._metrics)
+        self.journal = Journal(store)  # None: state lives and dies with this process
+        note = self.journal.note
+        self.sessions = SessionRegistry(clock, new_id, note)
+        self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant, note)
+        self.operations = OperationStore(clock, new_id, self._metrics, note)
         self.sampling = SamplingSessionRegistry(clock, new_id)
         self._lanes: dict[str, RunLane] = {}
         self._dispatchers: dict[str, NodeDispatcher] = {}
@@ -91,6 +104,7 @@ class SchedulerCore:
     async def start(self) -> None:
         """Begin serving (call from the event loop that will run the core)."""
         self._serving = True
+        self.journal.start()
         self._evictor = asyncio.get_running_loop().create_task(self._evict_periodically())
 
     async def _evict_periodically(self) -> None:
@@ -101,14 +115,24 @@ class SchedulerCore:
     def evict_finished(self) -> int:
         """Forget operations finished more than `finished_ttl_s` ago; returns how many."""
         evicted = self.operations.evict_finished(self._clock() - self._config.finished_ttl_s)
+        compacted = []
         for op in evicted:
             lane = self._lanes.get(op.run)
             if lane is not None:
                 lane.forget(op)
+                if op.seq_id <= lane.run.last_seq_id:
+                    compacted.append(op)
+        # The runs' floors (last_seq_id, step) are stored before their log shrinks.
+        for run in {op.run: self._lanes[op.run].run for op in compacted}.values():
+            self.journal.note(StoreWrite(run))
+        for op in compacted:
+            self.journal.note(StoreWrite(op, delete=True))
         return len(evicted)
 
     async def stop(self) -> None:
-        """Stop dispatching; every unfinished operation fails with UNAVAILABLE."""
+        """Stop dispatching and write what the journal holds; every unfinished operation
+        then fails with UNAVAILABLE here, but stays queued in the state store for the
+        next scheduler (it is not journaled as failed)."""
         self._serving = False
         if self._evictor is not None:
             self._evictor.cancel()
@@ -117,9 +141,37 @@ class SchedulerCore:
         self._dispatchers.clear()
         for lane in self._lanes.values():
             lane.close()
+        await self.journal.stop()
         error = OperationError(Code.UNAVAILABLE, "SCHEDULER_STOPPING", "scheduler stopped")
         for op in self.operations.unfinished():
             self.operations.fail(op, error)
+
+    async def sync(self, timeout_s: float | None = None) -> None:
+        """Wait until every change so far is in the state store; Unavailable
+        (STORE_UNAVAILABLE) after `timeout_s` (default: the config's store timeout)."""
+        await self.journal.synced(self.journal.latest,
+                                  self._config.store_timeout_s if timeout_s is None else timeout_s)
+
+    def recover(self, plan: RecoveryPlan) -> None:
+        """Take over the sessions, runs and operations of a previous scheduler (before
+        serving). Queued operations are dispatched again, with the runs' new epochs."""
+        for session in plan.sessions:
+            self.sessions.restore(session)
+        for recovered in plan.runs:
+            self.runs.restore(recovered.run)
+            for op in recovered.finished:
+                self.operations.restore(op)
+            self.journal.note(StoreWrite(recovered.run))  # its new epoch
+            lane = self._add_lane(recovered.run)
+            for op in recovered.queued:
+                self.operations.restore(op)
+            for op in recovered.finished + recovered.queued:
+                lane.restore(op)
+            lane.pump()
+            for op in recovered.lost:
+                self.journal.note(StoreWrite(op, delete=True))
+        for op in plan.orphans:
+            self.journal.note(StoreWrite(op, delete=True))
 
     # ---- sessions --------------------------------------------------------------------
 
@@ -153,6 +205,7 @@ class SchedulerCore:
             tenant, session, base_model, lora, request_id, load if restore else None, restore
         )
         self._add_lane(record)
+        await self.sync()  # Unavailable while the store is down: a retry gets this run
         return record
 
     def restore_run(self, record: RunRecord) -> None:
@@ -215,10 +268,22 @@ class SchedulerCore:
         op = self.operations.create(
             tenant=tenant, run=run, seq_id=seq_id, kind=kind, request_id=request_id,
             payload=payload, payload_digest=payload_digest, num_tokens=num_tokens,
-            node_id=record.node_id,
+            node_id=record.node_id, epoch=record.epoch,
         )
         lane.add(op)
+        await self._logged(op)
         return op
+
+    async def _logged(self, op: OperationRecord) -> None:
+        """Wait (briefly) until the op is in the run's durable log; through a store
+        outage it is acknowledged anyway and logged once the store is back."""
+        if not self.journal.store_up:  # known down: no wait per call
+            return
+        try:
+            await self.sync(self._config.submit_store_wait_s)
+        except Unavailable:
+            log.warning("acknowledging %s before the state store confirmed it", op.name,
+                        extra={"run": op.run, "operation": op.name})
 
     def get_operation(self, tenant: str, name: str) -> OperationRecord:
         return self.operations.get(tenant, name)
@@ -300,11 +365,12 @@ class SchedulerCore:
             )
         return None
 
-    def _add_lane(self, record: RunRecord) -> None:
+    def _add_lane(self, record: RunRecord) -> RunLane:
         if record.name not in self._lanes:
             self._lanes[record.name] = RunLane(
                 record, self._config.gap_timeout_s, self._release, self._fail_gap
             )
+        return self._lanes[record.name]
 
     def _dispatcher(self, node_id: str) -> NodeDispatcher:
         dispatcher = self._dispatchers.get(node_id)
@@ -329,10 +395,11 @@ class SchedulerCore:
 
     async def _run_single(self, op: OperationRecord) -> Any:
         """A checkpoint save or load of one run (ordered like its other operations)."""
+        fence = Fence(op.seq_id, op.epoch)
         if op.kind is OpKind.LOAD_STATE:
-            step = await self._trainer.load_adapter(op.node_id, op.run, op.tenant, op.payload)
+            step = await self._trainer.load_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
             return LoadResult(op.payload.path, step)
-        return await self._trainer.save_adapter(op.node_id, op.run, op.tenant, op.payload)
+        return await self._trainer.save_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
 
     def _release(self, op: OperationRecord) -> None:
         self._dispatcher(op.node_id).enqueue(op)

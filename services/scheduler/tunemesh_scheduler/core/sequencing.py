@@ -51,6 +51,12 @@ class RunLane:
         if self._by_seq.get(op.seq_id) is op and op.seq_id <= self.run.last_seq_id:
             del self._by_seq[op.seq_id]
 
+    def restore(self, op: OperationRecord) -> None:
+        """Adopt an operation from durable state (call `pump` after the last one)."""
+        self._by_seq[op.seq_id] = op
+        if op.seq_id > self.run.last_seq_id:
+            self._pending[op.seq_id] = op
+
     def add(self, op: OperationRecord) -> None:
         """Accept a new QUEUED operation; releases it at once if it is the head."""
         self._by_seq[op.seq_id] = op

@@ -5,13 +5,16 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from tunemesh_common.errors import FailedPrecondition, NotFound
+from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import SessionRecord
 
 
 class SessionRegistry:
     """In-memory sessions keyed by name; another tenant's session reads as NotFound."""
 
-    def __init__(self, clock: Callable[[], float], new_id: Callable[[], str]) -> None:
+    def __init__(self, clock: Callable[[], float], new_id: Callable[[], str],
+                 note: Callable[[StoreWrite], int] = lambda write: 0) -> None:
+        self._note = note  # journals every created or ended session
         self._clock = clock
         self._new_id = new_id
         self._sessions: dict[str, SessionRecord] = {}
@@ -30,7 +33,12 @@ class SessionRegistry:
             last_heartbeat_time=now,
         )
         self._sessions[record.name] = record
+        self._note(StoreWrite(record))
         return record
+
+    def restore(self, record: SessionRecord) -> None:
+        """Adopt a session from durable state."""
+        self._sessions[record.name] = record
 
     def get(self, tenant: str, name: str) -> SessionRecord:
         """The tenant's session, or NotFound(SESSION_NOT_FOUND)."""
@@ -55,7 +63,9 @@ class SessionRegistry:
     def end(self, tenant: str, name: str) -> SessionRecord:
         """Mark the session ended (idempotent)."""
         record = self.get(tenant, name)
-        record.ended = True
+        if not record.ended:
+            record.ended = True
+            self._note(StoreWrite(record))
         return record
 
     def count_open(self) -> int:

@@ -1,0 +1,232 @@
+"""`EtcdRunStore`: the scheduler's durable control state in etcd (a core `RunStore`).
+
+Layout (values are `tunemesh.internal.v1.scheduler_state` messages):
+
+    /tunemesh/sessions/{session_id}          StoredSession
+    /tunemesh/runs/{run_id}                  StoredRun: owner, LoRA, node, epoch, and the
+                                             floor (last_seq_id, step) below which its
+                                             operation log has been compacted
+    /tunemesh/oplog/{run_id}/{seq_id:020d}   StoredOperation: one per operation of the run,
+                                             its payload while unfinished (when at most
+                                             INLINE_PAYLOAD_BYTES), its result once done
+
+A batch of changes is written as few transactions as etcd's limits allow (128
+operations and 1.5 MiB per request), in order; a later change of one key in the same
+batch replaces an earlier one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from tunemesh.internal.v1 import scheduler_state_pb2 as pb
+from tunemesh.v1 import checkpoints_pb2, operations_pb2, training_pb2, types_pb2
+from tunemesh_common import registry
+from tunemesh_common.errors import Unavailable
+from tunemesh_scheduler.core.ports import LoadRequest, LoadResult, SaveRequest, StoredState, StoreWrite
+from tunemesh_scheduler.core.records import (
+    OperationError, OperationRecord, OpKind, OpState, RunRecord, SessionRecord,
+)
+
+log = logging.getLogger(__name__)
+
+INLINE_PAYLOAD_BYTES = 512 * 1024  # larger payloads are not kept: the client re-sends them
+TXN_BYTES = 1024 * 1024
+TXN_OPS = 100
+
+_PAYLOAD_FIELDS = {
+    OpKind.FORWARD: "forward",
+    OpKind.FORWARD_BACKWARD: "forward_backward",
+    OpKind.OPTIM_STEP: "optim_step",
+}
+
+
+def _prefix(kind: str) -> bytes:
+    return f"{registry.ROOT}/{kind}/".encode()
+
+
+def key_of(record: SessionRecord | RunRecord | OperationRecord) -> bytes:
+    if isinstance(record, SessionRecord):
+        return _prefix("sessions") + record.name.removeprefix("sessions/").encode()
+    if isinstance(record, RunRecord):
+        return registry.run_key(record.name.removeprefix("runs/"))
+    return oplog_prefix(record.run) + f"{record.seq_id:020d}".encode()
+
+
+def oplog_prefix(run_name: str) -> bytes:
+    return _prefix("oplog") + run_name.removeprefix("runs/").encode() + b"/"
+
+
+class EtcdRunStore:
+    """RunStore on etcd (one aetcd client of the scheduler's event loop)."""
+
+    def __init__(self, client) -> None:
+        self._client = client
+        self._txn = client.transactions
+
+    async def apply(self, writes: Sequence[StoreWrite]) -> None:
+        latest: dict[bytes, StoreWrite] = {}
+        for write in writes:  # one key once per batch: its latest change
+            latest.pop(key := key_of(write.record), None)
+            latest[key] = write
+        group, size = [], 0
+        for key, write in latest.items():
+            ops = _etcd_ops(self._txn, key, write)
+            weight = len(key) + sum(len(getattr(op, "value", b"") or b"") for op in ops)
+            if group and (len(group) + len(ops) > TXN_OPS or size + weight > TXN_BYTES):
+                await self._commit(group)
+                group, size = [], 0
+            group += ops
+            size += weight
+        if group:
+            await self._commit(group)
+
+    async def _commit(self, ops: list) -> None:
+        try:
+            await self._client.transaction(compare=[], success=ops, failure=[])
+        except registry.ETCD_ERRORS as exc:
+            raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+
+    async def load(self) -> StoredState:
+        state = StoredState()
+        try:
+            sessions = await self._client.get_prefix(_prefix("sessions"))
+            runs = await self._client.get_prefix(f"{registry.ROOT}/runs/".encode())
+            ops = await self._client.get_prefix(_prefix("oplog"))
+        except registry.ETCD_ERRORS as exc:
+            raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+        state.sessions = [session_record(pb.StoredSession.FromString(kv.value)) for kv in sessions]
+        state.runs = [run_record(pb.StoredRun.FromString(kv.value)) for kv in runs]
+        state.operations = [operation_record(pb.StoredOperation.FromString(kv.value)) for kv in ops]
+        return state
+
+
+def _etcd_ops(txn, key: bytes, write: StoreWrite) -> list:
+    if not write.delete:
+        return [txn.put(key, encode(write.record))]
+    ops = [txn.delete(key)]
+    if isinstance(write.record, RunRecord):  # its operation log goes with it
+        prefix = oplog_prefix(write.record.name)
+        ops.append(txn.delete(prefix, prefix[:-1] + b"0"))  # the range [prefix, prefix+1)
+    return ops
+
+
+def encode(record: SessionRecord | RunRecord | OperationRecord) -> bytes:
+    if isinstance(record, SessionRecord):
+        return pb.StoredSession(
+            name=record.name, tenant=record.tenant, labels=record.labels, create_time=record.create_time,
+            ended=record.ended,
+        ).SerializeToString()
+    if isinstance(record, RunRecord):
+        return pb.StoredRun(
+            name=record.name, tenant=record.tenant, session=record.session, base_model=record.base_model,
+            lora=record.lora, node_id=record.node_id, create_time=record.create_time, epoch=record.epoch,
+            last_seq_id=record.last_seq_id, step=record.step, request_id=record.request_id,
+        ).SerializeToString()
+    return _stored_operation(record).SerializeToString()
+
+
+def _stored_operation(op: OperationRecord) -> pb.StoredOperation:
+    state = OpState.QUEUED if op.state is OpState.RUNNING else op.state
+    stored = pb.StoredOperation(
+        name=op.name, tenant=op.tenant, run=op.run, seq_id=op.seq_id, kind=op.kind.value,
+        request_id=op.request_id, payload_digest=_digest_bytes(op.payload_digest), num_tokens=op.num_tokens,
+        create_time=op.create_time, state=state.value, end_time=op.end_time or 0.0,
+    )
+    if op.error is not None:
+        stored.error.CopyFrom(operations_pb2.OperationError(
+            code=op.error.code, reason=op.error.reason, message=op.error.message))
+    if op.state is OpState.SUCCEEDED:
+        _set_result(stored, op)
+    elif not op.done and op.payload is not None:
+        _set_payload(stored, op)
+        if stored.ByteSize() > INLINE_PAYLOAD_BYTES:
+            stored.ClearField(stored.WhichOneof("payload"))
+    return stored
+
+
+def _digest_bytes(digest: bytes | str) -> bytes:
+    return digest if isinstance(digest, bytes) else digest.encode()
+
+
+def _set_payload(stored: pb.StoredOperation, op: OperationRecord) -> None:
+    payload = op.payload
+    if op.kind in _PAYLOAD_FIELDS:
+        getattr(stored, _PAYLOAD_FIELDS[op.kind]).CopyFrom(payload)
+    elif op.kind is OpKind.LOAD_STATE:
+        stored.load.CopyFrom(pb.StoredLoad(path=payload.path, load_optimizer_state=payload.load_optimizer_state))
+    else:
+        stored.save.CopyFrom(pb.StoredSave(
+            path=payload.path, include_optimizer_state=payload.include_optimizer_state,
+            ttl_seconds=payload.ttl_seconds, user_metadata=dict(payload.user_metadata),
+        ))
+
+
+def _set_result(stored: pb.StoredOperation, op: OperationRecord) -> None:
+    result = op.result
+    if op.kind is OpKind.OPTIM_STEP:
+        stored.optim_step_result.CopyFrom(result)
+    elif op.kind in (OpKind.FORWARD, OpKind.FORWARD_BACKWARD):
+        stored.forward_backward_result.CopyFrom(result)
+    elif op.kind is OpKind.LOAD_STATE:
+        stored.load_result.CopyFrom(pb.StoredLoadResult(path=result.path, step=result.step))
+    else:
+        stored.checkpoint.CopyFrom(result)
+
+
+def session_record(stored: pb.StoredSession) -> SessionRecord:
+    return SessionRecord(
+        name=stored.name, tenant=stored.tenant, labels=dict(stored.labels), create_time=stored.create_time,
+        last_heartbeat_time=stored.create_time, ended=stored.ended,
+    )
+
+
+def run_record(stored: pb.StoredRun) -> RunRecord:
+    lora = types_pb2.LoraConfig()
+    lora.CopyFrom(stored.lora)
+    return RunRecord(
+        name=stored.name, tenant=stored.tenant, session=stored.session, base_model=stored.base_model, lora=lora,
+        node_id=stored.node_id, create_time=stored.create_time, step=stored.step, last_seq_id=stored.last_seq_id,
+        epoch=stored.epoch, request_id=stored.request_id,
+    )
+
+
+def operation_record(stored: pb.StoredOperation) -> OperationRecord:
+    error = None
+    if stored.HasField("error"):
+        error = OperationError(stored.error.code, stored.error.reason, stored.error.message)
+    return OperationRecord(
+        name=stored.name, tenant=stored.tenant, run=stored.run, seq_id=stored.seq_id, kind=OpKind(stored.kind),
+        request_id=stored.request_id, payload_digest=stored.payload_digest, num_tokens=stored.num_tokens,
+        node_id="", create_time=stored.create_time, state=OpState(stored.state),
+        end_time=stored.end_time or None, result=_result(stored), error=error, payload=_payload(stored),
+    )
+
+
+def _payload(stored: pb.StoredOperation):
+    which = stored.WhichOneof("payload")
+    if which is None:
+        return None
+    if which == "load":
+        return LoadRequest(stored.load.path, stored.load.load_optimizer_state)
+    if which == "save":
+        s = stored.save
+        return SaveRequest(s.path, s.include_optimizer_state, s.ttl_seconds, tuple(sorted(s.user_metadata.items())))
+    message = {"forward": training_pb2.ForwardRequest, "forward_backward": training_pb2.ForwardBackwardRequest,
+               "optim_step": training_pb2.OptimStepRequest}[which]()
+    message.CopyFrom(getattr(stored, which))
+    return message
+
+
+def _result(stored: pb.StoredOperation):
+    which = stored.WhichOneof("result")
+    if which is None:
+        return None
+    if which == "load_result":
+        return LoadResult(stored.load_result.path, stored.load_result.step)
+    message = {"forward_backward_result": types_pb2.ForwardBackwardResult,
+               "optim_step_result": types_pb2.OptimStepResult,
+               "checkpoint": checkpoints_pb2.Checkpoint}[which]()
+    message.CopyFrom(getattr(stored, which))
+    return message

@@ -1,0 +1,66 @@
+"""Starting from what a previous scheduler left: load the durable state, fence its runs
+on their trainers with the new epochs, free adapters no run owns."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from tunemesh_common.errors import TunemeshError
+from tunemesh_scheduler.core import recovery
+from tunemesh_scheduler.core.ports import RunStore, TrainerPort
+
+log = logging.getLogger(__name__)
+
+
+async def load_plan(store: RunStore, retry_s: float = 1.0) -> recovery.RecoveryPlan:
+    """The recovery plan of the stored state; waits (logging) while the store is down."""
+    while True:
+        try:
+            plan = recovery.plan(await store.load())
+        except TunemeshError as exc:
+            log.warning("waiting for the state store: %s", exc)
+            await asyncio.sleep(retry_s)
+            continue
+        queued = sum(len(r.queued) for r in plan.runs)
+        lost = sum(len(r.lost) for r in plan.runs)
+        log.info("recovered %d sessions, %d runs, %d queued operations (%d to be re-sent by clients)",
+                 len(plan.sessions), len(plan.runs), queued, lost)
+        return plan
+
+
+async def fence_runs(plan: recovery.RecoveryPlan, trainers: TrainerPort) -> None:
+    """Raise each run's epoch on its trainer: calls of the previous scheduler are refused
+    from now on. A trainer that cannot be reached is left as it is (its runs' calls
+    fail UNAVAILABLE until it is back)."""
+
+    async def fence(run) -> None:
+        try:
+            await trainers.adopt_adapter(run.node_id, run.name, run.epoch)
+        except TunemeshError as exc:
+            log.warning("could not fence %s on %s: %s", run.name, run.node_id, exc, extra={"run": run.name})
+
+    await asyncio.gather(*(fence(r.run) for r in plan.runs))
+
+
+async def free_orphans(plan: recovery.RecoveryPlan, trainers: TrainerPort, nodes: list[str]) -> int:
+    """Delete adapters of runs the store does not know (their create never completed,
+    or their delete did not reach the trainer); returns how many."""
+    known = {r.run.name for r in plan.runs}
+    freed = 0
+    for node in nodes:
+        try:
+            held = await trainers.list_adapters(node)
+        except TunemeshError as exc:
+            log.warning("could not list the adapters of %s: %s", node, exc)
+            continue
+        for adapter in held:
+            if adapter.startswith("runs/") and adapter not in known:
+                try:
+                    await trainers.delete_adapter(node, adapter)
+                    freed += 1
+                except TunemeshError as exc:
+                    log.warning("could not free orphan adapter %s on %s: %s", adapter, node, exc)
+    if freed:
+        log.info("freed %d adapters that no run owns", freed)
+    return freed
