@@ -2,13 +2,27 @@
 
 The server puts the REASON in the trailing metadata key `tunemesh-reason` and the human
 message in the status details; a failed Operation carries both in `OperationError`.
+A request gRPC itself refuses for its size (this client's send limit or the server's
+receive limit) becomes INVALID_ARGUMENT [REQUEST_TOO_LARGE], as the service reports
+requests over its own limits: it never reached the service, and sending it again fails
+the same way.
 """
 
 from __future__ import annotations
 
+import re
+
 import grpc
 
 REASON_METADATA_KEY = "tunemesh-reason"
+REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+
+# gRPC's own details when a request is over a message size limit, e.g.
+# "CLIENT: Sent message larger than max (2509 vs. 2000)". Only these two mean the
+# request was never handled ("CLIENT: Received" is a response over our receive limit).
+_SIZE_REFUSAL = re.compile(
+    r"(?:CLIENT: Sent|SERVER: Received) message larger than max \((\d+) vs\. (\d+)\)"
+)
 
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 
@@ -108,6 +122,13 @@ def error_for(code: grpc.StatusCode | int, reason: str = "", message: str = "") 
     return _CLASS_BY_CODE.get(status, TunemeshError)(status, reason, message)
 
 
+def request_too_large(what: str, size: int, limit: int, detail: str = "") -> InvalidArgumentError:
+    """The error for a request of `size` bytes over a `limit`-byte message limit."""
+    message = f"{what} is {size} bytes, over the limit of {limit} bytes per request"
+    message += f" ({detail})" if detail else ""
+    return InvalidArgumentError(reason=REQUEST_TOO_LARGE, message=message + "; send less data per call")
+
+
 def error_from_rpc(err: grpc.RpcError) -> TunemeshError:
     """Map a failed gRPC call to a typed error, reading the reason from trailing metadata."""
     code = _call_attr(err, "code") or grpc.StatusCode.UNKNOWN
@@ -116,6 +137,9 @@ def error_from_rpc(err: grpc.RpcError) -> TunemeshError:
     for key, value in _call_attr(err, "trailing_metadata") or ():
         if key == REASON_METADATA_KEY:
             reason = value.decode() if isinstance(value, bytes) else str(value)
+    refusal = _SIZE_REFUSAL.search(message)
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and not reason and refusal:
+        return request_too_large("the request", int(refusal[1]), int(refusal[2]), f"grpc: {message}")
     return error_for(code, reason, message)
 
 

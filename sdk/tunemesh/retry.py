@@ -5,11 +5,14 @@ that a retry reuses, and the rest are reads. Retried status codes:
 
 - UNAVAILABLE: node or connection down; the canonical "try again".
 - DEADLINE_EXCEEDED: one attempt ran past its own deadline.
-- RESOURCE_EXHAUSTED: capacity or rate limits (Tinker retries HTTP 429 too).
+- RESOURCE_EXHAUSTED: capacity or rate limits (Tinker retries HTTP 429 too). gRPC's
+  own refusal of a request over a message size limit is not retried: errors.py maps it
+  to INVALID_ARGUMENT [REQUEST_TOO_LARGE].
 - ABORTED: a concurrency conflict on the server (e.g. a placement race).
 
 INTERNAL and UNKNOWN are not retried: the service maps unexpected bugs to INTERNAL, and
-repeating a request that hit a bug only delays the report.
+repeating a request that hit a bug only delays the report. A training submit that gets
+one is in doubt, and its TrainingClient re-sends it before the run's next call.
 """
 
 from __future__ import annotations

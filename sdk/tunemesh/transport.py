@@ -7,22 +7,30 @@ from typing import Any
 
 import grpc
 
+from tunemesh.errors import request_too_large
 from tunemesh.retry import RetryPolicy, call_with_retry
 from tunemesh.v1 import (
     checkpoints_pb2_grpc, operations_pb2_grpc, sampling_pb2_grpc, sessions_pb2_grpc, training_pb2_grpc,
 )
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+"""The channel's send and receive limits, and the services' receive limit (same value)."""
 
 
 class Transport:
-    """Owns one channel; every call carries `authorization: Bearer <key>` and is retried."""
+    """Owns one channel; every call carries `authorization: Bearer <key>` and is retried.
+
+    A request over `max_request_bytes` (default: the services' receive limit) fails with
+    INVALID_ARGUMENT [REQUEST_TOO_LARGE] before anything is sent.
+    """
 
     def __init__(
-        self, channel: grpc.Channel, api_key: str | None, policy: RetryPolicy
+        self, channel: grpc.Channel, api_key: str | None, policy: RetryPolicy,
+        max_request_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
         self.channel = channel
         self.policy = policy
+        self.max_request_bytes = max_request_bytes
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
         self.sessions = sessions_pb2_grpc.SessionServiceStub(channel)
         self.training = training_pb2_grpc.TrainingServiceStub(channel)
@@ -45,7 +53,12 @@ class Transport:
         """Invoke a unary stub method with auth metadata, retrying per the policy.
 
         `attempt_timeout_s` overrides the policy's per-attempt deadline (e.g. long polls).
+        Raises InvalidArgumentError [REQUEST_TOO_LARGE], sending nothing, for a request
+        over `max_request_bytes`.
         """
+        size = request.ByteSize()
+        if size > self.max_request_bytes:
+            raise request_too_large(what, size, self.max_request_bytes)
         policy = self.policy
         if attempt_timeout_s:  # the whole call may then last at least one such attempt
             policy = dataclasses.replace(policy, attempt_timeout_s=attempt_timeout_s,

@@ -100,6 +100,42 @@ def test_error_mapping_reads_reason_and_unknown_codes():
     assert isinstance(no_trailers, tunemesh.AbortedError) and no_trailers.reason == ""
 
 
+@pytest.mark.parametrize(
+    ("details", "too_large"),
+    [("CLIENT: Sent message larger than max (9000 vs. 4096)", True),  # this channel refused it
+     ("SERVER: Received message larger than max (9000 vs. 4096)", True),  # the server did
+     ("CLIENT: Received message larger than max (9000 vs. 4096)", False),  # a big response
+     ("quota", False)],
+)
+def test_grpc_size_refusals_of_a_request_are_final_request_too_large(details, too_large):
+    def attempt(timeout: float):
+        raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, details)
+
+    clock = FakeClock()
+    with pytest.raises(tunemesh.TunemeshError) as info:
+        call_with_retry(attempt, POLICY, sleep=clock.sleep, clock=clock)
+    err = info.value
+    if not too_large:
+        assert isinstance(err, tunemesh.ResourceExhaustedError) and err.reason == ""
+        assert clock.sleeps  # retried as capacity
+        return
+    assert isinstance(err, tunemesh.InvalidArgumentError) and err.reason == "REQUEST_TOO_LARGE"
+    assert "9000 bytes" in err.message and "4096 bytes" in err.message and details in err.message
+    assert clock.sleeps == []  # not retried: it would fail the same way
+
+
+def test_transport_refuses_a_request_over_its_limit_before_sending():
+    channel = FakeChannel({"CreateSession": lambda r, m: sessions_pb2.CreateSessionResponse()})
+    transport = Transport(channel, "k", POLICY, max_request_bytes=100)
+    transport.call(transport.sessions.CreateSession, sessions_pb2.CreateSessionRequest(labels={"a": "b"}))
+    big = sessions_pb2.CreateSessionRequest(labels={"a": "b" * 100})
+    with pytest.raises(tunemesh.InvalidArgumentError) as info:
+        transport.call(transport.sessions.CreateSession, big, what="CreateSession")
+    assert info.value.reason == "REQUEST_TOO_LARGE"
+    assert info.value.message.startswith(f"CreateSession is {big.ByteSize()} bytes, over the limit of 100 bytes")
+    assert len(channel.calls) == 1
+
+
 def test_transport_sends_bearer_key_and_retries_the_identical_request():
     failures = []
 
