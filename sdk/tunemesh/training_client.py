@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -26,19 +28,10 @@ from tunemesh.types import (
 )
 from tunemesh.v1 import training_pb2
 
+logger = logging.getLogger(__name__)
+
 LossFnConfig = Mapping[str, float | str] | None
 
-# Transport-level failures: the submit may or may not have reached the service.
-IN_DOUBT_CODES = frozenset(
-    {
-        grpc.StatusCode.UNAVAILABLE,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        grpc.StatusCode.RESOURCE_EXHAUSTED,
-        grpc.StatusCode.ABORTED,
-        grpc.StatusCode.CANCELLED,
-        grpc.StatusCode.UNKNOWN,
-    }
-)
 REJECTED_CODES = frozenset(
     {
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -51,7 +44,35 @@ REJECTED_CODES = frozenset(
         grpc.StatusCode.UNIMPLEMENTED,
     }
 )
-"""Submit failures after which the service holds no trace of the call (validation)."""
+"""Submit failures after which the service holds no trace of the call: it validated and
+refused it, or it was never sent (INVALID_ARGUMENT [REQUEST_TOO_LARGE], see errors.py)."""
+SEQ_ID_TAKEN_REASONS = frozenset({"SEQ_ID_PASSED", "SEQ_ID_REUSED"})
+"""Rejections meaning the run is past the seq_id or holds another call there: handing
+that seq_id to the next call would only fail it too."""
+TRANSPORT_CODES = frozenset(
+    {
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.CANCELLED,
+    }
+)
+"""Failures on the way to or from the service (down, overloaded, cut off): a submit in
+doubt stays in doubt through any number of them."""
+MAX_UNCLEAR_ANSWERS = 3
+"""Other non-definitive answers (INTERNAL, UNKNOWN, ...) a submit in doubt may get, its
+first send included, before it is given up and its seq_id goes to the next call (if the
+service does hold it, that call is told SEQ_ID_REUSED and the one after goes on)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _InDoubt:
+    """A submit whose outcome is unknown: the service may or may not hold it."""
+
+    method: Any
+    request: Any
+    unclear_answers: int
 
 
 class TrainingClient:
@@ -59,7 +80,8 @@ class TrainingClient:
 
     Calls may be pipelined (submit forward_backward, optim_step and the next
     forward_backward before waiting): the service executes them in seq_id order.
-    Retries reuse the call's request_id and seq_id, so each call executes once.
+    Retries reuse the call's request_id and seq_id, so each call executes once, and
+    no seq_id is ever skipped, so the run never stalls on a gap: see `_start`.
     """
 
     def __init__(
@@ -79,7 +101,7 @@ class TrainingClient:
         self._tokenizer_for = tokenizer_for
         self._lane = SubmitLane(name=f"tunemesh-submit-{run}")
         self._next_seq_id = 1  # touched only by the lane's thread
-        self._in_doubt: tuple[Any, Any] | None = None  # a submit whose outcome is unknown
+        self._in_doubt: _InDoubt | None = None  # touched only by the lane's thread
 
     @property
     def run(self) -> str:
@@ -125,26 +147,31 @@ class TrainingClient:
         """
         datums = [d if isinstance(d, Datum) else _not_a_datum(d) for d in data]
         result: dict[str, Any] = {}
+        training = self._transport.training
 
         def submit():
             probe = _wire.forward_request(training_pb2.ForwardRequest, self._run, 0, str(uuid.uuid4()),
                                           custom_loss.probe_data(datums), "cross_entropy", None)
-            forward = self._tracker.wait(self._stamped_send(self._transport.training.Forward, probe).name)
+            forward = self._tracker.wait(self._stamped_send(training.Forward, probe).name,
+                                         resend=lambda: self._resend(training.Forward, probe))
             error = _wire.operation_error(forward)
             if error is not None:
                 raise error
             weights, result["loss"], result["metrics"] = custom_loss.surrogate_weights(
                 datums, _wire.forward_backward_output(forward), loss_fn)
-            request = _wire.forward_request(
+            result["request"] = _wire.forward_request(
                 training_pb2.ForwardBackwardRequest, self._run, 0, str(uuid.uuid4()),
                 custom_loss.surrogate_data(datums, weights), "cross_entropy", None)
-            return self._stamped_send(self._transport.training.ForwardBackward, request)
+            return self._stamped_send(training.ForwardBackward, result["request"])
 
         def convert(operation):
             surrogate = _wire.forward_backward_output(operation)
             return custom_loss.custom_output(surrogate, result["loss"], result["metrics"])
 
-        return self._tracker.start(self._lane, submit, convert)
+        def resend():
+            return self._resend(training.ForwardBackward, result["request"])
+
+        return self._tracker.start(self._lane, submit, convert, resend)
 
     def optim_step(self, adam_params: AdamParams | None = None) -> APIFuture[OptimStepResponse]:
         """Apply one AdamW step to the run's adapter and clear its gradients."""
@@ -271,15 +298,27 @@ class TrainingClient:
     def _start(self, method: Any, request: Any, convert: Callable) -> APIFuture[Any]:
         """Queue the submission in call order; it is stamped with the next seq_id on send.
 
-        The lane sends one call at a time in call order, so seq_ids follow call order. A
-        submit the service definitively rejects (see REJECTED_CODES) was never queued,
-        so its seq_id goes to the next call and no gap stalls the run. A submit whose
-        outcome is unknown (retries ran out: the service may or may not hold it) is
-        re-sent, same seq_id and request_id, before the next call: the service either
-        returns the operation it holds or queues it now, so no gap can form.
+        The lane sends one call at a time in call order, so seq_ids follow call order,
+        and a seq_id goes to the next call unless the service may hold its call:
+
+        - accepted (an operation came back): used.
+        - definitively rejected (REJECTED_CODES, including a request too large to send,
+          refused before anything is sent): the service holds no trace, so the seq_id
+          goes to the next call; nothing is re-sent.
+        - SEQ_ID_PASSED or SEQ_ID_REUSED: the run is past that seq_id, so it is used.
+        - anything else (retries ran out on UNAVAILABLE, INTERNAL, UNKNOWN, ...): in
+          doubt. Its future fails with that error, and before the next call the lane
+          re-sends it unchanged (same request_id and seq_id): the service returns the
+          operation it holds or queues it now, so no gap can form. Until it settles,
+          each later call fails with the re-send's error; after MAX_UNCLEAR_ANSWERS
+          answers other than transport failures it is given up (its seq_id is free).
+
+        If the service later loses the queued operation (a scheduler restart), the
+        future's waiter re-sends the request unchanged too (OperationTracker.wait).
         """
         request.request_id = str(uuid.uuid4())
-        return self._tracker.start(self._lane, lambda: self._stamped_send(method, request), convert)
+        return self._tracker.start(self._lane, lambda: self._stamped_send(method, request), convert,
+                                   lambda: self._resend(method, request))
 
     def _stamped_send(self, method: Any, request: Any):
         """On the lane: settle an in-doubt submit, stamp the next seq_id, send."""
@@ -288,31 +327,52 @@ class TrainingClient:
         return self._send(method, request)
 
     def _send(self, method: Any, request: Any):
-        """Send one stamped submit; track its seq_id's fate (used, free, or in doubt)."""
+        """On the lane: send one stamped submit; record its seq_id's fate (see `_start`)."""
         what = f"{type(request).__name__}(seq_id={request.seq_id})"
         try:
             operation = self._transport.call(method, request, what=what).operation
         except TunemeshError as err:
-            if err.code in IN_DOUBT_CODES:
-                self._in_doubt = (method, request)
-            elif err.code not in REJECTED_CODES:  # the service failed while holding it
+            if err.reason in SEQ_ID_TAKEN_REASONS:
                 self._in_doubt = None
-                self._next_seq_id += 1
+                self._next_seq_id = request.seq_id + 1
+            elif err.code in REJECTED_CODES:
+                self._in_doubt = None  # the service never queued it: its seq_id is free
+            else:
+                self._keep_in_doubt(method, request, err)
             raise
         self._in_doubt = None
-        self._next_seq_id += 1
+        self._next_seq_id = request.seq_id + 1
         return operation
 
+    def _keep_in_doubt(self, method: Any, request: Any, err: TunemeshError) -> None:
+        """Keep a submit that `err` leaves unknown to re-send before the next call, or give
+        it up after MAX_UNCLEAR_ANSWERS answers other than transport failures."""
+        earlier = self._in_doubt
+        unclear = earlier.unclear_answers if earlier is not None and earlier.request is request else 0
+        if err.code not in TRANSPORT_CODES:
+            unclear += 1
+        if unclear < MAX_UNCLEAR_ANSWERS:
+            self._in_doubt = _InDoubt(method, request, unclear)
+            return
+        logger.warning("%s of %s failed %d times (last: %s); its seq_id %d goes to the next call",
+                       type(request).__name__, self._run, unclear, err, request.seq_id)
+        self._in_doubt = None
+
     def _settle_in_doubt(self) -> None:
-        """Re-send a submit whose outcome is unknown; raise if it is still unknown."""
-        if self._in_doubt is not None:
-            method, request = self._in_doubt
-            try:
-                self._send(method, request)
-            except TunemeshError as err:
-                if err.code not in REJECTED_CODES:
-                    raise
-                self._in_doubt = None  # the service never queued it: its seq_id is free
+        """Re-send a submit whose outcome is unknown; raise its error if it stays unknown."""
+        if self._in_doubt is None:
+            return
+        try:
+            self._send(self._in_doubt.method, self._in_doubt.request)
+        except TunemeshError:
+            if self._in_doubt is not None:
+                raise  # this call fails; the next one tries to settle it again
+            # else settled: rejected (its seq_id is free), passed, or given up
+
+    def _resend(self, method: Any, request: Any):
+        """Send an accepted submit again, unchanged (its operation was lost); from any thread."""
+        what = f"{type(request).__name__}(seq_id={request.seq_id}, re-sent)"
+        return self._transport.call(method, request, what=what).operation
 
     def _close(self) -> None:
         self._lane.close()

@@ -2,13 +2,16 @@
 
 The fake records every call (metadata, request_id, seq_id), executes operations strictly in
 seq_id order after a short delay, rejects the first two submits of chosen request ids with
-UNAVAILABLE, and reports errors with a `tunemesh-reason` trailer like the real scheduler.
+UNAVAILABLE, and reports errors with a `tunemesh-reason` trailer like the real scheduler. It
+can answer INTERNAL to a submit (before or after queueing it) and lose its queued operations
+as a restarted scheduler does.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import os
 import sys
 import threading
@@ -56,6 +59,9 @@ class FakeMesh:
         self.step = 0
         self.waits: collections.Counter[str] = collections.Counter()
         self.op_delay_s = 0.02
+        self.internal_next_submits = 0
+        self.internal_after_queueing = False
+        self.op_numbers = itertools.count(1)
         threading.Thread(target=self._execute_loop, daemon=True).start()
 
     def check_auth(self, context: grpc.ServicerContext, method: str) -> None:
@@ -71,12 +77,15 @@ class FakeMesh:
             if self.fail_first_submits and self.flaky_request_ids[request.request_id] < 2:
                 self.flaky_request_ids[request.request_id] += 1
                 abort(context, grpc.StatusCode.UNAVAILABLE, "NODE_DOWN", "try again")
+            if self.internal_next_submits and not self.internal_after_queueing:
+                self.internal_next_submits -= 1
+                abort(context, grpc.StatusCode.INTERNAL, "", "internal error")
             if request.request_id in self.by_request_id:
                 return self.ops[self.by_request_id[request.request_id]]
             if getattr(request, "loss_fn", "cross_entropy") == "bogus":
                 # Like the scheduler: a rejected submit leaves no trace, its seq_id is free.
                 abort(context, grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_LOSS_FN", "bogus?")
-            name = f"operations/{len(self.ops) + 1}"
+            name = f"operations/{next(self.op_numbers)}"
             op = operations_pb2.Operation(
                 name=name, state=operations_pb2.OPERATION_STATE_QUEUED,
                 run=request.run, seq_id=request.seq_id,
@@ -85,7 +94,19 @@ class FakeMesh:
             self.by_request_id[request.request_id] = name
             self.queued[request.seq_id] = (method, request)
             self.cond.notify_all()
+            if self.internal_next_submits:
+                self.internal_next_submits -= 1
+                abort(context, grpc.StatusCode.INTERNAL, "", "internal error")
             return op
+
+    def lose_queued(self) -> list[int]:
+        """Forget every operation not yet running, as a restarted scheduler does; their seq_ids."""
+        with self.cond:
+            lost = sorted(self.queued)
+            for seq in lost:
+                _, request = self.queued.pop(seq)
+                del self.ops[self.by_request_id.pop(request.request_id)]
+            return lost
 
     def _execute_loop(self) -> None:
         while True:
@@ -117,11 +138,14 @@ class FakeMesh:
         else:
             op.forward_backward.CopyFrom(fake_forward_result(request, self.step))
 
-    def wait(self, name: str, timeout_s: float) -> operations_pb2.Operation:
+    def wait(self, name: str, timeout_s: float) -> operations_pb2.Operation | None:
+        """The operation once done or at the timeout; None if it is unknown (lost)."""
         deadline = time.monotonic() + timeout_s
         with self.cond:
             self.waits[name] += 1
-            op = self.ops[name]
+            op = self.ops.get(name)
+            if op is None:
+                return None
             while not op.done and (left := deadline - time.monotonic()) > 0:
                 self.cond.wait(left)
             return operations_pb2.Operation.FromString(op.SerializeToString())
@@ -232,9 +256,10 @@ class FakeOperations(operations_pb2_grpc.OperationServiceServicer):
     def WaitOperation(self, request, context):
         self.mesh.check_auth(context, "WaitOperation")
         timeout_s = request.timeout.ToNanoseconds() / 1e9 or 30.0
-        return operations_pb2.WaitOperationResponse(
-            operation=self.mesh.wait(request.name, min(timeout_s, 30.0))
-        )
+        operation = self.mesh.wait(request.name, min(timeout_s, 30.0))
+        if operation is None:
+            abort(context, grpc.StatusCode.NOT_FOUND, "OPERATION_NOT_FOUND", request.name)
+        return operations_pb2.WaitOperationResponse(operation=operation)
 
 
 def make_tokenizer_json() -> bytes:
@@ -373,6 +398,49 @@ def test_errors_map_to_typed_errors_and_do_not_break_later_calls(mesh, service):
     assert fine.result(timeout=10).metrics["loss:sum"] == pytest.approx(0.2)
     assert [seq for _, seq, _ in mesh.attempts] == [1, 1, 2]  # the rejected seq_id is reused
     assert mesh.executed == [1, 2]
+
+
+@pytest.mark.parametrize("after_queueing", [False, True])
+def test_internal_on_submit_is_resent_before_the_next_call_so_no_gap_forms(mesh, service, after_queueing):
+    mesh.internal_next_submits, mesh.internal_after_queueing = 1, after_queueing
+    trainer = service.create_lora_training_client(MODEL)
+    with pytest.raises(tunemesh.InternalError):
+        trainer.forward_backward([datum([1, 2])]).result(timeout=10)
+    assert trainer.forward_backward([datum([1, 3])]).result(timeout=10).metrics["loss:sum"] == pytest.approx(0.3)
+    assert [seq for _, seq, _ in mesh.attempts] == [1, 1, 2]
+    assert mesh.attempts[0] == mesh.attempts[1]  # the same request_id: queued (and run) once
+    assert mesh.executed == [1, 2] and len(mesh.ops) == 2
+
+
+def test_request_grpc_refuses_for_its_size_fails_at_once_and_frees_its_seq_id(mesh):
+    small = grpc.insecure_channel(mesh.address, options=[("grpc.max_send_message_length", 4096)])
+    with tunemesh.ServiceClient(mesh.address, API_KEY, retry_policy=FAST_RETRY, channel=small,
+                                wait_timeout_s=0.2) as client:
+        trainer = client.create_lora_training_client(MODEL)
+        with pytest.raises(tunemesh.InvalidArgumentError) as info:
+            trainer.forward_backward([datum(list(range(1000)))]).result(timeout=10)
+        assert info.value.reason == "REQUEST_TOO_LARGE" and "4096 bytes" in info.value.message
+        assert trainer.forward_backward([datum([1, 2])]).result(timeout=10).metrics["loss:sum"] == pytest.approx(0.2)
+    assert [seq for _, seq, _ in mesh.attempts] == [1]  # the large one never left the client
+    assert mesh.executed == [1]
+
+
+def test_operations_lost_by_a_scheduler_restart_are_resent_and_run_once(mesh, service):
+    mesh.op_delay_s = 0.3  # seq_id 1 runs while 2 and 3 wait in the queue
+    trainer = service.create_lora_training_client(MODEL)
+    futures = [trainer.forward_backward([datum([1, 2])]), trainer.optim_step(tunemesh.AdamParams()),
+               trainer.forward_backward([datum([1, 4])])]
+    deadline = time.monotonic() + 5
+    while len(mesh.attempts) < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    lost = mesh.lose_queued()
+    assert lost
+    assert futures[2].result(timeout=10).metrics == {"loss:sum": pytest.approx(0.4), "step:max": 1}
+    assert futures[1].result(timeout=10).metrics["step:max"] == 1
+    assert futures[0].result(timeout=10).metrics["step:max"] == 0
+    assert mesh.executed == [1, 2, 3]
+    resent = collections.Counter(mesh.attempts)
+    assert sorted(seq for (_, seq, _), n in resent.items() if n == 2) == lost  # same request_id
 
 
 def test_long_poll_loops_until_done(mesh, service):

@@ -8,85 +8,10 @@ import uuid
 
 import grpc
 import pytest
-from sdk_fakes import FakeChannel, FakeRpcError
+from sdk_fakes import FakeChannel
+from training_fakes import DATA, FAST, FakeMesh, submitted
 
 import tunemesh
-from tunemesh.v1 import operations_pb2, sessions_pb2, training_pb2
-
-FAST = tunemesh.RetryPolicy(initial_backoff_s=0.001, max_backoff_s=0.005, total_timeout_s=5)
-
-
-class FakeMesh:
-    """Handlers for a FakeChannel: operations finish at the first WaitOperation."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.requests: dict[str, object] = {}  # operation name -> submit request
-        self.flaky: dict[str, int] = {}  # request_id -> failures left
-        self.fail_next_submits = 0
-        self.hang = False
-        self.done_at_submit = False
-        self.reject: dict[str, grpc.StatusCode] = {}  # loss_fn -> submit error
-        self.handlers = {
-            "CreateSession": lambda r, m: sessions_pb2.CreateSessionResponse(
-                session=sessions_pb2.Session(name="sessions/s1")),
-            "EndSession": lambda r, m: sessions_pb2.EndSessionResponse(),
-            "HeartbeatSession": lambda r, m: sessions_pb2.HeartbeatSessionResponse(),
-            "CreateTrainingRun": self.create_run,
-            "ForwardBackward": self.submit(training_pb2.ForwardBackwardResponse),
-            "Forward": self.submit(training_pb2.ForwardResponse),
-            "OptimStep": self.submit(training_pb2.OptimStepResponse),
-            "WaitOperation": self.wait,
-        }
-
-    def create_run(self, request, metadata):
-        self.maybe_fail(request.request_id)
-        run = training_pb2.TrainingRun(name="runs/r1", base_model=request.base_model)
-        return training_pb2.CreateTrainingRunResponse(run=run)
-
-    def maybe_fail(self, request_id: str) -> None:
-        with self.lock:
-            if self.fail_next_submits and request_id not in self.flaky:
-                self.flaky[request_id] = self.fail_next_submits
-            if self.flaky.get(request_id, 0) > 0:
-                self.flaky[request_id] -= 1
-                raise FakeRpcError(grpc.StatusCode.UNAVAILABLE, "down")
-
-    def submit(self, response_cls):
-        def handle(request, metadata):
-            self.maybe_fail(request.request_id)
-            if getattr(request, "loss_fn", "") in self.reject:
-                raise FakeRpcError(self.reject[request.loss_fn], "no", reason="REJECTED")
-            name = f"operations/{request.request_id}"
-            with self.lock:
-                self.requests[name] = request
-            op = operations_pb2.Operation(name=name, seq_id=request.seq_id)
-            if self.done_at_submit:
-                self.finish(op, request)
-            return response_cls(operation=op)
-
-        return handle
-
-    def wait(self, request, metadata):
-        with self.lock:
-            submitted = self.requests[request.name]
-        op = operations_pb2.Operation(name=request.name, seq_id=submitted.seq_id)
-        if self.hang:
-            time.sleep(0.01)
-        else:
-            self.finish(op, submitted)
-        return operations_pb2.WaitOperationResponse(operation=op)
-
-    @staticmethod
-    def finish(op, request) -> None:
-        op.done = True
-        if isinstance(request, training_pb2.OptimStepRequest):
-            op.optim_step.metrics["seq:max"] = request.seq_id
-        elif request.loss_fn == "nan":
-            op.error.code, op.error.reason, op.error.message = 3, "NON_FINITE_LOSS", "nan"
-        else:
-            op.forward_backward.metrics["seq:max"] = request.seq_id
-            op.forward_backward.outputs.add()
 
 
 @pytest.fixture()
@@ -104,16 +29,6 @@ def service(channel):
     client = tunemesh.ServiceClient("fake:1", "k", retry_policy=FAST, channel=channel)
     yield client
     client.close()
-
-
-DATA = [tunemesh.Datum(tunemesh.ModelInput.from_ints([1, 2]),
-                       {"target_tokens": [2, 3], "weights": [1, 1]})]
-
-SUBMITS = ("Forward", "ForwardBackward", "OptimStep")
-
-
-def submitted(channel) -> list:
-    return [req for name, req, _, _ in channel.calls if name in SUBMITS]
 
 
 def test_each_call_takes_the_next_seq_id_and_a_fresh_request_id(service, channel):
@@ -196,18 +111,26 @@ def test_a_failed_operation_fails_only_its_future(service):
     assert good.result(timeout=5).metrics["seq:max"] == 2
 
 
-def test_rejected_submit_frees_its_seq_id_but_ambiguous_failures_use_it_up(service, channel,
-                                                                         mesh):
+def test_rejected_submit_frees_its_seq_id_and_unclear_ones_are_resent_not_skipped(service, channel,
+                                                                                 mesh):
+    """INVALID_ARGUMENT: the next call takes the seq_id. INTERNAL every time: the submit is
+    re-sent before the next calls (failing them) until MAX_UNCLEAR_ANSWERS, then given up
+    and its seq_id goes to the next call: never skipped, so no gap stalls the run."""
     mesh.reject = {"bad": grpc.StatusCode.INVALID_ARGUMENT, "boom": grpc.StatusCode.INTERNAL}
     trainer = service.create_lora_training_client("m")
     futures = [trainer.forward_backward(DATA, loss_fn) for loss_fn in
-               ("bad", "cross_entropy", "boom", "cross_entropy")]
+               ("bad", "cross_entropy", "boom", "cross_entropy", "cross_entropy")]
     with pytest.raises(tunemesh.InvalidArgumentError):
         futures[0].result(timeout=5)
-    with pytest.raises(tunemesh.InternalError):
-        futures[2].result(timeout=5)
-    assert [f.result(timeout=5).metrics["seq:max"] for f in futures[1::2]] == [1, 3]
-    assert [r.seq_id for r in submitted(channel)] == [1, 1, 2, 3]
+    assert futures[1].result(timeout=5).metrics["seq:max"] == 1
+    for failed in futures[2:4]:
+        with pytest.raises(tunemesh.InternalError):
+            failed.result(timeout=5)
+    assert futures[4].result(timeout=5).metrics["seq:max"] == 2
+    sent = submitted(channel)
+    assert [r.seq_id for r in sent] == [1, 1, 2, 2, 2, 2]
+    assert [r.loss_fn for r in sent[2:]] == ["boom", "boom", "boom", "cross_entropy"]
+    assert len({r.request_id for r in sent[2:5]}) == 1
 
 
 def test_operation_done_at_submit_needs_no_wait(service, channel, mesh):
