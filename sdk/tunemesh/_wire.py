@@ -184,6 +184,7 @@ def run_info(run: training_pb2.TrainingRun) -> types.GetInfoResponse:
         lora_config=lora_from_proto(run.lora_config),
         step=run.step,
         last_seq_id=run.last_seq_id,
+        trainer_node=run.trainer_node,
     )
 
 

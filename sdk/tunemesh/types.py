@@ -314,6 +314,7 @@ class GetInfoResponse:
     step: int = 0
     last_seq_id: int = 0
     is_lora: bool = True
+    trainer_node: str = ""  # the trainer holding the run's adapter now (it moves if that one fails)
 
     @property
     def model_name(self) -> str:

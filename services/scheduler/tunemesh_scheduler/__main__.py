@@ -47,10 +47,12 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     sampler_watcher = await registry.NodeWatcher.start(etcd, "samplers", on_change=sampler_directory.on_change)
     samplers = SamplerRouter(sampler_directory, GrpcSamplerPort(sampler_directory.address_of, s.sampler_timeout_s))
     placement = EtcdPlacement(directory, registry.PlacementTable(etcd))
-    trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s)
+    checkpoints = CheckpointProxy(s.checkpoint, s.checkpoint_timeout_s)
+    trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s, checkpoints)
     config = SchedulerConfig(
         s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s,
-        s.max_runs_per_tenant, store_timeout_s=s.store_timeout_s,
+        s.max_runs_per_tenant, store_timeout_s=s.store_timeout_s, snapshot_every_steps=s.snapshot_every_steps,
+        snapshot_every_s=s.snapshot_every_s,
     )
     scheduler_metrics = metrics.SchedulerMetrics(prometheus_client.REGISTRY)
     store = EtcdRunStore(etcd) if s.durable else None
@@ -61,6 +63,9 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         await takeover.fence_runs(plan, trainers)
         await takeover.free_orphans(plan, trainers, list(directory.nodes()))
         core.recover(plan)
+        for node in {r.run.node_id for r in plan.runs} - set(directory.nodes()):
+            core.node_lost(node)  # its runs move to a live trainer
+    directory.on_leave = core.node_lost
     endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))
     limits = Limits(s.max_datums, s.max_tokens, s.max_samples)
     server, health = rpc.build_server(
@@ -69,7 +74,6 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     sessions_pb2_grpc.add_SessionServiceServicer_to_server(
         SessionServicer(core, directory, limits, TokenizerCache(directory, trainers)), server
     )
-    checkpoints = CheckpointProxy(s.checkpoint, s.checkpoint_timeout_s)
     training_pb2_grpc.add_TrainingServiceServicer_to_server(
         TrainingServicer(core, directory, limits, checkpoints), server
     )

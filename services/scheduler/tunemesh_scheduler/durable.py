@@ -3,12 +3,15 @@
 Layout (values are `tunemesh.internal.v1.scheduler_state` messages):
 
     /tunemesh/sessions/{session_id}          StoredSession
-    /tunemesh/runs/{run_id}                  StoredRun: owner, LoRA, node, epoch, and the
-                                             floor (last_seq_id, step) below which its
-                                             operation log has been compacted
+    /tunemesh/runs/{run_id}                  StoredRun: owner, LoRA, node, epoch, latest
+                                             snapshot, and the floor (last_seq_id, step)
+                                             below which its operation log was compacted
     /tunemesh/oplog/{run_id}/{seq_id:020d}   StoredOperation: one per operation of the run,
-                                             its payload while unfinished (when at most
-                                             INLINE_PAYLOAD_BYTES), its result once done
+                                             its result once it succeeded
+    /tunemesh/calls/{run_id}/{seq_id:020d}   StoredPayload: the operation's call, written
+                                             once at submit (when at most
+                                             INLINE_PAYLOAD_BYTES), deleted once a snapshot
+                                             after it is written
 
 A batch of changes is written as few transactions as etcd's limits allow (128
 operations and 1.5 MiB per request), in order; a later change of one key in the same
@@ -31,7 +34,7 @@ from tunemesh_scheduler.core.records import (
 
 log = logging.getLogger(__name__)
 
-INLINE_PAYLOAD_BYTES = 512 * 1024  # larger payloads are not kept: the client re-sends them
+INLINE_PAYLOAD_BYTES = 512 * 1024  # larger calls are not kept: the client re-sends them
 TXN_BYTES = 1024 * 1024
 TXN_OPS = 100
 
@@ -51,11 +54,24 @@ def key_of(record: SessionRecord | RunRecord | OperationRecord) -> bytes:
         return _prefix("sessions") + record.name.removeprefix("sessions/").encode()
     if isinstance(record, RunRecord):
         return registry.run_key(record.name.removeprefix("runs/"))
-    return oplog_prefix(record.run) + f"{record.seq_id:020d}".encode()
+    return oplog_prefix(record.run) + _seq(record.seq_id)
 
 
 def oplog_prefix(run_name: str) -> bytes:
     return _prefix("oplog") + run_name.removeprefix("runs/").encode() + b"/"
+
+
+def calls_prefix(run_name: str) -> bytes:
+    return _prefix("calls") + run_name.removeprefix("runs/").encode() + b"/"
+
+
+def _seq(seq_id: int) -> bytes:
+    return f"{seq_id:020d}".encode()
+
+
+def _after_prefix(prefix: bytes) -> bytes:
+    """The end of the key range of `prefix` (which ends in '/')."""
+    return prefix[:-1] + b"0"
 
 
 class EtcdRunStore:
@@ -67,13 +83,16 @@ class EtcdRunStore:
 
     async def apply(self, writes: Sequence[StoreWrite]) -> None:
         latest: dict[bytes, StoreWrite] = {}
+        extra: list[list] = []  # kept calls and trims, in order (keys of their own)
         for write in writes:  # one key once per batch: its latest change
             latest.pop(key := key_of(write.record), None)
             latest[key] = write
+            extra.append(_side_ops(self._txn, write))
         group, size = [], 0
-        for key, write in latest.items():
-            ops = _etcd_ops(self._txn, key, write)
-            weight = len(key) + sum(len(getattr(op, "value", b"") or b"") for op in ops)
+        for ops in [_etcd_ops(self._txn, key, write) for key, write in latest.items()] + extra:
+            if not ops:
+                continue
+            weight = sum(len(op.key) + len(getattr(op, "value", b"") or b"") for op in ops)
             if group and (len(group) + len(ops) > TXN_OPS or size + weight > TXN_BYTES):
                 await self._commit(group)
                 group, size = [], 0
@@ -99,17 +118,48 @@ class EtcdRunStore:
         state.sessions = [session_record(pb.StoredSession.FromString(kv.value)) for kv in sessions]
         state.runs = [run_record(pb.StoredRun.FromString(kv.value)) for kv in runs]
         state.operations = [operation_record(pb.StoredOperation.FromString(kv.value)) for kv in ops]
+        try:
+            calls = await self._client.get_prefix(_prefix("calls"))
+        except registry.ETCD_ERRORS as exc:
+            raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+        calls_root = len(_prefix("calls"))
+        for kv in calls:
+            run_id, _, seq = kv.key[calls_root:].decode().partition("/")
+            state.payloads[(f"runs/{run_id}", int(seq))] = payload_of(pb.StoredPayload.FromString(kv.value))
         return state
+
+    async def payloads(self, run_name: str, after_seq_id: int) -> dict[int, object]:
+        prefix = calls_prefix(run_name)
+        try:
+            calls = await self._client.get_range(prefix + _seq(after_seq_id + 1), _after_prefix(prefix))
+        except registry.ETCD_ERRORS as exc:
+            raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+        return {int(kv.key[len(prefix):]): payload_of(pb.StoredPayload.FromString(kv.value)) for kv in calls}
 
 
 def _etcd_ops(txn, key: bytes, write: StoreWrite) -> list:
     if not write.delete:
         return [txn.put(key, encode(write.record))]
     ops = [txn.delete(key)]
-    if isinstance(write.record, RunRecord):  # its operation log goes with it
-        prefix = oplog_prefix(write.record.name)
-        ops.append(txn.delete(prefix, prefix[:-1] + b"0"))  # the range [prefix, prefix+1)
+    if isinstance(write.record, RunRecord):  # its operation log and calls go with it
+        for prefix in (oplog_prefix(write.record.name), calls_prefix(write.record.name)):
+            ops.append(txn.delete(prefix, _after_prefix(prefix)))
     return ops
+
+
+def _side_ops(txn, write: StoreWrite) -> list:
+    """A new operation's call to keep, or a run's calls to drop."""
+    if write.payload is not None:
+        op = write.record
+        stored = _stored_payload(op.kind, write.payload)
+        if stored.ByteSize() <= INLINE_PAYLOAD_BYTES:
+            return [txn.put(calls_prefix(op.run) + _seq(op.seq_id), stored.SerializeToString())]
+        log.info("call %s of %s is too large to keep (%d bytes)", op.seq_id, op.run, stored.ByteSize())
+        return []
+    if write.trim_through:
+        prefix = calls_prefix(write.record.name)
+        return [txn.delete(prefix, prefix + _seq(write.trim_through + 1))]
+    return []
 
 
 def encode(record: SessionRecord | RunRecord | OperationRecord) -> bytes:
@@ -123,6 +173,9 @@ def encode(record: SessionRecord | RunRecord | OperationRecord) -> bytes:
             name=record.name, tenant=record.tenant, session=record.session, base_model=record.base_model,
             lora=record.lora, node_id=record.node_id, create_time=record.create_time, epoch=record.epoch,
             last_seq_id=record.last_seq_id, step=record.step, request_id=record.request_id,
+            snapshot_path=record.snapshot_path, snapshot_seq_id=record.snapshot_seq_id,
+            origin_path=record.origin.path if record.origin else "",
+            origin_with_optimizer=bool(record.origin and record.origin.load_optimizer_state),
         ).SerializeToString()
     return _stored_operation(record).SerializeToString()
 
@@ -139,10 +192,6 @@ def _stored_operation(op: OperationRecord) -> pb.StoredOperation:
             code=op.error.code, reason=op.error.reason, message=op.error.message))
     if op.state is OpState.SUCCEEDED:
         _set_result(stored, op)
-    elif not op.done and op.payload is not None:
-        _set_payload(stored, op)
-        if stored.ByteSize() > INLINE_PAYLOAD_BYTES:
-            stored.ClearField(stored.WhichOneof("payload"))
     return stored
 
 
@@ -150,17 +199,18 @@ def _digest_bytes(digest: bytes | str) -> bytes:
     return digest if isinstance(digest, bytes) else digest.encode()
 
 
-def _set_payload(stored: pb.StoredOperation, op: OperationRecord) -> None:
-    payload = op.payload
-    if op.kind in _PAYLOAD_FIELDS:
-        getattr(stored, _PAYLOAD_FIELDS[op.kind]).CopyFrom(payload)
-    elif op.kind is OpKind.LOAD_STATE:
+def _stored_payload(kind: OpKind, payload) -> pb.StoredPayload:
+    stored = pb.StoredPayload(kind=kind.value)
+    if kind in _PAYLOAD_FIELDS:
+        getattr(stored, _PAYLOAD_FIELDS[kind]).CopyFrom(payload)
+    elif kind is OpKind.LOAD_STATE:
         stored.load.CopyFrom(pb.StoredLoad(path=payload.path, load_optimizer_state=payload.load_optimizer_state))
     else:
         stored.save.CopyFrom(pb.StoredSave(
             path=payload.path, include_optimizer_state=payload.include_optimizer_state,
             ttl_seconds=payload.ttl_seconds, user_metadata=dict(payload.user_metadata),
         ))
+    return stored
 
 
 def _set_result(stored: pb.StoredOperation, op: OperationRecord) -> None:
@@ -188,7 +238,9 @@ def run_record(stored: pb.StoredRun) -> RunRecord:
     return RunRecord(
         name=stored.name, tenant=stored.tenant, session=stored.session, base_model=stored.base_model, lora=lora,
         node_id=stored.node_id, create_time=stored.create_time, step=stored.step, last_seq_id=stored.last_seq_id,
-        epoch=stored.epoch, request_id=stored.request_id,
+        epoch=stored.epoch, request_id=stored.request_id, snapshot_path=stored.snapshot_path,
+        snapshot_seq_id=stored.snapshot_seq_id,
+        origin=LoadRequest(stored.origin_path, stored.origin_with_optimizer) if stored.origin_path else None,
     )
 
 
@@ -200,11 +252,11 @@ def operation_record(stored: pb.StoredOperation) -> OperationRecord:
         name=stored.name, tenant=stored.tenant, run=stored.run, seq_id=stored.seq_id, kind=OpKind(stored.kind),
         request_id=stored.request_id, payload_digest=stored.payload_digest, num_tokens=stored.num_tokens,
         node_id="", create_time=stored.create_time, state=OpState(stored.state),
-        end_time=stored.end_time or None, result=_result(stored), error=error, payload=_payload(stored),
+        end_time=stored.end_time or None, result=_result(stored), error=error,
     )
 
 
-def _payload(stored: pb.StoredOperation):
+def payload_of(stored: pb.StoredPayload):
     which = stored.WhichOneof("payload")
     if which is None:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 
@@ -28,11 +29,13 @@ class NodeDirectory:
 
     def __init__(self) -> None:
         self._nodes: dict = {}
+        self.on_leave: Callable[[str], None] | None = None  # told when a node leaves
 
     def on_change(self, node_id: str, value: bytes | None) -> None:
         if value is None:
             log.warning("%s %s left", self.kind, node_id)
-            self._nodes.pop(node_id, None)
+            if self._nodes.pop(node_id, None) is not None and self.on_leave is not None:
+                self.on_leave(node_id)
             return
         try:
             node = self.record.FromString(value)
@@ -127,6 +130,27 @@ class EtcdPlacement:
         if not placed:
             self._load[node_id] -= 1
             raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was placed elsewhere concurrently")
+        return node_id
+
+    async def move(self, run_name: str, base_model: str, from_node: str) -> str:
+        """A live trainer of the model with a free slot (`from_node` last), recorded by a
+        transaction that checks the run is still on `from_node` (or already moved there)."""
+        nodes = self._directory.nodes()
+        load = {n: max(self._load[n], nodes[n].adapters) for n in self._directory.serving(base_model)}
+        free = [n for n, used in load.items() if used < nodes[n].max_adapters or n == from_node]
+        if not free:
+            raise ResourceExhausted("NO_CAPACITY", f"no live trainer of {base_model} has a free slot")
+        node_id = min(free, key=lambda n: (n == from_node, load[n], n))
+        try:
+            placement = await self._table.get_placement(run_id(run_name))
+            current = placement.node_id if placement else from_node
+            if current != node_id and not await self._table.move_run(run_id(run_name), current, node_id):
+                raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was moved elsewhere concurrently")
+        except registry.ETCD_ERRORS as err:
+            raise Unavailable("ETCD_UNAVAILABLE", f"cannot record the run's move in etcd: {err!r}") from None
+        if node_id != from_node:
+            self._load[node_id] += 1
+            self._load[from_node] -= 1
         return node_id
 
     async def release(self, run_name: str, node_id: str) -> None:

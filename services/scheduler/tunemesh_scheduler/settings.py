@@ -32,6 +32,8 @@ class SchedulerSettings:
     max_samples: int = 16  # sequences per Sample request
     durable: bool = True  # journal sessions, runs and op logs to etcd and recover them on start
     store_timeout_s: float = 5.0  # a create waits this long for etcd, then answers UNAVAILABLE
+    snapshot_every_steps: int = 8  # snapshot each run (weights + AdamW) after this many optim steps; 0: never
+    snapshot_every_s: float = 300.0  # ... or this long after its last snapshot; 0: never
 
 
 def load(argv: list[str] | None = None) -> SchedulerSettings:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import grpc
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+from tunemesh.v1 import checkpoints_pb2
 from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
 from tunemesh_common.rpc import REASON_KEY, PeerChannels
 from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, LoadRequest, SaveRequest
@@ -35,9 +36,10 @@ def _translate(err: grpc.aio.AioRpcError, node_id: str) -> TunemeshError:
 class GrpcTrainerPort:
     """Implements core.ports.TrainerPort; `address_of` maps node ids to `host:port`."""
 
-    def __init__(self, address_of: Callable[[str], str], timeout_s: float) -> None:
+    def __init__(self, address_of: Callable[[str], str], timeout_s: float, checkpoints=None) -> None:
         self._channels = PeerChannels(trainer_pb2_grpc.TrainerServiceStub, address_of)
         self._timeout_s = timeout_s
+        self._checkpoints = checkpoints  # CheckpointProxy: deletes superseded snapshots
 
     def stub(self, node_id: str) -> trainer_pb2_grpc.TrainerServiceStub:
         return self._channels.stub(node_id)
@@ -57,6 +59,14 @@ class GrpcTrainerPort:
     async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
         request = trainer_pb2.AdoptAdapterRequest(adapter_id=run_name, epoch=epoch)
         return (await self._call(node_id, "AdoptAdapter", request)).applied_seq_id
+
+    async def await_snapshot(self, node_id: str, run_name: str, seq_id: int) -> None:
+        request = trainer_pb2.AwaitSnapshotRequest(adapter_id=run_name, seq_id=seq_id)
+        await self._call(node_id, "AwaitSnapshot", request)
+
+    async def delete_checkpoint(self, tenant: str, path: str) -> None:
+        if self._checkpoints is not None:
+            await self._checkpoints.call("DeleteCheckpoint", checkpoints_pb2.DeleteCheckpointRequest(path=path), tenant)
 
     async def list_adapters(self, node_id: str) -> list[str]:
         response = await self._call(node_id, "ListAdapters", trainer_pb2.ListAdaptersRequest())
@@ -100,6 +110,8 @@ def _batch_item(item: BatchItem) -> trainer_pb2.BatchItem:
         return trainer_pb2.BatchItem(
             item_id=item.op_name, adapter_id=item.run_name, kind=_ITEM_KINDS[item.kind],
             adam_params=request.adam_params, seq_id=item.fence.seq_id, epoch=item.fence.epoch,
+            snapshot=trainer_pb2.SnapshotTarget(path=item.snapshot.path, tenant=item.snapshot.tenant)
+            if item.snapshot else None,
         )
     return trainer_pb2.BatchItem(
         item_id=item.op_name,

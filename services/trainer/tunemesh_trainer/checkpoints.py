@@ -15,6 +15,7 @@ from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.errors import FailedPrecondition
 from tunemesh_trainer import checkpoint_files, convert
 from tunemesh_trainer.core import TrainerCore
+from tunemesh_trainer.domain import AdapterState
 
 
 class CheckpointBridge:
@@ -26,17 +27,23 @@ class CheckpointBridge:
 
     async def save(self, request: trainer_pb2.SaveAdapterRequest) -> checkpoints_pb2.Checkpoint:
         state = await self._core.export_adapter(request.adapter_id, request.include_optimizer_state)
+        return await self.write(state, request.tenant, request.path, request.include_optimizer_state,
+                                request.ttl_seconds, request.user_metadata)
+
+    async def write(self, state: AdapterState, tenant: str, path: str, with_optimizer: bool,
+                    ttl_seconds: int = 0, user_metadata=None) -> checkpoints_pb2.Checkpoint:
+        """Encode an exported adapter (in a worker thread) and stream it as a new checkpoint."""
         files = await asyncio.to_thread(checkpoint_files.encode, state, self._core.info.name)
         header = checkpoint_pb2.WriteCheckpointHeader(
-            path=request.path,
+            path=path,
             base_model=self._core.info.name,
             lora_config=convert.lora_config(state.spec),
             step=state.steps,
-            has_optimizer_state=request.include_optimizer_state,
-            ttl_seconds=request.ttl_seconds,
-            user_metadata=request.user_metadata,
+            has_optimizer_state=with_optimizer,
+            ttl_seconds=ttl_seconds,
+            user_metadata=user_metadata or {},
         )
-        return await self._storage.write(request.tenant, header, files)
+        return await self._storage.write(tenant, header, files)
 
     async def load(self, request: trainer_pb2.LoadAdapterRequest) -> int:
         checkpoint, files = await self._storage.read(request.tenant, request.path)

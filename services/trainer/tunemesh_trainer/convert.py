@@ -70,7 +70,8 @@ def loss_config(config) -> dict[str, float | str]:
 
 
 def optim_item(item: trainer_pb2.BatchItem) -> OptimItem:
-    return OptimItem(item_id=item.item_id, adapter_id=item.adapter_id, adam=adam_spec(item.adam_params))
+    return OptimItem(item_id=item.item_id, adapter_id=item.adapter_id, adam=adam_spec(item.adam_params),
+                     snapshot=item.HasField("snapshot"))
 
 
 def engine_item(item: trainer_pb2.BatchItem) -> EngineItem:

@@ -90,6 +90,8 @@ class TrainerCore:
             outcome = ItemOutcome(item_id=optim.item_id)
             try:
                 outcome.metrics = self._engine.optim_step(optim.adapter_id, optim.adam)
+                if optim.snapshot:  # between this step and the next call: gradients are clear
+                    outcome.snapshot = self._engine.export_adapter(optim.adapter_id, True)
             except TunemeshError as err:
                 outcome.failure = ItemFailure(int(err.code), err.reason, err.message)
             except Exception:  # an engine bug fails this step alone, never the batch

@@ -83,6 +83,7 @@ class OptimItem:
     item_id: str
     adapter_id: str
     adam: AdamSpec
+    snapshot: bool = False  # copy the adapter right after the step (ItemOutcome.snapshot)
 
 
 @dataclasses.dataclass
@@ -102,6 +103,7 @@ class ItemOutcome:
     outputs: list[dict[str, np.ndarray]] = dataclasses.field(default_factory=list)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     failure: ItemFailure | None = None
+    snapshot: AdapterState | None = None  # an optimizer step's copy of its adapter, if asked
 
 
 @dataclasses.dataclass

@@ -8,15 +8,19 @@ to the end even when its caller goes away, so its outcome is always recorded.
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
-from tunemesh_common.errors import Code, InvalidArgument, TunemeshError, Unavailable
+from tunemesh_common.errors import Code, InvalidArgument, NotFound, TunemeshError, Unavailable
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_trainer import convert
 from tunemesh_trainer.checkpoints import CheckpointBridge
 from tunemesh_trainer.core import TrainerCore
 from tunemesh_trainer.ledger import Ledger
+
+log = logging.getLogger(__name__)
+SNAPSHOT_KEEP_S = 600.0  # how long AwaitSnapshot can still report a written snapshot
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
@@ -32,6 +36,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._metrics_url = metrics_url
         self._tokenizer_files: list[sessions_pb2.TokenizerFile] = []
         self.ledger = Ledger()
+        self._snapshots: dict[tuple[str, int], asyncio.Task] = {}  # (adapter, seq_id) -> write
 
     def attach(self, core: TrainerCore, tokenizer_files: dict[str, bytes]) -> None:
         """Start serving with a loaded engine."""
@@ -108,6 +113,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 outcomes, seconds = await self.core.run_batch(decoded, optims)
                 optim_ids = {o.item_id for o in optims}
                 done |= {o.item_id: convert.item_result(o, o.item_id in optim_ids) for o in outcomes}
+                self._write_snapshots(items, outcomes)
         except TunemeshError as err:
             for item in items:
                 done.setdefault(item.item_id, convert.item_error(item.item_id, int(err.code), err.reason, err.message))
@@ -155,6 +161,28 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         adapters = [trainer_pb2.AdapterSummary(adapter_id=a, epoch=epoch, applied_seq_id=applied)
                     for a, (epoch, applied) in sorted(self.ledger.summary().items())]
         return trainer_pb2.ListAdaptersResponse(adapters=adapters)
+
+    async def AwaitSnapshot(self, request, context):
+        task = self._snapshots.get((request.adapter_id, request.seq_id))
+        if task is None:
+            raise NotFound("SNAPSHOT_NOT_FOUND", f"no snapshot of {request.adapter_id} after seq_id {request.seq_id}")
+        return trainer_pb2.AwaitSnapshotResponse(checkpoint=await asyncio.shield(task))
+
+    def _write_snapshots(self, items, outcomes) -> None:
+        """Start writing the snapshots the batch's optimizer steps took (off the hot path)."""
+        taken = {o.item_id: o.snapshot for o in outcomes if o.snapshot is not None}
+        for item in items:
+            if item.item_id in taken:
+                key = (item.adapter_id, item.seq_id)
+                write = self._bridge.write(taken[item.item_id], item.snapshot.tenant, item.snapshot.path, True)
+                self._snapshots[key] = task = asyncio.ensure_future(write)
+                task.add_done_callback(lambda t, key=key: self._forget_snapshot(key, t))
+
+    def _forget_snapshot(self, key: tuple[str, int], task: asyncio.Task) -> None:
+        """Keep a written snapshot's task a while for AwaitSnapshot, then drop it."""
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("snapshot %s of %s failed: %r", key[1], key[0], task.exception())
+        asyncio.get_running_loop().call_later(SNAPSHOT_KEEP_S, self._snapshots.pop, key, None)
 
     async def _fenced(self, request, call):
         """Run a single fenced call once: a repeat of its seq_id gets the first outcome

@@ -33,6 +33,10 @@ class FakePlacement:
     async def release(self, run_name: str, node_id: str) -> None:
         self.released.append((run_name, node_id))
 
+    async def move(self, run_name: str, base_model: str, from_node: str) -> str:
+        self.moved = [*getattr(self, "moved", []), (run_name, from_node, self.node)]
+        return self.node
+
 
 class FakeTrainer:
     """Records every call; `hold` (an Event) blocks calls until set; per-node errors."""
@@ -63,6 +67,12 @@ class FakeTrainer:
 
     async def list_adapters(self, node_id: str) -> list[str]:
         return [run for node, run in self.adapters if node == node_id]
+
+    async def await_snapshot(self, node_id: str, run_name: str, seq_id: int) -> None:
+        self.snapshots = [*getattr(self, "snapshots", []), (node_id, run_name, seq_id)]
+
+    async def delete_checkpoint(self, tenant: str, path: str) -> None:
+        self.deleted_checkpoints = [*getattr(self, "deleted_checkpoints", []), (tenant, path)]
 
     async def delete_adapter(self, node_id: str, run_name: str) -> None:
         self.deleted = [*getattr(self, "deleted", []), (node_id, run_name)]

@@ -32,7 +32,7 @@ class StoredSession(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[float] = ..., ended: _Optional[bool] = ...) -> None: ...
 
 class StoredRun(_message.Message):
-    __slots__ = ("name", "tenant", "session", "base_model", "lora", "node_id", "create_time", "epoch", "last_seq_id", "step", "request_id")
+    __slots__ = ("name", "tenant", "session", "base_model", "lora", "node_id", "create_time", "epoch", "last_seq_id", "step", "request_id", "snapshot_path", "snapshot_seq_id", "origin_path", "origin_with_optimizer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,10 @@ class StoredRun(_message.Message):
     LAST_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     STEP_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_PATH_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_PATH_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
     name: str
     tenant: str
     session: str
@@ -55,7 +59,11 @@ class StoredRun(_message.Message):
     last_seq_id: int
     step: int
     request_id: str
-    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., node_id: _Optional[str] = ..., create_time: _Optional[float] = ..., epoch: _Optional[int] = ..., last_seq_id: _Optional[int] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
+    snapshot_path: str
+    snapshot_seq_id: int
+    origin_path: str
+    origin_with_optimizer: bool
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., node_id: _Optional[str] = ..., create_time: _Optional[float] = ..., epoch: _Optional[int] = ..., last_seq_id: _Optional[int] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ..., snapshot_path: _Optional[str] = ..., snapshot_seq_id: _Optional[int] = ..., origin_path: _Optional[str] = ..., origin_with_optimizer: _Optional[bool] = ...) -> None: ...
 
 class StoredSave(_message.Message):
     __slots__ = ("path", "include_optimizer_state", "ttl_seconds", "user_metadata")
@@ -92,8 +100,24 @@ class StoredLoadResult(_message.Message):
     step: int
     def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
+class StoredPayload(_message.Message):
+    __slots__ = ("kind", "forward", "forward_backward", "optim_step", "save", "load")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
+    OPTIM_STEP_FIELD_NUMBER: _ClassVar[int]
+    SAVE_FIELD_NUMBER: _ClassVar[int]
+    LOAD_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    forward: _training_pb2.ForwardRequest
+    forward_backward: _training_pb2.ForwardBackwardRequest
+    optim_step: _training_pb2.OptimStepRequest
+    save: StoredSave
+    load: StoredLoad
+    def __init__(self, kind: _Optional[str] = ..., forward: _Optional[_Union[_training_pb2.ForwardRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[_training_pb2.ForwardBackwardRequest, _Mapping]] = ..., optim_step: _Optional[_Union[_training_pb2.OptimStepRequest, _Mapping]] = ..., save: _Optional[_Union[StoredSave, _Mapping]] = ..., load: _Optional[_Union[StoredLoad, _Mapping]] = ...) -> None: ...
+
 class StoredOperation(_message.Message):
-    __slots__ = ("name", "tenant", "run", "seq_id", "kind", "request_id", "payload_digest", "num_tokens", "create_time", "state", "end_time", "error", "forward", "forward_backward", "optim_step", "save", "load", "forward_backward_result", "optim_step_result", "checkpoint", "load_result")
+    __slots__ = ("name", "tenant", "run", "seq_id", "kind", "request_id", "payload_digest", "num_tokens", "create_time", "state", "end_time", "error", "forward_backward_result", "optim_step_result", "checkpoint", "load_result")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     RUN_FIELD_NUMBER: _ClassVar[int]
@@ -106,11 +130,6 @@ class StoredOperation(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    FORWARD_FIELD_NUMBER: _ClassVar[int]
-    FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
-    OPTIM_STEP_FIELD_NUMBER: _ClassVar[int]
-    SAVE_FIELD_NUMBER: _ClassVar[int]
-    LOAD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BACKWARD_RESULT_FIELD_NUMBER: _ClassVar[int]
     OPTIM_STEP_RESULT_FIELD_NUMBER: _ClassVar[int]
     CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
@@ -127,13 +146,8 @@ class StoredOperation(_message.Message):
     state: str
     end_time: float
     error: _operations_pb2.OperationError
-    forward: _training_pb2.ForwardRequest
-    forward_backward: _training_pb2.ForwardBackwardRequest
-    optim_step: _training_pb2.OptimStepRequest
-    save: StoredSave
-    load: StoredLoad
     forward_backward_result: _types_pb2.ForwardBackwardResult
     optim_step_result: _types_pb2.OptimStepResult
     checkpoint: _checkpoints_pb2.Checkpoint
     load_result: StoredLoadResult
-    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., run: _Optional[str] = ..., seq_id: _Optional[int] = ..., kind: _Optional[str] = ..., request_id: _Optional[str] = ..., payload_digest: _Optional[bytes] = ..., num_tokens: _Optional[int] = ..., create_time: _Optional[float] = ..., state: _Optional[str] = ..., end_time: _Optional[float] = ..., error: _Optional[_Union[_operations_pb2.OperationError, _Mapping]] = ..., forward: _Optional[_Union[_training_pb2.ForwardRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[_training_pb2.ForwardBackwardRequest, _Mapping]] = ..., optim_step: _Optional[_Union[_training_pb2.OptimStepRequest, _Mapping]] = ..., save: _Optional[_Union[StoredSave, _Mapping]] = ..., load: _Optional[_Union[StoredLoad, _Mapping]] = ..., forward_backward_result: _Optional[_Union[_types_pb2.ForwardBackwardResult, _Mapping]] = ..., optim_step_result: _Optional[_Union[_types_pb2.OptimStepResult, _Mapping]] = ..., checkpoint: _Optional[_Union[_checkpoints_pb2.Checkpoint, _Mapping]] = ..., load_result: _Optional[_Union[StoredLoadResult, _Mapping]] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., run: _Optional[str] = ..., seq_id: _Optional[int] = ..., kind: _Optional[str] = ..., request_id: _Optional[str] = ..., payload_digest: _Optional[bytes] = ..., num_tokens: _Optional[int] = ..., create_time: _Optional[float] = ..., state: _Optional[str] = ..., end_time: _Optional[float] = ..., error: _Optional[_Union[_operations_pb2.OperationError, _Mapping]] = ..., forward_backward_result: _Optional[_Union[_types_pb2.ForwardBackwardResult, _Mapping]] = ..., optim_step_result: _Optional[_Union[_types_pb2.OptimStepResult, _Mapping]] = ..., checkpoint: _Optional[_Union[_checkpoints_pb2.Checkpoint, _Mapping]] = ..., load_result: _Optional[_Union[StoredLoadResult, _Mapping]] = ...) -> None: ...

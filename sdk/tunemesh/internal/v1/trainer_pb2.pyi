@@ -77,7 +77,7 @@ class DeleteAdapterResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class BatchItem(_message.Message):
-    __slots__ = ("item_id", "adapter_id", "kind", "data", "loss_fn", "loss_fn_config", "adam_params", "seq_id", "epoch")
+    __slots__ = ("item_id", "adapter_id", "kind", "data", "loss_fn", "loss_fn_config", "adam_params", "seq_id", "epoch", "snapshot")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -94,6 +94,7 @@ class BatchItem(_message.Message):
     ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     adapter_id: str
     kind: ItemKind
@@ -103,7 +104,16 @@ class BatchItem(_message.Message):
     adam_params: _types_pb2.AdamParams
     seq_id: int
     epoch: int
-    def __init__(self, item_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., kind: _Optional[_Union[ItemKind, str]] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ..., adam_params: _Optional[_Union[_types_pb2.AdamParams, _Mapping]] = ..., seq_id: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    snapshot: SnapshotTarget
+    def __init__(self, item_id: _Optional[str] = ..., adapter_id: _Optional[str] = ..., kind: _Optional[_Union[ItemKind, str]] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ..., adam_params: _Optional[_Union[_types_pb2.AdamParams, _Mapping]] = ..., seq_id: _Optional[int] = ..., epoch: _Optional[int] = ..., snapshot: _Optional[_Union[SnapshotTarget, _Mapping]] = ...) -> None: ...
+
+class SnapshotTarget(_message.Message):
+    __slots__ = ("path", "tenant")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    tenant: str
+    def __init__(self, path: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class BatchItemResult(_message.Message):
     __slots__ = ("item_id", "result", "error", "optim_step")
@@ -250,3 +260,17 @@ class ListAdaptersResponse(_message.Message):
     ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     adapters: _containers.RepeatedCompositeFieldContainer[AdapterSummary]
     def __init__(self, adapters: _Optional[_Iterable[_Union[AdapterSummary, _Mapping]]] = ...) -> None: ...
+
+class AwaitSnapshotRequest(_message.Message):
+    __slots__ = ("adapter_id", "seq_id")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    seq_id: int
+    def __init__(self, adapter_id: _Optional[str] = ..., seq_id: _Optional[int] = ...) -> None: ...
+
+class AwaitSnapshotResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: _checkpoints_pb2.Checkpoint
+    def __init__(self, checkpoint: _Optional[_Union[_checkpoints_pb2.Checkpoint, _Mapping]] = ...) -> None: ...

@@ -85,6 +85,11 @@ class TrainerServiceStub:
                 request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
+        self.AwaitSnapshot = channel.unary_unary(
+                '/tunemesh.internal.v1.TrainerService/AwaitSnapshot',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -164,6 +169,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AwaitSnapshot(self, request, context):
+        """Waits until the snapshot an optimizer-step item asked for is written, and returns it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -216,6 +228,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.ListAdapters,
                     request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersRequest.FromString,
                     response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersResponse.SerializeToString,
+            ),
+            'AwaitSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.AwaitSnapshot,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -489,6 +506,33 @@ class TrainerService:
             '/tunemesh.internal.v1.TrainerService/ListAdapters',
             tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersRequest.SerializeToString,
             tunemesh_dot_internal_dot_v1_dot_trainer__pb2.ListAdaptersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AwaitSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.internal.v1.TrainerService/AwaitSnapshot',
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -9,6 +9,7 @@ of each run. Other kinds (checkpoint saves and loads) start as their own tasks.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 from tunemesh_common.errors import Code, TunemeshError, Unimplemented
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.fairness import FairQueue
-from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, TrainerPort
+from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, SnapshotTarget, TrainerPort
 from tunemesh_scheduler.core.records import (
     BATCHABLE_KINDS,
     OperationError,
@@ -114,7 +115,8 @@ class NodeDispatcher:
         # A head's run may send its next op along when the trainer applies it right after
         # (an optim_step after a forward op): one trainer round per training step.
         ops = heads + [c for op in heads if (c := self._companion_of(op)) is not None]
-        items = [BatchItem(op.name, op.run, op.kind, op.payload, op.num_tokens, Fence(op.seq_id, op.epoch))
+        items = [BatchItem(op.name, op.run, op.kind, op.payload, op.num_tokens, Fence(op.seq_id, op.epoch),
+                           SnapshotTarget(op.snapshot_path, op.tenant) if op.snapshot_path else None)
                  for op in ops]
         for op in ops:
             self._mark_running(op)
@@ -131,8 +133,8 @@ class NodeDispatcher:
                       len(outcomes), len(ops))
             error = OperationError(Code.INTERNAL, "BAD_BATCH_RESPONSE", "trainer answer malformed")
             outcomes = [ItemOutcome(error=error)] * len(ops)
-        for op, outcome in zip(ops, outcomes, strict=True):
-            self._on_done(op, outcome)
+        for op, item, outcome in zip(ops, items, outcomes, strict=True):
+            self._on_done(op, dataclasses.replace(outcome, epoch=item.fence.epoch))
 
     def _count_batch(self, ops: list[OperationRecord]) -> None:
         tokens = sum(op.num_tokens for op in ops)
@@ -151,8 +153,9 @@ class NodeDispatcher:
         task.add_done_callback(self._singles.discard)
 
     async def _run_single(self, op: OperationRecord) -> None:
+        epoch = op.epoch
         result, error = await _guard(self._call_single(op), op)
-        self._on_done(op, ItemOutcome(result=result, error=error))
+        self._on_done(op, ItemOutcome(result=result, error=error, epoch=epoch))
 
     async def _call_single(self, op: OperationRecord) -> Any:
         if self._run_single_call is None:

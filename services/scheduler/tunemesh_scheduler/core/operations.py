@@ -70,7 +70,7 @@ class OperationStore:
         self._ops[op.name] = op
         self.index_request(op, request_id)
         self._count(op, +1)
-        self._note(StoreWrite(op))
+        self._note(StoreWrite(op, payload=payload))
         return op
 
     def restore(self, op: OperationRecord) -> None:
@@ -107,6 +107,11 @@ class OperationStore:
         """QUEUED -> RUNNING (the op was handed to a trainer)."""
         self._metrics.queue_wait(op.tenant, self._clock() - op.create_time)
         self._move(op, OpState.RUNNING)
+
+    def requeue(self, op: OperationRecord) -> None:
+        """RUNNING -> QUEUED (its call goes out again)."""
+        if op.state is OpState.RUNNING:
+            self._move(op, OpState.QUEUED)
 
     def succeed(self, op: OperationRecord, result: Any) -> None:
         """Finish with a result."""

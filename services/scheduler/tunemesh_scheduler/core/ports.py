@@ -25,6 +25,14 @@ class Fence:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class SnapshotTarget:
+    """Where an automatic snapshot of a run's adapter is written."""
+
+    path: str
+    tenant: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class BatchItem:
     """One forward/forward_backward call in a fused batch (maps to internal BatchItem)."""
 
@@ -34,6 +42,7 @@ class BatchItem:
     payload: Any  # opaque: the server's decoded request (data, loss_fn, config)
     num_tokens: int
     fence: Fence = Fence()  # the op's (seq_id, epoch); the default is unfenced
+    snapshot: SnapshotTarget | None = None  # OPTIM_STEP: snapshot the adapter right after
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -42,6 +51,7 @@ class ItemOutcome:
 
     result: Any = None
     error: OperationError | None = None
+    epoch: int = 0  # the run epoch the call was sent with (set by the dispatcher)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -84,6 +94,12 @@ class PlacementPort(Protocol):
         """Undo `place` (called when the adapter could not be created)."""
         ...
 
+    async def move(self, run_name: str, base_model: str, from_node: str) -> str:
+        """Re-place a run whose trainer is gone (or lost its adapter): a live trainer of
+        the model with a free slot, `from_node` only when no other one can take it.
+        Raises ResourceExhausted(NO_CAPACITY) or Unavailable; the caller retries."""
+        ...
+
 
 class TrainerPort(Protocol):
     """Calls into trainer nodes."""
@@ -119,6 +135,14 @@ class TrainerPort(Protocol):
         """The adapter ids on a node."""
         ...
 
+    async def await_snapshot(self, node_id: str, run_name: str, seq_id: int) -> None:
+        """Return once the snapshot taken after optimizer step `seq_id` is written."""
+        ...
+
+    async def delete_checkpoint(self, tenant: str, path: str) -> None:
+        """Delete a checkpoint of `tenant` (a superseded snapshot); NotFound if gone."""
+        ...
+
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> Sequence[ItemOutcome]:
         """Execute items of different runs (forward kinds as one fused pass, then optimizer
         steps); one outcome per item, in order. Raising fails every item of the batch with
@@ -133,26 +157,35 @@ class StoredState:
     sessions: list[SessionRecord] = dataclasses.field(default_factory=list)
     runs: list[RunRecord] = dataclasses.field(default_factory=list)
     operations: list[OperationRecord] = dataclasses.field(default_factory=list)
+    payloads: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)  # (run, seq_id)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class StoreWrite:
-    """One change to durable state: put a record, or delete it (`delete=True`)."""
+    """One change to durable state: put a record, or delete it (`delete=True`); with
+    `payload`, also keep a new operation's call; with `trim_through` (a run), drop the
+    run's kept calls up to that seq_id (a snapshot covers them)."""
 
     record: SessionRecord | RunRecord | OperationRecord
     delete: bool = False
+    payload: Any = None
+    trim_through: int = 0
 
 
 class RunStore(Protocol):
     """Durable control state (etcd in the mesh, memory in unit tests).
 
-    `apply` writes changes atomically and in order; an operation's payload is kept
-    while it is unfinished, its result once it succeeded. Raises Unavailable when the
-    store cannot be reached (the journal retries).
+    `apply` writes changes in order; operation records carry their result once they
+    succeeded, and calls are kept apart until trimmed. Raises Unavailable when the store
+    cannot be reached (the journal retries).
     """
 
     async def apply(self, writes: Sequence[StoreWrite]) -> None:
         ...
 
     async def load(self) -> StoredState:
+        ...
+
+    async def payloads(self, run_name: str, after_seq_id: int) -> dict[int, Any]:
+        """The run's kept calls with seq_id > `after_seq_id`, by seq_id."""
         ...

@@ -90,8 +90,11 @@ class RunRecord:
     create_time: float
     step: int = 0
     last_seq_id: int = 0
-    epoch: int = 1  # fencing: raised by every scheduler that takes the run over
+    epoch: int = 1  # fencing: raised by every scheduler or trainer that takes the run over
     request_id: str = ""  # of the CreateTrainingRun call
+    origin: Any = None  # the LoadRequest the run was created from, if any
+    snapshot_path: str = ""  # latest automatic snapshot (weights + AdamW state)
+    snapshot_seq_id: int = 0  # the seq_id that snapshot follows
 
 
 @dataclasses.dataclass(slots=True)
@@ -118,6 +121,7 @@ class OperationRecord:
     error: OperationError | None = None
     payload: Any = dataclasses.field(default=None, repr=False)
     epoch: int = 0  # the run's epoch it is sent with
+    snapshot_path: str = ""  # OPTIM_STEP: snapshot the adapter right after it, to this path
 
     @property
     def done(self) -> bool:

@@ -5,8 +5,9 @@ its `last_seq_id` and `step` start from the stored floor and the operation log a
 adds what finished since; finished operations come back as they were (results and
 idempotency), unfinished ones with their payload are queued again (the trainer applies a
 seq_id at most once, so one that was running when the scheduler died is not applied
-twice, and its outcome comes back); unfinished ones whose payload was too large for the
-store are forgotten, so the client's re-send (same request id and seq_id) queues them.
+twice, and its outcome comes back); unfinished ones whose call was not kept (too large
+for the store) are forgotten, so the client's re-send (same request id and seq_id)
+queues them.
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ def plan(state: StoredState) -> RecoveryPlan:
     orphans = []
     for op in state.operations:
         (by_run[op.run] if op.run in by_run else orphans).append(op)
+    for op in state.operations:
+        if not op.done:
+            op.payload = state.payloads.get((op.run, op.seq_id))
     runs = [_recover_run(run, sorted(by_run[run.name], key=lambda o: o.seq_id)) for run in state.runs]
     runs.sort(key=lambda r: (r.run.create_time, r.run.name))
     sessions = sorted(state.sessions, key=lambda s: (s.create_time, s.name))

@@ -21,6 +21,7 @@ from tunemesh_common.errors import ResourceExhausted, Unavailable
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.dispatch import NodeDispatcher
 from tunemesh_scheduler.core.operations import OperationStore
+from tunemesh_scheduler.core.failover import RunMover, SnapshotPolicy
 from tunemesh_scheduler.core.journal import Journal
 from tunemesh_scheduler.core.ports import (
     Fence, ItemOutcome, LoadRequest, LoadResult, PlacementPort, RunStore, StoreWrite, TrainerPort,
@@ -64,6 +65,12 @@ class SchedulerConfig:
     # Longest wait for the state store before a training submit is acknowledged anyway
     # (a store outage must not stop training; the op log catches up when it is back).
     submit_store_wait_s: float = 2.0
+    # A run is snapshot (weights + AdamW) after every this many optimizer steps; 0: never.
+    snapshot_every_steps: int = 8
+    # ... or when this many seconds passed since its last snapshot; 0: never.
+    snapshot_every_s: float = 300.0
+    # Wait before sending again an operation whose trainer could not be reached.
+    unreachable_retry_s: float = 1.0
 
 
 def _new_uuid() -> str:
@@ -92,6 +99,8 @@ class SchedulerCore:
         self.sessions = SessionRegistry(clock, new_id, note)
         self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant, note)
         self.operations = OperationStore(clock, new_id, self._metrics, note)
+        self.mover = RunMover(trainer, placement, store, note, clock,
+                              SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s))
         self.sampling = SamplingSessionRegistry(clock, new_id)
         self._lanes: dict[str, RunLane] = {}
         self._dispatchers: dict[str, NodeDispatcher] = {}
@@ -141,6 +150,7 @@ class SchedulerCore:
         self._dispatchers.clear()
         for lane in self._lanes.values():
             lane.close()
+        await self.mover.stop()
         await self.journal.stop()
         error = OperationError(Code.UNAVAILABLE, "SCHEDULER_STOPPING", "scheduler stopped")
         for op in self.operations.unfinished():
@@ -199,6 +209,7 @@ class SchedulerCore:
         self.sessions.get_open(tenant, session)
 
         async def load(record: RunRecord) -> None:
+            record.origin = restore
             record.step = await self._trainer.load_adapter(record.node_id, record.name, tenant, restore)
 
         record = await self.runs.create(
@@ -227,6 +238,7 @@ class SchedulerCore:
             )
         lane.close()
         del self._lanes[name]
+        self.mover.forget(name)
         await self.runs.delete(record)
 
     def list_runs(
@@ -386,10 +398,12 @@ class SchedulerCore:
     def _companion_of(self, op: OperationRecord) -> OperationRecord | None:
         """The run's optim_step right after forward op `op`, if already queued: the trainer
         applies a batch's optimizer items after its fused pass, so it can ride along."""
-        if op.kind is OpKind.OPTIM_STEP:
+        if op.kind is OpKind.OPTIM_STEP or op.run in self.mover.moving:
             return None
-        nxt = self._lanes[op.run].find(op.seq_id + 1)
+        lane = self._lanes[op.run]
+        nxt = lane.find(op.seq_id + 1)
         if nxt is not None and nxt.kind is OpKind.OPTIM_STEP and nxt.state is OpState.QUEUED:
+            self.mover.mark_snapshot(lane.run, nxt)
             return nxt
         return None
 
@@ -402,10 +416,59 @@ class SchedulerCore:
         return await self._trainer.save_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
 
     def _release(self, op: OperationRecord) -> None:
+        if op.run in self.mover.moving:
+            return  # the move releases the run's head on its new node
+        self.mover.mark_snapshot(self._lanes[op.run].run, op)
         self._dispatcher(op.node_id).enqueue(op)
+
+    # ---- trainers that fail ----------------------------------------------------------
+
+    def node_lost(self, node_id: str) -> None:
+        """Trainer `node_id` left (its lease lapsed): move every run it held."""
+        for lane in list(self._lanes.values()):
+            if lane.run.node_id == node_id:
+                self._move(lane.run)
+
+    def _move(self, run: RunRecord) -> None:
+        if self.mover.enabled and run.name in self._lanes:
+            lane = self._lanes[run.name]
+            self.mover.move(run, lambda: lane.history(), self._moved)
+
+    def _moved(self, run: RunRecord) -> None:
+        """`run` serves again on its new node: its waiting operations go there."""
+        lane = self._lanes.get(run.name)
+        if lane is None:
+            return
+        for op in lane.unfinished():
+            op.node_id, op.epoch = run.node_id, run.epoch
+        if lane.head is not None and lane.head.state is OpState.QUEUED:
+            self._release(lane.head)
+
+    def _park(self, op: OperationRecord, why: OperationError) -> None:
+        """The op did not certainly apply where it went (trainer unreachable, adapter
+        lost, run moving): it goes out again, never fails for it. The trainer applies a
+        (run, seq_id) once, so a call that did apply is answered from its record."""
+        log.info("sending %s again later: %s", op.name, why.message, extra={"run": op.run, "operation": op.name})
+        self.operations.requeue(op)
+        run = self._lanes[op.run].run
+        if why.reason == "ADAPTER_NOT_FOUND" and self.mover.enabled:
+            self._move(run)
+        elif op.run not in self.mover.moving:
+            asyncio.get_running_loop().call_later(self._config.unreachable_retry_s, self._release_again, op)
+
+    def _release_again(self, op: OperationRecord) -> None:
+        lane = self._lanes.get(op.run)
+        if lane is not None and op is lane.head and op.state is OpState.QUEUED:
+            self._release(op)
 
     def _finish(self, op: OperationRecord, outcome: ItemOutcome) -> None:
         if op.done:
+            return
+        parked = _in_doubt(outcome.error) if self.mover.enabled else None
+        if op.run in self.mover.moving or op.epoch != outcome.epoch:
+            parked = OperationError(Code.UNAVAILABLE, "RUN_MOVED", "the run moved while the call was out")
+        if parked is not None and op.run in self._lanes:
+            self._park(op, parked)
             return
         if outcome.error is not None:
             self.operations.fail(op, outcome.error)
@@ -415,6 +478,7 @@ class SchedulerCore:
                 self._lanes[op.run].run.step += 1
             elif op.kind is OpKind.LOAD_STATE:
                 self._lanes[op.run].run.step = outcome.result.step
+        self.mover.on_finished(self._lanes[op.run].run, op)
         self._lanes[op.run].on_done(op)
 
     def _fail_gap(self, lane: RunLane, waiting: list[OperationRecord]) -> None:
@@ -439,6 +503,16 @@ def _validate(seq_id: int, kind: OpKind | str, num_tokens: int) -> OpKind:
         return OpKind(kind)
     except ValueError:
         raise InvalidArgument("UNSUPPORTED_KIND", f"unsupported operation kind {kind!r}") from None
+
+
+_IN_DOUBT_REASONS = frozenset({"TRAINER_UNAVAILABLE", "TRAINER_GONE", "ADAPTER_NOT_FOUND"})
+
+
+def _in_doubt(error: OperationError | None) -> OperationError | None:
+    """`error` when it does not say the call certainly failed where it was applied."""
+    if error is not None and error.reason in _IN_DOUBT_REASONS:
+        return error
+    return None
 
 
 def _same_call(op: OperationRecord, call: tuple[str, int, OpKind, bytes | str]) -> bool:

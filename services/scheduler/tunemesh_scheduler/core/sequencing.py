@@ -42,6 +42,13 @@ class RunLane:
         """The operation submitted with `seq_id`, if any."""
         return self._by_seq.get(seq_id)
 
+    def history(self) -> list[OperationRecord]:
+        """Every operation the lane still knows, by seq_id."""
+        return [self._by_seq[seq] for seq in sorted(self._by_seq)]
+
+    def unfinished(self) -> list[OperationRecord]:
+        return [op for op in self._pending.values() if not op.done]
+
     def idle(self) -> bool:
         """No operation of the run is queued or running."""
         return self.head is None and all(op.done for op in self._pending.values())

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 from tunemesh_common.errors import Unavailable
 from tunemesh_scheduler.core.ports import StoredState, StoreWrite
-from tunemesh_scheduler.core.records import OperationRecord, RunRecord, SessionRecord
+from tunemesh_scheduler.core.records import OperationRecord, OpState, RunRecord, SessionRecord
 
 
 def store_key(record: SessionRecord | RunRecord | OperationRecord) -> tuple:
@@ -20,11 +20,14 @@ def store_key(record: SessionRecord | RunRecord | OperationRecord) -> tuple:
 
 
 def stored_copy(record):
-    """What a store keeps of a record: an operation's payload only while it is
-    unfinished, its result only once it succeeded."""
+    """What a store keeps of a record: an operation without its payload (kept apart)
+    and RUNNING as QUEUED (whether it ran is the trainer's to say)."""
     copy = dataclasses.replace(record)
-    if isinstance(copy, OperationRecord) and copy.done:
+    if isinstance(copy, OperationRecord):
         copy.payload = None
+        copy.snapshot_path = ""
+        if copy.state is OpState.RUNNING:
+            copy.state = OpState.QUEUED
     if isinstance(copy, SessionRecord):
         copy.labels = dict(copy.labels)
     return copy
@@ -35,6 +38,7 @@ class MemoryRunStore:
 
     def __init__(self) -> None:
         self.records: dict[tuple, object] = {}
+        self.kept_payloads: dict[tuple[str, int], object] = {}  # (run, seq_id) -> call
         self.down = False
         self.applies = 0
 
@@ -44,13 +48,28 @@ class MemoryRunStore:
         self.applies += 1
         for write in writes:
             key = store_key(write.record)
+            run = write.record.name if isinstance(write.record, RunRecord) else ""
             if write.delete:
                 self.records.pop(key, None)
-                if isinstance(write.record, RunRecord):  # a run's operations go with it
-                    for other in [k for k in self.records if k[0] == "op" and k[1] == write.record.name]:
+                if run:  # a run's operations and calls go with it
+                    for other in [k for k in self.records if k[0] == "op" and k[1] == run]:
                         del self.records[other]
+                    self._trim(run, float("inf"))
             else:
                 self.records[key] = stored_copy(write.record)
+            if write.payload is not None:
+                self.kept_payloads[(write.record.run, write.record.seq_id)] = write.payload
+            if write.trim_through:
+                self._trim(run, write.trim_through)
+
+    def _trim(self, run: str, through: float) -> None:
+        for kept in [k for k in self.kept_payloads if k[0] == run and k[1] <= through]:
+            del self.kept_payloads[kept]
+
+    async def payloads(self, run_name: str, after_seq_id: int) -> dict[int, object]:
+        if self.down:
+            raise Unavailable("ETCD_UNAVAILABLE", "memory store is down")
+        return {seq: p for (run, seq), p in self.kept_payloads.items() if run == run_name and seq > after_seq_id}
 
     async def load(self) -> StoredState:
         if self.down:
@@ -64,4 +83,5 @@ class MemoryRunStore:
                 state.runs.append(copy)
             else:
                 state.operations.append(copy)
+        state.payloads = dict(self.kept_payloads)
         return state
