@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 from tunemesh_checkpoint.store import BlobInfo, CheckpointStore, CheckpointWriter, Manifest
 from tunemesh_common import peft_format
 from tunemesh_common.checkpoint_paths import (
-    CheckpointKind, CheckpointPath, check_ttl, check_user_metadata, storage_prefix,
+    CheckpointKind, CheckpointPath, check_ttl, check_user_metadata, is_snapshot, storage_prefix,
 )
 from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, TunemeshError
 
@@ -150,7 +150,8 @@ class CheckpointCatalog:
             raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(page_token)
-        live = [m for m in self._store.list(storage_prefix(tenant, run)) if not self._expired(m) and m.key > after]
+        live = [m for m in self._store.list(storage_prefix(tenant, run))
+                if not self._expired(m) and m.key > after and not is_snapshot(m.key)]
         page = live[:size]
         token = _encode_token(page[-1].key) if len(live) > size else ""
         return [_record(m) for m in page], token

@@ -23,6 +23,7 @@ SCHEME = "tunemesh://"
 SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_PATH_CHARS = 512
 AUTO_PREFIX = "auto-"  # names the service picks for unnamed sampler saves
+SNAPSHOT_PREFIX = "snapshot-"  # automatic snapshots of runs (internal: not listed, collected)
 MAX_TTL_S = 10 * 365 * 24 * 3600
 MAX_USER_METADATA = 64  # entries
 MAX_USER_METADATA_CHARS = 4096  # per key or value
@@ -53,6 +54,10 @@ def check_name(name: str, *, user: bool = True) -> str:
         raise InvalidArgument(
             "BAD_CHECKPOINT_NAME", f"names starting with {AUTO_PREFIX!r} are reserved for unnamed saves"
         )
+    if user and name.startswith(SNAPSHOT_PREFIX):
+        raise InvalidArgument(
+            "BAD_CHECKPOINT_NAME", f"names starting with {SNAPSHOT_PREFIX!r} are reserved for automatic snapshots"
+        )
     return name
 
 
@@ -78,6 +83,11 @@ def check_user_metadata(metadata: dict[str, str]) -> dict[str, str]:
 def auto_name(seq_id: int) -> str:
     """The name of an unnamed save: unique per run because seq_ids are."""
     return f"{AUTO_PREFIX}{seq_id:06d}"
+
+
+def is_snapshot(key: str) -> bool:
+    """Whether a storage key (or path) names an automatic snapshot."""
+    return f"/{CheckpointKind.STATE}/{SNAPSHOT_PREFIX}" in key
 
 
 def run_id(run: str) -> str:

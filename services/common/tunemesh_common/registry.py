@@ -47,6 +47,7 @@ _CHANNEL_OPTIONS = {
     "grpc.min_reconnect_backoff_ms": 200,
     "grpc.max_reconnect_backoff_ms": 2000,
     "grpc.keepalive_time_ms": 10_000,
+    "grpc.max_receive_message_length": 512 * 1024 * 1024,  # a scheduler reads its whole state at start
     "grpc.keepalive_timeout_ms": 5_000,
 }
 

@@ -65,7 +65,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         core.recover(plan)
         for node in {r.run.node_id for r in plan.runs} - set(directory.nodes()):
             core.node_lost(node)  # its runs move to a live trainer
-    directory.on_leave = core.node_lost
+    directory.on_leave, directory.on_join = core.node_lost, core.node_joined
     endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))
     limits = Limits(s.max_datums, s.max_tokens, s.max_samples)
     server, health = rpc.build_server(

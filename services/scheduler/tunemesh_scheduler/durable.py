@@ -3,6 +3,7 @@
 Layout (values are `tunemesh.internal.v1.scheduler_state` messages):
 
     /tunemesh/sessions/{session_id}          StoredSession
+    /tunemesh/sampling_sessions/{id}         StoredSamplingSession
     /tunemesh/runs/{run_id}                  StoredRun: owner, LoRA, node, epoch, latest
                                              snapshot, and the floor (last_seq_id, step)
                                              below which its operation log was compacted
@@ -13,9 +14,11 @@ Layout (values are `tunemesh.internal.v1.scheduler_state` messages):
                                              INLINE_PAYLOAD_BYTES), deleted once a snapshot
                                              after it is written
 
-A batch of changes is written as few transactions as etcd's limits allow (128
-operations and 1.5 MiB per request), in order; a later change of one key in the same
-batch replaces an earlier one.
+A batch of changes is written in order, in as few transactions as etcd's limits allow
+(128 operations and 1.5 MiB per request; overlapping operations never share one); a
+later change of one key in the same batch replaces an earlier one. A result too large
+to keep (over INLINE_RESULT_BYTES) is not stored: after a restart its operation answers
+DATA_LOSS RESULT_NOT_KEPT.
 """
 
 from __future__ import annotations
@@ -26,8 +29,9 @@ from collections.abc import Sequence
 from tunemesh.internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import checkpoints_pb2, operations_pb2, training_pb2, types_pb2
 from tunemesh_common import registry
-from tunemesh_common.errors import Unavailable
+from tunemesh_common.errors import Code, Unavailable
 from tunemesh_scheduler.core.ports import LoadRequest, LoadResult, SaveRequest, StoredState, StoreWrite
+from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 from tunemesh_scheduler.core.records import (
     OperationError, OperationRecord, OpKind, OpState, RunRecord, SessionRecord,
 )
@@ -35,8 +39,9 @@ from tunemesh_scheduler.core.records import (
 log = logging.getLogger(__name__)
 
 INLINE_PAYLOAD_BYTES = 512 * 1024  # larger calls are not kept: the client re-sends them
+INLINE_RESULT_BYTES = 512 * 1024  # larger results are not kept across a restart
 TXN_BYTES = 1024 * 1024
-TXN_OPS = 100
+TXN_OPS = 100  # etcd allows 128 operations per transaction
 
 _PAYLOAD_FIELDS = {
     OpKind.FORWARD: "forward",
@@ -49,7 +54,9 @@ def _prefix(kind: str) -> bytes:
     return f"{registry.ROOT}/{kind}/".encode()
 
 
-def key_of(record: SessionRecord | RunRecord | OperationRecord) -> bytes:
+def key_of(record) -> bytes:
+    if isinstance(record, SamplingSessionRecord):
+        return _prefix("sampling_sessions") + record.name.removeprefix("sampling_sessions/").encode()
     if isinstance(record, SessionRecord):
         return _prefix("sessions") + record.name.removeprefix("sessions/").encode()
     if isinstance(record, RunRecord):
@@ -82,22 +89,25 @@ class EtcdRunStore:
         self._txn = client.transactions
 
     async def apply(self, writes: Sequence[StoreWrite]) -> None:
-        latest: dict[bytes, StoreWrite] = {}
-        extra: list[list] = []  # kept calls and trims, in order (keys of their own)
-        for write in writes:  # one key once per batch: its latest change
-            latest.pop(key := key_of(write.record), None)
-            latest[key] = write
-            extra.append(_side_ops(self._txn, write))
+        """Write `writes` in order: a record changed twice is put once, at its last
+        change; a range delete goes in a transaction of its own (etcd refuses a
+        transaction whose operations overlap)."""
+        last = {key_of(w.record): i for i, w in enumerate(writes)}
         group, size = [], 0
-        for ops in [_etcd_ops(self._txn, key, write) for key, write in latest.items()] + extra:
-            if not ops:
-                continue
-            weight = sum(len(op.key) + len(getattr(op, "value", b"") or b"") for op in ops)
-            if group and (len(group) + len(ops) > TXN_OPS or size + weight > TXN_BYTES):
-                await self._commit(group)
-                group, size = [], 0
-            group += ops
-            size += weight
+        for index, write in enumerate(writes):
+            key = key_of(write.record)
+            for op, ranged in _call_ops(self._txn, write, keep=True) + (
+                _record_ops(self._txn, key, write) if last[key] == index else []
+            ) + _call_ops(self._txn, write, keep=False):
+                weight = len(op.key) + len(getattr(op, "value", b"") or b"")
+                if group and (ranged or len(group) >= TXN_OPS or size + weight > TXN_BYTES):
+                    await self._commit(group)
+                    group, size = [], 0
+                group.append(op)
+                size += weight
+                if ranged:
+                    await self._commit(group)
+                    group, size = [], 0
         if group:
             await self._commit(group)
 
@@ -111,11 +121,14 @@ class EtcdRunStore:
         state = StoredState()
         try:
             sessions = await self._client.get_prefix(_prefix("sessions"))
+            samplings = await self._client.get_prefix(_prefix("sampling_sessions"))
             runs = await self._client.get_prefix(f"{registry.ROOT}/runs/".encode())
             ops = await self._client.get_prefix(_prefix("oplog"))
         except registry.ETCD_ERRORS as exc:
             raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
         state.sessions = [session_record(pb.StoredSession.FromString(kv.value)) for kv in sessions]
+        state.sampling_sessions = [sampling_session_record(pb.StoredSamplingSession.FromString(kv.value))
+                                   for kv in samplings]
         state.runs = [run_record(pb.StoredRun.FromString(kv.value)) for kv in runs]
         state.operations = [operation_record(pb.StoredOperation.FromString(kv.value)) for kv in ops]
         try:
@@ -137,32 +150,38 @@ class EtcdRunStore:
         return {int(kv.key[len(prefix):]): payload_of(pb.StoredPayload.FromString(kv.value)) for kv in calls}
 
 
-def _etcd_ops(txn, key: bytes, write: StoreWrite) -> list:
+def _record_ops(txn, key: bytes, write: StoreWrite) -> list[tuple[object, bool]]:
+    """(etcd operation, is a range delete) of a record's put or delete."""
     if not write.delete:
-        return [txn.put(key, encode(write.record))]
-    ops = [txn.delete(key)]
+        return [(txn.put(key, encode(write.record)), False)]
+    ops = [(txn.delete(key), False)]
     if isinstance(write.record, RunRecord):  # its operation log and calls go with it
         for prefix in (oplog_prefix(write.record.name), calls_prefix(write.record.name)):
-            ops.append(txn.delete(prefix, _after_prefix(prefix)))
+            ops.append((txn.delete(prefix, _after_prefix(prefix)), True))
     return ops
 
 
-def _side_ops(txn, write: StoreWrite) -> list:
-    """A new operation's call to keep, or a run's calls to drop."""
-    if write.payload is not None:
+def _call_ops(txn, write: StoreWrite, keep: bool) -> list[tuple[object, bool]]:
+    """`keep`: a new operation's call to keep (before its record); else a run's calls
+    a snapshot covers, to drop (after the run's record)."""
+    if keep and write.payload is not None:
         op = write.record
         stored = _stored_payload(op.kind, write.payload)
         if stored.ByteSize() <= INLINE_PAYLOAD_BYTES:
-            return [txn.put(calls_prefix(op.run) + _seq(op.seq_id), stored.SerializeToString())]
+            return [(txn.put(calls_prefix(op.run) + _seq(op.seq_id), stored.SerializeToString()), False)]
         log.info("call %s of %s is too large to keep (%d bytes)", op.seq_id, op.run, stored.ByteSize())
-        return []
-    if write.trim_through:
+    if not keep and write.trim_through:
         prefix = calls_prefix(write.record.name)
-        return [txn.delete(prefix, prefix + _seq(write.trim_through + 1))]
+        return [(txn.delete(prefix, prefix + _seq(write.trim_through + 1)), True)]
     return []
 
 
-def encode(record: SessionRecord | RunRecord | OperationRecord) -> bytes:
+def encode(record) -> bytes:
+    if isinstance(record, SamplingSessionRecord):
+        return pb.StoredSamplingSession(
+            name=record.name, tenant=record.tenant, session=record.session, base_model=record.base_model,
+            model_path=record.model_path, adapter_key=record.adapter_key, create_time=record.create_time,
+        ).SerializeToString()
     if isinstance(record, SessionRecord):
         return pb.StoredSession(
             name=record.name, tenant=record.tenant, labels=record.labels, create_time=record.create_time,
@@ -192,6 +211,11 @@ def _stored_operation(op: OperationRecord) -> pb.StoredOperation:
             code=op.error.code, reason=op.error.reason, message=op.error.message))
     if op.state is OpState.SUCCEEDED:
         _set_result(stored, op)
+        if stored.ByteSize() > INLINE_RESULT_BYTES:
+            stored.ClearField(stored.WhichOneof("result"))
+            stored.error.CopyFrom(operations_pb2.OperationError(
+                code=int(Code.DATA_LOSS), reason="RESULT_NOT_KEPT",
+                message="the result was too large to keep across a scheduler restart; it applied"))
     return stored
 
 
@@ -230,6 +254,11 @@ def session_record(stored: pb.StoredSession) -> SessionRecord:
         name=stored.name, tenant=stored.tenant, labels=dict(stored.labels), create_time=stored.create_time,
         last_heartbeat_time=stored.create_time, ended=stored.ended,
     )
+
+
+def sampling_session_record(stored: pb.StoredSamplingSession) -> SamplingSessionRecord:
+    return SamplingSessionRecord(stored.name, stored.tenant, stored.session, stored.base_model, stored.model_path,
+                                 stored.adapter_key, "", stored.create_time)
 
 
 def run_record(stored: pb.StoredRun) -> RunRecord:

@@ -30,6 +30,7 @@ class NodeDirectory:
     def __init__(self) -> None:
         self._nodes: dict = {}
         self.on_leave: Callable[[str], None] | None = None  # told when a node leaves
+        self.on_join: Callable[[str], None] | None = None  # ... and when one (re)joins
 
     def on_change(self, node_id: str, value: bytes | None) -> None:
         if value is None:
@@ -42,9 +43,12 @@ class NodeDirectory:
         except DecodeError:
             log.error("ignoring an undecodable record of %s %s", self.kind, node_id)
             return
-        if node_id not in self._nodes:
-            log.info("%s %s joined at %s", self.kind, node_id, node.address)
+        joined = node_id not in self._nodes
         self._nodes[node_id] = node
+        if joined:
+            log.info("%s %s joined at %s", self.kind, node_id, node.address)
+            if self.on_join is not None:
+                self.on_join(node_id)
 
     def nodes(self) -> dict:
         return dict(self._nodes)

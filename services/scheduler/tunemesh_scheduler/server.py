@@ -228,6 +228,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         self._samplers.directory.model(base_model)  # NOT_FOUND UNKNOWN_MODEL when no sampler serves it
         node = self._samplers.directory.route(base_model, key)
         record = self._core.sampling.create(tenant, request.session, base_model, path, key, node)
+        await self._core.sync()
         return sampling_pb2.CreateSamplingSessionResponse(sampling_session=convert.sampling_session(record))
 
     async def Sample(self, request, context):

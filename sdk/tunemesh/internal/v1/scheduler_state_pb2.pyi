@@ -31,6 +31,24 @@ class StoredSession(_message.Message):
     ended: bool
     def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., create_time: _Optional[float] = ..., ended: _Optional[bool] = ...) -> None: ...
 
+class StoredSamplingSession(_message.Message):
+    __slots__ = ("name", "tenant", "session", "base_model", "model_path", "adapter_key", "create_time")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_KEY_FIELD_NUMBER: _ClassVar[int]
+    CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    session: str
+    base_model: str
+    model_path: str
+    adapter_key: str
+    create_time: float
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., model_path: _Optional[str] = ..., adapter_key: _Optional[str] = ..., create_time: _Optional[float] = ...) -> None: ...
+
 class StoredRun(_message.Message):
     __slots__ = ("name", "tenant", "session", "base_model", "lora", "node_id", "create_time", "epoch", "last_seq_id", "step", "request_id", "snapshot_path", "snapshot_seq_id", "origin_path", "origin_with_optimizer")
     NAME_FIELD_NUMBER: _ClassVar[int]

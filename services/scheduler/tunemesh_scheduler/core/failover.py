@@ -22,6 +22,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+from tunemesh_common import checkpoint_paths
 from tunemesh_common.errors import TunemeshError
 from tunemesh_scheduler.core.ports import (
     BatchItem, Fence, LoadRequest, PlacementPort, RunStore, SnapshotTarget, StoreWrite, TrainerPort,
@@ -30,7 +31,7 @@ from tunemesh_scheduler.core.records import OperationRecord, OpKind, OpState, Ru
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_PREFIX = "snapshot-"
+SNAPSHOT_PREFIX = checkpoint_paths.SNAPSHOT_PREFIX
 REPLAYED = frozenset({OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP, OpKind.LOAD_STATE})
 
 
@@ -127,7 +128,7 @@ class RunMover:
             return
         task = self._spawn(self._move_until_done(run, history, done))
         self.moving[run.name] = task
-        task.add_done_callback(lambda t: self.moving.pop(run.name, None))
+        task.add_done_callback(lambda t: self.moving.pop(run.name, None) if self.moving.get(run.name) is t else None)
 
     async def _move_until_done(self, run, history, done) -> None:
         while True:
@@ -138,6 +139,7 @@ class RunMover:
                             extra={"run": run.name})
                 await asyncio.sleep(self._retry_s)
                 continue
+            self.moving.pop(run.name, None)  # before `done`: it sends the run's waiting ops
             done(run)
             return
 
@@ -179,6 +181,10 @@ class RunMover:
             if outcome.error is not None:
                 log.warning("replay of seq_id %d of %s failed: %s", op.seq_id, run.name, outcome.error)
         log.info("replayed %d calls of %s on %s", len(replayed), run.name, node, extra={"run": run.name})
+
+    def spawn(self, coro) -> asyncio.Task:
+        """Run `coro` as a task the mover cancels when it stops."""
+        return self._spawn(coro)
 
     def _spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)

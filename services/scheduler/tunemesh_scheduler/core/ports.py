@@ -158,6 +158,7 @@ class StoredState:
     runs: list[RunRecord] = dataclasses.field(default_factory=list)
     operations: list[OperationRecord] = dataclasses.field(default_factory=list)
     payloads: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)  # (run, seq_id)
+    sampling_sessions: list[Any] = dataclasses.field(default_factory=list)  # SamplingSessionRecord
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

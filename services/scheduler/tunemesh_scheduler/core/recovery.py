@@ -32,6 +32,7 @@ class RecoveredRun:
 class RecoveryPlan:
     sessions: list[SessionRecord]
     runs: list[RecoveredRun]
+    sampling_sessions: list
     orphans: list[OperationRecord]  # operations of runs the store no longer has
 
 
@@ -46,7 +47,7 @@ def plan(state: StoredState) -> RecoveryPlan:
     runs = [_recover_run(run, sorted(by_run[run.name], key=lambda o: o.seq_id)) for run in state.runs]
     runs.sort(key=lambda r: (r.run.create_time, r.run.name))
     sessions = sorted(state.sessions, key=lambda s: (s.create_time, s.name))
-    return RecoveryPlan(sessions, runs, orphans)
+    return RecoveryPlan(sessions, runs, state.sampling_sessions, orphans)
 
 
 def _recover_run(run: RunRecord, ops: list[OperationRecord]) -> RecoveredRun:

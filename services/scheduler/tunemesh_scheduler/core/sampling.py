@@ -7,6 +7,7 @@ import dataclasses
 from collections.abc import Callable
 
 from tunemesh_common.errors import NotFound
+from tunemesh_scheduler.core.ports import StoreWrite
 
 
 @dataclasses.dataclass(slots=True)
@@ -26,8 +27,9 @@ class SamplingSessionRecord:
 class SamplingSessionRegistry:
     """In-memory sampling sessions keyed by name."""
 
-    def __init__(self, clock: Callable[[], float], new_id: Callable[[], str]) -> None:
-        self._clock, self._new_id = clock, new_id
+    def __init__(self, clock: Callable[[], float], new_id: Callable[[], str],
+                 note: Callable[[StoreWrite], int] = lambda write: 0) -> None:
+        self._clock, self._new_id, self._note = clock, new_id, note  # `note` journals creates
         self._sessions: dict[str, SamplingSessionRecord] = {}
 
     def __len__(self) -> int:
@@ -40,7 +42,12 @@ class SamplingSessionRegistry:
             self._clock(),
         )
         self._sessions[record.name] = record
+        self._note(StoreWrite(record))
         return record
+
+    def restore(self, record: SamplingSessionRecord) -> None:
+        """Adopt a sampling session from durable state."""
+        self._sessions[record.name] = record
 
     def get(self, tenant: str, name: str) -> SamplingSessionRecord:
         """The tenant's sampling session, or NotFound."""

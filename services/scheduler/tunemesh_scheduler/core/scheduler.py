@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument
+from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, TunemeshError
 from tunemesh_common.errors import ResourceExhausted, Unavailable
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.dispatch import NodeDispatcher
@@ -101,7 +101,7 @@ class SchedulerCore:
         self.operations = OperationStore(clock, new_id, self._metrics, note)
         self.mover = RunMover(trainer, placement, store, note, clock,
                               SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s))
-        self.sampling = SamplingSessionRegistry(clock, new_id)
+        self.sampling = SamplingSessionRegistry(clock, new_id, note)
         self._lanes: dict[str, RunLane] = {}
         self._dispatchers: dict[str, NodeDispatcher] = {}
         self._serving = False
@@ -167,10 +167,13 @@ class SchedulerCore:
         serving). Queued operations are dispatched again, with the runs' new epochs."""
         for session in plan.sessions:
             self.sessions.restore(session)
+        for sampling in plan.sampling_sessions:
+            self.sampling.restore(sampling)
+        finished = sorted((op for r in plan.runs for op in r.finished), key=lambda o: (o.end_time or 0, o.name))
+        for op in finished:  # by end time: the order eviction expects
+            self.operations.restore(op)
         for recovered in plan.runs:
             self.runs.restore(recovered.run)
-            for op in recovered.finished:
-                self.operations.restore(op)
             self.journal.note(StoreWrite(recovered.run))  # its new epoch
             lane = self._add_lane(recovered.run)
             for op in recovered.queued:
@@ -428,6 +431,28 @@ class SchedulerCore:
         for lane in list(self._lanes.values()):
             if lane.run.node_id == node_id:
                 self._move(lane.run)
+
+    def node_joined(self, node_id: str) -> None:
+        """Trainer `node_id` (re)joined: free the adapters it still holds of runs that
+        moved away from it meanwhile (it was paused or cut off past its lease)."""
+        if self.mover.enabled:
+            self.mover.spawn(self._free_moved_away(node_id))
+
+    async def _free_moved_away(self, node_id: str) -> None:
+        try:
+            held = await self._trainer.list_adapters(node_id)
+        except TunemeshError as exc:
+            log.info("could not list the adapters of %s: %s", node_id, exc)
+            return
+        for adapter in held:
+            lane = self._lanes.get(adapter)
+            if lane is None or lane.run.node_id == node_id or adapter in self.mover.moving:
+                continue  # unknown ones are freed when a scheduler starts
+            try:
+                await self._trainer.delete_adapter(node_id, adapter)
+                log.info("freed %s on %s: the run moved to %s", adapter, node_id, lane.run.node_id)
+            except TunemeshError as exc:
+                log.info("could not free %s on %s: %s", adapter, node_id, exc)
 
     def _move(self, run: RunRecord) -> None:
         if self.mover.enabled and run.name in self._lanes:

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from tunemesh_common.errors import Unavailable
 from tunemesh_scheduler.core.ports import StoredState, StoreWrite
 from tunemesh_scheduler.core.records import OperationRecord, OpState, RunRecord, SessionRecord
+from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 
 
 def store_key(record: SessionRecord | RunRecord | OperationRecord) -> tuple:
@@ -79,6 +80,8 @@ class MemoryRunStore:
             copy = stored_copy(record)
             if isinstance(copy, SessionRecord):
                 state.sessions.append(copy)
+            elif isinstance(copy, SamplingSessionRecord):
+                state.sampling_sessions.append(copy)
             elif isinstance(copy, RunRecord):
                 state.runs.append(copy)
             else:

@@ -1,0 +1,96 @@
+"""Faults that are not deaths: a trainer paused (SIGSTOP) past its lease and then resumed,
+and an etcd outage (SIGKILL, restart on the same data). Clients see only latency, the
+results equal an untouched twin bit for bit, nothing is applied twice; during the etcd
+outage existing runs keep training while creates answer UNAVAILABLE with a reason."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import grpc
+import pytest
+from fault_ops import MODEL, kill, process, restart
+from test_scheduler_restart import STEPS, TENANTS, train_pair
+
+from tunemesh.v1 import sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc, types_pb2
+from tunemesh_common.rpc import REASON_KEY
+from tunemesh_local.state import MeshState
+
+pytestmark = pytest.mark.e2e
+
+LEASE_TTL_S = 5  # the trainers' default
+
+
+@pytest.fixture(scope="module")
+def twin(fault_mesh: MeshState) -> list[dict]:
+    return train_pair(fault_mesh.scheduler_address)
+
+
+def test_trainer_paused_past_its_lease_applies_nothing_twice(fault_mesh: MeshState, twin: list[dict]) -> None:
+    paused = []
+
+    def fault(trainees) -> None:
+        trainees[0].futures[6].result(timeout=120)
+        victim = process(fault_mesh, trainees[0].training.get_info().trainer_node)
+        os.kill(victim.pid, signal.SIGSTOP)
+        paused.append(victim)
+        threading.Event().wait(LEASE_TTL_S + 4)  # its runs move meanwhile
+        os.kill(victim.pid, signal.SIGCONT)  # its late answers are refused or ignored
+
+    try:
+        faulted = train_pair(fault_mesh.scheduler_address, during=fault)
+    finally:
+        for victim in paused:
+            os.kill(victim.pid, signal.SIGCONT)
+    for tenant in range(2):
+        assert faulted[tenant]["losses"] == twin[tenant]["losses"]
+        assert faulted[tenant]["logprobs"] == twin[tenant]["logprobs"]
+        assert faulted[tenant]["files"] == twin[tenant]["files"]
+        assert faulted[tenant]["step"] == faulted[tenant]["checkpoint_step"] == STEPS
+
+
+def test_etcd_outage_runs_keep_training_creates_are_retryable(fault_mesh: MeshState, twin: list[dict]) -> None:
+    refused = []
+    session = _open_session(fault_mesh.scheduler_address)
+
+    def fault(trainees) -> None:
+        trainees[0].futures[4].result(timeout=120)
+        kill(fault_mesh, "etcd")
+        try:
+            refused.append(_create_once(fault_mesh.scheduler_address, session))
+            threading.Event().wait(2.0)  # training goes on meanwhile
+        finally:
+            restart(fault_mesh, "etcd")
+
+    faulted = train_pair(fault_mesh.scheduler_address, during=fault)
+    code, reason = refused[0]
+    assert code == grpc.StatusCode.UNAVAILABLE, (code, reason)
+    assert reason in ("ETCD_UNAVAILABLE", "STORE_UNAVAILABLE")
+    for tenant in range(2):
+        assert faulted[tenant]["losses"] == twin[tenant]["losses"]
+        assert faulted[tenant]["files"] == twin[tenant]["files"]
+        assert faulted[tenant]["step"] == STEPS
+
+
+METADATA = (("authorization", f"Bearer {TENANTS[0]}"),)
+
+
+def _open_session(address: str) -> str:
+    with grpc.insecure_channel(address) as channel:
+        response = sessions_pb2_grpc.SessionServiceStub(channel).CreateSession(
+            sessions_pb2.CreateSessionRequest(), metadata=METADATA, timeout=30)
+    return response.session.name
+
+
+def _create_once(address: str, session: str) -> tuple[grpc.StatusCode, str]:
+    """One CreateTrainingRun with no retry: its status code and REASON."""
+    request = training_pb2.CreateTrainingRunRequest(session=session, base_model=MODEL,
+                                                    lora_config=types_pb2.LoraConfig(rank=4, train_attn=True))
+    with grpc.insecure_channel(address) as channel:
+        try:
+            training_pb2_grpc.TrainingServiceStub(channel).CreateTrainingRun(request, metadata=METADATA, timeout=30)
+        except grpc.RpcError as err:
+            return err.code(), dict(err.trailing_metadata() or ()).get(REASON_KEY, "")
+    return grpc.StatusCode.OK, ""

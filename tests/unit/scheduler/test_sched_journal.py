@@ -1,0 +1,215 @@
+"""The journal (ordered, grouped, retried writes to the RunStore) and how the core waits
+on it: creates answer UNAVAILABLE while the store is down, training submits do not."""
+
+import asyncio
+import itertools
+
+import pytest
+from scheduler_fakes import FakePlacement, FakeTrainer, settle
+
+from tunemesh_common.errors import Code, Unavailable
+from tunemesh_scheduler.core import OpKind, OpState, SchedulerConfig, SchedulerCore, SessionRecord
+from tunemesh_scheduler.core.journal import MAX_GROUP, Journal
+from tunemesh_scheduler.core.ports import StoreWrite
+from tunemesh_scheduler.core.store import MemoryRunStore
+
+
+class RecordingStore(MemoryRunStore):
+    """A MemoryRunStore that remembers every apply: (session name, deleted, ended)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.groups: list[list[tuple[str, bool, bool]]] = []
+
+    async def apply(self, writes):
+        await super().apply(writes)
+        self.groups.append([(w.record.name, w.delete, w.record.ended) for w in writes])
+
+
+def _session(name: str, ended: bool = False) -> SessionRecord:
+    return SessionRecord(name=f"sessions/{name}", tenant="t1", labels={}, create_time=1.0,
+                         last_heartbeat_time=1.0, ended=ended)
+
+
+def _no_wait(n: int) -> float:
+    return 0.0
+
+
+def test_a_burst_of_changes_is_written_in_few_applies_in_order():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait)
+        journal.start()
+        tickets = [journal.note(StoreWrite(_session(f"s{i}"))) for i in range(100)]
+        assert tickets == list(range(1, 101)) and journal.latest == 100
+        assert await journal.synced(tickets[-1], 1.0)
+        assert store.applies == -(-100 // MAX_GROUP) < 100  # every group as full as allowed
+        written = [name for group in store.groups for name, _, _ in group]
+        assert written == [f"sessions/s{i}" for i in range(100)]
+        assert journal.backlog == 0
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+def test_later_changes_of_one_record_win_across_groups():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait)
+        journal.start()
+        journal.note(StoreWrite(_session("kept")))
+        journal.note(StoreWrite(_session("dropped")))
+        for i in range(MAX_GROUP - 2):  # fills the first group: the next changes go in another
+            journal.note(StoreWrite(_session(f"filler{i}")))
+        journal.note(StoreWrite(_session("kept", ended=True)))
+        journal.note(StoreWrite(_session("dropped"), delete=True))
+        await journal.synced(journal.latest, 1.0)
+        assert len(store.groups) == 2
+        assert store.groups[1] == [("sessions/kept", False, True), ("sessions/dropped", True, False)]
+        state = await store.load()
+        names = {s.name: s.ended for s in state.sessions}
+        assert names["sessions/kept"] is True and "sessions/dropped" not in names
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+def test_changes_noted_while_a_write_is_in_flight_follow_it():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait)
+        journal.start()
+        journal.note(StoreWrite(_session("a")))
+        await asyncio.sleep(0)  # the flusher takes "a"
+        journal.note(StoreWrite(_session("b")))
+        journal.note(StoreWrite(_session("c")))
+        await journal.synced(journal.latest, 1.0)
+        assert [[name for name, _, _ in group] for group in store.groups] == [
+            ["sessions/a"], ["sessions/b", "sessions/c"]]
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+def test_synced_answers_unavailable_while_the_store_is_down_and_writes_once_it_is_back():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait)
+        journal.start()
+        store.down = True
+        first = journal.note(StoreWrite(_session("a")))
+        second = journal.note(StoreWrite(_session("b")))
+        await settle()
+        with pytest.raises(Unavailable) as info:
+            await journal.synced(first, 0)
+        assert (info.value.code, info.value.reason) == (Code.UNAVAILABLE, "STORE_UNAVAILABLE")
+        assert journal.store_up is False and journal.backlog == 2
+        assert store.records == {}
+        store.down = False
+        assert await journal.synced(second, 1.0)
+        assert journal.store_up is True and journal.backlog == 0
+        assert store.groups == [[("sessions/a", False, False), ("sessions/b", False, False)]]
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+def test_stop_writes_what_is_pending_and_gives_up_while_the_store_is_down():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait)
+        journal.start()
+        journal.note(StoreWrite(_session("a")))
+        await journal.stop()
+        assert [s.name for s in (await store.load()).sessions] == ["sessions/a"]
+
+        down = RecordingStore()
+        down.down = True
+        journal = Journal(down, retry_s=_no_wait)
+        journal.start()
+        journal.note(StoreWrite(_session("b")))
+        await journal.stop(drain_s=0)  # returns: the change is not written
+        assert down.records == {} and journal.backlog == 1
+
+    asyncio.run(main())
+
+
+def test_a_journal_without_a_store_keeps_nothing_and_never_waits():
+    async def main():
+        journal = Journal(None)
+        journal.start()
+        assert journal.note(StoreWrite(_session("a"))) == 0
+        assert (journal.latest, journal.backlog) == (0, 0)
+        assert await journal.synced(journal.latest, 0)
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+# ---- the core through a store outage ----------------------------------------------------
+
+
+async def _core(store: MemoryRunStore, **config) -> SchedulerCore:
+    counter = itertools.count(1)
+    core = SchedulerCore(FakePlacement(), FakeTrainer(), SchedulerConfig(**config),
+                         clock=lambda: 1000.0, new_id=lambda: f"id{next(counter)}", store=store)
+    # No real backoff between retries (SchedulerCore builds its Journal with the default).
+    core.journal._retry_s = _no_wait
+    await core.start()
+    return core
+
+
+def test_create_run_answers_unavailable_while_the_store_is_down_and_a_retry_gets_the_run():
+    async def main():
+        store = MemoryRunStore()
+        core = await _core(store, store_timeout_s=0)
+        session = core.create_session("t1")
+        await core.sync(1.0)
+        store.down = True
+        with pytest.raises(Unavailable) as info:
+            await core.create_run("t1", session.name, "tiny", {"rank": 8}, "req-1")
+        assert info.value.reason == "STORE_UNAVAILABLE"
+        assert [r.name for r in (await _load_when_up(store)).runs] == []
+        store.down = False
+        await core.sync(1.0)  # the run created before is written now ...
+        (stored,) = (await store.load()).runs
+        run = await core.create_run("t1", session.name, "tiny", {"rank": 8}, "req-1")
+        assert run.name == stored.name  # ... and the client's retry gets it
+        assert len(core.runs) == 1
+        await core.stop()
+
+    asyncio.run(main())
+
+
+def test_submit_is_acknowledged_through_a_store_outage_and_the_log_catches_up():
+    async def main():
+        store = MemoryRunStore()
+        core = await _core(store, submit_store_wait_s=0)
+        session = core.create_session("t1")
+        run = await core.create_run("t1", session.name, "tiny", {"rank": 8})
+        store.down = True
+        ops = [await core.submit("t1", run.name, seq, f"r{seq}", OpKind.FORWARD_BACKWARD,
+                                 ("call", seq), f"d{seq}", 10) for seq in (1, 2)]
+        for op in ops:
+            await core.wait_operation("t1", op.name, 5.0)
+        assert [op.state for op in ops] == [OpState.SUCCEEDED] * 2  # training went on
+        assert core.get_run("t1", run.name).last_seq_id == 2
+        assert (await _load_when_up(store)).operations == []
+        with pytest.raises(Unavailable):
+            await core.sync(0)
+        store.down = False
+        await core.sync(1.0)
+        stored = {op.seq_id: op.state for op in (await store.load()).operations}
+        assert stored == {1: OpState.SUCCEEDED, 2: OpState.SUCCEEDED}
+        await core.stop()
+
+    asyncio.run(main())
+
+
+async def _load_when_up(store: MemoryRunStore):
+    """What the store holds right now, read past its `down` flag."""
+    down, store.down = store.down, False
+    try:
+        return await store.load()
+    finally:
+        store.down = down
