@@ -117,6 +117,18 @@ class ServiceClient:
         """A client for the caller's checkpoints: list, get, delete, download, import."""
         return CheckpointClient(self._transport)
 
+    def resume_training_client(self, run: str) -> TrainingClient:
+        """A client for an existing run of the caller (`runs/{id}`), e.g. after this
+        process or the whole mesh restarted: the run joins this client's session (a
+        frozen run is rebuilt exactly from its automatic snapshot and log) and its calls
+        continue after its last finished seq_id, so resume a run with no call still
+        unfinished."""
+        response = self._transport.call(
+            self._transport.training.ResumeTrainingRun,
+            training_pb2.ResumeTrainingRunRequest(name=run, session=self.session), what="ResumeTrainingRun",
+        )
+        return self._training_client(response.run.name, response.run.base_model, response.run.last_seq_id + 1)
+
     def create_training_client_from_state(self, path: str) -> TrainingClient:
         """A new run on the checkpoint's base model and LoRA config, with its weights
         loaded; the optimizer starts fresh (step 0)."""
@@ -187,9 +199,10 @@ class ServiceClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _training_client(self, run: str, base_model: str) -> TrainingClient:
+    def _training_client(self, run: str, base_model: str, first_seq_id: int = 1) -> TrainingClient:
         client = TrainingClient(
-            self._transport, self._tracker, run, base_model, self.get_tokenizer, self.create_sampling_client
+            self._transport, self._tracker, run, base_model, self.get_tokenizer, self.create_sampling_client,
+            first_seq_id=first_seq_id,
         )
         with self._lock:
             self._training_clients.append(client)

@@ -92,6 +92,7 @@ class TrainingClient:
         base_model: str,
         tokenizer_for: Callable[[str], Any] | None = None,
         sampling_client_for: Callable[..., Any] | None = None,
+        first_seq_id: int = 1,
     ) -> None:
         self._sampling_client_for = sampling_client_for
         self._transport = transport
@@ -100,7 +101,7 @@ class TrainingClient:
         self._base_model = base_model
         self._tokenizer_for = tokenizer_for
         self._lane = SubmitLane(name=f"tunemesh-submit-{run}")
-        self._next_seq_id = 1  # touched only by the lane's thread
+        self._next_seq_id = first_seq_id  # touched only by the lane's thread
         self._in_doubt: _InDoubt | None = None  # touched only by the lane's thread
 
     @property

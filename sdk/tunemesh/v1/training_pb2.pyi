@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainingRun(_message.Message):
-    __slots__ = ("name", "session", "base_model", "lora_config", "step", "trainer_node", "create_time", "last_seq_id")
+    __slots__ = ("name", "session", "base_model", "lora_config", "step", "trainer_node", "create_time", "last_seq_id", "frozen")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -21,6 +21,7 @@ class TrainingRun(_message.Message):
     TRAINER_NODE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_FIELD_NUMBER: _ClassVar[int]
     name: str
     session: str
     base_model: str
@@ -29,7 +30,8 @@ class TrainingRun(_message.Message):
     trainer_node: str
     create_time: _timestamp_pb2.Timestamp
     last_seq_id: int
-    def __init__(self, name: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., trainer_node: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq_id: _Optional[int] = ...) -> None: ...
+    frozen: bool
+    def __init__(self, name: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., trainer_node: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq_id: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...
 
 class CreateTrainingRunRequest(_message.Message):
     __slots__ = ("session", "base_model", "lora_config", "request_id", "from_checkpoint", "load_optimizer_state")
@@ -244,3 +246,17 @@ class LoadStateResponse(_message.Message):
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: _operations_pb2.Operation
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
+
+class ResumeTrainingRunRequest(_message.Message):
+    __slots__ = ("name", "session")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    session: str
+    def __init__(self, name: _Optional[str] = ..., session: _Optional[str] = ...) -> None: ...
+
+class ResumeTrainingRunResponse(_message.Message):
+    __slots__ = ("run",)
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    run: TrainingRun
+    def __init__(self, run: _Optional[_Union[TrainingRun, _Mapping]] = ...) -> None: ...

@@ -85,6 +85,11 @@ class TrainingServiceStub:
                 request_serializer=tunemesh_dot_v1_dot_training__pb2.LoadStateRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_v1_dot_training__pb2.LoadStateResponse.FromString,
                 _registered_method=True)
+        self.ResumeTrainingRun = channel.unary_unary(
+                '/tunemesh.v1.TrainingService/ResumeTrainingRun',
+                request_serializer=tunemesh_dot_v1_dot_training__pb2.ResumeTrainingRunRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_v1_dot_training__pb2.ResumeTrainingRunResponse.FromString,
+                _registered_method=True)
 
 
 class TrainingServiceServicer:
@@ -161,6 +166,15 @@ class TrainingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeTrainingRun(self, request, context):
+        """Attaches an existing run of the caller to the caller's open session (after its own
+        session ended or expired, or the client restarted). A frozen run gets an adapter
+        slot again, rebuilt from its automatic snapshot and log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -213,6 +227,11 @@ def add_TrainingServiceServicer_to_server(servicer, server):
                     servicer.LoadState,
                     request_deserializer=tunemesh_dot_v1_dot_training__pb2.LoadStateRequest.FromString,
                     response_serializer=tunemesh_dot_v1_dot_training__pb2.LoadStateResponse.SerializeToString,
+            ),
+            'ResumeTrainingRun': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeTrainingRun,
+                    request_deserializer=tunemesh_dot_v1_dot_training__pb2.ResumeTrainingRunRequest.FromString,
+                    response_serializer=tunemesh_dot_v1_dot_training__pb2.ResumeTrainingRunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -486,6 +505,33 @@ class TrainingService:
             '/tunemesh.v1.TrainingService/LoadState',
             tunemesh_dot_v1_dot_training__pb2.LoadStateRequest.SerializeToString,
             tunemesh_dot_v1_dot_training__pb2.LoadStateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeTrainingRun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.v1.TrainingService/ResumeTrainingRun',
+            tunemesh_dot_v1_dot_training__pb2.ResumeTrainingRunRequest.SerializeToString,
+            tunemesh_dot_v1_dot_training__pb2.ResumeTrainingRunResponse.FromString,
             options,
             channel_credentials,
             insecure,

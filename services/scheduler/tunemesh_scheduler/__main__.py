@@ -52,7 +52,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     config = SchedulerConfig(
         s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s,
         s.max_runs_per_tenant, store_timeout_s=s.store_timeout_s, snapshot_every_steps=s.snapshot_every_steps,
-        snapshot_every_s=s.snapshot_every_s,
+        snapshot_every_s=s.snapshot_every_s, session_timeout_s=s.session_timeout_s,
     )
     scheduler_metrics = metrics.SchedulerMetrics(prometheus_client.REGISTRY)
     store = EtcdRunStore(etcd) if s.durable else None
@@ -60,11 +60,13 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     await core.start()
     if store is not None:
         plan = await takeover.load_plan(store)
-        await takeover.fence_runs(plan, trainers)
+        adapters_lost = await takeover.fence_runs(plan, trainers)
         await takeover.free_orphans(plan, trainers, list(directory.nodes()))
         core.recover(plan)
-        for node in {r.run.node_id for r in plan.runs} - set(directory.nodes()):
+        for node in {r.run.node_id for r in plan.runs if r.run.node_id} - set(directory.nodes()):
             core.node_lost(node)  # its runs move to a live trainer
+        for run in adapters_lost:
+            core.relocate(run)  # rebuilt from its snapshot and log (on the same node if it is the one)
     directory.on_leave, directory.on_join = core.node_lost, core.node_joined
     endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))
     limits = Limits(s.max_datums, s.max_tokens, s.max_samples)

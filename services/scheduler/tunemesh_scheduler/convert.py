@@ -52,6 +52,7 @@ def run(record: RunRecord) -> training_pb2.TrainingRun:
         trainer_node=record.node_id,
         create_time=timestamp(record.create_time),
         last_seq_id=record.last_seq_id,
+        frozen=not record.node_id,
     )
 
 

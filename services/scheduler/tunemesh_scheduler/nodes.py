@@ -140,6 +140,7 @@ class EtcdPlacement:
         """A live trainer of the model with a free slot (`from_node` last), recorded by a
         transaction that checks the run is still on `from_node` (or already moved there)."""
         nodes = self._directory.nodes()
+        self._directory.serving_model(base_model)  # UNAVAILABLE NO_TRAINER while none is registered
         load = {n: max(self._load[n], nodes[n].adapters) for n in self._directory.serving(base_model)}
         free = [n for n, used in load.items() if used < nodes[n].max_adapters or n == from_node]
         if not free:
@@ -147,14 +148,18 @@ class EtcdPlacement:
         node_id = min(free, key=lambda n: (n == from_node, load[n], n))
         try:
             placement = await self._table.get_placement(run_id(run_name))
-            current = placement.node_id if placement else from_node
-            if current != node_id and not await self._table.move_run(run_id(run_name), current, node_id):
+            if placement is None:  # a frozen run: placed anew
+                if not await self._table.place_run(run_id(run_name), node_id):
+                    raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was placed elsewhere concurrently")
+            elif placement.node_id != node_id and not await self._table.move_run(
+                    run_id(run_name), placement.node_id, node_id):
                 raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was moved elsewhere concurrently")
         except registry.ETCD_ERRORS as err:
             raise Unavailable("ETCD_UNAVAILABLE", f"cannot record the run's move in etcd: {err!r}") from None
         if node_id != from_node:
             self._load[node_id] += 1
-            self._load[from_node] -= 1
+            if from_node:
+                self._load[from_node] -= 1
         return node_id
 
     async def release(self, run_name: str, node_id: str) -> None:

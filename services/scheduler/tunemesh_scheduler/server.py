@@ -71,6 +71,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         records, token = self._core.list_runs(current_tenant(), request.page_size, request.page_token)
         return training_pb2.ListTrainingRunsResponse(runs=[convert.run(r) for r in records], next_page_token=token)
 
+    async def ResumeTrainingRun(self, request, context):
+        record = await self._core.resume_run(current_tenant(), request.name, request.session)
+        return training_pb2.ResumeTrainingRunResponse(run=convert.run(record))
+
     async def DeleteTrainingRun(self, request, context):
         await self._core.delete_run(current_tenant(), request.name)
         return training_pb2.DeleteTrainingRunResponse()

@@ -29,18 +29,23 @@ async def load_plan(store: RunStore, retry_s: float = 1.0) -> recovery.RecoveryP
         return plan
 
 
-async def fence_runs(plan: recovery.RecoveryPlan, trainers: TrainerPort) -> None:
+async def fence_runs(plan: recovery.RecoveryPlan, trainers: TrainerPort) -> list[str]:
     """Raise each run's epoch on its trainer: calls of the previous scheduler are refused
-    from now on. A trainer that cannot be reached is left as it is (its runs' calls
-    fail UNAVAILABLE until it is back)."""
+    from now on. Returns the runs whose trainer no longer holds their adapter (it
+    restarted): they are to move. A trainer that cannot be reached is left as it is
+    (its runs move if it does not come back before its lease lapses)."""
+    lost = []
 
     async def fence(run) -> None:
         try:
             await trainers.adopt_adapter(run.node_id, run.name, run.epoch)
         except TunemeshError as exc:
             log.warning("could not fence %s on %s: %s", run.name, run.node_id, exc, extra={"run": run.name})
+            if exc.reason == "ADAPTER_NOT_FOUND":
+                lost.append(run.name)
 
-    await asyncio.gather(*(fence(r.run) for r in plan.runs))
+    await asyncio.gather(*(fence(r.run) for r in plan.runs if r.run.node_id))  # frozen runs hold no adapter
+    return lost
 
 
 async def free_orphans(plan: recovery.RecoveryPlan, trainers: TrainerPort, nodes: list[str]) -> int:

@@ -118,6 +118,30 @@ class RunMover:
             except TunemeshError as exc:
                 log.info("could not delete superseded snapshot %s: %s", previous, exc)
 
+    # ---- freezing --------------------------------------------------------------------
+
+    def freeze(self, run: RunRecord) -> None:
+        """Release an idle run's adapter slot (its session ended): its snapshot and kept
+        calls rebuild it exactly when it is resumed."""
+        if self.enabled and run.name not in self.moving:
+            task = self._spawn(self._freeze(run))
+            self.moving[run.name] = task  # no call goes out meanwhile
+            task.add_done_callback(lambda t: self.moving.pop(run.name, None) if self.moving.get(run.name) is t else None)
+
+    async def _freeze(self, run: RunRecord) -> None:
+        node = run.node_id
+        try:
+            await self._trainer.delete_adapter(node, run.name)
+        except TunemeshError as exc:
+            log.info("freezing %s: its adapter on %s: %s", run.name, node, exc, extra={"run": run.name})
+        try:
+            await self._placement.release(run.name, node)
+        except TunemeshError as exc:
+            log.info("freezing %s: releasing its placement: %s", run.name, exc, extra={"run": run.name})
+        run.node_id = ""
+        self._note(StoreWrite(run))
+        log.info("run %s frozen (its session ended); its slot on %s is free", run.name, node, extra={"run": run.name})
+
     # ---- moves -----------------------------------------------------------------------
 
     def move(self, run: RunRecord, history: Callable[[], list[OperationRecord]],
@@ -147,8 +171,8 @@ class RunMover:
         old_node = run.node_id
         node = await self._placement.move(run.name, run.base_model, old_node)
         epoch = run.epoch + 1
-        log.info("moving %s from %s to %s (epoch %d, snapshot after seq_id %d)", run.name, old_node, node, epoch,
-                 run.snapshot_seq_id, extra={"run": run.name})
+        log.info("moving %s from %s to %s (epoch %d, snapshot after seq_id %d)", run.name, old_node or "(frozen)",
+                 node, epoch, run.snapshot_seq_id, extra={"run": run.name})
         try:
             await self._trainer.delete_adapter(node, run.name)  # a stale copy (the same node, back)
         except TunemeshError:

@@ -71,6 +71,10 @@ class SchedulerConfig:
     snapshot_every_s: float = 300.0
     # Wait before sending again an operation whose trainer could not be reached.
     unreachable_retry_s: float = 1.0
+    # A session not heard from (heartbeat or create) this long ends; its runs freeze
+    # (their adapter slots are released) once idle, and ResumeTrainingRun brings them
+    # back. 0: sessions never expire.
+    session_timeout_s: float = 600.0
 
 
 def _new_uuid() -> str:
@@ -117,9 +121,23 @@ class SchedulerCore:
         self._evictor = asyncio.get_running_loop().create_task(self._evict_periodically())
 
     async def _evict_periodically(self) -> None:
+        period = min(60.0, self._config.finished_ttl_s, self._config.session_timeout_s / 3 or 60.0)
         while True:
-            await asyncio.sleep(min(60.0, self._config.finished_ttl_s))
+            await asyncio.sleep(max(0.5, period))
             self.evict_finished()
+            self.sweep_sessions()
+
+    def sweep_sessions(self) -> None:
+        """End sessions past their heartbeat timeout; freeze the idle runs of ended ones."""
+        if self._config.session_timeout_s:
+            for record in self.sessions.expire(self._clock() - self._config.session_timeout_s):
+                log.info("session %s expired (no heartbeat for %gs)", record.name, self._config.session_timeout_s,
+                         extra={"tenant": record.tenant})
+        ended = self.sessions.ended()
+        for lane in self._lanes.values():
+            run = lane.run
+            if run.session in ended and run.node_id and lane.idle() and run.name not in self.mover.moving:
+                self.mover.freeze(run)
 
     def evict_finished(self) -> int:
         """Forget operations finished more than `finished_ttl_s` ago; returns how many."""
@@ -166,6 +184,7 @@ class SchedulerCore:
         """Take over the sessions, runs and operations of a previous scheduler (before
         serving). Queued operations are dispatched again, with the runs' new epochs."""
         for session in plan.sessions:
+            session.last_heartbeat_time = self._clock()  # clients get a full timeout to come back
             self.sessions.restore(session)
         for sampling in plan.sampling_sessions:
             self.sampling.restore(sampling)
@@ -198,7 +217,9 @@ class SchedulerCore:
         return self.sessions.heartbeat(tenant, name)
 
     def end_session(self, tenant: str, name: str) -> SessionRecord:
-        return self.sessions.end(tenant, name)
+        record = self.sessions.end(tenant, name)
+        self.sweep_sessions()  # its idle runs give their slots back now
+        return record
 
     # ---- runs ------------------------------------------------------------------------
 
@@ -229,6 +250,20 @@ class SchedulerCore:
 
     def get_run(self, tenant: str, name: str) -> RunRecord:
         return self.runs.get(tenant, name)
+
+    async def resume_run(self, tenant: str, name: str, session: str) -> RunRecord:
+        """Attach the tenant's run to its open `session`; a frozen run is rebuilt on a
+        trainer (its calls wait meanwhile)."""
+        self._check_serving()
+        self.sessions.get_open(tenant, session)
+        record = self.runs.get(tenant, name)
+        if record.session != session:
+            record.session = session
+            self.journal.note(StoreWrite(record))
+        if not record.node_id:
+            self._move(record)
+        await self.sync()
+        return record
 
     async def delete_run(self, tenant: str, name: str) -> None:
         """Delete an idle run and free its adapter slot (and the tenant's quota)."""
@@ -421,7 +456,11 @@ class SchedulerCore:
     def _release(self, op: OperationRecord) -> None:
         if op.run in self.mover.moving:
             return  # the move releases the run's head on its new node
-        self.mover.mark_snapshot(self._lanes[op.run].run, op)
+        run = self._lanes[op.run].run
+        if not run.node_id:  # frozen: rebuilt first, then the move releases the head
+            self._move(run)
+            return
+        self.mover.mark_snapshot(run, op)
         self._dispatcher(op.node_id).enqueue(op)
 
     # ---- trainers that fail ----------------------------------------------------------
@@ -453,6 +492,12 @@ class SchedulerCore:
                 log.info("freed %s on %s: the run moved to %s", adapter, node_id, lane.run.node_id)
             except TunemeshError as exc:
                 log.info("could not free %s on %s: %s", adapter, node_id, exc)
+
+    def relocate(self, run_name: str) -> None:
+        """Rebuild a run whose trainer lost its adapter, from its snapshot and log."""
+        lane = self._lanes.get(run_name)
+        if lane is not None:
+            self._move(lane.run)
 
     def _move(self, run: RunRecord) -> None:
         if self.mover.enabled and run.name in self._lanes:

@@ -68,5 +68,16 @@ class SessionRegistry:
             self._note(StoreWrite(record))
         return record
 
+    def expire(self, older_than: float) -> list[SessionRecord]:
+        """End the open sessions whose last heartbeat is before `older_than`; returns them."""
+        expired = [s for s in self._sessions.values() if not s.ended and s.last_heartbeat_time < older_than]
+        for record in expired:
+            record.ended = True
+            self._note(StoreWrite(record))
+        return expired
+
+    def ended(self) -> set[str]:
+        return {name for name, s in self._sessions.items() if s.ended}
+
     def count_open(self) -> int:
         return sum(1 for s in self._sessions.values() if not s.ended)
