@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from typing import Any
 
 import grpc
@@ -15,6 +16,22 @@ from tunemesh.v1 import (
 
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 """The channel's send and receive limits, and the services' receive limit (same value)."""
+
+
+def channel_target(address: str) -> str:
+    """A gRPC target for `host:port` (as is) or for `host:port,host:port,...` (the
+    replicas' IPv4 addresses, resolved now, tried in order by the channel)."""
+    parts = [part.strip() for part in address.split(",") if part.strip()]
+    if len(parts) == 1:
+        return parts[0]
+    resolved: list[str] = []
+    for part in parts:
+        host, _, port = part.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"scheduler address {part!r} is not host:port")
+        infos = socket.getaddrinfo(host, int(port), family=socket.AF_INET, type=socket.SOCK_STREAM)
+        resolved += [f"{info[4][0]}:{info[4][1]}" for info in infos if f"{info[4][0]}:{info[4][1]}" not in resolved]
+    return "ipv4:" + ",".join(resolved)
 
 
 class Transport:
@@ -40,12 +57,18 @@ class Transport:
 
     @classmethod
     def connect(cls, address: str, api_key: str | None, policy: RetryPolicy) -> Transport:
-        """Open an insecure channel (TLS termination is the deployment's concern)."""
+        """Open an insecure channel (TLS termination is the deployment's concern) to
+        `host:port`, or to a comma-separated list of scheduler replicas: only the leader
+        serves, and the channel tries the addresses in turn until it reaches it (again
+        after a failover), retrying within a second or two."""
         options = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", 500),
+            ("grpc.min_reconnect_backoff_ms", 500),
+            ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        return cls(grpc.insecure_channel(address, options=options), api_key, policy)
+        return cls(grpc.insecure_channel(channel_target(address), options=options), api_key, policy)
 
     def call(
         self, method: Any, request: Any, *, what: str = "call", attempt_timeout_s: float = 0

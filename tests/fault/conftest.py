@@ -1,5 +1,5 @@
 """The fault suite's mesh: one per session (etcd, a checkpoint service, two tiny-dense
-trainers, the scheduler) on loopback; `fault_ops` kills and restarts its processes."""
+trainers, two scheduler replicas) on loopback; `fault_ops` kills and restarts its processes."""
 
 from __future__ import annotations
 
@@ -16,5 +16,6 @@ def fault_mesh(start_mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     with pytest.MonkeyPatch.context() as patch:
         for name, value in ENV.items():
             patch.setenv(name, value)
-        with start_mesh(tmp_path_factory.mktemp("fault-mesh"), trainers=2, models=(MODEL, MODEL)) as running:
+        with start_mesh(tmp_path_factory.mktemp("fault-mesh"), trainers=2, models=(MODEL, MODEL),
+                        schedulers=2) as running:
             yield running

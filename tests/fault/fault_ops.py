@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -14,6 +15,16 @@ from tunemesh_local.state import MeshState, ProcessRecord
 
 MODEL = "tunemesh/tiny-dense"
 ENV = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
+
+
+def leader(mesh: MeshState) -> str:
+    """The name of the scheduler replica that leads now (from its ready file)."""
+    for record in state.load(Path(mesh.state_dir)).by_role("scheduler"):
+        ready = Path(mesh.state_dir) / "run" / f"{record.name}.ready.json"
+        if ready.is_file() and json.loads(ready.read_text()).get("role") == "leader" \
+                and processes.is_alive(record.pid, record.start_time):
+            return record.name
+    raise AssertionError("no scheduler replica leads")
 
 
 def process(mesh: MeshState, name: str) -> ProcessRecord:

@@ -15,6 +15,7 @@ from fault_ops import MODEL, kill, process, restart
 from test_scheduler_restart import STEPS, TENANTS, train_pair
 
 from tunemesh.v1 import sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc, types_pb2
+from tunemesh.transport import channel_target
 from tunemesh_common.rpc import REASON_KEY
 from tunemesh_local.state import MeshState
 
@@ -78,7 +79,7 @@ METADATA = (("authorization", f"Bearer {TENANTS[0]}"),)
 
 
 def _open_session(address: str) -> str:
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(channel_target(address)) as channel:
         response = sessions_pb2_grpc.SessionServiceStub(channel).CreateSession(
             sessions_pb2.CreateSessionRequest(), metadata=METADATA, timeout=30)
     return response.session.name
@@ -88,7 +89,7 @@ def _create_once(address: str, session: str) -> tuple[grpc.StatusCode, str]:
     """One CreateTrainingRun with no retry: its status code and REASON."""
     request = training_pb2.CreateTrainingRunRequest(session=session, base_model=MODEL,
                                                     lora_config=types_pb2.LoraConfig(rank=4, train_attn=True))
-    with grpc.insecure_channel(address) as channel:
+    with grpc.insecure_channel(channel_target(address)) as channel:
         try:
             training_pb2_grpc.TrainingServiceStub(channel).CreateTrainingRun(request, metadata=METADATA, timeout=30)
         except grpc.RpcError as err:

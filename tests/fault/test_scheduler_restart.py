@@ -1,11 +1,12 @@
-"""Fault: the scheduler dies (SIGKILL) while two tenants pipeline training; it is started
-again on the same port. Clients see only latency: every future completes, no operation is
-reported failed, and each tenant's per-step losses, final logprobs and saved adapter and
-optimizer files are bit-identical to an untouched twin run; each adapter took exactly
-the optimizer steps that were acknowledged. Also: a run survives `tunemesh down` + `up`.
+"""Fault: the leading scheduler replica dies (SIGKILL) while two tenants pipeline
+training; the standby takes over (etcd election) and recovers the state from etcd, and
+the killed replica comes back as the new standby. Clients, given both addresses, see
+only latency: every future completes, no operation is reported failed, and each tenant's
+per-step losses, final logprobs and saved adapter and optimizer files are bit-identical
+to an untouched twin run; each adapter took exactly the optimizer steps acknowledged.
 
-Real processes on loopback: etcd, a checkpoint service, two tiny-dense trainers, the
-scheduler; faults sent by the test itself; every wait bounded."""
+Real processes on loopback: etcd, a checkpoint service, two tiny-dense trainers, two
+scheduler replicas; faults sent by the test itself; every wait bounded."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import random
 
 import numpy as np
 import pytest
-from fault_ops import MODEL, kill, restart
+from fault_ops import MODEL, kill, leader, restart
 
 import tunemesh
 from tunemesh_local.state import MeshState
@@ -90,7 +91,9 @@ def train_pair(address: str, during=None) -> list[dict]:
             t.close()
 
 
-def kill_and_restart(mesh: MeshState, name: str) -> None:
+def kill_leader(mesh: MeshState) -> None:
+    """SIGKILL the leading scheduler; start it again (it stands by under the new leader)."""
+    name = leader(mesh)
     kill(mesh, name)
     restart(mesh, name)
 
@@ -108,7 +111,7 @@ def test_scheduler_sigkill_mid_pipeline_is_only_latency(mesh: MeshState, twin: l
     def fault(trainees) -> None:
         trainees[0].futures[2 * after].result(timeout=RESULT_TIMEOUT_S)
         unfinished.append(sum(not f.done() for t in trainees for f in t.futures))
-        kill_and_restart(mesh, "scheduler")
+        kill_leader(mesh)
 
     faulted = train_pair(mesh.scheduler_address, during=fault)
     assert unfinished[0] > 0, "the kill came after the pipelines drained: it tested nothing"
@@ -126,7 +129,7 @@ def test_run_survives_scheduler_restart_between_calls(mesh: MeshState) -> None:
         training = client.create_lora_training_client(MODEL, rank=4, seed=3)
         training.forward_backward(step_data(0, 0)).result(timeout=RESULT_TIMEOUT_S)
         training.optim_step(ADAM).result(timeout=RESULT_TIMEOUT_S)
-        kill_and_restart(mesh, "scheduler")
+        kill_leader(mesh)
         assert training.get_info().step == 1
         result = training.forward_backward(step_data(0, 1)).result(timeout=RESULT_TIMEOUT_S)
         assert result.metrics["loss:sum"] > 0

@@ -33,7 +33,7 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
     @contextlib.contextmanager
     def start(state_dir: Path, trainers: int = 1, models: tuple[str, ...] = ("tunemesh/tiny-dense",),
               env: dict[str, str] | None = None, samplers: int = 0, sampler_engine: str = "torch",
-              prometheus: bool = False) -> Iterator[MeshState]:
+              prometheus: bool = False, schedulers: int = 1) -> Iterator[MeshState]:
         from tunemesh_local import launcher
 
         def services(config, etcd_endpoint, api_keys_file):
@@ -42,7 +42,7 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
 
         config = launcher.MeshConfig(state_dir=Path(state_dir), trainers=trainers, models=tuple(models),
                                      ready_timeout=120.0, samplers=samplers, sampler_engine=sampler_engine,
-                                     prometheus=prometheus)
+                                     prometheus=prometheus, schedulers=schedulers)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in {**MESH_ENV, **(env or {})}.items():
                 patch.setenv(name, value)

@@ -19,12 +19,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tunemesh_common.errors import TunemeshError, Unauthenticated
+from tunemesh_common.errors import FailedPrecondition, TunemeshError, Unauthenticated
 from tunemesh_common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
 
 REASON_KEY = "tunemesh-reason"
+LEADER_TOKEN_KEY = "tunemesh-leader-token"  # the calling scheduler's fencing token (internal calls)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVER_OPTIONS = [
     ("grpc.so_reuseport", 0),
@@ -289,6 +290,23 @@ async def wait_for_termination() -> None:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class LeaderFence:
+    """A node's side of leader fencing: the highest scheduler token seen; a call with a
+    lower one comes from a deposed leader and is refused (no token: unfenced)."""
+
+    def __init__(self) -> None:
+        self.highest = 0
+
+    def check(self, context) -> None:
+        raw = dict(context.invocation_metadata() or ()).get(LEADER_TOKEN_KEY, "")
+        token = int(raw) if raw.isdigit() else 0
+        if token and token < self.highest:
+            raise FailedPrecondition(
+                "STALE_LEADER", f"a scheduler with a newer leadership ({self.highest}) took over; token {token} refused"
+            )
+        self.highest = max(self.highest, token)
 
 
 def error_from_peer(err: grpc.aio.AioRpcError, peer: str) -> TunemeshError:

@@ -35,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="generation engine of the samplers (default auto: vLLM where it can serve the model)")
     up.add_argument("--checkpoint-dir", type=Path, default=None,
                     help="checkpoint store root (default <state dir>/checkpoints, kept across restarts)")
+    up.add_argument("--schedulers", type=int, default=2,
+                    help="scheduler replicas (default 2: one leads, one stands by to take over)")
     up.add_argument("--prometheus", action="store_true",
                     help="also start Prometheus (Debian's `prometheus`) scraping every service once a second")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for services (default 120)")
@@ -70,9 +72,9 @@ def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> 
                         api_keys_file=args.api_keys_file, ready_timeout=args.timeout, data_dir=args.data_dir,
                         checkpoint_dir=args.checkpoint_dir, samplers=args.samplers, sampler_engine=args.sampler_engine,
                         trainer_ranks=args.trainer_ranks, trainer_expert_parallel=args.trainer_expert_parallel,
-                        prometheus=args.prometheus)
-    print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and a "
-          f"scheduler (state: {state_dir}) ...", flush=True)
+                        prometheus=args.prometheus, schedulers=args.schedulers)
+    print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and "
+          f"{config.schedulers} scheduler replica(s) (state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)
     print(describe_up(mesh, state_dir_flag=args.state_dir is not None))
     return 0

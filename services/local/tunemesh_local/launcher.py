@@ -57,6 +57,7 @@ class MeshConfig:
     trainer_ranks: int = 1  # > 1: each trainer is a DeepSpeed ZeRO-3 group of this many local ranks
     trainer_expert_parallel: int = 1  # > 1: its ranks split each MoE layer's experts in groups of this many
     prometheus: bool = False  # also start a Prometheus scraping every service
+    schedulers: int = 2  # scheduler replicas: one leads (etcd election), the others stand by
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -101,10 +102,12 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
             argv += ["--expert-parallel", str(config.trainer_expert_parallel)]
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
     specs += sampler_services(config, etcd_endpoint, checkpoint)
-    argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint, "--listen", "127.0.0.1:0",
-            "--ready-file", str(config.ready_file("scheduler")), "--api-keys-file", str(api_keys_file),
-            "--checkpoint", checkpoint]
-    specs.append(ServiceSpec("scheduler", "scheduler", tuple(argv)))
+    for index in range(config.schedulers):  # fixed ports: clients know every replica's address
+        name = "scheduler" if index == 0 else f"scheduler-{index}"
+        argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint,
+                "--listen", f"127.0.0.1:{pick_free_port()}", "--ready-file", str(config.ready_file(name)),
+                "--api-keys-file", str(api_keys_file), "--checkpoint", checkpoint]
+        specs.append(ServiceSpec(name, "scheduler", tuple(argv)))
     return specs
 
 
@@ -164,6 +167,8 @@ def _check_config(config: MeshConfig) -> None:
                                                      f"must divide --trainer-ranks {config.trainer_ranks}")
     if config.trainers < 1:
         raise InvalidArgument("BAD_TRAINERS", f"--trainers must be >= 1, got {config.trainers}")
+    if config.schedulers < 1:
+        raise InvalidArgument("BAD_SCHEDULERS", f"--schedulers must be >= 1, got {config.schedulers}")
     if config.samplers < 0:
         raise InvalidArgument("BAD_SAMPLERS", f"--samplers must be >= 0, got {config.samplers}")
     if config.sampler_engine not in ("auto", "vllm", "torch"):
@@ -246,8 +251,7 @@ def _start_services(config: MeshConfig, mesh: MeshState, specs: list[ServiceSpec
                                     config.ready_timeout, since)
         record.address = str(info["address"])
         record.metrics_url = str(info.get("metrics_url", ""))
-        if spec.role == "scheduler":
-            mesh.scheduler_address = record.address
+    mesh.scheduler_address = ",".join(p.address for p in mesh.by_role("scheduler"))
     state.save(mesh)
 
 

@@ -45,7 +45,7 @@ class MeshState:
     etcd_endpoint: str
     api_keys_file: str
     processes: list[ProcessRecord]
-    scheduler_address: str = ""
+    scheduler_address: str = ""  # every scheduler replica, comma-separated (the SDK takes the list)
     prometheus_url: str = ""  # with `tunemesh up --prometheus`
 
     def by_role(self, role: str) -> list[ProcessRecord]:

@@ -58,7 +58,14 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     store = EtcdRunStore(etcd) if s.durable else None
     core = SchedulerCore(placement, trainers, config, metrics=scheduler_metrics, store=store)
     await core.start()
+    endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))
+    election = registry.LeaderElection(etcd, "scheduler", s.listen.encode(), s.leader_ttl_s)
+    _write_ready(s, s.listen, endpoint, "standby")
+    log.info("scheduler standing by for the leadership (%s)", s.listen)
+    token = await election.campaign()
+    trainers.leader_token = token
     if store is not None:
+        store.fence(election.key, token)
         plan = await takeover.load_plan(store)
         adapters_lost = await takeover.fence_runs(plan, trainers)
         await takeover.free_orphans(plan, trainers, list(directory.nodes()))
@@ -68,7 +75,6 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         for run in adapters_lost:
             core.relocate(run)  # rebuilt from its snapshot and log (on the same node if it is the one)
     directory.on_leave, directory.on_join = core.node_lost, core.node_joined
-    endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))
     limits = Limits(s.max_datums, s.max_tokens, s.max_samples)
     server, health = rpc.build_server(
         rpc.KeyFileAuthenticator(keys), metrics.RpcMetrics("scheduler", scheduler_metrics.registry)
@@ -87,13 +93,15 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     await server.start()
     await rpc.mark_serving(health, SERVICES)
     address = f"{s.listen.rsplit(':', 1)[0]}:{port}"
-    if s.ready_file is not None:
-        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(),
-                                            "metrics_url": endpoint.url if endpoint else ""})
-    log.info("scheduler serving on %s (%d tenants' keys, etcd %s)", address, len(set(keys.values())), s.etcd)
-    await rpc.wait_for_termination()
+    _write_ready(s, address, endpoint, "leader")
+    log.info("scheduler leading and serving on %s (token %d, %d tenants' keys, etcd %s)", address, token,
+             len(set(keys.values())), s.etcd)
+    if await _terminated_or_deposed(election):
+        log.error("deposed: stopping at once (a standby leads now)")
+        os._exit(3)  # no call, no etcd write of this replica may follow
     await server.stop(grace=2)
     await core.stop()
+    await election.resign()
     await watcher.stop()
     await sampler_watcher.stop()
     await samplers.close()
@@ -111,6 +119,21 @@ async def _serve_metrics(s: settings_mod.SchedulerSettings, scheduler_metrics: m
     scheduler_metrics.follow(core.snapshot, lambda: {"trainer": len(trainers.nodes()), "sampler": len(samplers.nodes())})
     metrics.follow_etcd(scheduler_metrics.registry, "scheduler", lambda: all(w.connected for w in watchers))
     return await metrics.MetricsEndpoint.start(s.metrics_listen, scheduler_metrics.registry)
+
+
+def _write_ready(s: settings_mod.SchedulerSettings, address: str, endpoint, role: str) -> None:
+    if s.ready_file is not None:
+        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(), "role": role,
+                                            "metrics_url": endpoint.url if endpoint else ""})
+
+
+async def _terminated_or_deposed(election: registry.LeaderElection) -> bool:
+    """Wait for SIGTERM/SIGINT (False) or the loss of the leadership (True)."""
+    terminated = asyncio.ensure_future(rpc.wait_for_termination())
+    lost = asyncio.ensure_future(election.lost.wait())
+    await asyncio.wait([terminated, lost], return_when=asyncio.FIRST_COMPLETED)
+    terminated.cancel()
+    return lost.done()
 
 
 def main(argv: list[str] | None = None) -> None:

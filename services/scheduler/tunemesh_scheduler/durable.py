@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from tunemesh.internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import checkpoints_pb2, operations_pb2, training_pb2, types_pb2
 from tunemesh_common import registry
-from tunemesh_common.errors import Code, Unavailable
+from tunemesh_common.errors import Code, FailedPrecondition, Unavailable
 from tunemesh_scheduler.core.ports import LoadRequest, LoadResult, SaveRequest, StoredState, StoreWrite
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 from tunemesh_scheduler.core.records import (
@@ -87,6 +87,12 @@ class EtcdRunStore:
     def __init__(self, client) -> None:
         self._client = client
         self._txn = client.transactions
+        self._fence: list = []  # compares every write makes (the writer still leads)
+
+    def fence(self, leader_key: bytes, token: int) -> None:
+        """Write only while `leader_key` is the one this replica created (revision
+        `token`): a deposed leader's late writes are refused, never applied."""
+        self._fence = [self._txn.create(leader_key) == token]
 
     async def apply(self, writes: Sequence[StoreWrite]) -> None:
         """Write `writes` in order: a record changed twice is put once, at its last
@@ -113,9 +119,11 @@ class EtcdRunStore:
 
     async def _commit(self, ops: list) -> None:
         try:
-            await self._client.transaction(compare=[], success=ops, failure=[])
+            succeeded, _ = await self._client.transaction(compare=self._fence, success=ops, failure=[])
         except registry.ETCD_ERRORS as exc:
             raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+        if not succeeded:
+            raise FailedPrecondition("NOT_LEADER", "this scheduler no longer leads: its write was refused")
 
     async def load(self) -> StoredState:
         state = StoredState()

@@ -10,7 +10,7 @@ import grpc
 from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
-from tunemesh_common.rpc import REASON_KEY, PeerChannels
+from tunemesh_common.rpc import LEADER_TOKEN_KEY, REASON_KEY, PeerChannels
 from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, LoadRequest, SaveRequest
 from tunemesh_scheduler.core.records import OperationError, OpKind
 
@@ -40,13 +40,16 @@ class GrpcTrainerPort:
         self._channels = PeerChannels(trainer_pb2_grpc.TrainerServiceStub, address_of)
         self._timeout_s = timeout_s
         self._checkpoints = checkpoints  # CheckpointProxy: deletes superseded snapshots
+        self.leader_token = 0  # sent on every call: trainers refuse a lower one than they saw
 
     def stub(self, node_id: str) -> trainer_pb2_grpc.TrainerServiceStub:
         return self._channels.stub(node_id)
 
     async def _call(self, node_id: str, method: str, request):
         try:
-            return await getattr(self.stub(node_id), method)(request, timeout=self._timeout_s)
+            return await getattr(self.stub(node_id), method)(
+                request, timeout=self._timeout_s, metadata=((LEADER_TOKEN_KEY, str(self.leader_token)),)
+            )
         except grpc.aio.AioRpcError as err:
             raise _translate(err, node_id) from None
 

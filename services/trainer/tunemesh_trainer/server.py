@@ -14,6 +14,7 @@ from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
 from tunemesh_common.errors import Code, InvalidArgument, NotFound, TunemeshError, Unavailable
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
+from tunemesh_common.rpc import LeaderFence
 from tunemesh_trainer import convert
 from tunemesh_trainer.checkpoints import CheckpointBridge
 from tunemesh_trainer.core import TrainerCore
@@ -36,6 +37,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self._metrics_url = metrics_url
         self._tokenizer_files: list[sessions_pb2.TokenizerFile] = []
         self.ledger = Ledger()
+        self.leader = LeaderFence()  # refuses calls of a deposed scheduler
         self._snapshots: dict[tuple[str, int], asyncio.Task] = {}  # (adapter, seq_id) -> write
 
     def attach(self, core: TrainerCore, tokenizer_files: dict[str, bytes]) -> None:
@@ -64,6 +66,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.GetTrainerInfoResponse(node=self.node())
 
     async def CreateAdapter(self, request, context):
+        self.leader.check(context)
         if request.base_model and request.base_model != self.core.info.name:
             raise InvalidArgument(
                 "WRONG_BASE_MODEL", f"node {self._node_id} serves {self.core.info.name}, not {request.base_model}"
@@ -73,11 +76,13 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.CreateAdapterResponse(num_parameters=count)
 
     async def DeleteAdapter(self, request, context):
+        self.leader.check(context)
         await self.core.delete_adapter(request.adapter_id)
         self.ledger.close(request.adapter_id)
         return trainer_pb2.DeleteAdapterResponse()
 
     async def RunBatch(self, request, context):
+        self.leader.check(context)
         fresh, repeats, early = [], {}, {}
         for item in request.items:
             try:
@@ -137,6 +142,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return trainer_pb2.GetTokenizerResponse(files=self._tokenizer_files)
 
     async def SaveAdapter(self, request, context):
+        self.leader.check(context)
         self.core  # UNAVAILABLE LOADING until the model is attached
 
         async def save():
@@ -145,6 +151,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return await self._fenced(request, save)
 
     async def LoadAdapter(self, request, context):
+        self.leader.check(context)
         self.core
 
         async def load():
@@ -153,6 +160,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         return await self._fenced(request, load)
 
     async def AdoptAdapter(self, request, context):
+        self.leader.check(context)
         self.core
         applied = self.ledger.adopt(request.adapter_id, request.epoch)
         return trainer_pb2.AdoptAdapterResponse(applied_seq_id=applied)

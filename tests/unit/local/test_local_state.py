@@ -63,7 +63,7 @@ def test_default_services_follow_the_contract(tmp_path: Path) -> None:
     specs = launcher.default_services(config, "127.0.0.1:2379", tmp_path / "keys.json")
     assert [(s.name, s.role) for s in specs] == [("checkpoint", "checkpoint"),
         ("trainer-0", "trainer"), ("trainer-1", "trainer"), ("trainer-2", "trainer"), ("sampler-0", "sampler"),
-        ("scheduler", "scheduler")]
+        ("scheduler", "scheduler"), ("scheduler-1", "scheduler")]  # a leader and a standby by default
     ckpt = list(specs[0].argv)
     assert ckpt[ckpt.index("--root-dir") + 1] == str(tmp_path / "checkpoints")
     address = ckpt[ckpt.index("--listen") + 1]
@@ -80,6 +80,9 @@ def test_default_services_follow_the_contract(tmp_path: Path) -> None:
     assert sched[sched.index("--checkpoint") + 1] == address
     assert sched[sched.index("--api-keys-file") + 1] == str(tmp_path / "keys.json")
     assert sched[sched.index("--etcd") + 1] == "127.0.0.1:2379"
+    standby = list(specs[6].argv)
+    assert standby[standby.index("--listen") + 1] != sched[sched.index("--listen") + 1]  # fixed, distinct ports
+    assert not sched[sched.index("--listen") + 1].endswith(":0")
     no_models = launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")
     assert "--model" not in no_models[1].argv
     no_samplers = launcher.default_services(MeshConfig(state_dir=tmp_path, samplers=0), "e:1", tmp_path / "k")

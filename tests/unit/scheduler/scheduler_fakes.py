@@ -9,6 +9,7 @@ from typing import Any
 
 from tunemesh_common.errors import NotFound
 from tunemesh_scheduler.core import BatchItem, ItemOutcome, OpKind, SchedulerConfig, SchedulerCore
+from tunemesh_scheduler.core.ports import Fence, LoadRequest
 
 
 class FakePlacement:
@@ -20,6 +21,9 @@ class FakePlacement:
         self.placed: list[tuple[str, str]] = []
         self.released: list[tuple[str, str]] = []
         self.error: Exception | None = None
+        self.move_error: Exception | None = None  # every move raises it while set
+        self.move_hold: asyncio.Event | None = None  # moves wait for it
+        self.move_attempts: list[tuple[str, str]] = []  # (run, from_node), failed ones too
 
     async def place(self, run_name: str, base_model: str) -> str:
         await asyncio.sleep(0)
@@ -34,6 +38,11 @@ class FakePlacement:
         self.released.append((run_name, node_id))
 
     async def move(self, run_name: str, base_model: str, from_node: str) -> str:
+        self.move_attempts.append((run_name, from_node))
+        if self.move_hold is not None:
+            await self.move_hold.wait()
+        if self.move_error is not None:
+            raise self.move_error
         self.moved = [*getattr(self, "moved", []), (run_name, from_node, self.node)]
         return self.node
 
@@ -52,6 +61,17 @@ class FakeTrainer:
         self.short_answer = False
         self.epochs: dict[str, int] = {}  # run -> epoch of its adapter
         self.applied: dict[str, int] = {}  # run -> highest seq_id executed
+        # (node, run, kind, fence, payload) of every batch item executed and every load,
+        # in order (a load's kind is LOAD_STATE, its payload the LoadRequest)
+        self.trace: list[tuple[str, str, OpKind, Fence, Any]] = []
+        self.node_hold: dict[str, asyncio.Event] = {}  # node -> its batches wait for it
+        self.once_item_errors: dict[tuple[str, Any], ItemOutcome] = {}  # (node, payload), used once
+        self.snapshot_hold: asyncio.Event | None = None  # await_snapshot waits for it
+        self.snapshot_errors: dict[int, Exception] = {}  # seq_id -> await_snapshot raises it
+        self.snapshot_calls: list[tuple[str, str, int]] = []  # every await_snapshot, failed ones too
+        self.load_hold: asyncio.Event | None = None  # load_adapter waits for it
+        self.load_step = 0  # what load_adapter answers
+        self.loads: list[tuple[str, str, str, Any, Fence]] = []  # (node, run, tenant, request, fence)
 
     async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora: Any, epoch: int = 0) -> None:
         if self.adapter_error is not None:
@@ -68,7 +88,20 @@ class FakeTrainer:
     async def list_adapters(self, node_id: str) -> list[str]:
         return [run for node, run in self.adapters if node == node_id]
 
+    async def load_adapter(self, node_id: str, run_name: str, tenant: str, request: LoadRequest,
+                           fence: Fence = Fence()) -> int:
+        self.loads.append((node_id, run_name, tenant, request, fence))
+        if self.load_hold is not None:
+            await self.load_hold.wait()
+        self.trace.append((node_id, run_name, OpKind.LOAD_STATE, fence, request))
+        return self.load_step
+
     async def await_snapshot(self, node_id: str, run_name: str, seq_id: int) -> None:
+        self.snapshot_calls.append((node_id, run_name, seq_id))
+        if self.snapshot_hold is not None:
+            await self.snapshot_hold.wait()
+        if seq_id in self.snapshot_errors:
+            raise self.snapshot_errors[seq_id]
         self.snapshots = [*getattr(self, "snapshots", []), (node_id, run_name, seq_id)]
 
     async def delete_checkpoint(self, tenant: str, path: str) -> None:
@@ -81,14 +114,18 @@ class FakeTrainer:
         self.batches.append((node_id, list(items)))
         if self.hold is not None:
             await self.hold.wait()
+        if node_id in self.node_hold:
+            await self.node_hold[node_id].wait()
         if node_id in self.batch_error:
             raise self.batch_error[node_id]
         outcomes = []
         for item in items:
             self.executed.append((item.run_name, item.kind, item.payload))
             self.applied[item.run_name] = max(self.applied.get(item.run_name, 0), item.fence.seq_id)
+            self.trace.append((node_id, item.run_name, item.kind, item.fence, item.payload))
             ok = ItemOutcome(result=("ok", item.payload))
-            outcomes.append(self.item_errors.get(item.payload, ok))
+            once = self.once_item_errors.pop((node_id, item.payload), None)
+            outcomes.append(once or self.item_errors.get(item.payload, ok))
         return outcomes[:-1] if self.short_answer else outcomes
 
 

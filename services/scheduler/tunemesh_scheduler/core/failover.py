@@ -23,7 +23,7 @@ import logging
 from collections.abc import Callable
 
 from tunemesh_common import checkpoint_paths
-from tunemesh_common.errors import TunemeshError
+from tunemesh_common.errors import TunemeshError, Unavailable
 from tunemesh_scheduler.core.ports import (
     BatchItem, Fence, LoadRequest, PlacementPort, RunStore, SnapshotTarget, StoreWrite, TrainerPort,
 )
@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 
 SNAPSHOT_PREFIX = checkpoint_paths.SNAPSHOT_PREFIX
 REPLAYED = frozenset({OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP, OpKind.LOAD_STATE})
+# Errors that do not say a call certainly failed where it went: sent again, never final.
+IN_DOUBT_REASONS = frozenset({"TRAINER_UNAVAILABLE", "TRAINER_GONE", "ADAPTER_NOT_FOUND"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,6 +107,9 @@ class RunMover:
             log.warning("snapshot after %s of %s failed: %s", op.seq_id, run.name, exc, extra={"run": run.name})
             progress.pending = False
             return
+        if run.name in self.moving:  # the move builds on the snapshot it started from
+            progress.pending = False
+            return
         previous = run.snapshot_path
         if op.seq_id > run.snapshot_seq_id:
             run.snapshot_path, run.snapshot_seq_id = op.snapshot_path, op.seq_id
@@ -168,30 +173,31 @@ class RunMover:
             return
 
     async def _move_once(self, run: RunRecord, ops: list[OperationRecord]) -> None:
-        old_node = run.node_id
+        old_node, snapshot, after = run.node_id, run.snapshot_path, run.snapshot_seq_id
         node = await self._placement.move(run.name, run.base_model, old_node)
         epoch = run.epoch + 1
         log.info("moving %s from %s to %s (epoch %d, snapshot after seq_id %d)", run.name, old_node or "(frozen)",
-                 node, epoch, run.snapshot_seq_id, extra={"run": run.name})
+                 node, epoch, after, extra={"run": run.name})
         try:
             await self._trainer.delete_adapter(node, run.name)  # a stale copy (the same node, back)
         except TunemeshError:
             pass
         await self._trainer.create_adapter(node, run.name, run.base_model, run.lora, epoch)
-        start = LoadRequest(run.snapshot_path, True) if run.snapshot_path else run.origin
+        start = LoadRequest(snapshot, True) if snapshot else run.origin
         if start is not None:
             await self._trainer.load_adapter(node, run.name, run.tenant, start, Fence(0, epoch))
-        await self._replay(run, node, epoch, ops)
+        await self._replay(run, node, epoch, ops, after)
         run.node_id, run.epoch = node, epoch
         self._note(StoreWrite(run))
 
-    async def _replay(self, run: RunRecord, node: str, epoch: int, ops: list[OperationRecord]) -> None:
-        """Apply again every finished call after the snapshot that changed the adapter."""
-        replayed = [op for op in ops if run.snapshot_seq_id < op.seq_id <= run.last_seq_id
+    async def _replay(self, run: RunRecord, node: str, epoch: int, ops: list[OperationRecord], after: int) -> None:
+        """Apply again every finished call after seq_id `after` (the snapshot's) that
+        changed the adapter. A call answered in doubt fails the move (it is retried)."""
+        replayed = [op for op in ops if after < op.seq_id <= run.last_seq_id
                     and op.state is OpState.SUCCEEDED and op.kind in REPLAYED]
         if not replayed:
             return
-        calls = await self._store.payloads(run.name, run.snapshot_seq_id)
+        calls = await self._store.payloads(run.name, after)
         for op in replayed:
             call = calls.get(op.seq_id)
             if call is None:
@@ -202,8 +208,11 @@ class RunMover:
                 continue
             item = BatchItem(op.name, run.name, op.kind, call, op.num_tokens, fence)
             (outcome,) = await self._trainer.run_batch(node, [item])
+            if outcome.error is not None and outcome.error.reason in IN_DOUBT_REASONS:
+                raise Unavailable(outcome.error.reason, f"replay of seq_id {op.seq_id}: {outcome.error.message}")
             if outcome.error is not None:
-                log.warning("replay of seq_id %d of %s failed: %s", op.seq_id, run.name, outcome.error)
+                log.error("replay of seq_id %d of %s failed although it succeeded before: %s", op.seq_id, run.name,
+                          outcome.error, extra={"run": run.name})
         log.info("replayed %d calls of %s on %s", len(replayed), run.name, node, extra={"run": run.name})
 
     def spawn(self, coro) -> asyncio.Task:

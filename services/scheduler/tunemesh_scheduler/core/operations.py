@@ -108,6 +108,12 @@ class OperationStore:
         self._metrics.queue_wait(op.tenant, self._clock() - op.create_time)
         self._move(op, OpState.RUNNING)
 
+    def reassign(self, op: OperationRecord, node_id: str, epoch: int) -> None:
+        """An unfinished op of a run that moved: it goes to `node_id` with `epoch`."""
+        self._count(op, -1)
+        op.node_id, op.epoch = node_id, epoch
+        self._count(op, +1)
+
     def requeue(self, op: OperationRecord) -> None:
         """RUNNING -> QUEUED (its call goes out again)."""
         if op.state is OpState.RUNNING:

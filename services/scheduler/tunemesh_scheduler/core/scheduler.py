@@ -21,7 +21,7 @@ from tunemesh_common.errors import ResourceExhausted, Unavailable
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.dispatch import NodeDispatcher
 from tunemesh_scheduler.core.operations import OperationStore
-from tunemesh_scheduler.core.failover import RunMover, SnapshotPolicy
+from tunemesh_scheduler.core.failover import IN_DOUBT_REASONS, RunMover, SnapshotPolicy
 from tunemesh_scheduler.core.journal import Journal
 from tunemesh_scheduler.core.ports import (
     Fence, ItemOutcome, LoadRequest, LoadResult, PlacementPort, RunStore, StoreWrite, TrainerPort,
@@ -510,7 +510,7 @@ class SchedulerCore:
         if lane is None:
             return
         for op in lane.unfinished():
-            op.node_id, op.epoch = run.node_id, run.epoch
+            self.operations.reassign(op, run.node_id, run.epoch)
         if lane.head is not None and lane.head.state is OpState.QUEUED:
             self._release(lane.head)
 
@@ -575,12 +575,9 @@ def _validate(seq_id: int, kind: OpKind | str, num_tokens: int) -> OpKind:
         raise InvalidArgument("UNSUPPORTED_KIND", f"unsupported operation kind {kind!r}") from None
 
 
-_IN_DOUBT_REASONS = frozenset({"TRAINER_UNAVAILABLE", "TRAINER_GONE", "ADAPTER_NOT_FOUND"})
-
-
 def _in_doubt(error: OperationError | None) -> OperationError | None:
     """`error` when it does not say the call certainly failed where it was applied."""
-    if error is not None and error.reason in _IN_DOUBT_REASONS:
+    if error is not None and error.reason in IN_DOUBT_REASONS:
         return error
     return None
 

@@ -1,0 +1,131 @@
+"""bench/recovery.py: its pure helpers (no mesh)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH_DIR))
+    spec = importlib.util.spec_from_file_location("recovery", BENCH_DIR / "recovery.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+    sys.path.remove(str(BENCH_DIR))
+
+
+def test_recovery_sample_separates_results_already_in_flight(bench):
+    times = [9.0, 10.004, 10.01, 14.5, 14.6]  # two results land just after the kill at 10.0
+    sample = bench.recovery_sample(times, 10.0)
+    assert sample == {"first_s": 0.004, "in_flight": 2, "recovered_s": 4.5}
+    assert bench.recovery_sample([9.0, 13.0], 10.0) == {"first_s": 3.0, "in_flight": 0, "recovered_s": 3.0}
+    assert bench.recovery_sample([9.0], 10.0) == {"first_s": None, "in_flight": 0, "recovered_s": None}
+
+
+def test_step_period_counts_two_futures_per_step(bench):
+    times = [0.5 * i for i in range(21)]  # a future every 0.5 s: a step every 1 s
+    assert bench.step_period_s(times, 0.0, 10.0) == pytest.approx(2 * 10.0 / 21)
+    assert bench.step_period_s(times, 100.0, 101.0) is None  # nothing resolved there
+
+
+def test_recovery_summary_pools_every_affected_run_of_every_kill(bench):
+    kills = [{"runs": {"a": {"first_s": 0.01, "in_flight": 1, "recovered_s": 5.0},
+                       "b": {"first_s": 6.0, "in_flight": 0, "recovered_s": 6.0}}},
+             {"runs": {"a": {"first_s": 4.0, "in_flight": 0, "recovered_s": 4.0}}}]
+    summary = bench.recovery_summary(kills, baseline_s=0.1, per_kill={"lease_ttl": 5.0})
+    assert summary["kills"] == 2 and summary["recovered"]["n"] == 3
+    assert summary["recovered"]["p50_s"] == 5.0 and summary["recovered"]["max_s"] == 6.0
+    assert summary["first"]["p50_s"] == 4.0
+    assert summary["samples_with_in_flight"] == 1
+    assert summary["ratios"] == {"recovered_p50_over_step_period": 50.0, "recovered_p50_over_lease_ttl": 1.0}
+
+
+def test_log_events_reads_the_scheduler_log_after_the_kill(bench):
+    text = "\n".join([
+        "2026-12-06 01:09:05,111 WARNING tunemesh_scheduler.nodes: trainer trainer-9 left",  # before the kill
+        "2026-12-06 01:09:22,132 WARNING tunemesh_scheduler.nodes: trainer trainer-1 left",
+        "2026-12-06 01:09:22,137 INFO tunemesh_scheduler.core.failover: moving runs/a from trainer-1 to trainer-0",
+        "Loading weights: 100%|##########| 25/25",
+        "2026-12-06 01:09:22,351 INFO tunemesh_scheduler.core.failover: replayed 11 calls of runs/a on trainer-0",
+        "2026-12-06 01:09:22,386 INFO tunemesh_scheduler.core.failover: replayed 15 calls of runs/b on trainer-0",
+        "2026-12-06 01:09:23,000 INFO tunemesh_scheduler.takeover: recovered 2 sessions, 4 runs, 3 queued operations",
+        "2026-12-06 01:09:23,100 INFO tunemesh_scheduler: scheduler serving on 127.0.0.1:1 (4 tenants' keys)",
+    ])
+    entries = bench.log_entries(text)
+    assert len(entries) == 7
+    kill = entries[1][0] - 2.132  # 01:09:20,000
+    events = bench.log_events(entries, kill)
+    assert events["trainer_left_s"] == pytest.approx(2.132)
+    assert events["replayed_calls"] == {"runs/a": 11, "runs/b": 15}
+    assert events["last_replay_s"] == pytest.approx(2.386)
+    assert events["recovered_state_s"] == pytest.approx(3.0) and "4 runs" in events["recovered"]
+    assert events["serving_s"] == pytest.approx(3.1)
+
+
+def test_price_order_alternates_and_mirrors_pairs(bench):
+    assert bench.price_order(3) == [True, False, False, True, True, False]
+
+
+def test_price_summary_is_the_ratio_of_medians(bench):
+    rounds = [{"durable": True, "tokens_per_s": 90.0}, {"durable": False, "tokens_per_s": 100.0},
+              {"durable": False, "tokens_per_s": 110.0}, {"durable": True, "tokens_per_s": 99.0},
+              {"durable": True, "tokens_per_s": 500.0}, {"durable": False, "tokens_per_s": 90.0}]
+    summary = bench.price_summary(rounds)
+    assert (summary["on_tokens_per_s"], summary["off_tokens_per_s"]) == (99.0, 100.0)
+    assert summary["ratio_on_off"] == 0.99
+    assert summary["pair_ratios"] == [0.9, 0.9, 5.556]
+
+
+class _Future:
+    def __init__(self, error: BaseException | None = None) -> None:
+        self._error = error
+
+    def exception(self):
+        return self._error
+
+
+def test_run_trace_wakes_a_waiter_on_a_later_resolution(bench):
+    trace = bench.RunTrace()
+    trace.note(_Future())
+    t = time.monotonic()
+    assert not trace.wait_after(t, 0.05)  # nothing after t yet
+    threading.Timer(0.05, trace.note, args=(_Future(),)).start()
+    assert trace.wait_after(t, 5.0)
+    assert len(trace.times()) == 2 and trace.times()[1] > t
+
+
+def test_run_trace_stops_waiting_on_a_failed_future(bench):
+    trace = bench.RunTrace()
+    trace.note(_Future(RuntimeError("boom")))
+    assert not trace.wait_after(0.0, 5.0)
+    assert trace.errors == ["RuntimeError('boom')"]
+
+
+def test_environ_restores_what_it_set(bench, monkeypatch):
+    monkeypatch.setenv("TUNEMESH_BENCH_KEPT", "a")
+    monkeypatch.delenv("TUNEMESH_BENCH_NEW", raising=False)
+    import os
+
+    with bench.environ({"TUNEMESH_BENCH_KEPT": "b", "TUNEMESH_BENCH_NEW": "c"}):
+        assert (os.environ["TUNEMESH_BENCH_KEPT"], os.environ["TUNEMESH_BENCH_NEW"]) == ("b", "c")
+    assert os.environ["TUNEMESH_BENCH_KEPT"] == "a" and "TUNEMESH_BENCH_NEW" not in os.environ
+
+
+def test_workload_defaults_per_model(bench):
+    tiny = bench.price_workload(bench.parse_args([]))
+    assert (tiny.batch, tiny.seq_len, tiny.steps, tiny.warmup) == (1, 32, 48, 4)
+    smol = bench.price_workload(bench.parse_args(["--model", bench.SMOLLM2]))
+    assert (smol.batch, smol.seq_len, smol.steps, smol.warmup) == (2, 64, 8, 1)
+    args = bench.parse_args(["--parts", "trainer,price", "--between-s", "1,2"])
+    assert args.parts == ["trainer", "price"] and args.between_s == (1.0, 2.0)
