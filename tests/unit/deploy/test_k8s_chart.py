@@ -161,8 +161,19 @@ def test_every_container_has_grpc_probes_on_its_serving_port(variant):
         [container] = workload["spec"]["template"]["spec"]["containers"]
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         serving = ports.get("grpc", ports.get("client"))
-        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
-            assert container[probe]["grpc"]["port"] == serving, (name, probe)
+        assert container["readinessProbe"]["grpc"]["port"] == serving, name
+        for probe in ("startupProbe", "livenessProbe"):
+            if name == "scheduler":  # a standby opens no gRPC port: alive is its metrics endpoint
+                assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+            else:
+                assert container[probe]["grpc"]["port"] == serving, (name, probe)
+
+
+def test_the_scheduler_runs_a_leader_and_a_standby(variant):
+    _, docs = variant
+    scheduler = workloads(docs)["scheduler"]
+    assert scheduler["spec"]["replicas"] == 2
+    assert scheduler["spec"]["strategy"]["type"] == "RollingUpdate"  # never both replicas down on upgrade
 
 
 def test_checkpoint_writes_to_its_persistent_volume_claim(variant):
