@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import sys
 
 import prometheus_client
 
@@ -97,8 +98,11 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     log.info("scheduler leading and serving on %s (token %d, %d tenants' keys, etcd %s)", address, token,
              len(set(keys.values())), s.etcd)
     if await _terminated_or_deposed(election):
-        log.error("deposed: stopping at once (a standby leads now)")
-        os._exit(3)  # no call, no etcd write of this replica may follow
+        # No call and no etcd write of this leadership may follow: start over as a fresh
+        # process (same pid, command line and address) that stands by and campaigns again.
+        log.error("lost the leadership: starting over as a standby")
+        logging.shutdown()
+        os.execv(sys.executable, sys.orig_argv)
     await server.stop(grace=2)
     await core.stop()
     await election.resign()
