@@ -16,7 +16,10 @@ PROMPT = [5, 6, 7, 8]
 ANSWER = [60, 61, 62, 63]
 MODEL = "tunemesh/tiny-dense"
 # What each round does last: once these count a round, everything before it was recorded.
-LAST_COUNTERS = ('sum(tunemesh_rpc_handled_total{grpc_code="NOT_FOUND"})', "sum(tunemesh_trainer_adapters_unloaded_total)")
+# Counters that go up last in a round, with how much per round: bob's run is deleted and
+# alice's freezes when her session ends.
+LAST_COUNTERS = (('sum(tunemesh_rpc_handled_total{grpc_code="NOT_FOUND"})', 1),
+                 ("sum(tunemesh_trainer_adapters_unloaded_total)", 2))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +68,8 @@ def wait_for_scrapes(url: str, rounds: int, timeout: float = 30.0) -> None:
     """Until Prometheus has seen `rounds` rounds of traffic and then scraped every target
     twice more (TimeoutError otherwise)."""
     deadline = time.monotonic() + timeout
-    for counter in LAST_COUNTERS:
-        _wait(url, f"{counter} >= {rounds}", deadline)
+    for counter, per_round in LAST_COUNTERS:
+        _wait(url, f"{counter} >= {per_round * rounds}", deadline)
     seen = max(float(r["value"][1]) for r in prometheus.query(url, "timestamp(up)"))
     _wait(url, f"min(timestamp(up)) >= {seen + 1.5}", deadline)  # 1 s scrapes: two more of each target
 

@@ -1,5 +1,5 @@
 """The fault suite's mesh: one per session (etcd, a checkpoint service, two tiny-dense
-trainers, two scheduler replicas) on loopback; `fault_ops` kills and restarts its processes."""
+trainers, a torch sampler, two scheduler replicas) on loopback; `fault_ops` kills and restarts its processes."""
 
 from __future__ import annotations
 
@@ -17,5 +17,5 @@ def fault_mesh(start_mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         for name, value in ENV.items():
             patch.setenv(name, value)
         with start_mesh(tmp_path_factory.mktemp("fault-mesh"), trainers=2, models=(MODEL, MODEL),
-                        schedulers=2) as running:
+                        schedulers=2, samplers=1) as running:
             yield running

@@ -85,6 +85,16 @@ class Ledger:
             del entry.outcomes[old]
         return None
 
+    def release(self, adapter_id: str, seq_id: int, outcome: Any) -> None:
+        """An admitted call that changed nothing (it failed before touching the adapter):
+        repeats waiting on it get `outcome`, and the seq_id may be applied afresh."""
+        entry = self._entries.get(adapter_id)
+        self.record(adapter_id, seq_id, outcome)
+        if entry is not None and seq_id > 0:
+            entry.outcomes.pop(seq_id, None)
+            if entry.applied_seq_id == seq_id:
+                entry.applied_seq_id = seq_id - 1
+
     def record(self, adapter_id: str, seq_id: int, outcome: Any) -> None:
         """The outcome of an admitted call (repeats waiting on it get it too)."""
         entry = self._entries.get(adapter_id)

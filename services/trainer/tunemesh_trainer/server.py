@@ -170,6 +170,15 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                     for a, (epoch, applied) in sorted(self.ledger.summary().items())]
         return trainer_pb2.ListAdaptersResponse(adapters=adapters)
 
+    def _settle(self, request, outcome) -> None:
+        """Record a fenced save's or load's outcome; one that raised changed nothing (a
+        save writes elsewhere, a load touches the adapter last), so its seq_id may run
+        again (e.g. once the checkpoint service is back)."""
+        if isinstance(outcome, BaseException):
+            self.ledger.release(request.adapter_id, request.seq_id, outcome)
+        else:
+            self.ledger.record(request.adapter_id, request.seq_id, outcome)
+
     async def AwaitSnapshot(self, request, context):
         task = self._snapshots.get((request.adapter_id, request.seq_id))
         if task is None:
@@ -198,9 +207,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         first = self.ledger.admit(request.adapter_id, request.seq_id, request.epoch)
         if first is None:
             first = asyncio.ensure_future(_outcome_of(call()))
-            first.add_done_callback(
-                lambda f: f.cancelled() or self.ledger.record(request.adapter_id, request.seq_id, f.result())
-            )
+            first.add_done_callback(lambda f: f.cancelled() or self._settle(request, f.result()))
         outcome = await asyncio.shield(first)
         if isinstance(outcome, BaseException):
             raise outcome
