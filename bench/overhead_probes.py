@@ -28,9 +28,10 @@ def sdk_probe(client, datums: list) -> Probe:
 def public_rpc_probe(address: str, api_key: str, run: str, datums: list) -> Probe:
     """Bare public RPCs on one thread: ForwardBackward, then WaitOperation until done."""
     import grpc
+    from tunemesh.transport import channel_target
     from tunemesh.v1 import operations_pb2, operations_pb2_grpc, training_pb2, training_pb2_grpc
 
-    channel = grpc.insecure_channel(address)
+    channel = grpc.insecure_channel(channel_target(address))  # the scheduler replicas' addresses
     training = training_pb2_grpc.TrainingServiceStub(channel)
     operations = operations_pb2_grpc.OperationServiceStub(channel)
     metadata, seq = (("authorization", f"Bearer {api_key}"),), iter(range(1, 1 << 30))

@@ -19,3 +19,11 @@ def fault_mesh(start_mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator
         with start_mesh(tmp_path_factory.mktemp("fault-mesh"), trainers=2, models=(MODEL, MODEL),
                         schedulers=2, samplers=1) as running:
             yield running
+
+
+@pytest.fixture(scope="session")
+def twin(fault_mesh: MeshState) -> list[dict]:
+    """The untouched twin of the suite's workload (`twin_runs.train_pair`), no fault."""
+    from twin_runs import train_pair
+
+    return train_pair(fault_mesh.scheduler_address)

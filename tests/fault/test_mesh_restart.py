@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 from fault_ops import ENV, MODEL
-from test_scheduler_restart import ADAM, TENANTS, step_data
+from twin_runs import ADAM, TENANTS, step_data
 
 import tunemesh
 

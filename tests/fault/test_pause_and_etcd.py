@@ -12,7 +12,7 @@ import threading
 import grpc
 import pytest
 from fault_ops import MODEL, kill, process, restart
-from test_scheduler_restart import STEPS, TENANTS, train_pair
+from twin_runs import TENANTS, assert_matches_twin, train_pair
 
 from tunemesh.v1 import sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc, types_pb2
 from tunemesh.transport import channel_target
@@ -23,10 +23,6 @@ pytestmark = pytest.mark.e2e
 
 LEASE_TTL_S = 5  # the trainers' default
 
-
-@pytest.fixture(scope="module")
-def twin(fault_mesh: MeshState) -> list[dict]:
-    return train_pair(fault_mesh.scheduler_address)
 
 
 def test_trainer_paused_past_its_lease_applies_nothing_twice(fault_mesh: MeshState, twin: list[dict]) -> None:
@@ -45,11 +41,7 @@ def test_trainer_paused_past_its_lease_applies_nothing_twice(fault_mesh: MeshSta
     finally:
         for victim in paused:
             os.kill(victim.pid, signal.SIGCONT)
-    for tenant in range(2):
-        assert faulted[tenant]["losses"] == twin[tenant]["losses"]
-        assert faulted[tenant]["logprobs"] == twin[tenant]["logprobs"]
-        assert faulted[tenant]["files"] == twin[tenant]["files"]
-        assert faulted[tenant]["step"] == faulted[tenant]["checkpoint_step"] == STEPS
+    assert_matches_twin(faulted, twin)
 
 
 def test_etcd_outage_runs_keep_training_creates_are_retryable(fault_mesh: MeshState, twin: list[dict]) -> None:
@@ -69,10 +61,7 @@ def test_etcd_outage_runs_keep_training_creates_are_retryable(fault_mesh: MeshSt
     code, reason = refused[0]
     assert code == grpc.StatusCode.UNAVAILABLE, (code, reason)
     assert reason in ("ETCD_UNAVAILABLE", "STORE_UNAVAILABLE")
-    for tenant in range(2):
-        assert faulted[tenant]["losses"] == twin[tenant]["losses"]
-        assert faulted[tenant]["files"] == twin[tenant]["files"]
-        assert faulted[tenant]["step"] == STEPS
+    assert_matches_twin(faulted, twin, "(etcd outage)")
 
 
 METADATA = (("authorization", f"Bearer {TENANTS[0]}"),)

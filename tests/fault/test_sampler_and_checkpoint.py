@@ -10,7 +10,7 @@ import threading
 import numpy as np
 import pytest
 from fault_ops import MODEL, kill, restart
-from test_scheduler_restart import ADAM, STEPS, TENANTS, train_pair
+from twin_runs import ADAM, TENANTS, assert_matches_twin, train_pair
 
 import tunemesh
 from tunemesh_local.state import MeshState
@@ -65,8 +65,7 @@ def test_sampler_sigkill_in_an_rl_loop_is_only_latency(fault_mesh: MeshState) ->
     assert faulted == twin
 
 
-def test_checkpoint_service_sigkill_while_training_and_saving(fault_mesh: MeshState) -> None:
-    twin = train_pair(fault_mesh.scheduler_address)
+def test_checkpoint_service_sigkill_while_training_and_saving(fault_mesh: MeshState, twin: list[dict]) -> None:
 
     def fault(trainees) -> None:
         trainees[0].futures[6].result(timeout=120)
@@ -77,8 +76,4 @@ def test_checkpoint_service_sigkill_while_training_and_saving(fault_mesh: MeshSt
         assert saved.result(timeout=120).path.endswith("/during-outage")
 
     faulted = train_pair(fault_mesh.scheduler_address, during=fault)
-    for tenant in range(2):
-        assert faulted[tenant]["losses"] == twin[tenant]["losses"]
-        assert faulted[tenant]["logprobs"] == twin[tenant]["logprobs"]
-        assert faulted[tenant]["files"] == twin[tenant]["files"]
-        assert faulted[tenant]["step"] == STEPS
+    assert_matches_twin(faulted, twin)

@@ -12,16 +12,12 @@ import random
 
 import pytest
 from fault_ops import kill, process, restart
-from test_scheduler_restart import STEPS, train_pair
+from twin_runs import assert_matches_twin, train_pair
 
 from tunemesh_local.state import MeshState
 
 pytestmark = pytest.mark.e2e
 
-
-@pytest.fixture(scope="module")
-def twin(fault_mesh: MeshState) -> list[dict]:
-    return train_pair(fault_mesh.scheduler_address)
 
 
 def test_trainer_sigkill_mid_pipeline_is_only_latency(fault_mesh: MeshState, twin: list[dict]) -> None:
@@ -41,9 +37,5 @@ def test_trainer_sigkill_mid_pipeline_is_only_latency(fault_mesh: MeshState, twi
         for victim in victims:  # the mesh serves the next tests with both trainers
             restart(fault_mesh, victim)
     assert unfinished[0] > 0, "the kill came after the pipelines drained: it tested nothing"
-    for tenant in range(2):
-        assert faulted[tenant]["losses"] == twin[tenant]["losses"], f"tenant {tenant} (kill after step {after})"
-        assert faulted[tenant]["logprobs"] == twin[tenant]["logprobs"]
-        assert faulted[tenant]["files"] == twin[tenant]["files"]
-        assert faulted[tenant]["step"] == faulted[tenant]["checkpoint_step"] == STEPS
+    assert_matches_twin(faulted, twin, f"(kill after step {after})")
     assert process(fault_mesh, victims[0]).pid  # restarted
