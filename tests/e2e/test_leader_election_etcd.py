@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from tunemesh_common import registry
+from tunemesh_common import leadership, registry
 from tunemesh_common.errors import FailedPrecondition
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import SessionRecord
@@ -25,15 +25,15 @@ def _session(name: str) -> SessionRecord:
 def test_one_leader_at_a_time_and_the_token_grows(etcd_endpoint: str) -> None:
     async def scenario() -> None:
         async with registry.connect(etcd_endpoint) as a, registry.connect(etcd_endpoint) as b:
-            first = registry.LeaderElection(a, "scheduler", b"a:1", TTL)
-            second = registry.LeaderElection(b, "scheduler", b"b:1", TTL)
+            first = leadership.LeaderElection(a, "scheduler", b"a:1", TTL)
+            second = leadership.LeaderElection(b, "scheduler", b"b:1", TTL)
             token = await asyncio.wait_for(first.campaign(), 10)
             standby = asyncio.ensure_future(second.campaign())
             await asyncio.sleep(TTL * 1.5)  # the leader keeps its lease: the standby waits
             assert not standby.done()
             await first.resign()
             assert await asyncio.wait_for(standby, 10) > token
-            assert (await a.get(registry.leader_key("scheduler"))).value == b"b:1"
+            assert (await a.get(leadership.leader_key("scheduler"))).value == b"b:1"
             await second.resign()
 
     asyncio.run(scenario())
@@ -42,10 +42,10 @@ def test_one_leader_at_a_time_and_the_token_grows(etcd_endpoint: str) -> None:
 def test_a_standby_takes_over_when_the_leader_stops_renewing(etcd_endpoint: str) -> None:
     async def scenario() -> None:
         async with registry.connect(etcd_endpoint) as a, registry.connect(etcd_endpoint) as b:
-            first = registry.LeaderElection(a, "scheduler", b"a:1", TTL)
+            first = leadership.LeaderElection(a, "scheduler", b"a:1", TTL)
             await first.campaign()
             first._task.cancel()  # a frozen leader: its lease is no longer renewed
-            second = registry.LeaderElection(b, "scheduler", b"b:1", TTL)
+            second = leadership.LeaderElection(b, "scheduler", b"b:1", TTL)
             await asyncio.wait_for(second.campaign(), TTL * 4)
             await second.resign()
 
@@ -55,7 +55,7 @@ def test_a_standby_takes_over_when_the_leader_stops_renewing(etcd_endpoint: str)
 def test_a_leader_that_cannot_reach_etcd_knows_it_lost(etcd_process) -> None:
     async def scenario() -> None:
         async with registry.connect(etcd_process.endpoint) as client:
-            election = registry.LeaderElection(client, "scheduler", b"a:1", TTL)
+            election = leadership.LeaderElection(client, "scheduler", b"a:1", TTL)
             await election.campaign()
             etcd_process.kill()
             try:
@@ -69,12 +69,12 @@ def test_a_leader_that_cannot_reach_etcd_knows_it_lost(etcd_process) -> None:
 def test_a_deposed_leaders_store_writes_are_refused(etcd_endpoint: str) -> None:
     async def scenario() -> None:
         async with registry.connect(etcd_endpoint) as a, registry.connect(etcd_endpoint) as b:
-            first = registry.LeaderElection(a, "scheduler", b"a:1", TTL)
+            first = leadership.LeaderElection(a, "scheduler", b"a:1", TTL)
             store = EtcdRunStore(a)
             store.fence(first.key, await first.campaign())
             await store.apply([StoreWrite(_session("s1"))])
             first._task.cancel()
-            second = registry.LeaderElection(b, "scheduler", b"b:1", TTL)
+            second = leadership.LeaderElection(b, "scheduler", b"b:1", TTL)
             await asyncio.wait_for(second.campaign(), TTL * 4)  # the first one's lease lapsed
             with pytest.raises(FailedPrecondition) as err:
                 await store.apply([StoreWrite(_session("s2"))])

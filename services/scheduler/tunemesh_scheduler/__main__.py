@@ -12,7 +12,7 @@ import prometheus_client
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc, sampling_pb2, sampling_pb2_grpc
 from tunemesh.v1 import operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from tunemesh.v1 import training_pb2, training_pb2_grpc
-from tunemesh_common import metrics, registry, rpc
+from tunemesh_common import leadership, metrics, registry, rpc
 from tunemesh_scheduler import settings as settings_mod
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.nodes import EtcdPlacement, SamplerDirectory, TrainerDirectory
@@ -60,7 +60,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     core = SchedulerCore(placement, trainers, config, metrics=scheduler_metrics, store=store)
     await core.start()
     endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))
-    election = registry.LeaderElection(etcd, "scheduler", s.listen.encode(), s.leader_ttl_s)
+    election = leadership.LeaderElection(etcd, "scheduler", s.listen.encode(), s.leader_ttl_s)
     _write_ready(s, s.listen, endpoint, "standby")
     log.info("scheduler standing by for the leadership (%s)", s.listen)
     token = await election.campaign()
@@ -131,7 +131,7 @@ def _write_ready(s: settings_mod.SchedulerSettings, address: str, endpoint, role
                                             "metrics_url": endpoint.url if endpoint else ""})
 
 
-async def _terminated_or_deposed(election: registry.LeaderElection) -> bool:
+async def _terminated_or_deposed(election: leadership.LeaderElection) -> bool:
     """Wait for SIGTERM/SIGINT (False) or the loss of the leadership (True)."""
     terminated = asyncio.ensure_future(rpc.wait_for_termination())
     lost = asyncio.ensure_future(election.lost.wait())

@@ -16,9 +16,10 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, TunemeshError
+from tunemesh_common.errors import Code, FailedPrecondition, TunemeshError
 from tunemesh_common.errors import ResourceExhausted, Unavailable
 from tunemesh_common.metrics import SchedulerMetrics
+from tunemesh_scheduler.core import idempotency
 from tunemesh_scheduler.core.dispatch import NodeDispatcher
 from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.failover import IN_DOUBT_REASONS, RunMover, SnapshotPolicy
@@ -299,12 +300,14 @@ class SchedulerCore:
         num_tokens: int = 0,
     ) -> OperationRecord:
         """Queue one training call of a run; returns its operation (an earlier one on
-        an idempotent retry). See `_validate` / `_find_duplicate` for the errors."""
+        an idempotent retry). See `idempotency.check_call` / `find_duplicate` for the errors."""
         self._check_serving()
         record = self.runs.get(tenant, run)
         lane = self._lanes[run]
-        kind = _validate(seq_id, kind, num_tokens)
-        existing = self._find_duplicate(tenant, lane, seq_id, request_id, kind, payload_digest)
+        kind = idempotency.check_call(seq_id, kind, num_tokens)
+        existing = idempotency.find_duplicate(
+            self.operations.find_request(tenant, request_id), lane, seq_id, request_id, kind, payload_digest
+        )
         if existing is not None:
             self.operations.index_request(existing, request_id)
             return existing
@@ -377,43 +380,6 @@ class SchedulerCore:
     def _check_serving(self) -> None:
         if not self._serving:
             raise Unavailable("NOT_SERVING", "scheduler is not serving")
-
-    def _find_duplicate(
-        self,
-        tenant: str,
-        lane: RunLane,
-        seq_id: int,
-        request_id: str,
-        kind: OpKind,
-        digest: bytes | str,
-    ) -> OperationRecord | None:
-        """An earlier identical submission, or None for a new one.
-
-        Raises AlreadyExists(REQUEST_ID_REUSED) when the tenant's request id names a
-        different call, AlreadyExists(SEQ_ID_REUSED) when the run's seq_id holds a
-        different call, and FailedPrecondition(SEQ_ID_PASSED) for a seq_id at or below
-        the run's `last_seq_id` that the core holds no record of (e.g. after restore).
-        """
-        by_request = self.operations.find_request(tenant, request_id)
-        call = (lane.run.name, seq_id, kind, digest)
-        if by_request is not None and not _same_call(by_request, call):
-            raise AlreadyExists(
-                "REQUEST_ID_REUSED", f"request id {request_id!r} was used for another call"
-            )
-        by_seq = lane.find(seq_id)
-        if by_seq is not None:
-            if not _same_call(by_seq, call):
-                raise AlreadyExists(
-                    "SEQ_ID_REUSED", f"seq_id {seq_id} of {lane.run.name} holds another call"
-                )
-            return by_seq
-        if by_request is not None:
-            return by_request
-        if seq_id <= lane.run.last_seq_id:
-            raise FailedPrecondition(
-                "SEQ_ID_PASSED", f"seq_id {seq_id} <= last_seq_id {lane.run.last_seq_id}"
-            )
-        return None
 
     def _add_lane(self, record: RunRecord) -> RunLane:
         if record.name not in self._lanes:
@@ -564,24 +530,8 @@ class SchedulerCore:
         lane.pump()
 
 
-def _validate(seq_id: int, kind: OpKind | str, num_tokens: int) -> OpKind:
-    if seq_id < 1:
-        raise InvalidArgument("INVALID_SEQ_ID", f"seq_id must be >= 1, got {seq_id}")
-    if num_tokens < 0:
-        raise InvalidArgument("INVALID_NUM_TOKENS", "num_tokens must be >= 0")
-    try:
-        return OpKind(kind)
-    except ValueError:
-        raise InvalidArgument("UNSUPPORTED_KIND", f"unsupported operation kind {kind!r}") from None
-
-
 def _in_doubt(error: OperationError | None) -> OperationError | None:
     """`error` when it does not say the call certainly failed where it was applied."""
     if error is not None and error.reason in IN_DOUBT_REASONS:
         return error
     return None
-
-
-def _same_call(op: OperationRecord, call: tuple[str, int, OpKind, bytes | str]) -> bool:
-    """Whether `op` is the call (run, seq_id, kind, payload_digest)."""
-    return (op.run, op.seq_id, op.kind, op.payload_digest) == call

@@ -1,0 +1,110 @@
+"""Leadership of a role among replicas (the scheduler's), through etcd.
+
+The leader holds `/tunemesh/leaders/{role}` under its lease. The key's create revision
+is its fencing token: peers refuse calls with a lower token than they saw, and the
+leader's etcd writes compare it, so a deposed leader can act on nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import aetcd
+
+from tunemesh_common.registry import ETCD_ERRORS, RETRY_DELAY_S, ROOT, short_error, until_reachable
+
+logger = logging.getLogger(__name__)
+
+
+def leader_key(role: str) -> bytes:
+    return f"{ROOT}/leaders/{role}".encode()
+
+
+class LeaderElection:
+    """Leadership of one role among replicas, by a key held under the leader's lease.
+
+    `campaign()` returns once this replica holds `/tunemesh/leaders/{role}` (created by a
+    `version == 0` transaction, never lock-then-write) and gives the key's create
+    revision: a fencing token that only grows from one leader to the next. Peers refuse
+    calls carrying a lower token than the highest they saw. `lost` is set when the
+    lease can no longer be confirmed within its TTL (etcd gone, partition, pause): the
+    leader must stop acting at once, since a standby may take over after the TTL.
+    """
+
+    def __init__(self, client: aetcd.Client, role: str, value: bytes, ttl: int = 5) -> None:
+        self._client = client
+        self.key = leader_key(role)
+        self._value = value
+        self.ttl = ttl
+        self.token = 0
+        self.lost = asyncio.Event()
+        self._lease: aetcd.Lease | None = None
+        self._task: asyncio.Task | None = None
+
+    async def campaign(self) -> int:
+        """Wait (watching the key) until this replica leads; returns the fencing token."""
+        self._lease = await until_reachable("take a lease", lambda: self._client.lease(self.ttl))
+        txn = self._client.transactions
+        while True:
+            self._confirmed = time.monotonic()
+            ok, _ = await until_reachable(f"campaign for {self.key.decode()}", lambda: self._client.transaction(
+                compare=[txn.version(self.key) == 0],
+                success=[txn.put(self.key, self._value, lease=self._lease)],
+                failure=[],
+            ))
+            if ok:
+                held = await until_reachable("read the leader key", lambda: self._client.get(self.key))
+                self.token = held.create_revision
+                self._task = asyncio.create_task(self._keep(), name="leader-lease")
+                logger.info("leading %s (token %d)", self.key.decode(), self.token)
+                return self.token
+            await self._wait_vacant()
+
+    async def _wait_vacant(self) -> None:
+        """Return once the key is gone (or a read says so), keeping our own lease alive."""
+        while True:
+            try:
+                await self._lease.refresh()
+                if await self._client.get(self.key) is None:
+                    return
+                watch = await self._client.watch(self.key)
+                try:
+                    async with asyncio.timeout(self.ttl / 3):
+                        async for event in watch:
+                            if event.kind == aetcd.EventKind.DELETE:
+                                return
+                except TimeoutError:
+                    pass
+                finally:
+                    await watch.cancel()
+            except ETCD_ERRORS as err:
+                logger.warning("standing by for %s: %s", self.key.decode(), short_error(err))
+                await asyncio.sleep(RETRY_DELAY_S)
+
+    async def _keep(self) -> None:
+        while True:
+            await asyncio.sleep(self.ttl / 4)
+            try:
+                reply = await self._lease.refresh()
+                held = reply is not None and reply.TTL > 0
+            except ETCD_ERRORS as err:
+                logger.warning("leader lease keepalive failed: %s", short_error(err))
+                held = None
+            if held:
+                self._confirmed = time.monotonic()
+            elif held is False or time.monotonic() - self._confirmed > self.ttl * 0.8:
+                logger.error("lost the leadership of %s (lease not confirmed)", self.key.decode())
+                self.lost.set()
+                return
+
+    async def resign(self) -> None:
+        """Give the role up now (clean stop): a standby takes over without waiting."""
+        if self._task is not None:
+            self._task.cancel()
+        if self._lease is not None:
+            try:
+                await self._lease.revoke()
+            except ETCD_ERRORS as err:
+                logger.info("revoking the leader lease: %s", short_error(err))
