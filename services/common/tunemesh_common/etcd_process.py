@@ -45,6 +45,8 @@ def etcd_argv(data_dir: Path, client_port: int, peer_port: int, name: str = "tun
         "--initial-advertise-peer-urls", peer_url,
         "--initial-cluster", f"{name}={peer_url}",
         "--initial-cluster-state", "new",
+        # The scheduler journals every operation: keep 5 minutes of history, not all of it.
+        "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m",
     ]
 
 
