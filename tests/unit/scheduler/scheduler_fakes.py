@@ -137,6 +137,13 @@ class Mesh:
     core: SchedulerCore
     placement: FakePlacement
     trainer: FakeTrainer
+    now: list[float] = dataclasses.field(default_factory=lambda: [1000.0])  # the core's clock
+
+    async def advance(self, seconds: float) -> None:
+        """Move the core's clock on and let it act on the time (gap deadlines, ...)."""
+        self.now[0] += seconds
+        self.core.tick()
+        await settle()
 
     async def new_run(self, tenant: str = "t1", node: str = "node-a") -> str:
         """Open a session for `tenant` and create a run placed on `node`."""
@@ -163,13 +170,13 @@ class Mesh:
 async def make_mesh(**config: Any) -> Mesh:
     """A started core with fake ports (call inside a running loop)."""
     counter = itertools.count(1)
-    placement, trainer = FakePlacement(), FakeTrainer()
+    placement, trainer, now = FakePlacement(), FakeTrainer(), [1000.0]
     core = SchedulerCore(
         placement, trainer, SchedulerConfig(**config),
-        clock=lambda: 1000.0, new_id=lambda: f"id{next(counter)}",
+        clock=lambda: now[0], new_id=lambda: f"id{next(counter)}",
     )
     await core.start()
-    return Mesh(core, placement, trainer)
+    return Mesh(core, placement, trainer, now)
 
 
 async def settle(rounds: int = 20) -> None:

@@ -122,11 +122,19 @@ class SchedulerCore:
         self._evictor = asyncio.get_running_loop().create_task(self._evict_periodically())
 
     async def _evict_periodically(self) -> None:
-        period = min(60.0, self._config.finished_ttl_s, self._config.session_timeout_s / 3 or 60.0)
+        config = self._config
+        period = min(60.0, config.finished_ttl_s, config.session_timeout_s / 3 or 60.0, config.gap_timeout_s / 4)
         while True:
-            await asyncio.sleep(max(0.5, period))
-            self.evict_finished()
-            self.sweep_sessions()
+            await asyncio.sleep(max(0.05, period))
+            self.tick()
+
+    def tick(self, now: float | None = None) -> None:
+        """Everything time decides: gap deadlines, expired sessions, forgotten operations."""
+        now = self._clock() if now is None else now
+        for lane in list(self._lanes.values()):
+            lane.expire(now)
+        self.evict_finished()
+        self.sweep_sessions()
 
     def sweep_sessions(self) -> None:
         """End sessions past their heartbeat timeout; freeze the idle runs of ended ones."""
@@ -384,7 +392,7 @@ class SchedulerCore:
     def _add_lane(self, record: RunRecord) -> RunLane:
         if record.name not in self._lanes:
             self._lanes[record.name] = RunLane(
-                record, self._config.gap_timeout_s, self._release, self._fail_gap
+                record, self._config.gap_timeout_s, self._release, self._fail_gap, self._clock
             )
         return self._lanes[record.name]
 

@@ -3,13 +3,13 @@
 A run's head is the operation with seq_id = last_seq_id + 1. It is released (handed to
 the node dispatcher) once every earlier operation is done — succeeded, failed or
 cancelled all count, so one failed call never blocks the rest of the run. When later
-operations wait for a head that has not arrived, a gap timer starts; if it fires, the
-waiting operations fail with SEQ_ID_GAP so no client hangs forever.
+operations wait for a head that has not arrived, a gap deadline is set; `expire(now)`
+past it fails the waiting operations with SEQ_ID_GAP, so no client hangs forever. The
+lane owns no timer: time comes in through `expire` (the core's `tick`).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from tunemesh_scheduler.core.records import OperationRecord, OpState, RunRecord
@@ -24,6 +24,7 @@ class RunLane:
         gap_timeout_s: float,
         on_ready: Callable[[OperationRecord], None],
         on_gap: Callable[[RunLane, list[OperationRecord]], None],
+        clock: Callable[[], float],
     ) -> None:
         self.run = run
         self.head: OperationRecord | None = None  # released, not yet done
@@ -32,7 +33,8 @@ class RunLane:
         self._on_gap = on_gap
         self._by_seq: dict[int, OperationRecord] = {}  # every op ever, for idempotency
         self._pending: dict[int, OperationRecord] = {}  # ops with seq_id > last_seq_id
-        self._timer: asyncio.TimerHandle | None = None
+        self._clock = clock
+        self.gap_deadline: float | None = None  # when the waiting ops fail, if the gap stays
 
     @property
     def next_seq_id(self) -> int:
@@ -94,21 +96,21 @@ class RunLane:
             self._disarm()
 
     def close(self) -> None:
-        """Stop the gap timer (scheduler shutdown)."""
+        """Drop the gap deadline (scheduler shutdown)."""
         self._disarm()
 
-    def _arm(self) -> None:
-        if self._timer is None:
-            loop = asyncio.get_running_loop()
-            self._timer = loop.call_later(self._gap_timeout_s, self._expire)
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _expire(self) -> None:
-        self._timer = None
+    def expire(self, now: float) -> None:
+        """Fail the operations waiting on a gap whose deadline passed."""
+        if self.gap_deadline is None or now < self.gap_deadline:
+            return
+        self.gap_deadline = None
         waiting = [p for p in self._pending.values() if p.state is OpState.QUEUED]
         if waiting:
             self._on_gap(self, waiting)
+
+    def _arm(self) -> None:
+        if self.gap_deadline is None:
+            self.gap_deadline = self._clock() + self._gap_timeout_s
+
+    def _disarm(self) -> None:
+        self.gap_deadline = None
