@@ -12,6 +12,7 @@ import prometheus_client
 from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh_checkpoint import settings as settings_mod
+from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.metered_store import MeteredStore
 from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
@@ -37,7 +38,8 @@ async def sweep_periodically(catalog: CheckpointCatalog, interval_s: float) -> N
 async def serve(s: settings_mod.CheckpointSettings) -> None:
     registry = prometheus_client.REGISTRY
     store = MeteredStore(FilesystemStore(s.root_dir), metrics.CheckpointMetrics(registry))
-    recovered = await asyncio.to_thread(store.recover)
+    calls = FilesystemCallStore(s.root_dir / "calls")  # beside objects/: no tenant's prefix
+    recovered = await asyncio.to_thread(store.recover) + await asyncio.to_thread(calls.recover)
     catalog = CheckpointCatalog(store)
     await asyncio.to_thread(catalog.sweep)
     endpoint = await metrics.MetricsEndpoint.start(s.metrics_listen, registry)
@@ -46,7 +48,7 @@ async def serve(s: settings_mod.CheckpointSettings) -> None:
         CheckpointServicer(catalog, s.chunk_bytes, s.max_upload_bytes), server
     )
     checkpoint_pb2_grpc.add_CheckpointStorageServiceServicer_to_server(
-        StorageServicer(catalog, s.chunk_bytes, s.max_upload_bytes), server
+        StorageServicer(catalog, s.chunk_bytes, s.max_upload_bytes, calls), server
     )
     rpc.enable_reflection(server, SERVICES)
     port = server.add_insecure_port(s.listen)

@@ -1,4 +1,5 @@
-"""Checkpoint records <-> protos, and the chunked file streams of uploads."""
+"""Checkpoint records <-> protos, the chunked file streams of uploads, and the scheduler's
+call-store requests."""
 
 from __future__ import annotations
 
@@ -92,3 +93,31 @@ class Upload:
             size += len(chunk.data)
         if name is not None:
             yield name, chunks
+
+
+async def call_upload(requests: AsyncIterator, max_bytes: int) -> tuple[str, int, list[bytes]]:
+    """(run, seq_id, chunks) of a PutCall stream: its key first, then at most `max_bytes`
+    of data (the chunks are not joined)."""
+    requests = aiter(requests)
+    first = await anext(requests, None)
+    if first is None or first.WhichOneof("part") != "key":
+        raise InvalidArgument("BAD_UPLOAD", "the first message must carry the call's key")
+    chunks, total = [], 0
+    async for request in requests:
+        if request.WhichOneof("part") != "chunk":
+            raise InvalidArgument("BAD_UPLOAD", "only the first message may carry a key")
+        total += len(request.chunk)
+        if total > max_bytes:
+            raise ResourceExhausted("UPLOAD_TOO_LARGE", f"uploads are limited to {max_bytes} bytes")
+        chunks.append(request.chunk)
+    return first.key.run, first.key.seq_id, chunks
+
+
+def calls_through(request) -> int | None:
+    """The last seq_id a DeleteCallsRequest deletes (None: all of the run's calls)."""
+    which = request.WhichOneof("calls")
+    if which == "all" and request.all:
+        return None
+    if which == "through_seq_id":
+        return request.through_seq_id
+    raise InvalidArgument("BAD_CALL_RANGE", "DeleteCalls needs through_seq_id or all=true")

@@ -1,6 +1,7 @@
 """gRPC servicers of the checkpoint process: the public CheckpointService (reached through
 the scheduler, which names the tenant) and the internal CheckpointStorageService (trainers,
-samplers). Store I/O runs in worker threads so the event loop keeps serving."""
+samplers; the scheduler's call store). Store I/O runs in worker threads so the event loop
+keeps serving."""
 
 from __future__ import annotations
 
@@ -10,8 +11,10 @@ from collections.abc import Iterator
 from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh_checkpoint import convert
+from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointSpec, check_file_name
 from tunemesh_common.checkpoint_paths import CheckpointPath
+from tunemesh_common.errors import Unimplemented
 from tunemesh_common.rpc import current_tenant
 
 
@@ -55,8 +58,10 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
 
 
 class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
-    def __init__(self, catalog: CheckpointCatalog, chunk_bytes: int, max_upload_bytes: int) -> None:
+    def __init__(self, catalog: CheckpointCatalog, chunk_bytes: int, max_upload_bytes: int,
+                 calls: FilesystemCallStore | None = None) -> None:
         self._catalog, self._chunk_bytes, self._max_upload_bytes = catalog, chunk_bytes, max_upload_bytes
+        self._calls = calls
 
     async def WriteCheckpoint(self, request_iterator, context):
         """Each file goes to the store as soon as it has arrived; the commit (one rename)
@@ -83,6 +88,26 @@ class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
     async def ReadCheckpoint(self, request, context):
         async for part in _stream(self._catalog, current_tenant(), request.path, self._chunk_bytes):
             yield checkpoint_pb2.ReadCheckpointResponse(**part)
+
+    async def PutCall(self, request_iterator, context):
+        run, seq_id, chunks = await convert.call_upload(request_iterator, self._max_upload_bytes)
+        size = await asyncio.to_thread(self._call_store().put, run, seq_id, chunks)
+        return checkpoint_pb2.PutCallResponse(size_bytes=size)
+
+    async def GetCall(self, request, context):
+        key = request.key
+        chunks = await asyncio.to_thread(self._call_store().read, key.run, key.seq_id, self._chunk_bytes)
+        while (chunk := await asyncio.to_thread(_next, chunks)) is not None:
+            yield checkpoint_pb2.GetCallResponse(chunk=chunk)
+
+    async def DeleteCalls(self, request, context):
+        count = await asyncio.to_thread(self._call_store().delete, request.run, convert.calls_through(request))
+        return checkpoint_pb2.DeleteCallsResponse(deleted_count=count)
+
+    def _call_store(self) -> FilesystemCallStore:
+        if self._calls is None:
+            raise Unimplemented("NO_CALL_STORE", "this checkpoint service keeps no calls")
+        return self._calls
 
 
 async def _stream(catalog: CheckpointCatalog, tenant: str, path: str, chunk_bytes: int):

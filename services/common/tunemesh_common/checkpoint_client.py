@@ -1,11 +1,13 @@
-"""Client of the internal CheckpointStorageService, for trainers and samplers.
+"""Clients of the internal CheckpointStorageService: checkpoints for trainers and samplers,
+the call store for the scheduler.
 
-Files travel as 1 MiB chunks; reads are verified end to end (size and sha256 against the
-checkpoint's manifest) on top of the store's own check.
+Files and calls travel as 1 MiB chunks; checkpoint reads are verified end to end (size and
+sha256 against the checkpoint's manifest) on top of the store's own check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from collections.abc import AsyncIterator
 
@@ -17,6 +19,7 @@ from tunemesh_common.errors import DataLoss, FailedPrecondition
 from tunemesh_common.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
 
 CHUNK_BYTES = 1 << 20
+CALL_STORE_CALLER = "tunemesh-scheduler"  # the call store belongs to no tenant: `tunemesh-tenant` names the caller
 
 
 class CheckpointStorageClient:
@@ -77,6 +80,58 @@ class CheckpointStorageClient:
             await self._channel.close()
 
 
+class CallStoreClient:
+    """The scheduler's calls too large for etcd, kept by the checkpoint service under
+    (run name, seq_id); one channel to it. Errors come back typed (transport failures as
+    Unavailable)."""
+
+    def __init__(self, address: str, timeout_s: float = 600.0, chunk_bytes: int = CHUNK_BYTES) -> None:
+        self.address = address
+        self._timeout_s = timeout_s
+        self._chunk_bytes = chunk_bytes
+        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._stub = checkpoint_pb2_grpc.CheckpointStorageServiceStub(self._channel)
+
+    async def put(self, run: str, seq_id: int, data: bytes) -> None:
+        """Keep `data` (replacing what was kept under the same key); returns once it is durable."""
+
+        async def requests() -> AsyncIterator[checkpoint_pb2.PutCallRequest]:
+            yield checkpoint_pb2.PutCallRequest(key=checkpoint_pb2.CallKey(run=run, seq_id=seq_id))
+            for _, piece in _chunks([data], self._chunk_bytes):
+                yield checkpoint_pb2.PutCallRequest(chunk=piece)
+
+        with self._errors():
+            await self._stub.PutCall(requests(), timeout=self._timeout_s, metadata=_CALLER)
+
+    async def get(self, run: str, seq_id: int) -> bytes:
+        """The bytes kept under the key; NotFound(CALL_NOT_FOUND) when none are."""
+        request = checkpoint_pb2.GetCallRequest(key=checkpoint_pb2.CallKey(run=run, seq_id=seq_id))
+        with self._errors():
+            return b"".join([r.chunk async for r in self._stub.GetCall(request, timeout=self._timeout_s,
+                                                                       metadata=_CALLER)])
+
+    async def delete(self, run: str, through_seq_id: int | None = None) -> int:
+        """Delete the run's calls up to `through_seq_id` (None: all); returns how many."""
+        request = checkpoint_pb2.DeleteCallsRequest(run=run)
+        if through_seq_id is None:
+            request.all = True
+        else:
+            request.through_seq_id = through_seq_id
+        with self._errors():
+            response = await self._stub.DeleteCalls(request, timeout=self._timeout_s, metadata=_CALLER)
+        return response.deleted_count
+
+    @contextlib.contextmanager
+    def _errors(self):
+        try:
+            yield
+        except grpc.aio.AioRpcError as err:
+            raise error_from_peer(err, f"checkpoint service {self.address}") from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+
 def _chunks(parts: list, size: int):
     """(offset, bytes) pieces of `size` bytes (the last may be shorter) over consecutive
     buffers: small buffers are packed together, large ones cut without an extra copy.
@@ -102,6 +157,9 @@ def _chunks(parts: list, size: int):
 
 def _tenant(tenant: str) -> tuple[tuple[str, str], ...]:
     return ((TENANT_KEY, tenant),)
+
+
+_CALLER = _tenant(CALL_STORE_CALLER)
 
 
 def _verified(checkpoint: checkpoints_pb2.Checkpoint, files: dict[str, list[bytes]]) -> dict[str, bytearray]:

@@ -60,3 +60,53 @@ class ReadCheckpointResponse(_message.Message):
     checkpoint: _checkpoints_pb2.Checkpoint
     chunk: _checkpoints_pb2.FileChunk
     def __init__(self, checkpoint: _Optional[_Union[_checkpoints_pb2.Checkpoint, _Mapping]] = ..., chunk: _Optional[_Union[_checkpoints_pb2.FileChunk, _Mapping]] = ...) -> None: ...
+
+class CallKey(_message.Message):
+    __slots__ = ("run", "seq_id")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    seq_id: int
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ...) -> None: ...
+
+class PutCallRequest(_message.Message):
+    __slots__ = ("key", "chunk")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    key: CallKey
+    chunk: bytes
+    def __init__(self, key: _Optional[_Union[CallKey, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class PutCallResponse(_message.Message):
+    __slots__ = ("size_bytes",)
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    def __init__(self, size_bytes: _Optional[int] = ...) -> None: ...
+
+class GetCallRequest(_message.Message):
+    __slots__ = ("key",)
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    key: CallKey
+    def __init__(self, key: _Optional[_Union[CallKey, _Mapping]] = ...) -> None: ...
+
+class GetCallResponse(_message.Message):
+    __slots__ = ("chunk",)
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    chunk: bytes
+    def __init__(self, chunk: _Optional[bytes] = ...) -> None: ...
+
+class DeleteCallsRequest(_message.Message):
+    __slots__ = ("run", "through_seq_id", "all")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    THROUGH_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
+    ALL_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    through_seq_id: int
+    all: bool
+    def __init__(self, run: _Optional[str] = ..., through_seq_id: _Optional[int] = ..., all: _Optional[bool] = ...) -> None: ...
+
+class DeleteCallsResponse(_message.Message):
+    __slots__ = ("deleted_count",)
+    DELETED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    deleted_count: int
+    def __init__(self, deleted_count: _Optional[int] = ...) -> None: ...

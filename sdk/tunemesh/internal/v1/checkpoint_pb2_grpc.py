@@ -26,9 +26,11 @@ if _version_not_supported:
 
 
 class CheckpointStorageServiceStub:
-    """Checkpoint storage for trainers and samplers. The checkpoint process serves this next
-    to tunemesh.v1.CheckpointService (which the scheduler forwards to). Every call names
-    the tenant in the `tunemesh-tenant` metadata; only mesh services may reach it.
+    """Checkpoint storage for trainers and samplers, and the call store of the scheduler. The
+    checkpoint process serves this next to tunemesh.v1.CheckpointService (which the
+    scheduler forwards to). Every call names the tenant in the `tunemesh-tenant` metadata
+    (the call store belongs to no tenant: the scheduler names itself there); only mesh
+    services may reach it.
     """
 
     def __init__(self, channel):
@@ -47,12 +49,29 @@ class CheckpointStorageServiceStub:
                 request_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.ReadCheckpointRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.ReadCheckpointResponse.FromString,
                 _registered_method=True)
+        self.PutCall = channel.stream_unary(
+                '/tunemesh.internal.v1.CheckpointStorageService/PutCall',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.PutCallRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.PutCallResponse.FromString,
+                _registered_method=True)
+        self.GetCall = channel.unary_stream(
+                '/tunemesh.internal.v1.CheckpointStorageService/GetCall',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.GetCallRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.GetCallResponse.FromString,
+                _registered_method=True)
+        self.DeleteCalls = channel.unary_unary(
+                '/tunemesh.internal.v1.CheckpointStorageService/DeleteCalls',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.DeleteCallsRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.DeleteCallsResponse.FromString,
+                _registered_method=True)
 
 
 class CheckpointStorageServiceServicer:
-    """Checkpoint storage for trainers and samplers. The checkpoint process serves this next
-    to tunemesh.v1.CheckpointService (which the scheduler forwards to). Every call names
-    the tenant in the `tunemesh-tenant` metadata; only mesh services may reach it.
+    """Checkpoint storage for trainers and samplers, and the call store of the scheduler. The
+    checkpoint process serves this next to tunemesh.v1.CheckpointService (which the
+    scheduler forwards to). Every call names the tenant in the `tunemesh-tenant` metadata
+    (the call store belongs to no tenant: the scheduler names itself there); only mesh
+    services may reach it.
     """
 
     def WriteCheckpoint(self, request_iterator, context):
@@ -65,6 +84,31 @@ class CheckpointStorageServiceServicer:
 
     def ReadCheckpoint(self, request, context):
         """Streams a checkpoint: its description first, then every file's chunks (verified).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PutCall(self, request_iterator, context):
+        """Keeps one call of a run that is too large for etcd (a serialized
+        tunemesh.internal.v1.StoredPayload): its key first, then its bytes in chunks; written
+        atomically once the stream ends, replacing a call kept under the same key. Only the
+        scheduler calls this, GetCall and DeleteCalls.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCall(self, request, context):
+        """Streams the bytes of a kept call, as they were put; NOT_FOUND CALL_NOT_FOUND when
+        none is kept under the key.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteCalls(self, request, context):
+        """Deletes a run's kept calls up to a seq_id, or all of them; deleting none is no error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -83,6 +127,21 @@ def add_CheckpointStorageServiceServicer_to_server(servicer, server):
                     request_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.ReadCheckpointRequest.FromString,
                     response_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.ReadCheckpointResponse.SerializeToString,
             ),
+            'PutCall': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutCall,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.PutCallRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.PutCallResponse.SerializeToString,
+            ),
+            'GetCall': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCall,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.GetCallRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.GetCallResponse.SerializeToString,
+            ),
+            'DeleteCalls': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteCalls,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.DeleteCallsRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.DeleteCallsResponse.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'tunemesh.internal.v1.CheckpointStorageService', rpc_method_handlers)
@@ -92,9 +151,11 @@ def add_CheckpointStorageServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class CheckpointStorageService:
-    """Checkpoint storage for trainers and samplers. The checkpoint process serves this next
-    to tunemesh.v1.CheckpointService (which the scheduler forwards to). Every call names
-    the tenant in the `tunemesh-tenant` metadata; only mesh services may reach it.
+    """Checkpoint storage for trainers and samplers, and the call store of the scheduler. The
+    checkpoint process serves this next to tunemesh.v1.CheckpointService (which the
+    scheduler forwards to). Every call names the tenant in the `tunemesh-tenant` metadata
+    (the call store belongs to no tenant: the scheduler names itself there); only mesh
+    services may reach it.
     """
 
     @staticmethod
@@ -141,6 +202,87 @@ class CheckpointStorageService:
             '/tunemesh.internal.v1.CheckpointStorageService/ReadCheckpoint',
             tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.ReadCheckpointRequest.SerializeToString,
             tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.ReadCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutCall(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/tunemesh.internal.v1.CheckpointStorageService/PutCall',
+            tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.PutCallRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.PutCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCall(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tunemesh.internal.v1.CheckpointStorageService/GetCall',
+            tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.GetCallRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.GetCallResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteCalls(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.internal.v1.CheckpointStorageService/DeleteCalls',
+            tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.DeleteCallsRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.DeleteCallsResponse.FromString,
             options,
             channel_credentials,
             insecure,
