@@ -13,6 +13,7 @@ from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc, sampling_pb2, sam
 from tunemesh.v1 import operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from tunemesh.v1 import training_pb2, training_pb2_grpc
 from tunemesh_common import leadership, metrics, registry, rpc
+from tunemesh_common.checkpoint_client import CallStoreClient
 from tunemesh_scheduler import settings as settings_mod
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.nodes import EtcdPlacement, SamplerDirectory, TrainerDirectory
@@ -56,7 +57,8 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         snapshot_every_s=s.snapshot_every_s, session_timeout_s=s.session_timeout_s,
     )
     scheduler_metrics = metrics.SchedulerMetrics(prometheus_client.REGISTRY)
-    store = EtcdRunStore(etcd) if s.durable else None
+    call_store = CallStoreClient(s.checkpoint, s.checkpoint_timeout_s) if s.durable and s.checkpoint else None
+    store = EtcdRunStore(etcd, call_store) if s.durable else None
     core = SchedulerCore(placement, trainers, config, metrics=scheduler_metrics, store=store)
     await core.start()
     endpoint = await _serve_metrics(s, scheduler_metrics, core, (directory, sampler_directory), (watcher, sampler_watcher))

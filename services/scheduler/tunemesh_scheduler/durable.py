@@ -10,26 +10,35 @@ Layout (values are `tunemesh.internal.v1.scheduler_state` messages):
     /tunemesh/oplog/{run_id}/{seq_id:020d}   StoredOperation: one per operation of the run,
                                              its result once it succeeded
     /tunemesh/calls/{run_id}/{seq_id:020d}   StoredPayload: the operation's call, written
-                                             once at submit (when at most
-                                             INLINE_PAYLOAD_BYTES), deleted once a snapshot
-                                             after it is written
+                                             once at submit, deleted once a snapshot after
+                                             it is written; a call over INLINE_PAYLOAD_BYTES
+                                             only names its copy in the checkpoint
+                                             service's call store (StoredCallRef)
 
 A batch of changes is written in order, in as few transactions as etcd's limits allow
 (128 operations and 1.5 MiB per request; overlapping operations never share one); a
 later change of one key in the same batch replaces an earlier one. A result too large
 to keep (over INLINE_RESULT_BYTES) is not stored: after a restart its operation answers
 DATA_LOSS RESULT_NOT_KEPT.
+
+A call over INLINE_PAYLOAD_BYTES goes to the call store (`CallStore`) before any etcd
+write of its batch, so etcd never names a call that is not there; without a call store it
+is not kept (a move of its run fails with CALL_NOT_KEPT). Calls a trim or a run deletion
+drops from etcd are then deleted from the call store too, best effort: a leftover there
+is never read (etcd no longer names it) and a later put of its key replaces it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 from tunemesh.internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import checkpoints_pb2, operations_pb2, training_pb2, types_pb2
 from tunemesh_common import registry
-from tunemesh_common.errors import Code, FailedPrecondition, Unavailable
+from tunemesh_common.errors import Code, FailedPrecondition, NotFound, TunemeshError, Unavailable
 from tunemesh_scheduler.core.ports import LoadRequest, LoadResult, SaveRequest, StoredState, StoreWrite
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 from tunemesh_scheduler.core.records import (
@@ -38,7 +47,7 @@ from tunemesh_scheduler.core.records import (
 
 log = logging.getLogger(__name__)
 
-INLINE_PAYLOAD_BYTES = 512 * 1024  # larger calls are not kept: the client re-sends them
+INLINE_PAYLOAD_BYTES = 512 * 1024  # larger calls go to the call store (or, without one, are not kept)
 INLINE_RESULT_BYTES = 512 * 1024  # larger results are not kept across a restart
 TXN_BYTES = 1024 * 1024
 TXN_OPS = 100  # etcd allows 128 operations per transaction
@@ -81,13 +90,33 @@ def _after_prefix(prefix: bytes) -> bytes:
     return prefix[:-1] + b"0"
 
 
-class EtcdRunStore:
-    """RunStore on etcd (one aetcd client of the scheduler's event loop)."""
+class CallStore(Protocol):
+    """Where calls too large for etcd are kept, by (run name, seq_id): the checkpoint
+    service (`tunemesh_common.checkpoint_client.CallStoreClient`). Raises typed errors."""
 
-    def __init__(self, client) -> None:
+    async def put(self, run: str, seq_id: int, data: bytes) -> None:
+        """Keep `data`, replacing what was kept under the key."""
+        ...
+
+    async def get(self, run: str, seq_id: int) -> bytes:
+        """What was kept; NotFound when nothing is."""
+        ...
+
+    async def delete(self, run: str, through_seq_id: int | None = None) -> int:
+        """Drop the run's calls up to `through_seq_id` (None: all)."""
+        ...
+
+
+class EtcdRunStore:
+    """RunStore on etcd (one aetcd client of the scheduler's event loop); calls over
+    INLINE_PAYLOAD_BYTES in `calls` (None: not kept)."""
+
+    def __init__(self, client, calls: CallStore | None = None) -> None:
         self._client = client
         self._txn = client.transactions
         self._fence: list = []  # compares every write makes (the writer still leads)
+        self._calls = calls
+        self._runs_with_stored_calls: set[str] = set()  # runs whose trims and deletion reach `calls`
 
     def fence(self, leader_key: bytes, token: int) -> None:
         """Write only while `leader_key` is the one this replica created (revision
@@ -97,14 +126,17 @@ class EtcdRunStore:
     async def apply(self, writes: Sequence[StoreWrite]) -> None:
         """Write `writes` in order: a record changed twice is put once, at its last
         change; a range delete goes in a transaction of its own (etcd refuses a
-        transaction whose operations overlap)."""
+        transaction whose operations overlap). Large calls reach the call store first
+        (Unavailable, and nothing written, if it fails); the calls dropped from etcd
+        leave it last."""
         last = {key_of(w.record): i for i, w in enumerate(writes)}
+        calls = await self._keep_calls(writes)
         group, size = [], 0
         for index, write in enumerate(writes):
             key = key_of(write.record)
-            for op, ranged in _call_ops(self._txn, write, keep=True) + (
+            for op, ranged in _call_ops(self._txn, write, calls.get(index)) + (
                 _record_ops(self._txn, key, write) if last[key] == index else []
-            ) + _call_ops(self._txn, write, keep=False):
+            ) + _trim_ops(self._txn, write):
                 weight = len(op.key) + len(getattr(op, "value", b"") or b"")
                 if group and (ranged or len(group) >= TXN_OPS or size + weight > TXN_BYTES):
                     await self._commit(group)
@@ -116,6 +148,48 @@ class EtcdRunStore:
                     group, size = [], 0
         if group:
             await self._commit(group)
+        await self._drop_stored_calls(_dropped_calls(writes, last))
+
+    async def _keep_calls(self, writes: Sequence[StoreWrite]) -> dict[int, bytes]:
+        """The etcd value of each new call of `writes` (by index) that is kept: the call
+        itself, or a StoredCallRef to its copy put in the call store here."""
+        values = {}
+        for index, write in enumerate(writes):
+            if write.payload is None:
+                continue
+            op = write.record
+            stored = _stored_payload(op.kind, write.payload)
+            if stored.ByteSize() <= INLINE_PAYLOAD_BYTES:
+                values[index] = stored.SerializeToString()
+            elif self._calls is None:
+                log.info("call %s of %s is too large to keep (%d bytes)", op.seq_id, op.run, stored.ByteSize(),
+                         extra={"run": op.run})
+            else:  # deterministic: a deposed leader's late put of the same call writes the same bytes
+                values[index] = await self._put_call(op, stored.SerializeToString(deterministic=True))
+        return values
+
+    async def _put_call(self, op: OperationRecord, data: bytes) -> bytes:
+        try:
+            await self._calls.put(op.run, op.seq_id, data)
+        except TunemeshError as exc:
+            raise Unavailable("CALL_STORE_UNAVAILABLE", f"keeping call {op.seq_id} of {op.run}: {exc}") from None
+        self._runs_with_stored_calls.add(op.run)
+        ref = pb.StoredCallRef(size_bytes=len(data), sha256=hashlib.sha256(data).digest())
+        return pb.StoredPayload(kind=op.kind.value, call_store=ref).SerializeToString()
+
+    async def _drop_stored_calls(self, dropped: list[tuple[str, int | None]]) -> None:
+        """Delete from the call store what etcd no longer names; a failure is logged only."""
+        for run, through in dropped:
+            if run not in self._runs_with_stored_calls:
+                continue
+            try:
+                await self._calls.delete(run, through)
+            except TunemeshError as exc:
+                log.warning("could not delete calls of %s through %s from the call store (left there): %s",
+                            run, "the last" if through is None else through, exc, extra={"run": run})
+                continue
+            if through is None:
+                self._runs_with_stored_calls.discard(run)
 
     async def _commit(self, ops: list) -> None:
         try:
@@ -144,9 +218,16 @@ class EtcdRunStore:
         except registry.ETCD_ERRORS as exc:
             raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
         calls_root = len(_prefix("calls"))
+        queued = {(op.run, op.seq_id) for op in state.operations if not op.done}
         for kv in calls:
             run_id, _, seq = kv.key[calls_root:].decode().partition("/")
-            state.payloads[(f"runs/{run_id}", int(seq))] = payload_of(pb.StoredPayload.FromString(kv.value))
+            key, stored = (f"runs/{run_id}", int(seq)), pb.StoredPayload.FromString(kv.value)
+            if stored.HasField("call_store"):
+                self._runs_with_stored_calls.add(key[0])
+                if key not in queued:
+                    continue  # only a replay needs it: payloads() fetches it then
+            if (call := await self._resolved(*key, stored)) is not None:
+                state.payloads[key] = call
         return state
 
     async def payloads(self, run_name: str, after_seq_id: int) -> dict[int, object]:
@@ -155,7 +236,34 @@ class EtcdRunStore:
             calls = await self._client.get_range(prefix + _seq(after_seq_id + 1), _after_prefix(prefix))
         except registry.ETCD_ERRORS as exc:
             raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
-        return {int(kv.key[len(prefix):]): payload_of(pb.StoredPayload.FromString(kv.value)) for kv in calls}
+        found = {}
+        for kv in calls:
+            seq_id = int(kv.key[len(prefix):])
+            found[seq_id] = await self._resolved(run_name, seq_id, pb.StoredPayload.FromString(kv.value))
+        return {seq_id: call for seq_id, call in found.items() if call is not None}
+
+    async def _resolved(self, run: str, seq_id: int, stored: pb.StoredPayload):
+        """The call of a kept StoredPayload, fetched from the call store when etcd only names
+        it there: None (logged) when it is gone from there or damaged, Unavailable when the
+        call store cannot be reached."""
+        if not stored.HasField("call_store"):
+            return payload_of(stored)
+        ref = stored.call_store
+        if self._calls is None:
+            log.error("call %d of %s is in the call store, but this scheduler has none", seq_id, run,
+                      extra={"run": run})
+            return None
+        try:
+            data = await self._calls.get(run, seq_id)
+        except NotFound:
+            log.error("call %d of %s is missing from the call store", seq_id, run, extra={"run": run})
+            return None
+        except TunemeshError as exc:
+            raise Unavailable("CALL_STORE_UNAVAILABLE", f"reading call {seq_id} of {run}: {exc}") from None
+        if len(data) != ref.size_bytes or hashlib.sha256(data).digest() != ref.sha256:
+            log.error("call %d of %s in the call store does not match its sha256", seq_id, run, extra={"run": run})
+            return None
+        return payload_of(pb.StoredPayload.FromString(data))
 
 
 def _record_ops(txn, key: bytes, write: StoreWrite) -> list[tuple[object, bool]]:
@@ -169,19 +277,33 @@ def _record_ops(txn, key: bytes, write: StoreWrite) -> list[tuple[object, bool]]
     return ops
 
 
-def _call_ops(txn, write: StoreWrite, keep: bool) -> list[tuple[object, bool]]:
-    """`keep`: a new operation's call to keep (before its record); else a run's calls
-    a snapshot covers, to drop (after the run's record)."""
-    if keep and write.payload is not None:
-        op = write.record
-        stored = _stored_payload(op.kind, write.payload)
-        if stored.ByteSize() <= INLINE_PAYLOAD_BYTES:
-            return [(txn.put(calls_prefix(op.run) + _seq(op.seq_id), stored.SerializeToString()), False)]
-        log.info("call %s of %s is too large to keep (%d bytes)", op.seq_id, op.run, stored.ByteSize())
-    if not keep and write.trim_through:
-        prefix = calls_prefix(write.record.name)
-        return [(txn.delete(prefix, prefix + _seq(write.trim_through + 1)), True)]
-    return []
+def _call_ops(txn, write: StoreWrite, value: bytes | None) -> list[tuple[object, bool]]:
+    """A new operation's call to keep (before its record), when it is kept."""
+    if value is None:
+        return []
+    return [(txn.put(calls_prefix(write.record.run) + _seq(write.record.seq_id), value), False)]
+
+
+def _trim_ops(txn, write: StoreWrite) -> list[tuple[object, bool]]:
+    """A run's calls a snapshot covers, to drop (after the run's record)."""
+    if not write.trim_through:
+        return []
+    prefix = calls_prefix(write.record.name)
+    return [(txn.delete(prefix, prefix + _seq(write.trim_through + 1)), True)]
+
+
+def _dropped_calls(writes: Sequence[StoreWrite], last: dict[bytes, int]) -> list[tuple[str, int | None]]:
+    """(run, through seq_id; None: all) of the calls `writes` drop from etcd, as apply
+    writes them (a run's deletion only when it is the run's last change). Deleting them
+    after the whole batch is safe: a call is kept once, at submit, before any trim that
+    covers it."""
+    dropped = []
+    for index, write in enumerate(writes):
+        if write.trim_through:
+            dropped.append((write.record.name, write.trim_through))
+        if write.delete and isinstance(write.record, RunRecord) and last[key_of(write.record)] == index:
+            dropped.append((write.record.name, None))
+    return dropped
 
 
 def encode(record) -> bytes:

@@ -119,20 +119,30 @@ class StoredLoadResult(_message.Message):
     def __init__(self, path: _Optional[str] = ..., step: _Optional[int] = ...) -> None: ...
 
 class StoredPayload(_message.Message):
-    __slots__ = ("kind", "forward", "forward_backward", "optim_step", "save", "load")
+    __slots__ = ("kind", "forward", "forward_backward", "optim_step", "save", "load", "call_store")
     KIND_FIELD_NUMBER: _ClassVar[int]
     FORWARD_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BACKWARD_FIELD_NUMBER: _ClassVar[int]
     OPTIM_STEP_FIELD_NUMBER: _ClassVar[int]
     SAVE_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    CALL_STORE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     forward: _training_pb2.ForwardRequest
     forward_backward: _training_pb2.ForwardBackwardRequest
     optim_step: _training_pb2.OptimStepRequest
     save: StoredSave
     load: StoredLoad
-    def __init__(self, kind: _Optional[str] = ..., forward: _Optional[_Union[_training_pb2.ForwardRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[_training_pb2.ForwardBackwardRequest, _Mapping]] = ..., optim_step: _Optional[_Union[_training_pb2.OptimStepRequest, _Mapping]] = ..., save: _Optional[_Union[StoredSave, _Mapping]] = ..., load: _Optional[_Union[StoredLoad, _Mapping]] = ...) -> None: ...
+    call_store: StoredCallRef
+    def __init__(self, kind: _Optional[str] = ..., forward: _Optional[_Union[_training_pb2.ForwardRequest, _Mapping]] = ..., forward_backward: _Optional[_Union[_training_pb2.ForwardBackwardRequest, _Mapping]] = ..., optim_step: _Optional[_Union[_training_pb2.OptimStepRequest, _Mapping]] = ..., save: _Optional[_Union[StoredSave, _Mapping]] = ..., load: _Optional[_Union[StoredLoad, _Mapping]] = ..., call_store: _Optional[_Union[StoredCallRef, _Mapping]] = ...) -> None: ...
+
+class StoredCallRef(_message.Message):
+    __slots__ = ("size_bytes", "sha256")
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    size_bytes: int
+    sha256: bytes
+    def __init__(self, size_bytes: _Optional[int] = ..., sha256: _Optional[bytes] = ...) -> None: ...
 
 class StoredOperation(_message.Message):
     __slots__ = ("name", "tenant", "run", "seq_id", "kind", "request_id", "payload_digest", "num_tokens", "create_time", "state", "end_time", "error", "forward_backward_result", "optim_step_result", "checkpoint", "load_result")
