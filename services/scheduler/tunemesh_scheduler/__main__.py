@@ -113,6 +113,8 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     await samplers.close()
     await trainers.close()
     await checkpoints.close()
+    if call_store is not None:
+        await call_store.close()
     if endpoint is not None:
         await endpoint.close()
 

@@ -11,7 +11,7 @@ from aetcd.transactions import Put
 from tunemesh.internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import checkpoints_pb2, training_pb2, types_pb2
 from tunemesh_common.errors import Code
-from tunemesh_scheduler import durable
+from tunemesh_scheduler import durable, durable_codec
 from tunemesh_scheduler.core import (
     LoadRequest, LoadResult, OperationError, OperationRecord, OpKind, OpState, RunRecord,
     SaveRequest, SessionRecord,
@@ -68,12 +68,12 @@ def _op(kind: OpKind, state: OpState = OpState.QUEUED, seq_id: int = 7, **fields
 
 
 def _decoded(record):
-    stored = durable.encode(record)
+    stored = durable_codec.encode(record)
     if isinstance(record, SessionRecord):
-        return durable.session_record(pb.StoredSession.FromString(stored))
+        return durable_codec.session_record(pb.StoredSession.FromString(stored))
     if isinstance(record, RunRecord):
-        return durable.run_record(pb.StoredRun.FromString(stored))
-    return durable.operation_record(pb.StoredOperation.FromString(stored))
+        return durable_codec.run_record(pb.StoredRun.FromString(stored))
+    return durable_codec.operation_record(pb.StoredOperation.FromString(stored))
 
 
 # ---- records ----------------------------------------------------------------------------
