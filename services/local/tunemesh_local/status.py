@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tunemesh_common import registry
+from tunemesh_common import leadership, registry
 from tunemesh_local import live_figures, processes
 from tunemesh_local.state import MeshState
 
@@ -30,28 +30,31 @@ def collect_status(mesh: MeshState, timeout: float = ETCD_QUERY_TIMEOUT_S) -> di
         "live": live_figures.collect(mesh.processes),
         "trainers": [],
         "placements": {},
+        "scheduler_leader": "",  # the leading replica's address, from its etcd leadership key
     }
     try:
-        view["trainers"], view["placements"] = asyncio.run(asyncio.wait_for(_query(mesh.etcd_endpoint), timeout))
+        view["trainers"], view["placements"], view["scheduler_leader"] = asyncio.run(
+            asyncio.wait_for(_query(mesh.etcd_endpoint), timeout))
         view["etcd"]["reachable"] = True
     except (TimeoutError, *registry.ETCD_ERRORS) as err:
         view["etcd"]["error"] = str(err) or type(err).__name__
     return view
 
 
-async def _query(endpoint: str) -> tuple[list[dict], dict[str, str]]:
+async def _query(endpoint: str) -> tuple[list[dict], dict[str, str], str]:
     from tunemesh.internal.v1 import trainer_pb2
 
     prefix = registry.node_prefix("trainers")
     async with registry.connect(endpoint, timeout=ETCD_QUERY_TIMEOUT_S) as client:
         nodes = [trainer_pb2.TrainerNode.FromString(kv.value) for kv in await client.get_prefix(prefix)]
         placements = await registry.PlacementTable(client).list_placements()
+        leader = await client.get(leadership.leader_key("scheduler"))
     trainers = [
         {"node_id": n.node_id, "address": n.address, "models": [m.name for m in n.models],
          "adapters": n.adapters, "max_adapters": n.max_adapters, "metrics_url": n.metrics_url}
         for n in nodes
     ]
-    return trainers, placements
+    return trainers, placements, leader.value.decode() if leader is not None else ""
 
 
 def render_status(view: dict) -> str:
@@ -63,8 +66,8 @@ def render_status(view: dict) -> str:
     if view.get("prometheus_url"):
         lines.append(f"prometheus  {view['prometheus_url']}")
     lines += [""] + _table(["PROCESS", "PID", "STATE", "ADDRESS"],
-                           [[p["name"], str(p["pid"]), "up" if p["alive"] else "DEAD", p["address"] or "-"]
-                            for p in view["processes"]])
+                           [[p["name"], str(p["pid"]), _state(p, view.get("scheduler_leader", "")),
+                             p["address"] or "-"] for p in view["processes"]])
     lines += [""] + _table(["LIVE", "QUEUED", "TOKENS/S", "ADAPTERS", "METRICS"],
                            [[name, *_live_row(figures)] for name, figures in view.get("live", {}).items()])
     lines += [""] + _table(["TRAINER", "ADDRESS", "MODELS", "ADAPTERS"],
@@ -72,6 +75,15 @@ def render_status(view: dict) -> str:
                              f"{t['adapters']}/{t['max_adapters']}"] for t in view["trainers"]])
     lines += [""] + _table(["RUN", "TRAINER"], [[run, node] for run, node in sorted(view["placements"].items())])
     return "\n".join(lines)
+
+
+def _state(process: dict, leader: str) -> str:
+    """up / DEAD, and for a scheduler replica whether it leads or stands by."""
+    if not process["alive"]:
+        return "DEAD"
+    if process["role"] != "scheduler" or not leader:
+        return "up"
+    return "up (leader)" if process["address"] == leader else "up (standby)"
 
 
 def _live_row(figures: dict) -> list[str]:

@@ -89,3 +89,21 @@ def test_render_shows_live_figures_and_dashes_where_unknown():
     assert rows["scheduler"].split() == ["3", "(alice", "2,", "bob", "1)", "-", "-", "ok"]
     assert rows["trainer-0"].split() == ["-", "10.0", "2/64", "ok"]
     assert rows["sampler-0"].split() == ["-", "-", "-", "unreachable"]
+
+
+def test_render_says_which_scheduler_replica_leads():
+    view = {
+        "state_dir": "/s", "scheduler_address": "127.0.0.1:1,127.0.0.1:3", "etcd_endpoint": "127.0.0.1:2",
+        "etcd": {"reachable": True, "error": ""}, "api_keys_file": "/k", "trainers": [], "placements": {},
+        "scheduler_leader": "127.0.0.1:3", "live": {},
+        "processes": [
+            {"name": "scheduler", "role": "scheduler", "pid": 10, "alive": True, "address": "127.0.0.1:1"},
+            {"name": "scheduler-1", "role": "scheduler", "pid": 11, "alive": True, "address": "127.0.0.1:3"},
+            {"name": "trainer-0", "role": "trainer", "pid": 12, "alive": False, "address": "127.0.0.1:4"},
+        ],
+    }
+    rows = {line.split()[0]: line.split()[2:] for line in status.render_status(view).splitlines()
+            if line.startswith(("scheduler", "trainer-0 "))}
+    assert rows["scheduler"][:2] == ["up", "(standby)"]
+    assert rows["scheduler-1"][:2] == ["up", "(leader)"]
+    assert rows["trainer-0"][0] == "DEAD"
