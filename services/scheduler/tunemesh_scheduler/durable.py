@@ -124,21 +124,22 @@ class EtcdRunStore:
         leave it last."""
         last = {key_of(w.record): i for i, w in enumerate(writes)}
         calls = await self._keep_calls(writes)
-        group, size = [], 0
+        group, keys, size = [], set(), 0
         for index, write in enumerate(writes):
             key = key_of(write.record)
             for op, ranged in _call_ops(self._txn, write, calls.get(index)) + (
                 _record_ops(self._txn, key, write) if last[key] == index else []
             ) + _trim_ops(self._txn, write):
                 weight = len(op.key) + len(getattr(op, "value", b"") or b"")
-                if group and (ranged or len(group) >= TXN_OPS or size + weight > TXN_BYTES):
+                if group and (ranged or op.key in keys or len(group) >= TXN_OPS or size + weight > TXN_BYTES):
                     await self._commit(group)
-                    group, size = [], 0
+                    group, keys, size = [], set(), 0
                 group.append(op)
+                keys.add(op.key)
                 size += weight
                 if ranged:
                     await self._commit(group)
-                    group, size = [], 0
+                    group, keys, size = [], set(), 0
         if group:
             await self._commit(group)
         await self._drop_stored_calls(_dropped_calls(writes, last))
@@ -278,7 +279,10 @@ def _call_ops(txn, write: StoreWrite, value: bytes | None) -> list[tuple[object,
 
 
 def _trim_ops(txn, write: StoreWrite) -> list[tuple[object, bool]]:
-    """A run's calls a snapshot covers, to drop (after the run's record)."""
+    """A finished operation's call no replay needs, or a run's calls a snapshot covers,
+    to drop (after the record)."""
+    if write.drop_call:
+        return [(txn.delete(calls_prefix(write.record.run) + _seq(write.record.seq_id)), False)]
     if not write.trim_through:
         return []
     prefix = calls_prefix(write.record.name)

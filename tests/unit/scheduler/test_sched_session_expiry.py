@@ -10,7 +10,7 @@ import pytest
 from scheduler_fakes import FakePlacement, FakeTrainer, settle
 
 from tunemesh_common.errors import FailedPrecondition
-from tunemesh_scheduler.core import OpKind, SchedulerConfig, SchedulerCore
+from tunemesh_scheduler.core import ItemOutcome, OperationError, OpKind, SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.core.store import MemoryRunStore
 
 
@@ -100,6 +100,28 @@ def test_resume_needs_an_open_session_of_the_tenant() -> None:
         with pytest.raises(Exception) as err:
             await core.resume_run("t2", run.name, other.name)
         assert getattr(err.value, "reason", "") == "RUN_NOT_FOUND"
+        await core.stop()
+
+    asyncio.run(scenario())
+
+
+def test_only_calls_a_replay_needs_stay_kept() -> None:
+    """A finished call that changed nothing (a forward, a save, a failed call) leaves the
+    store; a succeeded forward_backward / optim_step stays until a snapshot covers it."""
+
+    async def scenario() -> None:
+        core = await _core([1000.0], snapshot_every_steps=0, snapshot_every_s=0)
+        store = core.journal._store
+        session = core.create_session("t1")
+        run = await core.create_run("t1", session.name, "tiny", {"rank": 8})
+        kinds = [OpKind.FORWARD, OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP, OpKind.FORWARD_BACKWARD,
+                 OpKind.FORWARD_BACKWARD]
+        core._trainer.item_errors[(run.name, 5)] = ItemOutcome(error=OperationError(3, "NON_FINITE_LOSS", "nan"))
+        for seq, kind in enumerate(kinds, start=1):
+            op = await core.submit("t1", run.name, seq, "", kind, (run.name, seq), repr(seq), 3)
+            await core.wait_operation("t1", op.name, 5)
+        await core.sync()
+        assert sorted(seq for (r, seq) in store.kept_payloads if r == run.name) == [2, 3, 4]
         await core.stop()
 
     asyncio.run(scenario())

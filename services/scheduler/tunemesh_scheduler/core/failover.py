@@ -27,12 +27,12 @@ from tunemesh_common.errors import TunemeshError, Unavailable
 from tunemesh_scheduler.core.ports import (
     BatchItem, Fence, LoadRequest, PlacementPort, RunStore, SnapshotTarget, StoreWrite, TrainerPort,
 )
-from tunemesh_scheduler.core.records import OperationRecord, OpKind, OpState, RunRecord
+from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationRecord, OpKind, OpState, RunRecord
 
 log = logging.getLogger(__name__)
 
 SNAPSHOT_PREFIX = checkpoint_paths.SNAPSHOT_PREFIX
-REPLAYED = frozenset({OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP, OpKind.LOAD_STATE})
+REPLAYED = STATEFUL_KINDS
 # Errors that do not say a call certainly failed where it went: sent again, never final.
 IN_DOUBT_REASONS = frozenset({"TRAINER_UNAVAILABLE", "TRAINER_GONE", "ADAPTER_NOT_FOUND"})
 

@@ -10,7 +10,7 @@ from typing import Any
 from tunemesh_common.errors import Code, NotFound
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.ports import StoreWrite
-from tunemesh_scheduler.core.records import OperationError, OperationRecord, OpKind, OpState
+from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationError, OperationRecord, OpKind, OpState
 
 
 class OperationStore:
@@ -166,7 +166,8 @@ class OperationStore:
         op.payload = None  # the trainer has what it needs; free the memory
         self._finished.append(op)
         self._move(op, state)
-        self._note(StoreWrite(op))
+        replayed = state is OpState.SUCCEEDED and op.kind in STATEFUL_KINDS  # kept until a snapshot
+        self._note(StoreWrite(op, drop_call=not replayed))
         self._metrics.operation_finished(op.tenant, op.kind.value, state.value)
         event = self._events.pop(op.name, None)
         if event is not None:

@@ -164,12 +164,14 @@ class StoredState:
 @dataclasses.dataclass(frozen=True, slots=True)
 class StoreWrite:
     """One change to durable state: put a record, or delete it (`delete=True`); with
-    `payload`, also keep a new operation's call; with `trim_through` (a run), drop the
+    `payload`, also keep a new operation's call; with `drop_call` (a finished operation
+    that no replay needs), drop its kept call; with `trim_through` (a run), drop the
     run's kept calls up to that seq_id (a snapshot covers them)."""
 
     record: SessionRecord | RunRecord | OperationRecord
     delete: bool = False
     payload: Any = None
+    drop_call: bool = False
     trim_through: int = 0
 
 

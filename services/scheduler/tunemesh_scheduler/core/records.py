@@ -28,6 +28,10 @@ class OpKind(enum.StrEnum):
 # kinds into one pass and applies the optimizer steps after it); the rest run one by one.
 BATCHABLE_KINDS = frozenset({OpKind.FORWARD, OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP})
 
+# Kinds that change the run's adapter: a move replays those that succeeded after the
+# run's snapshot, so their calls are kept until a snapshot covers them.
+STATEFUL_KINDS = frozenset({OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP, OpKind.LOAD_STATE})
+
 
 class OpState(enum.StrEnum):
     """Lifecycle of an operation (mirrors tunemesh.v1.OperationState)."""

@@ -60,6 +60,8 @@ class MemoryRunStore:
                 self.records[key] = stored_copy(write.record)
             if write.payload is not None:
                 self.kept_payloads[(write.record.run, write.record.seq_id)] = write.payload
+            if write.drop_call:
+                self.kept_payloads.pop((write.record.run, write.record.seq_id), None)
             if write.trim_through:
                 self._trim(run, write.trim_through)
 
