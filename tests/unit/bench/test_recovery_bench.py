@@ -41,14 +41,17 @@ def test_step_period_counts_two_futures_per_step(bench):
 
 def test_recovery_summary_pools_every_affected_run_of_every_kill(bench):
     kills = [{"runs": {"a": {"first_s": 0.01, "in_flight": 1, "recovered_s": 5.0},
-                       "b": {"first_s": 6.0, "in_flight": 0, "recovered_s": 6.0}}},
-             {"runs": {"a": {"first_s": 4.0, "in_flight": 0, "recovered_s": 4.0}}}]
+                       "b": {"first_s": 6.0, "in_flight": 0, "recovered_s": 6.0}},
+              "restart_s": 9.0, "scheduler_log": {"trainer_left_s": 4.0, "replayed_calls": {"a": 3, "b": 5}}},
+             {"runs": {"a": {"first_s": 4.0, "in_flight": 0, "recovered_s": 4.0}},
+              "restart_s": 11.0, "scheduler_log": {"trainer_left_s": 3.0, "replayed_calls": {"a": 10}}}]
     summary = bench.recovery_summary(kills, baseline_s=0.1, per_kill={"lease_ttl": 5.0})
     assert summary["kills"] == 2 and summary["recovered"]["n"] == 3
     assert summary["recovered"]["p50_s"] == 5.0 and summary["recovered"]["max_s"] == 6.0
     assert summary["first"]["p50_s"] == 4.0
     assert summary["samples_with_in_flight"] == 1
     assert summary["ratios"] == {"recovered_p50_over_step_period": 50.0, "recovered_p50_over_lease_ttl": 1.0}
+    assert summary["breakdown_p50_s"] == {"trainer_left_s": 3.5, "restart_s": 10.0, "replayed_calls_per_run": 5.0}
 
 
 def test_log_events_reads_the_scheduler_log_after_the_kill(bench):
@@ -60,17 +63,20 @@ def test_log_events_reads_the_scheduler_log_after_the_kill(bench):
         "2026-12-06 01:09:22,351 INFO tunemesh_scheduler.core.failover: replayed 11 calls of runs/a on trainer-0",
         "2026-12-06 01:09:22,386 INFO tunemesh_scheduler.core.failover: replayed 15 calls of runs/b on trainer-0",
         "2026-12-06 01:09:23,000 INFO tunemesh_scheduler.takeover: recovered 2 sessions, 4 runs, 3 queued operations",
-        "2026-12-06 01:09:23,100 INFO tunemesh_scheduler: scheduler serving on 127.0.0.1:1 (4 tenants' keys)",
+        "2026-12-06 01:09:22,900 INFO tunemesh_common.leadership: leading /tunemesh/leaders/scheduler (token 9)",
+        "2026-12-06 01:09:23,100 INFO tunemesh_scheduler: scheduler leading and serving on 127.0.0.1:1 (token 9)",
     ])
     entries = bench.log_entries(text)
-    assert len(entries) == 7
+    assert len(entries) == 8
     kill = entries[1][0] - 2.132  # 01:09:20,000
     events = bench.log_events(entries, kill)
     assert events["trainer_left_s"] == pytest.approx(2.132)
     assert events["replayed_calls"] == {"runs/a": 11, "runs/b": 15}
     assert events["last_replay_s"] == pytest.approx(2.386)
     assert events["recovered_state_s"] == pytest.approx(3.0) and "4 runs" in events["recovered"]
-    assert events["serving_s"] == pytest.approx(3.1)
+    assert events["leading_s"] == pytest.approx(2.9) and events["serving_s"] == pytest.approx(3.1)
+    assert bench.log_events(bench.log_entries(
+        "2026-12-06 01:09:23,100 INFO tunemesh_scheduler: scheduler serving on 127.0.0.1:1"), kill)["serving_s"] == pytest.approx(3.1)
 
 
 def test_price_order_alternates_and_mirrors_pairs(bench):
@@ -124,8 +130,22 @@ def test_environ_restores_what_it_set(bench, monkeypatch):
 
 def test_workload_defaults_per_model(bench):
     tiny = bench.price_workload(bench.parse_args([]))
-    assert (tiny.batch, tiny.seq_len, tiny.steps, tiny.warmup) == (1, 32, 48, 4)
+    assert (tiny.batch, tiny.seq_len, tiny.steps, tiny.warmup) == (1, 32, 96, 4)
     smol = bench.price_workload(bench.parse_args(["--model", bench.SMOLLM2]))
     assert (smol.batch, smol.seq_len, smol.steps, smol.warmup) == (2, 64, 8, 1)
     args = bench.parse_args(["--parts", "trainer,price", "--between-s", "1,2"])
     assert args.parts == ["trainer", "price"] and args.between_s == (1.0, 2.0)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--parts", "trainer,etcd"])
+
+
+def test_format_report_names_every_part(bench):
+    kills = [{"runs": {"a": {"first_s": 4.0, "in_flight": 0, "recovered_s": 4.0}}, "restart_s": 1.0,
+              "scheduler_log": {"replayed_calls": {}}}]
+    rounds = [{"durable": True, "tokens_per_s": 95.0}, {"durable": False, "tokens_per_s": 100.0}]
+    result = {"model": "m", "cpu_count": 2, "load_average_1m": [1.0, 2.0],
+              "recovery": {"trainer": bench.recovery_summary(kills, 0.5, {"lease_ttl": 5.0})},
+              "price": {"summary": bench.price_summary(rounds)}}
+    report = bench.format_report(result)
+    assert "trainer SIGKILL, 1 kills: recovered p50 4.0 s" in report
+    assert "95.0 / 100.0 tok/s = 0.95" in report
