@@ -346,7 +346,7 @@ class Pipelines:
 
 
 class RecoveryTimeout(RuntimeError):
-    """A run did not complete an operation within the bound after a kill."""
+    """A run did not complete an operation within the bound around a kill, or one failed."""
 
     kills: list[dict] = []  # the kills measured before this one
 
@@ -360,9 +360,10 @@ def await_progress(mesh: Mesh, pipes: Pipelines, runs: list[str], since: float, 
             report = mesh.state_dir / "recovery_timeout.txt"
             report.write_text(diagnosis(mesh, pipes, since))
             tail = "\n".join(mesh.log_text("scheduler").splitlines()[-40:])
-            raise RecoveryTimeout(f"{run} completed nothing within {timeout_s:.0f} s {what} "
-                                  f"(errors: {pipes.traces[run].errors}); diagnosis in {report}; "
-                                  f"scheduler log tail:\n{tail}")
+            errors = pipes.traces[run].errors
+            failed = f"had an operation fail {what}: {errors}" if errors else \
+                f"completed nothing within {timeout_s:.0f} s {what}"
+            raise RecoveryTimeout(f"{run} {failed}; diagnosis in {report}; scheduler log tail:\n{tail}")
 
 
 def diagnosis(mesh: Mesh, pipes: Pipelines, t_kill: float) -> str:
