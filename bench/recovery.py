@@ -144,19 +144,31 @@ def log_events(entries: list[tuple[float, str]], since_wall: float) -> dict:
     return events
 
 
-def price_order(pairs: int) -> list[bool]:
-    """Durable on/off per repeat, alternating and mirrored pair by pair (on off off on ...)
-    so drift on a shared machine hits both alike."""
-    return [flag for i in range(pairs) for flag in ((True, False) if i % 2 == 0 else (False, True))]
+PRICE_MODES = {  # scheduler settings of each side of the price
+    "on": {"TUNEMESH_SCHEDULER_DURABLE": "true"},
+    "off": {"TUNEMESH_SCHEDULER_DURABLE": "false"},
+    "journal": {"TUNEMESH_SCHEDULER_DURABLE": "true", "TUNEMESH_SCHEDULER_SNAPSHOT_EVERY_STEPS": "0",
+                "TUNEMESH_SCHEDULER_SNAPSHOT_EVERY_S": "0"},  # the journal without snapshots
+}
+
+
+def price_order(pairs: int, modes: tuple[str, ...] = ("on", "off")) -> list[str]:
+    """The mode of each mesh: every mode once per group, mirrored group by group
+    (on off off on ...) so drift on a shared machine hits them alike."""
+    return [mode for i in range(pairs) for mode in (modes if i % 2 == 0 else modes[::-1])]
 
 
 def price_summary(rounds: list[dict]) -> dict:
-    """Median tokens/s with durability on and off, their ratio, and each pair's ratio."""
-    on = [r["tokens_per_s"] for r in rounds if r["durable"]]
-    off = [r["tokens_per_s"] for r in rounds if not r["durable"]]
-    pairs = [round(a / b, 3) for a, b in zip(on, off)]
-    return {"on_tokens_per_s": round(float(np.median(on)), 1), "off_tokens_per_s": round(float(np.median(off)), 1),
-            "ratio_on_off": round(float(np.median(on) / np.median(off)), 3), "pair_ratios": pairs}
+    """Median tokens/s per mode, each mode's ratio to durability off (medians), and the
+    ratio within each group of meshes."""
+    by_mode: dict[str, list[float]] = {}
+    for r in rounds:
+        by_mode.setdefault(r["mode"], []).append(r["tokens_per_s"])
+    summary = {f"{mode}_tokens_per_s": round(float(np.median(v)), 1) for mode, v in by_mode.items()}
+    for mode in by_mode.keys() - {"off"}:
+        summary[f"ratio_{mode}_off"] = round(float(np.median(by_mode[mode]) / np.median(by_mode["off"])), 3)
+        summary[f"group_ratios_{mode}_off"] = [round(a / b, 3) for a, b in zip(by_mode[mode], by_mode["off"])]
+    return summary
 
 
 def format_report(result: dict) -> str:
@@ -168,8 +180,10 @@ def format_report(result: dict) -> str:
                      f"stages (p50, s after the kill) {r['breakdown_p50_s']}")
     if price := result.get("price"):
         s = price["summary"]
-        lines.append(f"durability on/off: {s['on_tokens_per_s']} / {s['off_tokens_per_s']} tok/s = "
-                     f"{s['ratio_on_off']} (pairs {s['pair_ratios']})")
+        for mode in ("on", "journal"):
+            if f"ratio_{mode}_off" in s:
+                lines.append(f"durability {mode}/off: {s[f'{mode}_tokens_per_s']} / {s['off_tokens_per_s']} tok/s = "
+                             f"{s[f'ratio_{mode}_off']} (groups {s[f'group_ratios_{mode}_off']})")
     return "\n".join(lines)
 
 
@@ -479,25 +493,23 @@ def price_workload(args: argparse.Namespace) -> Workload:
                     else (4 if tiny else 1), rank=args.rank, depth=args.depth)
 
 
-def price_round(args: argparse.Namespace, vocab_size: int, durable: bool, state_dir: Path) -> dict:
-    """One fresh one-trainer mesh, durable on or off: tokens/s of 8 tenants' runs."""
-    workload, env = price_workload(args), {"TUNEMESH_SCHEDULER_DURABLE": str(durable).lower()}
-    load = os.getloadavg()[0]
-    with Mesh(args.model, args.data_dir, state_dir, trainers=1, tenants=args.tenants, env=env) as mesh:
+def price_round(args: argparse.Namespace, vocab_size: int, mode: str, state_dir: Path) -> dict:
+    """One fresh one-trainer mesh in `mode` (PRICE_MODES): tokens/s of 8 tenants' runs."""
+    workload, load = price_workload(args), os.getloadavg()[0]
+    with Mesh(args.model, args.data_dir, state_dir, trainers=1, tenants=args.tenants, env=PRICE_MODES[mode]) as mesh:
         seconds = mesh_seconds(mesh, vocab_size, workload, args.tenants, args.rounds)
         snapshots = sum(m.startswith("snapshot of ") for _, m in log_entries(mesh.log_text("scheduler")))
     tokens = workload.tokens(args.tenants)
-    return {"durable": durable, "seconds": [round(s, 3) for s in seconds], "snapshots": snapshots,
+    return {"mode": mode, "seconds": [round(s, 3) for s in seconds], "snapshots": snapshots,
             "tokens_per_s": round(tokens / float(np.median(seconds)), 1), "load_average_1m": round(load, 2)}
 
 
 def measure_price(args: argparse.Namespace, vocab_size: int, root: Path) -> dict:
-    rounds = []
-    for i, durable in enumerate(price_order(args.price_pairs)):
-        rounds.append(price_round(args, vocab_size, durable, root / f"price-{i}"))
-        log(f"price {i}: durable={durable} {rounds[-1]['tokens_per_s']} tok/s, "
-            f"{rounds[-1]['snapshots']} snapshots")
-    return {"tenants": args.tenants, "rounds_per_mesh": args.rounds,
+    rounds, modes = [], ("on", "off", "journal") if args.journal_only else ("on", "off")
+    for i, mode in enumerate(price_order(args.price_pairs, modes)):
+        rounds.append(price_round(args, vocab_size, mode, root / f"price-{i}"))
+        log(f"price {i}: {mode} {rounds[-1]['tokens_per_s']} tok/s, {rounds[-1]['snapshots']} snapshots")
+    return {"tenants": args.tenants, "rounds_per_mesh": args.rounds, "modes": {m: PRICE_MODES[m] for m in modes},
             "workload": dataclasses.asdict(price_workload(args)), "summary": price_summary(rounds), "meshes": rounds}
 
 
@@ -527,7 +539,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--between-s", default="3,6", help="random pause before each kill, min,max seconds")
     p.add_argument("--recovery-timeout", type=float, default=120.0, help="longest wait for a run after a kill")
     p.add_argument("--tenants", type=int, default=8, help="tenants (one run each) in the price meshes")
-    p.add_argument("--price-pairs", type=int, default=3, help="on/off mesh pairs for the price")
+    p.add_argument("--price-pairs", type=int, default=3, help="groups of meshes (one per mode) for the price")
+    p.add_argument("--journal-only", action="store_true", help="price: also meshes with the journal but no snapshots")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds per price mesh (median)")
     p.add_argument("--batch", type=int, default=0, help="datums per step (default 1 tiny, 2 otherwise)")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per datum (default 32 tiny, 64 otherwise)")

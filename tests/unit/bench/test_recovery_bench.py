@@ -75,22 +75,23 @@ def test_log_events_reads_the_scheduler_log_after_the_kill(bench):
     assert events["last_replay_s"] == pytest.approx(2.386)
     assert events["recovered_state_s"] == pytest.approx(3.0) and "4 runs" in events["recovered"]
     assert events["leading_s"] == pytest.approx(2.9) and events["serving_s"] == pytest.approx(3.1)
-    assert bench.log_events(bench.log_entries(
-        "2026-12-06 01:09:23,100 INFO tunemesh_scheduler: scheduler serving on 127.0.0.1:1"), kill)["serving_s"] == pytest.approx(3.1)
+    single = bench.log_entries("2026-12-06 01:09:23,100 INFO tunemesh_scheduler: scheduler serving on 127.0.0.1:1")
+    assert bench.log_events(single, kill)["serving_s"] == pytest.approx(3.1)  # before scheduler replicas
 
 
-def test_price_order_alternates_and_mirrors_pairs(bench):
-    assert bench.price_order(3) == [True, False, False, True, True, False]
+def test_price_order_alternates_and_mirrors_groups(bench):
+    assert bench.price_order(3) == ["on", "off", "off", "on", "on", "off"]
+    assert bench.price_order(2, ("on", "off", "journal")) == ["on", "off", "journal", "journal", "off", "on"]
 
 
 def test_price_summary_is_the_ratio_of_medians(bench):
-    rounds = [{"durable": True, "tokens_per_s": 90.0}, {"durable": False, "tokens_per_s": 100.0},
-              {"durable": False, "tokens_per_s": 110.0}, {"durable": True, "tokens_per_s": 99.0},
-              {"durable": True, "tokens_per_s": 500.0}, {"durable": False, "tokens_per_s": 90.0}]
+    tps = {"on": [90.0, 99.0, 500.0], "off": [100.0, 110.0, 90.0], "journal": [100.0, 55.0, 99.0]}
+    rounds = [{"mode": mode, "tokens_per_s": value} for mode, values in tps.items() for value in values]
     summary = bench.price_summary(rounds)
     assert (summary["on_tokens_per_s"], summary["off_tokens_per_s"]) == (99.0, 100.0)
-    assert summary["ratio_on_off"] == 0.99
-    assert summary["pair_ratios"] == [0.9, 0.9, 5.556]
+    assert summary["ratio_on_off"] == 0.99 and summary["ratio_journal_off"] == 0.99
+    assert summary["group_ratios_on_off"] == [0.9, 0.9, 5.556]
+    assert "ratio_off_off" not in summary
 
 
 class _Future:
@@ -142,10 +143,10 @@ def test_workload_defaults_per_model(bench):
 def test_format_report_names_every_part(bench):
     kills = [{"runs": {"a": {"first_s": 4.0, "in_flight": 0, "recovered_s": 4.0}}, "restart_s": 1.0,
               "scheduler_log": {"replayed_calls": {}}}]
-    rounds = [{"durable": True, "tokens_per_s": 95.0}, {"durable": False, "tokens_per_s": 100.0}]
+    rounds = [{"mode": "on", "tokens_per_s": 95.0}, {"mode": "off", "tokens_per_s": 100.0}]
     result = {"model": "m", "cpu_count": 2, "load_average_1m": [1.0, 2.0],
               "recovery": {"trainer": bench.recovery_summary(kills, 0.5, {"lease_ttl": 5.0})},
               "price": {"summary": bench.price_summary(rounds)}}
     report = bench.format_report(result)
     assert "trainer SIGKILL, 1 kills: recovered p50 4.0 s" in report
-    assert "95.0 / 100.0 tok/s = 0.95" in report
+    assert "durability on/off: 95.0 / 100.0 tok/s = 0.95" in report
