@@ -36,7 +36,7 @@ def encode(record) -> bytes:
         return pb.StoredRun(
             name=record.name, tenant=record.tenant, session=record.session, base_model=record.base_model,
             lora=record.lora, node_id=record.node_id, create_time=record.create_time, epoch=record.epoch,
-            last_seq_id=record.last_seq_id, step=record.step, request_id=record.request_id,
+            last_seq_id=record.floor[0], step=record.floor[1], request_id=record.request_id,
             snapshot_path=record.snapshot_path, snapshot_seq_id=record.snapshot_seq_id,
             origin_path=record.origin.path if record.origin else "",
             origin_with_optimizer=bool(record.origin and record.origin.load_optimizer_state),
@@ -112,6 +112,7 @@ def run_record(stored: pb.StoredRun) -> RunRecord:
     return RunRecord(
         name=stored.name, tenant=stored.tenant, session=stored.session, base_model=stored.base_model, lora=lora,
         node_id=stored.node_id, create_time=stored.create_time, step=stored.step, last_seq_id=stored.last_seq_id,
+        floor=(stored.last_seq_id, stored.step),
         epoch=stored.epoch, request_id=stored.request_id, snapshot_path=stored.snapshot_path,
         snapshot_seq_id=stored.snapshot_seq_id,
         origin=LoadRequest(stored.origin_path, stored.origin_with_optimizer) if stored.origin_path else None,

@@ -94,11 +94,14 @@ def test_a_run_round_trips_with_its_lora_floor_epoch_and_origin():
     run = RunRecord(name="runs/r1", tenant="t1", session="sessions/s1", base_model="tiny-dense", lora=lora,
                     node_id="node-a", create_time=12.5, step=9, last_seq_id=21, epoch=3,
                     request_id="create-1", origin=LoadRequest("tenants/t1/ckpt/1", True),
-                    snapshot_path="tenants/t1/snap/2", snapshot_seq_id=20)
+                    snapshot_path="tenants/t1/snap/2", snapshot_seq_id=20, floor=(21, 9))
     back = _decoded(run)
     assert back == run
     assert isinstance(back.lora, types_pb2.LoraConfig)
     assert _decoded(dataclasses.replace(run, origin=None)).origin is None
+    # the store keeps the floor, not the live counters (they may run ahead of the logged operations)
+    ahead = _decoded(dataclasses.replace(run, last_seq_id=30, step=12))
+    assert (ahead.last_seq_id, ahead.step, ahead.floor) == (21, 9, (21, 9))
 
 
 RESULTS = [

@@ -450,3 +450,32 @@ def test_a_replayed_call_that_fails_in_doubt_does_not_end_the_move():
         assert before_next.count(1) == 2 and before_next[-2:] == [1, 2]
 
     asyncio.run(main())
+
+
+def test_a_run_released_twice_holds_one_place_and_the_dispatcher_goes_on():
+    """A parked head can be released both by its retry and by the end of its run's move:
+    the node's queue holds it once, and the node's dispatcher keeps sending batches."""
+    from tunemesh_scheduler.core.fairness import FairQueue
+    from tunemesh_scheduler.core.records import OperationRecord
+
+    queue = FairQueue()
+    op = OperationRecord(name="operations/o", tenant="t1", run="runs/r", seq_id=1, kind=OpKind.FORWARD,
+                         request_id="", payload_digest=b"", num_tokens=3, node_id="node-a", create_time=1.0)
+    queue.push(op)
+    queue.push(op)
+    assert len(queue) == 1
+    assert queue.take(100) == [op] and len(queue) == 0 and not queue
+
+    async def main():
+        mesh, _ = await _start()
+        run = await mesh.new_run()
+        first = await mesh.submit(run, 1)
+        await mesh.wait_all([first])
+        second = await mesh.submit(run, 2)
+        mesh.core._release(second)  # a second release of the same head
+        await mesh.wait_all([second])
+        third = await mesh.submit(run, 3)
+        await mesh.wait_all([third])  # the dispatcher still works
+        assert [p[1] for _, _, p in mesh.trainer.executed].count(2) >= 1
+
+    asyncio.run(main())

@@ -277,7 +277,7 @@ def _run(name: str, *, epoch: int = 1, last_seq_id: int = 0, step: int = 0,
          create_time: float = 1.0) -> RunRecord:
     return RunRecord(name=name, tenant="t1", session="sessions/s", base_model="tiny", lora={},
                      node_id="node-a", create_time=create_time, step=step,
-                     last_seq_id=last_seq_id, epoch=epoch)
+                     last_seq_id=last_seq_id, epoch=epoch, floor=(last_seq_id, step))
 
 
 def _op(run: str, seq_id: int, kind: OpKind = FB, state: OpState = OpState.QUEUED,
@@ -399,3 +399,25 @@ def test_records_evicted_above_the_floor_are_compacted_once_the_floor_passes_the
         assert _stored_ops(state, run) == {}
 
     asyncio.run(main())
+
+
+def test_a_run_noted_before_its_ops_finish_records_cannot_pass_them() -> None:
+    """The store keeps a run's floor, not its live counters: a run record written while
+    an operation had finished in memory but not yet in the log must not make a restarted
+    scheduler treat that operation as passed (its re-send would fail SEQ_ID_PASSED)."""
+
+    async def scenario() -> None:
+        store = MemoryRunStore()
+        run = _run("runs/r")
+        op = OperationRecord(name="operations/o1", tenant="t1", run="runs/r", seq_id=1,
+                             kind=OpKind.FORWARD_BACKWARD, request_id="req-1", payload_digest=b"d",
+                             num_tokens=3, node_id="node-a", create_time=1.0)
+        await store.apply([StoreWrite(run), StoreWrite(op, payload=("runs/r", 1))])
+        run.last_seq_id, run.step = 1, 0  # op 1 finished in memory; its record not yet written
+        await store.apply([StoreWrite(run)])  # e.g. a snapshot or a move noted the run
+        plan = recovery.plan(await store.load())
+        (recovered,) = plan.runs
+        assert recovered.run.last_seq_id == 0
+        assert [o.seq_id for o in recovered.queued] == [1] and not recovered.lost
+
+    asyncio.run(scenario())

@@ -107,8 +107,12 @@ class NodeDispatcher:
                 backlog = False
             if not backlog and self._batch_wait_s > 0:
                 await asyncio.sleep(self._batch_wait_s)  # let other tenants' ops join
-            if self._ready:  # may be empty again: cancelled while waiting
-                await self._run_batch(self._ready.take(self._token_budget))
+            heads = self._ready.take(self._token_budget) if self._ready else []  # may be empty: cancelled
+            if heads:
+                try:
+                    await self._run_batch(heads)
+                except Exception:  # a bug here must not stop this node's dispatching for good
+                    log.exception("dispatching a batch to %s failed", self.node_id)
                 backlog = True
 
     async def _run_batch(self, heads: list[OperationRecord]) -> None:

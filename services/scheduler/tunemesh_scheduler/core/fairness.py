@@ -25,9 +25,11 @@ class FairQueue:
         return self._size
 
     def push(self, op: OperationRecord) -> None:
-        """Add a run's ready head operation."""
-        self._tenants.setdefault(op.tenant, {})[op.run] = op
-        self._size += 1
+        """Add a run's ready head operation (again: no change; a run holds one place)."""
+        runs = self._tenants.setdefault(op.tenant, {})
+        if op.run not in runs:
+            self._size += 1
+        runs[op.run] = op
 
     def discard(self, op: OperationRecord) -> bool:
         """Remove `op` if it is still waiting; True when it was."""

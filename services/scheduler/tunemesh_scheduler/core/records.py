@@ -99,6 +99,9 @@ class RunRecord:
     origin: Any = None  # the LoadRequest the run was created from, if any
     snapshot_path: str = ""  # latest automatic snapshot (weights + AdamW state)
     snapshot_seq_id: int = 0  # the seq_id that snapshot follows
+    # (last_seq_id, step) as the store keeps them: moved on only when the operation log
+    # below is compacted, so it never runs ahead of the logged operations.
+    floor: tuple[int, int] = (0, 0)
 
 
 @dataclasses.dataclass(slots=True)

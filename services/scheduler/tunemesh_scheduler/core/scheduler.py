@@ -160,6 +160,7 @@ class SchedulerCore:
                     compacted.append(op)
         # The runs' floors (last_seq_id, step) are stored before their log shrinks.
         for run in {op.run: self._lanes[op.run].run for op in compacted}.values():
+            run.floor = (run.last_seq_id, run.step)
             self.journal.note(StoreWrite(run))
         for op in compacted:
             self.journal.note(StoreWrite(op, delete=True))
@@ -484,6 +485,9 @@ class SchedulerCore:
         if lane is None:
             return
         for op in lane.unfinished():
+            old = self._dispatchers.get(op.node_id)
+            if old is not None and op.node_id != run.node_id:
+                old.discard(op)  # still waiting for the node it left
             self.operations.reassign(op, run.node_id, run.epoch)
         if lane.head is not None and lane.head.state is OpState.QUEUED:
             self._release(lane.head)

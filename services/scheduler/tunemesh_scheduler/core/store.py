@@ -24,6 +24,8 @@ def stored_copy(record):
     """What a store keeps of a record: an operation without its payload (kept apart)
     and RUNNING as QUEUED (whether it ran is the trainer's to say)."""
     copy = dataclasses.replace(record)
+    if isinstance(copy, RunRecord):  # the floor, not the live counters
+        copy.last_seq_id, copy.step = copy.floor
     if isinstance(copy, OperationRecord):
         copy.payload = None
         copy.snapshot_path = ""
