@@ -28,6 +28,7 @@ def _session(name: str = "s1", ended: bool = False) -> SessionRecord:
 
 
 def _run(name: str = "r1", **fields) -> RunRecord:
+    fields.setdefault("floor", (fields.get("last_seq_id", 0), fields.get("step", 0)))  # what the store keeps
     return RunRecord(name=f"runs/{name}", tenant="t1", session="sessions/s1", base_model="tiny",
                      lora=types_pb2.LoraConfig(rank=8, alpha=16.0), node_id="node-a", create_time=11.0,
                      **fields)

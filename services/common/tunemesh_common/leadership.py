@@ -13,7 +13,7 @@ import time
 
 import aetcd
 
-from tunemesh_common.registry import ETCD_ERRORS, RETRY_DELAY_S, ROOT, short_error, until_reachable
+from tunemesh_common.registry import ETCD_ERRORS, ROOT, short_error, until_reachable
 
 logger = logging.getLogger(__name__)
 
@@ -44,50 +44,51 @@ class LeaderElection:
         self._task: asyncio.Task | None = None
 
     async def campaign(self) -> int:
-        """Wait (watching the key) until this replica leads; returns the fencing token."""
-        self._lease = await until_reachable("take a lease", lambda: self._client.lease(self.ttl))
+        """Wait until this replica leads; returns the fencing token. A standby polls the
+        key about once a second (bounded calls: a watch or a refresh can hang for minutes
+        while etcd restarts) and tries again under a fresh lease once it is gone."""
         txn = self._client.transactions
         while True:
+            lease = await until_reachable("take a lease", lambda: self._bounded(self._client.lease(self.ttl)))
             self._confirmed = time.monotonic()
-            ok, _ = await until_reachable(f"campaign for {self.key.decode()}", lambda: self._client.transaction(
-                compare=[txn.version(self.key) == 0],
-                success=[txn.put(self.key, self._value, lease=self._lease)],
-                failure=[],
-            ))
+            ok, _ = await until_reachable(f"campaign for {self.key.decode()}", lambda: self._bounded(
+                self._client.transaction(
+                    compare=[txn.version(self.key) == 0],
+                    success=[txn.put(self.key, self._value, lease=lease)],
+                    failure=[],
+                )))
             if ok:
-                held = await until_reachable("read the leader key", lambda: self._client.get(self.key))
+                self._lease = lease
+                held = await until_reachable("read the leader key", lambda: self._bounded(self._client.get(self.key)))
                 self.token = held.create_revision
                 self._task = asyncio.create_task(self._keep(), name="leader-lease")
                 logger.info("leading %s (token %d)", self.key.decode(), self.token)
                 return self.token
             await self._wait_vacant()
 
+    async def _bounded(self, call):
+        """`call` within half a lease TTL (TimeoutError counts as etcd unreachable)."""
+        try:
+            async with asyncio.timeout(self.ttl / 2):
+                return await call
+        except TimeoutError:
+            raise aetcd.ConnectionTimeoutError("etcd did not answer in time") from None
+
     async def _wait_vacant(self) -> None:
-        """Return once the key is gone (or a read says so), keeping our own lease alive."""
+        """Return once the leader key is gone."""
         while True:
             try:
-                await self._lease.refresh()
-                if await self._client.get(self.key) is None:
+                if await self._bounded(self._client.get(self.key)) is None:
                     return
-                watch = await self._client.watch(self.key)
-                try:
-                    async with asyncio.timeout(self.ttl / 3):
-                        async for event in watch:
-                            if event.kind == aetcd.EventKind.DELETE:
-                                return
-                except TimeoutError:
-                    pass
-                finally:
-                    await watch.cancel()
             except ETCD_ERRORS as err:
                 logger.warning("standing by for %s: %s", self.key.decode(), short_error(err))
-                await asyncio.sleep(RETRY_DELAY_S)
+            await asyncio.sleep(min(1.0, self.ttl / 4))
 
     async def _keep(self) -> None:
         while True:
             await asyncio.sleep(self.ttl / 4)
             try:
-                reply = await self._lease.refresh()
+                reply = await self._bounded(self._lease.refresh())
                 held = reply is not None and reply.TTL > 0
             except ETCD_ERRORS as err:
                 logger.warning("leader lease keepalive failed: %s", short_error(err))
