@@ -102,10 +102,11 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
             argv += ["--expert-parallel", str(config.trainer_expert_parallel)]
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
     specs += sampler_services(config, etcd_endpoint, checkpoint)
-    for index in range(config.schedulers):  # fixed ports: clients know every replica's address
+    for index in range(config.schedulers):  # replicas get fixed ports: clients know every address
         name = "scheduler" if index == 0 else f"scheduler-{index}"
+        port = pick_free_port() if config.schedulers > 1 else 0
         argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint,
-                "--listen", f"127.0.0.1:{pick_free_port()}", "--ready-file", str(config.ready_file(name)),
+                "--listen", f"127.0.0.1:{port}", "--ready-file", str(config.ready_file(name)),
                 "--api-keys-file", str(api_keys_file), "--checkpoint", checkpoint]
         specs.append(ServiceSpec(name, "scheduler", tuple(argv)))
     return specs

@@ -83,6 +83,9 @@ def test_default_services_follow_the_contract(tmp_path: Path) -> None:
     standby = list(specs[6].argv)
     assert standby[standby.index("--listen") + 1] != sched[sched.index("--listen") + 1]  # fixed, distinct ports
     assert not sched[sched.index("--listen") + 1].endswith(":0")
+    single = launcher.default_services(MeshConfig(state_dir=tmp_path, schedulers=1), "e:1", tmp_path / "k")
+    (alone,) = [s for s in single if s.role == "scheduler"]
+    assert alone.argv[alone.argv.index("--listen") + 1] == "127.0.0.1:0"  # one replica: any free port
     no_models = launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")
     assert "--model" not in no_models[1].argv
     no_samplers = launcher.default_services(MeshConfig(state_dir=tmp_path, samplers=0), "e:1", tmp_path / "k")
