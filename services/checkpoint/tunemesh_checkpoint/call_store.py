@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 
 from tunemesh_common.checkpoint_paths import is_segment
 from tunemesh_common.errors import InvalidArgument, NotFound
+from tunemesh_checkpoint.store import sync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +119,8 @@ class FilesystemCallStore:
         return self.root / run_id_of(run) / f"{seq_id:020d}"
 
     def _sync_dir(self, path: pathlib.Path) -> None:
-        if not self._fsync:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self._fsync:
+            sync_dir(path)
 
 
 def run_id_of(run: str) -> str:

@@ -225,13 +225,8 @@ class FilesystemStore:
                 os.fsync(file.fileno())
 
     def _sync_dir(self, path: pathlib.Path) -> None:
-        if not self._fsync:
-            return
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if self._fsync:
+            sync_dir(path)
 
     def _make_parents(self, path: pathlib.Path) -> None:
         """Creates path's missing directories, syncing each one's parent."""
@@ -352,3 +347,12 @@ class _FilesystemWriter(CheckpointWriter):
     def _check_open(self) -> None:
         if self._closed:
             raise FailedPrecondition("WRITER_CLOSED", f"writer of {self.key!r} was committed or aborted")
+
+
+def sync_dir(path: pathlib.Path) -> None:
+    """fsync a directory, so the entries created or renamed in it are durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
