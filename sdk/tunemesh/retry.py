@@ -47,7 +47,9 @@ class RetryPolicy:
     """How long and how often to retry a failed call."""
 
     initial_backoff_s: float = 0.5
-    max_backoff_s: float = 10.0
+    # Low enough that a client notices a failed-over scheduler within a second or two of
+    # it serving (the standby takes over once the leader's lease lapses, ~5 s).
+    max_backoff_s: float = 2.0
     multiplier: float = 2.0
     total_timeout_s: float = 300.0
     attempt_timeout_s: float = 60.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from tunemesh.internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh_common.errors import Unavailable
+from tunemesh_common.rpc import LeaderFence
 from tunemesh_sampler import convert
 from tunemesh_sampler.core import SamplerCore
 
@@ -15,6 +16,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         self._core: SamplerCore | None = None
         self._node_id, self._address, self._max_adapters = node_id, address, max_adapters
         self._metrics_url = metrics_url
+        self.leader = LeaderFence()  # refuses calls of a deposed scheduler
 
     def attach(self, core: SamplerCore) -> None:
         self._core = core
@@ -40,6 +42,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         return sampler_pb2.GetSamplerInfoResponse(node=self.node())
 
     async def Sample(self, request, context):
+        self.leader.check(context)
         sequences = await self.core.sample(
             convert.adapter_ref(request.adapter), tuple(request.prompt_tokens), request.num_samples,
             convert.spec(request.sampling_params),
@@ -47,5 +50,6 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
         return sampler_pb2.SampleResponse(sequences=[convert.sequence(s) for s in sequences])
 
     async def ComputeLogprobs(self, request, context):
+        self.leader.check(context)
         logprobs = await self.core.compute_logprobs(convert.adapter_ref(request.adapter), tuple(request.prompt_tokens))
         return sampler_pb2.ComputeLogprobsResponse(logprobs=logprobs)

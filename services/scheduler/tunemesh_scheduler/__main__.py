@@ -66,7 +66,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     _write_ready(s, s.listen, endpoint, "standby")
     log.info("scheduler standing by for the leadership (%s)", s.listen)
     token = await election.campaign()
-    trainers.leader_token = token
+    trainers.leader_token = samplers.leader_token = token
     if store is not None:
         store.fence(election.key, token)
         plan = await takeover.load_plan(store)

@@ -9,7 +9,7 @@ import grpc
 
 from tunemesh.internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh_common.errors import Unavailable
-from tunemesh_common.rpc import PeerChannels, error_from_peer
+from tunemesh_common.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 from tunemesh_scheduler.nodes import SamplerDirectory
 
@@ -22,10 +22,13 @@ class GrpcSamplerPort:
     def __init__(self, address_of: Callable[[str], str], timeout_s: float) -> None:
         self._channels = PeerChannels(sampler_pb2_grpc.SamplerServiceStub, address_of)
         self._timeout_s = timeout_s
+        self.leader_token = 0  # sent on every call: samplers refuse a lower one than they saw
 
     async def call(self, node_id: str, method: str, request):
         try:
-            return await getattr(self._channels.stub(node_id), method)(request, timeout=self._timeout_s)
+            return await getattr(self._channels.stub(node_id), method)(
+                request, timeout=self._timeout_s, metadata=((LEADER_TOKEN_KEY, str(self.leader_token)),)
+            )
         except grpc.aio.AioRpcError as err:
             raise error_from_peer(err, f"sampler {node_id}") from None
 
@@ -45,6 +48,14 @@ class SamplerRouter:
 
     def __init__(self, directory: SamplerDirectory, port: GrpcSamplerPort) -> None:
         self.directory, self._port = directory, port
+
+    @property
+    def leader_token(self) -> int:
+        return self._port.leader_token
+
+    @leader_token.setter
+    def leader_token(self, token: int) -> None:
+        self._port.leader_token = token
 
     async def call(self, record: SamplingSessionRecord, method: str, request):
         if record.node_id not in self.directory.nodes():

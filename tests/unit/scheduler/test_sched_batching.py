@@ -115,8 +115,10 @@ def test_merge_window_lets_later_arrivals_join_the_batch():
         mesh = await make_mesh(batch_wait_s=0.05)
         r1, r2 = await mesh.new_run("t1"), await mesh.new_run("t2")
         first = await mesh.submit(r1, 1, "t1")
-        await asyncio.sleep(0.005)
+        await mesh.advance(0.01)  # the core's clock: still inside the window
+        assert mesh.trainer.batches == []
         second = await mesh.submit(r2, 1, "t2")
+        await mesh.advance(0.04)  # the window closes
         await mesh.wait_all([first, second])
         assert _batch_runs(mesh.trainer) == [("node-a", sorted([r1, r2]))]
 

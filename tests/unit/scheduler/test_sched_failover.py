@@ -27,8 +27,7 @@ async def _start(store=None, clock=lambda: 1000.0, **config) -> tuple[Mesh, Memo
     counter = itertools.count(1)
     placement, trainer = FakePlacement(), FakeTrainer()
     core = SchedulerCore(placement, trainer, SchedulerConfig(**{"unreachable_retry_s": 0, **config}),
-                         clock=clock, new_id=lambda: f"id{next(counter)}", store=store)
-    core.mover._retry_s = 0.0  # the core does not configure the mover's retry wait
+                         clock=clock, new_id=lambda: f"id{next(counter)}", store=store, move_retry_s=0.0)
     await core.start()
     return Mesh(core, placement, trainer), store
 
@@ -288,7 +287,7 @@ def test_a_result_from_the_old_trainer_after_the_move_is_not_taken():
         after = await mesh.submit(run, 4, kind=OPTIM, tokens=0)
         mesh.placement.node = "node-b"
         mesh.core.node_lost("node-a")
-        await _until(lambda: mesh.core.get_run("t1", run).node_id == "node-b" and not mesh.core.mover.moving)
+        await _until(lambda: mesh.core.get_run("t1", run).node_id == "node-b" and not mesh.core.machine.moving)
         assert [(k, f) for k, f, _ in _applied(trainer, "node-b", run)] == [(FB, Fence(1, 2)),
                                                                            (OPTIM, Fence(2, 2))]
 
@@ -350,7 +349,7 @@ def test_a_rejoining_trainer_frees_only_the_adapters_of_runs_that_moved_away():
         trainer.adapters.append(("node-a", moving))  # moving from node-c to node-a, not yet done
         mesh.placement.move_hold = asyncio.Event()
         mesh.core.node_lost("node-c")
-        await _until(lambda: moving in mesh.core.mover.moving)
+        await _until(lambda: moving in mesh.core.machine.moving)
         trainer.deleted = []
         mesh.core.node_joined("node-a")
         await settle()
@@ -421,7 +420,7 @@ def test_a_snapshot_confirmed_during_a_move_does_not_skip_replayed_calls():
         assert record.snapshot_seq_id == 4
         assert not any(path.endswith("snapshot-000000000004") for _, path in getattr(trainer, "deleted_checkpoints", []))
         loaded.set()
-        await _until(lambda: not mesh.core.mover.moving)
+        await _until(lambda: not mesh.core.machine.moving)
         applied = _applied(trainer, "node-b", run)
         last_load = max(i for i, (kind, fence, _) in enumerate(applied) if kind is LOAD and fence.seq_id == 0)
         covered = {_snapshot_of(run, 4): 4, _snapshot_of(run, 8): 8}[applied[last_load][2].path]
@@ -472,7 +471,7 @@ def test_a_run_released_twice_holds_one_place_and_the_dispatcher_goes_on():
         first = await mesh.submit(run, 1)
         await mesh.wait_all([first])
         second = await mesh.submit(run, 2)
-        mesh.core._release(second)  # a second release of the same head
+        mesh.core.machine._release(second)  # a second release of the same head
         await mesh.wait_all([second])
         third = await mesh.submit(run, 3)
         await mesh.wait_all([third])  # the dispatcher still works

@@ -101,7 +101,7 @@ def test_cancelling_every_op_behind_a_gap_disarms_the_gap_timer():
         mesh.core.cancel_operation("t1", later.name)
         await mesh.advance(60)
         assert later.state is OpState.CANCELLED  # not overwritten by SEQ_ID_GAP
-        assert mesh.core._lanes[run].gap_deadline is None
+        assert mesh.core.machine.lanes[run].gap_deadline is None
 
     asyncio.run(main())
 

@@ -1,9 +1,14 @@
-"""`SchedulerCore`: the facade the gRPC servicers call.
+"""`SchedulerCore`: the facade the gRPC servicers call, and the driver of the machine.
 
 Every method takes the already-authenticated tenant id first. Resources of another
-tenant read as NotFound. State lives in memory and is journaled to a `RunStore`
-(sessions, runs, each run's operation log), from which a restarted scheduler recovers
-(`recover`); durable placement lives behind `PlacementPort`.
+tenant read as NotFound. What the scheduler decides lives in `SchedulerMachine` (pure:
+no task, timer or socket); this class is the thin asyncio layer around it: it runs the
+requests that need I/O (placing a run, creating its adapter), executes the machine's
+actions (trainer batches, checkpoint calls, moves, freezes, snapshot confirmations) as
+tasks, feeds their outcomes back, and wakes the machine when time decides something.
+State is journaled to a `RunStore` (sessions, runs, each run's operation log), from
+which a restarted scheduler recovers (`recover`); durable placement lives behind
+`PlacementPort`.
 """
 
 from __future__ import annotations
@@ -13,17 +18,19 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from tunemesh_common.errors import Code, FailedPrecondition, TunemeshError
 from tunemesh_common.errors import ResourceExhausted, Unavailable
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core import idempotency
-from tunemesh_scheduler.core.dispatch import NodeDispatcher
-from tunemesh_scheduler.core.operations import OperationStore
-from tunemesh_scheduler.core.failover import IN_DOUBT_REASONS, RunMover, SnapshotPolicy
+from tunemesh_scheduler.core.failover import FailoverCalls
 from tunemesh_scheduler.core.journal import Journal
+from tunemesh_scheduler.core.machine import (
+    Action, Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, SchedulerMachine, Single, SnapshotPolicy,
+)
+from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import (
     Fence, ItemOutcome, LoadRequest, LoadResult, PlacementPort, RunStore, StoreWrite, TrainerPort,
 )
@@ -38,7 +45,6 @@ from tunemesh_scheduler.core.records import (
 )
 from tunemesh_scheduler.core.runs import RunRegistry
 from tunemesh_scheduler.core.sampling import SamplingSessionRegistry
-from tunemesh_scheduler.core.sequencing import RunLane
 from tunemesh_scheduler.core.sessions import SessionRegistry
 
 log = logging.getLogger(__name__)
@@ -83,7 +89,7 @@ def _new_uuid() -> str:
 
 
 class SchedulerCore:
-    """Sessions, runs and operations of all tenants; per-run order; fused batching."""
+    """Sessions, runs and operations of all tenants; drives the `SchedulerMachine`."""
 
     def __init__(
         self,
@@ -95,6 +101,7 @@ class SchedulerCore:
         new_id: Callable[[], str] = _new_uuid,
         metrics: SchedulerMetrics | None = None,
         store: RunStore | None = None,
+        move_retry_s: float = 2.0,
     ) -> None:
         self._trainer = trainer
         self._config = config
@@ -104,14 +111,22 @@ class SchedulerCore:
         self.sessions = SessionRegistry(clock, new_id, note)
         self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant, note)
         self.operations = OperationStore(clock, new_id, self._metrics, note)
-        self.mover = RunMover(trainer, placement, store, note, clock,
-                              SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s))
         self.sampling = SamplingSessionRegistry(clock, new_id, note)
-        self._lanes: dict[str, RunLane] = {}
-        self._dispatchers: dict[str, NodeDispatcher] = {}
+        self.machine = SchedulerMachine(
+            self.operations, self.sessions, clock=clock, note=note,
+            gap_timeout_s=config.gap_timeout_s, batch_token_budget=config.batch_token_budget,
+            batch_wait_s=config.batch_wait_s, unreachable_retry_s=config.unreachable_retry_s,
+            move_retry_s=move_retry_s, session_timeout_s=config.session_timeout_s,
+            finished_ttl_s=config.finished_ttl_s,
+            snapshots=SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s),
+            movable=store is not None, metrics=self._metrics,
+        )
+        self._calls = FailoverCalls(trainer, placement, store)
         self._serving = False
         self._clock = clock
-        self._evictor: asyncio.Task | None = None
+        self._wake = asyncio.Event()
+        self._driver: asyncio.Task | None = None
+        self._tasks: set[asyncio.Task] = set()  # the machine's actions being executed
 
     # ---- lifecycle -------------------------------------------------------------------
 
@@ -119,66 +134,119 @@ class SchedulerCore:
         """Begin serving (call from the event loop that will run the core)."""
         self._serving = True
         self.journal.start()
-        self._evictor = asyncio.get_running_loop().create_task(self._evict_periodically())
+        self._driver = asyncio.get_running_loop().create_task(self._drive(), name="scheduler-driver")
 
-    async def _evict_periodically(self) -> None:
+    def _tick_period(self) -> float:
         config = self._config
-        period = min(60.0, config.finished_ttl_s, config.session_timeout_s / 3 or 60.0, config.gap_timeout_s / 4)
+        return max(0.05, min(60.0, config.finished_ttl_s, config.session_timeout_s / 3 or 60.0,
+                             config.gap_timeout_s / 4))
+
+    async def _drive(self) -> None:
+        """Execute the machine's actions as they come; tick it periodically."""
+        period = self._tick_period()
+        next_tick = self._clock() + period
         while True:
-            await asyncio.sleep(max(0.05, period))
-            self.tick()
+            self._wake.clear()  # before asking: a change made from here on wakes the loop again
+            now = self._clock()
+            if now >= next_tick:
+                self.machine.tick(now)
+                next_tick = now + period
+            try:
+                actions = self.machine.next_actions(now)
+            except Exception:  # a bug must not stop all dispatching for good
+                log.exception("the scheduler machine failed to plan")
+                actions = []
+            for action in actions:
+                self._spawn(self._execute(action))
+            deadline = min(self.machine.next_deadline() or next_tick, next_tick)
+            try:
+                async with asyncio.timeout(min(period, max(0.0, deadline - self._clock()))):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+
+    def _poke(self) -> None:
+        """The machine changed: let the driver look at it."""
+        self._wake.set()
+
+    def _spawn(self, coro: Awaitable[None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _execute(self, action: Action) -> None:
+        try:
+            if isinstance(action, Batch):
+                outcomes, error = await _guard(self._trainer.run_batch(action.node_id, action.items), action.ops[0])
+                self.machine.complete_batch(action, outcomes, error)
+            elif isinstance(action, Single):
+                epoch = action.op.epoch
+                result, error = await _guard(self._run_single(action.op), action.op)
+                self.machine.complete_single(action, ItemOutcome(result=result, error=error, epoch=epoch))
+            elif isinstance(action, Move):
+                await self._move(action)
+            elif isinstance(action, Freeze):
+                await self._calls.freeze(action)
+                self.machine.frozen(action)
+            elif isinstance(action, ConfirmSnapshot):
+                await self._confirm(action)
+            elif isinstance(action, FreeMovedAway):
+                await self._calls.free_moved_away(action.node_id, self.machine.moved_away)
+        except Exception:
+            log.exception("executing %s failed", type(action).__name__)
+        finally:
+            self._poke()
+
+    async def _move(self, action: Move) -> None:
+        try:
+            node, epoch = await self._calls.move(action)
+        except Exception as exc:  # TunemeshError expected; anything else must not wedge the run
+            level = logging.WARNING if isinstance(exc, TunemeshError) else logging.ERROR
+            log.log(level, "moving %s failed (%r); trying again", action.run.name, exc, extra={"run": action.run.name})
+            self.machine.move_failed(action)
+            return
+        self.machine.moved(action, node, epoch)
+
+    async def _confirm(self, action: ConfirmSnapshot) -> None:
+        try:
+            await self._calls.confirm(action)
+        except TunemeshError as exc:
+            log.warning("snapshot after %s of %s failed: %s", action.op.seq_id, action.run.name, exc,
+                        extra={"run": action.run.name})
+            self.machine.snapshot_failed(action)
+            return
+        superseded = self.machine.snapshot_written(action)
+        if superseded:
+            await self._calls.delete_snapshot(action.run, superseded)
+
+    async def _run_single(self, op: OperationRecord) -> Any:
+        """A checkpoint save or load of one run (ordered like its other operations)."""
+        fence = Fence(op.seq_id, op.epoch)
+        if op.kind is OpKind.LOAD_STATE:
+            step = await self._trainer.load_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
+            return LoadResult(op.payload.path, step)
+        return await self._trainer.save_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
 
     def tick(self, now: float | None = None) -> None:
         """Everything time decides: gap deadlines, expired sessions, forgotten operations."""
-        now = self._clock() if now is None else now
-        for lane in list(self._lanes.values()):
-            lane.expire(now)
-        self.evict_finished()
-        self.sweep_sessions()
-
-    def sweep_sessions(self) -> None:
-        """End sessions past their heartbeat timeout; freeze the idle runs of ended ones."""
-        if self._config.session_timeout_s:
-            for record in self.sessions.expire(self._clock() - self._config.session_timeout_s):
-                log.info("session %s expired (no heartbeat for %gs)", record.name, self._config.session_timeout_s,
-                         extra={"tenant": record.tenant})
-        ended = self.sessions.ended()
-        for lane in self._lanes.values():
-            run = lane.run
-            if run.session in ended and run.node_id and lane.idle() and run.name not in self.mover.moving:
-                self.mover.freeze(run)
+        self.machine.tick(self._clock() if now is None else now)
+        self._poke()
 
     def evict_finished(self) -> int:
         """Forget operations finished more than `finished_ttl_s` ago; returns how many."""
-        evicted = self.operations.evict_finished(self._clock() - self._config.finished_ttl_s)
-        compacted = []
-        for op in evicted:
-            lane = self._lanes.get(op.run)
-            if lane is not None:
-                lane.forget(op)
-                if op.seq_id <= lane.run.last_seq_id:
-                    compacted.append(op)
-        # The runs' floors (last_seq_id, step) are stored before their log shrinks.
-        for run in {op.run: self._lanes[op.run].run for op in compacted}.values():
-            run.floor = (run.last_seq_id, run.step)
-            self.journal.note(StoreWrite(run))
-        for op in compacted:
-            self.journal.note(StoreWrite(op, delete=True))
-        return len(evicted)
+        return self.machine.evict_finished(self._clock())
 
     async def stop(self) -> None:
         """Stop dispatching and write what the journal holds; every unfinished operation
         then fails with UNAVAILABLE here, but stays queued in the state store for the
         next scheduler (it is not journaled as failed)."""
         self._serving = False
-        if self._evictor is not None:
-            self._evictor.cancel()
-        for dispatcher in self._dispatchers.values():
-            await dispatcher.stop()
-        self._dispatchers.clear()
-        for lane in self._lanes.values():
+        tasks = [t for t in (self._driver, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for lane in self.machine.lanes.values():
             lane.close()
-        await self.mover.stop()
         await self.journal.stop()
         error = OperationError(Code.UNAVAILABLE, "SCHEDULER_STOPPING", "scheduler stopped")
         for op in self.operations.unfinished():
@@ -198,22 +266,10 @@ class SchedulerCore:
             self.sessions.restore(session)
         for sampling in plan.sampling_sessions:
             self.sampling.restore(sampling)
-        finished = sorted((op for r in plan.runs for op in r.finished), key=lambda o: (o.end_time or 0, o.name))
-        for op in finished:  # by end time: the order eviction expects
-            self.operations.restore(op)
         for recovered in plan.runs:
             self.runs.restore(recovered.run)
-            self.journal.note(StoreWrite(recovered.run))  # its new epoch
-            lane = self._add_lane(recovered.run)
-            for op in recovered.queued:
-                self.operations.restore(op)
-            for op in recovered.finished + recovered.queued:
-                lane.restore(op)
-            lane.pump()
-            for op in recovered.lost:
-                self.journal.note(StoreWrite(op, delete=True))
-        for op in plan.orphans:
-            self.journal.note(StoreWrite(op, delete=True))
+        self.machine.restore(plan)
+        self._poke()
 
     # ---- sessions --------------------------------------------------------------------
 
@@ -228,8 +284,14 @@ class SchedulerCore:
 
     def end_session(self, tenant: str, name: str) -> SessionRecord:
         record = self.sessions.end(tenant, name)
-        self.sweep_sessions()  # its idle runs give their slots back now
+        self.machine.sweep_sessions(self._clock())  # its idle runs give their slots back now
+        self._poke()
         return record
+
+    def sweep_sessions(self) -> None:
+        """End sessions past their heartbeat timeout; freeze the idle runs of ended ones."""
+        self.machine.sweep_sessions(self._clock())
+        self._poke()
 
     # ---- runs ------------------------------------------------------------------------
 
@@ -249,14 +311,14 @@ class SchedulerCore:
         record = await self.runs.create(
             tenant, session, base_model, lora, request_id, load if restore else None, restore
         )
-        self._add_lane(record)
+        self.machine.add_run(record)
         await self.sync()  # Unavailable while the store is down: a retry gets this run
         return record
 
     def restore_run(self, record: RunRecord) -> None:
         """Adopt a run known from durable metadata (its `last_seq_id` is kept)."""
         self.runs.restore(record)
-        self._add_lane(record)
+        self.machine.add_run(record)
 
     def get_run(self, tenant: str, name: str) -> RunRecord:
         return self.runs.get(tenant, name)
@@ -271,7 +333,8 @@ class SchedulerCore:
             record.session = session
             self.journal.note(StoreWrite(record))
         if not record.node_id:
-            self._move(record)
+            self.machine.relocate(name)
+            self._poke()
         await self.sync()
         return record
 
@@ -279,14 +342,11 @@ class SchedulerCore:
         """Delete an idle run and free its adapter slot (and the tenant's quota)."""
         self._check_serving()
         record = self.runs.get(tenant, name)
-        lane = self._lanes[name]
-        if not lane.idle():
+        if not self.machine.lanes[name].idle() or name in self.machine.moving:
             raise FailedPrecondition(
                 "RUN_BUSY", f"{name} has unfinished operations: wait for them or cancel them first"
             )
-        lane.close()
-        del self._lanes[name]
-        self.mover.forget(name)
+        self.machine.remove_run(name)
         await self.runs.delete(record)
 
     def list_runs(
@@ -312,7 +372,7 @@ class SchedulerCore:
         an idempotent retry). See `idempotency.check_call` / `find_duplicate` for the errors."""
         self._check_serving()
         record = self.runs.get(tenant, run)
-        lane = self._lanes[run]
+        lane = self.machine.lanes[run]
         kind = idempotency.check_call(seq_id, kind, num_tokens)
         existing = idempotency.find_duplicate(
             self.operations.find_request(tenant, request_id), lane, seq_id, request_id, kind, payload_digest
@@ -332,7 +392,8 @@ class SchedulerCore:
             payload=payload, payload_digest=payload_digest, num_tokens=num_tokens,
             node_id=record.node_id, epoch=record.epoch,
         )
-        lane.add(op)
+        self.machine.submit(op)
+        self._poke()
         await self._logged(op)
         return op
 
@@ -356,17 +417,30 @@ class SchedulerCore:
         return await self.operations.wait(op, timeout_s)
 
     def cancel_operation(self, tenant: str, name: str) -> OperationRecord:
-        """Best-effort cancel: a QUEUED op becomes CANCELLED (later seq_ids of its run
-        proceed); a RUNNING or done op is returned unchanged."""
+        """Best-effort cancel: a QUEUED op that has not gone out becomes CANCELLED (later
+        seq_ids of its run proceed); a RUNNING, in-doubt or done op is returned unchanged."""
         op = self.operations.get(tenant, name)
-        if op.state is not OpState.QUEUED:
-            return op
-        lane = self._lanes[op.run]
-        if op is lane.head and not self._dispatchers[op.node_id].discard(op):
-            return op
-        self.operations.cancel(op)
-        lane.on_done(op)
+        if self.machine.cancel(op):
+            self._poke()
         return op
+
+    # ---- trainers that fail ----------------------------------------------------------
+
+    def node_lost(self, node_id: str) -> None:
+        """Trainer `node_id` left (its lease lapsed): move every run it held."""
+        self.machine.node_lost(node_id)
+        self._poke()
+
+    def node_joined(self, node_id: str) -> None:
+        """Trainer `node_id` (re)joined: free the adapters it still holds of runs that
+        moved away from it meanwhile (it was paused or cut off past its lease)."""
+        self.machine.node_joined(node_id)
+        self._poke()
+
+    def relocate(self, run_name: str) -> None:
+        """Rebuild a run whose trainer lost its adapter, from its snapshot and log."""
+        self.machine.relocate(run_name)
+        self._poke()
 
     # ---- status ----------------------------------------------------------------------
 
@@ -381,169 +455,22 @@ class SchedulerCore:
             "operations_by_state": dict(+ops.by_state),
             "queued_by_tenant": dict(ops.queued_by_tenant),  # every tenant that ever queued, 0 when idle
             "queued_by_node": dict(+ops.queued_by_node),
-            "nodes": {node: d.snapshot() for node, d in self._dispatchers.items()},
+            "nodes": self.machine.node_status(),
         }
-
-    # ---- internals -------------------------------------------------------------------
 
     def _check_serving(self) -> None:
         if not self._serving:
             raise Unavailable("NOT_SERVING", "scheduler is not serving")
 
-    def _add_lane(self, record: RunRecord) -> RunLane:
-        if record.name not in self._lanes:
-            self._lanes[record.name] = RunLane(
-                record, self._config.gap_timeout_s, self._release, self._fail_gap, self._clock
-            )
-        return self._lanes[record.name]
 
-    def _dispatcher(self, node_id: str) -> NodeDispatcher:
-        dispatcher = self._dispatchers.get(node_id)
-        if dispatcher is None:
-            dispatcher = self._dispatchers[node_id] = NodeDispatcher(
-                node_id, self._trainer, self.operations.mark_running, self._finish,
-                self._config.batch_token_budget, self._config.batch_wait_s, self._companion_of,
-                self._run_single, self._metrics,
-            )
-            dispatcher.start()
-        return dispatcher
-
-    def _companion_of(self, op: OperationRecord) -> OperationRecord | None:
-        """The run's optim_step right after forward op `op`, if already queued: the trainer
-        applies a batch's optimizer items after its fused pass, so it can ride along."""
-        if op.kind is OpKind.OPTIM_STEP or op.run in self.mover.moving:
-            return None
-        lane = self._lanes[op.run]
-        nxt = lane.find(op.seq_id + 1)
-        if nxt is not None and nxt.kind is OpKind.OPTIM_STEP and nxt.state is OpState.QUEUED:
-            self.mover.mark_snapshot(lane.run, nxt)
-            return nxt
-        return None
-
-    async def _run_single(self, op: OperationRecord) -> Any:
-        """A checkpoint save or load of one run (ordered like its other operations)."""
-        fence = Fence(op.seq_id, op.epoch)
-        if op.kind is OpKind.LOAD_STATE:
-            step = await self._trainer.load_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
-            return LoadResult(op.payload.path, step)
-        return await self._trainer.save_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
-
-    def _release(self, op: OperationRecord) -> None:
-        if op.run in self.mover.moving:
-            return  # the move releases the run's head on its new node
-        run = self._lanes[op.run].run
-        if not run.node_id:  # frozen: rebuilt first, then the move releases the head
-            self._move(run)
-            return
-        self.mover.mark_snapshot(run, op)
-        self._dispatcher(op.node_id).enqueue(op)
-
-    # ---- trainers that fail ----------------------------------------------------------
-
-    def node_lost(self, node_id: str) -> None:
-        """Trainer `node_id` left (its lease lapsed): move every run it held."""
-        for lane in list(self._lanes.values()):
-            if lane.run.node_id == node_id:
-                self._move(lane.run)
-
-    def node_joined(self, node_id: str) -> None:
-        """Trainer `node_id` (re)joined: free the adapters it still holds of runs that
-        moved away from it meanwhile (it was paused or cut off past its lease)."""
-        if self.mover.enabled:
-            self.mover.spawn(self._free_moved_away(node_id))
-
-    async def _free_moved_away(self, node_id: str) -> None:
-        try:
-            held = await self._trainer.list_adapters(node_id)
-        except TunemeshError as exc:
-            log.info("could not list the adapters of %s: %s", node_id, exc)
-            return
-        for adapter in held:
-            lane = self._lanes.get(adapter)
-            if lane is None or lane.run.node_id == node_id or adapter in self.mover.moving:
-                continue  # unknown ones are freed when a scheduler starts
-            try:
-                await self._trainer.delete_adapter(node_id, adapter)
-                log.info("freed %s on %s: the run moved to %s", adapter, node_id, lane.run.node_id)
-            except TunemeshError as exc:
-                log.info("could not free %s on %s: %s", adapter, node_id, exc)
-
-    def relocate(self, run_name: str) -> None:
-        """Rebuild a run whose trainer lost its adapter, from its snapshot and log."""
-        lane = self._lanes.get(run_name)
-        if lane is not None:
-            self._move(lane.run)
-
-    def _move(self, run: RunRecord) -> None:
-        if self.mover.enabled and run.name in self._lanes:
-            lane = self._lanes[run.name]
-            self.mover.move(run, lambda: lane.history(), self._moved)
-
-    def _moved(self, run: RunRecord) -> None:
-        """`run` serves again on its new node: its waiting operations go there."""
-        lane = self._lanes.get(run.name)
-        if lane is None:
-            return
-        for op in lane.unfinished():
-            old = self._dispatchers.get(op.node_id)
-            if old is not None and op.node_id != run.node_id:
-                old.discard(op)  # still waiting for the node it left
-            self.operations.reassign(op, run.node_id, run.epoch)
-        if lane.head is not None and lane.head.state is OpState.QUEUED:
-            self._release(lane.head)
-
-    def _park(self, op: OperationRecord, why: OperationError) -> None:
-        """The op did not certainly apply where it went (trainer unreachable, adapter
-        lost, run moving): it goes out again, never fails for it. The trainer applies a
-        (run, seq_id) once, so a call that did apply is answered from its record."""
-        log.info("sending %s again later: %s", op.name, why.message, extra={"run": op.run, "operation": op.name})
-        self.operations.requeue(op)
-        run = self._lanes[op.run].run
-        if why.reason == "ADAPTER_NOT_FOUND" and self.mover.enabled:
-            self._move(run)
-        elif op.run not in self.mover.moving:
-            asyncio.get_running_loop().call_later(self._config.unreachable_retry_s, self._release_again, op)
-
-    def _release_again(self, op: OperationRecord) -> None:
-        lane = self._lanes.get(op.run)
-        if lane is not None and op is lane.head and op.state is OpState.QUEUED:
-            self._release(op)
-
-    def _finish(self, op: OperationRecord, outcome: ItemOutcome) -> None:
-        if op.done:
-            return
-        parked = _in_doubt(outcome.error) if self.mover.enabled else None
-        if op.run in self.mover.moving or op.epoch != outcome.epoch:
-            parked = OperationError(Code.UNAVAILABLE, "RUN_MOVED", "the run moved while the call was out")
-        if parked is not None and op.run in self._lanes:
-            self._park(op, parked)
-            return
-        if outcome.error is not None:
-            self.operations.fail(op, outcome.error)
-        else:
-            self.operations.succeed(op, outcome.result)
-            if op.kind is OpKind.OPTIM_STEP:
-                self._lanes[op.run].run.step += 1
-            elif op.kind is OpKind.LOAD_STATE:
-                self._lanes[op.run].run.step = outcome.result.step
-        self.mover.on_finished(self._lanes[op.run].run, op)
-        self._lanes[op.run].on_done(op)
-
-    def _fail_gap(self, lane: RunLane, waiting: list[OperationRecord]) -> None:
-        log.warning("seq_id %d never arrived; failing %d ops", lane.next_seq_id, len(waiting),
-                    extra={"run": lane.run.name})
-        error = OperationError(
-            Code.FAILED_PRECONDITION, "SEQ_ID_GAP",
-            f"seq_id {lane.next_seq_id} of {lane.run.name} did not arrive within "
-            f"{self._config.gap_timeout_s:g}s",
-        )
-        for op in waiting:
-            self.operations.fail(op, error)
-        lane.pump()
-
-
-def _in_doubt(error: OperationError | None) -> OperationError | None:
-    """`error` when it does not say the call certainly failed where it was applied."""
-    if error is not None and error.reason in IN_DOUBT_REASONS:
-        return error
-    return None
+async def _guard(call: Awaitable[Any], op: OperationRecord) -> tuple[Any, OperationError | None]:
+    """Await a port call and return (value, None) or (None, error). This is the trainer
+    boundary: anything unexpected is logged and reported as INTERNAL, never propagated."""
+    try:
+        return await call, None
+    except TunemeshError as exc:
+        log.warning("trainer call failed: %r", exc, extra={"operation": op.name, "run": op.run})
+        return None, OperationError.of(exc)
+    except Exception:
+        log.exception("trainer call crashed", extra={"operation": op.name, "run": op.run})
+        return None, OperationError(Code.INTERNAL, "TRAINER_ERROR", "trainer call failed")

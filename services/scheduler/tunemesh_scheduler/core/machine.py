@@ -1,0 +1,567 @@
+"""The scheduler's decisions as a pure state machine.
+
+The shape is vLLM v1's engine core (`schedule -> execute -> update_from_output`):
+`submit` queues a run's operation, `next_actions(now)` says what to send (one fused
+batch per free trainer node, single checkpoint calls, run moves, freezes, snapshot
+confirmations), the `complete_*` / `moved` / `*_failed` methods feed the answers back,
+and `tick(now)` applies what time decides (gap deadlines, expired sessions, forgotten
+operations). The machine owns no task, timer or socket, and never awaits: the asyncio
+driver (`SchedulerCore`) executes the actions and reports how they ended, so every
+interleaving of submits, answers, failures, moves and leader changes is a sequence of
+plain calls in a unit test.
+
+Rules it keeps:
+- A run's operations go out one at a time in seq_id order (`RunLane`); a node has at
+  most one batch out; a batch holds at most one operation per run, plus the run's next
+  OPTIM_STEP when it is already queued (the trainer applies it after the fused pass).
+- An answer that does not say the call certainly failed where it went (trainer
+  unreachable, adapter lost, the run moved or its epoch changed while the call was out)
+  parks the operation: it goes out again after `unreachable_retry_s`, never fails for
+  it. The trainer applies a (run, seq_id) once, so a repeat is answered from its record.
+- A run being moved or frozen sends nothing; when the move ends its waiting operations
+  go to the new node with the new epoch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from typing import Any, Union
+
+from tunemesh_common.errors import Code
+from tunemesh_common.metrics import SchedulerMetrics
+from tunemesh_scheduler.core.fairness import FairQueue
+from tunemesh_scheduler.core.operations import OperationStore
+from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, SnapshotTarget, StoreWrite
+from tunemesh_scheduler.core.recovery import RecoveryPlan
+from tunemesh_scheduler.core.records import (
+    BATCHABLE_KINDS, OperationError, OperationRecord, OpKind, OpState, RunRecord,
+)
+from tunemesh_scheduler.core.sequencing import RunLane
+from tunemesh_scheduler.core.sessions import SessionRegistry
+from tunemesh_common import checkpoint_paths
+
+log = logging.getLogger(__name__)
+
+# Errors that do not say a call certainly failed where it went: sent again, never final.
+IN_DOUBT_REASONS = frozenset({"TRAINER_UNAVAILABLE", "TRAINER_GONE", "ADAPTER_NOT_FOUND"})
+
+
+def snapshot_path(run_name: str, seq_id: int) -> str:
+    """Where the automatic snapshot taken after `seq_id` of a run is written."""
+    return f"tunemesh://{run_name}/state/{checkpoint_paths.SNAPSHOT_PREFIX}{seq_id:012d}"
+
+
+# ---- actions: what the driver is asked to do --------------------------------------------
+
+
+@dataclasses.dataclass(eq=False)
+class Batch:
+    """One trainer round of `node_id`: `items[i]` is the call of `ops[i]`."""
+
+    node_id: str
+    ops: list[OperationRecord]
+    items: list[BatchItem]
+
+
+@dataclasses.dataclass(eq=False)
+class Single:
+    """A checkpoint save or load of one run (ordered like its other operations)."""
+
+    op: OperationRecord
+
+
+@dataclasses.dataclass(eq=False)
+class Move:
+    """Re-place `run` with a raised epoch, load its snapshot, replay `history` after it."""
+
+    run: RunRecord
+    history: list[OperationRecord]  # the run's known operations, by seq_id
+
+
+@dataclasses.dataclass(eq=False)
+class Freeze:
+    """Release an idle run's adapter slot (its session ended)."""
+
+    run: RunRecord
+
+
+@dataclasses.dataclass(eq=False)
+class ConfirmSnapshot:
+    """Wait until the snapshot asked for after `op` is written."""
+
+    run: RunRecord
+    op: OperationRecord
+
+
+@dataclasses.dataclass(eq=False)
+class FreeMovedAway:
+    """List the adapters `node_id` holds and free those of runs placed elsewhere now."""
+
+    node_id: str
+
+
+Action = Union[Batch, Single, Move, Freeze, ConfirmSnapshot, FreeMovedAway]
+
+
+@dataclasses.dataclass(frozen=True)
+class SnapshotPolicy:
+    every_steps: int = 8  # 0: never by steps
+    every_s: float = 300.0  # 0: never by time
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Snapshot bookkeeping of one run."""
+
+    step_at_snapshot: int
+    time_at_snapshot: float
+    pending: bool = False  # a snapshot is being written
+
+
+@dataclasses.dataclass
+class _Node:
+    """Dispatch state of one trainer node."""
+
+    ready: FairQueue = dataclasses.field(default_factory=FairQueue)
+    ready_since: float | None = None  # when the merge window of the next batch opened
+    backlog: bool = False  # ops were left over from the last batch: no merge window
+    in_flight: Batch | None = None
+    singles_running: int = 0
+    batches_total: int = 0
+    batch_items_total: int = 0
+    batch_tokens_total: int = 0
+
+
+class SchedulerMachine:
+    """Per-run order, fused batching, parking, moves and snapshots; no I/O."""
+
+    def __init__(
+        self,
+        operations: OperationStore,
+        sessions: SessionRegistry,
+        *,
+        clock: Callable[[], float],
+        note: Callable[[StoreWrite], int],
+        gap_timeout_s: float = 300.0,
+        batch_token_budget: int = 16384,
+        batch_wait_s: float = 0.0,
+        unreachable_retry_s: float = 1.0,
+        move_retry_s: float = 2.0,
+        session_timeout_s: float = 0.0,
+        finished_ttl_s: float = 3600.0,
+        snapshots: SnapshotPolicy = SnapshotPolicy(),
+        movable: bool = True,
+        metrics: SchedulerMetrics | None = None,
+    ) -> None:
+        self.operations = operations
+        self.sessions = sessions
+        self._clock = clock
+        self._note = note
+        self._gap_timeout_s = gap_timeout_s
+        self._token_budget = batch_token_budget
+        self._batch_wait_s = batch_wait_s
+        self._retry_s = unreachable_retry_s
+        self._move_retry_s = move_retry_s
+        self._session_timeout_s = session_timeout_s
+        self._finished_ttl_s = finished_ttl_s
+        self._policy = snapshots
+        self.movable = movable  # moves replay kept calls, so they need a state store
+        self._metrics = metrics or SchedulerMetrics()
+        self.lanes: dict[str, RunLane] = {}
+        self._nodes: dict[str, _Node] = {}
+        self._actions: list[Action] = []  # decided, not yet handed to the driver
+        self._parked: dict[str, tuple[float, OperationRecord]] = {}  # op name -> (send at, op)
+        self._move_at: dict[str, float] = {}  # run -> when its failed move is tried again
+        self.moving: set[str] = set()  # runs being moved or frozen: nothing of theirs goes out
+        self._progress: dict[str, _Progress] = {}
+
+    # ---- runs ------------------------------------------------------------------------
+
+    def add_run(self, run: RunRecord) -> RunLane:
+        if run.name not in self.lanes:
+            self.lanes[run.name] = RunLane(run, self._gap_timeout_s, self._release, self._fail_gap, self._clock)
+        return self.lanes[run.name]
+
+    def remove_run(self, name: str) -> None:
+        """Forget a deleted run (it is idle)."""
+        lane = self.lanes.pop(name)
+        lane.close()
+        self._progress.pop(name, None)
+        self._move_at.pop(name, None)
+
+    def restore(self, plan: RecoveryPlan) -> None:
+        """Take over the runs and operations of a previous scheduler. Queued operations
+        go out again, with the runs' new epochs."""
+        finished = sorted((op for r in plan.runs for op in r.finished), key=lambda o: (o.end_time or 0, o.name))
+        for op in finished:  # by end time: the order eviction expects
+            self.operations.restore(op)
+        for recovered in plan.runs:
+            self._note(StoreWrite(recovered.run))  # its new epoch
+            lane = self.add_run(recovered.run)
+            for op in recovered.queued:
+                self.operations.restore(op)
+            for op in recovered.finished + recovered.queued:
+                lane.restore(op)
+            lane.pump()
+            for op in recovered.lost:
+                self._note(StoreWrite(op, delete=True))
+        for op in plan.orphans:
+            self._note(StoreWrite(op, delete=True))
+
+    # ---- operations ------------------------------------------------------------------
+
+    def submit(self, op: OperationRecord) -> None:
+        """Queue a new operation of a known run; it goes out once its turn comes."""
+        self.lanes[op.run].add(op)
+
+    def cancel(self, op: OperationRecord) -> bool:
+        """Cancel a QUEUED operation that has not gone out; False when it cannot be (it
+        is running, or its outcome is in doubt)."""
+        if op.state is not OpState.QUEUED:
+            return False
+        lane = self.lanes[op.run]
+        if op is lane.head and not self._node(op.node_id).ready.discard(op):
+            return False
+        self.operations.cancel(op)
+        lane.on_done(op)
+        return True
+
+    # ---- what to send ----------------------------------------------------------------
+
+    def next_actions(self, now: float) -> list[Action]:
+        """Everything to send now: due retries and moves first, then one batch per free
+        node whose merge window has passed. Operations in a returned batch are RUNNING."""
+        for name, (at, op) in list(self._parked.items()):
+            if at <= now:
+                del self._parked[name]
+                self._release_again(op)
+        for run, at in list(self._move_at.items()):
+            if at <= now:
+                del self._move_at[run]
+                if run in self.lanes:
+                    self._actions.append(Move(self.lanes[run].run, self.lanes[run].history()))
+        for node_id, node in self._nodes.items():
+            if node.in_flight is None and node.ready and (
+                node.backlog or now >= (node.ready_since or now) + self._batch_wait_s
+            ):
+                self._actions.append(self._take_batch(node_id, node))
+        actions, self._actions = self._actions, []
+        return actions
+
+    def next_deadline(self) -> float | None:
+        """The earliest time `next_actions` or `tick` may decide something new on its own."""
+        times = [at for at, _ in self._parked.values()] + list(self._move_at.values())
+        times += [n.ready_since + self._batch_wait_s for n in self._nodes.values()
+                  if n.in_flight is None and n.ready and n.ready_since is not None]
+        times += [lane.gap_deadline for lane in self.lanes.values() if lane.gap_deadline is not None]
+        return min(times, default=None)
+
+    def _take_batch(self, node_id: str, node: _Node) -> Batch:
+        heads = node.ready.take(self._token_budget)
+        node.ready_since = None
+        # A head's run may send its next op along when the trainer applies it right after
+        # (an optim_step after a forward op): one trainer round per training step.
+        ops = heads + [c for op in heads if (c := self._companion_of(op)) is not None]
+        items = [BatchItem(op.name, op.run, op.kind, op.payload, op.num_tokens, Fence(op.seq_id, op.epoch),
+                           SnapshotTarget(op.snapshot_path, op.tenant) if op.snapshot_path else None)
+                 for op in ops]
+        for op in ops:
+            self.operations.mark_running(op)
+        batch = Batch(node_id, ops, items)
+        node.in_flight = batch
+        tokens = sum(op.num_tokens for op in ops)
+        node.batches_total += 1
+        node.batch_items_total += len(ops)
+        node.batch_tokens_total += tokens
+        self._metrics.batch(node_id, len(ops), tokens)
+        for op in ops:
+            if op.num_tokens:
+                self._metrics.tokens(op.tenant, op.kind.value, op.num_tokens)
+        return batch
+
+    def _companion_of(self, op: OperationRecord) -> OperationRecord | None:
+        """The run's optim_step right after forward op `op`, if already queued."""
+        if op.kind is OpKind.OPTIM_STEP or op.run in self.moving:
+            return None
+        lane = self.lanes[op.run]
+        nxt = lane.find(op.seq_id + 1)
+        if nxt is not None and nxt.kind is OpKind.OPTIM_STEP and nxt.state is OpState.QUEUED:
+            self._mark_snapshot(lane.run, nxt)
+            return nxt
+        return None
+
+    def _release(self, op: OperationRecord) -> None:
+        """A run's head is ready to go out."""
+        if op.run in self.moving:
+            return  # the move releases the run's head on its new node
+        run = self.lanes[op.run].run
+        if not run.node_id:  # frozen: rebuilt first, then the move releases the head
+            self._move(run)
+            return
+        self._mark_snapshot(run, op)
+        if op.kind in BATCHABLE_KINDS:
+            node = self._node(op.node_id)
+            if not node.ready and node.ready_since is None:
+                node.ready_since = self._clock()
+            node.ready.push(op)
+        else:
+            self.operations.mark_running(op)
+            self._node(op.node_id).singles_running += 1
+            self._actions.append(Single(op))
+
+    def _release_again(self, op: OperationRecord) -> None:
+        lane = self.lanes.get(op.run)
+        if lane is not None and op is lane.head and op.state is OpState.QUEUED:
+            self._release(op)
+
+    def _node(self, node_id: str) -> _Node:
+        node = self._nodes.get(node_id)
+        if node is None:
+            node = self._nodes[node_id] = _Node()
+        return node
+
+    # ---- answers ---------------------------------------------------------------------
+
+    def complete_batch(self, batch: Batch, outcomes: list[ItemOutcome] | None,
+                       error: OperationError | None = None) -> None:
+        """The trainer answered `batch` (one outcome per item), or the call failed with
+        `error` (every item gets it)."""
+        node = self._node(batch.node_id)
+        if node.in_flight is batch:
+            node.in_flight = None
+        node.backlog = bool(node.ready)
+        if error is None and (outcomes is None or len(outcomes) != len(batch.ops)):
+            log.error("trainer %s answered %s outcomes for %d items", batch.node_id,
+                      None if outcomes is None else len(outcomes), len(batch.ops))
+            error = OperationError(Code.INTERNAL, "BAD_BATCH_RESPONSE", "trainer answer malformed")
+        if error is not None:
+            outcomes = [ItemOutcome(error=error)] * len(batch.ops)
+        for op, item, outcome in zip(batch.ops, batch.items, outcomes, strict=True):
+            self._finish(op, dataclasses.replace(outcome, epoch=item.fence.epoch))
+
+    def complete_single(self, single: Single, outcome: ItemOutcome) -> None:
+        """A checkpoint call ended (`outcome.epoch` is the epoch it was sent with)."""
+        self._node(single.op.node_id).singles_running -= 1
+        self._finish(single.op, outcome)
+
+    def _finish(self, op: OperationRecord, outcome: ItemOutcome) -> None:
+        if op.done:
+            return
+        parked = _in_doubt(outcome.error) if self.movable else None
+        if op.run in self.moving or op.epoch != outcome.epoch:
+            parked = OperationError(Code.UNAVAILABLE, "RUN_MOVED", "the run moved while the call was out")
+        if parked is not None and op.run in self.lanes:
+            self._park(op, parked)
+            return
+        if outcome.error is not None:
+            self.operations.fail(op, outcome.error)
+        else:
+            self.operations.succeed(op, outcome.result)
+            if op.kind is OpKind.OPTIM_STEP:
+                self.lanes[op.run].run.step += 1
+            elif op.kind is OpKind.LOAD_STATE:
+                self.lanes[op.run].run.step = outcome.result.step
+        self._snapshot_finished(self.lanes[op.run].run, op)
+        self.lanes[op.run].on_done(op)
+
+    def _park(self, op: OperationRecord, why: OperationError) -> None:
+        log.info("sending %s again later: %s", op.name, why.message, extra={"run": op.run, "operation": op.name})
+        self.operations.requeue(op)
+        run = self.lanes[op.run].run
+        if why.reason == "ADAPTER_NOT_FOUND" and self.movable:
+            self._move(run)
+        elif op.run not in self.moving:
+            self._parked[op.name] = (self._clock() + self._retry_s, op)
+
+    def _fail_gap(self, lane: RunLane, waiting: list[OperationRecord]) -> None:
+        log.warning("seq_id %d never arrived; failing %d ops", lane.next_seq_id, len(waiting),
+                    extra={"run": lane.run.name})
+        error = OperationError(
+            Code.FAILED_PRECONDITION, "SEQ_ID_GAP",
+            f"seq_id {lane.next_seq_id} of {lane.run.name} did not arrive within {self._gap_timeout_s:g}s",
+        )
+        for op in waiting:
+            self.operations.fail(op, error)
+        lane.pump()
+
+    # ---- time ------------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        """Everything time decides: gap deadlines, expired sessions, forgotten operations."""
+        for lane in list(self.lanes.values()):
+            lane.expire(now)
+        self.evict_finished(now)
+        self.sweep_sessions(now)
+
+    def sweep_sessions(self, now: float) -> None:
+        """End sessions past their heartbeat timeout; freeze the idle runs of ended ones."""
+        if self._session_timeout_s:
+            for record in self.sessions.expire(now - self._session_timeout_s):
+                log.info("session %s expired (no heartbeat for %gs)", record.name, self._session_timeout_s,
+                         extra={"tenant": record.tenant})
+        ended = self.sessions.ended()
+        for lane in self.lanes.values():
+            run = lane.run
+            if run.session in ended and run.node_id and lane.idle() and run.name not in self.moving:
+                self._freeze(run)
+
+    def evict_finished(self, now: float) -> int:
+        """Forget operations finished more than `finished_ttl_s` before `now`."""
+        evicted = self.operations.evict_finished(now - self._finished_ttl_s)
+        compacted = []
+        for op in evicted:
+            lane = self.lanes.get(op.run)
+            if lane is not None:
+                lane.forget(op)
+                if op.seq_id <= lane.run.last_seq_id:
+                    compacted.append(op)
+        # The runs' floors (last_seq_id, step) are stored before their log shrinks.
+        for run in {op.run: self.lanes[op.run].run for op in compacted}.values():
+            run.floor = (run.last_seq_id, run.step)
+            self._note(StoreWrite(run))
+        for op in compacted:
+            self._note(StoreWrite(op, delete=True))
+        return len(evicted)
+
+    # ---- moves and freezes -----------------------------------------------------------
+
+    def node_lost(self, node_id: str) -> None:
+        """Trainer `node_id` left (its lease lapsed): move every run it held."""
+        for lane in list(self.lanes.values()):
+            if lane.run.node_id == node_id:
+                self._move(lane.run)
+
+    def node_joined(self, node_id: str) -> None:
+        """Trainer `node_id` (re)joined: it may still hold adapters of runs that moved
+        away meanwhile (it was paused or cut off past its lease)."""
+        if self.movable:
+            self._actions.append(FreeMovedAway(node_id))
+
+    def moved_away(self, node_id: str, adapter: str) -> bool:
+        """Whether adapter `adapter` held by `node_id` belongs to a run placed elsewhere
+        now (unknown adapters are left to the takeover of a starting scheduler)."""
+        lane = self.lanes.get(adapter)
+        return lane is not None and lane.run.node_id != node_id and adapter not in self.moving
+
+    def relocate(self, run_name: str) -> None:
+        """Rebuild a run whose trainer lost its adapter, from its snapshot and log."""
+        lane = self.lanes.get(run_name)
+        if lane is not None:
+            self._move(lane.run)
+
+    def _move(self, run: RunRecord) -> None:
+        if not self.movable or run.name not in self.lanes or run.name in self.moving:
+            return
+        self.moving.add(run.name)
+        lane = self.lanes[run.name]
+        if lane.head is not None and lane.head.state is OpState.QUEUED:
+            self._node(lane.head.node_id).ready.discard(lane.head)  # waits for the new node
+            self._parked.pop(lane.head.name, None)
+        self._actions.append(Move(run, lane.history()))
+
+    def moved(self, move: Move, node_id: str, epoch: int) -> None:
+        """`move` ended: the run serves on `node_id` with `epoch`; its waiting
+        operations go there."""
+        run = move.run
+        run.node_id, run.epoch = node_id, epoch
+        self._note(StoreWrite(run))
+        self.moving.discard(run.name)
+        lane = self.lanes.get(run.name)
+        if lane is None:
+            return
+        for op in lane.unfinished():
+            self.operations.reassign(op, run.node_id, run.epoch)
+        if lane.head is not None and lane.head.state is OpState.QUEUED:
+            self._release(lane.head)
+
+    def move_failed(self, move: Move) -> None:
+        """`move` did not finish (no trainer, a call failed): it is tried again."""
+        if move.run.name in self.lanes:
+            self._move_at[move.run.name] = self._clock() + self._move_retry_s
+
+    def _freeze(self, run: RunRecord) -> None:
+        if self.movable and run.name not in self.moving:
+            self.moving.add(run.name)
+            self._actions.append(Freeze(run))
+
+    def frozen(self, freeze: Freeze) -> None:
+        """The run's adapter and placement are released (or could not be: the takeover
+        of a later scheduler frees what is left)."""
+        freeze.run.node_id = ""
+        self._note(StoreWrite(freeze.run))
+        self.moving.discard(freeze.run.name)
+        lane = self.lanes.get(freeze.run.name)
+        if lane is not None and lane.head is not None and lane.head.state is OpState.QUEUED:
+            self._release(lane.head)  # a call came while it froze: rebuild the run
+
+    # ---- snapshots -------------------------------------------------------------------
+
+    def _mark_snapshot(self, run: RunRecord, op: OperationRecord) -> None:
+        """Ask for a snapshot after OPTIM_STEP `op` when one is due."""
+        if not self.movable or op.kind is not OpKind.OPTIM_STEP:
+            return
+        now = self._clock()
+        progress = self._progress.setdefault(run.name, _Progress(run.step, now))
+        policy = self._policy
+        steps_due = policy.every_steps and run.step + 1 - progress.step_at_snapshot >= policy.every_steps
+        time_due = policy.every_s and now - progress.time_at_snapshot >= policy.every_s
+        if not progress.pending and (steps_due or time_due):
+            op.snapshot_path = snapshot_path(run.name, op.seq_id)
+            progress.pending = True
+
+    def _snapshot_finished(self, run: RunRecord, op: OperationRecord) -> None:
+        if not op.snapshot_path:
+            return
+        if op.state is OpState.SUCCEEDED:
+            self._actions.append(ConfirmSnapshot(run, op))
+        else:
+            self._progress[run.name].pending = False
+
+    def snapshot_written(self, confirm: ConfirmSnapshot) -> str:
+        """The trainer wrote the snapshot: the run's record names it and the calls it
+        covers are dropped from the store. Returns the superseded snapshot to delete
+        ('' when none)."""
+        run, op = confirm.run, confirm.op
+        progress = self._progress.get(run.name)
+        if progress is None:  # the run was deleted meanwhile
+            return ""
+        progress.pending = False
+        if run.name in self.moving:  # the move builds on the snapshot it started from
+            return ""
+        previous = run.snapshot_path
+        if op.seq_id > run.snapshot_seq_id:
+            run.snapshot_path, run.snapshot_seq_id = op.snapshot_path, op.seq_id
+            self._note(StoreWrite(run, trim_through=op.seq_id))
+        progress.step_at_snapshot, progress.time_at_snapshot = run.step, self._clock()
+        log.info("snapshot of %s after seq_id %d", run.name, op.seq_id, extra={"run": run.name})
+        return previous if previous and previous != run.snapshot_path else ""
+
+    def snapshot_failed(self, confirm: ConfirmSnapshot) -> None:
+        progress = self._progress.get(confirm.run.name)
+        if progress is not None:
+            progress.pending = False
+
+    # ---- status ----------------------------------------------------------------------
+
+    def node_status(self) -> dict[str, dict[str, Any]]:
+        return {
+            node_id: {
+                "ready": len(node.ready),
+                "ready_by_tenant": node.ready.depth_by_tenant(),
+                "batch_running": node.in_flight is not None,
+                "singles_running": node.singles_running,
+                "batches_total": node.batches_total,
+                "batch_items_total": node.batch_items_total,
+                "batch_tokens_total": node.batch_tokens_total,
+            }
+            for node_id, node in self._nodes.items()
+        }
+
+
+def _in_doubt(error: OperationError | None) -> OperationError | None:
+    """`error` when it does not say the call certainly failed where it was applied."""
+    if error is not None and error.reason in IN_DOUBT_REASONS:
+        return error
+    return None

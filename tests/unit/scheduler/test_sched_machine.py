@@ -1,0 +1,427 @@
+"""The scheduler's pure state machine, step by step: no event loop, no sleeps, no
+servers. Each test is a sequence of submits, `next_actions(now)`, answers and ticks,
+with the time passed in."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from tunemesh_common.errors import Code
+from tunemesh_scheduler.core import idempotency, recovery
+from tunemesh_scheduler.core.machine import (
+    Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, SchedulerMachine, Single, SnapshotPolicy,
+)
+from tunemesh_scheduler.core.operations import OperationStore
+from tunemesh_scheduler.core.ports import ItemOutcome, LoadRequest, LoadResult, SaveRequest, StoreWrite
+from tunemesh_scheduler.core.records import OperationError, OpKind, OpState, RunRecord
+from tunemesh_scheduler.core.sessions import SessionRegistry
+from tunemesh_scheduler.core.store import MemoryRunStore
+
+FB, OPTIM = OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP
+UNREACHABLE = OperationError(int(Code.UNAVAILABLE), "TRAINER_UNAVAILABLE", "trainer unreachable")
+LOST = OperationError(int(Code.NOT_FOUND), "ADAPTER_NOT_FOUND", "no such adapter on this trainer")
+BAD = OperationError(int(Code.INVALID_ARGUMENT), "BAD_INPUT", "tokens out of range")
+
+
+class Clock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class World:
+    """A machine, its clock, the writes it journals, and shortcuts."""
+
+    def __init__(self, **config) -> None:
+        self.clock = Clock()
+        self.writes: list[StoreWrite] = []
+        ids = itertools.count(1)
+        new_id = lambda: f"id{next(ids)}"  # noqa: E731
+        note = self._note
+        self.machine = SchedulerMachine(
+            OperationStore(self.clock, new_id, note=note), SessionRegistry(self.clock, new_id, note),
+            clock=self.clock, note=note, **{"unreachable_retry_s": 1.0, "move_retry_s": 2.0, **config},
+        )
+        self.session = self.machine.sessions.create("t1").name
+
+    def _note(self, write: StoreWrite) -> int:
+        self.writes.append(write)
+        return len(self.writes)
+
+    def run(self, name: str, node: str = "node-a", tenant: str = "t1") -> RunRecord:
+        session = self.session if tenant == "t1" else self.machine.sessions.create(tenant).name
+        record = RunRecord(name=name, tenant=tenant, session=session, base_model="tiny", lora=None,
+                           node_id=node, create_time=self.clock())
+        self._note(StoreWrite(record))  # as RunRegistry.create does
+        self.machine.add_run(record)
+        return record
+
+    def submit(self, run: RunRecord, seq: int, kind: OpKind = FB, tokens: int = 10, payload=None):
+        op = self.machine.operations.create(
+            tenant=run.tenant, run=run.name, seq_id=seq, kind=kind, request_id=f"{run.name}-{seq}",
+            payload=(run.name, seq) if payload is None else payload, payload_digest=repr((run.name, seq)),
+            num_tokens=tokens if kind is not OPTIM else 0, node_id=run.node_id, epoch=run.epoch,
+        )
+        self.machine.submit(op)
+        return op
+
+    def actions(self, dt: float = 0.0) -> list:
+        self.clock.t += dt
+        return self.machine.next_actions(self.clock())
+
+    def answer(self, batch: Batch, *errors) -> None:
+        """Answer every item of `batch` (with `errors[i]` where given)."""
+        outcomes = [ItemOutcome(error=errors[i] if i < len(errors) else None, result=f"ok-{op.seq_id}")
+                    for i, op in enumerate(batch.ops)]
+        self.machine.complete_batch(batch, outcomes)
+
+
+def _batches(actions) -> list[Batch]:
+    return [a for a in actions if isinstance(a, Batch)]
+
+
+def _only_batch(actions) -> Batch:
+    (batch,) = _batches(actions)
+    return batch
+
+
+def _seqs(batch: Batch) -> list[tuple[str, int]]:
+    return [(op.run, op.seq_id) for op in batch.ops]
+
+
+# ---- order and batching ----------------------------------------------------------------
+
+
+def test_operations_submitted_out_of_order_go_out_in_seq_id_order():
+    w = World()
+    r = w.run("runs/a")
+    ops = {seq: w.submit(r, seq) for seq in (3, 1, 2)}
+    sent = []
+    while (actions := w.actions()):
+        batch = _only_batch(actions)
+        sent += _seqs(batch)
+        w.answer(batch)
+    assert sent == [("runs/a", 1), ("runs/a", 2), ("runs/a", 3)]
+    assert all(op.state is OpState.SUCCEEDED for op in ops.values()) and r.last_seq_id == 3
+
+
+def test_one_batch_per_node_is_out_and_later_arrivals_join_the_next():
+    w = World()
+    a, b, c = w.run("runs/a"), w.run("runs/b"), w.run("runs/c")
+    w.submit(a, 1)
+    first = _only_batch(w.actions())
+    w.submit(b, 1), w.submit(c, 1)
+    assert w.actions() == []  # node-a is busy
+    w.answer(first)
+    second = _only_batch(w.actions())
+    assert sorted(_seqs(second)) == [("runs/b", 1), ("runs/c", 1)]
+
+
+def test_nodes_dispatch_independently():
+    w = World()
+    a, b = w.run("runs/a", "node-a"), w.run("runs/b", "node-b")
+    w.submit(a, 1), w.submit(b, 1)
+    assert sorted(batch.node_id for batch in _batches(w.actions())) == ["node-a", "node-b"]
+
+
+def test_an_optim_step_already_queued_rides_with_its_forward_backward():
+    w = World()
+    r = w.run("runs/a")
+    fb, step = w.submit(r, 1), w.submit(r, 2, OPTIM)
+    batch = _only_batch(w.actions())
+    assert batch.ops == [fb, step] and step.state is OpState.RUNNING
+    w.answer(batch)
+    assert r.last_seq_id == 2 and r.step == 1 and w.actions() == []
+
+
+def test_the_merge_window_waits_for_other_tenants_and_a_backlog_goes_at_once():
+    w = World(batch_wait_s=0.05, batch_token_budget=10)
+    a, b, c = w.run("runs/a"), w.run("runs/b", tenant="t2"), w.run("runs/c", tenant="t3")
+    w.submit(a, 1)
+    assert w.actions() == [] and w.machine.next_deadline() == 1000.05
+    w.submit(b, 1), w.submit(c, 1)
+    first = _only_batch(w.actions(0.05))
+    assert len(first.ops) == 1  # the token budget holds one
+    w.answer(first)
+    assert len(_only_batch(w.actions()).ops) == 1  # left over: no new window
+
+
+def test_the_token_budget_splits_but_a_larger_op_still_goes_alone():
+    w = World(batch_token_budget=15)
+    runs = [w.run(f"runs/{i}") for i in range(3)]
+    w.submit(runs[0], 1, tokens=40)
+    assert _seqs(_only_batch(w.actions())) == [("runs/0", 1)]
+
+
+def test_checkpoint_calls_go_out_alone_in_their_turn():
+    w = World()
+    r = w.run("runs/a")
+    w.submit(r, 1)
+    save = w.submit(r, 2, OpKind.SAVE_STATE, payload=SaveRequest("tunemesh://x/ck", False))
+    batch = _only_batch(w.actions())
+    w.answer(batch)
+    (single,) = w.actions()
+    assert isinstance(single, Single) and single.op is save and save.state is OpState.RUNNING
+    w.machine.complete_single(single, ItemOutcome(result="ck", epoch=save.epoch))
+    assert save.state is OpState.SUCCEEDED and r.last_seq_id == 2
+
+
+# ---- gaps, failures, cancels ------------------------------------------------------------
+
+
+def test_a_gap_fails_the_waiting_ops_only_at_its_deadline():
+    w = World(gap_timeout_s=30)
+    r = w.run("runs/a")
+    later = w.submit(r, 2)
+    assert w.actions() == [] and w.machine.next_deadline() == 1030
+    w.machine.tick(1029.9)
+    assert later.state is OpState.QUEUED
+    w.machine.tick(1030)
+    assert later.state is OpState.FAILED and later.error.reason == "SEQ_ID_GAP"
+
+
+def test_a_final_error_fails_that_op_and_the_run_goes_on():
+    w = World()
+    r = w.run("runs/a")
+    bad, good = w.submit(r, 1), w.submit(r, 2)
+    w.answer(_only_batch(w.actions()), BAD)
+    assert bad.state is OpState.FAILED and bad.error.reason == "BAD_INPUT"
+    w.answer(_only_batch(w.actions()))
+    assert good.state is OpState.SUCCEEDED
+
+
+def test_an_unreachable_trainer_parks_the_op_and_sends_it_again_after_the_retry_wait():
+    w = World()
+    r = w.run("runs/a")
+    op = w.submit(r, 1)
+    first = _only_batch(w.actions())
+    w.answer(first, UNREACHABLE)
+    assert op.state is OpState.QUEUED and op.error is None  # in doubt: never failed
+    assert w.actions(0.5) == [] and w.machine.next_deadline() == 1001.0
+    again = _only_batch(w.actions(0.5))
+    assert again.ops == [op] and again.items[0].fence == first.items[0].fence  # the same seq_id and epoch
+    w.answer(again)
+    assert op.state is OpState.SUCCEEDED
+
+
+def test_without_a_store_an_unreachable_trainer_is_a_final_error():
+    w = World(movable=False)
+    op = w.submit(w.run("runs/a"), 1)
+    w.answer(_only_batch(w.actions()), UNREACHABLE)
+    assert op.state is OpState.FAILED
+
+
+def test_a_malformed_answer_fails_the_batch_as_internal():
+    w = World(movable=False)
+    op = w.submit(w.run("runs/a"), 1)
+    w.machine.complete_batch(_only_batch(w.actions()), [])
+    assert op.state is OpState.FAILED and op.error.reason == "BAD_BATCH_RESPONSE"
+
+
+def test_cancel_withdraws_a_waiting_head_but_not_one_in_doubt():
+    w = World(batch_wait_s=1.0)
+    r = w.run("runs/a")
+    head, nxt = w.submit(r, 1), w.submit(r, 2)
+    assert w.machine.cancel(head) and head.state is OpState.CANCELLED
+    batch = _only_batch(w.actions(1.0))
+    assert batch.ops == [nxt]
+    w.answer(batch, UNREACHABLE)  # parked: it may have applied
+    assert not w.machine.cancel(nxt) and nxt.state is OpState.QUEUED
+
+
+# ---- moves ------------------------------------------------------------------------------
+
+
+def test_a_lost_adapter_moves_the_run_and_its_waiting_ops_follow_with_the_new_epoch():
+    w = World()
+    r, other = w.run("runs/a"), w.run("runs/b")
+    done = w.submit(r, 1)
+    w.answer(_only_batch(w.actions()))
+    op = w.submit(r, 2)
+    w.answer(_only_batch(w.actions()), LOST)
+    (move,) = w.actions()
+    assert isinstance(move, Move) and move.run is r and done in move.history
+    w.submit(r, 3), w.submit(other, 1)
+    assert [_seqs(b) for b in _batches(w.actions())] == [[("runs/b", 1)]]  # the moving run sends nothing
+    w.machine.moved(move, "node-b", 2)
+    batch = _only_batch(w.actions())
+    assert batch.node_id == "node-b" and batch.ops == [op] and batch.items[0].fence.epoch == 2
+    assert StoreWrite(r) in w.writes and r.node_id == "node-b" and r.epoch == 2
+
+
+def test_an_answer_from_before_a_move_is_never_taken_as_final():
+    w = World()
+    r = w.run("runs/a")
+    op = w.submit(r, 1)
+    stale = _only_batch(w.actions())
+    w.machine.node_lost("node-a")
+    (move,) = w.actions()
+    w.answer(stale)  # the old trainer answers while the run moves: parked, not succeeded
+    assert op.state is OpState.QUEUED and r.last_seq_id == 0
+    w.machine.moved(move, "node-b", 2)
+    again = _only_batch(w.actions())
+    assert again.ops == [op] and again.items[0].fence.epoch == 2
+    w.answer(again)
+    assert op.state is OpState.SUCCEEDED and op.result == "ok-1"
+
+
+def test_an_answer_of_an_old_epoch_that_arrives_after_the_move_ended_is_parked():
+    w = World()
+    r = w.run("runs/a")
+    op = w.submit(r, 1)
+    stale = _only_batch(w.actions())
+    w.machine.node_lost("node-a")
+    (move,) = w.actions()
+    w.machine.moved(move, "node-b", 2)  # the move ends before the old trainer answers
+    assert w.actions() == []  # the op is still out (RUNNING): nothing sent twice at once
+    w.answer(stale)
+    assert op.state is OpState.QUEUED
+    again = _only_batch(w.actions(1.0))
+    assert again.node_id == "node-b" and again.items[0].fence.epoch == 2
+
+
+def test_a_failed_move_is_tried_again_after_its_retry_wait():
+    w = World()
+    r = w.run("runs/a")
+    w.machine.node_lost("node-a")
+    (move,) = w.actions()
+    w.machine.move_failed(move)
+    assert w.actions(1.9) == []
+    (again,) = w.actions(0.1)
+    assert isinstance(again, Move) and again.run is r
+
+
+def test_a_lost_node_moves_only_its_own_runs_and_a_rejoined_one_is_cleaned():
+    w = World()
+    a, b = w.run("runs/a", "node-a"), w.run("runs/b", "node-b")
+    w.machine.node_lost("node-a")
+    w.machine.node_lost("node-a")  # twice: one move
+    actions = w.actions()
+    assert [type(x) for x in actions] == [Move] and actions[0].run is a
+    w.machine.moved(actions[0], "node-b", 2)
+    w.machine.node_joined("node-a")
+    (free,) = w.actions()
+    assert isinstance(free, FreeMovedAway) and free.node_id == "node-a"
+    assert w.machine.moved_away("node-a", "runs/a") and not w.machine.moved_away("node-b", "runs/b")
+    assert not w.machine.moved_away("node-a", "runs/unknown")
+
+
+# ---- snapshots --------------------------------------------------------------------------
+
+
+def _step(w: World, run: RunRecord, seq: int) -> Batch:
+    w.submit(run, seq), w.submit(run, seq + 1, OPTIM)
+    batch = _only_batch(w.actions())
+    w.answer(batch)
+    return batch
+
+
+def test_a_snapshot_is_asked_for_every_k_steps_and_confirmed_before_the_log_is_trimmed():
+    w = World(snapshots=SnapshotPolicy(every_steps=2, every_s=0))
+    r = w.run("runs/a")
+    first = _step(w, r, 1)
+    assert first.items[1].snapshot is None and w.actions() == []
+    second = _step(w, r, 3)
+    assert second.items[1].snapshot.path.endswith("snapshot-000000000004")
+    (confirm,) = w.actions()
+    assert isinstance(confirm, ConfirmSnapshot) and confirm.op.seq_id == 4
+    assert w.machine.snapshot_written(confirm) == ""  # nothing before it
+    assert r.snapshot_seq_id == 4 and StoreWrite(r, trim_through=4) in w.writes
+    _step(w, r, 5)
+    _step(w, r, 7)
+    (confirm,) = w.actions()
+    assert w.machine.snapshot_written(confirm).endswith("snapshot-000000000004")  # superseded: delete it
+
+
+def test_a_failed_snapshot_is_asked_for_again_at_the_next_step():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+    r = w.run("runs/a")
+    _step(w, r, 1)
+    (confirm,) = w.actions()
+    w.machine.snapshot_failed(confirm)
+    assert r.snapshot_seq_id == 0
+    assert _step(w, r, 3).items[1].snapshot is not None
+
+
+def test_a_snapshot_is_due_after_its_time_too():
+    w = World(snapshots=SnapshotPolicy(every_steps=0, every_s=60))
+    r = w.run("runs/a")
+    assert _step(w, r, 1).items[1].snapshot is None
+    w.clock.t += 60
+    assert _step(w, r, 3).items[1].snapshot is not None
+
+
+# ---- sessions ---------------------------------------------------------------------------
+
+
+def test_an_expired_session_freezes_its_idle_runs_and_a_later_call_rebuilds_them():
+    w = World(session_timeout_s=10)
+    r = w.run("runs/a")
+    w.answer(_only_batch((w.submit(r, 1), w.actions())[1]))
+    w.machine.tick(1009)
+    assert w.actions() == []
+    w.machine.tick(1010.5)
+    (freeze,) = w.actions()
+    assert isinstance(freeze, Freeze) and freeze.run is r
+    w.machine.frozen(freeze)
+    assert r.node_id == "" and StoreWrite(r) in w.writes
+    w.machine.sessions.restore(w.machine.sessions.get("t1", r.session))  # (resumed elsewhere)
+    op = w.submit(r, 2)
+    (move,) = w.actions()
+    assert isinstance(move, Move)
+    w.machine.moved(move, "node-b", 2)
+    assert _only_batch(w.actions()).ops == [op]
+
+
+def test_finished_ops_are_forgotten_after_their_ttl_and_the_floor_is_stored_first():
+    w = World(finished_ttl_s=60)
+    r = w.run("runs/a")
+    op = w.submit(r, 1)
+    w.answer(_only_batch(w.actions()))
+    assert w.machine.evict_finished(1059) == 0
+    w.writes.clear()
+    assert w.machine.evict_finished(1061) == 1
+    assert w.writes == [StoreWrite(r), StoreWrite(op, delete=True)] and r.floor == (1, 0)
+
+
+# ---- leader change ----------------------------------------------------------------------
+
+
+def test_a_new_leader_takes_over_queued_ops_with_a_raised_epoch_and_keeps_finished_ones():
+    old = World()
+    r = old.run("runs/a")
+    first = old.submit(r, 1)
+    old.answer(_only_batch(old.actions()))
+    running = old.submit(r, 2)
+    _only_batch(old.actions())  # out when the leader dies
+    old.submit(r, 3)
+    store = MemoryRunStore()
+    asyncio.run(store.apply(old.writes))
+    plan = recovery.plan(asyncio.run(store.load()))
+
+    new = World()
+    for session in plan.sessions:
+        new.machine.sessions.restore(session)
+    new.machine.restore(plan)
+    lane = new.machine.lanes["runs/a"]
+    assert lane.run.epoch == 2 and lane.run.last_seq_id == 1
+    # The finished op keeps its meaning: a re-send of it is answered from its record.
+    again = idempotency.find_duplicate(None, lane, 1, first.request_id, FB, first.payload_digest)
+    assert again is not None and again.state is OpState.SUCCEEDED
+    # The op that was running goes out again (the trainer applies a seq_id once), then the next.
+    batch = _only_batch(new.actions())
+    assert _seqs(batch) == [("runs/a", 2)] and batch.items[0].fence.epoch == 2 and batch.ops[0].name == running.name
+    new.answer(batch)
+    assert _seqs(_only_batch(new.actions())) == [("runs/a", 3)]
+
+
+def test_a_load_sets_the_runs_step_from_the_checkpoint():
+    w = World()
+    r = w.run("runs/a")
+    load = w.submit(r, 1, OpKind.LOAD_STATE, payload=LoadRequest("tunemesh://x/ck", True))
+    (single,) = w.actions()
+    w.machine.complete_single(single, ItemOutcome(result=LoadResult("tunemesh://x/ck", 7), epoch=load.epoch))
+    assert r.step == 7 and load.state is OpState.SUCCEEDED
