@@ -55,6 +55,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s,
         s.max_runs_per_tenant, store_timeout_s=s.store_timeout_s, snapshot_every_steps=s.snapshot_every_steps,
         snapshot_every_s=s.snapshot_every_s, session_timeout_s=s.session_timeout_s,
+        snapshot_min_interval_s=s.snapshot_min_interval_s, journal_linger_s=s.journal_linger_ms / 1000,
     )
     scheduler_metrics = metrics.SchedulerMetrics(prometheus_client.REGISTRY)
     call_store = CallStoreClient(s.checkpoint, s.checkpoint_timeout_s) if s.durable and s.checkpoint else None

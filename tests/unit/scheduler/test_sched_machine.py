@@ -425,3 +425,17 @@ def test_a_load_sets_the_runs_step_from_the_checkpoint():
     (single,) = w.actions()
     w.machine.complete_single(single, ItemOutcome(result=LoadResult("tunemesh://x/ck", 7), epoch=load.epoch))
     assert r.step == 7 and load.state is OpState.SUCCEEDED
+
+
+def test_snapshots_are_held_apart_by_the_minimum_interval():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0, min_interval_s=5))
+    r = w.run("runs/a")
+    assert _step(w, r, 1).items[1].snapshot is None  # the run's first 5 s
+    w.clock.t += 5
+    assert _step(w, r, 3).items[1].snapshot is not None
+    (confirm,) = w.actions()
+    w.machine.snapshot_written(confirm)
+    w.clock.t += 4.9
+    assert _step(w, r, 5).items[1].snapshot is None  # due by steps, held back by time
+    w.clock.t += 0.1
+    assert _step(w, r, 7).items[1].snapshot is not None

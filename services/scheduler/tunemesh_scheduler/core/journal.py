@@ -3,7 +3,11 @@
 Core methods note each change with `note()` (synchronously, in the order they happen) and
 get a ticket; `synced(ticket)` waits until that change and every earlier one is in the
 store. One flusher task writes whatever is pending as one `apply` (group commit), so a
-burst of submits costs one round trip. When the store is unreachable the flusher retries
+burst of submits costs one round trip. Woken by a change, the flusher first lingers
+`linger_s` (2 ms): the changes of one scheduler turn (a batch's outcomes, the submits
+that follow them) share a transaction, and the next batch goes out to its trainer before
+the journal's encoding and etcd call take the event loop, so the write overlaps the
+trainer's compute instead of delaying it. When the store is unreachable the flusher retries
 with backoff and keeps every change, in order, until it comes back.
 
 Without a store (`Journal(None)`) nothing is kept and nothing waits: a scheduler whose
@@ -31,8 +35,10 @@ MAX_GROUP = 64  # changes per apply (etcd allows 128 operations per transaction)
 class Journal:
     """Pending changes and the flusher that writes them."""
 
-    def __init__(self, store: RunStore | None, retry_s: Callable[[int], float] = lambda n: min(2.0, 0.1 * 2**n)) -> None:
+    def __init__(self, store: RunStore | None, retry_s: Callable[[int], float] = lambda n: min(2.0, 0.1 * 2**n),
+                 linger_s: float = 0.002) -> None:
         self._store = store
+        self._linger_s = linger_s
         self._retry_s = retry_s
         self._pending: list[StoreWrite] = []
         self._noted = 0  # tickets handed out
@@ -98,6 +104,7 @@ class Journal:
             if not self._pending:
                 self._wake.clear()
                 await self._wake.wait()
+                await asyncio.sleep(self._linger_s)
             group = self._pending[:MAX_GROUP]
             try:
                 await self._store.apply(group)

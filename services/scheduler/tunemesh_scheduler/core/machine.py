@@ -109,6 +109,7 @@ Action = Union[Batch, Single, Move, Freeze, ConfirmSnapshot, FreeMovedAway]
 class SnapshotPolicy:
     every_steps: int = 8  # 0: never by steps
     every_s: float = 300.0  # 0: never by time
+    min_interval_s: float = 0.0  # never sooner than this after the run's last snapshot
 
 
 @dataclasses.dataclass
@@ -505,9 +506,10 @@ class SchedulerMachine:
         now = self._clock()
         progress = self._progress.setdefault(run.name, _Progress(run.step, now))
         policy = self._policy
+        since = now - progress.time_at_snapshot
         steps_due = policy.every_steps and run.step + 1 - progress.step_at_snapshot >= policy.every_steps
-        time_due = policy.every_s and now - progress.time_at_snapshot >= policy.every_s
-        if not progress.pending and (steps_due or time_due):
+        time_due = policy.every_s and since >= policy.every_s
+        if not progress.pending and (steps_due or time_due) and since >= policy.min_interval_s:
             op.snapshot_path = snapshot_path(run.name, op.seq_id)
             progress.pending = True
 

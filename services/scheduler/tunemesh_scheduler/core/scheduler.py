@@ -76,6 +76,13 @@ class SchedulerConfig:
     snapshot_every_steps: int = 8
     # ... or when this many seconds passed since its last snapshot; 0: never.
     snapshot_every_s: float = 300.0
+    # ... but not sooner than this many seconds after its last one: fast steps (a small
+    # model) are not snapshot many times a second; a move then replays at most about
+    # this long of the run's work (or `snapshot_every_steps` steps, if more). The
+    # service's setting defaults to 5 s.
+    snapshot_min_interval_s: float = 0.0
+    # The journal gathers changes this long before each write to the state store.
+    journal_linger_s: float = 0.002
     # Wait before sending again an operation whose trainer could not be reached.
     unreachable_retry_s: float = 1.0
     # A session not heard from (heartbeat or create) this long ends; its runs freeze
@@ -106,7 +113,7 @@ class SchedulerCore:
         self._trainer = trainer
         self._config = config
         self._metrics = metrics or SchedulerMetrics()
-        self.journal = Journal(store)  # None: state lives and dies with this process
+        self.journal = Journal(store, linger_s=config.journal_linger_s)  # None: state lives and dies with this process
         note = self.journal.note
         self.sessions = SessionRegistry(clock, new_id, note)
         self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant, note)
@@ -118,7 +125,8 @@ class SchedulerCore:
             batch_wait_s=config.batch_wait_s, unreachable_retry_s=config.unreachable_retry_s,
             move_retry_s=move_retry_s, session_timeout_s=config.session_timeout_s,
             finished_ttl_s=config.finished_ttl_s,
-            snapshots=SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s),
+            snapshots=SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s,
+                                     config.snapshot_min_interval_s),
             movable=store is not None, metrics=self._metrics,
         )
         self._calls = FailoverCalls(trainer, placement, store)
