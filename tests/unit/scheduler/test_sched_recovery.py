@@ -373,9 +373,6 @@ def test_eviction_after_recovery_goes_by_end_time_across_runs():
     asyncio.run(main())
 
 
-@pytest.mark.xfail(strict=True, reason="SchedulerCore.evict_finished deletes the stored record only "
-                   "of ops at or below last_seq_id when evicted; one evicted above it (cancelled "
-                   "behind a running op) is never compacted once the floor passes it")
 def test_records_evicted_above_the_floor_are_compacted_once_the_floor_passes_them():
     async def main():
         now = [1000.0]

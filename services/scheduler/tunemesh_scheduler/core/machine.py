@@ -177,6 +177,7 @@ class SchedulerMachine:
         self._move_at: dict[str, float] = {}  # run -> when its failed move is tried again
         self.moving: set[str] = set()  # runs being moved or frozen: nothing of theirs goes out
         self._progress: dict[str, _Progress] = {}
+        self._uncompacted: dict[str, list[OperationRecord]] = {}  # forgotten, stored record not yet deleted
 
     # ---- runs ------------------------------------------------------------------------
 
@@ -191,6 +192,7 @@ class SchedulerMachine:
         lane.close()
         self._progress.pop(name, None)
         self._move_at.pop(name, None)
+        self._uncompacted.pop(name, None)
 
     def restore(self, plan: RecoveryPlan) -> None:
         """Take over the runs and operations of a previous scheduler. Queued operations
@@ -409,15 +411,27 @@ class SchedulerMachine:
                 self._freeze(run)
 
     def evict_finished(self, now: float) -> int:
-        """Forget operations finished more than `finished_ttl_s` before `now`."""
+        """Forget operations finished more than `finished_ttl_s` before `now`. Their
+        stored records go once the run's floor passes them (one cancelled behind a
+        long-running operation can be forgotten before that: it waits here)."""
         evicted = self.operations.evict_finished(now - self._finished_ttl_s)
-        compacted = []
         for op in evicted:
             lane = self.lanes.get(op.run)
             if lane is not None:
                 lane.forget(op)
-                if op.seq_id <= lane.run.last_seq_id:
-                    compacted.append(op)
+                self._uncompacted.setdefault(op.run, []).append(op)
+        compacted = []
+        for run_name, ops in list(self._uncompacted.items()):
+            lane = self.lanes.get(run_name)
+            if lane is None:
+                del self._uncompacted[run_name]
+                continue
+            passed = [op for op in ops if op.seq_id <= lane.run.last_seq_id]
+            if passed:
+                compacted += passed
+                self._uncompacted[run_name] = [op for op in ops if op.seq_id > lane.run.last_seq_id]
+            if not self._uncompacted[run_name]:
+                del self._uncompacted[run_name]
         # The runs' floors (last_seq_id, step) are stored before their log shrinks.
         for run in {op.run: self.lanes[op.run].run for op in compacted}.values():
             run.floor = (run.last_seq_id, run.step)
