@@ -16,7 +16,7 @@ from tunemesh_local.state import MeshState, ProcessRecord
 MODEL = "tunemesh/tiny-dense"
 ENV = {"no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost",
        # tiny-dense steps take milliseconds: snapshot every 8 steps as they come, so the
-       # faults hit runs with a snapshot and a log after it (the service holds them 5 s apart)
+       # faults hit runs with a snapshot and a log after it (the service holds them 2 s apart)
        "TUNEMESH_SCHEDULER_SNAPSHOT_MIN_INTERVAL_S": "0"}
 
 

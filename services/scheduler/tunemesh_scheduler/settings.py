@@ -34,7 +34,7 @@ class SchedulerSettings:
     store_timeout_s: float = 5.0  # a create waits this long for etcd, then answers UNAVAILABLE
     snapshot_every_steps: int = 8  # snapshot each run (weights + AdamW) after this many optim steps; 0: never
     snapshot_every_s: float = 300.0  # ... or this long after its last snapshot; 0: never
-    snapshot_min_interval_s: float = 5.0  # ... but never sooner than this after the last one
+    snapshot_min_interval_s: float = 2.0  # ... but never sooner than this after the last one
     journal_linger_ms: float = 2.0  # the op log gathers changes this long before each etcd write
     leader_ttl_s: int = 5  # lease of the leadership: a standby takes over this long after the leader dies
     session_timeout_s: float = 600.0  # a session without heartbeat this long ends; its idle runs freeze; 0: never

@@ -91,6 +91,7 @@ class FailoverCalls:
         if not replayed:
             return
         calls = await self._store.payloads(run.name, after)
+        items = []  # the batchable calls waiting to go, at most a forward op and its optim_step
         for op in replayed:
             call = calls.get(op.seq_id)
             if call is None:
@@ -98,16 +99,31 @@ class FailoverCalls:
                                f"seq_id {op.seq_id} of {run.name} was not kept; the run cannot be replayed")
             fence = Fence(op.seq_id, epoch)
             if op.kind is OpKind.LOAD_STATE:
+                await self._replay_batch(run, node, items)
+                items = []
                 await self._trainer.load_adapter(node, run.name, run.tenant, call, fence)
                 continue
-            item = BatchItem(op.name, run.name, op.kind, call, op.num_tokens, fence)
-            (outcome,) = await self._trainer.run_batch(node, [item])
-            if outcome.error is not None and outcome.error.reason in IN_DOUBT_REASONS:
-                raise Unavailable(outcome.error.reason, f"replay of seq_id {op.seq_id}: {outcome.error.message}")
-            if outcome.error is not None:
-                log.error("replay of seq_id %d of %s failed although it succeeded before: %s", op.seq_id, run.name,
-                          outcome.error, extra={"run": run.name})
+            # An optim_step rides with the forward op right before it, as in dispatch:
+            # the trainer applies a batch's optimizer items after its fused pass.
+            rides = op.kind is OpKind.OPTIM_STEP and items and items[-1].kind is not OpKind.OPTIM_STEP \
+                and items[-1].fence.seq_id == op.seq_id - 1
+            if not rides:
+                await self._replay_batch(run, node, items)
+                items = []
+            items.append(BatchItem(op.name, run.name, op.kind, call, op.num_tokens, fence))
+        await self._replay_batch(run, node, items)
         log.info("replayed %d calls of %s on %s", len(replayed), run.name, node, extra={"run": run.name})
+
+    async def _replay_batch(self, run: RunRecord, node: str, items: list[BatchItem]) -> None:
+        if not items:
+            return
+        outcomes = await self._trainer.run_batch(node, items)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if outcome.error is not None and outcome.error.reason in IN_DOUBT_REASONS:
+                raise Unavailable(outcome.error.reason, f"replay of seq_id {item.fence.seq_id}: {outcome.error.message}")
+            if outcome.error is not None:
+                log.error("replay of seq_id %d of %s failed although it succeeded before: %s", item.fence.seq_id,
+                          run.name, outcome.error, extra={"run": run.name})
 
     async def free_moved_away(self, node_id: str, moved_away: Callable[[str, str], bool]) -> None:
         """Free the adapters `node_id` holds of runs for which `moved_away(node, run)`."""

@@ -79,7 +79,7 @@ class SchedulerConfig:
     # ... but not sooner than this many seconds after its last one: fast steps (a small
     # model) are not snapshot many times a second; a move then replays at most about
     # this long of the run's work (or `snapshot_every_steps` steps, if more). The
-    # service's setting defaults to 5 s.
+    # service's setting defaults to 2 s.
     snapshot_min_interval_s: float = 0.0
     # The journal gathers changes this long before each write to the state store.
     journal_linger_s: float = 0.002
