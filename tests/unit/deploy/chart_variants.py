@@ -1,10 +1,13 @@
-"""Renders deploy/k8s for the deploy tests (imported by them, not a conftest): default values and the GPU, multi-rank variant."""
+"""Renders deploy/k8s with Helm for the deploy tests (imported by them, not a conftest): default values and the GPU,
+multi-rank variant. Without a helm binary the tests using it skip; `make install` installs one."""
 
 from __future__ import annotations
 
 import pathlib
 
-from deploy import chart
+import pytest
+
+from deploy import helm
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 CHART = REPO / "deploy" / "k8s"
@@ -17,7 +20,18 @@ VARIANTS = {
 }
 
 
-def render_variant(name: str, extra_sets: list[str] = (), chart_dir: pathlib.Path = CHART) -> list[dict]:
+def require_helm() -> None:
+    """Skip the calling test when no helm binary is found."""
+    if helm.find() is None:
+        pytest.skip("helm not installed: `make install` puts it at .venv/bin/helm (scripts/install_helm.py)")
+
+
+def manifest(name: str, extra_sets: list[str] = (), chart_dir: pathlib.Path = CHART, release: str = "tm") -> str:
+    """`helm template` output for a variant (namespace `mesh`), with more --set assignments."""
+    require_helm()
     files, sets = VARIANTS[name]
-    values = chart.load_values(chart_dir, files, [*sets, *extra_sets])
-    return chart.documents(chart.render(chart_dir, values, release="tm", namespace="mesh"))
+    return helm.template(chart_dir, files, [*sets, *extra_sets], release=release, namespace="mesh")
+
+
+def render_variant(name: str, extra_sets: list[str] = (), chart_dir: pathlib.Path = CHART) -> list[dict]:
+    return helm.documents(manifest(name, extra_sets, chart_dir))

@@ -12,9 +12,9 @@ import sys
 
 import pytest
 import yaml
-from chart_variants import API_KEYS, CHART, VARIANTS, render_variant
+from chart_variants import API_KEYS, CHART, VARIANTS, manifest, render_variant, require_helm
 
-from deploy import chart, gotemplate
+from deploy import helm
 
 KUBERNETES_VERSIONS = ["1.31.0", "1.37.0"]  # the chart's kubeVersion floor, and the newest schemas
 MESH = {"scheduler", "trainer", "sampler", "checkpoint"}
@@ -40,15 +40,14 @@ def flags(container: dict) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
 def test_every_document_passes_kubernetes_validate_strict(name, tmp_path):
-    files, sets = VARIANTS[name]
-    rendered = chart.render(CHART, chart.load_values(CHART, files, sets), release="tm", namespace="mesh")
-    manifest = tmp_path / f"{name}.yaml"
-    manifest.write_text(chart.stream(rendered, "tunemesh"))
-    kinds = {d["kind"] for d in chart.documents(rendered)}
+    stream = manifest(name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(stream)
+    kinds = {d["kind"] for d in helm.documents(stream)}
     assert {"StatefulSet", "Deployment", "Service", "NetworkPolicy", "ConfigMap"} <= kinds
     for version in KUBERNETES_VERSIONS:
         done = subprocess.run(
-            [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", version, str(manifest)],
+            [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", version, str(path)],
             capture_output=True, text=True,
         )
         assert done.returncode == 0, done.stdout + done.stderr
@@ -56,18 +55,19 @@ def test_every_document_passes_kubernetes_validate_strict(name, tmp_path):
 
 def test_kubernetes_validate_strict_rejects_an_unknown_field(tmp_path):
     """The check above can fail: strict validation catches a misspelt field."""
-    manifest = tmp_path / "bad.yaml"
+    path = tmp_path / "bad.yaml"
     doc = workloads(render_variant("default"))["scheduler"]
     doc["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {}
-    manifest.write_text(yaml.safe_dump(doc))
+    path.write_text(yaml.safe_dump(doc))
     done = subprocess.run([sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", "1.31.0",
-                           str(manifest)], capture_output=True, text=True)
+                           str(path)], capture_output=True, text=True)
     assert done.returncode != 0
 
 
 def test_rendering_without_api_keys_fails_with_the_reason():
-    with pytest.raises(gotemplate.TemplateError, match="apiKeys"):
-        chart.render(CHART, chart.load_values(CHART))
+    require_helm()
+    with pytest.raises(helm.HelmError, match=r"scheduler.yaml.*set apiKeys.keys .* or apiKeys.existingSecret"):
+        helm.template(CHART)
 
 
 @pytest.mark.parametrize("replicas", [3, 5])
@@ -222,7 +222,7 @@ def test_torchrun_launcher_starts_the_rank_group_instead_of_ranks():
     assert container["command"][0] == "torchrun"
     assert "--nproc-per-node=2" in container["command"] and container["command"][-2:] == ["-m", "tunemesh_trainer"]
     assert "ranks" not in flags(container)
-    with pytest.raises(gotemplate.TemplateError, match="launcher"):
+    with pytest.raises(helm.HelmError, match="trainer.launcher must be ranks or torchrun"):
         render_variant("gpu", ["trainer.launcher=mpirun"])
 
 
@@ -286,27 +286,32 @@ def test_one_configmap_per_dashboard_json(chart_copy):
 def test_no_dashboards_no_configmaps(chart_copy):
     docs = render_variant("default", chart_dir=chart_copy / "k8s")
     assert not [d for d in docs if "grafana_dashboard" in d["metadata"].get("labels", {})]
-    shutil.rmtree(chart_copy / "grafana")  # a dangling link renders the same
-    assert render_variant("default", chart_dir=chart_copy / "k8s") == docs
+    shutil.rmtree(chart_copy / "grafana")  # Helm loads no chart with a dangling link: it names the link
+    with pytest.raises(helm.HelmError, match="error evaluating symlink .*dashboards"):
+        render_variant("default", chart_dir=chart_copy / "k8s")
 
 
-def test_values_merge_deeply_and_set_reads_scalars():
-    merged = chart.merge({"a": {"b": 1, "c": [1]}, "d": 1}, {"a": {"c": [2]}, "e": 2})
-    assert merged == {"a": {"b": 1, "c": [2]}, "d": 1, "e": 2}
-    assert chart.parse_set("x.y=3") == {"x": {"y": 3}}
-    assert chart.parse_set("x=true") == {"x": True}
-    assert chart.parse_set("k.s=a=b") == {"k": {"s": "a=b"}}
-    with pytest.raises(ValueError):
-        chart.parse_set("novalue")
+@pytest.mark.parametrize("values", ["values.yaml", "values-gpu.yaml"])
+def test_helm_lint_passes_for_each_values_file(values):
+    require_helm()
+    sets = [f"apiKeys.keys.{k}={t}" for k, t in API_KEYS.items()]
+    assert "0 chart(s) failed" in helm.lint(CHART, [CHART / values], sets, namespace="mesh")
 
 
-def test_cli_prints_a_manifest_stream(capsys):
-    assert chart.main([str(CHART), "--name", "prod", "--set", "apiKeys.keys.k=t"]) == 0
-    out = capsys.readouterr().out
-    docs = [d for d in yaml.safe_load_all(out) if d]
+def test_helm_lint_fails_on_a_broken_template(chart_copy):
+    """The check above can fail. (Lint mode turns the chart's `fail` calls into log lines: `helm template` checks those.)"""
+    require_helm()
+    with open(chart_copy / "k8s" / "templates" / "models.yaml", "a") as template:
+        template.write("broken: [\n")
+    with pytest.raises(helm.HelmError, match="models.yaml"):
+        helm.lint(chart_copy / "k8s", sets=["apiKeys.existingSecret=tenant-keys"])
+
+
+def test_helm_template_prefixes_every_object_with_the_release_name():
+    out = manifest("default", release="prod")
+    docs = helm.documents(out)
     assert out.count("# Source: tunemesh/templates/") == len(docs)
     assert all(d["metadata"]["name"].startswith("prod-") for d in docs)
-    assert chart.main([str(CHART)]) == 1  # no API keys
 
 
 def test_metrics_disabled_turns_off_listeners_scrapes_and_their_policy():
