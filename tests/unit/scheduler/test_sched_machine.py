@@ -439,3 +439,77 @@ def test_snapshots_are_held_apart_by_the_minimum_interval():
     assert _step(w, r, 5).items[1].snapshot is None  # due by steps, held back by time
     w.clock.t += 0.1
     assert _step(w, r, 7).items[1].snapshot is not None
+
+
+# ---- replay after a move ----------------------------------------------------------------
+
+
+def _finished_steps(w: World, run: RunRecord, steps: int) -> list:
+    """`steps` forward_backward + optim_step pairs of `run`, done; returns their ops."""
+    ops = []
+    for i in range(steps):
+        ops += [w.submit(run, 2 * i + 1), w.submit(run, 2 * i + 2, OPTIM)]
+        w.answer(_only_batch(w.actions()))
+    return ops
+
+
+def test_a_moved_runs_calls_are_replayed_in_order_fused_with_other_work_before_its_waiting_ops():
+    w = World()
+    moved, other = w.run("runs/a"), w.run("runs/b", "node-b")
+    done = _finished_steps(w, moved, 2)
+    waiting = w.submit(moved, 5)
+    w.machine.node_lost("node-a")
+    (move,) = w.actions()
+    live = w.submit(other, 1)
+    w.machine.moved(move, "node-b", 2, [(op, ("call", op.seq_id)) for op in done])
+    first = _only_batch(w.actions())
+    assert sorted(_seqs(first)) == [("runs/a", 1), ("runs/a", 2), ("runs/b", 1)] and live.state is OpState.RUNNING
+    standin = next(i for i, op in enumerate(first.ops) if op.run == "runs/a" and op.seq_id == 1)
+    assert first.items[standin].payload == ("call", 1) and first.items[standin].fence.epoch == 2
+    assert first.ops[standin].name != done[0].name and done[0].state is OpState.SUCCEEDED  # the record stays
+    w.answer(first)
+    second = _only_batch(w.actions())
+    assert _seqs(second) == [("runs/a", 3), ("runs/a", 4)]  # the rest of the replay
+    assert waiting.state is OpState.QUEUED
+    w.answer(second)
+    batch = _only_batch(w.actions())
+    assert batch.ops == [waiting] and batch.items[0].fence.epoch == 2 and "runs/a" not in w.machine.moving
+    assert moved.last_seq_id == 4 and moved.step == 2  # replays change no counters
+
+
+def test_a_replayed_call_in_doubt_moves_the_run_again_and_late_answers_are_ignored():
+    w = World()
+    run = w.run("runs/a")
+    done = _finished_steps(w, run, 1)
+    w.machine.node_lost("node-a")
+    (move,) = w.actions()
+    w.machine.moved(move, "node-b", 2, [(op, op.seq_id) for op in done])
+    replay = _only_batch(w.actions())
+    w.answer(replay, UNREACHABLE)
+    assert w.actions() == [] and "runs/a" in w.machine.moving
+    (again,) = w.actions(2.0)
+    assert isinstance(again, Move) and again.run is run
+    w.machine.moved(again, "node-c", 3, [(op, op.seq_id) for op in done])
+    redo = _only_batch(w.actions())
+    assert redo.node_id == "node-c" and redo.items[0].fence.epoch == 3
+    w.answer(redo)
+    assert "runs/a" not in w.machine.moving
+
+
+def test_a_replayed_load_goes_out_alone_in_its_turn():
+    w = World()
+    run = w.run("runs/a")
+    fb = w.submit(run, 1)
+    w.answer(_only_batch(w.actions()))
+    load = w.submit(run, 2, OpKind.LOAD_STATE, payload=LoadRequest("tunemesh://x/ck", True))
+    (single,) = w.actions()
+    w.machine.complete_single(single, ItemOutcome(result=LoadResult("tunemesh://x/ck", 3), epoch=1))
+    w.machine.node_lost("node-a")
+    (move,) = w.actions()
+    w.machine.moved(move, "node-b", 2, [(fb, "fb"), (load, load.payload)])
+    w.answer(_only_batch(w.actions()))
+    (replayed_load,) = w.actions()
+    assert isinstance(replayed_load, Single) and replayed_load.op.payload == load.payload
+    assert "runs/a" in w.machine.moving
+    w.machine.complete_single(replayed_load, ItemOutcome(result=LoadResult("tunemesh://x/ck", 3), epoch=2))
+    assert "runs/a" not in w.machine.moving and run.step == 3

@@ -12,22 +12,24 @@ covers are dropped from the store and the snapshot before it is deleted.
 
 Moving: when a run's trainer leaves (its lease lapsed) or lost the adapter, the run is
 re-placed on a live trainer of its model with a raised epoch (the old trainer's calls
-are refused from then on), its adapter is created there, loaded from the latest
-snapshot (or the checkpoint it was created from), and every call after the snapshot
-that changed the adapter is replayed in seq_id order with its original seq_id. The
-engine is batch-invariant, so the replay reproduces the same numbers; the operations
-waiting on the run then go to the new trainer.
+are refused from then on), its adapter is created there and loaded from the latest
+snapshot (or the checkpoint it was created from); the calls after the snapshot that
+changed the adapter are fetched from the store, and the machine replays them in seq_id
+order with their original seq_ids, fused with other runs' work. The engine is
+batch-invariant, so the replay reproduces the same numbers; the operations waiting on
+the run then go to the new trainer.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import Any
 
-from tunemesh_common.errors import DataLoss, TunemeshError, Unavailable
-from tunemesh_scheduler.core.machine import IN_DOUBT_REASONS, ConfirmSnapshot, Freeze, Move
-from tunemesh_scheduler.core.ports import BatchItem, Fence, LoadRequest, PlacementPort, RunStore, TrainerPort
-from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationRecord, OpKind, OpState, RunRecord
+from tunemesh_common.errors import DataLoss, TunemeshError
+from tunemesh_scheduler.core.machine import ConfirmSnapshot, Freeze, Move
+from tunemesh_scheduler.core.ports import Fence, LoadRequest, PlacementPort, RunStore, TrainerPort
+from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationRecord, OpState, RunRecord
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +66,11 @@ class FailoverCalls:
             log.info("freezing %s: releasing its placement: %s", run.name, exc, extra={"run": run.name})
         log.info("run %s frozen (its session ended); its slot on %s is free", run.name, node, extra={"run": run.name})
 
-    async def move(self, action: Move) -> tuple[str, int]:
-        """Rebuild the run on a live trainer; returns (node, epoch) it serves with now."""
+    async def move(self, action: Move) -> tuple[str, int, list[tuple[OperationRecord, Any]]]:
+        """Rebuild the run's adapter on a live trainer, up to its snapshot. Returns the
+        (node, epoch) it serves with now and the calls to replay there after the
+        snapshot: every finished call that changed the adapter, in seq_id order, with
+        the call itself. The machine sends them, fused with other work."""
         run = action.run
         old_node, snapshot, after = run.node_id, run.snapshot_path, run.snapshot_seq_id
         node = await self._placement.move(run.name, run.base_model, old_node)
@@ -80,50 +85,19 @@ class FailoverCalls:
         start = LoadRequest(snapshot, True) if snapshot else run.origin
         if start is not None:
             await self._trainer.load_adapter(node, run.name, run.tenant, start, Fence(0, epoch))
-        await self._replay(run, node, epoch, action.history, after)
-        return node, epoch
+        return node, epoch, await self._calls_to_replay(run, action.history, after)
 
-    async def _replay(self, run: RunRecord, node: str, epoch: int, ops: list[OperationRecord], after: int) -> None:
-        """Apply again every finished call after seq_id `after` (the snapshot's) that
-        changed the adapter. A call answered in doubt fails the move (it is retried)."""
+    async def _calls_to_replay(self, run: RunRecord, ops: list[OperationRecord],
+                               after: int) -> list[tuple[OperationRecord, Any]]:
         replayed = [op for op in ops if after < op.seq_id <= run.last_seq_id
                     and op.state is OpState.SUCCEEDED and op.kind in REPLAYED]
         if not replayed:
-            return
+            return []
         calls = await self._store.payloads(run.name, after)
-        items = []  # the batchable calls waiting to go, at most a forward op and its optim_step
-        for op in replayed:
-            call = calls.get(op.seq_id)
-            if call is None:
-                raise DataLoss("CALL_NOT_KEPT",
-                               f"seq_id {op.seq_id} of {run.name} was not kept; the run cannot be replayed")
-            fence = Fence(op.seq_id, epoch)
-            if op.kind is OpKind.LOAD_STATE:
-                await self._replay_batch(run, node, items)
-                items = []
-                await self._trainer.load_adapter(node, run.name, run.tenant, call, fence)
-                continue
-            # An optim_step rides with the forward op right before it, as in dispatch:
-            # the trainer applies a batch's optimizer items after its fused pass.
-            rides = op.kind is OpKind.OPTIM_STEP and items and items[-1].kind is not OpKind.OPTIM_STEP \
-                and items[-1].fence.seq_id == op.seq_id - 1
-            if not rides:
-                await self._replay_batch(run, node, items)
-                items = []
-            items.append(BatchItem(op.name, run.name, op.kind, call, op.num_tokens, fence))
-        await self._replay_batch(run, node, items)
-        log.info("replayed %d calls of %s on %s", len(replayed), run.name, node, extra={"run": run.name})
-
-    async def _replay_batch(self, run: RunRecord, node: str, items: list[BatchItem]) -> None:
-        if not items:
-            return
-        outcomes = await self._trainer.run_batch(node, items)
-        for item, outcome in zip(items, outcomes, strict=True):
-            if outcome.error is not None and outcome.error.reason in IN_DOUBT_REASONS:
-                raise Unavailable(outcome.error.reason, f"replay of seq_id {item.fence.seq_id}: {outcome.error.message}")
-            if outcome.error is not None:
-                log.error("replay of seq_id %d of %s failed although it succeeded before: %s", item.fence.seq_id,
-                          run.name, outcome.error, extra={"run": run.name})
+        missing = [op.seq_id for op in replayed if op.seq_id not in calls]
+        if missing:
+            raise DataLoss("CALL_NOT_KEPT", f"seq_id {missing[0]} of {run.name} was not kept; the run cannot be replayed")
+        return [(op, calls[op.seq_id]) for op in replayed]
 
     async def free_moved_away(self, node_id: str, moved_away: Callable[[str, str], bool]) -> None:
         """Free the adapters `node_id` holds of runs for which `moved_away(node, run)`."""

@@ -24,6 +24,7 @@ Rules it keeps:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Callable
@@ -135,6 +136,16 @@ class _Node:
     batch_tokens_total: int = 0
 
 
+@dataclasses.dataclass(eq=False)
+class _Replay:
+    """A moved run's calls after its snapshot, sent again on its new node in seq_id
+    order (each as a stand-in operation), before its waiting operations go there."""
+
+    move: Move
+    calls: collections.deque  # (original operation, its call), not yet sent
+    out: int = 0  # stand-ins sent and not yet answered
+
+
 class SchedulerMachine:
     """Per-run order, fused batching, parking, moves and snapshots; no I/O."""
 
@@ -176,8 +187,10 @@ class SchedulerMachine:
         self._parked: dict[str, tuple[float, OperationRecord]] = {}  # op name -> (send at, op)
         self._move_at: dict[str, float] = {}  # run -> when its failed move is tried again
         self.moving: set[str] = set()  # runs being moved or frozen: nothing of theirs goes out
+        self._standins: dict[str, _Replay] = {}  # replayed call's stand-in operation -> its replay
         self._progress: dict[str, _Progress] = {}
         self._uncompacted: dict[str, list[OperationRecord]] = {}  # forgotten, stored record not yet deleted
+        self._replays: dict[str, _Replay] = {}  # moved runs whose calls after the snapshot are being replayed
 
     # ---- runs ------------------------------------------------------------------------
 
@@ -271,7 +284,7 @@ class SchedulerMachine:
                            SnapshotTarget(op.snapshot_path, op.tenant) if op.snapshot_path else None)
                  for op in ops]
         for op in ops:
-            self.operations.mark_running(op)
+            self._mark_running(op)
         batch = Batch(node_id, ops, items)
         node.in_flight = batch
         tokens = sum(op.num_tokens for op in ops)
@@ -280,13 +293,23 @@ class SchedulerMachine:
         node.batch_tokens_total += tokens
         self._metrics.batch(node_id, len(ops), tokens)
         for op in ops:
-            if op.num_tokens:
+            if op.num_tokens and op.name not in self._standins:  # a replay is not the tenant's usage
                 self._metrics.tokens(op.tenant, op.kind.value, op.num_tokens)
         return batch
 
+    def _mark_running(self, op: OperationRecord) -> None:
+        if op.name in self._standins:
+            op.state = OpState.RUNNING
+        else:
+            self.operations.mark_running(op)
+
     def _companion_of(self, op: OperationRecord) -> OperationRecord | None:
         """The run's optim_step right after forward op `op`, if already queued."""
-        if op.kind is OpKind.OPTIM_STEP or op.run in self.moving:
+        if op.kind is OpKind.OPTIM_STEP:
+            return None
+        if op.name in self._standins:
+            return self._replay_companion(op)
+        if op.run in self.moving:
             return None
         lane = self.lanes[op.run]
         nxt = lane.find(op.seq_id + 1)
@@ -310,9 +333,12 @@ class SchedulerMachine:
                 node.ready_since = self._clock()
             node.ready.push(op)
         else:
-            self.operations.mark_running(op)
-            self._node(op.node_id).singles_running += 1
-            self._actions.append(Single(op))
+            self._start_single(op)
+
+    def _start_single(self, op: OperationRecord) -> None:
+        self._mark_running(op)
+        self._node(op.node_id).singles_running += 1
+        self._actions.append(Single(op))
 
     def _release_again(self, op: OperationRecord) -> None:
         lane = self.lanes.get(op.run)
@@ -350,6 +376,9 @@ class SchedulerMachine:
         self._finish(single.op, outcome)
 
     def _finish(self, op: OperationRecord, outcome: ItemOutcome) -> None:
+        if op.name in self._standins:
+            self._replayed(op, outcome)
+            return
         if op.done:
             return
         parked = _in_doubt(outcome.error) if self.movable else None
@@ -476,23 +505,92 @@ class SchedulerMachine:
             self._parked.pop(lane.head.name, None)
         self._actions.append(Move(run, lane.history()))
 
-    def moved(self, move: Move, node_id: str, epoch: int) -> None:
-        """`move` ended: the run serves on `node_id` with `epoch`; its waiting
-        operations go there."""
+    def moved(self, move: Move, node_id: str, epoch: int,
+              replay: list[tuple[OperationRecord, Any]] = ()) -> None:
+        """`move` rebuilt the run's adapter on `node_id` with `epoch`, up to its snapshot.
+        `replay` (original operation, call) goes there first, in order; then the run's
+        waiting operations follow."""
         run = move.run
         run.node_id, run.epoch = node_id, epoch
         self._note(StoreWrite(run))
-        self.moving.discard(run.name)
         lane = self.lanes.get(run.name)
         if lane is None:
+            self.moving.discard(run.name)
             return
         for op in lane.unfinished():
             self.operations.reassign(op, run.node_id, run.epoch)
+        if replay:
+            self._replays[run.name] = _Replay(move, collections.deque(replay))
+            self._replay_next(run.name)
+        else:
+            self._serve_again(run)
+
+    def _serve_again(self, run: RunRecord) -> None:
+        """The run's move is over: its head goes out on its new node."""
+        self.moving.discard(run.name)
+        lane = self.lanes[run.name]
         if lane.head is not None and lane.head.state is OpState.QUEUED:
             self._release(lane.head)
 
+    # ---- replay: a moved run's calls after its snapshot, fused with other work --------
+
+    def _standin(self, replay: _Replay) -> OperationRecord:
+        """The next call of `replay` as an operation of its run's new node and epoch."""
+        op, call = replay.calls.popleft()
+        run = replay.move.run
+        standin = dataclasses.replace(op, name=f"{op.name}/replay-{run.epoch}", state=OpState.QUEUED, payload=call,
+                                      node_id=run.node_id, epoch=run.epoch, snapshot_path="", result=None,
+                                      error=None, end_time=None)
+        self._standins[standin.name] = replay
+        replay.out += 1
+        return standin
+
+    def _replay_next(self, run_name: str) -> None:
+        replay = self._replays[run_name]
+        if replay.out:
+            return  # the calls still out are answered first
+        if not replay.calls:
+            del self._replays[run_name]
+            log.info("replayed the calls of %s after its snapshot on %s", run_name, replay.move.run.node_id,
+                     extra={"run": run_name})
+            self._serve_again(replay.move.run)
+            return
+        standin = self._standin(replay)
+        if standin.kind in BATCHABLE_KINDS:
+            self._node(standin.node_id).ready.push(standin)
+        else:
+            self._start_single(standin)
+
+    def _replay_companion(self, standin: OperationRecord) -> OperationRecord | None:
+        """The replayed optim_step right after replayed forward op `standin`: it rides
+        along, as it did when it first ran."""
+        replay = self._standins[standin.name]
+        if replay.calls:
+            op, _ = replay.calls[0]
+            if op.kind is OpKind.OPTIM_STEP and op.seq_id == standin.seq_id + 1:
+                return self._standin(replay)
+        return None
+
+    def _replayed(self, standin: OperationRecord, outcome: ItemOutcome) -> None:
+        replay = self._standins.pop(standin.name)
+        replay.out -= 1
+        run = replay.move.run
+        if self._replays.get(run.name) is not replay:
+            return  # an answer of a replay given up
+        if _in_doubt(outcome.error) is not None or outcome.epoch != run.epoch:
+            log.warning("replay of seq_id %d of %s in doubt (%s): moving the run again", standin.seq_id, run.name,
+                        outcome.error.message if outcome.error else "epoch changed", extra={"run": run.name})
+            del self._replays[run.name]
+            self.move_failed(replay.move)
+            return
+        if outcome.error is not None:
+            log.error("replay of seq_id %d of %s failed although it succeeded before: %s", standin.seq_id,
+                      run.name, outcome.error, extra={"run": run.name})
+        self._replay_next(run.name)
+
     def move_failed(self, move: Move) -> None:
-        """`move` did not finish (no trainer, a call failed): it is tried again."""
+        """`move` did not finish (no trainer, a call failed, a replayed call in doubt):
+        it is tried again, from the snapshot."""
         if move.run.name in self.lanes:
             self._move_at[move.run.name] = self._clock() + self._move_retry_s
 

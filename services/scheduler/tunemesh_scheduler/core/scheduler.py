@@ -207,13 +207,13 @@ class SchedulerCore:
 
     async def _move(self, action: Move) -> None:
         try:
-            node, epoch = await self._calls.move(action)
+            node, epoch, replay = await self._calls.move(action)
         except Exception as exc:  # TunemeshError expected; anything else must not wedge the run
             level = logging.WARNING if isinstance(exc, TunemeshError) else logging.ERROR
             log.log(level, "moving %s failed (%r); trying again", action.run.name, exc, extra={"run": action.run.name})
             self.machine.move_failed(action)
             return
-        self.machine.moved(action, node, epoch)
+        self.machine.moved(action, node, epoch, replay)
 
     async def _confirm(self, action: ConfirmSnapshot) -> None:
         try:
