@@ -47,6 +47,12 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
+    # A peer that died comes back (restarted, often on the same address) within seconds:
+    # try to reconnect at least every second, not after gRPC's default backoff (up to
+    # 2 minutes), during which every call fails at once with "failed to connect".
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
