@@ -144,6 +144,7 @@ class _Replay:
     move: Move
     calls: collections.deque  # (original operation, its call), not yet sent
     out: int = 0  # stand-ins sent and not yet answered
+    sent: int = 0  # stand-ins made, in all
 
 
 class SchedulerMachine:
@@ -543,6 +544,7 @@ class SchedulerMachine:
                                       error=None, end_time=None)
         self._standins[standin.name] = replay
         replay.out += 1
+        replay.sent += 1
         return standin
 
     def _replay_next(self, run_name: str) -> None:
@@ -551,7 +553,7 @@ class SchedulerMachine:
             return  # the calls still out are answered first
         if not replay.calls:
             del self._replays[run_name]
-            log.info("replayed the calls of %s after its snapshot on %s", run_name, replay.move.run.node_id,
+            log.info("replayed %d calls of %s on %s", replay.sent, run_name, replay.move.run.node_id,
                      extra={"run": run_name})
             self._serve_again(replay.move.run)
             return
