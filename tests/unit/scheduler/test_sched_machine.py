@@ -9,9 +9,9 @@ import itertools
 
 from tunemesh_common.errors import Code
 from tunemesh_scheduler.core import idempotency, recovery
-from tunemesh_scheduler.core.machine import (
-    Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, SchedulerMachine, Single, SnapshotPolicy,
-)
+from tunemesh_scheduler.core.actions import Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, Single
+from tunemesh_scheduler.core.machine import SchedulerMachine
+from tunemesh_scheduler.core.snapshots import SnapshotPolicy
 from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import ItemOutcome, LoadRequest, LoadResult, SaveRequest, StoreWrite
 from tunemesh_scheduler.core.records import OperationError, OpKind, OpState, RunRecord

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunemesh_common.errors import DataLoss, TunemeshError
-from tunemesh_scheduler.core.machine import ConfirmSnapshot, Freeze, Move
+from tunemesh_scheduler.core.actions import ConfirmSnapshot, Freeze, Move
 from tunemesh_scheduler.core.ports import Fence, LoadRequest, PlacementPort, RunStore, TrainerPort
 from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationRecord, OpState, RunRecord
 

@@ -28,10 +28,11 @@ import collections
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any, Union
+from typing import Any
 
 from tunemesh_common.errors import Code
 from tunemesh_common.metrics import SchedulerMetrics
+from tunemesh_scheduler.core.actions import Action, Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, Single
 from tunemesh_scheduler.core.fairness import FairQueue
 from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, SnapshotTarget, StoreWrite
@@ -41,85 +42,12 @@ from tunemesh_scheduler.core.records import (
 )
 from tunemesh_scheduler.core.sequencing import RunLane
 from tunemesh_scheduler.core.sessions import SessionRegistry
-from tunemesh_common import checkpoint_paths
+from tunemesh_scheduler.core.snapshots import SnapshotBook, SnapshotPolicy
 
 log = logging.getLogger(__name__)
 
 # Errors that do not say a call certainly failed where it went: sent again, never final.
 IN_DOUBT_REASONS = frozenset({"TRAINER_UNAVAILABLE", "TRAINER_GONE", "ADAPTER_NOT_FOUND"})
-
-
-def snapshot_path(run_name: str, seq_id: int) -> str:
-    """Where the automatic snapshot taken after `seq_id` of a run is written."""
-    return f"tunemesh://{run_name}/state/{checkpoint_paths.SNAPSHOT_PREFIX}{seq_id:012d}"
-
-
-# ---- actions: what the driver is asked to do --------------------------------------------
-
-
-@dataclasses.dataclass(eq=False)
-class Batch:
-    """One trainer round of `node_id`: `items[i]` is the call of `ops[i]`."""
-
-    node_id: str
-    ops: list[OperationRecord]
-    items: list[BatchItem]
-
-
-@dataclasses.dataclass(eq=False)
-class Single:
-    """A checkpoint save or load of one run (ordered like its other operations)."""
-
-    op: OperationRecord
-
-
-@dataclasses.dataclass(eq=False)
-class Move:
-    """Re-place `run` with a raised epoch, load its snapshot, replay `history` after it."""
-
-    run: RunRecord
-    history: list[OperationRecord]  # the run's known operations, by seq_id
-
-
-@dataclasses.dataclass(eq=False)
-class Freeze:
-    """Release an idle run's adapter slot (its session ended)."""
-
-    run: RunRecord
-
-
-@dataclasses.dataclass(eq=False)
-class ConfirmSnapshot:
-    """Wait until the snapshot asked for after `op` is written."""
-
-    run: RunRecord
-    op: OperationRecord
-
-
-@dataclasses.dataclass(eq=False)
-class FreeMovedAway:
-    """List the adapters `node_id` holds and free those of runs placed elsewhere now."""
-
-    node_id: str
-
-
-Action = Union[Batch, Single, Move, Freeze, ConfirmSnapshot, FreeMovedAway]
-
-
-@dataclasses.dataclass(frozen=True)
-class SnapshotPolicy:
-    every_steps: int = 8  # 0: never by steps
-    every_s: float = 300.0  # 0: never by time
-    min_interval_s: float = 0.0  # never sooner than this after the run's last snapshot
-
-
-@dataclasses.dataclass
-class _Progress:
-    """Snapshot bookkeeping of one run."""
-
-    step_at_snapshot: int
-    time_at_snapshot: float
-    pending: bool = False  # a snapshot is being written
 
 
 @dataclasses.dataclass
@@ -179,7 +107,7 @@ class SchedulerMachine:
         self._move_retry_s = move_retry_s
         self._session_timeout_s = session_timeout_s
         self._finished_ttl_s = finished_ttl_s
-        self._policy = snapshots
+        self.snapshots = SnapshotBook(snapshots)
         self.movable = movable  # moves replay kept calls, so they need a state store
         self._metrics = metrics or SchedulerMetrics()
         self.lanes: dict[str, RunLane] = {}
@@ -189,7 +117,6 @@ class SchedulerMachine:
         self._move_at: dict[str, float] = {}  # run -> when its failed move is tried again
         self.moving: set[str] = set()  # runs being moved or frozen: nothing of theirs goes out
         self._standins: dict[str, _Replay] = {}  # replayed call's stand-in operation -> its replay
-        self._progress: dict[str, _Progress] = {}
         self._uncompacted: dict[str, list[OperationRecord]] = {}  # forgotten, stored record not yet deleted
         self._replays: dict[str, _Replay] = {}  # moved runs whose calls after the snapshot are being replayed
 
@@ -204,7 +131,7 @@ class SchedulerMachine:
         """Forget a deleted run (it is idle)."""
         lane = self.lanes.pop(name)
         lane.close()
-        self._progress.pop(name, None)
+        self.snapshots.forget(name)
         self._move_at.pop(name, None)
         self._uncompacted.pop(name, None)
 
@@ -615,49 +542,32 @@ class SchedulerMachine:
 
     def _mark_snapshot(self, run: RunRecord, op: OperationRecord) -> None:
         """Ask for a snapshot after OPTIM_STEP `op` when one is due."""
-        if not self.movable or op.kind is not OpKind.OPTIM_STEP:
-            return
-        now = self._clock()
-        progress = self._progress.setdefault(run.name, _Progress(run.step, now))
-        policy = self._policy
-        since = now - progress.time_at_snapshot
-        steps_due = policy.every_steps and run.step + 1 - progress.step_at_snapshot >= policy.every_steps
-        time_due = policy.every_s and since >= policy.every_s
-        if not progress.pending and (steps_due or time_due) and since >= policy.min_interval_s:
-            op.snapshot_path = snapshot_path(run.name, op.seq_id)
-            progress.pending = True
+        if self.movable and op.kind is OpKind.OPTIM_STEP:
+            self.snapshots.mark(run, op, self._clock())
 
     def _snapshot_finished(self, run: RunRecord, op: OperationRecord) -> None:
-        if not op.snapshot_path:
-            return
-        if op.state is OpState.SUCCEEDED:
+        if self.snapshots.finished(run, op):
             self._actions.append(ConfirmSnapshot(run, op))
-        else:
-            self._progress[run.name].pending = False
 
     def snapshot_written(self, confirm: ConfirmSnapshot) -> str:
         """The trainer wrote the snapshot: the run's record names it and the calls it
         covers are dropped from the store. Returns the superseded snapshot to delete
         ('' when none)."""
         run, op = confirm.run, confirm.op
-        progress = self._progress.get(run.name)
-        if progress is None:  # the run was deleted meanwhile
-            return ""
-        progress.pending = False
         if run.name in self.moving:  # the move builds on the snapshot it started from
+            self.snapshots.failed(run)
             return ""
+        if not self.snapshots.written(run, self._clock()):
+            return ""  # the run was deleted meanwhile
         previous = run.snapshot_path
         if op.seq_id > run.snapshot_seq_id:
             run.snapshot_path, run.snapshot_seq_id = op.snapshot_path, op.seq_id
             self._note(StoreWrite(run, trim_through=op.seq_id))
-        progress.step_at_snapshot, progress.time_at_snapshot = run.step, self._clock()
         log.info("snapshot of %s after seq_id %d", run.name, op.seq_id, extra={"run": run.name})
         return previous if previous and previous != run.snapshot_path else ""
 
     def snapshot_failed(self, confirm: ConfirmSnapshot) -> None:
-        progress = self._progress.get(confirm.run.name)
-        if progress is not None:
-            progress.pending = False
+        self.snapshots.failed(confirm.run)
 
     # ---- status ----------------------------------------------------------------------
 

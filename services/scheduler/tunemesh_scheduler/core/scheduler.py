@@ -27,9 +27,9 @@ from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core import idempotency
 from tunemesh_scheduler.core.failover import FailoverCalls
 from tunemesh_scheduler.core.journal import Journal
-from tunemesh_scheduler.core.machine import (
-    Action, Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, SchedulerMachine, Single, SnapshotPolicy,
-)
+from tunemesh_scheduler.core.actions import Action, Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, Single
+from tunemesh_scheduler.core.machine import SchedulerMachine
+from tunemesh_scheduler.core.snapshots import SnapshotPolicy
 from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import (
     Fence, ItemOutcome, LoadRequest, LoadResult, PlacementPort, RunStore, StoreWrite, TrainerPort,
