@@ -252,13 +252,19 @@ def test_a_lost_adapter_moves_the_run_and_its_waiting_ops_follow_with_the_new_ep
     assert StoreWrite(r) in w.writes and r.node_id == "node-b" and r.epoch == 2
 
 
-def test_an_answer_from_before_a_move_is_never_taken_as_final():
-    w = World()
+def _out_when_its_node_is_lost(w: World):
+    """A run with its op 1 out on node-a when node-a is lost: (run, op, its batch, the move)."""
     r = w.run("runs/a")
     op = w.submit(r, 1)
     stale = _only_batch(w.actions())
     w.machine.node_lost("node-a")
     (move,) = w.actions()
+    return r, op, stale, move
+
+
+def test_an_answer_from_before_a_move_is_never_taken_as_final():
+    w = World()
+    r, op, stale, move = _out_when_its_node_is_lost(w)
     w.answer(stale)  # the old trainer answers while the run moves: parked, not succeeded
     assert op.state is OpState.QUEUED and r.last_seq_id == 0
     w.machine.moved(move, "node-b", 2)
@@ -270,11 +276,7 @@ def test_an_answer_from_before_a_move_is_never_taken_as_final():
 
 def test_an_answer_of_an_old_epoch_that_arrives_after_the_move_ended_is_parked():
     w = World()
-    r = w.run("runs/a")
-    op = w.submit(r, 1)
-    stale = _only_batch(w.actions())
-    w.machine.node_lost("node-a")
-    (move,) = w.actions()
+    r, op, stale, move = _out_when_its_node_is_lost(w)
     w.machine.moved(move, "node-b", 2)  # the move ends before the old trainer answers
     assert w.actions() == []  # the op is still out (RUNNING): nothing sent twice at once
     w.answer(stale)
