@@ -1,0 +1,88 @@
+"""Who may import whom, read from the source (every import statement, at any depth).
+
+- No service imports another service; all of them may use `tunemesh_common`.
+- The SDK (`tunemesh`) imports no service code.
+- Services take only the wire stubs from the SDK package (`tunemesh.v1`,
+  `tunemesh.internal.v1`); `tunemesh_local`, the command line, is an SDK client.
+- The scheduler core imports neither grpc nor torch, and its deciding modules (the
+  machine and what it is made of) not even asyncio: they take time and answers as inputs.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+PACKAGES = {
+    "tunemesh": ROOT / "sdk" / "tunemesh",
+    "tunemesh_common": ROOT / "services" / "common" / "tunemesh_common",
+    "tunemesh_checkpoint": ROOT / "services" / "checkpoint" / "tunemesh_checkpoint",
+    "tunemesh_sampler": ROOT / "services" / "sampler" / "tunemesh_sampler",
+    "tunemesh_scheduler": ROOT / "services" / "scheduler" / "tunemesh_scheduler",
+    "tunemesh_trainer": ROOT / "services" / "trainer" / "tunemesh_trainer",
+    "tunemesh_local": ROOT / "services" / "local" / "tunemesh_local",
+}
+SERVICES = {"tunemesh_checkpoint", "tunemesh_sampler", "tunemesh_scheduler", "tunemesh_trainer"}
+WIRE = ("tunemesh.v1", "tunemesh.internal.v1")
+CORE = PACKAGES["tunemesh_scheduler"] / "core"
+PURE = ("machine.py", "actions.py", "snapshots.py", "sequencing.py", "fairness.py", "recovery.py", "idempotency.py",
+        "records.py", "sessions.py")
+
+
+def imports(path: pathlib.Path) -> set[str]:
+    """Every absolute module name `path` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+def sources(package: str) -> list[pathlib.Path]:
+    return [p for p in PACKAGES[package].rglob("*.py") if not p.name.endswith(("_pb2.py", "_pb2_grpc.py"))]
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+@pytest.mark.parametrize("package", sorted(PACKAGES))
+def test_no_package_imports_a_service_other_than_itself(package):
+    wrong = {(p.relative_to(ROOT).as_posix(), m) for p in sources(package) for m in imports(p)
+             if _top(m) in SERVICES and _top(m) != package}
+    assert not wrong
+
+
+@pytest.mark.parametrize("package", sorted(SERVICES | {"tunemesh_common"}))
+def test_services_take_only_the_wire_stubs_from_the_sdk_package(package):
+    wrong = {(p.relative_to(ROOT).as_posix(), m) for p in sources(package) for m in imports(p)
+             if _top(m) == "tunemesh" and not (m.startswith(WIRE) or m == "tunemesh")}
+    wrong |= {(p.relative_to(ROOT).as_posix(), "tunemesh") for p in sources(package)
+              if any(isinstance(n, ast.ImportFrom) and n.module == "tunemesh" and n.level == 0
+                     and any(a.name not in ("v1", "internal") for a in n.names)
+                     for n in ast.walk(ast.parse(p.read_text())))}
+    assert not wrong
+
+
+def test_the_scheduler_core_imports_neither_grpc_nor_torch():
+    wrong = {(p.name, m) for p in CORE.glob("*.py") for m in imports(p) if _top(m) in ("grpc", "torch")}
+    assert not wrong
+
+
+def test_the_scheduler_machine_is_pure():
+    wrong = {(name, m) for name in PURE for m in imports(CORE / name)
+             if _top(m) in ("asyncio", "grpc", "torch", "time", "aetcd", "socket", "threading")}
+    assert not wrong
+
+
+def test_the_walk_sees_imports_inside_functions(tmp_path):
+    """The checks above can fail: an import inside a function is found."""
+    module = tmp_path / "m.py"
+    module.write_text("def f():\n    from tunemesh_trainer.core import TrainerCore\n    import torch\n")
+    assert {"tunemesh_trainer.core", "tunemesh_trainer.core.TrainerCore", "torch"} <= imports(module)
