@@ -3,7 +3,7 @@ forwarded there with the caller's tenant named in `tunemesh-tenant` metadata."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -27,16 +27,29 @@ class CheckpointProxy:
             raise FailedPrecondition("NO_CHECKPOINT_SERVICE", "this mesh runs without a checkpoint service")
         return self._stub
 
-    async def call(self, method: str, request, tenant: str):
-        """A unary CheckpointService call for `tenant`; errors come back typed."""
+    async def _call(self, rpc: Callable, request, tenant: str):
+        """A unary CheckpointService call (`rpc`, a method of the stub) for `tenant`;
+        errors come back typed."""
         try:
-            return await getattr(self.stub, method)(request, timeout=self._timeout_s, metadata=_tenant(tenant))
+            return await rpc(request, timeout=self._timeout_s, metadata=_tenant(tenant))
         except grpc.aio.AioRpcError as err:
             raise error_from_peer(err, "checkpoint service") from None
 
+    async def list(self, request: checkpoints_pb2.ListCheckpointsRequest, tenant: str):
+        return await self._call(self.stub.ListCheckpoints, request, tenant)
+
+    async def get_checkpoint(self, request: checkpoints_pb2.GetCheckpointRequest, tenant: str):
+        return await self._call(self.stub.GetCheckpoint, request, tenant)
+
+    async def delete(self, request: checkpoints_pb2.DeleteCheckpointRequest, tenant: str):
+        return await self._call(self.stub.DeleteCheckpoint, request, tenant)
+
+    async def update_ttl(self, request: checkpoints_pb2.UpdateCheckpointTtlRequest, tenant: str):
+        return await self._call(self.stub.UpdateCheckpointTtl, request, tenant)
+
     async def get(self, tenant: str, path: str) -> checkpoints_pb2.Checkpoint:
         request = checkpoints_pb2.GetCheckpointRequest(path=path)
-        return (await self.call("GetCheckpoint", request, tenant)).checkpoint
+        return (await self.get_checkpoint(request, tenant)).checkpoint
 
     async def download(self, request, tenant: str) -> AsyncIterator[checkpoints_pb2.DownloadCheckpointResponse]:
         try:

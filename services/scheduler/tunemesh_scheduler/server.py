@@ -179,16 +179,16 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
         self._checkpoints, self._directory = checkpoints, directory
 
     async def ListCheckpoints(self, request, context):
-        return await self._checkpoints.call("ListCheckpoints", request, current_tenant())
+        return await self._checkpoints.list(request, current_tenant())
 
     async def GetCheckpoint(self, request, context):
-        return await self._checkpoints.call("GetCheckpoint", request, current_tenant())
+        return await self._checkpoints.get_checkpoint(request, current_tenant())
 
     async def DeleteCheckpoint(self, request, context):
-        return await self._checkpoints.call("DeleteCheckpoint", request, current_tenant())
+        return await self._checkpoints.delete(request, current_tenant())
 
     async def UpdateCheckpointTtl(self, request, context):
-        return await self._checkpoints.call("UpdateCheckpointTtl", request, current_tenant())
+        return await self._checkpoints.update_ttl(request, current_tenant())
 
     async def DownloadCheckpoint(self, request, context):
         async for response in self._checkpoints.download(request, current_tenant()):
@@ -245,7 +245,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
             adapter=convert.adapter_ref(record), prompt_tokens=tokens, num_samples=request.num_samples,
             sampling_params=request.sampling_params,
         )
-        response = await self._samplers.call(record, "Sample", forwarded)
+        response = await self._samplers.sample(record, forwarded)
         self._metrics.sampling_tokens(tenant, "prompt", len(tokens))
         self._metrics.sampling_tokens(tenant, "generated", sum(len(seq.tokens) for seq in response.sequences))
         return sampling_pb2.SampleResponse(sequences=response.sequences)
@@ -255,6 +255,6 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         record = self._core.sampling.get(tenant, request.sampling_session)
         tokens = validation.check_prompt(request.prompt, self._samplers.directory.serving_model(record.base_model))
         forwarded = sampler_pb2.ComputeLogprobsRequest(adapter=convert.adapter_ref(record), prompt_tokens=tokens)
-        response = await self._samplers.call(record, "ComputeLogprobs", forwarded)
+        response = await self._samplers.compute_logprobs(record, forwarded)
         self._metrics.sampling_tokens(tenant, "logprobs", len(tokens))
         return sampling_pb2.ComputeLogprobsResponse(logprobs=response.logprobs)

@@ -45,9 +45,10 @@ class GrpcTrainerPort:
     def stub(self, node_id: str) -> trainer_pb2_grpc.TrainerServiceStub:
         return self._channels.stub(node_id)
 
-    async def _call(self, node_id: str, method: str, request):
+    async def _call(self, node_id: str, rpc: Callable, request):
+        """`rpc(request)` (a method of the node's stub) with the leader token; errors typed."""
         try:
-            return await getattr(self.stub(node_id), method)(
+            return await rpc(
                 request, timeout=self._timeout_s, metadata=((LEADER_TOKEN_KEY, str(self.leader_token)),)
             )
         except grpc.aio.AioRpcError as err:
@@ -57,30 +58,30 @@ class GrpcTrainerPort:
         request = trainer_pb2.CreateAdapterRequest(
             adapter_id=run_name, base_model=base_model, lora_config=lora, epoch=epoch
         )
-        await self._call(node_id, "CreateAdapter", request)
+        await self._call(node_id, self.stub(node_id).CreateAdapter, request)
 
     async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
         request = trainer_pb2.AdoptAdapterRequest(adapter_id=run_name, epoch=epoch)
-        return (await self._call(node_id, "AdoptAdapter", request)).applied_seq_id
+        return (await self._call(node_id, self.stub(node_id).AdoptAdapter, request)).applied_seq_id
 
     async def await_snapshot(self, node_id: str, run_name: str, seq_id: int) -> None:
         request = trainer_pb2.AwaitSnapshotRequest(adapter_id=run_name, seq_id=seq_id)
-        await self._call(node_id, "AwaitSnapshot", request)
+        await self._call(node_id, self.stub(node_id).AwaitSnapshot, request)
 
     async def delete_checkpoint(self, tenant: str, path: str) -> None:
         if self._checkpoints is not None:
-            await self._checkpoints.call("DeleteCheckpoint", checkpoints_pb2.DeleteCheckpointRequest(path=path), tenant)
+            await self._checkpoints.delete(checkpoints_pb2.DeleteCheckpointRequest(path=path), tenant)
 
     async def list_adapters(self, node_id: str) -> list[str]:
-        response = await self._call(node_id, "ListAdapters", trainer_pb2.ListAdaptersRequest())
+        response = await self._call(node_id, self.stub(node_id).ListAdapters, trainer_pb2.ListAdaptersRequest())
         return [a.adapter_id for a in response.adapters]
 
     async def delete_adapter(self, node_id: str, run_name: str) -> None:
-        await self._call(node_id, "DeleteAdapter", trainer_pb2.DeleteAdapterRequest(adapter_id=run_name))
+        await self._call(node_id, self.stub(node_id).DeleteAdapter, trainer_pb2.DeleteAdapterRequest(adapter_id=run_name))
 
     async def save_adapter(self, node_id: str, run_name: str, tenant: str, request: SaveRequest,
                            fence: Fence = Fence()):
-        response = await self._call(node_id, "SaveAdapter", trainer_pb2.SaveAdapterRequest(
+        response = await self._call(node_id, self.stub(node_id).SaveAdapter, trainer_pb2.SaveAdapterRequest(
             adapter_id=run_name, tenant=tenant, path=request.path,
             include_optimizer_state=request.include_optimizer_state, ttl_seconds=request.ttl_seconds,
             user_metadata=dict(request.user_metadata), seq_id=fence.seq_id, epoch=fence.epoch,
@@ -89,7 +90,7 @@ class GrpcTrainerPort:
 
     async def load_adapter(self, node_id: str, run_name: str, tenant: str, request: LoadRequest,
                            fence: Fence = Fence()) -> int:
-        response = await self._call(node_id, "LoadAdapter", trainer_pb2.LoadAdapterRequest(
+        response = await self._call(node_id, self.stub(node_id).LoadAdapter, trainer_pb2.LoadAdapterRequest(
             adapter_id=run_name, tenant=tenant, path=request.path, load_optimizer_state=request.load_optimizer_state,
             seq_id=fence.seq_id, epoch=fence.epoch,
         ))
@@ -97,11 +98,11 @@ class GrpcTrainerPort:
 
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> list[ItemOutcome]:
         request = trainer_pb2.RunBatchRequest(items=[_batch_item(item) for item in items])
-        response = await self._call(node_id, "RunBatch", request)
+        response = await self._call(node_id, self.stub(node_id).RunBatch, request)
         return [_outcome(result) for result in response.results]
 
     async def tokenizer_files(self, node_id: str) -> trainer_pb2.GetTokenizerResponse:
-        return await self._call(node_id, "GetTokenizer", trainer_pb2.GetTokenizerRequest())
+        return await self._call(node_id, self.stub(node_id).GetTokenizer, trainer_pb2.GetTokenizerRequest())
 
     async def close(self) -> None:
         await self._channels.close()
