@@ -10,7 +10,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: all system deps protos protos-check lint install test test-fast demo bench clean
+.PHONY: all system deps protos protos-check protos-baseline lint install test test-fast demo bench clean
 
 all: install
 
@@ -48,6 +48,11 @@ protos-check: deps  ## fail when the committed stubs drift from protos/
 
 lint: deps
 	$(VENV)/bin/buf lint
+	# wire compatibility: no change to protos/ may break a client or peer built against the baseline
+	$(VENV)/bin/buf breaking --against protos/baseline.binpb
+
+protos-baseline: deps  ## accept today's protos as the compatibility baseline (a reviewed, deliberate step)
+	$(VENV)/bin/buf build -o protos/baseline.binpb
 
 install: deps protos helm
 	$(PY) -m pip install -q --no-deps -e .
