@@ -46,7 +46,8 @@ from train_throughput import (  # noqa: E402
 LEASE_TTL_S = 5.0  # a trainer's etcd lease (tunemesh_common.registry), kept alive every ttl/3
 IN_FLIGHT_S = 0.2  # resolutions this soon after a kill were computed before it (no fault recovers faster)
 RESULT_TIMEOUT_S = 180.0  # longest wait for one future of a pipeline
-LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ [\w.]+: (.*)$")
+# `asctime level name: message`, and the context the services append: ` [run=... node=...]`
+LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) \w+ [\w.]+: (.*?)(?: \[(?:\w+=\S+ ?)+\])?$")
 
 
 # pure helpers --------------------------------------------------------------------------

@@ -294,8 +294,35 @@ async def wait_for_termination() -> None:
     await stop.wait()
 
 
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_CONTEXT = ("tenant", "run", "operation", "node")  # `extra=` keys a log line carries at its end
+
+
+class ContextFormatter(logging.Formatter):
+    """The standard line, then the context its record carries (`extra={"run": ...}`, and
+    the tenant of the RPC being served): `... message [tenant=t1 run=runs/abc]`."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        context = " ".join(f"{key}={value}" for key in LOG_CONTEXT if (value := getattr(record, key, None)))
+        return f"{line} [{context}]" if context else line
+
+
+class _TenantOfTheCall(logging.Filter):
+    """Tags a record with the tenant whose RPC is being served, when it names none."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "tenant", None) is None and (tenant := _tenant.get(None)):
+            record.tenant = tenant
+        return True
+
+
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """INFO to stderr, each line ending in its context (tenant, run, operation, node)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(ContextFormatter(LOG_FORMAT))
+    handler.addFilter(_TenantOfTheCall())
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
 class LeaderFence:
