@@ -220,22 +220,3 @@ def test_a_cancelled_optim_step_does_not_ride_along():
         assert mesh.core.get_run("t1", a).last_seq_id == 2
 
     asyncio.run(main())
-
-
-def test_the_driver_acts_on_a_passed_gap_deadline_by_itself():
-    """No tick from the test: once the core's clock passes a gap's deadline, the next turn
-    of the driver fails the waiting op (it neither waits for its periodic tick nor spins)."""
-    async def main():
-        mesh = await make_mesh(gap_timeout_s=30)
-        run, other = await mesh.new_run(), await mesh.new_run()
-        waiting = await mesh.submit(run, 2)  # seq_id 1 never comes: its deadline is 1030
-        await settle()
-        mesh.now[0] = 1029.9  # past the periodic tick (every 7.5 s here): it runs now ...
-        await mesh.wait_all([await mesh.submit(other, 1)])  # (any change wakes the driver)
-        assert waiting.state is OpState.QUEUED
-        mesh.now[0] = 1030.1  # ... and is not due again before 1037.4
-        await mesh.wait_all([await mesh.submit(other, 2)])
-        await settle()
-        assert waiting.state is OpState.FAILED and waiting.error.reason == "SEQ_ID_GAP"
-
-    asyncio.run(main())

@@ -156,8 +156,7 @@ class SchedulerCore:
         while True:
             self._wake.clear()  # before asking: a change made from here on wakes the loop again
             now = self._clock()
-            due = self.machine.next_deadline()
-            if now >= next_tick or (due is not None and due <= now):  # e.g. a gap's deadline passed
+            if now >= next_tick:
                 self.machine.tick(now)
                 next_tick = now + period
             try:
