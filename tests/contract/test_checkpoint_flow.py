@@ -25,11 +25,14 @@ def _datum(seed: int) -> tunemesh.Datum:
 
 def _train(trainer: tunemesh.TrainingClient, steps: range) -> list[float]:
     """One forward_backward + optim_step per step, on data fixed by the step number."""
-    futures = []
+    futures, steps_done = [], []
     for step in steps:
         futures.append(trainer.forward_backward([_datum(step), _datum(step + 1000)], "cross_entropy"))
-        trainer.optim_step(ADAM)
-    return [f.result(timeout=60).metrics["loss:sum"] for f in futures]
+        steps_done.append(trainer.optim_step(ADAM))
+    losses = [f.result(timeout=60).metrics["loss:sum"] for f in futures]
+    for done in steps_done:  # the last step must have landed before anyone digests the adapter
+        done.result(timeout=60)
+    return losses
 
 
 def _probe_logprobs(trainer: tunemesh.TrainingClient) -> np.ndarray:
