@@ -54,7 +54,7 @@ def public_rpc_probe(address: str, api_key: str, run: str, datums: list) -> Prob
 def trainer_rpc_probe(address: str, adapter_id: str, datums: list) -> Probe:
     """The trainer's internal RunBatch called directly (no scheduler), and its engine seconds."""
     import grpc
-    from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+    from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 
     trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(address))
     item = trainer_pb2.BatchItem(item_id="direct", adapter_id=adapter_id, data=datums, loss_fn="cross_entropy",

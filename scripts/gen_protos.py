@@ -1,24 +1,36 @@
 """Generate the Python stubs and type stubs of every .proto under protos/.
 
-    python scripts/gen_protos.py          # write into sdk/
-    python scripts/gen_protos.py --check  # fail if sdk/ differs from the protos
+    python scripts/gen_protos.py          # write the stubs
+    python scripts/gen_protos.py --check  # fail if the committed stubs differ from the protos
 
-The generated modules live in the SDK package (`tunemesh.v1`, `tunemesh.internal.v1`)
-because every process, clients included, speaks these contracts.
+The public contract (`tunemesh.v1`) goes into the SDK package, which clients and services
+both import. The service-to-service contract (`tunemesh.internal.v1`) goes into the
+server-side package `tunemesh_internal` (services/common/tunemesh_internal): no client needs
+it, so the SDK does not ship it. protoc names Python modules after the proto's path, so the
+internal stubs' own imports and module names are rewritten from `tunemesh.internal.v1` to
+`tunemesh_internal.v1`; the proto package, the wire names and the RPC paths stay
+`tunemesh.internal.v1`.
 """
 
 from __future__ import annotations
 
 import argparse
-import filecmp
 import pathlib
+import re
 import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
-OUT_ROOT = ROOT / "sdk"
 GENERATED_SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
+# where each proto package's stubs live: generated directory -> (output root, Python directory)
+DESTINATIONS = {
+    pathlib.Path("tunemesh/v1"): (ROOT / "sdk", pathlib.Path("tunemesh/v1")),
+    pathlib.Path("tunemesh/internal/v1"): (ROOT / "services/common", pathlib.Path("tunemesh_internal/v1")),
+}
+# the internal stubs' Python module paths (imports, and the module name the builder gives
+# message classes); RPC paths such as '/tunemesh.internal.v1.TrainerService/...' keep theirs
+_INTERNAL_MODULE = re.compile(r"(^from |^import |')tunemesh\.internal\.v1(?= import|\.\w+_pb2')", re.MULTILINE)
 
 
 def proto_files() -> list[pathlib.Path]:
@@ -41,32 +53,39 @@ def generate(out: pathlib.Path) -> list[pathlib.Path]:
     ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    generated = sorted(p.relative_to(out) for p in out.rglob("*") if p.name.endswith(GENERATED_SUFFIXES))
-    for package_dir in {p.parent for p in generated}:
-        for parent in [package_dir, *package_dir.parents]:
-            if parent == pathlib.Path(".") or parent == pathlib.Path("tunemesh"):
-                continue
-            init = out / parent / "__init__.py"
-            if not init.exists():
-                init.write_text('"""Generated from protos/ by scripts/gen_protos.py; do not edit."""\n')
-    return generated
+    return sorted(p.relative_to(out) for p in out.rglob("*") if p.name.endswith(GENERATED_SUFFIXES))
+
+
+def destination(generated: pathlib.Path) -> pathlib.Path:
+    """Where a file protoc wrote (relative to its output dir) belongs in the repository."""
+    root, package = DESTINATIONS[generated.parent]
+    return root / package / generated.name
+
+
+def contents(generated_file: pathlib.Path, relative: pathlib.Path) -> bytes:
+    text = generated_file.read_text()
+    if relative.parent == pathlib.Path("tunemesh/internal/v1"):
+        text = _INTERNAL_MODULE.sub(r"\1tunemesh_internal.v1", text)
+    return text.encode()
 
 
 def existing_generated() -> list[pathlib.Path]:
-    return sorted(
-        p.relative_to(OUT_ROOT) for p in OUT_ROOT.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
-    )
+    """The committed generated files, as repository paths."""
+    found = []
+    for root, package in DESTINATIONS.values():
+        found += [p for p in (root / package).glob("*") if p.name.endswith(GENERATED_SUFFIXES)]
+    return sorted(found)
 
 
 def check() -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        fresh = generate(pathlib.Path(tmp))
+        fresh = {destination(p): contents(pathlib.Path(tmp) / p, p) for p in generate(pathlib.Path(tmp))}
         committed = existing_generated()
-        problems = [f"missing or extra: {p}" for p in sorted(set(fresh) ^ set(committed))]
+        problems = [f"missing or extra: {p.relative_to(ROOT)}" for p in sorted(set(fresh) ^ set(committed))]
         problems += [
-            f"differs: sdk/{p}"
+            f"differs: {p.relative_to(ROOT)}"
             for p in sorted(set(fresh) & set(committed))
-            if not filecmp.cmp(pathlib.Path(tmp) / p, OUT_ROOT / p, shallow=False)
+            if p.read_bytes() != fresh[p]
         ]
     for line in problems:
         print(line, file=sys.stderr)
@@ -83,13 +102,19 @@ def main() -> int:
     args = parser.parse_args()
     if args.check:
         return check()
-    with tempfile.TemporaryDirectory() as tmp:  # a protoc error leaves sdk/ untouched
+    with tempfile.TemporaryDirectory() as tmp:  # a protoc error leaves the tree untouched
         generated = generate(pathlib.Path(tmp))
         for stale in existing_generated():
-            (OUT_ROOT / stale).unlink()
+            stale.unlink()
         for path in generated:
-            (OUT_ROOT / path).write_bytes((pathlib.Path(tmp) / path).read_bytes())
-    print(f"generated {len(generated)} files from {len(proto_files())} protos into sdk/")
+            target = destination(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            for package_dir in [target.parent, target.parent.parent]:
+                init = package_dir / "__init__.py"
+                if not init.exists():
+                    init.write_text('"""Generated from protos/ by scripts/gen_protos.py; do not edit."""\n')
+            target.write_bytes(contents(pathlib.Path(tmp) / path, path))
+    print(f"generated {len(generated)} files from {len(proto_files())} protos")
     return 0
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import tunemesh
-from tunemesh.internal.v1 import checkpoint_pb2_grpc, sampler_pb2_grpc, trainer_pb2_grpc
+from tunemesh_internal.v1 import checkpoint_pb2_grpc, sampler_pb2_grpc, trainer_pb2_grpc
 from tunemesh.v1 import (
     checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sampling_pb2_grpc, sessions_pb2, sessions_pb2_grpc,
     training_pb2, training_pb2_grpc,

@@ -11,7 +11,7 @@ import pathlib
 import grpc
 import pytest
 
-from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import StorageServicer

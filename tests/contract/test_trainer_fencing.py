@@ -16,7 +16,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tunemesh.internal.v1 import checkpoint_pb2_grpc, trainer_pb2
+from tunemesh_internal.v1 import checkpoint_pb2_grpc, trainer_pb2
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore

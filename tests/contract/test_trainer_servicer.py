@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 
-from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import types_pb2
 from loop_thread import LoopThread
 from tunemesh_common import rpc, tensors

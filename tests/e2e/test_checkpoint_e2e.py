@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import tunemesh
-from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, types_pb2
 from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common.rpc import TENANT_KEY

@@ -20,7 +20,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 import tunemesh
-from tunemesh.internal.v1 import trainer_pb2
+from tunemesh_internal.v1 import trainer_pb2
 from tunemesh.v1 import (
     operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc,
     types_pb2,

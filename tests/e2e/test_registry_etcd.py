@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from tunemesh.internal.v1 import trainer_pb2
+from tunemesh_internal.v1 import trainer_pb2
 from tunemesh_common import registry
 from tunemesh_common.etcd_process import EtcdProcess
 from tunemesh_common.registry import NodeRegistration, NodeWatcher, PlacementTable

@@ -10,8 +10,8 @@ import pathlib
 
 import pytest
 
-from tunemesh.internal.v1 import checkpoint_pb2_grpc
-from tunemesh.internal.v1 import scheduler_state_pb2 as pb
+from tunemesh_internal.v1 import checkpoint_pb2_grpc
+from tunemesh_internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import training_pb2, types_pb2
 from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog

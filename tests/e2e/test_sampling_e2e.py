@@ -54,7 +54,7 @@ def test_sampler_serves_new_weights_and_registers_what_it_holds(start_mesh, tmp_
 
 
 def _sampler_record(endpoint: str):
-    from tunemesh.internal.v1 import sampler_pb2
+    from tunemesh_internal.v1 import sampler_pb2
 
     deadline = time.monotonic() + 10
     while True:  # the sampler refreshes its record twice a second

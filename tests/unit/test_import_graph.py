@@ -2,8 +2,9 @@
 
 - No service imports another service; all of them may use `tunemesh_common`.
 - The SDK (`tunemesh`) imports no service code.
-- Services take only the wire stubs from the SDK package (`tunemesh.v1`,
-  `tunemesh.internal.v1`); `tunemesh_local`, the command line, is an SDK client.
+- Services take only the public wire stubs from the SDK package (`tunemesh.v1`); the
+  service-to-service stubs live in the server-side `tunemesh_internal`, which the SDK never
+  imports. `tunemesh_local`, the command line, is an SDK client.
 - The scheduler core imports neither grpc nor torch, and its deciding modules (the
   machine and what it is made of) not even asyncio: they take time and answers as inputs.
 """
@@ -26,7 +27,8 @@ PACKAGES = {
     "tunemesh_local": ROOT / "services" / "local" / "tunemesh_local",
 }
 SERVICES = {"tunemesh_checkpoint", "tunemesh_sampler", "tunemesh_scheduler", "tunemesh_trainer"}
-WIRE = ("tunemesh.v1", "tunemesh.internal.v1")
+WIRE = ("tunemesh.v1",)
+INTERNAL = ROOT / "services" / "common" / "tunemesh_internal"
 CORE = PACKAGES["tunemesh_scheduler"] / "core"
 PURE = ("machine.py", "actions.py", "snapshots.py", "sequencing.py", "fairness.py", "recovery.py", "idempotency.py",
         "records.py", "sessions.py")
@@ -65,8 +67,23 @@ def test_services_take_only_the_wire_stubs_from_the_sdk_package(package):
              if _top(m) == "tunemesh" and not (m.startswith(WIRE) or m == "tunemesh")}
     wrong |= {(p.relative_to(ROOT).as_posix(), "tunemesh") for p in sources(package)
               if any(isinstance(n, ast.ImportFrom) and n.module == "tunemesh" and n.level == 0
-                     and any(a.name not in ("v1", "internal") for a in n.names)
+                     and any(a.name != "v1" for a in n.names)
                      for n in ast.walk(ast.parse(p.read_text())))}
+    assert not wrong
+
+
+def test_the_sdk_does_not_ship_or_import_the_internal_contract():
+    assert not (PACKAGES["tunemesh"] / "internal").exists()
+    wrong = {(p.relative_to(ROOT).as_posix(), m) for p in PACKAGES["tunemesh"].rglob("*.py")
+             for m in imports(p) if _top(m) == "tunemesh_internal"}
+    assert not wrong
+
+
+def test_the_internal_stubs_import_only_the_public_stubs_and_protobuf():
+    found = {m for p in INTERNAL.rglob("*.py") for m in imports(p)}
+    assert {m for m in found if m.startswith("tunemesh_internal.v1.")}  # the walk sees them
+    wrong = {m for m in found if _top(m) not in ("tunemesh_internal", "google", "grpc", "warnings")
+             and not m.startswith(WIRE)}
     assert not wrong
 
 
@@ -86,3 +103,14 @@ def test_the_walk_sees_imports_inside_functions(tmp_path):
     module = tmp_path / "m.py"
     module.write_text("def f():\n    from tunemesh_trainer.core import TrainerCore\n    import torch\n")
     assert {"tunemesh_trainer.core", "tunemesh_trainer.core.TrainerCore", "torch"} <= imports(module)
+
+
+def test_the_internal_stubs_keep_their_wire_names():
+    """Only the Python module path moved: services, RPC paths and the proto package did not."""
+    from tunemesh_internal.v1 import trainer_pb2
+
+    assert trainer_pb2.DESCRIPTOR.package == "tunemesh.internal.v1"
+    assert trainer_pb2.TrainerNode.__module__ == "tunemesh_internal.v1.trainer_pb2"
+    for grpc_module in INTERNAL.glob("v1/*_pb2_grpc.py"):
+        text = grpc_module.read_text()
+        assert "'tunemesh_internal.v1." not in text and "/tunemesh_internal." not in text, grpc_module.name

@@ -9,7 +9,7 @@ import os
 
 import prometheus_client
 
-from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh_checkpoint import settings as settings_mod
 from tunemesh_checkpoint.call_store import FilesystemCallStore

@@ -8,7 +8,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterator
 
-from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh_checkpoint import convert
 from tunemesh_checkpoint.call_store import FilesystemCallStore

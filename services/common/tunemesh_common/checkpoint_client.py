@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from tunemesh.internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
+from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh_common.errors import DataLoss, FailedPrecondition
 from tunemesh_common.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer

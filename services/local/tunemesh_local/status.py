@@ -42,7 +42,7 @@ def collect_status(mesh: MeshState, timeout: float = ETCD_QUERY_TIMEOUT_S) -> di
 
 
 async def _query(endpoint: str) -> tuple[list[dict], dict[str, str], str]:
-    from tunemesh.internal.v1 import trainer_pb2
+    from tunemesh_internal.v1 import trainer_pb2
 
     prefix = registry.node_prefix("trainers")
     async with registry.connect(endpoint, timeout=ETCD_QUERY_TIMEOUT_S) as client:

@@ -9,7 +9,7 @@ import os
 
 import prometheus_client
 
-from tunemesh.internal.v1 import sampler_pb2, sampler_pb2_grpc
+from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh_common import metrics, rpc
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.models import ModelRegistry

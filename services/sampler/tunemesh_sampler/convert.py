@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunemesh.internal.v1 import sampler_pb2
+from tunemesh_internal.v1 import sampler_pb2
 from tunemesh.v1 import sampling_pb2, sessions_pb2
 from tunemesh_sampler.adapters import AdapterRef
 from tunemesh_sampler.domain import ModelInfo, SampledSequence, SamplingSpec, StopReason

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunemesh.internal.v1 import sampler_pb2, sampler_pb2_grpc
+from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh_common.errors import Unavailable
 from tunemesh_common.rpc import LeaderFence
 from tunemesh_sampler import convert

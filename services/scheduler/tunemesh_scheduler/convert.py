@@ -7,7 +7,7 @@ import math
 
 from google.protobuf import timestamp_pb2
 
-from tunemesh.internal.v1 import sampler_pb2
+from tunemesh_internal.v1 import sampler_pb2
 from tunemesh.v1 import operations_pb2, sampling_pb2, sessions_pb2, training_pb2
 from tunemesh_scheduler.core.records import OperationRecord, OpKind, OpState, RunRecord, SessionRecord
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord

@@ -35,7 +35,7 @@ import logging
 from collections.abc import Sequence
 from typing import Protocol
 
-from tunemesh.internal.v1 import scheduler_state_pb2 as pb
+from tunemesh_internal.v1 import scheduler_state_pb2 as pb
 from tunemesh_common import registry
 from tunemesh_common.errors import FailedPrecondition, NotFound, TunemeshError, Unavailable
 from tunemesh_scheduler.core.ports import StoredState, StoreWrite

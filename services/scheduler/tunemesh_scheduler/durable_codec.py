@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tunemesh.internal.v1 import scheduler_state_pb2 as pb
+from tunemesh_internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import checkpoints_pb2, operations_pb2, training_pb2, types_pb2
 from tunemesh_common.errors import Code
 from tunemesh_scheduler.core.ports import LoadRequest, LoadResult, SaveRequest

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 from google.protobuf.message import DecodeError
 
-from tunemesh.internal.v1 import sampler_pb2, trainer_pb2
+from tunemesh_internal.v1 import sampler_pb2, trainer_pb2
 from tunemesh.v1 import sessions_pb2
 from tunemesh_common import registry
 from tunemesh_common.errors import NotFound, ResourceExhausted, Unavailable

@@ -7,7 +7,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from tunemesh.internal.v1 import sampler_pb2, sampler_pb2_grpc
+from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh_common.errors import Unavailable
 from tunemesh_common.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from tunemesh.internal.v1 import sampler_pb2
+from tunemesh_internal.v1 import sampler_pb2
 from tunemesh.v1 import (
     checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sampling_pb2, sampling_pb2_grpc, sessions_pb2,
     sessions_pb2_grpc, training_pb2, training_pb2_grpc,

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
 from tunemesh_common.rpc import LEADER_TOKEN_KEY, REASON_KEY, PeerChannels

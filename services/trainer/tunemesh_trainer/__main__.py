@@ -13,7 +13,7 @@ import os
 
 import prometheus_client
 
-from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh_common import metrics, rpc
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.models import ModelRegistry, tokenizer_files

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
-from tunemesh.internal.v1 import checkpoint_pb2, trainer_pb2
+from tunemesh_internal.v1 import checkpoint_pb2, trainer_pb2
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.errors import FailedPrecondition

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tunemesh.internal.v1 import trainer_pb2
+from tunemesh_internal.v1 import trainer_pb2
 from tunemesh.v1 import operations_pb2, sessions_pb2, types_pb2
 from tunemesh_common import tensors
 from tunemesh_common.errors import InvalidArgument

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tunemesh.internal.v1 import trainer_pb2, trainer_pb2_grpc
+from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
 from tunemesh_common.errors import Code, InvalidArgument, NotFound, TunemeshError, Unavailable
 from tunemesh_common.checkpoint_client import CheckpointStorageClient

@@ -23,7 +23,7 @@ async def serve(args: argparse.Namespace) -> None:
     address = f"{host}:{sock.getsockname()[1]}"
     registration = None
     if args.etcd and args.node_id:
-        from tunemesh.internal.v1 import trainer_pb2
+        from tunemesh_internal.v1 import trainer_pb2
         from tunemesh.v1 import sessions_pb2
         from tunemesh_common import registry
 

@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from tunemesh.internal.v1 import sampler_pb2
+from tunemesh_internal.v1 import sampler_pb2
 from tunemesh_common.errors import FailedPrecondition, Unavailable
 from tunemesh_common.rpc import LEADER_TOKEN_KEY
 from tunemesh_sampler.server import SamplerServicer

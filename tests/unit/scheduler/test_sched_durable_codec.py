@@ -8,7 +8,7 @@ import pytest
 from aetcd.client import Transactions
 from aetcd.transactions import Put
 
-from tunemesh.internal.v1 import scheduler_state_pb2 as pb
+from tunemesh_internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import checkpoints_pb2, training_pb2, types_pb2
 from tunemesh_common.errors import Code
 from tunemesh_scheduler import durable, durable_codec

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tunemesh.internal.v1 import trainer_pb2
+from tunemesh_internal.v1 import trainer_pb2
 from tunemesh.v1 import sessions_pb2
 from tunemesh_common.errors import NotFound, ResourceExhausted
 from tunemesh_scheduler.nodes import EtcdPlacement, TrainerDirectory

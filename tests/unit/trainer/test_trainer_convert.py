@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunemesh.internal.v1 import trainer_pb2
+from tunemesh_internal.v1 import trainer_pb2
 from tunemesh.v1 import types_pb2
 from tunemesh_common import tensors
 from tunemesh_common.errors import InvalidArgument
