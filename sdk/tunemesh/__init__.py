@@ -51,6 +51,7 @@ _EXPORTS = {
         "AlreadyExistsError",
         "CancelledError",
         "ClientClosedError",
+        "DataLossError",
         "DeadlineExceededError",
         "FailedPreconditionError",
         "InternalError",

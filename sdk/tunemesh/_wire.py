@@ -5,42 +5,20 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import numpy as np
-
-from tunemesh import types
-from tunemesh.errors import TunemeshError, error_for
+from tunemesh import tensors, types
+from tunemesh.errors import Code, TunemeshError, error_for
 from tunemesh.v1 import operations_pb2, sessions_pb2, training_pb2, types_pb2
-
-_DTYPE_TO_WIRE = {
-    "float32": (types_pb2.DTYPE_FLOAT32, "<f4"),
-    "int64": (types_pb2.DTYPE_INT64, "<i8"),
-    "int32": (types_pb2.DTYPE_INT32, "<i4"),
-}
-_WIRE_TO_DTYPE = {wire: (name, layout) for name, (wire, layout) in _DTYPE_TO_WIRE.items()}
 
 
 def tensor_to_proto(tensor: types.TensorData) -> types_pb2.TensorData:
-    wire, layout = _DTYPE_TO_WIRE[tensor.dtype]
-    array = tensor.to_numpy()
-    return types_pb2.TensorData(
-        dtype=wire, shape=list(array.shape), data=array.astype(layout, copy=False).tobytes()
-    )
+    return tensors.encode(tensor.to_numpy())
 
 
-def tensor_from_proto(msg: types_pb2.TensorData) -> types.TensorData:
-    """Decode a wire tensor; bfloat16 is widened to float32."""
-    shape = tuple(int(d) for d in msg.shape)
-    if msg.dtype == types_pb2.DTYPE_BFLOAT16:
-        upper = np.frombuffer(msg.data, dtype="<u2").astype("<u4") << 16
-        return types.TensorData(upper.view("<f4").reshape(shape), "float32")
-    if msg.dtype not in _WIRE_TO_DTYPE:
-        raise ValueError(f"tensor with unknown dtype {msg.dtype}")
-    name, layout = _WIRE_TO_DTYPE[msg.dtype]
-    itemsize = np.dtype(layout).itemsize
-    count = int(np.prod(shape, dtype=np.int64))
-    if len(msg.data) != count * itemsize:
-        raise ValueError(f"tensor of shape {list(shape)} has {len(msg.data)} bytes of {name}")
-    return types.TensorData(np.frombuffer(msg.data, dtype=layout).reshape(shape), name)
+def tensor_from_proto(msg: types_pb2.TensorData, name: str = "tensor") -> types.TensorData:
+    """Decode a wire tensor (bfloat16 is widened to float32); InvalidArgumentError
+    [BAD_TENSOR] if it is malformed."""
+    array = tensors.decode(msg, name=name)
+    return types.TensorData(array, array.dtype.name)
 
 
 def model_input_to_proto(model_input: types.ModelInput) -> types_pb2.ModelInput:
@@ -67,7 +45,7 @@ def datum_to_proto(datum: types.Datum) -> types_pb2.Datum:
 
 
 def datum_from_proto(msg: types_pb2.Datum) -> types.Datum:
-    inputs = {key: tensor_from_proto(value) for key, value in msg.loss_fn_inputs.items()}
+    inputs = {key: tensor_from_proto(value, key) for key, value in msg.loss_fn_inputs.items()}
     return types.Datum(model_input_from_proto(msg.model_input), inputs)
 
 
@@ -146,7 +124,7 @@ def optim_step_request(
 def forward_backward_output(op: operations_pb2.Operation) -> types.ForwardBackwardOutput:
     result = op.forward_backward
     outputs = [
-        {key: tensor_from_proto(t) for key, t in out.loss_fn_outputs.items()}
+        {key: tensor_from_proto(t, key) for key, t in out.loss_fn_outputs.items()}
         for out in result.outputs
     ]
     return types.ForwardBackwardOutput(outputs, dict(result.metrics))
@@ -171,7 +149,7 @@ def load_output(op: operations_pb2.Operation) -> types.LoadWeightsResponse:
 def operation_error(op: operations_pb2.Operation) -> TunemeshError | None:
     """The typed error of a finished operation, or None if it succeeded."""
     if op.state == operations_pb2.OPERATION_STATE_CANCELLED and not op.HasField("error"):
-        return error_for(1, "CANCELLED", f"operation {op.name} was cancelled")
+        return error_for(Code.CANCELLED, "CANCELLED", f"operation {op.name} was cancelled")
     if op.WhichOneof("result") != "error":
         return None
     return error_for(op.error.code, op.error.reason, op.error.message)

@@ -1,7 +1,17 @@
-"""Errors the SDK raises: a gRPC status code, a stable REASON and a message for people.
+"""The one error model of tunemesh, raised by the SDK and the services alike, and its wire form.
 
-The server puts the REASON in the trailing metadata key `tunemesh-reason` and the human
-message in the status details; a failed Operation carries both in `OperationError`.
+Every error carries a gRPC status code (implied by its class), a stable REASON and a
+message for people. Services raise them as `InvalidArgumentError("BAD_TOKEN", "token 7 is
+...")`; the SDK raises them for a failed call or operation.
+
+On the wire a failed call ends with the standard gRPC rich status: the status code, the
+message as the status details, and in the `grpc-status-details-bin` trailer a
+`google.rpc.Status` holding one `google.rpc.ErrorInfo` (reason = the REASON, domain
+`tunemesh`). The server interceptor builds it with `to_status`; every client, the SDK and
+the services calling each other, reads it back with `error_from_rpc`. A failed Operation
+carries the same code (a `google.rpc.Code` number), reason and message in `OperationError`
+(`error_for` rebuilds the error).
+
 A request gRPC itself refuses for its size (this client's send limit or the server's
 receive limit) becomes INVALID_ARGUMENT [REQUEST_TOO_LARGE], as the service reports
 requests over its own limits: it never reached the service, and sending it again fails
@@ -10,11 +20,15 @@ the same way.
 
 from __future__ import annotations
 
+import enum
 import re
 
 import grpc
+from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
 
-REASON_METADATA_KEY = "tunemesh-reason"
+DOMAIN = "tunemesh"  # ErrorInfo.domain of every tunemesh error
 REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
 
 # gRPC's own details when a request is over a message size limit, e.g.
@@ -24,31 +38,62 @@ _SIZE_REFUSAL = re.compile(
     r"(?:CLIENT: Sent|SERVER: Received) message larger than max \((\d+) vs\. (\d+)\)"
 )
 
+
+class Code(enum.IntEnum):
+    """google.rpc.Code: the numbers of the grpc.StatusCode values, as `OperationError.code`
+    carries them (and code that does not import grpc, like the scheduler core, names them)."""
+
+    OK = 0
+    CANCELLED = 1
+    UNKNOWN = 2
+    INVALID_ARGUMENT = 3
+    DEADLINE_EXCEEDED = 4
+    NOT_FOUND = 5
+    ALREADY_EXISTS = 6
+    PERMISSION_DENIED = 7
+    RESOURCE_EXHAUSTED = 8
+    FAILED_PRECONDITION = 9
+    ABORTED = 10
+    OUT_OF_RANGE = 11
+    UNIMPLEMENTED = 12
+    INTERNAL = 13
+    UNAVAILABLE = 14
+    DATA_LOSS = 15
+    UNAUTHENTICATED = 16
+
+
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 
 
 class TunemeshError(Exception):
-    """Base of every error the SDK raises for a failed call or operation."""
+    """Base of every tunemesh error: `.code` (grpc.StatusCode), `.reason`, `.message`.
+
+    `SomeError(reason, message)` has its class's code; `code=` overrides it (the base
+    class is UNKNOWN unless told).
+    """
 
     default_code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
 
     def __init__(
-        self,
-        code: grpc.StatusCode | int | None = None,
-        reason: str = "",
-        message: str = "",
+        self, reason: str = "", message: str = "", *, code: grpc.StatusCode | int | None = None
     ) -> None:
         self.code = _to_status(code if code is not None else self.default_code)
         self.reason = reason
         self.message = message
         super().__init__(self._describe())
 
+    @property
+    def rpc_code(self) -> Code:
+        """`code` as its google.rpc.Code number."""
+        return Code(self.code.value[0])
+
     def _describe(self) -> str:
         head = self.code.name + (f" [{self.reason}]" if self.reason else "")
         return f"{head}: {self.message}" if self.message else head
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.code.name}, {self.reason!r}, {self.message!r})"
+        code = f", code=grpc.StatusCode.{self.code.name}" if self.code is not self.default_code else ""
+        return f"{type(self).__name__}({self.reason!r}, {self.message!r}{code})"
 
 
 class CancelledError(TunemeshError):
@@ -99,6 +144,10 @@ class UnavailableError(TunemeshError):
     default_code = grpc.StatusCode.UNAVAILABLE
 
 
+class DataLossError(TunemeshError):
+    default_code = grpc.StatusCode.DATA_LOSS
+
+
 class UnauthenticatedError(TunemeshError):
     default_code = grpc.StatusCode.UNAUTHENTICATED
 
@@ -117,30 +166,54 @@ _CLASS_BY_CODE = {
 
 
 def error_for(code: grpc.StatusCode | int, reason: str = "", message: str = "") -> TunemeshError:
-    """Build the typed error for a status code (int google.rpc.Code or grpc.StatusCode)."""
+    """The typed error for a status code (google.rpc.Code number or grpc.StatusCode)."""
     status = _to_status(code)
-    return _CLASS_BY_CODE.get(status, TunemeshError)(status, reason, message)
+    return _CLASS_BY_CODE.get(status, TunemeshError)(reason, message, code=status)
 
 
 def request_too_large(what: str, size: int, limit: int, detail: str = "") -> InvalidArgumentError:
     """The error for a request of `size` bytes over a `limit`-byte message limit."""
     message = f"{what} is {size} bytes, over the limit of {limit} bytes per request"
     message += f" ({detail})" if detail else ""
-    return InvalidArgumentError(reason=REQUEST_TOO_LARGE, message=message + "; send less data per call")
+    return InvalidArgumentError(REQUEST_TOO_LARGE, message + "; send less data per call")
+
+
+def to_status(err: TunemeshError) -> grpc.Status:
+    """The rich status a server ends a call with for `err`: its code, its message as the
+    details, and a `google.rpc.Status` with an `ErrorInfo` (reason, domain) in the
+    `grpc-status-details-bin` trailer. With grpc.aio:
+    `await context.abort(status.code, status.details, status.trailing_metadata)`."""
+    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN))
+    return rpc_status.to_status(status)
 
 
 def error_from_rpc(err: grpc.RpcError) -> TunemeshError:
-    """Map a failed gRPC call to a typed error, reading the reason from trailing metadata."""
+    """The typed error of a failed gRPC call (sync or grpc.aio): code and message from the
+    status, reason from its rich status's tunemesh ErrorInfo ("" when it has none: the
+    call failed outside tunemesh code, e.g. in transport or a crash)."""
     code = _call_attr(err, "code") or grpc.StatusCode.UNKNOWN
     message = _call_attr(err, "details") or ""
-    reason = ""
-    for key, value in _call_attr(err, "trailing_metadata") or ():
-        if key == REASON_METADATA_KEY:
-            reason = value.decode() if isinstance(value, bytes) else str(value)
+    reason = _reason(err)
     refusal = _SIZE_REFUSAL.search(message)
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and not reason and refusal:
         return request_too_large("the request", int(refusal[1]), int(refusal[2]), f"grpc: {message}")
     return error_for(code, reason, message)
+
+
+def _reason(err: grpc.RpcError) -> str:
+    """The reason of the tunemesh ErrorInfo in the call's rich status, else ""."""
+    if _call_attr(err, "trailing_metadata") is None:
+        return ""
+    try:
+        status = rpc_status.from_call(err)
+    except (ValueError, DecodeError):  # not a status we sent (unreadable, or not this call's)
+        return ""
+    for detail in status.details if status is not None else ():
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info) and info.domain == DOMAIN:
+            return info.reason
+    return ""
 
 
 def _call_attr(err: grpc.RpcError, name: str):

@@ -22,7 +22,10 @@ from tunemesh.v1 import (
     types_pb2,
 )
 from loop_thread import LoopThread
-from tunemesh_common import rpc, tensors
+from tunemesh import tensors
+from tunemesh.errors import error_from_rpc
+from tunemesh_common import rpc
+from tunemesh_common.host import build_server
 from tunemesh_common.models import TINY_DENSE, tokenizer_files
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
@@ -124,9 +127,9 @@ class Mesh:
         self.sampling = sampling_pb2_grpc.SamplingServiceStub(self.channel)
 
     async def _start(self) -> None:
-        self.trainer_server, _ = rpc.build_server()
+        self.trainer_server, _ = build_server()
         trainer_port = self.trainer_server.add_insecure_port("127.0.0.1:0")
-        self.checkpoint_server, _ = rpc.build_server(rpc.trusted_tenant)
+        self.checkpoint_server, _ = build_server(rpc.trusted_tenant)
         catalog = CheckpointCatalog(FilesystemStore(self.checkpoint_root, fsync=False))
         checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointServicer(catalog, 64 << 10, 1 << 30), self.checkpoint_server)
@@ -147,7 +150,7 @@ class Mesh:
                                   SchedulerConfig(gap_timeout_s=60, batch_token_budget=4096))
         await self.core.start()
         await self._start_sampler()
-        self.server, _ = rpc.build_server(rpc.KeyFileAuthenticator(KEYS))
+        self.server, _ = build_server(rpc.KeyFileAuthenticator(KEYS))
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(self.core, self.directory, LIMITS, TokenizerCache(self.directory, self.port)), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(
@@ -162,7 +165,7 @@ class Mesh:
 
     async def _start_sampler(self) -> None:
         """A sampler node on the same model (torch engine), registered as if from etcd."""
-        self.sampler_server, _ = rpc.build_server()
+        self.sampler_server, _ = build_server()
         port = self.sampler_server.add_insecure_port("127.0.0.1:0")
         self.sampler = SamplerServicer("node-s", f"127.0.0.1:{port}", max_adapters=2)
         sampler_pb2_grpc.add_SamplerServiceServicer_to_server(self.sampler, self.sampler_server)
@@ -218,7 +221,7 @@ def datum(tokens, targets=None, weights=None) -> types_pb2.Datum:
 def status_of(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
-    return info.value.code(), dict(info.value.trailing_metadata() or ()).get(rpc.REASON_KEY, "")
+    return info.value.code(), error_from_rpc(info.value).reason
 
 
 def reference_logprobs(model_dir, tokens, targets) -> np.ndarray:

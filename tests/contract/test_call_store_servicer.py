@@ -17,8 +17,9 @@ from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common import rpc
+from tunemesh_common.host import build_server
 from tunemesh_common.checkpoint_client import CallStoreClient
-from tunemesh_common.errors import InvalidArgument, NotFound, Unavailable, Unimplemented
+from tunemesh.errors import InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError, error_from_rpc
 
 RUN = "runs/5be1"
 MAX_UPLOAD = 8 << 20
@@ -29,7 +30,7 @@ TENANT = ((rpc.TENANT_KEY, "tunemesh-scheduler"),)
 async def checkpoint_service(root: pathlib.Path, with_calls: bool = True):
     """(address, call store) of a checkpoint service whose checkpoints live in `root`."""
     calls = FilesystemCallStore(root / "calls", fsync=False) if with_calls else None
-    server, _ = rpc.build_server(rpc.trusted_tenant)
+    server, _ = build_server(rpc.trusted_tenant)
     servicer = StorageServicer(CheckpointCatalog(FilesystemStore(root, fsync=False)), 64 << 10, MAX_UPLOAD, calls)
     checkpoint_pb2_grpc.add_CheckpointStorageServiceServicer_to_server(servicer, server)
     address = f"127.0.0.1:{server.add_insecure_port('127.0.0.1:0')}"
@@ -68,12 +69,12 @@ def test_errors_come_back_typed(tmp_path):
     async def scenario() -> None:
         async with checkpoint_service(tmp_path) as (address, _):
             client = CallStoreClient(address, timeout_s=30)
-            with pytest.raises(NotFound) as info:
+            with pytest.raises(NotFoundError) as info:
                 await client.get(RUN, 1)
             assert info.value.reason == "CALL_NOT_FOUND"
             for bad in (lambda: client.put("runs/../etc", 1, b"x"), lambda: client.get(RUN, 0),
                         lambda: client.delete("runs/a/b"), lambda: client.delete(RUN, -3)):
-                with pytest.raises(InvalidArgument) as info:
+                with pytest.raises(InvalidArgumentError) as info:
                     await bad()
                 assert info.value.reason == "BAD_CALL_KEY"
             await client.close()
@@ -90,12 +91,12 @@ def test_delete_calls_through_a_seq_id_or_all(tmp_path):
                 await client.put(RUN, seq_id, bytes([seq_id]) * 10)
             await client.put("runs/other", 1, b"other")
             assert await client.delete(RUN, 3) == 3
-            with pytest.raises(NotFound):
+            with pytest.raises(NotFoundError):
                 await client.get(RUN, 3)
             assert await client.get(RUN, 4) == bytes([4]) * 10
             assert await client.delete(RUN) == 2
             assert await client.delete(RUN) == 0
-            with pytest.raises(NotFound):
+            with pytest.raises(NotFoundError):
                 await client.get(RUN, 5)
             assert await client.get("runs/other", 1) == b"other"
             await client.close()
@@ -113,7 +114,7 @@ def test_malformed_requests_are_refused(tmp_path):
                 async def status(call) -> tuple[grpc.StatusCode, str]:
                     with pytest.raises(grpc.aio.AioRpcError) as info:
                         await call()
-                    return info.value.code(), dict(info.value.trailing_metadata() or ()).get(rpc.REASON_KEY, "")
+                    return info.value.code(), error_from_rpc(info.value).reason
 
                 async def stream(*parts):
                     for part in parts:
@@ -141,10 +142,10 @@ def test_a_service_without_a_call_store_and_a_stopped_one(tmp_path):
     async def scenario() -> None:
         async with checkpoint_service(tmp_path, with_calls=False) as (address, _):
             client = CallStoreClient(address, timeout_s=30)
-            with pytest.raises(Unimplemented) as info:
+            with pytest.raises(UnimplementedError) as info:
                 await client.put(RUN, 1, b"x")
             assert info.value.reason == "NO_CALL_STORE"
-        with pytest.raises(Unavailable):  # the service is gone: a transport failure
+        with pytest.raises(UnavailableError):  # the service is gone: a transport failure
             await client.get(RUN, 1)
         await client.close()
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunemesh_common.errors import NotFound
+from tunemesh.errors import NotFoundError
 from tunemesh_common.models import SMOLLM2, TINY_DENSE, ModelRegistry
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec, StopReason
 
@@ -146,7 +146,7 @@ def test_hot_swap_new_version_under_a_new_key_and_unload(case):
     assert list(swapped) == _greedy_and_logprobs(_reference(model_dir, adapters["a2"]), prompts[0])[0]
     assert asyncio.run(engine.generate(GenerateRequest("a1", prompts[0], 1, GREEDY)))[0].tokens == before
     engine.unload_adapter("a1-v2")
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         asyncio.run(engine.generate(GenerateRequest("a1-v2", prompts[0], 1, GREEDY)))
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         engine.unload_adapter("never-loaded")

@@ -14,7 +14,8 @@ import pytest
 
 import tunemesh
 from tunemesh.v1 import operations_pb2, sessions_pb2, training_pb2, types_pb2
-from tunemesh_common import rpc, tensors
+from tunemesh import tensors
+from tunemesh.errors import error_from_rpc
 from tunemesh_common.models import TINY_DENSE
 
 from mesh_harness import A, ADAM, B, FAST_RETRY, LIMITS, LORA, VOCAB, datum, reference_logprobs, status_of
@@ -164,7 +165,7 @@ def test_invalid_optim_step_never_reaches_the_trainer(mesh, validation_run, para
     with pytest.raises(grpc.RpcError) as info:
         mesh.training.OptimStep(request, metadata=A)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert dict(info.value.trailing_metadata())[rpc.REASON_KEY] == "BAD_OPTIMIZER_PARAM"
+    assert error_from_rpc(info.value).reason == "BAD_OPTIMIZER_PARAM"
     assert field in info.value.details()
     assert dict(mesh.trainer.calls) == before
 

@@ -2,7 +2,7 @@
 
 The fake records every call (metadata, request_id, seq_id), executes operations strictly in
 seq_id order after a short delay, rejects the first two submits of chosen request ids with
-UNAVAILABLE, and reports errors with a `tunemesh-reason` trailer like the real scheduler. It
+UNAVAILABLE, and reports errors as a rich status with a reason like the real scheduler. It
 can answer INTERNAL to a submit (before or after queueing it) and lose its queued operations
 as a restarted scheduler does.
 """
@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import tunemesh
+from tunemesh.errors import error_for, to_status
 from tunemesh.v1 import (
     operations_pb2,
     operations_pb2_grpc,
@@ -173,8 +174,7 @@ def fake_forward_result(request, step: int) -> types_pb2.ForwardBackwardResult:
 
 
 def abort(context, code: grpc.StatusCode, reason: str, message: str) -> None:
-    context.set_trailing_metadata((("tunemesh-reason", reason),))
-    context.abort(code, message)
+    context.abort_with_status(to_status(error_for(code, reason, message)))
 
 
 class FakeSessions(sessions_pb2_grpc.SessionServiceServicer):

@@ -21,6 +21,7 @@ from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common import rpc
+from tunemesh_common.host import build_server
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.models import TINY_DENSE
 from tunemesh_trainer.core import TrainerCore
@@ -37,7 +38,7 @@ STALE = (grpc.StatusCode.FAILED_PRECONDITION, "STALE_EPOCH")
 
 
 async def _start_storage(root):
-    server, _ = rpc.build_server(rpc.trusted_tenant)
+    server, _ = build_server(rpc.trusted_tenant)
     catalog = CheckpointCatalog(FilesystemStore(root, fsync=False))
     checkpoint_pb2_grpc.add_CheckpointStorageServiceServicer_to_server(
         StorageServicer(catalog, 64 << 10, 1 << 30), server)

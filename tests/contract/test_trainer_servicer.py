@@ -18,7 +18,10 @@ import pytest
 from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import types_pb2
 from loop_thread import LoopThread
-from tunemesh_common import rpc, tensors
+from tunemesh import tensors
+from tunemesh.errors import error_from_rpc
+from tunemesh_common import rpc
+from tunemesh_common.host import build_server
 from tunemesh_common.models import TINY_DENSE, ModelRegistry, tokenizer_files
 from tunemesh_trainer.core import TrainerCore
 from tunemesh_trainer.server import TrainerServicer
@@ -31,7 +34,7 @@ LORA = types_pb2.LoraConfig(rank=4, train_attn=True, train_mlp=True, train_unemb
 
 
 async def _serve(servicer: TrainerServicer) -> tuple[grpc.aio.Server, int]:
-    server, _ = rpc.build_server()
+    server, _ = build_server()
     trainer_pb2_grpc.add_TrainerServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -99,7 +102,7 @@ def status_of(call) -> tuple[grpc.StatusCode, str]:
     with pytest.raises(grpc.RpcError) as info:
         call()
     err = info.value
-    return err.code(), dict(err.trailing_metadata() or ()).get(rpc.REASON_KEY, "")
+    return err.code(), error_from_rpc(err).reason
 
 
 def create(stub, adapter_id: str, lora: types_pb2.LoraConfig = LORA) -> int:
@@ -316,7 +319,7 @@ def _try(call) -> str:
         call()
         return "ok"
     except grpc.RpcError as err:
-        return dict(err.trailing_metadata() or ()).get(rpc.REASON_KEY, err.code().name)
+        return error_from_rpc(err).reason or err.code().name
 
 
 def test_run_batch_applies_optimizer_items_after_the_fused_pass(trainer):

@@ -14,7 +14,7 @@ import pathlib
 import numpy as np
 import pytest
 
-from tunemesh_common.errors import AlreadyExists, Code, InvalidArgument, NotFound
+from tunemesh.errors import AlreadyExistsError, Code, InvalidArgumentError, NotFoundError
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import TrainingEngine, build_torch_engine
 
@@ -95,13 +95,13 @@ def test_adapter_lifecycle_and_errors(make_engine):
     assert engine.create_adapter("b", LoraSpec(rank=4)) > 0
     assert engine.create_adapter("a", LoraSpec(rank=16, train_mlp=False)) > 0
     assert engine.adapter_ids() == ["a", "b"]
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(AlreadyExistsError):
         engine.create_adapter("a", LoraSpec(rank=4))
     for rank in (0, engine.info.max_lora_rank + 1):
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(InvalidArgumentError):
             engine.create_adapter("c", LoraSpec(rank=rank))
     for call in (engine.delete_adapter, engine.adapter_digest, lambda a: engine.optim_step(a, ADAM)):
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             call("nope")
     engine.delete_adapter("a")
     assert engine.adapter_ids() == ["b"]

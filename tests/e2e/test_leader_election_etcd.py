@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from tunemesh_common import leadership, registry
-from tunemesh_common.errors import FailedPrecondition
+from tunemesh.errors import FailedPreconditionError
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import SessionRecord
 from tunemesh_scheduler.durable import EtcdRunStore
@@ -76,7 +76,7 @@ def test_a_deposed_leaders_store_writes_are_refused(etcd_endpoint: str) -> None:
             first._task.cancel()
             second = leadership.LeaderElection(b, "scheduler", b"b:1", TTL)
             await asyncio.wait_for(second.campaign(), TTL * 4)  # the first one's lease lapsed
-            with pytest.raises(FailedPrecondition) as err:
+            with pytest.raises(FailedPreconditionError) as err:
                 await store.apply([StoreWrite(_session("s2"))])
             assert err.value.reason == "NOT_LEADER"
             assert [s.name for s in (await store.load()).sessions] == ["sessions/s1"]

@@ -18,6 +18,8 @@ import grpc
 import numpy as np
 import pytest
 from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
 import tunemesh
 from tunemesh_internal.v1 import trainer_pb2
@@ -118,11 +120,16 @@ def stubs(channel: grpc.Channel) -> Stubs:
 
 
 def rpc_failure(call) -> tuple[grpc.StatusCode, str]:
-    """(status code, tunemesh-reason trailer) of a call that must fail."""
+    """(status code, reason) of a call that must fail, the reason read from the standard rich
+    status (`google.rpc.Status` in `grpc-status-details-bin`, its tunemesh `ErrorInfo`)."""
     with pytest.raises(grpc.RpcError) as info:
         call()
-    trailers = dict(info.value.trailing_metadata() or ())
-    return info.value.code(), trailers.get("tunemesh-reason", "")
+    status = rpc_status.from_call(info.value)
+    for detail in status.details if status is not None else ():
+        error_info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(error_info) and error_info.domain == "tunemesh":
+            return info.value.code(), error_info.reason
+    return info.value.code(), ""
 
 
 def sdk_failure(call) -> tunemesh.TunemeshError:
@@ -345,7 +352,7 @@ def test_invalid_requests_fail_with_reasons_and_leave_the_run_intact(alice: tune
     error = sdk_failure(lambda: alice.create_lora_training_client("tunemesh/no-such-model", rank=8))
     assert (error.code, error.reason) == (grpc.StatusCode.NOT_FOUND, "UNKNOWN_MODEL")
 
-    # the same, on the raw wire: status code and the tunemesh-reason trailer
+    # the same, on the raw wire: status code and the rich status's reason
     run, next_seq = client.run, stubs.run(client.run).last_seq_id + 1
     raw = training_pb2.ForwardBackwardRequest(run=run, seq_id=next_seq, request_id=str(uuid.uuid4()),
                                               data=[proto_datum([1, 5000], [2, 3])], loss_fn="cross_entropy")

@@ -12,15 +12,16 @@ import pytest
 
 from tunemesh_internal.v1 import checkpoint_pb2_grpc
 from tunemesh_internal.v1 import scheduler_state_pb2 as pb
-from tunemesh.v1 import training_pb2, types_pb2
+from tunemesh.v1 import types_pb2
 from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common import registry, rpc
+from tunemesh_common.host import build_server
 from tunemesh_common.checkpoint_client import CallStoreClient
-from tunemesh_common.errors import Unavailable
-from tunemesh_scheduler.core import OperationRecord, OpKind, OpState, RunRecord
+from tunemesh.errors import UnavailableError
+from tunemesh_scheduler.core import DataWork, OperationRecord, OpKind, OpState, RunRecord
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.durable import INLINE_PAYLOAD_BYTES, EtcdRunStore, calls_prefix
 
@@ -42,7 +43,7 @@ class CheckpointService:
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
-        self.server, _ = rpc.build_server(rpc.trusted_tenant)
+        self.server, _ = build_server(rpc.trusted_tenant)
         catalog = CheckpointCatalog(FilesystemStore(self.root, fsync=False))
         checkpoint_pb2_grpc.add_CheckpointStorageServiceServicer_to_server(
             StorageServicer(catalog, 256 << 10, 1 << 30, self.calls), self.server)
@@ -84,10 +85,10 @@ def _op(seq_id: int, state: OpState = OpState.QUEUED, **fields) -> OperationReco
                            end_time=13.0 if state.done else None, **fields)
 
 
-def _call(seq_id: int, size: int) -> training_pb2.ForwardBackwardRequest:
+def _call(seq_id: int, size: int) -> DataWork:
     datum = types_pb2.Datum(loss_fn_inputs={"weights": types_pb2.TensorData(
         dtype=types_pb2.DTYPE_FLOAT32, shape=[size // 4], data=bytes([seq_id % 256]) * size)})
-    return training_pb2.ForwardBackwardRequest(run="runs/r1", seq_id=seq_id, data=[datum], loss_fn="cross_entropy")
+    return DataWork((datum,), "cross_entropy", {}, backward=True)
 
 
 async def _etcd_calls(client) -> dict[int, pb.StoredPayload]:
@@ -146,7 +147,7 @@ def test_with_the_checkpoint_service_stopped_apply_is_unavailable_and_writes_not
             await service.stop()
             batch = [StoreWrite(_op(1), payload=_call(1, 1024)), StoreWrite(_op(2), payload=_call(2, MIB)),
                      StoreWrite(_run(last_seq_id=2))]
-            with pytest.raises(Unavailable) as info:
+            with pytest.raises(UnavailableError) as info:
                 await store.apply(batch)
             assert info.value.reason == "CALL_STORE_UNAVAILABLE"
             assert await _etcd_calls(client) == {}  # no pointer, and nothing else of the batch
@@ -184,7 +185,7 @@ def test_a_call_store_that_lost_or_damaged_a_call_or_cannot_delete_breaks_nothin
             assert (await store.load()).payloads == {("runs/r1", 3): calls[3]}  # clients re-send 1 and 2
 
             await service.stop()
-            with pytest.raises(Unavailable) as info:
+            with pytest.raises(UnavailableError) as info:
                 await store.payloads("runs/r1", 0)  # a move retries
             assert info.value.reason == "CALL_STORE_UNAVAILABLE"
             # a trim while the call store is down: etcd drops the calls anyway
@@ -217,7 +218,7 @@ async def _until_applied(store: EtcdRunStore, writes, timeout_s: float = 15.0) -
     while True:
         try:
             return await store.apply(writes)
-        except Unavailable:
+        except UnavailableError:
             if asyncio.get_running_loop().time() > deadline:
                 raise
             await asyncio.sleep(0.2)

@@ -8,11 +8,12 @@ import time
 
 import pytest
 
-from tunemesh.v1 import training_pb2, types_pb2
+from tunemesh.v1 import types_pb2
 from tunemesh_common import registry
-from tunemesh_common.errors import Unavailable
+from tunemesh.errors import UnavailableError
 from tunemesh_common.etcd_process import EtcdProcess
 from tunemesh_scheduler.core import (
+    DataWork,
     OperationError, OperationRecord, OpKind, OpState, RunRecord, SessionRecord,
 )
 from tunemesh_scheduler.core.ports import StoreWrite
@@ -41,11 +42,12 @@ def _op(run: str, seq_id: int, state: OpState = OpState.QUEUED, **fields) -> Ope
                            end_time=13.0 if state.done else None, **fields)
 
 
-def _call(run: str, seq_id: int, size: int = 16) -> training_pb2.ForwardBackwardRequest:
+def _call(run: str, seq_id: int, size: int = 16) -> DataWork:
     datum = types_pb2.Datum(loss_fn_inputs={"weights": types_pb2.TensorData(
-        dtype=types_pb2.DTYPE_FLOAT32, shape=[size // 4], data=bytes([seq_id % 256]) * size)})
-    return training_pb2.ForwardBackwardRequest(run=f"runs/{run}", seq_id=seq_id, data=[datum],
-                                               loss_fn="cross_entropy")
+        dtype=types_pb2.DTYPE_FLOAT32, shape=[size // 4], data=bytes([seq_id % 256]) * size)},
+        model_input=types_pb2.ModelInput(chunks=[types_pb2.ModelInputChunk(
+            encoded_text=types_pb2.EncodedTextChunk(tokens=[len(run), seq_id]))]))
+    return DataWork((datum,), "cross_entropy", {}, backward=True)
 
 
 async def _keys(client, prefix: bytes) -> list[bytes]:
@@ -187,10 +189,10 @@ def test_load_and_apply_answer_unavailable_while_etcd_is_down(etcd_process: Etcd
             store = EtcdRunStore(client)
             await store.apply([StoreWrite(_session("before"))])
             etcd_process.kill()
-            with pytest.raises(Unavailable) as info:
+            with pytest.raises(UnavailableError) as info:
                 await store.load()
             assert info.value.reason == "ETCD_UNAVAILABLE"
-            with pytest.raises(Unavailable) as info:
+            with pytest.raises(UnavailableError) as info:
                 await store.apply([StoreWrite(_session("during"))])
             assert info.value.reason == "ETCD_UNAVAILABLE"
             etcd_process.start()
@@ -207,7 +209,7 @@ async def _until_applied(store: EtcdRunStore, writes, timeout_s: float) -> None:
     while True:
         try:
             return await store.apply(writes)
-        except Unavailable:
+        except UnavailableError:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.2)

@@ -1,8 +1,8 @@
 """The SDK installs alone: `pip install ./sdk` into a fresh venv pulls no torch and no
 service code, and that venv's client trains and samples on a real mesh.
 
-Marked slow: it builds the SDK wheel and installs grpcio, protobuf and numpy from the
-package index into the new venv (about a minute)."""
+Marked slow: it builds the SDK wheel and installs grpcio, grpcio-status, protobuf and numpy
+from the package index into the new venv (about a minute)."""
 
 from __future__ import annotations
 

@@ -15,8 +15,8 @@ from fault_ops import MODEL, kill, process, restart
 from twin_runs import TENANTS, assert_matches_twin, train_pair
 
 from tunemesh.v1 import sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc, types_pb2
+from tunemesh.errors import error_from_rpc
 from tunemesh.transport import channel_target
-from tunemesh_common.rpc import REASON_KEY
 from tunemesh_local.state import MeshState
 
 pytestmark = pytest.mark.e2e
@@ -82,5 +82,5 @@ def _create_once(address: str, session: str) -> tuple[grpc.StatusCode, str]:
         try:
             training_pb2_grpc.TrainingServiceStub(channel).CreateTrainingRun(request, metadata=METADATA, timeout=30)
         except grpc.RpcError as err:
-            return err.code(), dict(err.trailing_metadata() or ()).get(REASON_KEY, "")
+            return err.code(), error_from_rpc(err).reason
     return grpc.StatusCode.OK, ""

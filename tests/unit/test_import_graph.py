@@ -2,9 +2,11 @@
 
 - No service imports another service; all of them may use `tunemesh_common`.
 - The SDK (`tunemesh`) imports no service code.
-- Services take only the public wire stubs from the SDK package (`tunemesh.v1`); the
-  service-to-service stubs live in the server-side `tunemesh_internal`, which the SDK never
-  imports. `tunemesh_local`, the command line, is an SDK client.
+- Services take only the wire layer from the SDK package: the public stubs (`tunemesh.v1`),
+  the one error model and its rich-status form (`tunemesh.errors`) and the tensor codec
+  (`tunemesh.tensors`); the service-to-service stubs live in the server-side
+  `tunemesh_internal`, which the SDK never imports. `tunemesh_local`, the command line, is an
+  SDK client.
 - The scheduler core imports neither grpc nor torch, and its deciding modules (the
   machine and what it is made of) not even asyncio: they take time and answers as inputs.
 """
@@ -27,7 +29,7 @@ PACKAGES = {
     "tunemesh_local": ROOT / "services" / "local" / "tunemesh_local",
 }
 SERVICES = {"tunemesh_checkpoint", "tunemesh_sampler", "tunemesh_scheduler", "tunemesh_trainer"}
-WIRE = ("tunemesh.v1",)
+WIRE = ("tunemesh.v1", "tunemesh.errors", "tunemesh.tensors")  # the SDK's wire layer
 INTERNAL = ROOT / "services" / "common" / "tunemesh_internal"
 CORE = PACKAGES["tunemesh_scheduler"] / "core"
 PURE = ("machine.py", "actions.py", "snapshots.py", "sequencing.py", "fairness.py", "recovery.py", "idempotency.py",
@@ -62,14 +64,23 @@ def test_no_package_imports_a_service_other_than_itself(package):
 
 
 @pytest.mark.parametrize("package", sorted(SERVICES | {"tunemesh_common"}))
-def test_services_take_only_the_wire_stubs_from_the_sdk_package(package):
+def test_services_take_only_the_wire_layer_from_the_sdk_package(package):
     wrong = {(p.relative_to(ROOT).as_posix(), m) for p in sources(package) for m in imports(p)
-             if _top(m) == "tunemesh" and not (m.startswith(WIRE) or m == "tunemesh")}
-    wrong |= {(p.relative_to(ROOT).as_posix(), "tunemesh") for p in sources(package)
-              if any(isinstance(n, ast.ImportFrom) and n.module == "tunemesh" and n.level == 0
-                     and any(a.name != "v1" for a in n.names)
-                     for n in ast.walk(ast.parse(p.read_text())))}
+             if _top(m) == "tunemesh" and not (_in_wire(m) or m == "tunemesh")}
+    wrong |= {(p.relative_to(ROOT).as_posix(), f"tunemesh.{a.name}") for p in sources(package)
+              for n in ast.walk(ast.parse(p.read_text()))
+              if isinstance(n, ast.ImportFrom) and n.module == "tunemesh" and n.level == 0
+              for a in n.names if not _in_wire(f"tunemesh.{a.name}")}
     assert not wrong
+
+
+def _in_wire(module: str) -> bool:
+    return any(module == wire or module.startswith(wire + ".") for wire in WIRE)
+
+
+def test_the_wire_check_can_fail():
+    assert _in_wire("tunemesh.v1.types_pb2") and _in_wire("tunemesh.errors.InvalidArgumentError")
+    assert not _in_wire("tunemesh.client") and not _in_wire("tunemesh._wire") and not _in_wire("tunemesh.errorsx")
 
 
 def test_the_sdk_does_not_ship_or_import_the_internal_contract():
@@ -83,7 +94,7 @@ def test_the_internal_stubs_import_only_the_public_stubs_and_protobuf():
     found = {m for p in INTERNAL.rglob("*.py") for m in imports(p)}
     assert {m for m in found if m.startswith("tunemesh_internal.v1.")}  # the walk sees them
     wrong = {m for m in found if _top(m) not in ("tunemesh_internal", "google", "grpc", "warnings")
-             and not m.startswith(WIRE)}
+             and not m.startswith("tunemesh.v1")}
     assert not wrong
 
 

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 
 import prometheus_client
 
@@ -18,12 +16,11 @@ from tunemesh_checkpoint.metered_store import MeteredStore
 from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common import metrics, rpc
+from tunemesh_common.host import HostConfig, ServiceHost
 
 log = logging.getLogger("tunemesh_checkpoint")
-SERVICES = [
-    checkpoints_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name,
-    checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointStorageService"].full_name,
-]
+CHECKPOINT_SERVICE = checkpoints_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name
+STORAGE_SERVICE = checkpoint_pb2.DESCRIPTOR.services_by_name["CheckpointStorageService"].full_name
 
 
 async def sweep_periodically(catalog: CheckpointCatalog, interval_s: float) -> None:
@@ -42,31 +39,18 @@ async def serve(s: settings_mod.CheckpointSettings) -> None:
     recovered = await asyncio.to_thread(store.recover) + await asyncio.to_thread(calls.recover)
     catalog = CheckpointCatalog(store)
     await asyncio.to_thread(catalog.sweep)
-    endpoint = await metrics.MetricsEndpoint.start(s.metrics_listen, registry)
-    server, health = rpc.build_server(rpc.trusted_tenant, metrics.RpcMetrics("checkpoint", registry))
-    checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
-        CheckpointServicer(catalog, s.chunk_bytes, s.max_upload_bytes), server
-    )
-    checkpoint_pb2_grpc.add_CheckpointStorageServiceServicer_to_server(
-        StorageServicer(catalog, s.chunk_bytes, s.max_upload_bytes, calls), server
-    )
-    rpc.enable_reflection(server, SERVICES)
-    port = server.add_insecure_port(s.listen)
-    await server.start()
-    await rpc.mark_serving(health, SERVICES)
-    address = f"{s.listen.rsplit(':', 1)[0]}:{port}"
-    if s.ready_file is not None:
-        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(),
-                                            "metrics_url": endpoint.url if endpoint else ""})
-    log.info("checkpoint service on %s, root %s (%d interrupted writes cleaned up)", address, s.root_dir, recovered)
-    sweeper = asyncio.create_task(sweep_periodically(catalog, s.sweep_interval_s))
-    await rpc.wait_for_termination()
-    sweeper.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await sweeper
-    await server.stop(grace=5)
-    if endpoint is not None:
-        await endpoint.close()
+    config = HostConfig("checkpoint", s.listen, s.metrics_listen, ready_file=s.ready_file,
+                        authenticator=rpc.trusted_tenant, registry=registry, grace_s=5.0)
+    async with ServiceHost(config) as host:
+        host.add_servicer(checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server,
+                          CheckpointServicer(catalog, s.chunk_bytes, s.max_upload_bytes), CHECKPOINT_SERVICE)
+        host.add_servicer(checkpoint_pb2_grpc.add_CheckpointStorageServiceServicer_to_server,
+                          StorageServicer(catalog, s.chunk_bytes, s.max_upload_bytes, calls), STORAGE_SERVICE)
+        await host.serve()
+        host.spawn(sweep_periodically(catalog, s.sweep_interval_s), "expiry-sweep")
+        log.info("checkpoint service on %s, root %s (%d interrupted writes cleaned up)",
+                 host.address, s.root_dir, recovered)
+        await host.wait()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -22,7 +22,7 @@ import typing
 from collections.abc import Iterable, Iterator
 
 from tunemesh_common.checkpoint_paths import is_segment
-from tunemesh_common.errors import InvalidArgument, NotFound
+from tunemesh.errors import InvalidArgumentError, NotFoundError
 from tunemesh_checkpoint.store import sync_dir
 
 logger = logging.getLogger(__name__)
@@ -67,13 +67,13 @@ class FilesystemCallStore:
         return size
 
     def read(self, run: str, seq_id: int, chunk_size: int = 1 << 20) -> Iterator[bytes]:
-        """The call's bytes in chunks; NotFound(CALL_NOT_FOUND) from this call when none is kept."""
+        """The call's bytes in chunks; NotFoundError(CALL_NOT_FOUND) from this call when none is kept."""
         if chunk_size <= 0:
-            raise InvalidArgument("BAD_CHUNK_SIZE", f"chunk_size must be positive, got {chunk_size}")
+            raise InvalidArgumentError("BAD_CHUNK_SIZE", f"chunk_size must be positive, got {chunk_size}")
         try:
             file = open(self._call_path(run, seq_id), "rb")
         except FileNotFoundError:
-            raise NotFound("CALL_NOT_FOUND", f"no call {seq_id} of {run} is kept") from None
+            raise NotFoundError("CALL_NOT_FOUND", f"no call {seq_id} of {run} is kept") from None
         return _chunks_of(file, chunk_size)
 
     def delete(self, run: str, through_seq_id: int | None = None) -> int:
@@ -124,16 +124,16 @@ class FilesystemCallStore:
 
 
 def run_id_of(run: str) -> str:
-    """The `{id}` of `runs/{id}`; InvalidArgument(BAD_CALL_KEY) unless it is one safe segment."""
+    """The `{id}` of `runs/{id}`; InvalidArgumentError(BAD_CALL_KEY) unless it is one safe segment."""
     run_id = run.removeprefix(RUN_PREFIX) if isinstance(run, str) and run.startswith(RUN_PREFIX) else ""
     if not is_segment(run_id):
-        raise InvalidArgument("BAD_CALL_KEY", f"bad run name {str(run)[:140]!r}: expected runs/{{id}}")
+        raise InvalidArgumentError("BAD_CALL_KEY", f"bad run name {str(run)[:140]!r}: expected runs/{{id}}")
     return run_id
 
 
 def _check_seq_id(seq_id: int) -> None:
     if type(seq_id) is not int or not 1 <= seq_id <= _MAX_SEQ_ID:
-        raise InvalidArgument("BAD_CALL_KEY", f"bad seq_id {seq_id!r}: expected 1 to {_MAX_SEQ_ID}")
+        raise InvalidArgumentError("BAD_CALL_KEY", f"bad seq_id {seq_id!r}: expected 1 to {_MAX_SEQ_ID}")
 
 
 def _chunks_of(file: typing.BinaryIO, chunk_size: int) -> Iterator[bytes]:

@@ -2,7 +2,7 @@
 
 Every method takes the caller's tenant first and resolves user paths through
 `CheckpointPath.storage_key(tenant)`, so another tenant's checkpoint is simply absent
-(NotFound). Expired checkpoints read as absent at once and are deleted by `sweep`.
+(NotFoundError). Expired checkpoints read as absent at once and are deleted by `sweep`.
 No grpc here: the server layer streams bytes in and out through these methods.
 """
 
@@ -20,7 +20,7 @@ from tunemesh_common import peft_format
 from tunemesh_common.checkpoint_paths import (
     CheckpointKind, CheckpointPath, check_ttl, check_user_metadata, is_snapshot, storage_prefix,
 )
-from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, TunemeshError
+from tunemesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TunemeshError
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class CheckpointCatalog:
         names = sorted(b.name for b in written)
         wanted = sorted(_required_files(spec))
         if names != wanted:
-            raise InvalidArgument("BAD_CHECKPOINT_FILES", f"a {spec.path.kind} checkpoint needs files {wanted}, got {names}")
+            raise InvalidArgumentError("BAD_CHECKPOINT_FILES", f"a {spec.path.kind} checkpoint needs files {wanted}, got {names}")
         expire = self._clock() + spec.ttl_seconds if spec.ttl_seconds else None
         metadata = {
             "path": str(spec.path), "base_model": spec.base_model, "lora": spec.lora, "step": spec.step,
@@ -110,11 +110,11 @@ class CheckpointCatalog:
         """Create `tunemesh://imports/{name}` from a PEFT adapter directory's two files."""
         path = CheckpointPath.imported(name)
         if not base_model:
-            raise InvalidArgument("MISSING_BASE_MODEL", "an import must name its base model")
+            raise InvalidArgumentError("MISSING_BASE_MODEL", "an import must name its base model")
         extra = set(files) - {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE}
         missing = {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE} - set(files)
         if missing or extra:
-            raise InvalidArgument(
+            raise InvalidArgumentError(
                 "BAD_CHECKPOINT_FILES",
                 f"an import holds exactly {peft_format.CONFIG_FILE} and {peft_format.WEIGHTS_FILE}"
                 f" (missing {sorted(missing)}, unexpected {sorted(extra)})",
@@ -131,11 +131,11 @@ class CheckpointCatalog:
     # ---- reading ---------------------------------------------------------------------
 
     def get(self, tenant: str, path: str) -> CheckpointRecord:
-        """The tenant's checkpoint at `path`, or NotFound (also when expired)."""
+        """The tenant's checkpoint at `path`, or NotFoundError (also when expired)."""
         parsed = CheckpointPath.parse(path)
         manifest = self._find(parsed.storage_key(tenant))
         if manifest is None or self._expired(manifest):
-            raise NotFound("CHECKPOINT_NOT_FOUND", f"checkpoint {path!r} not found")
+            raise NotFoundError("CHECKPOINT_NOT_FOUND", f"checkpoint {path!r} not found")
         return _record(manifest)
 
     def read(self, tenant: str, path: str, chunk_size: int = 1 << 20) -> tuple[CheckpointRecord, Iterator[tuple[str, int, bytes]]]:
@@ -147,7 +147,7 @@ class CheckpointCatalog:
     def list(self, tenant: str, run: str = "", page_size: int = 0, page_token: str = "") -> tuple[list[CheckpointRecord], str]:
         """One page of the tenant's live checkpoints (of one run, or all), ordered by key."""
         if page_size < 0:
-            raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0")
+            raise InvalidArgumentError("INVALID_PAGE_SIZE", "page_size must be >= 0")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_token(page_token)
         live = [m for m in self._store.list(storage_prefix(tenant, run))
@@ -180,7 +180,7 @@ class CheckpointCatalog:
                 try:
                     self._store.delete(manifest.key)
                     removed += 1
-                except NotFound:  # deleted concurrently
+                except NotFoundError:  # deleted concurrently
                     pass
         if removed:
             log.info("expiry sweep deleted %d checkpoints", removed)
@@ -189,7 +189,7 @@ class CheckpointCatalog:
     def _find(self, key: str) -> Manifest | None:
         try:
             return self._store.manifest(key)
-        except NotFound:
+        except NotFoundError:
             return None
 
     def _expired(self, manifest: Manifest) -> bool:
@@ -204,7 +204,7 @@ def _required_files(spec: CheckpointSpec) -> set[str]:
 
 def check_file_name(name: str) -> str:
     if name not in ALLOWED_FILES:
-        raise InvalidArgument("BAD_CHECKPOINT_FILES", f"unexpected file {name[:100]!r}; allowed: {sorted(ALLOWED_FILES)}")
+        raise InvalidArgumentError("BAD_CHECKPOINT_FILES", f"unexpected file {name[:100]!r}; allowed: {sorted(ALLOWED_FILES)}")
     return name
 
 
@@ -212,13 +212,13 @@ def _check_spec(spec: CheckpointSpec) -> None:
     check_ttl(spec.ttl_seconds)
     check_user_metadata(spec.user_metadata)
     if spec.has_optimizer_state and spec.path.kind is not CheckpointKind.STATE:
-        raise InvalidArgument("BAD_CHECKPOINT_KIND", "only state checkpoints hold optimizer state")
+        raise InvalidArgumentError("BAD_CHECKPOINT_KIND", "only state checkpoints hold optimizer state")
     if not spec.base_model:
-        raise InvalidArgument("MISSING_BASE_MODEL", "a checkpoint must name its base model")
+        raise InvalidArgumentError("MISSING_BASE_MODEL", "a checkpoint must name its base model")
 
 
 def _exists(path: CheckpointPath) -> TunemeshError:
-    return AlreadyExists("CHECKPOINT_EXISTS", f"checkpoint {path} already exists; names are immutable")
+    return AlreadyExistsError("CHECKPOINT_EXISTS", f"checkpoint {path} already exists; names are immutable")
 
 
 def _record(manifest: Manifest) -> CheckpointRecord:
@@ -256,7 +256,7 @@ def _decode_token(token: str) -> str:
     except (ValueError, UnicodeDecodeError):
         key = ""
     if not key:
-        raise InvalidArgument("INVALID_PAGE_TOKEN", f"bad page token {token[:100]!r}")
+        raise InvalidArgumentError("INVALID_PAGE_TOKEN", f"bad page token {token[:100]!r}")
     return key
 
 

@@ -11,7 +11,7 @@ from google.protobuf import timestamp_pb2
 from tunemesh.v1 import checkpoints_pb2, types_pb2
 from tunemesh_checkpoint.catalog import CheckpointRecord
 from tunemesh_common.checkpoint_paths import CheckpointKind
-from tunemesh_common.errors import InvalidArgument, ResourceExhausted
+from tunemesh.errors import InvalidArgumentError, ResourceExhaustedError
 
 KINDS = {
     CheckpointKind.STATE: checkpoints_pb2.CHECKPOINT_KIND_STATE,
@@ -66,7 +66,7 @@ class Upload:
     async def header(self):
         first = await anext(self._requests, None)
         if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgument("BAD_UPLOAD", "the first message must carry the header")
+            raise InvalidArgumentError("BAD_UPLOAD", "the first message must carry the header")
         return first.header
 
     async def files(self) -> AsyncIterator[tuple[str, list[bytes]]]:
@@ -75,20 +75,20 @@ class Upload:
         seen, total, name, chunks, size = set(), 0, None, [], 0
         async for request in self._requests:
             if request.WhichOneof("part") != "chunk":
-                raise InvalidArgument("BAD_UPLOAD", "only the first message may carry a header")
+                raise InvalidArgumentError("BAD_UPLOAD", "only the first message may carry a header")
             chunk = request.chunk
             if chunk.file_name != name:
                 if name is not None:
                     yield name, chunks
                 if chunk.file_name in seen:
-                    raise InvalidArgument("BAD_UPLOAD", f"{chunk.file_name[:100]!r} was sent in two parts")
+                    raise InvalidArgumentError("BAD_UPLOAD", f"{chunk.file_name[:100]!r} was sent in two parts")
                 name, chunks, size = chunk.file_name, [], 0
                 seen.add(name)
             if chunk.offset != size:
-                raise InvalidArgument("BAD_UPLOAD", f"{name[:100]!r}: chunk at offset {chunk.offset}, expected {size}")
+                raise InvalidArgumentError("BAD_UPLOAD", f"{name[:100]!r}: chunk at offset {chunk.offset}, expected {size}")
             total += len(chunk.data)
             if total > self._max_bytes:
-                raise ResourceExhausted("UPLOAD_TOO_LARGE", f"uploads are limited to {self._max_bytes} bytes")
+                raise ResourceExhaustedError("UPLOAD_TOO_LARGE", f"uploads are limited to {self._max_bytes} bytes")
             chunks.append(chunk.data)
             size += len(chunk.data)
         if name is not None:
@@ -101,14 +101,14 @@ async def call_upload(requests: AsyncIterator, max_bytes: int) -> tuple[str, int
     requests = aiter(requests)
     first = await anext(requests, None)
     if first is None or first.WhichOneof("part") != "key":
-        raise InvalidArgument("BAD_UPLOAD", "the first message must carry the call's key")
+        raise InvalidArgumentError("BAD_UPLOAD", "the first message must carry the call's key")
     chunks, total = [], 0
     async for request in requests:
         if request.WhichOneof("part") != "chunk":
-            raise InvalidArgument("BAD_UPLOAD", "only the first message may carry a key")
+            raise InvalidArgumentError("BAD_UPLOAD", "only the first message may carry a key")
         total += len(request.chunk)
         if total > max_bytes:
-            raise ResourceExhausted("UPLOAD_TOO_LARGE", f"uploads are limited to {max_bytes} bytes")
+            raise ResourceExhaustedError("UPLOAD_TOO_LARGE", f"uploads are limited to {max_bytes} bytes")
         chunks.append(request.chunk)
     return first.key.run, first.key.seq_id, chunks
 
@@ -120,4 +120,4 @@ def calls_through(request) -> int | None:
         return None
     if which == "through_seq_id":
         return request.through_seq_id
-    raise InvalidArgument("BAD_CALL_RANGE", "DeleteCalls needs through_seq_id or all=true")
+    raise InvalidArgumentError("BAD_CALL_RANGE", "DeleteCalls needs through_seq_id or all=true")

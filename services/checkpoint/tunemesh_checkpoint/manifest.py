@@ -6,7 +6,7 @@ import dataclasses
 import json
 
 from tunemesh_common.checkpoint_paths import is_segment
-from tunemesh_common.errors import DataLoss, InvalidArgument, NotFound
+from tunemesh.errors import DataLossError, InvalidArgumentError, NotFoundError
 
 MANIFEST_NAME = "manifest.json"
 _MANIFEST_TMP = MANIFEST_NAME + ".tmp"
@@ -40,22 +40,22 @@ class Manifest:
         for info in self.blobs:
             if info.name == name:
                 return info
-        raise NotFound("BLOB_NOT_FOUND", f"checkpoint {self.key!r} has no blob {name!r}")
+        raise NotFoundError("BLOB_NOT_FOUND", f"checkpoint {self.key!r} has no blob {name!r}")
 
 
 def validate_key(key: str) -> None:
-    """InvalidArgument("BAD_CHECKPOINT_KEY") unless every segment is a safe name."""
+    """InvalidArgumentError("BAD_CHECKPOINT_KEY") unless every segment is a safe name."""
     if not isinstance(key, str) or not key or len(key) > _MAX_KEY_CHARS:
-        raise InvalidArgument("BAD_CHECKPOINT_KEY", f"bad checkpoint key {key!r}")
+        raise InvalidArgumentError("BAD_CHECKPOINT_KEY", f"bad checkpoint key {key!r}")
     for segment in key.split("/"):
         if not _is_segment(segment):
-            raise InvalidArgument("BAD_CHECKPOINT_KEY", f"bad checkpoint key {key!r}")
+            raise InvalidArgumentError("BAD_CHECKPOINT_KEY", f"bad checkpoint key {key!r}")
 
 
 def validate_blob_name(name: str) -> None:
-    """InvalidArgument("BAD_BLOB_NAME") unless name is one safe, non-reserved segment."""
+    """InvalidArgumentError("BAD_BLOB_NAME") unless name is one safe, non-reserved segment."""
     if not _is_segment(name) or name in (MANIFEST_NAME, _MANIFEST_TMP):
-        raise InvalidArgument("BAD_BLOB_NAME", f"bad blob name {name!r}")
+        raise InvalidArgumentError("BAD_BLOB_NAME", f"bad blob name {name!r}")
 
 
 def _is_segment(text: object) -> bool:
@@ -63,13 +63,13 @@ def _is_segment(text: object) -> bool:
 
 
 def canonical_metadata(metadata: dict) -> dict:
-    """A JSON round-trip copy of metadata; InvalidArgument if it is not a JSON object."""
+    """A JSON round-trip copy of metadata; InvalidArgumentError if it is not a JSON object."""
     if not isinstance(metadata, dict):
-        raise InvalidArgument("BAD_METADATA", "checkpoint metadata must be a dict")
+        raise InvalidArgumentError("BAD_METADATA", "checkpoint metadata must be a dict")
     try:
         return json.loads(json.dumps(metadata, allow_nan=False))
     except (TypeError, ValueError) as err:
-        raise InvalidArgument("BAD_METADATA", f"checkpoint metadata is not JSON: {err}") from None
+        raise InvalidArgumentError("BAD_METADATA", f"checkpoint metadata is not JSON: {err}") from None
 
 
 def manifest_json(manifest: Manifest) -> bytes:
@@ -84,7 +84,7 @@ def manifest_json(manifest: Manifest) -> bytes:
 
 
 def parse_manifest(key: str, raw: bytes) -> Manifest:
-    """Manifest from manifest.json bytes; DataLoss("CORRUPT_MANIFEST") if malformed."""
+    """Manifest from manifest.json bytes; DataLossError("CORRUPT_MANIFEST") if malformed."""
     try:
         doc = json.loads(raw)
         if doc["format"] != _FORMAT or doc["key"] != key or not isinstance(doc["metadata"], dict):
@@ -92,7 +92,7 @@ def parse_manifest(key: str, raw: bytes) -> Manifest:
         blobs = tuple(_parse_blob(b) for b in doc["blobs"])
         return Manifest(key, blobs, doc["metadata"], float(doc["commit_time"]))
     except (ValueError, TypeError, KeyError, AttributeError) as err:
-        raise DataLoss("CORRUPT_MANIFEST", f"manifest of checkpoint {key!r} is corrupt: {err}") from None
+        raise DataLossError("CORRUPT_MANIFEST", f"manifest of checkpoint {key!r} is corrupt: {err}") from None
 
 
 def _parse_blob(doc: dict) -> BlobInfo:

@@ -14,7 +14,7 @@ from tunemesh_checkpoint import convert
 from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointSpec, check_file_name
 from tunemesh_common.checkpoint_paths import CheckpointPath
-from tunemesh_common.errors import Unimplemented
+from tunemesh.errors import UnimplementedError
 from tunemesh_common.rpc import current_tenant
 
 
@@ -106,7 +106,7 @@ class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
 
     def _call_store(self) -> FilesystemCallStore:
         if self._calls is None:
-            raise Unimplemented("NO_CALL_STORE", "this checkpoint service keeps no calls")
+            raise UnimplementedError("NO_CALL_STORE", "this checkpoint service keeps no calls")
         return self._calls
 
 

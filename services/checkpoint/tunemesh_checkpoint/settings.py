@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
+from pydantic import Field
+
 from tunemesh_common import settings
+from tunemesh_common.settings import HostPort, HostPortOrEmpty
 
 
-@dataclasses.dataclass(frozen=True)
-class CheckpointSettings:
-    listen: str = "127.0.0.1:0"  # host:port; port 0 picks a free one
-    root_dir: pathlib.Path = pathlib.Path("~/.tunemesh/checkpoints")  # filesystem store root
-    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid", "metrics_url"}
-    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics (port 0 picks one); empty: none
-    sweep_interval_s: float = 60.0  # how often expired checkpoints are deleted
-    chunk_bytes: int = 1 << 20  # size of streamed file chunks
-    max_upload_bytes: int = 4 << 30  # largest checkpoint written or imported in one stream
+class CheckpointSettings(settings.ServiceSettings):
+    """Durable adapter checkpoints on a filesystem root (`python -m tunemesh_checkpoint`)."""
+
+    model_config = settings.settings_config("checkpoint")
+
+    listen: HostPort = Field("127.0.0.1:0", description="host:port to serve on; port 0 picks a free one")
+    root_dir: pathlib.Path = Field(pathlib.Path("~/.tunemesh/checkpoints"), description="filesystem store root")
+    ready_file: pathlib.Path | None = Field(
+        None, description='written once serving: {"address", "pid", "metrics_url"} (for launchers)')
+    metrics_listen: HostPortOrEmpty = Field("127.0.0.1:0",
+                                description="host:port of /metrics (port 0 picks one); empty: no metrics endpoint")
+    sweep_interval_s: float = Field(60.0, gt=0, description="how often expired checkpoints are deleted, in seconds")
+    chunk_bytes: int = Field(1 << 20, ge=1, description="size of streamed file chunks, in bytes")
+    max_upload_bytes: int = Field(4 << 30, ge=1,
+                                  description="largest checkpoint written or imported in one stream, in bytes")
 
 
 def load(argv: list[str] | None = None) -> CheckpointSettings:
-    return settings.load(CheckpointSettings, "TUNEMESH_CHECKPOINT_", argv)
+    return settings.load(CheckpointSettings, argv)

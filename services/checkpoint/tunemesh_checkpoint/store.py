@@ -32,7 +32,13 @@ from tunemesh_checkpoint.manifest import (  # noqa: F401  (re-exported: the stor
     _MANIFEST_TMP, MANIFEST_NAME, BlobInfo, Manifest, canonical_metadata, manifest_json, parse_manifest,
     validate_blob_name, validate_key,
 )
-from tunemesh_common.errors import AlreadyExists, DataLoss, FailedPrecondition, InvalidArgument, NotFound
+from tunemesh.errors import (
+    AlreadyExistsError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +52,7 @@ class CheckpointWriter(abc.ABC):
 
     @abc.abstractmethod
     def commit(self, metadata: dict) -> Manifest:
-        """Publishes every written blob at once; AlreadyExists if the key is taken."""
+        """Publishes every written blob at once; AlreadyExistsError if the key is taken."""
 
     @abc.abstractmethod
     def abort(self) -> None:
@@ -112,24 +118,24 @@ class FilesystemStore:
         try:
             raw = (self._objects / key / MANIFEST_NAME).read_bytes()
         except (FileNotFoundError, NotADirectoryError):
-            raise NotFound("CHECKPOINT_NOT_FOUND", f"no checkpoint {key!r}") from None
+            raise NotFoundError("CHECKPOINT_NOT_FOUND", f"no checkpoint {key!r}") from None
         return parse_manifest(key, raw)
 
     def read_blob(self, key: str, name: str, chunk_size: int = 1 << 20) -> Iterator[bytes]:
         """Streams a blob, verifying size and sha256 as it goes.
 
         Errors about the checkpoint or blob are raised by this call; a mismatch
-        is only known at the end and raises DataLoss("CHECKSUM_MISMATCH") from
+        is only known at the end and raises DataLossError("CHECKSUM_MISMATCH") from
         the iterator after chunks were yielded, so callers must treat the whole
         stream as failed and discard what they received.
         """
         if chunk_size <= 0:
-            raise InvalidArgument("BAD_CHUNK_SIZE", f"chunk_size must be positive, got {chunk_size}")
+            raise InvalidArgumentError("BAD_CHUNK_SIZE", f"chunk_size must be positive, got {chunk_size}")
         info = self.manifest(key).blob(name)
         try:
             file = open(self._objects / key / name, "rb")
         except FileNotFoundError:
-            raise DataLoss("BLOB_MISSING", f"blob {name!r} of checkpoint {key!r} is missing") from None
+            raise DataLossError("BLOB_MISSING", f"blob {name!r} of checkpoint {key!r} is missing") from None
         return _verified_chunks(file, key, info, chunk_size)
 
     def list(self, prefix: str) -> list[Manifest]:
@@ -143,9 +149,9 @@ class FilesystemStore:
         for key in self._keys_under(prefix):
             try:
                 found.append(self.manifest(key))
-            except NotFound:
+            except NotFoundError:
                 continue  # deleted while listing
-            except DataLoss as err:
+            except DataLossError as err:
                 logger.warning("skipping checkpoint %r in listing: %s", key, err.message)
         return sorted(found, key=lambda m: m.key)
 
@@ -166,7 +172,7 @@ class FilesystemStore:
         trash_dir = self._trash / secrets.token_hex(16)
         with self._lock:
             if not (checkpoint_dir / MANIFEST_NAME).is_file():
-                raise NotFound("CHECKPOINT_NOT_FOUND", f"no checkpoint {key!r}")
+                raise NotFoundError("CHECKPOINT_NOT_FOUND", f"no checkpoint {key!r}")
             os.rename(checkpoint_dir, trash_dir)
             self._sync_dir(checkpoint_dir.parent)
             self._remove_empty_parents(checkpoint_dir.parent)
@@ -208,12 +214,12 @@ class FilesystemStore:
     def _check_free(self, key: str) -> None:
         target = self._objects / key
         if (target / MANIFEST_NAME).exists():
-            raise AlreadyExists("CHECKPOINT_EXISTS", f"checkpoint {key!r} already exists")
+            raise AlreadyExistsError("CHECKPOINT_EXISTS", f"checkpoint {key!r} already exists")
         if os.path.lexists(target):
-            raise FailedPrecondition("CHECKPOINT_KEY_CONFLICT", f"checkpoints exist below {key!r}")
+            raise FailedPreconditionError("CHECKPOINT_KEY_CONFLICT", f"checkpoints exist below {key!r}")
         for parent in target.relative_to(self._objects).parents:
             if parent.parts and (self._objects / parent / MANIFEST_NAME).exists():
-                raise FailedPrecondition(
+                raise FailedPreconditionError(
                     "CHECKPOINT_KEY_CONFLICT", f"{key!r} lies inside checkpoint {parent.as_posix()!r}"
                 )
 
@@ -271,7 +277,7 @@ def _verified_chunks(file: typing.BinaryIO, key: str, info: BlobInfo, chunk_size
             digest.update(chunk)
             yield chunk
     if size != info.size or digest.hexdigest() != info.sha256:
-        raise DataLoss(
+        raise DataLossError(
             "CHECKSUM_MISMATCH",
             f"blob {info.name!r} of checkpoint {key!r} does not match its manifest",
         )
@@ -296,7 +302,7 @@ class _FilesystemWriter(CheckpointWriter):
         self._check_open()
         validate_blob_name(name)
         if name in self._blobs:
-            raise AlreadyExists("BLOB_EXISTS", f"blob {name!r} was already written")
+            raise AlreadyExistsError("BLOB_EXISTS", f"blob {name!r} was already written")
         path = self._dir / name
         try:
             info = self._stream_to(path, name, chunks)
@@ -346,7 +352,7 @@ class _FilesystemWriter(CheckpointWriter):
 
     def _check_open(self) -> None:
         if self._closed:
-            raise FailedPrecondition("WRITER_CLOSED", f"writer of {self.key!r} was committed or aborted")
+            raise FailedPreconditionError("WRITER_CLOSED", f"writer of {self.key!r} was committed or aborted")
 
 
 def sync_dir(path: pathlib.Path) -> None:

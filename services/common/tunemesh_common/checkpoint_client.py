@@ -15,7 +15,7 @@ import grpc
 
 from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
-from tunemesh_common.errors import DataLoss, FailedPrecondition
+from tunemesh.errors import DataLossError, FailedPreconditionError
 from tunemesh_common.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
 
 CHUNK_BYTES = 1 << 20
@@ -34,7 +34,7 @@ class CheckpointStorageClient:
 
     def _require(self) -> checkpoint_pb2_grpc.CheckpointStorageServiceStub:
         if self._stub is None:
-            raise FailedPrecondition("NO_CHECKPOINT_SERVICE", "this node was started without a checkpoint service")
+            raise FailedPreconditionError("NO_CHECKPOINT_SERVICE", "this node was started without a checkpoint service")
         return self._stub
 
     async def write(
@@ -72,7 +72,7 @@ class CheckpointStorageClient:
         except grpc.aio.AioRpcError as err:
             raise error_from_peer(err, f"checkpoint service {self.address}") from None
         if checkpoint is None:
-            raise DataLoss("EMPTY_CHECKPOINT_STREAM", f"no checkpoint came back for {path}")
+            raise DataLossError("EMPTY_CHECKPOINT_STREAM", f"no checkpoint came back for {path}")
         return checkpoint, _verified(checkpoint, files)
 
     async def close(self) -> None:
@@ -83,7 +83,7 @@ class CheckpointStorageClient:
 class CallStoreClient:
     """The scheduler's calls too large for etcd, kept by the checkpoint service under
     (run name, seq_id); one channel to it. Errors come back typed (transport failures as
-    Unavailable)."""
+    UnavailableError)."""
 
     def __init__(self, address: str, timeout_s: float = 600.0, chunk_bytes: int = CHUNK_BYTES) -> None:
         self.address = address
@@ -104,7 +104,7 @@ class CallStoreClient:
             await self._stub.PutCall(requests(), timeout=self._timeout_s, metadata=_CALLER)
 
     async def get(self, run: str, seq_id: int) -> bytes:
-        """The bytes kept under the key; NotFound(CALL_NOT_FOUND) when none are."""
+        """The bytes kept under the key; NotFoundError(CALL_NOT_FOUND) when none are."""
         request = checkpoint_pb2.GetCallRequest(key=checkpoint_pb2.CallKey(run=run, seq_id=seq_id))
         with self._errors():
             return b"".join([r.chunk async for r in self._stub.GetCall(request, timeout=self._timeout_s,
@@ -168,11 +168,11 @@ def _verified(checkpoint: checkpoints_pb2.Checkpoint, files: dict[str, list[byte
     expected = {f.name: f for f in checkpoint.files}
     extra = sorted(set(files) - set(expected))
     if extra:
-        raise DataLoss("CHECKSUM_MISMATCH", f"{checkpoint.path}: unexpected file {extra[0][:100]!r}")
+        raise DataLossError("CHECKSUM_MISMATCH", f"{checkpoint.path}: unexpected file {extra[0][:100]!r}")
     out = {}
     for name, info in expected.items():
         data = bytearray().join(files.get(name, ()))
         if len(data) != info.size_bytes or hashlib.sha256(data).hexdigest() != info.sha256:
-            raise DataLoss("CHECKSUM_MISMATCH", f"{checkpoint.path}: {name} does not match its sha256")
+            raise DataLossError("CHECKSUM_MISMATCH", f"{checkpoint.path}: {name} does not match its sha256")
         out[name] = data
     return out

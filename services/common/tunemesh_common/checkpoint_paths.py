@@ -17,7 +17,7 @@ import enum
 import hashlib
 import re
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 
 SCHEME = "tunemesh://"
 SEGMENT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -43,28 +43,28 @@ def is_segment(text: str) -> bool:
 
 
 def check_name(name: str, *, user: bool = True) -> str:
-    """A checkpoint name, or InvalidArgument(BAD_CHECKPOINT_NAME) with the rule."""
+    """A checkpoint name, or InvalidArgumentError(BAD_CHECKPOINT_NAME) with the rule."""
     if not is_segment(name):
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "BAD_CHECKPOINT_NAME",
             f"checkpoint name {name[:140]!r} is invalid: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'",
         )
     if user and name.startswith(AUTO_PREFIX):
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "BAD_CHECKPOINT_NAME", f"names starting with {AUTO_PREFIX!r} are reserved for unnamed saves"
         )
     if user and name.startswith(SNAPSHOT_PREFIX):
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "BAD_CHECKPOINT_NAME", f"names starting with {SNAPSHOT_PREFIX!r} are reserved for automatic snapshots"
         )
     return name
 
 
 def check_ttl(ttl_seconds: int) -> int:
-    """A TTL in seconds (0: never expires) or InvalidArgument(BAD_TTL)."""
+    """A TTL in seconds (0: never expires) or InvalidArgumentError(BAD_TTL)."""
     if not 0 <= ttl_seconds <= MAX_TTL_S:
-        raise InvalidArgument("BAD_TTL", f"ttl_seconds must lie in [0, {MAX_TTL_S}] (0: never expires)")
+        raise InvalidArgumentError("BAD_TTL", f"ttl_seconds must lie in [0, {MAX_TTL_S}] (0: never expires)")
     return ttl_seconds
 
 
@@ -73,7 +73,7 @@ def check_user_metadata(metadata: dict[str, str]) -> dict[str, str]:
     if len(metadata) > MAX_USER_METADATA or any(
         len(k) > MAX_USER_METADATA_CHARS or len(v) > MAX_USER_METADATA_CHARS for k, v in metadata.items()
     ):
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "BAD_USER_METADATA",
             f"user_metadata allows {MAX_USER_METADATA} entries of at most {MAX_USER_METADATA_CHARS} characters",
         )
@@ -94,7 +94,7 @@ def run_id(run: str) -> str:
     """`runs/{id}` -> id, checked to be a safe segment."""
     prefix, _, ident = run.partition("/")
     if prefix != "runs" or not is_segment(ident):
-        raise InvalidArgument("BAD_RUN_NAME", f"run name {run[:140]!r} is not runs/{{id}}")
+        raise InvalidArgumentError("BAD_RUN_NAME", f"run name {run[:140]!r} is not runs/{{id}}")
     return ident
 
 
@@ -123,7 +123,7 @@ class CheckpointPath:
 
     @classmethod
     def parse(cls, path: str) -> CheckpointPath:
-        """Parse a `tunemesh://` path or raise InvalidArgument(BAD_CHECKPOINT_PATH)."""
+        """Parse a `tunemesh://` path or raise InvalidArgumentError(BAD_CHECKPOINT_PATH)."""
         if not isinstance(path, str) or len(path) > MAX_PATH_CHARS or not path.startswith(SCHEME):
             raise _bad_path(path)
         parts = path[len(SCHEME):].split("/")
@@ -159,9 +159,9 @@ def storage_prefix(tenant: str, run: str = "") -> str:
     return f"{tenant_segment(tenant)}/runs/{run_id(run)}"
 
 
-def _bad_path(path: object) -> InvalidArgument:
+def _bad_path(path: object) -> InvalidArgumentError:
     shown = path[:140] if isinstance(path, str) else type(path).__name__
-    return InvalidArgument(
+    return InvalidArgumentError(
         "BAD_CHECKPOINT_PATH",
         f"{shown!r} is not a checkpoint path: expected tunemesh://runs/{{run}}/state/{{name}}, "
         "tunemesh://runs/{run}/sampler/{name} or tunemesh://imports/{name}",

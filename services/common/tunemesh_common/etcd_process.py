@@ -16,7 +16,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tunemesh_common.errors import FailedPrecondition, Unavailable
+from tunemesh.errors import FailedPreconditionError, UnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -60,15 +60,15 @@ def is_healthy(endpoint: str, timeout: float = 1.0) -> bool:
 
 
 def wait_healthy(endpoint: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Block until etcd is healthy; raise Unavailable on timeout or if `proc` exits."""
+    """Block until etcd is healthy; raise UnavailableError on timeout or if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            raise Unavailable("ETCD_EXITED", f"etcd exited with code {proc.returncode}")
+            raise UnavailableError("ETCD_EXITED", f"etcd exited with code {proc.returncode}")
         if is_healthy(endpoint, timeout=0.5):
             return
         time.sleep(0.05)
-    raise Unavailable("ETCD_NOT_HEALTHY", f"etcd at {endpoint} not healthy after {timeout:.0f}s")
+    raise UnavailableError("ETCD_NOT_HEALTHY", f"etcd at {endpoint} not healthy after {timeout:.0f}s")
 
 
 class EtcdProcess:
@@ -93,14 +93,14 @@ class EtcdProcess:
     def start(self, timeout: float = 15.0) -> None:
         """Start etcd (reusing the data dir if present) and wait until it is healthy."""
         if self._proc is not None and self._proc.poll() is None:
-            raise FailedPrecondition("ETCD_RUNNING", f"etcd already running (pid {self._proc.pid})")
+            raise FailedPreconditionError("ETCD_RUNNING", f"etcd already running (pid {self._proc.pid})")
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
         argv = etcd_argv(self.data_dir, self.client_port, self.peer_port)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
             wait_healthy(self.endpoint, timeout, self._proc)
-        except Unavailable:
+        except UnavailableError:
             self.stop()
             raise
         logger.info("etcd up at %s (pid %d)", self.endpoint, self._proc.pid)

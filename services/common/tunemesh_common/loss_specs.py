@@ -11,7 +11,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 
 ConfigCheck = Callable[[Mapping[str, float]], str | None]
 
@@ -30,17 +30,17 @@ class LossSpec:
         unknown = sorted(set(config) - set(self.config))
         if unknown:
             accepted = sorted(self.config) or "none"
-            raise InvalidArgument("UNKNOWN_LOSS_CONFIG", f"{self.name} takes no config keys {unknown} (accepted: {accepted})")
+            raise InvalidArgumentError("UNKNOWN_LOSS_CONFIG", f"{self.name} takes no config keys {unknown} (accepted: {accepted})")
         resolved = dict(self.config)
         for key, value in config.items():
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise InvalidArgument("BAD_LOSS_CONFIG", f"loss_fn_config[{key!r}] must be a number, got {value!r}")
+                raise InvalidArgumentError("BAD_LOSS_CONFIG", f"loss_fn_config[{key!r}] must be a number, got {value!r}")
             if not math.isfinite(value):
-                raise InvalidArgument("NON_FINITE_INPUT", f"loss_fn_config[{key!r}] is not finite")
+                raise InvalidArgumentError("NON_FINITE_INPUT", f"loss_fn_config[{key!r}] is not finite")
             resolved[key] = float(value)
         problem = self.check(resolved) if self.check else None
         if problem:
-            raise InvalidArgument("BAD_LOSS_CONFIG", f"{self.name}: {problem}")
+            raise InvalidArgumentError("BAD_LOSS_CONFIG", f"{self.name}: {problem}")
         return resolved
 
 
@@ -76,5 +76,5 @@ INTEGER_INPUTS = frozenset({"target_tokens"})
 def spec_of(loss_fn: str) -> LossSpec:
     spec = SPECS.get(loss_fn)
     if spec is None:
-        raise InvalidArgument("UNKNOWN_LOSS", f"unknown loss_fn {loss_fn!r}; supported: {sorted(SPECS)}")
+        raise InvalidArgumentError("UNKNOWN_LOSS", f"unknown loss_fn {loss_fn!r}; supported: {sorted(SPECS)}")
     return spec

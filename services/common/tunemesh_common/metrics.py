@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from tunemesh_common.errors import NotFound
+from tunemesh.errors import NotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,7 @@ def result_of(exc: BaseException | None) -> str:
     """The `result` label of an operation that raised `exc` (None: it did not)."""
     if exc is None:
         return "ok"
-    return "not_found" if isinstance(exc, NotFound) else "error"
+    return "not_found" if isinstance(exc, NotFoundError) else "error"
 
 
 @contextlib.contextmanager

@@ -23,7 +23,7 @@ import json
 import math
 import struct
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 
 if typing.TYPE_CHECKING:
     import numpy as np
@@ -78,9 +78,9 @@ def peft_key(name: str) -> str:
 
 
 def internal_name(key: str) -> str:
-    """PEFT's key -> `<module>.lora_A.weight`, or InvalidArgument(BAD_ADAPTER_WEIGHTS)."""
+    """PEFT's key -> `<module>.lora_A.weight`, or InvalidArgumentError(BAD_ADAPTER_WEIGHTS)."""
     if not key.startswith(PEFT_PREFIX) or not key.endswith(LORA_SUFFIXES):
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "BAD_ADAPTER_WEIGHTS",
             f"tensor {key[:200]!r} is not a LoRA factor `{PEFT_PREFIX}<module>.lora_A|lora_B.weight`",
         )
@@ -95,7 +95,7 @@ def internal_name_of_state(key: str) -> str:
     """PEFT key of an optimizer tensor (`<PEFT key>/<field>`) -> `<internal name>/<field>`."""
     weight_key, sep, field = key.rpartition("/")
     if not sep:
-        raise InvalidArgument("BAD_OPTIMIZER_STATE", f"optimizer tensor {key[:200]!r} has no field")
+        raise InvalidArgumentError("BAD_OPTIMIZER_STATE", f"optimizer tensor {key[:200]!r} has no field")
     return f"{internal_name(weight_key)}/{field}"
 
 
@@ -143,14 +143,14 @@ def parse_config(raw: bytes) -> AdapterConfig:
     try:
         config = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as err:
-        raise InvalidArgument("BAD_ADAPTER_CONFIG", f"{CONFIG_FILE} is not JSON: {err}") from None
+        raise InvalidArgumentError("BAD_ADAPTER_CONFIG", f"{CONFIG_FILE} is not JSON: {err}") from None
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        raise InvalidArgument("BAD_ADAPTER_CONFIG", f"{CONFIG_FILE} must describe a LoRA adapter (peft_type LORA)")
+        raise InvalidArgumentError("BAD_ADAPTER_CONFIG", f"{CONFIG_FILE} must describe a LoRA adapter (peft_type LORA)")
     rank, alpha = config.get("r"), config.get("lora_alpha", config.get("r"))
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-        raise InvalidArgument("BAD_ADAPTER_CONFIG", "`r` must be a positive integer")
+        raise InvalidArgumentError("BAD_ADAPTER_CONFIG", "`r` must be a positive integer")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not 0 <= alpha < math.inf:
-        raise InvalidArgument("BAD_ADAPTER_CONFIG", "`lora_alpha` must be a finite number >= 0")
+        raise InvalidArgumentError("BAD_ADAPTER_CONFIG", "`lora_alpha` must be a finite number >= 0")
     for key, allowed in (("use_dora", (False, None)), ("use_rslora", (False, None)), ("bias", ("none", None)),
                          ("fan_in_fan_out", (False, None)), ("modules_to_save", (None, [])),
                          ("rank_pattern", ({}, None)), ("alpha_pattern", ({}, None)),
@@ -158,13 +158,13 @@ def parse_config(raw: bytes) -> AdapterConfig:
                          ("alora_invocation_tokens", (None, [])), ("trainable_token_indices", (None, [], {})),
                          ("use_qalora", (False, None)), ("lora_bias", (False, None))):
         if config.get(key) not in allowed:
-            raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", f"{CONFIG_FILE}: {key}={config[key]!r} is not supported")
+            raise InvalidArgumentError("UNSUPPORTED_ADAPTER_CONFIG", f"{CONFIG_FILE}: {key}={config[key]!r} is not supported")
     parameters = _target_parameters(config.get("target_parameters"))
     targets = config.get("target_modules")
     if targets is None and parameters:
         targets = []  # PEFT writes null for an adapter on expert weights alone
     if isinstance(targets, str) or not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", "`target_modules` must be a list of module names")
+        raise InvalidArgumentError("UNSUPPORTED_ADAPTER_CONFIG", "`target_modules` must be a list of module names")
     return AdapterConfig(rank, float(alpha), tuple(targets), parameters)
 
 
@@ -173,25 +173,25 @@ def _target_parameters(value: object) -> tuple[str, ...]:
     if value is None or value == []:
         return ()
     if not isinstance(value, list) or not all(isinstance(p, str) for p in value):
-        raise InvalidArgument("UNSUPPORTED_ADAPTER_CONFIG", "`target_parameters` must be a list of parameter names")
+        raise InvalidArgumentError("UNSUPPORTED_ADAPTER_CONFIG", "`target_parameters` must be a list of parameter names")
     wanted = " and ".join(sorted(EXPERT_TARGET_PARAMETERS))
     unknown = sorted(set(value) - EXPERT_TARGET_PARAMETERS)
     if unknown:
-        raise InvalidArgument("UNSUPPORTED_TARGET_PARAMETER",
+        raise InvalidArgumentError("UNSUPPORTED_TARGET_PARAMETER",
                               f"LoRA on parameter {unknown[0][:200]!r} is not supported (only {wanted})")
     if set(value) != EXPERT_TARGET_PARAMETERS:
-        raise InvalidArgument("UNSUPPORTED_TARGET_PARAMETER",
+        raise InvalidArgumentError("UNSUPPORTED_TARGET_PARAMETER",
                               f"`target_parameters` {sorted(value)} must name both {wanted}")
     return tuple(sorted(EXPERT_TARGET_PARAMETERS))
 
 
 def lora_switches(modules: set[str]) -> dict[str, bool]:
-    """Which LoraConfig switches cover LoRA on `modules`; InvalidArgument for others."""
+    """Which LoraConfig switches cover LoRA on `modules`; InvalidArgumentError for others."""
     groups = set()
     for module in modules:
         group = "experts" if is_expert(module) else TARGET_GROUPS.get(module.rsplit(".", 1)[-1])
         if group is None:
-            raise InvalidArgument("UNSUPPORTED_TARGET_MODULE", f"LoRA on {module!r} is not supported")
+            raise InvalidArgumentError("UNSUPPORTED_TARGET_MODULE", f"LoRA on {module!r} is not supported")
         groups.add(group)
     return {"train_attn": "attn" in groups, "train_mlp": "mlp" in groups, "train_unembed": "unembed" in groups,
             "train_experts": "experts" in groups}
@@ -200,16 +200,16 @@ def lora_switches(modules: set[str]) -> dict[str, bool]:
 def read_header(data: bytes) -> dict[str, TensorHeader]:
     """The tensors of a safetensors file, with offsets checked against its size."""
     if len(data) < 8:
-        raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} is too short")
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"{WEIGHTS_FILE} is too short")
     (size,) = struct.unpack("<Q", bytes(data[:8]))
     if size > min(_MAX_HEADER_BYTES, len(data) - 8):
-        raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} has a bad header length")
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"{WEIGHTS_FILE} has a bad header length")
     try:
         header = json.loads(bytes(data[8 : 8 + size]))
     except (ValueError, UnicodeDecodeError):
-        raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} header is not JSON") from None
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"{WEIGHTS_FILE} header is not JSON") from None
     if not isinstance(header, dict):
-        raise InvalidArgument("BAD_SAFETENSORS", f"{WEIGHTS_FILE} header is not an object")
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"{WEIGHTS_FILE} header is not an object")
     header.pop("__metadata__", None)
     return {key: _tensor_header(key, entry, len(data) - 8 - size) for key, entry in header.items()}
 
@@ -222,18 +222,18 @@ def _tensor_header(key: str, entry: object, body_bytes: int) -> TensorHeader:
     try:
         dtype, shape, (begin, end) = entry["dtype"], entry["shape"], entry["data_offsets"]
     except (TypeError, KeyError, ValueError):
-        raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r} has a malformed entry") from None
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"tensor {key[:200]!r} has a malformed entry") from None
     if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-        raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: shape must be a list of sizes >= 0")
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"tensor {key[:200]!r}: shape must be a list of sizes >= 0")
     shape = tuple(shape)
     if not isinstance(dtype, str) or dtype not in _DTYPE_BYTES:
-        raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: dtype {dtype} (use F32, F16 or BF16)")
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"tensor {key[:200]!r}: dtype {dtype} (use F32, F16 or BF16)")
     count = 1
     for dim in shape:
         count *= dim
     if not (_is_count(begin) and _is_count(end) and begin <= end <= body_bytes
             and end - begin == count * _DTYPE_BYTES[dtype]):
-        raise InvalidArgument("BAD_SAFETENSORS", f"tensor {key[:200]!r}: offsets do not match its shape")
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"tensor {key[:200]!r}: offsets do not match its shape")
     return TensorHeader(dtype, shape, begin, end)
 
 
@@ -242,19 +242,19 @@ def check_factors(tensors: dict[str, TensorHeader], rank: int, target_parameters
     experts, which need `target_parameters`, A: experts*rank x in, B: out x rank*experts
     with one expert count throughout); return the modules."""
     if not tensors:
-        raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{WEIGHTS_FILE} holds no tensors")
+        raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", f"{WEIGHTS_FILE} holds no tensors")
     names = {internal_name(key): header for key, header in tensors.items()}
     modules = {module_of(n) for n in names}
     expert_rows = set()
     for module in sorted(modules):
         a, b = names.get(f"{module}.lora_A.weight"), names.get(f"{module}.lora_B.weight")
         if a is None or b is None:
-            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{module}: needs both lora_A and lora_B")
+            raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", f"{module}: needs both lora_A and lora_B")
         rows = _factor_rows(module, a, b, rank, bool(target_parameters))
         if is_expert(module):
             expert_rows.add(rows)
     if len(expert_rows) > 1:
-        raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"expert factors disagree on the expert count ({sorted(expert_rows)} "
+        raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", f"expert factors disagree on the expert count ({sorted(expert_rows)} "
                                                      f"rows at r={rank})")
     return modules
 
@@ -263,13 +263,13 @@ def _factor_rows(module: str, a: TensorHeader, b: TensorHeader, rank: int, exper
     """A's row count (rank, or rank * experts on fused experts), checked against B and r."""
     expert = is_expert(module)
     if expert and not experts_declared:
-        raise InvalidArgument("BAD_ADAPTER_WEIGHTS",
+        raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS",
                               f"{module}: expert factors need `target_parameters` in {CONFIG_FILE}")
     rows = a.shape[0] if len(a.shape) == 2 else -1
     fits = (rows > 0 and rows % rank == 0) if expert else rows == rank
     if len(b.shape) != 2 or not fits or b.shape[1] != rows:
         shape = "experts*r" if expert else "r"
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "BAD_ADAPTER_WEIGHTS",
             f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not match {shape} with r={rank}",
         )

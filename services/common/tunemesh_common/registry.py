@@ -34,7 +34,7 @@ from typing import Awaitable, Callable
 import aetcd
 import grpc
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +80,14 @@ def run_key(run_id: str) -> bytes:
 
 def _check_name(field: str, value: str) -> None:
     if not value or "/" in value:
-        raise InvalidArgument("BAD_ETCD_NAME", f"{field} must be non-empty without '/': {value!r}")
+        raise InvalidArgumentError("BAD_ETCD_NAME", f"{field} must be non-empty without '/': {value!r}")
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
     """`host:port` -> (host, port)."""
     host, sep, port = endpoint.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise InvalidArgument("BAD_ETCD_ENDPOINT", f"etcd endpoint must be host:port, got {endpoint!r}")
+        raise InvalidArgumentError("BAD_ETCD_ENDPOINT", f"etcd endpoint must be host:port, got {endpoint!r}")
     return host, int(port)
 
 
@@ -149,7 +149,7 @@ class NodeRegistration:
     async def start(cls, etcd: Etcd, kind: str, node_id: str, value: bytes, ttl: int = 5) -> NodeRegistration:
         """Register `value` at /tunemesh/nodes/{kind}/{node_id}; keep the lease alive every ttl/3."""
         if ttl < 2:
-            raise InvalidArgument("BAD_LEASE_TTL", f"lease ttl must be >= 2 s, got {ttl}")
+            raise InvalidArgumentError("BAD_LEASE_TTL", f"lease ttl must be >= 2 s, got {ttl}")
         client, owned = _client_for(etcd)
         registration = cls(client, owned, kind, node_id, ttl)
         registration._value = value

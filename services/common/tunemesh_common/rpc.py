@@ -1,8 +1,8 @@
 """gRPC server plumbing shared by every service.
 
-One interceptor maps typed errors to a status (reason in the `tunemesh-reason` trailer)
-and, where a service asks for it, authenticates the caller into a tenant; an outer one
-counts and times every call by its final status.
+One interceptor maps typed errors to a rich status (`tunemesh.errors.to_status`: the
+reason in a `google.rpc.ErrorInfo`) and, where a service asks for it, authenticates the
+caller into a tenant; an outer one counts and times every call by its final status.
 """
 
 from __future__ import annotations
@@ -11,20 +11,24 @@ import asyncio
 import contextvars
 import json
 import logging
-import os
 import pathlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
-from tunemesh_common.errors import FailedPrecondition, TunemeshError, Unauthenticated
+from tunemesh.errors import (
+    FailedPreconditionError,
+    InternalError,
+    TunemeshError,
+    UnauthenticatedError,
+    UnavailableError,
+    error_from_rpc,
+    to_status,
+)
 from tunemesh_common.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
 
-REASON_KEY = "tunemesh-reason"
 LEADER_TOKEN_KEY = "tunemesh-leader-token"  # the calling scheduler's fencing token (internal calls)
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 SERVER_OPTIONS = [
@@ -208,9 +212,8 @@ def final_status(context: grpc.aio.ServicerContext, exc: BaseException | None = 
 
 
 async def _abort(context: grpc.aio.ServicerContext, err: TunemeshError) -> None:
-    code = _STATUS_BY_VALUE[int(err.code)]
-    context.set_trailing_metadata(((REASON_KEY, err.reason),))
-    await context.abort(code, err.message)
+    status = to_status(err)
+    await context.abort(status.code, status.details, status.trailing_metadata)
 
 
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
@@ -225,7 +228,7 @@ def trusted_tenant(metadata: Mapping[str, str]) -> str:
     reach a service that uses this (network policy)."""
     tenant = metadata.get(TENANT_KEY, "")
     if not tenant:
-        raise Unauthenticated("MISSING_TENANT", f"internal call without `{TENANT_KEY}` metadata")
+        raise UnauthenticatedError("MISSING_TENANT", f"internal call without `{TENANT_KEY}` metadata")
     return tenant
 
 
@@ -244,54 +247,11 @@ class KeyFileAuthenticator:
     def __call__(self, metadata: Mapping[str, str]) -> str:
         key = api_key_from_metadata(metadata)
         if not key:
-            raise Unauthenticated("MISSING_API_KEY", "send `authorization: Bearer <api key>`")
+            raise UnauthenticatedError("MISSING_API_KEY", "send `authorization: Bearer <api key>`")
         tenant = self._keys.get(key)
         if tenant is None:
-            raise Unauthenticated("INVALID_API_KEY", "the API key is not valid")
+            raise UnauthenticatedError("INVALID_API_KEY", "the API key is not valid")
         return tenant
-
-
-def build_server(
-    authenticator: Authenticator | None = None, metrics: RpcMetrics | None = None
-) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    """A grpc.aio server with the error/auth interceptor (inside the metrics interceptor
-    when `metrics` is given) and a health servicer (NOT_SERVING)."""
-    interceptors = [ErrorInterceptor(authenticator)]
-    if metrics is not None:
-        interceptors.insert(0, MetricsInterceptor(metrics))  # the first one is the outermost
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
-    health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    return server, health_servicer
-
-
-async def mark_serving(health_servicer: health.aio.HealthServicer, services: Iterable[str]) -> None:
-    for name in ["", *services]:
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-
-def enable_reflection(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
-    reflection.enable_server_reflection([*service_names, reflection.SERVICE_NAME, health.SERVICE_NAME], server)
-
-
-def write_ready_file(path: pathlib.Path, payload: dict) -> None:
-    """Publish {"address": ..., "pid": ...} atomically, for launchers to wait on."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
-
-
-async def wait_for_termination() -> None:
-    """Return on SIGTERM or SIGINT."""
-    import signal
-
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -336,23 +296,24 @@ class LeaderFence:
         raw = dict(context.invocation_metadata() or ()).get(LEADER_TOKEN_KEY, "")
         token = int(raw) if raw.isdigit() else 0
         if token and token < self.highest:
-            raise FailedPrecondition(
+            raise FailedPreconditionError(
                 "STALE_LEADER", f"a scheduler with a newer leadership ({self.highest}) took over; token {token} refused"
             )
         self.highest = max(self.highest, token)
 
 
-def error_from_peer(err: grpc.aio.AioRpcError, peer: str) -> TunemeshError:
-    """A status from another mesh service as a typed error. Transport failures become
-    UNAVAILABLE (retry); a status without a tunemesh reason (a crash) becomes INTERNAL."""
-    from tunemesh_common.errors import Internal, Unavailable, error_for
-
-    reason = dict(err.trailing_metadata() or ()).get(REASON_KEY, "")
-    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED) and not reason:
-        return Unavailable("PEER_UNAVAILABLE", f"{peer}: {err.code().name}: {err.details()}")
-    if not reason:
-        return Internal("PEER_ERROR", f"{peer}: {err.code().name}: {err.details()}")
-    return error_for(err.code().value[0], reason, err.details() or "")
+def error_from_peer(err: grpc.RpcError, peer: str, *, failure_reason: str = "PEER_ERROR") -> TunemeshError:
+    """A status from another mesh service as a typed error (decoded by
+    `tunemesh.errors.error_from_rpc`). Without a tunemesh reason the call failed outside
+    the peer's code: transport failures become UNAVAILABLE [PEER_UNAVAILABLE] (retry),
+    anything else (a crash) INTERNAL [`failure_reason`]; both name the peer."""
+    error = error_from_rpc(err)
+    if error.reason:
+        return error
+    what = f"{peer}: {error.code.name}: {error.message}"
+    if error.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return UnavailableError("PEER_UNAVAILABLE", what)
+    return InternalError(failure_reason, what)
 
 
 class PeerChannels:

@@ -1,35 +1,91 @@
-"""Settings loading shared by services: flags, else environment variables, else defaults."""
+"""What every service's settings class shares (pydantic-settings): flags (`--max-adapters 8`)
+over `TUNEMESH_<SERVICE>_<FIELD>` environment variables over defaults, frozen, validated,
+every field documented in `python -m tunemesh_<service> --help`.
+
+A service declares `class TrainerSettings(ServiceSettings)` with its own `model_config`
+(`settings_config("trainer")`) and builds it once, in `main`, with `load(TrainerSettings, argv)`;
+nothing else reads the environment.
+"""
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import os
 import pathlib
+import re
+import sys
+from typing import Annotated, Any, TypeVar
+
+from pydantic import AfterValidator, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+S = TypeVar("S", bound="ServiceSettings")
 
 
-def _field_type(field: dataclasses.Field):
-    default = field.default
-    if isinstance(default, bool):
-        return lambda s: s.lower() in ("1", "true", "yes")
-    if isinstance(default, int):
-        return int
-    if isinstance(default, float):
-        return float
-    if isinstance(default, pathlib.Path) or field.name.endswith(("_dir", "_file")):
-        return lambda s: pathlib.Path(s).expanduser()
-    return str
+def _host_port(value: str) -> str:
+    host, colon, port = value.rpartition(":")
+    if not colon or not port.isdigit() or int(port) > 65535 or any(c.isspace() for c in host):
+        raise ValueError("expected host:port (port 0 picks a free one)")
+    return value
 
 
-def load(cls, prefix: str, argv: list[str] | None = None):
-    """Build settings from flags (`--max-adapters 8`) over environment over defaults."""
-    parser = argparse.ArgumentParser(description=cls.__doc__)
-    values = {}
-    for field in dataclasses.fields(cls):
-        env = os.environ.get(prefix + field.name.upper())
-        parser.add_argument("--" + field.name.replace("_", "-"), type=_field_type(field), default=None)
-        if env is not None:
-            values[field.name] = _field_type(field)(env)
-    args = parser.parse_args(argv)
-    values.update({k: v for k, v in vars(args).items() if v is not None})
-    return cls(**values)
+def check_device(value: str) -> str:
+    """`value` if it names a device an engine can use (cpu, cuda, cuda:N, auto), else ValueError."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise ValueError("expected cpu, cuda, cuda:N or auto")
+    return value
+
+
+HostPort = Annotated[str, AfterValidator(_host_port)]  # host may be empty, a name, an IPv4 or a [IPv6]
+HostPortOrEmpty = Annotated[str, AfterValidator(lambda v: v and _host_port(v))]  # empty: none
+Device = Annotated[str, AfterValidator(check_device)]  # a torch device; auto: cuda when available, else cpu
+
+
+def settings_config(service: str) -> SettingsConfigDict:
+    """The `model_config` of service `service`'s settings class."""
+    return SettingsConfigDict(
+        env_prefix=f"TUNEMESH_{service.upper()}_",
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+        cli_prog_name=f"python -m tunemesh_{service}",
+        cli_kebab_case=True,
+        cli_implicit_flags=False,  # booleans take a value, as always: --durable false
+        cli_hide_none_type=True,
+        cli_avoid_json=True,
+        cli_show_env_vars=True,
+    )
+
+
+class ServiceSettings(BaseSettings):
+    """Base of the services' settings: paths have `~` expanded."""
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _expand_user(cls, value: Any) -> Any:
+        return value.expanduser() if isinstance(value, pathlib.Path) else value
+
+
+def load(cls: type[S], argv: list[str] | None = None) -> S:
+    """`cls` from the command line `argv` (default: this process's), the environment and
+    the defaults. `--help` prints every field and exits; a bad value exits with status 2
+    and a message naming the flag and the variable."""
+    try:
+        return CliApp.run(cls, cli_args=sys.argv[1:] if argv is None else list(argv))
+    except ValidationError as err:
+        print(describe_errors(cls, err), file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def describe_errors(cls: type[ServiceSettings], err: ValidationError) -> str:
+    """One line per invalid field: `--flag (ENV_VAR): what is wrong (got 'value')`; the
+    value of a secret field is not repeated."""
+    config = cls.model_config
+    prog, prefix = config.get("cli_prog_name") or cls.__name__, config.get("env_prefix", "")
+    lines = [f"{prog}: invalid settings"]
+    for error in err.errors(include_url=False):
+        field = str(error["loc"][0]) if error["loc"] else ""
+        where = f"--{field.replace('_', '-')} ({prefix}{field.upper()})" if field else cls.__name__
+        secret = field in cls.model_fields and cls.model_fields[field].annotation is SecretStr
+        shown = "input" in error and not isinstance(error["input"], dict) and not secret
+        got = f" (got {error['input']!r})" if shown else ""
+        lines.append(f"  {where}: {error['msg']}{got}")
+    return "\n".join(lines)

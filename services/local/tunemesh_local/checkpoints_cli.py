@@ -20,7 +20,6 @@ from typing import Any
 from tunemesh import RetryPolicy, ServiceClient
 from tunemesh.checkpoints import Checkpoint, CheckpointClient
 from tunemesh.errors import TunemeshError
-from tunemesh_common.errors import TunemeshError as LocalError
 from tunemesh_local import launcher, state
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
@@ -80,9 +79,6 @@ def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
             return _ACTIONS[args.action](service.create_checkpoint_client(), args)
     except (TunemeshError, UsageError, OSError, ValueError) as err:
         print(f"tunemesh checkpoints: {err}", file=sys.stderr)
-        return 1
-    except LocalError as err:
-        print(f"tunemesh checkpoints: {err.message}", file=sys.stderr)
         return 1
 
 

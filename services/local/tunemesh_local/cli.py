@@ -9,7 +9,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tunemesh_common.errors import TunemeshError
+from tunemesh.errors import TunemeshError
 from tunemesh_local import checkpoints_cli, launcher, state, status
 from tunemesh_local.launcher import MeshConfig, ServiceFactory
 from tunemesh_local.state import MeshState
@@ -33,6 +33,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--samplers", type=int, default=1, help="sampler processes (default 1; 0: no sampling)")
     up.add_argument("--sampler-engine", default="auto", choices=["auto", "vllm", "torch"],
                     help="generation engine of the samplers (default auto: vLLM where it can serve the model)")
+    up.add_argument("--models-file", type=Path, default=None,
+                    help='JSON list of local models to serve besides the built-ins, [{"name": ..., "path": ...}] '
+                         "(passed to trainers and samplers as --models-file)")
+    for role in ("trainer", "sampler"):
+        up.add_argument(f"--{role}-device", default=None, metavar="DEVICE",
+                        help=f"{role}s' torch device: cpu, cuda, cuda:N or auto (default: the {role}'s, cpu)")
+        up.add_argument(f"--{role}-dtype", default=None, choices=["float32", "bfloat16"],
+                        help=f"{role}s' base model dtype (default: the {role}'s, float32)")
+    up.add_argument("--sampler-kv-cache-bytes", default=None, metavar="SIZE",
+                    help="samplers' vLLM KV cache, in bytes or with a unit, e.g. 2GiB (default: the sampler's, 1GiB)")
     up.add_argument("--checkpoint-dir", type=Path, default=None,
                     help="checkpoint store root (default <state dir>/checkpoints, kept across restarts)")
     up.add_argument("--schedulers", type=int, default=2,
@@ -72,7 +82,10 @@ def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> 
                         api_keys_file=args.api_keys_file, ready_timeout=args.timeout, data_dir=args.data_dir,
                         checkpoint_dir=args.checkpoint_dir, samplers=args.samplers, sampler_engine=args.sampler_engine,
                         trainer_ranks=args.trainer_ranks, trainer_expert_parallel=args.trainer_expert_parallel,
-                        prometheus=args.prometheus, schedulers=args.schedulers)
+                        prometheus=args.prometheus, schedulers=args.schedulers, models_file=args.models_file,
+                        trainer_device=args.trainer_device, trainer_dtype=args.trainer_dtype,
+                        sampler_device=args.sampler_device, sampler_dtype=args.sampler_dtype,
+                        sampler_kv_cache_bytes=args.sampler_kv_cache_bytes)
     print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and "
           f"{config.schedulers} scheduler replica(s) (state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from tunemesh_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from tunemesh_common.etcd_process import etcd_argv, pick_free_port, wait_healthy
+from tunemesh_common.settings import check_device
 from tunemesh_local import processes, prometheus, state
 from tunemesh_local.state import MeshState, ProcessRecord
 
@@ -58,6 +59,13 @@ class MeshConfig:
     trainer_expert_parallel: int = 1  # > 1: its ranks split each MoE layer's experts in groups of this many
     prometheus: bool = False  # also start a Prometheus scraping every service
     schedulers: int = 2  # scheduler replicas: one leads (etcd election), the others stand by
+    # Passed on to the services only when set (else their own setting, env or default, holds):
+    models_file: Path | None = None  # JSON list of extra local models, for trainers and samplers
+    trainer_device: str | None = None  # cpu, cuda, cuda:N or auto
+    trainer_dtype: str | None = None  # the frozen base's dtype: float32 or bfloat16
+    sampler_device: str | None = None  # the torch engine's device
+    sampler_dtype: str | None = None  # float32 or bfloat16
+    sampler_kv_cache_bytes: str | None = None  # vLLM's KV cache, bytes or with a unit ("2GiB")
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -100,6 +108,8 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
             argv += ["--ranks", str(config.trainer_ranks)]
         if config.trainer_expert_parallel > 1:
             argv += ["--expert-parallel", str(config.trainer_expert_parallel)]
+        argv += _optional_flags(models_file=_absolute(config.models_file), device=config.trainer_device,
+                                dtype=config.trainer_dtype)
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
     specs += sampler_services(config, etcd_endpoint, checkpoint)
     for index in range(config.schedulers):  # replicas get fixed ports: clients know every address
@@ -125,8 +135,20 @@ def sampler_services(config: MeshConfig, etcd_endpoint: str, checkpoint: str) ->
             argv += ["--model", config.models[index % len(config.models)]]
         if "TUNEMESH_SAMPLER_NUM_THREADS" not in os.environ:
             argv += ["--num-threads", str(local_trainer_threads(config.trainers))]
+        argv += _optional_flags(models_file=_absolute(config.models_file), device=config.sampler_device,
+                                dtype=config.sampler_dtype, kv_cache_bytes=config.sampler_kv_cache_bytes)
         specs.append(ServiceSpec(node_id, "sampler", tuple(argv)))
     return specs
+
+
+def _absolute(path: Path | None) -> Path | None:
+    return None if path is None else Path(path).expanduser().resolve()
+
+
+def _optional_flags(**values: object) -> list[str]:
+    """`--kebab-name value` for each value that is set."""
+    return [part for name, value in values.items() if value is not None
+            for part in ("--" + name.replace("_", "-"), str(value))]
 
 
 def read_api_keys(path: Path) -> dict[str, str]:
@@ -134,11 +156,11 @@ def read_api_keys(path: Path) -> dict[str, str]:
     try:
         keys = json.loads(Path(path).read_text())
     except (OSError, ValueError) as err:
-        raise InvalidArgument("BAD_API_KEYS_FILE", f"cannot read API keys from {path}: {err}") from err
+        raise InvalidArgumentError("BAD_API_KEYS_FILE", f"cannot read API keys from {path}: {err}") from err
     if not isinstance(keys, dict) or not keys or not all(
         isinstance(k, str) and k and isinstance(v, str) and v for k, v in keys.items()
     ):
-        raise InvalidArgument("BAD_API_KEYS_FILE", f"{path} must be a non-empty JSON object api_key -> tenant")
+        raise InvalidArgumentError("BAD_API_KEYS_FILE", f"{path} must be a non-empty JSON object api_key -> tenant")
     return keys
 
 
@@ -162,22 +184,38 @@ def live_processes(mesh: MeshState) -> list[ProcessRecord]:
 
 def _check_config(config: MeshConfig) -> None:
     if config.trainer_ranks < 1:
-        raise InvalidArgument("BAD_TRAINER_RANKS", f"--trainer-ranks must be >= 1, got {config.trainer_ranks}")
+        raise InvalidArgumentError("BAD_TRAINER_RANKS", f"--trainer-ranks must be >= 1, got {config.trainer_ranks}")
     if config.trainer_expert_parallel < 1 or config.trainer_ranks % config.trainer_expert_parallel:
-        raise InvalidArgument("BAD_EXPERT_PARALLEL", f"--trainer-expert-parallel {config.trainer_expert_parallel} "
+        raise InvalidArgumentError("BAD_EXPERT_PARALLEL", f"--trainer-expert-parallel {config.trainer_expert_parallel} "
                                                      f"must divide --trainer-ranks {config.trainer_ranks}")
     if config.trainers < 1:
-        raise InvalidArgument("BAD_TRAINERS", f"--trainers must be >= 1, got {config.trainers}")
+        raise InvalidArgumentError("BAD_TRAINERS", f"--trainers must be >= 1, got {config.trainers}")
     if config.schedulers < 1:
-        raise InvalidArgument("BAD_SCHEDULERS", f"--schedulers must be >= 1, got {config.schedulers}")
+        raise InvalidArgumentError("BAD_SCHEDULERS", f"--schedulers must be >= 1, got {config.schedulers}")
     if config.samplers < 0:
-        raise InvalidArgument("BAD_SAMPLERS", f"--samplers must be >= 0, got {config.samplers}")
+        raise InvalidArgumentError("BAD_SAMPLERS", f"--samplers must be >= 0, got {config.samplers}")
     if config.sampler_engine not in ("auto", "vllm", "torch"):
-        raise InvalidArgument("BAD_SAMPLER_ENGINE", f"--sampler-engine must be auto, vllm or torch, got {config.sampler_engine!r}")
+        raise InvalidArgumentError("BAD_SAMPLER_ENGINE", f"--sampler-engine must be auto, vllm or torch, got {config.sampler_engine!r}")
     if len(config.models) > config.trainers:
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "BAD_TRAINERS", f"{len(config.models)} models need at least as many trainers, got {config.trainers}"
         )
+    _check_engine_flags(config)
+
+
+def _check_engine_flags(config: MeshConfig) -> None:
+    """The flags passed on to trainers and samplers, checked before anything starts."""
+    for flag, device in (("--trainer-device", config.trainer_device), ("--sampler-device", config.sampler_device)):
+        if device is not None:
+            try:
+                check_device(device)
+            except ValueError as err:
+                raise InvalidArgumentError("BAD_DEVICE", f"{flag}: {err}, got {device!r}") from None
+    for flag, dtype in (("--trainer-dtype", config.trainer_dtype), ("--sampler-dtype", config.sampler_dtype)):
+        if dtype not in (None, "float32", "bfloat16"):
+            raise InvalidArgumentError("BAD_DTYPE", f"{flag} must be float32 or bfloat16, got {dtype!r}")
+    if config.models_file is not None and not Path(config.models_file).is_file():
+        raise InvalidArgumentError("BAD_MODELS_FILE", f"--models-file {config.models_file} is not a file")
 
 
 def _check_not_running(state_dir: Path) -> None:
@@ -187,7 +225,7 @@ def _check_not_running(state_dir: Path) -> None:
     alive = live_processes(previous)
     if alive:
         names = ", ".join(f"{p.name} (pid {p.pid})" for p in alive)
-        raise FailedPrecondition(
+        raise FailedPreconditionError(
             "MESH_RUNNING",
             f"a mesh from {state_dir} is still running: {names}. Stop it with "
             f"`tunemesh down --state-dir {state_dir}` first.",
@@ -232,8 +270,8 @@ def _start_etcd(config: MeshConfig, mesh: MeshState) -> None:
     state.save(mesh)
     try:
         wait_healthy(endpoint, ETCD_START_TIMEOUT_S, proc)
-    except Unavailable as err:
-        raise Unavailable(err.reason, f"{err.message}; log {log_path}:\n{processes.tail(log_path)}") from err
+    except UnavailableError as err:
+        raise UnavailableError(err.reason, f"{err.message}; log {log_path}:\n{processes.tail(log_path)}") from err
 
 
 def _start_services(config: MeshConfig, mesh: MeshState, specs: list[ServiceSpec]) -> None:
@@ -262,9 +300,9 @@ def restart(state_dir: Path, name: str, timeout: float = 120.0) -> ProcessRecord
     mesh = state.load(Path(state_dir))
     record = next((p for p in (mesh.processes if mesh else []) if p.name == name), None)
     if record is None or not record.argv:
-        raise InvalidArgument("UNKNOWN_SERVICE", f"no restartable service {name!r} in the mesh of {state_dir}")
+        raise InvalidArgumentError("UNKNOWN_SERVICE", f"no restartable service {name!r} in the mesh of {state_dir}")
     if processes.is_alive(record.pid, record.start_time):
-        raise FailedPrecondition("SERVICE_RUNNING", f"{name} (pid {record.pid}) is still running")
+        raise FailedPreconditionError("SERVICE_RUNNING", f"{name} (pid {record.pid}) is still running")
     argv = list(record.argv)
     if record.role == "etcd":  # same ports and data dir
         proc = processes.spawn(argv, Path(record.log_path))

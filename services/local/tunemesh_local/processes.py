@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tunemesh_common.errors import Unavailable
+from tunemesh.errors import UnavailableError
 
 LOOPBACK = "127.0.0.1,localhost"
 # Set by torchrun / a rank group for its own ranks. A mesh service that inherited them
@@ -123,16 +123,16 @@ def wait_ready(
     name: str, proc: subprocess.Popen, ready_file: Path, log_path: Path, timeout: float, since: float | None = None
 ) -> dict:
     """Wait until `timeout` s after `since` (monotonic; default now) for `ready_file` (JSON with
-    at least "address"); raise Unavailable with the tail of the process's log."""
+    at least "address"); raise UnavailableError with the tail of the process's log."""
     deadline = (time.monotonic() if since is None else since) + timeout
     while time.monotonic() < deadline:
         info = _read_ready(ready_file)
         if info is not None:
             return info
         if proc.poll() is not None:
-            raise Unavailable("SERVICE_EXITED", _failure(name, f"exited with code {proc.returncode}", log_path))
+            raise UnavailableError("SERVICE_EXITED", _failure(name, f"exited with code {proc.returncode}", log_path))
         time.sleep(0.05)
-    raise Unavailable("SERVICE_NOT_READY", _failure(name, f"not ready after {timeout:.0f}s", log_path))
+    raise UnavailableError("SERVICE_NOT_READY", _failure(name, f"not ready after {timeout:.0f}s", log_path))
 
 
 def _read_ready(ready_file: Path) -> dict | None:

@@ -18,7 +18,7 @@ import urllib.request
 from collections.abc import Iterable
 from pathlib import Path
 
-from tunemesh_common.errors import FailedPrecondition, Unavailable
+from tunemesh.errors import FailedPreconditionError, UnavailableError
 from tunemesh_local import processes
 from tunemesh_local.state import ProcessRecord
 
@@ -58,24 +58,24 @@ def argv(config_file: Path, data_dir: Path, listen: str) -> list[str]:
     """The command line of a Prometheus on `listen` (host:port)."""
     binary = shutil.which("prometheus")
     if binary is None:
-        raise FailedPrecondition("PROMETHEUS_MISSING", "no `prometheus` binary: install Debian's prometheus "
+        raise FailedPreconditionError("PROMETHEUS_MISSING", "no `prometheus` binary: install Debian's prometheus "
                                  "package (`make system` does)")
     return [binary, f"--config.file={config_file}", f"--storage.tsdb.path={data_dir}",
             f"--web.listen-address={listen}", "--storage.tsdb.retention.time=7d"]
 
 
 def wait_ready(url: str, proc: subprocess.Popen, log_path: Path, timeout: float) -> None:
-    """Wait until `<url>/-/ready` answers 200; Unavailable (with the log's tail) when the
+    """Wait until `<url>/-/ready` answers 200; UnavailableError (with the log's tail) when the
     process exits or `timeout` passes."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise Unavailable("PROMETHEUS_EXITED", f"prometheus exited with code {proc.returncode}; log {log_path}:\n"
+            raise UnavailableError("PROMETHEUS_EXITED", f"prometheus exited with code {proc.returncode}; log {log_path}:\n"
                               f"{processes.tail(log_path) or '(empty)'}")
         if is_ready(url):
             return
         time.sleep(READY_POLL_S)
-    raise Unavailable("PROMETHEUS_NOT_READY", f"prometheus not ready after {timeout:.0f}s; log {log_path}:\n"
+    raise UnavailableError("PROMETHEUS_NOT_READY", f"prometheus not ready after {timeout:.0f}s; log {log_path}:\n"
                       f"{processes.tail(log_path) or '(empty)'}")
 
 
@@ -94,5 +94,5 @@ def query(url: str, promql: str, timeout: float = 5.0) -> list[dict]:
     with _NO_PROXY.open(address, timeout=timeout) as reply:
         answer = json.load(reply)
     if answer.get("status") != "success":
-        raise Unavailable("PROMETHEUS_QUERY_FAILED", f"{promql}: {answer.get('error', answer)}")
+        raise UnavailableError("PROMETHEUS_QUERY_FAILED", f"{promql}: {answer.get('error', answer)}")
     return answer["data"]["result"]

@@ -10,7 +10,7 @@ import json
 import os
 from pathlib import Path
 
-from tunemesh_common.errors import FailedPrecondition
+from tunemesh.errors import FailedPreconditionError
 
 STATE_FILE = "mesh.json"
 STATE_DIR_ENV = "TUNEMESH_STATE_DIR"
@@ -77,12 +77,12 @@ def load(state_dir: Path) -> MeshState | None:
     except FileNotFoundError:
         return None
     except ValueError as err:
-        raise FailedPrecondition("BAD_STATE_FILE", f"{path} is not valid JSON: {err}") from err
+        raise FailedPreconditionError("BAD_STATE_FILE", f"{path} is not valid JSON: {err}") from err
     try:
         processes = [ProcessRecord(**p) for p in raw.pop("processes")]
         return MeshState(processes=processes, **raw)
     except (KeyError, TypeError) as err:
-        raise FailedPrecondition("BAD_STATE_FILE", f"{path} has an unexpected layout: {err}") from err
+        raise FailedPreconditionError("BAD_STATE_FILE", f"{path} has an unexpected layout: {err}") from err
 
 
 def remove(state_dir: Path) -> None:

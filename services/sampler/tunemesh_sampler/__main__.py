@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 
 import prometheus_client
 
 from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh_common import metrics, rpc
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
+from tunemesh_common.host import HostConfig, ServiceHost, etcd_registration
 from tunemesh_common.models import ModelRegistry
 from tunemesh_sampler import settings as settings_mod
 from tunemesh_sampler.adapters import AdapterCache
@@ -33,42 +33,33 @@ def build_engine(s: settings_mod.SamplerSettings):
     return factory(
         s.engine, path, name=entry.name, family=entry.family, max_lora_rank=s.max_lora_rank or entry.max_lora_rank,
         max_seq_len=entry.max_seq_len, max_adapters=s.max_adapters, num_threads=s.num_threads or None,
+        device=s.device, dtype=s.dtype, kv_cache_bytes=int(s.kv_cache_bytes),
     )
 
 
 async def serve(s: settings_mod.SamplerSettings) -> None:
     sampler_metrics = metrics.SamplerMetrics(prometheus_client.REGISTRY)
-    endpoint = await metrics.MetricsEndpoint.start(s.metrics_listen, sampler_metrics.registry, s.advertise_host)
-    metrics_url = endpoint.url if endpoint else ""
-    server, health = rpc.build_server(metrics=metrics.RpcMetrics("sampler", sampler_metrics.registry))
-    port = server.add_insecure_port(s.listen)
-    address = f"{s.advertise_host}:{port}"
-    servicer = SamplerServicer(s.node_id, address, s.max_adapters, metrics_url)
-    sampler_pb2_grpc.add_SamplerServiceServicer_to_server(servicer, server)
-    rpc.enable_reflection(server, [SERVICE_NAME])
-    await server.start()  # health answers NOT_SERVING while the engine loads
-    log.info("sampler %s loading %s", s.node_id, s.model)
-    engine = await asyncio.to_thread(build_engine, s)
-    storage = CheckpointStorageClient(s.checkpoint)
-    loader = AdapterLoader(engine, storage, s.cache_dir / s.node_id, sampler_metrics)
-    core = SamplerCore(engine, AdapterCache(loader.load, loader.unload, s.max_adapters), sampler_metrics)
-    servicer.attach(core)
-    _follow(sampler_metrics, core, s.max_adapters)
-    metrics.describe_node(sampler_metrics.registry, "sampler", s.node_id, core.info.name)
-    await rpc.mark_serving(health, [SERVICE_NAME])
-    registration = await _register(s, servicer, sampler_metrics)
-    if s.ready_file is not None:
-        rpc.write_ready_file(s.ready_file, {"address": address, "pid": os.getpid(), "node_id": s.node_id,
-                                            "metrics_url": metrics_url})
-    log.info("sampler %s serving %s on %s (%s engine)", s.node_id, s.model, address, type(engine).__name__)
-    await rpc.wait_for_termination()
-    if registration is not None:
-        await registration.stop()
-    await server.stop(grace=2)
-    await storage.close()
-    engine.close()
-    if endpoint is not None:
-        await endpoint.close()
+    config = HostConfig("sampler", s.listen, s.metrics_listen, s.advertise_host, s.ready_file,
+                        registry=sampler_metrics.registry)
+    async with ServiceHost(config) as host:
+        servicer = SamplerServicer(s.node_id, host.bind(), s.max_adapters, host.metrics_url)
+        host.add_servicer(sampler_pb2_grpc.add_SamplerServiceServicer_to_server, servicer, SERVICE_NAME)
+        await host.start()  # health answers NOT_SERVING while the engine loads
+        log.info("sampler %s loading %s", s.node_id, s.model)
+        engine = await asyncio.to_thread(build_engine, s)
+        host.on_stop(engine.close)
+        storage = CheckpointStorageClient(s.checkpoint)
+        host.on_stop(storage.close)
+        loader = AdapterLoader(engine, storage, s.cache_dir / s.node_id, sampler_metrics)
+        core = SamplerCore(engine, AdapterCache(loader.load, loader.unload, s.max_adapters), sampler_metrics)
+        servicer.attach(core)
+        _follow(sampler_metrics, core, s.max_adapters)
+        metrics.describe_node(sampler_metrics.registry, "sampler", s.node_id, core.info.name)
+        registrations = [etcd_registration(s.etcd, "samplers", s.node_id, lambda: servicer.node().SerializeToString(),
+                                           s.lease_ttl_s, 0.5, sampler_metrics.registry, "sampler")] if s.etcd else []
+        await host.serve(registrations, ready={"node_id": s.node_id})
+        log.info("sampler %s serving %s on %s (%s engine)", s.node_id, s.model, host.address, type(engine).__name__)
+        await host.wait()
 
 
 def _follow(sampler_metrics: metrics.SamplerMetrics, core: SamplerCore, slots: int) -> None:
@@ -76,19 +67,6 @@ def _follow(sampler_metrics: metrics.SamplerMetrics, core: SamplerCore, slots: i
     adapters = core.adapters
     sampler_metrics.follow(lambda: core.active_requests, lambda: len(adapters.resident()),
                            lambda: adapters.loads, lambda: adapters.evictions, slots)
-
-
-async def _register(s: settings_mod.SamplerSettings, servicer: SamplerServicer, sampler_metrics: metrics.SamplerMetrics):
-    """Register the node in etcd (if configured), its record kept current, its etcd and lease
-    state in metrics; None without etcd."""
-    if not s.etcd:
-        return None
-    from tunemesh_common.registry import NodeRegistration
-
-    registration = await NodeRegistration.start_following(
-        s.etcd, "samplers", s.node_id, lambda: servicer.node().SerializeToString(), s.lease_ttl_s, 0.5)
-    metrics.follow_etcd(sampler_metrics.registry, "sampler", lambda: registration.etcd_up, lambda: registration.lease_held)
-    return registration
 
 
 def main(argv: list[str] | None = None) -> None:

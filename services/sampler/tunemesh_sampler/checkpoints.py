@@ -8,7 +8,7 @@ import shutil
 
 from tunemesh_common import peft_format
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
-from tunemesh_common.errors import FailedPrecondition
+from tunemesh.errors import FailedPreconditionError
 from tunemesh_common.metrics import SamplerMetrics
 from tunemesh_sampler.adapters import AdapterRef
 from tunemesh_sampler.engine import SamplingEngine
@@ -31,7 +31,7 @@ class AdapterLoader:
     async def _load(self, ref: AdapterRef) -> None:
         checkpoint, files = await self._storage.read(ref.tenant, ref.path)
         if checkpoint.base_model != self._engine.info.name:
-            raise FailedPrecondition(
+            raise FailedPreconditionError(
                 "WRONG_BASE_MODEL", f"{ref.path} is for {checkpoint.base_model}, this sampler serves {self._engine.info.name}"
             )
         directory = await asyncio.to_thread(self._write, ref.key, files)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
-from tunemesh_common.errors import Unavailable
+from tunemesh.errors import UnavailableError
 from tunemesh_common.rpc import LeaderFence
 from tunemesh_sampler import convert
 from tunemesh_sampler.core import SamplerCore
@@ -24,7 +24,7 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
     @property
     def core(self) -> SamplerCore:
         if self._core is None:
-            raise Unavailable("LOADING", f"sampler {self._node_id} is still loading its engine")
+            raise UnavailableError("LOADING", f"sampler {self._node_id} is still loading its engine")
         return self._core
 
     def node(self) -> sampler_pb2.SamplerNode:

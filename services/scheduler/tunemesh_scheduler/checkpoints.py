@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
-from tunemesh_common.errors import FailedPrecondition
+from tunemesh.errors import FailedPreconditionError
 from tunemesh_common.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
 
 
@@ -24,7 +24,7 @@ class CheckpointProxy:
     @property
     def stub(self) -> checkpoints_pb2_grpc.CheckpointServiceStub:
         if self._stub is None:
-            raise FailedPrecondition("NO_CHECKPOINT_SERVICE", "this mesh runs without a checkpoint service")
+            raise FailedPreconditionError("NO_CHECKPOINT_SERVICE", "this mesh runs without a checkpoint service")
         return self._stub
 
     async def _call(self, rpc: Callable, request, tenant: str):

@@ -37,7 +37,7 @@ from typing import Protocol
 
 from tunemesh_internal.v1 import scheduler_state_pb2 as pb
 from tunemesh_common import registry
-from tunemesh_common.errors import FailedPrecondition, NotFound, TunemeshError, Unavailable
+from tunemesh.errors import FailedPreconditionError, NotFoundError, TunemeshError, UnavailableError
 from tunemesh_scheduler.core.ports import StoredState, StoreWrite
 from tunemesh_scheduler.core.records import OperationRecord, RunRecord, SessionRecord
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
@@ -92,7 +92,7 @@ class CallStore(Protocol):
         ...
 
     async def get(self, run: str, seq_id: int) -> bytes:
-        """What was kept; NotFound when nothing is."""
+        """What was kept; NotFoundError when nothing is."""
         ...
 
     async def delete(self, run: str, through_seq_id: int | None = None) -> int:
@@ -120,7 +120,7 @@ class EtcdRunStore:
         """Write `writes` in order: a record changed twice is put once, at its last
         change; a range delete goes in a transaction of its own (etcd refuses a
         transaction whose operations overlap). Large calls reach the call store first
-        (Unavailable, and nothing written, if it fails); the calls dropped from etcd
+        (UnavailableError, and nothing written, if it fails); the calls dropped from etcd
         leave it last."""
         last = {key_of(w.record): i for i, w in enumerate(writes)}
         calls = await self._keep_calls(writes)
@@ -152,7 +152,7 @@ class EtcdRunStore:
             if write.payload is None:
                 continue
             op = write.record
-            stored = stored_payload(op.kind, write.payload)
+            stored = stored_payload(write.payload)
             if stored.ByteSize() <= INLINE_PAYLOAD_BYTES:
                 values[index] = stored.SerializeToString()
             elif self._calls is None:
@@ -166,7 +166,7 @@ class EtcdRunStore:
         try:
             await self._calls.put(op.run, op.seq_id, data)
         except TunemeshError as exc:
-            raise Unavailable("CALL_STORE_UNAVAILABLE", f"keeping call {op.seq_id} of {op.run}: {exc}") from None
+            raise UnavailableError("CALL_STORE_UNAVAILABLE", f"keeping call {op.seq_id} of {op.run}: {exc}") from None
         self._runs_with_stored_calls.add(op.run)
         ref = pb.StoredCallRef(size_bytes=len(data), sha256=hashlib.sha256(data).digest())
         return pb.StoredPayload(kind=op.kind.value, call_store=ref).SerializeToString()
@@ -189,9 +189,9 @@ class EtcdRunStore:
         try:
             succeeded, _ = await self._client.transaction(compare=self._fence, success=ops, failure=[])
         except registry.ETCD_ERRORS as exc:
-            raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+            raise UnavailableError("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
         if not succeeded:
-            raise FailedPrecondition("NOT_LEADER", "this scheduler no longer leads: its write was refused")
+            raise FailedPreconditionError("NOT_LEADER", "this scheduler no longer leads: its write was refused")
 
     async def load(self) -> StoredState:
         state = StoredState()
@@ -201,7 +201,7 @@ class EtcdRunStore:
             runs = await self._client.get_prefix(f"{registry.ROOT}/runs/".encode())
             ops = await self._client.get_prefix(_prefix("oplog"))
         except registry.ETCD_ERRORS as exc:
-            raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+            raise UnavailableError("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
         state.sessions = [session_record(pb.StoredSession.FromString(kv.value)) for kv in sessions]
         state.sampling_sessions = [sampling_session_record(pb.StoredSamplingSession.FromString(kv.value))
                                    for kv in samplings]
@@ -210,7 +210,7 @@ class EtcdRunStore:
         try:
             calls = await self._client.get_prefix(_prefix("calls"))
         except registry.ETCD_ERRORS as exc:
-            raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+            raise UnavailableError("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
         calls_root = len(_prefix("calls"))
         queued = {(op.run, op.seq_id) for op in state.operations if not op.done}
         for kv in calls:
@@ -229,7 +229,7 @@ class EtcdRunStore:
         try:
             calls = await self._client.get_range(prefix + _seq(after_seq_id + 1), _after_prefix(prefix))
         except registry.ETCD_ERRORS as exc:
-            raise Unavailable("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
+            raise UnavailableError("ETCD_UNAVAILABLE", f"etcd: {exc!r}") from None
         found = {}
         for kv in calls:
             seq_id = int(kv.key[len(prefix):])
@@ -238,7 +238,7 @@ class EtcdRunStore:
 
     async def _resolved(self, run: str, seq_id: int, stored: pb.StoredPayload):
         """The call of a kept StoredPayload, fetched from the call store when etcd only names
-        it there: None (logged) when it is gone from there or damaged, Unavailable when the
+        it there: None (logged) when it is gone from there or damaged, UnavailableError when the
         call store cannot be reached."""
         if not stored.HasField("call_store"):
             return payload_of(stored)
@@ -249,11 +249,11 @@ class EtcdRunStore:
             return None
         try:
             data = await self._calls.get(run, seq_id)
-        except NotFound:
+        except NotFoundError:
             log.error("call %d of %s is missing from the call store", seq_id, run, extra={"run": run})
             return None
         except TunemeshError as exc:
-            raise Unavailable("CALL_STORE_UNAVAILABLE", f"reading call {seq_id} of {run}: {exc}") from None
+            raise UnavailableError("CALL_STORE_UNAVAILABLE", f"reading call {seq_id} of {run}: {exc}") from None
         if len(data) != ref.size_bytes or hashlib.sha256(data).digest() != ref.sha256:
             log.error("call %d of %s in the call store does not match its sha256", seq_id, run, extra={"run": run})
             return None

@@ -5,20 +5,15 @@ from __future__ import annotations
 
 from tunemesh_internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import checkpoints_pb2, operations_pb2, training_pb2, types_pb2
-from tunemesh_common.errors import Code
-from tunemesh_scheduler.core.ports import LoadRequest, LoadResult, SaveRequest
+from tunemesh.errors import Code
+from tunemesh_scheduler.core.ports import LoadResult
+from tunemesh_scheduler.core.work import DataWork, LoadRequest, SaveRequest, StepWork, Work, kind_of
 from tunemesh_scheduler.core.records import (
     OperationError, OperationRecord, OpKind, OpState, RunRecord, SessionRecord,
 )
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 
 INLINE_RESULT_BYTES = 512 * 1024  # larger results are not kept across a restart
-
-_PAYLOAD_FIELDS = {
-    OpKind.FORWARD: "forward",
-    OpKind.FORWARD_BACKWARD: "forward_backward",
-    OpKind.OPTIM_STEP: "optim_step",
-}
 
 
 def encode(record) -> bytes:
@@ -68,17 +63,24 @@ def _digest_bytes(digest: bytes | str) -> bytes:
     return digest if isinstance(digest, bytes) else digest.encode()
 
 
-def stored_payload(kind: OpKind, payload) -> pb.StoredPayload:
-    stored = pb.StoredPayload(kind=kind.value)
-    if kind in _PAYLOAD_FIELDS:
-        getattr(stored, _PAYLOAD_FIELDS[kind]).CopyFrom(payload)
-    elif kind is OpKind.LOAD_STATE:
-        stored.load.CopyFrom(pb.StoredLoad(path=payload.path, load_optimizer_state=payload.load_optimizer_state))
-    else:
-        stored.save.CopyFrom(pb.StoredSave(
-            path=payload.path, include_optimizer_state=payload.include_optimizer_state,
-            ttl_seconds=payload.ttl_seconds, user_metadata=dict(payload.user_metadata),
-        ))
+def stored_payload(payload: Work) -> pb.StoredPayload:
+    stored = pb.StoredPayload(kind=kind_of(payload).value)
+    match payload:
+        case DataWork(backward=True):
+            stored.forward_backward.CopyFrom(training_pb2.ForwardBackwardRequest(
+                data=payload.data, loss_fn=payload.loss_fn, loss_fn_config=payload.loss_fn_config))
+        case DataWork():
+            stored.forward.CopyFrom(training_pb2.ForwardRequest(
+                data=payload.data, loss_fn=payload.loss_fn, loss_fn_config=payload.loss_fn_config))
+        case StepWork():
+            stored.optim_step.CopyFrom(training_pb2.OptimStepRequest(adam_params=payload.adam))
+        case LoadRequest():
+            stored.load.CopyFrom(pb.StoredLoad(path=payload.path, load_optimizer_state=payload.load_optimizer_state))
+        case SaveRequest():
+            stored.save.CopyFrom(pb.StoredSave(
+                path=payload.path, include_optimizer_state=payload.include_optimizer_state,
+                ttl_seconds=payload.ttl_seconds, user_metadata=dict(payload.user_metadata),
+            ))
     return stored
 
 
@@ -131,7 +133,7 @@ def operation_record(stored: pb.StoredOperation) -> OperationRecord:
     )
 
 
-def payload_of(stored: pb.StoredPayload):
+def payload_of(stored: pb.StoredPayload) -> Work | None:
     which = stored.WhichOneof("payload")
     if which is None:
         return None
@@ -140,10 +142,10 @@ def payload_of(stored: pb.StoredPayload):
     if which == "save":
         s = stored.save
         return SaveRequest(s.path, s.include_optimizer_state, s.ttl_seconds, tuple(sorted(s.user_metadata.items())))
-    message = {"forward": training_pb2.ForwardRequest, "forward_backward": training_pb2.ForwardBackwardRequest,
-               "optim_step": training_pb2.OptimStepRequest}[which]()
-    message.CopyFrom(getattr(stored, which))
-    return message
+    if which == "optim_step":
+        return StepWork(stored.optim_step.adam_params)
+    call = getattr(stored, which)
+    return DataWork(tuple(call.data), call.loss_fn, dict(call.loss_fn_config), backward=which == "forward_backward")
 
 
 def _result(stored: pb.StoredOperation):

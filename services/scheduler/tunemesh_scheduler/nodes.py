@@ -12,7 +12,7 @@ from google.protobuf.message import DecodeError
 from tunemesh_internal.v1 import sampler_pb2, trainer_pb2
 from tunemesh.v1 import sessions_pb2
 from tunemesh_common import registry
-from tunemesh_common.errors import NotFound, ResourceExhausted, Unavailable
+from tunemesh.errors import NotFoundError, ResourceExhaustedError, UnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class NodeDirectory:
     def address_of(self, node_id: str) -> str:
         node = self._nodes.get(node_id)
         if node is None:
-            raise Unavailable(f"{self.kind.upper()}_GONE", f"{self.kind} {node_id} is not registered")
+            raise UnavailableError(f"{self.kind.upper()}_GONE", f"{self.kind} {node_id} is not registered")
         return node.address
 
     def models(self) -> list[sessions_pb2.SupportedModel]:
@@ -69,14 +69,14 @@ class NodeDirectory:
                 if model.name == name:
                     return model
         served = ", ".join(m.name for m in self.models()) or "none"
-        raise NotFound("UNKNOWN_MODEL", f"no {self.kind} serves base model {name!r} (served: {served})")
+        raise NotFoundError("UNKNOWN_MODEL", f"no {self.kind} serves base model {name!r} (served: {served})")
 
     def serving_model(self, name: str) -> sessions_pb2.SupportedModel:
         """The model of existing work: UNAVAILABLE (retry) while no node serves it."""
         try:
             return self.model(name)
-        except NotFound:
-            raise Unavailable(f"NO_{self.kind.upper()}", f"no {self.kind} of {name} is registered right now") from None
+        except NotFoundError:
+            raise UnavailableError(f"NO_{self.kind.upper()}", f"no {self.kind} of {name} is registered right now") from None
 
     def serving(self, name: str) -> list[str]:
         return sorted(n for n, node in self._nodes.items() if any(m.name == name for m in node.models))
@@ -115,25 +115,25 @@ class EtcdPlacement:
         self._load: collections.Counter[str] = collections.Counter()
 
     async def place(self, run_name: str, base_model: str) -> str:
-        self._directory.model(base_model)  # NotFound when nobody serves it
+        self._directory.model(base_model)  # NotFoundError when nobody serves it
         nodes = self._directory.nodes()
         load = {n: max(self._load[n], nodes[n].adapters) for n in self._directory.serving(base_model)}
         free = [n for n, used in load.items() if used < nodes[n].max_adapters]
         if not free:
-            raise ResourceExhausted("NO_CAPACITY", f"every trainer of {base_model} is full")
+            raise ResourceExhaustedError("NO_CAPACITY", f"every trainer of {base_model} is full")
         node_id = min(free, key=lambda n: (load[n], n))
         self._load[node_id] += 1  # before the await: concurrent creates see this slot taken
         try:
             placed = await self._table.place_run(run_id(run_name), node_id)
         except registry.ETCD_ERRORS as err:
             self._load[node_id] -= 1
-            raise Unavailable("ETCD_UNAVAILABLE", f"cannot record the run's placement in etcd: {err!r}") from None
+            raise UnavailableError("ETCD_UNAVAILABLE", f"cannot record the run's placement in etcd: {err!r}") from None
         except BaseException:
             self._load[node_id] -= 1
             raise
         if not placed:
             self._load[node_id] -= 1
-            raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was placed elsewhere concurrently")
+            raise UnavailableError("PLACEMENT_CONFLICT", f"{run_name} was placed elsewhere concurrently")
         return node_id
 
     async def move(self, run_name: str, base_model: str, from_node: str) -> str:
@@ -144,18 +144,18 @@ class EtcdPlacement:
         load = {n: max(self._load[n], nodes[n].adapters) for n in self._directory.serving(base_model)}
         free = [n for n, used in load.items() if used < nodes[n].max_adapters or n == from_node]
         if not free:
-            raise ResourceExhausted("NO_CAPACITY", f"no live trainer of {base_model} has a free slot")
+            raise ResourceExhaustedError("NO_CAPACITY", f"no live trainer of {base_model} has a free slot")
         node_id = min(free, key=lambda n: (n == from_node, load[n], n))
         try:
             placement = await self._table.get_placement(run_id(run_name))
             if placement is None:  # a frozen run: placed anew
                 if not await self._table.place_run(run_id(run_name), node_id):
-                    raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was placed elsewhere concurrently")
+                    raise UnavailableError("PLACEMENT_CONFLICT", f"{run_name} was placed elsewhere concurrently")
             elif placement.node_id != node_id and not await self._table.move_run(
                     run_id(run_name), placement.node_id, node_id):
-                raise Unavailable("PLACEMENT_CONFLICT", f"{run_name} was moved elsewhere concurrently")
+                raise UnavailableError("PLACEMENT_CONFLICT", f"{run_name} was moved elsewhere concurrently")
         except registry.ETCD_ERRORS as err:
-            raise Unavailable("ETCD_UNAVAILABLE", f"cannot record the run's move in etcd: {err!r}") from None
+            raise UnavailableError("ETCD_UNAVAILABLE", f"cannot record the run's move in etcd: {err!r}") from None
         if node_id != from_node:
             self._load[node_id] += 1
             if from_node:

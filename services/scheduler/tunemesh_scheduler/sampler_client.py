@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 import grpc
 
 from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
-from tunemesh_common.errors import Unavailable
+from tunemesh.errors import UnavailableError
 from tunemesh_common.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 from tunemesh_scheduler.nodes import SamplerDirectory
@@ -69,7 +69,7 @@ class SamplerRouter:
             record.node_id = self.directory.route(record.base_model, record.adapter_key)
         try:
             return await self._counted(record.node_id, call)
-        except Unavailable:
+        except UnavailableError:
             others = [n for n in self.directory.serving(record.base_model) if n != record.node_id]
             if not others:
                 raise

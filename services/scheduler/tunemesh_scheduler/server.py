@@ -7,13 +7,13 @@ from tunemesh.v1 import (
     checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sampling_pb2, sampling_pb2_grpc, sessions_pb2,
     sessions_pb2_grpc, training_pb2, training_pb2_grpc,
 )
-from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, adapter_key, auto_name, check_name
-from tunemesh_common.errors import FailedPrecondition, InvalidArgument
+from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, auto_name, check_name
+from tunemesh.errors import FailedPreconditionError, InvalidArgumentError
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_common.rpc import current_tenant
 from tunemesh_scheduler import convert, validation
 from tunemesh_scheduler.checkpoints import CheckpointProxy
-from tunemesh_scheduler.core import LoadRequest, OpKind, SaveRequest, SchedulerCore
+from tunemesh_scheduler.core import DataWork, LoadRequest, OpKind, SaveRequest, SchedulerCore, StepWork
 from tunemesh_scheduler.nodes import TrainerDirectory
 from tunemesh_scheduler.sampler_client import SamplerRouter
 from tunemesh_scheduler.tokenizers import TokenizerCache
@@ -89,10 +89,11 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     async def OptimStep(self, request, context):
         tenant = current_tenant()
-        self._core.get_run(tenant, request.run)  # NotFound before anything else
+        self._core.get_run(tenant, request.run)  # NotFoundError before anything else
         validation.check_adam(request.adam_params)
         record = await self._core.submit(
-            tenant, request.run, request.seq_id, request.request_id, OpKind.OPTIM_STEP, request, convert.digest(request)
+            tenant, request.run, request.seq_id, request.request_id, OpKind.OPTIM_STEP,
+            StepWork(request.adam_params), convert.digest(request),
         )
         return training_pb2.OptimStepResponse(operation=convert.operation(record))
 
@@ -117,10 +118,10 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
     async def _create_from_checkpoint(self, tenant: str, request):
         if request.HasField("lora_config"):
-            raise InvalidArgument("LORA_CONFIG_FROM_CHECKPOINT", "a run created from a checkpoint takes its LoRA config")
+            raise InvalidArgumentError("LORA_CONFIG_FROM_CHECKPOINT", "a run created from a checkpoint takes its LoRA config")
         checkpoint = await self._checkpoints.get(tenant, request.from_checkpoint)
         if request.base_model and request.base_model != checkpoint.base_model:
-            raise FailedPrecondition("WRONG_BASE_MODEL", f"{checkpoint.path} is for {checkpoint.base_model}")
+            raise FailedPreconditionError("WRONG_BASE_MODEL", f"{checkpoint.path} is for {checkpoint.base_model}")
         model = self._directory.model(checkpoint.base_model)
         validation.check_lora(checkpoint.lora_config, model)
         lora = validation.normalized_lora(checkpoint.lora_config, model)
@@ -145,11 +146,13 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
     async def _submit_data(self, request, kind: OpKind):
         tenant = current_tenant()
         run = self._core.get_run(tenant, request.run)
-        validation.check_loss(request.loss_fn or "cross_entropy", request.loss_fn_config)
+        loss_fn = request.loss_fn or "cross_entropy"
+        validation.check_loss(loss_fn, request.loss_fn_config)
         model = self._directory.serving_model(run.base_model)
-        tokens = validation.check_data(request.data, request.loss_fn or "cross_entropy", model, self._limits)
+        tokens = validation.check_data(request.data, loss_fn, model, self._limits)
+        work = DataWork(request.data, loss_fn, request.loss_fn_config, backward=kind is OpKind.FORWARD_BACKWARD)
         record = await self._core.submit(
-            tenant, request.run, request.seq_id, request.request_id, kind, request, convert.digest(request), tokens
+            tenant, request.run, request.seq_id, request.request_id, kind, work, convert.digest(request), tokens
         )
         return convert.operation(record)
 
@@ -198,7 +201,7 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
         tenant = current_tenant()
         first = await anext(aiter(request_iterator), None)
         if first is None or first.WhichOneof("part") != "header":
-            raise InvalidArgument("BAD_UPLOAD", "the first message must carry the header")
+            raise InvalidArgumentError("BAD_UPLOAD", "the first message must carry the header")
         check_name(first.header.name)
         self._directory.model(first.header.base_model)  # NOT_FOUND UNKNOWN_MODEL
 
@@ -219,20 +222,10 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         self._metrics = metrics or SchedulerMetrics()
 
     async def CreateSamplingSession(self, request, context):
-        tenant = current_tenant()
-        self._core.sessions.get_open(tenant, request.session)
-        base_model, path, key = request.base_model, "", ""
-        if request.model_path:
-            checkpoint = await self._checkpoints.get(tenant, request.model_path)  # NOT_FOUND for others'
-            if base_model and base_model != checkpoint.base_model:
-                raise FailedPrecondition("WRONG_BASE_MODEL", f"{checkpoint.path} is for {checkpoint.base_model}")
-            base_model, path, key = checkpoint.base_model, checkpoint.path, adapter_key(tenant, checkpoint.path)
-        elif not base_model:
-            raise InvalidArgument("MISSING_MODEL", "give base_model or model_path")
-        self._samplers.directory.model(base_model)  # NOT_FOUND UNKNOWN_MODEL when no sampler serves it
-        node = self._samplers.directory.route(base_model, key)
-        record = self._core.sampling.create(tenant, request.session, base_model, path, key, node)
-        await self._core.sync()
+        record = await self._core.create_sampling_session(
+            current_tenant(), request.session, request.base_model, request.model_path,
+            checkpoints=self._checkpoints, samplers=self._samplers.directory,
+        )
         return sampling_pb2.CreateSamplingSessionResponse(sampling_session=convert.sampling_session(record))
 
     async def Sample(self, request, context):

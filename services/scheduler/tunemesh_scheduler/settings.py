@@ -2,46 +2,66 @@
 
 from __future__ import annotations
 
-import dataclasses
 import pathlib
 
+from pydantic import Field, SecretStr, field_validator
+
 from tunemesh_common import settings
+from tunemesh_common.settings import HostPort, HostPortOrEmpty
 
 
-@dataclasses.dataclass(frozen=True)
-class SchedulerSettings:
-    listen: str = "127.0.0.1:0"  # host:port; port 0 picks a free one
-    etcd: str = "127.0.0.1:2379"  # host:port of etcd
-    api_keys_file: pathlib.Path | None = None  # JSON {"api key": "tenant", ...}
-    api_keys: str = ""  # or inline "key1=tenant1,key2=tenant2"
-    ready_file: pathlib.Path | None = None  # written once serving: {"address", "pid", "metrics_url"}
-    metrics_listen: str = "127.0.0.1:0"  # host:port of /metrics (port 0 picks one); empty: none
-    batch_token_budget: int = 16384  # most tokens in one fused batch
-    batch_wait_ms: int = 0  # extra time a ready batch waits for other tenants' work
-    max_datums: int = 1024  # most datums per request
-    max_tokens: int = 262144  # most tokens per request
-    gap_timeout_s: int = 300  # a run waiting this long on a missing seq_id fails its queue
-    max_ops_ahead: int = 1024  # most operations a run may queue beyond its last finished one
-    finished_ttl_s: int = 3600  # finished operations are kept this long, then forgotten
-    max_runs_per_tenant: int = 16  # so no tenant can take every trainer's adapter slots
-    wait_cap_s: int = 30  # longest WaitOperation hold
-    trainer_timeout_s: int = 600  # deadline of one call to a trainer
-    checkpoint: str = ""  # host:port of the checkpoint service; empty: checkpoint calls fail
-    checkpoint_timeout_s: int = 600  # deadline of one call to the checkpoint service
-    sampler_timeout_s: int = 600  # deadline of one call to a sampler
-    max_samples: int = 16  # sequences per Sample request
-    durable: bool = True  # journal sessions, runs and op logs to etcd and recover them on start
-    store_timeout_s: float = 5.0  # a create waits this long for etcd, then answers UNAVAILABLE
-    snapshot_every_steps: int = 8  # snapshot each run (weights + AdamW) after this many optim steps; 0: never
-    snapshot_every_s: float = 300.0  # ... or this long after its last snapshot; 0: never
-    snapshot_min_interval_s: float = 2.0  # ... but never sooner than this after the last one
-    journal_linger_ms: float = 2.0  # the op log gathers changes this long before each etcd write
-    leader_ttl_s: int = 5  # lease of the leadership: a standby takes over this long after the leader dies
-    session_timeout_s: float = 600.0  # a session without heartbeat this long ends; its idle runs freeze; 0: never
+class SchedulerSettings(settings.ServiceSettings):
+    """The public front door of the mesh (`python -m tunemesh_scheduler`)."""
+
+    model_config = settings.settings_config("scheduler")
+
+    listen: HostPort = Field("127.0.0.1:0", description="host:port to serve on; port 0 picks a free one")
+    etcd: HostPort = Field("127.0.0.1:2379", description="host:port of etcd")
+    api_keys_file: pathlib.Path | None = Field(None, description='JSON {"api key": "tenant", ...}')
+    api_keys: SecretStr = Field(
+        SecretStr(""), description='API keys inline: "key1=tenant1,key2=tenant2" (added to the file\'s)')
+    ready_file: pathlib.Path | None = Field(
+        None, description='written on standing by and again once leading: {"address", "pid", "role", "metrics_url"}')
+    metrics_listen: HostPortOrEmpty = Field("127.0.0.1:0",
+                                description="host:port of /metrics (port 0 picks one); empty: no metrics endpoint")
+    batch_token_budget: int = Field(16384, ge=1, description="most tokens in one fused batch")
+    batch_wait_ms: int = Field(0, ge=0, description="extra time a ready batch waits for other tenants' work, in ms")
+    max_datums: int = Field(1024, ge=1, description="most datums per request")
+    max_tokens: int = Field(262144, ge=1, description="most tokens per request")
+    gap_timeout_s: int = Field(300, ge=1, description="a run waiting this long on a missing seq_id fails its queue")
+    max_ops_ahead: int = Field(1024, ge=1, description="most operations a run may queue beyond its last finished one")
+    finished_ttl_s: int = Field(3600, ge=1, description="finished operations are kept this long, then forgotten")
+    max_runs_per_tenant: int = Field(16, ge=1, description="runs a tenant may hold, so none takes every adapter slot")
+    wait_cap_s: int = Field(30, ge=1, description="longest WaitOperation hold, in seconds")
+    trainer_timeout_s: int = Field(600, ge=1, description="deadline of one call to a trainer, in seconds")
+    checkpoint: HostPortOrEmpty = Field("",
+                            description="host:port of the checkpoint service; empty: checkpoint calls fail")
+    checkpoint_timeout_s: int = Field(600, ge=1, description="deadline of one call to the checkpoint service, in seconds")
+    sampler_timeout_s: int = Field(600, ge=1, description="deadline of one call to a sampler, in seconds")
+    max_samples: int = Field(16, ge=1, description="sequences per Sample request")
+    durable: bool = Field(True, description="journal sessions, runs and op logs to etcd and recover them on start")
+    store_timeout_s: float = Field(5.0, gt=0, description="a create waits this long for etcd, then answers UNAVAILABLE")
+    snapshot_every_steps: int = Field(
+        8, ge=0, description="snapshot each run (weights + AdamW) after this many optim steps; 0: never")
+    snapshot_every_s: float = Field(300.0, ge=0, description="... or this long after its last snapshot; 0: never")
+    snapshot_min_interval_s: float = Field(2.0, ge=0, description="... but never sooner than this after the last one")
+    journal_linger_ms: float = Field(2.0, ge=0, description="the op log gathers changes this long before each etcd write")
+    leader_ttl_s: int = Field(
+        5, ge=1, description="lease of the leadership: a standby takes over this long after the leader dies")
+    session_timeout_s: float = Field(
+        600.0, ge=0, description="a session without heartbeat this long ends and its idle runs freeze; 0: never")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _pairs(cls, value: SecretStr) -> SecretStr:
+        for pair in filter(None, (p.strip() for p in value.get_secret_value().split(","))):
+            if not pair.partition("=")[2]:
+                raise ValueError(f"entry {pair.partition('=')[0]!r} is not key=tenant")
+        return value
 
 
 def load(argv: list[str] | None = None) -> SchedulerSettings:
-    return settings.load(SchedulerSettings, "TUNEMESH_SCHEDULER_", argv)
+    return settings.load(SchedulerSettings, argv)
 
 
 def api_keys(s: SchedulerSettings) -> dict[str, str]:
@@ -51,7 +71,7 @@ def api_keys(s: SchedulerSettings) -> dict[str, str]:
     keys: dict[str, str] = {}
     if s.api_keys_file is not None:
         keys.update(json.loads(s.api_keys_file.read_text()))
-    for pair in filter(None, (p.strip() for p in s.api_keys.split(","))):
+    for pair in filter(None, (p.strip() for p in s.api_keys.get_secret_value().split(","))):
         key, _, tenant = pair.partition("=")
         if not tenant:
             raise ValueError(f"api_keys entry {pair!r} is not key=tenant")

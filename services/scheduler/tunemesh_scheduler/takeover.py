@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from tunemesh_common.errors import TunemeshError
+from tunemesh.errors import TunemeshError
 from tunemesh_scheduler.core import recovery
 from tunemesh_scheduler.core.ports import RunStore, TrainerPort
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tunemesh.v1 import sessions_pb2
-from tunemesh_common.errors import Unavailable
+from tunemesh.errors import UnavailableError
 from tunemesh_scheduler.nodes import TrainerDirectory
 from tunemesh_scheduler.trainer_client import GrpcTrainerPort
 
@@ -16,12 +16,12 @@ class TokenizerCache:
 
     async def files(self, base_model: str) -> list[sessions_pb2.TokenizerFile]:
         if base_model not in self._files:
-            self._directory.model(base_model)  # NotFound for unknown models
+            self._directory.model(base_model)  # NotFoundError for unknown models
             last_error = None
             for node_id in self._directory.serving(base_model):
                 try:
                     response = await self._trainers.tokenizer_files(node_id)
-                except Unavailable as err:
+                except UnavailableError as err:
                     last_error = err
                     continue
                 if not response.files:
@@ -29,5 +29,5 @@ class TokenizerCache:
                 self._files[base_model] = list(response.files)
                 break
             else:
-                raise last_error or Unavailable("NO_TRAINER", f"no trainer of {base_model} answered")
+                raise last_error or UnavailableError("NO_TRAINER", f"no trainer of {base_model} answered")
         return self._files[base_model]

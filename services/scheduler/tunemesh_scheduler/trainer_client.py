@@ -9,9 +9,10 @@ import grpc
 
 from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
-from tunemesh_common.errors import Internal, TunemeshError, Unavailable, error_for
-from tunemesh_common.rpc import LEADER_TOKEN_KEY, REASON_KEY, PeerChannels
-from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, LoadRequest, SaveRequest
+from tunemesh.errors import TunemeshError, UnavailableError
+from tunemesh_common.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
+from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome
+from tunemesh_scheduler.core.work import DataWork, LoadRequest, SaveRequest, StepWork
 from tunemesh_scheduler.core.records import OperationError, OpKind
 
 log = logging.getLogger(__name__)
@@ -24,13 +25,11 @@ _ITEM_KINDS = {
 
 
 def _translate(err: grpc.aio.AioRpcError, node_id: str) -> TunemeshError:
-    """A trainer's status as a typed error; transport failures become UNAVAILABLE."""
-    reason = dict(err.trailing_metadata() or ()).get(REASON_KEY, "")
+    """A trainer's status as a typed error. Any UNAVAILABLE or DEADLINE_EXCEEDED (the
+    trainer's own too) is UNAVAILABLE [TRAINER_UNAVAILABLE]: the call is in doubt."""
     if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-        return Unavailable("TRAINER_UNAVAILABLE", f"trainer {node_id}: {err.code().name}: {err.details()}")
-    if not reason:
-        return Internal("TRAINER_ERROR", f"trainer {node_id}: {err.code().name}: {err.details()}")
-    return error_for(err.code().value[0], reason, err.details() or "")
+        return UnavailableError("TRAINER_UNAVAILABLE", f"trainer {node_id}: {err.code().name}: {err.details()}")
+    return error_from_peer(err, f"trainer {node_id}", failure_reason="TRAINER_ERROR")
 
 
 class GrpcTrainerPort:
@@ -109,24 +108,17 @@ class GrpcTrainerPort:
 
 
 def _batch_item(item: BatchItem) -> trainer_pb2.BatchItem:
-    request = item.payload  # the validated public request
-    if item.kind is OpKind.OPTIM_STEP:
-        return trainer_pb2.BatchItem(
-            item_id=item.op_name, adapter_id=item.run_name, kind=_ITEM_KINDS[item.kind],
-            adam_params=request.adam_params, seq_id=item.fence.seq_id, epoch=item.fence.epoch,
-            snapshot=trainer_pb2.SnapshotTarget(path=item.snapshot.path, tenant=item.snapshot.tenant)
-            if item.snapshot else None,
-        )
-    return trainer_pb2.BatchItem(
-        item_id=item.op_name,
-        adapter_id=item.run_name,
-        kind=_ITEM_KINDS[item.kind],
-        data=request.data,
-        loss_fn=request.loss_fn or "cross_entropy",
-        loss_fn_config=request.loss_fn_config,
-        seq_id=item.fence.seq_id,
-        epoch=item.fence.epoch,
-    )
+    fields = dict(item_id=item.op_name, adapter_id=item.run_name, kind=_ITEM_KINDS[item.kind],
+                  seq_id=item.fence.seq_id, epoch=item.fence.epoch)
+    match item.payload:
+        case StepWork(adam=adam):
+            snapshot = None if item.snapshot is None else trainer_pb2.SnapshotTarget(
+                path=item.snapshot.path, tenant=item.snapshot.tenant)
+            return trainer_pb2.BatchItem(**fields, adam_params=adam, snapshot=snapshot)
+        case DataWork() as work:
+            return trainer_pb2.BatchItem(**fields, data=work.data, loss_fn=work.loss_fn,
+                                         loss_fn_config=work.loss_fn_config)
+    raise TypeError(f"{item.op_name}: {type(item.payload).__name__} is not batch work")
 
 
 def _outcome(result: trainer_pb2.BatchItemResult) -> ItemOutcome:

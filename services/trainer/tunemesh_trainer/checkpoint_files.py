@@ -9,7 +9,7 @@ import struct
 import numpy as np
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_trainer.domain import AdapterState, LoraSpec
 
 OPTIMIZER_FORMAT = "tunemesh-adamw-1"
@@ -39,7 +39,7 @@ def decode(files: dict[str, bytes], spec: LoraSpec, with_optimizer: bool) -> Ada
         return AdapterState(spec, weights)
     raw = files.get(peft_format.OPTIMIZER_FILE)
     if raw is None:
-        raise InvalidArgument("NO_OPTIMIZER_STATE", "the checkpoint holds no optimizer state")
+        raise InvalidArgumentError("NO_OPTIMIZER_STATE", "the checkpoint holds no optimizer state")
     steps = _optimizer_steps(raw)
     optimizer = {peft_format.internal_name_of_state(k): a for k, a in _float_tensors(raw).items()}
     return AdapterState(spec, weights, optimizer, steps)
@@ -54,12 +54,12 @@ def _float_tensors(data) -> dict[str, np.ndarray]:
     try:
         return {k: t.float().numpy() for k, t in load(bytes(data)).items()}
     except Exception as err:  # safetensors raises its own error types for corrupt bytes
-        raise InvalidArgument("BAD_SAFETENSORS", f"cannot read {peft_format.WEIGHTS_FILE}: {err}") from None
+        raise InvalidArgumentError("BAD_SAFETENSORS", f"cannot read {peft_format.WEIGHTS_FILE}: {err}") from None
 
 
 def _optimizer_steps(raw) -> int:
     (size,) = struct.unpack("<Q", bytes(raw[:8]))
     metadata = json.loads(bytes(raw[8 : 8 + size])).get("__metadata__") or {}
     if metadata.get("format") != OPTIMIZER_FORMAT:
-        raise InvalidArgument("BAD_OPTIMIZER_STATE", f"optimizer state is not {OPTIMIZER_FORMAT}")
+        raise InvalidArgumentError("BAD_OPTIMIZER_STATE", f"optimizer state is not {OPTIMIZER_FORMAT}")
     return int(metadata["steps"])

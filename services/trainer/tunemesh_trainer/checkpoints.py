@@ -12,7 +12,7 @@ import asyncio
 from tunemesh_internal.v1 import checkpoint_pb2, trainer_pb2
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
-from tunemesh_common.errors import FailedPrecondition
+from tunemesh.errors import FailedPreconditionError
 from tunemesh_trainer import checkpoint_files, convert
 from tunemesh_trainer.core import TrainerCore
 from tunemesh_trainer.domain import AdapterState
@@ -48,11 +48,11 @@ class CheckpointBridge:
     async def load(self, request: trainer_pb2.LoadAdapterRequest) -> int:
         checkpoint, files = await self._storage.read(request.tenant, request.path)
         if checkpoint.base_model != self._core.info.name:
-            raise FailedPrecondition(
+            raise FailedPreconditionError(
                 "WRONG_BASE_MODEL", f"{request.path} is for {checkpoint.base_model}, this run uses {self._core.info.name}"
             )
         if request.load_optimizer_state and not checkpoint.has_optimizer_state:
-            raise FailedPrecondition(
+            raise FailedPreconditionError(
                 "NO_OPTIMIZER_STATE", f"{request.path} holds weights only; load it without optimizer state"
             )
         spec = convert.lora_spec(checkpoint.lora_config)

@@ -6,8 +6,8 @@ import numpy as np
 
 from tunemesh_internal.v1 import trainer_pb2
 from tunemesh.v1 import operations_pb2, sessions_pb2, types_pb2
-from tunemesh_common import tensors
-from tunemesh_common.errors import InvalidArgument
+from tunemesh import tensors
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_trainer.domain import (
     AdamSpec, DatumArrays, EngineItem, ItemKind, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
 )
@@ -53,7 +53,7 @@ def model_input_tokens(model_input: types_pb2.ModelInput) -> np.ndarray:
     tokens: list[int] = []
     for chunk in model_input.chunks:
         if chunk.WhichOneof("chunk") != "encoded_text":
-            raise InvalidArgument("UNSUPPORTED_CHUNK", "only encoded_text chunks are supported")
+            raise InvalidArgumentError("UNSUPPORTED_CHUNK", "only encoded_text chunks are supported")
         tokens.extend(chunk.encoded_text.tokens)
     return np.asarray(tokens, dtype=np.int64)
 
@@ -76,7 +76,7 @@ def optim_item(item: trainer_pb2.BatchItem) -> OptimItem:
 
 def engine_item(item: trainer_pb2.BatchItem) -> EngineItem:
     if item.kind not in _KINDS:
-        raise InvalidArgument("BAD_ITEM_KIND", f"item {item.item_id}: kind {item.kind} is not forward or forward_backward")
+        raise InvalidArgumentError("BAD_ITEM_KIND", f"item {item.item_id}: kind {item.kind} is not forward or forward_backward")
     return EngineItem(
         item_id=item.item_id,
         adapter_id=item.adapter_id,

@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from tunemesh_common.errors import Code, ResourceExhausted, TunemeshError
+from tunemesh.errors import Code, ResourceExhaustedError, TunemeshError
 from tunemesh_common.metrics import TrainerMetrics
 from tunemesh_trainer.domain import (
     AdamSpec, AdapterState, EngineItem, ItemFailure, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
@@ -43,7 +43,7 @@ class TrainerCore:
         """Claim a slot before the engine call, so concurrent creates cannot overfill."""
         held = set(self._engine.adapter_ids()) | self._creating
         if adapter_id not in held and len(held) >= self.max_adapters:
-            raise ResourceExhausted("NO_ADAPTER_SLOT", f"all {self.max_adapters} adapter slots are in use")
+            raise ResourceExhaustedError("NO_ADAPTER_SLOT", f"all {self.max_adapters} adapter slots are in use")
         self._creating.add(adapter_id)
 
     async def _call(self, fn, *args):
@@ -93,7 +93,7 @@ class TrainerCore:
                 if optim.snapshot:  # between this step and the next call: gradients are clear
                     outcome.snapshot = self._engine.export_adapter(optim.adapter_id, True)
             except TunemeshError as err:
-                outcome.failure = ItemFailure(int(err.code), err.reason, err.message)
+                outcome.failure = ItemFailure(int(err.rpc_code), err.reason, err.message)
             except Exception:  # an engine bug fails this step alone, never the batch
                 log.exception("optimizer step of %s failed", optim.adapter_id)
                 outcome.failure = ItemFailure(int(Code.INTERNAL), "ENGINE_ERROR", "the optimizer step failed")

@@ -18,7 +18,7 @@ import collections
 import dataclasses
 from typing import Any
 
-from tunemesh_common.errors import FailedPrecondition, NotFound
+from tunemesh.errors import FailedPreconditionError, NotFoundError
 
 RECENT = 16
 
@@ -53,7 +53,7 @@ class Ledger:
         """Raise the adapter's epoch to `epoch`; returns the highest seq_id taken."""
         entry = self._entries.get(adapter_id)
         if entry is None:
-            raise NotFound("ADAPTER_NOT_FOUND", f"adapter {adapter_id!r} is not on this node")
+            raise NotFoundError("ADAPTER_NOT_FOUND", f"adapter {adapter_id!r} is not on this node")
         _check_epoch(adapter_id, entry, epoch)
         entry.epoch = epoch
         return entry.applied_seq_id
@@ -62,7 +62,7 @@ class Ledger:
         """None: apply the call now, then `record` its outcome (if seq_id > 0). A future:
         the seq_id was taken before; await it for the first application's outcome.
 
-        Raises FailedPrecondition STALE_EPOCH (fenced off) or SEQ_ID_APPLIED (taken so
+        Raises FailedPreconditionError STALE_EPOCH (fenced off) or SEQ_ID_APPLIED (taken so
         long ago that its outcome is gone). An unknown adapter is the engine's to report.
         """
         entry = self._entries.get(adapter_id)
@@ -74,7 +74,7 @@ class Ledger:
         if seq_id <= entry.applied_seq_id:
             first = entry.outcomes.get(seq_id)
             if first is None:
-                raise FailedPrecondition(
+                raise FailedPreconditionError(
                     "SEQ_ID_APPLIED", f"seq_id {seq_id} of {adapter_id} was applied long ago; its outcome is gone"
                 )
             return first
@@ -105,6 +105,6 @@ class Ledger:
 
 def _check_epoch(adapter_id: str, entry: _Entry, epoch: int) -> None:
     if epoch and epoch < entry.epoch:
-        raise FailedPrecondition(
+        raise FailedPreconditionError(
             "STALE_EPOCH", f"{adapter_id} is at epoch {entry.epoch}; a call of epoch {epoch} is refused"
         )

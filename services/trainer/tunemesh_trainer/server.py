@@ -12,7 +12,7 @@ import logging
 
 from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
-from tunemesh_common.errors import Code, InvalidArgument, NotFound, TunemeshError, Unavailable
+from tunemesh.errors import Code, InvalidArgumentError, NotFoundError, TunemeshError, UnavailableError
 from tunemesh_common.checkpoint_client import CheckpointStorageClient
 from tunemesh_common.rpc import LeaderFence
 from tunemesh_trainer import convert
@@ -49,7 +49,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     @property
     def core(self) -> TrainerCore:
         if self._core is None:
-            raise Unavailable("LOADING", f"trainer {self._node_id} is still loading its base model")
+            raise UnavailableError("LOADING", f"trainer {self._node_id} is still loading its base model")
         return self._core
 
     def node(self) -> trainer_pb2.TrainerNode:
@@ -68,7 +68,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def CreateAdapter(self, request, context):
         self.leader.check(context)
         if request.base_model and request.base_model != self.core.info.name:
-            raise InvalidArgument(
+            raise InvalidArgumentError(
                 "WRONG_BASE_MODEL", f"node {self._node_id} serves {self.core.info.name}, not {request.base_model}"
             )
         count = await self.core.create_adapter(request.adapter_id, convert.lora_spec(request.lora_config))
@@ -88,7 +88,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             try:
                 first = self.ledger.admit(item.adapter_id, item.seq_id, item.epoch)
             except TunemeshError as err:
-                early[item.item_id] = convert.item_error(item.item_id, int(err.code), err.reason, err.message)
+                early[item.item_id] = convert.item_error(item.item_id, int(err.rpc_code), err.reason, err.message)
                 continue
             if first is not None:
                 repeats[item.item_id] = first
@@ -111,7 +111,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 else:
                     decoded.append(convert.engine_item(item))
             except TunemeshError as err:
-                done[item.item_id] = convert.item_error(item.item_id, int(err.code), err.reason, err.message)
+                done[item.item_id] = convert.item_error(item.item_id, int(err.rpc_code), err.reason, err.message)
         seconds = 0.0
         try:
             if decoded or optims:
@@ -121,7 +121,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 self._write_snapshots(items, outcomes)
         except TunemeshError as err:
             for item in items:
-                done.setdefault(item.item_id, convert.item_error(item.item_id, int(err.code), err.reason, err.message))
+                done.setdefault(item.item_id, convert.item_error(item.item_id, int(err.rpc_code), err.reason, err.message))
             raise
         except BaseException:
             for item in items:
@@ -182,7 +182,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def AwaitSnapshot(self, request, context):
         task = self._snapshots.get((request.adapter_id, request.seq_id))
         if task is None:
-            raise NotFound("SNAPSHOT_NOT_FOUND", f"no snapshot of {request.adapter_id} after seq_id {request.seq_id}")
+            raise NotFoundError("SNAPSHOT_NOT_FOUND", f"no snapshot of {request.adapter_id} after seq_id {request.seq_id}")
         return trainer_pb2.AwaitSnapshotResponse(checkpoint=await asyncio.shield(task))
 
     def _write_snapshots(self, items, outcomes) -> None:

@@ -14,7 +14,7 @@ import textwrap
 
 import pytest
 from tunemesh_checkpoint.call_store import FilesystemCallStore
-from tunemesh_common.errors import InvalidArgument, NotFound
+from tunemesh.errors import InvalidArgumentError, NotFoundError
 
 SERVICES = pathlib.Path(__file__).resolve().parents[3] / "services"
 RUN = "runs/3f2a-41"
@@ -51,7 +51,7 @@ def test_a_put_replaces_the_call_kept_under_its_key(calls):
 def test_an_unknown_call_is_not_found(calls):
     calls.put(RUN, 1, [b"x"])
     for run, seq_id in ((RUN, 2), ("runs/other", 1)):
-        with pytest.raises(NotFound) as info:
+        with pytest.raises(NotFoundError) as info:
             calls.read(run, seq_id)
         assert info.value.reason == "CALL_NOT_FOUND"
 
@@ -68,7 +68,7 @@ def test_a_put_whose_chunks_fail_changes_nothing(calls):
     with pytest.raises(OSError):
         calls.put(RUN, 2, failing())
     assert read(calls, RUN, 1) == b"kept"
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         calls.read(RUN, 2)
     assert files_under(calls.root) == [f"3f2a-41/{1:020d}"]  # no temporary file left
 
@@ -119,7 +119,7 @@ def test_a_put_killed_mid_write_leaves_the_old_call_and_recover_cleans_up(tmp_pa
 def test_a_run_name_that_is_not_one_safe_segment_is_refused(calls, run):
     for attempt in (lambda: calls.put(run, 1, [b"x"]), lambda: calls.read(run, 1),
                     lambda: calls.delete(run), lambda: calls.delete(run, 3)):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(InvalidArgumentError) as info:
             attempt()
         assert info.value.reason == "BAD_CALL_KEY"
     assert files_under(calls.root) == []
@@ -129,7 +129,7 @@ def test_a_run_name_that_is_not_one_safe_segment_is_refused(calls, run):
 def test_a_seq_id_out_of_range_is_refused(calls, seq_id):
     for attempt in (lambda: calls.put(RUN, seq_id, [b"x"]), lambda: calls.read(RUN, seq_id),
                     lambda: calls.delete(RUN, seq_id)):
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(InvalidArgumentError) as info:
             attempt()
         assert info.value.reason == "BAD_CALL_KEY"
     assert files_under(calls.root) == []
@@ -141,7 +141,7 @@ def test_delete_through_a_seq_id_keeps_the_later_calls_and_other_runs(calls):
     assert calls.delete(RUN, 10) == 4
     assert calls.delete(RUN, 10) == 0  # nothing left to delete is no error
     for seq_id in (1, 2, 9, 10):
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             calls.read(RUN, seq_id)
     assert read(calls, RUN, 11) == f"{RUN}:11".encode()
     for run in ("runs/3f2a-4", "runs/3f2a-41x"):

@@ -13,7 +13,7 @@ from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointRecord, Che
 from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common import peft_format
 from tunemesh_common.checkpoint_paths import MAX_TTL_S, CheckpointKind, CheckpointPath
-from tunemesh_common.errors import AlreadyExists, DataLoss, InvalidArgument, NotFound
+from tunemesh.errors import AlreadyExistsError, DataLossError, InvalidArgumentError, NotFoundError
 
 CONFIG, WEIGHTS, OPTIMIZER = peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE, peft_format.OPTIMIZER_FILE
 LORA = {"rank": 8, "alpha": 16.0, "train_attn": True, "train_mlp": True, "train_unembed": False,
@@ -136,13 +136,13 @@ def test_read_of_a_tampered_blob_fails_with_data_loss(catalog, store):
     record = write(catalog, "alice", SAMPLER)
     blob = store.root / "objects" / record.path.storage_key("alice") / WEIGHTS
     blob.write_bytes(b"X" + blob.read_bytes()[1:])
-    with pytest.raises(DataLoss):
+    with pytest.raises(DataLossError):
         read_all(catalog, "alice", SAMPLER)
 
 
 def test_a_second_write_to_the_same_path_is_refused_and_the_first_is_intact(catalog):
     first = write(catalog, "alice", STATE, seed="first")
-    expect(AlreadyExists, "CHECKPOINT_EXISTS", write, catalog, "alice", STATE, seed="second", step=11)
+    expect(AlreadyExistsError, "CHECKPOINT_EXISTS", write, catalog, "alice", STATE, seed="second", step=11)
     assert catalog.get("alice", STATE) == first
     assert read_all(catalog, "alice", STATE) == contents("first", optimizer=True)
 
@@ -152,32 +152,32 @@ def test_a_second_write_to_the_same_path_is_refused_and_the_first_is_intact(cata
 
 def test_a_state_checkpoint_with_optimizer_state_needs_the_optimizer_file(catalog, store):
     files = contents("a", optimizer=False)
-    expect(InvalidArgument, "BAD_CHECKPOINT_FILES", catalog.write, "alice", spec(STATE),
+    expect(InvalidArgumentError, "BAD_CHECKPOINT_FILES", catalog.write, "alice", spec(STATE),
            [(n, [d]) for n, d in files.items()])
     assert_no_checkpoint_left(catalog, store)
 
 
 def test_a_sampler_checkpoint_refuses_an_optimizer_file(catalog, store):
     files = contents("a", optimizer=True)
-    expect(InvalidArgument, "BAD_CHECKPOINT_FILES", catalog.write, "alice", spec(SAMPLER),
+    expect(InvalidArgumentError, "BAD_CHECKPOINT_FILES", catalog.write, "alice", spec(SAMPLER),
            [(n, [d]) for n, d in files.items()])
     assert_no_checkpoint_left(catalog, store)
 
 
 def test_a_sampler_checkpoint_cannot_declare_optimizer_state(catalog, store):
-    expect(InvalidArgument, "BAD_CHECKPOINT_KIND", write, catalog, "alice", SAMPLER, has_optimizer_state=True)
+    expect(InvalidArgumentError, "BAD_CHECKPOINT_KIND", write, catalog, "alice", SAMPLER, has_optimizer_state=True)
     assert_no_checkpoint_left(catalog, store)
 
 
 @pytest.mark.parametrize("name", ["README.md", "../adapter_config.json", "manifest.json", "optimizer.pt"])
 def test_unknown_file_names_are_refused(catalog, store, name):
     files = [(CONFIG, [b"{}"]), (name, [b"x"]), (WEIGHTS, [b"w"])]
-    expect(InvalidArgument, "BAD_CHECKPOINT_FILES", catalog.write, "alice", spec(SAMPLER), files)
+    expect(InvalidArgumentError, "BAD_CHECKPOINT_FILES", catalog.write, "alice", spec(SAMPLER), files)
     assert_no_checkpoint_left(catalog, store)
 
 
 def test_a_checkpoint_must_name_its_base_model(catalog, store):
-    expect(InvalidArgument, "MISSING_BASE_MODEL", write, catalog, "alice", SAMPLER, base_model="")
+    expect(InvalidArgumentError, "MISSING_BASE_MODEL", write, catalog, "alice", SAMPLER, base_model="")
     assert_no_checkpoint_left(catalog, store)
 
 
@@ -191,10 +191,10 @@ def test_a_state_checkpoint_without_optimizer_state_holds_two_files(catalog):
 
 def test_another_tenant_sees_nothing_of_alices_checkpoint(catalog):
     write(catalog, "alice", STATE)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.get, "bob", STATE)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.read, "bob", STATE)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.delete, "bob", STATE)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.set_ttl, "bob", STATE, 60)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.get, "bob", STATE)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.read, "bob", STATE)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.delete, "bob", STATE)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.set_ttl, "bob", STATE, 60)
     assert catalog.list("bob") == ([], "")
     assert catalog.list("bob", run="runs/r1") == ([], "")
     record = catalog.get("alice", STATE)
@@ -217,7 +217,7 @@ def test_two_tenants_own_the_same_path_independently(catalog):
 @pytest.mark.parametrize("bob", ["bob", "h-bob", "bob/../alice", "Bob"])
 def test_tenant_names_that_resemble_alice_reach_nothing_of_hers(catalog, bob):
     write(catalog, "alice", STATE)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.get, bob, STATE)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.get, bob, STATE)
     assert catalog.list(bob) == ([], "")
 
 
@@ -278,15 +278,15 @@ def test_pagination_ends_without_an_empty_page(catalog, five):
 
 @pytest.mark.parametrize("token", ["abc", "not-a-token", "____", "%%%%", "!!!!", "=", "gA=="])
 def test_a_bad_page_token_is_refused(catalog, five, token):
-    expect(InvalidArgument, "INVALID_PAGE_TOKEN", catalog.list, "alice", page_size=2, page_token=token)
+    expect(InvalidArgumentError, "INVALID_PAGE_TOKEN", catalog.list, "alice", page_size=2, page_token=token)
 
 
 def test_a_negative_page_size_is_refused(catalog, five):
-    expect(InvalidArgument, "INVALID_PAGE_SIZE", catalog.list, "alice", page_size=-1)
+    expect(InvalidArgumentError, "INVALID_PAGE_SIZE", catalog.list, "alice", page_size=-1)
 
 
 def test_list_of_a_bad_run_name_is_refused(catalog, five):
-    expect(InvalidArgument, "BAD_RUN_NAME", catalog.list, "alice", run="runs/../bob")
+    expect(InvalidArgumentError, "BAD_RUN_NAME", catalog.list, "alice", run="runs/../bob")
 
 
 # --- TTL and expiry --------------------------------------------------------------------
@@ -304,9 +304,9 @@ def test_an_expired_checkpoint_is_gone_before_the_sweep(catalog, store, now):
     now[0] += 59.5
     assert catalog.get("alice", SAMPLER).expire_time is not None
     now[0] += 0.5  # exactly at expire_time
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.get, "alice", SAMPLER)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.read, "alice", SAMPLER)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.set_ttl, "alice", SAMPLER, 0)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.get, "alice", SAMPLER)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.read, "alice", SAMPLER)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.set_ttl, "alice", SAMPLER, 0)
     assert paths(catalog.list("alice")[0]) == [STATE]
     assert len(store.list("")) == 2  # still stored until the sweep
 
@@ -341,20 +341,20 @@ def test_set_ttl_on_a_checkpoint_without_ttl_makes_it_expire(catalog, now):
     write(catalog, "alice", STATE)
     catalog.set_ttl("alice", STATE, 5)
     now[0] += 5
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.get, "alice", STATE)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.get, "alice", STATE)
     assert catalog.sweep() == 1
 
 
 @pytest.mark.parametrize("ttl", [-1, MAX_TTL_S + 1])
 def test_set_ttl_refuses_a_ttl_out_of_range(catalog, ttl):
     record = write(catalog, "alice", SAMPLER, ttl_seconds=60)
-    expect(InvalidArgument, "BAD_TTL", catalog.set_ttl, "alice", SAMPLER, ttl)
+    expect(InvalidArgumentError, "BAD_TTL", catalog.set_ttl, "alice", SAMPLER, ttl)
     assert catalog.get("alice", SAMPLER) == record
 
 
 @pytest.mark.parametrize("ttl", [-1, MAX_TTL_S + 1])
 def test_write_refuses_a_ttl_out_of_range(catalog, store, ttl):
-    expect(InvalidArgument, "BAD_TTL", write, catalog, "alice", SAMPLER, ttl_seconds=ttl)
+    expect(InvalidArgumentError, "BAD_TTL", write, catalog, "alice", SAMPLER, ttl_seconds=ttl)
     assert_no_checkpoint_left(catalog, store)
 
 
@@ -377,14 +377,14 @@ def test_delete_then_get_and_delete_again_are_not_found(catalog, store):
     write(catalog, "alice", STATE)
     write(catalog, "alice", SAMPLER)
     catalog.delete("alice", STATE)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.get, "alice", STATE)
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.delete, "alice", STATE)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.get, "alice", STATE)
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.delete, "alice", STATE)
     assert paths(catalog.list("alice")[0]) == [SAMPLER]
     assert [m.key for m in store.list("")] == [CheckpointPath.parse(SAMPLER).storage_key("alice")]
 
 
 def test_get_of_a_malformed_path_is_invalid(catalog):
-    expect(InvalidArgument, "BAD_CHECKPOINT_PATH", catalog.get, "alice", "tunemesh://runs/r1/state/../x")
+    expect(InvalidArgumentError, "BAD_CHECKPOINT_PATH", catalog.get, "alice", "tunemesh://runs/r1/state/../x")
 
 
 # --- user metadata ---------------------------------------------------------------------
@@ -406,7 +406,7 @@ def test_user_metadata_round_trips(catalog):
     {"k" * 4097: "v"},
 ])
 def test_user_metadata_over_its_limits_is_refused(catalog, store, labels):
-    expect(InvalidArgument, "BAD_USER_METADATA", write, catalog, "alice", STATE, user_metadata=labels)
+    expect(InvalidArgumentError, "BAD_USER_METADATA", write, catalog, "alice", STATE, user_metadata=labels)
     assert_no_checkpoint_left(catalog, store)
 
 
@@ -464,12 +464,12 @@ def test_an_import_with_ttl_expires(catalog, peft_files, now):
     record = catalog.import_peft("alice", "tmp", BASE, peft_files, ttl_seconds=10)
     assert record.expire_time == now[0] + 10
     now[0] += 10
-    expect(NotFound, "CHECKPOINT_NOT_FOUND", catalog.get, "alice", "tunemesh://imports/tmp")
+    expect(NotFoundError, "CHECKPOINT_NOT_FOUND", catalog.get, "alice", "tunemesh://imports/tmp")
 
 
 def test_an_import_name_is_immutable_per_tenant(catalog, peft_files):
     first = catalog.import_peft("alice", "my-adapter", BASE, peft_files)
-    expect(AlreadyExists, "CHECKPOINT_EXISTS", catalog.import_peft, "alice", "my-adapter", "other/model", peft_files)
+    expect(AlreadyExistsError, "CHECKPOINT_EXISTS", catalog.import_peft, "alice", "my-adapter", "other/model", peft_files)
     assert catalog.get("alice", "tunemesh://imports/my-adapter") == first
     assert catalog.import_peft("bob", "my-adapter", "other/model", peft_files).base_model == "other/model"
 
@@ -494,24 +494,24 @@ def _with_config(files: dict[str, bytes], **changes) -> dict[str, bytes]:
 ], ids=["no-weights", "no-config", "readme", "optimizer", "dora", "not-lora", "rank-mismatch", "config-not-json",
         "garbage-weights", "truncated-weights"])
 def test_import_refuses_bad_adapters(catalog, store, peft_files, change, reason):
-    expect(InvalidArgument, reason, catalog.import_peft, "alice", "bad", BASE, change(peft_files))
+    expect(InvalidArgumentError, reason, catalog.import_peft, "alice", "bad", BASE, change(peft_files))
     assert_no_checkpoint_left(catalog, store)
 
 
 def test_import_needs_a_base_model(catalog, store, peft_files):
-    expect(InvalidArgument, "MISSING_BASE_MODEL", catalog.import_peft, "alice", "x", "", peft_files)
+    expect(InvalidArgumentError, "MISSING_BASE_MODEL", catalog.import_peft, "alice", "x", "", peft_files)
     assert_no_checkpoint_left(catalog, store)
 
 
 @pytest.mark.parametrize("name", ["../x", "auto-1", "", ".hidden", "a/b", "a b", "x" * 129])
 def test_import_refuses_bad_names(catalog, store, peft_files, name):
-    expect(InvalidArgument, "BAD_CHECKPOINT_NAME", catalog.import_peft, "alice", name, BASE, peft_files)
+    expect(InvalidArgumentError, "BAD_CHECKPOINT_NAME", catalog.import_peft, "alice", name, BASE, peft_files)
     assert_no_checkpoint_left(catalog, store)
 
 
 def test_import_refuses_bad_ttl_and_metadata(catalog, store, peft_files):
-    expect(InvalidArgument, "BAD_TTL", catalog.import_peft, "alice", "x", BASE, peft_files, ttl_seconds=-5)
+    expect(InvalidArgumentError, "BAD_TTL", catalog.import_peft, "alice", "x", BASE, peft_files, ttl_seconds=-5)
     labels = {str(i): "" for i in range(65)}
-    expect(InvalidArgument, "BAD_USER_METADATA", catalog.import_peft, "alice", "x", BASE, peft_files,
+    expect(InvalidArgumentError, "BAD_USER_METADATA", catalog.import_peft, "alice", "x", BASE, peft_files,
            user_metadata=labels)
     assert_no_checkpoint_left(catalog, store)

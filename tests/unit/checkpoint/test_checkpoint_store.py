@@ -14,12 +14,12 @@ from tunemesh_checkpoint.store import (
     FilesystemStore,
     Manifest,
 )
-from tunemesh_common.errors import (
-    AlreadyExists,
-    DataLoss,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
+from tunemesh.errors import (
+    AlreadyExistsError,
+    DataLossError,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
 )
 
 KEY = "alice/runs/3f2a/state/step-10"
@@ -85,17 +85,17 @@ def test_manifest_json_on_disk_has_the_documented_fields(store):
 
 def test_unknown_blob_and_checkpoint_are_not_found(store):
     commit(store, KEY, {"w.bin": b"x"})
-    with pytest.raises(NotFound) as err:
+    with pytest.raises(NotFoundError) as err:
         store.read_blob(KEY, "other.bin")
     assert err.value.reason == "BLOB_NOT_FOUND"
-    with pytest.raises(NotFound) as err:
+    with pytest.raises(NotFoundError) as err:
         store.manifest("alice/runs/none")
     assert err.value.reason == "CHECKPOINT_NOT_FOUND"
 
 
 def test_second_commit_of_a_key_fails_and_keeps_the_original(store):
     commit(store, KEY, {"w.bin": b"first"}, {"n": 1})
-    with pytest.raises(AlreadyExists) as err:
+    with pytest.raises(AlreadyExistsError) as err:
         commit(store, KEY, {"w.bin": b"second"}, {"n": 2})
     assert err.value.reason == "CHECKPOINT_EXISTS"
     assert read(store, KEY, "w.bin") == b"first"
@@ -108,7 +108,7 @@ def test_two_open_writers_of_one_key_only_one_wins(store):
     first.write_blob("w.bin", [b"1"])
     second.write_blob("w.bin", [b"2"])
     first.commit({})
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(AlreadyExistsError):
         second.commit({})
     assert read(store, KEY, "w.bin") == b"1"
     assert staging_entries(store) == []
@@ -126,7 +126,7 @@ def test_concurrent_commits_of_one_key_have_one_winner(store):
         try:
             writer.commit({})
             outcomes.append("won")
-        except AlreadyExists:
+        except AlreadyExistsError:
             outcomes.append("lost")
 
     threads = [threading.Thread(target=race, args=(w,)) for w in writers]
@@ -143,7 +143,7 @@ def test_concurrent_commits_of_one_key_have_one_winner(store):
 def test_a_key_inside_or_above_a_checkpoint_conflicts(store):
     commit(store, KEY, {"w.bin": b"x"})
     for key in (KEY + "/deeper", KEY + "/w.bin", "alice/runs/3f2a"):
-        with pytest.raises(FailedPrecondition):
+        with pytest.raises(FailedPreconditionError):
             commit(store, key, {"w.bin": b"y"})
     assert [m.key for m in store.list("")] == [KEY]
 
@@ -153,7 +153,7 @@ def test_abort_and_an_exception_in_the_context_leave_nothing(store):
     writer.write_blob("w.bin", [b"data"])
     writer.abort()
     writer.abort()
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(FailedPreconditionError):
         writer.commit({})
 
     with pytest.raises(RuntimeError):
@@ -166,7 +166,7 @@ def test_abort_and_an_exception_in_the_context_leave_nothing(store):
 
     assert staging_entries(store) == []
     assert store.list("") == []
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         store.manifest(KEY)
 
 
@@ -188,17 +188,17 @@ def test_a_failing_chunk_stream_leaves_no_partial_blob(store):
 def test_blob_names_are_checked_and_unique(store):
     with store.writer(KEY) as writer:
         for name in ("manifest.json", "manifest.json.tmp", "../x", "a/b", "", ".hidden"):
-            with pytest.raises(InvalidArgument):
+            with pytest.raises(InvalidArgumentError):
                 writer.write_blob(name, [b"x"])
         writer.write_blob("w.bin", [b"x"])
-        with pytest.raises(AlreadyExists):
+        with pytest.raises(AlreadyExistsError):
             writer.write_blob("w.bin", [b"y"])
 
 
 def test_metadata_must_be_a_json_object(store):
     with store.writer(KEY) as writer:
         for metadata in ([1], {"x": object()}, {"x": float("nan")}):
-            with pytest.raises(InvalidArgument):
+            with pytest.raises(InvalidArgumentError):
                 writer.commit(metadata)
     assert staging_entries(store) == []
 
@@ -215,7 +215,7 @@ def test_list_by_prefix_is_by_path_segment_and_sorted(store):
     assert [m.key for m in store.list("")] == sorted(keys)
     assert store.list("carol") == []
     assert store.list("alice/runs/a/s") != []
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidArgumentError):
         store.list("alice/")
 
 
@@ -224,9 +224,9 @@ def test_delete_removes_the_checkpoint_and_empty_parents(store):
     commit(store, "alice/runs/b/s/1", {"w.bin": b"2"})
     store.delete("alice/runs/a/s/1")
 
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         store.manifest("alice/runs/a/s/1")
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         store.delete("alice/runs/a/s/1")
     assert [m.key for m in store.list("alice")] == ["alice/runs/b/s/1"]
     objects = store.root / "objects"
@@ -242,7 +242,7 @@ def test_delete_removes_the_checkpoint_and_empty_parents(store):
 
 def test_delete_of_a_namespace_directory_is_not_found(store):
     commit(store, KEY, {"w.bin": b"1"})
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         store.delete("alice/runs")
     assert store.manifest(KEY).key == KEY
 
@@ -271,13 +271,13 @@ def test_delete_of_a_namespace_directory_is_not_found(store):
 )
 def test_bad_keys_are_invalid_arguments(store, key):
     for call in (store.writer, store.manifest, store.delete, lambda k: store.update_metadata(k, {})):
-        with pytest.raises(InvalidArgument) as err:
+        with pytest.raises(InvalidArgumentError) as err:
             call(key)
         assert err.value.reason == "BAD_CHECKPOINT_KEY"
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidArgumentError):
         store.read_blob(key, "w.bin")
     if key:
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(InvalidArgumentError):
             store.list(key)
 
 
@@ -298,7 +298,7 @@ def test_a_damaged_blob_raises_data_loss_when_read(store, damage):
         path.write_bytes(data[:-1])
     else:
         path.write_bytes(data + b"!")
-    with pytest.raises(DataLoss) as err:
+    with pytest.raises(DataLossError) as err:
         read(store, KEY, "w.bin", chunk_size=1000)
     assert err.value.reason == "CHECKSUM_MISMATCH"
 
@@ -306,7 +306,7 @@ def test_a_damaged_blob_raises_data_loss_when_read(store, damage):
 def test_a_missing_blob_file_is_data_loss(store):
     commit(store, KEY, {"w.bin": b"x"})
     (store.root / "objects" / KEY / "w.bin").unlink()
-    with pytest.raises(DataLoss):
+    with pytest.raises(DataLossError):
         read(store, KEY, "w.bin")
 
 
@@ -324,7 +324,7 @@ def test_a_corrupt_manifest_is_data_loss_and_skipped_by_list(store, content, cap
         content = json.dumps(doc).encode()
     path.write_bytes(content)
 
-    with pytest.raises(DataLoss) as err:
+    with pytest.raises(DataLossError) as err:
         store.manifest("alice/runs/b/s/1")
     assert err.value.reason == "CORRUPT_MANIFEST"
     assert [m.key for m in store.list("alice")] == ["alice/runs/a/s/1"]
@@ -344,9 +344,9 @@ def test_update_metadata_persists_across_store_instances(store):
     assert reopened.manifest(KEY) == updated
     assert read(reopened, KEY, "w.bin") == b"x"
     assert not (store.root / "objects" / KEY / "manifest.json.tmp").exists()
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         store.update_metadata("alice/runs/none", {})
-    with pytest.raises(InvalidArgument):
+    with pytest.raises(InvalidArgumentError):
         store.update_metadata(KEY, {"x": {1, 2}})
     assert store.manifest(KEY).metadata == {"ttl_s": 3600, "pinned": True}
 

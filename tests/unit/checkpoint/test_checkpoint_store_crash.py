@@ -11,7 +11,7 @@ import sys
 
 import pytest
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common.errors import NotFound
+from tunemesh.errors import NotFoundError
 
 CHILD = pathlib.Path(__file__).with_name("checkpoint_crash_child.py")
 SERVICES = pathlib.Path(__file__).resolve().parents[3] / "services"
@@ -70,7 +70,7 @@ def test_writer_killed_before_commit_leaves_nothing_visible(tmp_path, mode, read
     assert len(leftovers) == 1
     assert (leftovers[0] / "adapter_model.safetensors").stat().st_size > 0
     assert [m.key for m in store.list("")] == [EARLIER]
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         store.manifest(KEY)
 
     fresh = FilesystemStore(root)

@@ -10,7 +10,7 @@ import pytest
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common import peft_format
-from tunemesh_common.errors import InvalidArgument, NotFound
+from tunemesh.errors import InvalidArgumentError, NotFoundError
 
 CONFIG, WEIGHTS = peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE
 BASE = "tunemesh/tiny-moe"
@@ -70,8 +70,8 @@ def _with_config(files: dict[str, bytes], **changes) -> dict[str, bytes]:
     ({"r": 4}, "BAD_ADAPTER_WEIGHTS"),
 ], ids=["router", "one-expert-weight", "undeclared-expert-factors", "rank-mismatch"])
 def test_bad_expert_adapters_are_refused(catalog, files, changes, reason):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         catalog.import_peft("alice", "bad", BASE, _with_config(files, **changes))
     assert err.value.reason == reason
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         catalog.get("alice", "tunemesh://imports/bad")

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 
 from tunemesh_checkpoint.metered_store import MeteredStore
 from tunemesh_checkpoint.store import CheckpointStore, FilesystemStore
-from tunemesh_common.errors import NotFound
+from tunemesh.errors import NotFoundError
 from tunemesh_common.metrics import CheckpointMetrics
 
 KEY = "alice/runs/r1/state/step-1"
@@ -47,9 +47,9 @@ def test_writes_and_reads_count_their_bytes_and_time_each_operation(metered):
 
 def test_a_missing_checkpoint_reads_as_not_found_and_an_abandoned_read_as_error(metered):
     store, registry = metered
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         store.manifest(KEY)
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         store.read_blob(KEY, "a.bin")  # raised by the call itself, as the store promises
     assert (_ops(registry, "manifest", "not_found"), _ops(registry, "read_file", "not_found")) == (1, 1)
     with store.writer(KEY) as writer:

@@ -13,7 +13,7 @@ from tunemesh_common.checkpoint_paths import (
     storage_prefix,
     tenant_segment,
 )
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 
 NAME_128 = "n" + "x" * 127
 
@@ -46,13 +46,13 @@ def test_constructors_build_the_same_paths_as_parse():
 
 
 def test_constructors_check_their_parts():
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         CheckpointPath.for_run("runs/abc", CheckpointKind.STATE, "../x")
     assert err.value.reason == "BAD_CHECKPOINT_NAME"
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         CheckpointPath.for_run("runs/../x", CheckpointKind.STATE, "x")
     assert err.value.reason == "BAD_RUN_NAME"
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         CheckpointPath.imported("auto-000001")  # imports are user-named
     assert err.value.reason == "BAD_CHECKPOINT_NAME"
 
@@ -122,14 +122,14 @@ HOSTILE_PATHS = [
 
 @pytest.mark.parametrize("path", HOSTILE_PATHS)
 def test_parse_refuses_hostile_paths(path):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         CheckpointPath.parse(path)
     assert err.value.reason == "BAD_CHECKPOINT_PATH"
 
 
 @pytest.mark.parametrize("path", [None, b"tunemesh://runs/a/state/x", 7, ["tunemesh://imports/x"]])
 def test_parse_refuses_non_strings(path):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         CheckpointPath.parse(path)
     assert err.value.reason == "BAD_CHECKPOINT_PATH"
 
@@ -137,7 +137,7 @@ def test_parse_refuses_non_strings(path):
 def test_parse_refuses_a_path_over_the_length_limit():
     path = "tunemesh://runs/a/state/" + "x" * 500
     assert len(path) > 512
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         CheckpointPath.parse(path)
     assert err.value.reason == "BAD_CHECKPOINT_PATH"
     assert len(err.value.message) < 400  # the echoed path is truncated
@@ -153,13 +153,13 @@ def test_check_name_accepts_valid_names(name):
     ["", "..", ".", ".x", "-x", "_x", "a..b", "a/b", "a\\b", "a b", "a\x00", "a%2e", "n" * 129, "\uff41", "a\n"],
 )
 def test_check_name_refuses_invalid_names(name):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         check_name(name, user=False)
     assert err.value.reason == "BAD_CHECKPOINT_NAME"
 
 
 def test_auto_names_are_reserved_for_the_service():
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         check_name("auto-000001")
     assert err.value.reason == "BAD_CHECKPOINT_NAME"
     assert "reserved" in err.value.message
@@ -182,7 +182,7 @@ def test_run_id_accepts_runs_slash_id():
     "run", ["abc", "runs/", "runs", "runs/a/b", "runs/..", "runs/.x", "/runs/a", "run/a", "Runs/a", "runs/a b", ""]
 )
 def test_run_id_refuses_other_shapes(run):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         run_id(run)
     assert err.value.reason == "BAD_RUN_NAME"
 
@@ -283,6 +283,6 @@ def test_a_run_prefix_does_not_cover_a_run_whose_id_extends_it():
 
 
 def test_storage_prefix_checks_the_run():
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         storage_prefix("alice", "runs/../bob")
     assert err.value.reason == "BAD_RUN_NAME"

@@ -105,13 +105,13 @@ def test_trainer_step_feeds_tokens_items_and_the_window():
 
 
 def test_timed_blocks_record_their_result():
-    from tunemesh_common.errors import NotFound
+    from tunemesh.errors import NotFoundError
 
     registry = CollectorRegistry()
     checkpoint = metrics.CheckpointMetrics(registry)
     with checkpoint.op("list"):
         pass
-    for error in (NotFound("NOPE", "gone"), OSError("disk")):
+    for error in (NotFoundError("NOPE", "gone"), OSError("disk")):
         with pytest.raises(type(error)), checkpoint.op("manifest"):
             raise error
     count = lambda op, result: registry.get_sample_value(  # noqa: E731

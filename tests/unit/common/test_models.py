@@ -16,7 +16,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 
-from tunemesh_common.errors import Code, InvalidArgument, NotFound  # noqa: E402
+from tunemesh.errors import Code, InvalidArgumentError, NotFoundError  # noqa: E402
 from tunemesh_common.models import (  # noqa: E402
     SMOLLM2,
     TINY_DENSE,
@@ -88,10 +88,10 @@ def test_builtin_entries(registry):
 
 
 def test_unknown_model_is_not_found(registry):
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(NotFoundError) as info:
         registry.entry("nope/unknown")
-    assert info.value.reason == "UNKNOWN_MODEL" and info.value.code == Code.NOT_FOUND
-    with pytest.raises(NotFound):
+    assert info.value.reason == "UNKNOWN_MODEL" and info.value.rpc_code == Code.NOT_FOUND
+    with pytest.raises(NotFoundError):
         registry.materialize("nope/unknown")
 
 
@@ -243,13 +243,13 @@ def test_model_list_files(tmp_path, dense_dir, moe_dir):
 
 
 def test_bad_local_dirs_are_rejected(tmp_path, dense_dir):
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         entry_for_local_dir("empty", tmp_path)
     assert info.value.reason == "INVALID_MODEL_DIR"
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         ModelRegistry.default(tmp_path, extra={TINY_DENSE: dense_dir})
     assert info.value.reason == "DUPLICATE_MODEL"
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         entry_for_local_dir("x", dense_dir, family="sparse")
     assert info.value.reason == "INVALID_MODEL_FAMILY"
 

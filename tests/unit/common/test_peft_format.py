@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save as save_numpy
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_common.peft_format import TensorHeader
 
 
@@ -26,7 +26,7 @@ def _config_bytes(**overrides) -> bytes:
 
 
 def _expect_invalid(reason: str, call, *args):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         call(*args)
     assert err.value.reason == reason
     return err.value

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_common.peft_format import TensorHeader
 
 EXPERTS = ["experts.down_proj", "experts.gate_up_proj"]
@@ -21,7 +21,7 @@ def _config(**overrides) -> bytes:
 
 
 def _expect_invalid(reason: str, call, *args):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         call(*args)
     assert err.value.reason == reason
     return err.value

@@ -8,24 +8,27 @@ import json
 import grpc
 import pytest
 
-from tunemesh_common import errors, rpc
-from tunemesh_common.errors import Code, Unauthenticated
+from tunemesh import errors
+from tunemesh_common import rpc
+from tunemesh_common.host import build_server, mark_serving
+from tunemesh.errors import Code, UnauthenticatedError, error_from_rpc
 
 SERVICE = "tunemesh.test.Probe"
 SECRET = "s3cret-detail-that-must-not-leak"
 
 TYPED = [
-    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
-    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
-    (errors.AlreadyExists, grpc.StatusCode.ALREADY_EXISTS),
-    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
-    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
-    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
-    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
-    (errors.Unimplemented, grpc.StatusCode.UNIMPLEMENTED),
-    (errors.Cancelled, grpc.StatusCode.CANCELLED),
-    (errors.Internal, grpc.StatusCode.INTERNAL),
+    (errors.InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFoundError, grpc.StatusCode.NOT_FOUND),
+    (errors.AlreadyExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (errors.FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (errors.UnauthenticatedError, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
+    (errors.UnimplementedError, grpc.StatusCode.UNIMPLEMENTED),
+    (errors.CancelledError, grpc.StatusCode.CANCELLED),
+    (errors.InternalError, grpc.StatusCode.INTERNAL),
+    (errors.DataLossError, grpc.StatusCode.DATA_LOSS),
 ]
 
 
@@ -45,8 +48,8 @@ def _handlers(behaviour: dict):
 
 
 async def _call(authenticator, behaviour: dict, method: str, metadata=()):
-    """Serve on loopback, make one call, return (code, details, trailers, body)."""
-    server, _ = rpc.build_server(authenticator)
+    """Serve on loopback, make one call, return (code, details, reason, body)."""
+    server, _ = build_server(authenticator)
     server.add_generic_rpc_handlers((_handlers(behaviour),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -55,14 +58,14 @@ async def _call(authenticator, behaviour: dict, method: str, metadata=()):
             call = channel.unary_unary(f"/{SERVICE}/{method}")
             try:
                 body = await call(b"", metadata=metadata, timeout=10)
-                return grpc.StatusCode.OK, "", {}, body
+                return grpc.StatusCode.OK, "", "", body
             except grpc.aio.AioRpcError as err:
-                return err.code(), err.details(), dict(err.trailing_metadata() or ()), None
+                return err.code(), err.details(), error_from_rpc(err).reason, None
     finally:
         await server.stop(None)
 
 
-def test_interceptor_maps_every_typed_error_to_its_status_and_reason_trailer():
+def test_interceptor_maps_every_typed_error_to_its_status_and_reason():
     async def scenario():
         results = []
         for cls, _ in TYPED:
@@ -70,10 +73,10 @@ def test_interceptor_maps_every_typed_error_to_its_status_and_reason_trailer():
             results.append(await _call(None, behaviour, "Raise"))
         return results
 
-    for (cls, status), (code, details, trailers, _) in zip(TYPED, asyncio.run(scenario())):
+    for (cls, status), (code, details, reason, _) in zip(TYPED, asyncio.run(scenario())):
         assert code == status, cls
         assert details == f"message of {cls.__name__}"
-        assert trailers.get(rpc.REASON_KEY) == f"REASON_{cls.__name__.upper()}"
+        assert reason == f"REASON_{cls.__name__.upper()}"
 
 
 def test_status_table_covers_every_code_by_number():
@@ -86,11 +89,11 @@ def test_status_table_covers_every_code_by_number():
 
 def test_unexpected_exception_is_internal_without_traceback_or_message():
     behaviour = {"error": RuntimeError(SECRET)}
-    code, details, trailers, _ = asyncio.run(_call(None, behaviour, "Raise"))
+    code, details, reason, _ = asyncio.run(_call(None, behaviour, "Raise"))
     assert code == grpc.StatusCode.INTERNAL
     assert SECRET not in details
     assert "Traceback" not in details and "RuntimeError" not in details
-    assert rpc.REASON_KEY not in trailers
+    assert reason == ""
     assert f"/{SERVICE}/Raise" in details  # names the method for operators
 
 
@@ -122,19 +125,19 @@ def test_authenticated_calls_see_their_tenant(metadata, tenant):
     ],
 )
 def test_bad_or_missing_keys_are_unauthenticated_with_reason(metadata, reason):
-    code, _, trailers, _ = asyncio.run(_call(AUTH, {}, "Whoami", metadata))
+    code, _, got, _ = asyncio.run(_call(AUTH, {}, "Whoami", metadata))
     assert code == grpc.StatusCode.UNAUTHENTICATED
-    assert trailers[rpc.REASON_KEY] == reason
+    assert got == reason
 
 
 def test_health_is_served_without_a_key():
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     async def scenario():
-        server, health = rpc.build_server(AUTH)
+        server, health = build_server(AUTH)
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()
-        await rpc.mark_serving(health, ["x.Y"])
+        await mark_serving(health, ["x.Y"])
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = health_pb2_grpc.HealthStub(channel)
@@ -166,7 +169,7 @@ def test_key_file_authenticator(tmp_path):
     path.write_text(json.dumps({"k1": "alice", "k2": "bob"}))
     auth = rpc.KeyFileAuthenticator.from_file(path)
     assert auth({"authorization": "Bearer k2"}) == "bob"
-    with pytest.raises(Unauthenticated) as info:
+    with pytest.raises(UnauthenticatedError) as info:
         auth({"authorization": "Bearer k3"})
     assert info.value.reason == "INVALID_API_KEY"
     with pytest.raises(ValueError):

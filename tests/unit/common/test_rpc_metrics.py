@@ -9,7 +9,9 @@ import asyncio
 import grpc
 from prometheus_client import CollectorRegistry
 
-from tunemesh_common import errors, rpc
+from tunemesh import errors
+from tunemesh_common import rpc
+from tunemesh_common.host import build_server
 from tunemesh_common.metrics import RpcMetrics
 
 SERVICE = "tunemesh.test.Probe"
@@ -20,7 +22,7 @@ def _handlers():
         return b"fine"
 
     async def not_found(request: bytes, context) -> bytes:
-        raise errors.NotFound("NOPE", "no such thing")
+        raise errors.NotFoundError("NOPE", "no such thing")
 
     async def crash(request: bytes, context) -> bytes:
         raise RuntimeError("bug")
@@ -36,7 +38,7 @@ def _handlers():
         yield b"one"
         yield b"two"
         if request == b"fail":
-            raise errors.Unavailable("GONE", "mid-stream")
+            raise errors.UnavailableError("GONE", "mid-stream")
 
     unary = {name: grpc.unary_unary_rpc_method_handler(fn)
              for name, fn in [("Ok", ok), ("NotFound", not_found), ("Crash", crash), ("Abort", abort), ("Slow", slow)]}
@@ -46,7 +48,7 @@ def _handlers():
 async def _serve_and(calls, authenticator=None) -> CollectorRegistry:
     """Serve the probe with metrics on a fresh registry, run `calls(channel)`, return the registry."""
     registry = CollectorRegistry()
-    server, _ = rpc.build_server(authenticator, RpcMetrics("probe", registry))
+    server, _ = build_server(authenticator, RpcMetrics("probe", registry))
     server.add_generic_rpc_handlers((_handlers(),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -146,7 +148,7 @@ def test_health_checks_are_counted_under_the_health_service():
 
 def test_without_metrics_the_server_counts_nothing_and_still_maps_errors():
     async def scenario():
-        server, _ = rpc.build_server()
+        server, _ = build_server()
         server.add_generic_rpc_handlers((_handlers(),))
         port = server.add_insecure_port("127.0.0.1:0")
         await server.start()

@@ -228,8 +228,9 @@ def test_torchrun_launcher_starts_the_rank_group_instead_of_ranks():
 
 def _settings_fields(service: str) -> set[str]:
     module = importlib.import_module(f"tunemesh_{service}.settings")
-    [cls] = [c for c in vars(module).values() if dataclasses.is_dataclass(c) and c.__module__ == module.__name__]
-    return {f.name.replace("_", "-") for f in dataclasses.fields(cls)}
+    [cls] = [c for c in vars(module).values()
+             if isinstance(c, type) and hasattr(c, "model_fields") and c.__module__ == module.__name__]
+    return {name.replace("_", "-") for name in cls.model_fields}
 
 
 def test_every_service_flag_is_a_setting_of_that_service(variant):

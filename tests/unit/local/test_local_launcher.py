@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tunemesh_common.errors import Unavailable
+from tunemesh.errors import UnavailableError
 from tunemesh_common.etcd_process import is_healthy
 from tunemesh_local import cli, launcher, processes, state
 from tunemesh_local.launcher import MeshConfig, ServiceSpec
@@ -93,6 +93,6 @@ def test_failed_service_stops_everything_and_shows_its_log(tmp_path: Path, capsy
 
 def test_never_ready_service_times_out(tmp_path: Path) -> None:
     config = MeshConfig(state_dir=tmp_path, trainers=1, ready_timeout=2.0)
-    with pytest.raises(Unavailable, match="scheduler not ready after 2s"):
+    with pytest.raises(UnavailableError, match="scheduler not ready after 2s"):
         launcher.up(config, fake_services(("--never-ready",)))
     assert state.load(tmp_path) is None

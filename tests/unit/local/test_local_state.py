@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tunemesh_common.errors import FailedPrecondition, InvalidArgument, Unavailable
+from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from tunemesh_local import cli, launcher, processes, state
 from tunemesh_local.launcher import MeshConfig
 from tunemesh_local.state import MeshState, ProcessRecord
@@ -36,10 +36,10 @@ def test_state_round_trips_and_is_removed(tmp_path: Path) -> None:
 
 def test_corrupt_state_file_is_a_clear_error(tmp_path: Path) -> None:
     (tmp_path / "mesh.json").write_text("{not json")
-    with pytest.raises(FailedPrecondition, match="mesh.json"):
+    with pytest.raises(FailedPreconditionError, match="mesh.json"):
         state.load(tmp_path)
     (tmp_path / "mesh.json").write_text('{"state_dir": "x"}')
-    with pytest.raises(FailedPrecondition, match="unexpected layout"):
+    with pytest.raises(FailedPreconditionError, match="unexpected layout"):
         state.load(tmp_path)
 
 
@@ -93,7 +93,7 @@ def test_default_services_follow_the_contract(tmp_path: Path) -> None:
 
 
 def test_more_models_than_trainers_is_rejected(tmp_path: Path) -> None:
-    with pytest.raises(InvalidArgument, match="trainers"):
+    with pytest.raises(InvalidArgumentError, match="trainers"):
         launcher.up(MeshConfig(state_dir=tmp_path, trainers=1, models=("a", "b")))
     assert state.load(tmp_path) is None
 
@@ -104,14 +104,14 @@ def test_api_keys_demo_generated_and_validated(tmp_path: Path) -> None:
     assert path.stat().st_mode & 0o077 == 0
     bad = tmp_path / "bad.json"
     bad.write_text('["not", "a", "map"]')
-    with pytest.raises(InvalidArgument, match="api_key -> tenant"):
+    with pytest.raises(InvalidArgumentError, match="api_key -> tenant"):
         launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path, api_keys_file=bad))
 
 
 def test_wait_ready_reports_exit_with_log_tail(tmp_path: Path) -> None:
     log = tmp_path / "svc.log"
     proc = processes.spawn([sys.executable, "-c", "print('boom: no model'); raise SystemExit(3)"], log)
-    with pytest.raises(Unavailable, match="(?s)exited with code 3.*boom: no model"):
+    with pytest.raises(UnavailableError, match="(?s)exited with code 3.*boom: no model"):
         processes.wait_ready("svc", proc, tmp_path / "never.json", log, timeout=10)
 
 

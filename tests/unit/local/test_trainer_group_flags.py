@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_local import launcher
 from tunemesh_local.launcher import MeshConfig
 
@@ -35,7 +35,7 @@ def test_defaults_give_a_single_process_trainer(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("ranks", "expert_parallel"), [(2, 3), (1, 2), (2, 0)])
 def test_expert_parallel_must_divide_the_ranks(tmp_path: Path, ranks: int, expert_parallel: int) -> None:
     config = MeshConfig(state_dir=tmp_path / "state", trainer_ranks=ranks, trainer_expert_parallel=expert_parallel)
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         launcher.up(config)
     assert err.value.reason == "BAD_EXPERT_PARALLEL"
     assert not (tmp_path / "state" / "mesh.json").exists()  # refused before anything started

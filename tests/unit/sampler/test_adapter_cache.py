@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tunemesh_common.errors import NotFound
+from tunemesh.errors import NotFoundError
 from tunemesh_sampler.adapters import AdapterCache, AdapterRef
 
 
@@ -20,7 +20,7 @@ class FakeEngine:
         self.events.append(("load", ref.path))
         await asyncio.sleep(self.delay)
         if ref.path in self.fail:
-            raise NotFound("CHECKPOINT_NOT_FOUND", ref.path)
+            raise NotFoundError("CHECKPOINT_NOT_FOUND", ref.path)
         self.loaded.append(ref.key)
 
     async def unload(self, key: str) -> None:
@@ -96,7 +96,7 @@ def test_a_failed_load_raises_for_every_waiter_and_leaves_no_entry():
         engine = FakeEngine(fail={ref("bad").path}, delay=0.02)
         cache = AdapterCache(engine.load, engine.unload, capacity=2)
         results = await asyncio.gather(*(cache.acquire(ref("bad")) for _ in range(3)), return_exceptions=True)
-        assert all(isinstance(r, NotFound) for r in results)
+        assert all(isinstance(r, NotFoundError) for r in results)
         assert cache.resident() == []
         await cache.release(await cache.acquire(ref("ok")))  # the cache still works
 

@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from tunemesh_internal.v1 import sampler_pb2
-from tunemesh_common.errors import FailedPrecondition, Unavailable
+from tunemesh.errors import FailedPreconditionError, UnavailableError
 from tunemesh_common.rpc import LEADER_TOKEN_KEY
 from tunemesh_sampler.server import SamplerServicer
 from tunemesh_scheduler.sampler_client import GrpcSamplerPort
@@ -29,15 +29,15 @@ class _Context:
 def test_a_call_of_a_deposed_leader_is_refused_before_any_work(method, request_):
     servicer = SamplerServicer("sampler-0", "127.0.0.1:1", 4)  # no engine: a call that passes answers LOADING
     call = getattr(servicer, method)
-    with pytest.raises(Unavailable):
+    with pytest.raises(UnavailableError):
         asyncio.run(call(request_, _Context(7)))
-    with pytest.raises(FailedPrecondition) as refused:
+    with pytest.raises(FailedPreconditionError) as refused:
         asyncio.run(call(request_, _Context(6)))
     assert refused.value.reason == "STALE_LEADER"
     for token in (7, 8, None):  # the leader itself, a newer one, an unfenced caller (tests, tools)
-        with pytest.raises(Unavailable):
+        with pytest.raises(UnavailableError):
             asyncio.run(call(request_, _Context(token)))
-    with pytest.raises(FailedPrecondition):
+    with pytest.raises(FailedPreconditionError):
         asyncio.run(call(request_, _Context(7)))  # 8 took over
 
 

@@ -9,7 +9,7 @@ import types
 from prometheus_client import CollectorRegistry
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import NotFound
+from tunemesh.errors import NotFoundError
 from tunemesh_common.metrics import SamplerMetrics
 from tunemesh_sampler.adapters import AdapterCache, AdapterRef
 from tunemesh_sampler.checkpoints import AdapterLoader
@@ -40,11 +40,11 @@ class _Engine:
 
 
 class _Storage:
-    """Checkpoints by path; others are NotFound."""
+    """Checkpoints by path; others are NotFoundError."""
 
     async def read(self, tenant: str, path: str):
         if "missing" in path:
-            raise NotFound("CHECKPOINT_NOT_FOUND", path)
+            raise NotFoundError("CHECKPOINT_NOT_FOUND", path)
         files = {peft_format.CONFIG_FILE: b"{}", peft_format.WEIGHTS_FILE: b"w"}
         return types.SimpleNamespace(base_model="tiny"), files
 
@@ -65,7 +65,7 @@ def test_tokens_and_adapter_loads_are_recorded(tmp_path):
         try:
             await core.sample(AdapterRef("alice", "tunemesh://runs/r/sampler/missing"), (1,), 1,
                               SamplingSpec(max_tokens=4))
-        except NotFound:
+        except NotFoundError:
             pass
 
     asyncio.run(main())

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound
+from tunemesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec, StopReason
 
 PROMPTS = {"a1": (5, 17, 300, 42, 9), "a2": (11, 12, 13, 14, 15, 16, 17, 18, 19), None: (700, 3, 88)}
@@ -194,28 +194,28 @@ def _write_adapter(directory, rank, factors: dict[str, tuple[int, ...]]):
 )
 def test_load_rejects_adapters_that_do_not_fit(engine, tmp_path, rank, factors, reason):
     directory = _write_adapter(tmp_path / "adapter", rank, factors)
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         engine.load_adapter("bad", directory)
     assert err.value.reason == reason
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         _run(engine.generate(_request("bad", (1, 2), SamplingSpec(max_tokens=2))))
 
 
 def test_unknown_unloaded_and_duplicate_keys(engine, adapter_dirs):
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         _run(engine.generate(_request("nope", (1, 2), SamplingSpec(max_tokens=2))))
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         _run(engine.prompt_logprobs("nope", (1, 2)))
     engine.load_adapter("a1-again", adapter_dirs["a1"])
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(AlreadyExistsError):
         engine.load_adapter("a1-again", adapter_dirs["a1"])
     (loaded,) = _run(engine.generate(_request("a1-again", PROMPTS["a1"], SamplingSpec(max_tokens=10))))
     assert loaded[0].tokens == _greedy_batch(engine)["a1"][0].tokens
     engine.unload_adapter("a1-again")
-    with pytest.raises(NotFound) as err:
+    with pytest.raises(NotFoundError) as err:
         _run(engine.generate(_request("a1-again", (1, 2), SamplingSpec(max_tokens=2))))
     assert err.value.reason == "ADAPTER_NOT_LOADED"
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         engine.unload_adapter("a1-again")
 
 
@@ -238,6 +238,6 @@ def test_half_precision_adapter_loads_widened(engine, adapter_dirs, tmp_path):
 
 
 def test_prompt_plus_max_tokens_must_fit(engine):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         _run(engine.generate(_request(None, (1,) * 100, SamplingSpec(max_tokens=engine.info.max_seq_len - 99))))
     assert err.value.reason == "PROMPT_TOO_LONG"

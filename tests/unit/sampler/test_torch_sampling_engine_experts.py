@@ -14,7 +14,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import InvalidArgument, NotFound
+from tunemesh.errors import InvalidArgumentError, NotFoundError
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
 
 ATOL = 1e-4
@@ -194,17 +194,17 @@ def _two_experts(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 ])
 def test_load_refuses_expert_adapters_that_do_not_fit(moe_engine, moe_adapter_dirs, tmp_path, config, weights, reason):
     bad = _rewrite(moe_adapter_dirs["ex"], tmp_path / "bad", config, weights)
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         moe_engine.load_adapter("bad", bad)
     assert err.value.reason == reason
     assert not _holders(moe_engine, "bad")  # nothing half-loaded
-    with pytest.raises(NotFound):
+    with pytest.raises(NotFoundError):
         _run(moe_engine.prompt_logprobs("bad", (1, 2, 3)))
 
 
 def test_an_expert_adapter_does_not_load_on_a_dense_model(engine, moe_adapter_dirs):
     """`engine`: the sampler conftest's tiny-dense engine (same attention shapes as tiny-moe)."""
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         engine.load_adapter("moe-adapter", moe_adapter_dirs["ex"])
     assert err.value.reason == "UNSUPPORTED_TARGET_MODULE" and ".experts." in err.value.message
 
@@ -231,7 +231,7 @@ def test_unload_frees_the_expert_factors_and_the_rest_keep_serving(moe_engine, m
 def test_vllm_refuses_expert_adapters_and_auto_keeps_moe_on_torch(moe_dir, moe_adapter_dirs):
     from tunemesh_sampler.engine.vllm_engine import can_serve, check_adapter_config
 
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         check_adapter_config((moe_adapter_dirs["ex"] / peft_format.CONFIG_FILE).read_bytes(), 8)
     assert err.value.reason == "UNSUPPORTED_TARGET_PARAMETER" and "torch" in err.value.message
     assert check_adapter_config((moe_adapter_dirs["attn"] / peft_format.CONFIG_FILE).read_bytes(), 8).rank == 8

@@ -7,9 +7,10 @@ import dataclasses
 import itertools
 from typing import Any
 
-from tunemesh_common.errors import NotFound
+from tunemesh.errors import NotFoundError
 from tunemesh_scheduler.core import BatchItem, ItemOutcome, OpKind, SchedulerConfig, SchedulerCore
-from tunemesh_scheduler.core.ports import Fence, LoadRequest
+from tunemesh_scheduler.core.ports import Fence
+from tunemesh_scheduler.core.work import LoadRequest
 
 
 class FakePlacement:
@@ -30,7 +31,7 @@ class FakePlacement:
         if self.error is not None:
             raise self.error
         if base_model not in self.models:
-            raise NotFound("UNKNOWN_MODEL", base_model)
+            raise NotFoundError("UNKNOWN_MODEL", base_model)
         self.placed.append((run_name, self.node))
         return self.node
 
@@ -81,7 +82,7 @@ class FakeTrainer:
 
     async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
         if (node_id, run_name) not in self.adapters:
-            raise NotFound("ADAPTER_NOT_FOUND", run_name)
+            raise NotFoundError("ADAPTER_NOT_FOUND", run_name)
         self.epochs[run_name] = epoch
         return self.applied.get(run_name, 0)
 

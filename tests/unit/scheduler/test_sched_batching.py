@@ -4,7 +4,7 @@ import asyncio
 
 from scheduler_fakes import make_mesh, settle
 
-from tunemesh_common.errors import Code, Unavailable
+from tunemesh.errors import Code, UnavailableError
 from tunemesh_scheduler.core import OpKind, OpState
 from tunemesh_scheduler.core.fairness import FairQueue
 from tunemesh_scheduler.core.records import OperationRecord
@@ -147,7 +147,7 @@ def test_a_failing_node_fails_only_its_batch():
         mesh = await make_mesh()
         down = [await mesh.new_run(node="node-a") for _ in range(2)]
         up = await mesh.new_run(node="node-b")
-        mesh.trainer.batch_error["node-a"] = Unavailable("NODE_DOWN", "trainer gone")
+        mesh.trainer.batch_error["node-a"] = UnavailableError("NODE_DOWN", "trainer gone")
         failed = [await mesh.submit(run, 1) for run in down]
         ok = await mesh.submit(up, 1)
         await mesh.wait_all([*failed, ok])

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tunemesh.v1 import operations_pb2, training_pb2, types_pb2
-from tunemesh_common import tensors
+from tunemesh import tensors
 from tunemesh_scheduler import convert
 from tunemesh_scheduler.core import OperationError, OperationRecord, OpKind, OpState, RunRecord, SessionRecord
 

@@ -9,12 +9,12 @@ from aetcd.client import Transactions
 from aetcd.transactions import Put
 
 from tunemesh_internal.v1 import scheduler_state_pb2 as pb
-from tunemesh.v1 import checkpoints_pb2, training_pb2, types_pb2
-from tunemesh_common.errors import Code
+from tunemesh.v1 import checkpoints_pb2, types_pb2
+from tunemesh.errors import Code
 from tunemesh_scheduler import durable, durable_codec
 from tunemesh_scheduler.core import (
-    LoadRequest, LoadResult, OperationError, OperationRecord, OpKind, OpState, RunRecord,
-    SaveRequest, SessionRecord,
+    DataWork, LoadRequest, LoadResult, OperationError, OperationRecord, OpKind, OpState, RunRecord,
+    SaveRequest, SessionRecord, StepWork,
 )
 from tunemesh_scheduler.core.ports import StoreWrite
 
@@ -153,12 +153,10 @@ def test_a_text_digest_comes_back_as_its_bytes():
 
 ADAM = types_pb2.AdamParams(learning_rate=1e-4, beta1=0.9, beta2=0.95, eps=1e-8, weight_decay=0.01)
 CALLS = [
-    (OpKind.FORWARD, training_pb2.ForwardRequest(run="runs/r1", seq_id=1, data=[_datum()],
-                                                 loss_fn="cross_entropy")),
-    (OpKind.FORWARD_BACKWARD, training_pb2.ForwardBackwardRequest(
-        run="runs/r1", seq_id=2, data=[_datum(), _datum(8)], loss_fn="importance_sampling",
-        loss_fn_config={"clip": types_pb2.LossConfigValue(number=0.2)})),
-    (OpKind.OPTIM_STEP, training_pb2.OptimStepRequest(run="runs/r1", seq_id=3, adam_params=ADAM)),
+    (OpKind.FORWARD, DataWork((_datum(),), "cross_entropy", {}, backward=False)),
+    (OpKind.FORWARD_BACKWARD, DataWork((_datum(), _datum(8)), "importance_sampling",
+                                       {"clip": types_pb2.LossConfigValue(number=0.2)}, backward=True)),
+    (OpKind.OPTIM_STEP, StepWork(ADAM)),
     (OpKind.SAVE_STATE, SaveRequest("tenants/t1/ckpt/a", True, 3600, (("a", "1"), ("b", "2")))),
     (OpKind.SAVE_SAMPLER, SaveRequest("tenants/t1/sampler/a", False)),
     (OpKind.LOAD_STATE, LoadRequest("tenants/t1/ckpt/a", True)),
@@ -184,9 +182,8 @@ def test_every_kind_of_call_is_kept_and_loaded_back():
 def test_a_call_over_the_inline_limit_is_dropped_and_its_record_kept():
     async def main():
         store = durable.EtcdRunStore(FakeEtcd())
-        big = training_pb2.ForwardBackwardRequest(run="runs/r1", seq_id=1,
-                                                  data=[_datum(durable.INLINE_PAYLOAD_BYTES + 1)])
-        small = training_pb2.ForwardBackwardRequest(run="runs/r1", seq_id=2, data=[_datum()])
+        big = DataWork((_datum(durable.INLINE_PAYLOAD_BYTES + 1),), "cross_entropy", {}, backward=True)
+        small = DataWork((_datum(),), "cross_entropy", {}, backward=True)
         first, second = _op(OpKind.FORWARD_BACKWARD, seq_id=1), _op(OpKind.FORWARD_BACKWARD, seq_id=2)
         await store.apply([StoreWrite(first, payload=big), StoreWrite(second, payload=small)])
         state = await store.load()

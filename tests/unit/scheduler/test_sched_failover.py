@@ -7,7 +7,7 @@ import itertools
 import pytest
 from scheduler_fakes import FakePlacement, FakeTrainer, Mesh, settle
 
-from tunemesh_common.errors import Code, ResourceExhausted, Unavailable
+from tunemesh.errors import Code, ResourceExhaustedError, UnavailableError
 from tunemesh_scheduler.core import (
     ItemOutcome, LoadRequest, OperationError, OpKind, OpState, SchedulerConfig, SchedulerCore,
 )
@@ -16,7 +16,7 @@ from tunemesh_scheduler.core.store import MemoryRunStore
 
 FB, FWD, OPTIM, LOAD = OpKind.FORWARD_BACKWARD, OpKind.FORWARD, OpKind.OPTIM_STEP, OpKind.LOAD_STATE
 BAD = OperationError(int(Code.INVALID_ARGUMENT), "BAD_DATUM", "rejected by the trainer")
-GONE = Unavailable("TRAINER_UNAVAILABLE", "node-a does not answer")
+GONE = UnavailableError("TRAINER_UNAVAILABLE", "node-a does not answer")
 LOST = OperationError(int(Code.NOT_FOUND), "ADAPTER_NOT_FOUND", "no such adapter on this trainer")
 
 
@@ -137,7 +137,7 @@ def test_a_failed_snapshot_keeps_the_previous_one_and_the_kept_calls():
         record = mesh.core.get_run("t1", run)
         await _steps(mesh, run, [OPTIM])
         await _until(lambda: record.snapshot_seq_id == 1)
-        mesh.trainer.snapshot_errors[2] = Unavailable("CHECKPOINT_UNAVAILABLE", "write failed")
+        mesh.trainer.snapshot_errors[2] = UnavailableError("CHECKPOINT_UNAVAILABLE", "write failed")
         await _steps(mesh, run, [OPTIM], first=2)
         await _until(lambda: ("node-a", run, 2) in mesh.trainer.snapshot_calls)
         await settle()
@@ -371,7 +371,7 @@ def test_a_move_without_capacity_is_retried_until_it_succeeds():
         await _steps(mesh, run, [FB, OPTIM])
         trainer.batch_error["node-a"] = GONE
         ops = [await mesh.submit(run, 3), await mesh.submit(run, 4, kind=OPTIM, tokens=0)]
-        mesh.placement.move_error = ResourceExhausted("NO_CAPACITY", "no trainer of tiny has a free slot")
+        mesh.placement.move_error = ResourceExhaustedError("NO_CAPACITY", "no trainer of tiny has a free slot")
         mesh.core.node_lost("node-a")
         await _until(lambda: len(mesh.placement.move_attempts) >= 3)
         assert {op.state for op in ops} == {OpState.QUEUED}

@@ -7,7 +7,7 @@ import itertools
 import pytest
 from scheduler_fakes import FakePlacement, FakeTrainer, settle
 
-from tunemesh_common.errors import Code, Unavailable
+from tunemesh.errors import Code, UnavailableError
 from tunemesh_scheduler.core import OpKind, OpState, SchedulerConfig, SchedulerCore, SessionRecord
 from tunemesh_scheduler.core.journal import MAX_GROUP, Journal
 from tunemesh_scheduler.core.ports import StoreWrite
@@ -100,9 +100,9 @@ def test_synced_answers_unavailable_while_the_store_is_down_and_writes_once_it_i
         first = journal.note(StoreWrite(_session("a")))
         second = journal.note(StoreWrite(_session("b")))
         await settle()
-        with pytest.raises(Unavailable) as info:
+        with pytest.raises(UnavailableError) as info:
             await journal.synced(first, 0)
-        assert (info.value.code, info.value.reason) == (Code.UNAVAILABLE, "STORE_UNAVAILABLE")
+        assert (info.value.rpc_code, info.value.reason) == (Code.UNAVAILABLE, "STORE_UNAVAILABLE")
         assert journal.store_up is False and journal.backlog == 2
         assert store.records == {}
         store.down = False
@@ -166,7 +166,7 @@ def test_create_run_answers_unavailable_while_the_store_is_down_and_a_retry_gets
         session = core.create_session("t1")
         await core.sync(1.0)
         store.down = True
-        with pytest.raises(Unavailable) as info:
+        with pytest.raises(UnavailableError) as info:
             await core.create_run("t1", session.name, "tiny", {"rank": 8}, "req-1")
         assert info.value.reason == "STORE_UNAVAILABLE"
         assert [r.name for r in (await _load_when_up(store)).runs] == []
@@ -195,7 +195,7 @@ def test_submit_is_acknowledged_through_a_store_outage_and_the_log_catches_up():
         assert [op.state for op in ops] == [OpState.SUCCEEDED] * 2  # training went on
         assert core.get_run("t1", run.name).last_seq_id == 2
         assert (await _load_when_up(store)).operations == []
-        with pytest.raises(Unavailable):
+        with pytest.raises(UnavailableError):
             await core.sync(0)
         store.down = False
         await core.sync(1.0)

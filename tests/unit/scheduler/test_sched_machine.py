@@ -7,13 +7,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from tunemesh_common.errors import Code
+from tunemesh.errors import Code
 from tunemesh_scheduler.core import idempotency, recovery
 from tunemesh_scheduler.core.actions import Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, Single
 from tunemesh_scheduler.core.machine import SchedulerMachine
 from tunemesh_scheduler.core.snapshots import SnapshotPolicy
 from tunemesh_scheduler.core.operations import OperationStore
-from tunemesh_scheduler.core.ports import ItemOutcome, LoadRequest, LoadResult, SaveRequest, StoreWrite
+from tunemesh_scheduler.core.ports import ItemOutcome, LoadResult, StoreWrite
+from tunemesh_scheduler.core.work import LoadRequest, SaveRequest
 from tunemesh_scheduler.core.records import OperationError, OpKind, OpState, RunRecord
 from tunemesh_scheduler.core.sessions import SessionRegistry
 from tunemesh_scheduler.core.store import MemoryRunStore
@@ -181,6 +182,18 @@ def test_a_gap_fails_the_waiting_ops_only_at_its_deadline():
     assert later.state is OpState.QUEUED
     w.machine.tick(1030)
     assert later.state is OpState.FAILED and later.error.reason == "SEQ_ID_GAP"
+
+
+def test_a_passed_gap_deadline_is_acted_on_by_next_actions_and_never_reported_again():
+    """The driver sleeps until `next_deadline`: a deadline that stayed in the past after
+    `next_actions` would make it spin until the next periodic tick."""
+    w = World(gap_timeout_s=30)
+    r = w.run("runs/a")
+    later = w.submit(r, 2)
+    assert w.actions(dt=29.9) == [] and later.state is OpState.QUEUED
+    assert w.actions(dt=0.1) == []
+    assert later.state is OpState.FAILED and later.error.reason == "SEQ_ID_GAP"
+    assert w.machine.next_deadline() is None
 
 
 def test_a_final_error_fails_that_op_and_the_run_goes_on():

@@ -81,14 +81,14 @@ def test_batches_tokens_and_finished_operations_are_counted():
 
 
 def test_a_failed_batch_counts_its_operations_as_failed():
-    from tunemesh_common.errors import Unavailable
+    from tunemesh.errors import UnavailableError
 
     registry, now = CollectorRegistry(), [1000.0]
 
     async def main():
         mesh = await _mesh(now, registry)
         run = await mesh.new_run("t1")
-        mesh.trainer.batch_error["node-a"] = Unavailable("TRAINER_GONE", "down")
+        mesh.trainer.batch_error["node-a"] = UnavailableError("TRAINER_GONE", "down")
         op = await mesh.submit(run, 1, "t1")
         await mesh.wait_all([op])
         await mesh.core.stop()

@@ -7,7 +7,7 @@ import time
 import pytest
 from scheduler_fakes import FakePlacement, FakeTrainer, Mesh, make_mesh, settle
 
-from tunemesh_common.errors import Code, FailedPrecondition, NotFound
+from tunemesh.errors import Code, FailedPreconditionError, NotFoundError
 from tunemesh_scheduler.core import OpKind, OpState, SchedulerConfig, SchedulerCore
 
 
@@ -115,15 +115,15 @@ def test_other_tenants_cannot_see_or_touch_operations():
             lambda: mesh.core.get_operation("t2", op.name),
             lambda: mesh.core.cancel_operation("t2", op.name),
         ):
-            with pytest.raises(NotFound) as info:
+            with pytest.raises(NotFoundError) as info:
                 call()
             assert info.value.reason == "OPERATION_NOT_FOUND"
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             await mesh.core.wait_operation("t2", op.name, 0.01)
-        with pytest.raises(NotFound) as info:
+        with pytest.raises(NotFoundError) as info:
             await mesh.submit(run, 2, "t2")
         assert info.value.reason == "RUN_NOT_FOUND"
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             mesh.core.get_operation("t1", "operations/missing")
         assert mesh.core.get_operation("t1", op.name) is op
 
@@ -189,10 +189,10 @@ def test_finished_operations_are_forgotten_after_their_ttl_and_retries_cannot_re
         await mesh.wait_all([queued_later])
         now[0] += 45  # op 1 ended 75 s ago, op 2 ended 45 s ago
         assert core.evict_finished() == 1
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             core.get_operation("t1", done.name)
         assert core.get_operation("t1", queued_later.name) is queued_later
-        with pytest.raises(FailedPrecondition) as info:  # the same call again: never re-executed
+        with pytest.raises(FailedPreconditionError) as info:  # the same call again: never re-executed
             await mesh.submit(run, 1, request_id="r1")
         assert info.value.reason == "SEQ_ID_PASSED"
         assert len(trainer.executed) == 2

@@ -5,7 +5,13 @@ import asyncio
 import pytest
 from scheduler_fakes import make_mesh, settle
 
-from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, InvalidArgument, ResourceExhausted
+from tunemesh.errors import (
+    AlreadyExistsError,
+    Code,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    ResourceExhaustedError,
+)
 from tunemesh_scheduler.core import ItemOutcome, OperationError, OpKind, OpState, RunRecord
 
 
@@ -106,22 +112,22 @@ def test_reused_ids_with_different_payload_are_rejected():
         mesh = await make_mesh()
         run = await mesh.new_run()
         await mesh.submit(run, 1, request_id="r1")
-        with pytest.raises(AlreadyExists) as info:
+        with pytest.raises(AlreadyExistsError) as info:
             await mesh.submit(run, 2, request_id="r1")
         assert info.value.reason == "REQUEST_ID_REUSED"
-        with pytest.raises(AlreadyExists) as info:
+        with pytest.raises(AlreadyExistsError) as info:
             await mesh.submit(run, 1, request_id="r1", payload="different")
         assert info.value.reason == "REQUEST_ID_REUSED"
-        with pytest.raises(AlreadyExists) as info:
+        with pytest.raises(AlreadyExistsError) as info:
             await mesh.submit(run, 1, request_id="r2", payload="different")
         assert info.value.reason == "SEQ_ID_REUSED"
-        with pytest.raises(AlreadyExists) as info:
+        with pytest.raises(AlreadyExistsError) as info:
             await mesh.submit(run, 1, kind=OpKind.FORWARD)
         assert info.value.reason == "SEQ_ID_REUSED"
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(InvalidArgumentError) as info:
             await mesh.submit(run, 0)
         assert info.value.reason == "INVALID_SEQ_ID"
-        with pytest.raises(InvalidArgument) as info:
+        with pytest.raises(InvalidArgumentError) as info:
             await mesh.submit(run, 2, kind="SAVE_EVERYTHING")
         assert info.value.reason == "UNSUPPORTED_KIND"
         assert len(mesh.core.operations) == 1
@@ -137,7 +143,7 @@ def test_seq_id_below_a_restored_run_frontier_is_rejected():
             name="runs/old", tenant="t1", session=session.name, base_model="tiny",
             lora={}, node_id="node-a", create_time=1.0, step=2, last_seq_id=5,
         ))
-        with pytest.raises(FailedPrecondition) as info:
+        with pytest.raises(FailedPreconditionError) as info:
             await mesh.submit("runs/old", 5)
         assert info.value.reason == "SEQ_ID_PASSED"
         op = await mesh.submit("runs/old", 6)
@@ -165,7 +171,7 @@ def test_a_run_cannot_queue_unboundedly_far_ahead():
     async def main():
         mesh = await make_mesh(max_ops_ahead=3)
         run = await mesh.new_run()
-        with pytest.raises(ResourceExhausted) as info:
+        with pytest.raises(ResourceExhaustedError) as info:
             await mesh.submit(run, 4)  # last finished is 0: seq 1..3 fit, 4 does not
         assert info.value.reason == "TOO_MANY_QUEUED"
         ops = [await mesh.submit(run, seq) for seq in (1, 2, 3)]

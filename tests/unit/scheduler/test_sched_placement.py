@@ -8,7 +8,7 @@ import pytest
 
 from tunemesh_internal.v1 import trainer_pb2
 from tunemesh.v1 import sessions_pb2
-from tunemesh_common.errors import NotFound, ResourceExhausted
+from tunemesh.errors import NotFoundError, ResourceExhaustedError
 from tunemesh_scheduler.nodes import EtcdPlacement, TrainerDirectory
 
 
@@ -44,7 +44,7 @@ def test_concurrent_creates_spread_over_trainers_and_never_overfill():
                                        return_exceptions=True)
         nodes = sorted(r for r in results if isinstance(r, str))
         assert nodes == ["t0", "t1"]
-        assert sum(isinstance(r, ResourceExhausted) for r in results) == 1
+        assert sum(isinstance(r, ResourceExhaustedError) for r in results) == 1
     asyncio.run(main())
 
 
@@ -53,11 +53,11 @@ def test_adapters_a_trainer_reports_count_as_used():
         placement = EtcdPlacement(directory(("t0", 2, 2), ("t1", 2, 1)), SlowTable())
         assert await placement.place("runs/a", "m") == "t1"  # t0 reports itself full
         assert await placement.place("runs/b", "m") == "t1"
-        with pytest.raises(ResourceExhausted):
+        with pytest.raises(ResourceExhaustedError):
             await placement.place("runs/c", "m")
         await placement.release("runs/b", "t1")
         assert await placement.place("runs/d", "m") == "t1"
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             await placement.place("runs/e", "unknown-model")
     asyncio.run(main())
 

@@ -8,7 +8,7 @@ import itertools
 import pytest
 from scheduler_fakes import FakePlacement, FakeTrainer, Mesh, settle
 
-from tunemesh_common.errors import AlreadyExists, Code, FailedPrecondition, NotFound
+from tunemesh.errors import AlreadyExistsError, Code, FailedPreconditionError, NotFoundError
 from tunemesh_scheduler import takeover
 from tunemesh_scheduler.core import (
     ItemOutcome, LoadResult, OperationError, OperationRecord, OpKind, OpState, RunRecord,
@@ -123,10 +123,10 @@ def test_a_crashed_scheduler_is_taken_over_from_its_store():
         assert core.get_operation("t1", op6.name).state is OpState.CANCELLED
         assert (await b.submit(r1, 1, request_id="r1-1")).name == done[0].name
         assert (await b.submit(r1, 4, request_id="r1-4")).name == op4.name
-        with pytest.raises(AlreadyExists) as info:
+        with pytest.raises(AlreadyExistsError) as info:
             await b.submit(r1, 8, payload="another call", request_id="r1-1")
         assert info.value.reason == "REQUEST_ID_REUSED"
-        with pytest.raises(AlreadyExists) as info:
+        with pytest.raises(AlreadyExistsError) as info:
             await b.submit(r1, 2, payload="another call")
         assert info.value.reason == "SEQ_ID_REUSED"
 
@@ -239,9 +239,9 @@ def test_eviction_compacts_the_log_below_the_run_floor_and_recovery_keeps_the_co
         b = await _take_over(store, trainer)
         record = b.core.get_run("t1", run)
         assert (record.last_seq_id, record.step, record.epoch) == (3, 1, 2)
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             b.core.get_operation("t1", done[0].name)
-        with pytest.raises(FailedPrecondition) as info:
+        with pytest.raises(FailedPreconditionError) as info:
             await b.submit(run, 2, kind=OPTIM, tokens=0, request_id="x2")
         assert info.value.reason == "SEQ_ID_PASSED"
         await b.wait_all([b.core.get_operation("t1", op4.name)])
@@ -367,7 +367,7 @@ def test_eviction_after_recovery_goes_by_end_time_across_runs():
         mesh = await _start(store, FakeTrainer(), "b", clock=lambda: 1061.0, finished_ttl_s=60.0)
         mesh.core.recover(recovery.plan(await store.load()))
         assert mesh.core.evict_finished() == 1  # runs/b's op ended 61 s ago, runs/a's not yet
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             mesh.core.get_operation("t1", older.name)
 
     asyncio.run(main())

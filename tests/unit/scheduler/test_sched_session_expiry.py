@@ -9,7 +9,7 @@ import asyncio
 import pytest
 from scheduler_fakes import FakePlacement, FakeTrainer, settle
 
-from tunemesh_common.errors import FailedPrecondition
+from tunemesh.errors import FailedPreconditionError
 from tunemesh_scheduler.core import ItemOutcome, OperationError, OpKind, SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.core.store import MemoryRunStore
 
@@ -41,7 +41,7 @@ def test_an_ended_session_freezes_its_idle_runs_and_resume_rebuilds_them() -> No
         await settle()
         assert run.node_id == "" and ("node-a", run.name) in core._trainer.deleted
         assert (run.name, "node-a") in core.runs._placement.released
-        with pytest.raises(FailedPrecondition) as err:  # its session is over
+        with pytest.raises(FailedPreconditionError) as err:  # its session is over
             await core.submit("t1", run.name, 5, "", OpKind.FORWARD, ("x",), "x", 1)
         assert err.value.reason == "SESSION_ENDED"
         fresh = core.create_session("t1")

@@ -5,14 +5,14 @@ import asyncio
 import pytest
 from scheduler_fakes import make_mesh, settle
 
-from tunemesh_common.errors import (
-    AlreadyExists,
+from tunemesh.errors import (
+    AlreadyExistsError,
     Code,
-    FailedPrecondition,
-    InvalidArgument,
-    NotFound,
-    ResourceExhausted,
-    Unavailable,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnavailableError,
 )
 
 
@@ -23,16 +23,16 @@ def test_sessions_belong_to_their_tenant():
         session = core.create_session("t1", {"who": "alice"})
         assert session.name.startswith("sessions/") and session.labels == {"who": "alice"}
         assert core.heartbeat_session("t1", session.name) is session
-        with pytest.raises(NotFound) as info:
+        with pytest.raises(NotFoundError) as info:
             core.get_session("t2", session.name)
         assert info.value.reason == "SESSION_NOT_FOUND"
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             core.heartbeat_session("t2", session.name)
         core.end_session("t1", session.name)
-        with pytest.raises(FailedPrecondition) as info:
+        with pytest.raises(FailedPreconditionError) as info:
             await core.create_run("t1", session.name, "tiny", {"rank": 8})
         assert info.value.reason == "SESSION_ENDED"
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             await core.create_run("t1", "sessions/nope", "tiny", {})
 
     asyncio.run(main())
@@ -50,7 +50,7 @@ def test_create_run_places_and_creates_adapter():
         assert mesh.placement.placed == [(run.name, "node-a")]
         assert mesh.trainer.adapters == [("node-a", run.name)]
         assert mesh.core.get_run("t1", run.name) is run
-        with pytest.raises(NotFound) as info:
+        with pytest.raises(NotFoundError) as info:
             mesh.core.get_run("t2", run.name)
         assert info.value.reason == "RUN_NOT_FOUND"
 
@@ -69,7 +69,7 @@ def test_create_run_is_idempotent_by_request_id():
         again = await create("t1", session.name, "tiny", {"rank": 8}, "req-1")
         assert first is second is again
         assert len(mesh.placement.placed) == 1
-        with pytest.raises(AlreadyExists) as info:
+        with pytest.raises(AlreadyExistsError) as info:
             await create("t1", session.name, "tiny", {"rank": 16}, "req-1")
         assert info.value.reason == "REQUEST_ID_REUSED"
         other = await create("t1", session.name, "tiny", {"rank": 8}, "req-2")
@@ -86,15 +86,15 @@ def test_failed_creation_can_be_retried_with_same_request_id():
     async def main():
         mesh = await make_mesh()
         session = mesh.core.create_session("t1")
-        with pytest.raises(NotFound) as info:
+        with pytest.raises(NotFoundError) as info:
             await mesh.core.create_run("t1", session.name, "huge", {}, "req")
         assert info.value.reason == "UNKNOWN_MODEL"
-        mesh.placement.error = ResourceExhausted("NO_CAPACITY", "full")
-        with pytest.raises(ResourceExhausted):
+        mesh.placement.error = ResourceExhaustedError("NO_CAPACITY", "full")
+        with pytest.raises(ResourceExhaustedError):
             await mesh.core.create_run("t1", session.name, "tiny", {}, "req")
         mesh.placement.error = None
-        mesh.trainer.adapter_error = Unavailable("NODE_DOWN", "gone")
-        with pytest.raises(Unavailable):
+        mesh.trainer.adapter_error = UnavailableError("NODE_DOWN", "gone")
+        with pytest.raises(UnavailableError):
             await mesh.core.create_run("t1", session.name, "tiny", {}, "req")
         (failed_run, node), = mesh.placement.placed
         assert mesh.placement.released == [(failed_run, node)]
@@ -119,7 +119,7 @@ def test_list_runs_pages_only_own_runs():
         assert names == mine
         assert [r.name for r in mesh.core.list_runs("t2")[0]] == [theirs]
         assert mesh.core.list_runs("t3") == ([], "")
-        with pytest.raises(InvalidArgument):
+        with pytest.raises(InvalidArgumentError):
             mesh.core.list_runs("t1", page_token="garbage")
 
     asyncio.run(main())
@@ -130,9 +130,9 @@ def test_not_serving_before_start_and_after_stop():
         mesh = await make_mesh()
         run = await mesh.new_run()
         await mesh.core.stop()
-        with pytest.raises(Unavailable) as info:
+        with pytest.raises(UnavailableError) as info:
             await mesh.submit(run, 1)
-        assert info.value.code == Code.UNAVAILABLE
+        assert info.value.rpc_code == Code.UNAVAILABLE
 
     asyncio.run(main())
 
@@ -143,7 +143,7 @@ def test_a_tenant_cannot_hold_more_runs_than_its_quota():
         session = mesh.core.create_session("t1")
         for _ in range(2):
             await mesh.core.create_run("t1", session.name, "tiny", {}, "")
-        with pytest.raises(ResourceExhausted) as info:
+        with pytest.raises(ResourceExhaustedError) as info:
             await mesh.core.create_run("t1", session.name, "tiny", {}, "")
         assert info.value.reason == "TENANT_RUN_QUOTA"
         other = mesh.core.create_session("t2")  # another tenant is unaffected
@@ -161,19 +161,19 @@ def test_deleting_an_idle_run_frees_its_slot_and_quota():
         mesh.trainer.hold = asyncio.Event()
         op = await mesh.submit(run.name, 1)
         await settle()
-        with pytest.raises(FailedPrecondition) as busy:
+        with pytest.raises(FailedPreconditionError) as busy:
             await mesh.core.delete_run("t1", run.name)
         assert busy.value.reason == "RUN_BUSY"
-        with pytest.raises(NotFound):  # another tenant cannot even see it
+        with pytest.raises(NotFoundError):  # another tenant cannot even see it
             await mesh.core.delete_run("t2", run.name)
         mesh.trainer.hold.set()
         await mesh.wait_all([op])
         await mesh.core.delete_run("t1", run.name)
         assert mesh.trainer.deleted == [(run.node_id, run.name)]
         assert (run.name, run.node_id) in mesh.placement.released
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             mesh.core.get_run("t1", run.name)
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             await mesh.submit(run.name, 2)
         await mesh.core.create_run("t1", session.name, "tiny", {}, "")  # the quota is free again
 

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from tunemesh.v1 import sessions_pb2, types_pb2
-from tunemesh_common import tensors
-from tunemesh_common.errors import Code, InvalidArgument, TunemeshError
+from tunemesh import tensors
+from tunemesh.errors import Code, InvalidArgumentError, TunemeshError
+from tunemesh_common import datum_rules
 from tunemesh_scheduler import validation
 
 VOCAB = 100
@@ -45,7 +46,7 @@ def check(data, loss_fn="cross_entropy", model=DENSE, limits=LIMITS) -> int:
 def rejected(fn, *args, reason: str, code: Code = Code.INVALID_ARGUMENT, where: str = "") -> TunemeshError:
     with pytest.raises(TunemeshError) as info:
         fn(*args)
-    assert (info.value.code, info.value.reason) == (code, reason), info.value
+    assert (info.value.rpc_code, info.value.reason) == (code, reason), info.value
     assert where in info.value.message
     return info.value
 
@@ -306,7 +307,7 @@ def test_normalized_lora_leaves_the_request_alone():
 
 
 def test_two_dimensional_targets_are_capped_in_k():
-    n, k = 3, validation.MAX_TARGETS_PER_POSITION + 1
+    n, k = 3, datum_rules.MAX_TARGETS_PER_POSITION + 1
     targets = np.zeros((n, k), dtype=np.int64)
     data = [types_pb2.Datum(
         model_input=types_pb2.ModelInput(chunks=[types_pb2.ModelInputChunk(
@@ -314,6 +315,6 @@ def test_two_dimensional_targets_are_capped_in_k():
         loss_fn_inputs={"target_tokens": tensors.encode(targets)},
     )]
     model = sessions_pb2.SupportedModel(name="m", vocab_size=10, max_seq_len=16, max_lora_rank=8)
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         validation.check_data(data, "cross_entropy", model, validation.Limits(max_datums=4, max_tokens=64))
     assert err.value.reason == "TOO_MANY_TARGETS"

@@ -13,6 +13,7 @@ from concurrent import futures
 
 import grpc
 
+from tunemesh.errors import error_for, to_status
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc, types_pb2
 
 API_KEY = "tm-test-key"
@@ -20,8 +21,7 @@ CHUNK_BYTES = 4096
 
 
 def abort(context: grpc.ServicerContext, code: grpc.StatusCode, reason: str, message: str):
-    context.set_trailing_metadata((("tunemesh-reason", reason),))
-    context.abort(code, message)
+    context.abort_with_status(to_status(error_for(code, reason, message)))
 
 
 class FakeCheckpoints(checkpoints_pb2_grpc.CheckpointServiceServicer):

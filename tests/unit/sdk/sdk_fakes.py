@@ -8,14 +8,17 @@ from typing import Any
 
 import grpc
 
+from tunemesh.errors import error_for, to_status
+
 
 class FakeRpcError(grpc.RpcError, grpc.Call):
-    """What a failed unary call raises: code, details and trailing metadata."""
+    """What a failed unary call raises: code, details and trailing metadata (the rich
+    status a tunemesh server sends, when there is a `reason`)."""
 
     def __init__(self, code: grpc.StatusCode, details: str = "", reason: str = "") -> None:
         super().__init__(f"{code.name}: {details}")
         self._code, self._details = code, details
-        self._trailers = (("tunemesh-reason", reason),) if reason else ()
+        self._trailers = to_status(error_for(code, reason, details)).trailing_metadata if reason else ()
 
     def code(self):
         return self._code

@@ -42,8 +42,9 @@ def test_bfloat16_from_the_wire_widens_to_float32():
 
 def test_tensor_with_wrong_byte_count_is_rejected():
     msg = types_pb2.TensorData(dtype=types_pb2.DTYPE_INT64, shape=[2], data=b"\0" * 12)
-    with pytest.raises(ValueError, match="12 bytes"):
+    with pytest.raises(tunemesh.InvalidArgumentError, match="12 bytes") as info:
         _wire.tensor_from_proto(msg)
+    assert info.value.reason == "BAD_TENSOR"
 
 
 def test_numpy_and_torch_conversions():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import FailedPrecondition, InvalidArgument
+from tunemesh.errors import FailedPreconditionError, InvalidArgumentError
 from tunemesh_trainer import checkpoint_files
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
@@ -128,16 +128,16 @@ def test_mismatched_state_is_refused_and_leaves_the_adapter_untouched(engine):
     engine.create_adapter("target", SPEC)
     engine.create_adapter("other-rank", LoraSpec(rank=8, alpha=8, seed=1))
     before = engine.adapter_digest("target")
-    with pytest.raises(FailedPrecondition, match="rank"):
+    with pytest.raises(FailedPreconditionError, match="rank"):
         engine.import_adapter("target", engine.export_adapter("other-rank", True))
     bad = engine.export_adapter("target", False)
     name = next(iter(bad.weights))
     bad.weights[name] = np.full_like(bad.weights[name], np.nan)
-    with pytest.raises(InvalidArgument, match="not finite"):
+    with pytest.raises(InvalidArgumentError, match="not finite"):
         engine.import_adapter("target", bad)
     attn_only = LoraSpec(rank=4, alpha=8, train_mlp=False, train_unembed=False)
     engine.create_adapter("attn-only", attn_only)
-    with pytest.raises(FailedPrecondition, match="no LoRA on"):
+    with pytest.raises(FailedPreconditionError, match="no LoRA on"):
         engine.import_adapter("attn-only", engine.export_adapter("target", False))
     assert engine.adapter_digest("target") == before
 
@@ -145,5 +145,5 @@ def test_mismatched_state_is_refused_and_leaves_the_adapter_untouched(engine):
 def test_decode_refuses_missing_optimizer_state(engine):
     engine.create_adapter("plain", SPEC)
     files, _ = _roundtrip(engine, "plain", with_optimizer=False)
-    with pytest.raises(InvalidArgument, match="no optimizer state"):
+    with pytest.raises(InvalidArgumentError, match="no optimizer state"):
         checkpoint_files.decode(files, SPEC, with_optimizer=True)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
 
@@ -48,6 +48,6 @@ def test_bf16_base_trains_float32_lora_close_to_the_fp32_engine(tiny_moe_dir):
 
 
 def test_unknown_base_dtype_is_refused(tiny_moe_dir):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         _engine(tiny_moe_dir, "float16")
     assert err.value.reason == "BAD_DTYPE"

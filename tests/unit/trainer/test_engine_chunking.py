@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from tunemesh_common import loss_specs
-from tunemesh_common.errors import Code
+from tunemesh.errors import Code
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine, losses
 from tunemesh_trainer.engine.batch import plan_chunks

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_common.multi_lora import EXPERT_PARAMETERS
 from tunemesh_trainer.domain import LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
@@ -44,12 +44,12 @@ def test_expert_lora_still_spans_every_expert_after_sharding(tiny_moe_dir):
 
 @pytest.mark.parametrize(("world", "size"), [(2, 3), (4, 3), (2, 0)])
 def test_sizes_that_do_not_divide_the_world_are_refused(world, size):
-    with pytest.raises(InvalidArgument) as err:
+    with pytest.raises(InvalidArgumentError) as err:
         form_groups(world, 0, size)
     assert err.value.reason == "BAD_EXPERT_PARALLEL"
 
 
 def test_experts_that_do_not_divide_are_refused(tiny_moe_dir):
     engine = _engine(tiny_moe_dir)
-    with pytest.raises(InvalidArgument, match="not divisible by 3"):
+    with pytest.raises(InvalidArgumentError, match="not divisible by 3"):
         shard_experts(engine.expert_layers, ExpertGroup(group=None, size=3, rank=0))

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from tunemesh_common.errors import Code, FailedPrecondition, NotFound
+from tunemesh.errors import Code, FailedPreconditionError, NotFoundError
 from tunemesh_trainer.ledger import RECENT, Ledger
 
 
@@ -22,7 +22,7 @@ def _run(body):
 
 
 def _reason(info: pytest.ExceptionInfo) -> tuple[Code, str]:
-    return info.value.code, info.value.reason
+    return info.value.rpc_code, info.value.reason
 
 
 def test_a_fresh_seq_id_is_admitted_and_taken():
@@ -86,10 +86,10 @@ def test_an_unknown_adapter_is_admitted_untracked():
 def test_a_stale_epoch_is_refused_and_epoch_zero_is_unfenced():
     async def body(ledger):
         ledger.open("runs/b", 3)
-        with pytest.raises(FailedPrecondition) as info:
+        with pytest.raises(FailedPreconditionError) as info:
             ledger.admit("runs/b", 1, 2)
         assert _reason(info) == (Code.FAILED_PRECONDITION, "STALE_EPOCH")
-        with pytest.raises(FailedPrecondition) as info:
+        with pytest.raises(FailedPreconditionError) as info:
             ledger.admit("runs/b", 0, 2)  # untracked calls are fenced too
         assert _reason(info) == (Code.FAILED_PRECONDITION, "STALE_EPOCH")
         assert ledger.summary()["runs/b"] == (3, 0)  # a refused call takes nothing
@@ -106,7 +106,7 @@ def test_a_stale_epoch_is_refused_even_for_a_repeat():
         assert ledger.admit("runs/a", 1, 1) is None
         ledger.record("runs/a", 1, "first")
         ledger.adopt("runs/a", 2)
-        with pytest.raises(FailedPrecondition) as info:
+        with pytest.raises(FailedPreconditionError) as info:
             ledger.admit("runs/a", 1, 1)
         assert _reason(info) == (Code.FAILED_PRECONDITION, "STALE_EPOCH")
         assert await ledger.admit("runs/a", 1, 2) == "first"
@@ -121,11 +121,11 @@ def test_adopt_raises_the_epoch_and_refuses_a_lower_one():
             assert ledger.admit("runs/a", seq_id, 1) is None
         assert ledger.adopt("runs/a", 4) == 3
         assert ledger.summary() == {"runs/a": (4, 3)}
-        with pytest.raises(FailedPrecondition) as info:
+        with pytest.raises(FailedPreconditionError) as info:
             ledger.adopt("runs/a", 2)
         assert _reason(info) == (Code.FAILED_PRECONDITION, "STALE_EPOCH")
         assert ledger.summary() == {"runs/a": (4, 3)}
-        with pytest.raises(FailedPrecondition):
+        with pytest.raises(FailedPreconditionError):
             ledger.admit("runs/a", 4, 1)  # the old epoch is fenced off now
         assert ledger.adopt("runs/a", 4) == 3  # re-adopting the same epoch is fine
 
@@ -134,7 +134,7 @@ def test_adopt_raises_the_epoch_and_refuses_a_lower_one():
 
 def test_adopt_of_an_unknown_adapter_is_not_found():
     ledger = Ledger()
-    with pytest.raises(NotFound) as info:
+    with pytest.raises(NotFoundError) as info:
         ledger.adopt("runs/zz", 1)
     assert _reason(info) == (Code.NOT_FOUND, "ADAPTER_NOT_FOUND")
 
@@ -146,7 +146,7 @@ def test_outcomes_beyond_recent_are_evicted():
             assert ledger.admit("runs/a", seq_id, 1) is None
             ledger.record("runs/a", seq_id, f"out-{seq_id}")
         for seq_id in (1, 2):
-            with pytest.raises(FailedPrecondition) as info:
+            with pytest.raises(FailedPreconditionError) as info:
                 ledger.admit("runs/a", seq_id, 1)
             assert _reason(info) == (Code.FAILED_PRECONDITION, "SEQ_ID_APPLIED")
         oldest_kept = total - RECENT + 1
@@ -178,7 +178,7 @@ def test_close_forgets_the_adapter():
         ledger.close("runs/a")  # twice is fine
         assert ledger.summary() == {}
         assert ledger.admit("runs/a", 1, 1) is None
-        with pytest.raises(NotFound):
+        with pytest.raises(NotFoundError):
             ledger.adopt("runs/a", 1)
 
     _run(body)
@@ -202,7 +202,7 @@ def test_a_skipped_lower_seq_id_counts_as_applied_long_ago():
 
     async def body(ledger):
         assert ledger.admit("runs/a", 3, 1) is None
-        with pytest.raises(FailedPrecondition) as info:
+        with pytest.raises(FailedPreconditionError) as info:
             ledger.admit("runs/a", 2, 1)
         assert _reason(info) == (Code.FAILED_PRECONDITION, "SEQ_ID_APPLIED")
         assert ledger.summary() == {"runs/a": (1, 3)}

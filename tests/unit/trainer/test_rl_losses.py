@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from peft_reference import peft_model, peft_named_params, randomize_b, rel
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_common.loss_specs import SPECS
 from tunemesh_trainer.domain import DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
@@ -92,7 +92,7 @@ def test_without_weights_every_token_counts_once():
     ("cross_entropy", {"clip_low_threshold": 0.1}, "UNKNOWN_LOSS_CONFIG"),
 ])
 def test_bad_configs_are_refused_with_a_reason(loss_fn, config, reason):
-    with pytest.raises(InvalidArgument) as caught:
+    with pytest.raises(InvalidArgumentError) as caught:
         SPECS[loss_fn].resolve_config(config)
     assert caught.value.reason == reason
 

@@ -7,8 +7,8 @@ import pytest
 
 from tunemesh_internal.v1 import trainer_pb2
 from tunemesh.v1 import types_pb2
-from tunemesh_common import tensors
-from tunemesh_common.errors import InvalidArgument
+from tunemesh import tensors
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_trainer import convert
 from tunemesh_trainer.domain import AdamSpec, ItemFailure, ItemKind, ItemOutcome, LoraSpec, ModelInfo
 
@@ -63,12 +63,12 @@ def test_engine_item_decodes_tokens_inputs_and_config():
 
 
 def test_engine_item_rejects_unspecified_kind_and_bad_tensors():
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         convert.engine_item(_batch_item(trainer_pb2.ITEM_KIND_UNSPECIFIED))
     assert info.value.reason == "BAD_ITEM_KIND"
     item = _batch_item()
     item.data[0].loss_fn_inputs["weights"].data = b"\x00" * 5
-    with pytest.raises(InvalidArgument) as info:
+    with pytest.raises(InvalidArgumentError) as info:
         convert.engine_item(item)
     assert info.value.reason == "BAD_TENSOR"
 

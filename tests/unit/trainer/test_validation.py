@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunemesh_common.errors import Code
+from tunemesh.errors import Code
 from tunemesh_trainer.domain import DatumArrays, EngineItem, ItemKind
 from tunemesh_trainer.engine.validation import validate_item
 
@@ -34,11 +34,21 @@ def test_valid_item_passes():
         (_item([1, 10], {"target_tokens": [1, 2]}), Code.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE"),
         (_item([1, -1], {"target_tokens": [1, 2]}), Code.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE"),
         (_item([1, 2], {"target_tokens": [1, 10]}), Code.INVALID_ARGUMENT, "TOKEN_OUT_OF_RANGE"),
-        (_item([1, 2], {"target_tokens": [1]}), Code.INVALID_ARGUMENT, "LENGTH_MISMATCH"),
-        (_item([1, 2], {"target_tokens": [1, 2], "weights": [1.0]}), Code.INVALID_ARGUMENT, "LENGTH_MISMATCH"),
+        (_item([1, 2], {"target_tokens": [1]}), Code.INVALID_ARGUMENT, "SHAPE_MISMATCH"),
+        (_item([1, 2], {"target_tokens": [1, 2], "weights": [1.0]}), Code.INVALID_ARGUMENT, "SHAPE_MISMATCH"),
+        (_item([[1, 2]], {"target_tokens": [1]}), Code.INVALID_ARGUMENT, "SHAPE_MISMATCH"),
         (_item([1, 2], {"weights": [1.0, 1.0]}), Code.INVALID_ARGUMENT, "MISSING_LOSS_INPUT"),
-        (_item([1] * 5, {"target_tokens": [1] * 5}), Code.INVALID_ARGUMENT, "BAD_SEQUENCE_LENGTH"),
-        (_item([1.0, 2.0], {"target_tokens": [1, 2]}), Code.INVALID_ARGUMENT, "BAD_TOKENS"),
+        (_item([1, 2], {"target_tokens": [1, 2], "advantages": [1.0, 1.0]}), Code.INVALID_ARGUMENT,
+         "UNKNOWN_LOSS_INPUT"),
+        (_item([1] * 5, {"target_tokens": [1] * 5}), Code.INVALID_ARGUMENT, "SEQUENCE_TOO_LONG"),
+        (_item(np.zeros(0, np.int64), {"target_tokens": np.zeros(0, np.int64)}), Code.INVALID_ARGUMENT,
+         "EMPTY_INPUT"),
+        (_item([1.0, 2.0], {"target_tokens": [1, 2]}), Code.INVALID_ARGUMENT, "BAD_DTYPE"),
+        (_item([1, 2], {"target_tokens": [1.0, 2.0]}), Code.INVALID_ARGUMENT, "BAD_DTYPE"),
+        (_item([1, 2], {"target_tokens": [1, 2], "weights": [1, 1]}), Code.INVALID_ARGUMENT, "BAD_DTYPE"),
+        (_item([1, 2], {"target_tokens": [1, 2], "weights": [1.0, np.nan]}), Code.INVALID_ARGUMENT,
+         "NON_FINITE_INPUT"),
+        (_item([1, 2], {"target_tokens": np.ones((2, 129), np.int64)}), Code.INVALID_ARGUMENT, "TOO_MANY_TARGETS"),
     ],
 )
 def test_bad_items_fail_with_reason(item, code, reason):
@@ -50,3 +60,18 @@ def test_bad_items_fail_with_reason(item, code, reason):
 def test_empty_item_fails():
     item = EngineItem("i", "a", ItemKind.FORWARD, [])
     assert _check(item).reason == "EMPTY_DATA"
+
+
+def test_the_failing_datum_and_input_are_named():
+    good = DatumArrays(tokens=np.int64([1, 2]), loss_inputs={"target_tokens": np.int64([2, 3])})
+    bad = DatumArrays(tokens=np.int64([1, 2]), loss_inputs={"target_tokens": np.int64([2, 3]),
+                                                            "weights": np.float32([1.0, np.inf])})
+    failure = _check(EngineItem("i", "a", ItemKind.FORWARD_BACKWARD, [good, bad], loss_fn="cross_entropy"))
+    assert failure.reason == "NON_FINITE_INPUT"
+    assert "data[1].loss_fn_inputs['weights']" in failure.message
+
+
+def test_bad_loss_config_fails_with_its_reason():
+    item = _item([1], {"target_tokens": [1]})
+    item.loss_config = {"clip": 0.2}
+    assert _check(item).reason == "UNKNOWN_LOSS_CONFIG"

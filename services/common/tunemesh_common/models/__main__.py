@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from tunemesh_common.errors import TunemeshError
+from tunemesh.errors import TunemeshError
 from tunemesh_common.models.registry import ModelRegistry
 
 

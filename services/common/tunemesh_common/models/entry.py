@@ -6,7 +6,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 
 DENSE = "dense"
 MOE = "moe"
@@ -51,7 +51,7 @@ def make_entry(name: str, family: str, architecture: str, vocab_size: int,
                max_position_embeddings: int, local_path: Path | None = None) -> ModelEntry:
     """An entry with the family's LoRA defaults and the capped sequence length."""
     if family not in FAMILIES:
-        raise InvalidArgument("INVALID_MODEL_FAMILY", f"{name}: family {family!r} not in {FAMILIES}")
+        raise InvalidArgumentError("INVALID_MODEL_FAMILY", f"{name}: family {family!r} not in {FAMILIES}")
     modules, parameters = lora_targets(family)
     return ModelEntry(
         name=name,
@@ -78,9 +78,9 @@ def entry_for_local_dir(name: str, path: Path, family: str | None = None) -> Mod
     config = _read_config(name, path)
     for required in ("tokenizer.json",):
         if not (path / required).is_file():
-            raise InvalidArgument("INVALID_MODEL_DIR", f"{name}: {path} has no {required}")
+            raise InvalidArgumentError("INVALID_MODEL_DIR", f"{name}: {path} has no {required}")
     if not any(path.glob("*.safetensors")):
-        raise InvalidArgument("INVALID_MODEL_DIR", f"{name}: {path} has no *.safetensors")
+        raise InvalidArgumentError("INVALID_MODEL_DIR", f"{name}: {path} has no *.safetensors")
     text_config = config.get("text_config", config)
     return make_entry(
         name=name,
@@ -95,11 +95,11 @@ def entry_for_local_dir(name: str, path: Path, family: str | None = None) -> Mod
 def _read_config(name: str, path: Path) -> dict:
     config_path = path / "config.json"
     if not config_path.is_file():
-        raise InvalidArgument("INVALID_MODEL_DIR", f"{name}: {path} has no config.json")
+        raise InvalidArgumentError("INVALID_MODEL_DIR", f"{name}: {path} has no config.json")
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidArgument("INVALID_MODEL_DIR", f"{name}: unreadable {config_path}: {exc}") from exc
+        raise InvalidArgumentError("INVALID_MODEL_DIR", f"{name}: unreadable {config_path}: {exc}") from exc
     if "vocab_size" not in config.get("text_config", config):
-        raise InvalidArgument("INVALID_MODEL_DIR", f"{name}: {config_path} has no vocab_size")
+        raise InvalidArgumentError("INVALID_MODEL_DIR", f"{name}: {config_path} has no vocab_size")
     return config

@@ -8,7 +8,7 @@ import tomllib
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
-from tunemesh_common.errors import InvalidArgument, NotFound
+from tunemesh.errors import InvalidArgumentError, NotFoundError
 from tunemesh_common.models import cache, smollm2, tiny, tokenizer
 from tunemesh_common.models.entry import DENSE, MOE, ModelEntry, entry_for_local_dir, make_entry
 
@@ -48,9 +48,9 @@ class ModelRegistry:
         self._entries = {name: b.entry for name, b in self._builtins.items()}
         for entry in local:
             if entry.local_path is None:
-                raise InvalidArgument("INVALID_MODEL_DIR", f"{entry.name}: no local_path")
+                raise InvalidArgumentError("INVALID_MODEL_DIR", f"{entry.name}: no local_path")
             if entry.name in self._entries:
-                raise InvalidArgument("DUPLICATE_MODEL", f"model {entry.name!r} registered twice")
+                raise InvalidArgumentError("DUPLICATE_MODEL", f"model {entry.name!r} registered twice")
             self._entries[entry.name] = entry
 
     @classmethod
@@ -71,18 +71,18 @@ class ModelRegistry:
         return sorted(self._entries)
 
     def entry(self, name: str) -> ModelEntry:
-        """The entry of `name`; NotFound(UNKNOWN_MODEL) if unregistered."""
+        """The entry of `name`; NotFoundError(UNKNOWN_MODEL) if unregistered."""
         try:
             return self._entries[name]
         except KeyError:
-            raise NotFound("UNKNOWN_MODEL", f"unknown base model {name!r}") from None
+            raise NotFoundError("UNKNOWN_MODEL", f"unknown base model {name!r}") from None
 
     def materialize(self, name: str) -> Path:
         """The model's HF directory, built and cached under the data dir on first use."""
         entry = self.entry(name)
         if entry.local_path is not None:
             if not (entry.local_path / "config.json").is_file():
-                raise NotFound("MODEL_DIR_MISSING", f"{name}: {entry.local_path} is gone")
+                raise NotFoundError("MODEL_DIR_MISSING", f"{name}: {entry.local_path} is gone")
             return entry.local_path
         builtin = self._builtins[name]
         return cache.publish_once(self.cache_dir(name), builtin.build)
@@ -91,7 +91,7 @@ class ModelRegistry:
         """Where a built-in model is (or will be) materialised."""
         builtin = self._builtins.get(name)
         if builtin is None:
-            raise NotFound("UNKNOWN_MODEL", f"{name!r} is not a built-in model")
+            raise NotFoundError("UNKNOWN_MODEL", f"{name!r} is not a built-in model")
         return self._data_dir / "models" / name.replace("/", "--") / builtin.revision
 
 
@@ -106,12 +106,12 @@ def load_model_list(path: Path) -> list[ModelEntry]:
         text = path.read_text()
         data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
     except (OSError, ValueError) as exc:
-        raise InvalidArgument("INVALID_MODEL_LIST", f"cannot read {path}: {exc}") from exc
+        raise InvalidArgumentError("INVALID_MODEL_LIST", f"cannot read {path}: {exc}") from exc
     items = data.get("models", []) if isinstance(data, dict) else data
     entries = []
     for item in items:
         if not isinstance(item, dict) or not {"name", "path"} <= item.keys():
-            raise InvalidArgument("INVALID_MODEL_LIST", f"{path}: need name and path in {item!r}")
+            raise InvalidArgumentError("INVALID_MODEL_LIST", f"{path}: need name and path in {item!r}")
         model_dir = path.parent / Path(item["path"]).expanduser()
         entries.append(entry_for_local_dir(item["name"], model_dir, item.get("family")))
     return entries

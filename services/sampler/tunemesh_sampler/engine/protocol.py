@@ -21,7 +21,7 @@ class SamplingEngine(Protocol):
     def load_adapter(self, adapter_key: str, directory: pathlib.Path) -> None:
         """Make a PEFT adapter directory usable under `adapter_key` (blocking; may be slow).
 
-        Raises InvalidArgument when the adapter does not fit the model (rank above
+        Raises InvalidArgumentError when the adapter does not fit the model (rank above
         `info.max_lora_rank`, unknown target modules, shapes)."""
         ...
 

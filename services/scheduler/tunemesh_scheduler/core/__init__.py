@@ -4,9 +4,7 @@ Pure asyncio on plain dataclasses; imports neither grpc nor torch. The server la
 decodes protos, calls `SchedulerCore`, and implements the ports in `ports.py`.
 """
 
-from tunemesh_scheduler.core.ports import (
-    BatchItem, ItemOutcome, LoadRequest, LoadResult, PlacementPort, SaveRequest, TrainerPort,
-)
+from tunemesh_scheduler.core.ports import BatchItem, ItemOutcome, LoadResult, PlacementPort, TrainerPort
 from tunemesh_scheduler.core.records import (
     OperationError,
     OperationRecord,
@@ -16,9 +14,11 @@ from tunemesh_scheduler.core.records import (
     SessionRecord,
 )
 from tunemesh_scheduler.core.scheduler import SchedulerConfig, SchedulerCore
+from tunemesh_scheduler.core.work import DataWork, LoadRequest, SaveRequest, StepWork, Work, kind_of
 
 __all__ = [
     "BatchItem",
+    "DataWork",
     "ItemOutcome",
     "LoadRequest",
     "LoadResult",
@@ -32,5 +32,8 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerCore",
     "SessionRecord",
+    "StepWork",
     "TrainerPort",
+    "Work",
+    "kind_of",
 ]

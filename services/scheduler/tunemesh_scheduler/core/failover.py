@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import Any
 
-from tunemesh_common.errors import DataLoss, TunemeshError
+from tunemesh.errors import DataLossError, TunemeshError
 from tunemesh_scheduler.core.actions import ConfirmSnapshot, Freeze, Move
-from tunemesh_scheduler.core.ports import Fence, LoadRequest, PlacementPort, RunStore, TrainerPort
+from tunemesh_scheduler.core.ports import Fence, PlacementPort, RunStore, TrainerPort
+from tunemesh_scheduler.core.work import LoadRequest, Work
 from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationRecord, OpState, RunRecord
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class FailoverCalls:
             log.info("freezing %s: releasing its placement: %s", run.name, exc, extra={"run": run.name})
         log.info("run %s frozen (its session ended); its slot on %s is free", run.name, node, extra={"run": run.name})
 
-    async def move(self, action: Move) -> tuple[str, int, list[tuple[OperationRecord, Any]]]:
+    async def move(self, action: Move) -> tuple[str, int, list[tuple[OperationRecord, Work]]]:
         """Rebuild the run's adapter on a live trainer, up to its snapshot. Returns the
         (node, epoch) it serves with now and the calls to replay there after the
         snapshot: every finished call that changed the adapter, in seq_id order, with
@@ -88,7 +88,7 @@ class FailoverCalls:
         return node, epoch, await self._calls_to_replay(run, action.history, after)
 
     async def _calls_to_replay(self, run: RunRecord, ops: list[OperationRecord],
-                               after: int) -> list[tuple[OperationRecord, Any]]:
+                               after: int) -> list[tuple[OperationRecord, Work]]:
         replayed = [op for op in ops if after < op.seq_id <= run.last_seq_id
                     and op.state is OpState.SUCCEEDED and op.kind in REPLAYED]
         if not replayed:
@@ -96,7 +96,7 @@ class FailoverCalls:
         calls = await self._store.payloads(run.name, after)
         missing = [op.seq_id for op in replayed if op.seq_id not in calls]
         if missing:
-            raise DataLoss("CALL_NOT_KEPT", f"seq_id {missing[0]} of {run.name} was not kept; the run cannot be replayed")
+            raise DataLossError("CALL_NOT_KEPT", f"seq_id {missing[0]} of {run.name} was not kept; the run cannot be replayed")
         return [(op, calls[op.seq_id]) for op in replayed]
 
     async def free_moved_away(self, node_id: str, moved_away: Callable[[str, str], bool]) -> None:

@@ -3,21 +3,21 @@ conflict? Pure functions over the operation records (no I/O, no clock)."""
 
 from __future__ import annotations
 
-from tunemesh_common.errors import AlreadyExists, FailedPrecondition, InvalidArgument
+from tunemesh.errors import AlreadyExistsError, FailedPreconditionError, InvalidArgumentError
 from tunemesh_scheduler.core.records import OperationRecord, OpKind
 from tunemesh_scheduler.core.sequencing import RunLane
 
 
 def check_call(seq_id: int, kind: OpKind | str, num_tokens: int) -> OpKind:
-    """The call's kind, or InvalidArgument for a bad seq_id, token count or kind."""
+    """The call's kind, or InvalidArgumentError for a bad seq_id, token count or kind."""
     if seq_id < 1:
-        raise InvalidArgument("INVALID_SEQ_ID", f"seq_id must be >= 1, got {seq_id}")
+        raise InvalidArgumentError("INVALID_SEQ_ID", f"seq_id must be >= 1, got {seq_id}")
     if num_tokens < 0:
-        raise InvalidArgument("INVALID_NUM_TOKENS", "num_tokens must be >= 0")
+        raise InvalidArgumentError("INVALID_NUM_TOKENS", "num_tokens must be >= 0")
     try:
         return OpKind(kind)
     except ValueError:
-        raise InvalidArgument("UNSUPPORTED_KIND", f"unsupported operation kind {kind!r}") from None
+        raise InvalidArgumentError("UNSUPPORTED_KIND", f"unsupported operation kind {kind!r}") from None
 
 
 def find_duplicate(
@@ -30,27 +30,27 @@ def find_duplicate(
 ) -> OperationRecord | None:
     """An earlier identical submission, or None for a new one.
 
-    Raises AlreadyExists(REQUEST_ID_REUSED) when the tenant's request id names a
-    different call, AlreadyExists(SEQ_ID_REUSED) when the run's seq_id holds a
-    different call, and FailedPrecondition(SEQ_ID_PASSED) for a seq_id at or below
+    Raises AlreadyExistsError(REQUEST_ID_REUSED) when the tenant's request id names a
+    different call, AlreadyExistsError(SEQ_ID_REUSED) when the run's seq_id holds a
+    different call, and FailedPreconditionError(SEQ_ID_PASSED) for a seq_id at or below
     the run's `last_seq_id` that the core holds no record of (e.g. after restore).
     """
     call = (lane.run.name, seq_id, kind, digest)
     if by_request is not None and not _same_call(by_request, call):
-        raise AlreadyExists(
+        raise AlreadyExistsError(
             "REQUEST_ID_REUSED", f"request id {request_id!r} was used for another call"
         )
     by_seq = lane.find(seq_id)
     if by_seq is not None:
         if not _same_call(by_seq, call):
-            raise AlreadyExists(
+            raise AlreadyExistsError(
                 "SEQ_ID_REUSED", f"seq_id {seq_id} of {lane.run.name} holds another call"
             )
         return by_seq
     if by_request is not None:
         return by_request
     if seq_id <= lane.run.last_seq_id:
-        raise FailedPrecondition(
+        raise FailedPreconditionError(
             "SEQ_ID_PASSED", f"seq_id {seq_id} <= last_seq_id {lane.run.last_seq_id}"
         )
     return None

@@ -24,7 +24,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 
-from tunemesh_common.errors import TunemeshError, Unavailable
+from tunemesh.errors import TunemeshError, UnavailableError
 from tunemesh_scheduler.core.ports import RunStore, StoreWrite
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,14 @@ class Journal:
             return
         try:
             await self.synced(self._noted, drain_s)
-        except Unavailable:
+        except UnavailableError:
             log.warning("stopping with %d changes not yet stored", self.backlog)
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
 
     async def synced(self, ticket: int, timeout_s: float) -> bool:
-        """Wait until `ticket` is stored. Raises Unavailable(STORE_UNAVAILABLE) after
+        """Wait until `ticket` is stored. Raises UnavailableError(STORE_UNAVAILABLE) after
         `timeout_s` (the change stays queued and is written once the store is back)."""
         if ticket <= self._synced:
             return True
@@ -93,7 +93,7 @@ class Journal:
                 async with self._changed:
                     await self._changed.wait_for(lambda: ticket <= self._synced)
         except TimeoutError:
-            raise Unavailable(
+            raise UnavailableError(
                 "STORE_UNAVAILABLE", f"the scheduler's state store (etcd) did not confirm within {timeout_s:g}s"
             ) from None
         return True

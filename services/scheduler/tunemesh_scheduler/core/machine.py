@@ -30,7 +30,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh_common.errors import Code
+from tunemesh.errors import Code
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.actions import Action, Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, Single
 from tunemesh_scheduler.core.fairness import FairQueue
@@ -43,6 +43,7 @@ from tunemesh_scheduler.core.records import (
 from tunemesh_scheduler.core.sequencing import RunLane
 from tunemesh_scheduler.core.sessions import SessionRegistry
 from tunemesh_scheduler.core.snapshots import SnapshotBook, SnapshotPolicy
+from tunemesh_scheduler.core.work import Work
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,12 @@ class SchedulerMachine:
 
     def next_actions(self, now: float) -> list[Action]:
         """Everything to send now: due retries and moves first, then one batch per free
-        node whose merge window has passed. Operations in a returned batch are RUNNING."""
+        node whose merge window has passed. Operations in a returned batch are RUNNING.
+        Gaps whose deadline passed fail their waiting operations here too (not only at
+        the next `tick`), so no deadline `next_deadline` reports stays in the past."""
+        for lane in list(self.lanes.values()):
+            if lane.gap_deadline is not None and lane.gap_deadline <= now:
+                lane.expire(now)
         for name, (at, op) in list(self._parked.items()):
             if at <= now:
                 del self._parked[name]
@@ -434,7 +440,7 @@ class SchedulerMachine:
         self._actions.append(Move(run, lane.history()))
 
     def moved(self, move: Move, node_id: str, epoch: int,
-              replay: list[tuple[OperationRecord, Any]] = ()) -> None:
+              replay: list[tuple[OperationRecord, Work]] = ()) -> None:
         """`move` rebuilt the run's adapter on `node_id` with `epoch`, up to its snapshot.
         `replay` (original operation, call) goes there first, in order; then the run's
         waiting operations follow."""

@@ -7,10 +7,11 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh_common.errors import Code, NotFound
+from tunemesh.errors import Code, NotFoundError
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationError, OperationRecord, OpKind, OpState
+from tunemesh_scheduler.core.work import Work
 
 
 class OperationStore:
@@ -46,7 +47,7 @@ class OperationStore:
         seq_id: int,
         kind: OpKind,
         request_id: str,
-        payload: Any,
+        payload: Work,
         payload_digest: bytes | str,
         num_tokens: int,
         node_id: str,
@@ -93,10 +94,10 @@ class OperationStore:
         return self._requests.get((tenant, request_id))
 
     def get(self, tenant: str, name: str) -> OperationRecord:
-        """The tenant's operation, or NotFound(OPERATION_NOT_FOUND)."""
+        """The tenant's operation, or NotFoundError(OPERATION_NOT_FOUND)."""
         op = self._ops.get(name)
         if op is None or op.tenant != tenant:
-            raise NotFound("OPERATION_NOT_FOUND", f"operation {name!r} not found")
+            raise NotFoundError("OPERATION_NOT_FOUND", f"operation {name!r} not found")
         return op
 
     def unfinished(self) -> list[OperationRecord]:

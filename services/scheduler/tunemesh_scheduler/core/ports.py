@@ -1,7 +1,7 @@
 """What the core needs from the outside world, as Protocols the server layer implements.
 
 `PlacementPort` is backed by etcd (revision-checked placement), `TrainerPort` by the
-internal gRPC TrainerService. Ports raise typed `tunemesh_common.errors` exceptions.
+internal gRPC TrainerService. Ports raise typed `tunemesh.errors` exceptions.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from tunemesh_scheduler.core.records import (
     OperationError, OperationRecord, OpKind, RunRecord, SessionRecord,
 )
+from tunemesh_scheduler.core.work import LoadRequest, SaveRequest, Work
+
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -38,8 +40,8 @@ class BatchItem:
 
     op_name: str  # echoed as item_id
     run_name: str  # the adapter id on the trainer
-    kind: OpKind  # FORWARD or FORWARD_BACKWARD
-    payload: Any  # opaque: the server's decoded request (data, loss_fn, config)
+    kind: OpKind  # FORWARD, FORWARD_BACKWARD or OPTIM_STEP
+    payload: Work  # DataWork or StepWork
     num_tokens: int
     fence: Fence = Fence()  # the op's (seq_id, epoch); the default is unfenced
     snapshot: SnapshotTarget | None = None  # OPTIM_STEP: snapshot the adapter right after
@@ -52,24 +54,6 @@ class ItemOutcome:
     result: Any = None
     error: OperationError | None = None
     epoch: int = 0  # the run epoch the call was sent with (set by the dispatcher)
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SaveRequest:
-    """Write a run's adapter as a new checkpoint at `path`."""
-
-    path: str
-    include_optimizer_state: bool
-    ttl_seconds: int = 0
-    user_metadata: tuple[tuple[str, str], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class LoadRequest:
-    """Overwrite a run's adapter from the checkpoint at `path`."""
-
-    path: str
-    load_optimizer_state: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -86,7 +70,7 @@ class PlacementPort(Protocol):
     async def place(self, run_name: str, base_model: str) -> str:
         """Return the node id for a new run.
 
-        Raises NotFound(UNKNOWN_MODEL), ResourceExhausted(NO_CAPACITY) or Unavailable.
+        Raises NotFoundError(UNKNOWN_MODEL), ResourceExhaustedError(NO_CAPACITY) or UnavailableError.
         """
         ...
 
@@ -97,7 +81,7 @@ class PlacementPort(Protocol):
     async def move(self, run_name: str, base_model: str, from_node: str) -> str:
         """Re-place a run whose trainer is gone (or lost its adapter): a live trainer of
         the model with a free slot, `from_node` only when no other one can take it.
-        Raises ResourceExhausted(NO_CAPACITY) or Unavailable; the caller retries."""
+        Raises ResourceExhaustedError(NO_CAPACITY) or UnavailableError; the caller retries."""
         ...
 
 
@@ -128,7 +112,7 @@ class TrainerPort(Protocol):
 
     async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
         """Raise the adapter's epoch (fencing off older callers); returns the highest
-        seq_id it has taken. NotFound when the node has no such adapter."""
+        seq_id it has taken. NotFoundError when the node has no such adapter."""
         ...
 
     async def list_adapters(self, node_id: str) -> list[str]:
@@ -140,7 +124,7 @@ class TrainerPort(Protocol):
         ...
 
     async def delete_checkpoint(self, tenant: str, path: str) -> None:
-        """Delete a checkpoint of `tenant` (a superseded snapshot); NotFound if gone."""
+        """Delete a checkpoint of `tenant` (a superseded snapshot); NotFoundError if gone."""
         ...
 
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> Sequence[ItemOutcome]:
@@ -157,7 +141,7 @@ class StoredState:
     sessions: list[SessionRecord] = dataclasses.field(default_factory=list)
     runs: list[RunRecord] = dataclasses.field(default_factory=list)
     operations: list[OperationRecord] = dataclasses.field(default_factory=list)
-    payloads: dict[tuple[str, int], Any] = dataclasses.field(default_factory=dict)  # (run, seq_id)
+    payloads: dict[tuple[str, int], Work] = dataclasses.field(default_factory=dict)  # (run, seq_id)
     sampling_sessions: list[Any] = dataclasses.field(default_factory=list)  # SamplingSessionRecord
 
 
@@ -170,7 +154,7 @@ class StoreWrite:
 
     record: SessionRecord | RunRecord | OperationRecord
     delete: bool = False
-    payload: Any = None
+    payload: Work | None = None
     drop_call: bool = False
     trim_through: int = 0
 
@@ -179,7 +163,7 @@ class RunStore(Protocol):
     """Durable control state (etcd in the mesh, memory in unit tests).
 
     `apply` writes changes in order; operation records carry their result once they
-    succeeded, and calls are kept apart until trimmed. Raises Unavailable when the store
+    succeeded, and calls are kept apart until trimmed. Raises UnavailableError when the store
     cannot be reached (the journal retries).
     """
 
@@ -189,6 +173,6 @@ class RunStore(Protocol):
     async def load(self) -> StoredState:
         ...
 
-    async def payloads(self, run_name: str, after_seq_id: int) -> dict[int, Any]:
+    async def payloads(self, run_name: str, after_seq_id: int) -> dict[int, Work]:
         """The run's kept calls with seq_id > `after_seq_id`, by seq_id."""
         ...

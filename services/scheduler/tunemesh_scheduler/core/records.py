@@ -8,10 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from tunemesh_common.errors import Code, TunemeshError
+from tunemesh.errors import Code, TunemeshError
 
+
+if TYPE_CHECKING:
+    from tunemesh.v1.types_pb2 import LoraConfig
+    from tunemesh_scheduler.core.work import LoadRequest, Work
 
 class OpKind(enum.StrEnum):
     """What an operation asks a trainer to do."""
@@ -61,7 +65,7 @@ class OperationError:
     @classmethod
     def of(cls, error: TunemeshError) -> OperationError:
         """Convert a typed error into its wire form."""
-        return cls(int(error.code), error.reason, error.message)
+        return cls(int(error.rpc_code), error.reason, error.message)
 
     @property
     def retryable(self) -> bool:
@@ -89,14 +93,14 @@ class RunRecord:
     tenant: str
     session: str
     base_model: str
-    lora: Any
+    lora: LoraConfig  # normalized by the server
     node_id: str
     create_time: float
     step: int = 0
     last_seq_id: int = 0
     epoch: int = 1  # fencing: raised by every scheduler or trainer that takes the run over
     request_id: str = ""  # of the CreateTrainingRun call
-    origin: Any = None  # the LoadRequest the run was created from, if any
+    origin: LoadRequest | None = None  # the checkpoint the run was created from, if any
     snapshot_path: str = ""  # latest automatic snapshot (weights + AdamW state)
     snapshot_seq_id: int = 0  # the seq_id that snapshot follows
     # (last_seq_id, step) as the store keeps them: moved on only when the operation log
@@ -108,8 +112,8 @@ class RunRecord:
 class OperationRecord:
     """A queued unit of work (`operations/{id}`) and, once done, its outcome.
 
-    `payload` is opaque to the core (the server's decoded request) and is dropped once
-    the operation is done; `result` is whatever the trainer port returned.
+    `payload` is the work asked (`core.work`: the core carries it without looking inside)
+    and is dropped once the operation is done; `result` is what the trainer port returned.
     """
 
     name: str
@@ -126,7 +130,7 @@ class OperationRecord:
     end_time: float | None = None
     result: Any = None
     error: OperationError | None = None
-    payload: Any = dataclasses.field(default=None, repr=False)
+    payload: Work | None = dataclasses.field(default=None, repr=False)
     epoch: int = 0  # the run's epoch it is sent with
     snapshot_path: str = ""  # OPTIM_STEP: snapshot the adapter right after it, to this path
 

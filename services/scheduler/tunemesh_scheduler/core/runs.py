@@ -7,8 +7,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tunemesh_common.errors import (
-    AlreadyExists, InvalidArgument, NotFound, ResourceExhausted, TunemeshError, Unavailable,
+from tunemesh.errors import (
+    AlreadyExistsError,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    TunemeshError,
+    UnavailableError,
 )
 from tunemesh_scheduler.core.ports import PlacementPort, StoreWrite, TrainerPort
 from tunemesh_scheduler.core.records import RunRecord
@@ -63,7 +68,7 @@ class RunRegistry:
         seen = self._requests.get(key)
         if seen is not None:
             if seen[0] != payload:
-                raise AlreadyExists(
+                raise AlreadyExistsError(
                     "REQUEST_ID_REUSED", f"request id {request_id!r} was used for another run"
                 )
             return await asyncio.shield(seen[1])
@@ -83,7 +88,7 @@ class RunRegistry:
     ) -> RunRecord:
         held = len(self._by_tenant.get(tenant, ()))
         if self._max_runs_per_tenant and held >= self._max_runs_per_tenant:
-            raise ResourceExhausted(
+            raise ResourceExhaustedError(
                 "TENANT_RUN_QUOTA", f"tenant already holds {held} runs (the quota is {self._max_runs_per_tenant})"
             )
         name = f"runs/{self._new_id()}"
@@ -115,18 +120,18 @@ class RunRegistry:
         its calls run in order, so a delete queued now lands after that create."""
         try:
             await self._trainer.delete_adapter(node_id, name)
-        except Exception as exc:  # NotFound when it was never created: nothing to undo
+        except Exception as exc:  # NotFoundError when it was never created: nothing to undo
             log.info("undo of %s on %s: %r", name, node_id, exc)
         await self._placement.release(name, node_id)
 
     async def delete(self, record: RunRecord) -> None:
-        """Forget the run at once (later calls get NotFound), then free its adapter slot."""
+        """Forget the run at once (later calls get NotFoundError), then free its adapter slot."""
         del self._runs[record.name]
         self._by_tenant[record.tenant].remove(record.name)
         self._note(StoreWrite(record, delete=True))
         try:
             await self._trainer.delete_adapter(record.node_id, record.name)
-        except TunemeshError as exc:  # NotFound or a trainer that is gone: no slot left to free
+        except TunemeshError as exc:  # NotFoundError or a trainer that is gone: no slot left to free
             log.warning("deleting the adapter of %s on %s: %r", record.name, record.node_id, exc)
         await self._placement.release(record.name, record.node_id)
 
@@ -142,17 +147,17 @@ class RunRegistry:
             self._requests[(record.tenant, record.request_id)] = (key, future)
 
     def get(self, tenant: str, name: str) -> RunRecord:
-        """The tenant's run, or NotFound(RUN_NOT_FOUND)."""
+        """The tenant's run, or NotFoundError(RUN_NOT_FOUND)."""
         record = self._runs.get(name)
         if record is None or record.tenant != tenant:
-            raise NotFound("RUN_NOT_FOUND", f"run {name!r} not found")
+            raise NotFoundError("RUN_NOT_FOUND", f"run {name!r} not found")
         return record
 
     def list(self, tenant: str, page_size: int, page_token: str) -> tuple[list[RunRecord], str]:
         """One page of the tenant's runs in creation order, and the next page token
         ('' when there is no more). The token is an opaque offset."""
         if page_size < 0:
-            raise InvalidArgument("INVALID_PAGE_SIZE", "page_size must be >= 0")
+            raise InvalidArgumentError("INVALID_PAGE_SIZE", "page_size must be >= 0")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         start = _parse_token(page_token)
         names = self._by_tenant.get(tenant, [])
@@ -165,12 +170,12 @@ def _parse_token(token: str) -> int:
     if not token:
         return 0
     if not token.isdigit():
-        raise InvalidArgument("INVALID_PAGE_TOKEN", f"bad page token {token!r}")
+        raise InvalidArgumentError("INVALID_PAGE_TOKEN", f"bad page token {token!r}")
     return int(token)
 
 
 def _fail_future(future: asyncio.Future, exc: BaseException) -> None:
     if isinstance(exc, asyncio.CancelledError):  # concurrent retries get a retryable error
-        exc = Unavailable("CREATE_INTERRUPTED", "the run's creation was interrupted; retry")
+        exc = UnavailableError("CREATE_INTERRUPTED", "the run's creation was interrupted; retry")
     future.set_exception(exc)
     future.exception()  # mark retrieved so asyncio logs no "never retrieved" warning

@@ -5,9 +5,47 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Protocol
 
-from tunemesh_common.errors import NotFound
+from tunemesh_common.checkpoint_paths import adapter_key
+from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tunemesh_scheduler.core.ports import StoreWrite
+
+
+class CheckpointLookup(Protocol):
+    """The tenant's checkpoints (the checkpoint service, through the scheduler)."""
+
+    async def get(self, tenant: str, path: str):
+        """The checkpoint at `path` (with `.path` and `.base_model`); NotFoundError for
+        another tenant's path."""
+        ...
+
+
+class SamplerRoutes(Protocol):
+    """Which samplers serve which base model."""
+
+    def model(self, base_model: str) -> object:
+        """NotFoundError(UNKNOWN_MODEL) when no sampler serves it."""
+        ...
+
+    def route(self, base_model: str, adapter_key: str = "") -> str:
+        """The sampler node for a new sampling session."""
+        ...
+
+
+async def sampling_source(tenant: str, base_model: str, model_path: str,
+                          checkpoints: CheckpointLookup) -> tuple[str, str, str]:
+    """(base model, checkpoint path, adapter key) a new sampling session samples from:
+    a base model, or one of the tenant's checkpoints (then its base model; a `base_model`
+    given as well must be that one)."""
+    if not model_path:
+        if not base_model:
+            raise InvalidArgumentError("MISSING_MODEL", "give base_model or model_path")
+        return base_model, "", ""
+    checkpoint = await checkpoints.get(tenant, model_path)
+    if base_model and base_model != checkpoint.base_model:
+        raise FailedPreconditionError("WRONG_BASE_MODEL", f"{checkpoint.path} is for {checkpoint.base_model}")
+    return checkpoint.base_model, checkpoint.path, adapter_key(tenant, checkpoint.path)
 
 
 @dataclasses.dataclass(slots=True)
@@ -50,8 +88,8 @@ class SamplingSessionRegistry:
         self._sessions[record.name] = record
 
     def get(self, tenant: str, name: str) -> SamplingSessionRecord:
-        """The tenant's sampling session, or NotFound."""
+        """The tenant's sampling session, or NotFoundError."""
         record = self._sessions.get(name)
         if record is None or record.tenant != tenant:
-            raise NotFound("SAMPLING_SESSION_NOT_FOUND", f"sampling session {name!r} not found")
+            raise NotFoundError("SAMPLING_SESSION_NOT_FOUND", f"sampling session {name!r} not found")
         return record

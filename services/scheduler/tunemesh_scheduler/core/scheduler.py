@@ -1,7 +1,7 @@
 """`SchedulerCore`: the facade the gRPC servicers call, and the driver of the machine.
 
 Every method takes the already-authenticated tenant id first. Resources of another
-tenant read as NotFound. What the scheduler decides lives in `SchedulerMachine` (pure:
+tenant read as NotFoundError. What the scheduler decides lives in `SchedulerMachine` (pure:
 no task, timer or socket); this class is the thin asyncio layer around it: it runs the
 requests that need I/O (placing a run, creating its adapter), executes the machine's
 actions (trainer batches, checkpoint calls, moves, freezes, snapshot confirmations) as
@@ -21,8 +21,8 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from tunemesh_common.errors import Code, FailedPrecondition, TunemeshError
-from tunemesh_common.errors import ResourceExhausted, Unavailable
+from tunemesh.errors import Code, FailedPreconditionError, TunemeshError
+from tunemesh.errors import ResourceExhaustedError, UnavailableError
 from tunemesh_common.metrics import SchedulerMetrics
 from tunemesh_scheduler.core import idempotency
 from tunemesh_scheduler.core.failover import FailoverCalls
@@ -32,7 +32,7 @@ from tunemesh_scheduler.core.machine import SchedulerMachine
 from tunemesh_scheduler.core.snapshots import SnapshotPolicy
 from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import (
-    Fence, ItemOutcome, LoadRequest, LoadResult, PlacementPort, RunStore, StoreWrite, TrainerPort,
+    Fence, ItemOutcome, LoadResult, PlacementPort, RunStore, StoreWrite, TrainerPort,
 )
 from tunemesh_scheduler.core.recovery import RecoveryPlan
 from tunemesh_scheduler.core.records import (
@@ -44,8 +44,11 @@ from tunemesh_scheduler.core.records import (
     SessionRecord,
 )
 from tunemesh_scheduler.core.runs import RunRegistry
-from tunemesh_scheduler.core.sampling import SamplingSessionRegistry
+from tunemesh_scheduler.core.sampling import (
+    CheckpointLookup, SamplerRoutes, SamplingSessionRecord, SamplingSessionRegistry, sampling_source,
+)
 from tunemesh_scheduler.core.sessions import SessionRegistry
+from tunemesh_scheduler.core.work import LoadRequest, SaveRequest, Work
 
 log = logging.getLogger(__name__)
 
@@ -230,10 +233,13 @@ class SchedulerCore:
     async def _run_single(self, op: OperationRecord) -> Any:
         """A checkpoint save or load of one run (ordered like its other operations)."""
         fence = Fence(op.seq_id, op.epoch)
-        if op.kind is OpKind.LOAD_STATE:
-            step = await self._trainer.load_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
-            return LoadResult(op.payload.path, step)
-        return await self._trainer.save_adapter(op.node_id, op.run, op.tenant, op.payload, fence)
+        match op.payload:
+            case LoadRequest() as load:
+                step = await self._trainer.load_adapter(op.node_id, op.run, op.tenant, load, fence)
+                return LoadResult(load.path, step)
+            case SaveRequest() as save:
+                return await self._trainer.save_adapter(op.node_id, op.run, op.tenant, save, fence)
+        raise TypeError(f"{op.name}: {op.kind.name} is not a checkpoint call")
 
     def tick(self, now: float | None = None) -> None:
         """Everything time decides: gap deadlines, expired sessions, forgotten operations."""
@@ -261,7 +267,7 @@ class SchedulerCore:
             self.operations.fail(op, error)
 
     async def sync(self, timeout_s: float | None = None) -> None:
-        """Wait until every change so far is in the state store; Unavailable
+        """Wait until every change so far is in the state store; UnavailableError
         (STORE_UNAVAILABLE) after `timeout_s` (default: the config's store timeout)."""
         await self.journal.synced(self.journal.latest,
                                   self._config.store_timeout_s if timeout_s is None else timeout_s)
@@ -280,6 +286,17 @@ class SchedulerCore:
         self._poke()
 
     # ---- sessions --------------------------------------------------------------------
+
+    async def create_sampling_session(self, tenant: str, session: str, base_model: str, model_path: str,
+                                      checkpoints: CheckpointLookup, samplers: SamplerRoutes) -> SamplingSessionRecord:
+        """A sampling session of the tenant's open `session`, on a base model or one of the
+        tenant's checkpoints, routed to a sampler serving it; durable before it returns."""
+        self.sessions.get_open(tenant, session)
+        base_model, path, key = await sampling_source(tenant, base_model, model_path, checkpoints)
+        samplers.model(base_model)  # NotFoundError(UNKNOWN_MODEL) when no sampler serves it
+        record = self.sampling.create(tenant, session, base_model, path, key, samplers.route(base_model, key))
+        await self.sync()
+        return record
 
     def create_session(self, tenant: str, labels: dict[str, str] | None = None) -> SessionRecord:
         return self.sessions.create(tenant, labels)
@@ -320,7 +337,7 @@ class SchedulerCore:
             tenant, session, base_model, lora, request_id, load if restore else None, restore
         )
         self.machine.add_run(record)
-        await self.sync()  # Unavailable while the store is down: a retry gets this run
+        await self.sync()  # UnavailableError while the store is down: a retry gets this run
         return record
 
     def restore_run(self, record: RunRecord) -> None:
@@ -351,7 +368,7 @@ class SchedulerCore:
         self._check_serving()
         record = self.runs.get(tenant, name)
         if not self.machine.lanes[name].idle() or name in self.machine.moving:
-            raise FailedPrecondition(
+            raise FailedPreconditionError(
                 "RUN_BUSY", f"{name} has unfinished operations: wait for them or cancel them first"
             )
         self.machine.remove_run(name)
@@ -372,7 +389,7 @@ class SchedulerCore:
         seq_id: int,
         request_id: str,
         kind: OpKind,
-        payload: Any,
+        payload: Work,
         payload_digest: bytes | str,
         num_tokens: int = 0,
     ) -> OperationRecord:
@@ -390,7 +407,7 @@ class SchedulerCore:
             return existing
         self.sessions.get_open(tenant, record.session)
         if seq_id > record.last_seq_id + self._config.max_ops_ahead:
-            raise ResourceExhausted(  # retryable: the SDK backs off until earlier ops finish
+            raise ResourceExhaustedError(  # retryable: the SDK backs off until earlier ops finish
                 "TOO_MANY_QUEUED",
                 f"seq_id {seq_id} is more than {self._config.max_ops_ahead} ahead of the run's "
                 f"last finished seq_id {record.last_seq_id}",
@@ -412,7 +429,7 @@ class SchedulerCore:
             return
         try:
             await self.sync(self._config.submit_store_wait_s)
-        except Unavailable:
+        except UnavailableError:
             log.warning("acknowledging %s before the state store confirmed it", op.name,
                         extra={"run": op.run, "operation": op.name})
 
@@ -468,7 +485,7 @@ class SchedulerCore:
 
     def _check_serving(self) -> None:
         if not self._serving:
-            raise Unavailable("NOT_SERVING", "scheduler is not serving")
+            raise UnavailableError("NOT_SERVING", "scheduler is not serving")
 
 
 async def _guard(call: Awaitable[Any], op: OperationRecord) -> tuple[Any, OperationError | None]:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tunemesh_common.errors import FailedPrecondition, NotFound
+from tunemesh.errors import FailedPreconditionError, NotFoundError
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import SessionRecord
 
 
 class SessionRegistry:
-    """In-memory sessions keyed by name; another tenant's session reads as NotFound."""
+    """In-memory sessions keyed by name; another tenant's session reads as NotFoundError."""
 
     def __init__(self, clock: Callable[[], float], new_id: Callable[[], str],
                  note: Callable[[StoreWrite], int] = lambda write: 0) -> None:
@@ -41,17 +41,17 @@ class SessionRegistry:
         self._sessions[record.name] = record
 
     def get(self, tenant: str, name: str) -> SessionRecord:
-        """The tenant's session, or NotFound(SESSION_NOT_FOUND)."""
+        """The tenant's session, or NotFoundError(SESSION_NOT_FOUND)."""
         record = self._sessions.get(name)
         if record is None or record.tenant != tenant:
-            raise NotFound("SESSION_NOT_FOUND", f"session {name!r} not found")
+            raise NotFoundError("SESSION_NOT_FOUND", f"session {name!r} not found")
         return record
 
     def get_open(self, tenant: str, name: str) -> SessionRecord:
-        """Like `get`, but an ended session is FailedPrecondition(SESSION_ENDED)."""
+        """Like `get`, but an ended session is FailedPreconditionError(SESSION_ENDED)."""
         record = self.get(tenant, name)
         if record.ended:
-            raise FailedPrecondition("SESSION_ENDED", f"session {name!r} has ended")
+            raise FailedPreconditionError("SESSION_ENDED", f"session {name!r} has ended")
         return record
 
     def heartbeat(self, tenant: str, name: str) -> SessionRecord:

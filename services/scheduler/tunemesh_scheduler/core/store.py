@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from tunemesh_common.errors import Unavailable
+from tunemesh.errors import UnavailableError
 from tunemesh_scheduler.core.ports import StoredState, StoreWrite
 from tunemesh_scheduler.core.records import OperationRecord, OpState, RunRecord, SessionRecord
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
@@ -47,7 +47,7 @@ class MemoryRunStore:
 
     async def apply(self, writes: Sequence[StoreWrite]) -> None:
         if self.down:
-            raise Unavailable("ETCD_UNAVAILABLE", "memory store is down")
+            raise UnavailableError("ETCD_UNAVAILABLE", "memory store is down")
         self.applies += 1
         for write in writes:
             key = store_key(write.record)
@@ -73,12 +73,12 @@ class MemoryRunStore:
 
     async def payloads(self, run_name: str, after_seq_id: int) -> dict[int, object]:
         if self.down:
-            raise Unavailable("ETCD_UNAVAILABLE", "memory store is down")
+            raise UnavailableError("ETCD_UNAVAILABLE", "memory store is down")
         return {seq: p for (run, seq), p in self.kept_payloads.items() if run == run_name and seq > after_seq_id}
 
     async def load(self) -> StoredState:
         if self.down:
-            raise Unavailable("ETCD_UNAVAILABLE", "memory store is down")
+            raise UnavailableError("ETCD_UNAVAILABLE", "memory store is down")
         state = StoredState()
         for record in self.records.values():
             copy = stored_copy(record)

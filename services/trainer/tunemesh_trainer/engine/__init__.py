@@ -26,8 +26,15 @@ def build_torch_engine(
     max_batch_tokens: int = 8192,
     dtype: str = "float32",
 ) -> TrainingEngine:
-    """Load a base model from a local HF directory into a fused multi-LoRA torch engine."""
+    """Load a base model from a local HF directory into a fused multi-LoRA torch engine on
+    `device` ("auto": cuda when available, else cpu), the frozen base in `dtype` (float32
+    or bfloat16)."""
     from tunemesh_trainer.engine.torch_engine import TorchTrainingEngine
+
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
 
     return TorchTrainingEngine(
         model_dir,

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tunemesh_common.errors import FailedPrecondition, InvalidArgument
+from tunemesh.errors import FailedPreconditionError, InvalidArgumentError
 from tunemesh_trainer.domain import AdamSpec, AdapterState, LoraSpec
 from tunemesh_common.multi_lora import LoraPair
 from tunemesh_trainer.engine.optimizer import AdapterOptimizer
@@ -83,11 +83,11 @@ class AdapterSlot:
         """Overwrite LoRA factors from PEFT-style names; shapes must match exactly."""
         own = self.weights()
         if set(tensors) != set(own):
-            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", "weight names differ from the adapter's")
+            raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", "weight names differ from the adapter's")
         with torch.no_grad():
             for name, target in own.items():
                 if tuple(tensors[name].shape) != tuple(target.shape):
-                    raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{name}: shape mismatch")
+                    raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", f"{name}: shape mismatch")
                 target.copy_(tensors[name])
 
     def export_state(self, with_optimizer: bool) -> AdapterState:
@@ -99,7 +99,7 @@ class AdapterSlot:
     def import_state(self, state: AdapterState) -> int:
         """Overwrite from `state` (see TrainingEngine.import_adapter); returns the step count."""
         if (state.spec.rank, state.spec.alpha) != (self.spec.rank, self.spec.alpha):
-            raise FailedPrecondition(
+            raise FailedPreconditionError(
                 "LORA_CONFIG_MISMATCH",
                 f"checkpoint has rank {state.spec.rank} / alpha {state.spec.alpha:g}, the run "
                 f"{self.spec.rank} / {self.spec.alpha:g}",
@@ -138,7 +138,7 @@ def _complete(weights: dict[str, np.ndarray], own: dict[str, torch.Tensor]) -> d
     """`weights` checked against the slot's, plus zero A and B for modules it lacks."""
     unknown = sorted(set(weights) - set(own))
     if unknown:
-        raise FailedPrecondition(
+        raise FailedPreconditionError(
             "LORA_CONFIG_MISMATCH", f"the run has no LoRA on {unknown[0].rsplit('.lora_', 1)[0]} ({len(unknown)} such tensors)"
         )
     out = {}
@@ -148,16 +148,16 @@ def _complete(weights: dict[str, np.ndarray], own: dict[str, torch.Tensor]) -> d
             out[name] = np.zeros(tuple(target.shape), dtype=np.float32)
             continue
         if tuple(value.shape) != tuple(target.shape):
-            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{name}: shape {list(value.shape)}, the run has {list(target.shape)}")
+            raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", f"{name}: shape {list(value.shape)}, the run has {list(target.shape)}")
         if not np.isfinite(value).all():
-            raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{name}: not finite")
+            raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", f"{name}: not finite")
         value = np.asarray(value, dtype=np.float32)
         out[name] = value if value.flags.writeable else value.copy()  # torch wants writable memory
     modules_missing_half = {n.rsplit(".lora_", 1)[0] for n in own if n not in weights} & {
         n.rsplit(".lora_", 1)[0] for n in weights
     }
     if modules_missing_half:
-        raise InvalidArgument("BAD_ADAPTER_WEIGHTS", f"{sorted(modules_missing_half)[0]}: needs both lora_A and lora_B")
+        raise InvalidArgumentError("BAD_ADAPTER_WEIGHTS", f"{sorted(modules_missing_half)[0]}: needs both lora_A and lora_B")
     return out
 
 
@@ -166,6 +166,6 @@ def _check_optimizer(arrays: dict[str, np.ndarray], names: list[str]) -> None:
     for key, value in arrays.items():
         name, _, field = key.partition("/")
         if name not in known or field not in ("exp_avg", "exp_avg_sq", "step"):
-            raise InvalidArgument("BAD_OPTIMIZER_STATE", f"unexpected optimizer tensor {key[:200]!r}")
+            raise InvalidArgumentError("BAD_OPTIMIZER_STATE", f"unexpected optimizer tensor {key[:200]!r}")
         if not np.isfinite(value).all():
-            raise InvalidArgument("BAD_OPTIMIZER_STATE", f"{key}: not finite")
+            raise InvalidArgumentError("BAD_OPTIMIZER_STATE", f"{key}: not finite")

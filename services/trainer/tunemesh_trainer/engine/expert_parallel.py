@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_common.multi_lora import EXPERT_PARAMETERS, MultiLoraExperts, RowPlan, token_adapter_slots
 
 
@@ -40,7 +40,7 @@ def form_groups(world: int, rank: int, size: int) -> ExpertGroup:
     """Cut the world into consecutive expert-parallel groups of `size` ranks (a collective:
     every rank calls it)."""
     if size < 1 or world % size:
-        raise InvalidArgument("BAD_EXPERT_PARALLEL", f"expert-parallel size {size} must divide the {world} ranks")
+        raise InvalidArgumentError("BAD_EXPERT_PARALLEL", f"expert-parallel size {size} must divide the {world} ranks")
     if size == 1:
         return ExpertGroup(None, 1, 0)
     if size == world:
@@ -60,7 +60,7 @@ def shard_experts(layers: dict[str, MultiLoraExperts], ep: ExpertGroup) -> int:
     per_rank = 0
     for name, layer in layers.items():
         if layer.num_experts % ep.size:
-            raise InvalidArgument("BAD_EXPERT_PARALLEL",
+            raise InvalidArgumentError("BAD_EXPERT_PARALLEL",
                                   f"{name} has {layer.num_experts} experts, not divisible by {ep.size} ranks")
         per_rank = layer.num_experts // ep.size
         first = ep.rank * per_rank

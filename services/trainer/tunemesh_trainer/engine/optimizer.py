@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tunemesh_common.errors import InvalidArgument
+from tunemesh.errors import InvalidArgumentError
 from tunemesh_trainer.domain import AdamSpec
 
 
@@ -22,7 +22,7 @@ class AdapterOptimizer:
         _check_spec(adam)
         grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])))
         if not _finite(grad_norm):
-            raise InvalidArgument("NON_FINITE_GRADIENT", "accumulated gradient norm is not finite")
+            raise InvalidArgumentError("NON_FINITE_GRADIENT", "accumulated gradient norm is not finite")
         for param, grad in zip(self.params, grads):
             param.grad = grad
         try:
@@ -87,8 +87,8 @@ def _finite(value: float) -> bool:
 
 def _check_spec(adam: AdamSpec) -> None:
     if not adam.learning_rate >= 0:
-        raise InvalidArgument("BAD_ADAM_PARAMS", "learning_rate must be >= 0")
+        raise InvalidArgumentError("BAD_ADAM_PARAMS", "learning_rate must be >= 0")
     if not (0 <= adam.beta1 < 1 and 0 <= adam.beta2 < 1):
-        raise InvalidArgument("BAD_ADAM_PARAMS", "beta1 and beta2 must lie in [0, 1)")
+        raise InvalidArgumentError("BAD_ADAM_PARAMS", "beta1 and beta2 must lie in [0, 1)")
     if not adam.eps >= 0 or not adam.weight_decay >= 0 or not adam.grad_clip_norm >= 0:
-        raise InvalidArgument("BAD_ADAM_PARAMS", "eps, weight_decay and grad_clip_norm must be >= 0")
+        raise InvalidArgumentError("BAD_ADAM_PARAMS", "eps, weight_decay and grad_clip_norm must be >= 0")

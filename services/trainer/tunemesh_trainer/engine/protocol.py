@@ -16,13 +16,13 @@ class TrainingEngine(Protocol):
     def create_adapter(self, adapter_id: str, spec: LoraSpec) -> int:
         """Create a fresh adapter; return its number of trainable parameters.
 
-        Raises AlreadyExists for a duplicate id, InvalidArgument for a bad spec
+        Raises AlreadyExistsError for a duplicate id, InvalidArgumentError for a bad spec
         (rank outside [1, info.max_lora_rank], no target module).
         """
         ...
 
     def delete_adapter(self, adapter_id: str) -> None:
-        """Drop an adapter's weights, optimizer state and gradients (NotFound if unknown)."""
+        """Drop an adapter's weights, optimizer state and gradients (NotFoundError if unknown)."""
         ...
 
     def adapter_ids(self) -> list[str]:
@@ -51,7 +51,7 @@ class TrainingEngine(Protocol):
         The state's rank and alpha must equal the adapter's; its modules must be among
         the adapter's (modules it lacks get zero A and B: no update, and none learned).
         Without optimizer state the optimizer restarts at step 0. Accumulated gradients
-        are cleared either way. Raises FailedPrecondition / InvalidArgument and leaves
+        are cleared either way. Raises FailedPreconditionError / InvalidArgumentError and leaves
         the adapter untouched when the state does not fit.
         """
         ...

@@ -26,7 +26,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-from tunemesh_common.errors import Internal
+from tunemesh.errors import InternalError
 from tunemesh_trainer.domain import AdamSpec, AdapterState, EngineItem, ItemOutcome, LoraSpec
 
 logger = logging.getLogger(__name__)
@@ -146,7 +146,7 @@ def shared_local_group(world: int, threads: int = 0, timeout_s: float = 600.0,
     before the group closes: the group cannot go on without it."""
     if world not in _SHARED:
         if _SHARED:
-            raise Internal("GROUP_EXISTS", f"this process already leads a group of {next(iter(_SHARED))} ranks")
+            raise InternalError("GROUP_EXISTS", f"this process already leads a group of {next(iter(_SHARED))} ranks")
         group, workers = _form(world, threads, timeout_s)
         _SHARED[world] = group
         closing = threading.Event()
@@ -227,7 +227,7 @@ class RankGroup:
 
     def _call_locked(self, key: int, method: RankCall, args: tuple) -> Any:
         if self._diverged:
-            raise Internal("RANKS_DIVERGED", self._diverged)
+            raise InternalError("RANKS_DIVERGED", self._diverged)
         self._dist.broadcast_object_list([(key, method, args)], src=0, group=self._control)
         result, error = apply_call(self._engines, key, method, args)
         prints: list = [None] * self.world
@@ -235,7 +235,7 @@ class RankGroup:
         if any(p != prints[0] for p in prints[1:]):
             self._diverged = f"ranks disagree after {method.value}: {prints}"
             logger.error("%s", self._diverged)
-            raise Internal("RANKS_DIVERGED", self._diverged)
+            raise InternalError("RANKS_DIVERGED", self._diverged)
         if error is not None:
             raise error
         return result

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForCausalLM
 
-from tunemesh_common.errors import AlreadyExists, Code, InvalidArgument, NotFound, Unimplemented
+from tunemesh.errors import AlreadyExistsError, Code, InvalidArgumentError, NotFoundError, UnimplementedError
 from tunemesh_trainer.domain import (
     AdamSpec,
     AdapterState,
@@ -72,7 +72,7 @@ class TorchTrainingEngine:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
         if dtype not in BASE_DTYPES:
-            raise InvalidArgument("BAD_DTYPE", f"base dtype must be one of {sorted(BASE_DTYPES)}, got {dtype!r}")
+            raise InvalidArgumentError("BAD_DTYPE", f"base dtype must be one of {sorted(BASE_DTYPES)}, got {dtype!r}")
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=BASE_DTYPES[dtype])
         model.requires_grad_(False)
         self._model = model.eval().to(self._device)
@@ -115,18 +115,18 @@ class TorchTrainingEngine:
 
     def create_adapter(self, adapter_id: str, spec: LoraSpec) -> int:
         if not adapter_id:
-            raise InvalidArgument("BAD_ADAPTER_ID", "adapter id must be non-empty")
+            raise InvalidArgumentError("BAD_ADAPTER_ID", "adapter id must be non-empty")
         if adapter_id in self._slots:
-            raise AlreadyExists("ADAPTER_EXISTS", f"adapter {adapter_id!r} already exists")
+            raise AlreadyExistsError("ADAPTER_EXISTS", f"adapter {adapter_id!r} already exists")
         if not 1 <= spec.rank <= self.info.max_lora_rank:
-            raise InvalidArgument("BAD_LORA_RANK", f"rank must lie in [1, {self.info.max_lora_rank}]")
+            raise InvalidArgumentError("BAD_LORA_RANK", f"rank must lie in [1, {self.info.max_lora_rank}]")
         if not math.isfinite(spec.alpha) or spec.alpha < 0:
-            raise InvalidArgument("BAD_LORA_ALPHA", "alpha must be finite and >= 0")
+            raise InvalidArgumentError("BAD_LORA_ALPHA", "alpha must be finite and >= 0")
         if spec.train_experts and self._has_experts and not self._experts:
-            raise Unimplemented("EXPERT_LORA_UNSUPPORTED", "LoRA on this model's expert layout is not supported")
+            raise UnimplementedError("EXPERT_LORA_UNSUPPORTED", "LoRA on this model's expert layout is not supported")
         targets = self.target_modules(spec)
         if not targets:
-            raise InvalidArgument("NO_TARGET_MODULES", "the spec selects no module of this model")
+            raise InvalidArgumentError("NO_TARGET_MODULES", "the spec selects no module of this model")
         slot = AdapterSlot(spec, {n: self._target_shape(n) for n in targets}, self._device)
         for module_name, pair in slot.pairs.items():
             self._pair_table(module_name)[adapter_id] = pair
@@ -186,7 +186,7 @@ class TorchTrainingEngine:
     def _slot(self, adapter_id: str) -> AdapterSlot:
         slot = self._slots.get(adapter_id)
         if slot is None:
-            raise NotFound("ADAPTER_NOT_FOUND", f"no adapter {adapter_id!r}")
+            raise NotFoundError("ADAPTER_NOT_FOUND", f"no adapter {adapter_id!r}")
         return slot
 
     # batches ------------------------------------------------------------------

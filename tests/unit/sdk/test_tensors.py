@@ -1,13 +1,14 @@
-"""tensors.py: TensorData <-> numpy round trips and rejection of malformed tensors."""
+"""tunemesh.tensors, the one tensor codec: TensorData <-> numpy round trips and the refusal
+of malformed tensors (INVALID_ARGUMENT [BAD_TENSOR], naming the tensor)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+from tunemesh import tensors
+from tunemesh.errors import InvalidArgumentError
 from tunemesh.v1 import types_pb2
-from tunemesh_common import tensors
-from tunemesh_common.errors import InvalidArgument
 
 
 @pytest.mark.parametrize(
@@ -51,8 +52,8 @@ def test_bfloat16_decodes_to_the_float32_with_those_upper_bits():
     np.testing.assert_array_equal(tensors.decode(proto), [[1.0]])
 
 
-def _bad(dtype, shape, data) -> InvalidArgument:
-    with pytest.raises(InvalidArgument) as info:
+def _bad(dtype, shape, data) -> InvalidArgumentError:
+    with pytest.raises(InvalidArgumentError) as info:
         tensors.decode(types_pb2.TensorData(dtype=dtype, shape=shape, data=data), name="weights")
     assert info.value.reason == "BAD_TENSOR"
     assert "weights" in info.value.message
@@ -84,3 +85,8 @@ def test_scalar_shape_decodes_to_a_scalar():
     value = tensors.decode(proto)
     assert value.shape == () and float(value) == 2.5
     assert tensors.encode(np.float32(2.5)).shape == []
+
+
+def test_encode_refuses_what_has_no_wire_dtype():
+    with pytest.raises(TypeError, match="complex"):
+        tensors.encode(np.array([1 + 2j]))
