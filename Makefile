@@ -57,7 +57,7 @@ protos-baseline: deps  ## accept today's protos as the compatibility baseline (a
 install: deps protos helm
 	$(PY) -m pip install -q --no-deps -e .
 
-test: deps protos-check lint install  ## install everything, then run the whole suite
+test: deps protos-check lint install image-smoke  ## install everything, build one service image, then run the whole suite
 	$(VENV)/bin/pytest -q
 
 test-fast: install
@@ -71,3 +71,9 @@ bench: install
 
 clean:
 	rm -rf $(VENV) .tunemesh
+
+.PHONY: images image-smoke
+images:  ## every CPU image of deploy/docker/Dockerfile, built with buildah (no Docker daemon), health-checked, as OCI archives in .tunemesh/images
+	$(PYTHON) scripts/build_images.py
+image-smoke:  ## the checkpoint image alone (the Debian base, cached, + one image), health-checked: the CI check that the Dockerfile builds
+	$(PYTHON) scripts/build_images.py checkpoint
