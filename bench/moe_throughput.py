@@ -306,7 +306,7 @@ def deepspeed_child(args: argparse.Namespace, workload: Workload) -> None:
     """In a child process: lead a local group of `--child-ranks` CPU ranks, measure the
     DeepSpeed engine, write seconds and losses to `--child-json`."""
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from tunemesh_trainer.engine.rank_group import local_group
+    from tunemesh_trainer.ranks import local_group
 
     model_dir, entry = model_dir_and_entry(args.data_dir)
     with local_group(args.child_ranks, threads=args.rank_threads, timeout_s=600) as group:

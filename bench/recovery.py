@@ -43,7 +43,7 @@ from train_throughput import (  # noqa: E402
     ADAM, SMOLLM2, TINY, Workload, _with_data_dir, log, mesh_seconds, sdk_datums, token_rows, write_json,
 )
 
-LEASE_TTL_S = 5.0  # a trainer's etcd lease (tunemesh_common.registry), kept alive every ttl/3
+LEASE_TTL_S = 5.0  # a trainer's etcd lease (tunemesh_common.membership.registry), kept alive every ttl/3
 IN_FLIGHT_S = 0.2  # resolutions this soon after a kill were computed before it (no fault recovers faster)
 RESULT_TIMEOUT_S = 180.0  # longest wait for one future of a pipeline
 # `asctime level name: message`, and the context the services append: ` [run=... node=...]`

@@ -158,9 +158,7 @@ class CheckpointClient:
         dest = pathlib.Path(dest_dir)
         dest.mkdir(parents=True, exist_ok=True)
         request = checkpoints_pb2.DownloadCheckpointRequest(path=path)
-        stream = self._transport.checkpoints.DownloadCheckpoint(
-            request, metadata=self._transport.metadata
-        )
+        stream = self._transport.stream(self._transport.checkpoints.DownloadCheckpoint, request)
         writer = _DownloadWriter(dest, overwrite, progress)
         try:
             for response in stream:
@@ -169,7 +167,7 @@ class CheckpointClient:
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         finally:
-            stream.cancel()
+            stream.close()
             writer.discard()
         return dest
 
@@ -193,9 +191,7 @@ class CheckpointClient:
         )
         requests = _import_requests(header, paths, progress)
         try:
-            response = self._transport.checkpoints.ImportCheckpoint(
-                requests, metadata=self._transport.metadata
-            )
+            response = self._transport.upload(self._transport.checkpoints.ImportCheckpoint, requests)
         except grpc.RpcError as err:
             raise error_from_rpc(err) from None
         return checkpoint_from_proto(response.checkpoint)

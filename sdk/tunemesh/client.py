@@ -1,7 +1,15 @@
-"""ServiceClient: the connection, the session and its heartbeat, and run creation."""
+"""ServiceClient: the connection, the session and its heartbeat, and run creation.
+
+A ServiceClient runs everything in the background on one asyncio event loop, on one
+daemon thread (`tunemesh.loop.LoopThread`): the grpc.aio channel, each TrainingClient's
+ordered submit queue, one WatchOperations stream for all its operations, the heartbeat
+and sampling calls. However many calls are pending, the client uses that one thread
+(plus grpc's own).
+"""
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import logging
 import os
@@ -34,6 +42,8 @@ class ServiceClient:
 
     `address` defaults to $TUNEMESH_ADDRESS, `api_key` to $TUNEMESH_API_KEY. The
     session is created on first need and kept alive by a heartbeat every 10 s.
+    `wait_timeout_s` is the hold of one WaitOperation long-poll, used only against a
+    service without WatchOperations or over a caller-supplied synchronous `channel`.
     """
 
     def __init__(
@@ -64,10 +74,10 @@ class ServiceClient:
         self._lock = threading.Lock()
         self._session: str | None = None
         self._stop = threading.Event()
+        self._heartbeat_task: concurrent.futures.Future | None = None
         self._training_clients: list[TrainingClient] = []
         self._tokenizer_lock = threading.Lock()
         self._tokenizers: dict[str, Any] = {}
-        self._sampling_executor = concurrent.futures.ThreadPoolExecutor(32, thread_name_prefix="tunemesh-sample")
 
     @property
     def session(self) -> str:
@@ -161,8 +171,7 @@ class ServiceClient:
             self._transport.sampling.CreateSamplingSession, request, what="CreateSamplingSession"
         )
         session = response.sampling_session
-        return SamplingClient(self._transport, self._sampling_executor, session.name, session.base_model,
-                              session.model_path)
+        return SamplingClient(self._transport, session.name, session.base_model, session.model_path)
 
     def get_tokenizer(self, base_model: str) -> Any:
         """The tokenizer of `base_model`, fetched once per client and cached on disk."""
@@ -188,9 +197,10 @@ class ServiceClient:
             clients, session = list(self._training_clients), self._session
         for client in clients:
             client._close()
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
         if session is not None:
             self._end_session(session)
-        self._sampling_executor.shutdown(wait=False, cancel_futures=True)
         self._transport.close()
 
     def __enter__(self) -> ServiceClient:
@@ -216,19 +226,19 @@ class ServiceClient:
             self._transport.sessions.CreateSession, request, what="CreateSession"
         )
         name = response.session.name
-        threading.Thread(
-            target=self._heartbeat, args=(name,), name="tunemesh-heartbeat", daemon=True
-        ).start()
+        self._heartbeat_task = self._transport.loop.submit(self._heartbeat(name))
         return name
 
-    def _heartbeat(self, session: str) -> None:
+    async def _heartbeat(self, session: str) -> None:
+        """A task on the loop: one HeartbeatSession every interval until close."""
         request = sessions_pb2.HeartbeatSessionRequest(session=session)
-        while not self._stop.wait(self._heartbeat_interval_s):
+        while not self._stop.is_set():
+            await asyncio.sleep(self._heartbeat_interval_s)
+            if self._stop.is_set():
+                return
             try:
-                self._transport.sessions.HeartbeatSession(
-                    request, timeout=self._heartbeat_interval_s,
-                    metadata=self._transport.metadata,
-                )
+                await self._transport.invoke(self._transport.sessions.HeartbeatSession, request,
+                                             timeout=self._heartbeat_interval_s)
             except grpc.RpcError as err:
                 if self._stop.is_set():
                     return
@@ -237,11 +247,8 @@ class ServiceClient:
                     return
 
     def _end_session(self, session: str) -> None:
+        request = sessions_pb2.EndSessionRequest(session=session)
         try:
-            self._transport.sessions.EndSession(
-                sessions_pb2.EndSessionRequest(session=session),
-                timeout=5.0,
-                metadata=self._transport.metadata,
-            )
+            self._transport.loop.run(self._transport.invoke(self._transport.sessions.EndSession, request, timeout=5.0))
         except grpc.RpcError as err:
             logger.warning("ending %s failed: %s", session, err.code())

@@ -1,9 +1,10 @@
-"""Background submission and long-poll waiting that resolve APIFutures.
+"""Ordered submission and waiting that resolve APIFutures, on the client's event loop.
 
-A `SubmitLane` sends one client's ordered calls one at a time, in seq_id order, on a
-daemon thread, so a call returns at once and the wire order matches the seq_id order.
-Once the service answers with an Operation, a daemon thread long-polls `WaitOperation`
-until it is done and resolves the future. Daemon threads never block interpreter exit.
+A `SubmitLane` is one client's ordered submit queue: an asyncio queue drained by one task,
+so a call returns at once and its submits go on the wire one at a time, in call (seq_id)
+order. Once the service answers with an Operation, the `OperationWatcher` (one per
+ServiceClient: one WatchOperations stream for all its operations) resolves the future.
+No thread is started per call or per operation.
 
 A scheduler that restarts may lose operations it had queued; waiting on one then answers
 NOT_FOUND [OPERATION_NOT_FOUND]. A future given a `resend` re-sends its submit (same
@@ -13,68 +14,81 @@ MAX_RESENDS times.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import duration_pb2
 
 from tunemesh import _wire
 from tunemesh.errors import ClientClosedError, TunemeshError
 from tunemesh.futures import APIFuture
+from tunemesh.loop import LoopThread
 from tunemesh.transport import Transport
 from tunemesh.v1 import operations_pb2
+from tunemesh.watcher import PROGRESS_TIMEOUT_S, WAIT_TIMEOUT_S, OperationWatcher
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Submit = Callable[[], operations_pb2.Operation]
+Submit = Callable[[], Awaitable[operations_pb2.Operation]]
 Convert = Callable[[operations_pb2.Operation], Any]
 
-WAIT_TIMEOUT_S = 30.0
-_WAIT_MARGIN_S = 15.0
 MAX_RESENDS = 3
 """Re-sends per wait when the service has lost the operation (OPERATION_NOT_FOUND)."""
 
+__all__ = ["MAX_RESENDS", "WAIT_TIMEOUT_S", "OperationTracker", "SubmitLane"]
+
 
 class SubmitLane:
-    """A queue drained by one daemon thread: tasks run one at a time, in order."""
+    """An asyncio queue drained by one task on the loop: tasks run one at a time, in the
+    order `put` was called (from any thread)."""
 
-    def __init__(self, name: str) -> None:
-        self._queue: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._drain, name=name, daemon=True)
-        self._thread.start()
+    def __init__(self, loop: LoopThread, name: str) -> None:
+        self._loop, self._name = loop, name
+        self._queue: asyncio.Queue[Callable[[], Awaitable[None]] | None] | None = None
+        self._task: asyncio.Task[None] | None = None
 
-    def put(self, task: Callable[[], None]) -> None:
-        self._queue.put(task)
+    def put(self, task: Callable[[], Awaitable[None]]) -> None:
+        self._loop.call_soon(self._put, task)
 
     def close(self) -> None:
-        self._queue.put(None)
+        try:
+            self._loop.call_soon(self._put, None)
+        except RuntimeError:
+            pass  # the loop is gone, and the drain with it
 
-    def _drain(self) -> None:
-        while (task := self._queue.get()) is not None:
-            task()
+    def _put(self, task: Callable[[], Awaitable[None]] | None) -> None:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._task = self._loop.loop.create_task(self._drain(), name=self._name)
+        self._queue.put_nowait(task)
+
+    async def _drain(self) -> None:
+        while (task := await self._queue.get()) is not None:
+            await task()
 
 
 class OperationTracker:
     """Submits operations, waits for them and resolves their futures."""
 
-    def __init__(self, transport: Transport, wait_timeout_s: float = WAIT_TIMEOUT_S) -> None:
+    def __init__(self, transport: Transport, wait_timeout_s: float = WAIT_TIMEOUT_S,
+                 progress_timeout_s: float = PROGRESS_TIMEOUT_S) -> None:
         self._transport = transport
-        self._wait_timeout_s = wait_timeout_s
+        self._watcher = OperationWatcher(transport, wait_timeout_s, progress_timeout_s)
         self._closed = threading.Event()
         self._lock = threading.Lock()
         self._pending: set[APIFuture[Any]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def start(
         self, lane: SubmitLane, submit: Submit, convert: Convert, resend: Submit | None = None
     ) -> APIFuture[Any]:
         """Queue `submit` on `lane`; the future resolves to `convert(done_operation)`.
 
-        `resend` sends the submitted request again unchanged; see `wait`.
+        `resend` sends the submitted request again unchanged; see `_settled`.
         """
         future: APIFuture[Any] = APIFuture()
         if self._closed.is_set():
@@ -86,6 +100,18 @@ class OperationTracker:
         lane.put(lambda: self._submit(future, submit, convert, resend))
         return future
 
+    async def submit_and_wait(self, submit: Submit, resend: Submit | None = None) -> operations_pb2.Operation:
+        """On the loop: send `submit` and wait until its operation is done (see `_settled`)."""
+        token = self._watcher.expect()
+        try:
+            operation = await submit()
+            if operation.done:
+                return operation
+            waiting = self._watcher.wait(operation.name, token)
+        finally:
+            self._watcher.settle()
+        return await self._settled(waiting, resend)
+
     def close(self) -> None:
         """Stop waiting; fail every pending future with ClientClosedError."""
         self._closed.set()
@@ -93,47 +119,48 @@ class OperationTracker:
             pending = list(self._pending)
         for future in pending:
             future._set_exception(ClientClosedError(message="the client was closed"))
+        try:
+            self._transport.loop.call_soon(self._watcher.close)
+        except RuntimeError:
+            pass  # the loop is already gone
 
     def _forget(self, future: APIFuture[Any]) -> None:
         with self._lock:
             self._pending.discard(future)
 
-    def _submit(
+    async def _submit(
         self, future: APIFuture[Any], submit: Submit, convert: Convert, resend: Submit | None
     ) -> None:
+        """On the lane: send, then leave the wait to a task so the next submit goes out."""
         if future.done():
             return
+        token = self._watcher.expect()
         try:
-            operation = submit()
+            operation = await submit()
+            if operation.done:
+                self._resolve(future, operation, convert)
+                return
+            waiting = self._watcher.wait(operation.name, token)
         except Exception as err:  # noqa: BLE001 - every failure belongs to this future only
             future._set_exception(err)
             return
-        if operation.done:
-            self._resolve(future, operation, convert)
-            return
-        waiter = threading.Thread(
-            target=self._wait,
-            args=(future, operation.name, convert, resend),
-            name=f"tunemesh-wait-{operation.name}",
-            daemon=True,
-        )
-        waiter.start()
+        finally:
+            self._watcher.settle()
+        task = asyncio.get_running_loop().create_task(self._finish(future, waiting, convert, resend))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
-    def _wait(
-        self, future: APIFuture[Any], name: str, convert: Convert, resend: Submit | None
-    ) -> None:
+    async def _finish(self, future: APIFuture[Any], waiting: asyncio.Future, convert: Convert,
+                      resend: Submit | None) -> None:
         try:
-            operation = self.wait(name, until=future.done, resend=resend)
+            operation = await self._settled(waiting, resend)
         except Exception as err:  # noqa: BLE001
             future._set_exception(err)
             return
-        if operation is not None:
-            self._resolve(future, operation, convert)
+        self._resolve(future, operation, convert)
 
-    def wait(
-        self, name: str, until: Callable[[], bool] = lambda: False, resend: Submit | None = None
-    ) -> operations_pb2.Operation | None:
-        """Long-poll operation `name` until it is done (None if `until()` turns true first).
+    async def _settled(self, waiting: asyncio.Future, resend: Submit | None) -> operations_pb2.Operation:
+        """The done operation `waiting` resolves to.
 
         If the service has lost the operation (NOT_FOUND [OPERATION_NOT_FOUND]) and
         `resend` is given, `resend()` submits it again, same request_id and seq_id, up to
@@ -141,29 +168,23 @@ class OperationTracker:
         and the wait goes on with that one. An error of the re-send (e.g.
         FAILED_PRECONDITION [SEQ_ID_PASSED]: the run is past that seq_id) is raised.
         """
-        timeout = duration_pb2.Duration()
-        timeout.FromNanoseconds(int(self._wait_timeout_s * 1e9))
         resends_left = MAX_RESENDS if resend is not None else 0
-        while not until():
-            if self._closed.is_set():
-                raise ClientClosedError(message="the client was closed")
+        while True:
             try:
-                operation = self._transport.call(
-                    self._transport.operations.WaitOperation,
-                    operations_pb2.WaitOperationRequest(name=name, timeout=timeout),
-                    what=f"WaitOperation({name})",
-                    attempt_timeout_s=self._wait_timeout_s + _WAIT_MARGIN_S,
-                ).operation
+                return await waiting
             except TunemeshError as err:
                 if not (resends_left and _lost(err)):
                     raise
                 resends_left -= 1
-                logger.warning("the service lost %s (%s); re-sending its submit", name, err)
-                operation = resend()
-            if operation.done:
-                return operation
-            name = operation.name
-        return None
+                logger.warning("the service lost an operation (%s); re-sending its submit", err)
+            token = self._watcher.expect()
+            try:
+                operation = await resend()
+                if operation.done:
+                    return operation
+                waiting = self._watcher.wait(operation.name, token)
+            finally:
+                self._watcher.settle()
 
     @staticmethod
     def _resolve(
@@ -181,5 +202,5 @@ class OperationTracker:
 
 
 def _lost(err: TunemeshError) -> bool:
-    """Whether a WaitOperation error says the service no longer holds the operation."""
+    """Whether a wait's error says the service no longer holds the operation."""
     return err.code is grpc.StatusCode.NOT_FOUND and err.reason == "OPERATION_NOT_FOUND"

@@ -17,11 +17,12 @@ one is in doubt, and its TrainingClient re-sends it before the run's next call.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import grpc
@@ -86,4 +87,28 @@ def call_with_retry(
             raise error
         logger.info("%s failed with %s; retry %d in %.2fs", what, error, retries + 1, delay)
         sleep(delay)
+        retries += 1
+
+
+async def call_with_retry_async(
+    attempt: Callable[[float], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    what: str = "call",
+    clock: Callable[[], float] = time.monotonic,
+) -> T:
+    """`call_with_retry` for a coroutine attempt, sleeping with asyncio (on the SDK loop)."""
+    deadline = clock() + policy.total_timeout_s
+    retries = 0
+    while True:
+        remaining = deadline - clock()
+        try:
+            return await attempt(max(0.001, min(policy.attempt_timeout_s, remaining)))
+        except grpc.RpcError as err:
+            error = error_from_rpc(err)
+        delay = policy.backoff(retries)
+        if error.code not in policy.retryable_codes or clock() + delay >= deadline:
+            raise error
+        logger.info("%s failed with %s; retry %d in %.2fs", what, error, retries + 1, delay)
+        await asyncio.sleep(delay)
         retries += 1

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import concurrent.futures
 from typing import Any
 
 from tunemesh.futures import APIFuture
@@ -19,11 +18,11 @@ SAMPLE_ATTEMPT_TIMEOUT_S = 900.0
 class SamplingClient:
     """Samples from what it was created for, always: a checkpoint's weights never change,
     so a client made after `save_weights_for_sampler` sees those weights and no others.
-    Calls return futures at once; many can be in flight (the service batches them)."""
+    Calls return futures at once; many can be in flight (the service batches them), each
+    a coroutine on the client's event loop."""
 
-    def __init__(self, transport: Transport, executor: concurrent.futures.Executor, name: str, base_model: str,
-                 model_path: str) -> None:
-        self._transport, self._executor = transport, executor
+    def __init__(self, transport: Transport, name: str, base_model: str, model_path: str) -> None:
+        self._transport = transport
         self.sampling_session, self.base_model, self.model_path = name, base_model, model_path
 
     def sample(self, prompt: ModelInput, num_samples: int = 1,
@@ -51,11 +50,11 @@ class SamplingClient:
     def _submit(self, method: Any, request: Any, convert: Any) -> APIFuture[Any]:
         what = type(request).__name__
 
-        def call() -> Any:  # deterministic for a seed, so retrying is safe
-            return convert(self._transport.call(method, request, what=what,
-                                                attempt_timeout_s=SAMPLE_ATTEMPT_TIMEOUT_S))
+        async def call() -> Any:  # deterministic for a seed, so retrying is safe
+            return convert(await self._transport.call_async(method, request, what=what,
+                                                            attempt_timeout_s=SAMPLE_ATTEMPT_TIMEOUT_S))
 
-        return APIFuture(self._executor.submit(call))
+        return APIFuture(self._transport.loop.submit(call()))
 
     def __repr__(self) -> str:
         return f"SamplingClient({self.sampling_session!r}, model_path={self.model_path!r})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import uuid
@@ -100,9 +101,9 @@ class TrainingClient:
         self._run = run
         self._base_model = base_model
         self._tokenizer_for = tokenizer_for
-        self._lane = SubmitLane(name=f"tunemesh-submit-{run}")
-        self._next_seq_id = first_seq_id  # touched only by the lane's thread
-        self._in_doubt: _InDoubt | None = None  # touched only by the lane's thread
+        self._lane = SubmitLane(transport.loop, name=f"tunemesh-submit-{run}")
+        self._next_seq_id = first_seq_id  # touched only by the lane's task
+        self._in_doubt: _InDoubt | None = None  # touched only by the lane's task
 
     @property
     def run(self) -> str:
@@ -150,20 +151,21 @@ class TrainingClient:
         result: dict[str, Any] = {}
         training = self._transport.training
 
-        def submit():
+        async def submit():
             probe = _wire.forward_request(training_pb2.ForwardRequest, self._run, 0, str(uuid.uuid4()),
                                           custom_loss.probe_data(datums), "cross_entropy", None)
-            forward = self._tracker.wait(self._stamped_send(training.Forward, probe).name,
-                                         resend=lambda: self._resend(training.Forward, probe))
+            forward = await self._tracker.submit_and_wait(lambda: self._stamped_send(training.Forward, probe),
+                                                          resend=lambda: self._resend(training.Forward, probe))
             error = _wire.operation_error(forward)
             if error is not None:
                 raise error
-            weights, result["loss"], result["metrics"] = custom_loss.surrogate_weights(
-                datums, _wire.forward_backward_output(forward), loss_fn)
+            # The user's loss runs off the loop (it may be slow, or call the SDK itself).
+            weights, result["loss"], result["metrics"] = await asyncio.to_thread(
+                custom_loss.surrogate_weights, datums, _wire.forward_backward_output(forward), loss_fn)
             result["request"] = _wire.forward_request(
                 training_pb2.ForwardBackwardRequest, self._run, 0, str(uuid.uuid4()),
                 custom_loss.surrogate_data(datums, weights), "cross_entropy", None)
-            return self._stamped_send(training.ForwardBackward, result["request"])
+            return await self._stamped_send(training.ForwardBackward, result["request"])
 
         def convert(operation):
             surrogate = _wire.forward_backward_output(operation)
@@ -315,23 +317,23 @@ class TrainingClient:
           answers other than transport failures it is given up (its seq_id is free).
 
         If the service later loses the queued operation (a scheduler restart), the
-        future's waiter re-sends the request unchanged too (OperationTracker.wait).
+        future's waiter re-sends the request unchanged too (OperationTracker._settled).
         """
         request.request_id = str(uuid.uuid4())
         return self._tracker.start(self._lane, lambda: self._stamped_send(method, request), convert,
                                    lambda: self._resend(method, request))
 
-    def _stamped_send(self, method: Any, request: Any):
+    async def _stamped_send(self, method: Any, request: Any):
         """On the lane: settle an in-doubt submit, stamp the next seq_id, send."""
-        self._settle_in_doubt()
+        await self._settle_in_doubt()
         request.seq_id = self._next_seq_id
-        return self._send(method, request)
+        return await self._send(method, request)
 
-    def _send(self, method: Any, request: Any):
+    async def _send(self, method: Any, request: Any):
         """On the lane: send one stamped submit; record its seq_id's fate (see `_start`)."""
         what = f"{type(request).__name__}(seq_id={request.seq_id})"
         try:
-            operation = self._transport.call(method, request, what=what).operation
+            operation = (await self._transport.call_async(method, request, what=what)).operation
         except TunemeshError as err:
             if err.reason in SEQ_ID_TAKEN_REASONS:
                 self._in_doubt = None
@@ -359,21 +361,21 @@ class TrainingClient:
                        type(request).__name__, self._run, unclear, err, request.seq_id)
         self._in_doubt = None
 
-    def _settle_in_doubt(self) -> None:
+    async def _settle_in_doubt(self) -> None:
         """Re-send a submit whose outcome is unknown; raise its error if it stays unknown."""
         if self._in_doubt is None:
             return
         try:
-            self._send(self._in_doubt.method, self._in_doubt.request)
+            await self._send(self._in_doubt.method, self._in_doubt.request)
         except TunemeshError:
             if self._in_doubt is not None:
                 raise  # this call fails; the next one tries to settle it again
             # else settled: rejected (its seq_id is free), passed, or given up
 
-    def _resend(self, method: Any, request: Any):
-        """Send an accepted submit again, unchanged (its operation was lost); from any thread."""
+    async def _resend(self, method: Any, request: Any):
+        """Send an accepted submit again, unchanged (its operation was lost); on the loop."""
         what = f"{type(request).__name__}(seq_id={request.seq_id}, re-sent)"
-        return self._transport.call(method, request, what=what).operation
+        return (await self._transport.call_async(method, request, what=what)).operation
 
     def _close(self) -> None:
         self._lane.close()

@@ -1,15 +1,24 @@
-"""The gRPC channel, the public stubs and authenticated, retried unary calls."""
+"""The gRPC channel, the public stubs and authenticated, retried unary calls.
+
+The channel is a grpc.aio channel on the ServiceClient's one event loop (`LoopThread`):
+calls are coroutines there (`call_async`), and `call` runs one from a sync caller. A
+caller-supplied synchronous grpc.Channel works too: its calls go through grpc's own
+futures, bridged onto the loop, so no thread waits on them either.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import socket
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import grpc
 
 from tunemesh.errors import request_too_large
-from tunemesh.retry import RetryPolicy, call_with_retry
+from tunemesh.loop import LoopThread
+from tunemesh.retry import RetryPolicy, call_with_retry_async
 from tunemesh.v1 import (
     checkpoints_pb2_grpc, operations_pb2_grpc, sampling_pb2_grpc, sessions_pb2_grpc, training_pb2_grpc,
 )
@@ -35,20 +44,23 @@ def channel_target(address: str) -> str:
 
 
 class Transport:
-    """Owns one channel; every call carries `authorization: Bearer <key>` and is retried.
+    """Owns one channel and the loop it runs on; every call carries `authorization:
+    Bearer <key>` and is retried.
 
     A request over `max_request_bytes` (default: the services' receive limit) fails with
     INVALID_ARGUMENT [REQUEST_TOO_LARGE] before anything is sent.
     """
 
     def __init__(
-        self, channel: grpc.Channel, api_key: str | None, policy: RetryPolicy,
-        max_request_bytes: int = MAX_MESSAGE_BYTES,
+        self, channel: grpc.Channel | grpc.aio.Channel, api_key: str | None, policy: RetryPolicy,
+        max_request_bytes: int = MAX_MESSAGE_BYTES, loop: LoopThread | None = None,
     ) -> None:
+        self.loop = loop or LoopThread()
         self.channel = channel
         self.policy = policy
         self.max_request_bytes = max_request_bytes
         self.metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self.is_aio = isinstance(channel, grpc.aio.Channel)
         self.sessions = sessions_pb2_grpc.SessionServiceStub(channel)
         self.training = training_pb2_grpc.TrainingServiceStub(channel)
         self.operations = operations_pb2_grpc.OperationServiceStub(channel)
@@ -57,8 +69,8 @@ class Transport:
 
     @classmethod
     def connect(cls, address: str, api_key: str | None, policy: RetryPolicy) -> Transport:
-        """Open an insecure channel (TLS termination is the deployment's concern) to
-        `host:port`, or to a comma-separated list of scheduler replicas: only the leader
+        """Open an insecure grpc.aio channel (TLS termination is the deployment's concern)
+        to `host:port`, or to a comma-separated list of scheduler replicas: only the leader
         serves, and the channel tries the addresses in turn until it reaches it (again
         after a failover), retrying within a second or two."""
         options = [
@@ -68,9 +80,21 @@ class Transport:
             ("grpc.min_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        return cls(grpc.insecure_channel(channel_target(address), options=options), api_key, policy)
+        target = channel_target(address)
+        loop = LoopThread()
 
-    def call(
+        async def open_channel() -> grpc.aio.Channel:  # bound to the loop it is made on
+            return grpc.aio.insecure_channel(target, options=options)
+
+        return cls(loop.run(open_channel()), api_key, policy, loop=loop)
+
+    async def invoke(self, method: Any, request: Any, timeout: float | None) -> Any:
+        """One attempt of a unary call, on the loop; raises grpc.RpcError."""
+        if self.is_aio:
+            return await method(request, timeout=timeout, metadata=self.metadata)
+        return await _bridge(method.future(request, timeout=timeout, metadata=self.metadata))
+
+    async def call_async(
         self, method: Any, request: Any, *, what: str = "call", attempt_timeout_s: float = 0
     ) -> Any:
         """Invoke a unary stub method with auth metadata, retrying per the policy.
@@ -86,11 +110,83 @@ class Transport:
         if attempt_timeout_s:  # the whole call may then last at least one such attempt
             policy = dataclasses.replace(policy, attempt_timeout_s=attempt_timeout_s,
                                          total_timeout_s=max(policy.total_timeout_s, attempt_timeout_s))
-        return call_with_retry(
-            lambda timeout: method(request, timeout=timeout, metadata=self.metadata),
-            policy,
-            what=what,
-        )
+        return await call_with_retry_async(lambda timeout: self.invoke(method, request, timeout), policy, what=what)
+
+    def call(
+        self, method: Any, request: Any, *, what: str = "call", attempt_timeout_s: float = 0
+    ) -> Any:
+        """`call_async` for a sync caller: runs on the loop, blocks until it returns."""
+        return self.loop.run(self.call_async(method, request, what=what, attempt_timeout_s=attempt_timeout_s))
+
+    def stream(self, method: Any, request: Any) -> Iterator[Any]:
+        """The responses of a server-streaming call, for a sync caller; not retried.
+        Raises grpc.RpcError; closing the iterator cancels the call."""
+        if not self.is_aio:
+            call = method(request, metadata=self.metadata)
+            try:
+                yield from call
+            finally:
+                call.cancel()
+            return
+
+        async def start() -> Any:
+            return method(request, metadata=self.metadata)
+
+        call = self.loop.run(start())
+        try:
+            while (response := self.loop.run(call.read())) is not grpc.aio.EOF:
+                yield response
+        finally:
+            self.loop.call_soon(call.cancel)
+
+    def upload(self, method: Any, requests: Iterable[Any]) -> Any:
+        """A client-streaming call fed from `requests`, for a sync caller; not retried.
+        Raises grpc.RpcError."""
+        if not self.is_aio:
+            return method(iter(requests), metadata=self.metadata)
+
+        async def send() -> Any:
+            return await method(iter(requests), metadata=self.metadata)
+
+        return self.loop.run(send())
 
     def close(self) -> None:
-        self.channel.close()
+        """Close the channel and stop the loop."""
+        if self.is_aio:
+            try:
+                self.loop.run(self.channel.close(), timeout=5.0)
+            except RuntimeError:
+                pass  # closed from the loop itself: the loop's end drops the channel
+        else:
+            self.channel.close()
+        self.loop.close()
+
+
+async def _bridge(call: grpc.Future) -> Any:
+    """Await a sync channel's grpc.Future on the running loop (grpc resolves it on its
+    own thread); cancelling the await cancels the call."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[Any] = loop.create_future()
+
+    def settle(finished: grpc.Future) -> None:
+        if done.done():
+            return
+        try:
+            done.set_result(finished.result())
+        except grpc.RpcError as err:
+            done.set_exception(err)
+        except grpc.FutureCancelledError:
+            done.cancel()
+
+    def hand_over(finished: grpc.Future) -> None:  # on grpc's thread
+        try:
+            loop.call_soon_threadsafe(settle, finished)
+        except RuntimeError:
+            pass  # the loop is closed: nobody awaits this call any more
+
+    call.add_done_callback(hand_over)
+    try:
+        return await done
+    except asyncio.CancelledError:
+        call.cancel()
+        raise

@@ -24,13 +24,13 @@ from tunemesh.v1 import (
 from loop_thread import LoopThread
 from tunemesh import tensors
 from tunemesh.errors import error_from_rpc
-from tunemesh_common import rpc
-from tunemesh_common.host import build_server
+from tunemesh_common.service import rpc
+from tunemesh_common.service.host import build_server
 from tunemesh_common.models import TINY_DENSE, tokenizer_files
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common.checkpoint_client import CheckpointStorageClient
+from tunemesh_common.checkpoints.client import CheckpointStorageClient
 from tunemesh_scheduler.checkpoints import CheckpointProxy
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
 from tunemesh_sampler.adapters import AdapterCache

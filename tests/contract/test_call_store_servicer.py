@@ -16,9 +16,9 @@ from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common import rpc
-from tunemesh_common.host import build_server
-from tunemesh_common.checkpoint_client import CallStoreClient
+from tunemesh_common.service import rpc
+from tunemesh_common.service.host import build_server
+from tunemesh_common.checkpoints.client import CallStoreClient
 from tunemesh.errors import InvalidArgumentError, NotFoundError, UnavailableError, UnimplementedError, error_from_rpc
 
 RUN = "runs/5be1"

@@ -20,9 +20,9 @@ from tunemesh_internal.v1 import checkpoint_pb2_grpc, trainer_pb2
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common import rpc
-from tunemesh_common.host import build_server
-from tunemesh_common.checkpoint_client import CheckpointStorageClient
+from tunemesh_common.service import rpc
+from tunemesh_common.service.host import build_server
+from tunemesh_common.checkpoints.client import CheckpointStorageClient
 from tunemesh_common.models import TINY_DENSE
 from tunemesh_trainer.core import TrainerCore
 from tunemesh_trainer.server import TrainerServicer

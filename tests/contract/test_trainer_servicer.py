@@ -20,8 +20,8 @@ from tunemesh.v1 import types_pb2
 from loop_thread import LoopThread
 from tunemesh import tensors
 from tunemesh.errors import error_from_rpc
-from tunemesh_common import rpc
-from tunemesh_common.host import build_server
+from tunemesh_common.service import rpc
+from tunemesh_common.service.host import build_server
 from tunemesh_common.models import TINY_DENSE, ModelRegistry, tokenizer_files
 from tunemesh_trainer.core import TrainerCore
 from tunemesh_trainer.server import TrainerServicer

@@ -53,7 +53,7 @@ def rank_group():
     import torch
 
     pytest.importorskip("deepspeed")
-    from tunemesh_trainer.engine.rank_group import shared_local_group
+    from tunemesh_trainer.ranks import shared_local_group
 
     threads = torch.get_num_threads()
     yield shared_local_group(2, threads=1, timeout_s=120)  # one per process, closed at exit

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import mesh_traffic
 import pytest
 
-from tunemesh_common.etcd_process import EtcdProcess
+from tunemesh_common.membership.etcd_process import EtcdProcess
 
 
 @pytest.fixture

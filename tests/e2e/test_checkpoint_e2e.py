@@ -21,7 +21,7 @@ import tunemesh
 from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, types_pb2
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common.rpc import TENANT_KEY
+from tunemesh_common.service.rpc import TENANT_KEY
 
 TENANT = ((TENANT_KEY, "alice"),)
 ENV = {**os.environ, "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}

@@ -42,7 +42,7 @@ def _rank_workers() -> list[int]:
             cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if proc.name.isdigit() and b"tunemesh_trainer.engine.rank_group" in cmdline:
+        if proc.name.isdigit() and b"tunemesh_trainer.ranks" in cmdline:
             found.append(int(proc.name))
     return found
 

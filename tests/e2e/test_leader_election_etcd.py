@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from tunemesh_common import leadership, registry
+from tunemesh_common.membership import leadership, registry
 from tunemesh.errors import FailedPreconditionError
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import SessionRecord

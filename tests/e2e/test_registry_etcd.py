@@ -9,9 +9,9 @@ import time
 import pytest
 
 from tunemesh_internal.v1 import trainer_pb2
-from tunemesh_common import registry
-from tunemesh_common.etcd_process import EtcdProcess
-from tunemesh_common.registry import NodeRegistration, NodeWatcher, PlacementTable
+from tunemesh_common.membership import registry
+from tunemesh_common.membership.etcd_process import EtcdProcess
+from tunemesh_common.membership.registry import NodeRegistration, NodeWatcher, PlacementTable
 
 pytestmark = pytest.mark.e2e
 TTL = 2

@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from tunemesh_common.etcd_process import EtcdProcess
-from tunemesh_common.registry import NodeRegistration, NodeWatcher
+from tunemesh_common.membership.etcd_process import EtcdProcess
+from tunemesh_common.membership.registry import NodeRegistration, NodeWatcher
 
 pytestmark = pytest.mark.e2e
 TTL = 2

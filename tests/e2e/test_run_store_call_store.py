@@ -17,9 +17,10 @@ from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common import registry, rpc
-from tunemesh_common.host import build_server
-from tunemesh_common.checkpoint_client import CallStoreClient
+from tunemesh_common.membership import registry
+from tunemesh_common.service import rpc
+from tunemesh_common.service.host import build_server
+from tunemesh_common.checkpoints.client import CallStoreClient
 from tunemesh.errors import UnavailableError
 from tunemesh_scheduler.core import DataWork, OperationRecord, OpKind, OpState, RunRecord
 from tunemesh_scheduler.core.ports import StoreWrite

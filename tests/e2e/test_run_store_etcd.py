@@ -9,9 +9,9 @@ import time
 import pytest
 
 from tunemesh.v1 import types_pb2
-from tunemesh_common import registry
+from tunemesh_common.membership import registry
 from tunemesh.errors import UnavailableError
-from tunemesh_common.etcd_process import EtcdProcess
+from tunemesh_common.membership.etcd_process import EtcdProcess
 from tunemesh_scheduler.core import (
     DataWork,
     OperationError, OperationRecord, OpKind, OpState, RunRecord, SessionRecord,

@@ -38,7 +38,7 @@ def _worker_of(parent: int) -> int:
     for proc in Path("/proc").iterdir():
         try:
             if proc.name.isdigit() and int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == parent \
-                    and b"tunemesh_trainer.engine.rank_group" in (proc / "cmdline").read_bytes():
+                    and b"tunemesh_trainer.ranks" in (proc / "cmdline").read_bytes():
                 return int(proc.name)
         except (OSError, ValueError):
             continue

@@ -69,7 +69,7 @@ def peft_expert_model(model_dir, spec: LoraSpec, targets: list[str], weights: di
 
 def peft_factor(model, name: str) -> torch.nn.Parameter:
     """The PEFT parameter of a tunemesh LoRA tensor name (`<module>.lora_A.weight`)."""
-    from tunemesh_common.peft_format import PEFT_PREFIX, peft_key
+    from tunemesh_common.lora.peft_format import PEFT_PREFIX, peft_key
 
     module, _, rest = peft_key(name)[len(PEFT_PREFIX):].partition(".lora_")
     return getattr(model.base_model.model.get_submodule(module), f"lora_{rest[0]}")["default"].weight

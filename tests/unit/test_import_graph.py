@@ -9,6 +9,8 @@
   SDK client.
 - The scheduler core imports neither grpc nor torch, and its deciding modules (the
   machine and what it is made of) not even asyncio: they take time and answers as inputs.
+- The trainer's engine is compute: it starts no process and keeps no clock (rank groups
+  are spawned and watched by `tunemesh_trainer.ranks`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,8 @@ SERVICES = {"tunemesh_checkpoint", "tunemesh_sampler", "tunemesh_scheduler", "tu
 WIRE = ("tunemesh.v1", "tunemesh.errors", "tunemesh.tensors")  # the SDK's wire layer
 INTERNAL = ROOT / "services" / "common" / "tunemesh_internal"
 CORE = PACKAGES["tunemesh_scheduler"] / "core"
+TRAINER_ENGINE = PACKAGES["tunemesh_trainer"] / "engine"
+PROCESS_AND_CLOCK = ("subprocess", "multiprocessing", "signal", "atexit", "socket", "time", "sched", "datetime")
 PURE = ("machine.py", "actions.py", "snapshots.py", "sequencing.py", "fairness.py", "recovery.py", "idempotency.py",
         "records.py", "sessions.py")
 
@@ -109,6 +113,11 @@ def test_the_scheduler_machine_is_pure():
     assert not wrong
 
 
+def test_the_trainer_engine_spawns_no_process_and_keeps_no_clock():
+    wrong = {(p.name, m) for p in TRAINER_ENGINE.rglob("*.py") for m in imports(p) if _top(m) in PROCESS_AND_CLOCK}
+    assert not wrong
+
+
 def test_the_walk_sees_imports_inside_functions(tmp_path):
     """The checks above can fail: an import inside a function is found."""
     module = tmp_path / "m.py"
@@ -125,3 +134,34 @@ def test_the_internal_stubs_keep_their_wire_names():
     for grpc_module in INTERNAL.glob("v1/*_pb2_grpc.py"):
         text = grpc_module.read_text()
         assert "'tunemesh_internal.v1." not in text and "/tunemesh_internal." not in text, grpc_module.name
+
+
+COMMON_LAYERS = {  # tunemesh_common subpackage -> the other subpackages it may import
+    "service": {"membership"},
+    "checkpoints": {"service"},
+    "lora": set(), "training": set(), "membership": set(), "models": set(),
+}
+
+
+def test_tunemesh_common_is_split_by_subject_and_layered():
+    common = PACKAGES["tunemesh_common"]
+    top_modules = sorted(p.name for p in common.glob("*.py") if p.name != "__init__.py")
+    assert not top_modules  # every module lives in the subpackage of its subject
+    assert {p.name for p in common.iterdir() if p.is_dir() and p.name != "__pycache__"} == set(COMMON_LAYERS)
+    wrong = set()
+    for sub, allowed in COMMON_LAYERS.items():
+        for path in (common / sub).rglob("*.py"):
+            for m in imports(path):
+                parts = m.split(".")
+                if parts[0] == "tunemesh_common" and len(parts) > 1 and parts[1] not in (sub, *allowed):
+                    wrong.add((path.relative_to(ROOT).as_posix(), m))
+    assert not wrong
+
+
+def test_each_service_keeps_its_own_metrics():
+    """No service's metric set lives in tunemesh_common: each is in that service."""
+    shared = (PACKAGES["tunemesh_common"] / "service" / "metrics.py").read_text()
+    for service in SERVICES:
+        assert (PACKAGES[service] / "metrics.py").exists(), service
+    for name in ("SchedulerMetrics", "TrainerMetrics", "SamplerMetrics", "CheckpointMetrics"):
+        assert f"class {name}" not in shared

@@ -4,10 +4,11 @@ from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from tunemesh.v1 import checkpoints_pb2 as _checkpoints_pb2
 from tunemesh.v1 import types_pb2 as _types_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -116,3 +117,29 @@ class CancelOperationResponse(_message.Message):
     OPERATION_FIELD_NUMBER: _ClassVar[int]
     operation: Operation
     def __init__(self, operation: _Optional[_Union[Operation, _Mapping]] = ...) -> None: ...
+
+class WatchOperationsRequest(_message.Message):
+    __slots__ = ("epoch", "cursor", "names", "heartbeat_interval")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    NAMES_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    cursor: int
+    names: _containers.RepeatedScalarFieldContainer[str]
+    heartbeat_interval: _duration_pb2.Duration
+    def __init__(self, epoch: _Optional[str] = ..., cursor: _Optional[int] = ..., names: _Optional[_Iterable[str]] = ..., heartbeat_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class WatchOperationsResponse(_message.Message):
+    __slots__ = ("epoch", "cursor", "operations", "cursor_lost", "missing")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_FIELD_NUMBER: _ClassVar[int]
+    OPERATIONS_FIELD_NUMBER: _ClassVar[int]
+    CURSOR_LOST_FIELD_NUMBER: _ClassVar[int]
+    MISSING_FIELD_NUMBER: _ClassVar[int]
+    epoch: str
+    cursor: int
+    operations: _containers.RepeatedCompositeFieldContainer[Operation]
+    cursor_lost: bool
+    missing: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, epoch: _Optional[str] = ..., cursor: _Optional[int] = ..., operations: _Optional[_Iterable[_Union[Operation, _Mapping]]] = ..., cursor_lost: _Optional[bool] = ..., missing: _Optional[_Iterable[str]] = ...) -> None: ...

@@ -50,6 +50,11 @@ class OperationServiceStub:
                 request_serializer=tunemesh_dot_v1_dot_operations__pb2.CancelOperationRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_v1_dot_operations__pb2.CancelOperationResponse.FromString,
                 _registered_method=True)
+        self.WatchOperations = channel.unary_stream(
+                '/tunemesh.v1.OperationService/WatchOperations',
+                request_serializer=tunemesh_dot_v1_dot_operations__pb2.WatchOperationsRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_v1_dot_operations__pb2.WatchOperationsResponse.FromString,
+                _registered_method=True)
 
 
 class OperationServiceServicer:
@@ -77,6 +82,15 @@ class OperationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchOperations(self, request, context):
+        """Streams the completions of the caller's operations (all of its tenant's), in
+        completion order, after a cursor, with a heartbeat carrying the cursor in between:
+        one stream waits on any number of operations.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OperationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -94,6 +108,11 @@ def add_OperationServiceServicer_to_server(servicer, server):
                     servicer.CancelOperation,
                     request_deserializer=tunemesh_dot_v1_dot_operations__pb2.CancelOperationRequest.FromString,
                     response_serializer=tunemesh_dot_v1_dot_operations__pb2.CancelOperationResponse.SerializeToString,
+            ),
+            'WatchOperations': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchOperations,
+                    request_deserializer=tunemesh_dot_v1_dot_operations__pb2.WatchOperationsRequest.FromString,
+                    response_serializer=tunemesh_dot_v1_dot_operations__pb2.WatchOperationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -178,6 +197,33 @@ class OperationService:
             '/tunemesh.v1.OperationService/CancelOperation',
             tunemesh_dot_v1_dot_operations__pb2.CancelOperationRequest.SerializeToString,
             tunemesh_dot_v1_dot_operations__pb2.CancelOperationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchOperations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tunemesh.v1.OperationService/WatchOperations',
+            tunemesh_dot_v1_dot_operations__pb2.WatchOperationsRequest.SerializeToString,
+            tunemesh_dot_v1_dot_operations__pb2.WatchOperationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

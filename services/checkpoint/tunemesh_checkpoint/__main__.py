@@ -15,8 +15,9 @@ from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.metered_store import MeteredStore
 from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common import metrics, rpc
-from tunemesh_common.host import HostConfig, ServiceHost
+from tunemesh_common.service import rpc
+from tunemesh_checkpoint.metrics import CheckpointMetrics
+from tunemesh_common.service.host import HostConfig, ServiceHost
 
 log = logging.getLogger("tunemesh_checkpoint")
 CHECKPOINT_SERVICE = checkpoints_pb2.DESCRIPTOR.services_by_name["CheckpointService"].full_name
@@ -34,7 +35,7 @@ async def sweep_periodically(catalog: CheckpointCatalog, interval_s: float) -> N
 
 async def serve(s: settings_mod.CheckpointSettings) -> None:
     registry = prometheus_client.REGISTRY
-    store = MeteredStore(FilesystemStore(s.root_dir), metrics.CheckpointMetrics(registry))
+    store = MeteredStore(FilesystemStore(s.root_dir), CheckpointMetrics(registry))
     calls = FilesystemCallStore(s.root_dir / "calls")  # beside objects/: no tenant's prefix
     recovered = await asyncio.to_thread(store.recover) + await asyncio.to_thread(calls.recover)
     catalog = CheckpointCatalog(store)

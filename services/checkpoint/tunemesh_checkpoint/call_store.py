@@ -21,7 +21,7 @@ import threading
 import typing
 from collections.abc import Iterable, Iterator
 
-from tunemesh_common.checkpoint_paths import is_segment
+from tunemesh_common.checkpoints.paths import is_segment
 from tunemesh.errors import InvalidArgumentError, NotFoundError
 from tunemesh_checkpoint.store import sync_dir
 

@@ -16,8 +16,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 
 from tunemesh_checkpoint.store import BlobInfo, CheckpointStore, CheckpointWriter, Manifest
-from tunemesh_common import peft_format
-from tunemesh_common.checkpoint_paths import (
+from tunemesh_common.lora import peft_format
+from tunemesh_common.checkpoints.paths import (
     CheckpointKind, CheckpointPath, check_ttl, check_user_metadata, is_snapshot, storage_prefix,
 )
 from tunemesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TunemeshError

@@ -10,7 +10,7 @@ from google.protobuf import timestamp_pb2
 
 from tunemesh.v1 import checkpoints_pb2, types_pb2
 from tunemesh_checkpoint.catalog import CheckpointRecord
-from tunemesh_common.checkpoint_paths import CheckpointKind
+from tunemesh_common.checkpoints.paths import CheckpointKind
 from tunemesh.errors import InvalidArgumentError, ResourceExhaustedError
 
 KINDS = {

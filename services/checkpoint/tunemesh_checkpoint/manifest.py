@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from tunemesh_common.checkpoint_paths import is_segment
+from tunemesh_common.checkpoints.paths import is_segment
 from tunemesh.errors import DataLossError, InvalidArgumentError, NotFoundError
 
 MANIFEST_NAME = "manifest.json"

@@ -7,7 +7,8 @@ import time
 from collections.abc import Iterable, Iterator
 
 from tunemesh_checkpoint.store import BlobInfo, CheckpointStore, CheckpointWriter, Manifest
-from tunemesh_common.metrics import CheckpointMetrics, result_of
+from tunemesh_common.service.metrics import result_of
+from tunemesh_checkpoint.metrics import CheckpointMetrics
 
 
 class MeteredStore:

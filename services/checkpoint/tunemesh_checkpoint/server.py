@@ -13,9 +13,9 @@ from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh_checkpoint import convert
 from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointSpec, check_file_name
-from tunemesh_common.checkpoint_paths import CheckpointPath
+from tunemesh_common.checkpoints.paths import CheckpointPath
 from tunemesh.errors import UnimplementedError
-from tunemesh_common.rpc import current_tenant
+from tunemesh_common.service.rpc import current_tenant
 
 
 class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):

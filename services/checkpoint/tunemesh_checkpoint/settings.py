@@ -6,8 +6,8 @@ import pathlib
 
 from pydantic import Field
 
-from tunemesh_common import settings
-from tunemesh_common.settings import HostPort, HostPortOrEmpty
+from tunemesh_common.service import settings
+from tunemesh_common.service.settings import HostPort, HostPortOrEmpty
 
 
 class CheckpointSettings(settings.ServiceSettings):

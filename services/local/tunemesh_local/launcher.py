@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
-from tunemesh_common.etcd_process import etcd_argv, pick_free_port, wait_healthy
-from tunemesh_common.settings import check_device
+from tunemesh_common.membership.etcd_process import etcd_argv, pick_free_port, wait_healthy
+from tunemesh_common.service.settings import check_device
 from tunemesh_local import processes, prometheus, state
 from tunemesh_local.state import MeshState, ProcessRecord
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from tunemesh_common import leadership, registry
+from tunemesh_common.membership import leadership, registry
 from tunemesh_local import live_figures, processes
 from tunemesh_local.state import MeshState
 

@@ -9,9 +9,10 @@ import logging
 import prometheus_client
 
 from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
-from tunemesh_common import metrics, rpc
-from tunemesh_common.checkpoint_client import CheckpointStorageClient
-from tunemesh_common.host import HostConfig, ServiceHost, etcd_registration
+from tunemesh_common.service import metrics, rpc
+from tunemesh_sampler.metrics import SamplerMetrics
+from tunemesh_common.checkpoints.client import CheckpointStorageClient
+from tunemesh_common.service.host import HostConfig, ServiceHost, etcd_registration
 from tunemesh_common.models import ModelRegistry
 from tunemesh_sampler import settings as settings_mod
 from tunemesh_sampler.adapters import AdapterCache
@@ -38,7 +39,7 @@ def build_engine(s: settings_mod.SamplerSettings):
 
 
 async def serve(s: settings_mod.SamplerSettings) -> None:
-    sampler_metrics = metrics.SamplerMetrics(prometheus_client.REGISTRY)
+    sampler_metrics = SamplerMetrics(prometheus_client.REGISTRY)
     config = HostConfig("sampler", s.listen, s.metrics_listen, s.advertise_host, s.ready_file,
                         registry=sampler_metrics.registry)
     async with ServiceHost(config) as host:
@@ -62,7 +63,7 @@ async def serve(s: settings_mod.SamplerSettings) -> None:
         await host.wait()
 
 
-def _follow(sampler_metrics: metrics.SamplerMetrics, core: SamplerCore, slots: int) -> None:
+def _follow(sampler_metrics: SamplerMetrics, core: SamplerCore, slots: int) -> None:
     """Gauges and counters read from the core and its adapter cache at scrape time."""
     adapters = core.adapters
     sampler_metrics.follow(lambda: core.active_requests, lambda: len(adapters.resident()),

@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
-from tunemesh_common.checkpoint_paths import adapter_key
+from tunemesh_common.checkpoints.paths import adapter_key
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,10 @@ import asyncio
 import pathlib
 import shutil
 
-from tunemesh_common import peft_format
-from tunemesh_common.checkpoint_client import CheckpointStorageClient
+from tunemesh_common.lora import peft_format
+from tunemesh_common.checkpoints.client import CheckpointStorageClient
 from tunemesh.errors import FailedPreconditionError
-from tunemesh_common.metrics import SamplerMetrics
+from tunemesh_sampler.metrics import SamplerMetrics
 from tunemesh_sampler.adapters import AdapterRef
 from tunemesh_sampler.engine import SamplingEngine
 

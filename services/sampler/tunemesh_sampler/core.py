@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from tunemesh_common.metrics import SamplerMetrics
+from tunemesh_sampler.metrics import SamplerMetrics
 from tunemesh_sampler.adapters import AdapterCache, AdapterRef
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, SamplingSpec
 from tunemesh_sampler.engine import SamplingEngine

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh.errors import UnavailableError
-from tunemesh_common.rpc import LeaderFence
+from tunemesh_common.service.rpc import LeaderFence
 from tunemesh_sampler import convert
 from tunemesh_sampler.core import SamplerCore
 

@@ -13,9 +13,11 @@ import prometheus_client
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc, sampling_pb2, sampling_pb2_grpc
 from tunemesh.v1 import operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from tunemesh.v1 import training_pb2, training_pb2_grpc
-from tunemesh_common import leadership, metrics, registry, rpc
-from tunemesh_common.checkpoint_client import CallStoreClient
-from tunemesh_common.host import HostConfig, ServiceHost
+from tunemesh_common.membership import leadership, registry
+from tunemesh_common.service import metrics, rpc
+from tunemesh_scheduler.metrics import SchedulerMetrics
+from tunemesh_common.checkpoints.client import CallStoreClient
+from tunemesh_common.service.host import HostConfig, ServiceHost
 from tunemesh_scheduler import settings as settings_mod
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.nodes import EtcdPlacement, SamplerDirectory, TrainerDirectory
@@ -55,7 +57,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     keys = settings_mod.api_keys(s)
     if not keys:
         raise SystemExit("no API keys: pass --api-keys-file or --api-keys key=tenant,...")
-    scheduler_metrics = metrics.SchedulerMetrics(prometheus_client.REGISTRY)
+    scheduler_metrics = SchedulerMetrics(prometheus_client.REGISTRY)
     config = HostConfig("scheduler", s.listen, s.metrics_listen, ready_file=s.ready_file,
                         authenticator=rpc.KeyFileAuthenticator(keys), registry=scheduler_metrics.registry)
     async with ServiceHost(config) as host:
@@ -77,7 +79,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
 
 
 async def _build(s: settings_mod.SchedulerSettings, host: ServiceHost,
-                 scheduler_metrics: metrics.SchedulerMetrics) -> _Parts:
+                 scheduler_metrics: SchedulerMetrics) -> _Parts:
     """Watch trainers and samplers in etcd, connect to them and to the checkpoint service,
     start the core; each part is stopped by `host` once its server has stopped."""
     etcd = registry.connect(s.etcd)
@@ -131,7 +133,7 @@ async def _take_over(parts: _Parts, token: int) -> None:
 
 
 def _add_servicers(host: ServiceHost, s: settings_mod.SchedulerSettings, parts: _Parts,
-                   scheduler_metrics: metrics.SchedulerMetrics) -> None:
+                   scheduler_metrics: SchedulerMetrics) -> None:
     core, directory, checkpoints = parts.core, parts.directory, parts.checkpoints
     limits = Limits(s.max_datums, s.max_tokens, s.max_samples)
     host.add_servicer(sessions_pb2_grpc.add_SessionServiceServicer_to_server,
@@ -148,7 +150,7 @@ def _add_servicers(host: ServiceHost, s: settings_mod.SchedulerSettings, parts: 
                       _service(sampling_pb2, "SamplingService"))
 
 
-def _follow(scheduler_metrics: metrics.SchedulerMetrics, core: SchedulerCore,
+def _follow(scheduler_metrics: SchedulerMetrics, core: SchedulerCore,
             directories: tuple[TrainerDirectory, SamplerDirectory], watchers: tuple[registry.NodeWatcher, ...]) -> None:
     """Gauges over the core's snapshot, the node directories and etcd, read at scrape time."""
     trainers, samplers = directories

@@ -9,7 +9,7 @@ import grpc
 
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh.errors import FailedPreconditionError
-from tunemesh_common.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
+from tunemesh_common.service.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
 
 
 class CheckpointProxy:

@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from tunemesh_internal.v1 import scheduler_state_pb2 as pb
-from tunemesh_common import registry
+from tunemesh_common.membership import registry
 from tunemesh.errors import FailedPreconditionError, NotFoundError, TunemeshError, UnavailableError
 from tunemesh_scheduler.core.ports import StoredState, StoreWrite
 from tunemesh_scheduler.core.records import OperationRecord, RunRecord, SessionRecord
@@ -85,7 +85,7 @@ def _after_prefix(prefix: bytes) -> bytes:
 
 class CallStore(Protocol):
     """Where calls too large for etcd are kept, by (run name, seq_id): the checkpoint
-    service (`tunemesh_common.checkpoint_client.CallStoreClient`). Raises typed errors."""
+    service (`tunemesh_common.checkpoints.client.CallStoreClient`). Raises typed errors."""
 
     async def put(self, run: str, seq_id: int, data: bytes) -> None:
         """Keep `data`, replacing what was kept under the key."""

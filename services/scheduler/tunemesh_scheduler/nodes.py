@@ -11,7 +11,7 @@ from google.protobuf.message import DecodeError
 
 from tunemesh_internal.v1 import sampler_pb2, trainer_pb2
 from tunemesh.v1 import sessions_pb2
-from tunemesh_common import registry
+from tunemesh_common.membership import registry
 from tunemesh.errors import NotFoundError, ResourceExhaustedError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class EtcdPlacement:
 
     def __init__(self, directory: TrainerDirectory, table) -> None:
         self._directory = directory
-        self._table = table  # tunemesh_common.registry.PlacementTable
+        self._table = table  # tunemesh_common.membership.registry.PlacementTable
         self._load: collections.Counter[str] = collections.Counter()
 
     async def place(self, run_name: str, base_model: str) -> str:

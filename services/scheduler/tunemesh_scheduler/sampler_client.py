@@ -9,7 +9,7 @@ import grpc
 
 from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh.errors import UnavailableError
-from tunemesh_common.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
+from tunemesh_common.service.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 from tunemesh_scheduler.nodes import SamplerDirectory
 

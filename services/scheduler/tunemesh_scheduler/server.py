@@ -7,16 +7,21 @@ from tunemesh.v1 import (
     checkpoints_pb2_grpc, operations_pb2, operations_pb2_grpc, sampling_pb2, sampling_pb2_grpc, sessions_pb2,
     sessions_pb2_grpc, training_pb2, training_pb2_grpc,
 )
-from tunemesh_common.checkpoint_paths import CheckpointKind, CheckpointPath, auto_name, check_name
+from tunemesh_common.checkpoints.paths import CheckpointKind, CheckpointPath, auto_name, check_name
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError
-from tunemesh_common.metrics import SchedulerMetrics
-from tunemesh_common.rpc import current_tenant
+from tunemesh_scheduler.metrics import SchedulerMetrics
+from tunemesh_common.service.rpc import current_tenant
 from tunemesh_scheduler import convert, validation
 from tunemesh_scheduler.checkpoints import CheckpointProxy
 from tunemesh_scheduler.core import DataWork, LoadRequest, OpKind, SaveRequest, SchedulerCore, StepWork
 from tunemesh_scheduler.nodes import TrainerDirectory
 from tunemesh_scheduler.sampler_client import SamplerRouter
 from tunemesh_scheduler.tokenizers import TokenizerCache
+
+
+WATCH_HEARTBEAT_S = 5.0
+"""Default (and longest) interval of WatchOperations heartbeats."""
+MIN_WATCH_HEARTBEAT_S = 0.05
 
 
 class SessionServicer(sessions_pb2_grpc.SessionServiceServicer):
@@ -158,8 +163,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
 
 
 class OperationServicer(operations_pb2_grpc.OperationServiceServicer):
-    def __init__(self, core: SchedulerCore, wait_cap_s: float) -> None:
-        self._core, self._wait_cap_s = core, wait_cap_s
+    def __init__(self, core: SchedulerCore, wait_cap_s: float, heartbeat_s: float = WATCH_HEARTBEAT_S) -> None:
+        self._core, self._wait_cap_s, self._heartbeat_s = core, wait_cap_s, heartbeat_s
 
     async def GetOperation(self, request, context):
         record = self._core.get_operation(current_tenant(), request.name)
@@ -173,6 +178,16 @@ class OperationServicer(operations_pb2_grpc.OperationServiceServicer):
     async def CancelOperation(self, request, context):
         record = self._core.cancel_operation(current_tenant(), request.name)
         return operations_pb2.CancelOperationResponse(operation=convert.operation(record))
+
+    async def WatchOperations(self, request, context):
+        asked = request.heartbeat_interval.ToTimedelta().total_seconds() if request.HasField("heartbeat_interval") else 0
+        heartbeat_s = min(max(asked, MIN_WATCH_HEARTBEAT_S), self._heartbeat_s) if asked else self._heartbeat_s
+        watch = self._core.watch_operations(current_tenant(), request.epoch, request.cursor, list(request.names),
+                                            heartbeat_s)
+        async for batch in watch:
+            yield operations_pb2.WatchOperationsResponse(
+                epoch=batch.epoch, cursor=batch.cursor, operations=[convert.operation(op) for op in batch.items],
+                cursor_lost=batch.cursor_lost, missing=batch.missing)
 
 
 class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):

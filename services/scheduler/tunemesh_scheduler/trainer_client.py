@@ -10,7 +10,7 @@ import grpc
 from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh.errors import TunemeshError, UnavailableError
-from tunemesh_common.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
+from tunemesh_common.service.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
 from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome
 from tunemesh_scheduler.core.work import DataWork, LoadRequest, SaveRequest, StepWork
 from tunemesh_scheduler.core.records import OperationError, OpKind

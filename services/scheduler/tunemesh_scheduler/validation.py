@@ -14,7 +14,8 @@ import numpy as np
 
 from tunemesh.v1 import sessions_pb2, types_pb2
 from tunemesh import tensors
-from tunemesh_common import checkpoint_paths, datum_rules, loss_specs
+from tunemesh_common.checkpoints import paths as checkpoint_paths
+from tunemesh_common.training import datum_rules, loss_specs
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError
 
 

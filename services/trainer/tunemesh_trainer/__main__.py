@@ -14,13 +14,15 @@ import os
 import prometheus_client
 
 from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
-from tunemesh_common import metrics, rpc
-from tunemesh_common.checkpoint_client import CheckpointStorageClient
-from tunemesh_common.host import HostConfig, ServiceHost, etcd_registration
+from tunemesh_common.service import metrics, rpc
+from tunemesh_trainer.metrics import TrainerMetrics
+from tunemesh_common.checkpoints.client import CheckpointStorageClient
+from tunemesh_common.service.host import HostConfig, ServiceHost, etcd_registration
 from tunemesh_common.models import ModelRegistry, tokenizer_files
 from tunemesh_trainer import settings as settings_mod
 from tunemesh_trainer.core import TrainerCore
-from tunemesh_trainer.engine import rank_group
+from tunemesh_trainer import ranks
+from tunemesh_trainer.engine.rank_group import RankGroup, serve_rank
 from tunemesh_trainer.server import TrainerServicer
 
 log = logging.getLogger("tunemesh_trainer")
@@ -29,8 +31,8 @@ SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["TrainerService"].full_na
 
 
 def build_core(
-    s: settings_mod.TrainerSettings, group: rank_group.RankGroup | None = None,
-    trainer_metrics: metrics.TrainerMetrics | None = None,
+    s: settings_mod.TrainerSettings, group: RankGroup | None = None,
+    trainer_metrics: TrainerMetrics | None = None,
 ) -> tuple[TrainerCore, dict[str, bytes]]:
     """Materialise the model (cached), load it into the torch engine, or into a DeepSpeed
     engine on every rank of `group`."""
@@ -49,8 +51,8 @@ def build_core(
     return TrainerCore(engine, s.max_adapters, trainer_metrics), tokenizer_files(path)
 
 
-async def serve(s: settings_mod.TrainerSettings, group: rank_group.RankGroup | None = None) -> None:
-    trainer_metrics = metrics.TrainerMetrics(prometheus_client.REGISTRY)
+async def serve(s: settings_mod.TrainerSettings, group: RankGroup | None = None) -> None:
+    trainer_metrics = TrainerMetrics(prometheus_client.REGISTRY)
     config = HostConfig("trainer", s.listen, s.metrics_listen, s.advertise_host, s.ready_file,
                         registry=trainer_metrics.registry)
     async with ServiceHost(config) as host:
@@ -75,17 +77,17 @@ async def serve(s: settings_mod.TrainerSettings, group: rank_group.RankGroup | N
 def main(argv: list[str] | None = None) -> None:
     rpc.configure_logging()
     s = settings_mod.load(argv)
-    launched = rank_group.launched_rank()
+    launched = ranks.launched_rank()
     world = int(os.environ["WORLD_SIZE"]) if launched is not None else s.ranks
     if world % s.expert_parallel:
         raise SystemExit(f"tunemesh_trainer: --expert-parallel {s.expert_parallel} must divide the {world} rank(s) of this trainer (--ranks)")
     if launched:  # a follower rank started by torchrun / deepspeed
-        rank_group.serve_rank(rank_group.join_group())
+        serve_rank(ranks.join_group())
         return
     if launched == 0:
-        group = rank_group.RankGroup(rank_group.join_group())
+        group = RankGroup(ranks.join_group())
     elif s.ranks > 1:
-        group = rank_group.shared_local_group(s.ranks, threads=s.num_threads, on_worker_exit=_rank_lost)
+        group = ranks.shared_local_group(s.ranks, threads=s.num_threads, on_worker_exit=_rank_lost)
     else:
         group = None
     try:

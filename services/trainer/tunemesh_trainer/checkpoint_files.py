@@ -8,7 +8,7 @@ import struct
 
 import numpy as np
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import InvalidArgumentError
 from tunemesh_trainer.domain import AdapterState, LoraSpec
 

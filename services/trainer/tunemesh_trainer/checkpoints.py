@@ -11,7 +11,7 @@ import asyncio
 
 from tunemesh_internal.v1 import checkpoint_pb2, trainer_pb2
 from tunemesh.v1 import checkpoints_pb2
-from tunemesh_common.checkpoint_client import CheckpointStorageClient
+from tunemesh_common.checkpoints.client import CheckpointStorageClient
 from tunemesh.errors import FailedPreconditionError
 from tunemesh_trainer import checkpoint_files, convert
 from tunemesh_trainer.core import TrainerCore

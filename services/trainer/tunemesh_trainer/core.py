@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from tunemesh.errors import Code, ResourceExhaustedError, TunemeshError
-from tunemesh_common.metrics import TrainerMetrics
+from tunemesh_trainer.metrics import TrainerMetrics
 from tunemesh_trainer.domain import (
     AdamSpec, AdapterState, EngineItem, ItemFailure, ItemOutcome, LoraSpec, ModelInfo, OptimItem,
 )

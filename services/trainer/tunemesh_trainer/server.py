@@ -13,8 +13,8 @@ import logging
 from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import sessions_pb2
 from tunemesh.errors import Code, InvalidArgumentError, NotFoundError, TunemeshError, UnavailableError
-from tunemesh_common.checkpoint_client import CheckpointStorageClient
-from tunemesh_common.rpc import LeaderFence
+from tunemesh_common.checkpoints.client import CheckpointStorageClient
+from tunemesh_common.service.rpc import LeaderFence
 from tunemesh_trainer import convert
 from tunemesh_trainer.checkpoints import CheckpointBridge
 from tunemesh_trainer.core import TrainerCore

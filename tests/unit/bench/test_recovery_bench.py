@@ -63,7 +63,7 @@ def test_log_events_reads_the_scheduler_log_after_the_kill(bench):
         "2026-12-06 01:09:22,351 INFO tunemesh_scheduler.core.machine: replayed 11 calls of runs/a on trainer-0 [run=runs/a]",
         "2026-12-06 01:09:22,386 INFO tunemesh_scheduler.core.failover: replayed 15 calls of runs/b on trainer-0",
         "2026-12-06 01:09:23,000 INFO tunemesh_scheduler.takeover: recovered 2 sessions, 4 runs, 3 queued operations",
-        "2026-12-06 01:09:22,900 INFO tunemesh_common.leadership: leading /tunemesh/leaders/scheduler (token 9)",
+        "2026-12-06 01:09:22,900 INFO tunemesh_common.membership.leadership: leading /tunemesh/leaders/scheduler (token 9)",
         "2026-12-06 01:09:23,100 INFO tunemesh_scheduler: scheduler leading and serving on 127.0.0.1:1 (token 9)",
     ])
     entries = bench.log_entries(text)

@@ -11,8 +11,8 @@ import time
 import pytest
 from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointRecord, CheckpointSpec
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common import peft_format
-from tunemesh_common.checkpoint_paths import MAX_TTL_S, CheckpointKind, CheckpointPath
+from tunemesh_common.lora import peft_format
+from tunemesh_common.checkpoints.paths import MAX_TTL_S, CheckpointKind, CheckpointPath
 from tunemesh.errors import AlreadyExistsError, DataLossError, InvalidArgumentError, NotFoundError
 
 CONFIG, WEIGHTS, OPTIMIZER = peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE, peft_format.OPTIMIZER_FILE

@@ -9,7 +9,7 @@ import pytest
 
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.store import FilesystemStore
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import InvalidArgumentError, NotFoundError
 
 CONFIG, WEIGHTS = peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE

@@ -10,7 +10,7 @@ from prometheus_client import CollectorRegistry
 from tunemesh_checkpoint.metered_store import MeteredStore
 from tunemesh_checkpoint.store import CheckpointStore, FilesystemStore
 from tunemesh.errors import NotFoundError
-from tunemesh_common.metrics import CheckpointMetrics
+from tunemesh_checkpoint.metrics import CheckpointMetrics
 
 KEY = "alice/runs/r1/state/step-1"
 

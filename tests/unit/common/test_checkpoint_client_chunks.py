@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tunemesh_common.checkpoint_client import _chunks
+from tunemesh_common.checkpoints.client import _chunks
 
 
 @pytest.mark.parametrize("seed", range(20))

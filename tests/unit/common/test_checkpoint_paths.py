@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tunemesh_common.checkpoint_paths import (
+from tunemesh_common.checkpoints.paths import (
     CheckpointKind,
     CheckpointPath,
     auto_name,

@@ -11,7 +11,7 @@ import pytest
 from tunemesh import tensors
 from tunemesh.errors import Code, InvalidArgumentError
 from tunemesh.v1 import sessions_pb2, types_pb2
-from tunemesh_common import datum_rules, loss_specs
+from tunemesh_common.training import datum_rules, loss_specs
 from tunemesh_scheduler import validation
 from tunemesh_trainer.domain import DatumArrays, EngineItem, ItemKind
 from tunemesh_trainer.engine.validation import validate_item
@@ -98,8 +98,7 @@ def _engine_item(case: Case, data: list[DatumArrays] | None = None) -> EngineIte
 
 
 def _validate(item: EngineItem):
-    required = {name: spec.required_inputs for name, spec in loss_specs.SPECS.items()}
-    return validate_item(item, adapters={"a"}, required_inputs=required, vocab_size=VOCAB, max_seq_len=MAX_LEN)
+    return validate_item(item, adapters={"a"}, losses=loss_specs.SPECS, vocab_size=VOCAB, max_seq_len=MAX_LEN)
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -17,8 +17,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
-from tunemesh_common import rpc
-from tunemesh_common.host import HostConfig, ServiceHost
+from tunemesh_common.service import rpc
+from tunemesh_common.service.host import HostConfig, ServiceHost
 
 SERVICE = "tunemesh.test.Probe"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import logging
 
-from tunemesh_common import rpc
+from tunemesh_common.service import rpc
 
 
 def _logger(stream: io.StringIO) -> logging.Logger:

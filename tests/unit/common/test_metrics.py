@@ -1,4 +1,4 @@
-"""tunemesh_common.metrics: every metric registers and is documented in docs/metrics.md
+"""tunemesh_common.service.metrics: every metric registers and is documented in docs/metrics.md
 (name and type), callback families, the throughput window, the /metrics endpoint."""
 
 from __future__ import annotations
@@ -13,7 +13,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
-from tunemesh_common import metrics
+from tunemesh_common.service import metrics
+from tunemesh_checkpoint.metrics import CheckpointMetrics
+from tunemesh_sampler.metrics import SamplerMetrics
+from tunemesh_scheduler.metrics import SchedulerMetrics
+from tunemesh_trainer.metrics import TrainerMetrics
 
 DOC = pathlib.Path(__file__).resolve().parents[3] / "docs" / "metrics.md"
 
@@ -22,10 +26,10 @@ def _every_metric(registry: CollectorRegistry) -> None:
     """What the four services register (each on its own registry in real life)."""
     metrics.RpcMetrics("scheduler", registry)
     snapshot = {"queued_by_tenant": {}, "operations_by_state": {}, "nodes": {}, "runs": 0, "sessions_open": 0}
-    metrics.SchedulerMetrics(registry).follow(lambda: snapshot, lambda: {})
-    metrics.TrainerMetrics(registry).follow(lambda: 0, 4)
-    metrics.SamplerMetrics(registry).follow(lambda: 0, lambda: 0, lambda: 0, lambda: 0, 4)
-    metrics.CheckpointMetrics(registry)
+    SchedulerMetrics(registry).follow(lambda: snapshot, lambda: {})
+    TrainerMetrics(registry).follow(lambda: 0, 4)
+    SamplerMetrics(registry).follow(lambda: 0, lambda: 0, lambda: 0, lambda: 0, 4)
+    CheckpointMetrics(registry)
     metrics.follow_etcd(registry, "trainer", lambda: True, lambda: True)
     metrics.describe_node(registry, "trainer", "trainer-0", "tiny")
 
@@ -95,7 +99,7 @@ def test_throughput_window_averages_over_the_window_and_forgets_old_amounts():
 
 def test_trainer_step_feeds_tokens_items_and_the_window():
     registry = CollectorRegistry()
-    trainer = metrics.TrainerMetrics(registry)
+    trainer = TrainerMetrics(registry)
     trainer.step(0.5, {"forward_backward": 120, "forward": 30}, {"forward_backward": 2, "forward": 1, "optim_step": 2})
     get = registry.get_sample_value
     assert get("tunemesh_trainer_tokens_total", {"kind": "forward_backward"}) == 120
@@ -108,7 +112,7 @@ def test_timed_blocks_record_their_result():
     from tunemesh.errors import NotFoundError
 
     registry = CollectorRegistry()
-    checkpoint = metrics.CheckpointMetrics(registry)
+    checkpoint = CheckpointMetrics(registry)
     with checkpoint.op("list"):
         pass
     for error in (NotFoundError("NOPE", "gone"), OSError("disk")):

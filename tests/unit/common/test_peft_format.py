@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import save as save_numpy
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import InvalidArgumentError
-from tunemesh_common.peft_format import TensorHeader
+from tunemesh_common.lora.peft_format import TensorHeader
 
 
 def _raw_safetensors(header: object, body: bytes = b"") -> bytes:

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import InvalidArgumentError
-from tunemesh_common.peft_format import TensorHeader
+from tunemesh_common.lora.peft_format import TensorHeader
 
 EXPERTS = ["experts.down_proj", "experts.gate_up_proj"]
 LAYER = "model.layers.0.mlp.experts"

@@ -14,7 +14,7 @@ from grpc_status import rpc_status
 
 from tunemesh import errors
 from tunemesh.errors import error_from_rpc
-from tunemesh_common import rpc
+from tunemesh_common.service import rpc
 
 SERVICE = "tunemesh.test.Status"
 SECRET = "s3cret-detail-that-must-not-leak"

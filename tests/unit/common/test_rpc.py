@@ -9,8 +9,8 @@ import grpc
 import pytest
 
 from tunemesh import errors
-from tunemesh_common import rpc
-from tunemesh_common.host import build_server, mark_serving
+from tunemesh_common.service import rpc
+from tunemesh_common.service.host import build_server, mark_serving
 from tunemesh.errors import Code, UnauthenticatedError, error_from_rpc
 
 SERVICE = "tunemesh.test.Probe"

@@ -10,9 +10,9 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from tunemesh import errors
-from tunemesh_common import rpc
-from tunemesh_common.host import build_server
-from tunemesh_common.metrics import RpcMetrics
+from tunemesh_common.service import rpc
+from tunemesh_common.service.host import build_server
+from tunemesh_common.service.metrics import RpcMetrics
 
 SERVICE = "tunemesh.test.Probe"
 

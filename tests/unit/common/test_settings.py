@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from tunemesh_checkpoint.settings import CheckpointSettings
-from tunemesh_common import settings
+from tunemesh_common.service import settings
 from tunemesh_sampler.settings import SamplerSettings
 from tunemesh_scheduler.settings import SchedulerSettings, api_keys
 from tunemesh_trainer.settings import TrainerSettings

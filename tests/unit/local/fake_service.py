@@ -25,7 +25,7 @@ async def serve(args: argparse.Namespace) -> None:
     if args.etcd and args.node_id:
         from tunemesh_internal.v1 import trainer_pb2
         from tunemesh.v1 import sessions_pb2
-        from tunemesh_common import registry
+        from tunemesh_common.membership import registry
 
         node = trainer_pb2.TrainerNode(node_id=args.node_id, address=address, max_adapters=4, adapters=1,
                                        models=[sessions_pb2.SupportedModel(name=args.model or "tiny")])

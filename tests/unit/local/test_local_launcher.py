@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tunemesh.errors import UnavailableError
-from tunemesh_common.etcd_process import is_healthy
+from tunemesh_common.membership.etcd_process import is_healthy
 from tunemesh_local import cli, launcher, processes, state
 from tunemesh_local.launcher import MeshConfig, ServiceSpec
 from tunemesh_local.state import MeshState, ProcessRecord

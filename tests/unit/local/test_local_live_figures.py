@@ -8,7 +8,8 @@ import socket
 import prometheus_client
 from prometheus_client import CollectorRegistry
 
-from tunemesh_common import metrics
+from tunemesh_scheduler.metrics import SchedulerMetrics
+from tunemesh_trainer.metrics import TrainerMetrics
 from tunemesh_local import live_figures, status
 from tunemesh_local.state import ProcessRecord
 
@@ -17,13 +18,13 @@ def _scheduler_text() -> str:
     registry = CollectorRegistry()
     snapshot = {"queued_by_tenant": {"alice": 2, "bob": 1, "carol": 0}, "operations_by_state": {}, "nodes": {},
                 "runs": 3, "sessions_open": 2}
-    metrics.SchedulerMetrics(registry).follow(lambda: snapshot, lambda: {})
+    SchedulerMetrics(registry).follow(lambda: snapshot, lambda: {})
     return prometheus_client.generate_latest(registry).decode()
 
 
 def _trainer_text() -> str:
     registry = CollectorRegistry()
-    trainer = metrics.TrainerMetrics(registry)
+    trainer = TrainerMetrics(registry)
     trainer.follow(lambda: 2, 64)
     trainer.step(1.0, {"forward_backward": 600}, {"forward_backward": 1})
     return prometheus_client.generate_latest(registry).decode()
@@ -52,7 +53,7 @@ def _closed_port() -> int:
 
 def test_collect_scrapes_each_process_and_marks_the_unreachable_and_the_disabled():
     registry = CollectorRegistry()
-    metrics.TrainerMetrics(registry).follow(lambda: 1, 8)
+    TrainerMetrics(registry).follow(lambda: 1, 8)
     server, thread = prometheus_client.start_http_server(0, "127.0.0.1", registry)
     try:
         live = live_figures.collect([

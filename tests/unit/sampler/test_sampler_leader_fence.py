@@ -9,7 +9,7 @@ import pytest
 
 from tunemesh_internal.v1 import sampler_pb2
 from tunemesh.errors import FailedPreconditionError, UnavailableError
-from tunemesh_common.rpc import LEADER_TOKEN_KEY
+from tunemesh_common.service.rpc import LEADER_TOKEN_KEY
 from tunemesh_sampler.server import SamplerServicer
 from tunemesh_scheduler.sampler_client import GrpcSamplerPort
 

@@ -8,9 +8,9 @@ import types
 
 from prometheus_client import CollectorRegistry
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import NotFoundError
-from tunemesh_common.metrics import SamplerMetrics
+from tunemesh_sampler.metrics import SamplerMetrics
 from tunemesh_sampler.adapters import AdapterCache, AdapterRef
 from tunemesh_sampler.checkpoints import AdapterLoader
 from tunemesh_sampler.core import SamplerCore

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec, StopReason
 

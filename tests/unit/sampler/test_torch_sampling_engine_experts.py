@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.numpy import load_file, save_file
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import InvalidArgumentError, NotFoundError
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
 

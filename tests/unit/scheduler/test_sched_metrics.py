@@ -9,7 +9,7 @@ import itertools
 from prometheus_client import CollectorRegistry
 from scheduler_fakes import FakePlacement, FakeTrainer, Mesh, settle
 
-from tunemesh_common.metrics import SchedulerMetrics
+from tunemesh_scheduler.metrics import SchedulerMetrics
 from tunemesh_scheduler.core import OpKind, SchedulerConfig, SchedulerCore
 
 

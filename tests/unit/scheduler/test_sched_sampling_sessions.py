@@ -9,7 +9,7 @@ import dataclasses
 import pytest
 
 from scheduler_fakes import make_mesh
-from tunemesh_common.checkpoint_paths import adapter_key
+from tunemesh_common.checkpoints.paths import adapter_key
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tunemesh_scheduler.core import DataWork, LoadRequest, OpKind, SaveRequest, StepWork, kind_of
 

@@ -10,7 +10,7 @@ import pytest
 from tunemesh.v1 import sessions_pb2, types_pb2
 from tunemesh import tensors
 from tunemesh.errors import Code, InvalidArgumentError, TunemeshError
-from tunemesh_common import datum_rules
+from tunemesh_common.training import datum_rules
 from tunemesh_scheduler import validation
 
 VOCAB = 100

@@ -1,7 +1,9 @@
-"""A fake grpc.Channel that dispatches the generated stubs' calls to Python handlers."""
+"""A fake grpc.Channel that dispatches the generated stubs' calls to Python handlers
+(called directly, or through `.future()` as the SDK does on a synchronous channel)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -75,6 +77,16 @@ class FakeChannel:
             response = handler(decoded, meta)
             return response_deserializer(response.SerializeToString())
 
+        def future(request, timeout=None, metadata=None, **__):
+            """Like grpc's: a future of the call (run at once, here)."""
+            done: concurrent.futures.Future = concurrent.futures.Future()
+            try:
+                done.set_result(invoke(request, timeout=timeout, metadata=metadata))
+            except grpc.RpcError as err:
+                done.set_exception(err)
+            return done
+
+        invoke.future = future
         return invoke
 
     def unary_stream(self, path, *_, **__):

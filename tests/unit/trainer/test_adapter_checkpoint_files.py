@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError
 from tunemesh_trainer import checkpoint_files
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec

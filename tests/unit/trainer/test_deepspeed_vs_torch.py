@@ -32,7 +32,7 @@ SPECS = {
 def rank_group():
     import torch
 
-    from tunemesh_trainer.engine.rank_group import shared_local_group
+    from tunemesh_trainer.ranks import shared_local_group
 
     threads = torch.get_num_threads()
     yield shared_local_group(2, threads=1, timeout_s=120)  # one per process, closed at exit

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft_reference import randomize_b, rel
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh_trainer import checkpoint_files
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine

@@ -111,7 +111,7 @@ def test_router_weights_stay_frozen(tiny_moe_model):
     engine = build_torch_engine(tiny_moe_model, "moe", "moe", max_lora_rank=16, max_seq_len=64)
     items, _ = _fused_batch(engine, seed=6)
     engine.run_batch(items)
-    model = engine._model
+    model = engine.model
     routers = [p for n, p in model.named_parameters() if n.endswith("mlp.gate.weight")]
     assert routers and all(not p.requires_grad and p.grad is None for p in routers)
     assert not any(".gate." in n for a in SPECS for n in engine.adapter(a).weights())

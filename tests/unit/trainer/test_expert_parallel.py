@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tunemesh.errors import InvalidArgumentError
-from tunemesh_common.multi_lora import EXPERT_PARAMETERS
+from tunemesh_common.lora.multi_lora import EXPERT_PARAMETERS
 from tunemesh_trainer.domain import LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
 from tunemesh_trainer.engine.expert_parallel import ExpertGroup, form_groups, shard_experts

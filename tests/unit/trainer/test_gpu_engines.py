@@ -69,7 +69,7 @@ def test_torch_engine_on_cuda_matches_cpu(tiny_moe_dir):
 @pytest.mark.parametrize("expert_parallel", [1, 2])
 def test_two_gpu_ranks_match_the_cpu_engine(tiny_moe_dir, expert_parallel):
     pytest.importorskip("deepspeed")
-    from tunemesh_trainer.engine.rank_group import shared_local_group
+    from tunemesh_trainer.ranks import shared_local_group
 
     group = shared_local_group(2, timeout_s=300)  # ranks on cuda:0 and cuda:1 (nccl)
     engine = group.build(model_dir=tiny_moe_dir, name="tiny", family="moe", max_lora_rank=16, max_seq_len=48,

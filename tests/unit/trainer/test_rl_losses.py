@@ -17,7 +17,7 @@ import torch
 
 from peft_reference import peft_model, peft_named_params, randomize_b, rel
 from tunemesh.errors import InvalidArgumentError
-from tunemesh_common.loss_specs import SPECS
+from tunemesh_common.training.loss_specs import SPECS
 from tunemesh_trainer.domain import DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
 from tunemesh_trainer.engine.losses import LOSSES

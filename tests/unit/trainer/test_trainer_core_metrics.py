@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 from prometheus_client import CollectorRegistry
 
-from tunemesh_common.metrics import TrainerMetrics
+from tunemesh_trainer.metrics import TrainerMetrics
 from tunemesh_trainer.core import TrainerCore
 from tunemesh_trainer.domain import AdamSpec, AdapterState, DatumArrays, EngineItem, ItemKind, ItemOutcome
 from tunemesh_trainer.domain import LoraSpec, OptimItem

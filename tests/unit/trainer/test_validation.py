@@ -9,7 +9,7 @@ from tunemesh.errors import Code
 from tunemesh_trainer.domain import DatumArrays, EngineItem, ItemKind
 from tunemesh_trainer.engine.validation import validate_item
 
-REQUIRED = {"cross_entropy": ("target_tokens",)}
+LOSSES = {"cross_entropy"}  # the losses the engine under test runs
 
 
 def _item(tokens, loss_inputs, loss_fn="cross_entropy", adapter="a"):
@@ -18,7 +18,7 @@ def _item(tokens, loss_inputs, loss_fn="cross_entropy", adapter="a"):
 
 
 def _check(item):
-    return validate_item(item, adapters={"a"}, required_inputs=REQUIRED, vocab_size=10, max_seq_len=4)
+    return validate_item(item, adapters={"a"}, losses=LOSSES, vocab_size=10, max_seq_len=4)
 
 
 def test_valid_item_passes():
@@ -75,3 +75,12 @@ def test_bad_loss_config_fails_with_its_reason():
     item = _item([1], {"target_tokens": [1]})
     item.loss_config = {"clip": 0.2}
     assert _check(item).reason == "UNKNOWN_LOSS_CONFIG"
+
+
+def test_the_engine_names_its_losses_and_the_spec_gives_their_inputs():
+    """Only the names come from the engine: a loss it runs is checked against its spec's
+    inputs (ppo needs `logprobs` and `advantages`), one it does not run is UNKNOWN_LOSS."""
+    ppo = _item([1, 2], {"target_tokens": [1, 2]}, loss_fn="ppo")
+    runs_ppo = validate_item(ppo, adapters={"a"}, losses={"ppo"}, vocab_size=10, max_seq_len=4)
+    assert runs_ppo is not None and runs_ppo.reason == "MISSING_LOSS_INPUT"
+    assert _check(ppo).reason == "UNKNOWN_LOSS"

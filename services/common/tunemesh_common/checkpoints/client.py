@@ -16,7 +16,7 @@ import grpc
 from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh.errors import DataLossError, FailedPreconditionError
-from tunemesh_common.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
+from tunemesh_common.service.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
 
 CHUNK_BYTES = 1 << 20
 CALL_STORE_CALLER = "tunemesh-scheduler"  # the call store belongs to no tenant: `tunemesh-tenant` names the caller

@@ -13,7 +13,7 @@ import time
 
 import aetcd
 
-from tunemesh_common.registry import ETCD_ERRORS, ROOT, short_error, until_reachable
+from tunemesh_common.membership.registry import ETCD_ERRORS, ROOT, short_error, until_reachable
 
 logger = logging.getLogger(__name__)
 

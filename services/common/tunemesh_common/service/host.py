@@ -44,8 +44,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from tunemesh_common import metrics
-from tunemesh_common.rpc import SERVER_OPTIONS, Authenticator, ErrorInterceptor, MetricsInterceptor
+from tunemesh_common.service import metrics
+from tunemesh_common.service.rpc import SERVER_OPTIONS, Authenticator, ErrorInterceptor, MetricsInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ async def etcd_registration(
     """A registration for `ServiceHost.serve`: the node's record under `kind` in etcd, held
     under a lease of `ttl_s`, re-read every `period_s` and rewritten when it changed; its
     etcd and lease state in `registry`'s metrics. Revoked (record gone at once) on exit."""
-    from tunemesh_common.registry import NodeRegistration
+    from tunemesh_common.membership.registry import NodeRegistration
 
     registration = await NodeRegistration.start_following(etcd, kind, node_id, value_of, ttl_s, period_s)
     try:

@@ -1,4 +1,6 @@
-"""Prometheus metrics of every tunemesh service; docs/metrics.md lists each one.
+"""The Prometheus pieces every tunemesh service's metrics are built from, and the metrics
+they share (RPCs, etcd, the node): each service's own set lives in that service
+(`tunemesh_<service>/metrics.py`); docs/metrics.md lists every metric.
 
 A service builds its metric set on a registry (the process-wide default in `main`, a
 private one otherwise, so tests and libraries never clash), records into it at its
@@ -149,179 +151,6 @@ def describe_node(registry: CollectorRegistry, service: str, node_id: str, model
           registry=registry).labels(service, node_id, model).set(1)
 
 
-# ---- scheduler -----------------------------------------------------------------------
-
-
-class SchedulerMetrics:
-    """Queues, fused batches and operations of the scheduler."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry = private_registry(registry)
-        self._queue_wait = Histogram(
-            "tunemesh_scheduler_queue_wait_seconds", "time from an operation's submission until a trainer gets it",
-            ["tenant"], buckets=LATENCY_BUCKETS, registry=registry)
-        self._finished = Counter("tunemesh_scheduler_operations_finished", "operations finished, by final state",
-                                 ["tenant", "kind", "state"], registry=registry)
-        self._tokens = Counter("tunemesh_scheduler_tokens", "tokens of forward work handed to trainers",
-                               ["tenant", "kind"], registry=registry)
-        self._sampling = Counter("tunemesh_scheduler_sampling_tokens", "tokens of sampling requests served, per tenant",
-                                 ["tenant", "kind"], registry=registry)
-        self._batch_items = Histogram("tunemesh_scheduler_batch_items", "operations per fused batch", ["trainer"],
-                                      buckets=ITEM_BUCKETS, registry=registry)
-        self._batch_tokens = Histogram("tunemesh_scheduler_batch_tokens", "tokens per fused batch", ["trainer"],
-                                       buckets=TOKEN_BUCKETS, registry=registry)
-
-    def queue_wait(self, tenant: str, seconds: float) -> None:
-        self._queue_wait.labels(tenant).observe(max(0.0, seconds))
-
-    def operation_finished(self, tenant: str, kind: str, state: str) -> None:
-        self._finished.labels(tenant, kind.lower(), state).inc()
-
-    def tokens(self, tenant: str, kind: str, count: int) -> None:
-        self._tokens.labels(tenant, kind.lower()).inc(count)
-
-    def sampling_tokens(self, tenant: str, kind: str, count: int) -> None:
-        """`kind`: `prompt` / `generated` (Sample) or `logprobs` (ComputeLogprobs)."""
-        self._sampling.labels(tenant, kind).inc(count)
-
-    def batch(self, trainer: str, items: int, tokens: int) -> None:
-        self._batch_items.labels(trainer).observe(items)
-        self._batch_tokens.labels(trainer).observe(tokens)
-
-    def follow(self, snapshot: Callable[[], dict], nodes: Callable[[], dict[str, int]]) -> None:
-        """Gauges read from `SchedulerCore.snapshot()` and the node directories' sizes."""
-        gauges = [
-            ("tunemesh_scheduler_queue_depth", "operations submitted, not yet handed to a trainer", ("tenant",),
-             lambda: _keyed(snapshot()["queued_by_tenant"])),
-            ("tunemesh_scheduler_operations", "operations held, by state", ("state",),
-             lambda: _keyed(snapshot()["operations_by_state"])),
-            ("tunemesh_scheduler_ready_depth", "operations ready for a trainer's next batch", ("trainer",),
-             lambda: {(n,): d["ready"] for n, d in snapshot()["nodes"].items()}),
-            ("tunemesh_scheduler_runs", "training runs held", (), lambda: {(): snapshot()["runs"]}),
-            ("tunemesh_scheduler_sessions_open", "open sessions", (), lambda: {(): snapshot()["sessions_open"]}),
-            ("tunemesh_scheduler_nodes", "nodes registered in etcd, as the scheduler sees them", ("role",),
-             lambda: _keyed(nodes())),
-        ]
-        for name, doc, labels, read in gauges:
-            self.registry.register(ReadingsCollector(name, doc, labels, read))
-
-
-def _keyed(counts: Mapping[str, float]) -> dict[tuple[str, ...], float]:
-    return {(key,): value for key, value in counts.items()}
-
-
-# ---- trainer -------------------------------------------------------------------------
-
-
-class TrainerMetrics:
-    """Steps, tokens and adapter slots of one trainer."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry = private_registry(registry)
-        self._step = Histogram("tunemesh_trainer_step_duration_seconds", "engine time of one batch",
-                               buckets=STEP_BUCKETS, registry=registry)
-        self._tokens = Counter("tunemesh_trainer_tokens", "tokens processed", ["kind"], registry=registry)
-        self._items = Counter("tunemesh_trainer_items", "items executed", ["kind"], registry=registry)
-        self._loaded = Counter("tunemesh_trainer_adapters_loaded", "adapters put into a slot", ["source"],
-                               registry=registry)
-        self._unloaded = Counter("tunemesh_trainer_adapters_unloaded", "adapters removed from their slot",
-                                 registry=registry)
-        self._window = ThroughputWindow()
-        Gauge("tunemesh_trainer_tokens_per_second", "tokens processed over the last 60 s, per second",
-              registry=registry).set_function(self._window.per_second)
-
-    def step(self, seconds: float, tokens_by_kind: Mapping[str, int], items_by_kind: Mapping[str, int]) -> None:
-        """One batch: its engine time, its tokens and items by kind."""
-        self._step.observe(seconds)
-        for kind, count in tokens_by_kind.items():
-            self._tokens.labels(kind).inc(count)
-        for kind, count in items_by_kind.items():
-            self._items.labels(kind).inc(count)
-        self._window.add(sum(tokens_by_kind.values()))
-
-    def adapter_loaded(self, source: str) -> None:
-        self._loaded.labels(source).inc()
-
-    def adapter_unloaded(self) -> None:
-        self._unloaded.inc()
-
-    def follow(self, resident: Callable[[], int], slots: int) -> None:
-        """Slot gauges: `resident()` is read at scrape time."""
-        Gauge("tunemesh_trainer_adapters_resident", "adapters held in this trainer's slots",
-              registry=self.registry).set_function(resident)
-        Gauge("tunemesh_trainer_adapter_slots", "adapter slots of this trainer", registry=self.registry).set(slots)
-
-
-# ---- sampler -------------------------------------------------------------------------
-
-
-class SamplerMetrics:
-    """Generated tokens and adapter loads of one sampler."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry = private_registry(registry)
-        self._generated = Counter("tunemesh_sampler_generated_tokens", "tokens generated", registry=registry)
-        self._prompt = Counter("tunemesh_sampler_prompt_tokens", "prompt tokens read", ["kind"], registry=registry)
-        self._load = Histogram("tunemesh_sampler_adapter_load_duration_seconds",
-                               "time to fetch an adapter and load it into the engine", ["result"],
-                               buckets=LOAD_BUCKETS, registry=registry)
-        self._window = ThroughputWindow()
-        Gauge("tunemesh_sampler_tokens_per_second", "tokens generated over the last 60 s, per second",
-              registry=registry).set_function(self._window.per_second)
-
-    def generated(self, tokens: int) -> None:
-        self._generated.inc(tokens)
-        self._window.add(tokens)
-
-    def prompt(self, kind: str, tokens: int) -> None:
-        self._prompt.labels(kind).inc(tokens)
-
-    def adapter_load(self) -> contextlib.AbstractContextManager[None]:
-        """Times the block as one adapter load, labelled with its `result`."""
-        return _timed(self._load)
-
-    def follow(self, active: Callable[[], int], resident: Callable[[], int], loads: Callable[[], int],
-               evictions: Callable[[], int], slots: int) -> None:
-        """Gauges and counters the sampler's core and adapter cache already keep."""
-        Gauge("tunemesh_sampler_requests_active", "Sample / ComputeLogprobs calls in progress",
-              registry=self.registry).set_function(active)
-        Gauge("tunemesh_sampler_adapters_resident", "adapters held by the engine",
-              registry=self.registry).set_function(resident)
-        Gauge("tunemesh_sampler_adapter_slots", "adapter slots of this sampler", registry=self.registry).set(slots)
-        for name, doc, read in [("tunemesh_sampler_adapters_loaded", "adapters loaded into the engine", loads),
-                                ("tunemesh_sampler_adapters_evicted", "idle adapters evicted to free a slot",
-                                 evictions)]:
-            self.registry.register(ReadingsCollector(name, doc, (), lambda read=read: {(): read()}, "counter"))
-
-
-# ---- checkpoint ----------------------------------------------------------------------
-
-
-class CheckpointMetrics:
-    """Bytes and store operations of the checkpoint service."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        registry = private_registry(registry)
-        self._written = Counter("tunemesh_checkpoint_write_bytes", "bytes of checkpoint files written",
-                                registry=registry)
-        self._read = Counter("tunemesh_checkpoint_read_bytes", "bytes of checkpoint files read", registry=registry)
-        self._op = Histogram("tunemesh_checkpoint_op_duration_seconds", "time of one store operation",
-                             ["op", "result"], buckets=OP_BUCKETS, registry=registry)
-
-    def written(self, count: int) -> None:
-        self._written.inc(count)
-
-    def read(self, count: int) -> None:
-        self._read.inc(count)
-
-    def op(self, name: str) -> contextlib.AbstractContextManager[None]:
-        """Times the block as store operation `name`, labelled with its `result`."""
-        return _timed(self._op, name)
-
-    def observe_op(self, name: str, seconds: float, result: str = "ok") -> None:
-        self._op.labels(name, result).observe(seconds)
-
-
 def result_of(exc: BaseException | None) -> str:
     """The `result` label of an operation that raised `exc` (None: it did not)."""
     if exc is None:
@@ -330,7 +159,7 @@ def result_of(exc: BaseException | None) -> str:
 
 
 @contextlib.contextmanager
-def _timed(histogram: Histogram, *labels: str) -> Iterator[None]:
+def timed(histogram: Histogram, *labels: str) -> Iterator[None]:
     """Observe the block's duration under `labels` + its `result_of`."""
     start, result = time.perf_counter(), "error"
     try:

@@ -8,11 +8,12 @@ caller into a tenant; an outer one counts and times every call by its final stat
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import json
 import logging
 import pathlib
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 
 import grpc
 
@@ -25,7 +26,7 @@ from tunemesh.errors import (
     error_from_rpc,
     to_status,
 )
-from tunemesh_common.metrics import RpcMetrics
+from tunemesh_common.service.metrics import RpcMetrics
 
 log = logging.getLogger(__name__)
 
@@ -105,17 +106,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         """A unary-response handler (request or request stream in) with errors mapped."""
 
         async def guarded(request, context: grpc.aio.ServicerContext):
-            try:
+            async with _errors_mapped(context, method):
                 if needs_auth:
                     self._authenticate(context)
                 return await inner(request, context)
-            except TunemeshError as err:
-                await _abort(context, err)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
         return guarded
 
@@ -123,20 +117,28 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         """A response-streaming handler with errors mapped (also mid-stream)."""
 
         async def guarded(request, context: grpc.aio.ServicerContext):
-            try:
+            async with _errors_mapped(context, method):
                 if needs_auth:
                     self._authenticate(context)
                 async for response in inner(request, context):
                     yield response
-            except TunemeshError as err:
-                await _abort(context, err)
-            except grpc.aio.AbortError:
-                raise
-            except Exception:
-                log.exception("unexpected error in %s", method)
-                await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
         return guarded
+
+
+@contextlib.asynccontextmanager
+async def _errors_mapped(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+    """A tunemesh error ends the call with its rich status; anything unexpected is logged
+    and ends it INTERNAL, naming the method and nothing of the exception."""
+    try:
+        yield
+    except TunemeshError as err:
+        await _abort(context, err)
+    except grpc.aio.AbortError:
+        raise
+    except Exception:
+        log.exception("unexpected error in %s", method)
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
 
 def _rewrap(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable | None) -> grpc.RpcMethodHandler:

@@ -14,7 +14,7 @@ import re
 import sys
 from typing import Annotated, Any, TypeVar
 
-from pydantic import AfterValidator, SecretStr, ValidationError, field_validator
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 S = TypeVar("S", bound="ServiceSettings")
@@ -62,6 +62,26 @@ class ServiceSettings(BaseSettings):
     @classmethod
     def _expand_user(cls, value: Any) -> Any:
         return value.expanduser() if isinstance(value, pathlib.Path) else value
+
+
+class NodeSettings(ServiceSettings):
+    """What a trainer's and a sampler's settings share: one base model served on a node
+    that registers in etcd and reaches the checkpoint service."""
+
+    model: str = Field("tunemesh/tiny-dense", description="registry name of the base model to serve")
+    listen: HostPort = Field("127.0.0.1:0", description="host:port to serve on; port 0 picks a free one")
+    etcd: HostPortOrEmpty = Field("", description="host:port of etcd; empty: run without registration (tests)")
+    checkpoint: HostPortOrEmpty = Field("", description="host:port of the checkpoint service")
+    data_dir: pathlib.Path = Field(pathlib.Path("~/.cache/tunemesh"), description="model cache")
+    models_file: pathlib.Path | None = Field(
+        None, description='JSON list of extra local models, [{"name": ..., "path": ...[, "family": ...]}]')
+    ready_file: pathlib.Path | None = Field(
+        None, description='written once serving: {"address", "pid", "node_id", "metrics_url"} (for launchers)')
+    metrics_listen: HostPortOrEmpty = Field(
+        "127.0.0.1:0", description="host:port of /metrics (port 0 picks one); empty: no metrics endpoint")
+    num_threads: int = Field(0, ge=0, description="torch threads; 0: torch's default")
+    lease_ttl_s: int = Field(5, ge=1, description="etcd lease time-to-live, in seconds")
+    advertise_host: str = Field("127.0.0.1", min_length=1, description="host others use to reach this node")
 
 
 def load(cls: type[S], argv: list[str] | None = None) -> S:

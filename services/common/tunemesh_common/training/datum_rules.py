@@ -22,7 +22,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from tunemesh.errors import InvalidArgumentError
-from tunemesh_common.loss_specs import INTEGER_INPUTS, LossSpec
+from tunemesh_common.training.loss_specs import INTEGER_INPUTS, LossSpec
 
 EMPTY_DATA = "EMPTY_DATA"  # a request or item with no datum
 UNSUPPORTED_CHUNK = "UNSUPPORTED_CHUNK"  # a model input chunk other than encoded_text

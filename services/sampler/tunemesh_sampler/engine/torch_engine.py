@@ -18,19 +18,16 @@ import asyncio
 import collections
 import concurrent.futures
 import dataclasses
-import hashlib
 import logging
-import math
 import pathlib
-import secrets
 import threading
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import DynamicCache
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import (
     AlreadyExistsError,
     FailedPreconditionError,
@@ -40,13 +37,14 @@ from tunemesh.errors import (
     TunemeshError,
     UnavailableError,
 )
-from tunemesh_common.multi_lora import LoraRouting, RowPlan
+from tunemesh_common.lora.frozen_base import load_frozen_base
+from tunemesh_common.lora.multi_lora import RowPlan
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, SamplingSpec, StopReason
 from tunemesh_sampler.engine.lora_targets import LoraTargets
+from tunemesh_sampler.engine.token_choice import TokenChooser, request_seed, row_generator
 
 logger = logging.getLogger(__name__)
 
-BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BASE_SEGMENT = ""  # the segment id of rows without an adapter (never an adapter key)
 
 Detokenize = Callable[[list[int]], str]
@@ -107,18 +105,15 @@ class TorchSamplingEngine:
         self._device = torch.device(device)
         self._max_batch_rows = max(1, max_batch_rows)
         self._detokenize = detokenize
-        if dtype not in BASE_DTYPES:
-            raise InvalidArgumentError("BAD_DTYPE", f"base dtype must be one of {sorted(BASE_DTYPES)}, got {dtype!r}")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=BASE_DTYPES[dtype])
-        model.requires_grad_(False)
-        self._model = model.eval().to(self._device)
-        self._routing = LoraRouting()
-        self._targets = LoraTargets(model, self._routing)
-        self._eos = _eos_token_ids(model)
+        base = load_frozen_base(model_dir, dtype, self._device)
+        self._model = base.model
+        self._routing = base.routing
+        self._targets = LoraTargets(base)
+        self._eos = _eos_token_ids(base.model)
         self.info = ModelInfo(
             name=name,
             family=family,
-            vocab_size=int(model.config.vocab_size),
+            vocab_size=base.vocab_size,
             max_seq_len=max_seq_len,
             max_lora_rank=max_lora_rank,
             eos_token_ids=tuple(sorted(self._eos)),
@@ -161,8 +156,8 @@ class TorchSamplingEngine:
         loop = asyncio.get_running_loop()
         n = request.num_samples
         job = _Job(request, loop.create_future(), loop, [None] * n, n)
-        seed = _request_seed(request.spec)
-        rows = [_Row(job, i, _row_generator(request.spec, seed, i)) for i in range(n)]
+        seed = request_seed(request.spec)
+        rows = [_Row(job, i, row_generator(request.spec, seed, i)) for i in range(n)]
         with self._lock:
             self._pending.extend(rows)
         loop.call_soon(self._kick)  # after the other ready callers have queued: one batch
@@ -242,12 +237,13 @@ class TorchSamplingEngine:
         self.batches_run += 1
         ids_bt, mask_bt = _left_pad([row.job.request.prompt_tokens for row in rows], self._device)
         positions_bt = (mask_bt.cumsum(-1) - 1).clamp(min=0)
-        chooser = _TokenChooser(rows, self._device)
+        chooser = TokenChooser([row.spec for row in rows], self._device)
         cache = DynamicCache(config=self._model.config)
         with torch.no_grad(), self._routing.use(RowPlan(_segments(rows), frozenset())):
             logits_bv = self._last_logits(ids_bt, mask_bt, positions_bt, cache)
             while True:
-                tokens_b, logprobs_b = chooser.choose(logits_bv, rows)
+                tokens_b, logprobs_b = chooser.choose(
+                    logits_bv, [row.generator if row.reason is None else None for row in rows])
                 if self._advance(rows, tokens_b.tolist(), logprobs_b.tolist()):
                     return
                 mask_bt = torch.cat([mask_bt, mask_bt.new_ones(len(rows), 1)], dim=1)
@@ -326,42 +322,6 @@ class TorchSamplingEngine:
         self._executor.shutdown(wait=True)
 
 
-class _TokenChooser:
-    """Per-row greedy / temperature + top-k + top-p choice of the next token."""
-
-    def __init__(self, rows: list[_Row], device: torch.device) -> None:
-        specs = [row.spec for row in rows]
-        self._device = device
-        self._greedy_b = torch.tensor([s.temperature <= 0 for s in specs], device=device)
-        self._temperature_b = torch.tensor([max(s.temperature, 1e-5) if s.temperature > 0 else 1.0 for s in specs],
-                                           dtype=torch.float32, device=device)
-        self._top_k_b = torch.tensor([s.top_k if s.top_k > 0 else 2**62 for s in specs], device=device)
-        self._top_p_b = torch.tensor([s.top_p for s in specs], dtype=torch.float32, device=device)
-
-    def choose(self, logits_bv: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The next token of every row, and its logprob under the raw logits."""
-        tokens_b = logits_bv.argmax(dim=-1)
-        if not bool(self._greedy_b.all()):
-            tokens_b = torch.where(self._greedy_b, tokens_b, self._sample(logits_bv, rows))
-        logprobs_b = torch.log_softmax(logits_bv, dim=-1).gather(-1, tokens_b[:, None]).squeeze(-1)
-        return tokens_b, logprobs_b
-
-    def _sample(self, logits_bv: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """Inverse-CDF sampling over the top-k / top-p set, one uniform per row from its generator."""
-        uniforms = [float(torch.rand((), generator=row.generator)) if row.generator is not None
-                    and row.reason is None else 0.0 for row in rows]
-        u_b = torch.tensor(uniforms, dtype=torch.float32, device=self._device)
-        values_bv, order_bv = (logits_bv / self._temperature_b[:, None]).sort(dim=-1, descending=True)
-        rank_v = torch.arange(values_bv.shape[-1], device=self._device)
-        values_bv = values_bv.masked_fill(rank_v >= self._top_k_b[:, None], -math.inf)
-        probs_bv = torch.softmax(values_bv, dim=-1)
-        mass_before_bv = probs_bv.cumsum(dim=-1) - probs_bv
-        probs_bv = probs_bv.masked_fill((mass_before_bv >= self._top_p_b[:, None]) & (rank_v > 0), 0.0)
-        cdf_bv = probs_bv.cumsum(dim=-1)
-        picks_b = torch.searchsorted(cdf_bv, (u_b * cdf_bv[:, -1])[:, None]).clamp(max=cdf_bv.shape[-1] - 1)
-        return order_bv.gather(-1, picks_b).squeeze(-1)
-
-
 def load_detokenizer(model_dir: pathlib.Path) -> Detokenize | None:
     """token ids -> text with the model directory's tokenizer (special tokens kept), if it has one."""
     from tunemesh_common.models import tokenizer_files
@@ -403,18 +363,6 @@ def _eos_token_ids(model: nn.Module) -> frozenset[int]:
             continue
         found.update([value] if isinstance(value, int) else value)
     return frozenset(int(v) for v in found)
-
-
-def _request_seed(spec: SamplingSpec) -> int:
-    return secrets.randbits(63) if spec.seed is None else spec.seed
-
-
-def _row_generator(spec: SamplingSpec, seed: int, index: int) -> torch.Generator | None:
-    """Sample `index` of a request seeded `seed`: a generator that depends on both only."""
-    if spec.temperature <= 0:
-        return None
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
 
 
 def _left_pad(prompts: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

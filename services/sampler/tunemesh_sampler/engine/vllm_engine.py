@@ -22,7 +22,7 @@ import pathlib
 import tempfile
 import threading
 
-from tunemesh_common import peft_format
+from tunemesh_common.lora import peft_format
 from tunemesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TunemeshError, UnavailableError
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, StopReason
 

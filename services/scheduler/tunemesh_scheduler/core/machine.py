@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunemesh.errors import Code
-from tunemesh_common.metrics import SchedulerMetrics
+from tunemesh_scheduler.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.actions import Action, Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, Single
 from tunemesh_scheduler.core.fairness import FairQueue
 from tunemesh_scheduler.core.operations import OperationStore

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from tunemesh.errors import Code, NotFoundError
-from tunemesh_common.metrics import SchedulerMetrics
+from tunemesh_scheduler.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationError, OperationRecord, OpKind, OpState
 from tunemesh_scheduler.core.work import Work
@@ -23,8 +23,10 @@ class OperationStore:
 
     def __init__(self, clock: Callable[[], float], new_id: Callable[[], str],
                  metrics: SchedulerMetrics | None = None,
-                 note: Callable[[StoreWrite], int] = lambda write: 0) -> None:
+                 note: Callable[[StoreWrite], int] = lambda write: 0,
+                 on_finish: Callable[[OperationRecord], None] = lambda op: None) -> None:
         self._note = note  # journals every created, finished and evicted operation
+        self._on_finish = on_finish  # e.g. numbers the completion for WatchOperations
         self._clock = clock
         self._new_id = new_id
         self._metrics = metrics or SchedulerMetrics()
@@ -170,6 +172,7 @@ class OperationStore:
         replayed = state is OpState.SUCCEEDED and op.kind in STATEFUL_KINDS  # kept until a snapshot
         self._note(StoreWrite(op, drop_call=not replayed))
         self._metrics.operation_finished(op.tenant, op.kind.value, state.value)
+        self._on_finish(op)
         event = self._events.pop(op.name, None)
         if event is not None:
             event.set()

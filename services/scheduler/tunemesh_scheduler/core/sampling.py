@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
-from tunemesh_common.checkpoint_paths import adapter_key
+from tunemesh_common.checkpoints.paths import adapter_key
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tunemesh_scheduler.core.ports import StoreWrite
 

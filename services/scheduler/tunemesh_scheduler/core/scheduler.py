@@ -18,13 +18,14 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from tunemesh.errors import Code, FailedPreconditionError, TunemeshError
+from tunemesh.errors import Code, FailedPreconditionError, NotFoundError, TunemeshError
 from tunemesh.errors import ResourceExhaustedError, UnavailableError
-from tunemesh_common.metrics import SchedulerMetrics
+from tunemesh_scheduler.metrics import SchedulerMetrics
 from tunemesh_scheduler.core import idempotency
+from tunemesh_scheduler.core.completions import CompletionFeed, CompletionLog, WatchBatch
 from tunemesh_scheduler.core.failover import FailoverCalls
 from tunemesh_scheduler.core.journal import Journal
 from tunemesh_scheduler.core.actions import Action, Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, Single
@@ -39,7 +40,6 @@ from tunemesh_scheduler.core.records import (
     OperationError,
     OperationRecord,
     OpKind,
-    OpState,
     RunRecord,
     SessionRecord,
 )
@@ -120,7 +120,10 @@ class SchedulerCore:
         note = self.journal.note
         self.sessions = SessionRegistry(clock, new_id, note)
         self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant, note)
-        self.operations = OperationStore(clock, new_id, self._metrics, note)
+        # Numbers finished operations for WatchOperations; its epoch names this incarnation.
+        self.completions: CompletionFeed[OperationRecord] = CompletionFeed(CompletionLog(_new_uuid()))
+        self.operations = OperationStore(clock, new_id, self._metrics, note,
+                                         on_finish=lambda op: self.completions.record(op.tenant, op))
         self.sampling = SamplingSessionRegistry(clock, new_id, note)
         self.machine = SchedulerMachine(
             self.operations, self.sessions, clock=clock, note=note,
@@ -440,6 +443,30 @@ class SchedulerCore:
         """Long-poll: return once the operation is done or `timeout_s` passed."""
         op = self.operations.get(tenant, name)
         return await self.operations.wait(op, timeout_s)
+
+    async def watch_operations(
+        self, tenant: str, epoch: str, cursor: int, names: list[str], heartbeat_s: float
+    ) -> AsyncIterator[WatchBatch[OperationRecord]]:
+        """The tenant's completions after `cursor` of `epoch` (first, with those of `names`
+        already done and the `names` not held), then each new completion as it happens,
+        or a heartbeat every `heartbeat_s` seconds (see core/completions.py)."""
+        replay = self.completions.log.replay(tenant, epoch, cursor)
+        named, missing = [], []
+        for name in names:
+            try:
+                op = self.operations.get(tenant, name)
+            except NotFoundError:
+                missing.append(name)
+                continue
+            if op.done:
+                named.append(op)
+        yield WatchBatch(replay.epoch, replay.cursor, named + replay.items, replay.cursor_lost, missing)
+        position = replay.cursor
+        while True:
+            await self.completions.wait_past(tenant, position, heartbeat_s)
+            replay = self.completions.log.replay(tenant, replay.epoch, position)
+            yield WatchBatch(replay.epoch, replay.cursor, replay.items, replay.cursor_lost)
+            position = replay.cursor
 
     def cancel_operation(self, tenant: str, name: str) -> OperationRecord:
         """Best-effort cancel: a QUEUED op that has not gone out becomes CANCELLED (later

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from tunemesh_common import checkpoint_paths
+from tunemesh_common.checkpoints import paths as checkpoint_paths
 from tunemesh_scheduler.core.records import OperationRecord, OpState, RunRecord
 
 

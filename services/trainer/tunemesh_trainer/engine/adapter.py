@@ -11,7 +11,7 @@ from torch import nn
 
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError
 from tunemesh_trainer.domain import AdamSpec, AdapterState, LoraSpec
-from tunemesh_common.multi_lora import LoraPair
+from tunemesh_common.lora.multi_lora import LoraPair
 from tunemesh_trainer.engine.optimizer import AdapterOptimizer
 
 
@@ -25,8 +25,8 @@ class AdapterSlot:
     """Weights, gradients and optimizer state of one adapter, in sorted module order."""
 
     def __init__(self, spec: LoraSpec, shapes: dict[str, tuple[int, ...]], device: torch.device):
-        """`shapes`: module -> (in, out) for a linear, (in, out, experts) for fused experts
-        (whose factors take PEFT's `target_parameters` layout, see LoraPair)."""
+        """`shapes`: module -> (in, out[, experts]), experts 1 (or absent) for a linear;
+        fused experts' factors take PEFT's `target_parameters` layout (see LoraPair)."""
         self.spec = spec
         alpha = spec.alpha if spec.alpha else float(spec.rank)
         self.pairs: dict[str, LoraPair] = {}

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from tunemesh_trainer.domain import EngineItem, ItemKind
-from tunemesh_common.multi_lora import RowPlan
+from tunemesh_common.lora.multi_lora import RowPlan
 
 PAD_TOKEN_ID = 0
 

@@ -21,7 +21,7 @@ import pathlib
 from collections.abc import Iterator, Sequence
 
 from tunemesh_trainer.domain import AdamSpec, AdapterState, EngineItem, ItemOutcome, LoraSpec
-from tunemesh_trainer.engine.data_parallel import DataParallel
+from tunemesh_trainer.engine.data_parallel import parallelism
 from tunemesh_trainer.engine.torch_engine import TorchTrainingEngine
 
 logger = logging.getLogger(__name__)
@@ -102,27 +102,28 @@ class DeepSpeedTrainingEngine:
         from deepspeed.utils import set_z3_leaf_modules
 
         device = rank_device()
-        parallel = DataParallel(dist.get_rank(), dist.get_world_size(), device)
+        rank, world = dist.get_rank(), dist.get_world_size()
         _align_parameter_ids(device)
         with partitioned_loading(zero_stage):
             self._local = TorchTrainingEngine(
                 model_dir, name, family, max_lora_rank, max_seq_len, num_threads=num_threads,
-                device=device, max_batch_tokens=max_batch_tokens, data_parallel=parallel, dtype=dtype,
+                device=device, max_batch_tokens=max_batch_tokens, parallelism=parallelism(rank, world, device),
+                dtype=dtype,
             )
-        experts_per_rank = self._shard_experts(parallel, expert_parallel)
+        experts_per_rank = self._shard_experts(rank, world, expert_parallel)
         leaves = self._local.expert_block_types()
         if zero_stage == 3 and leaves:
             set_z3_leaf_modules(self._local.model, leaves)
         self._zero, *_ = deepspeed.initialize(model=self._local.model, config=zero_config(zero_stage))
         self.info = self._local.info
         logger.info("rank %d/%d: %s partitioned with ZeRO-%d (%d MoE leaf classes, %s experts per layer here)",
-                    parallel.rank, parallel.world, name, zero_stage, len(leaves), experts_per_rank or "all")
+                    rank, world, name, zero_stage, len(leaves), experts_per_rank or "all")
 
-    def _shard_experts(self, parallel: DataParallel, size: int) -> int:
+    def _shard_experts(self, rank: int, world: int, size: int) -> int:
         """Split the MoE layers' experts over expert-parallel groups of `size` ranks; 0 if not."""
         from tunemesh_trainer.engine import expert_parallel
 
-        group = expert_parallel.form_groups(parallel.world, parallel.rank, size)
+        group = expert_parallel.form_groups(world, rank, size)
         if size == 1 or not self._local.expert_layers:
             return 0
         return expert_parallel.shard_experts(self._local.expert_layers, group)

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from tunemesh.errors import InvalidArgumentError
-from tunemesh_common.multi_lora import EXPERT_PARAMETERS, MultiLoraExperts, RowPlan, token_adapter_slots
+from tunemesh_common.lora.multi_lora import EXPERT_PARAMETERS, MultiLoraExperts, RowPlan, token_adapter_slots
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import torch
 
-from tunemesh_common.multi_lora import LoraRouting
+from tunemesh_common.lora.multi_lora import LoraRouting
 
 
 class ExpertUsage:

@@ -5,7 +5,7 @@ fused batch (`target_logprobs`); a loss sees them and the datum's loss inputs as
 and returns the scalar loss plus per-datum outputs. Every Tinker loss (cross_entropy,
 importance_sampling, ppo, cispo, dro) is a function of target logprobs, so each new one
 is one function and one `LOSSES` entry; names, inputs and config defaults come from
-`tunemesh_common.loss_specs`, which the scheduler validates requests against.
+`tunemesh_common.training.loss_specs`, which the scheduler validates requests against.
 
 With lp the learner's target logprobs, q the sampler's (`logprobs`), A the advantages,
 w the optional per-token `weights` (default 1) and ratio = exp(lp - q), every loss is a
@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 
 import torch
 
-from tunemesh_common.loss_specs import SPECS, LossSpec
+from tunemesh_common.training.loss_specs import SPECS, LossSpec
 
 
 @dataclasses.dataclass

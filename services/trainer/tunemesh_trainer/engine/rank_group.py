@@ -3,27 +3,19 @@
 Rank 0 broadcasts every engine call (engine key, a `RankCall`, pickled arguments) over a
 gloo control group; every rank runs it on its own DeepSpeedTrainingEngine; rank 0 then
 gathers a fingerprint of each rank's result (its error, digests, item failures, metrics)
-and refuses to go on if the ranks disagree. Workers run `serve_rank` until told to close.
+and refuses to go on if the ranks disagree. Followers run `serve_rank` until told to close.
 
-Ranks come from torchrun / the deepspeed launcher (RANK, WORLD_SIZE, MASTER_ADDR,
-MASTER_PORT in the environment) or from `start_local_workers` (`--ranks W`).
-`python -m tunemesh_trainer.engine.rank_group` is a worker.
+This is the per-rank side only: forming the group (launchers, local worker processes,
+their watchdog) is `tunemesh_trainer.ranks`.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import datetime
 import enum
 import itertools
 import logging
-import os
-import socket
-import subprocess
-import sys
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from tunemesh.errors import InternalError
@@ -59,140 +51,6 @@ _ENGINE_CALLS: dict[RankCall, Callable[..., Any]] = {
     RankCall.IMPORT_ADAPTER: lambda engine, adapter_id, state: engine.import_adapter(adapter_id, state),
     RankCall.ADAPTER_DIGEST: lambda engine, adapter_id: engine.adapter_digest(adapter_id),
 }
-WATCH_PERIOD_S = 0.5  # how often watchdogs look for a lost rank
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def launched_rank() -> int | None:
-    """This process's rank when a launcher (torchrun, deepspeed) started it, else None."""
-    rank = os.environ.get("RANK")
-    return int(rank) if rank is not None and "WORLD_SIZE" in os.environ else None
-
-
-def rank_env(rank: int, world: int, port: int, threads: int = 0) -> dict[str, str]:
-    """Environment of rank `rank` of a local group on 127.0.0.1:`port`: on a host with at
-    least `world` CUDA devices rank r uses device r (nccl), else the CPU (gloo), unless
-    DS_ACCELERATOR is set already."""
-    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR") or ("cuda" if _cuda_devices() >= world else "cpu")}
-    if threads:
-        env["OMP_NUM_THREADS"] = str(threads)
-    return env
-
-
-def _cuda_devices() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
-def start_local_workers(world: int, port: int, threads: int = 0) -> list[subprocess.Popen]:
-    """Start ranks 1..world-1 on this host as `python -m tunemesh_trainer.engine.rank_group`."""
-    return [
-        subprocess.Popen([sys.executable, "-m", "tunemesh_trainer.engine.rank_group"],
-                         env={**os.environ, **rank_env(rank, world, port, threads)})
-        for rank in range(1, world)
-    ]
-
-
-def join_group(timeout_s: float = 600.0) -> Any:
-    """Join the process group described by the environment; return the gloo control group.
-
-    `timeout_s` bounds every collective: a rank that died stops the others after it."""
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    timeout = datetime.timedelta(seconds=timeout_s)
-    deepspeed.init_distributed(dist_backend=get_accelerator().communication_backend_name(), timeout=timeout)
-    control = dist.new_group(backend="gloo", timeout=timeout)
-    logger.info("joined rank %d of %d", dist.get_rank(), dist.get_world_size())
-    return control
-
-
-@contextlib.contextmanager
-def local_group(world: int, threads: int = 0, timeout_s: float = 600.0) -> Iterator[RankGroup]:
-    """A group of `world` ranks on this host with this process as rank 0 (workers are
-    subprocesses), closed on exit. A process can form one group only: see shared_local_group."""
-    saved = dict(os.environ)
-    group, workers = _form(world, threads, timeout_s)
-    try:
-        yield group
-    finally:
-        group.close()
-        for worker in workers:
-            _stop(worker)
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-_SHARED: dict[int, RankGroup] = {}
-
-
-WorkerLost = Callable[[int, int], None]  # (rank, exit code)
-
-
-def shared_local_group(world: int, threads: int = 0, timeout_s: float = 600.0,
-                       on_worker_exit: WorkerLost | None = None) -> RankGroup:
-    """This process's one local group of `world` ranks, formed on first use, closed at exit
-    (a second group formed in the same process after closing one hangs in DeepSpeed).
-    `on_worker_exit(rank, code)` is called (from a watchdog thread) if a worker exits
-    before the group closes: the group cannot go on without it."""
-    if world not in _SHARED:
-        if _SHARED:
-            raise InternalError("GROUP_EXISTS", f"this process already leads a group of {next(iter(_SHARED))} ranks")
-        group, workers = _form(world, threads, timeout_s)
-        _SHARED[world] = group
-        closing = threading.Event()
-        if on_worker_exit is not None:
-            threading.Thread(target=_watch_workers, args=(workers, closing, on_worker_exit), daemon=True,
-                             name="rank-watchdog").start()
-
-        def close() -> None:
-            closing.set()
-            group.close()
-            for worker in workers:
-                _stop(worker)
-
-        atexit.register(close)
-    return _SHARED[world]
-
-
-def _watch_workers(workers: list[subprocess.Popen], closing: threading.Event, on_exit: WorkerLost) -> None:
-    while not closing.wait(WATCH_PERIOD_S):
-        for rank, worker in enumerate(workers, start=1):
-            code = worker.poll()
-            if code is not None and not closing.is_set():
-                on_exit(rank, code)
-                return
-
-
-def _form(world: int, threads: int, timeout_s: float) -> tuple[RankGroup, list[subprocess.Popen]]:
-    """Start the workers and join as rank 0. The rank's environment (RANK, MASTER_PORT, ...)
-    stays set while the group lives: the collectives need it."""
-    port = free_port()
-    workers = start_local_workers(world, port, threads)
-    os.environ.update(rank_env(0, world, port))
-    try:
-        return RankGroup(join_group(timeout_s)), workers
-    except BaseException:
-        for worker in workers:
-            worker.kill()
-        raise
-
-
-def _stop(worker: subprocess.Popen) -> None:
-    try:
-        worker.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        worker.kill()
-        worker.wait()
 
 
 class RankGroup:
@@ -332,16 +190,3 @@ class GroupEngine:
     def close(self) -> None:
         """Drop this engine on every rank."""
         self._call(RankCall.DROP)
-
-
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve_rank(join_group())
-
-
-if __name__ == "__main__":
-    # Run as the imported module, not as __main__: the RankCall members rank 0 sends must
-    # unpickle to the very enum this worker compares them with.
-    from tunemesh_trainer.engine import rank_group
-
-    rank_group.main()

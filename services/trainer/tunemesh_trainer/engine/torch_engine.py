@@ -9,9 +9,10 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM
 
 from tunemesh.errors import AlreadyExistsError, Code, InvalidArgumentError, NotFoundError, UnimplementedError
+from tunemesh_common.lora.frozen_base import load_frozen_base
+from tunemesh_common.lora.multi_lora import MultiLoraExperts, RowPlan
 from tunemesh_trainer.domain import (
     AdamSpec,
     AdapterState,
@@ -24,25 +25,12 @@ from tunemesh_trainer.domain import (
 )
 from tunemesh_trainer.engine.adapter import AdapterSlot
 from tunemesh_trainer.engine.batch import ChunkPart, pack_items, pack_targets, plan_chunks
-from tunemesh_trainer.engine.data_parallel import DataParallel
+from tunemesh_trainer.engine.data_parallel import Parallelism, SingleProcess
 from tunemesh_trainer.engine.expert_usage import ExpertUsage
 from tunemesh_trainer.engine.losses import LOSSES, target_logprobs
-from tunemesh_common.multi_lora import (
-    EXPERT_PARAMETERS,
-    LoraPair,
-    LoraRouting,
-    MultiLoraExperts,
-    RowPlan,
-    candidate_targets,
-    expert_targets,
-    full_shape,
-    install_expert_wrappers,
-    install_wrappers,
-)
 from tunemesh_trainer.engine.validation import validate_item
 
 logger = logging.getLogger(__name__)
-BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 class TorchTrainingEngine:
@@ -59,56 +47,46 @@ class TorchTrainingEngine:
         num_threads: int | None = None,
         device: str = "cpu",
         max_batch_tokens: int = 8192,
-        data_parallel: DataParallel | None = None,
+        parallelism: Parallelism | None = None,
         dtype: str = "float32",
     ) -> None:
-        """With `data_parallel` over W > 1 ranks, every rank runs its share of each batch's
-        rows and the ranks join gradients and outcomes (see data_parallel.py). `dtype` is
-        the frozen base's (float32 or bfloat16); LoRA factors, their gradients, AdamW and
-        the losses are float32 either way."""
+        """`parallelism` spreads each batch's rows over processes (default: all here; see
+        data_parallel.py). `dtype` is the frozen base's (float32 or bfloat16); LoRA factors,
+        their gradients, AdamW and the losses are float32 either way."""
         self._max_batch_tokens = max_batch_tokens  # padded tokens per chunk of a fused pass
-        self._parallel = data_parallel or DataParallel()
+        self._parallel = parallelism or SingleProcess()
         if num_threads:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
-        if dtype not in BASE_DTYPES:
-            raise InvalidArgumentError("BAD_DTYPE", f"base dtype must be one of {sorted(BASE_DTYPES)}, got {dtype!r}")
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=BASE_DTYPES[dtype])
-        model.requires_grad_(False)
-        self._model = model.eval().to(self._device)
-        if self._parallel.world > 1:  # every rank's backward then walks every layer (see _run_chunk)
-            model.enable_input_require_grads()
-        self._groups = candidate_targets(model)
-        self._routing = LoraRouting()
-        self._wrappers = install_wrappers(model, sorted(self._groups), self._routing)
-        self._has_experts = any(len(full_shape(p)) == 3 and ".experts." in n for n, p in model.named_parameters())
-        self._experts = install_expert_wrappers(model, expert_targets(model), self._routing)
-        self._groups.update({f"{m}.{p}": "experts" for m in self._experts for p in EXPERT_PARAMETERS})
+        self._base = load_frozen_base(model_dir, dtype, self._device)
+        self._parallel.prepare(self._base.model)
+        self._routing = self._base.routing
         self._slots: dict[str, AdapterSlot] = {}
         self.info = ModelInfo(
             name=name,
             family=family,
-            vocab_size=int(model.config.vocab_size),
+            vocab_size=self._base.vocab_size,
             max_seq_len=max_seq_len,
             max_lora_rank=max_lora_rank,
         )
         logger.info("loaded %s (%s) with %d LoRA target linears and %d MoE experts layers",
-                    name, family, len(self._wrappers), len(self._experts))
+                    name, family, len(self._base.linears), len(self._base.experts))
 
     @property
     def model(self) -> torch.nn.Module:
         """The base model with the LoRA wrappers installed (for partitioning it)."""
-        return self._model
+        return self._base.model
 
     @property
     def expert_layers(self) -> dict[str, MultiLoraExperts]:
         """The wrapped fused-experts modules by name (for sharding them across ranks)."""
-        return self._experts
+        return self._base.experts
 
     def expert_block_types(self) -> list[type]:
         """Classes of the modules holding a wrapped experts module (MoE blocks): their
         parameters must be gathered as one unit under ZeRO-3."""
-        return sorted({type(self._model.get_submodule(n.rpartition(".")[0])) for n in self._experts},
+        model = self._base.model
+        return sorted({type(model.get_submodule(n.rpartition(".")[0])) for n in self._base.experts},
                       key=lambda cls: cls.__qualname__)
 
     # adapters -----------------------------------------------------------------
@@ -122,14 +100,14 @@ class TorchTrainingEngine:
             raise InvalidArgumentError("BAD_LORA_RANK", f"rank must lie in [1, {self.info.max_lora_rank}]")
         if not math.isfinite(spec.alpha) or spec.alpha < 0:
             raise InvalidArgumentError("BAD_LORA_ALPHA", "alpha must be finite and >= 0")
-        if spec.train_experts and self._has_experts and not self._experts:
+        if spec.train_experts and self._base.has_fused_experts and not self._base.experts:
             raise UnimplementedError("EXPERT_LORA_UNSUPPORTED", "LoRA on this model's expert layout is not supported")
         targets = self.target_modules(spec)
         if not targets:
             raise InvalidArgumentError("NO_TARGET_MODULES", "the spec selects no module of this model")
-        slot = AdapterSlot(spec, {n: self._target_shape(n) for n in targets}, self._device)
+        slot = AdapterSlot(spec, {n: self._base.target_shape(n) for n in targets}, self._device)
         for module_name, pair in slot.pairs.items():
-            self._pair_table(module_name)[adapter_id] = pair
+            self._base.pair_table(module_name)[adapter_id] = pair
         self._slots[adapter_id] = slot
         return slot.num_params
 
@@ -138,30 +116,12 @@ class TorchTrainingEngine:
         an adapter with `spec` gets LoRA on (sorted)."""
         wanted = {"attn": spec.train_attn, "mlp": spec.train_mlp, "unembed": spec.train_unembed,
                   "experts": spec.train_experts}
-        return sorted(n for n, group in self._groups.items() if wanted[group])
-
-    def _target_shape(self, name: str) -> tuple[int, ...]:
-        """(in, out) of a target linear; (in, out, experts) of a fused expert weight."""
-        if name in self._wrappers:
-            base = self._wrappers[name].base
-            return base.in_features, base.out_features
-        module, _, param = name.rpartition(".")
-        layer = self._experts[module]
-        weight = getattr(layer.base, param)
-        _, out_f, in_f = full_shape(weight)
-        return in_f, out_f, layer.num_experts  # all experts, also where this rank holds a share
-
-    def _pair_table(self, name: str) -> dict[str, LoraPair]:
-        """The adapter id -> LoRA factors table of a target (linear or expert weight)."""
-        if name in self._wrappers:
-            return self._wrappers[name].pairs
-        module, _, param = name.rpartition(".")
-        return self._experts[module].pairs[param]
+        return sorted(n for n, group in self._base.groups.items() if wanted[group])
 
     def delete_adapter(self, adapter_id: str) -> None:
         slot = self._slot(adapter_id)
         for module_name in slot.pairs:
-            del self._pair_table(module_name)[adapter_id]
+            del self._base.pair_table(module_name)[adapter_id]
         del self._slots[adapter_id]
 
     def adapter_ids(self) -> list[str]:
@@ -193,13 +153,12 @@ class TorchTrainingEngine:
 
     def run_batch(self, items: Sequence[EngineItem]) -> list[ItemOutcome]:
         outcomes = [ItemOutcome(item_id=item.item_id) for item in items]
-        required = {name: d.required_inputs for name, d in LOSSES.items()}
         runnable = []
         for item, outcome in zip(items, outcomes):
             outcome.failure = validate_item(
                 item,
                 adapters=self._slots,
-                required_inputs=required,
+                losses=LOSSES,
                 vocab_size=self.info.vocab_size,
                 max_seq_len=self.info.max_seq_len,
             )
@@ -215,7 +174,7 @@ class TorchTrainingEngine:
         try:
             self._fused(runnable)
         except Exception:
-            if self._parallel.world > 1:  # the other ranks are inside collectives: no retry alone
+            if not self._parallel.retries_alone:
                 raise
             logger.exception("fused pass over %d items failed; running them one by one", len(runnable))
             for item, outcome in runnable:
@@ -236,7 +195,7 @@ class TorchTrainingEngine:
             outcome.metrics = {"loss:sum": 0.0, "num_tokens:sum": 0.0}
         usage = ExpertUsage()
         trained = sorted({item.adapter_id for item, _ in runnable if item.kind is ItemKind.FORWARD_BACKWARD})
-        walk_all = self._parallel.world > 1 and bool(trained)
+        walk_all = self._parallel.walks_all_layers and bool(trained)
         chunks = plan_chunks(self._parallel.local_items([item for item, _ in runnable]), self._max_batch_tokens)
         passes = self._parallel.pass_count(len(chunks))  # before any pass: a collective
         for chunk in chunks:
@@ -259,7 +218,7 @@ class TorchTrainingEngine:
         train = walk_all or any(item.kind is ItemKind.FORWARD_BACKWARD for item in items)
         listening = usage.listen(self._routing, [int(d.tokens.shape[0]) for i in items for d in i.data])
         with torch.set_grad_enabled(train), self._routing.use(packed.plan), listening:
-            logits_btv = self._model(
+            logits_btv = self._base.model(
                 input_ids=packed.tokens_bt, position_ids=packed.positions_bt, use_cache=False
             ).logits
             targets_btk = pack_targets(items, tuple(packed.tokens_bt.shape), self._device)
@@ -281,7 +240,7 @@ class TorchTrainingEngine:
         rows left in step with the others' ZeRO-3 parameter gathers."""
         tokens_bt = torch.zeros((1, 1), dtype=torch.long, device=self._device)
         with torch.set_grad_enabled(walk_all), self._routing.use(RowPlan(segments=(), trainable=frozenset())):
-            logits_btv = self._model(input_ids=tokens_bt, position_ids=tokens_bt, use_cache=False).logits
+            logits_btv = self._base.model(input_ids=tokens_bt, position_ids=tokens_bt, use_cache=False).logits
         if walk_all:
             (logits_btv.sum() * 0.0).backward()
 

@@ -1,16 +1,16 @@
 """Defensive per-item input checks, run before any compute (the scheduler checks first).
 
 Each datum is checked by the same rules, with the same reasons, as the scheduler's
-(`tunemesh_common.datum_rules`). A failing item gets an ItemFailure; the rest of its
+(`tunemesh_common.training.datum_rules`). A failing item gets an ItemFailure; the rest of its
 batch runs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Container, Mapping
+from collections.abc import Container
 
 from tunemesh.errors import Code, InvalidArgumentError
-from tunemesh_common import datum_rules, loss_specs
+from tunemesh_common.training import datum_rules, loss_specs
 from tunemesh_trainer.domain import EngineItem, ItemFailure
 
 
@@ -18,19 +18,19 @@ def validate_item(
     item: EngineItem,
     *,
     adapters: Container[str],
-    required_inputs: Mapping[str, tuple[str, ...]],
+    losses: Container[str],
     vocab_size: int,
     max_seq_len: int,
 ) -> ItemFailure | None:
     """Return why `item` cannot run, or None.
 
-    `required_inputs` maps the losses this engine runs to their inputs; the datum rules
-    read each loss's full spec (required and optional inputs) from `loss_specs`.
+    `losses` names the loss functions this engine runs; the datum rules read each loss's
+    inputs (required and optional) from its spec in `loss_specs`.
     """
     if item.adapter_id not in adapters:
         return ItemFailure(int(Code.NOT_FOUND), "ADAPTER_NOT_FOUND", f"no adapter {item.adapter_id!r}")
     try:
-        _check_item(item, required_inputs, vocab_size, max_seq_len)
+        _check_item(item, losses, vocab_size, max_seq_len)
     except InvalidArgumentError as err:
         return ItemFailure(int(err.rpc_code), err.reason, err.message)
     return None

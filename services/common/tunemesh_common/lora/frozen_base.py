@@ -1,0 +1,90 @@
+"""A frozen HF causal LM ready for per-row multi-LoRA: the one loader of the trainer's and
+the sampler's torch engines (and, through the trainer's, of every DeepSpeed rank).
+
+`load_frozen_base` loads the weights in the base dtype, moves them to the device, freezes
+them, and wraps every LoRA target (the attention / dense MLP / unembedding linears and the
+supported fused MoE experts) so that each row of a batch adds its own adapter's delta.
+Adapters' factors are filed under the wrappers by target name: a linear's module name, or
+`<experts>.gate_up_proj` / `<experts>.down_proj` for fused expert weights (PEFT's
+`target_parameters` layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import torch
+from torch import nn
+
+from tunemesh.errors import InvalidArgumentError
+from tunemesh_common.lora.multi_lora import (
+    EXPERT_PARAMETERS,
+    LoraPair,
+    LoraRouting,
+    MultiLoraExperts,
+    MultiLoraLinear,
+    candidate_targets,
+    expert_targets,
+    full_shape,
+    install_expert_wrappers,
+    install_wrappers,
+)
+
+BASE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass(eq=False)
+class FrozenBase:
+    """A loaded, frozen base model with its LoRA targets wrapped (see the module docstring)."""
+
+    model: nn.Module
+    routing: LoraRouting  # shared by every wrapper: the running batch's row -> adapter plan
+    linears: dict[str, MultiLoraLinear]
+    experts: dict[str, MultiLoraExperts]
+    groups: dict[str, str]  # target name -> "attn" | "mlp" | "unembed" | "experts"
+    has_fused_experts: bool  # 3-D expert weights exist, wrapped or not (an unsupported layout)
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model.config.vocab_size)
+
+    def pair_table(self, target: str) -> dict[str, LoraPair]:
+        """The adapter id -> LoRA factors table of a target (KeyError if it is none)."""
+        if target in self.linears:
+            return self.linears[target].pairs
+        layer, _, param = target.rpartition(".")
+        return self.experts[layer].pairs[param]
+
+    def target_shape(self, target: str) -> tuple[int, int, int]:
+        """(in, out, experts) of a target: experts is 1 for a linear, else every expert of
+        the layer (also where expert parallelism left this rank a share of them)."""
+        if target in self.linears:
+            base = self.linears[target].base
+            return base.in_features, base.out_features, 1
+        layer_name, _, param = target.rpartition(".")
+        layer = self.experts[layer_name]
+        _, out_f, in_f = full_shape(getattr(layer.base, param))
+        return in_f, out_f, layer.num_experts
+
+
+def load_frozen_base(model_dir: pathlib.Path, dtype: str, device: torch.device) -> FrozenBase:
+    """Load the model of a local HF directory with its weights in `dtype` (a BASE_DTYPES
+    key) on `device`, frozen and in eval mode, its LoRA targets wrapped (one routing).
+
+    Under an active DeepSpeed ZeRO-3 config (transformers' HfDeepSpeedConfig) the model is
+    built partitioned: each rank materialises only its shard of every weight."""
+    if dtype not in BASE_DTYPES:
+        raise InvalidArgumentError("BAD_DTYPE", f"base dtype must be one of {sorted(BASE_DTYPES)}, got {dtype!r}")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=BASE_DTYPES[dtype])
+    model.requires_grad_(False)
+    model = model.eval().to(device)
+    routing = LoraRouting()
+    groups = candidate_targets(model)
+    linears = install_wrappers(model, sorted(groups), routing)
+    has_fused_experts = any(len(full_shape(p)) == 3 and ".experts." in n for n, p in model.named_parameters())
+    experts = install_expert_wrappers(model, expert_targets(model), routing)
+    groups.update({f"{m}.{p}": "experts" for m in experts for p in EXPERT_PARAMETERS})
+    return FrozenBase(model, routing, linears, experts, groups, has_fused_experts)

@@ -1,0 +1,1 @@
+"""What every service process shares: the gRPC interceptors, channels and auth (`rpc`), the service host (`host`), settings (`settings`) and the Prometheus pieces every service's metrics are built from (`metrics`)."""
