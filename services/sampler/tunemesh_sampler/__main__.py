@@ -71,8 +71,9 @@ def _follow(sampler_metrics: SamplerMetrics, core: SamplerCore, slots: int) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
-    rpc.configure_logging()
-    asyncio.run(serve(settings_mod.load(argv)))
+    s = settings_mod.load(argv)
+    rpc.configure_logging(node=s.node_id)
+    asyncio.run(serve(s))
 
 
 if __name__ == "__main__":

@@ -75,8 +75,8 @@ async def serve(s: settings_mod.TrainerSettings, group: RankGroup | None = None)
 
 
 def main(argv: list[str] | None = None) -> None:
-    rpc.configure_logging()
     s = settings_mod.load(argv)
+    rpc.configure_logging(node=s.node_id)
     launched = ranks.launched_rank()
     world = int(os.environ["WORLD_SIZE"]) if launched is not None else s.ranks
     if world % s.expert_parallel:

@@ -44,3 +44,15 @@ def test_inside_an_rpc_the_tenant_being_served_is_added():
         "WARNING test_log_context: explicit [tenant=tenant-z]",
         "WARNING test_log_context: outside",
     ]
+
+
+def test_a_node_process_puts_its_node_on_every_line_unless_the_record_names_one():
+    out = io.StringIO()
+    log = _logger(out)
+    log.handlers[0].addFilter(rpc._ThisNode("sampler-3"))
+    log.info("adapter loaded", extra={"run": "runs/c"})
+    log.info("about another node", extra={"node": "trainer-0"})
+    assert out.getvalue().splitlines() == [
+        "INFO test_log_context: adapter loaded [run=runs/c node=sampler-3]",
+        "INFO test_log_context: about another node [node=trainer-0]",
+    ]

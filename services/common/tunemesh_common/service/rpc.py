@@ -279,11 +279,27 @@ class _TenantOfTheCall(logging.Filter):
         return True
 
 
-def configure_logging() -> None:
-    """INFO to stderr, each line ending in its context (tenant, run, operation, node)."""
+class _ThisNode(logging.Filter):
+    """Tags every record with the node this process serves as, when it names none."""
+
+    def __init__(self, node: str) -> None:
+        super().__init__()
+        self._node = node
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "node", None) is None:
+            record.node = self._node
+        return True
+
+
+def configure_logging(node: str = "") -> None:
+    """INFO to stderr, each line ending in its context (tenant, run, operation, node);
+    `node`: the node id of a trainer or sampler process, put on every line."""
     handler = logging.StreamHandler()
     handler.setFormatter(ContextFormatter(LOG_FORMAT))
     handler.addFilter(_TenantOfTheCall())
+    if node:
+        handler.addFilter(_ThisNode(node))
     logging.basicConfig(level=logging.INFO, handlers=[handler])
 
 
