@@ -24,7 +24,6 @@ import argparse
 import collections
 import contextlib
 import dataclasses
-import json
 import os
 import random
 import re
@@ -220,8 +219,12 @@ class Mesh:
         from tunemesh_local import launcher
 
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        keys_file = self.state_dir / "bench_api_keys.json"
-        keys_file.write_text(json.dumps({key: f"tenant-{i}" for i, key in enumerate(self.keys)}))
+        from tunemesh_common.service import api_keys
+
+        keys_file = self.state_dir / "bench_api_keys.json"  # hashed; the keys stay in self.keys
+        made = [api_keys.new_key(f"tenant-{i}") for i in range(len(self.keys))]
+        self.keys = [key for key, _ in made]
+        api_keys.write_key_file(keys_file, [record for _, record in made])
         replicas = {"schedulers": 1} if "schedulers" in launcher.MeshConfig.__dataclass_fields__ else {}
         config = launcher.MeshConfig(self.state_dir, trainers=self.trainers, models=(self.model,),
                                      api_keys_file=keys_file, samplers=0, ready_timeout=300.0, **replicas)

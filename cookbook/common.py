@@ -22,7 +22,6 @@ from typing import Any
 import tunemesh
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DEFAULT_API_KEY = "tml-demo-alice"  # a key of the local mesh's demo key file
 
 
 def base_parser(description: str, *, steps: int, batch: int, rank: int = 16) -> argparse.ArgumentParser:
@@ -33,8 +32,8 @@ def base_parser(description: str, *, steps: int, batch: int, rank: int = 16) -> 
     mesh.add_argument("--address", default=os.environ.get("TUNEMESH_ADDRESS"),
                       help="scheduler address host:port (default $TUNEMESH_ADDRESS; "
                            "unset: start a local mesh for this run and stop it after)")
-    mesh.add_argument("--api-key", default=os.environ.get("TUNEMESH_API_KEY", DEFAULT_API_KEY),
-                      help="API key (default $TUNEMESH_API_KEY, else the local mesh's demo key)")
+    mesh.add_argument("--api-key", default=os.environ.get("TUNEMESH_API_KEY"),
+                      help="API key (default $TUNEMESH_API_KEY; with a local mesh: the key it made for alice)")
     mesh.add_argument("--sampler-engine", default="auto", choices=("auto", "torch", "vllm"),
                       help="sampler engine of a local mesh")
     train = parser.add_argument_group("training")
@@ -67,16 +66,18 @@ def log_dir(args: argparse.Namespace, recipe: str) -> pathlib.Path:
 def service_client(args: argparse.Namespace) -> Iterator[tunemesh.ServiceClient]:
     """A ServiceClient on `--address`, or on a local mesh started here and stopped after."""
     with contextlib.ExitStack() as stack:
-        address = args.address
+        address, api_key = args.address, args.api_key
         if address is None:
-            address = stack.enter_context(local_mesh(args.model, args.sampler_engine))
-        client = stack.enter_context(tunemesh.ServiceClient(address, api_key=args.api_key))
+            address, keys = stack.enter_context(local_mesh(args.model, args.sampler_engine))
+            api_key = api_key or keys["alice"]
+        client = stack.enter_context(tunemesh.ServiceClient(address, api_key=api_key))
         yield client
 
 
 @contextlib.contextmanager
-def local_mesh(model: str, sampler_engine: str = "auto") -> Iterator[str]:
-    """Start a local mesh serving `model` (one trainer, one sampler); yield its address."""
+def local_mesh(model: str, sampler_engine: str = "auto") -> Iterator[tuple[str, dict[str, str]]]:
+    """Start a local mesh serving `model` (one trainer, one sampler); yield its address and
+    the API keys it made ({tenant: key}: alice, bob)."""
     os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
     from tunemesh_local import launcher
 
@@ -86,7 +87,7 @@ def local_mesh(model: str, sampler_engine: str = "auto") -> Iterator[str]:
         state_dir=state_dir, models=(model,), data_dir=launcher.default_data_dir(), ready_timeout=300,
         samplers=1, sampler_engine=sampler_engine))
     try:
-        yield mesh.scheduler_address
+        yield mesh.scheduler_address, launcher.client_keys(mesh)
     finally:
         print("stopping the local mesh ...", flush=True)
         launcher.down(state_dir)

@@ -76,7 +76,7 @@ class Smoke:
 # The chart's CPU targets (deploy/k8s/values.yaml); the GPU ones need a CUDA base and are not built here.
 CPU_TARGETS = {
     "checkpoint": Smoke("tunemesh_checkpoint", ("--root-dir", "{work}/store")),
-    "scheduler": Smoke("tunemesh_scheduler", ("--etcd", "{etcd}", "--api-keys", "smoke-key=smoke"), needs_etcd=True),
+    "scheduler": Smoke("tunemesh_scheduler", ("--etcd", "{etcd}", "--insecure-dev-keys", "true", "--api-keys", "smoke-key=smoke"), needs_etcd=True),
     # The DeepSpeed op JIT-built into the image (as root) loads as the image's user: its cache is that user's.
     "trainer-cpu": Smoke("tunemesh_trainer", ("--data-dir", "{work}/models", "--num-threads", "2"), 300.0,
                          script="from deepspeed.accelerator import get_accelerator; "

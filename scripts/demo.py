@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from cookbook import common, rl, sft  # noqa: E402
 
-TENANTS = {"alice": "tml-demo-alice", "bob": "tml-demo-bob"}
+TENANTS = ("alice", "bob")  # `tunemesh up` makes each a fresh API key (launcher.client_keys)
 
 
 def recipe_args(args: argparse.Namespace, out: pathlib.Path) -> dict[str, tuple]:
@@ -41,10 +41,10 @@ def recipe_args(args: argparse.Namespace, out: pathlib.Path) -> dict[str, tuple]
     return {"alice": (sft, alice, 0), "bob": (rl, bob, 1)}
 
 
-def run_tenant(address: str, tenant: str, recipe, recipe_args: argparse.Namespace, position: int) -> dict:
+def run_tenant(address: str, api_key: str, recipe, recipe_args: argparse.Namespace, position: int) -> dict:
     import tunemesh
 
-    with tunemesh.ServiceClient(address, api_key=TENANTS[tenant]) as service:
+    with tunemesh.ServiceClient(address, api_key=api_key) as service:
         return recipe.train(service, recipe_args, position=position)
 
 
@@ -113,12 +113,13 @@ def main() -> int:
     state_dir = args.state_dir or pathlib.Path(tempfile.mkdtemp(prefix="tunemesh-demo-"))
     print(f"starting the mesh (etcd, checkpoint service, trainer, sampler, scheduler) in {state_dir} ...", flush=True)
     mesh = launcher.up(launcher.MeshConfig(state_dir=state_dir, models=(args.model,), data_dir=data_dir,
-                                           ready_timeout=300, samplers=1))
+                                           ready_timeout=300, samplers=1, tenants=TENANTS))
+    keys = launcher.client_keys(mesh)
     try:
         print(f"scheduler at {mesh.scheduler_address}; alice (SFT) and bob (RL) train concurrently:\n", flush=True)
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(len(TENANTS)) as pool:
-            futures = {tenant: pool.submit(run_tenant, mesh.scheduler_address, tenant, recipe, r_args, position)
+            futures = {tenant: pool.submit(run_tenant, mesh.scheduler_address, keys[tenant], recipe, r_args, position)
                        for tenant, (recipe, r_args, position) in recipe_args(args, out).items()}
             summaries = {tenant: future.result() for tenant, future in futures.items()}
         print(f"\n\nboth tenants done in {time.perf_counter() - start:.0f} s")

@@ -30,6 +30,10 @@ from grpc_status import rpc_status
 
 DOMAIN = "tunemesh"  # ErrorInfo.domain of every tunemesh error
 REQUEST_TOO_LARGE = "REQUEST_TOO_LARGE"
+# Longest message a status carries, in UTF-8 bytes: it travels twice in the trailers
+# (grpc-message, percent-encoded, and the status details), which a client refuses past
+# 16 KiB; a message quoting a huge request field is cut here, not lost with its reason.
+MAX_STATUS_MESSAGE_BYTES = 1024
 
 # gRPC's own details when a request is over a message size limit, e.g.
 # "CLIENT: Sent message larger than max (2509 vs. 2000)". Only these two mean the
@@ -179,13 +183,20 @@ def request_too_large(what: str, size: int, limit: int, detail: str = "") -> Inv
 
 
 def to_status(err: TunemeshError) -> grpc.Status:
-    """The rich status a server ends a call with for `err`: its code, its message as the
-    details, and a `google.rpc.Status` with an `ErrorInfo` (reason, domain) in the
+    """The rich status a server ends a call with for `err`: its code, its message (cut to
+    MAX_STATUS_MESSAGE_BYTES) as the details, and a `google.rpc.Status` with an `ErrorInfo` (reason, domain) in the
     `grpc-status-details-bin` trailer. With grpc.aio:
     `await context.abort(status.code, status.details, status.trailing_metadata)`."""
-    status = status_pb2.Status(code=err.code.value[0], message=err.message)
+    status = status_pb2.Status(code=err.code.value[0], message=_bounded(err.message))
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=err.reason, domain=DOMAIN))
     return rpc_status.to_status(status)
+
+
+def _bounded(message: str) -> str:
+    data = message.encode()
+    if len(data) <= MAX_STATUS_MESSAGE_BYTES:
+        return message
+    return data[: MAX_STATUS_MESSAGE_BYTES - 3].decode(errors="ignore") + "..."
 
 
 def error_from_rpc(err: grpc.RpcError) -> TunemeshError:

@@ -10,6 +10,11 @@ that a retry reuses, and the rest are reads. Retried status codes:
   to INVALID_ARGUMENT [REQUEST_TOO_LARGE].
 - ABORTED: a concurrency conflict on the server (e.g. a placement race).
 
+except RESOURCE_EXHAUSTED with a reason in FINAL_REASONS: quotas that only the caller's
+own action frees (deleting runs or checkpoints) and a full disk, where waiting out the
+retry deadline would only delay the report. Transient quotas (SAMPLE_ROWS_QUOTA, the
+tenant's rows in flight at a sampler) are retried with backoff like any capacity limit.
+
 INTERNAL and UNKNOWN are not retried: the service maps unexpected bugs to INTERNAL, and
 repeating a request that hit a bug only delays the report. A training submit that gets
 one is in doubt, and its TrainingClient re-sends it before the run's next call.
@@ -39,6 +44,9 @@ RETRYABLE_CODES = frozenset(
         grpc.StatusCode.ABORTED,
     }
 )
+
+FINAL_REASONS = frozenset({"TENANT_RUN_QUOTA", "STORAGE_QUOTA", "DISK_FULL"})
+"""Reasons of a retryable code that are not retried (see the module docstring)."""
 
 T = TypeVar("T")
 
@@ -83,7 +91,7 @@ def call_with_retry(
         except grpc.RpcError as err:
             error = error_from_rpc(err)
         delay = policy.backoff(retries)
-        if error.code not in policy.retryable_codes or clock() + delay >= deadline:
+        if not _retryable(error, policy) or clock() + delay >= deadline:
             raise error
         logger.info("%s failed with %s; retry %d in %.2fs", what, error, retries + 1, delay)
         sleep(delay)
@@ -107,8 +115,12 @@ async def call_with_retry_async(
         except grpc.RpcError as err:
             error = error_from_rpc(err)
         delay = policy.backoff(retries)
-        if error.code not in policy.retryable_codes or clock() + delay >= deadline:
+        if not _retryable(error, policy) or clock() + delay >= deadline:
             raise error
         logger.info("%s failed with %s; retry %d in %.2fs", what, error, retries + 1, delay)
         await asyncio.sleep(delay)
         retries += 1
+
+
+def _retryable(error, policy: RetryPolicy) -> bool:
+    return error.code in policy.retryable_codes and error.reason not in FINAL_REASONS

@@ -61,6 +61,10 @@ TRANSPORT_CODES = frozenset(
 )
 """Failures on the way to or from the service (down, overloaded, cut off): a submit in
 doubt stays in doubt through any number of them."""
+EPHEMERAL_SAMPLER_TTL_S = 3600
+"""How long the weights of an unnamed `save_weights_and_get_sampling_client()` live:
+ephemeral, as Tinker's are ("checkpoints are always ephemeral"), for an hour (Tinker's
+shortest TTL), so a loop saving every step does not fill the tenant's storage quota."""
 MAX_UNCLEAR_ANSWERS = 3
 """Other non-definitive answers (INTERNAL, UNKNOWN, ...) a submit in doubt may get, its
 first send included, before it is given up and its seq_id goes to the next call (if the
@@ -212,10 +216,18 @@ class TrainingClient:
 
     def save_weights_and_get_sampling_client(self, name: str | None = None) -> Any:
         """Save the weights as a fresh sampler checkpoint (after every call made before
-        this one) and return a SamplingClient pinned to it."""
+        this one) and return a SamplingClient pinned to it.
+
+        Without a name the checkpoint is ephemeral: it expires `EPHEMERAL_SAMPLER_TTL_S`
+        (1 h) after the save, as Tinker's unnamed sampler weights do, so RL or distill
+        loops that make a sampling client every step leave nothing behind for long. A
+        client must not be used past that hour (make a new one, or name the save). A
+        named save never expires (`save_weights_for_sampler(name, ttl_seconds=...)` or
+        `CheckpointClient.set_ttl` give it one)."""
         if self._sampling_client_for is None:
             raise RuntimeError("this TrainingClient has no sampling client source")
-        saved = self.save_weights_for_sampler(name).result()
+        ttl_seconds = None if name else EPHEMERAL_SAMPLER_TTL_S
+        saved = self.save_weights_for_sampler(name, ttl_seconds=ttl_seconds).result()
         return self._sampling_client_for(model_path=saved.path)
 
     def load_state(self, path: str) -> APIFuture[LoadWeightsResponse]:

@@ -25,7 +25,9 @@ from loop_thread import LoopThread
 from tunemesh import tensors
 from tunemesh.errors import error_from_rpc
 from tunemesh_common.service import rpc
+from tunemesh_common.service.api_keys import KeyAuthenticator
 from tunemesh_common.service.host import build_server
+from tunemesh_common.service.throttle import FailureThrottle
 from tunemesh_common.models import TINY_DENSE, tokenizer_files
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
@@ -130,7 +132,7 @@ class Mesh:
         self.trainer_server, _ = build_server()
         trainer_port = self.trainer_server.add_insecure_port("127.0.0.1:0")
         self.checkpoint_server, _ = build_server(rpc.trusted_tenant)
-        catalog = CheckpointCatalog(FilesystemStore(self.checkpoint_root, fsync=False))
+        self.catalog = catalog = CheckpointCatalog(FilesystemStore(self.checkpoint_root, fsync=False))
         checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server(
             CheckpointServicer(catalog, 64 << 10, 1 << 30), self.checkpoint_server)
         checkpoint_pb2_grpc.add_CheckpointStorageServiceServicer_to_server(
@@ -150,7 +152,8 @@ class Mesh:
                                   SchedulerConfig(gap_timeout_s=60, batch_token_budget=4096))
         await self.core.start()
         await self._start_sampler()
-        self.server, _ = build_server(rpc.KeyFileAuthenticator(KEYS))
+        # (failed attempts are not throttled here: tests try many bad keys from one address)
+        self.server, _ = build_server(KeyAuthenticator.inline(KEYS, throttle=FailureThrottle(max_failures=1 << 30)))
         sessions_pb2_grpc.add_SessionServiceServicer_to_server(
             SessionServicer(self.core, self.directory, LIMITS, TokenizerCache(self.directory, self.port)), self.server)
         training_pb2_grpc.add_TrainingServiceServicer_to_server(

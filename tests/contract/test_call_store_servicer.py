@@ -150,3 +150,28 @@ def test_a_service_without_a_call_store_and_a_stopped_one(tmp_path):
         await client.close()
 
     run(scenario)
+
+
+def test_a_full_disk_answers_resource_exhausted_disk_full_not_internal(tmp_path, monkeypatch):
+    import errno
+
+    from tunemesh.errors import ResourceExhaustedError
+    from tunemesh_checkpoint import call_store as call_store_module
+
+    def full_disk(path, mode="r", *args, **kwargs):
+        file = open(path, mode, *args, **kwargs)
+        if "x" in mode:
+            file.write = lambda data: (_ for _ in ()).throw(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+        return file
+
+    async def scenario() -> None:
+        async with checkpoint_service(tmp_path) as (address, calls):
+            client = CallStoreClient(address, timeout_s=30, chunk_bytes=100_000)
+            monkeypatch.setattr(call_store_module, "open", full_disk, raising=False)
+            with pytest.raises(ResourceExhaustedError) as info:
+                await client.put(RUN, 3, b"a call")
+            assert info.value.reason == "DISK_FULL"
+            assert not any(p.is_file() for p in (tmp_path / "calls").rglob("*"))  # no partial file
+            await client.close()
+
+    run(scenario)

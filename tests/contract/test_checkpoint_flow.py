@@ -225,3 +225,21 @@ def test_checkpoint_management_round_trip(mesh, alice):
 
 def _raw_run(mesh) -> str:
     return mesh.new_run(metadata=(("x-api-key", "key-a"),))
+
+
+def test_a_save_past_the_tenants_storage_quota_fails_with_a_reason_and_leaves_nothing(mesh, bob):
+    from tunemesh_common.checkpoints.paths import tenant_segment
+
+    trainer = bob.create_lora_training_client(TINY_DENSE, rank=4)
+    usage = mesh.catalog.usage
+    usage.limit_bytes = usage.used(tenant_segment("tenant-b")) + 1  # room for one byte: refused mid-stream
+    try:
+        with pytest.raises(tunemesh.ResourceExhaustedError) as info:
+            trainer.save_weights_for_sampler("over-quota").result(timeout=60)
+        assert info.value.reason == "STORAGE_QUOTA"
+        assert not [p for p in (mesh.checkpoint_root / "staging").iterdir()]  # no partial write left
+        assert list(bob.create_checkpoint_client().list(trainer.run)) == []
+        _train(trainer, range(1))  # the failed save did not stall the run
+    finally:
+        usage.limit_bytes = 0
+    assert trainer.save_weights_for_sampler("fits-now").result(timeout=60).path.endswith("/fits-now")

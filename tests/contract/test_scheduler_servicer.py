@@ -284,3 +284,33 @@ def test_sdk_delete_frees_the_adapter_on_the_trainer(mesh, tmp_path):
         assert mesh.trainer.calls["DeleteAdapter"] == deletes + 1
         with pytest.raises(tunemesh.NotFoundError):
             trainer.get_info()
+
+
+def test_concurrent_creates_over_grpc_stop_at_the_run_quota(mesh):
+    """12 concurrent CreateTrainingRun calls of one tenant under a quota of (held + 4)
+    make exactly 4 runs; the others fail RESOURCE_EXHAUSTED [TENANT_RUN_QUOTA]."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    session = mesh.sessions.CreateSession(sessions_pb2.CreateSessionRequest(), metadata=B).session.name
+    listed = mesh.training.ListTrainingRuns(training_pb2.ListTrainingRunsRequest(page_size=1000), metadata=B).runs
+    registry = mesh.core.runs
+    registry._max_runs_per_tenant = len(listed) + 4  # the module's mesh runs without a quota
+    request = training_pb2.CreateTrainingRunRequest(session=session, base_model=TINY_DENSE, lora_config=LORA)
+
+    def create(_):
+        try:
+            return mesh.training.CreateTrainingRun(request, metadata=B, timeout=60).run.name
+        except grpc.RpcError as exc:
+            return exc.code(), error_from_rpc(exc).reason
+
+    try:
+        with ThreadPoolExecutor(12) as pool:
+            results = list(pool.map(create, range(12)))
+    finally:
+        registry._max_runs_per_tenant = 0
+    made = [r for r in results if isinstance(r, str)]
+    assert len(made) == 4
+    refused = [r for r in results if not isinstance(r, str)]
+    assert refused == [(grpc.StatusCode.RESOURCE_EXHAUSTED, "TENANT_RUN_QUOTA")] * 8
+    for name in made:
+        mesh.training.DeleteTrainingRun(training_pb2.DeleteTrainingRunRequest(name=name), metadata=B)

@@ -37,6 +37,7 @@ ALICE, BOB = "tml-demo-alice", "tml-demo-bob"
 MAX_DATUMS = 8
 GAP_TIMEOUT_S = 8  # short, so a gap fails fast instead of hanging the suite
 RESULT_TIMEOUT_S = 60
+KEYS_CHECK_S = 2.0  # the scheduler's default api_keys_check_s
 ADAM = tunemesh.AdamParams(learning_rate=1e-2)
 ADAM_PB = types_pb2.AdamParams(learning_rate=1e-2, beta1=0.9, beta2=0.95, eps=1e-12)
 SCHEDULER_ENV = {
@@ -287,6 +288,27 @@ def test_missing_or_bad_api_key_is_unauthenticated(mesh: MeshState, channel: grp
         assert code == grpc.StatusCode.UNAUTHENTICATED
     with tunemesh.ServiceClient(mesh.scheduler_address, api_key="tml-not-a-key") as bad:
         assert isinstance(sdk_failure(bad.get_server_capabilities), tunemesh.UnauthenticatedError)
+
+
+def test_the_meshs_fresh_keys_work_and_keys_made_or_revoked_apply_without_a_restart(mesh: MeshState) -> None:
+    from tunemesh_local import launcher
+
+    keys = launcher.client_keys(mesh)  # made by `tunemesh up` for this mesh, hashed for the schedulers
+    assert sorted(keys) == ["alice", "bob"] and keys["alice"] not in (ALICE, BOB)
+    with tunemesh.ServiceClient(mesh.scheduler_address, api_key=keys["bob"]) as bob:
+        bob.get_server_capabilities()
+
+    def keys_cli(*argv: str) -> str:
+        argv = [sys.executable, "-m", "tunemesh_local.cli", "keys", *argv, "--state-dir", mesh.state_dir]
+        return subprocess.run(argv, check=True, capture_output=True, text=True, timeout=60).stdout
+
+    carol = keys_cli("create", "--tenant", "carol").strip()
+    time.sleep(KEYS_CHECK_S + 0.5)  # the schedulers look at the keys file at most every KEYS_CHECK_S
+    with tunemesh.ServiceClient(mesh.scheduler_address, api_key=carol) as client:
+        client.get_server_capabilities()
+        keys_cli("revoke", carol.split("-")[1])
+        time.sleep(KEYS_CHECK_S + 0.5)
+        assert isinstance(sdk_failure(client.get_server_capabilities), tunemesh.UnauthenticatedError)
 
 
 def test_other_tenant_sees_not_found(channel: grpc.Channel, stubs: Stubs) -> None:

@@ -26,7 +26,8 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
     """`with start_mesh(state_dir, trainers=1, models=(...), env={...}, samplers=0) as mesh:` a running
     mesh (`tunemesh_local.state.MeshState`), stopped on exit. `env` is set for the children
     only (TUNEMESH_SCHEDULER_* / TUNEMESH_TRAINER_* settings); trainers share the
-    session's model cache. `prometheus=True` also starts a Prometheus (`mesh.prometheus_url`)."""
+    session's model cache. Its schedulers accept the plain-text DEV_KEYS (tml-demo-alice,
+    tml-demo-bob) besides the mesh's fresh keys. `prometheus=True` also starts a Prometheus (`mesh.prometheus_url`)."""
     if shutil.which("etcd") is None:
         pytest.skip("etcd binary not installed (Debian: etcd-server)")
 
@@ -42,7 +43,7 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
 
         config = launcher.MeshConfig(state_dir=Path(state_dir), trainers=trainers, models=tuple(models),
                                      ready_timeout=120.0, samplers=samplers, sampler_engine=sampler_engine,
-                                     prometheus=prometheus, schedulers=schedulers)
+                                     prometheus=prometheus, schedulers=schedulers, insecure_dev_keys=DEV_KEYS)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in {**MESH_ENV, **(env or {})}.items():
                 patch.setenv(name, value)
@@ -55,6 +56,9 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
     return start
 
 
+# Plain-text keys the tests' meshes also accept (the explicit development path, besides the
+# fresh hashed keys `tunemesh up` makes: `launcher.client_keys(mesh)`).
+DEV_KEYS = {"tml-demo-alice": "alice", "tml-demo-bob": "bob"}
 MESH_ENV = {"HF_HUB_OFFLINE": "1", "no_proxy": "127.0.0.1,localhost", "NO_PROXY": "127.0.0.1,localhost"}
 
 

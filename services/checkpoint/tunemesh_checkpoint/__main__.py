@@ -13,6 +13,7 @@ from tunemesh_checkpoint import settings as settings_mod
 from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog
 from tunemesh_checkpoint.metered_store import MeteredStore
+from tunemesh_checkpoint.quota import TenantUsage
 from tunemesh_checkpoint.server import CheckpointServicer, StorageServicer
 from tunemesh_checkpoint.store import FilesystemStore
 from tunemesh_common.service import rpc
@@ -38,7 +39,8 @@ async def serve(s: settings_mod.CheckpointSettings) -> None:
     store = MeteredStore(FilesystemStore(s.root_dir), CheckpointMetrics(registry))
     calls = FilesystemCallStore(s.root_dir / "calls")  # beside objects/: no tenant's prefix
     recovered = await asyncio.to_thread(store.recover) + await asyncio.to_thread(calls.recover)
-    catalog = CheckpointCatalog(store)
+    usage = await asyncio.to_thread(TenantUsage.counted, store, s.max_bytes_per_tenant)
+    catalog = CheckpointCatalog(store, usage=usage)
     await asyncio.to_thread(catalog.sweep)
     config = HostConfig("checkpoint", s.listen, s.metrics_listen, ready_file=s.ready_file,
                         authenticator=rpc.trusted_tenant, registry=registry, grace_s=5.0)

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Iterator
 
 from tunemesh_common.checkpoints.paths import is_segment
 from tunemesh.errors import InvalidArgumentError, NotFoundError
-from tunemesh_checkpoint.store import sync_dir
+from tunemesh_checkpoint.store import disk_full_as_exhausted, sync_dir
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,20 @@ class FilesystemCallStore:
         size. Nothing changes when `chunks` raises."""
         target = self._call_path(run, seq_id)
         tmp = target.with_name(f"{target.name}{_TMP_MARK}{secrets.token_hex(8)}")
-        with self._lock:
+        what = f"keeping call {seq_id} of {run}"
+        with self._lock, disk_full_as_exhausted(what):
             if not target.parent.is_dir():
                 target.parent.mkdir()
                 self._sync_dir(self.root)
             file = open(tmp, "xb")
         try:
-            with file:
-                size = sum(file.write(chunk) for chunk in chunks)
-                file.flush()
-                if self._fsync:
-                    os.fsync(file.fileno())
-            os.replace(tmp, target)
+            with disk_full_as_exhausted(what):
+                with file:
+                    size = sum(file.write(chunk) for chunk in chunks)
+                    file.flush()
+                    if self._fsync:
+                        os.fsync(file.fileno())
+                os.replace(tmp, target)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -3,6 +3,7 @@
 Every method takes the caller's tenant first and resolves user paths through
 `CheckpointPath.storage_key(tenant)`, so another tenant's checkpoint is simply absent
 (NotFoundError). Expired checkpoints read as absent at once and are deleted by `sweep`.
+Every write counts against its tenant's byte quota as its bytes arrive (`quota.py`).
 No grpc here: the server layer streams bytes in and out through these methods.
 """
 
@@ -15,6 +16,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from tunemesh_checkpoint.quota import QuotaWriter, TenantUsage
 from tunemesh_checkpoint.store import BlobInfo, CheckpointStore, CheckpointWriter, Manifest
 from tunemesh_common.lora import peft_format
 from tunemesh_common.checkpoints.paths import (
@@ -64,19 +66,26 @@ class CheckpointRecord:
 class CheckpointCatalog:
     """Write, read, list, expire and delete checkpoints of many tenants in one store."""
 
-    def __init__(self, store: CheckpointStore, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, store: CheckpointStore, clock: Callable[[], float] = time.time,
+                 usage: TenantUsage | None = None) -> None:
+        """`usage`: the tenants' bytes and their quota, counted from `store` at start
+        (`TenantUsage.counted`); by default no quota, counting from zero."""
         self._store = store
         self._clock = clock
+        self.usage = usage if usage is not None else TenantUsage()
 
     # ---- writing ---------------------------------------------------------------------
 
     def open_write(self, tenant: str, spec: CheckpointSpec) -> CheckpointWriter:
-        """Check `spec` and return a writer for its files; `commit` finishes it."""
+        """Check `spec` and return a writer for its files; `commit` finishes it. The
+        writer refuses a chunk that would pass the tenant's quota
+        (ResourceExhaustedError(STORAGE_QUOTA)) before writing it."""
         _check_spec(spec)
         key = spec.path.storage_key(tenant)
         if self._find(key) is not None:
             raise _exists(spec.path)
-        return self._store.writer(key)
+        self.usage.check_room(key)  # a tenant already at its quota is refused before any byte
+        return QuotaWriter(self._store.writer(key), self.usage, key)
 
     def commit(self, writer: CheckpointWriter, spec: CheckpointSpec, written: list[BlobInfo]) -> CheckpointRecord:
         """Publish a written checkpoint once its files are the right set."""
@@ -160,7 +169,9 @@ class CheckpointCatalog:
 
     def delete(self, tenant: str, path: str) -> None:
         record = self.get(tenant, path)
-        self._store.delete(record.path.storage_key(tenant))
+        key = record.path.storage_key(tenant)
+        self._store.delete(key)
+        self.usage.free(key, record.size_bytes)
         log.info("checkpoint %s deleted", path)
 
     def set_ttl(self, tenant: str, path: str, ttl_seconds: int) -> CheckpointRecord:
@@ -179,9 +190,10 @@ class CheckpointCatalog:
             if self._expired(manifest):
                 try:
                     self._store.delete(manifest.key)
-                    removed += 1
                 except NotFoundError:  # deleted concurrently
-                    pass
+                    continue
+                self.usage.free(manifest.key, manifest.size_bytes)
+                removed += 1
         if removed:
             log.info("expiry sweep deleted %d checkpoints", removed)
         return removed

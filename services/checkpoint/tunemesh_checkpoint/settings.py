@@ -25,6 +25,10 @@ class CheckpointSettings(settings.ServiceSettings):
     chunk_bytes: int = Field(1 << 20, ge=1, description="size of streamed file chunks, in bytes")
     max_upload_bytes: int = Field(4 << 30, ge=1,
                                   description="largest checkpoint written or imported in one stream, in bytes")
+    max_bytes_per_tenant: int = Field(
+        10 << 30, ge=0,
+        description="bytes a tenant's checkpoints may hold in all (writes in progress included; automatic run "
+                    "snapshots not counted); a write past it fails RESOURCE_EXHAUSTED [STORAGE_QUOTA]; 0: no quota")
 
 
 def load(argv: list[str] | None = None) -> CheckpointSettings:

@@ -16,7 +16,9 @@ left in staging/ and trash/.
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -38,9 +40,28 @@ from tunemesh.errors import (
     FailedPreconditionError,
     InvalidArgumentError,
     NotFoundError,
+    ResourceExhaustedError,
 )
 
 logger = logging.getLogger(__name__)
+
+_DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+@contextlib.contextmanager
+def disk_full_as_exhausted(what: str) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT raised inside into ResourceExhaustedError(DISK_FULL): a full
+    disk is a capacity limit the client can act on, not an INTERNAL bug. The caller
+    removes what it wrote."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _DISK_FULL_ERRNOS:
+            raise
+        logger.warning("%s: %s", what, exc)
+        raise ResourceExhaustedError(
+            "DISK_FULL", f"the checkpoint service's disk is full ({os.strerror(exc.errno)}) while {what}"
+        ) from None
 
 
 class CheckpointWriter(abc.ABC):
@@ -110,7 +131,8 @@ class FilesystemStore:
     def writer(self, key: str) -> CheckpointWriter:
         validate_key(key)
         staging_dir = self._staging / secrets.token_hex(16)
-        staging_dir.mkdir()
+        with disk_full_as_exhausted(f"writing {key!r}"):
+            staging_dir.mkdir()
         return _FilesystemWriter(self, key, staging_dir)
 
     def manifest(self, key: str) -> Manifest:
@@ -161,8 +183,13 @@ class FilesystemStore:
             manifest = dataclasses.replace(self.manifest(key), metadata=metadata)
             checkpoint_dir = self._objects / key
             tmp = checkpoint_dir / _MANIFEST_TMP
-            self._write_file(tmp, manifest_json(manifest))
-            os.replace(tmp, checkpoint_dir / MANIFEST_NAME)
+            try:
+                with disk_full_as_exhausted(f"updating {key!r}"):
+                    self._write_file(tmp, manifest_json(manifest))
+                    os.replace(tmp, checkpoint_dir / MANIFEST_NAME)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
             self._sync_dir(checkpoint_dir)
         return manifest
 
@@ -305,7 +332,8 @@ class _FilesystemWriter(CheckpointWriter):
             raise AlreadyExistsError("BLOB_EXISTS", f"blob {name!r} was already written")
         path = self._dir / name
         try:
-            info = self._stream_to(path, name, chunks)
+            with disk_full_as_exhausted(f"writing {name!r} of {self.key!r}"):
+                info = self._stream_to(path, name, chunks)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -334,9 +362,10 @@ class _FilesystemWriter(CheckpointWriter):
             commit_time=time.time(),
         )
         try:
-            self._store._write_file(self._dir / MANIFEST_NAME, manifest_json(manifest))
-            self._store._sync_dir(self._dir)
-            self._store._publish(self._dir, self.key)
+            with disk_full_as_exhausted(f"committing {self.key!r}"):
+                self._store._write_file(self._dir / MANIFEST_NAME, manifest_json(manifest))
+                self._store._sync_dir(self._dir)
+                self._store._publish(self._dir, self.key)
         except BaseException:
             self.abort()
             raise

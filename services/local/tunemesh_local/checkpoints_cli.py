@@ -20,7 +20,7 @@ from typing import Any
 from tunemesh import RetryPolicy, ServiceClient
 from tunemesh.checkpoints import Checkpoint, CheckpointClient
 from tunemesh.errors import TunemeshError
-from tunemesh_local import launcher, state
+from tunemesh_local import keys, launcher, state
 
 DEFAULT_ADDRESS = "127.0.0.1:50051"
 CLI_RETRY = RetryPolicy(total_timeout_s=30.0, attempt_timeout_s=30.0)
@@ -91,9 +91,9 @@ def resolve_connection(
     api_key = args.api_key or env.get("TUNEMESH_API_KEY")
     if not api_key:
         hint = ""
-        if mesh is not None:
-            keys = launcher.read_api_keys(Path(mesh.api_keys_file))
-            hint = f" (e.g. --api-key {next(iter(keys))}, from {mesh.api_keys_file})"
+        if mesh is not None and (tenants := launcher.client_keys(mesh)):
+            where = Path(mesh.state_dir) / keys.CLIENT_KEYS_FILE
+            hint = f" (the local mesh's keys of {', '.join(tenants)} are in {where})"
         raise UsageError(f"no API key: pass --api-key{hint} or set TUNEMESH_API_KEY")
     return address or DEFAULT_ADDRESS, api_key
 

@@ -1,4 +1,5 @@
-"""`tunemesh up | status | down`: a local mesh on loopback; `tunemesh checkpoints ...`.
+"""`tunemesh up | status | down`: a local mesh on loopback; `tunemesh checkpoints ...`;
+`tunemesh keys create | list | revoke`.
 
 State dir: --state-dir, else $TUNEMESH_STATE_DIR, else ~/.tunemesh/local.
 """
@@ -10,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tunemesh.errors import TunemeshError
-from tunemesh_local import checkpoints_cli, launcher, state, status
+from tunemesh_local import checkpoints_cli, keys, launcher, state, status
 from tunemesh_local.launcher import MeshConfig, ServiceFactory
 from tunemesh_local.state import MeshState
 
@@ -27,7 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
                          "(divides --trainer-ranks; default 1: every rank holds all experts)")
     up.add_argument("--models", nargs="+", default=[], metavar="NAME",
                     help="base models, assigned to trainers round-robin (default: the trainer's default)")
-    up.add_argument("--api-keys-file", type=Path, help="JSON api_key -> tenant (default: demo keys)")
+    up.add_argument("--api-keys-file", type=Path,
+                    help="keys file of hashed API keys (`tunemesh keys create --file`; default: the state dir's, "
+                         "with a fresh key for each --tenants)")
+    up.add_argument("--tenants", nargs="+", default=list(keys.DEFAULT_TENANTS), metavar="TENANT",
+                    help="tenants a fresh state dir makes a key for (default: alice bob)")
     up.add_argument("--data-dir", type=Path, default=None,
                     help="model cache shared by trainers (default $TUNEMESH_DATA_DIR or ~/.cache/tunemesh)")
     up.add_argument("--samplers", type=int, default=1, help="sampler processes (default 1; 0: no sampling)")
@@ -58,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--state-dir", type=Path, default=None,
                          help=f"state directory (default ${state.STATE_DIR_ENV} or ~/.tunemesh/local)")
     checkpoints_cli.add_parser(commands)
+    keys.add_parser(commands)
     return parser
 
 
@@ -65,6 +71,8 @@ def main(argv: list[str] | None = None, services: ServiceFactory = launcher.defa
     args = build_parser().parse_args(argv)
     if args.command == "checkpoints":
         return checkpoints_cli.run(args)
+    if args.command == "keys":
+        return keys.run(args)
     state_dir = (args.state_dir or state.default_state_dir()).expanduser()
     try:
         if args.command == "up":
@@ -79,7 +87,8 @@ def main(argv: list[str] | None = None, services: ServiceFactory = launcher.defa
 
 def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> int:
     config = MeshConfig(state_dir=state_dir, trainers=args.trainers, models=tuple(args.models),
-                        api_keys_file=args.api_keys_file, ready_timeout=args.timeout, data_dir=args.data_dir,
+                        api_keys_file=args.api_keys_file, tenants=tuple(args.tenants), ready_timeout=args.timeout,
+                        data_dir=args.data_dir,
                         checkpoint_dir=args.checkpoint_dir, samplers=args.samplers, sampler_engine=args.sampler_engine,
                         trainer_ranks=args.trainer_ranks, trainer_expert_parallel=args.trainer_expert_parallel,
                         prometheus=args.prometheus, schedulers=args.schedulers, models_file=args.models_file,
@@ -95,16 +104,23 @@ def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> 
 
 def describe_up(mesh: MeshState, state_dir_flag: bool) -> str:
     """What to tell the user once the mesh is up."""
-    keys = launcher.read_api_keys(Path(mesh.api_keys_file))
-    first_key = next(iter(keys))
+    tenant_keys = launcher.client_keys(mesh)
     suffix = f" --state-dir {mesh.state_dir}" if state_dir_flag else ""
+    if tenant_keys:
+        tenant, key = next(iter(tenant_keys.items()))
+        key_lines = [f"  export TUNEMESH_API_KEY={key}    # tenant {tenant}",
+                     f"API keys of {', '.join(tenant_keys)}: {Path(mesh.state_dir) / keys.CLIENT_KEYS_FILE} "
+                     f"(hashed for the scheduler in {mesh.api_keys_file})"]
+    else:
+        key_lines = ["  export TUNEMESH_API_KEY=<a key of yours>",
+                     f"API keys: {mesh.api_keys_file}"]
     rows = [f"  {p.name:<12} {p.address or '-':<22} pid {p.pid}" for p in mesh.processes]
     return "\n".join([
         "tunemesh mesh is up:", *rows, "",
         "Connect with:",
         f"  export TUNEMESH_ADDRESS={mesh.scheduler_address}",
-        f"  export TUNEMESH_API_KEY={first_key}",
-        f"API keys ({', '.join(sorted(set(keys.values())))}): {mesh.api_keys_file}",
+        *key_lines,
+        f"More keys: tunemesh keys create --tenant T{suffix}    (list, revoke: no restart needed)",
         f"Logs: {Path(mesh.state_dir) / 'logs'}",
         *([f"Prometheus: {mesh.prometheus_url} (config {Path(mesh.state_dir) / 'prometheus.yml'})"]
           if mesh.prometheus_url else []),

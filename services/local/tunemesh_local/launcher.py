@@ -1,6 +1,7 @@
 """`tunemesh up` / `tunemesh down`: a whole mesh as background processes on loopback.
 
-Layout of a state dir: `mesh.json` (state), `api_keys.json` (generated demo keys),
+Layout of a state dir: `mesh.json` (state), `api_keys.json` (hashed API keys, one made per
+tenant of a fresh state dir) and `client_keys.json` (those keys, for local clients; 0600),
 `etcd/` (etcd data), `checkpoints/` (the checkpoint store, kept across restarts),
 `logs/<name>.log`, `run/<name>.ready.json`, `trainers/<node-id>/`; with `--prometheus`
 also `prometheus.yml` and `prometheus/` (its data, kept across restarts).
@@ -9,7 +10,6 @@ also `prometheus.yml` and `prometheus/` (its data, kept across restarts).
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -20,10 +20,9 @@ from typing import Callable
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
 from tunemesh_common.membership.etcd_process import etcd_argv, pick_free_port, wait_healthy
 from tunemesh_common.service.settings import check_device
-from tunemesh_local import processes, prometheus, state
+from tunemesh_local import keys, processes, prometheus, state
 from tunemesh_local.state import MeshState, ProcessRecord
 
-DEMO_API_KEYS = {"tml-demo-alice": "alice", "tml-demo-bob": "bob"}
 ETCD_START_TIMEOUT_S = 15.0
 
 
@@ -49,7 +48,11 @@ class MeshConfig:
     state_dir: Path
     trainers: int = 1
     models: tuple[str, ...] = ()
-    api_keys_file: Path | None = None
+    api_keys_file: Path | None = None  # a keys file of hashed keys; None: one in the state dir, made if absent
+    tenants: tuple[str, ...] = keys.DEFAULT_TENANTS  # the state dir's keys file has a key for each
+    # Plain-text development keys {key: tenant} the schedulers also accept (--insecure-dev-keys):
+    # tests only, never a mesh others can reach.
+    insecure_dev_keys: dict[str, str] | None = None
     ready_timeout: float = 120.0
     data_dir: Path | None = None  # model cache shared by trainers; None: the trainer's default
     checkpoint_dir: Path | None = None  # checkpoint store root; None: <state_dir>/checkpoints
@@ -118,6 +121,9 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
         argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint,
                 "--listen", f"127.0.0.1:{port}", "--ready-file", str(config.ready_file(name)),
                 "--api-keys-file", str(api_keys_file), "--checkpoint", checkpoint]
+        if config.insecure_dev_keys:
+            pairs = ",".join(f"{key}={tenant}" for key, tenant in config.insecure_dev_keys.items())
+            argv += ["--insecure-dev-keys", "true", "--api-keys", pairs]
         specs.append(ServiceSpec(name, "scheduler", tuple(argv)))
     return specs
 
@@ -151,31 +157,21 @@ def _optional_flags(**values: object) -> list[str]:
             for part in ("--" + name.replace("_", "-"), str(value))]
 
 
-def read_api_keys(path: Path) -> dict[str, str]:
-    """A JSON object api_key -> tenant."""
-    try:
-        keys = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as err:
-        raise InvalidArgumentError("BAD_API_KEYS_FILE", f"cannot read API keys from {path}: {err}") from err
-    if not isinstance(keys, dict) or not keys or not all(
-        isinstance(k, str) and k and isinstance(v, str) and v for k, v in keys.items()
-    ):
-        raise InvalidArgumentError("BAD_API_KEYS_FILE", f"{path} must be a non-empty JSON object api_key -> tenant")
-    return keys
-
-
 def ensure_api_keys(config: MeshConfig) -> Path:
-    """The given keys file (validated), or demo keys in the state dir (kept across restarts)."""
+    """The given keys file (checked), else the state dir's, with a fresh key for each of
+    `config.tenants` that has none yet (`keys.client_keys(state_dir)` reads them)."""
     if config.api_keys_file is not None:
-        read_api_keys(config.api_keys_file)
-        return Path(config.api_keys_file).resolve()
-    path = config.state_dir / "api_keys.json"
-    if not path.exists():
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump(DEMO_API_KEYS, f, indent=2)
-    read_api_keys(path)
-    return path
+        path = Path(config.api_keys_file).expanduser().resolve()
+        if not keys.read(path):
+            raise InvalidArgumentError("BAD_API_KEYS_FILE", f"{path} holds no API keys "
+                                       "(make one with `tunemesh keys create --tenant T --file FILE`)")
+        return path
+    return keys.ensure_mesh_keys(config.state_dir, config.tenants)
+
+
+def client_keys(mesh: MeshState) -> dict[str, str]:
+    """{tenant: API key} of the keys `tunemesh up` made for `mesh` ({} with --api-keys-file)."""
+    return keys.client_keys(Path(mesh.state_dir))
 
 
 def live_processes(mesh: MeshState) -> list[ProcessRecord]:

@@ -52,7 +52,8 @@ async def serve(s: settings_mod.SamplerSettings) -> None:
         storage = CheckpointStorageClient(s.checkpoint)
         host.on_stop(storage.close)
         loader = AdapterLoader(engine, storage, s.cache_dir / s.node_id, sampler_metrics)
-        core = SamplerCore(engine, AdapterCache(loader.load, loader.unload, s.max_adapters), sampler_metrics)
+        core = SamplerCore(engine, AdapterCache(loader.load, loader.unload, s.max_adapters), sampler_metrics,
+                           s.max_rows_per_tenant)
         servicer.attach(core)
         _follow(sampler_metrics, core, s.max_adapters)
         metrics.describe_node(sampler_metrics.registry, "sampler", s.node_id, core.info.name)

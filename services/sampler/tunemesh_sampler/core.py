@@ -1,4 +1,5 @@
-"""Sampler logic above the engine: pin the request's adapter, generate, unpin."""
+"""Sampler logic above the engine: admit the tenant's rows, pin the request's adapter,
+generate, unpin."""
 
 from __future__ import annotations
 
@@ -8,42 +9,82 @@ from tunemesh_sampler.metrics import SamplerMetrics
 from tunemesh_sampler.adapters import AdapterCache, AdapterRef
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, SamplingSpec
 from tunemesh_sampler.engine import SamplingEngine
+from tunemesh.errors import ResourceExhaustedError
 
 log = logging.getLogger(__name__)
 
 
 class SamplerCore:
-    """One engine and the adapters it holds."""
+    """One engine and the adapters it holds.
 
-    def __init__(self, engine: SamplingEngine, adapters: AdapterCache, metrics: SamplerMetrics | None = None) -> None:
+    A tenant may have at most `max_rows_per_tenant` rows (samples of Sample requests, one
+    per ComputeLogprobs) in flight here (0: no limit); a request past that fails
+    RESOURCE_EXHAUSTED [SAMPLE_ROWS_QUOTA] at once, which the SDK retries with backoff.
+    A request larger than the whole quota is admitted when the tenant has nothing else in
+    flight, so no request is refused for good.
+    """
+
+    def __init__(self, engine: SamplingEngine, adapters: AdapterCache, metrics: SamplerMetrics | None = None,
+                 max_rows_per_tenant: int = 0) -> None:
         self._engine = engine
         self.adapters = adapters
         self.active_requests = 0
         self._metrics = metrics or SamplerMetrics()
+        self._max_rows_per_tenant = max_rows_per_tenant
+        self._rows: dict[str, int] = {}  # tenant -> rows in flight
+
+    def rows_in_flight(self, tenant: str) -> int:
+        return self._rows.get(tenant, 0)
 
     @property
     def info(self) -> ModelInfo:
         return self._engine.info
 
-    async def sample(self, ref: AdapterRef | None, prompt: tuple[int, ...], num_samples: int,
+    async def sample(self, tenant: str, ref: AdapterRef | None, prompt: tuple[int, ...], num_samples: int,
                      spec: SamplingSpec) -> list[SampledSequence]:
-        key = await self._pin(ref)
+        self._admit(tenant, num_samples)
         try:
-            sequences = await self._engine.generate(GenerateRequest(key, prompt, num_samples, spec))
+            key = await self._pin(ref)
+            try:
+                sequences = await self._engine.generate(GenerateRequest(key, prompt, num_samples, spec))
+            finally:
+                await self._unpin(key)
         finally:
-            await self._unpin(key)
+            self._release(tenant, num_samples)
         self._metrics.prompt("sample", len(prompt))
         self._metrics.generated(sum(len(s.tokens) for s in sequences))
         return sequences
 
-    async def compute_logprobs(self, ref: AdapterRef | None, tokens: tuple[int, ...]) -> list[float]:
-        key = await self._pin(ref)
+    async def compute_logprobs(self, tenant: str, ref: AdapterRef | None, tokens: tuple[int, ...]) -> list[float]:
+        self._admit(tenant, 1)
         try:
-            logprobs = await self._engine.prompt_logprobs(key, tokens)
+            key = await self._pin(ref)
+            try:
+                logprobs = await self._engine.prompt_logprobs(key, tokens)
+            finally:
+                await self._unpin(key)
         finally:
-            await self._unpin(key)
+            self._release(tenant, 1)
         self._metrics.prompt("logprobs", len(tokens))
         return logprobs
+
+    def _admit(self, tenant: str, rows: int) -> None:
+        """Count the rows as the tenant's in flight (before any await), or refuse them."""
+        held = self._rows.get(tenant, 0)
+        limit = self._max_rows_per_tenant
+        if limit and held and held + rows > limit:
+            raise ResourceExhaustedError(
+                "SAMPLE_ROWS_QUOTA",
+                f"the tenant has {held} rows in flight on this sampler; {rows} more would pass its quota of {limit}",
+            )
+        self._rows[tenant] = held + rows
+
+    def _release(self, tenant: str, rows: int) -> None:
+        left = self._rows[tenant] - rows
+        if left:
+            self._rows[tenant] = left
+        else:
+            del self._rows[tenant]
 
     async def _pin(self, ref: AdapterRef | None) -> str | None:
         self.active_requests += 1

@@ -44,12 +44,14 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
     async def Sample(self, request, context):
         self.leader.check(context)
         sequences = await self.core.sample(
-            convert.adapter_ref(request.adapter), tuple(request.prompt_tokens), request.num_samples,
+            request.adapter.tenant, convert.adapter_ref(request.adapter), tuple(request.prompt_tokens),
+            request.num_samples,
             convert.spec(request.sampling_params),
         )
         return sampler_pb2.SampleResponse(sequences=[convert.sequence(s) for s in sequences])
 
     async def ComputeLogprobs(self, request, context):
         self.leader.check(context)
-        logprobs = await self.core.compute_logprobs(convert.adapter_ref(request.adapter), tuple(request.prompt_tokens))
+        logprobs = await self.core.compute_logprobs(
+            request.adapter.tenant, convert.adapter_ref(request.adapter), tuple(request.prompt_tokens))
         return sampler_pb2.ComputeLogprobsResponse(logprobs=logprobs)

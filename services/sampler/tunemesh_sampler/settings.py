@@ -22,6 +22,9 @@ class SamplerSettings(settings.NodeSettings):
     cache_dir: pathlib.Path = Field(pathlib.Path("~/.cache/tunemesh/sampler-adapters"),
                                     description="where fetched adapters are kept (a folder per node)")
     max_adapters: int = Field(8, ge=1, description="adapters resident at once; more are evicted (LRU) and reloaded")
+    max_rows_per_tenant: int = Field(256, ge=0, description=(
+        "rows (samples; one per logprobs call) a tenant may have in flight on this sampler; past it a request fails "
+        "RESOURCE_EXHAUSTED [SAMPLE_ROWS_QUOTA] and the SDK retries it with backoff; 0: no limit"))
     max_lora_rank: int = Field(0, ge=0, description="largest LoRA rank served; 0: the model's registry default")
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="the base model's dtype (float32 matches the trainer's logprobs)")

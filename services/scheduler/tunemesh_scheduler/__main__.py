@@ -14,7 +14,9 @@ from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc, sampling_pb2, sam
 from tunemesh.v1 import operations_pb2, operations_pb2_grpc, sessions_pb2, sessions_pb2_grpc
 from tunemesh.v1 import training_pb2, training_pb2_grpc
 from tunemesh_common.membership import leadership, registry
+from tunemesh_common.service import api_keys as api_keys_mod
 from tunemesh_common.service import metrics, rpc
+from tunemesh_common.service.throttle import FailureThrottle
 from tunemesh_scheduler.metrics import SchedulerMetrics
 from tunemesh_common.checkpoints.client import CallStoreClient
 from tunemesh_common.service.host import HostConfig, ServiceHost
@@ -53,13 +55,33 @@ class _Parts:
     core: SchedulerCore
 
 
+def build_authenticator(s: settings_mod.SchedulerSettings) -> api_keys_mod.KeyAuthenticator:
+    """The keys file's keys (hashed), plus the inline ones with --insecure-dev-keys.
+    Raises SystemExit saying what to do when there are none, or inline keys without the flag."""
+    inline = settings_mod.api_keys(s)
+    if inline and not s.insecure_dev_keys:
+        raise SystemExit("--api-keys holds plain-text keys: development only, add --insecure-dev-keys true to use them; "
+                         "otherwise make a keys file with `tunemesh keys create --tenant T --file F` "
+                         "and pass --api-keys-file F")
+    if s.api_keys_file is None and not inline:
+        raise SystemExit("no API keys: pass --api-keys-file F (make one with `tunemesh keys create --tenant T "
+                         "--file F`), or for development --insecure-dev-keys true --api-keys key=tenant,...")
+    if inline:
+        log.warning("accepting %d plain-text development API keys (--insecure-dev-keys)", len(inline))
+    try:
+        ring = api_keys_mod.KeyRing(s.api_keys_file, [api_keys_mod.hash_key(k, t) for k, t in inline.items()],
+                                    check_every_s=s.api_keys_check_s)
+    except api_keys_mod.KeyFileError as err:
+        raise SystemExit(f"cannot use the API keys: {err}") from None
+    throttle = FailureThrottle(s.auth_max_failures, s.auth_window_s, s.auth_block_s)
+    return api_keys_mod.KeyAuthenticator(ring, throttle)
+
+
 async def serve(s: settings_mod.SchedulerSettings) -> None:
-    keys = settings_mod.api_keys(s)
-    if not keys:
-        raise SystemExit("no API keys: pass --api-keys-file or --api-keys key=tenant,...")
+    authenticator = build_authenticator(s)
     scheduler_metrics = SchedulerMetrics(prometheus_client.REGISTRY)
     config = HostConfig("scheduler", s.listen, s.metrics_listen, ready_file=s.ready_file,
-                        authenticator=rpc.KeyFileAuthenticator(keys), registry=scheduler_metrics.registry)
+                        authenticator=authenticator, registry=scheduler_metrics.registry)
     async with ServiceHost(config) as host:
         parts = await _build(s, host, scheduler_metrics)
         host.write_ready(s.listen, role="standby")
@@ -69,7 +91,7 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
         _add_servicers(host, s, parts, scheduler_metrics)
         await host.serve(ready={"role": "leader"})
         log.info("scheduler leading and serving on %s (token %d, %d tenants' keys, etcd %s)", host.address, token,
-                 len(set(keys.values())), s.etcd)
+                 len(authenticator.ring.tenants()), s.etcd)
         if await host.wait(parts.election.lost) is not None:
             # No call and no etcd write of this leadership may follow: start over as a fresh
             # process (same pid, command line and address) that stands by and campaigns again.
@@ -102,8 +124,12 @@ async def _build(s: settings_mod.SchedulerSettings, host: ServiceHost,
     election = leadership.LeaderElection(etcd, "scheduler", s.listen.encode(), s.leader_ttl_s)
     host.on_stop(election.resign)  # after the core has stopped
     config = SchedulerConfig(
-        s.gap_timeout_s, s.batch_token_budget, s.batch_wait_ms / 1000, s.max_ops_ahead, s.finished_ttl_s,
-        s.max_runs_per_tenant, store_timeout_s=s.store_timeout_s, snapshot_every_steps=s.snapshot_every_steps,
+        gap_timeout_s=s.gap_timeout_s, batch_token_budget=s.batch_token_budget, batch_wait_s=s.batch_wait_ms / 1000,
+        fair_share_grace_s=s.fair_share_grace_ms / 1000, max_ops_ahead=s.max_ops_ahead,
+        finished_ttl_s=s.finished_ttl_s, max_runs_per_tenant=s.max_runs_per_tenant,
+        max_queued_ops_per_tenant=s.max_queued_ops_per_tenant,
+        max_queued_tokens_per_tenant=s.max_queued_tokens_per_tenant,
+        store_timeout_s=s.store_timeout_s, snapshot_every_steps=s.snapshot_every_steps,
         snapshot_every_s=s.snapshot_every_s, session_timeout_s=s.session_timeout_s,
         snapshot_min_interval_s=s.snapshot_min_interval_s, journal_linger_s=s.journal_linger_ms / 1000,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from tunemesh_internal.v1 import scheduler_state_pb2 as pb
 from tunemesh.v1 import checkpoints_pb2, operations_pb2, training_pb2, types_pb2
-from tunemesh.errors import Code
+from tunemesh.errors import Code, DataLossError
 from tunemesh_scheduler.core.ports import LoadResult
 from tunemesh_scheduler.core.work import DataWork, LoadRequest, SaveRequest, StepWork, Work, kind_of
 from tunemesh_scheduler.core.records import (
@@ -126,17 +126,30 @@ def operation_record(stored: pb.StoredOperation) -> OperationRecord:
     if stored.HasField("error"):
         error = OperationError(stored.error.code, stored.error.reason, stored.error.message)
     return OperationRecord(
-        name=stored.name, tenant=stored.tenant, run=stored.run, seq_id=stored.seq_id, kind=OpKind(stored.kind),
+        name=stored.name, tenant=stored.tenant, run=stored.run, seq_id=stored.seq_id,
+        kind=_enum(OpKind, stored.kind, stored.name),
         request_id=stored.request_id, payload_digest=stored.payload_digest, num_tokens=stored.num_tokens,
-        node_id="", create_time=stored.create_time, state=OpState(stored.state),
+        node_id="", create_time=stored.create_time, state=_enum(OpState, stored.state, stored.name),
         end_time=stored.end_time or None, result=_result(stored), error=error,
     )
 
 
+def _enum(cls, value: str, name: str):
+    """`cls(value)`, or DataLossError [CORRUPT_RECORD] for a value this scheduler never writes."""
+    try:
+        return cls(value)
+    except ValueError:
+        raise DataLossError("CORRUPT_RECORD", f"stored operation {name!r}: {value!r} is no {cls.__name__}") from None
+
+
 def payload_of(stored: pb.StoredPayload) -> Work | None:
+    """The call of a kept payload (None when it holds none); a call_store reference is
+    resolved by the caller (durable.py) and is DataLossError [CORRUPT_RECORD] here."""
     which = stored.WhichOneof("payload")
     if which is None:
         return None
+    if which == "call_store":
+        raise DataLossError("CORRUPT_RECORD", "a call read from the call store names the call store again")
     if which == "load":
         return LoadRequest(stored.load.path, stored.load.load_optimizer_state)
     if which == "save":

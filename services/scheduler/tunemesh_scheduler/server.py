@@ -171,7 +171,7 @@ class OperationServicer(operations_pb2_grpc.OperationServiceServicer):
         return operations_pb2.GetOperationResponse(operation=convert.operation(record))
 
     async def WaitOperation(self, request, context):
-        timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else self._wait_cap_s
+        timeout = validation.duration_seconds(request.timeout, "timeout") if request.HasField("timeout") else self._wait_cap_s
         record = await self._core.wait_operation(current_tenant(), request.name, min(timeout, self._wait_cap_s))
         return operations_pb2.WaitOperationResponse(operation=convert.operation(record))
 
@@ -180,7 +180,8 @@ class OperationServicer(operations_pb2_grpc.OperationServiceServicer):
         return operations_pb2.CancelOperationResponse(operation=convert.operation(record))
 
     async def WatchOperations(self, request, context):
-        asked = request.heartbeat_interval.ToTimedelta().total_seconds() if request.HasField("heartbeat_interval") else 0
+        asked = (validation.duration_seconds(request.heartbeat_interval, "heartbeat_interval")
+                 if request.HasField("heartbeat_interval") else 0)
         heartbeat_s = min(max(asked, MIN_WATCH_HEARTBEAT_S), self._heartbeat_s) if asked else self._heartbeat_s
         watch = self._core.watch_operations(current_tenant(), request.epoch, request.cursor, list(request.names),
                                             heartbeat_s)
@@ -245,7 +246,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
 
     async def Sample(self, request, context):
         tenant = current_tenant()
-        record = self._core.sampling.get(tenant, request.sampling_session)
+        record = self._core.get_sampling_session(tenant, request.sampling_session)
         model = self._samplers.directory.serving_model(record.base_model)
         tokens = validation.check_prompt(request.prompt, model)
         validation.check_sampling(request.sampling_params, request.num_samples, len(tokens), model, self._limits)
@@ -260,7 +261,7 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
 
     async def ComputeLogprobs(self, request, context):
         tenant = current_tenant()
-        record = self._core.sampling.get(tenant, request.sampling_session)
+        record = self._core.get_sampling_session(tenant, request.sampling_session)
         tokens = validation.check_prompt(request.prompt, self._samplers.directory.serving_model(record.base_model))
         forwarded = sampler_pb2.ComputeLogprobsRequest(adapter=convert.adapter_ref(record), prompt_tokens=tokens)
         response = await self._samplers.compute_logprobs(record, forwarded)

@@ -17,21 +17,38 @@ class SchedulerSettings(settings.ServiceSettings):
 
     listen: HostPort = Field("127.0.0.1:0", description="host:port to serve on; port 0 picks a free one")
     etcd: HostPort = Field("127.0.0.1:2379", description="host:port of etcd")
-    api_keys_file: pathlib.Path | None = Field(None, description='JSON {"api key": "tenant", ...}')
+    api_keys_file: pathlib.Path | None = Field(
+        None, description="keys file of hashed API keys (`tunemesh keys create --file`); re-read when it changes")
     api_keys: SecretStr = Field(
-        SecretStr(""), description='API keys inline: "key1=tenant1,key2=tenant2" (added to the file\'s)')
+        SecretStr(""), description='development only, with --insecure-dev-keys: plain-text keys "key1=tenant1,..."')
+    insecure_dev_keys: bool = Field(
+        False, description="accept the plain-text --api-keys (development and tests; never in production)")
+    api_keys_check_s: float = Field(2.0, gt=0, description="how often the keys file is checked for changes, in s")
+    auth_max_failures: int = Field(
+        10, ge=1, description="failed API key attempts from one address within auth_window_s before it is blocked")
+    auth_window_s: float = Field(60.0, gt=0, description="window of auth_max_failures, in seconds")
+    auth_block_s: float = Field(60.0, gt=0, description="how long an address over auth_max_failures is refused")
     ready_file: pathlib.Path | None = Field(
         None, description='written on standing by and again once leading: {"address", "pid", "role", "metrics_url"}')
     metrics_listen: HostPortOrEmpty = Field("127.0.0.1:0",
                                 description="host:port of /metrics (port 0 picks one); empty: no metrics endpoint")
     batch_token_budget: int = Field(16384, ge=1, description="most tokens in one fused batch")
     batch_wait_ms: int = Field(0, ge=0, description="extra time a ready batch waits for other tenants' work, in ms")
+    fair_share_grace_ms: int = Field(100, ge=0, description=(
+        "a tenant whose operation ended on a trainer this recently still counts as active there: another "
+        "tenant's flood gets one fair share per batch meanwhile, in ms (0: only tenants with ready work count)"))
     max_datums: int = Field(1024, ge=1, description="most datums per request")
     max_tokens: int = Field(262144, ge=1, description="most tokens per request")
     gap_timeout_s: int = Field(300, ge=1, description="a run waiting this long on a missing seq_id fails its queue")
     max_ops_ahead: int = Field(1024, ge=1, description="most operations a run may queue beyond its last finished one")
     finished_ttl_s: int = Field(3600, ge=1, description="finished operations are kept this long, then forgotten")
-    max_runs_per_tenant: int = Field(16, ge=1, description="runs a tenant may hold, so none takes every adapter slot")
+    max_queued_ops_per_tenant: int = Field(
+        4096, ge=0, description="most operations a tenant may have queued for trainers; more: TENANT_QUEUE_FULL (0: no cap)")
+    max_queued_tokens_per_tenant: int = Field(
+        4 << 20, ge=0, description="most tokens a tenant may have queued for trainers; more: TENANT_QUEUE_FULL (0: no cap)")
+    max_runs_per_tenant: int = Field(16, ge=1, description=(
+        "runs a tenant may hold, creates in flight included, so none takes every adapter slot; "
+        "past it CreateTrainingRun fails RESOURCE_EXHAUSTED [TENANT_RUN_QUOTA]"))
     wait_cap_s: int = Field(30, ge=1, description="longest WaitOperation hold, in seconds")
     trainer_timeout_s: int = Field(600, ge=1, description="deadline of one call to a trainer, in seconds")
     checkpoint: HostPortOrEmpty = Field("",
@@ -65,15 +82,9 @@ def load(argv: list[str] | None = None) -> SchedulerSettings:
 
 
 def api_keys(s: SchedulerSettings) -> dict[str, str]:
-    """The configured API key -> tenant map (file first, then the inline list)."""
-    import json
-
+    """The inline (plain-text, development) API key -> tenant map."""
     keys: dict[str, str] = {}
-    if s.api_keys_file is not None:
-        keys.update(json.loads(s.api_keys_file.read_text()))
     for pair in filter(None, (p.strip() for p in s.api_keys.get_secret_value().split(","))):
         key, _, tenant = pair.partition("=")
-        if not tenant:
-            raise ValueError(f"api_keys entry {pair!r} is not key=tenant")
         keys[key] = tenant
     return keys

@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry
 
 from tunemesh import errors
 from tunemesh_common.service import rpc
+from tunemesh_common.service.api_keys import KeyAuthenticator
 from tunemesh_common.service.host import build_server
 from tunemesh_common.service.metrics import RpcMetrics
 
@@ -124,7 +125,7 @@ def test_response_streams_are_counted_when_they_end_also_with_a_mid_stream_error
 
 
 def test_rejected_authentication_is_counted_as_unauthenticated():
-    auth = rpc.KeyFileAuthenticator({"key-a": "tenant-a"})
+    auth = KeyAuthenticator.inline({"key-a": "tenant-a"})
 
     async def calls(channel):
         await _unary(channel, "Ok", metadata=(("authorization", "Bearer wrong"),))

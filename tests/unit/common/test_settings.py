@@ -128,3 +128,35 @@ def test_python_m_service_help_runs_main() -> None:
     out = subprocess.run([sys.executable, "-m", "tunemesh_sampler", "--help"], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "250"}, timeout=120, check=True).stdout
     assert "--kv-cache-bytes ByteSize" in out and "[env: TUNEMESH_SAMPLER_KV_CACHE_BYTES]" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    ([], "no API keys: pass --api-keys-file F (make one with `tunemesh keys create"),
+    (["--api-keys", "k1=alice"], "--api-keys holds plain-text keys: development only, add --insecure-dev-keys true"),
+    (["--insecure-dev-keys", "true"], "no API keys"),  # the flag alone brings no well-known keys
+])
+def test_the_scheduler_refuses_to_start_without_keys_or_with_unflagged_plain_text(argv, message) -> None:
+    from tunemesh_scheduler.__main__ import build_authenticator
+
+    with pytest.raises(SystemExit) as exit_:
+        build_authenticator(settings.load(SchedulerSettings, argv))
+    assert message in str(exit_.value.code)
+
+
+def test_the_scheduler_takes_a_hashed_keys_file_and_flagged_dev_keys(tmp_path) -> None:
+    import asyncio
+
+    from tunemesh_common.service import api_keys as api_keys_mod
+    from tunemesh_scheduler.__main__ import build_authenticator
+
+    key, record = api_keys_mod.new_key("acme")
+    api_keys_mod.write_key_file(tmp_path / "keys.json", [record])
+    auth = build_authenticator(settings.load(SchedulerSettings, [
+        "--api-keys-file", str(tmp_path / "keys.json"), "--insecure-dev-keys", "true", "--api-keys", "dev=bob",
+        "--auth-max-failures", "3"]))
+    assert asyncio.run(auth({"authorization": f"Bearer {key}"})) == "acme"
+    assert asyncio.run(auth({"x-api-key": "dev"})) == "bob"
+    assert auth.throttle.max_failures == 3
+    (tmp_path / "plain.json").write_text('{"k": "acme"}')
+    with pytest.raises(SystemExit, match="plain-text keys"):
+        build_authenticator(settings.load(SchedulerSettings, ["--api-keys-file", str(tmp_path / "plain.json")]))

@@ -11,11 +11,11 @@ from deploy import helm
 
 REPO = pathlib.Path(__file__).resolve().parents[3]
 CHART = REPO / "deploy" / "k8s"
-API_KEYS = {"key-acme": "acme", "key-globex": "globex"}
+KEYS_VALUES = pathlib.Path(__file__).with_name("api_keys_values.yaml")  # apiKeys.file: a hashed keys file
 
 # Each variant: values files merged over values.yaml, then --set assignments.
 VARIANTS = {
-    "default": ([], [f"apiKeys.keys.{k}={t}" for k, t in API_KEYS.items()]),
+    "default": ([KEYS_VALUES], []),
     "gpu": ([CHART / "values-gpu.yaml"], ["apiKeys.existingSecret=tenant-keys"]),
 }
 

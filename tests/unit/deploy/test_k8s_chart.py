@@ -12,7 +12,7 @@ import sys
 
 import pytest
 import yaml
-from chart_variants import API_KEYS, CHART, VARIANTS, manifest, render_variant, require_helm
+from chart_variants import CHART, KEYS_VALUES, VARIANTS, manifest, render_variant, require_helm
 
 from deploy import helm
 
@@ -38,9 +38,11 @@ def flags(container: dict) -> dict[str, str]:
     return dict(a.removeprefix("--").split("=", 1) for a in container["args"])
 
 
+@pytest.mark.parametrize("exposure", ["cluster-ip", "load-balancer"])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_every_document_passes_kubernetes_validate_strict(name, tmp_path):
-    stream = manifest(name)
+def test_every_document_passes_kubernetes_validate_strict(name, exposure, tmp_path):
+    """Each values file, with the default ClusterIP and with a LoadBalancer and its source ranges."""
+    stream = manifest(name, LOAD_BALANCER if exposure == "load-balancer" else [])
     path = tmp_path / f"{name}.yaml"
     path.write_text(stream)
     kinds = {d["kind"] for d in helm.documents(stream)}
@@ -66,8 +68,10 @@ def test_kubernetes_validate_strict_rejects_an_unknown_field(tmp_path):
 
 def test_rendering_without_api_keys_fails_with_the_reason():
     require_helm()
-    with pytest.raises(helm.HelmError, match=r"scheduler.yaml.*set apiKeys.keys .* or apiKeys.existingSecret"):
+    with pytest.raises(helm.HelmError, match=r"scheduler.yaml.*set apiKeys.existingSecret .* or apiKeys.file"):
         helm.template(CHART)
+    with pytest.raises(helm.HelmError, match=r"apiKeys.keys \(plain-text api key -> tenant\) is no longer accepted"):
+        helm.template(CHART, sets=["apiKeys.keys.KEY=acme", "apiKeys.existingSecret=tenant-keys"])
 
 
 @pytest.mark.parametrize("replicas", [3, 5])
@@ -83,12 +87,63 @@ def test_etcd_members_and_initial_cluster_agree(replicas):
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
 
 
-def test_only_the_scheduler_service_is_exposed(variant):
+LB_RANGES = ["203.0.113.0/24", "2001:db8::/48"]
+LOAD_BALANCER = ["scheduler.service.type=LoadBalancer",
+                 f"scheduler.service.loadBalancerSourceRanges={{{','.join(LB_RANGES)}}}"]
+
+
+def exposed(docs: list[dict]) -> list[str]:
+    """Services reachable from beyond the cluster."""
+    return [d["metadata"]["name"] for d in docs
+            if d["kind"] == "Service" and d["spec"].get("type") in ("LoadBalancer", "NodePort")]
+
+
+def test_nothing_is_exposed_beyond_the_cluster_by_default(variant):
     _, docs = variant
-    exposed = [d["metadata"]["name"] for d in docs
-               if d["kind"] == "Service" and d["spec"].get("type") in ("LoadBalancer", "NodePort")]
-    assert exposed == ["tm-scheduler"]
+    scheduler = one(docs, "Service", "tm-scheduler")
+    assert scheduler["spec"]["type"] == "ClusterIP" and "loadBalancerSourceRanges" not in scheduler["spec"]
+    assert exposed(docs) == []
     assert not [d for d in docs if d["kind"] == "Ingress"]
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_a_load_balancer_is_opt_in_and_open_only_to_its_source_ranges(name):
+    docs = render_variant(name, LOAD_BALANCER)
+    assert exposed(docs) == ["tm-scheduler"]  # the only Service ever exposed
+    scheduler = one(docs, "Service", "tm-scheduler")
+    assert scheduler["spec"]["type"] == "LoadBalancer"
+    assert scheduler["spec"]["loadBalancerSourceRanges"] == LB_RANGES
+    assert scheduler["spec"]["selector"] == workloads(docs)["scheduler"]["spec"]["selector"]["matchLabels"]
+    assert [p["targetPort"] for p in scheduler["spec"]["ports"]] == ["grpc"]
+
+
+def test_a_load_balancer_leaves_the_network_policies_as_they_are():
+    """The source ranges filter at the load balancer; the policies (checked below) still
+    select the same pods and ports."""
+    policies = lambda docs: [d for d in docs if d["kind"] == "NetworkPolicy"]  # noqa: E731
+    default = policies(render_variant("default"))
+    assert default and policies(render_variant("default", LOAD_BALANCER)) == default
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_load_balancer_without_source_ranges_fails_with_the_reason(explicit, tmp_path):
+    service = {"type": "LoadBalancer", **({"loadBalancerSourceRanges": []} if explicit else {})}
+    values = tmp_path / "lb.yaml"
+    values.write_text(yaml.safe_dump({"scheduler": {"service": service}}))
+    require_helm()
+    with pytest.raises(helm.HelmError, match=r"scheduler.yaml.*scheduler.service.type=LoadBalancer needs "
+                                             r"scheduler.service.loadBalancerSourceRanges: the CIDRs allowed"):
+        helm.template(CHART, [*VARIANTS["default"][0], values], VARIANTS["default"][1], namespace="mesh")
+
+
+@pytest.mark.parametrize(("sets", "reason"), [
+    (["scheduler.service.type=NodePort"], 'scheduler.service.type must be ClusterIP or LoadBalancer, not "NodePort"'),
+    ([LOAD_BALANCER[0], "scheduler.service.loadBalancerSourceRanges={anywhere}"],
+     'loadBalancerSourceRanges: "anywhere" is not a CIDR'),
+])
+def test_other_exposures_fail_with_the_reason(sets, reason):
+    with pytest.raises(helm.HelmError, match=reason):
+        render_variant("default", sets)
 
 
 def _selects(selector: dict, labels: dict) -> bool:
@@ -199,7 +254,9 @@ def test_scheduler_reads_api_keys_from_the_mounted_secret(variant):
         assert secret_name == "tenant-keys" and not [d for d in docs if d["kind"] == "Secret"]
     else:
         secret = one(docs, "Secret", secret_name)
-        assert json.loads(base64.b64decode(secret["data"][key])) == API_KEYS
+        keys_file = yaml.safe_load(KEYS_VALUES.read_text())["apiKeys"]["file"]
+        assert base64.b64decode(secret["data"][key]).decode() == keys_file
+        assert [k["tenant"] for k in json.loads(keys_file)["keys"]] == ["acme", "globex"]
 
 
 def test_gpu_variant_requests_a_gpu_per_rank_and_runs_a_rank_group():
@@ -295,8 +352,7 @@ def test_no_dashboards_no_configmaps(chart_copy):
 @pytest.mark.parametrize("values", ["values.yaml", "values-gpu.yaml"])
 def test_helm_lint_passes_for_each_values_file(values):
     require_helm()
-    sets = [f"apiKeys.keys.{k}={t}" for k, t in API_KEYS.items()]
-    assert "0 chart(s) failed" in helm.lint(CHART, [CHART / values], sets, namespace="mesh")
+    assert "0 chart(s) failed" in helm.lint(CHART, [CHART / values, KEYS_VALUES], namespace="mesh")
 
 
 def test_helm_lint_fails_on_a_broken_template(chart_copy):

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "sdk"))
 from checkpoint_fakes import API_KEY, FakeCheckpoints, serve  # noqa: E402
 
-from tunemesh_local import cli, state  # noqa: E402
+from tunemesh_local import cli, launcher, state  # noqa: E402
 from tunemesh_local.checkpoints_cli import human_bytes  # noqa: E402
 
 WEIGHTS = b"\x01\x02" * 3000
@@ -102,13 +102,13 @@ def test_a_failed_call_exits_1_with_the_message(fake, capsys):
 
 
 def test_without_an_api_key_the_local_mesh_keys_are_suggested(fake, tmp_path, capsys):
-    keys = tmp_path / "api_keys.json"
-    keys.write_text(json.dumps({"tml-demo-alice": "alice"}))
+    keys = launcher.ensure_api_keys(launcher.MeshConfig(state_dir=tmp_path))
     state.save(state.MeshState(str(tmp_path), "", str(keys), [], scheduler_address="x:1"))
     argv = ["checkpoints", "list", "--state-dir", str(tmp_path)]
     assert cli.main(argv) == 1
     err = capsys.readouterr().err
-    assert "--api-key tml-demo-alice" in err
+    assert f"keys of alice, bob are in {tmp_path / 'client_keys.json'}" in err
+    assert "tml-" not in err  # the keys themselves are not printed
     assert fake.auth == []
 
 

@@ -52,7 +52,8 @@ def test_up_status_down(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     mesh = state.load(tmp_path)
     assert [p.name for p in mesh.processes] == ["etcd", "trainer-0", "trainer-1", "scheduler"]
     assert f"export TUNEMESH_ADDRESS={mesh.scheduler_address}" in out
-    assert "export TUNEMESH_API_KEY=tml-demo-alice" in out
+    alice_key = launcher.client_keys(mesh)["alice"]
+    assert f"export TUNEMESH_API_KEY={alice_key}" in out and alice_key.startswith("tml-")
     host, port = mesh.scheduler_address.rsplit(":", 1)
     socket.create_connection((host, int(port)), timeout=2).close()  # really listening
 

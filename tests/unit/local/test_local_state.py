@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
-from tunemesh_local import cli, launcher, processes, state
+from tunemesh_common.service import api_keys
+from tunemesh_local import cli, keys, launcher, processes, state
 from tunemesh_local.launcher import MeshConfig
 from tunemesh_local.state import MeshState, ProcessRecord
 
@@ -98,14 +99,46 @@ def test_more_models_than_trainers_is_rejected(tmp_path: Path) -> None:
     assert state.load(tmp_path) is None
 
 
-def test_api_keys_demo_generated_and_validated(tmp_path: Path) -> None:
+def test_up_makes_fresh_hashed_keys_once_per_state_dir(tmp_path: Path) -> None:
     path = launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path))
-    assert launcher.read_api_keys(path) == {"tml-demo-alice": "alice", "tml-demo-bob": "bob"}
-    assert path.stat().st_mode & 0o077 == 0
+    clients = keys.client_keys(tmp_path)
+    assert sorted(clients) == ["alice", "bob"] and all(k.startswith("tml-") for k in clients.values())
+    records = api_keys.read_key_file(path)
+    assert sorted(r.tenant for r in records) == ["alice", "bob"]
+    assert all(key not in path.read_text() for key in clients.values())  # hashes only
+    assert all(r.matches(clients[r.tenant]) for r in records)
+    assert path.stat().st_mode & 0o077 == 0 and (tmp_path / "client_keys.json").stat().st_mode & 0o077 == 0
+    # a restart keeps them; a new tenant gets one; another state dir gets other keys
+    launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path, tenants=("alice", "bob", "carol")))
+    assert {t: k for t, k in keys.client_keys(tmp_path).items() if t != "carol"} == clients
+    assert len(api_keys.read_key_file(path)) == 3
+    launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path / "other"))
+    assert set(keys.client_keys(tmp_path / "other").values()).isdisjoint(clients.values())
+
+
+def test_old_demo_keys_are_replaced_and_a_plain_text_keys_file_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "api_keys.json").write_text(json.dumps({"tml-demo-alice": "alice", "tml-demo-bob": "bob"}))
+    path = launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path))
+    assert "tml-demo" not in path.read_text() and len(api_keys.read_key_file(path)) == 2
+    plain = tmp_path / "plain.json"
+    plain.write_text(json.dumps({"my-key": "acme"}))
+    with pytest.raises(InvalidArgumentError, match="plain-text keys"):
+        launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path, api_keys_file=plain))
     bad = tmp_path / "bad.json"
     bad.write_text('["not", "a", "map"]')
-    with pytest.raises(InvalidArgumentError, match="api_key -> tenant"):
+    with pytest.raises(InvalidArgumentError, match="version"):
         launcher.ensure_api_keys(MeshConfig(state_dir=tmp_path, api_keys_file=bad))
+
+
+def test_dev_keys_reach_the_schedulers_only_with_the_insecure_flag(tmp_path: Path) -> None:
+    plain = launcher.default_services(MeshConfig(state_dir=tmp_path), "127.0.0.1:1", tmp_path / "k.json")
+    dev = launcher.default_services(MeshConfig(state_dir=tmp_path, insecure_dev_keys={"k1": "t1", "k2": "t2"}),
+                                    "127.0.0.1:1", tmp_path / "k.json")
+    for spec in plain:
+        assert "--api-keys" not in spec.argv and "--insecure-dev-keys" not in spec.argv
+    schedulers = [s.argv for s in dev if s.role == "scheduler"]
+    assert schedulers and all(a[a.index("--api-keys") + 1] == "k1=t1,k2=t2" and "--insecure-dev-keys" in a
+                              for a in schedulers)
 
 
 def test_wait_ready_reports_exit_with_log_tail(tmp_path: Path) -> None:

@@ -59,11 +59,12 @@ def test_tokens_and_adapter_loads_are_recorded(tmp_path):
                    lambda: core.adapters.loads, lambda: core.adapters.evictions, 1)
 
     async def main():
-        await core.sample(AdapterRef("alice", "tunemesh://runs/r/sampler/a"), (1, 2, 3), 2, SamplingSpec(max_tokens=5))
-        await core.compute_logprobs(None, (1, 2, 3, 4))
-        await core.sample(AdapterRef("alice", "tunemesh://runs/r/sampler/b"), (1,), 1, SamplingSpec(max_tokens=4))
+        await core.sample("alice", AdapterRef("alice", "tunemesh://runs/r/sampler/a"), (1, 2, 3), 2,
+                          SamplingSpec(max_tokens=5))
+        await core.compute_logprobs("alice", None, (1, 2, 3, 4))
+        await core.sample("alice", AdapterRef("alice", "tunemesh://runs/r/sampler/b"), (1,), 1, SamplingSpec(max_tokens=4))
         try:
-            await core.sample(AdapterRef("alice", "tunemesh://runs/r/sampler/missing"), (1,), 1,
+            await core.sample("alice", AdapterRef("alice", "tunemesh://runs/r/sampler/missing"), (1,), 1,
                               SamplingSpec(max_tokens=4))
         except NotFoundError:
             pass

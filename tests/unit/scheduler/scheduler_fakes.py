@@ -59,6 +59,8 @@ class FakeTrainer:
         self.batch_error: dict[str, Exception] = {}
         self.item_errors: dict[Any, ItemOutcome] = {}  # payload -> outcome
         self.adapter_error: Exception | None = None
+        self.adapter_hold: asyncio.Event | None = None  # create_adapter waits for it
+        self.adapter_errors: dict[str, Exception] = {}  # run -> create_adapter raises it
         self.short_answer = False
         self.epochs: dict[str, int] = {}  # run -> epoch of its adapter
         self.applied: dict[str, int] = {}  # run -> highest seq_id executed
@@ -75,8 +77,12 @@ class FakeTrainer:
         self.loads: list[tuple[str, str, str, Any, Fence]] = []  # (node, run, tenant, request, fence)
 
     async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora: Any, epoch: int = 0) -> None:
+        if self.adapter_hold is not None:
+            await self.adapter_hold.wait()
         if self.adapter_error is not None:
             raise self.adapter_error
+        if run_name in self.adapter_errors:
+            raise self.adapter_errors[run_name]
         self.adapters.append((node_id, run_name))
         self.epochs[run_name] = epoch
 

@@ -179,3 +179,27 @@ def test_a_run_cannot_queue_unboundedly_far_ahead():
         await mesh.wait_all([await mesh.submit(run, 4)])  # room again once earlier ops are done
 
     asyncio.run(main())
+
+
+def test_a_tenant_over_its_queue_caps_gets_tenant_queue_full_and_others_are_unaffected():
+    async def main():
+        mesh = await make_mesh(max_queued_ops_per_tenant=3, max_queued_tokens_per_tenant=250)
+        mesh.trainer.hold = asyncio.Event()
+        flood = [await mesh.new_run("A") for _ in range(4)]
+        other = await mesh.new_run("B")
+        first = await mesh.submit(flood[0], 1, "A", tokens=100)  # goes out: the trainer holds it
+        await settle()
+        queued = [await mesh.submit(run, 1, "A", tokens=100) for run in flood[1:3]]  # 200 tokens queued
+        with pytest.raises(ResourceExhaustedError) as full:
+            await mesh.submit(flood[3], 1, "A", tokens=100)  # 300 > 250 tokens
+        assert full.value.reason == "TENANT_QUEUE_FULL"
+        small = await mesh.submit(flood[3], 1, "A", tokens=10)  # 210 tokens, 3 ops: fits
+        with pytest.raises(ResourceExhaustedError):
+            await mesh.submit(flood[0], 2, "A", tokens=1)  # a fourth queued op
+        b_op = await mesh.submit(other, 1, "B", tokens=100)  # B's own caps are untouched
+        mesh.trainer.hold.set()
+        await mesh.wait_all([first, *queued, small, b_op])
+        again = await mesh.submit(flood[0], 2, "A", tokens=1)  # the queue drained: room again
+        await mesh.wait_all([again])
+
+    asyncio.run(main())

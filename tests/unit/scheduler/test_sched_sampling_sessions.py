@@ -102,6 +102,27 @@ def test_another_tenant_s_checkpoint_is_not_found():
     assert checkpoints.asked == [("t1", CKPT)]
 
 
+
+def test_a_sampling_session_is_usable_by_its_tenant_while_its_session_is_open():
+    async def main():
+        mesh = await make_mesh()
+        try:
+            session = mesh.core.create_session("t1")
+            record = await mesh.core.create_sampling_session(
+                "t1", session.name, "tiny", "", checkpoints=FakeCheckpoints(), samplers=FakeSamplers())
+            assert mesh.core.get_sampling_session("t1", record.name) is record
+            with pytest.raises(NotFoundError) as other:
+                mesh.core.get_sampling_session("t2", record.name)
+            mesh.core.end_session("t1", session.name)
+            with pytest.raises(FailedPreconditionError) as ended:
+                mesh.core.get_sampling_session("t1", record.name)
+            with pytest.raises(NotFoundError) as other_ended:  # still nothing of t1's for t2
+                mesh.core.get_sampling_session("t2", record.name)
+            return other.value.reason, ended.value.reason, other_ended.value.reason
+        finally:
+            await mesh.core.stop()
+    assert asyncio.run(main()) == ("SAMPLING_SESSION_NOT_FOUND", "SESSION_ENDED", "SAMPLING_SESSION_NOT_FOUND")
+
 def test_every_kind_of_work_names_its_operation_kind():
     assert kind_of(DataWork((), "cross_entropy", {}, backward=False)) is OpKind.FORWARD
     assert kind_of(DataWork((), "cross_entropy", {}, backward=True)) is OpKind.FORWARD_BACKWARD

@@ -153,6 +153,55 @@ def test_a_tenant_cannot_hold_more_runs_than_its_quota():
     asyncio.run(main())
 
 
+def test_concurrent_creates_never_exceed_the_quota():
+    """The quota counts creates in flight: 50 creates held inside their awaits (placement,
+    then the adapter) still make exactly 16 runs, the other 34 fail at once."""
+    async def main():
+        mesh = await make_mesh(max_runs_per_tenant=16)
+        session = mesh.core.create_session("t1")
+        mesh.trainer.adapter_hold = asyncio.Event()
+        tasks = [asyncio.create_task(mesh.core.create_run("t1", session.name, "tiny", {}, f"r{i}"))
+                 for i in range(50)]
+        await settle()
+        assert sum(t.done() for t in tasks) == 34  # refused before placing anything
+        assert len(mesh.placement.placed) == 16
+        mesh.trainer.adapter_hold.set()
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        runs = [r for r in results if not isinstance(r, BaseException)]
+        refused = [r for r in results if isinstance(r, ResourceExhaustedError)]
+        assert (len(runs), len(refused)) == (16, 34)
+        assert {e.reason for e in refused} == {"TENANT_RUN_QUOTA"}
+        assert {e.rpc_code for e in refused} == {Code.RESOURCE_EXHAUSTED}
+        assert len(mesh.core.list_runs("t1", page_size=100)[0]) == 16
+        other = mesh.core.create_session("t2")  # another tenant's quota is its own
+        await mesh.core.create_run("t2", other.name, "tiny", {}, "")
+
+    asyncio.run(main())
+
+
+def test_a_failed_create_gives_its_quota_slot_back():
+    async def main():
+        mesh = await make_mesh(max_runs_per_tenant=2)
+        session = mesh.core.create_session("t1")
+        mesh.trainer.adapter_hold = asyncio.Event()
+        tasks = [asyncio.create_task(mesh.core.create_run("t1", session.name, "tiny", {}, "")) for _ in range(3)]
+        await settle()
+        first_run = mesh.placement.placed[0][0]
+        mesh.trainer.adapter_errors[first_run] = UnavailableError("PEER_UNAVAILABLE", "trainer gone")
+        with pytest.raises(ResourceExhaustedError):  # both slots are reserved while in flight
+            await tasks[2]
+        mesh.trainer.adapter_hold.set()
+        with pytest.raises(UnavailableError):
+            await tasks[0]
+        await tasks[1]
+        await mesh.core.create_run("t1", session.name, "tiny", {}, "")  # the failed create's slot
+        with pytest.raises(ResourceExhaustedError) as info:
+            await mesh.core.create_run("t1", session.name, "tiny", {}, "")
+        assert info.value.reason == "TENANT_RUN_QUOTA"
+
+    asyncio.run(main())
+
+
 def test_deleting_an_idle_run_frees_its_slot_and_quota():
     async def main():
         mesh = await make_mesh(max_runs_per_tenant=1)

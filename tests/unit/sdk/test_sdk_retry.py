@@ -154,3 +154,24 @@ def test_transport_sends_bearer_key_and_retries_the_identical_request():
     anonymous = Transport(channel, None, policy)
     anonymous.call(anonymous.sessions.GetCapabilities, sessions_pb2.GetCapabilitiesRequest())
     assert "authorization" not in channel.calls[-1][2]
+
+
+@pytest.mark.parametrize(("reason", "retried"), [("SAMPLE_ROWS_QUOTA", True), ("TENANT_RUN_QUOTA", False),
+                                                  ("STORAGE_QUOTA", False), ("DISK_FULL", False)])
+def test_quotas_only_the_caller_can_free_are_not_retried(reason, retried):
+    attempts = []
+
+    def attempt(timeout: float):
+        attempts.append(timeout)
+        if len(attempts) == 1:
+            raise FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "over quota", reason)
+        return "ok"
+
+    clock = FakeClock()
+    if retried:
+        assert call_with_retry(attempt, POLICY, sleep=clock.sleep, clock=clock) == "ok"
+        assert len(clock.sleeps) == 1
+    else:
+        with pytest.raises(tunemesh.ResourceExhaustedError) as info:
+            call_with_retry(attempt, POLICY, sleep=clock.sleep, clock=clock)
+        assert info.value.reason == reason and clock.sleeps == []

@@ -180,3 +180,16 @@ def test_a_submit_in_doubt_is_resent_before_the_next_call_so_no_gap_forms(channe
     assert (resent.request_id, resent.seq_id) == (first.request_id, 1)
     assert type(resent).__name__ == "ForwardBackwardRequest"
     assert optim.seq_id == 2
+
+
+def test_unnamed_sampler_weights_are_ephemeral_and_named_ones_are_kept(service, channel):
+    """save_weights_and_get_sampling_client() without a name saves with a 1 h TTL (as
+    Tinker's unnamed sampler weights are ephemeral); a named save keeps no TTL."""
+    trainer = service.create_lora_training_client("m")
+    trainer._sampling_client_for = lambda model_path: model_path  # the sampling client: its path
+    assert trainer.save_weights_and_get_sampling_client() == "tunemesh://runs/r1/sampler/auto-000001"
+    assert trainer.save_weights_and_get_sampling_client("keep") == "tunemesh://runs/r1/sampler/keep"
+    trainer.save_weights_for_sampler().result(timeout=5)  # the plain save is unchanged: no TTL
+    saves = channel.requests("SaveWeightsForSampler")
+    assert [(r.name, r.ttl_seconds) for r in saves] == [("", 3600), ("keep", 0), ("", 0)]
+    assert tunemesh.training_client.EPHEMERAL_SAMPLER_TTL_S == 3600

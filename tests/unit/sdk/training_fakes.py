@@ -55,6 +55,7 @@ class FakeMesh:
             "ForwardBackward": self.submit(training_pb2.ForwardBackwardResponse),
             "Forward": self.submit(training_pb2.ForwardResponse),
             "OptimStep": self.submit(training_pb2.OptimStepResponse),
+            "SaveWeightsForSampler": self.submit(training_pb2.SaveWeightsForSamplerResponse),
             "WaitOperation": self.wait,
         }
 
@@ -117,6 +118,9 @@ class FakeMesh:
         op.done = True
         if isinstance(request, training_pb2.OptimStepRequest):
             op.optim_step.metrics["seq:max"] = request.seq_id
+        elif isinstance(request, training_pb2.SaveWeightsForSamplerRequest):
+            name = request.name or f"auto-{request.seq_id:06d}"
+            op.save_checkpoint.checkpoint.path = f"tunemesh://{request.run}/sampler/{name}"
         elif request.loss_fn == "nan":
             op.error.code, op.error.reason, op.error.message = 3, "NON_FINITE_LOSS", "nan"
         else:

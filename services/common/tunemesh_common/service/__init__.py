@@ -1,1 +1,1 @@
-"""What every service process shares: the gRPC interceptors, channels and auth (`rpc`), the service host (`host`), settings (`settings`) and the Prometheus pieces every service's metrics are built from (`metrics`)."""
+"""What every service process shares: the gRPC interceptors, channels and auth (`rpc`), API keys (`api_keys`, failed attempts throttled by `throttle`), the service host (`host`), settings (`settings`) and the Prometheus pieces every service's metrics are built from (`metrics`)."""

@@ -10,10 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import json
+import inspect
 import logging
-import pathlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
 
@@ -61,20 +60,14 @@ CHANNEL_OPTIONS = [
 ]
 
 _tenant: contextvars.ContextVar[str] = contextvars.ContextVar("tenant")
-Authenticator = Callable[[Mapping[str, str]], str]
+# (call metadata, caller's peer address) -> tenant, or an awaitable of it; raises
+# UnauthenticatedError (or another typed error) to refuse the call.
+Authenticator = Callable[[Mapping[str, str], str], str | Awaitable[str]]
 
 
 def current_tenant() -> str:
     """The tenant the running RPC was authenticated as."""
     return _tenant.get()
-
-
-def api_key_from_metadata(metadata: Mapping[str, str]) -> str:
-    """Read `authorization: Bearer KEY` or `x-api-key: KEY`."""
-    auth = metadata.get("authorization", "")
-    if auth.lower().startswith("bearer "):
-        return auth[7:].strip()
-    return metadata.get("x-api-key", "").strip()
 
 
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
@@ -98,9 +91,10 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return _rewrap(handler, lambda inner: self._guard_unary(inner, method, needs_auth),
                        None if method.startswith("/grpc.") else lambda inner: self._guard_stream(inner, method, needs_auth))
 
-    def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
+    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
         metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        _tenant.set(self._authenticator(metadata))
+        tenant = self._authenticator(metadata, context.peer() or "")
+        _tenant.set(await tenant if inspect.isawaitable(tenant) else tenant)
 
     def _guard_unary(self, inner, method: str, needs_auth: bool):
         """A unary-response handler (request or request stream in) with errors mapped."""
@@ -108,7 +102,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def guarded(request, context: grpc.aio.ServicerContext):
             async with _errors_mapped(context, method):
                 if needs_auth:
-                    self._authenticate(context)
+                    await self._authenticate(context)
                 return await inner(request, context)
 
         return guarded
@@ -119,7 +113,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def guarded(request, context: grpc.aio.ServicerContext):
             async with _errors_mapped(context, method):
                 if needs_auth:
-                    self._authenticate(context)
+                    await self._authenticate(context)
                 async for response in inner(request, context):
                     yield response
 
@@ -224,7 +218,7 @@ _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 TENANT_KEY = "tunemesh-tenant"
 
 
-def trusted_tenant(metadata: Mapping[str, str]) -> str:
+def trusted_tenant(metadata: Mapping[str, str], peer: str = "") -> str:
     """Authenticator of internal services: the calling mesh service names the tenant in
     `tunemesh-tenant` (the scheduler has authenticated it). Only mesh services may
     reach a service that uses this (network policy)."""
@@ -232,28 +226,6 @@ def trusted_tenant(metadata: Mapping[str, str]) -> str:
     if not tenant:
         raise UnauthenticatedError("MISSING_TENANT", f"internal call without `{TENANT_KEY}` metadata")
     return tenant
-
-
-class KeyFileAuthenticator:
-    """API keys -> tenants, from a JSON object `{"key": "tenant", ...}`."""
-
-    def __init__(self, keys: Mapping[str, str]) -> None:
-        if not keys:
-            raise ValueError("no API keys configured")
-        self._keys = dict(keys)
-
-    @classmethod
-    def from_file(cls, path: pathlib.Path) -> "KeyFileAuthenticator":
-        return cls(json.loads(path.read_text()))
-
-    def __call__(self, metadata: Mapping[str, str]) -> str:
-        key = api_key_from_metadata(metadata)
-        if not key:
-            raise UnauthenticatedError("MISSING_API_KEY", "send `authorization: Bearer <api key>`")
-        tenant = self._keys.get(key)
-        if tenant is None:
-            raise UnauthenticatedError("INVALID_API_KEY", "the API key is not valid")
-        return tenant
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

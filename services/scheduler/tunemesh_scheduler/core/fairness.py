@@ -1,15 +1,27 @@
-"""Fair selection of a node's ready operations into one fused batch.
+"""Fair selection of a node's ready operations into one fused batch: deficit round robin
+by tokens across tenants, then round robin across a tenant's runs.
 
 Ready operations are grouped by tenant, then by run (a run has at most one ready
-operation). A batch is filled in rounds: each round takes the next ready run of every
-tenant, in the current tenant order, until the token budget is spent. The tenant that
-picked first moves to the back afterwards, so the first pick rotates and no tenant can
-starve another by flooding runs. Runs that were skipped keep their place.
+operation). A batch is filled in rounds. In each round every tenant with ready work gets
+one quantum of tokens added to its deficit (the quantum is the largest ready operation's
+token count, so every tenant can send at least one operation a round) and sends
+operations while they fit its deficit and the batch's token budget; the first operation
+of a batch always goes, even when larger than the budget on its own. Unused deficit
+carries over to the next batch while the tenant keeps ready work, and is dropped when it
+has none left.
+
+Rounds go on only while every *contending* tenant still has ready work: a tenant with
+nothing left, or one the caller names as contending that has nothing ready (it was just
+served and its next operation is on its way), ends the batch after the current round.
+So a tenant alone fills the batch up to the budget, while a tenant that floods many runs
+gets no more than its quantum per round when another tenant is active: its number of
+runs buys it nothing, and the other tenant never waits behind more than one batch. The
+tenant that picked first moves to the back afterwards, so the first pick rotates.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection
 
 from tunemesh_scheduler.core.records import OperationRecord
 
@@ -19,6 +31,7 @@ class FairQueue:
 
     def __init__(self) -> None:
         self._tenants: dict[str, dict[str, OperationRecord]] = {}
+        self._deficit: dict[str, int] = {}  # tenant -> tokens it may still send
         self._size = 0
 
     def __len__(self) -> int:
@@ -42,36 +55,60 @@ class FairQueue:
     def depth_by_tenant(self) -> dict[str, int]:
         return {tenant: len(runs) for tenant, runs in self._tenants.items()}
 
-    def take(self, token_budget: int) -> list[OperationRecord]:
-        """Remove and return the next batch: total num_tokens <= token_budget, except
-        that the first operation is always taken even when larger on its own."""
-        chosen: list[OperationRecord] = []
-        tokens = 0
-        first_tenant = next(iter(self._tenants), None)
-        for op in self._fair_order():
+    def take(self, token_budget: int, contending: Collection[str] = ()) -> list[OperationRecord]:
+        """Remove and return the next batch: total num_tokens <= token_budget, except that
+        the first operation is always taken even when larger on its own. `contending`:
+        tenants active on this node besides those with ready work (recently served)."""
+        if not self._tenants:
+            return []
+        first_tenant = next(iter(self._tenants))
+        idle_contenders = set(contending) - set(self._tenants)
+        if len(self._tenants) == 1 and not idle_contenders:
+            chosen = self._fill(first_tenant, token_budget)
+        else:
+            chosen = self._rounds(token_budget, stop_after_one=bool(idle_contenders))
+        for op in chosen:
+            self._remove(op)
+        for tenant in [t for t in self._deficit if t not in self._tenants]:
+            del self._deficit[tenant]  # no ready work left: its deficit does not carry
+        if first_tenant in self._tenants:
+            self._tenants[first_tenant] = self._tenants.pop(first_tenant)
+        return chosen
+
+    def _fill(self, tenant: str, token_budget: int) -> list[OperationRecord]:
+        """A tenant alone: its operations up to the budget."""
+        chosen, tokens = [], 0
+        for op in self._tenants[tenant].values():
             if chosen and tokens + op.num_tokens > token_budget:
                 continue
             chosen.append(op)
             tokens += op.num_tokens
             if tokens >= token_budget:
                 break
-        for op in chosen:
-            self._remove(op)
-        if first_tenant in self._tenants:
-            self._tenants[first_tenant] = self._tenants.pop(first_tenant)
         return chosen
 
-    def _fair_order(self) -> Iterator[OperationRecord]:
-        """Round-robin over tenants, each round one more run of every tenant."""
-        iterators = [iter(list(runs.values())) for runs in self._tenants.values()]
-        while iterators:
-            alive = []
-            for runs in iterators:
-                op = next(runs, None)
-                if op is not None:
-                    alive.append(runs)
-                    yield op
-            iterators = alive
+    def _rounds(self, token_budget: int, stop_after_one: bool) -> list[OperationRecord]:
+        quantum = max(1, max(op.num_tokens for runs in self._tenants.values() for op in runs.values()))
+        waiting = {tenant: list(runs.values()) for tenant, runs in self._tenants.items()}
+        chosen: list[OperationRecord] = []
+        tokens = 0
+        while True:
+            taken = len(chosen)
+            for tenant, ops in waiting.items():
+                # capped: a tenant whose next operation does not fit the budget keeps
+                # gathering deficit only until it is the first to pick
+                deficit = min(self._deficit.get(tenant, 0) + quantum, token_budget + quantum)
+                for op in list(ops):
+                    fits_budget = not chosen or tokens + op.num_tokens <= token_budget
+                    if op.num_tokens <= deficit and fits_budget:
+                        chosen.append(op)
+                        ops.remove(op)
+                        tokens += op.num_tokens
+                        deficit -= op.num_tokens
+                self._deficit[tenant] = deficit
+            done = stop_after_one or tokens >= token_budget or len(chosen) == taken
+            if done or not all(waiting.values()):
+                return chosen
 
     def _remove(self, op: OperationRecord) -> None:
         runs = self._tenants[op.tenant]

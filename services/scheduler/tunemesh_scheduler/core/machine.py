@@ -59,6 +59,7 @@ class _Node:
     ready_since: float | None = None  # when the merge window of the next batch opened
     backlog: bool = False  # ops were left over from the last batch: no merge window
     in_flight: Batch | None = None
+    served: dict[str, float] = dataclasses.field(default_factory=dict)  # tenant -> when its last op here ended
     singles_running: int = 0
     batches_total: int = 0
     batch_items_total: int = 0
@@ -89,6 +90,7 @@ class SchedulerMachine:
         gap_timeout_s: float = 300.0,
         batch_token_budget: int = 16384,
         batch_wait_s: float = 0.0,
+        fair_share_grace_s: float = 0.1,
         unreachable_retry_s: float = 1.0,
         move_retry_s: float = 2.0,
         session_timeout_s: float = 0.0,
@@ -104,6 +106,7 @@ class SchedulerMachine:
         self._gap_timeout_s = gap_timeout_s
         self._token_budget = batch_token_budget
         self._batch_wait_s = batch_wait_s
+        self._fair_share_grace_s = fair_share_grace_s
         self._retry_s = unreachable_retry_s
         self._move_retry_s = move_retry_s
         self._session_timeout_s = session_timeout_s
@@ -196,7 +199,7 @@ class SchedulerMachine:
             if node.in_flight is None and node.ready and (
                 node.backlog or now >= (node.ready_since or now) + self._batch_wait_s
             ):
-                self._actions.append(self._take_batch(node_id, node))
+                self._actions.append(self._take_batch(node_id, node, now))
         actions, self._actions = self._actions, []
         return actions
 
@@ -208,8 +211,11 @@ class SchedulerMachine:
         times += [lane.gap_deadline for lane in self.lanes.values() if lane.gap_deadline is not None]
         return min(times, default=None)
 
-    def _take_batch(self, node_id: str, node: _Node) -> Batch:
-        heads = node.ready.take(self._token_budget)
+    def _take_batch(self, node_id: str, node: _Node, now: float) -> Batch:
+        # a tenant served here moments ago is still active: its next op is on its way, so
+        # another tenant's flood does not fill the batch meanwhile (core/fairness.py)
+        node.served = {t: at for t, at in node.served.items() if now - at <= self._fair_share_grace_s}
+        heads = node.ready.take(self._token_budget, contending=node.served)
         node.ready_since = None
         # A head's run may send its next op along when the trainer applies it right after
         # (an optim_step after a forward op): one trainer round per training step.
@@ -301,7 +307,9 @@ class SchedulerMachine:
             error = OperationError(Code.INTERNAL, "BAD_BATCH_RESPONSE", "trainer answer malformed")
         if error is not None:
             outcomes = [ItemOutcome(error=error)] * len(batch.ops)
+        now = self._clock()
         for op, item, outcome in zip(batch.ops, batch.items, outcomes, strict=True):
+            node.served[op.tenant] = now
             self._finish(op, dataclasses.replace(outcome, epoch=item.fence.epoch))
 
     def complete_single(self, single: Single, outcome: ItemOutcome) -> None:

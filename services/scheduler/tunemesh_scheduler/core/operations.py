@@ -7,7 +7,7 @@ import collections
 from collections.abc import Callable
 from typing import Any
 
-from tunemesh.errors import Code, NotFoundError
+from tunemesh.errors import Code, NotFoundError, ResourceExhaustedError
 from tunemesh_scheduler.metrics import SchedulerMetrics
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationError, OperationRecord, OpKind, OpState
@@ -36,6 +36,7 @@ class OperationStore:
         self._finished: collections.deque[OperationRecord] = collections.deque()  # by end_time
         self.by_state: collections.Counter[str] = collections.Counter()
         self.queued_by_tenant: collections.Counter[str] = collections.Counter()
+        self.queued_tokens_by_tenant: collections.Counter[str] = collections.Counter()
         self.queued_by_node: collections.Counter[str] = collections.Counter()
 
     def __len__(self) -> int:
@@ -101,6 +102,20 @@ class OperationStore:
         if op is None or op.tenant != tenant:
             raise NotFoundError("OPERATION_NOT_FOUND", f"operation {name!r} not found")
         return op
+
+    def check_tenant_room(self, tenant: str, num_tokens: int, max_ops: int, max_tokens: int) -> None:
+        """ResourceExhausted(TENANT_QUEUE_FULL) when one more queued operation of
+        `num_tokens` would take the tenant past `max_ops` queued operations or `max_tokens`
+        queued tokens (0: no cap; an operation alone may be larger than the token cap).
+        Retryable: the SDK backs off until the tenant's queue drains."""
+        ops, tokens = self.queued_by_tenant[tenant], self.queued_tokens_by_tenant[tenant]
+        if max_ops and ops >= max_ops:
+            raise ResourceExhaustedError(
+                "TENANT_QUEUE_FULL", f"tenant {tenant!r} has {ops} operations queued, the most it may have")
+        if max_tokens and tokens and tokens + num_tokens > max_tokens:
+            raise ResourceExhaustedError(
+                "TENANT_QUEUE_FULL",
+                f"tenant {tenant!r} has {tokens} tokens queued; {num_tokens} more would pass its {max_tokens}")
 
     def unfinished(self) -> list[OperationRecord]:
         """Operations not yet done (for shutdown)."""
@@ -186,4 +201,5 @@ class OperationStore:
         self.by_state[op.state.value] += delta
         if op.state is OpState.QUEUED:
             self.queued_by_tenant[op.tenant] += delta
+            self.queued_tokens_by_tenant[op.tenant] += delta * op.num_tokens
             self.queued_by_node[op.node_id] += delta

@@ -46,6 +46,9 @@ class RunRegistry:
         self._new_id = new_id
         self._runs: dict[str, RunRecord] = {}
         self._by_tenant: dict[str, list[str]] = {}
+        # tenant -> creates past the quota check and not yet registered or failed: they
+        # hold a quota slot, so concurrent creates cannot all pass the check at once
+        self._creating: dict[str, int] = {}
         # (tenant, request_id) -> (payload key, future of the run being created)
         self._requests: dict[tuple[str, str], tuple[tuple, asyncio.Future[RunRecord]]] = {}
 
@@ -86,11 +89,29 @@ class RunRegistry:
     async def _place_and_create(
         self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None, request_id: str
     ) -> RunRecord:
+        self._reserve_slot(tenant)
+        try:
+            return await self._place_and_create_reserved(tenant, session, base_model, lora, prepare, request_id)
+        finally:
+            self._creating[tenant] -= 1  # a created run now counts in _by_tenant instead
+            if not self._creating[tenant]:
+                del self._creating[tenant]
+
+    def _reserve_slot(self, tenant: str) -> None:
+        """Count the create against the tenant's quota now, before any await, or raise
+        ResourceExhaustedError(TENANT_RUN_QUOTA)."""
         held = len(self._by_tenant.get(tenant, ()))
-        if self._max_runs_per_tenant and held >= self._max_runs_per_tenant:
+        creating = self._creating.get(tenant, 0)
+        if self._max_runs_per_tenant and held + creating >= self._max_runs_per_tenant:
             raise ResourceExhaustedError(
-                "TENANT_RUN_QUOTA", f"tenant already holds {held} runs (the quota is {self._max_runs_per_tenant})"
+                "TENANT_RUN_QUOTA",
+                f"tenant holds {held} runs and is creating {creating} (the quota is {self._max_runs_per_tenant})",
             )
+        self._creating[tenant] = creating + 1
+
+    async def _place_and_create_reserved(
+        self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None, request_id: str
+    ) -> RunRecord:
         name = f"runs/{self._new_id()}"
         node_id = await self._placement.place(name, base_model)
         record = RunRecord(

@@ -53,7 +53,7 @@ from tunemesh_scheduler.core.work import LoadRequest, SaveRequest, Work
 log = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
     """Tuning knobs of the core (a slice of the scheduler's settings)."""
 
@@ -63,11 +63,18 @@ class SchedulerConfig:
     batch_token_budget: int = 16384
     # Merge window before each batch; 0 = dispatch as soon as the loop is free.
     batch_wait_s: float = 0.0
+    # A tenant whose operation ended on a node this recently still counts as active there:
+    # another tenant's flood gets one fair quantum per batch meanwhile (core/fairness.py).
+    fair_share_grace_s: float = 0.1
     # Most operations a run may have beyond its last finished seq_id (bounds memory).
     max_ops_ahead: int = 1024
     # Finished operations are forgotten this long after they end (GetOperation then
     # answers NOT_FOUND; a retry of their seq_id answers SEQ_ID_PASSED).
     finished_ttl_s: float = 3600.0
+    # Most operations / tokens one tenant may have queued (not yet sent to a trainer), so
+    # no tenant can fill the scheduler's memory; 0: no cap. Over it: TENANT_QUEUE_FULL.
+    max_queued_ops_per_tenant: int = 0
+    max_queued_tokens_per_tenant: int = 0
     # Most runs one tenant may hold, so no tenant can take every adapter slot; 0: none.
     max_runs_per_tenant: int = 0
     # Longest wait for the state store before a create answers UNAVAILABLE.
@@ -128,7 +135,8 @@ class SchedulerCore:
         self.machine = SchedulerMachine(
             self.operations, self.sessions, clock=clock, note=note,
             gap_timeout_s=config.gap_timeout_s, batch_token_budget=config.batch_token_budget,
-            batch_wait_s=config.batch_wait_s, unreachable_retry_s=config.unreachable_retry_s,
+            batch_wait_s=config.batch_wait_s, fair_share_grace_s=config.fair_share_grace_s,
+            unreachable_retry_s=config.unreachable_retry_s,
             move_retry_s=move_retry_s, session_timeout_s=config.session_timeout_s,
             finished_ttl_s=config.finished_ttl_s,
             snapshots=SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s,
@@ -301,6 +309,13 @@ class SchedulerCore:
         await self.sync()
         return record
 
+    def get_sampling_session(self, tenant: str, name: str) -> SamplingSessionRecord:
+        """The tenant's sampling session while its client session is open: an ended
+        session's sampling sessions answer SESSION_ENDED, as its runs do."""
+        record = self.sampling.get(tenant, name)
+        self.sessions.get_open(tenant, record.session)
+        return record
+
     def create_session(self, tenant: str, labels: dict[str, str] | None = None) -> SessionRecord:
         return self.sessions.create(tenant, labels)
 
@@ -415,6 +430,8 @@ class SchedulerCore:
                 f"seq_id {seq_id} is more than {self._config.max_ops_ahead} ahead of the run's "
                 f"last finished seq_id {record.last_seq_id}",
             )
+        self.operations.check_tenant_room(tenant, num_tokens, self._config.max_queued_ops_per_tenant,
+                                          self._config.max_queued_tokens_per_tenant)
         op = self.operations.create(
             tenant=tenant, run=run, seq_id=seq_id, kind=kind, request_id=request_id,
             payload=payload, payload_digest=payload_digest, num_tokens=num_tokens,
