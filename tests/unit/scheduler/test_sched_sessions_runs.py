@@ -227,3 +227,20 @@ def test_deleting_an_idle_run_frees_its_slot_and_quota():
         await mesh.core.create_run("t1", session.name, "tiny", {}, "")  # the quota is free again
 
     asyncio.run(main())
+
+
+@pytest.mark.parametrize("labels", [
+    {f"k{i}": "v" for i in range(33)},
+    {"k" * 257: "v"},
+    {"k": "v" * 257},
+    {"": "v"},
+])
+def test_session_labels_are_bounded(labels):
+    from tunemesh.errors import InvalidArgumentError
+    from tunemesh_scheduler.core.sessions import SessionRegistry
+
+    registry = SessionRegistry(lambda: 0.0, lambda: "s1")
+    with pytest.raises(InvalidArgumentError) as caught:
+        registry.create("t1", labels)
+    assert caught.value.reason == "BAD_LABELS" and len(registry) == 0
+    assert registry.create("t1", {f"k{i}": "v" * 256 for i in range(32)}).labels["k0"] == "v" * 256

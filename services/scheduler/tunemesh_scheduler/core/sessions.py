@@ -4,9 +4,24 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from tunemesh.errors import FailedPreconditionError, NotFoundError
+from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, NotFoundError
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import SessionRecord
+
+
+MAX_LABELS = 32  # labels per session
+MAX_LABEL_BYTES = 256  # of a label's key, and of its value (UTF-8)
+
+
+def check_labels(labels: dict[str, str]) -> None:
+    """InvalidArgument(BAD_LABELS) unless `labels` is small: every session is kept in memory
+    and journaled, so one tenant's labels must not grow the scheduler without bound."""
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgumentError("BAD_LABELS", f"{len(labels)} labels; a session takes at most {MAX_LABELS}")
+    for key, value in labels.items():
+        if not key or len(key.encode()) > MAX_LABEL_BYTES or len(value.encode()) > MAX_LABEL_BYTES:
+            raise InvalidArgumentError(
+                "BAD_LABELS", f"label {key[:32]!r}: keys must be 1 to {MAX_LABEL_BYTES} bytes, values at most that")
 
 
 class SessionRegistry:
@@ -23,7 +38,8 @@ class SessionRegistry:
         return len(self._sessions)
 
     def create(self, tenant: str, labels: dict[str, str] | None = None) -> SessionRecord:
-        """Open a new session for `tenant`."""
+        """Open a new session for `tenant`; its labels must pass `check_labels`."""
+        check_labels(labels or {})
         now = self._clock()
         record = SessionRecord(
             name=f"sessions/{self._new_id()}",
