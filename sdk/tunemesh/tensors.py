@@ -2,8 +2,10 @@
 
 The one tensor codec of the wire: the SDK and every service encode and decode with it.
 Decoding checks what arrives and refuses it as INVALID_ARGUMENT [BAD_TENSOR], naming the
-tensor: a dtype outside float32 / int64 / int32 / bfloat16, a negative dimension, or bytes
-that are not exactly the elements the shape needs.
+tensor: a dtype outside float32 / int64 / int32 / bfloat16, a negative dimension, more
+than MAX_DIMS dimensions, a shape whose non-zero dimensions multiply past MAX_ELEMENTS
+(even with a zero dimension, so holding no element), or bytes that are not exactly the
+elements the shape needs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from tunemesh.errors import InvalidArgumentError
 from tunemesh.v1 import types_pb2
 
 BAD_TENSOR = "BAD_TENSOR"
+MAX_DIMS = 8  # dimensions of a wire tensor (numpy's own limit is 64)
+MAX_ELEMENTS = 2**31 - 1  # elements a shape may describe, zero dimensions left out (no message holds more)
 
 _NUMPY_BY_DTYPE = {
     types_pb2.DTYPE_FLOAT32: np.dtype("<f4"),
@@ -49,6 +53,11 @@ def decode(tensor: types_pb2.TensorData, *, name: str = "tensor") -> np.ndarray:
     shape = tuple(int(d) for d in tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidArgumentError(BAD_TENSOR, f"{name}: negative dimension in shape {list(shape)}")
+    if len(shape) > MAX_DIMS or math.prod(d for d in shape if d) > MAX_ELEMENTS:
+        raise InvalidArgumentError(
+            BAD_TENSOR, f"{name}: shape {list(shape[:MAX_DIMS + 1])} has more than {MAX_DIMS} dimensions "
+            f"or describes more than {MAX_ELEMENTS} elements"
+        )
     wire = _NUMPY_BY_DTYPE.get(tensor.dtype)
     if wire is None:
         raise InvalidArgumentError(BAD_TENSOR, f"{name}: unsupported dtype {tensor.dtype}")

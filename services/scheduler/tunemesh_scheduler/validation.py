@@ -40,6 +40,13 @@ def input_tokens(model_input: types_pb2.ModelInput) -> np.ndarray:
     return np.concatenate(chunks or [np.zeros(0, dtype=np.int64)])
 
 
+def _token_count(model_input: types_pb2.ModelInput) -> int:
+    """The number of token ids of a model input, from the protobuf lengths (no copy)."""
+    if any(chunk.WhichOneof("chunk") != "encoded_text" for chunk in model_input.chunks):
+        raise InvalidArgumentError(datum_rules.UNSUPPORTED_CHUNK, "only encoded_text chunks are supported")
+    return sum(len(chunk.encoded_text.tokens) for chunk in model_input.chunks)
+
+
 def check_loss(loss_fn: str, config) -> dict[str, float]:
     """The loss exists and its config is valid; returns the config with defaults."""
     values = {k: (v.number if v.WhichOneof("kind") == "number" else v.text) for k, v in config.items()}
@@ -61,13 +68,35 @@ def check_data(data, loss_fn: str, model: sessions_pb2.SupportedModel, limits: L
 
 
 def _check_datum(index: int, datum: types_pb2.Datum, loss_fn: str, model: sessions_pb2.SupportedModel) -> int:
+    """Sizes first, from the protobuf lengths (token count, each input's shape), so nothing
+    oversized is copied or decoded; then the decoded datum against the datum rules."""
     where = f"data[{index}]"
+    n = datum_rules.check_token_count(_token_count(datum.model_input), max_seq_len=model.max_seq_len,
+                                      where=f"{where}.model_input")
+    for key, tensor in datum.loss_fn_inputs.items():
+        datum_rules.check_input_shape(tensor.shape, n, f"{where}.loss_fn_inputs[{key!r}]")
     inputs = {key: tensors.decode(tensor, name=f"{where}.loss_fn_inputs[{key!r}]")
               for key, tensor in datum.loss_fn_inputs.items()}
     return datum_rules.check_datum(
         input_tokens(datum.model_input), inputs, loss_specs.spec_of(loss_fn),
         vocab_size=model.vocab_size, max_seq_len=model.max_seq_len, where=where,
     )
+
+
+MAX_DURATION_S = 315_576_000_000  # google.protobuf.Duration's range: +-10,000 years
+
+
+def duration_seconds(duration, field: str) -> float:
+    """A google.protobuf.Duration in seconds, checked against its documented range (seconds
+    within +-MAX_DURATION_S, nanos within +-999,999,999 and of the same sign) from the raw
+    fields, so no value overflows a conversion (InvalidArgumentError [BAD_DURATION])."""
+    seconds, nanos = duration.seconds, duration.nanos
+    if abs(seconds) > MAX_DURATION_S or abs(nanos) > 999_999_999 or seconds * nanos < 0:
+        raise InvalidArgumentError(
+            "BAD_DURATION", f"{field} = {seconds}s {nanos}ns is not a valid Duration (|seconds| <= {MAX_DURATION_S}, "
+            "|nanos| < 1e9, both of one sign)"
+        )
+    return seconds + nanos / 1e9
 
 
 def check_adam(params: types_pb2.AdamParams) -> None:

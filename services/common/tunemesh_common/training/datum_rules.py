@@ -17,7 +17,7 @@ A datum is `tokens` (what the model reads) and named loss inputs (`target_tokens
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -70,12 +70,18 @@ def check_tokens(tokens: np.ndarray, *, vocab_size: int, max_seq_len: int, where
         raise InvalidArgumentError(BAD_DTYPE, f"{where}: token ids must be integers, got {tokens.dtype}")
     if tokens.ndim != 1:
         raise InvalidArgumentError(SHAPE_MISMATCH, f"{where}: token ids must be 1-D, got shape {list(tokens.shape)}")
-    n = tokens.shape[0]
+    n = check_token_count(tokens.shape[0], max_seq_len=max_seq_len, where=where)
+    check_token_ids(tokens, vocab_size, where)
+    return n
+
+
+def check_token_count(n: int, *, max_seq_len: int, where: str) -> int:
+    """A model input's token count lies in [1, max_seq_len] (checkable from the protobuf
+    lengths, before any token is copied)."""
     if n == 0:
         raise InvalidArgumentError(EMPTY_INPUT, f"{where} has no tokens")
     if n > max_seq_len:
         raise InvalidArgumentError(SEQUENCE_TOO_LONG, f"{where}: {n} tokens exceed the model's {max_seq_len}")
-    check_token_ids(tokens, vocab_size, where)
     return n
 
 
@@ -102,15 +108,21 @@ def _check_inputs(inputs: Mapping[str, np.ndarray], n: int, vocab_size: int, whe
             )
 
 
+def check_input_shape(shape: Sequence[int], n: int, where: str) -> None:
+    """A loss input's shape is (n,) or (n, K) with K in [1, MAX_TARGETS_PER_POSITION]
+    (checkable from a wire tensor's shape, before its bytes are decoded)."""
+    if len(shape) not in (1, 2) or shape[0] != n:
+        raise InvalidArgumentError(
+            SHAPE_MISMATCH, f"{where}: shape {list(shape)[:3]} must be ({n},) or ({n}, K) to match model_input"
+        )
+    if len(shape) == 2 and not 1 <= shape[1] <= MAX_TARGETS_PER_POSITION:
+        raise InvalidArgumentError(
+            TOO_MANY_TARGETS, f"{where}: K = {shape[1]} must lie in [1, {MAX_TARGETS_PER_POSITION}]"
+        )
+
+
 def _check_input(array: np.ndarray, key: str, n: int, vocab_size: int, where: str) -> tuple[int, ...]:
-    if array.ndim not in (1, 2) or array.shape[0] != n:
-        raise InvalidArgumentError(
-            SHAPE_MISMATCH, f"{where}: shape {list(array.shape)} must be ({n},) or ({n}, K) to match model_input"
-        )
-    if array.ndim == 2 and not 1 <= array.shape[1] <= MAX_TARGETS_PER_POSITION:
-        raise InvalidArgumentError(
-            TOO_MANY_TARGETS, f"{where}: K = {array.shape[1]} must lie in [1, {MAX_TARGETS_PER_POSITION}]"
-        )
+    check_input_shape(array.shape, n, where)
     if key in INTEGER_INPUTS:
         if array.dtype.kind not in "iu":
             raise InvalidArgumentError(BAD_DTYPE, f"{where}: must be an integer tensor, got {array.dtype}")
