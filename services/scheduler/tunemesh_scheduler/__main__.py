@@ -81,7 +81,8 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
     authenticator = build_authenticator(s)
     scheduler_metrics = SchedulerMetrics(prometheus_client.REGISTRY)
     config = HostConfig("scheduler", s.listen, s.metrics_listen, ready_file=s.ready_file,
-                        authenticator=authenticator, registry=scheduler_metrics.registry)
+                        authenticator=authenticator, registry=scheduler_metrics.registry,
+                        max_receive_bytes=s.max_request_bytes)
     async with ServiceHost(config) as host:
         parts = await _build(s, host, scheduler_metrics)
         host.write_ready(s.listen, role="standby")

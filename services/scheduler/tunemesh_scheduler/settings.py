@@ -37,6 +37,9 @@ class SchedulerSettings(settings.ServiceSettings):
     fair_share_grace_ms: int = Field(100, ge=0, description=(
         "a tenant whose operation ended on a trainer this recently still counts as active there: another "
         "tenant's flood gets one fair share per batch meanwhile, in ms (0: only tenants with ready work count)"))
+    max_request_bytes: int = Field(64 << 20, ge=1 << 20, description=(
+        "largest request message, in bytes: gRPC refuses a larger one from its length prefix, before buffering "
+        "or decoding it (RESOURCE_EXHAUSTED; the SDK reports INVALID_ARGUMENT REQUEST_TOO_LARGE)"))
     max_datums: int = Field(1024, ge=1, description="most datums per request")
     max_tokens: int = Field(262144, ge=1, description="most tokens per request")
     gap_timeout_s: int = Field(300, ge=1, description="a run waiting this long on a missing seq_id fails its queue")

@@ -231,3 +231,25 @@ def test_wait_returns_the_event_that_fired(tmp_path: Path) -> None:
         return woke is lost, host.metrics_url, json.loads((tmp_path / "ready.json").read_text())["metrics_url"]
 
     assert asyncio.run(scenario()) == (True, "", "")
+
+
+def test_a_request_over_the_hosts_limit_is_refused_and_the_next_call_succeeds(tmp_path):
+    """`max_receive_bytes`: gRPC refuses the oversized request from its length prefix;
+    the SDK reads that as INVALID_ARGUMENT [REQUEST_TOO_LARGE]; the channel stays usable."""
+    from tunemesh.errors import InvalidArgumentError, error_from_rpc
+
+    async def main():
+        async with ServiceHost(_config(tmp_path, max_receive_bytes=1 << 20, handle_signals=False)) as host:
+            host.add_servicer(_add_probe, None, SERVICE)
+            await host.serve()
+            options = [("grpc.max_send_message_length", 4 << 20)]
+            async with grpc.aio.insecure_channel(host.address, options=options) as channel:
+                echo = channel.unary_unary(f"/{SERVICE}/Echo")
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await echo(bytes(2 << 20), timeout=10)
+                assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+                error = error_from_rpc(refused.value)
+                assert isinstance(error, InvalidArgumentError) and error.reason == "REQUEST_TOO_LARGE"
+                assert await echo(b"small", timeout=10) == b"small"
+
+    asyncio.run(main())

@@ -45,7 +45,9 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
 from tunemesh_common.service import metrics
-from tunemesh_common.service.rpc import SERVER_OPTIONS, Authenticator, ErrorInterceptor, MetricsInterceptor
+from tunemesh_common.service.rpc import (
+    MAX_MESSAGE_BYTES, SERVER_OPTIONS, Authenticator, ErrorInterceptor, MetricsInterceptor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +55,20 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 def build_server(
-    authenticator: Authenticator | None = None, rpc_metrics: metrics.RpcMetrics | None = None
+    authenticator: Authenticator | None = None, rpc_metrics: metrics.RpcMetrics | None = None,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with the error/auth interceptor (inside the metrics interceptor
     when `rpc_metrics` is given) and a health servicer (grpc's default: "" SERVING, other
-    services unknown; `ServiceHost.start` sets them NOT_SERVING)."""
+    services unknown; `ServiceHost.start` sets them NOT_SERVING). A request over
+    `max_receive_bytes` is refused by gRPC from its length prefix (RESOURCE_EXHAUSTED),
+    before it is buffered or decoded."""
     interceptors = [ErrorInterceptor(authenticator)]
     if rpc_metrics is not None:
         interceptors.insert(0, MetricsInterceptor(rpc_metrics))  # the first one is the outermost
-    server = grpc.aio.server(interceptors=interceptors, options=SERVER_OPTIONS)
+    options = [o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"]
+    options.append(("grpc.max_receive_message_length", max_receive_bytes))
+    server = grpc.aio.server(interceptors=interceptors, options=options)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     return server, health_servicer
@@ -115,6 +122,7 @@ class HostConfig:
     authenticator: Authenticator | None = None  # resolves each call's tenant; None: none
     registry: CollectorRegistry = prometheus_client.REGISTRY  # served on /metrics, RPC metrics recorded in it
     grace_s: float = 2.0  # calls in flight at shutdown get this long to finish
+    max_receive_bytes: int = MAX_MESSAGE_BYTES  # largest request message accepted
     handle_signals: bool = True  # SIGTERM / SIGINT stop the host (main thread only)
 
 
@@ -145,7 +153,8 @@ class ServiceHost:
                 self.metrics_url = endpoint.url
             await stack.enter_async_context(self._resources)
             self.server, self.health = build_server(
-                self.config.authenticator, metrics.RpcMetrics(self.config.service, self.config.registry))
+                self.config.authenticator, metrics.RpcMetrics(self.config.service, self.config.registry),
+                self.config.max_receive_bytes)
             stack.push_async_callback(self._stop_server)
             self._stack = stack.pop_all()
         if self.config.handle_signals:
