@@ -89,11 +89,7 @@ def call_with_retry(
         try:
             return attempt(max(0.001, min(policy.attempt_timeout_s, remaining)))
         except grpc.RpcError as err:
-            error = error_from_rpc(err)
-        delay = policy.backoff(retries)
-        if not _retryable(error, policy) or clock() + delay >= deadline:
-            raise error
-        logger.info("%s failed with %s; retry %d in %.2fs", what, error, retries + 1, delay)
+            delay = _delay_before_retry(err, policy, retries, deadline - clock(), what)
         sleep(delay)
         retries += 1
 
@@ -113,13 +109,20 @@ async def call_with_retry_async(
         try:
             return await attempt(max(0.001, min(policy.attempt_timeout_s, remaining)))
         except grpc.RpcError as err:
-            error = error_from_rpc(err)
-        delay = policy.backoff(retries)
-        if not _retryable(error, policy) or clock() + delay >= deadline:
-            raise error
-        logger.info("%s failed with %s; retry %d in %.2fs", what, error, retries + 1, delay)
+            delay = _delay_before_retry(err, policy, retries, deadline - clock(), what)
         await asyncio.sleep(delay)
         retries += 1
+
+
+def _delay_before_retry(err: grpc.RpcError, policy: RetryPolicy, retries: int, time_left: float, what: str) -> float:
+    """How long to wait before retry number `retries + 1` of a failed attempt; raises the
+    typed error when it is final or the next try would start past the deadline."""
+    error = error_from_rpc(err)
+    delay = policy.backoff(retries)
+    if not _retryable(error, policy) or delay >= time_left:
+        raise error from None
+    logger.info("%s failed with %s; retry %d in %.2fs", what, error, retries + 1, delay)
+    return delay
 
 
 def _retryable(error, policy: RetryPolicy) -> bool:
