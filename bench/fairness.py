@@ -149,6 +149,7 @@ def summarize(rounds: dict[str, list[float]], batch_s: list[float], shares: dict
     bound_ms = p99["solo"] + 1.5 * full_batch_ms
     return {
         "b_calls_counted": {k: len(v) for k, v in rounds.items()},
+        "b_slowest_ms": {k: sorted((round(x * 1e3, 1) for x in v), reverse=True)[:5] for k, v in rounds.items()},
         "b_p50_ms": p50, "b_p99_ms": p99, "full_batch_ms_median": full_batch_ms,
         "a_runs_ratio": p50["flood_8_runs"] / p50["flood_1_run"],
         "b_p99_bound_ms": bound_ms, "b_p99_within_bound": p99["flood_8_runs"] <= bound_ms,
