@@ -4,7 +4,7 @@
     python bench/fairness.py --json bench/results/fairness.json
 
 A mesh (etcd, scheduler, one trainer) runs on loopback through the launcher; A and B are
-two tenants (two API keys). B sends one small forward_backward at a time (1 x 32 tokens)
+two tenants (two API keys), A in a process of its own. B sends one small forward_backward at a time (1 x 32 tokens)
 and times each; A floods forward_backward operations of 4 x 64 tokens. Measured in one
 run, as ratios (the aims of issue 15, item 2):
 
@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_bounds import SchedulerFlagsMesh  # noqa: E402
 from train_throughput import BenchMesh, log, sdk_datums, token_rows, write_json  # noqa: E402
 
 TINY = "tunemesh/tiny-dense"
@@ -56,10 +57,10 @@ def token_shares(done_at: dict[str, list[float]], tokens_per_op: dict[str, int])
 class Tenant:
     """One tenant's client and runs."""
 
-    def __init__(self, mesh: BenchMesh, index: int, runs: int, vocab: int, shape: tuple[int, int]) -> None:
+    def __init__(self, address: str, key: str, index: int, runs: int, vocab: int, shape: tuple[int, int]) -> None:
         import tunemesh
 
-        self.client = tunemesh.ServiceClient(mesh.address, api_key=mesh.keys[index])
+        self.client = tunemesh.ServiceClient(address, api_key=key)
         self.runs = [self.client.create_lora_training_client(TINY, rank=8, seed=i) for i in range(runs)]
         self.datums = sdk_datums(token_rows(vocab, shape[0], shape[1], seed=index))
         self.tokens = shape[0] * shape[1]
@@ -73,19 +74,94 @@ class Tenant:
         self.client.close()
 
 
-def b_latencies(b: Tenant, calls: int, flood: list | None) -> list[float]:
+class Flood:
+    """A's flood running in A's process: `done()` once every operation ended."""
+
+    def __init__(self, conn) -> None:
+        self._conn, self._done = conn, False
+
+    def done(self) -> bool:
+        if not self._done and self._conn.poll():
+            self._done = self._conn.recv() == "done"
+        return self._done
+
+    def wait(self) -> None:
+        while not self._done:
+            self._done = self._conn.recv() == "done"
+
+
+class RemoteTenant:
+    """Tenant A in its own process, as a real tenant is: its SDK's work (building and
+    submitting hundreds of calls) shares no interpreter with B's timing loop."""
+
+    def __init__(self, address: str, key: str, vocab: int) -> None:
+        import multiprocessing
+
+        self._conn, child = multiprocessing.Pipe()
+        context = multiprocessing.get_context("spawn")
+        self._process = context.Process(target=_tenant_a, args=(child, address, key, vocab), daemon=True)
+        self._process.start()
+        self.tokens = self._conn.recv()  # ready: its runs exist
+
+    def flood(self, ops: int, runs: int) -> Flood:
+        self._conn.send(("flood", ops, runs))
+        assert self._conn.recv() == "submitted"
+        return Flood(self._conn)
+
+    def full_batch_seconds(self, repeats: int) -> list[float]:
+        self._conn.send(("batch", repeats))
+        return self._conn.recv()
+
+    def flood_stamped(self, ops_per_run: int) -> list[float]:
+        """Start a flood on every run; returns a handle whose `.stamps()` are the
+        monotonic times its operations ended."""
+        self._conn.send(("stamped", ops_per_run))
+        assert self._conn.recv() == "submitted"
+        return self._conn
+
+    def close(self) -> None:
+        self._conn.send(("stop",))
+        self._process.join(timeout=30)
+
+
+def _tenant_a(conn, address: str, key: str, vocab: int) -> None:
+    a = Tenant(address, key, 0, 8, vocab, A_SHAPE)
+    conn.send(a.tokens)
+    try:
+        while (command := conn.recv())[0] != "stop":
+            if command[0] == "flood":
+                futures = a.flood(command[1], runs=command[2])
+                conn.send("submitted")
+                for future in futures:
+                    future.result(timeout=600)
+                conn.send("done")
+            elif command[0] == "batch":
+                conn.send(full_batch_seconds(a, command[1]))
+            elif command[0] == "stamped":
+                stamps: list[float] = []
+                futures = a.flood(command[1] * len(a.runs))
+                for future in futures:
+                    future.add_done_callback(lambda _f: stamps.append(time.monotonic()))
+                conn.send("submitted")
+                for future in futures:
+                    future.result(timeout=600)
+                conn.send(stamps)
+    finally:
+        a.close()
+
+
+def b_latencies(b: Tenant, calls: int, flood: Flood | None) -> list[float]:
     """B's sequential calls; under a flood, only those that ended while it was pending."""
     seconds = []
     for _ in range(calls):
         began = time.perf_counter()
         b.runs[0].forward_backward(b.datums, "cross_entropy").result(timeout=120)
         elapsed = time.perf_counter() - began
-        if flood is not None and all(f.done() for f in flood):
+        if flood is not None and flood.done():
             break
         seconds.append(elapsed)
     if flood is not None:
-        for future in flood:
-            future.result(timeout=600)
+        flood.wait()
     return seconds
 
 
@@ -100,33 +176,32 @@ def full_batch_seconds(a: Tenant, repeats: int) -> list[float]:
     return seconds
 
 
-def backlogged_shares(a: Tenant, b_flood: Tenant, ops_per_run: int) -> dict[str, float]:
-    done_at: dict[str, list[float]] = {"A": [], "B": []}
+def backlogged_shares(a: RemoteTenant, b_flood: Tenant, ops_per_run: int) -> dict[str, float]:
+    """Both flood at once; the token shares while both were backlogged."""
+    b_stamps: list[float] = []
     lock = threading.Lock()
 
-    def stamp(tenant: str):
-        def record(_future) -> None:
-            with lock:
-                done_at[tenant].append(time.perf_counter())
-        return record
+    def stamp(_future) -> None:
+        with lock:
+            b_stamps.append(time.monotonic())
 
-    futures = []
-    for tenant, who in (("A", a), ("B", b_flood)):
-        for future in who.flood(ops_per_run * len(who.runs)):
-            future.add_done_callback(stamp(tenant))
-            futures.append(future)
+    a_conn = a.flood_stamped(ops_per_run)
+    futures = b_flood.flood(ops_per_run * len(b_flood.runs))
+    for future in futures:
+        future.add_done_callback(stamp)
     for future in futures:
         future.result(timeout=600)
-    return token_shares(done_at, {"A": a.tokens, "B": b_flood.tokens})
+    a_stamps = a_conn.recv()
+    return token_shares({"A": a_stamps, "B": b_stamps}, {"A": a.tokens, "B": b_flood.tokens})
 
 
 def measure(mesh: BenchMesh, vocab: int, args: argparse.Namespace) -> dict:
-    a = Tenant(mesh, 0, 8, vocab, A_SHAPE)
-    b = Tenant(mesh, 1, 1, vocab, B_SHAPE)
-    b_flood = Tenant(mesh, 1, 8, vocab, B_FLOOD_SHAPE)
+    a = RemoteTenant(mesh.address, mesh.keys[0], vocab)
+    b = Tenant(mesh.address, mesh.keys[1], 1, 1, vocab, B_SHAPE)
+    b_flood = Tenant(mesh.address, mesh.keys[1], 1, 8, vocab, B_FLOOD_SHAPE)
     try:
         b_latencies(b, 5, None)  # warm up every path
-        full_batch_seconds(a, 2)
+        a.full_batch_seconds(2)
         rounds: dict[str, list[float]] = {"solo": [], "flood_1_run": [], "flood_8_runs": []}
         batch_s: list[float] = []
         for repeat in range(args.repeats):  # interleaved: load drift hits every case alike
@@ -134,7 +209,7 @@ def measure(mesh: BenchMesh, vocab: int, args: argparse.Namespace) -> dict:
             rounds["solo"] += b_latencies(b, args.b_calls, None)
             rounds["flood_1_run"] += b_latencies(b, args.b_calls, a.flood(args.flood_ops, runs=1))
             rounds["flood_8_runs"] += b_latencies(b, args.b_calls, a.flood(args.flood_ops, runs=8))
-            batch_s += full_batch_seconds(a, 3)
+            batch_s += a.full_batch_seconds(3)
         shares = backlogged_shares(a, b_flood, args.share_ops_per_run)
     finally:
         for tenant in (a, b, b_flood):
@@ -164,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--b-calls", type=int, default=30, help="B's calls per case and round")
     parser.add_argument("--flood-ops", type=int, default=400, help="A's operations per flood")
     parser.add_argument("--share-ops-per-run", type=int, default=40)
+    parser.add_argument("--scheduler-flag", action="append", default=[],
+                        help="a flag for the schedulers, e.g. --scheduler-flag=--durable=false (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     from tunemesh_common.models import ModelRegistry
@@ -173,8 +250,10 @@ def main(argv: list[str] | None = None) -> int:
         registry = ModelRegistry.default(data_dir)
         vocab = registry.entry(TINY).vocab_size
         registry.materialize(TINY)
-        with BenchMesh(TINY, data_dir, Path(tmp) / "state", tenants=2) as mesh:
-            results = {"model": TINY, "load_average": os.getloadavg(), **measure(mesh, vocab, args)}
+        flags = tuple(part for flag in args.scheduler_flag for part in flag.split("=", 1))
+        with SchedulerFlagsMesh(TINY, data_dir, Path(tmp) / "state", tenants=2, scheduler_flags=flags) as mesh:
+            results = {"model": TINY, "load_average": os.getloadavg(), "scheduler_flags": flags,
+                       **measure(mesh, vocab, args)}
     print(json.dumps(results, indent=2))
     write_json(args.json, results)
     return 0

@@ -82,16 +82,16 @@ def proc_kib(pid: int, field: str) -> int:
     raise KeyError(field)
 
 
-class LimitMesh(BenchMesh):
-    """A bench mesh whose scheduler gets `--max-request-bytes`."""
+class SchedulerFlagsMesh(BenchMesh):
+    """A bench mesh whose schedulers get more flags (e.g. `--max-request-bytes N`)."""
 
-    def __init__(self, *args, max_request_bytes: int, **kwargs) -> None:
+    def __init__(self, *args, scheduler_flags: tuple[str, ...] = (), **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.max_request_bytes = max_request_bytes
+        self.scheduler_flags = scheduler_flags
 
     def _services(self, config, etcd_endpoint: str, api_keys_file: Path) -> list:
         specs = super()._services(config, etcd_endpoint, api_keys_file)
-        return [dataclasses.replace(s, argv=(*s.argv, "--max-request-bytes", str(self.max_request_bytes)))
+        return [dataclasses.replace(s, argv=(*s.argv, *self.scheduler_flags))
                 if s.role == "scheduler" else s for s in specs]
 
 
@@ -112,7 +112,8 @@ def case(state: Path, data_dir: Path, max_request_bytes: int, concurrent: int, m
     from tunemesh.transport import channel_target
     from tunemesh.v1 import training_pb2
 
-    with LimitMesh(TINY, data_dir, state, tenants=1, max_request_bytes=max_request_bytes) as mesh:
+    flags = ("--max-request-bytes", str(max_request_bytes))
+    with SchedulerFlagsMesh(TINY, data_dir, state, tenants=1, scheduler_flags=flags) as mesh:
         pids = [p.pid for p in mesh.mesh.by_role("scheduler")]
         client = tunemesh.ServiceClient(mesh.address, api_key=mesh.keys[0])
         try:
