@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import logging
 import time
 from collections.abc import Callable, Iterable, Iterator
 
+from tunemesh_checkpoint.adapter_import import AdapterImport
 from tunemesh_checkpoint.quota import QuotaWriter, TenantUsage
 from tunemesh_checkpoint.store import BlobInfo, CheckpointStore, CheckpointWriter, Manifest
 from tunemesh_common.lora import peft_format
@@ -114,28 +114,23 @@ class CheckpointCatalog:
             written = [writer.write_blob(check_file_name(name), chunks) for name, chunks in files]
             return self.commit(writer, spec, written)
 
-    def import_peft(self, tenant: str, name: str, base_model: str, files: dict[str, bytes],
-                    ttl_seconds: int = 0, user_metadata: dict[str, str] | None = None) -> CheckpointRecord:
-        """Create `tunemesh://imports/{name}` from a PEFT adapter directory's two files."""
-        path = CheckpointPath.imported(name)
+    def open_import(self, tenant: str, name: str, base_model: str, ttl_seconds: int = 0,
+                    user_metadata: dict[str, str] | None = None) -> AdapterImport:
+        """Start `tunemesh://imports/{name}` from a PEFT adapter directory's two files,
+        streamed in through the returned import (`write_file`, then `commit`)."""
         if not base_model:
             raise InvalidArgumentError("MISSING_BASE_MODEL", "an import must name its base model")
-        extra = set(files) - {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE}
-        missing = {peft_format.CONFIG_FILE, peft_format.WEIGHTS_FILE} - set(files)
-        if missing or extra:
-            raise InvalidArgumentError(
-                "BAD_CHECKPOINT_FILES",
-                f"an import holds exactly {peft_format.CONFIG_FILE} and {peft_format.WEIGHTS_FILE}"
-                f" (missing {sorted(missing)}, unexpected {sorted(extra)})",
-            )
-        config = peft_format.parse_config(files[peft_format.CONFIG_FILE])
-        modules = peft_format.check_factors(peft_format.read_header(files[peft_format.WEIGHTS_FILE]), config.rank,
-                                            config.target_parameters)
-        lora = {"rank": config.rank, "alpha": config.alpha, **peft_format.lora_switches(modules), "seed": 0}
-        normalized = peft_format.build_config(base_model, config.rank, config.alpha, sorted(modules))
-        spec = CheckpointSpec(path, base_model, lora, 0, False, ttl_seconds, dict(user_metadata or {}))
-        content = {peft_format.CONFIG_FILE: _json_bytes(normalized), peft_format.WEIGHTS_FILE: files[peft_format.WEIGHTS_FILE]}
-        return self.write(tenant, spec, [(n, [data]) for n, data in content.items()])
+        spec = CheckpointSpec(CheckpointPath.imported(name), base_model, {}, 0, False, ttl_seconds,
+                              dict(user_metadata or {}))
+        return AdapterImport(self.open_write(tenant, spec), spec, self.commit)
+
+    def import_peft(self, tenant: str, name: str, base_model: str, files: dict[str, bytes],
+                    ttl_seconds: int = 0, user_metadata: dict[str, str] | None = None) -> CheckpointRecord:
+        """`open_import` with the files in hand (name -> content)."""
+        with self.open_import(tenant, name, base_model, ttl_seconds, user_metadata) as adapter:
+            for file_name, data in files.items():
+                adapter.write_file(file_name, [data])
+            return adapter.commit()
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -270,8 +265,4 @@ def _decode_token(token: str) -> str:
     if not key:
         raise InvalidArgumentError("INVALID_PAGE_TOKEN", f"bad page token {token[:100]!r}")
     return key
-
-
-def _json_bytes(value: dict) -> bytes:
-    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
 

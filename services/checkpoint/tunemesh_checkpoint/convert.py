@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 from google.protobuf import timestamp_pb2
 
 from tunemesh.v1 import checkpoints_pb2, types_pb2
-from tunemesh_checkpoint.catalog import CheckpointRecord
-from tunemesh_common.checkpoints.paths import CheckpointKind
+from tunemesh_checkpoint.catalog import CheckpointRecord, CheckpointSpec
+from tunemesh_common.checkpoints.paths import CheckpointKind, CheckpointPath
 from tunemesh.errors import InvalidArgumentError, ResourceExhaustedError
 
 KINDS = {
@@ -51,8 +51,17 @@ def checkpoint(record: CheckpointRecord) -> checkpoints_pb2.Checkpoint:
     return msg
 
 
+def checkpoint_spec(header) -> CheckpointSpec:
+    """The CheckpointSpec a WriteCheckpointHeader declares."""
+    return CheckpointSpec(
+        path=CheckpointPath.parse(header.path), base_model=header.base_model, lora=lora_dict(header.lora_config),
+        step=header.step, has_optimizer_state=header.has_optimizer_state, ttl_seconds=header.ttl_seconds,
+        user_metadata=dict(header.user_metadata),
+    )
+
+
 class Upload:
-    """A header-then-chunks request stream, read one whole file at a time.
+    """A header-then-chunks request stream, read one chunk at a time.
 
     A file's chunks must be contiguous and in order (offset = bytes so far), each file
     may appear once, and the stream may carry at most `max_bytes` of file data.
@@ -61,7 +70,6 @@ class Upload:
     def __init__(self, requests: AsyncIterator, max_bytes: int) -> None:
         self._requests = aiter(requests)
         self._max_bytes = max_bytes
-        self._pending = None  # the first chunk of the next file
 
     async def header(self):
         first = await anext(self._requests, None)
@@ -69,30 +77,25 @@ class Upload:
             raise InvalidArgumentError("BAD_UPLOAD", "the first message must carry the header")
         return first.header
 
-    async def files(self) -> AsyncIterator[tuple[str, list[bytes]]]:
-        """(file name, its chunks) per file, each as soon as its last chunk arrived (the
-        chunks are not joined: a large file is never copied into one buffer here)."""
-        seen, total, name, chunks, size = set(), 0, None, [], 0
+    async def chunks(self) -> AsyncIterator[tuple[str, bytes]]:
+        """(file name, data) per chunk, as each arrives; a file's chunks come together."""
+        seen, total, name, size = set(), 0, None, 0
         async for request in self._requests:
             if request.WhichOneof("part") != "chunk":
                 raise InvalidArgumentError("BAD_UPLOAD", "only the first message may carry a header")
             chunk = request.chunk
             if chunk.file_name != name:
-                if name is not None:
-                    yield name, chunks
                 if chunk.file_name in seen:
                     raise InvalidArgumentError("BAD_UPLOAD", f"{chunk.file_name[:100]!r} was sent in two parts")
-                name, chunks, size = chunk.file_name, [], 0
+                name, size = chunk.file_name, 0
                 seen.add(name)
             if chunk.offset != size:
                 raise InvalidArgumentError("BAD_UPLOAD", f"{name[:100]!r}: chunk at offset {chunk.offset}, expected {size}")
             total += len(chunk.data)
             if total > self._max_bytes:
                 raise ResourceExhaustedError("UPLOAD_TOO_LARGE", f"uploads are limited to {self._max_bytes} bytes")
-            chunks.append(chunk.data)
             size += len(chunk.data)
-        if name is not None:
-            yield name, chunks
+            yield name, chunk.data
 
 
 async def call_upload(requests: AsyncIterator, max_bytes: int) -> tuple[str, int, list[bytes]]:

@@ -12,8 +12,9 @@ from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh_checkpoint import convert
 from tunemesh_checkpoint.call_store import FilesystemCallStore
-from tunemesh_checkpoint.catalog import CheckpointCatalog, CheckpointSpec, check_file_name
-from tunemesh_common.checkpoints.paths import CheckpointPath
+from tunemesh_checkpoint.catalog import CheckpointCatalog, check_file_name
+from tunemesh_checkpoint.file_feed import write_files
+from tunemesh_common.checkpoints.uploads import refusals_after_drain
 from tunemesh.errors import UnimplementedError
 from tunemesh_common.service.rpc import current_tenant
 
@@ -47,13 +48,18 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
             yield checkpoints_pb2.DownloadCheckpointResponse(**part)
 
     async def ImportCheckpoint(self, request_iterator, context):
-        upload = convert.Upload(request_iterator, self._max_upload_bytes)
-        header = await upload.header()
-        files = {name: b"".join(chunks) async for name, chunks in upload.files()}
-        record = await asyncio.to_thread(
-            self._catalog.import_peft, current_tenant(), header.name, header.base_model, files,
-            header.ttl_seconds, dict(header.user_metadata),
-        )
+        """Streamed to disk as it arrives (a few chunks in memory, whatever the size)."""
+        async with refusals_after_drain(context, request_iterator):
+            upload = convert.Upload(request_iterator, self._max_upload_bytes)
+            header = await upload.header()
+            adapter = await asyncio.to_thread(self._catalog.open_import, current_tenant(), header.name,
+                                              header.base_model, header.ttl_seconds, dict(header.user_metadata))
+            try:
+                await write_files(upload.chunks(), adapter.write_file)
+                record = await asyncio.to_thread(adapter.commit)
+            finally:
+                if not adapter.committed:
+                    await asyncio.to_thread(adapter.abort)
         return checkpoints_pb2.ImportCheckpointResponse(checkpoint=convert.checkpoint(record))
 
 
@@ -64,25 +70,20 @@ class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
         self._calls = calls
 
     async def WriteCheckpoint(self, request_iterator, context):
-        """Each file goes to the store as soon as it has arrived; the commit (one rename)
+        """Each file goes to the store chunk by chunk as it arrives; the commit (one rename)
         happens only after the stream ended, so an interrupted write never shows."""
-        upload = convert.Upload(request_iterator, self._max_upload_bytes)
-        header = await upload.header()
-        spec = CheckpointSpec(
-            path=CheckpointPath.parse(header.path), base_model=header.base_model,
-            lora=convert.lora_dict(header.lora_config), step=header.step,
-            has_optimizer_state=header.has_optimizer_state, ttl_seconds=header.ttl_seconds,
-            user_metadata=dict(header.user_metadata),
-        )
-        writer = await asyncio.to_thread(self._catalog.open_write, current_tenant(), spec)
-        try:
-            written = []
-            async for name, chunks in upload.files():
-                written.append(await asyncio.to_thread(writer.write_blob, check_file_name(name), chunks))
-            record = await asyncio.to_thread(self._catalog.commit, writer, spec, written)
-        finally:
-            if not writer.committed:
-                await asyncio.to_thread(writer.abort)
+        async with refusals_after_drain(context, request_iterator):
+            upload = convert.Upload(request_iterator, self._max_upload_bytes)
+            header = await upload.header()
+            spec = convert.checkpoint_spec(header)
+            writer = await asyncio.to_thread(self._catalog.open_write, current_tenant(), spec)
+            try:
+                written = await write_files(upload.chunks(), lambda name, chunks: writer.write_blob(
+                    check_file_name(name), chunks))
+                record = await asyncio.to_thread(self._catalog.commit, writer, spec, written)
+            finally:
+                if not writer.committed:
+                    await asyncio.to_thread(writer.abort)
         return checkpoint_pb2.WriteCheckpointResponse(checkpoint=convert.checkpoint(record))
 
     async def ReadCheckpoint(self, request, context):

@@ -9,6 +9,7 @@ import grpc
 
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh.errors import FailedPreconditionError
+from tunemesh_common.checkpoints.uploads import send_upload
 from tunemesh_common.service.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
 
 
@@ -59,8 +60,11 @@ class CheckpointProxy:
             raise error_from_peer(err, "checkpoint service") from None
 
     async def import_(self, requests: AsyncIterator, tenant: str) -> checkpoints_pb2.ImportCheckpointResponse:
+        """Forward an upload one message at a time (never buffered here); a refusal of the
+        checkpoint service comes back typed, also while the caller is still sending."""
+        call = self.stub.ImportCheckpoint(timeout=self._timeout_s, metadata=_tenant(tenant))
         try:
-            return await self.stub.ImportCheckpoint(requests, timeout=self._timeout_s, metadata=_tenant(tenant))
+            return await send_upload(call, requests)
         except grpc.aio.AioRpcError as err:
             raise error_from_peer(err, "checkpoint service") from None
 
