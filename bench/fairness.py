@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_bounds import SchedulerFlagsMesh  # noqa: E402
+from memory_bounds import SchedulerFlagsMesh, tiny_model  # noqa: E402
 from train_throughput import BenchMesh, log, sdk_datums, token_rows, write_json  # noqa: E402
 
 TINY = "tunemesh/tiny-dense"
@@ -243,13 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="a flag for the schedulers, e.g. --scheduler-flag=--durable=false (repeatable)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    from tunemesh_common.models import ModelRegistry
-
+    data_dir, vocab = tiny_model()
     with tempfile.TemporaryDirectory(prefix="tunemesh-fairness-") as tmp:
-        data_dir = Path(os.environ.get("TUNEMESH_DATA_DIR", Path.home() / ".cache" / "tunemesh"))
-        registry = ModelRegistry.default(data_dir)
-        vocab = registry.entry(TINY).vocab_size
-        registry.materialize(TINY)
         flags = tuple(part for flag in args.scheduler_flag for part in flag.split("=", 1))
         with SchedulerFlagsMesh(TINY, data_dir, Path(tmp) / "state", tenants=2, scheduler_flags=flags) as mesh:
             results = {"model": TINY, "load_average": os.getloadavg(), "scheduler_flags": flags,

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from memory_bounds import RssSampler  # noqa: E402
+from memory_bounds import RssSampler, tiny_model  # noqa: E402
 from train_throughput import BenchMesh, log, token_rows, write_json  # noqa: E402
 
 TINY = "tunemesh/tiny-dense"
@@ -141,12 +141,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
     from tunemesh.v1 import types_pb2
-    from tunemesh_common.models import ModelRegistry
 
-    data_dir = Path(os.environ.get("TUNEMESH_DATA_DIR", Path.home() / ".cache" / "tunemesh"))
-    registry = ModelRegistry.default(data_dir)
-    registry.materialize(TINY)
-    row = token_rows(registry.entry(TINY).vocab_size, 1, 16, 0)[0]
+    data_dir, vocab = tiny_model()
+    row = token_rows(vocab, 1, 16, 0)[0]
     datum = types_pb2.Datum(
         model_input=types_pb2.ModelInput(chunks=[types_pb2.ModelInputChunk(
             encoded_text=types_pb2.EncodedTextChunk(tokens=row[:-1].tolist()))]),

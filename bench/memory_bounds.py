@@ -68,6 +68,16 @@ def tree_rss_kib(pid: int) -> int:
     return total
 
 
+def tiny_model() -> tuple[Path, int]:
+    """The model cache (`$TUNEMESH_DATA_DIR`) with tiny-dense materialized, and its vocabulary size."""
+    from tunemesh_common.models import ModelRegistry
+
+    data_dir = Path(os.environ.get("TUNEMESH_DATA_DIR", Path.home() / ".cache" / "tunemesh"))
+    registry = ModelRegistry.default(data_dir)
+    registry.materialize(TINY)
+    return data_dir, registry.entry(TINY).vocab_size
+
+
 def _hwm(pid: int) -> int:
     try:
         return proc_kib(pid, "VmHWM")
@@ -160,12 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--request-mib", type=int, default=250)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
-    from tunemesh_common.models import ModelRegistry
-
-    data_dir = Path(os.environ.get("TUNEMESH_DATA_DIR", Path.home() / ".cache" / "tunemesh"))
-    registry = ModelRegistry.default(data_dir)
-    registry.materialize(TINY)
-    vocab = registry.entry(TINY).vocab_size
+    data_dir, vocab = tiny_model()
     with tempfile.TemporaryDirectory(prefix="tunemesh-memory-") as tmp:
         limited = case(Path(tmp) / "limited", data_dir, 64 << 20, args.concurrent, args.request_mib, vocab)
         old = case(Path(tmp) / "old", data_dir, 256 << 20, args.baseline_concurrent, args.request_mib, vocab)
