@@ -16,6 +16,7 @@ import grpc
 from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh.errors import DataLossError, FailedPreconditionError
+from tunemesh_common.checkpoints.uploads import send_upload
 from tunemesh_common.service.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
 
 CHUNK_BYTES = 1 << 20
@@ -52,7 +53,8 @@ class CheckpointStorageClient:
                     yield checkpoint_pb2.WriteCheckpointRequest(chunk=chunk)
 
         try:
-            response = await stub.WriteCheckpoint(requests(), timeout=self._timeout_s, metadata=_tenant(tenant))
+            call = stub.WriteCheckpoint(timeout=self._timeout_s, metadata=_tenant(tenant))
+            response = await send_upload(call, requests())  # a refusal stops the feed at once
         except grpc.aio.AioRpcError as err:
             raise error_from_peer(err, f"checkpoint service {self.address}") from None
         return response.checkpoint
