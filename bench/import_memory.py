@@ -27,6 +27,7 @@ import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from channels import public_channel  # noqa: E402
 from memory_bounds import RssSampler, tree_rss_kib  # noqa: E402
 from train_throughput import BenchMesh, log, write_json  # noqa: E402
 
@@ -70,12 +71,11 @@ def run_import(mesh, name: str, weights) -> dict:
     import grpc
 
     from tunemesh.errors import error_from_rpc
-    from tunemesh.transport import channel_target
     from tunemesh.v1 import checkpoints_pb2
 
     pids = {role: mesh.mesh.by_role(role)[0].pid for role in ("scheduler", "checkpoint")}
     before = {role: tree_rss_kib(pid) / 1024 for role, pid in pids.items()}
-    channel = grpc.insecure_channel(channel_target(mesh.address))
+    channel = public_channel(mesh.address)
     call = channel.stream_unary("/tunemesh.v1.CheckpointService/ImportCheckpoint",
                                 request_serializer=checkpoints_pb2.ImportCheckpointRequest.SerializeToString,
                                 response_deserializer=checkpoints_pb2.ImportCheckpointResponse.FromString)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from channels import public_channel  # noqa: E402
 from memory_bounds import RssSampler, tiny_model  # noqa: E402
 from train_throughput import BenchMesh, log, token_rows, write_json  # noqa: E402
 
@@ -107,11 +108,7 @@ class Load:
             self.errors.append(f"writer {i}: {err!r}"[:200])
 
     async def run(self, watchers: int, writers: int, channels: int) -> None:
-        import grpc
-
-        from tunemesh.transport import channel_target
-
-        opened = [grpc.aio.insecure_channel(channel_target(self.address)) for _ in range(channels)]
+        opened = [public_channel(self.address, aio=True) for _ in range(channels)]
         stop = asyncio.Event()
         tasks = [asyncio.create_task(self.watcher(opened[i % channels], i, stop)) for i in range(watchers)]
         tasks += [asyncio.create_task(self.writer(opened[i % channels], i, stop)) for i in range(writers)]

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from channels import public_channel  # noqa: E402
 from train_throughput import BenchMesh, log, sdk_datums, token_rows, write_json  # noqa: E402
 
 TINY = "tunemesh/tiny-dense"
@@ -116,10 +117,7 @@ def oversized_request(run: str, mib: int) -> bytes:
 
 
 def case(state: Path, data_dir: Path, max_request_bytes: int, concurrent: int, mib: int, vocab: int) -> dict:
-    import grpc
-
     import tunemesh
-    from tunemesh.transport import channel_target
     from tunemesh.v1 import training_pb2
 
     flags = ("--max-request-bytes", str(max_request_bytes))
@@ -130,7 +128,7 @@ def case(state: Path, data_dir: Path, max_request_bytes: int, concurrent: int, m
             trainer = client.create_lora_training_client(TINY, rank=8)
             before_kib = max(tree_rss_kib(pid) for pid in pids)
             payload = oversized_request(trainer.run, mib)
-            channel = grpc.insecure_channel(channel_target(mesh.address), options=[
+            channel = public_channel(mesh.address, options=[
                 ("grpc.max_send_message_length", len(payload) + (1 << 20))])
             call = channel.unary_unary("/tunemesh.v1.TrainingService/ForwardBackward",
                                        request_serializer=None,

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from channels import public_channel, trainer_channel
+
 Probe = Callable[[], dict[str, float]]  # one call; returns seconds per stage name
 
 
@@ -27,11 +29,9 @@ def sdk_probe(client, datums: list) -> Probe:
 
 def public_rpc_probe(address: str, api_key: str, run: str, datums: list) -> Probe:
     """Bare public RPCs on one thread: ForwardBackward, then WaitOperation until done."""
-    import grpc
-    from tunemesh.transport import channel_target
     from tunemesh.v1 import operations_pb2, operations_pb2_grpc, training_pb2, training_pb2_grpc
 
-    channel = grpc.insecure_channel(channel_target(address))  # the scheduler replicas' addresses
+    channel = public_channel(address)  # the scheduler replicas' addresses
     training = training_pb2_grpc.TrainingServiceStub(channel)
     operations = operations_pb2_grpc.OperationServiceStub(channel)
     metadata, seq = (("authorization", f"Bearer {api_key}"),), iter(range(1, 1 << 30))
@@ -51,12 +51,11 @@ def public_rpc_probe(address: str, api_key: str, run: str, datums: list) -> Prob
     return call
 
 
-def trainer_rpc_probe(address: str, adapter_id: str, datums: list) -> Probe:
+def trainer_rpc_probe(mesh, address: str, adapter_id: str, datums: list) -> Probe:
     """The trainer's internal RunBatch called directly (no scheduler), and its engine seconds."""
-    import grpc
     from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 
-    trainer = trainer_pb2_grpc.TrainerServiceStub(grpc.insecure_channel(address))
+    trainer = trainer_pb2_grpc.TrainerServiceStub(trainer_channel(mesh, "trainer-0", address))
     item = trainer_pb2.BatchItem(item_id="direct", adapter_id=adapter_id, data=datums, loss_fn="cross_entropy",
                                  kind=trainer_pb2.ITEM_KIND_FORWARD_BACKWARD)
 

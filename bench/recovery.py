@@ -149,6 +149,7 @@ PRICE_MODES = {  # scheduler settings of each side of the price
     "off": {"TUNEMESH_SCHEDULER_DURABLE": "false"},
     "journal": {"TUNEMESH_SCHEDULER_DURABLE": "true", "TUNEMESH_SCHEDULER_SNAPSHOT_EVERY_STEPS": "0",
                 "TUNEMESH_SCHEDULER_SNAPSHOT_EVERY_S": "0"},  # the journal without snapshots
+    "plain": {"TUNEMESH_SCHEDULER_DURABLE": "true"},  # as "on", with every hop in plaintext (--insecure)
 }
 
 
@@ -168,6 +169,9 @@ def price_summary(rounds: list[dict]) -> dict:
     for mode in by_mode.keys() - {"off"}:
         summary[f"ratio_{mode}_off"] = round(float(np.median(by_mode[mode]) / np.median(by_mode["off"])), 3)
         summary[f"group_ratios_{mode}_off"] = [round(a / b, 3) for a, b in zip(by_mode[mode], by_mode["off"])]
+    if "plain" in by_mode:  # the price of TLS: durable meshes with TLS on every hop over plaintext ones
+        summary["ratio_on_plain"] = round(float(np.median(by_mode["on"]) / np.median(by_mode["plain"])), 3)
+        summary["group_ratios_on_plain"] = [round(a / b, 3) for a, b in zip(by_mode["on"], by_mode["plain"])]
     return summary
 
 
@@ -210,8 +214,9 @@ class Mesh:
     cache `data_dir`) and the scheduler, with `env` set for every service it starts."""
 
     def __init__(self, model: str, data_dir: Path, state_dir: Path, trainers: int, tenants: int,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, insecure: bool = False) -> None:
         self.model, self.data_dir, self.state_dir, self.trainers = model, data_dir, state_dir, trainers
+        self.insecure = insecure  # plaintext hops (the default mesh runs TLS everywhere)
         self.keys, self.env, self._stack = [f"bench-key-{i}" for i in range(tenants)], env or {}, None
         self.address = ""
 
@@ -227,11 +232,15 @@ class Mesh:
         api_keys.write_key_file(keys_file, [record for _, record in made])
         replicas = {"schedulers": 1} if "schedulers" in launcher.MeshConfig.__dataclass_fields__ else {}
         config = launcher.MeshConfig(self.state_dir, trainers=self.trainers, models=(self.model,),
-                                     api_keys_file=keys_file, samplers=0, ready_timeout=300.0, **replicas)
+                                     api_keys_file=keys_file, samplers=0, ready_timeout=300.0,
+                                     insecure=self.insecure, **replicas)
         self._stack = contextlib.ExitStack()
         self._stack.enter_context(environ(self.env))
         try:
-            self.address = launcher.up(config, services=self._services).scheduler_address
+            mesh = launcher.up(config, services=self._services)
+            self.address = mesh.scheduler_address
+            if mesh.ca_file:  # TLS (the default): this process's clients trust the mesh CA
+                self._stack.enter_context(environ({"TUNEMESH_CA_BUNDLE": mesh.ca_file}))
         except BaseException:
             self._stack.close()
             raise
@@ -500,7 +509,8 @@ def price_workload(args: argparse.Namespace) -> Workload:
 def price_round(args: argparse.Namespace, vocab_size: int, mode: str, state_dir: Path) -> dict:
     """One fresh one-trainer mesh in `mode` (PRICE_MODES): tokens/s of 8 tenants' runs."""
     workload, load = price_workload(args), os.getloadavg()[0]
-    with Mesh(args.model, args.data_dir, state_dir, trainers=1, tenants=args.tenants, env=PRICE_MODES[mode]) as mesh:
+    with Mesh(args.model, args.data_dir, state_dir, trainers=1, tenants=args.tenants, env=PRICE_MODES[mode],
+              insecure=mode == "plain") as mesh:
         seconds = mesh_seconds(mesh, vocab_size, workload, args.tenants, args.rounds)
         snapshots = sum(m.startswith("snapshot of ") for _, m in log_entries(mesh.log_text("scheduler")))
     tokens = workload.tokens(args.tenants)
@@ -509,7 +519,8 @@ def price_round(args: argparse.Namespace, vocab_size: int, mode: str, state_dir:
 
 
 def measure_price(args: argparse.Namespace, vocab_size: int, root: Path) -> dict:
-    rounds, modes = [], ("on", "off", "journal") if args.journal_only else ("on", "off")
+    modes = ("on", "off", *(("journal",) if args.journal_only else ()), *(("plain",) if args.tls_price else ()))
+    rounds = []
     for i, mode in enumerate(price_order(args.price_pairs, modes)):
         rounds.append(price_round(args, vocab_size, mode, root / f"price-{i}"))
         log(f"price {i}: {mode} {rounds[-1]['tokens_per_s']} tok/s, {rounds[-1]['snapshots']} snapshots")
@@ -545,6 +556,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tenants", type=int, default=8, help="tenants (one run each) in the price meshes")
     p.add_argument("--price-pairs", type=int, default=3, help="groups of meshes (one per mode) for the price")
     p.add_argument("--journal-only", action="store_true", help="price: also meshes with the journal but no snapshots")
+    p.add_argument("--tls-price", action="store_true",
+                   help="price: also durable meshes in plaintext (mode plain; every mesh else runs TLS)")
     p.add_argument("--rounds", type=int, default=3, help="measured rounds per price mesh (median)")
     p.add_argument("--batch", type=int, default=0, help="datums per step (default 1 tiny, 2 otherwise)")
     p.add_argument("--seq-len", type=int, default=0, help="tokens per datum (default 32 tiny, 64 otherwise)")

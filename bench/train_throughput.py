@@ -149,6 +149,7 @@ class BenchMesh:
         self.sampler_engine = sampler_engine
         self.keys = [f"bench-key-{i}" for i in range(tenants)]
         self.mesh = None
+        self._saved_ca: str | None = None
 
     def __enter__(self) -> BenchMesh:
         from tunemesh_local import launcher
@@ -164,12 +165,20 @@ class BenchMesh:
                                      samplers=self.samplers, sampler_engine=self.sampler_engine,
                                      ready_timeout=300.0)
         self.mesh = launcher.up(config, services=self._services)
+        # TLS (the default): clients of this process and of those it starts trust the mesh CA.
+        self._saved_ca = os.environ.get("TUNEMESH_CA_BUNDLE")
+        if self.mesh.ca_file:
+            os.environ["TUNEMESH_CA_BUNDLE"] = self.mesh.ca_file
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         from tunemesh_local import launcher
 
         launcher.down(self.state_dir, grace=10.0)
+        if self._saved_ca is None:
+            os.environ.pop("TUNEMESH_CA_BUNDLE", None)
+        else:
+            os.environ["TUNEMESH_CA_BUNDLE"] = self._saved_ca
 
     @property
     def address(self) -> str:
@@ -287,7 +296,7 @@ def measure_overhead(mesh: BenchMesh, model_dir: Path, entry, calls: int, warmup
         raw_run = service.create_lora_training_client(mesh.model, rank=8, seed=1).run
         probes = [sdk_probe(sdk_client, datums), engine_probe(model_dir, entry, row[0]),
                   public_rpc_probe(mesh.address, mesh.keys[-1], raw_run, protos),
-                  trainer_rpc_probe(mesh.trainer_address, raw_run, protos)]
+                  trainer_rpc_probe(mesh.mesh, mesh.trainer_address, raw_run, protos)]
         stages = run_probes(probes, calls, warmup)
     return overhead_summary(stages)
 

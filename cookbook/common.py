@@ -66,18 +66,18 @@ def log_dir(args: argparse.Namespace, recipe: str) -> pathlib.Path:
 def service_client(args: argparse.Namespace) -> Iterator[tunemesh.ServiceClient]:
     """A ServiceClient on `--address`, or on a local mesh started here and stopped after."""
     with contextlib.ExitStack() as stack:
-        address, api_key = args.address, args.api_key
+        address, api_key, ca_bundle = args.address, args.api_key, None  # TLS: $TUNEMESH_CA_BUNDLE
         if address is None:
-            address, keys = stack.enter_context(local_mesh(args.model, args.sampler_engine))
+            address, keys, ca_bundle = stack.enter_context(local_mesh(args.model, args.sampler_engine))
             api_key = api_key or keys["alice"]
-        client = stack.enter_context(tunemesh.ServiceClient(address, api_key=api_key))
+        client = stack.enter_context(tunemesh.ServiceClient(address, api_key=api_key, ca_bundle=ca_bundle))
         yield client
 
 
 @contextlib.contextmanager
-def local_mesh(model: str, sampler_engine: str = "auto") -> Iterator[tuple[str, dict[str, str]]]:
-    """Start a local mesh serving `model` (one trainer, one sampler); yield its address and
-    the API keys it made ({tenant: key}: alice, bob)."""
+def local_mesh(model: str, sampler_engine: str = "auto") -> Iterator[tuple[str, dict[str, str], str]]:
+    """Start a local mesh serving `model` (one trainer, one sampler); yield its address,
+    the API keys it made ({tenant: key}: alice, bob) and its CA's certificate (TLS)."""
     os.environ.setdefault("no_proxy", "127.0.0.1,localhost")
     from tunemesh_local import launcher
 
@@ -87,7 +87,7 @@ def local_mesh(model: str, sampler_engine: str = "auto") -> Iterator[tuple[str, 
         state_dir=state_dir, models=(model,), data_dir=launcher.default_data_dir(), ready_timeout=300,
         samplers=1, sampler_engine=sampler_engine))
     try:
-        yield mesh.scheduler_address, launcher.client_keys(mesh)
+        yield mesh.scheduler_address, launcher.client_keys(mesh), mesh.ca_file or None
     finally:
         print("stopping the local mesh ...", flush=True)
         launcher.down(state_dir)

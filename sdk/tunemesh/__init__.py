@@ -1,7 +1,7 @@
 """tunemesh SDK: train LoRA adapters on a tunemesh service with Tinker-style primitives.
 
     import tunemesh
-    with tunemesh.ServiceClient("127.0.0.1:50051", api_key="...") as service:
+    with tunemesh.ServiceClient("127.0.0.1:50051", api_key="tml-...", ca_bundle="ca.pem") as service:
         trainer = service.create_lora_training_client("tiny-dense", rank=8)
         fb = trainer.forward_backward([tunemesh.Datum(...)], "cross_entropy")
         step = trainer.optim_step(tunemesh.AdamParams(learning_rate=1e-4))

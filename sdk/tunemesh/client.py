@@ -26,7 +26,7 @@ from tunemesh.operations import OperationTracker
 from tunemesh.retry import RetryPolicy
 from tunemesh.sampling_client import SamplingClient
 from tunemesh.training_client import TrainingClient
-from tunemesh.transport import Transport
+from tunemesh.transport import Transport, channel_credentials
 from tunemesh.types import GetServerCapabilitiesResponse, LoraConfig
 from tunemesh.v1 import sampling_pb2, sessions_pb2, training_pb2
 
@@ -44,6 +44,16 @@ class ServiceClient:
     session is created on first need and kept alive by a heartbeat every 10 s.
     `wait_timeout_s` is the hold of one WaitOperation long-poll, used only against a
     service without WatchOperations or over a caller-supplied synchronous `channel`.
+
+    TLS: `ca_bundle` is the CAs to trust, a path to a PEM bundle (e.g. the
+    `<state_dir>/tls/ca.pem` that `tunemesh up` writes) or the PEM bytes; it defaults to
+    $TUNEMESH_CA_BUNDLE. `tls=True` connects over TLS (trusting `ca_bundle`, else the
+    system roots); `tls=False` in plaintext, for a mesh run with --insecure (it ignores
+    $TUNEMESH_CA_BUNDLE); the default, None, is TLS exactly when there is a CA bundle.
+    The server's certificate must name the host dialled (for a list of replicas, the
+    list's first host). ValueError, before anything is sent, for `tls=False` with a
+    `ca_bundle`, for a bundle that cannot be read or is not PEM, and for `ca_bundle` or
+    `tls` with a caller-supplied `channel` (whose credentials are the caller's).
     """
 
     def __init__(
@@ -56,12 +66,20 @@ class ServiceClient:
         heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S,
         tokenizer_cache_dir: str | os.PathLike[str] | None = None,
         wait_timeout_s: float = 30.0,
+        ca_bundle: str | os.PathLike[str] | bytes | None = None,
+        tls: bool | None = None,
     ) -> None:
         self.address = address or os.environ.get("TUNEMESH_ADDRESS") or DEFAULT_ADDRESS
         api_key = api_key if api_key is not None else os.environ.get("TUNEMESH_API_KEY")
         policy = retry_policy or RetryPolicy()
         if channel is None:
-            self._transport = Transport.connect(self.address, api_key, policy)
+            source = ""
+            if ca_bundle is None and tls is not False and os.environ.get("TUNEMESH_CA_BUNDLE"):
+                ca_bundle, source = os.environ["TUNEMESH_CA_BUNDLE"], "$TUNEMESH_CA_BUNDLE"
+            credentials = channel_credentials(ca_bundle, tls, source=source)
+            self._transport = Transport.connect(self.address, api_key, policy, credentials)
+        elif ca_bundle is not None or tls is not None:
+            raise ValueError("ca_bundle and tls apply to the client's own channel, not to a caller-supplied one")
         else:
             self._transport = Transport(channel, api_key, policy)
         self._tracker = OperationTracker(self._transport, wait_timeout_s)

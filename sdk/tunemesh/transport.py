@@ -4,12 +4,18 @@ The channel is a grpc.aio channel on the ServiceClient's one event loop (`LoopTh
 calls are coroutines there (`call_async`), and `call` runs one from a sync caller. A
 caller-supplied synchronous grpc.Channel works too: its calls go through grpc's own
 futures, bridged onto the loop, so no thread waits on them either.
+
+`Transport.connect` opens the channel over TLS when given channel credentials
+(`channel_credentials` makes them from a CA bundle, or from the system roots), else in
+plaintext (a mesh run with --insecure).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
+import pathlib
 import socket
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -43,6 +49,43 @@ def channel_target(address: str) -> str:
     return "ipv4:" + ",".join(resolved)
 
 
+def channel_credentials(
+    ca_bundle: str | os.PathLike[str] | bytes | None, tls: bool | None, *, source: str = "",
+) -> grpc.ChannelCredentials | None:
+    """TLS credentials for a channel to the mesh's public endpoint, or None for plaintext.
+
+    `ca_bundle` is a path to a PEM bundle of the CAs to trust, or the PEM bytes. `tls`:
+    True = TLS (trusting `ca_bundle`, else the system roots), False = plaintext, None =
+    TLS exactly when a bundle is given. `source` names where the bundle came from (e.g.
+    an environment variable) for the error message. Raises ValueError for plaintext with
+    a bundle and for a bundle that cannot be read or holds no PEM certificate, which
+    would otherwise show only as failed handshakes, retried until the call's deadline.
+    """
+    if tls is False:
+        if ca_bundle is not None:
+            raise ValueError("a CA bundle was given with tls=False: pass one or the other")
+        return None
+    if ca_bundle is None:
+        return grpc.ssl_channel_credentials(None) if tls else None
+    return grpc.ssl_channel_credentials(_read_ca_bundle(ca_bundle, source))
+
+
+def _read_ca_bundle(ca_bundle: str | os.PathLike[str] | bytes, source: str) -> bytes:
+    """The PEM bytes of `ca_bundle` (a path, or PEM bytes as they are); ValueError naming
+    the path (and `source`) when it cannot be read or holds no PEM certificate."""
+    if isinstance(ca_bundle, bytes):
+        what, pem = "the CA bundle given as bytes", ca_bundle
+    else:
+        what = f"the CA bundle {os.fspath(ca_bundle)}" + (f" (from {source})" if source else "")
+        try:
+            pem = pathlib.Path(ca_bundle).read_bytes()
+        except OSError as err:
+            raise ValueError(f"cannot read {what}: {err.strerror or err}") from None
+    if b"-----BEGIN CERTIFICATE-----" not in pem:
+        raise ValueError(f"{what} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    return pem
+
+
 class Transport:
     """Owns one channel and the loop it runs on; every call carries `authorization:
     Bearer <key>` and is retried.
@@ -68,12 +111,20 @@ class Transport:
         self.sampling = sampling_pb2_grpc.SamplingServiceStub(channel)
 
     @classmethod
-    def connect(cls, address: str, api_key: str | None, policy: RetryPolicy) -> Transport:
-        """Open an insecure grpc.aio channel (TLS termination is the deployment's concern)
-        to `host:port`, or to a comma-separated list of scheduler replicas: only the leader
-        serves, and the channel tries the addresses in turn until it reaches it (again
-        after a failover), retrying within a second or two."""
-        options = [
+    def connect(
+        cls, address: str, api_key: str | None, policy: RetryPolicy,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> Transport:
+        """Open a grpc.aio channel to `host:port`, or to a comma-separated list of
+        scheduler replicas: only the leader serves, and the channel tries the addresses in
+        turn until it reaches it (again after a failover), retrying within a second or two.
+
+        With `credentials` (see `channel_credentials`) the channel is TLS and checks the
+        server's certificate names the host dialled; for a list, every replica's
+        certificate must name the list's first host (the host name as written, before
+        the list is resolved to IPv4 addresses). Without, it is plaintext (--insecure).
+        """
+        options: list[tuple[str, Any]] = [
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.initial_reconnect_backoff_ms", 500),
@@ -81,10 +132,16 @@ class Transport:
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
         target = channel_target(address)
+        if credentials is not None and target.startswith("ipv4:"):
+            # A resolved list has no host of its own to check the certificates against.
+            first = next(part.strip() for part in address.split(",") if part.strip())
+            options.append(("grpc.default_authority", first))
         loop = LoopThread()
 
         async def open_channel() -> grpc.aio.Channel:  # bound to the loop it is made on
-            return grpc.aio.insecure_channel(target, options=options)
+            if credentials is None:
+                return grpc.aio.insecure_channel(target, options=options)
+            return grpc.aio.secure_channel(target, credentials, options=options)
 
         return cls(loop.run(open_channel()), api_key, policy, loop=loop)
 

@@ -41,7 +41,7 @@ class CheckpointProcess:
         self.log = self.run_dir / f"checkpoint-{self.starts}.log"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tunemesh_checkpoint", "--listen", "127.0.0.1:0", "--root-dir", str(self.root),
-             "--ready-file", str(ready)], stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=ENV)
+             "--ready-file", str(ready), "--insecure", "true"], stdout=self.log.open("w"), stderr=subprocess.STDOUT, env=ENV)
         deadline = time.monotonic() + 30
         while not ready.exists():
             assert self.proc.poll() is None and time.monotonic() < deadline, self.log.read_text()
@@ -142,11 +142,12 @@ def test_state_survives_a_mesh_restart_and_resumes_exactly(start_mesh, tmp_path:
             path = trainer.save_state("step-2").result(timeout=120).path
             expected = _train(trainer, range(2, 4))
         cli = [sys.executable, "-m", "tunemesh_local.cli", "checkpoints", "list", "--address",
-               mesh.scheduler_address, "--api-key", "tml-demo-alice"]
-        listing = subprocess.run(cli, capture_output=True, text=True, timeout=60, env=ENV)
+               mesh.scheduler_address, "--api-key", "tml-demo-alice", "--state-dir", str(state_dir)]
+        plain_env = {k: v for k, v in ENV.items() if k != "TUNEMESH_CA_BUNDLE"}  # the CLI finds the mesh's CA
+        listing = subprocess.run(cli, capture_output=True, text=True, timeout=60, env=plain_env)
         assert listing.returncode == 0 and path in listing.stdout, listing.stderr
         download = cli[:4] + ["download", path, str(tmp_path / "dl")] + cli[5:]
-        done = subprocess.run(download, capture_output=True, text=True, timeout=60, env=ENV)
+        done = subprocess.run(download, capture_output=True, text=True, timeout=60, env=plain_env)
         assert done.returncode == 0, done.stderr
         assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == [
             "adapter_config.json", "adapter_model.safetensors", "optimizer.safetensors"]

@@ -28,6 +28,7 @@ from tunemesh.v1 import (
     types_pb2,
 )
 from tunemesh_local.state import MeshState
+from mesh_tls import etcdctl, scheduler_channel
 
 pytestmark = pytest.mark.e2e
 
@@ -111,7 +112,7 @@ class Stubs:
 
 @pytest.fixture(scope="module")
 def channel(mesh: MeshState) -> Iterator[grpc.Channel]:
-    with grpc.insecure_channel(mesh.scheduler_address) as ch:
+    with scheduler_channel(mesh) as ch:
         yield ch
 
 
@@ -232,9 +233,10 @@ def test_two_tenants_pipelined_concurrently_match_training_alone(mesh: MeshState
 # ---- 2. placement in etcd and `tunemesh status` -----------------------------------------
 
 
-def etcdctl_get_prefix(endpoint: str, prefix: str) -> dict[str, bytes]:
-    """Keys under `prefix` read by the etcdctl binary (independent of the registry code)."""
-    out = subprocess.run(["etcdctl", "--endpoints", endpoint, "-w", "json", "get", "--prefix", prefix],
+def etcdctl_get_prefix(mesh: MeshState, prefix: str) -> dict[str, bytes]:
+    """Keys under `prefix` read by the etcdctl binary (independent of the registry code),
+    as etcd's root user over TLS (the mesh's admin certificate)."""
+    out = subprocess.run([*etcdctl(mesh), "-w", "json", "get", "--prefix", prefix],
                          check=True, capture_output=True, text=True, timeout=20,
                          env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin", "no_proxy": "127.0.0.1,localhost"})
     kvs = json.loads(out.stdout).get("kvs", [])
@@ -246,7 +248,7 @@ def test_placement_and_trainer_record_are_in_etcd_and_status(mesh: MeshState, ch
                                                               stubs: Stubs) -> None:
     runs = [stubs.new_run(), Stubs(channel, BOB).new_run()]
     trainer = mesh.by_role("trainer")[0]
-    placements = etcdctl_get_prefix(mesh.etcd_endpoint, "/tunemesh/placement/")
+    placements = etcdctl_get_prefix(mesh, "/tunemesh/placement/")
     for run in runs:
         key = "/tunemesh/placement/runs/" + run.removeprefix("runs/")
         assert placements[key].decode() == trainer.name, (run, placements)
@@ -254,7 +256,7 @@ def test_placement_and_trainer_record_are_in_etcd_and_status(mesh: MeshState, ch
 
     deadline = time.monotonic() + 10  # the trainer refreshes its record every second
     while True:
-        record = etcdctl_get_prefix(mesh.etcd_endpoint, "/tunemesh/nodes/trainers/")
+        record = etcdctl_get_prefix(mesh, "/tunemesh/nodes/trainers/")
         node = trainer_pb2.TrainerNode.FromString(record[f"/tunemesh/nodes/trainers/{trainer.name}"])
         if node.adapters >= len(runs) or time.monotonic() > deadline:
             break

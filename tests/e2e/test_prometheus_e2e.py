@@ -4,10 +4,10 @@ grpc.health.v1 and reflection."""
 
 from __future__ import annotations
 
-import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from mesh_tls import process_channel
 from mesh_traffic import ANSWER, MODEL, PROMPT
 
 from tunemesh_local import prometheus
@@ -90,7 +90,7 @@ def test_every_service_serves_health_and_reflection(observed_mesh):
     services = [p for p in observed_mesh.mesh.processes if p.role not in ("etcd", "prometheus")]
     assert sorted(p.role for p in services) == ["checkpoint", "sampler", "scheduler", "trainer"]
     for record in services:
-        with grpc.insecure_channel(record.address, options=[("grpc.enable_http_proxy", 0)]) as channel:
+        with process_channel(observed_mesh.mesh, record) as channel:  # TLS: the mesh's admin certificate
             health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
             assert health.status == health_pb2.HealthCheckResponse.SERVING, record.name
             reflection = reflection_pb2_grpc.ServerReflectionStub(channel)

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import tunemesh
+from mesh_tls import etcdctl
 
 PROMPT = [5, 6, 7, 8]
 ANSWER = [60, 61, 62, 63, 64, 65]
@@ -47,18 +48,18 @@ def test_sampler_serves_new_weights_and_registers_what_it_holds(start_mesh, tmp_
             with tunemesh.ServiceClient(mesh.scheduler_address, "tml-demo-bob") as bob:
                 with pytest.raises(tunemesh.NotFoundError):
                     bob.create_sampling_client(model_path=sampler.model_path)
-        record = _sampler_record(mesh.etcd_endpoint)
+        record = _sampler_record(mesh)
         assert record.node_id == "sampler-0" and record.models[0].name == "tunemesh/tiny-dense"
         assert len(record.resident_adapters) == 1  # the taught adapter, by key (no tenant or path)
         assert "alice" not in record.resident_adapters[0]
 
 
-def _sampler_record(endpoint: str):
+def _sampler_record(mesh):
     from tunemesh_internal.v1 import sampler_pb2
 
     deadline = time.monotonic() + 10
     while True:  # the sampler refreshes its record twice a second
-        out = subprocess.run(["etcdctl", "--endpoints", endpoint, "get", "--prefix", "/tunemesh/nodes/samplers/",
+        out = subprocess.run([*etcdctl(mesh), "get", "--prefix", "/tunemesh/nodes/samplers/",
                               "-w", "json"], capture_output=True, text=True, timeout=30,
                              env={"ETCDCTL_API": "3", "PATH": "/usr/bin:/bin"})
         kvs = json.loads(out.stdout).get("kvs", [])

@@ -24,7 +24,8 @@ RANK_LOST_EXIT = 3  # tunemesh_trainer.__main__.RANK_LOST_EXIT
 def _start(tmp_path: Path, model_data_dir: Path) -> tuple[subprocess.Popen, int, Path]:
     ready, log = tmp_path / "trainer.ready.json", tmp_path / "trainer.log"
     argv = [sys.executable, "-m", "tunemesh_trainer", "--ranks", "2", "--num-threads", "1",
-            "--model", "tunemesh/tiny-dense", "--data-dir", str(model_data_dir), "--ready-file", str(ready)]
+            "--model", "tunemesh/tiny-dense", "--data-dir", str(model_data_dir), "--ready-file", str(ready),
+            "--insecure", "true"]
     trainer = processes.spawn(argv, log, env=processes.child_env({"HF_HUB_OFFLINE": "1"}))
     deadline = time.monotonic() + 180
     while not ready.exists():

@@ -12,11 +12,11 @@ import threading
 import grpc
 import pytest
 from fault_ops import MODEL, kill, process, restart
+from mesh_tls import scheduler_channel
 from twin_runs import TENANTS, assert_matches_twin, train_pair
 
 from tunemesh.v1 import sessions_pb2, sessions_pb2_grpc, training_pb2, training_pb2_grpc, types_pb2
 from tunemesh.errors import error_from_rpc
-from tunemesh.transport import channel_target
 from tunemesh_local.state import MeshState
 
 pytestmark = pytest.mark.e2e
@@ -46,13 +46,13 @@ def test_trainer_paused_past_its_lease_applies_nothing_twice(fault_mesh: MeshSta
 
 def test_etcd_outage_runs_keep_training_creates_are_retryable(fault_mesh: MeshState, twin: list[dict]) -> None:
     refused = []
-    session = _open_session(fault_mesh.scheduler_address)
+    session = _open_session(fault_mesh)
 
     def fault(trainees) -> None:
         trainees[0].futures[4].result(timeout=120)
         kill(fault_mesh, "etcd")
         try:
-            refused.append(_create_once(fault_mesh.scheduler_address, session))
+            refused.append(_create_once(fault_mesh, session))
             threading.Event().wait(2.0)  # training goes on meanwhile
         finally:
             restart(fault_mesh, "etcd")
@@ -67,18 +67,18 @@ def test_etcd_outage_runs_keep_training_creates_are_retryable(fault_mesh: MeshSt
 METADATA = (("authorization", f"Bearer {TENANTS[0]}"),)
 
 
-def _open_session(address: str) -> str:
-    with grpc.insecure_channel(channel_target(address)) as channel:
+def _open_session(mesh: MeshState) -> str:
+    with scheduler_channel(mesh) as channel:
         response = sessions_pb2_grpc.SessionServiceStub(channel).CreateSession(
             sessions_pb2.CreateSessionRequest(), metadata=METADATA, timeout=30)
     return response.session.name
 
 
-def _create_once(address: str, session: str) -> tuple[grpc.StatusCode, str]:
+def _create_once(mesh: MeshState, session: str) -> tuple[grpc.StatusCode, str]:
     """One CreateTrainingRun with no retry: its status code and REASON."""
     request = training_pb2.CreateTrainingRunRequest(session=session, base_model=MODEL,
                                                     lora_config=types_pb2.LoraConfig(rank=4, train_attn=True))
-    with grpc.insecure_channel(channel_target(address)) as channel:
+    with scheduler_channel(mesh) as channel:
         try:
             training_pb2_grpc.TrainingServiceStub(channel).CreateTrainingRun(request, metadata=METADATA, timeout=30)
         except grpc.RpcError as err:

@@ -22,19 +22,33 @@ def model_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
+def mesh_ca_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mesh CA for every mesh of the session (each mesh issues its own certificates
+    from it), so the `TUNEMESH_CA_BUNDLE` that `start_mesh` sets while a mesh runs fits
+    every mesh and every client process the tests start."""
+    from tunemesh_local.certs import MeshCerts
+
+    ca_dir = tmp_path_factory.mktemp("mesh-ca")
+    MeshCerts(ca_dir)
+    return ca_dir
+
+
+@pytest.fixture(scope="session")
+def start_mesh(model_data_dir: Path, mesh_ca_dir: Path) -> Callable[..., AbstractContextManager]:
     """`with start_mesh(state_dir, trainers=1, models=(...), env={...}, samplers=0) as mesh:` a running
     mesh (`tunemesh_local.state.MeshState`), stopped on exit. `env` is set for the children
     only (TUNEMESH_SCHEDULER_* / TUNEMESH_TRAINER_* settings); trainers share the
     session's model cache. Its schedulers accept the plain-text DEV_KEYS (tml-demo-alice,
-    tml-demo-bob) besides the mesh's fresh keys. `prometheus=True` also starts a Prometheus (`mesh.prometheus_url`)."""
+    tml-demo-bob) besides the mesh's fresh keys. `prometheus=True` also starts a Prometheus (`mesh.prometheus_url`).
+    Every hop runs TLS with certificates of the session's CA (`mesh_ca_dir`);
+    `insecure=True` starts a plaintext mesh instead."""
     if shutil.which("etcd") is None:
         pytest.skip("etcd binary not installed (Debian: etcd-server)")
 
     @contextlib.contextmanager
     def start(state_dir: Path, trainers: int = 1, models: tuple[str, ...] = ("tunemesh/tiny-dense",),
               env: dict[str, str] | None = None, samplers: int = 0, sampler_engine: str = "torch",
-              prometheus: bool = False, schedulers: int = 1) -> Iterator[MeshState]:
+              prometheus: bool = False, schedulers: int = 1, insecure: bool = False) -> Iterator[MeshState]:
         from tunemesh_local import launcher
 
         def services(config, etcd_endpoint, api_keys_file):
@@ -43,13 +57,17 @@ def start_mesh(model_data_dir: Path) -> Callable[..., AbstractContextManager]:
 
         config = launcher.MeshConfig(state_dir=Path(state_dir), trainers=trainers, models=tuple(models),
                                      ready_timeout=120.0, samplers=samplers, sampler_engine=sampler_engine,
-                                     prometheus=prometheus, schedulers=schedulers, insecure_dev_keys=DEV_KEYS)
+                                     prometheus=prometheus, schedulers=schedulers, insecure_dev_keys=DEV_KEYS,
+                                     insecure=insecure, ca_dir=mesh_ca_dir)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in {**MESH_ENV, **(env or {})}.items():
                 patch.setenv(name, value)
             mesh = launcher.up(config, services)
         try:
-            yield mesh
+            with pytest.MonkeyPatch.context() as patch:  # clients trust the mesh CA while it runs
+                if mesh.ca_file:
+                    patch.setenv("TUNEMESH_CA_BUNDLE", mesh.ca_file)
+                yield mesh
         finally:
             launcher.down(Path(mesh.state_dir), grace=5.0)
 

@@ -137,9 +137,10 @@ def test_the_internal_stubs_keep_their_wire_names():
 
 
 COMMON_LAYERS = {  # tunemesh_common subpackage -> the other subpackages it may import
-    "service": {"membership"},
-    "checkpoints": {"service"},
-    "lora": set(), "training": set(), "membership": set(), "models": set(),
+    "service": {"membership", "security"},
+    "checkpoints": {"service", "security"},
+    "membership": {"security"},
+    "lora": set(), "training": set(), "models": set(), "security": set(),
 }
 
 

@@ -34,7 +34,18 @@ async def sweep_periodically(catalog: CheckpointCatalog, interval_s: float) -> N
             log.exception("expiry sweep failed")
 
 
+_STORAGE = f"/{STORAGE_SERVICE}/"
+# Who may call what: the scheduler everything (the public checkpoint API it proxies, the
+# calls it keeps here); trainers write and read checkpoints; samplers only read them.
+PEERS = {
+    "": frozenset({"scheduler"}),
+    _STORAGE + "WriteCheckpoint": frozenset({"scheduler", "trainer"}),
+    _STORAGE + "ReadCheckpoint": frozenset({"scheduler", "trainer", "sampler"}),
+}
+
+
 async def serve(s: settings_mod.CheckpointSettings) -> None:
+    tls = s.mesh_tls()
     registry = prometheus_client.REGISTRY
     store = MeteredStore(FilesystemStore(s.root_dir), CheckpointMetrics(registry))
     calls = FilesystemCallStore(s.root_dir / "calls")  # beside objects/: no tenant's prefix
@@ -43,7 +54,8 @@ async def serve(s: settings_mod.CheckpointSettings) -> None:
     catalog = CheckpointCatalog(store, usage=usage)
     await asyncio.to_thread(catalog.sweep)
     config = HostConfig("checkpoint", s.listen, s.metrics_listen, ready_file=s.ready_file,
-                        authenticator=rpc.trusted_tenant, registry=registry, grace_s=5.0)
+                        authenticator=rpc.trusted_tenant, registry=registry, grace_s=5.0,
+                        tls=tls, peers=PEERS)
     async with ServiceHost(config) as host:
         host.add_servicer(checkpoints_pb2_grpc.add_CheckpointServiceServicer_to_server,
                           CheckpointServicer(catalog, s.chunk_bytes, s.max_upload_bytes), CHECKPOINT_SERVICE)

@@ -74,8 +74,8 @@ def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     try:
         state_dir = (args.state_dir or state.default_state_dir(env)).expanduser()
-        address, api_key = resolve_connection(args, state_dir, env)
-        with ServiceClient(address, api_key, retry_policy=CLI_RETRY) as service:
+        address, api_key, ca_bundle = resolve_connection(args, state_dir, env)
+        with ServiceClient(address, api_key, retry_policy=CLI_RETRY, ca_bundle=ca_bundle) as service:
             return _ACTIONS[args.action](service.create_checkpoint_client(), args)
     except (TunemeshError, UsageError, OSError, ValueError) as err:
         print(f"tunemesh checkpoints: {err}", file=sys.stderr)
@@ -84,10 +84,13 @@ def run(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> int:
 
 def resolve_connection(
     args: argparse.Namespace, state_dir: Path, env: Mapping[str, str]
-) -> tuple[str, str]:
-    """The address and API key to use; raises UsageError when no key was given."""
+) -> tuple[str, str, str | None]:
+    """The address, API key and CA bundle to use (the local mesh's CA when its address is
+    used and $TUNEMESH_CA_BUNDLE names none); raises UsageError when no key was given."""
     mesh = state.load(state_dir)
     address = args.address or env.get("TUNEMESH_ADDRESS") or (mesh and mesh.scheduler_address)
+    local = mesh is not None and address == mesh.scheduler_address
+    ca_bundle = env.get("TUNEMESH_CA_BUNDLE") or (mesh.ca_file if local and mesh.ca_file else None)
     api_key = args.api_key or env.get("TUNEMESH_API_KEY")
     if not api_key:
         hint = ""
@@ -95,7 +98,7 @@ def resolve_connection(
             where = Path(mesh.state_dir) / keys.CLIENT_KEYS_FILE
             hint = f" (the local mesh's keys of {', '.join(tenants)} are in {where})"
         raise UsageError(f"no API key: pass --api-key{hint} or set TUNEMESH_API_KEY")
-    return address or DEFAULT_ADDRESS, api_key
+    return address or DEFAULT_ADDRESS, api_key, ca_bundle
 
 
 def _ttl_arg(text: str) -> int | None:

@@ -55,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--prometheus", action="store_true",
                     help="also start Prometheus (Debian's `prometheus`) scraping every service once a second")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for services (default 120)")
+    up.add_argument("--insecure", action="store_true",
+                    help="plaintext on every hop with no peer authentication, etcd without auth: development "
+                         "only (default: TLS everywhere, certificates of a CA made in <state dir>/tls)")
     stat = commands.add_parser("status", help="show processes, registered trainers and placements")
     stat.add_argument("--json", action="store_true", help="machine-readable output")
     down = commands.add_parser("down", help="stop every process of the mesh")
@@ -94,7 +97,7 @@ def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> 
                         prometheus=args.prometheus, schedulers=args.schedulers, models_file=args.models_file,
                         trainer_device=args.trainer_device, trainer_dtype=args.trainer_dtype,
                         sampler_device=args.sampler_device, sampler_dtype=args.sampler_dtype,
-                        sampler_kv_cache_bytes=args.sampler_kv_cache_bytes)
+                        sampler_kv_cache_bytes=args.sampler_kv_cache_bytes, insecure=args.insecure)
     print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and "
           f"{config.schedulers} scheduler replica(s) (state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)
@@ -119,6 +122,8 @@ def describe_up(mesh: MeshState, state_dir_flag: bool) -> str:
         "tunemesh mesh is up:", *rows, "",
         "Connect with:",
         f"  export TUNEMESH_ADDRESS={mesh.scheduler_address}",
+        *([f"  export TUNEMESH_CA_BUNDLE={mesh.ca_file}    # TLS: the mesh CA"] if mesh.ca_file else
+          ["  # plaintext (--insecure): development only"]),
         *key_lines,
         f"More keys: tunemesh keys create --tenant T{suffix}    (list, revoke: no restart needed)",
         f"Logs: {Path(mesh.state_dir) / 'logs'}",

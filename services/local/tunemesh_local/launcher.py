@@ -9,6 +9,7 @@ also `prometheus.yml` and `prometheus/` (its data, kept across restarts).
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import os
 import shutil
@@ -18,9 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 from tunemesh.errors import FailedPreconditionError, InvalidArgumentError, UnavailableError
-from tunemesh_common.membership.etcd_process import etcd_argv, pick_free_port, wait_healthy
+from tunemesh_common.membership import etcd_auth
+from tunemesh_common.membership.etcd_process import (
+    EtcdTlsFiles, etcd_argv, health_endpoint, pick_free_port, wait_healthy,
+)
+from tunemesh_common.security.tls import MeshTls
 from tunemesh_common.service.settings import check_device
 from tunemesh_local import keys, processes, prometheus, state
+from tunemesh_local.certs import MeshCerts
 from tunemesh_local.state import MeshState, ProcessRecord
 
 ETCD_START_TIMEOUT_S = 15.0
@@ -69,6 +75,14 @@ class MeshConfig:
     sampler_device: str | None = None  # the torch engine's device
     sampler_dtype: str | None = None  # float32 or bfloat16
     sampler_kv_cache_bytes: str | None = None  # vLLM's KV cache, bytes or with a unit ("2GiB")
+    # TLS on every hop, with certificates of a CA kept in <state_dir>/tls (or `ca_dir`);
+    # insecure: plaintext everywhere, no peer authentication (development only).
+    insecure: bool = False
+    ca_dir: Path | None = None
+
+    def certs(self) -> MeshCerts | None:
+        """The issuer of this mesh's certificates; None with `insecure`."""
+        return None if self.insecure else MeshCerts(self.state_dir / "tls", self.ca_dir)
 
     def log_file(self, name: str) -> Path:
         return self.state_dir / "logs" / f"{name}.log"
@@ -91,18 +105,21 @@ ServiceFactory = Callable[[MeshConfig, str, Path], list[ServiceSpec]]
 
 def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path) -> list[ServiceSpec]:
     """A checkpoint service, N trainers (models assigned round-robin, one per trainer) and
-    one scheduler. The checkpoint service's port is picked first so the others can be told."""
+    one scheduler. The checkpoint service's port is picked first so the others can be told.
+    Each gets its certificate (or `--insecure true`)."""
+    certs = config.certs()
     checkpoint = f"127.0.0.1:{pick_free_port()}"
     root = config.checkpoint_dir or config.state_dir / "checkpoints"
     specs = [ServiceSpec("checkpoint", "checkpoint", (
         sys.executable, "-m", "tunemesh_checkpoint", "--listen", checkpoint, "--root-dir", str(root),
-        "--ready-file", str(config.ready_file("checkpoint")),
+        "--ready-file", str(config.ready_file("checkpoint")), *tls_flags(certs, "checkpoint", "checkpoint"),
     ))]
     for index in range(config.trainers):
         node_id = f"trainer-{index}"
         argv = [sys.executable, "-m", "tunemesh_trainer", "--node-id", node_id, "--etcd", etcd_endpoint,
                 "--listen", "127.0.0.1:0", "--ready-file", str(config.ready_file(node_id)),
-                "--data-dir", str(config.data_dir or default_data_dir()), "--checkpoint", checkpoint]
+                "--data-dir", str(config.data_dir or default_data_dir()), "--checkpoint", checkpoint,
+                *tls_flags(certs, node_id, "trainer", node_id)]
         if config.models:
             argv += ["--model", config.models[index % len(config.models)]]
         if "TUNEMESH_TRAINER_NUM_THREADS" not in os.environ:
@@ -114,13 +131,14 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
         argv += _optional_flags(models_file=_absolute(config.models_file), device=config.trainer_device,
                                 dtype=config.trainer_dtype)
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
-    specs += sampler_services(config, etcd_endpoint, checkpoint)
+    specs += sampler_services(config, etcd_endpoint, checkpoint, certs)
     for index in range(config.schedulers):  # replicas get fixed ports: clients know every address
         name = "scheduler" if index == 0 else f"scheduler-{index}"
         port = pick_free_port() if config.schedulers > 1 else 0
         argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint,
                 "--listen", f"127.0.0.1:{port}", "--ready-file", str(config.ready_file(name)),
-                "--api-keys-file", str(api_keys_file), "--checkpoint", checkpoint]
+                "--api-keys-file", str(api_keys_file), "--checkpoint", checkpoint,
+                *tls_flags(certs, name, "scheduler")]
         if config.insecure_dev_keys:
             pairs = ",".join(f"{key}={tenant}" for key, tenant in config.insecure_dev_keys.items())
             argv += ["--insecure-dev-keys", "true", "--api-keys", pairs]
@@ -128,7 +146,13 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
     return specs
 
 
-def sampler_services(config: MeshConfig, etcd_endpoint: str, checkpoint: str) -> list[ServiceSpec]:
+def tls_flags(certs: MeshCerts | None, name: str, role: str, node_id: str = "") -> list[str]:
+    """A service's TLS flags: its certificate's files, or `--insecure true` without `certs`."""
+    return ["--insecure", "true"] if certs is None else certs.issue(name, role, node_id).flags()
+
+
+def sampler_services(config: MeshConfig, etcd_endpoint: str, checkpoint: str,
+                     certs: MeshCerts | None = None) -> list[ServiceSpec]:
     """`config.samplers` samplers; each fetches adapters from the checkpoint service."""
     specs = []
     for index in range(config.samplers):
@@ -136,7 +160,8 @@ def sampler_services(config: MeshConfig, etcd_endpoint: str, checkpoint: str) ->
         argv = [sys.executable, "-m", "tunemesh_sampler", "--node-id", node_id, "--etcd", etcd_endpoint,
                 "--listen", "127.0.0.1:0", "--ready-file", str(config.ready_file(node_id)),
                 "--data-dir", str(config.data_dir or default_data_dir()), "--checkpoint", checkpoint,
-                "--engine", config.sampler_engine, "--cache-dir", str(config.state_dir / "samplers")]
+                "--engine", config.sampler_engine, "--cache-dir", str(config.state_dir / "samplers"),
+                *tls_flags(certs, node_id, "sampler", node_id)]
         if config.models:
             argv += ["--model", config.models[index % len(config.models)]]
         if "TUNEMESH_SAMPLER_NUM_THREADS" not in os.environ:
@@ -241,9 +266,11 @@ def up(config: MeshConfig, services: ServiceFactory = default_services) -> MeshS
     shutil.rmtree(config.state_dir / "run", ignore_errors=True)  # stale ready files
     (config.state_dir / "run").mkdir()
     api_keys_file = ensure_api_keys(config)
-    mesh = MeshState(str(config.state_dir), "", str(api_keys_file), [])
+    certs = config.certs()
+    mesh = MeshState(str(config.state_dir), "", str(api_keys_file), [],
+                     ca_file=str(certs.ca_file) if certs else "", tls_dir=str(certs.tls_dir) if certs else "")
     try:
-        _start_etcd(config, mesh)
+        _start_etcd(config, mesh, certs)
         _start_services(config, mesh, services(config, mesh.etcd_endpoint, api_keys_file))
         if config.prometheus:
             _start_prometheus(config, mesh)
@@ -254,18 +281,27 @@ def up(config: MeshConfig, services: ServiceFactory = default_services) -> MeshS
     return mesh
 
 
-def _start_etcd(config: MeshConfig, mesh: MeshState) -> None:
+def _start_etcd(config: MeshConfig, mesh: MeshState, certs: MeshCerts | None) -> None:
+    """etcd on loopback; with `certs`, over mutual TLS with its users and roles set up
+    (`etcd_auth`: only node certificates write node records) by the admin certificate."""
     client_port, peer_port = pick_free_port(), pick_free_port()
     endpoint = f"127.0.0.1:{client_port}"
     log_path = config.log_file("etcd")
-    argv = etcd_argv(config.state_dir / "etcd", client_port, peer_port)
+    tls = metrics_port = None
+    if certs is not None:
+        etcd = certs.issue("etcd", "etcd")
+        tls, metrics_port = EtcdTlsFiles(etcd.ca, etcd.cert, etcd.key), pick_free_port()
+    argv = etcd_argv(config.state_dir / "etcd", client_port, peer_port, tls=tls, metrics_port=metrics_port)
     proc = processes.spawn(argv, log_path)
     mesh.etcd_endpoint = endpoint
     mesh.processes.append(ProcessRecord("etcd", "etcd", proc.pid, processes.start_time(proc.pid),
                                         str(log_path), address=endpoint, argv=list(argv)))
     state.save(mesh)
     try:
-        wait_healthy(endpoint, ETCD_START_TIMEOUT_S, proc)
+        wait_healthy(health_endpoint(argv), ETCD_START_TIMEOUT_S, proc)
+        if certs is not None:
+            admin = certs.issue("admin", "admin")
+            asyncio.run(etcd_auth.enable_auth(endpoint, MeshTls.from_files(admin.ca, admin.cert, admin.key)))
     except UnavailableError as err:
         raise UnavailableError(err.reason, f"{err.message}; log {log_path}:\n{processes.tail(log_path)}") from err
 
@@ -304,7 +340,7 @@ def restart(state_dir: Path, name: str, timeout: float = 120.0) -> ProcessRecord
         proc = processes.spawn(argv, Path(record.log_path))
         record.pid, record.start_time = proc.pid, processes.start_time(proc.pid)
         state.save(mesh)
-        wait_healthy(record.address, ETCD_START_TIMEOUT_S, proc)
+        wait_healthy(health_endpoint(argv), ETCD_START_TIMEOUT_S, proc)
         return record
     argv[argv.index("--listen") + 1] = record.address
     ready_file = Path(argv[argv.index("--ready-file") + 1])

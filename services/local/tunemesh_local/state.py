@@ -47,6 +47,8 @@ class MeshState:
     processes: list[ProcessRecord]
     scheduler_address: str = ""  # every scheduler replica, comma-separated (the SDK takes the list)
     prometheus_url: str = ""  # with `tunemesh up --prometheus`
+    ca_file: str = ""  # the mesh CA's certificate, for clients (TUNEMESH_CA_BUNDLE); "" with --insecure
+    tls_dir: str = ""  # the processes' certificates (admin.pem: `tunemesh status`'s); "" with --insecure
 
     def by_role(self, role: str) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == role]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+from pathlib import Path
 
 from tunemesh_common.membership import leadership, registry
+from tunemesh_common.security.tls import MeshTls
 from tunemesh_local import live_figures, processes
 from tunemesh_local.state import MeshState
 
@@ -34,18 +36,27 @@ def collect_status(mesh: MeshState, timeout: float = ETCD_QUERY_TIMEOUT_S) -> di
     }
     try:
         view["trainers"], view["placements"], view["scheduler_leader"] = asyncio.run(
-            asyncio.wait_for(_query(mesh.etcd_endpoint), timeout))
+            asyncio.wait_for(_query(mesh.etcd_endpoint, admin_tls(mesh)), timeout))
         view["etcd"]["reachable"] = True
-    except (TimeoutError, *registry.ETCD_ERRORS) as err:
+    except (TimeoutError, ValueError, *registry.ETCD_ERRORS) as err:
         view["etcd"]["error"] = str(err) or type(err).__name__
     return view
 
 
-async def _query(endpoint: str) -> tuple[list[dict], dict[str, str], str]:
+def admin_tls(mesh: MeshState) -> MeshTls | None:
+    """The admin certificate `tunemesh up` made (etcd's root user), None for an --insecure
+    mesh; ValueError when its files are gone."""
+    if not mesh.tls_dir:
+        return None
+    tls_dir = Path(mesh.tls_dir)
+    return MeshTls.from_files(Path(mesh.ca_file), tls_dir / "admin.pem", tls_dir / "admin-key.pem")
+
+
+async def _query(endpoint: str, tls: MeshTls | None) -> tuple[list[dict], dict[str, str], str]:
     from tunemesh_internal.v1 import trainer_pb2
 
     prefix = registry.node_prefix("trainers")
-    async with registry.connect(endpoint, timeout=ETCD_QUERY_TIMEOUT_S) as client:
+    async with registry.connect(endpoint, timeout=ETCD_QUERY_TIMEOUT_S, tls=tls) as client:
         nodes = [trainer_pb2.TrainerNode.FromString(kv.value) for kv in await client.get_prefix(prefix)]
         placements = await registry.PlacementTable(client).list_placements()
         leader = await client.get(leadership.leader_key("scheduler"))

@@ -40,8 +40,9 @@ def build_engine(s: settings_mod.SamplerSettings):
 
 async def serve(s: settings_mod.SamplerSettings) -> None:
     sampler_metrics = SamplerMetrics(prometheus_client.REGISTRY)
+    tls = s.mesh_tls()
     config = HostConfig("sampler", s.listen, s.metrics_listen, s.advertise_host, s.ready_file,
-                        registry=sampler_metrics.registry)
+                        registry=sampler_metrics.registry, tls=tls, peers=frozenset({"scheduler"}))
     async with ServiceHost(config) as host:
         servicer = SamplerServicer(s.node_id, host.bind(), s.max_adapters, host.metrics_url)
         host.add_servicer(sampler_pb2_grpc.add_SamplerServiceServicer_to_server, servicer, SERVICE_NAME)
@@ -49,7 +50,7 @@ async def serve(s: settings_mod.SamplerSettings) -> None:
         log.info("sampler %s loading %s", s.node_id, s.model)
         engine = await asyncio.to_thread(build_engine, s)
         host.on_stop(engine.close)
-        storage = CheckpointStorageClient(s.checkpoint)
+        storage = CheckpointStorageClient(s.checkpoint, tls=tls)
         host.on_stop(storage.close)
         loader = AdapterLoader(engine, storage, s.cache_dir / s.node_id, sampler_metrics)
         core = SamplerCore(engine, AdapterCache(loader.load, loader.unload, s.max_adapters), sampler_metrics,
@@ -58,7 +59,7 @@ async def serve(s: settings_mod.SamplerSettings) -> None:
         _follow(sampler_metrics, core, s.max_adapters)
         metrics.describe_node(sampler_metrics.registry, "sampler", s.node_id, core.info.name)
         registrations = [etcd_registration(s.etcd, "samplers", s.node_id, lambda: servicer.node().SerializeToString(),
-                                           s.lease_ttl_s, 0.5, sampler_metrics.registry, "sampler")] if s.etcd else []
+                                           s.lease_ttl_s, 0.5, sampler_metrics.registry, "sampler", tls)] if s.etcd else []
         await host.serve(registrations, ready={"node_id": s.node_id})
         log.info("sampler %s serving %s on %s (%s engine)", s.node_id, s.model, host.address, type(engine).__name__)
         await host.wait()

@@ -20,6 +20,7 @@ from tunemesh_common.service.throttle import FailureThrottle
 from tunemesh_scheduler.metrics import SchedulerMetrics
 from tunemesh_common.checkpoints.client import CallStoreClient
 from tunemesh_common.service.host import HostConfig, ServiceHost
+from tunemesh_common.security.tls import MeshTls
 from tunemesh_scheduler import settings as settings_mod
 from tunemesh_scheduler.core import SchedulerConfig, SchedulerCore
 from tunemesh_scheduler.nodes import EtcdPlacement, SamplerDirectory, TrainerDirectory
@@ -79,12 +80,13 @@ def build_authenticator(s: settings_mod.SchedulerSettings) -> api_keys_mod.KeyAu
 
 async def serve(s: settings_mod.SchedulerSettings) -> None:
     authenticator = build_authenticator(s)
+    tls = s.mesh_tls()
     scheduler_metrics = SchedulerMetrics(prometheus_client.REGISTRY)
     config = HostConfig("scheduler", s.listen, s.metrics_listen, ready_file=s.ready_file,
                         authenticator=authenticator, registry=scheduler_metrics.registry,
-                        max_receive_bytes=s.max_request_bytes)
+                        max_receive_bytes=s.max_request_bytes, tls=tls)  # public: server TLS, API keys
     async with ServiceHost(config) as host:
-        parts = await _build(s, host, scheduler_metrics)
+        parts = await _build(s, host, scheduler_metrics, tls)
         host.write_ready(s.listen, role="standby")
         log.info("scheduler standing by for the leadership (%s)", s.listen)
         token = await parts.election.campaign()
@@ -102,23 +104,23 @@ async def serve(s: settings_mod.SchedulerSettings) -> None:
 
 
 async def _build(s: settings_mod.SchedulerSettings, host: ServiceHost,
-                 scheduler_metrics: SchedulerMetrics) -> _Parts:
+                 scheduler_metrics: SchedulerMetrics, tls: MeshTls | None) -> _Parts:
     """Watch trainers and samplers in etcd, connect to them and to the checkpoint service,
     start the core; each part is stopped by `host` once its server has stopped."""
-    etcd = registry.connect(s.etcd)
+    etcd = registry.connect(s.etcd, tls=tls)
     directory, sampler_directory = TrainerDirectory(), SamplerDirectory()
     watcher = await registry.NodeWatcher.start(etcd, "trainers", on_change=directory.on_change)
     host.on_stop(watcher.stop)
     sampler_watcher = await registry.NodeWatcher.start(etcd, "samplers", on_change=sampler_directory.on_change)
     host.on_stop(sampler_watcher.stop)
-    samplers = SamplerRouter(sampler_directory, GrpcSamplerPort(sampler_directory.address_of, s.sampler_timeout_s))
+    samplers = SamplerRouter(sampler_directory, GrpcSamplerPort(sampler_directory.address_of, s.sampler_timeout_s, tls))
     host.on_stop(samplers.close)
     placement = EtcdPlacement(directory, registry.PlacementTable(etcd))
-    checkpoints = CheckpointProxy(s.checkpoint, s.checkpoint_timeout_s)
+    checkpoints = CheckpointProxy(s.checkpoint, s.checkpoint_timeout_s, tls)
     host.on_stop(checkpoints.close)
-    trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s, checkpoints)
+    trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s, checkpoints, tls)
     host.on_stop(trainers.close)
-    call_store = CallStoreClient(s.checkpoint, s.checkpoint_timeout_s) if s.durable and s.checkpoint else None
+    call_store = CallStoreClient(s.checkpoint, s.checkpoint_timeout_s, tls=tls) if s.durable and s.checkpoint else None
     if call_store is not None:
         host.on_stop(call_store.close)
     store = EtcdRunStore(etcd, call_store) if s.durable else None

@@ -10,16 +10,18 @@ import grpc
 from tunemesh.v1 import checkpoints_pb2, checkpoints_pb2_grpc
 from tunemesh.errors import FailedPreconditionError
 from tunemesh_common.checkpoints.uploads import send_upload
+from tunemesh_common.checkpoints.client import CHECKPOINT_IDENTITY
 from tunemesh_common.service.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
+from tunemesh_common.security.tls import MeshTls, open_channel
 
 
 class CheckpointProxy:
     """One channel to the checkpoint process; every call is scoped to a tenant."""
 
-    def __init__(self, address: str, timeout_s: float = 600.0) -> None:
+    def __init__(self, address: str, timeout_s: float = 600.0, tls: MeshTls | None = None) -> None:
         self.address = address
         self._timeout_s = timeout_s
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) if address else None
+        self._channel = open_channel(address, tls, CHECKPOINT_IDENTITY, CHANNEL_OPTIONS) if address else None
         self._stub = checkpoints_pb2_grpc.CheckpointServiceStub(self._channel) if address else None
 
     @property

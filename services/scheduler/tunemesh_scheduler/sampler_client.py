@@ -10,6 +10,7 @@ import grpc
 from tunemesh_internal.v1 import sampler_pb2, sampler_pb2_grpc
 from tunemesh.errors import UnavailableError
 from tunemesh_common.service.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
+from tunemesh_common.security.tls import MeshTls, identity_name
 from tunemesh_scheduler.core.sampling import SamplingSessionRecord
 from tunemesh_scheduler.nodes import SamplerDirectory
 
@@ -19,8 +20,9 @@ log = logging.getLogger(__name__)
 class GrpcSamplerPort:
     """One channel per sampler node; `address_of` maps node ids to `host:port`."""
 
-    def __init__(self, address_of: Callable[[str], str], timeout_s: float) -> None:
-        self._channels = PeerChannels(sampler_pb2_grpc.SamplerServiceStub, address_of)
+    def __init__(self, address_of: Callable[[str], str], timeout_s: float, tls: MeshTls | None = None) -> None:
+        self._channels = PeerChannels(sampler_pb2_grpc.SamplerServiceStub, address_of, tls,
+                                      lambda node_id: identity_name("sampler", node_id))
         self._timeout_s = timeout_s
         self.leader_token = 0  # sent on every call: samplers refuse a lower one than they saw
 

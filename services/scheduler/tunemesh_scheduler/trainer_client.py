@@ -11,6 +11,7 @@ from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh.errors import TunemeshError, UnavailableError
 from tunemesh_common.service.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
+from tunemesh_common.security.tls import MeshTls, identity_name
 from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome
 from tunemesh_scheduler.core.work import DataWork, LoadRequest, SaveRequest, StepWork
 from tunemesh_scheduler.core.records import OperationError, OpKind
@@ -35,8 +36,10 @@ def _translate(err: grpc.aio.AioRpcError, node_id: str) -> TunemeshError:
 class GrpcTrainerPort:
     """Implements core.ports.TrainerPort; `address_of` maps node ids to `host:port`."""
 
-    def __init__(self, address_of: Callable[[str], str], timeout_s: float, checkpoints=None) -> None:
-        self._channels = PeerChannels(trainer_pb2_grpc.TrainerServiceStub, address_of)
+    def __init__(self, address_of: Callable[[str], str], timeout_s: float, checkpoints=None,
+                 tls: MeshTls | None = None) -> None:
+        self._channels = PeerChannels(trainer_pb2_grpc.TrainerServiceStub, address_of, tls,
+                                      lambda node_id: identity_name("trainer", node_id))
         self._timeout_s = timeout_s
         self._checkpoints = checkpoints  # CheckpointProxy: deletes superseded snapshots
         self.leader_token = 0  # sent on every call: trainers refuse a lower one than they saw

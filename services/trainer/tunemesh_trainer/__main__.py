@@ -53,10 +53,11 @@ def build_core(
 
 async def serve(s: settings_mod.TrainerSettings, group: RankGroup | None = None) -> None:
     trainer_metrics = TrainerMetrics(prometheus_client.REGISTRY)
+    tls = s.mesh_tls()
     config = HostConfig("trainer", s.listen, s.metrics_listen, s.advertise_host, s.ready_file,
-                        registry=trainer_metrics.registry)
+                        registry=trainer_metrics.registry, tls=tls, peers=frozenset({"scheduler"}))
     async with ServiceHost(config) as host:
-        storage = CheckpointStorageClient(s.checkpoint)
+        storage = CheckpointStorageClient(s.checkpoint, tls=tls)
         host.on_stop(storage.close)
         servicer = TrainerServicer(s.node_id, host.bind(), host.metrics_url, checkpoints=storage)
         host.add_servicer(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)
@@ -68,7 +69,7 @@ async def serve(s: settings_mod.TrainerSettings, group: RankGroup | None = None)
         trainer_metrics.follow(core.adapter_count, core.max_adapters)
         metrics.describe_node(trainer_metrics.registry, "trainer", s.node_id, core.info.name)
         registrations = [etcd_registration(s.etcd, "trainers", s.node_id, lambda: servicer.node().SerializeToString(),
-                                           s.lease_ttl_s, 1.0, trainer_metrics.registry, "trainer")] if s.etcd else []
+                                           s.lease_ttl_s, 1.0, trainer_metrics.registry, "trainer", tls)] if s.etcd else []
         await host.serve(registrations, ready={"node_id": s.node_id})
         log.info("trainer %s serving %s on %s", s.node_id, s.model, host.address)
         await host.wait()

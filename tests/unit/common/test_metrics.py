@@ -170,3 +170,43 @@ def test_an_empty_listen_address_serves_nothing_and_a_wildcard_advertises_a_name
         return endpoint.url
 
     assert re.fullmatch(r"http://node-7:\d+/metrics", asyncio.run(main()))
+
+
+def test_healthz_answers_while_running_and_readyz_follows_the_ready_callback():
+    """The probes' paths (Kubernetes probes cannot speak TLS): /healthz from the start,
+    /readyz 503 until `ready()` turns true, then 200; a failing callback reads as not ready."""
+    state = {"ready": False}
+
+    def ready() -> bool:
+        if state["ready"] is None:
+            raise RuntimeError("broken")
+        return state["ready"]
+
+    async def main():
+        endpoint = await metrics.MetricsEndpoint.start("127.0.0.1:0", CollectorRegistry(), ready=ready)
+        base = endpoint.url.removesuffix("/metrics")
+        seen = []
+        try:
+            for value in (False, True, None):
+                state["ready"] = value
+                seen.append((await asyncio.to_thread(_fetch, f"{base}/healthz"),
+                             await asyncio.to_thread(_fetch, f"{base}/readyz?verbose=1")))
+        finally:
+            await endpoint.close()
+        return seen
+
+    assert asyncio.run(main()) == [((200, "ok\n"), (503, "")), ((200, "ok\n"), (200, "ready\n")),
+                                   ((200, "ok\n"), (503, ""))]
+
+
+def test_readyz_without_a_ready_callback_is_not_served():
+    async def main():
+        endpoint = await metrics.MetricsEndpoint.start("127.0.0.1:0", CollectorRegistry())
+        base = endpoint.url.removesuffix("/metrics")
+        try:
+            return (await asyncio.to_thread(_fetch, f"{base}/readyz"),
+                    await asyncio.to_thread(_fetch, f"{base}/healthz"))
+        finally:
+            await endpoint.close()
+
+    assert asyncio.run(main()) == ((404, ""), (200, "ok\n"))

@@ -13,11 +13,15 @@ import sys
 import pytest
 import yaml
 from chart_variants import CHART, KEYS_VALUES, VARIANTS, manifest, render_variant, require_helm
+from tunemesh_common.security import tls as mesh_tls
 
 from deploy import helm
 
 KUBERNETES_VERSIONS = ["1.31.0", "1.37.0"]  # the chart's kubeVersion floor, and the newest schemas
 MESH = {"scheduler", "trainer", "sampler", "checkpoint"}
+TLS_ROLES = ["scheduler", "checkpoint", "trainer", "sampler", "etcd", "admin"]
+PLAINTEXT = ["tls.enabled=false"]
+CERT_MANAGER = CHART / "cert-manager.yaml"
 
 
 @pytest.fixture(scope="module", params=sorted(VARIANTS))
@@ -25,8 +29,9 @@ def variant(request) -> tuple[str, list[dict]]:
     return request.param, render_variant(request.param)
 
 
-def workloads(docs: list[dict]) -> dict[str, dict]:
-    return {d["metadata"]["name"].removeprefix("tm-"): d for d in docs if d["kind"] in ("Deployment", "StatefulSet")}
+def workloads(docs: list[dict], release: str = "tm") -> dict[str, dict]:
+    return {d["metadata"]["name"].removeprefix(f"{release}-"): d for d in docs
+            if d["kind"] in ("Deployment", "StatefulSet")}
 
 
 def one(docs: list[dict], kind: str, name: str) -> dict:
@@ -38,15 +43,17 @@ def flags(container: dict) -> dict[str, str]:
     return dict(a.removeprefix("--").split("=", 1) for a in container["args"])
 
 
-@pytest.mark.parametrize("exposure", ["cluster-ip", "load-balancer"])
+@pytest.mark.parametrize("mode", ["cluster-ip", "load-balancer", "plaintext"])
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_every_document_passes_kubernetes_validate_strict(name, exposure, tmp_path):
-    """Each values file, with the default ClusterIP and with a LoadBalancer and its source ranges."""
-    stream = manifest(name, LOAD_BALANCER if exposure == "load-balancer" else [])
+def test_every_document_passes_kubernetes_validate_strict(name, mode, tmp_path):
+    """Each values file, with the default ClusterIP, with a LoadBalancer and its source ranges,
+    and without TLS."""
+    stream = manifest(name, {"load-balancer": LOAD_BALANCER, "plaintext": PLAINTEXT}.get(mode, []))
     path = tmp_path / f"{name}.yaml"
     path.write_text(stream)
     kinds = {d["kind"] for d in helm.documents(stream)}
     assert {"StatefulSet", "Deployment", "Service", "NetworkPolicy", "ConfigMap"} <= kinds
+    assert ("Job" in kinds) == (mode != "plaintext")  # the etcd-auth hook
     for version in KUBERNETES_VERSIONS:
         done = subprocess.run(
             [sys.executable, "-m", "kubernetes_validate", "--strict", "--quiet", "-k", version, str(path)],
@@ -81,7 +88,7 @@ def test_etcd_members_and_initial_cluster_agree(replicas):
     assert etcd["spec"]["replicas"] == replicas
     peer_service = etcd["spec"]["serviceName"]
     cluster = flags(etcd["spec"]["template"]["spec"]["containers"][0])["initial-cluster"].split(",")
-    assert cluster == [f"tm-etcd-{i}=http://tm-etcd-{i}.{peer_service}.mesh.svc.cluster.local:2380"
+    assert cluster == [f"tm-etcd-{i}=https://tm-etcd-{i}.{peer_service}.mesh.svc.cluster.local:2380"
                        for i in range(replicas)]
     headless = one(render_variant("default", sets), "Service", peer_service)
     assert headless["spec"]["clusterIP"] == "None" and headless["spec"]["publishNotReadyAddresses"] is True
@@ -210,18 +217,50 @@ def test_network_policies_open_only_the_scheduler_beyond_the_mesh(variant):
                 assert all(reachable(policies, labels, port, Source(peer)) for peer in pods.values()), (name, port_name)
 
 
-def test_every_container_has_grpc_probes_on_its_serving_port(variant):
+def _probe(container: dict, probe: str) -> tuple[str, object]:
+    """("grpc", port) or ("http", (path, port number)) of one probe."""
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    spec = container[probe]
+    if "grpc" in spec:
+        return "grpc", spec["grpc"]["port"]
+    port = spec["httpGet"]["port"]
+    return "http", (spec["httpGet"]["path"], ports.get(port, port))
+
+
+def test_with_tls_every_service_is_probed_on_its_plaintext_metrics_port(variant):
+    """Kubelet's gRPC probe cannot speak TLS: /readyz (startup, readiness) and /healthz
+    (liveness) on the port the service serves metrics on; a scheduler standby (no gRPC
+    port, never ready) starts and lives by /healthz, and is ready only while leading."""
     _, docs = variant
     for name, workload in workloads(docs).items():
         [container] = workload["spec"]["template"]["spec"]["containers"]
-        ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-        serving = ports.get("grpc", ports.get("client"))
-        assert container["readinessProbe"]["grpc"]["port"] == serving, name
+        probes = {probe: _probe(container, probe) for probe in ("startupProbe", "livenessProbe", "readinessProbe")}
+        if name == "etcd":
+            metrics_url = flags(container)["listen-metrics-urls"]
+            assert metrics_url.startswith("http://"), metrics_url  # plaintext, unlike its client URLs
+            port = int(metrics_url.rpartition(":")[2])
+            assert probes == {"startupProbe": ("http", ("/health?exclude=NOSPACE&serializable=true", port)),
+                              "livenessProbe": ("http", ("/health?exclude=NOSPACE&serializable=true", port)),
+                              "readinessProbe": ("http", ("/health?exclude=NOSPACE", port))}
+            continue
+        port = int(flags(container)["metrics-listen"].rpartition(":")[2])
+        startup = "/healthz" if name == "scheduler" else "/readyz"
+        assert probes == {"startupProbe": ("http", (startup, port)), "livenessProbe": ("http", ("/healthz", port)),
+                          "readinessProbe": ("http", ("/readyz", port))}, name
+
+
+def test_without_tls_services_keep_grpc_probes_on_their_serving_port():
+    for name, workload in workloads(render_variant("default", PLAINTEXT)).items():
+        [container] = workload["spec"]["template"]["spec"]["containers"]
+        if name not in MESH:
+            continue
+        serving = int(flags(container)["listen"].rpartition(":")[2])
+        assert _probe(container, "readinessProbe") == ("grpc", serving), name
         for probe in ("startupProbe", "livenessProbe"):
             if name == "scheduler":  # a standby opens no gRPC port: alive is its metrics endpoint
-                assert container[probe]["httpGet"] == {"path": "/metrics", "port": "metrics"}, probe
+                assert _probe(container, probe) == ("http", ("/healthz", 9400)), probe
             else:
-                assert container[probe]["grpc"]["port"] == serving, (name, probe)
+                assert _probe(container, probe) == ("grpc", serving), (name, probe)
 
 
 def test_the_scheduler_runs_a_leader_and_a_standby(variant):
@@ -349,10 +388,11 @@ def test_no_dashboards_no_configmaps(chart_copy):
         render_variant("default", chart_dir=chart_copy / "k8s")
 
 
+@pytest.mark.parametrize("sets", [[], PLAINTEXT])
 @pytest.mark.parametrize("values", ["values.yaml", "values-gpu.yaml"])
-def test_helm_lint_passes_for_each_values_file(values):
+def test_helm_lint_passes_for_each_values_file(values, sets):
     require_helm()
-    assert "0 chart(s) failed" in helm.lint(CHART, [CHART / values, KEYS_VALUES], namespace="mesh")
+    assert "0 chart(s) failed" in helm.lint(CHART, [CHART / values, KEYS_VALUES], sets, namespace="mesh")
 
 
 def test_helm_lint_fails_on_a_broken_template(chart_copy):
@@ -372,7 +412,7 @@ def test_helm_template_prefixes_every_object_with_the_release_name():
 
 
 def test_metrics_disabled_turns_off_listeners_scrapes_and_their_policy():
-    docs = render_variant("default", ["metrics.enabled=false"])
+    docs = render_variant("default", ["metrics.enabled=false", *PLAINTEXT])
     assert not [d for d in docs if d["metadata"]["name"] in ("tm-prometheus", "tm-metrics")]
     for name, workload in workloads(docs).items():
         assert "prometheus.io/scrape" not in workload["spec"]["template"]["metadata"].get("annotations", {}), name
@@ -394,3 +434,154 @@ def test_extra_models_reach_trainer_and_sampler_through_the_models_file():
         assert any(listed[0]["path"].startswith(m["mountPath"]) for m in container["volumeMounts"])
     assert flags(workloads(docs)["trainer"]["spec"]["template"]["spec"]["containers"][0])["expert-parallel"] == "2"
     assert "expert-parallel" not in flags(workloads(render_variant("gpu"))["trainer"]["spec"]["template"]["spec"]["containers"][0])
+
+
+# ---- TLS -----------------------------------------------------------------------------
+
+
+def default_secrets() -> dict[str, str]:
+    """values.yaml's tls.secrets: role -> Secret name."""
+    return yaml.safe_load((CHART / "values.yaml").read_text())["tls"]["secrets"]
+
+
+def secret_of(pod: dict, container: dict, path: str) -> str:
+    """The Secret whose key `path` is in `container`: mounted read-only, whole, and not
+    world-readable."""
+    directory, _, _ = path.rpartition("/")
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == directory]
+    assert mount.get("readOnly") is True, mount
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert "items" not in volume["secret"] and volume["secret"]["defaultMode"] & 0o007 == 0, volume
+    return volume["secret"]["secretName"]
+
+
+TLS_FLAGS = {"mesh": ("tls-ca", "tls-cert", "tls-key"), "etcd": ("trusted-ca-file", "cert-file", "key-file"),
+             "etcd-peer": ("peer-trusted-ca-file", "peer-cert-file", "peer-key-file")}
+
+
+def test_every_process_reads_its_role_s_certificate_from_its_secret(variant):
+    _, docs = variant
+    secrets = default_secrets()
+    for name, workload in workloads(docs).items():
+        pod = workload["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        args = flags(container)
+        for kind in (["mesh"] if name in MESH else ["etcd", "etcd-peer"]):
+            files = [args[flag] for flag in TLS_FLAGS[kind]]
+            assert [f.rpartition("/")[2] for f in files] == ["ca.crt", "tls.crt", "tls.key"], (name, files)
+            assert {secret_of(pod, container, f) for f in files} == {secrets[name]}, name
+        assert "insecure" not in args, name
+
+
+def test_etcd_takes_clients_and_peers_over_mutual_tls_only():
+    [container] = workloads(render_variant("default"))["etcd"]["spec"]["template"]["spec"]["containers"]
+    args = flags(container)
+    assert args["client-cert-auth"] == "true" and args["peer-client-cert-auth"] == "true"
+    urls = [args[f] for f in ("listen-client-urls", "advertise-client-urls", "listen-peer-urls",
+                              "initial-advertise-peer-urls")]
+    urls += [member.split("=", 1)[1] for member in args["initial-cluster"].split(",")]
+    assert all(url.startswith("https://") for url in urls), urls
+    assert args["peer-cert-allowed-cn"] == mesh_tls.etcd_user("etcd")
+
+
+def test_without_tls_every_hop_is_plaintext_and_no_certificate_is_mounted():
+    docs = render_variant("default", PLAINTEXT)
+    assert not [d for d in docs if d["kind"] == "Job"]
+    for name, workload in workloads(docs).items():
+        pod = workload["spec"]["template"]["spec"]
+        [container] = pod["containers"]
+        args = flags(container)
+        assert not [m for m in container["volumeMounts"] if m["name"] == "tls"], name
+        assert not [v for v in pod.get("volumes", []) if v["name"] == "tls"], name
+        assert not set(args) & {flag for group in TLS_FLAGS.values() for flag in group}, name
+        if name in MESH:
+            assert args["insecure"] == "true", name
+        else:
+            assert "client-cert-auth" not in args
+            assert all(args[f].startswith("http://") for f in ("listen-client-urls", "listen-peer-urls"))
+
+
+@pytest.mark.parametrize("role", TLS_ROLES)
+def test_a_missing_secret_name_fails_rendering_naming_the_value(role):
+    with pytest.raises(helm.HelmError, match=rf"tls.enabled=true needs tls.secrets.{role}: the name of a "
+                                             r"kubernetes.io/tls Secret \(ca.crt, tls.crt, tls.key\)"):
+        render_variant("default", [f"tls.secrets.{role}="])
+    assert render_variant("default", [f"tls.secrets.{role}=", *PLAINTEXT])  # without TLS no Secret is read
+
+
+def test_tls_needs_the_metrics_port_for_its_probes():
+    with pytest.raises(helm.HelmError, match="tls.enabled=true needs metrics.enabled=true: Kubernetes probes "
+                                             "cannot speak TLS"):
+        render_variant("default", ["metrics.enabled=false"])
+
+
+def test_the_etcd_auth_job_runs_after_install_and_upgrade_as_etcd_root(variant):
+    _, docs = variant
+    job = one(docs, "Job", "tm-etcd-auth")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    pod = job["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    assert container["command"] == ["python", "-m", "tunemesh_common.membership.etcd_auth"]
+    assert container["image"] == workloads(docs)["scheduler"]["spec"]["template"]["spec"]["containers"][0]["image"]
+    args = flags(container)
+    [client_port] = one(docs, "Service", "tm-etcd")["spec"]["ports"]
+    assert args["endpoint"] == f"tm-etcd:{client_port['port']}"
+    assert {secret_of(pod, container, args[flag]) for flag in TLS_FLAGS["mesh"]} == {default_secrets()["admin"]}
+    # The NetworkPolicies let it reach etcd's client port.
+    policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
+    etcd = workloads(docs)["etcd"]["spec"]["template"]["metadata"]["labels"]
+    assert reachable(policies, etcd, client_port["port"], Source(job["spec"]["template"]["metadata"]["labels"]))
+
+
+def test_the_etcd_auth_job_passes_only_flags_the_command_takes():
+    container = one(render_variant("default"), "Job", "tm-etcd-auth")["spec"]["template"]["spec"]["containers"][0]
+    usage = subprocess.run([sys.executable, "-m", "tunemesh_common.membership.etcd_auth", "--help"],
+                           capture_output=True, text=True, check=True).stdout
+    assert all(f"--{flag} " in usage for flag in flags(container)), usage
+
+
+def cert_manager_certificates() -> dict[str, dict]:
+    """deploy/k8s/cert-manager.yaml's Certificates by Secret name (spec)."""
+    docs = [d for d in yaml.safe_load_all(CERT_MANAGER.read_text()) if d]
+    assert {d["apiVersion"] for d in docs} == {"cert-manager.io/v1"}
+    return {d["spec"]["secretName"]: d["spec"] for d in docs if d["kind"] == "Certificate"}
+
+
+def test_the_cert_manager_example_makes_each_role_s_secret_from_one_ca():
+    docs = [d for d in yaml.safe_load_all(CERT_MANAGER.read_text()) if d]
+    [ca] = [d["spec"] for d in docs if d["kind"] == "Certificate" and d["spec"].get("isCA")]
+    [ca_issuer] = [d for d in docs if d["kind"] == "Issuer" and "ca" in d["spec"]]
+    assert ca_issuer["spec"]["ca"]["secretName"] == ca["secretName"]
+    certificates = cert_manager_certificates()
+    secrets = default_secrets()
+    assert sorted(certificates) == sorted([*secrets.values(), ca["secretName"]])
+    for role, secret in secrets.items():
+        spec = certificates[secret]
+        assert spec["issuerRef"] == {"kind": "Issuer", "name": ca_issuer["metadata"]["name"]}, role
+        assert spec["commonName"] == mesh_tls.etcd_user(role), role
+        identity = f"*.{role}.tunemesh" if role in mesh_tls.NODE_ROLES else mesh_tls.identity_name(role)
+        assert identity in spec["dnsNames"], role
+        assert {mesh_tls.role_of(name) for name in spec["dnsNames"]} - {None} == {role}  # proves its role only
+        assert "client auth" in spec["usages"] and ("server auth" in spec["usages"]) == (role != "admin"), role
+
+
+def _covers(names: list[str], host: str) -> bool:
+    return host in names or f"*.{host.split('.', 1)[1]}" in names
+
+
+def test_the_cert_manager_example_names_the_hosts_of_release_tunemesh_in_namespace_mesh():
+    """Its header says: release tunemesh, namespace mesh. The scheduler's certificate names
+    the Service clients dial; etcd's, every peer URL's host and the peer Service (etcd
+    resolves it to check a connecting peer's address)."""
+    docs = helm.documents(manifest("default", release="tunemesh"))
+    certificates, secrets = cert_manager_certificates(), default_secrets()
+    scheduler = certificates[secrets["scheduler"]]["dnsNames"]
+    service = one(docs, "Service", "tunemesh-scheduler")["metadata"]["name"]
+    for host in (service, f"{service}.mesh", f"{service}.mesh.svc", f"{service}.mesh.svc.cluster.local"):
+        assert host in scheduler, host
+    etcd = certificates[secrets["etcd"]]
+    args = flags(workloads(docs, "tunemesh")["etcd"]["spec"]["template"]["spec"]["containers"][0])
+    peer_hosts = [member.split("://", 1)[1].rsplit(":", 1)[0] for member in args["initial-cluster"].split(",")]
+    assert peer_hosts and all(_covers(etcd["dnsNames"], host) for host in peer_hosts), peer_hosts
+    assert peer_hosts[0].split(".", 1)[1] in etcd["dnsNames"]  # the peer Service
+    assert etcd["commonName"] == args["peer-cert-allowed-cn"]

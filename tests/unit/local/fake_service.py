@@ -1,6 +1,7 @@
 """A stand-in service for launcher tests: honours --listen / --ready-file like the real ones.
 
---etcd with --node-id also registers a TrainerNode under a lease and places run `run-<node-id>`.
+--etcd with --node-id also registers a TrainerNode under a lease, over TLS as the node when
+given --tls-ca / --tls-cert / --tls-key (as `tunemesh up` passes them).
 --exit-code N exits at once after printing a line; --never-ready serves but writes no ready file.
 """
 
@@ -29,10 +30,13 @@ async def serve(args: argparse.Namespace) -> None:
 
         node = trainer_pb2.TrainerNode(node_id=args.node_id, address=address, max_adapters=4, adapters=1,
                                        models=[sessions_pb2.SupportedModel(name=args.model or "tiny")])
+        tls = None
+        if args.tls_cert:
+            from tunemesh_common.security.tls import MeshTls
+
+            tls = MeshTls.from_files(args.tls_ca, args.tls_cert, args.tls_key)
         registration = await registry.NodeRegistration.start(
-            args.etcd, "trainers", args.node_id, node.SerializeToString(), ttl=3)
-        async with registry.connect(args.etcd) as client:
-            await registry.PlacementTable(client).place_run(f"run-{args.node_id}", args.node_id)
+            args.etcd, "trainers", args.node_id, node.SerializeToString(), ttl=3, tls=tls)
     if not args.never_ready:
         tmp = args.ready_file + ".tmp"
         with open(tmp, "w") as f:
@@ -47,7 +51,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    for flag in ("--listen", "--ready-file", "--etcd", "--node-id", "--model"):
+    for flag in ("--listen", "--ready-file", "--etcd", "--node-id", "--model", "--tls-ca", "--tls-cert", "--tls-key",
+                 "--insecure"):
         parser.add_argument(flag)
     parser.add_argument("--exit-code", type=int)
     parser.add_argument("--never-ready", action="store_true")

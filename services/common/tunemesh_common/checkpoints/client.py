@@ -18,6 +18,9 @@ from tunemesh.v1 import checkpoints_pb2
 from tunemesh.errors import DataLossError, FailedPreconditionError
 from tunemesh_common.checkpoints.uploads import send_upload
 from tunemesh_common.service.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
+from tunemesh_common.security.tls import MeshTls, identity_name, open_channel
+
+CHECKPOINT_IDENTITY = identity_name("checkpoint")  # what the checkpoint service's certificate proves
 
 CHUNK_BYTES = 1 << 20
 CALL_STORE_CALLER = "tunemesh-scheduler"  # the call store belongs to no tenant: `tunemesh-tenant` names the caller
@@ -26,11 +29,12 @@ CALL_STORE_CALLER = "tunemesh-scheduler"  # the call store belongs to no tenant:
 class CheckpointStorageClient:
     """Writes and reads whole checkpoints; one channel to the checkpoint service."""
 
-    def __init__(self, address: str, timeout_s: float = 600.0, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, address: str, timeout_s: float = 600.0, chunk_bytes: int = CHUNK_BYTES,
+                 tls: MeshTls | None = None) -> None:
         self.address = address
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS) if address else None
+        self._channel = open_channel(address, tls, CHECKPOINT_IDENTITY, CHANNEL_OPTIONS) if address else None
         self._stub = checkpoint_pb2_grpc.CheckpointStorageServiceStub(self._channel) if address else None
 
     def _require(self) -> checkpoint_pb2_grpc.CheckpointStorageServiceStub:
@@ -87,11 +91,12 @@ class CallStoreClient:
     (run name, seq_id); one channel to it. Errors come back typed (transport failures as
     UnavailableError)."""
 
-    def __init__(self, address: str, timeout_s: float = 600.0, chunk_bytes: int = CHUNK_BYTES) -> None:
+    def __init__(self, address: str, timeout_s: float = 600.0, chunk_bytes: int = CHUNK_BYTES,
+                 tls: MeshTls | None = None) -> None:
         self.address = address
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
-        self._channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+        self._channel = open_channel(address, tls, CHECKPOINT_IDENTITY, CHANNEL_OPTIONS)
         self._stub = checkpoint_pb2_grpc.CheckpointStorageServiceStub(self._channel)
 
     async def put(self, run: str, seq_id: int, data: bytes) -> None:

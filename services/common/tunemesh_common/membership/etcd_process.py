@@ -1,10 +1,17 @@
 """A single-member etcd on loopback: command line, health wait, and a managed process.
 
 Used by `tunemesh up` (detached etcd for a local mesh) and by the e2e test fixture.
+
+Plaintext by default. With `EtcdTlsFiles` the client listener is https and requires a
+client certificate of the mesh CA (etcd takes its common name as the user, see
+`etcd_auth`), and a plaintext metrics listener serves `/health` and `/metrics` only (no
+keys, no writes), so health checks need no certificate: `is_healthy`/`wait_healthy` are
+then pointed at the metrics endpoint (`health_endpoint`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -31,11 +38,29 @@ def pick_free_port(host: str = "127.0.0.1") -> int:
         return sock.getsockname()[1]
 
 
-def etcd_argv(data_dir: Path, client_port: int, peer_port: int, name: str = "tunemesh") -> list[str]:
-    """Command line of a one-member etcd listening on 127.0.0.1 only."""
-    client_url = f"http://127.0.0.1:{client_port}"
+@dataclasses.dataclass(frozen=True)
+class EtcdTlsFiles:
+    """etcd's server TLS files (PEM): the CA whose client certificates it accepts, and its
+    own certificate (naming `etcd.tunemesh`, which clients verify) and key."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def etcd_argv(data_dir: Path, client_port: int, peer_port: int, name: str = "tunemesh",
+              tls: EtcdTlsFiles | None = None, metrics_port: int | None = None) -> list[str]:
+    """Command line of a one-member etcd listening on 127.0.0.1 only.
+
+    With `tls`, the client listener is https with mutual TLS and `metrics_port` (then
+    required) gets a plaintext listener serving /health and /metrics only."""
+    if tls is not None and metrics_port is None:
+        raise ValueError("an etcd with TLS needs a metrics_port: its plaintext /health is checked there")
+    client_url = f"{'https' if tls else 'http'}://127.0.0.1:{client_port}"
+    # Peer traffic stays plaintext: a one-member cluster has no peers, and this listener is
+    # on loopback only. A multi-member etcd would need --peer-cert-file and friends.
     peer_url = f"http://127.0.0.1:{peer_port}"
-    return [
+    argv = [
         ETCD_BINARY,
         "--name", name,
         "--data-dir", str(data_dir),
@@ -48,10 +73,30 @@ def etcd_argv(data_dir: Path, client_port: int, peer_port: int, name: str = "tun
         # The scheduler journals every operation: keep 5 minutes of history, not all of it.
         "--auto-compaction-mode", "periodic", "--auto-compaction-retention", "5m",
     ]
+    if tls is not None:
+        argv += ["--cert-file", str(tls.cert), "--key-file", str(tls.key),
+                 "--trusted-ca-file", str(tls.ca), "--client-cert-auth"]
+    if metrics_port is not None:
+        argv += ["--listen-metrics-urls", f"http://127.0.0.1:{metrics_port}"]
+    return argv
+
+
+def health_endpoint(argv: list[str]) -> str:
+    """`host:port` serving plaintext /health for the etcd started with `argv`: its metrics
+    listener when it has one, else its client listener (an https-only etcd without a
+    metrics listener has none: ValueError)."""
+    for flag in ("--listen-metrics-urls", "--listen-client-urls"):
+        if flag in argv:
+            url = argv[argv.index(flag) + 1].split(",")[0]
+            if url.startswith("http://"):
+                return url.removeprefix("http://")
+    raise ValueError("this etcd serves no plaintext /health (give it a metrics listener)")
 
 
 def is_healthy(endpoint: str, timeout: float = 1.0) -> bool:
-    """True when etcd at `host:port` answers its /health endpoint with health=true."""
+    """True when etcd at `host:port` answers its plaintext /health endpoint with
+    health=true: the client endpoint of a plaintext etcd, the metrics endpoint of one with
+    TLS (`health_endpoint`)."""
     try:
         with _NO_PROXY.open(f"http://{endpoint}/health", timeout=timeout) as response:
             return json.loads(response.read()).get("health") == "true"
@@ -60,7 +105,8 @@ def is_healthy(endpoint: str, timeout: float = 1.0) -> bool:
 
 
 def wait_healthy(endpoint: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
-    """Block until etcd is healthy; raise UnavailableError on timeout or if `proc` exits."""
+    """Block until etcd is healthy at `endpoint` (as `is_healthy`); raise UnavailableError
+    on timeout or if `proc` exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -72,19 +118,29 @@ def wait_healthy(endpoint: str, timeout: float, proc: subprocess.Popen | None = 
 
 
 class EtcdProcess:
-    """An etcd child process with fixed ports, so it can be killed and restarted in place."""
+    """An etcd child process with fixed ports, so it can be killed and restarted in place.
+    With `tls`, clients need a certificate of its CA; health is checked on a plaintext
+    metrics port (also fixed)."""
 
-    def __init__(self, data_dir: Path, log_path: Path | None = None) -> None:
+    def __init__(self, data_dir: Path, log_path: Path | None = None, tls: EtcdTlsFiles | None = None) -> None:
         self.data_dir = Path(data_dir)
         self.log_path = Path(log_path) if log_path else self.data_dir.parent / "etcd.log"
+        self.tls = tls
         self.client_port = pick_free_port()
         self.peer_port = pick_free_port()
+        self.metrics_port = pick_free_port() if tls else None
         self._proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
         """`127.0.0.1:PORT` of the client listener."""
         return f"127.0.0.1:{self.client_port}"
+
+    @property
+    def health_endpoint(self) -> str:
+        """`127.0.0.1:PORT` serving plaintext /health: the metrics listener with TLS, else
+        the client listener."""
+        return f"127.0.0.1:{self.metrics_port}" if self.metrics_port else self.endpoint
 
     @property
     def pid(self) -> int | None:
@@ -95,11 +151,12 @@ class EtcdProcess:
         if self._proc is not None and self._proc.poll() is None:
             raise FailedPreconditionError("ETCD_RUNNING", f"etcd already running (pid {self._proc.pid})")
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
-        argv = etcd_argv(self.data_dir, self.client_port, self.peer_port)
+        argv = etcd_argv(self.data_dir, self.client_port, self.peer_port, tls=self.tls,
+                         metrics_port=self.metrics_port)
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         try:
-            wait_healthy(self.endpoint, timeout, self._proc)
+            wait_healthy(self.health_endpoint, timeout, self._proc)
         except UnavailableError:
             self.stop()
             raise

@@ -34,7 +34,11 @@ from typing import Awaitable, Callable
 import aetcd
 import grpc
 
+from aetcd import rpc as aetcd_rpc
+from aetcd import watcher as aetcd_watcher
+
 from tunemesh.errors import InvalidArgumentError
+from tunemesh_common.security.tls import MeshTls, identity_name
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +95,44 @@ def parse_endpoint(endpoint: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def connect(endpoint: str, timeout: float = 5.0) -> aetcd.Client:
-    """A client for `host:port` (connects lazily on first call; bounded per-call timeout)."""
+def connect(endpoint: str, timeout: float = 5.0, tls: MeshTls | None = None) -> aetcd.Client:
+    """A client for `host:port` (connects lazily on first call; bounded per-call timeout).
+    With `tls`, over TLS to a server proving `etcd.tunemesh`, authenticated by this
+    process's certificate (etcd takes its common name as the user)."""
     host, port = parse_endpoint(endpoint)
-    return aetcd.Client(host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
+    if tls is None:
+        return aetcd.Client(host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
+    return TlsClient(tls, host=host, port=port, timeout=timeout, options=dict(_CHANNEL_OPTIONS))
+
+
+class TlsClient(aetcd.Client):
+    """aetcd's client over mutual TLS. aetcd 1.0 opens only plaintext channels: this
+    replaces `connect` with one that opens a TLS channel and sets up the same stubs
+    (no username/password: the certificate is the credential)."""
+
+    def __init__(self, tls: MeshTls, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._tls = tls
+
+    async def connect(self) -> None:
+        if self._connected.is_set():
+            return
+        if self._is_connecting:
+            await asyncio.wait_for(self._connected.wait(), self._connect_wait_timeout)
+            return
+        try:
+            self._is_connecting = True
+            self.channel = self._tls.channel(f"{self._host}:{self._port}", identity_name("etcd"),
+                                             list(self._options.items()))
+            self.kvstub = aetcd_rpc.KVStub(self.channel)
+            self.clusterstub = aetcd_rpc.ClusterStub(self.channel)
+            self.leasestub = aetcd_rpc.LeaseStub(self.channel)
+            self.maintenancestub = aetcd_rpc.MaintenanceStub(self.channel)
+            self._watcher = aetcd_watcher.Watcher(aetcd_rpc.WatchStub(self.channel), timeout=self._timeout,
+                                                  metadata=self.metadata)
+            self._connected.set()
+        finally:
+            self._is_connecting = False
 
 
 async def until_reachable(what: str, call: Callable[[], Awaitable], max_delay_s: float = 5.0):
@@ -116,10 +154,11 @@ def short_error(err: BaseException) -> str:
     return f"{type(err).__name__}: {text or ''}"[:200]
 
 
-def _client_for(etcd: Etcd) -> tuple[aetcd.Client, bool]:
-    """(client, owned): a client built from an endpoint string is owned by the caller."""
+def _client_for(etcd: Etcd, tls: MeshTls | None = None) -> tuple[aetcd.Client, bool]:
+    """(client, owned): a client built from an endpoint string (over TLS with `tls`) is
+    owned by the caller."""
     if isinstance(etcd, str):
-        return connect(etcd), True
+        return connect(etcd, tls=tls), True
     return etcd, False
 
 
@@ -146,11 +185,12 @@ class NodeRegistration:
         self._confirmed = float("-inf")  # monotonic time etcd last confirmed the lease
 
     @classmethod
-    async def start(cls, etcd: Etcd, kind: str, node_id: str, value: bytes, ttl: int = 5) -> NodeRegistration:
+    async def start(cls, etcd: Etcd, kind: str, node_id: str, value: bytes, ttl: int = 5,
+                    tls: MeshTls | None = None) -> NodeRegistration:
         """Register `value` at /tunemesh/nodes/{kind}/{node_id}; keep the lease alive every ttl/3."""
         if ttl < 2:
             raise InvalidArgumentError("BAD_LEASE_TTL", f"lease ttl must be >= 2 s, got {ttl}")
-        client, owned = _client_for(etcd)
+        client, owned = _client_for(etcd, tls)
         registration = cls(client, owned, kind, node_id, ttl)
         registration._value = value
         await until_reachable(f"register {node_id}", registration._register)
@@ -181,9 +221,9 @@ class NodeRegistration:
 
     @classmethod
     async def start_following(cls, etcd: Etcd, kind: str, node_id: str, value_of: Callable[[], bytes],
-                              ttl: int = 5, period_s: float = 1.0) -> NodeRegistration:
+                              ttl: int = 5, period_s: float = 1.0, tls: MeshTls | None = None) -> NodeRegistration:
         """`start` with `value_of()`, then keep the record equal to it (`follow`) until `stop`."""
-        registration = await cls.start(etcd, kind, node_id, value_of(), ttl=ttl)
+        registration = await cls.start(etcd, kind, node_id, value_of(), ttl=ttl, tls=tls)
         registration._follower = asyncio.create_task(registration.follow(value_of, period_s))
         return registration
 

@@ -1,6 +1,7 @@
 """The service host: what every service process does around its servicers.
 
-One async context manager starts, in order, the metrics endpoint, a grpc.aio server (the
+One async context manager starts, in order, the metrics endpoint (`/metrics`, `/healthz`,
+and `/readyz`: 200 once serving, for probes that cannot speak TLS), a grpc.aio server (the
 error/auth and metrics interceptors, health answering NOT_SERVING, reflection), binds and
 starts it, marks it serving, runs the service's registrations (its etcd node record) and
 writes the ready file; then it owns the service's background tasks. On the way out —
@@ -48,6 +49,7 @@ from tunemesh_common.service import metrics
 from tunemesh_common.service.rpc import (
     MAX_MESSAGE_BYTES, SERVER_OPTIONS, Authenticator, ErrorInterceptor, MetricsInterceptor,
 )
+from tunemesh_common.security.tls import MeshTls, PeerPolicy, PeerRules
 
 log = logging.getLogger(__name__)
 
@@ -56,14 +58,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 def build_server(
     authenticator: Authenticator | None = None, rpc_metrics: metrics.RpcMetrics | None = None,
-    max_receive_bytes: int = MAX_MESSAGE_BYTES,
+    max_receive_bytes: int = MAX_MESSAGE_BYTES, peer_policy: PeerPolicy | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with the error/auth interceptor (inside the metrics interceptor
     when `rpc_metrics` is given) and a health servicer (grpc's default: "" SERVING, other
     services unknown; `ServiceHost.start` sets them NOT_SERVING). A request over
     `max_receive_bytes` is refused by gRPC from its length prefix (RESOURCE_EXHAUSTED),
     before it is buffered or decoded."""
-    interceptors = [ErrorInterceptor(authenticator)]
+    interceptors = [ErrorInterceptor(authenticator, peer_policy)]
     if rpc_metrics is not None:
         interceptors.insert(0, MetricsInterceptor(rpc_metrics))  # the first one is the outermost
     options = [o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"]
@@ -95,14 +97,14 @@ def write_ready_file(path: pathlib.Path, payload: dict) -> None:
 @contextlib.asynccontextmanager
 async def etcd_registration(
     etcd: str, kind: str, node_id: str, value_of: Callable[[], bytes], ttl_s: int, period_s: float,
-    registry: CollectorRegistry, service: str,
+    registry: CollectorRegistry, service: str, tls: MeshTls | None = None,
 ) -> AsyncIterator[Any]:
     """A registration for `ServiceHost.serve`: the node's record under `kind` in etcd, held
     under a lease of `ttl_s`, re-read every `period_s` and rewritten when it changed; its
     etcd and lease state in `registry`'s metrics. Revoked (record gone at once) on exit."""
     from tunemesh_common.membership.registry import NodeRegistration
 
-    registration = await NodeRegistration.start_following(etcd, kind, node_id, value_of, ttl_s, period_s)
+    registration = await NodeRegistration.start_following(etcd, kind, node_id, value_of, ttl_s, period_s, tls=tls)
     try:
         metrics.follow_etcd(registry, service, lambda: registration.etcd_up, lambda: registration.lease_held)
         yield registration
@@ -124,6 +126,14 @@ class HostConfig:
     grace_s: float = 2.0  # calls in flight at shutdown get this long to finish
     max_receive_bytes: int = MAX_MESSAGE_BYTES  # largest request message accepted
     handle_signals: bool = True  # SIGTERM / SIGINT stop the host (main thread only)
+    tls: MeshTls | None = None  # None: plaintext (--insecure)
+    # Mesh roles that may call (mutual TLS: a client certificate of the mesh CA is required
+    # and must prove one of them), or per method (`tls.PeerPolicy`'s rules); None: any
+    # client, server TLS only (the public scheduler).
+    peers: PeerRules | frozenset[str] | None = None
+
+    def peer_policy(self) -> PeerPolicy | None:
+        return None if self.tls is None or self.peers is None else PeerPolicy(self.service, self.peers)
 
 
 class ServiceHost:
@@ -146,15 +156,16 @@ class ServiceHost:
     async def __aenter__(self) -> ServiceHost:
         self._task = asyncio.current_task()
         async with contextlib.AsyncExitStack() as stack:  # undone here if a step fails
-            endpoint = await metrics.MetricsEndpoint.start(
-                self.config.metrics_listen, self.config.registry, self.config.advertise_host)
+            endpoint = await metrics.MetricsEndpoint.start(  # /readyz: serving (a scheduler: leading)
+                self.config.metrics_listen, self.config.registry, self.config.advertise_host,
+                ready=lambda: self._serving and not self._closing)
             if endpoint is not None:
                 stack.push_async_callback(endpoint.close)
                 self.metrics_url = endpoint.url
             await stack.enter_async_context(self._resources)
             self.server, self.health = build_server(
                 self.config.authenticator, metrics.RpcMetrics(self.config.service, self.config.registry),
-                self.config.max_receive_bytes)
+                self.config.max_receive_bytes, self.config.peer_policy())
             stack.push_async_callback(self._stop_server)
             self._stack = stack.pop_all()
         if self.config.handle_signals:
@@ -180,7 +191,11 @@ class ServiceHost:
     def bind(self) -> str:
         """Bind the listen address (once); return the address others use (advertise host, bound port)."""
         if not self.address:
-            port = self.server.add_insecure_port(self.config.listen)
+            if self.config.tls is None:
+                port = self.server.add_insecure_port(self.config.listen)
+            else:
+                credentials = self.config.tls.server_credentials(client_auth=self.config.peers is not None)
+                port = self.server.add_secure_port(self.config.listen, credentials)
             host = self.config.advertise_host or self.config.listen.rsplit(":", 1)[0]
             self.address = f"{host}:{port}"
         return self.address

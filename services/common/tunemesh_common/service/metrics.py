@@ -176,24 +176,27 @@ def timed(histogram: Histogram, *labels: str) -> Iterator[None]:
 
 
 class MetricsEndpoint:
-    """`GET /metrics` over one-shot HTTP connections, answered on the event loop."""
+    """`GET /metrics`, `/healthz` and `/readyz` over one-shot HTTP connections, answered
+    on the event loop. Kubernetes probes cannot speak TLS, so this plaintext port is where
+    they ask: `/healthz` is 200 while the process (its event loop) runs, `/readyz` 200 once
+    `ready()` is true, 503 before (404 without a `ready`)."""
 
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self._registry = registry
+    def __init__(self, registry: CollectorRegistry, ready: Callable[[], bool] | None = None) -> None:
+        self._registry, self._ready = registry, ready
         self._server: asyncio.Server | None = None
         self.url = ""
 
     @classmethod
     async def start(cls, listen: str, registry: CollectorRegistry = prometheus_client.REGISTRY,
-                    advertise_host: str = "") -> MetricsEndpoint | None:
+                    advertise_host: str = "", ready: Callable[[], bool] | None = None) -> MetricsEndpoint | None:
         """Serve on `listen` (`host:port`, port 0 picks one); None when `listen` is empty.
         The URL names `advertise_host` if given, else the listen host (this machine's
-        name for a wildcard)."""
+        name for a wildcard). `ready` answers `/readyz` (read at each request)."""
         if not listen:
             return None
         prometheus_client.disable_created_metrics()  # no `*_created` series next to each counter
         host, _, port = listen.rpartition(":")
-        endpoint = cls(registry)
+        endpoint = cls(registry, ready)
         endpoint._server = await asyncio.start_server(endpoint._answer, host or None, int(port))
         bound = endpoint._server.sockets[0].getsockname()[1]
         if not advertise_host:
@@ -205,15 +208,30 @@ class MetricsEndpoint:
         self._server.close()
         await self._server.wait_closed()
 
+    def _reply(self, path: str) -> tuple[str, str, bytes]:
+        """(status, content type, body) for a GET of `path`."""
+        if path == "/metrics":
+            return "200 OK", prometheus_client.CONTENT_TYPE_LATEST, prometheus_client.generate_latest(self._registry)
+        if path == "/healthz":
+            return "200 OK", "text/plain", b"ok\n"
+        if path == "/readyz" and self._ready is not None:
+            try:
+                ready = bool(self._ready())
+            except Exception:  # a broken readiness callback reads as not ready, never as a crash
+                log.exception("the readiness callback failed")
+                ready = False
+            return ("200 OK", "text/plain", b"ready\n") if ready else \
+                ("503 Service Unavailable", "text/plain", b"not ready\n")
+        return "404 Not Found", "text/plain", b"served here: /metrics, /healthz, /readyz\n"
+
     async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10.0)
             method, path = head.split(b"\r\n", 1)[0].decode("latin-1").split(" ")[:2]
-            if method in ("GET", "HEAD") and path.split("?", 1)[0] == "/metrics":
-                status, kind, body = "200 OK", prometheus_client.CONTENT_TYPE_LATEST, \
-                    prometheus_client.generate_latest(self._registry)
+            if method in ("GET", "HEAD"):
+                status, kind, body = self._reply(path.split("?", 1)[0])
             else:
-                status, kind, body = "404 Not Found", "text/plain", b"only /metrics is served here\n"
+                status, kind, body = "405 Method Not Allowed", "text/plain", b"GET or HEAD only\n"
             writer.write(f"HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {len(body)}\r\n"
                          f"Connection: close\r\n\r\n".encode() + (body if method != "HEAD" else b""))
             await writer.drain()

@@ -26,6 +26,7 @@ from tunemesh.errors import (
     to_status,
 )
 from tunemesh_common.service.metrics import RpcMetrics
+from tunemesh_common.security.tls import MeshTls, PeerPolicy, open_channel
 
 log = logging.getLogger(__name__)
 
@@ -73,47 +74,53 @@ def current_tenant() -> str:
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps TunemeshError to its status; unexpected errors to INTERNAL without a traceback.
 
-    With an `authenticator`, every RPC except health and reflection first resolves the
-    caller's tenant (UNAUTHENTICATED otherwise) into `current_tenant()`.
+    Every RPC except health and reflection first passes the `peer_policy` (a mutual-TLS
+    server: the caller's certificate must prove an allowed mesh role, else
+    PERMISSION_DENIED), then, with an `authenticator`, resolves the caller's tenant
+    (UNAUTHENTICATED otherwise) into `current_tenant()`.
     """
 
-    def __init__(self, authenticator: Authenticator | None = None) -> None:
+    def __init__(self, authenticator: Authenticator | None = None, peer_policy: PeerPolicy | None = None) -> None:
         self._authenticator = authenticator
+        self._peer_policy = peer_policy
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         if handler is None:
             return handler
         method = handler_call_details.method
-        needs_auth = self._authenticator is not None and not method.startswith(
-            ("/grpc.health.", "/grpc.reflection.")
-        )
-        return _rewrap(handler, lambda inner: self._guard_unary(inner, method, needs_auth),
-                       None if method.startswith("/grpc.") else lambda inner: self._guard_stream(inner, method, needs_auth))
+        if method.startswith(("/grpc.health.", "/grpc.reflection.")):
+            return _rewrap(handler, lambda inner: self._guard_unary(inner, method, False), None)
+        return _rewrap(handler, lambda inner: self._guard_unary(inner, method, True),
+                       lambda inner: self._guard_stream(inner, method, True))
 
-    async def _authenticate(self, context: grpc.aio.ServicerContext) -> None:
-        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-        tenant = self._authenticator(metadata, context.peer() or "")
-        _tenant.set(await tenant if inspect.isawaitable(tenant) else tenant)
+    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
+        """The caller's role checked, then its tenant resolved (each where configured)."""
+        if self._peer_policy is not None:
+            self._peer_policy.check(context, method)
+        if self._authenticator is not None:
+            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+            tenant = self._authenticator(metadata, context.peer() or "")
+            _tenant.set(await tenant if inspect.isawaitable(tenant) else tenant)
 
-    def _guard_unary(self, inner, method: str, needs_auth: bool):
+    def _guard_unary(self, inner, method: str, admit: bool):
         """A unary-response handler (request or request stream in) with errors mapped."""
 
         async def guarded(request, context: grpc.aio.ServicerContext):
             async with _errors_mapped(context, method):
-                if needs_auth:
-                    await self._authenticate(context)
+                if admit:
+                    await self._admit(context, method)
                 return await inner(request, context)
 
         return guarded
 
-    def _guard_stream(self, inner, method: str, needs_auth: bool):
+    def _guard_stream(self, inner, method: str, admit: bool):
         """A response-streaming handler with errors mapped (also mid-stream)."""
 
         async def guarded(request, context: grpc.aio.ServicerContext):
             async with _errors_mapped(context, method):
-                if needs_auth:
-                    await self._authenticate(context)
+                if admit:
+                    await self._admit(context, method)
                 async for response in inner(request, context):
                     yield response
 
@@ -220,8 +227,9 @@ TENANT_KEY = "tunemesh-tenant"
 
 def trusted_tenant(metadata: Mapping[str, str], peer: str = "") -> str:
     """Authenticator of internal services: the calling mesh service names the tenant in
-    `tunemesh-tenant` (the scheduler has authenticated it). Only mesh services may
-    reach a service that uses this (network policy)."""
+    `tunemesh-tenant` (the scheduler has authenticated it). A service that uses this
+    admits mesh identities only (mutual TLS and a `PeerPolicy`; with --insecure, only
+    network policy keeps others out)."""
     tenant = metadata.get(TENANT_KEY, "")
     if not tenant:
         raise UnauthenticatedError("MISSING_TENANT", f"internal call without `{TENANT_KEY}` metadata")
@@ -307,10 +315,15 @@ def error_from_peer(err: grpc.RpcError, peer: str, *, failure_reason: str = "PEE
 
 
 class PeerChannels:
-    """One channel (and stub) per peer node, made again when the node's address changes."""
+    """One channel (and stub) per peer node, made again when the node's address changes.
+    With `tls`, a channel accepts only the server proving the node's identity
+    (`identity_of(node_id)`, e.g. `t1.trainer.tunemesh`): a record in etcd that points
+    at another process's address gets no call."""
 
-    def __init__(self, stub_class: type, address_of: Callable[[str], str]) -> None:
+    def __init__(self, stub_class: type, address_of: Callable[[str], str],
+                 tls: MeshTls | None = None, identity_of: Callable[[str], str] = str) -> None:
         self._stub_class, self._address_of = stub_class, address_of
+        self._tls, self._identity_of = tls, identity_of
         self._channels: dict[str, tuple[str, grpc.aio.Channel, object]] = {}
 
     def stub(self, node_id: str):
@@ -319,7 +332,7 @@ class PeerChannels:
         if cached is None or cached[0] != address:
             if cached is not None:
                 asyncio.ensure_future(cached[1].close())
-            channel = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = open_channel(address, self._tls, self._identity_of(node_id), CHANNEL_OPTIONS)
             cached = self._channels[node_id] = (address, channel, self._stub_class(channel))
         return cached[2]
 

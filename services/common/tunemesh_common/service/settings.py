@@ -17,6 +17,8 @@ from typing import Annotated, Any, TypeVar
 from pydantic import AfterValidator, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
+from tunemesh_common.security.tls import MeshTls
+
 S = TypeVar("S", bound="ServiceSettings")
 
 
@@ -56,7 +58,30 @@ def settings_config(service: str) -> SettingsConfigDict:
 
 
 class ServiceSettings(BaseSettings):
-    """Base of the services' settings: paths have `~` expanded."""
+    """Base of the services' settings: paths have `~` expanded; every service serves and
+    calls over TLS with the mesh's certificates (`tls.py`), or in plaintext with `--insecure`."""
+
+    tls_ca: pathlib.Path | None = Field(None, description="PEM bundle of the mesh CA: the only CA peers are trusted by")
+    tls_cert: pathlib.Path | None = Field(None, description="PEM certificate of this process (from the mesh CA)")
+    tls_key: pathlib.Path | None = Field(None, description="PEM private key of --tls-cert")
+    insecure: bool = Field(False, description="plaintext on every hop, no peer authentication: development only")
+
+    def mesh_tls(self) -> MeshTls | None:
+        """This process's TLS material, or None with --insecure true. Raises SystemExit
+        saying what to pass when neither is given, or when the files are unusable."""
+        files = (self.tls_ca, self.tls_cert, self.tls_key)
+        prog = self.model_config.get("cli_prog_name", "")
+        if self.insecure:
+            if any(files):
+                raise SystemExit(f"{prog}: --insecure true and --tls-* files: choose one")
+            return None
+        if not all(files):
+            raise SystemExit(f"{prog}: no TLS material: pass --tls-ca, --tls-cert and --tls-key (`tunemesh up` "
+                             "makes them in its state dir; docs/security.md), or --insecure true for development")
+        try:
+            return MeshTls.from_files(*files)
+        except ValueError as err:
+            raise SystemExit(f"{prog}: {err}") from None
 
     @field_validator("*", mode="after")
     @classmethod
