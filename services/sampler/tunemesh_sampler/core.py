@@ -46,7 +46,7 @@ class SamplerCore:
         try:
             key = await self._pin(ref)
             try:
-                sequences = await self._engine.generate(GenerateRequest(key, prompt, num_samples, spec))
+                sequences = await self._engine.generate(GenerateRequest(key, prompt, num_samples, spec, tenant))
             finally:
                 await self._unpin(key)
         finally:

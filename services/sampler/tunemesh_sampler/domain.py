@@ -44,6 +44,7 @@ class GenerateRequest:
     prompt_tokens: tuple[int, ...]
     num_samples: int
     spec: SamplingSpec
+    tenant: str = ""  # whose rows: engines admit waiting rows across tenants in turn
 
 
 @dataclasses.dataclass(frozen=True)

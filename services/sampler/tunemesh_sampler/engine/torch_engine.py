@@ -1,9 +1,13 @@
 """Batched multi-LoRA generation on a frozen HF causal LM, in plain torch (LoRA on linears
 and on fused MoE expert weights).
 
-Concurrent `generate` calls queue their rows (one row per sample); one worker thread takes
-all pending rows (up to `max_batch_rows`), groups them by adapter so each adapter's rows
-are contiguous, left-pads the prompts and runs one KV-cached decode loop for the batch.
+Concurrent `generate` calls queue their rows (one row per sample) by tenant; one worker
+thread runs a KV-cached decode loop that rows join and leave step by step (continuous
+batching): each step admits waiting rows into the free slots of `max_batch_rows`, taking
+the tenants in turn, prefills them together and merges them into the running rows (caches
+left-padded to one length, each adapter's rows contiguous); a row that finished leaves at
+once and its slot goes to the next waiting row. So a long generation holds no one else
+back beyond sharing the steps, and scoring calls run between two steps.
 
 Sampling is per row and independent of the rest of the batch: each sampled row draws one
 uniform per step from its own `torch.Generator`, seeded from the request's seed and the
@@ -82,6 +86,94 @@ class _Row:
         return BASE_SEGMENT if key is None else key
 
 
+class _FairRows:
+    """Rows waiting for a slot, by tenant: `pop` takes the tenants in turn (each tenant's
+    rows in arrival order), so one tenant's many rows never hold another's few back."""
+
+    def __init__(self) -> None:
+        self._by_tenant: collections.OrderedDict[str, collections.deque[_Row]] = collections.OrderedDict()
+
+    def __bool__(self) -> bool:
+        return bool(self._by_tenant)
+
+    def add(self, tenant: str, rows: list[_Row]) -> None:
+        self._by_tenant.setdefault(tenant, collections.deque()).extend(rows)
+
+    def pop(self) -> _Row | None:
+        """The next tenant's oldest row (that tenant goes to the back of the turn)."""
+        if not self._by_tenant:
+            return None
+        tenant, rows = next(iter(self._by_tenant.items()))
+        row = rows.popleft()
+        if rows:
+            self._by_tenant.move_to_end(tenant)
+        else:
+            del self._by_tenant[tenant]
+        return row
+
+    def drain(self) -> list[_Row]:
+        rows = [row for queue in self._by_tenant.values() for row in queue]
+        self._by_tenant.clear()
+        return rows
+
+
+@dataclasses.dataclass(eq=False)
+class _Batch:
+    """The rows decoding together, row-aligned: attention mask over the cache, the position
+    of each row's last token, the KV cache, each row's next-token logits."""
+
+    rows: list[_Row]
+    mask_bt: torch.Tensor
+    last_pos_b: torch.Tensor
+    cache: DynamicCache
+    logits_bv: torch.Tensor
+    chooser: TokenChooser | None = None
+
+    def select(self, indices: list[int]) -> None:
+        """Keep rows `indices`, in that order; then drop the cache's leading positions no
+        kept row attends to (the padding of rows that left)."""
+        index_b = torch.tensor(indices, dtype=torch.long, device=self.mask_bt.device)
+        self.rows = [self.rows[i] for i in indices]
+        self.mask_bt, self.last_pos_b = self.mask_bt[index_b], self.last_pos_b[index_b]
+        self.logits_bv = self.logits_bv[index_b]
+        self.cache.batch_select_indices(index_b)
+        start = int(self.mask_bt.any(dim=0).int().argmax())
+        if start > 0:
+            self.mask_bt = self.mask_bt[:, start:]
+            for layer in _cache_layers(self.cache):
+                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+
+    def merged(self, other: _Batch) -> _Batch:
+        """This batch's rows then `other`'s, both left-padded to the longer cache."""
+        width = max(self.mask_bt.shape[1], other.mask_bt.shape[1])
+        for mine, theirs in zip(_cache_layers(self.cache), _cache_layers(other.cache), strict=True):
+            mine.keys = torch.cat([_left_pad_time(mine.keys, width), _left_pad_time(theirs.keys, width)])
+            mine.values = torch.cat([_left_pad_time(mine.values, width), _left_pad_time(theirs.values, width)])
+        mask_bt = torch.cat([_left_pad_time(self.mask_bt, width), _left_pad_time(other.mask_bt, width)])
+        return _Batch([*self.rows, *other.rows], mask_bt, torch.cat([self.last_pos_b, other.last_pos_b]),
+                      self.cache, torch.cat([self.logits_bv, other.logits_bv]))
+
+
+def _cache_layers(cache: DynamicCache) -> list:
+    """The cache's per-layer key/value stores (full attention layers only: rows join and
+    leave by editing them)."""
+    layers = list(cache.layers)
+    if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+        raise InternalError("UNSUPPORTED_CACHE", "continuous batching needs full-attention cache layers")
+    return layers
+
+
+def _left_pad_time(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` ([B, T] or [B, H, T, D]) with zeros before its time axis up to `width`."""
+    axis = 1 if tensor.dim() == 2 else -2
+    missing = width - tensor.shape[axis]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+
+
 class TorchSamplingEngine:
     """A frozen base model whose target linears and fused experts carry many adapters' LoRA factors."""
 
@@ -118,8 +210,10 @@ class TorchSamplingEngine:
             max_lora_rank=max_lora_rank,
             eos_token_ids=tuple(sorted(self._eos)),
         )
-        self.batches_run = 0  # fused decode loops run so far
-        self._pending: collections.deque[_Row] = collections.deque()
+        self.batches_run = 0  # groups of rows prefilled together (each joins the running decode loop)
+        self._pending = _FairRows()
+        self._scores: collections.deque[tuple[str | None, tuple[int, ...], concurrent.futures.Future]] = \
+            collections.deque()
         self._lock = threading.Lock()
         self._scheduled = False
         self._closed = False
@@ -159,8 +253,8 @@ class TorchSamplingEngine:
         seed = request_seed(request.spec)
         rows = [_Row(job, i, row_generator(request.spec, seed, i)) for i in range(n)]
         with self._lock:
-            self._pending.extend(rows)
-        loop.call_soon(self._kick)  # after the other ready callers have queued: one batch
+            self._pending.add(request.tenant, rows)
+        loop.call_soon(self._kick)  # after the other ready callers have queued: one prefill
         return await job.future
 
     def _check_request(self, request: GenerateRequest) -> None:
@@ -194,35 +288,49 @@ class TorchSamplingEngine:
             raise InvalidArgumentError("BAD_TOKEN_ID", f"token ids must lie in [0, {self.info.vocab_size})")
 
     def _kick(self) -> None:
-        """Schedule one batch on the worker unless one is already waiting to start."""
+        """Start the worker's loop unless it runs (it takes what was queued meanwhile)."""
         with self._lock:
-            if self._scheduled or self._closed or not self._pending:
+            if self._scheduled or self._closed or not (self._pending or self._scores):
                 return
             self._scheduled = True
-            self._executor.submit(self._run_next_batch)
+            self._executor.submit(self._run)
 
-    def _run_next_batch(self) -> None:
-        """Worker thread: decode every pending row (up to the batch size) together."""
-        with self._lock:
-            self._scheduled = False
-            rows = self._take_rows()
-        try:
-            if rows:
-                self._decode(rows)
-        except Exception:
-            logger.exception("decode batch of %d rows failed", len(rows))
-            for job in {row.job for row in rows}:
-                _settle(job, InternalError("ENGINE_ERROR", "the sampler failed on this request"))
-        self._kick()
+    def _run(self) -> None:
+        """Worker thread: one decode loop for as long as there are rows. Each step first
+        runs the scoring calls that queued, then admits pending rows into the free slots
+        (fairly across tenants: prefilled together, they join the running rows), then
+        picks every row's next token; rows that finished leave at once, freeing their
+        slots for the next step."""
+        batch: _Batch | None = None
+        while True:
+            self._run_scores()
+            with self._lock:
+                running = batch.rows if batch is not None else []
+                new = [] if self._closed else self._take_rows(self._max_batch_rows - len(running))
+                if self._closed or (batch is None and not new and not self._scores):
+                    self._scheduled = False
+                    closing = self._closed
+                    break
+            try:
+                if new:
+                    batch = self._join(batch, new)
+                if batch is not None:
+                    batch = self._step(batch)
+            except Exception:
+                logger.exception("decode step of %d rows failed", len(running) + len(new))
+                for job in {row.job for row in [*running, *new]}:
+                    _settle(job, InternalError("ENGINE_ERROR", "the sampler failed on this request"))
+                batch = None
+        if closing and batch is not None:
+            for job in {row.job for row in batch.rows}:
+                _settle(job, UnavailableError("ENGINE_CLOSED", "the sampling engine closed"))
 
-    def _take_rows(self) -> list[_Row]:
+    def _take_rows(self, free: int) -> list[_Row]:
         rows: list[_Row] = []
-        while self._pending and len(rows) < self._max_batch_rows:
-            row = self._pending.popleft()
-            if not row.job.future.done():  # cancelled callers free their rows
+        while free > len(rows) and (row := self._pending.pop()) is not None:
+            if not row.job.future.done() and self._still_loaded(row):  # cancelled callers free their rows
                 rows.append(row)
-        rows = [row for row in rows if self._still_loaded(row)]
-        return sorted(rows, key=lambda row: row.segment)  # stable: each adapter's rows contiguous
+        return rows
 
     def _still_loaded(self, row: _Row) -> bool:
         try:
@@ -232,40 +340,58 @@ class TorchSamplingEngine:
             return False
         return True
 
-    def _decode(self, rows: list[_Row]) -> None:
-        """Prefill the left-padded prompts, then one token per step until every row stopped."""
+    def _join(self, batch: _Batch | None, rows: list[_Row]) -> _Batch:
+        """Prefill `rows` (left-padded, together) and merge them into the running `batch`;
+        each adapter's rows end up contiguous."""
         self.batches_run += 1
+        rows = sorted(rows, key=lambda row: row.segment)
         ids_bt, mask_bt = _left_pad([row.job.request.prompt_tokens for row in rows], self._device)
         positions_bt = (mask_bt.cumsum(-1) - 1).clamp(min=0)
-        chooser = TokenChooser([row.spec for row in rows], self._device)
         cache = DynamicCache(config=self._model.config)
-        with torch.no_grad(), self._routing.use(RowPlan(_segments(rows), frozenset())):
-            logits_bv = self._last_logits(ids_bt, mask_bt, positions_bt, cache)
-            while True:
-                tokens_b, logprobs_b = chooser.choose(
-                    logits_bv, [row.generator if row.reason is None else None for row in rows])
-                if self._advance(rows, tokens_b.tolist(), logprobs_b.tolist()):
-                    return
-                mask_bt = torch.cat([mask_bt, mask_bt.new_ones(len(rows), 1)], dim=1)
-                positions_bt = positions_bt[:, -1:] + 1
-                logits_bv = self._last_logits(tokens_b[:, None], mask_bt, positions_bt, cache)
+        logits_bv = self._forward(rows, ids_bt, mask_bt, positions_bt, cache)
+        joined = _Batch(rows, mask_bt, positions_bt[:, -1], cache, logits_bv)
+        if batch is not None:
+            joined = batch.merged(joined)
+        order = sorted(range(len(joined.rows)), key=lambda i: joined.rows[i].segment)  # stable
+        if order != list(range(len(order))):
+            joined.select(order)
+        joined.chooser = TokenChooser([row.spec for row in joined.rows], self._device)
+        return joined
 
-    def _last_logits(self, ids_bt, mask_bt, positions_bt, cache) -> torch.Tensor:
-        out = self._model(
-            input_ids=ids_bt,
-            attention_mask=mask_bt,
-            position_ids=positions_bt,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,
-        )
+    def _step(self, batch: _Batch) -> _Batch | None:
+        """Every row's next token; finished (or abandoned) rows leave; the others are fed
+        their token. None once no row runs."""
+        tokens_b, logprobs_b = batch.chooser.choose(batch.logits_bv, [row.generator for row in batch.rows])
+        self._advance(batch.rows, tokens_b.tolist(), logprobs_b.tolist())
+        kept = [i for i, row in enumerate(batch.rows) if row.reason is None and not row.job.future.done()]
+        if not kept:
+            return None
+        if len(kept) < len(batch.rows):
+            batch.select(kept)
+            tokens_b = tokens_b[kept]
+            batch.chooser = TokenChooser([row.spec for row in batch.rows], self._device)
+        batch.mask_bt = torch.cat([batch.mask_bt, batch.mask_bt.new_ones(len(batch.rows), 1)], dim=1)
+        batch.last_pos_b = batch.last_pos_b + 1
+        batch.logits_bv = self._forward(batch.rows, tokens_b[:, None], batch.mask_bt, batch.last_pos_b[:, None],
+                                        batch.cache)
+        return batch
+
+    def _forward(self, rows: list[_Row], ids_bt, mask_bt, positions_bt, cache) -> torch.Tensor:
+        """The next-token logits of each row (float32), its adapter's LoRA applied."""
+        with torch.no_grad(), self._routing.use(RowPlan(_segments(rows), frozenset())):
+            out = self._model(
+                input_ids=ids_bt,
+                attention_mask=mask_bt,
+                position_ids=positions_bt,
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         return out.logits[:, -1].float()
 
-    def _advance(self, rows: list[_Row], tokens: list[int], logprobs: list[float]) -> bool:
-        """Append each running row's new token and apply its stops; True once all stopped."""
+    def _advance(self, rows: list[_Row], tokens: list[int], logprobs: list[float]) -> None:
+        """Append each row's new token and apply its stops (a stopped row is finished)."""
         for row, token, logprob in zip(rows, tokens, logprobs):
-            if row.reason is not None:
-                continue
             row.tokens.append(token)
             row.logprobs.append(logprob)
             if token in self._eos or token in row.spec.stop_token_ids or self._cut_at_stop_string(row):
@@ -274,7 +400,6 @@ class TorchSamplingEngine:
                 row.reason = StopReason.LENGTH
             if row.reason is not None:
                 _finish(row)
-        return all(row.reason is not None for row in rows)
 
     def _cut_at_stop_string(self, row: _Row) -> bool:
         """If the new text holds a stop string: keep the tokens before the first token whose
@@ -297,10 +422,30 @@ class TorchSamplingEngine:
     # scoring ------------------------------------------------------------------
 
     async def prompt_logprobs(self, adapter_key: str | None, tokens: tuple[int, ...]) -> list[float]:
+        """Queued for the worker, which runs it between two decode steps (never behind a
+        whole generation)."""
         self._check_open()
         self._check_adapter(adapter_key)
         self._check_tokens(tokens, 0)
-        return await asyncio.wrap_future(self._executor.submit(self._score, adapter_key, tuple(tokens)))
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            self._scores.append((adapter_key, tuple(tokens), future))
+        self._kick()
+        return await asyncio.wrap_future(future)
+
+    def _run_scores(self) -> None:
+        """Worker thread: every scoring call queued so far."""
+        while True:
+            with self._lock:
+                if not self._scores:
+                    return
+                adapter_key, tokens, future = self._scores.popleft()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(self._score(adapter_key, tokens))
+            except BaseException as err:  # noqa: BLE001 - the caller gets it
+                future.set_exception(err)
 
     def _score(self, adapter_key: str | None, tokens: tuple[int, ...]) -> list[float]:
         self._check_adapter(adapter_key)  # unloaded while queued: never the base model instead
@@ -316,9 +461,13 @@ class TorchSamplingEngine:
     def close(self) -> None:
         with self._lock:
             self._closed = True
-            pending, self._pending = list(self._pending), collections.deque()
+            pending, self._pending = self._pending.drain(), _FairRows()
+            scores, self._scores = list(self._scores), collections.deque()
         for job in {row.job for row in pending}:
             _settle(job, UnavailableError("ENGINE_CLOSED", "the sampling engine closed"))
+        for _, _, future in scores:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(UnavailableError("ENGINE_CLOSED", "the sampling engine closed"))
         self._executor.shutdown(wait=True)
 
 
