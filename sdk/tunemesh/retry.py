@@ -11,8 +11,8 @@ that a retry reuses, and the rest are reads. Retried status codes:
 - ABORTED: a concurrency conflict on the server (e.g. a placement race).
 
 except RESOURCE_EXHAUSTED with a reason in FINAL_REASONS: quotas that only the caller's
-own action frees (deleting runs or checkpoints) and a full disk, where waiting out the
-retry deadline would only delay the report. Transient quotas (SAMPLE_ROWS_QUOTA, the
+own action frees (deleting runs or checkpoints), a full disk, and a request over its RPC's
+size limit, where waiting out the retry deadline would only delay the report. Transient quotas (SAMPLE_ROWS_QUOTA, the
 tenant's rows in flight at a sampler) are retried with backoff like any capacity limit.
 
 INTERNAL and UNKNOWN are not retried: the service maps unexpected bugs to INTERNAL, and
@@ -45,7 +45,7 @@ RETRYABLE_CODES = frozenset(
     }
 )
 
-FINAL_REASONS = frozenset({"TENANT_RUN_QUOTA", "STORAGE_QUOTA", "DISK_FULL"})
+FINAL_REASONS = frozenset({"TENANT_RUN_QUOTA", "STORAGE_QUOTA", "DISK_FULL", "REQUEST_TOO_LARGE"})
 """Reasons of a retryable code that are not retried (see the module docstring)."""
 
 T = TypeVar("T")

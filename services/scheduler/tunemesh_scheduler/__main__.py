@@ -78,13 +78,29 @@ def build_authenticator(s: settings_mod.SchedulerSettings) -> api_keys_mod.KeyAu
     return api_keys_mod.KeyAuthenticator(ring, throttle)
 
 
+SMALL_REQUEST_BYTES = 1 << 20  # every unary RPC without training data or prompts
+PROMPT_REQUEST_BYTES = 4 << 20  # a prompt of up to 8192 tokens, with room to spare
+
+
+def request_limits(max_request_bytes: int) -> rpc.MessageLimits:
+    """Each public RPC's largest request: training data (ForwardBackward, Forward) up to
+    `max_request_bytes` (the server's limit), prompts (Sample, ComputeLogprobs) 4 MiB,
+    everything else 1 MiB. ImportCheckpoint streams chunks and keeps the server's limit."""
+    training = f"/{_service(training_pb2, 'TrainingService')}/"
+    sampling = f"/{_service(sampling_pb2, 'SamplingService')}/"
+    return rpc.MessageLimits({training + "ForwardBackward": max_request_bytes, training + "Forward": max_request_bytes,
+                              sampling + "Sample": PROMPT_REQUEST_BYTES,
+                              sampling + "ComputeLogprobs": PROMPT_REQUEST_BYTES}, default=SMALL_REQUEST_BYTES)
+
+
 async def serve(s: settings_mod.SchedulerSettings) -> None:
     authenticator = build_authenticator(s)
     tls = s.mesh_tls()
     scheduler_metrics = SchedulerMetrics(prometheus_client.REGISTRY)
     config = HostConfig("scheduler", s.listen, s.metrics_listen, ready_file=s.ready_file,
                         authenticator=authenticator, registry=scheduler_metrics.registry,
-                        max_receive_bytes=s.max_request_bytes, tls=tls)  # public: server TLS, API keys
+                        max_receive_bytes=s.max_request_bytes, limits=request_limits(s.max_request_bytes),
+                        tls=tls)  # public: server TLS, API keys
     async with ServiceHost(config) as host:
         parts = await _build(s, host, scheduler_metrics, tls)
         host.write_ready(s.listen, role="standby")

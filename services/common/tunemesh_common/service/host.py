@@ -47,7 +47,7 @@ from prometheus_client import CollectorRegistry
 
 from tunemesh_common.service import metrics
 from tunemesh_common.service.rpc import (
-    MAX_MESSAGE_BYTES, SERVER_OPTIONS, Authenticator, ErrorInterceptor, MetricsInterceptor,
+    MAX_MESSAGE_BYTES, SERVER_OPTIONS, Authenticator, ErrorInterceptor, MessageLimits, MetricsInterceptor,
 )
 from tunemesh_common.security.tls import MeshTls, PeerPolicy, PeerRules
 
@@ -59,13 +59,14 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def build_server(
     authenticator: Authenticator | None = None, rpc_metrics: metrics.RpcMetrics | None = None,
     max_receive_bytes: int = MAX_MESSAGE_BYTES, peer_policy: PeerPolicy | None = None,
+    limits: MessageLimits | None = None,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
     """A grpc.aio server with the error/auth interceptor (inside the metrics interceptor
     when `rpc_metrics` is given) and a health servicer (grpc's default: "" SERVING, other
     services unknown; `ServiceHost.start` sets them NOT_SERVING). A request over
     `max_receive_bytes` is refused by gRPC from its length prefix (RESOURCE_EXHAUSTED),
     before it is buffered or decoded."""
-    interceptors = [ErrorInterceptor(authenticator, peer_policy)]
+    interceptors = [ErrorInterceptor(authenticator, peer_policy, limits)]
     if rpc_metrics is not None:
         interceptors.insert(0, MetricsInterceptor(rpc_metrics))  # the first one is the outermost
     options = [o for o in SERVER_OPTIONS if o[0] != "grpc.max_receive_message_length"]
@@ -125,6 +126,7 @@ class HostConfig:
     registry: CollectorRegistry = prometheus_client.REGISTRY  # served on /metrics, RPC metrics recorded in it
     grace_s: float = 2.0  # calls in flight at shutdown get this long to finish
     max_receive_bytes: int = MAX_MESSAGE_BYTES  # largest request message accepted
+    limits: MessageLimits | None = None  # smaller limits of single RPCs (checked before decoding)
     handle_signals: bool = True  # SIGTERM / SIGINT stop the host (main thread only)
     tls: MeshTls | None = None  # None: plaintext (--insecure)
     # Mesh roles that may call (mutual TLS: a client certificate of the mesh CA is required
@@ -165,7 +167,7 @@ class ServiceHost:
             await stack.enter_async_context(self._resources)
             self.server, self.health = build_server(
                 self.config.authenticator, metrics.RpcMetrics(self.config.service, self.config.registry),
-                self.config.max_receive_bytes, self.config.peer_policy())
+                self.config.max_receive_bytes, self.config.peer_policy(), self.config.limits)
             stack.push_async_callback(self._stop_server)
             self._stack = stack.pop_all()
         if self.config.handle_signals:

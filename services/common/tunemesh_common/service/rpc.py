@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import dataclasses
 import inspect
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -19,6 +20,7 @@ import grpc
 from tunemesh.errors import (
     FailedPreconditionError,
     InternalError,
+    ResourceExhaustedError,
     TunemeshError,
     UnauthenticatedError,
     UnavailableError,
@@ -71,18 +73,50 @@ def current_tenant() -> str:
     return _tenant.get()
 
 
+@dataclasses.dataclass(frozen=True)
+class MessageLimits:
+    """The largest request message (bytes) each RPC with a unary request takes, by method
+    path; `default` for the others (0: only the server's own limit). A message over its
+    limit is refused from its length, before it is decoded: RESOURCE_EXHAUSTED
+    [REQUEST_TOO_LARGE], naming the limit (final: the SDK does not retry it)."""
+
+    by_method: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    default: int = 0
+
+    def of(self, method: str) -> int:
+        return self.by_method.get(method, self.default)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Oversized:
+    """What a request over its limit decodes to: its size, and nothing of its content."""
+
+    size: int
+    limit: int
+
+
+def _limited(deserializer: Callable[[bytes], object], limit: int) -> Callable[[bytes], object]:
+    def deserialize(raw: bytes) -> object:
+        return _Oversized(len(raw), limit) if len(raw) > limit else deserializer(raw)
+
+    return deserialize
+
+
 class ErrorInterceptor(grpc.aio.ServerInterceptor):
     """Maps TunemeshError to its status; unexpected errors to INTERNAL without a traceback.
 
     Every RPC except health and reflection first passes the `peer_policy` (a mutual-TLS
     server: the caller's certificate must prove an allowed mesh role, else
     PERMISSION_DENIED), then, with an `authenticator`, resolves the caller's tenant
-    (UNAUTHENTICATED otherwise) into `current_tenant()`.
+    (UNAUTHENTICATED otherwise) into `current_tenant()`; then a request over its
+    `limits` is refused (RESOURCE_EXHAUSTED [REQUEST_TOO_LARGE]) without being decoded.
     """
 
-    def __init__(self, authenticator: Authenticator | None = None, peer_policy: PeerPolicy | None = None) -> None:
+    def __init__(self, authenticator: Authenticator | None = None, peer_policy: PeerPolicy | None = None,
+                 limits: MessageLimits | None = None) -> None:
         self._authenticator = authenticator
         self._peer_policy = peer_policy
+        self._limits = limits
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
@@ -91,17 +125,26 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         method = handler_call_details.method
         if method.startswith(("/grpc.health.", "/grpc.reflection.")):
             return _rewrap(handler, lambda inner: self._guard_unary(inner, method, False), None)
+        limit = self._limits.of(method) if self._limits is not None else 0
+        deserializer = handler.request_deserializer
+        if limit and deserializer is not None and (handler.unary_unary or handler.unary_stream):
+            deserializer = _limited(deserializer, limit)
         return _rewrap(handler, lambda inner: self._guard_unary(inner, method, True),
-                       lambda inner: self._guard_stream(inner, method, True))
+                       lambda inner: self._guard_stream(inner, method, True), deserializer)
 
-    async def _admit(self, context: grpc.aio.ServicerContext, method: str) -> None:
-        """The caller's role checked, then its tenant resolved (each where configured)."""
+    async def _admit(self, request, context: grpc.aio.ServicerContext, method: str) -> None:
+        """The caller's role checked, then its tenant resolved (each where configured), then
+        the request's size."""
         if self._peer_policy is not None:
             self._peer_policy.check(context, method)
         if self._authenticator is not None:
             metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
             tenant = self._authenticator(metadata, context.peer() or "")
             _tenant.set(await tenant if inspect.isawaitable(tenant) else tenant)
+        if isinstance(request, _Oversized):
+            raise ResourceExhaustedError(
+                "REQUEST_TOO_LARGE", f"{method.rsplit('/', 1)[-1]} takes requests of at most {request.limit} bytes; "
+                f"this one has {request.size}")
 
     def _guard_unary(self, inner, method: str, admit: bool):
         """A unary-response handler (request or request stream in) with errors mapped."""
@@ -109,7 +152,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def guarded(request, context: grpc.aio.ServicerContext):
             async with _errors_mapped(context, method):
                 if admit:
-                    await self._admit(context, method)
+                    await self._admit(request, context, method)
                 return await inner(request, context)
 
         return guarded
@@ -120,7 +163,7 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         async def guarded(request, context: grpc.aio.ServicerContext):
             async with _errors_mapped(context, method):
                 if admit:
-                    await self._admit(context, method)
+                    await self._admit(request, context, method)
                 async for response in inner(request, context):
                     yield response
 
@@ -142,11 +185,14 @@ async def _errors_mapped(context: grpc.aio.ServicerContext, method: str) -> Asyn
         await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}")
 
 
-def _rewrap(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable | None) -> grpc.RpcMethodHandler:
+def _rewrap(handler: grpc.RpcMethodHandler, unary: Callable, stream: Callable | None,
+            request_deserializer: Callable | None = None) -> grpc.RpcMethodHandler:
     """`handler` with its behaviour wrapped: `unary(behaviour)` for a unary response (request
-    or request stream in), `stream(behaviour)` for a response stream (unchanged when None).
-    Bidirectional streams are left as they are."""
-    codecs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+    or request stream in), `stream(behaviour)` for a response stream (unchanged when None),
+    and its request decoder replaced when `request_deserializer` is given. Bidirectional
+    streams are left as they are."""
+    codecs = dict(request_deserializer=request_deserializer or handler.request_deserializer,
+                  response_serializer=handler.response_serializer)
     if handler.unary_unary is not None:
         return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **codecs)
     if handler.stream_unary is not None:
