@@ -26,12 +26,3 @@ def mesh(tmp_path_factory):
     mesh.close()
     loop.close()
     sampling_engine.close()
-
-
-
-
-@pytest.fixture(autouse=True)
-def _no_mesh_ca(monkeypatch: pytest.MonkeyPatch) -> None:
-    """In-process plaintext servers here: a mesh CA a running test mesh put in the
-    environment (`start_mesh`) must not turn the clients to TLS."""
-    monkeypatch.delenv("TUNEMESH_CA_BUNDLE", raising=False)
