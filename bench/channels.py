@@ -9,17 +9,18 @@ from pathlib import Path
 
 import grpc
 
-from tunemesh.transport import channel_target
+from tunemesh.transport import channel_credentials, public_target
 
 
 def public_channel(address: str, options: list | None = None, aio: bool = False):
-    """A channel to the scheduler replicas at `address` (sync, or grpc.aio with `aio`)."""
-    target, options = channel_target(address), list(options or [])
-    ca = os.environ.get("TUNEMESH_CA_BUNDLE")
-    if not ca:
+    """A channel to the scheduler replicas at `address` (sync, or grpc.aio with `aio`), as
+    the SDK opens one ($TUNEMESH_CA_BUNDLE: TLS)."""
+    credentials = channel_credentials(os.environ.get("TUNEMESH_CA_BUNDLE") or None, None,
+                                      source="TUNEMESH_CA_BUNDLE")
+    target, tls_options = public_target(address, credentials is not None)
+    options = [*(options or []), *tls_options]
+    if credentials is None:
         return (grpc.aio.insecure_channel if aio else grpc.insecure_channel)(target, options=options)
-    credentials = grpc.ssl_channel_credentials(Path(ca).read_bytes())
-    options.append(("grpc.default_authority", address.split(",")[0]))  # replicas' certificates name 127.0.0.1
     return (grpc.aio.secure_channel if aio else grpc.secure_channel)(target, credentials, options=options)
 
 

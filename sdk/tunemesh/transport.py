@@ -49,6 +49,18 @@ def channel_target(address: str) -> str:
     return "ipv4:" + ",".join(resolved)
 
 
+def public_target(address: str, tls: bool) -> tuple[str, list[tuple[str, Any]]]:
+    """The gRPC target of `address` (`channel_target`) and the channel options a TLS
+    channel to it needs: a resolved list of replicas has no host of its own to check the
+    certificates against, so every replica's certificate must name the list's first host
+    (as written)."""
+    target = channel_target(address)
+    if not (tls and target.startswith("ipv4:")):
+        return target, []
+    first = next(part.strip() for part in address.split(",") if part.strip())
+    return target, [("grpc.default_authority", first)]
+
+
 def channel_credentials(
     ca_bundle: str | os.PathLike[str] | bytes | None, tls: bool | None, *, source: str = "",
 ) -> grpc.ChannelCredentials | None:
@@ -131,11 +143,8 @@ class Transport:
             ("grpc.min_reconnect_backoff_ms", 500),
             ("grpc.max_reconnect_backoff_ms", 2000),
         ]
-        target = channel_target(address)
-        if credentials is not None and target.startswith("ipv4:"):
-            # A resolved list has no host of its own to check the certificates against.
-            first = next(part.strip() for part in address.split(",") if part.strip())
-            options.append(("grpc.default_authority", first))
+        target, tls_options = public_target(address, credentials is not None)
+        options += tls_options
         loop = LoopThread()
 
         async def open_channel() -> grpc.aio.Channel:  # bound to the loop it is made on

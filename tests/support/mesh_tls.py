@@ -7,25 +7,19 @@ from pathlib import Path
 
 import grpc
 
-from tunemesh.transport import channel_target
+from tunemesh.transport import channel_credentials, public_target
+from tunemesh_common.security.tls import NODE_ROLES, identity_name
 from tunemesh_local.state import MeshState, ProcessRecord
-
-
-def _admin_files(mesh: MeshState) -> tuple[bytes, bytes, bytes]:
-    tls_dir = Path(mesh.tls_dir)
-    return (Path(mesh.ca_file).read_bytes(), (tls_dir / "admin.pem").read_bytes(),
-            (tls_dir / "admin-key.pem").read_bytes())
+from tunemesh_local.status import admin_tls
 
 
 def scheduler_channel(mesh: MeshState) -> grpc.Channel:
     """A sync channel to the mesh's scheduler replicas, as a client: TLS trusting the mesh
     CA (no client certificate), or plaintext for an --insecure mesh."""
-    target = channel_target(mesh.scheduler_address)
+    target, options = public_target(mesh.scheduler_address, bool(mesh.ca_file))
     if not mesh.ca_file:
         return grpc.insecure_channel(target)
-    credentials = grpc.ssl_channel_credentials(Path(mesh.ca_file).read_bytes())
-    first = mesh.scheduler_address.split(",")[0]  # every replica's certificate names 127.0.0.1
-    return grpc.secure_channel(target, credentials, options=[("grpc.default_authority", first)])
+    return grpc.secure_channel(target, channel_credentials(mesh.ca_file, True), options=options)
 
 
 def process_channel(mesh: MeshState, record: ProcessRecord) -> grpc.Channel:
@@ -35,10 +29,9 @@ def process_channel(mesh: MeshState, record: ProcessRecord) -> grpc.Channel:
     options = [("grpc.enable_http_proxy", 0)]
     if not mesh.tls_dir:
         return grpc.insecure_channel(record.address, options=options)
-    ca, cert, key = _admin_files(mesh)
-    identity = {"trainer": f"{record.name}.trainer.tunemesh", "sampler": f"{record.name}.sampler.tunemesh"}.get(
-        record.role, f"{record.role}.tunemesh")
-    return grpc.secure_channel(record.address, grpc.ssl_channel_credentials(ca, key, cert),
+    admin = admin_tls(mesh)
+    identity = identity_name(record.role, record.name if record.role in NODE_ROLES else "")
+    return grpc.secure_channel(record.address, grpc.ssl_channel_credentials(admin.ca_pem, admin.key_pem, admin.cert_pem),
                                options=[*options, ("grpc.ssl_target_name_override", identity)])
 
 
