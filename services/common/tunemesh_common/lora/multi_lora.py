@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tunemesh_common.lora.batched_lora import StackCache, add_batched_lora
+
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 EXPERT_PARAMETERS = ("gate_up_proj", "down_proj")  # fused 3-D expert weights, (experts, out, in)
@@ -75,16 +77,23 @@ class LoraRouting:
 
     def __init__(self) -> None:
         self.plan: RowPlan | None = None
+        # set by `use(plan, batched=True)` (inference): every adapter's LoRA in batched
+        # matmuls (batched_lora.py) instead of segment by segment
+        self.batched = False
         # Called by every MoE experts layer with its (tokens, top_k) expert choices, if set.
         self.on_route: Callable[[torch.Tensor, int], None] | None = None
 
     @contextlib.contextmanager
-    def use(self, plan: RowPlan) -> Iterator[None]:
-        self.plan = plan
+    def use(self, plan: RowPlan, batched: bool = False) -> Iterator[None]:
+        """Run under `plan`; `batched` (only without trainable adapters) applies LoRA in
+        batched matmuls."""
+        if batched and plan.trainable:
+            raise ValueError("batched LoRA has no gradients: the plan must have no trainable adapter")
+        self.plan, self.batched = plan, batched
         try:
             yield
         finally:
-            self.plan = None
+            self.plan, self.batched = None, False
 
 
 class MultiLoraLinear(nn.Module):
@@ -95,12 +104,15 @@ class MultiLoraLinear(nn.Module):
         self.base = base
         self.routing = routing
         self.pairs: dict[str, LoraPair] = {}  # plain dict: adapter weights are not module state
+        self._stacks = StackCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base(x)
         plan = self.routing.plan
         if plan is None or not any(aid in self.pairs for aid, _, _ in plan.segments):
             return out
+        if self.routing.batched:
+            return self._batched(plan, x, out)
         rows = plan.num_rows
         x_r = x.reshape(rows, -1, x.shape[-1])
         out_r = out.reshape(rows, -1, out.shape[-1])
@@ -109,6 +121,13 @@ class MultiLoraLinear(nn.Module):
         pieces = [self._segment(plan, aid, x_s, out_s) for (aid, _, _), x_s, out_s
                   in zip(plan.segments, torch.split(x_r, sizes), torch.split(out_r, sizes))]
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(out.shape)
+
+    def _batched(self, plan: RowPlan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Every segment's LoRA in two batched matmuls (no gradients)."""
+        mine = [(aid, start, end) for aid, start, end in plan.segments if aid in self.pairs]
+        ids = tuple(aid for aid, _, _ in mine)
+        stacked = self._stacks.get(ids, [self.pairs[aid] for aid in ids])
+        return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked)
 
     def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """base + scale * x @ A.T @ B.T for the rows of one adapter (PEFT's order of operations;

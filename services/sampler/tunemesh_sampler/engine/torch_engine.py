@@ -378,7 +378,7 @@ class TorchSamplingEngine:
 
     def _forward(self, rows: list[_Row], ids_bt, mask_bt, positions_bt, cache) -> torch.Tensor:
         """The next-token logits of each row (float32), its adapter's LoRA applied."""
-        with torch.no_grad(), self._routing.use(RowPlan(_segments(rows), frozenset())):
+        with torch.no_grad(), self._routing.use(RowPlan(_segments(rows), frozenset()), batched=True):
             out = self._model(
                 input_ids=ids_bt,
                 attention_mask=mask_bt,
