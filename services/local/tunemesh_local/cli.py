@@ -43,11 +43,18 @@ def build_parser() -> argparse.ArgumentParser:
                          "(passed to trainers and samplers as --models-file)")
     for role in ("trainer", "sampler"):
         up.add_argument(f"--{role}-device", default=None, metavar="DEVICE",
-                        help=f"{role}s' torch device: cpu, cuda, cuda:N or auto (default: the {role}'s, cpu)")
-        up.add_argument(f"--{role}-dtype", default=None, choices=["float32", "bfloat16"],
-                        help=f"{role}s' base model dtype (default: the {role}'s, float32)")
+                        help=f"{role}s' torch device: cpu, cuda, cuda:N or auto (default: the {role}'s, auto: "
+                             "cuda when available, else cpu)")
+    up.add_argument("--trainer-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="trainers' base model dtype (default: the trainer's, float32)")
+    up.add_argument("--sampler-dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                    help="samplers' base model dtype (default: the sampler's, auto: bfloat16 on a GPU, float32 on CPU)")
     up.add_argument("--sampler-kv-cache-bytes", default=None, metavar="SIZE",
-                    help="samplers' vLLM KV cache, in bytes or with a unit, e.g. 2GiB (default: the sampler's, 1GiB)")
+                    help="samplers' vLLM KV cache on CPU, in bytes or with a unit, e.g. 2GiB (default: the sampler's, "
+                         "1GiB)")
+    up.add_argument("--sampler-kv-cache-fraction", default=None, type=float, metavar="FRACTION",
+                    help="samplers' vLLM on a GPU: share of the GPU's memory it takes, weights and KV cache "
+                         "(default: the sampler's, 0.9)")
     up.add_argument("--checkpoint-dir", type=Path, default=None,
                     help="checkpoint store root (default <state dir>/checkpoints, kept across restarts)")
     up.add_argument("--schedulers", type=int, default=2,
@@ -97,7 +104,8 @@ def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> 
                         prometheus=args.prometheus, schedulers=args.schedulers, models_file=args.models_file,
                         trainer_device=args.trainer_device, trainer_dtype=args.trainer_dtype,
                         sampler_device=args.sampler_device, sampler_dtype=args.sampler_dtype,
-                        sampler_kv_cache_bytes=args.sampler_kv_cache_bytes, insecure=args.insecure)
+                        sampler_kv_cache_bytes=args.sampler_kv_cache_bytes,
+                        sampler_kv_cache_fraction=args.sampler_kv_cache_fraction, insecure=args.insecure)
     print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and "
           f"{config.schedulers} scheduler replica(s) (state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)

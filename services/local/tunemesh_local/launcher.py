@@ -73,8 +73,9 @@ class MeshConfig:
     trainer_device: str | None = None  # cpu, cuda, cuda:N or auto
     trainer_dtype: str | None = None  # the frozen base's dtype: float32 or bfloat16
     sampler_device: str | None = None  # the torch engine's device
-    sampler_dtype: str | None = None  # float32 or bfloat16
-    sampler_kv_cache_bytes: str | None = None  # vLLM's KV cache, bytes or with a unit ("2GiB")
+    sampler_dtype: str | None = None  # auto, float32 or bfloat16
+    sampler_kv_cache_bytes: str | None = None  # vLLM's KV cache on CPU, bytes or with a unit ("2GiB")
+    sampler_kv_cache_fraction: float | None = None  # vLLM on a GPU: share of the GPU's memory it takes
     # TLS on every hop, with certificates of a CA kept in <state_dir>/tls (or `ca_dir`);
     # insecure: plaintext everywhere, no peer authentication (development only).
     insecure: bool = False
@@ -167,7 +168,8 @@ def sampler_services(config: MeshConfig, etcd_endpoint: str, checkpoint: str,
         if "TUNEMESH_SAMPLER_NUM_THREADS" not in os.environ:
             argv += ["--num-threads", str(local_trainer_threads(config.trainers))]
         argv += _optional_flags(models_file=_absolute(config.models_file), device=config.sampler_device,
-                                dtype=config.sampler_dtype, kv_cache_bytes=config.sampler_kv_cache_bytes)
+                                dtype=config.sampler_dtype, kv_cache_bytes=config.sampler_kv_cache_bytes,
+                                kv_cache_fraction=config.sampler_kv_cache_fraction)
         specs.append(ServiceSpec(node_id, "sampler", tuple(argv)))
     return specs
 
@@ -232,9 +234,15 @@ def _check_engine_flags(config: MeshConfig) -> None:
                 check_device(device)
             except ValueError as err:
                 raise InvalidArgumentError("BAD_DEVICE", f"{flag}: {err}, got {device!r}") from None
-    for flag, dtype in (("--trainer-dtype", config.trainer_dtype), ("--sampler-dtype", config.sampler_dtype)):
-        if dtype not in (None, "float32", "bfloat16"):
-            raise InvalidArgumentError("BAD_DTYPE", f"{flag} must be float32 or bfloat16, got {dtype!r}")
+    if config.trainer_dtype not in (None, "float32", "bfloat16"):
+        raise InvalidArgumentError("BAD_DTYPE",
+                                   f"--trainer-dtype must be float32 or bfloat16, got {config.trainer_dtype!r}")
+    if config.sampler_dtype not in (None, "auto", "float32", "bfloat16"):
+        raise InvalidArgumentError("BAD_DTYPE", f"--sampler-dtype must be auto, float32 or bfloat16, "
+                                                f"got {config.sampler_dtype!r}")
+    if config.sampler_kv_cache_fraction is not None and not 0 < config.sampler_kv_cache_fraction <= 1:
+        raise InvalidArgumentError("BAD_KV_CACHE_FRACTION", "--sampler-kv-cache-fraction must be in (0, 1], "
+                                                            f"got {config.sampler_kv_cache_fraction}")
     if config.models_file is not None and not Path(config.models_file).is_file():
         raise InvalidArgumentError("BAD_MODELS_FILE", f"--models-file {config.models_file} is not a file")
 

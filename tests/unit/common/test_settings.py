@@ -50,16 +50,20 @@ def test_values_are_parsed_by_type(monkeypatch) -> None:
     assert s.ready_file == pathlib.Path.home() / "r.json"  # paths have ~ expanded
     assert api_keys(s) == {"k1": "alice", "k2": "bob"}
     assert "k1" not in repr(s)  # the inline keys are a secret
-    sampler = settings.load(SamplerSettings, ["--kv-cache-bytes", "512MiB", "--device", "cuda:1"])
-    assert (sampler.kv_cache_bytes, sampler.device, sampler.dtype) == (512 << 20, "cuda:1", "float32")
+    sampler = settings.load(SamplerSettings, ["--kv-cache-bytes", "512MiB", "--device", "cuda:1",
+                                              "--kv-cache-fraction", "0.5", "--dtype", "bfloat16"])
+    assert (sampler.kv_cache_bytes, sampler.device, sampler.dtype) == (512 << 20, "cuda:1", "bfloat16")
+    assert sampler.kv_cache_fraction == 0.5
     checkpoint = settings.load(CheckpointSettings, [])
     assert checkpoint.root_dir == pathlib.Path.home() / ".tunemesh" / "checkpoints"
 
 
-def test_defaults_keep_todays_behaviour() -> None:
+def test_defaults_use_the_host_s_accelerator() -> None:
+    """Devices default to auto (cuda when there is one); the sampler's dtype to auto (bfloat16 on a
+    GPU, float32 on CPU: tunemesh_sampler.engine.resolve_dtype); the trainer stays float32."""
     trainer, sampler = settings.load(TrainerSettings, []), settings.load(SamplerSettings, [])
-    assert (trainer.device, trainer.dtype, sampler.device, sampler.dtype) == ("cpu", "float32", "cpu", "float32")
-    assert sampler.kv_cache_bytes == 1 << 30 and sampler.engine == "auto"
+    assert (trainer.device, trainer.dtype, sampler.device, sampler.dtype) == ("auto", "float32", "auto", "auto")
+    assert (sampler.kv_cache_bytes, sampler.kv_cache_fraction, sampler.engine) == (1 << 30, 0.9, "auto")
     assert (trainer.ranks, trainer.expert_parallel, trainer.models_file) == (1, 1, None)
 
 
@@ -79,6 +83,8 @@ def test_settings_are_frozen() -> None:
     (SamplerSettings, ["--device", "gpu"], {}, "--device (TUNEMESH_SAMPLER_DEVICE): Value error, expected cpu, cuda, "
                                                "cuda:N or auto (got 'gpu')"),
     (SamplerSettings, ["--engine", "tensorrt"], {}, "--engine (TUNEMESH_SAMPLER_ENGINE)"),
+    (SamplerSettings, ["--kv-cache-fraction", "1.5"], {}, "--kv-cache-fraction (TUNEMESH_SAMPLER_KV_CACHE_FRACTION): "
+                                                          "Input should be less than or equal to 1"),
     (CheckpointSettings, ["--listen", "localhost"], {}, "--listen (TUNEMESH_CHECKPOINT_LISTEN): Value error, "
                                                         "expected host:port"),
     (SchedulerSettings, [], {"TUNEMESH_SCHEDULER_DURABLE": "maybe"}, "--durable (TUNEMESH_SCHEDULER_DURABLE)"),

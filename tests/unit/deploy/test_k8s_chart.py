@@ -312,6 +312,25 @@ def test_gpu_variant_requests_a_gpu_per_rank_and_runs_a_rank_group():
     assert "nvidia.com/gpu" not in cpu["resources"]["requests"]
 
 
+def test_device_dtype_and_kv_cache_values_reach_trainer_and_sampler_as_flags():
+    """Default values: auto devices, a float32 trainer, the sampler's auto dtype; the GPU values: cuda, bfloat16
+    on both (so their logprobs agree), the GPU's share for vLLM."""
+    def engine_flags(variant: str) -> dict[str, dict[str, str]]:
+        docs = workloads(render_variant(variant))
+        return {name: {k: v for k, v in flags(docs[name]["spec"]["template"]["spec"]["containers"][0]).items()
+                       if k in ("device", "dtype", "kv-cache-bytes", "kv-cache-fraction")}
+                for name in ("trainer", "sampler")}
+
+    assert engine_flags("default") == {
+        "trainer": {"device": "auto", "dtype": "float32"},
+        "sampler": {"device": "auto", "dtype": "auto", "kv-cache-bytes": "1GiB", "kv-cache-fraction": "0.9"}}
+    gpu = yaml.safe_load(open(CHART / "values-gpu.yaml"))
+    assert engine_flags("gpu") == {
+        "trainer": {"device": "cuda", "dtype": "bfloat16"},
+        "sampler": {"device": "cuda", "dtype": "bfloat16", "kv-cache-bytes": "1GiB",
+                    "kv-cache-fraction": str(gpu["sampler"]["kvCacheFraction"])}}
+
+
 def test_torchrun_launcher_starts_the_rank_group_instead_of_ranks():
     trainer = workloads(render_variant("gpu", ["trainer.launcher=torchrun"]))["trainer"]
     [container] = trainer["spec"]["template"]["spec"]["containers"]

