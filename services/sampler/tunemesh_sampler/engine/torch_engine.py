@@ -30,7 +30,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
+from tunemesh_sampler.engine import kv_cache
 from tunemesh_common.lora import peft_format
 from tunemesh.errors import (
     AlreadyExistsError,
@@ -143,6 +145,12 @@ class _Batch:
             for layer in _cache_layers(self.cache):
                 layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
 
+    def reserve(self) -> None:
+        """Room in the cache for every token the rows may still generate (the cache was
+        rebuilt by a join or a selection; decoding then writes in place)."""
+        remaining = max(row.spec.max_tokens - len(row.tokens) for row in self.rows)
+        kv_cache.reserve(self.cache, self.mask_bt.shape[1] + remaining)
+
     def merged(self, other: _Batch) -> _Batch:
         """This batch's rows then `other`'s, both left-padded to the longer cache."""
         width = max(self.mask_bt.shape[1], other.mask_bt.shape[1])
@@ -158,7 +166,7 @@ def _cache_layers(cache: DynamicCache) -> list:
     """The cache's per-layer key/value stores (full attention layers only: rows join and
     leave by editing them)."""
     layers = list(cache.layers)
-    if any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+    if any(not isinstance(layer, DynamicLayer) or layer.is_sliding for layer in layers):
         raise InternalError("UNSUPPORTED_CACHE", "continuous batching needs full-attention cache layers")
     return layers
 
@@ -347,7 +355,7 @@ class TorchSamplingEngine:
         rows = sorted(rows, key=lambda row: row.segment)
         ids_bt, mask_bt = _left_pad([row.job.request.prompt_tokens for row in rows], self._device)
         positions_bt = (mask_bt.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache(config=self._model.config)
+        cache = kv_cache.reserved_cache(self._model.config)
         logits_bv = self._forward(rows, ids_bt, mask_bt, positions_bt, cache)
         joined = _Batch(rows, mask_bt, positions_bt[:, -1], cache, logits_bv)
         if batch is not None:
@@ -356,6 +364,7 @@ class TorchSamplingEngine:
         if order != list(range(len(order))):
             joined.select(order)
         joined.chooser = TokenChooser([row.spec for row in joined.rows], self._device)
+        joined.reserve()
         return joined
 
     def _step(self, batch: _Batch) -> _Batch | None:
@@ -370,6 +379,7 @@ class TorchSamplingEngine:
             batch.select(kept)
             tokens_b = tokens_b[kept]
             batch.chooser = TokenChooser([row.spec for row in batch.rows], self._device)
+            batch.reserve()
         batch.mask_bt = torch.cat([batch.mask_bt, batch.mask_bt.new_ones(len(batch.rows), 1)], dim=1)
         batch.last_pos_b = batch.last_pos_b + 1
         batch.logits_bv = self._forward(batch.rows, tokens_b[:, None], batch.mask_bt, batch.last_pos_b[:, None],
