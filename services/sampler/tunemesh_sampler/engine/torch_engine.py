@@ -47,6 +47,7 @@ from tunemesh_common.lora.frozen_base import load_frozen_base
 from tunemesh_common.lora.multi_lora import RowPlan
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, SamplingSpec, StopReason
 from tunemesh_sampler.engine.lora_targets import LoraTargets
+from tunemesh_sampler.engine.stop_strings import StopStrings
 from tunemesh_sampler.engine.token_choice import TokenChooser, request_seed, row_generator
 
 logger = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
     sequences: list[SampledSequence | None]
     remaining: int
+    stops: StopStrings | None = None
 
 
 @dataclasses.dataclass(eq=False)
@@ -257,7 +259,8 @@ class TorchSamplingEngine:
         self._check_request(request)
         loop = asyncio.get_running_loop()
         n = request.num_samples
-        job = _Job(request, loop.create_future(), loop, [None] * n, n)
+        stops = StopStrings(request.spec.stop, self._detokenize) if request.spec.stop else None
+        job = _Job(request, loop.create_future(), loop, [None] * n, n, stops)
         seed = request_seed(request.spec)
         rows = [_Row(job, i, row_generator(request.spec, seed, i)) for i in range(n)]
         with self._lock:
@@ -411,22 +414,14 @@ class TorchSamplingEngine:
             if row.reason is not None:
                 _finish(row)
 
-    def _cut_at_stop_string(self, row: _Row) -> bool:
+    @staticmethod
+    def _cut_at_stop_string(row: _Row) -> bool:
         """If the new text holds a stop string: keep the tokens before the first token whose
         prefix text holds it (so the output text holds none) and return True."""
-        stops = [s for s in row.spec.stop if s]
-        if not stops or self._detokenize is None:
+        keep = row.job.stops.cut(row.tokens) if row.job.stops else None
+        if keep is None:
             return False
-        detokenize = self._detokenize
-
-        def holds_stop(k: int) -> bool:
-            text = detokenize(row.tokens[:k])
-            return any(s in text for s in stops)
-
-        if not holds_stop(len(row.tokens)):
-            return False
-        first = next(k for k in range(1, len(row.tokens) + 1) if holds_stop(k))
-        del row.tokens[first - 1:], row.logprobs[first - 1:]
+        del row.tokens[keep:], row.logprobs[keep:]
         return True
 
     # scoring ------------------------------------------------------------------
