@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import ModelShape, measure_peaks, sampling_bound  # noqa: E402
 from train_throughput import (  # noqa: E402
     SMOLLM2, TINY, BenchMesh, load_base, log, percentiles_ms, sdk_datums, token_rows, write_json,
 )
@@ -104,9 +105,34 @@ def format_report(result: dict) -> str:
         f"  mesh {t['mesh_tokens_per_s']:.1f} tok/s   sequential PEFT generate {t['peft_tokens_per_s']:.1f} tok/s"
         f"   ratio {t['ratio']:.2f}",
         f"  greedy rows equal on both sides: {result['greedy_rows_equal']:.3f}",
+        *bound_lines(result),
         f"  weight sync (save_weights_for_sampler -> first sampled token, {s['calls']} calls): "
         f"p50 {s['p50_ms']:.1f} ms  p95 {s['p95_ms']:.1f} ms",
     ])
+
+
+def bound_lines(result: dict) -> list[str]:
+    """The machine's ceilings and the mesh's share of the round's roofline, if measured."""
+    machine, bound = result.get("machine"), result.get("bound")
+    if not machine or not bound:
+        return []
+    return [
+        f"  machine ({machine['threads']} threads): matmul fp32 {machine['fp32_gflops']:.0f} GFLOP/s, "
+        f"bf16 {machine['bf16_gflops']:.0f}; copy {machine['copy_gb_s']:.1f} GB/s",
+        f"  roofline of the round {bound['tokens_per_s']:.0f} tok/s ({bound['compute_bound_steps']} of "
+        f"{bound['steps']} decode steps compute-bound); mesh at {bound['mesh_fraction']:.1%} of it, "
+        f"PEFT at {bound['peft_fraction']:.1%}",
+    ]
+
+
+def round_bound(model_dir: Path, workload: Workload, machine: dict, throughput: dict) -> dict:
+    """The round's roofline at the measured fp32 peak and copy bandwidth, and each side's share."""
+    bound = sampling_bound(ModelShape.from_config(model_dir), workload.adapters * workload.prompts,
+                           workload.prompt_len, workload.new_tokens, workload.rank, machine["fp32_gflops"],
+                           machine["copy_gb_s"])
+    bound["mesh_fraction"] = round(throughput["mesh_tokens_per_s"] / bound["tokens_per_s"], 4)
+    bound["peft_fraction"] = round(throughput["peft_tokens_per_s"] / bound["tokens_per_s"], 4)
+    return bound
 
 
 # the mesh ------------------------------------------------------------------------------
@@ -267,16 +293,20 @@ def main(argv: list[str] | None = None) -> dict:
     workload = Workload(args.adapters, args.prompts, args.prompt_len, args.new_tokens, args.rank, args.repeats,
                         args.sync_repeats)
     load = [os.getloadavg()[0]]
+    machine = measure_peaks()
+    log(f"machine: {machine}")
     with tempfile.TemporaryDirectory(prefix="tunemesh-bench-sample-") as root:
         mesh, tenants = mesh_phase(args, entry, workload, Path(root))
         load.append(os.getloadavg()[0])
         log("mesh down; sequential PEFT generate")
         peft, peft_rows = peft_rounds(load_base(model_dir), tenants, workload)
     load.append(os.getloadavg()[0])
+    throughput = throughput_summary(mesh["rounds"], peft)
     result = {
         "model": args.model, "sampler_engine": args.sampler_engine, "workload": dataclasses.asdict(workload),
-        "cpu_count": os.cpu_count(), "load_average_1m": load,
-        "throughput": throughput_summary(mesh["rounds"], peft),
+        "cpu_count": os.cpu_count(), "load_average_1m": load, "machine": machine,
+        "bound": round_bound(model_dir, workload, machine, throughput),
+        "throughput": throughput,
         "greedy_rows_equal": round(rows_agreeing(mesh["rows"], peft_rows), 3),
         "weight_sync": {"calls": len(mesh["sync"]), **percentiles_ms(mesh["sync"]),
                         "seconds": [round(s, 4) for s in mesh["sync"]]},
