@@ -17,12 +17,19 @@ LOOPBACK = "127.0.0.1,localhost"
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
                   "MASTER_ADDR", "MASTER_PORT")
 LOG_TAIL_LINES = 30
+# A local mesh's engines share the machine with each other, etcd, the scheduler and the
+# clients: OpenMP threads that spin at barriers while a neighbour holds their core made a
+# SmolLM2 training step 61x slower (bench/README.md, contention.py); sleeping ones cost
+# ~1.3x at worst. Set OMP_WAIT_POLICY yourself to choose otherwise.
+OPENMP_DEFAULTS = {"OMP_WAIT_POLICY": "PASSIVE"}
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment, with loopback exempt from any HTTP proxy (it would capture gRPC)
-    and without a process group's rank variables."""
-    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith("TORCHELASTIC_")}
+    """This environment, with loopback exempt from any HTTP proxy (it would capture gRPC),
+    without a process group's rank variables, and OpenMP threads that sleep rather than
+    spin unless this environment says otherwise (OPENMP_DEFAULTS)."""
+    env = {**OPENMP_DEFAULTS}
+    env.update({k: v for k, v in os.environ.items() if k not in RANK_VARIABLES and not k.startswith("TORCHELASTIC_")})
     for name in ("no_proxy", "NO_PROXY"):
         env[name] = ",".join(filter(None, [env.get(name, ""), LOOPBACK]))
     env["PYTHONUNBUFFERED"] = "1"

@@ -181,6 +181,13 @@ def test_child_env_drops_an_enclosing_process_groups_rank_variables(monkeypatch:
     assert env["TUNEMESH_KEEP"] == "1"
 
 
+def test_child_env_lets_openmp_threads_sleep_unless_told_otherwise(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert processes.child_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert processes.child_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_local_trainer_threads_split_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TUNEMESH_TRAINER_NUM_THREADS", raising=False)
     monkeypatch.setattr(launcher.os, "cpu_count", lambda: 8)
