@@ -77,6 +77,20 @@ class ModelShape:
         per_layer += 4 * self.heads * self.head_dim * context
         return self.layers * per_layer + (2 * self.hidden * self.vocab if with_head else 0)
 
+    def training_flops(self, rows: int, seq_len: int, lora_rank: int) -> float:
+        """FLOPs of one LoRA forward_backward over `rows` rows of `seq_len` tokens: the
+        forward (vocab head at every position, causal attention over positions 1..T), the
+        activation gradients of the frozen linears and the head (as much again), and LoRA
+        and attention backward (twice their forward: gradients of inputs and of factors,
+        of queries and of keys/values). The frozen weights get no gradient."""
+        total = 0.0
+        for position in range(1, seq_len + 1):
+            base = self.token_flops(0, 0, True)
+            lora = self.token_flops(lora_rank, 0, False) - self.token_flops(0, 0, False)
+            attention = self.token_flops(0, position, False) - self.token_flops(0, 0, False)
+            total += 2 * base + 3 * lora + 3 * attention
+        return rows * total
+
     def weight_elements(self) -> int:
         """Weights a decode step reads: every layer's linears and the vocab head."""
         return self.layers * sum(i * o for i, o in self.linear_shapes()) + self.hidden * self.vocab

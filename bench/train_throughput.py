@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import ModelShape, measure_peaks  # noqa: E402
 from overhead_probes import (  # noqa: E402
     engine_probe, public_rpc_probe, run_probes, sdk_probe, trainer_rpc_probe,
 )
@@ -109,10 +110,16 @@ def format_report(results: dict) -> str:
         w = model["workload"]
         lines.append(f"\n{model['model']}  (B={w['batch']} T={w['seq_len']} steps={w['steps']} "
                      f"rank={w['rank']})")
-        lines.append(f"{'tenants':>7} {'mesh tok/s':>11} {'PEFT tok/s':>11} {'ratio':>6}")
+        lines.append(f"{'tenants':>7} {'mesh tok/s':>11} {'PEFT tok/s':>11} {'ratio':>6} {'mesh MFU':>9} "
+                     f"{'PEFT MFU':>9}")
         for row in model["rows"]:
+            mfu = f"{row['mesh_mfu']:>9.1%} {row['peft_mfu']:>9.1%}" if "mesh_mfu" in row else ""
             lines.append(f"{row['tenants']:>7} {row['mesh_tokens_per_s']:>11.1f} "
-                         f"{row['peft_tokens_per_s']:>11.1f} {row['ratio']:>6.2f}")
+                         f"{row['peft_tokens_per_s']:>11.1f} {row['ratio']:>6.2f} {mfu}")
+    if results.get("machine"):
+        m = results["machine"]
+        lines.append(f"\nmachine ({m['threads']} threads): matmul fp32 {m['fp32_gflops']:.0f} GFLOP/s, "
+                     f"bf16 {m['bf16_gflops']:.0f}; copy {m['copy_gb_s']:.1f} GB/s (MFU is of the fp32 peak)")
     if results.get("overhead"):
         o = results["overhead"]
         lines.append(f"\ncontrol-plane overhead, 1x{o['tokens']} forward_backward on {o['model']} "
@@ -375,7 +382,21 @@ def bench_model(args: argparse.Namespace, name: str, state_root: Path) -> tuple[
     load.append(os.getloadavg()[0])
     result = {"model": name, "workload": dataclasses.asdict(workload), "repeats": repeats,
               "load_average_1m": load, "rows": rows}
+    if args.peaks:
+        add_flop_utilisation(result, ModelShape.from_config(model_dir), args.peaks)
     return result, overhead
+
+
+def add_flop_utilisation(result: dict, shape: ModelShape, peaks: dict) -> None:
+    """Each row's model FLOP utilisation on both sides: the workload's training FLOPs per
+    token (machine.ModelShape.training_flops) x tokens/s / the fp32 matmul peak measured
+    in this run."""
+    w = result["workload"]
+    per_token = shape.training_flops(w["batch"], w["seq_len"], w["rank"]) / (w["batch"] * w["seq_len"])
+    result["training_gflop_per_token"] = round(per_token / 1e9, 4)
+    for row in result["rows"]:
+        for side in ("mesh", "peft"):
+            row[f"{side}_mfu"] = round(row[f"{side}_tokens_per_s"] * per_token / (peaks["fp32_gflops"] * 1e9), 4)
 
 
 def workload_for(args: argparse.Namespace, name: str) -> Workload:
@@ -404,6 +425,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--overhead-calls", type=int, default=200)
     p.add_argument("--overhead-warmup", type=int, default=20)
     p.add_argument("--no-overhead", dest="overhead", action="store_false")
+    p.add_argument("--no-mfu", dest="mfu", action="store_false", help="skip measuring the matmul peak")
     p.add_argument("--data-dir", type=Path, default=Path("~/.cache/tunemesh").expanduser(), help="model cache")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--quick", action="store_true", help="tiny-dense, 1 and 2 tenants, few steps")
@@ -425,8 +447,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["TUNEMESH_TRAINER_NUM_THREADS"] = str(args.threads)
+    args.peaks = measure_peaks() if args.mfu else None
     results = {"torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "models": [],
-               "overhead": None}
+               "overhead": None, "machine": args.peaks}
     with tempfile.TemporaryDirectory(prefix="tunemesh-bench-") as state_root:
         for name in args.models:
             model_result, overhead = bench_model(args, name, Path(state_root))

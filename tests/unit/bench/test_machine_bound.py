@@ -42,3 +42,11 @@ def test_roofline_takes_the_slower_of_compute_and_memory():
     assert memory_bound["decode_s"] == pytest.approx(sum(step_bytes) / 1e3, rel=1e-3)
     seconds = memory_bound["prefill_s"] + memory_bound["decode_s"]
     assert memory_bound["tokens_per_s"] == pytest.approx(3 / seconds, abs=0.05)
+
+
+def test_training_flops_by_hand():
+    one = SHAPE.training_flops(rows=1, seq_len=1, lora_rank=0)
+    assert one == 2 * SHAPE.token_flops(0, 0, True) + 3 * (SHAPE.token_flops(0, 1, False) - SHAPE.token_flops(0, 0, False))
+    with_lora = SHAPE.training_flops(rows=1, seq_len=1, lora_rank=2)
+    assert with_lora - one == 3 * 2 * 2 * 2 * sum(i + o for i, o in SHAPE.linear_shapes())
+    assert SHAPE.training_flops(rows=3, seq_len=4, lora_rank=2) == 3 * SHAPE.training_flops(1, 4, 2)
