@@ -101,7 +101,8 @@ def format_report(result: dict) -> str:
     w, t, s = result["workload"], result["throughput"], result["weight_sync"]
     return "\n".join([
         f"{result['model']}, {w['adapters']} adapters x {w['prompts']} prompts x {w['new_tokens']} new tokens "
-        f"(rank {w['rank']}, sampler engine {result['sampler_engine']}, median of {w['repeats']})",
+        f"(rank {w['rank']}, sampler engine {result['sampler_engine']} {result.get('sampler_dtype', 'float32')}, "
+        f"median of {w['repeats']})",
         f"  mesh {t['mesh_tokens_per_s']:.1f} tok/s   sequential PEFT generate {t['peft_tokens_per_s']:.1f} tok/s"
         f"   ratio {t['ratio']:.2f}",
         f"  greedy rows equal on both sides: {result['greedy_rows_equal']:.3f}",
@@ -125,11 +126,15 @@ def bound_lines(result: dict) -> list[str]:
     ]
 
 
-def round_bound(model_dir: Path, workload: Workload, machine: dict, throughput: dict) -> dict:
-    """The round's roofline at the measured fp32 peak and copy bandwidth, and each side's share."""
+def round_bound(model_dir: Path, workload: Workload, machine: dict, throughput: dict,
+                dtype: str = "float32") -> dict:
+    """The round's roofline at the measured peak of the sampler's `dtype` and the copy
+    bandwidth, and each side's share (PEFT's against the same roofline)."""
+    bf16 = dtype == "bfloat16"
     bound = sampling_bound(ModelShape.from_config(model_dir), workload.adapters * workload.prompts,
-                           workload.prompt_len, workload.new_tokens, workload.rank, machine["fp32_gflops"],
-                           machine["copy_gb_s"])
+                           workload.prompt_len, workload.new_tokens, workload.rank,
+                           machine["bf16_gflops" if bf16 else "fp32_gflops"], machine["copy_gb_s"],
+                           bytes_per_weight=2 if bf16 else 4)
     bound["mesh_fraction"] = round(throughput["mesh_tokens_per_s"] / bound["tokens_per_s"], 4)
     bound["peft_fraction"] = round(throughput["peft_tokens_per_s"] / bound["tokens_per_s"], 4)
     return bound
@@ -201,7 +206,8 @@ def mesh_phase(args: argparse.Namespace, entry, workload: Workload, root: Path) 
     """Warmup + measured rounds, then weight sync; the mesh is down on return."""
     rounds, rows = [], []
     with BenchMesh(args.model, args.data_dir, root / "mesh", workload.adapters, samplers=1,
-                   sampler_engine=args.sampler_engine) as mesh, contextlib.ExitStack() as stack:
+                   sampler_engine=args.sampler_engine, sampler_dtype=args.sampler_dtype) as mesh, \
+            contextlib.ExitStack() as stack:
         import tunemesh
 
         patient = tunemesh.RetryPolicy(attempt_timeout_s=ATTEMPT_TIMEOUT_S, total_timeout_s=ATTEMPT_TIMEOUT_S)
@@ -272,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="measured rounds after one warmup (median reported)")
     p.add_argument("--sync-repeats", type=int, default=10, help="weight-sync measurements")
     p.add_argument("--sampler-engine", default="torch", choices=("torch", "vllm", "auto"))
+    p.add_argument("--sampler-dtype", default="float32", choices=("float32", "bfloat16"),
+                   help="the sampler's base dtype (PEFT stays float32; the roofline uses the matching peak)")
     p.add_argument("--data-dir", type=Path, default=Path("~/.cache/tunemesh").expanduser(), help="model cache")
     p.add_argument("--json", type=Path, help="write the figures here")
     p.add_argument("--quick", action="store_true", help="tiny-dense, 2 adapters x 2 prompts x 8 tokens")
@@ -305,7 +313,8 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "model": args.model, "sampler_engine": args.sampler_engine, "workload": dataclasses.asdict(workload),
         "cpu_count": os.cpu_count(), "load_average_1m": load, "machine": machine,
-        "bound": round_bound(model_dir, workload, machine, throughput),
+        "sampler_dtype": args.sampler_dtype,
+        "bound": round_bound(model_dir, workload, machine, throughput, args.sampler_dtype),
         "throughput": throughput,
         "greedy_rows_equal": round(rows_agreeing(mesh["rows"], peft_rows), 3),
         "weight_sync": {"calls": len(mesh["sync"]), **percentiles_ms(mesh["sync"]),

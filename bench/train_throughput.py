@@ -151,9 +151,9 @@ class BenchMesh:
     """A local mesh for one model whose trainer uses the shared model cache `data_dir`."""
 
     def __init__(self, model: str, data_dir: Path, state_dir: Path, tenants: int, samplers: int = 0,
-                 sampler_engine: str = "torch") -> None:
+                 sampler_engine: str = "torch", sampler_dtype: str | None = None) -> None:
         self.model, self.data_dir, self.state_dir, self.samplers = model, data_dir, state_dir, samplers
-        self.sampler_engine = sampler_engine
+        self.sampler_engine, self.sampler_dtype = sampler_engine, sampler_dtype
         self.keys = [f"bench-key-{i}" for i in range(tenants)]
         self.mesh = None
         self._saved_ca: str | None = None
@@ -170,7 +170,7 @@ class BenchMesh:
         api_keys.write_key_file(keys_file, [record for _, record in made])
         config = launcher.MeshConfig(self.state_dir, trainers=1, models=(self.model,), api_keys_file=keys_file,
                                      samplers=self.samplers, sampler_engine=self.sampler_engine,
-                                     ready_timeout=300.0)
+                                     sampler_dtype=self.sampler_dtype, ready_timeout=300.0)
         self.mesh = launcher.up(config, services=self._services)
         # TLS (the default): clients of this process and of those it starts trust the mesh CA.
         self._saved_ca = os.environ.get("TUNEMESH_CA_BUNDLE")
