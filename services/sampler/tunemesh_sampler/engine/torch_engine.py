@@ -32,7 +32,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from tunemesh_sampler.engine import kv_cache
+from tunemesh_sampler.engine import attention, kv_cache
 from tunemesh_common.lora import peft_format
 from tunemesh.errors import (
     AlreadyExistsError,
@@ -209,6 +209,8 @@ class TorchSamplingEngine:
         self._detokenize = detokenize
         base = load_frozen_base(model_dir, dtype, self._device)
         self._model = base.model
+        if dtype == "bfloat16" and self._device.type == "cpu" and base.model.config._attn_implementation == "sdpa":
+            attention.use_float32_attention(base.model)
         self._routing = base.routing
         self._targets = LoraTargets(base)
         self._eos = _eos_token_ids(base.model)
