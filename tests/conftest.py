@@ -22,3 +22,15 @@ def _no_stray_mesh_ca(request: pytest.FixtureRequest, monkeypatch: pytest.Monkey
     plaintext servers, it would turn them to TLS."""
     if pathlib.Path(str(request.node.path)).resolve().relative_to(TESTS).parts[0] not in MESH_SUITES:
         monkeypatch.delenv("TUNEMESH_CA_BUNDLE", raising=False)
+
+
+@pytest.fixture
+def exact_cuda_matmuls():
+    """CUDA matmuls in full float32 (no TF32) for the test: GPU engines are checked against
+    the CPU's numbers."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 
+from peft_reference import save_random_peft_adapter
+
 from tunemesh.errors import NotFoundError
 from tunemesh_common.models import SMOLLM2, TINY_DENSE, ModelRegistry
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec, StopReason
@@ -37,28 +39,14 @@ def case(request, tmp_path_factory):
     if kind == "vllm" and (why := can_serve(model_dir, entry.family)):
         pytest.skip(why)
     engine = build_engine(kind, model_dir, entry.name, entry.family, max_lora_rank=16, max_seq_len=512, max_adapters=3)
-    adapters = {name: _peft_adapter(model_dir, tmp_path_factory.mktemp(name), seed) for name, seed in (("a1", 1), ("a2", 2))}
+    adapters = {name: save_random_peft_adapter(model_dir, tmp_path_factory.mktemp(name), seed, TARGETS)
+                for name, seed in (("a1", 1), ("a2", 2))}
     for key, directory in adapters.items():
         engine.load_adapter(key, directory)
     rng = np.random.default_rng(0)
     prompts = [tuple(int(t) for t in rng.integers(10, min(entry.vocab_size, 30000), n)) for n in (5, 9)]
     yield engine, model_dir, adapters, prompts
     engine.close()
-
-
-def _peft_adapter(model_dir, directory, seed: int):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, lora_dropout=0.0))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.save_pretrained(directory, save_embedding_layers=False)
-    return directory
 
 
 def _reference(model_dir, adapter_dir):

@@ -73,3 +73,22 @@ def peft_factor(model, name: str) -> torch.nn.Parameter:
 
     module, _, rest = peft_key(name)[len(PEFT_PREFIX):].partition(".lora_")
     return getattr(model.base_model.model.get_submodule(module), f"lora_{rest[0]}")["default"].weight
+
+
+def save_random_peft_adapter(model_dir, directory, seed: int, targets: list[str], rank: int = 8,
+                             b_std: float = 0.05):
+    """A PEFT adapter (rank `rank`, alpha 2 * rank) on `targets` of the model in `model_dir`,
+    seeded, with B drawn from N(0, b_std) so that it changes the output; LoRA factors only.
+    Returns `directory`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, b_std)
+    model.save_pretrained(directory, save_embedding_layers=False)
+    return directory

@@ -19,20 +19,16 @@ import numpy as np
 import pytest
 import torch
 
+from peft_reference import save_random_peft_adapter
+
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
 
 CUDA = torch.cuda.is_available()
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_cuda_matmuls"),
+              pytest.mark.skipif(not CUDA, reason="needs a CUDA device")]
 GREEDY = SamplingSpec(max_tokens=12, temperature=0.0)
 KEYS = (None, "a1", "a2")
 
-
-@pytest.fixture(autouse=True)
-def _exact_matmuls():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _prompts(vocab_size: int, seed: int = 0) -> list[tuple[int, ...]]:
@@ -81,28 +77,13 @@ def _smollm2():
         pytest.skip(f"SmolLM2 is not available: {err}")
 
 
-def _peft_adapter(model_dir, directory):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(1)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32),
-                           LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      lora_dropout=0.0))
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.05)
-    model.save_pretrained(directory, save_embedding_layers=False)
-    return directory
-
-
 def test_vllm_engine_on_cuda_matches_the_torch_engine_greedy(tmp_path):
     pytest.importorskip("vllm")
     from tunemesh_sampler.engine import build_torch_engine, build_vllm_engine
 
     entry, model_dir = _smollm2()
-    adapter = _peft_adapter(model_dir, tmp_path / "a1")
+    adapter = save_random_peft_adapter(model_dir, tmp_path / "a1", seed=1,
+                                       targets=["q_proj", "v_proj", "down_proj"])
     kwargs = dict(name=entry.name, family=entry.family, max_lora_rank=8, max_seq_len=256)
     vllm_engine = build_vllm_engine(model_dir, max_adapters=2, dtype="float32", kv_cache_fraction=0.3, **kwargs)
     torch_engine = build_torch_engine(model_dir, device="cuda", dtype="float32", **kwargs)

@@ -11,18 +11,12 @@ from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind,
 from tunemesh_trainer.engine import build_torch_engine
 
 CUDA_DEVICES = torch.cuda.device_count() if torch.cuda.is_available() else 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(CUDA_DEVICES == 0, reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("exact_cuda_matmuls"),
+              pytest.mark.skipif(CUDA_DEVICES == 0, reason="needs a CUDA device")]
 FB, FWD = ItemKind.FORWARD_BACKWARD, ItemKind.FORWARD
 SPECS = {"a": LoraSpec(rank=4, alpha=8, seed=1, train_experts=True), "b": LoraSpec(rank=2, alpha=4, seed=2)}
 RTOL, ATOL = 1e-4, 1e-5
 
-
-@pytest.fixture(autouse=True)
-def _exact_matmuls():
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _batch(seed: int) -> list[EngineItem]:
