@@ -2,7 +2,8 @@
 
 `measure_peaks` times a large matmul (fp32 and bf16) and a large copy with torch, on the
 threads torch is set to use: the compute and memory-bandwidth ceilings a bench's figures
-are divided by. `ModelShape` reads a HF config; `sampling_bound` gives the tokens/s a
+are divided by. Benches measure them before and after their phases and keep the best
+(`best_peaks`). `ModelShape` reads a HF config; `sampling_bound` gives the tokens/s a
 sampling round could reach if every matmul ran at the measured peak and every decode step
 read the weights and the KV cache at the measured bandwidth, whichever is slower: a
 roofline, not a prediction.
@@ -43,6 +44,13 @@ def measure_peaks(repeats: int = 5) -> dict:
     seconds = _best_seconds(lambda: target.copy_(source), repeats)
     peaks["copy_gb_s"] = round(2 * COPY_BYTES / seconds / 1e9, 2)  # bytes read + written
     return peaks
+
+
+def best_peaks(*measured: dict | None) -> dict:
+    """The machine's ceilings over several measurements (the best of each): on a shared
+    machine a ceiling measured while a neighbour ran would flatter every ratio to it."""
+    found = [m for m in measured if m]
+    return {key: max(m[key] for m in found) for key in found[0]}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import ModelShape, measure_peaks, sampling_bound  # noqa: E402
+from machine import ModelShape, best_peaks, measure_peaks, sampling_bound  # noqa: E402
 from train_throughput import (  # noqa: E402
     SMOLLM2, TINY, BenchMesh, load_base, log, percentiles_ms, sdk_datums, token_rows, write_json,
 )
@@ -309,6 +309,7 @@ def main(argv: list[str] | None = None) -> dict:
         log("mesh down; sequential PEFT generate")
         peft, peft_rows = peft_rounds(load_base(model_dir), tenants, workload)
     load.append(os.getloadavg()[0])
+    machine = best_peaks(machine, measure_peaks())
     throughput = throughput_summary(mesh["rounds"], peft)
     result = {
         "model": args.model, "sampler_engine": args.sampler_engine, "workload": dataclasses.asdict(workload),

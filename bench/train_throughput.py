@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import ModelShape, measure_peaks  # noqa: E402
+from machine import ModelShape, best_peaks, measure_peaks  # noqa: E402
 from overhead_probes import (  # noqa: E402
     engine_probe, public_rpc_probe, run_probes, sdk_probe, trainer_rpc_probe,
 )
@@ -383,14 +383,15 @@ def bench_model(args: argparse.Namespace, name: str, state_root: Path) -> tuple[
     result = {"model": name, "workload": dataclasses.asdict(workload), "repeats": repeats,
               "load_average_1m": load, "rows": rows}
     if args.peaks:
+        args.peaks = best_peaks(args.peaks, measure_peaks())
         add_flop_utilisation(result, ModelShape.from_config(model_dir), args.peaks)
     return result, overhead
 
 
 def add_flop_utilisation(result: dict, shape: ModelShape, peaks: dict) -> None:
     """Each row's model FLOP utilisation on both sides: the workload's training FLOPs per
-    token (machine.ModelShape.training_flops) x tokens/s / the fp32 matmul peak measured
-    in this run."""
+    token (machine.ModelShape.training_flops) x tokens/s / the best fp32 matmul peak
+    measured so far in this run (before the first model, after each)."""
     w = result["workload"]
     per_token = shape.training_flops(w["batch"], w["seq_len"], w["rank"]) / (w["batch"] * w["seq_len"])
     result["training_gflop_per_token"] = round(per_token / 1e9, 4)
@@ -455,6 +456,7 @@ def main(argv: list[str] | None = None) -> dict:
             model_result, overhead = bench_model(args, name, Path(state_root))
             results["models"].append(model_result)
             results["overhead"] = overhead or results["overhead"]
+    results["machine"] = args.peaks  # the best seen over the run (see add_flop_utilisation)
     print(format_report(results))
     write_json(args.json, results)
     return results

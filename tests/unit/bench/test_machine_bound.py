@@ -50,3 +50,12 @@ def test_training_flops_by_hand():
     with_lora = SHAPE.training_flops(rows=1, seq_len=1, lora_rank=2)
     assert with_lora - one == 3 * 2 * 2 * 2 * sum(i + o for i, o in SHAPE.linear_shapes())
     assert SHAPE.training_flops(rows=3, seq_len=4, lora_rank=2) == 3 * SHAPE.training_flops(1, 4, 2)
+
+
+def test_best_peaks_keeps_the_best_of_each_ceiling():
+    from machine import best_peaks
+
+    quiet = {"threads": 2, "fp32_gflops": 180.0, "bf16_gflops": 400.0, "copy_gb_s": 30.0}
+    busy = {"threads": 2, "fp32_gflops": 70.0, "bf16_gflops": 450.0, "copy_gb_s": 20.0}
+    assert best_peaks(busy, None, quiet) == {"threads": 2, "fp32_gflops": 180.0, "bf16_gflops": 450.0,
+                                             "copy_gb_s": 30.0}
