@@ -8,10 +8,15 @@ where every completion scored the same teach nothing and are skipped). The train
 `importance_sampling` loss then weighs each token by exp(learner lp - sampler lp) times
 its advantage, divided by the step's completion tokens so the loss is a per-token mean.
 
-Replies are cut at `--max-tokens` (8): SmolLM2 out of the box explains before it answers
-("To add 6 and 3, we need to..."), so few replies hold the sum in time, and RL teaches
-it to answer at once. Metric: greedy exact-match accuracy on held-out problems, before,
-during (`--eval-every`) and after.
+The prompt is the bare question in the model's chat template ("What is 16 + 10?"). A
+reply ends at the end of its turn or its first line break and is cut at `--max-tokens`
+(12): room for "16 + 10 = 26", not for an explanation first. SmolLM2 out of the box
+answers that way about a quarter of the time and otherwise starts to explain ("To solve
+this, we need to..."); it gets the sum right far more often when it writes the equation
+than when it answers with a bare number (a 3-shot prompt of bare answers: about 20 %
+greedy, and RL did not lift it), so RL's quick win is the equation-first habit. Metric:
+greedy exact-match accuracy on distinct held-out problems (none in training), before,
+during (`--eval-every`) and after, with the same prompt, stops and budget as training.
 
 `--off-policy` samples step t+1's groups from the weights before step t's update while
 step t trains (one step of lag, corrected by the importance ratio).
@@ -43,20 +48,22 @@ DRO_BETA = 0.05
 
 def parser() -> argparse.ArgumentParser:
     p = common.base_parser("GRPO-style RL on generated addition problems (exact-match reward); held-out greedy "
-                           "accuracy before and after.", steps=12, batch=8, rank=16)
+                           "accuracy before and after.", steps=8, batch=8, rank=16)
     p.add_argument("--task", default="add", choices=sorted(tasks.TASKS),
                    help="add: a + b, graded by the reply's last integer; number: any all-digit reply "
                         "(learnable from scratch, for tiny models)")
     p.add_argument("--max-operand", type=int, default=20, help="largest operand of an addition")
-    p.add_argument("--group-size", type=int, default=4, help="completions sampled per problem")
-    p.add_argument("--max-tokens", type=int, default=8, help="longest sampled reply")
+    p.add_argument("--group-size", type=int, default=8, help="completions sampled per problem")
+    p.add_argument("--max-tokens", type=int, default=12,
+                   help="longest sampled reply: room for 'a + b = sum' (SmolLM2 writes a digit per token), not for "
+                        "an explanation first")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of the rollouts")
     p.add_argument("--loss", default="importance_sampling", choices=LOSSES, help="policy-gradient loss")
     p.add_argument("--format-bonus", type=float, default=0.0, help="reward added to a reply that is a bare integer")
     p.add_argument("--no-std", action="store_true", help="advantages are reward - group mean, not divided by std")
     p.add_argument("--off-policy", action="store_true",
                    help="sample the next step's groups with the pre-update weights while this step trains")
-    p.add_argument("--eval-size", type=int, default=32, help="held-out problems")
+    p.add_argument("--eval-size", type=int, default=64, help="held-out problems (distinct, none in training)")
     p.add_argument("--eval-every", type=int, default=0, help="held-out accuracy every this many steps (0: before/after)")
     return p
 
@@ -102,6 +109,12 @@ def step_datums(groups: Sequence[Group], loss: str, scale_by_std: bool = True) -
     return data
 
 
+def stop_tokens(renderer: common.Renderer) -> list[int]:
+    """Where a sampled reply ends: the end of the turn, or a line break (a reply is one line)."""
+    breaks = [renderer.tokenizer.encode(text, add_special_tokens=False) for text in ("\n", "\n\n")]
+    return sorted({*renderer.stop, *(ids[0] for ids in breaks if len(ids) == 1)})
+
+
 def loss_config(loss: str) -> tuple[str, dict[str, float] | None]:
     """The trainer's loss name and config for a `--loss` choice."""
     if loss == "reinforce":
@@ -114,6 +127,7 @@ class Rollouts:
 
     def __init__(self, renderer: common.Renderer, task: tasks.Task, args: argparse.Namespace) -> None:
         self.renderer, self.task, self.args = renderer, task, args
+        self.stop = stop_tokens(renderer)
 
     def start(self, sampler: tunemesh.SamplingClient, batch: Sequence[tasks.Problem], seed: int) -> list[Any]:
         """Submit one sample request of `group_size` completions per problem; returns pending groups."""
@@ -121,7 +135,7 @@ class Rollouts:
         for i, problem in enumerate(batch):
             prompt = self.renderer.prompt(problem.messages())
             params = tunemesh.SamplingParams(max_tokens=self.args.max_tokens, temperature=self.args.temperature,
-                                             stop=self.renderer.stop, seed=seed * 1000 + i)
+                                             stop=self.stop, seed=seed * 1000 + i)
             future = sampler.sample(tunemesh.ModelInput.from_ints(prompt), self.args.group_size, params)
             pending.append((problem, prompt, future))
         return pending
@@ -156,7 +170,8 @@ class _Run:
         return self.train_set[step * self.args.batch:(step + 1) * self.args.batch]
 
     def evaluate(self, sampler: tunemesh.SamplingClient) -> tuple[float, list[str]]:
-        replies = tasks.greedy_replies(sampler, self.renderer, self.eval_set, self.args.max_tokens)
+        replies = tasks.greedy_replies(sampler, self.renderer, self.eval_set, self.args.max_tokens,
+                                       stop=self.rollouts.stop)
         return tasks.accuracy(self.task, self.eval_set, replies), replies
 
     def learn(self, groups: Sequence[Group]) -> dict[str, float]:
@@ -215,19 +230,27 @@ def train(service: tunemesh.ServiceClient, args: argparse.Namespace, *, position
     return _finish(run, accuracy_before, accuracy_after, replies_before, replies_after, time.monotonic() - started)
 
 
+def example_index(task: tasks.Task, problems: Sequence[tasks.Problem], replies_before: Sequence[str]) -> int:
+    """The held-out problem to show: the first one the model missed before training (chosen
+    before the after-replies exist), else the first."""
+    return next((i for i, (p, r) in enumerate(zip(problems, replies_before)) if not task.correct(p, r)), 0)
+
+
 def _finish(run: _Run, accuracy_before: float, accuracy_after: float, replies_before: list[str],
             replies_after: list[str], seconds: float) -> dict[str, Any]:
     run.log.plot("loss", ["loss"], "RL: loss (per-token mean)")
     run.log.plot("reward", ["reward"], "RL: mean reward of the sampled groups")
     run.log.plot("accuracy", ["accuracy", "eval_accuracy"], "RL: sampled (train) and held-out greedy accuracy")
-    example = run.eval_set[0]
+    shown = example_index(run.task, run.eval_set, replies_before)
+    example = run.eval_set[shown]
     summary = {
         "recipe": "rl", "metric": "eval_accuracy", "task": run.task.name,
         "eval_accuracy_before": accuracy_before, "eval_accuracy_after": accuracy_after,
+        "eval_size": len(run.eval_set),
         "train_reward_first": run.log.series("reward")[1][0] if run.log.series("reward")[1] else None,
         "train_reward_last": run.log.series("reward")[1][-1] if run.log.series("reward")[1] else None,
         "example": {"prompt": example.question, "answer": example.answer,
-                    "before": replies_before[0], "after": replies_after[0]},
+                    "before": replies_before[shown], "after": replies_after[shown]},
         "seconds": round(seconds, 1), "log_dir": str(run.log.directory),
     }
     common.write_summary(run.log.directory, summary)
@@ -236,7 +259,8 @@ def _finish(run: _Run, accuracy_before: float, accuracy_after: float, replies_be
 
 def main(argv: Sequence[str] | None = None) -> int:
     return common.run_recipe(parser(), train, lambda s: [
-        f"held-out greedy accuracy: {s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%}"], argv)
+        f"held-out greedy accuracy ({s['eval_size']} problems): {s['eval_accuracy_before']:.1%} -> "
+        f"{s['eval_accuracy_after']:.1%}"], argv)
 
 
 if __name__ == "__main__":

@@ -61,7 +61,7 @@ class Addition:
 
 @dataclasses.dataclass(frozen=True)
 class AnyNumber:
-    """'Reply with a number.' (plus a random word, so prompts differ); correct when the reply is digits only."""
+    """'Reply with a number.' (plus a random word, so prompts differ: 20 distinct); correct when the reply is digits only."""
 
     name: str = "number"
 
@@ -91,9 +91,19 @@ def problems(task: Task, count: int, seed: int) -> list[Problem]:
 
 
 def split(task: Task, train: int, held_out: int, seed: int) -> tuple[list[Problem], list[Problem]]:
-    """Training problems and held-out problems, none of whose questions are in training."""
-    evaluation = problems(task, held_out, seed=seed + 1_000_003)
-    seen = {p.question for p in evaluation}
+    """Training problems and `held_out` distinct held-out problems, none of whose questions are in training."""
+    rng = random.Random(seed + 1_000_003)
+    evaluation: list[Problem] = []
+    seen: set[str] = set()
+    for _ in range(held_out * 50):
+        if len(evaluation) == held_out:
+            break
+        candidate = task.problem(rng)
+        if candidate.question not in seen:
+            evaluation.append(candidate)
+            seen.add(candidate.question)
+    if len(evaluation) < held_out:
+        raise ValueError(f"{task.name}: only {len(evaluation)} distinct held-out problems, {held_out} asked")
     rng = random.Random(seed)
     training: list[Problem] = []
     for _ in range(train * 50):
@@ -102,6 +112,8 @@ def split(task: Task, train: int, held_out: int, seed: int) -> tuple[list[Proble
         candidate = task.problem(rng)
         if candidate.question not in seen:
             training.append(candidate)
+    if len(training) < train:
+        raise ValueError(f"{task.name}: only {len(training)} training problems outside the held-out set, {train} asked")
     return training, evaluation
 
 
@@ -129,9 +141,12 @@ def accuracy(task: Task, batch: Sequence[Problem], replies: Sequence[str]) -> fl
 
 
 def greedy_replies(sampler: tunemesh.SamplingClient, renderer: common.Renderer, batch: Sequence[Problem],
-                   max_tokens: int, context: Sequence[dict[str, str]] = ()) -> list[str]:
-    """Each problem's greedy reply from `sampler`, after the `context` messages if any (all in flight at once)."""
-    params = tunemesh.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=renderer.stop)
+                   max_tokens: int, context: Sequence[dict[str, str]] = (),
+                   stop: Sequence[int] | None = None) -> list[str]:
+    """Each problem's greedy reply from `sampler`, after the `context` messages if any (all in flight at
+    once), ending at a token of `stop` (default: the end of the turn)."""
+    params = tunemesh.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                     stop=renderer.stop if stop is None else list(stop))
     futures = [sampler.sample(tunemesh.ModelInput.from_ints(renderer.prompt([*context, *p.messages()])), 1, params)
                for p in batch]
     return [renderer.text(f.result().sequences[0].tokens) for f in futures]

@@ -1,14 +1,15 @@
 """The tunemesh demo: two tenants post-train one shared base model at once, then sample.
 
-    python scripts/demo.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--sft-steps 24] [--rl-steps 12]
+    python scripts/demo.py [--model HuggingFaceTB/SmolLM2-135M-Instruct] [--sft-steps 24] [--rl-steps 8]
 
 Starts a local mesh (etcd, scheduler, checkpoint service, one trainer, one sampler).
 alice runs the cookbook's SFT recipe (extracting "name, age" from a sentence) and bob
-its RL recipe (GRPO on addition problems, exact-match reward) concurrently on the same
-resident SmolLM2-135M-Instruct; the scheduler fuses their work into shared batches.
-Each evaluates on held-out items with greedy samples before and after; the demo prints
-both tenants' accuracy before -> after, one held-out prompt answered before and after,
-and where the metrics (JSONL) and plots (PNG) are. The mesh is stopped at the end.
+its RL recipe (GRPO on addition problems, exact-match reward, 8 completions per problem)
+concurrently on the same resident SmolLM2-135M-Instruct; the scheduler fuses their work
+into shared batches. Each evaluates on held-out items with greedy samples before and
+after; the demo prints both tenants' accuracy before -> after (and on how many items),
+one held-out prompt answered before and after (bob's: the first one the base model
+missed), and where the metrics (JSONL) and plots (PNG) are. The mesh is stopped at the end.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ def recipe_args(args: argparse.Namespace, out: pathlib.Path) -> dict[str, tuple]
     shared = ["--model", args.model, "--seed", str(args.seed)]
     alice = sft.parser().parse_args([*shared, "--steps", str(args.sft_steps), "--log-dir", str(out / "alice-sft")])
     bob = rl.parser().parse_args([*shared, "--steps", str(args.rl_steps), "--task", args.rl_task,
-                                  "--log-dir", str(out / "bob-rl")])
+                                  "--eval-size", str(args.rl_eval_size), "--log-dir", str(out / "bob-rl")])
     return {"alice": (sft, alice, 0), "bob": (rl, bob, 1)}
 
 
@@ -50,13 +51,13 @@ def run_tenant(address: str, api_key: str, ca_bundle: str | None, recipe, recipe
 
 
 def report(summaries: dict[str, dict], width: int = 36) -> str:
-    lines = ["", f"{'tenant':<7}{'recipe':<8}{'held-out accuracy':<22}detail"]
+    lines = ["", f"{'tenant':<7}{'recipe':<8}{'held-out accuracy (items)':<28}detail"]
     for tenant, s in summaries.items():
         detail = (f"NLL/token {s['eval_nll_before']:.3f} -> {s['eval_nll_after']:.3f}" if s["recipe"] == "sft"
                   else "sampled reward, first -> last third of the steps: {:.2f} -> {:.2f}".format(
                       *reward_trend(pathlib.Path(s["log_dir"]))))
-        accuracy = f"{s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%}"
-        lines.append(f"{tenant:<7}{s['recipe']:<8}{accuracy:<22}{detail}")
+        accuracy = f"{s['eval_accuracy_before']:.1%} -> {s['eval_accuracy_after']:.1%} ({s['eval_size']})"
+        lines.append(f"{tenant:<7}{s['recipe']:<8}{accuracy:<28}{detail}")
     for tenant, s in summaries.items():
         example = s["example"]
         lines += ["", f"{tenant}: {example['prompt']}   (expected: {example['answer']})",
@@ -92,9 +93,11 @@ def parse() -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--model", default=common.SMOLLM2, help="the shared base model")
     parser.add_argument("--sft-steps", type=int, default=24, help="alice's SFT steps")
-    parser.add_argument("--rl-steps", type=int, default=12, help="bob's RL steps")
+    parser.add_argument("--rl-steps", type=int, default=8, help="bob's RL steps")
     parser.add_argument("--rl-task", default="add", choices=("add", "number"),
                         help="bob's task (number: learnable by the random tiny test model)")
+    parser.add_argument("--rl-eval-size", type=int, default=64,
+                        help="bob's held-out problems (distinct; the number task has only 20)")
     parser.add_argument("--seed", type=int, default=0, help="data and LoRA seed of both tenants")
     parser.add_argument("--out", type=pathlib.Path, default=None, help="metrics and plots (default runs/demo-<time>)")
     parser.add_argument("--state-dir", type=pathlib.Path, default=None, help="mesh state (default: a temp dir)")
@@ -119,11 +122,13 @@ def main() -> int:
     try:
         print(f"scheduler at {mesh.scheduler_address}; alice (SFT) and bob (RL) train concurrently:\n", flush=True)
         start = time.perf_counter()
+        recipes = recipe_args(args, out)
         with concurrent.futures.ThreadPoolExecutor(len(TENANTS)) as pool:
             futures = {tenant: pool.submit(run_tenant, mesh.scheduler_address, keys[tenant], mesh.ca_file or None, recipe, r_args,
                                            position)
-                       for tenant, (recipe, r_args, position) in recipe_args(args, out).items()}
-            summaries = {tenant: future.result() for tenant, future in futures.items()}
+                       for tenant, (recipe, r_args, position) in recipes.items()}
+            summaries = {tenant: {"eval_size": recipes[tenant][1].eval_size, **future.result()}
+                         for tenant, future in futures.items()}
         print(f"\n\nboth tenants done in {time.perf_counter() - start:.0f} s")
         print(report(summaries))
         learned = summaries["alice"]["eval_nll_after"] < summaries["alice"]["eval_nll_before"]

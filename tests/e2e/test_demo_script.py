@@ -20,7 +20,7 @@ def test_demo_runs_an_sft_and_an_rl_tenant_and_stops_the_mesh(tmp_path):
     state_dir, out = tmp_path / "mesh", tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "demo.py"), "--model", "tunemesh/tiny-dense", "--sft-steps", "4",
-         "--rl-steps", "3", "--rl-task", "number", "--state-dir", str(state_dir), "--out", str(out)],
+         "--rl-steps", "3", "--rl-task", "number", "--rl-eval-size", "16", "--state-dir", str(state_dir), "--out", str(out)],
         env=env, capture_output=True, text=True, timeout=400,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -32,4 +32,7 @@ def test_demo_runs_an_sft_and_an_rl_tenant_and_stops_the_mesh(tmp_path):
         assert (pathlib.Path(summary["log_dir"]) / "metrics.jsonl").stat().st_size > 0
         assert list(pathlib.Path(summary["log_dir"]).glob("*.png"))
     assert result.stdout.count("before training") == 2
+    bob = summaries["bob"]
+    assert bob["eval_size"] == 16  # held-out size, printed next to the accuracy
+    assert f"{bob['eval_accuracy_before']:.1%} -> {bob['eval_accuracy_after']:.1%} (16)" in result.stdout
     assert not (state_dir / "mesh.json").exists(), "the demo must stop the mesh it started"

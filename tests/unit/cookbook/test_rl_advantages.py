@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 import tunemesh
-from cookbook import rl, tasks
+from cookbook import common, rl, tasks
 
 
 def test_advantages_are_centred_and_scaled_by_the_group_std() -> None:
@@ -48,3 +48,33 @@ def test_reinforce_puts_the_advantages_into_cross_entropy_weights() -> None:
 
 def test_no_datums_when_every_group_is_flat() -> None:
     assert rl.step_datums([_group([1.0, 1.0], [2, 2])], "importance_sampling") == []
+
+
+class _Tokenizer:
+    """Just enough of SmolLM2's tokenizer: ChatML specials and one token per line break."""
+
+    unk_token_id, eos_token_id = 0, 2
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return {"<|im_end|>": 2}.get(token, 0)
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return {"\n": [198], "\n\n": [1116]}.get(text, [ord(c) for c in text])
+
+
+def test_a_sampled_reply_stops_at_the_end_of_the_turn_or_a_line_break() -> None:
+    assert rl.stop_tokens(common.Renderer(_Tokenizer())) == [2, 198, 1116]
+
+
+def test_the_shown_example_is_the_first_held_out_problem_missed_before_training() -> None:
+    task = tasks.Addition()
+    problems = [tasks.Problem("What is 1 + 1?", "2"), tasks.Problem("What is 2 + 2?", "4"),
+                tasks.Problem("What is 3 + 3?", "6")]
+    assert rl.example_index(task, problems, ["1 + 1 = 2", "To add 2 and", "5"]) == 1
+    assert rl.example_index(task, problems, ["2", "4", "6"]) == 0
+
+
+def test_defaults_leave_room_for_an_equation_and_a_held_out_set_of_64() -> None:
+    args = rl.parser().parse_args([])
+    assert args.max_tokens >= 11  # "16 + 10 = 26" is 10 SmolLM2 tokens (a digit a token), then the stop
+    assert args.eval_size >= 64 and args.group_size == 8

@@ -42,6 +42,22 @@ def test_split_keeps_held_out_questions_out_of_training() -> None:
     assert not {p.question for p in training} & {p.question for p in held_out}
 
 
+def test_held_out_problems_are_distinct_and_the_split_refuses_an_impossible_size() -> None:
+    _, held_out = tasks.split(tasks.Addition(max_operand=20), 64, 64, seed=0)
+    assert len({p.question for p in held_out}) == 64
+    with pytest.raises(ValueError, match="distinct held-out"):
+        tasks.split(tasks.Addition(max_operand=2), 4, 10, seed=0)  # only 9 questions exist
+    with pytest.raises(ValueError, match="training problems"):
+        tasks.split(tasks.Addition(max_operand=2), 4, 9, seed=0)  # nothing left to train on
+
+
+def test_an_equation_reply_is_graded_by_its_result() -> None:
+    task, problem = tasks.Addition(), tasks.Problem("What is 16 + 10?", "26")
+    assert task.correct(problem, "16 + 10 = 26") and task.correct(problem, "16 + 10 equals 26.")
+    assert not task.correct(problem, "16 + 10 =")  # cut before the result: its last integer is an operand
+    assert not task.correct(problem, "16 + 10 = 16")
+
+
 def test_reward_is_exact_match_plus_format_bonus() -> None:
     task = tasks.Addition()
     problem = tasks.Problem("What is 2 + 3?", "5")
