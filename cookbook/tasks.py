@@ -92,29 +92,28 @@ def problems(task: Task, count: int, seed: int) -> list[Problem]:
 
 def split(task: Task, train: int, held_out: int, seed: int) -> tuple[list[Problem], list[Problem]]:
     """Training problems and `held_out` distinct held-out problems, none of whose questions are in training."""
-    rng = random.Random(seed + 1_000_003)
-    evaluation: list[Problem] = []
     seen: set[str] = set()
-    for _ in range(held_out * 50):
-        if len(evaluation) == held_out:
-            break
-        candidate = task.problem(rng)
-        if candidate.question not in seen:
-            evaluation.append(candidate)
-            seen.add(candidate.question)
-    if len(evaluation) < held_out:
-        raise ValueError(f"{task.name}: only {len(evaluation)} distinct held-out problems, {held_out} asked")
-    rng = random.Random(seed)
-    training: list[Problem] = []
-    for _ in range(train * 50):
-        if len(training) == train:
-            break
-        candidate = task.problem(rng)
-        if candidate.question not in seen:
-            training.append(candidate)
-    if len(training) < train:
-        raise ValueError(f"{task.name}: only {len(training)} training problems outside the held-out set, {train} asked")
+    evaluation = _draw(task, random.Random(seed + 1_000_003), held_out, seen, "distinct held-out problems")
+    training = _draw(task, random.Random(seed), train, frozenset(seen), "training problems outside the held-out set")
     return training, evaluation
+
+
+def _draw(task: Task, rng: random.Random, count: int, excluded: set[str] | frozenset[str], what: str) -> list[Problem]:
+    """`count` problems whose questions are not in `excluded`; a mutable `excluded` also
+    keeps them distinct (each drawn question joins it). ValueError when 50 draws per
+    problem do not find enough."""
+    drawn: list[Problem] = []
+    for _ in range(count * 50):
+        if len(drawn) == count:
+            break
+        candidate = task.problem(rng)
+        if candidate.question not in excluded:
+            drawn.append(candidate)
+            if isinstance(excluded, set):
+                excluded.add(candidate.question)
+    if len(drawn) < count:
+        raise ValueError(f"{task.name}: only {len(drawn)} {what}, {count} asked")
+    return drawn
 
 
 def parse_answer(reply: str) -> str | None:
