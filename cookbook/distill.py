@@ -64,10 +64,12 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def teacher_context(task: tasks.Task, shots: int, seed: int) -> list[dict[str, str]]:
-    """The instruction as a system message and `shots` solved problems as earlier turns."""
+def teacher_context(task: tasks.Task, shots: int, seed: int,
+                    held_out: Sequence[tasks.Problem] = ()) -> list[dict[str, str]]:
+    """The instruction as a system message and `shots` solved problems as earlier turns,
+    none of them a `held_out` problem (the teacher would see its answer)."""
     messages = [{"role": "system", "content": INSTRUCTION}]
-    for problem in tasks.problems(task, shots, seed=seed + 7_919):
+    for problem in tasks.problems_outside(task, shots, seed + 7_919, held_out):
         messages += [{"role": "user", "content": problem.question}, {"role": "assistant", "content": problem.answer}]
     return messages
 
@@ -114,7 +116,8 @@ class _Run:
         else:
             self.teacher = service.create_sampling_client(model_path=args.teacher)
         context = args.context or ("fewshot" if args.teacher == "base" else "none")
-        self.context = teacher_context(self.task, args.shots, args.seed) if context == "fewshot" else []
+        self.context = (teacher_context(self.task, args.shots, args.seed, self.eval_set) if context == "fewshot"
+                        else [])
         self.log = log or common.MetricsLog(common.log_dir(args, "distill"))
         self.lr = common.learning_rate(args)
 

@@ -9,6 +9,8 @@ first step (what RL on `tunemesh/tiny-dense` needs to learn anything).
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import dataclasses
 import random
 import re
@@ -96,6 +98,13 @@ def split(task: Task, train: int, held_out: int, seed: int) -> tuple[list[Proble
     evaluation = _draw(task, random.Random(seed + 1_000_003), held_out, seen, "distinct held-out problems")
     training = _draw(task, random.Random(seed), train, frozenset(seen), "training problems outside the held-out set")
     return training, evaluation
+
+
+def problems_outside(task: Task, count: int, seed: int, excluded: Iterable[Problem]) -> list[Problem]:
+    """`count` problems drawn with `seed` whose questions are none of `excluded`'s (e.g.
+    few-shot examples that must not hand a held-out answer to a teacher)."""
+    questions = frozenset(problem.question for problem in excluded)
+    return _draw(task, random.Random(seed), count, questions, "problems outside the excluded ones")
 
 
 def _draw(task: Task, rng: random.Random, count: int, excluded: set[str] | frozenset[str], what: str) -> list[Problem]:

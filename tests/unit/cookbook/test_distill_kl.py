@@ -27,3 +27,15 @@ def test_teacher_context_is_an_instruction_and_solved_examples() -> None:
     question, answer = context[1]["content"], context[2]["content"]
     a, b = question.removeprefix("What is ").removesuffix("?").split(" + ")
     assert answer == str(int(a) + int(b))
+
+
+def test_teacher_context_never_shows_a_held_out_problem() -> None:
+    task = tasks.Addition()
+    plain = distill.teacher_context(task, shots=3, seed=0)
+    shown = [m["content"] for m in plain[1::2]]
+    held_out = [p for p in tasks.problems(task, 3, seed=7_919) if p.question in shown[:2]]
+    assert len(held_out) == 2  # the held-out set holds two of the examples the teacher would see
+    context = distill.teacher_context(task, shots=3, seed=0, held_out=held_out)
+    questions = [m["content"] for m in context[1::2]]
+    assert len(questions) == 3 and not {p.question for p in held_out} & set(questions)
+    assert distill.teacher_context(task, shots=3, seed=0, held_out=()) == plain
