@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 WATCH_PERIOD_S = 0.5  # how often the watchdog looks for a lost rank
 WORKER_MODULE = "tunemesh_trainer.ranks"  # what `python -m` runs in a local worker
+TIMEOUT_ENV = "TUNEMESH_RANK_TIMEOUT_S"  # a local worker's collective timeout: rank 0's
+DEFAULT_TIMEOUT_S = 600.0
 WorkerLost = Callable[[int, int], None]  # (rank, exit code)
 
 
@@ -43,13 +45,15 @@ def launched_rank() -> int | None:
     return int(rank) if rank is not None and "WORLD_SIZE" in os.environ else None
 
 
-def rank_env(rank: int, world: int, port: int, threads: int = 0) -> dict[str, str]:
+def rank_env(rank: int, world: int, port: int, threads: int = 0,
+             timeout_s: float = DEFAULT_TIMEOUT_S) -> dict[str, str]:
     """Environment of rank `rank` of a local group on 127.0.0.1:`port`: on a host with at
     least `world` CUDA devices rank r uses device r (nccl), else the CPU (gloo), unless
     DS_ACCELERATOR is set already."""
     env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR") or ("cuda" if _cuda_devices() >= world else "cpu")}
+           "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR") or ("cuda" if _cuda_devices() >= world else "cpu"),
+           TIMEOUT_ENV: str(timeout_s)}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -61,16 +65,17 @@ def _cuda_devices() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def start_local_workers(world: int, port: int, threads: int = 0) -> list[subprocess.Popen]:
+def start_local_workers(world: int, port: int, threads: int = 0,
+                        timeout_s: float = DEFAULT_TIMEOUT_S) -> list[subprocess.Popen]:
     """Start ranks 1..world-1 on this host as `python -m tunemesh_trainer.ranks`."""
     return [
         subprocess.Popen([sys.executable, "-m", WORKER_MODULE],
-                         env={**os.environ, **rank_env(rank, world, port, threads)})
+                         env={**os.environ, **rank_env(rank, world, port, threads, timeout_s)})
         for rank in range(1, world)
     ]
 
 
-def join_group(timeout_s: float = 600.0) -> Any:
+def join_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> Any:
     """Join the process group described by the environment; return the gloo control group.
 
     `timeout_s` bounds every collective: a rank that died stops the others after it."""
@@ -86,7 +91,7 @@ def join_group(timeout_s: float = 600.0) -> Any:
 
 
 @contextlib.contextmanager
-def local_group(world: int, threads: int = 0, timeout_s: float = 600.0) -> Iterator[RankGroup]:
+def local_group(world: int, threads: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[RankGroup]:
     """A group of `world` ranks on this host with this process as rank 0 (workers are
     subprocesses), closed on exit. A process can form one group only: see shared_local_group."""
     saved = dict(os.environ)
@@ -104,7 +109,7 @@ def local_group(world: int, threads: int = 0, timeout_s: float = 600.0) -> Itera
 _SHARED: dict[int, RankGroup] = {}
 
 
-def shared_local_group(world: int, threads: int = 0, timeout_s: float = 600.0,
+def shared_local_group(world: int, threads: int = 0, timeout_s: float = DEFAULT_TIMEOUT_S,
                        on_worker_exit: WorkerLost | None = None) -> RankGroup:
     """This process's one local group of `world` ranks, formed on first use, closed at exit
     (a second group formed in the same process after closing one hangs in DeepSpeed).
@@ -143,10 +148,10 @@ def _form(world: int, threads: int, timeout_s: float) -> tuple[RankGroup, list[s
     """Start the workers and join as rank 0. The rank's environment (RANK, MASTER_PORT, ...)
     stays set while the group lives: the collectives need it."""
     port = free_port()
-    workers = start_local_workers(world, port, threads)
-    os.environ.update(rank_env(0, world, port))
+    workers = start_local_workers(world, port, threads, timeout_s)
+    os.environ.update(rank_env(0, world, port, timeout_s=timeout_s))
     try:
-        return RankGroup(join_group(timeout_s)), workers
+        return RankGroup(join_group(timeout_s), timeout_s), workers
     except BaseException:
         for worker in workers:
             worker.kill()
@@ -164,7 +169,7 @@ def _stop(worker: subprocess.Popen) -> None:
 def main() -> None:
     """A local worker: join the group its environment describes and follow rank 0."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    serve_rank(join_group())
+    serve_rank(join_group(float(os.environ.get(TIMEOUT_ENV, DEFAULT_TIMEOUT_S))))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ def test_each_local_rank_gets_its_place_in_the_group(monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     env = ranks.rank_env(2, 4, 29500, threads=3)
     assert env == {"RANK": "2", "LOCAL_RANK": "2", "WORLD_SIZE": "4", "MASTER_ADDR": "127.0.0.1",
-                   "MASTER_PORT": "29500", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3"}
+                   "MASTER_PORT": "29500", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "3",
+                   ranks.TIMEOUT_ENV: "600.0"}
 
 
 def test_a_launched_rank_is_read_from_the_environment(monkeypatch):
@@ -47,3 +48,19 @@ def test_the_watchdog_reports_the_first_worker_that_exits():
         closing.set()
         alive.kill()
         alive.wait()
+
+
+IDLE_GROUP = """
+import sys, time
+from tunemesh_trainer import ranks
+from tunemesh_trainer.engine.rank_group import RankCall
+with ranks.local_group(2, threads=1, timeout_s=4.0) as group:
+    time.sleep(10)  # idle for more than twice the collective timeout
+    group.call(0, RankCall.DROP, ())  # every rank answers: none timed out waiting
+print("alive")
+"""
+
+
+def test_an_idle_group_keeps_its_ranks_past_the_collective_timeout():
+    done = subprocess.run([sys.executable, "-c", IDLE_GROUP], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip().endswith("alive"), done.stderr[-3000:]

@@ -4,6 +4,9 @@ Rank 0 broadcasts every engine call (engine key, a `RankCall`, pickled arguments
 gloo control group; every rank runs it on its own DeepSpeedTrainingEngine; rank 0 then
 gathers a fingerprint of each rank's result (its error, digests, item failures, metrics)
 and refuses to go on if the ranks disagree. Followers run `serve_rank` until told to close.
+Every collective is bounded by the group's timeout, the followers' wait for the next call
+included: an idle rank 0 therefore broadcasts a KEEPALIVE (nothing to run, nothing
+gathered) well within it, or an idle trainer would lose its ranks.
 
 This is the per-rank side only: forming the group (launchers, local worker processes,
 their watchdog) is `tunemesh_trainer.ranks`.
@@ -15,6 +18,7 @@ import enum
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -30,6 +34,7 @@ class RankCall(enum.Enum):
     BUILD = "build"  # a DeepSpeedTrainingEngine(**kwargs) under the key
     DROP = "drop"  # forget the key's engine
     CLOSE = "close"  # leave `serve_rank`
+    KEEPALIVE = "keepalive"  # nothing: rank 0 is idle but alive
     CREATE_ADAPTER = "create_adapter"
     DELETE_ADAPTER = "delete_adapter"
     ADAPTER_IDS = "adapter_ids"
@@ -56,7 +61,9 @@ _ENGINE_CALLS: dict[RankCall, Callable[..., Any]] = {
 class RankGroup:
     """Rank 0's handle on the group: builds engines on every rank and forwards calls."""
 
-    def __init__(self, control: Any) -> None:
+    def __init__(self, control: Any, timeout_s: float) -> None:
+        """`timeout_s` is the group's collective timeout: a keepalive goes out whenever
+        rank 0 has sent nothing for a quarter of it."""
         import torch.distributed as dist
 
         self._dist = dist
@@ -65,6 +72,10 @@ class RankGroup:
         self._keys = itertools.count()
         self._diverged = ""
         self._calls = threading.Lock()  # one call at a time: the ranks follow one message stream
+        self._last_sent = time.monotonic()
+        self._closed = threading.Event()
+        self._keepalive_period_s = timeout_s / 4
+        threading.Thread(target=self._keep_alive, daemon=True, name="rank-keepalive").start()
 
     @property
     def world(self) -> int:
@@ -86,7 +97,7 @@ class RankGroup:
     def _call_locked(self, key: int, method: RankCall, args: tuple) -> Any:
         if self._diverged:
             raise InternalError("RANKS_DIVERGED", self._diverged)
-        self._dist.broadcast_object_list([(key, method, args)], src=0, group=self._control)
+        self._send(key, method, args)
         result, error = apply_call(self._engines, key, method, args)
         prints: list = [None] * self.world
         self._dist.gather_object(fingerprint(method, result, error), prints, dst=0, group=self._control)
@@ -98,10 +109,28 @@ class RankGroup:
             raise error
         return result
 
+    def _send(self, key: int | None, method: RankCall, args: tuple) -> None:
+        """Broadcast one message to the followers (the caller holds `_calls`)."""
+        self._dist.broadcast_object_list([(key, method, args)], src=0, group=self._control)
+        self._last_sent = time.monotonic()
+
+    def _keep_alive(self) -> None:
+        while not self._closed.wait(self._keepalive_period_s / 4):
+            with self._calls:
+                if self._closed.is_set() or self._diverged:
+                    return
+                if time.monotonic() - self._last_sent >= self._keepalive_period_s:
+                    try:
+                        self._send(None, RankCall.KEEPALIVE, ())
+                    except Exception as err:  # a lost rank: the next call (and the watchdog) report it
+                        logger.warning("keepalive to the ranks failed: %r", err)
+                        return
+
     def close(self) -> None:
         """Release the workers (they leave `serve_rank`) and the process group."""
         with self._calls:
-            self._dist.broadcast_object_list([(None, RankCall.CLOSE, ())], src=0, group=self._control)
+            self._closed.set()
+            self._send(None, RankCall.CLOSE, ())
         self._engines.clear()
         self._dist.destroy_process_group()
 
@@ -117,6 +146,8 @@ def serve_rank(control: Any) -> None:
         key, method, args = message[0]
         if method is RankCall.CLOSE:
             break
+        if method is RankCall.KEEPALIVE:
+            continue
         result, error = apply_call(engines, key, method, args)
         if error is not None and not hasattr(error, "reason"):
             logger.error("rank %d: %s failed: %r", dist.get_rank(), method.value, error)
