@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         serve_rank(ranks.join_group())
         return
     if launched == 0:
-        group = RankGroup(ranks.join_group(), ranks.DEFAULT_TIMEOUT_S)
+        group = ranks.group_with_keepalive(ranks.join_group())
     elif s.ranks > 1:
         group = ranks.shared_local_group(s.ranks, threads=s.num_threads, on_worker_exit=_rank_lost)
     else:

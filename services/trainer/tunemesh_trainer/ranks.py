@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -151,11 +152,26 @@ def _form(world: int, threads: int, timeout_s: float) -> tuple[RankGroup, list[s
     workers = start_local_workers(world, port, threads, timeout_s)
     os.environ.update(rank_env(0, world, port, timeout_s=timeout_s))
     try:
-        return RankGroup(join_group(timeout_s), timeout_s), workers
+        return group_with_keepalive(join_group(timeout_s), timeout_s), workers
     except BaseException:
         for worker in workers:
             worker.kill()
         raise
+
+
+def group_with_keepalive(control: Any, timeout_s: float = DEFAULT_TIMEOUT_S) -> RankGroup:
+    """Rank 0's RankGroup on `control`, with a thread that keeps idle followers from
+    timing out: every quarter of `timeout_s` with nothing sent, a KEEPALIVE goes out."""
+    group = RankGroup(control)
+
+    def keep() -> None:
+        seen: int | None = 0
+        while seen is not None:
+            time.sleep(timeout_s / 4)
+            seen = group.keep_alive(seen)
+
+    threading.Thread(target=keep, daemon=True, name="rank-keepalive").start()
+    return group
 
 
 def _stop(worker: subprocess.Popen) -> None:

@@ -6,7 +6,8 @@ gathers a fingerprint of each rank's result (its error, digests, item failures, 
 and refuses to go on if the ranks disagree. Followers run `serve_rank` until told to close.
 Every collective is bounded by the group's timeout, the followers' wait for the next call
 included: an idle rank 0 therefore broadcasts a KEEPALIVE (nothing to run, nothing
-gathered) well within it, or an idle trainer would lose its ranks.
+gathered) well within it, or an idle trainer would lose its ranks (`keep_alive`, called
+periodically by `tunemesh_trainer.ranks`).
 
 This is the per-rank side only: forming the group (launchers, local worker processes,
 their watchdog) is `tunemesh_trainer.ranks`.
@@ -18,7 +19,6 @@ import enum
 import itertools
 import logging
 import threading
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -61,9 +61,7 @@ _ENGINE_CALLS: dict[RankCall, Callable[..., Any]] = {
 class RankGroup:
     """Rank 0's handle on the group: builds engines on every rank and forwards calls."""
 
-    def __init__(self, control: Any, timeout_s: float) -> None:
-        """`timeout_s` is the group's collective timeout: a keepalive goes out whenever
-        rank 0 has sent nothing for a quarter of it."""
+    def __init__(self, control: Any) -> None:
         import torch.distributed as dist
 
         self._dist = dist
@@ -72,10 +70,8 @@ class RankGroup:
         self._keys = itertools.count()
         self._diverged = ""
         self._calls = threading.Lock()  # one call at a time: the ranks follow one message stream
-        self._last_sent = time.monotonic()
-        self._closed = threading.Event()
-        self._keepalive_period_s = timeout_s / 4
-        threading.Thread(target=self._keep_alive, daemon=True, name="rank-keepalive").start()
+        self._sent = 0  # messages broadcast so far
+        self._closed = False
 
     @property
     def world(self) -> int:
@@ -112,24 +108,27 @@ class RankGroup:
     def _send(self, key: int | None, method: RankCall, args: tuple) -> None:
         """Broadcast one message to the followers (the caller holds `_calls`)."""
         self._dist.broadcast_object_list([(key, method, args)], src=0, group=self._control)
-        self._last_sent = time.monotonic()
+        self._sent += 1
 
-    def _keep_alive(self) -> None:
-        while not self._closed.wait(self._keepalive_period_s / 4):
-            with self._calls:
-                if self._closed.is_set() or self._diverged:
-                    return
-                if time.monotonic() - self._last_sent >= self._keepalive_period_s:
-                    try:
-                        self._send(None, RankCall.KEEPALIVE, ())
-                    except Exception as err:  # a lost rank: the next call (and the watchdog) report it
-                        logger.warning("keepalive to the ranks failed: %r", err)
-                        return
+    def keep_alive(self, seen: int) -> int | None:
+        """Broadcast a KEEPALIVE unless a message went out since the caller saw `seen`
+        messages sent; returns the count to pass next time, None once the group is closed
+        or unusable (the caller stops then)."""
+        with self._calls:
+            if self._closed or self._diverged:
+                return None
+            if self._sent == seen:
+                try:
+                    self._send(None, RankCall.KEEPALIVE, ())
+                except Exception as err:  # a lost rank: the next call (and the watchdog) report it
+                    logger.warning("keepalive to the ranks failed: %r", err)
+                    return None
+            return self._sent
 
     def close(self) -> None:
         """Release the workers (they leave `serve_rank`) and the process group."""
         with self._calls:
-            self._closed.set()
+            self._closed = True
             self._send(None, RankCall.CLOSE, ())
         self._engines.clear()
         self._dist.destroy_process_group()
