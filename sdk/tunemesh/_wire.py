@@ -163,6 +163,7 @@ def run_info(run: training_pb2.TrainingRun) -> types.GetInfoResponse:
         step=run.step,
         last_seq_id=run.last_seq_id,
         trainer_node=run.trainer_node,
+        user_metadata=dict(run.user_metadata),
     )
 
 

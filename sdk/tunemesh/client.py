@@ -124,8 +124,10 @@ class ServiceClient:
         train_unembed: bool = True,
         alpha: float | None = None,
         train_experts: bool = False,
+        user_metadata: dict[str, str] | None = None,
     ) -> TrainingClient:
-        """Create a LoRA training run on `base_model` and return its client."""
+        """Create a LoRA training run on `base_model` and return its client;
+        `user_metadata` is kept with the run (`get_info().user_metadata`)."""
         config = LoraConfig(
             rank=rank, alpha=alpha, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
             train_unembed=train_unembed, train_experts=train_experts,
@@ -135,6 +137,7 @@ class ServiceClient:
             base_model=base_model,
             lora_config=_wire.lora_to_proto(config),
             request_id=str(uuid.uuid4()),
+            user_metadata=user_metadata or {},
         )
         response = self._transport.call(
             self._transport.training.CreateTrainingRun, request, what="CreateTrainingRun"

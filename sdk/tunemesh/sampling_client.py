@@ -25,14 +25,18 @@ class SamplingClient:
         self._transport = transport
         self.sampling_session, self.base_model, self.model_path = name, base_model, model_path
 
-    def sample(self, prompt: ModelInput, num_samples: int = 1,
-               sampling_params: SamplingParams | None = None) -> APIFuture[SampleResponse]:
-        """`num_samples` continuations of `prompt`, with tokens, logprobs and stop reasons."""
+    def sample(self, prompt: ModelInput, num_samples: int = 1, sampling_params: SamplingParams | None = None,
+               include_prompt_logprobs: bool = False) -> APIFuture[SampleResponse]:
+        """`num_samples` continuations of `prompt`, with tokens, logprobs and stop reasons;
+        with `include_prompt_logprobs` also the prompt's logprobs (as `compute_logprobs`
+        returns them, in the same call)."""
         request = sampling_pb2.SampleRequest(
             sampling_session=self.sampling_session, prompt=_wire_prompt(prompt), num_samples=num_samples,
             sampling_params=params_to_proto(sampling_params or SamplingParams()),
+            prompt_logprobs=include_prompt_logprobs,
         )
-        return self._submit(self._transport.sampling.Sample, request, _sample_response)
+        return self._submit(self._transport.sampling.Sample, request,
+                            lambda response: _sample_response(response, include_prompt_logprobs))
 
     def compute_logprobs(self, prompt: ModelInput) -> APIFuture[list[float | None]]:
         """logprob of each prompt token given the ones before it; the first is None."""
@@ -63,9 +67,10 @@ class SamplingClient:
 def params_to_proto(params: SamplingParams) -> sampling_pb2.SamplingParams:
     stop = [params.stop] if isinstance(params.stop, str) else list(params.stop or [])
     msg = sampling_pb2.SamplingParams(
-        max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
+        max_tokens=params.max_tokens or 0, temperature=params.temperature, top_p=params.top_p,
         top_k=max(params.top_k, 0), stop=[s for s in stop if isinstance(s, str)],
         stop_token_ids=[int(s) for s in stop if not isinstance(s, str)],
+        include_stop_str=params.include_stop_str,
     )
     if params.seed is not None:
         msg.seed = params.seed
@@ -78,8 +83,9 @@ def _wire_prompt(prompt: ModelInput):
     return _wire.model_input_to_proto(prompt)
 
 
-def _sample_response(response: sampling_pb2.SampleResponse) -> SampleResponse:
-    return SampleResponse([
-        SampledSequence(list(s.tokens), list(s.logprobs), _STOP_REASONS.get(s.stop_reason, "stop"))
-        for s in response.sequences
-    ])
+def _sample_response(response: sampling_pb2.SampleResponse, with_prompt_logprobs: bool) -> SampleResponse:
+    return SampleResponse(
+        [SampledSequence(list(s.tokens), list(s.logprobs), _STOP_REASONS.get(s.stop_reason, "stop"), s.sequence_id)
+         for s in response.sequences],
+        [None, *response.prompt_logprobs] if with_prompt_logprobs else None,
+    )

@@ -248,31 +248,36 @@ class LoadWeightsResponse:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How to sample. `stop` takes strings (cut from the text) or token ids (kept);
+    """How to sample. `max_tokens` None: up to the model's context limit. `stop` takes
+    strings (cut from the text unless `include_stop_str`) or token ids (kept);
     temperature 0 is greedy; top_k 0 or -1 and top_p 1 disable those filters."""
 
-    max_tokens: int = 16
+    max_tokens: int | None = None
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = -1
     stop: str | Sequence[str] | Sequence[int] | None = None
     seed: int | None = None
+    include_stop_str: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class SampledSequence:
-    """One continuation: its new tokens, their logprobs, and why it ended ("length" or "stop")."""
+    """One continuation: its new tokens, their logprobs, why it ended ("length" or "stop")
+    and its id (distinct for every sequence the service returns)."""
 
     tokens: list[int]
     logprobs: list[float]
     stop_reason: str
+    sequence_id: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
 class SampleResponse:
-    """Result of SamplingClient.sample."""
+    """Result of SamplingClient.sample; `prompt_logprobs` (first None) when asked for."""
 
     sequences: list[SampledSequence]
+    prompt_logprobs: list[float | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -315,6 +320,7 @@ class GetInfoResponse:
     last_seq_id: int = 0
     is_lora: bool = True
     trainer_node: str = ""  # the trainer holding the run's adapter now (it moves if that one fails)
+    user_metadata: dict[str, str] = dataclasses.field(default_factory=dict)  # as given at creation
 
     @property
     def model_name(self) -> str:

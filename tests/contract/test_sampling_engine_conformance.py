@@ -126,6 +126,29 @@ def test_seeds_reproduce_and_stop_tokens_end_sequences(case):
     assert (stopped.tokens, stopped.stop_reason) == (greedy[:cut], StopReason.STOP)
 
 
+def test_stop_strings_are_cut_or_kept_as_asked(case):
+    from transformers import AutoTokenizer
+
+    engine, model_dir, _, prompts = case
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    greedy = asyncio.run(engine.generate(GenerateRequest("a1", prompts[1], 1, GREEDY)))[0].tokens
+    pieces = [(i, tokenizer.decode([t])) for i, t in enumerate(greedy) if i >= 2]
+    hit, stop = next((i, p.strip()) for i, p in pieces if p.strip() and "\ufffd" not in p)
+    assert stop in tokenizer.decode(greedy[: hit + 1])
+
+    def sample(keep: bool):
+        spec = SamplingSpec(max_tokens=NEW_TOKENS, temperature=0.0, stop=(stop,), include_stop_str=keep)
+        return asyncio.run(engine.generate(GenerateRequest("a1", prompts[1], 1, spec)))[0]
+
+    cut, kept = sample(False), sample(True)
+    assert cut.stop_reason is kept.stop_reason is StopReason.STOP
+    assert stop not in tokenizer.decode(cut.tokens) and stop in tokenizer.decode(kept.tokens)
+    first = len(kept.tokens)  # the stop string ends in its last token, the first that completes it
+    assert kept.tokens == greedy[:first] and stop not in tokenizer.decode(greedy[: first - 1])
+    assert cut.tokens == greedy[: len(cut.tokens)] and len(cut.tokens) < first
+    assert len(kept.logprobs) == len(kept.tokens)
+
+
 def test_hot_swap_new_version_under_a_new_key_and_unload(case):
     engine, model_dir, adapters, prompts = case
     before = asyncio.run(engine.generate(GenerateRequest("a1", prompts[0], 1, GREEDY)))[0].tokens

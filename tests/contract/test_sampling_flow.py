@@ -85,6 +85,39 @@ def test_compute_logprobs_matches_the_trainers_forward(alice, trained):
     np.testing.assert_allclose(np.array(logprobs[1:]), trainer_logprobs, atol=1e-4, rtol=0)
 
 
+def test_sample_returns_the_prompt_logprobs_of_compute_logprobs_and_distinct_sequence_ids(alice, trained):
+    path, _, tokens, _ = trained
+    client = alice.create_sampling_client(model_path=path)
+    params = tunemesh.SamplingParams(max_tokens=4, temperature=1.0, seed=3)
+    response = client.sample(_prompt(tokens), 3, params, include_prompt_logprobs=True).result(timeout=60)
+    assert response.prompt_logprobs == client.compute_logprobs(_prompt(tokens)).result(timeout=60)  # exactly
+    ids = [s.sequence_id for s in response.sequences]
+    again = [s.sequence_id for s in client.sample(_prompt(tokens), 3, params).result(timeout=60).sequences]
+    assert all(ids) and len(set(ids + again)) == 6
+    assert client.sample(_prompt(tokens), 1, params).result(timeout=60).prompt_logprobs is None
+
+
+def test_max_tokens_unset_means_up_to_the_context_limit(mesh, alice):
+    limit = alice.get_server_capabilities().supported_models[0].max_seq_len
+    client = alice.create_sampling_client(base_model=TINY_DENSE)
+    prompt = _prompt([5 + i % 50 for i in range(limit - 3)])
+    unset = tunemesh.SamplingParams(temperature=0.0, stop=[])
+    (sequence,) = client.sample(prompt, 1, unset).result(timeout=60).sequences
+    assert len(sequence.tokens) <= 3 and (sequence.stop_reason == "stop" or len(sequence.tokens) == 3)
+    full = _prompt([5] * limit)
+    with pytest.raises(tunemesh.InvalidArgumentError, match="CONTEXT_EXCEEDED"):
+        client.sample(full, 1, unset).result(timeout=60)
+
+
+def test_runs_keep_the_callers_user_metadata(alice):
+    notes = {"renderer_name": "role_colon", "recipe": "sl"}
+    trainer = alice.create_lora_training_client(TINY_DENSE, rank=4, user_metadata=notes)
+    assert trainer.get_info().user_metadata == notes
+    assert alice.resume_training_client(trainer.get_info().model_id).get_info().user_metadata == notes
+    with pytest.raises(tunemesh.InvalidArgumentError, match="BAD_USER_METADATA"):
+        alice.create_lora_training_client(TINY_DENSE, rank=4, user_metadata={"k": "v" * 100_000})
+
+
 def test_new_weights_are_seen_by_a_new_client_and_never_by_an_old_one(alice):
     trainer = alice.create_lora_training_client(TINY_DENSE, rank=4, seed=2)
     before = trainer.save_weights_and_get_sampling_client()
@@ -138,7 +171,7 @@ def test_more_adapters_than_slots_are_loaded_in_turn(mesh, alice):
 BAD_SAMPLES = [
     ({"prompt": []}, "EMPTY_PROMPT"),
     ({"prompt": [1, VOCAB]}, "TOKEN_OUT_OF_RANGE"),
-    ({"max_tokens": 0}, "BAD_MAX_TOKENS"),
+    ({"max_tokens": -1}, "BAD_MAX_TOKENS"),
     ({"max_tokens": 10**6}, "CONTEXT_EXCEEDED"),
     ({"num_samples": 17}, "BAD_NUM_SAMPLES"),
     ({"num_samples": 0}, "BAD_NUM_SAMPLES"),

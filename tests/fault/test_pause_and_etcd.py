@@ -22,6 +22,7 @@ from tunemesh_local.state import MeshState
 pytestmark = pytest.mark.e2e
 
 LEASE_TTL_S = 5  # the trainers' default
+LEADER_TTL_S = 5  # the schedulers' default leader lease
 
 
 
@@ -44,7 +45,12 @@ def test_trainer_paused_past_its_lease_applies_nothing_twice(fault_mesh: MeshSta
     assert_matches_twin(faulted, twin)
 
 
-def test_etcd_outage_runs_keep_training_creates_are_retryable(fault_mesh: MeshState, twin: list[dict]) -> None:
+@pytest.mark.parametrize("outage_s", [2.0, LEADER_TTL_S + 3.0], ids=["short", "past-the-leader-lease"])
+def test_etcd_outage_runs_keep_training_creates_are_retryable(fault_mesh: MeshState, twin: list[dict],
+                                                              outage_s: float) -> None:
+    """Past the leader's lease the scheduler gives up its leadership with the results of
+    the outage unstored: no client has seen them (core/release.py), the new leader
+    rebuilds the runs and the clients re-send those calls."""
     refused = []
     session = _open_session(fault_mesh)
 
@@ -53,7 +59,7 @@ def test_etcd_outage_runs_keep_training_creates_are_retryable(fault_mesh: MeshSt
         kill(fault_mesh, "etcd")
         try:
             refused.append(_create_once(fault_mesh, session))
-            threading.Event().wait(2.0)  # training goes on meanwhile
+            threading.Event().wait(outage_s)  # training goes on meanwhile
         finally:
             restart(fault_mesh, "etcd")
 

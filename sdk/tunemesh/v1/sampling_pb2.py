@@ -26,15 +26,15 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tunemesh.v1 import types_pb2 as tunemesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunemesh/v1/sampling.proto\x12\x0btunemesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tunemesh/v1/types.proto\"\x9f\x01\n\x0fSamplingSession\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x12\n\nmodel_path\x18\x04 \x01(\t\x12\x14\n\x0csampler_node\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x1c\x43reateSamplingSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\"W\n\x1d\x43reateSamplingSessionResponse\x12\x36\n\x10sampling_session\x18\x01 \x01(\x0b\x32\x1c.tunemesh.v1.SamplingSession\"\x99\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"a\n\x0fSampledSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12,\n\x0bstop_reason\x18\x03 \x01(\x0e\x32\x17.tunemesh.v1.StopReason\"\x9d\x01\n\rSampleRequest\x12\x18\n\x10sampling_session\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.tunemesh.v1.ModelInput\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x05\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.tunemesh.v1.SamplingParams\"A\n\x0eSampleResponse\x12/\n\tsequences\x18\x01 \x03(\x0b\x32\x1c.tunemesh.v1.SampledSequence\"[\n\x16\x43omputeLogprobsRequest\x12\x18\n\x10sampling_session\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.tunemesh.v1.ModelInput\"+\n\x17\x43omputeLogprobsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02*W\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12STOP_REASON_LENGTH\x10\x01\x12\x14\n\x10STOP_REASON_STOP\x10\x02\x32\xa2\x02\n\x0fSamplingService\x12n\n\x15\x43reateSamplingSession\x12).tunemesh.v1.CreateSamplingSessionRequest\x1a*.tunemesh.v1.CreateSamplingSessionResponse\x12\x41\n\x06Sample\x12\x1a.tunemesh.v1.SampleRequest\x1a\x1b.tunemesh.v1.SampleResponse\x12\\\n\x0f\x43omputeLogprobs\x12#.tunemesh.v1.ComputeLogprobsRequest\x1a$.tunemesh.v1.ComputeLogprobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1atunemesh/v1/sampling.proto\x12\x0btunemesh.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tunemesh/v1/types.proto\"\x9f\x01\n\x0fSamplingSession\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07session\x18\x02 \x01(\t\x12\x12\n\nbase_model\x18\x03 \x01(\t\x12\x12\n\nmodel_path\x18\x04 \x01(\t\x12\x14\n\x0csampler_node\x18\x05 \x01(\t\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"W\n\x1c\x43reateSamplingSessionRequest\x12\x0f\n\x07session\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12\x12\n\nmodel_path\x18\x03 \x01(\t\"W\n\x1d\x43reateSamplingSessionResponse\x12\x36\n\x10sampling_session\x18\x01 \x01(\x0b\x32\x1c.tunemesh.v1.SamplingSession\"\xb3\x01\n\x0eSamplingParams\x12\x12\n\nmax_tokens\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x06 \x03(\x05\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10include_stop_str\x18\x08 \x01(\x08\x42\x07\n\x05_seed\"v\n\x0fSampledSequence\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12,\n\x0bstop_reason\x18\x03 \x01(\x0e\x32\x17.tunemesh.v1.StopReason\x12\x13\n\x0bsequence_id\x18\x04 \x01(\t\"\xb6\x01\n\rSampleRequest\x12\x18\n\x10sampling_session\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.tunemesh.v1.ModelInput\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x05\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.tunemesh.v1.SamplingParams\x12\x17\n\x0fprompt_logprobs\x18\x05 \x01(\x08\"Z\n\x0eSampleResponse\x12/\n\tsequences\x18\x01 \x03(\x0b\x32\x1c.tunemesh.v1.SampledSequence\x12\x17\n\x0fprompt_logprobs\x18\x02 \x03(\x02\"[\n\x16\x43omputeLogprobsRequest\x12\x18\n\x10sampling_session\x18\x01 \x01(\t\x12\'\n\x06prompt\x18\x02 \x01(\x0b\x32\x17.tunemesh.v1.ModelInput\"+\n\x17\x43omputeLogprobsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02*W\n\nStopReason\x12\x1b\n\x17STOP_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12STOP_REASON_LENGTH\x10\x01\x12\x14\n\x10STOP_REASON_STOP\x10\x02\x32\xa2\x02\n\x0fSamplingService\x12n\n\x15\x43reateSamplingSession\x12).tunemesh.v1.CreateSamplingSessionRequest\x1a*.tunemesh.v1.CreateSamplingSessionResponse\x12\x41\n\x06Sample\x12\x1a.tunemesh.v1.SampleRequest\x1a\x1b.tunemesh.v1.SampleResponse\x12\\\n\x0f\x43omputeLogprobs\x12#.tunemesh.v1.ComputeLogprobsRequest\x1a$.tunemesh.v1.ComputeLogprobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tunemesh.v1.sampling_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STOPREASON']._serialized_start=1061
-  _globals['_STOPREASON']._serialized_end=1148
+  _globals['_STOPREASON']._serialized_start=1158
+  _globals['_STOPREASON']._serialized_end=1245
   _globals['_SAMPLINGSESSION']._serialized_start=102
   _globals['_SAMPLINGSESSION']._serialized_end=261
   _globals['_CREATESAMPLINGSESSIONREQUEST']._serialized_start=263
@@ -42,17 +42,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATESAMPLINGSESSIONRESPONSE']._serialized_start=352
   _globals['_CREATESAMPLINGSESSIONRESPONSE']._serialized_end=439
   _globals['_SAMPLINGPARAMS']._serialized_start=442
-  _globals['_SAMPLINGPARAMS']._serialized_end=595
-  _globals['_SAMPLEDSEQUENCE']._serialized_start=597
-  _globals['_SAMPLEDSEQUENCE']._serialized_end=694
-  _globals['_SAMPLEREQUEST']._serialized_start=697
-  _globals['_SAMPLEREQUEST']._serialized_end=854
-  _globals['_SAMPLERESPONSE']._serialized_start=856
-  _globals['_SAMPLERESPONSE']._serialized_end=921
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=923
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=1014
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=1016
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=1059
-  _globals['_SAMPLINGSERVICE']._serialized_start=1151
-  _globals['_SAMPLINGSERVICE']._serialized_end=1441
+  _globals['_SAMPLINGPARAMS']._serialized_end=621
+  _globals['_SAMPLEDSEQUENCE']._serialized_start=623
+  _globals['_SAMPLEDSEQUENCE']._serialized_end=741
+  _globals['_SAMPLEREQUEST']._serialized_start=744
+  _globals['_SAMPLEREQUEST']._serialized_end=926
+  _globals['_SAMPLERESPONSE']._serialized_start=928
+  _globals['_SAMPLERESPONSE']._serialized_end=1018
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=1020
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=1111
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=1113
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=1156
+  _globals['_SAMPLINGSERVICE']._serialized_start=1248
+  _globals['_SAMPLINGSERVICE']._serialized_end=1538
 # @@protoc_insertion_point(module_scope)

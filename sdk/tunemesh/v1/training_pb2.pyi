@@ -12,7 +12,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainingRun(_message.Message):
-    __slots__ = ("name", "session", "base_model", "lora_config", "step", "trainer_node", "create_time", "last_seq_id", "frozen")
+    __slots__ = ("name", "session", "base_model", "lora_config", "step", "trainer_node", "create_time", "last_seq_id", "frozen", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +29,7 @@ class TrainingRun(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     session: str
     base_model: str
@@ -31,23 +39,33 @@ class TrainingRun(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     last_seq_id: int
     frozen: bool
-    def __init__(self, name: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., trainer_node: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq_id: _Optional[int] = ..., frozen: _Optional[bool] = ...) -> None: ...
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., trainer_node: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq_id: _Optional[int] = ..., frozen: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CreateTrainingRunRequest(_message.Message):
-    __slots__ = ("session", "base_model", "lora_config", "request_id", "from_checkpoint", "load_optimizer_state")
+    __slots__ = ("session", "base_model", "lora_config", "request_id", "from_checkpoint", "load_optimizer_state", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     SESSION_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FROM_CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
     LOAD_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
     session: str
     base_model: str
     lora_config: _types_pb2.LoraConfig
     request_id: str
     from_checkpoint: str
     load_optimizer_state: bool
-    def __init__(self, session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., from_checkpoint: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ...) -> None: ...
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., request_id: _Optional[str] = ..., from_checkpoint: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class CreateTrainingRunResponse(_message.Message):
     __slots__ = ("run",)

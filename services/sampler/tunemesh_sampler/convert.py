@@ -23,6 +23,7 @@ def spec(params: sampling_pb2.SamplingParams) -> SamplingSpec:
         stop=tuple(params.stop),
         stop_token_ids=tuple(params.stop_token_ids),
         seed=params.seed if params.HasField("seed") else None,
+        include_stop_str=params.include_stop_str,
     )
 
 

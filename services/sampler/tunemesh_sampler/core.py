@@ -3,6 +3,7 @@ generate, unpin."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from tunemesh_sampler.metrics import SamplerMetrics
@@ -42,18 +43,38 @@ class SamplerCore:
 
     async def sample(self, tenant: str, ref: AdapterRef | None, prompt: tuple[int, ...], num_samples: int,
                      spec: SamplingSpec) -> list[SampledSequence]:
+        sequences, _ = await self.sample_and_score(tenant, ref, prompt, num_samples, spec, score_prompt=False)
+        return sequences
+
+    async def sample_and_score(self, tenant: str, ref: AdapterRef | None, prompt: tuple[int, ...],
+                               num_samples: int, spec: SamplingSpec,
+                               score_prompt: bool) -> tuple[list[SampledSequence], list[float]]:
+        """`sample`, and with `score_prompt` the prompt's logprobs too (exactly what
+        `compute_logprobs` returns: the engine's scoring pass, run alongside the generation
+        on the same pinned adapter)."""
         self._admit(tenant, num_samples)
         try:
             key = await self._pin(ref)
             try:
-                sequences = await self._engine.generate(GenerateRequest(key, prompt, num_samples, spec, tenant))
+                generated = self._engine.generate(GenerateRequest(key, prompt, num_samples, spec, tenant))
+                if score_prompt:  # both end before the adapter is unpinned, whichever fails
+                    outcomes = await asyncio.gather(generated, self._engine.prompt_logprobs(key, prompt),
+                                                    return_exceptions=True)
+                    for outcome in outcomes:
+                        if isinstance(outcome, BaseException):
+                            raise outcome
+                    sequences, logprobs = outcomes
+                else:
+                    sequences, logprobs = await generated, []
             finally:
                 await self._unpin(key)
         finally:
             self._release(tenant, num_samples)
         self._metrics.prompt("sample", len(prompt))
+        if score_prompt:
+            self._metrics.prompt("logprobs", len(prompt))
         self._metrics.generated(sum(len(s.tokens) for s in sequences))
-        return sequences
+        return sequences, logprobs
 
     async def compute_logprobs(self, tenant: str, ref: AdapterRef | None, tokens: tuple[int, ...]) -> list[float]:
         self._admit(tenant, 1)

@@ -26,9 +26,10 @@ class SamplingSpec:
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
     top_k: int = 0  # 0: all tokens
-    stop: tuple[str, ...] = ()  # stop strings, cut from the output
+    stop: tuple[str, ...] = ()  # stop strings, cut from the output unless include_stop_str
     stop_token_ids: tuple[int, ...] = ()  # stop tokens, kept in the output
     seed: int | None = None
+    include_stop_str: bool = False  # keep the tokens that completed a stop string
 
 
 class StopReason(enum.Enum):

@@ -43,12 +43,12 @@ class SamplerServicer(sampler_pb2_grpc.SamplerServiceServicer):
 
     async def Sample(self, request, context):
         self.leader.check(context)
-        sequences = await self.core.sample(
+        sequences, prompt_logprobs = await self.core.sample_and_score(
             request.adapter.tenant, convert.adapter_ref(request.adapter), tuple(request.prompt_tokens),
-            request.num_samples,
-            convert.spec(request.sampling_params),
+            request.num_samples, convert.spec(request.sampling_params), score_prompt=request.prompt_logprobs,
         )
-        return sampler_pb2.SampleResponse(sequences=[convert.sequence(s) for s in sequences])
+        return sampler_pb2.SampleResponse(sequences=[convert.sequence(s) for s in sequences],
+                                          prompt_logprobs=prompt_logprobs)
 
     async def ComputeLogprobs(self, request, context):
         self.leader.check(context)

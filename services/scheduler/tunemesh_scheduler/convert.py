@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import uuid
 
 from google.protobuf import timestamp_pb2
 
@@ -53,6 +54,7 @@ def run(record: RunRecord) -> training_pb2.TrainingRun:
         create_time=timestamp(record.create_time),
         last_seq_id=record.last_seq_id,
         frozen=not record.node_id,
+        user_metadata=dict(record.user_metadata),
     )
 
 
@@ -95,3 +97,8 @@ def sampling_session(record: SamplingSessionRecord) -> sampling_pb2.SamplingSess
 def adapter_ref(record: SamplingSessionRecord) -> sampler_pb2.AdapterRef:
     """The weights a sampling session uses: its tenant's checkpoint, or none (base model)."""
     return sampler_pb2.AdapterRef(tenant=record.tenant, path=record.model_path)
+
+
+def new_sequence_id() -> str:
+    """A sampled sequence's id: distinct across the service (random, 128 bits)."""
+    return f"seq-{uuid.uuid4().hex}"

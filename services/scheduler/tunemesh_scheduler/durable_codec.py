@@ -35,6 +35,7 @@ def encode(record) -> bytes:
             snapshot_path=record.snapshot_path, snapshot_seq_id=record.snapshot_seq_id,
             origin_path=record.origin.path if record.origin else "",
             origin_with_optimizer=bool(record.origin and record.origin.load_optimizer_state),
+            user_metadata=dict(record.user_metadata),
         ).SerializeToString()
     return _stored_operation(record).SerializeToString()
 
@@ -118,6 +119,7 @@ def run_record(stored: pb.StoredRun) -> RunRecord:
         epoch=stored.epoch, request_id=stored.request_id, snapshot_path=stored.snapshot_path,
         snapshot_seq_id=stored.snapshot_seq_id,
         origin=LoadRequest(stored.origin_path, stored.origin_with_optimizer) if stored.origin_path else None,
+        user_metadata=tuple(sorted(stored.user_metadata.items())),
     )
 
 

@@ -65,7 +65,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         validation.check_lora(request.lora_config, model)
         lora = validation.normalized_lora(request.lora_config, model)
         record = await self._core.create_run(
-            current_tenant(), request.session, request.base_model, lora, request.request_id
+            current_tenant(), request.session, request.base_model, lora, request.request_id,
+            user_metadata=validation.run_user_metadata(request.user_metadata),
         )
         return training_pb2.CreateTrainingRunResponse(run=convert.run(record))
 
@@ -133,7 +134,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         validation.check_checkpoint_fits(checkpoint, model.name, lora, request.load_optimizer_state)
         restore = LoadRequest(checkpoint.path, request.load_optimizer_state)
         return await self._core.create_run(
-            tenant, request.session, model.name, lora, request.request_id, restore
+            tenant, request.session, model.name, lora, request.request_id, restore,
+            user_metadata=validation.run_user_metadata(request.user_metadata),
         )
 
     async def _submit_save(self, request, kind: OpKind, checkpoint_kind: CheckpointKind):
@@ -249,15 +251,19 @@ class SamplingServicer(sampling_pb2_grpc.SamplingServiceServicer):
         record = self._core.get_sampling_session(tenant, request.sampling_session)
         model = self._samplers.directory.serving_model(record.base_model)
         tokens = validation.check_prompt(request.prompt, model)
-        validation.check_sampling(request.sampling_params, request.num_samples, len(tokens), model, self._limits)
+        params = sampling_pb2.SamplingParams()
+        params.CopyFrom(request.sampling_params)
+        params.max_tokens = validation.check_sampling(params, request.num_samples, len(tokens), model, self._limits)
         forwarded = sampler_pb2.SampleRequest(
             adapter=convert.adapter_ref(record), prompt_tokens=tokens, num_samples=request.num_samples,
-            sampling_params=request.sampling_params,
+            sampling_params=params, prompt_logprobs=request.prompt_logprobs,
         )
         response = await self._samplers.sample(record, forwarded)
         self._metrics.sampling_tokens(tenant, "prompt", len(tokens))
         self._metrics.sampling_tokens(tenant, "generated", sum(len(seq.tokens) for seq in response.sequences))
-        return sampling_pb2.SampleResponse(sequences=response.sequences)
+        for sequence in response.sequences:
+            sequence.sequence_id = convert.new_sequence_id()
+        return sampling_pb2.SampleResponse(sequences=response.sequences, prompt_logprobs=response.prompt_logprobs)
 
     async def ComputeLogprobs(self, request, context):
         tenant = current_tenant()

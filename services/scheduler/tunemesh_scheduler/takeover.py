@@ -31,20 +31,30 @@ async def load_plan(store: RunStore, retry_s: float = 1.0) -> recovery.RecoveryP
 
 async def fence_runs(plan: recovery.RecoveryPlan, trainers: TrainerPort) -> list[str]:
     """Raise each run's epoch on its trainer: calls of the previous scheduler are refused
-    from now on. Returns the runs whose trainer no longer holds their adapter (it
-    restarted): they are to move. A trainer that cannot be reached is left as it is
-    (its runs move if it does not come back before its lease lapses)."""
+    from now on. Returns the runs to rebuild from their snapshot and log: those whose
+    trainer no longer holds their adapter (it restarted), and those whose adapter took
+    seq_ids the store never heard of (acknowledged through a store outage by a scheduler
+    that lost the leadership before storing them: their clients never saw those results
+    and re-send them, see core/release.py). A trainer that cannot be reached is left as
+    it is (its runs move if it does not come back before its lease lapses)."""
     lost = []
 
-    async def fence(run) -> None:
+    async def fence(recovered: recovery.RecoveredRun) -> None:
+        run = recovered.run
         try:
-            await trainers.adopt_adapter(run.node_id, run.name, run.epoch)
+            applied = await trainers.adopt_adapter(run.node_id, run.name, run.epoch)
         except TunemeshError as exc:
             log.warning("could not fence %s on %s: %s", run.name, run.node_id, exc, extra={"run": run.name})
             if exc.reason == "ADAPTER_NOT_FOUND":
                 lost.append(run.name)
+            return
+        known = max([run.last_seq_id, *(op.seq_id for op in recovered.finished + recovered.queued + recovered.lost)])
+        if applied > known:
+            log.warning("%s on %s took seq_ids through %d, the store knows them through %d: rebuilding it",
+                        run.name, run.node_id, applied, known, extra={"run": run.name})
+            lost.append(run.name)
 
-    await asyncio.gather(*(fence(r.run) for r in plan.runs if r.run.node_id))  # frozen runs hold no adapter
+    await asyncio.gather(*(fence(r) for r in plan.runs if r.run.node_id))  # frozen runs hold no adapter
     return lost
 
 

@@ -136,6 +136,11 @@ def normalized_lora(config: types_pb2.LoraConfig, model: sessions_pb2.SupportedM
     return normalized
 
 
+def run_user_metadata(metadata) -> tuple[tuple[str, str], ...]:
+    """A run's user_metadata (bounded like checkpoint labels), sorted by key."""
+    return tuple(sorted(checkpoint_paths.check_user_metadata(dict(metadata)).items()))
+
+
 def check_save(request) -> None:
     """SaveState / SaveWeightsForSampler: name (if given), TTL and labels."""
     if request.name:
@@ -173,16 +178,18 @@ def check_prompt(prompt: types_pb2.ModelInput, model: sessions_pb2.SupportedMode
     return tuple(tokens.tolist())
 
 
-def check_sampling(params, num_samples: int, prompt_len: int, model: sessions_pb2.SupportedModel, limits: Limits) -> None:
-    """SamplingParams and num_samples of a Sample request."""
+def check_sampling(params, num_samples: int, prompt_len: int, model: sessions_pb2.SupportedModel, limits: Limits) -> int:
+    """SamplingParams and num_samples of a Sample request; returns the new-token budget
+    (`max_tokens`, or with 0 what the context leaves after the prompt)."""
     if not 1 <= num_samples <= limits.max_samples:
         raise InvalidArgumentError("BAD_NUM_SAMPLES", f"num_samples must lie in [1, {limits.max_samples}], got {num_samples}")
-    if params.max_tokens < 1:
-        raise InvalidArgumentError("BAD_MAX_TOKENS", f"max_tokens must be >= 1, got {params.max_tokens}")
-    if prompt_len + params.max_tokens > model.max_seq_len:
+    if params.max_tokens < 0:
+        raise InvalidArgumentError("BAD_MAX_TOKENS", f"max_tokens must be >= 0 (0: up to the context limit), got {params.max_tokens}")
+    max_tokens = params.max_tokens or model.max_seq_len - prompt_len
+    if max_tokens < 1 or prompt_len + max_tokens > model.max_seq_len:
         raise InvalidArgumentError(
             "CONTEXT_EXCEEDED",
-            f"prompt ({prompt_len}) + max_tokens ({params.max_tokens}) exceeds {model.name}'s context of {model.max_seq_len}",
+            f"prompt ({prompt_len}) + max_tokens ({max_tokens}) exceeds {model.name}'s context of {model.max_seq_len}",
         )
     if not (math.isfinite(params.temperature) and params.temperature >= 0):
         raise InvalidArgumentError("BAD_TEMPERATURE", "temperature must be finite and >= 0 (0: greedy)")
@@ -197,3 +204,4 @@ def check_sampling(params, num_samples: int, prompt_len: int, model: sessions_pb
     if len(params.stop_token_ids) > limits.max_stop:
         raise InvalidArgumentError("BAD_STOP", f"at most {limits.max_stop} stop token ids")
     datum_rules.check_token_ids(np.array(params.stop_token_ids, dtype=np.int64), model.vocab_size, "stop_token_ids")
+    return max_tokens

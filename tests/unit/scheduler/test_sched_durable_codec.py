@@ -89,12 +89,13 @@ def test_a_session_comes_back_with_its_heartbeat_at_creation():
     assert _decoded(session) == dataclasses.replace(session, last_heartbeat_time=10.0)
 
 
-def test_a_run_round_trips_with_its_lora_floor_epoch_and_origin():
+def test_a_run_round_trips_with_its_lora_floor_epoch_origin_and_user_metadata():
     lora = types_pb2.LoraConfig(rank=16, alpha=32.0, train_attn=True, train_mlp=True, seed=7)
     run = RunRecord(name="runs/r1", tenant="t1", session="sessions/s1", base_model="tiny-dense", lora=lora,
                     node_id="node-a", create_time=12.5, step=9, last_seq_id=21, epoch=3,
                     request_id="create-1", origin=LoadRequest("tenants/t1/ckpt/1", True),
-                    snapshot_path="tenants/t1/snap/2", snapshot_seq_id=20, floor=(21, 9))
+                    snapshot_path="tenants/t1/snap/2", snapshot_seq_id=20, floor=(21, 9),
+                    user_metadata=(("a", "1"), ("renderer_name", "role_colon")))
     back = _decoded(run)
     assert back == run
     assert isinstance(back.lora, types_pb2.LoraConfig)

@@ -190,10 +190,12 @@ def test_submit_is_acknowledged_through_a_store_outage_and_the_log_catches_up():
         store.down = True
         ops = [await core.submit("t1", run.name, seq, f"r{seq}", OpKind.FORWARD_BACKWARD,
                                  ("call", seq), f"d{seq}", 10) for seq in (1, 2)]
-        for op in ops:
-            await core.wait_operation("t1", op.name, 5.0)
-        assert [op.state for op in ops] == [OpState.SUCCEEDED] * 2  # training went on
+        seen = [await core.wait_operation("t1", op.name, 0.5) for op in ops]
+        assert [core.operations.get("t1", op.name).state for op in ops] == [OpState.SUCCEEDED] * 2  # training went on
         assert core.get_run("t1", run.name).last_seq_id == 2
+        # ... but no client sees a result whose submission is not stored (core/release.py)
+        assert [op.state for op in seen] == [OpState.RUNNING] * 2 and all(op.result is None for op in seen)
+        assert core.get_operation("t1", ops[0].name).state is OpState.RUNNING and core.release.held == 2
         assert (await _load_when_up(store)).operations == []
         with pytest.raises(UnavailableError):
             await core.sync(0)
@@ -201,6 +203,8 @@ def test_submit_is_acknowledged_through_a_store_outage_and_the_log_catches_up():
         await core.sync(1.0)
         stored = {op.seq_id: op.state for op in (await store.load()).operations}
         assert stored == {1: OpState.SUCCEEDED, 2: OpState.SUCCEEDED}
+        released = [await core.wait_operation("t1", op.name, 0.5) for op in ops]
+        assert [op.state for op in released] == [OpState.SUCCEEDED] * 2 and core.release.held == 0
         await core.stop()
 
     asyncio.run(main())

@@ -181,6 +181,43 @@ def test_a_second_crash_counts_nothing_twice():
     asyncio.run(main())
 
 
+def test_results_of_a_store_outage_are_never_shown_and_a_new_leader_rebuilds_the_run():
+    async def main():
+        store, trainer = MemoryRunStore(), FakeTrainer()
+        a = await _start(store, trainer, "a", submit_store_wait_s=0.2)
+        run = await a.new_run()
+        await a.wait_all([await a.submit(run, 1)])
+        store.down = True  # etcd goes away: training goes on, nothing is stored
+        ops = [await a.submit(run, seq) for seq in (2, 3)]
+        seen = [await a.core.wait_operation("t1", op.name, 0.2) for op in ops]
+        assert [a.core.operations.get("t1", op.name).state for op in ops] == [OpState.SUCCEEDED] * 2
+        assert [op.state for op in seen] == [OpState.RUNNING] * 2  # no client holds these results
+        assert trainer.applied[run] == 3
+        await _crash()  # the leader goes before the store comes back
+        store.down = False
+
+        b = await _take_over(store, trainer, "b")
+        assert b.core.get_run("t1", run).last_seq_id == 1
+        with pytest.raises(NotFoundError):  # the client's wait finds it gone and re-sends it
+            b.core.get_operation("t1", ops[0].name)
+    asyncio.run(main())
+
+
+def test_takeover_rebuilds_a_run_whose_adapter_took_seq_ids_the_store_never_heard_of():
+    async def main():
+        store, trainer = MemoryRunStore(), FakeTrainer()
+        a = await _start(store, trainer, "a")
+        run = await a.new_run()
+        await a.wait_all([await a.submit(run, 1), await a.submit(run, 2)])
+        await a.core.sync()
+        plan = recovery.plan(await store.load())
+        assert await takeover.fence_runs(plan, trainer) == []  # the adapter is where the store says
+        trainer.applied[run] = 5  # took 3..5 under a leader that never stored them
+        plan = recovery.plan(await store.load())
+        assert await takeover.fence_runs(plan, trainer) == [run]
+    asyncio.run(main())
+
+
 def test_stop_leaves_unfinished_operations_queued_in_the_store():
     async def main():
         store, trainer = MemoryRunStore(), FakeTrainer()

@@ -26,7 +26,7 @@ from tunemesh.v1 import sampling_pb2 as tunemesh_dot_v1_dot_sampling__pb2
 from tunemesh.v1 import sessions_pb2 as tunemesh_dot_v1_dot_sessions__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunemesh/internal/v1/sampler.proto\x12\x14tunemesh.internal.v1\x1a\x1atunemesh/v1/sampling.proto\x1a\x1atunemesh/v1/sessions.proto\"\xbb\x01\n\x0bSamplerNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tunemesh.v1.SupportedModel\x12\x19\n\x11resident_adapters\x18\x04 \x03(\t\x12\x14\n\x0cmax_adapters\x18\x05 \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\x05\x12\x13\n\x0bmetrics_url\x18\x07 \x01(\t\"*\n\nAdapterRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x17\n\x15GetSamplerInfoRequest\"I\n\x16GetSamplerInfoResponse\x12/\n\x04node\x18\x01 \x01(\x0b\x32!.tunemesh.internal.v1.SamplerNode\"\xa4\x01\n\rSampleRequest\x12\x31\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32 .tunemesh.internal.v1.AdapterRef\x12\x15\n\rprompt_tokens\x18\x02 \x03(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x05\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.tunemesh.v1.SamplingParams\"A\n\x0eSampleResponse\x12/\n\tsequences\x18\x01 \x03(\x0b\x32\x1c.tunemesh.v1.SampledSequence\"b\n\x16\x43omputeLogprobsRequest\x12\x31\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32 .tunemesh.internal.v1.AdapterRef\x12\x15\n\rprompt_tokens\x18\x02 \x03(\x05\"+\n\x17\x43omputeLogprobsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x32\xc2\x02\n\x0eSamplerService\x12k\n\x0eGetSamplerInfo\x12+.tunemesh.internal.v1.GetSamplerInfoRequest\x1a,.tunemesh.internal.v1.GetSamplerInfoResponse\x12S\n\x06Sample\x12#.tunemesh.internal.v1.SampleRequest\x1a$.tunemesh.internal.v1.SampleResponse\x12n\n\x0f\x43omputeLogprobs\x12,.tunemesh.internal.v1.ComputeLogprobsRequest\x1a-.tunemesh.internal.v1.ComputeLogprobsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"tunemesh/internal/v1/sampler.proto\x12\x14tunemesh.internal.v1\x1a\x1atunemesh/v1/sampling.proto\x1a\x1atunemesh/v1/sessions.proto\"\xbb\x01\n\x0bSamplerNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12+\n\x06models\x18\x03 \x03(\x0b\x32\x1b.tunemesh.v1.SupportedModel\x12\x19\n\x11resident_adapters\x18\x04 \x03(\t\x12\x14\n\x0cmax_adapters\x18\x05 \x01(\x05\x12\x17\n\x0f\x61\x63tive_requests\x18\x06 \x01(\x05\x12\x13\n\x0bmetrics_url\x18\x07 \x01(\t\"*\n\nAdapterRef\x12\x0e\n\x06tenant\x18\x01 \x01(\t\x12\x0c\n\x04path\x18\x02 \x01(\t\"\x17\n\x15GetSamplerInfoRequest\"I\n\x16GetSamplerInfoResponse\x12/\n\x04node\x18\x01 \x01(\x0b\x32!.tunemesh.internal.v1.SamplerNode\"\xbd\x01\n\rSampleRequest\x12\x31\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32 .tunemesh.internal.v1.AdapterRef\x12\x15\n\rprompt_tokens\x18\x02 \x03(\x05\x12\x13\n\x0bnum_samples\x18\x03 \x01(\x05\x12\x34\n\x0fsampling_params\x18\x04 \x01(\x0b\x32\x1b.tunemesh.v1.SamplingParams\x12\x17\n\x0fprompt_logprobs\x18\x05 \x01(\x08\"Z\n\x0eSampleResponse\x12/\n\tsequences\x18\x01 \x03(\x0b\x32\x1c.tunemesh.v1.SampledSequence\x12\x17\n\x0fprompt_logprobs\x18\x02 \x03(\x02\"b\n\x16\x43omputeLogprobsRequest\x12\x31\n\x07\x61\x64\x61pter\x18\x01 \x01(\x0b\x32 .tunemesh.internal.v1.AdapterRef\x12\x15\n\rprompt_tokens\x18\x02 \x03(\x05\"+\n\x17\x43omputeLogprobsResponse\x12\x10\n\x08logprobs\x18\x01 \x03(\x02\x32\xc2\x02\n\x0eSamplerService\x12k\n\x0eGetSamplerInfo\x12+.tunemesh.internal.v1.GetSamplerInfoRequest\x1a,.tunemesh.internal.v1.GetSamplerInfoResponse\x12S\n\x06Sample\x12#.tunemesh.internal.v1.SampleRequest\x1a$.tunemesh.internal.v1.SampleResponse\x12n\n\x0f\x43omputeLogprobs\x12,.tunemesh.internal.v1.ComputeLogprobsRequest\x1a-.tunemesh.internal.v1.ComputeLogprobsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,13 +42,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSAMPLERINFORESPONSE']._serialized_start=375
   _globals['_GETSAMPLERINFORESPONSE']._serialized_end=448
   _globals['_SAMPLEREQUEST']._serialized_start=451
-  _globals['_SAMPLEREQUEST']._serialized_end=615
-  _globals['_SAMPLERESPONSE']._serialized_start=617
-  _globals['_SAMPLERESPONSE']._serialized_end=682
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=684
-  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=782
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=784
-  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=827
-  _globals['_SAMPLERSERVICE']._serialized_start=830
-  _globals['_SAMPLERSERVICE']._serialized_end=1152
+  _globals['_SAMPLEREQUEST']._serialized_end=640
+  _globals['_SAMPLERESPONSE']._serialized_start=642
+  _globals['_SAMPLERESPONSE']._serialized_end=732
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_start=734
+  _globals['_COMPUTELOGPROBSREQUEST']._serialized_end=832
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_start=834
+  _globals['_COMPUTELOGPROBSRESPONSE']._serialized_end=877
+  _globals['_SAMPLERSERVICE']._serialized_start=880
+  _globals['_SAMPLERSERVICE']._serialized_end=1202
 # @@protoc_insertion_point(module_scope)

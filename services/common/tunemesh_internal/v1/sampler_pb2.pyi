@@ -45,22 +45,26 @@ class GetSamplerInfoResponse(_message.Message):
     def __init__(self, node: _Optional[_Union[SamplerNode, _Mapping]] = ...) -> None: ...
 
 class SampleRequest(_message.Message):
-    __slots__ = ("adapter", "prompt_tokens", "num_samples", "sampling_params")
+    __slots__ = ("adapter", "prompt_tokens", "num_samples", "sampling_params", "prompt_logprobs")
     ADAPTER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_SAMPLES_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     adapter: AdapterRef
     prompt_tokens: _containers.RepeatedScalarFieldContainer[int]
     num_samples: int
     sampling_params: _sampling_pb2.SamplingParams
-    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ...) -> None: ...
+    prompt_logprobs: bool
+    def __init__(self, adapter: _Optional[_Union[AdapterRef, _Mapping]] = ..., prompt_tokens: _Optional[_Iterable[int]] = ..., num_samples: _Optional[int] = ..., sampling_params: _Optional[_Union[_sampling_pb2.SamplingParams, _Mapping]] = ..., prompt_logprobs: _Optional[bool] = ...) -> None: ...
 
 class SampleResponse(_message.Message):
-    __slots__ = ("sequences",)
+    __slots__ = ("sequences", "prompt_logprobs")
     SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     sequences: _containers.RepeatedCompositeFieldContainer[_sampling_pb2.SampledSequence]
-    def __init__(self, sequences: _Optional[_Iterable[_Union[_sampling_pb2.SampledSequence, _Mapping]]] = ...) -> None: ...
+    prompt_logprobs: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, sequences: _Optional[_Iterable[_Union[_sampling_pb2.SampledSequence, _Mapping]]] = ..., prompt_logprobs: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ComputeLogprobsRequest(_message.Message):
     __slots__ = ("adapter", "prompt_tokens")

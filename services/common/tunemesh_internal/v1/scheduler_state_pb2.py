@@ -28,7 +28,7 @@ from tunemesh.v1 import training_pb2 as tunemesh_dot_v1_dot_training__pb2
 from tunemesh.v1 import types_pb2 as tunemesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*tunemesh/internal/v1/scheduler_state.proto\x12\x14tunemesh.internal.v1\x1a\x1dtunemesh/v1/checkpoints.proto\x1a\x1ctunemesh/v1/operations.proto\x1a\x1atunemesh/v1/training.proto\x1a\x17tunemesh/v1/types.proto\"\xc1\x01\n\rStoredSession\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12?\n\x06labels\x18\x03 \x03(\x0b\x32/.tunemesh.internal.v1.StoredSession.LabelsEntry\x12\x13\n\x0b\x63reate_time\x18\x04 \x01(\x01\x12\r\n\x05\x65nded\x18\x05 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x15StoredSamplingSession\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nmodel_path\x18\x05 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_key\x18\x06 \x01(\t\x12\x13\n\x0b\x63reate_time\x18\x07 \x01(\x01\"\xc5\x02\n\tStoredRun\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12%\n\x04lora\x18\x05 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\x13\n\x0b\x63reate_time\x18\x07 \x01(\x01\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x13\n\x0blast_seq_id\x18\t \x01(\x03\x12\x0c\n\x04step\x18\n \x01(\x03\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\rsnapshot_path\x18\x0c \x01(\t\x12\x17\n\x0fsnapshot_seq_id\x18\r \x01(\x03\x12\x13\n\x0borigin_path\x18\x0e \x01(\t\x12\x1d\n\x15origin_with_optimizer\x18\x0f \x01(\x08\"\xd0\x01\n\nStoredSave\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1f\n\x17include_optimizer_state\x18\x02 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x12I\n\ruser_metadata\x18\x04 \x03(\x0b\x32\x32.tunemesh.internal.v1.StoredSave.UserMetadataEntry\x1a\x33\n\x11UserMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\nStoredLoad\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1c\n\x14load_optimizer_state\x18\x02 \x01(\x08\".\n\x10StoredLoadResult\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\xed\x02\n\rStoredPayload\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12.\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x1b.tunemesh.v1.ForwardRequestH\x00\x12?\n\x10\x66orward_backward\x18\x03 \x01(\x0b\x32#.tunemesh.v1.ForwardBackwardRequestH\x00\x12\x33\n\noptim_step\x18\x04 \x01(\x0b\x32\x1d.tunemesh.v1.OptimStepRequestH\x00\x12\x30\n\x04save\x18\x05 \x01(\x0b\x32 .tunemesh.internal.v1.StoredSaveH\x00\x12\x30\n\x04load\x18\x06 \x01(\x0b\x32 .tunemesh.internal.v1.StoredLoadH\x00\x12\x39\n\ncall_store\x18\x07 \x01(\x0b\x32#.tunemesh.internal.v1.StoredCallRefH\x00\x42\t\n\x07payload\"3\n\rStoredCallRef\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"\xfc\x03\n\x0fStoredOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0b\n\x03run\x18\x03 \x01(\t\x12\x0e\n\x06seq_id\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x16\n\x0epayload_digest\x18\x07 \x01(\x0c\x12\x12\n\nnum_tokens\x18\x08 \x01(\x03\x12\x13\n\x0b\x63reate_time\x18\t \x01(\x01\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08\x65nd_time\x18\x0b \x01(\x01\x12*\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1b.tunemesh.v1.OperationError\x12\x45\n\x17\x66orward_backward_result\x18\x12 \x01(\x0b\x32\".tunemesh.v1.ForwardBackwardResultH\x00\x12\x39\n\x11optim_step_result\x18\x13 \x01(\x0b\x32\x1c.tunemesh.v1.OptimStepResultH\x00\x12-\n\ncheckpoint\x18\x14 \x01(\x0b\x32\x17.tunemesh.v1.CheckpointH\x00\x12=\n\x0bload_result\x18\x15 \x01(\x0b\x32&.tunemesh.internal.v1.StoredLoadResultH\x00\x42\x08\n\x06resultJ\x04\x08\r\x10\x12\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n*tunemesh/internal/v1/scheduler_state.proto\x12\x14tunemesh.internal.v1\x1a\x1dtunemesh/v1/checkpoints.proto\x1a\x1ctunemesh/v1/operations.proto\x1a\x1atunemesh/v1/training.proto\x1a\x17tunemesh/v1/types.proto\"\xc1\x01\n\rStoredSession\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12?\n\x06labels\x18\x03 \x03(\x0b\x32/.tunemesh.internal.v1.StoredSession.LabelsEntry\x12\x13\n\x0b\x63reate_time\x18\x04 \x01(\x01\x12\r\n\x05\x65nded\x18\x05 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x98\x01\n\x15StoredSamplingSession\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12\x12\n\nmodel_path\x18\x05 \x01(\t\x12\x13\n\x0b\x61\x64\x61pter_key\x18\x06 \x01(\t\x12\x13\n\x0b\x63reate_time\x18\x07 \x01(\x01\"\xc4\x03\n\tStoredRun\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07session\x18\x03 \x01(\t\x12\x12\n\nbase_model\x18\x04 \x01(\t\x12%\n\x04lora\x18\x05 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\x12\x0f\n\x07node_id\x18\x06 \x01(\t\x12\x13\n\x0b\x63reate_time\x18\x07 \x01(\x01\x12\r\n\x05\x65poch\x18\x08 \x01(\x03\x12\x13\n\x0blast_seq_id\x18\t \x01(\x03\x12\x0c\n\x04step\x18\n \x01(\x03\x12\x12\n\nrequest_id\x18\x0b \x01(\t\x12\x15\n\rsnapshot_path\x18\x0c \x01(\t\x12\x17\n\x0fsnapshot_seq_id\x18\r \x01(\x03\x12\x13\n\x0borigin_path\x18\x0e \x01(\t\x12\x1d\n\x15origin_with_optimizer\x18\x0f \x01(\x08\x12H\n\ruser_metadata\x18\x10 \x03(\x0b\x32\x31.tunemesh.internal.v1.StoredRun.UserMetadataEntry\x1a\x33\n\x11UserMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd0\x01\n\nStoredSave\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1f\n\x17include_optimizer_state\x18\x02 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\x12I\n\ruser_metadata\x18\x04 \x03(\x0b\x32\x32.tunemesh.internal.v1.StoredSave.UserMetadataEntry\x1a\x33\n\x11UserMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"8\n\nStoredLoad\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x1c\n\x14load_optimizer_state\x18\x02 \x01(\x08\".\n\x10StoredLoadResult\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\"\xed\x02\n\rStoredPayload\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12.\n\x07\x66orward\x18\x02 \x01(\x0b\x32\x1b.tunemesh.v1.ForwardRequestH\x00\x12?\n\x10\x66orward_backward\x18\x03 \x01(\x0b\x32#.tunemesh.v1.ForwardBackwardRequestH\x00\x12\x33\n\noptim_step\x18\x04 \x01(\x0b\x32\x1d.tunemesh.v1.OptimStepRequestH\x00\x12\x30\n\x04save\x18\x05 \x01(\x0b\x32 .tunemesh.internal.v1.StoredSaveH\x00\x12\x30\n\x04load\x18\x06 \x01(\x0b\x32 .tunemesh.internal.v1.StoredLoadH\x00\x12\x39\n\ncall_store\x18\x07 \x01(\x0b\x32#.tunemesh.internal.v1.StoredCallRefH\x00\x42\t\n\x07payload\"3\n\rStoredCallRef\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\x12\x0e\n\x06sha256\x18\x02 \x01(\x0c\"\xfc\x03\n\x0fStoredOperation\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0b\n\x03run\x18\x03 \x01(\t\x12\x0e\n\x06seq_id\x18\x04 \x01(\x03\x12\x0c\n\x04kind\x18\x05 \x01(\t\x12\x12\n\nrequest_id\x18\x06 \x01(\t\x12\x16\n\x0epayload_digest\x18\x07 \x01(\x0c\x12\x12\n\nnum_tokens\x18\x08 \x01(\x03\x12\x13\n\x0b\x63reate_time\x18\t \x01(\x01\x12\r\n\x05state\x18\n \x01(\t\x12\x10\n\x08\x65nd_time\x18\x0b \x01(\x01\x12*\n\x05\x65rror\x18\x0c \x01(\x0b\x32\x1b.tunemesh.v1.OperationError\x12\x45\n\x17\x66orward_backward_result\x18\x12 \x01(\x0b\x32\".tunemesh.v1.ForwardBackwardResultH\x00\x12\x39\n\x11optim_step_result\x18\x13 \x01(\x0b\x32\x1c.tunemesh.v1.OptimStepResultH\x00\x12-\n\ncheckpoint\x18\x14 \x01(\x0b\x32\x17.tunemesh.v1.CheckpointH\x00\x12=\n\x0bload_result\x18\x15 \x01(\x0b\x32&.tunemesh.internal.v1.StoredLoadResultH\x00\x42\x08\n\x06resultJ\x04\x08\r\x10\x12\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STOREDSESSION_LABELSENTRY']._loaded_options = None
   _globals['_STOREDSESSION_LABELSENTRY']._serialized_options = b'8\001'
+  _globals['_STOREDRUN_USERMETADATAENTRY']._loaded_options = None
+  _globals['_STOREDRUN_USERMETADATAENTRY']._serialized_options = b'8\001'
   _globals['_STOREDSAVE_USERMETADATAENTRY']._loaded_options = None
   _globals['_STOREDSAVE_USERMETADATAENTRY']._serialized_options = b'8\001'
   _globals['_STOREDSESSION']._serialized_start=183
@@ -46,19 +48,21 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STOREDSAMPLINGSESSION']._serialized_start=379
   _globals['_STOREDSAMPLINGSESSION']._serialized_end=531
   _globals['_STOREDRUN']._serialized_start=534
-  _globals['_STOREDRUN']._serialized_end=859
-  _globals['_STOREDSAVE']._serialized_start=862
-  _globals['_STOREDSAVE']._serialized_end=1070
-  _globals['_STOREDSAVE_USERMETADATAENTRY']._serialized_start=1019
-  _globals['_STOREDSAVE_USERMETADATAENTRY']._serialized_end=1070
-  _globals['_STOREDLOAD']._serialized_start=1072
-  _globals['_STOREDLOAD']._serialized_end=1128
-  _globals['_STOREDLOADRESULT']._serialized_start=1130
-  _globals['_STOREDLOADRESULT']._serialized_end=1176
-  _globals['_STOREDPAYLOAD']._serialized_start=1179
-  _globals['_STOREDPAYLOAD']._serialized_end=1544
-  _globals['_STOREDCALLREF']._serialized_start=1546
-  _globals['_STOREDCALLREF']._serialized_end=1597
-  _globals['_STOREDOPERATION']._serialized_start=1600
-  _globals['_STOREDOPERATION']._serialized_end=2108
+  _globals['_STOREDRUN']._serialized_end=986
+  _globals['_STOREDRUN_USERMETADATAENTRY']._serialized_start=935
+  _globals['_STOREDRUN_USERMETADATAENTRY']._serialized_end=986
+  _globals['_STOREDSAVE']._serialized_start=989
+  _globals['_STOREDSAVE']._serialized_end=1197
+  _globals['_STOREDSAVE_USERMETADATAENTRY']._serialized_start=935
+  _globals['_STOREDSAVE_USERMETADATAENTRY']._serialized_end=986
+  _globals['_STOREDLOAD']._serialized_start=1199
+  _globals['_STOREDLOAD']._serialized_end=1255
+  _globals['_STOREDLOADRESULT']._serialized_start=1257
+  _globals['_STOREDLOADRESULT']._serialized_end=1303
+  _globals['_STOREDPAYLOAD']._serialized_start=1306
+  _globals['_STOREDPAYLOAD']._serialized_end=1671
+  _globals['_STOREDCALLREF']._serialized_start=1673
+  _globals['_STOREDCALLREF']._serialized_end=1724
+  _globals['_STOREDOPERATION']._serialized_start=1727
+  _globals['_STOREDOPERATION']._serialized_end=2235
 # @@protoc_insertion_point(module_scope)

@@ -50,7 +50,14 @@ class StoredSamplingSession(_message.Message):
     def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., model_path: _Optional[str] = ..., adapter_key: _Optional[str] = ..., create_time: _Optional[float] = ...) -> None: ...
 
 class StoredRun(_message.Message):
-    __slots__ = ("name", "tenant", "session", "base_model", "lora", "node_id", "create_time", "epoch", "last_seq_id", "step", "request_id", "snapshot_path", "snapshot_seq_id", "origin_path", "origin_with_optimizer")
+    __slots__ = ("name", "tenant", "session", "base_model", "lora", "node_id", "create_time", "epoch", "last_seq_id", "step", "request_id", "snapshot_path", "snapshot_seq_id", "origin_path", "origin_with_optimizer", "user_metadata")
+    class UserMetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +73,7 @@ class StoredRun(_message.Message):
     SNAPSHOT_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_PATH_FIELD_NUMBER: _ClassVar[int]
     ORIGIN_WITH_OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    USER_METADATA_FIELD_NUMBER: _ClassVar[int]
     name: str
     tenant: str
     session: str
@@ -81,7 +89,8 @@ class StoredRun(_message.Message):
     snapshot_seq_id: int
     origin_path: str
     origin_with_optimizer: bool
-    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., node_id: _Optional[str] = ..., create_time: _Optional[float] = ..., epoch: _Optional[int] = ..., last_seq_id: _Optional[int] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ..., snapshot_path: _Optional[str] = ..., snapshot_seq_id: _Optional[int] = ..., origin_path: _Optional[str] = ..., origin_with_optimizer: _Optional[bool] = ...) -> None: ...
+    user_metadata: _containers.ScalarMap[str, str]
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., node_id: _Optional[str] = ..., create_time: _Optional[float] = ..., epoch: _Optional[int] = ..., last_seq_id: _Optional[int] = ..., step: _Optional[int] = ..., request_id: _Optional[str] = ..., snapshot_path: _Optional[str] = ..., snapshot_seq_id: _Optional[int] = ..., origin_path: _Optional[str] = ..., origin_with_optimizer: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class StoredSave(_message.Message):
     __slots__ = ("path", "include_optimizer_state", "ttl_seconds", "user_metadata")

@@ -53,6 +53,7 @@ from tunemesh_sampler.engine.token_choice import TokenChooser, request_seed, row
 logger = logging.getLogger(__name__)
 
 BASE_SEGMENT = ""  # the segment id of rows without an adapter (never an adapter key)
+RESERVE_AHEAD_TOKENS = 512  # cache positions reserved ahead of decoding (a long max_tokens grows the cache as it goes)
 
 Detokenize = Callable[[list[int]], str]
 
@@ -148,10 +149,11 @@ class _Batch:
                 layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
 
     def reserve(self) -> None:
-        """Room in the cache for every token the rows may still generate (the cache was
-        rebuilt by a join or a selection; decoding then writes in place)."""
+        """Room in the cache for the tokens the rows may still generate, up to
+        RESERVE_AHEAD_TOKENS (the cache was rebuilt by a join or a selection; decoding then
+        writes in place, and a longer generation grows the cache by doubling)."""
         remaining = max(row.spec.max_tokens - len(row.tokens) for row in self.rows)
-        kv_cache.reserve(self.cache, self.mask_bt.shape[1] + remaining)
+        kv_cache.reserve(self.cache, self.mask_bt.shape[1] + min(remaining, RESERVE_AHEAD_TOKENS))
 
     def merged(self, other: _Batch) -> _Batch:
         """This batch's rows then `other`'s, both left-padded to the longer cache."""
@@ -409,7 +411,7 @@ class TorchSamplingEngine:
         for row, token, logprob in zip(rows, tokens, logprobs):
             row.tokens.append(token)
             row.logprobs.append(logprob)
-            if token in self._eos or token in row.spec.stop_token_ids or self._cut_at_stop_string(row):
+            if token in self._eos or token in row.spec.stop_token_ids or self._stopped_by_string(row):
                 row.reason = StopReason.STOP
             elif len(row.tokens) >= row.spec.max_tokens:
                 row.reason = StopReason.LENGTH
@@ -417,13 +419,15 @@ class TorchSamplingEngine:
                 _finish(row)
 
     @staticmethod
-    def _cut_at_stop_string(row: _Row) -> bool:
-        """If the new text holds a stop string: keep the tokens before the first token whose
-        prefix text holds it (so the output text holds none) and return True."""
+    def _stopped_by_string(row: _Row) -> bool:
+        """If the new text holds a stop string: return True, after keeping only the tokens
+        before the first token whose prefix text holds it (so the output text holds none)
+        unless the request keeps stop strings (then the newest token completed it: keep all)."""
         keep = row.job.stops.cut(row.tokens) if row.job.stops else None
         if keep is None:
             return False
-        del row.tokens[keep:], row.logprobs[keep:]
+        if not row.spec.include_stop_str:
+            del row.tokens[keep:], row.logprobs[keep:]
         return True
 
     # scoring ------------------------------------------------------------------

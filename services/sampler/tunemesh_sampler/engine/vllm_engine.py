@@ -33,6 +33,7 @@ prompt-logprobs request the engine to itself, in arrival order with the generati
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import itertools
 import json
@@ -46,6 +47,7 @@ from tunemesh.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundE
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, StopReason
 from tunemesh_sampler.engine.exclusive_gate import ExclusiveGate
 from tunemesh_sampler.engine.loop_thread import LoopThread, cancel_other_tasks
+from tunemesh_sampler.engine.stop_strings import StopStrings
 
 logger = logging.getLogger(__name__)
 DEFAULT_KV_CACHE_BYTES = 1 << 30  # CPU: the KV cache vLLM reserves, unless the sampler is told otherwise
@@ -164,6 +166,7 @@ class VllmSamplingEngine:
         self._loras: dict[str, object] = {}
         self._gate = ExclusiveGate()  # used on the engine's loop only
         self._closed = False
+        self._detokenize = None  # token ids -> text, made on first use (stop strings)
         self.batches_run = 0
 
     # adapters -----------------------------------------------------------------
@@ -204,7 +207,22 @@ class VllmSamplingEngine:
     async def generate(self, request: GenerateRequest) -> list[SampledSequence]:
         params, copies = sampling_params(request)
         output = await self._submit(request.prompt_tokens, params, request.adapter_key, exclusive=False)
-        return [sequence for sequence in _sequences(output) for _ in range(copies)]
+        sequences = _sequences(output)
+        if request.spec.stop and not request.spec.include_stop_str:
+            sequences = [self._cut_stop_string(s, request.spec.stop) for s in sequences]
+        return [sequence for sequence in sequences for _ in range(copies)]
+
+    def _cut_stop_string(self, sequence: SampledSequence, stops: tuple[str, ...]) -> SampledSequence:
+        """vLLM cuts a stop string from the text only, its token ids keep the tokens that
+        made it: cut those as the torch engine does (the tokens before the first one whose
+        prefix text holds the stop)."""
+        if self._detokenize is None:
+            tokenizer = self._llm.get_tokenizer()
+            self._detokenize = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)
+        keep = StopStrings(stops, self._detokenize).cut(sequence.tokens)
+        if keep is None or sequence.stop_reason is not StopReason.STOP:
+            return sequence
+        return dataclasses.replace(sequence, tokens=sequence.tokens[:keep], logprobs=sequence.logprobs[:keep])
 
     async def prompt_logprobs(self, adapter_key: str | None, tokens: tuple[int, ...]) -> list[float]:
         output = await self._submit(tokens, prompt_logprobs_params(), adapter_key, exclusive=True)
@@ -270,6 +288,7 @@ def sampling_params(request: GenerateRequest):
         top_p=spec.top_p, top_k=spec.top_k if spec.top_k > 0 else -1, stop=list(spec.stop) or None,
         stop_token_ids=list(spec.stop_token_ids) or None, seed=spec.seed, logprobs=0,
         detokenize=bool(spec.stop), output_kind=RequestOutputKind.FINAL_ONLY,
+        include_stop_str_in_output=spec.include_stop_str,
     )
     return params, request.num_samples if greedy else 1
 

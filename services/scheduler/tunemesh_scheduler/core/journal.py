@@ -47,11 +47,17 @@ class Journal:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self.store_up = True  # the last apply succeeded
+        self.on_synced: list[Callable[[int], None]] = []  # called with `synced_ticket` as it grows
 
     @property
     def latest(self) -> int:
         """The ticket of the last change noted."""
         return self._noted
+
+    @property
+    def synced_ticket(self) -> int:
+        """Every change with a ticket up to this one is in the store."""
+        return self._synced
 
     @property
     def backlog(self) -> int:
@@ -122,5 +128,7 @@ class Journal:
             self.store_up = True
             del self._pending[: len(group)]
             self._synced += len(group)
+            for callback in self.on_synced:
+                callback(self._synced)
             async with self._changed:
                 self._changed.notify_all()

@@ -74,11 +74,12 @@ class OperationStore:
         self._ops[op.name] = op
         self.index_request(op, request_id)
         self._count(op, +1)
-        self._note(StoreWrite(op, payload=payload))
+        op.ticket = self._note(StoreWrite(op, payload=payload))
         return op
 
     def restore(self, op: OperationRecord) -> None:
         """Adopt an operation from durable state (done, or QUEUED with its payload)."""
+        op.ticket = 0  # stored already
         self._ops[op.name] = op
         self.index_request(op, op.request_id)
         self._count(op, +1)

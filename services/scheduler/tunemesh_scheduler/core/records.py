@@ -103,6 +103,7 @@ class RunRecord:
     origin: LoadRequest | None = None  # the checkpoint the run was created from, if any
     snapshot_path: str = ""  # latest automatic snapshot (weights + AdamW state)
     snapshot_seq_id: int = 0  # the seq_id that snapshot follows
+    user_metadata: tuple[tuple[str, str], ...] = ()  # the caller's notes, sorted by key
     # (last_seq_id, step) as the store keeps them: moved on only when the operation log
     # below is compacted, so it never runs ahead of the logged operations.
     floor: tuple[int, int] = (0, 0)
@@ -133,6 +134,7 @@ class OperationRecord:
     payload: Work | None = dataclasses.field(default=None, repr=False)
     epoch: int = 0  # the run's epoch it is sent with
     snapshot_path: str = ""  # OPTIM_STEP: snapshot the adapter right after it, to this path
+    ticket: int = 0  # the journal ticket of its submission (0: stored already, or no store)
 
     @property
     def done(self) -> bool:

@@ -57,7 +57,7 @@ class RunRegistry:
 
     async def create(
         self, tenant: str, session: str, base_model: str, lora: Any, request_id: str,
-        prepare: Prepare | None = None, prepare_key: Any = None,
+        prepare: Prepare | None = None, prepare_key: Any = None, user_metadata: tuple[tuple[str, str], ...] = (),
     ) -> RunRecord:
         """Place and create a run; a retry with the same request id gets the same run.
 
@@ -65,9 +65,9 @@ class RunRegistry:
         visible; if it fails the run is undone. `prepare_key` names it for idempotency.
         """
         if not request_id:
-            return await self._place_and_create(tenant, session, base_model, lora, prepare, "")
+            return await self._place_and_create(tenant, session, base_model, lora, prepare, "", user_metadata)
         key = (tenant, request_id)
-        payload = (session, base_model, lora, prepare_key)
+        payload = (session, base_model, lora, prepare_key, user_metadata)
         seen = self._requests.get(key)
         if seen is not None:
             if seen[0] != payload:
@@ -78,7 +78,8 @@ class RunRegistry:
         future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
         self._requests[key] = (payload, future)
         try:
-            record = await self._place_and_create(tenant, session, base_model, lora, prepare, request_id)
+            record = await self._place_and_create(tenant, session, base_model, lora, prepare, request_id,
+                                                  user_metadata)
         except BaseException as exc:
             del self._requests[key]  # a failed create may be retried with the same id
             _fail_future(future, exc)
@@ -87,11 +88,13 @@ class RunRegistry:
         return record
 
     async def _place_and_create(
-        self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None, request_id: str
+        self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None, request_id: str,
+        user_metadata: tuple[tuple[str, str], ...],
     ) -> RunRecord:
         self._reserve_slot(tenant)
         try:
-            return await self._place_and_create_reserved(tenant, session, base_model, lora, prepare, request_id)
+            return await self._place_and_create_reserved(tenant, session, base_model, lora, prepare, request_id,
+                                                         user_metadata)
         finally:
             self._creating[tenant] -= 1  # a created run now counts in _by_tenant instead
             if not self._creating[tenant]:
@@ -110,7 +113,8 @@ class RunRegistry:
         self._creating[tenant] = creating + 1
 
     async def _place_and_create_reserved(
-        self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None, request_id: str
+        self, tenant: str, session: str, base_model: str, lora: Any, prepare: Prepare | None, request_id: str,
+        user_metadata: tuple[tuple[str, str], ...],
     ) -> RunRecord:
         name = f"runs/{self._new_id()}"
         node_id = await self._placement.place(name, base_model)
@@ -123,6 +127,7 @@ class RunRegistry:
             node_id=node_id,
             create_time=self._clock(),
             request_id=request_id,
+            user_metadata=user_metadata,
         )
         try:
             await self._trainer.create_adapter(node_id, name, base_model, lora, record.epoch)
@@ -164,7 +169,7 @@ class RunRegistry:
         if record.request_id and (record.tenant, record.request_id) not in self._requests:
             future: asyncio.Future[RunRecord] = asyncio.get_running_loop().create_future()
             future.set_result(record)
-            key = (record.session, record.base_model, record.lora, None)
+            key = (record.session, record.base_model, record.lora, record.origin, record.user_metadata)
             self._requests[(record.tenant, record.request_id)] = (key, future)
 
     def get(self, tenant: str, name: str) -> RunRecord:

@@ -36,6 +36,7 @@ from tunemesh_scheduler.core.ports import (
     Fence, ItemOutcome, LoadResult, PlacementPort, RunStore, StoreWrite, TrainerPort,
 )
 from tunemesh_scheduler.core.recovery import RecoveryPlan
+from tunemesh_scheduler.core.release import ReleaseGate, remaining
 from tunemesh_scheduler.core.records import (
     OperationError,
     OperationRecord,
@@ -129,8 +130,9 @@ class SchedulerCore:
         self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant, note)
         # Numbers finished operations for WatchOperations; its epoch names this incarnation.
         self.completions: CompletionFeed[OperationRecord] = CompletionFeed(CompletionLog(_new_uuid()))
-        self.operations = OperationStore(clock, new_id, self._metrics, note,
-                                         on_finish=lambda op: self.completions.record(op.tenant, op))
+        # What clients see of finished operations: only those whose submission is stored.
+        self.release = ReleaseGate(self.journal, lambda op: self.completions.record(op.tenant, op))
+        self.operations = OperationStore(clock, new_id, self._metrics, note, on_finish=self.release.finished)
         self.sampling = SamplingSessionRegistry(clock, new_id, note)
         self.machine = SchedulerMachine(
             self.operations, self.sessions, clock=clock, note=note,
@@ -340,10 +342,11 @@ class SchedulerCore:
 
     async def create_run(
         self, tenant: str, session: str, base_model: str, lora: Any, request_id: str = "",
-        restore: LoadRequest | None = None,
+        restore: LoadRequest | None = None, user_metadata: tuple[tuple[str, str], ...] = (),
     ) -> RunRecord:
         """Place a new run and create its adapter, loaded from checkpoint `restore` if
-        given; idempotent by (tenant, request_id)."""
+        given; idempotent by (tenant, request_id). `user_metadata`: the caller's sorted
+        (key, value) notes, kept with the run."""
         self._check_serving()
         self.sessions.get_open(tenant, session)
 
@@ -352,7 +355,7 @@ class SchedulerCore:
             record.step = await self._trainer.load_adapter(record.node_id, record.name, tenant, restore)
 
         record = await self.runs.create(
-            tenant, session, base_model, lora, request_id, load if restore else None, restore
+            tenant, session, base_model, lora, request_id, load if restore else None, restore, user_metadata
         )
         self.machine.add_run(record)
         await self.sync()  # UnavailableError while the store is down: a retry gets this run
@@ -422,7 +425,7 @@ class SchedulerCore:
         )
         if existing is not None:
             self.operations.index_request(existing, request_id)
-            return existing
+            return self.release.view(existing)
         self.sessions.get_open(tenant, record.session)
         if seq_id > record.last_seq_id + self._config.max_ops_ahead:
             raise ResourceExhaustedError(  # retryable: the SDK backs off until earlier ops finish
@@ -440,7 +443,7 @@ class SchedulerCore:
         self.machine.submit(op)
         self._poke()
         await self._logged(op)
-        return op
+        return self.release.view(op)
 
     async def _logged(self, op: OperationRecord) -> None:
         """Wait (briefly) until the op is in the run's durable log; through a store
@@ -454,12 +457,14 @@ class SchedulerCore:
                         extra={"run": op.run, "operation": op.name})
 
     def get_operation(self, tenant: str, name: str) -> OperationRecord:
-        return self.operations.get(tenant, name)
+        return self.release.view(self.operations.get(tenant, name))
 
     async def wait_operation(self, tenant: str, name: str, timeout_s: float) -> OperationRecord:
-        """Long-poll: return once the operation is done or `timeout_s` passed."""
-        op = self.operations.get(tenant, name)
-        return await self.operations.wait(op, timeout_s)
+        """Long-poll: return once the operation is done (and its submission stored: see
+        core/release.py) or `timeout_s` passed."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        op = await self.operations.wait(self.operations.get(tenant, name), timeout_s)
+        return await self.release.wait_stored(op, remaining(deadline))
 
     async def watch_operations(
         self, tenant: str, epoch: str, cursor: int, names: list[str], heartbeat_s: float
@@ -475,7 +480,7 @@ class SchedulerCore:
             except NotFoundError:
                 missing.append(name)
                 continue
-            if op.done:
+            if op.done and self.release.stored(op):
                 named.append(op)
         yield WatchBatch(replay.epoch, replay.cursor, named + replay.items, replay.cursor_lost, missing)
         position = replay.cursor
@@ -491,7 +496,7 @@ class SchedulerCore:
         op = self.operations.get(tenant, name)
         if self.machine.cancel(op):
             self._poke()
-        return op
+        return self.release.view(op)
 
     # ---- trainers that fail ----------------------------------------------------------
 
