@@ -139,6 +139,7 @@ def test_the_trainer_fails_a_bad_item_with_the_same_reason(name):
         ([1, 2], {"target_tokens": np.ones((2, K_MAX), np.int64)}, "cross_entropy"),
         ([1, 2], {"target_tokens": _targets(2)} | RL, "dro"),
         ([1, 2], {"target_tokens": _targets(2), "weights": np.float32([0, 1])} | RL, "ppo"),
+        ([1, 2], {"target_tokens": _targets(2), "sequence_ratio_mask": np.float32([0, 1])} | RL, "gspo"),
     ],
 )
 def test_a_valid_datum_passes_everywhere_and_counts_its_tokens(tokens, inputs, loss_fn):

@@ -58,6 +58,10 @@ def _beta(config: Mapping[str, float]) -> str | None:
 RL_INPUTS = ("target_tokens", "logprobs", "advantages")
 # `weights` on an RL loss multiplies each token's term (default 1): a mask for positions
 # whose sampler logprob is unknown, e.g. the prompt under dro's quadratic penalty.
+# gspo's `sequence_ratio_mask` marks (non-zero) the tokens its sequence ratio averages over:
+# the sampled ones, whose sampler logprobs are known.
+# Not here: Tinker's `stable_reinforce`, whose objective reads information the Tinker
+# sampler records server-side (`record_stability_info`) and does not publish.
 SPECS: dict[str, LossSpec] = {
     spec.name: spec
     for spec in (
@@ -68,6 +72,8 @@ SPECS: dict[str, LossSpec] = {
         LossSpec("cispo", RL_INPUTS, ("weights",),
                  {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}, _clip_range),
         LossSpec("dro", RL_INPUTS, ("weights",), {"beta": 0.05}, _beta),
+        LossSpec("gspo", (*RL_INPUTS, "sequence_ratio_mask"), ("weights",),
+                 {"clip_low_threshold": 0.8, "clip_high_threshold": 1.2}, _clip_range),
     )
 }
 INTEGER_INPUTS = frozenset({"target_tokens"})

@@ -2,10 +2,12 @@
 
 The engine computes every datum's target logprobs (N,) or (N, K) in one pass over the
 fused batch (`target_logprobs`); a loss sees them and the datum's loss inputs as tensors
-and returns the scalar loss plus per-datum outputs. Every Tinker loss (cross_entropy,
-importance_sampling, ppo, cispo, dro) is a function of target logprobs, so each new one
-is one function and one `LOSSES` entry; names, inputs and config defaults come from
+and returns the scalar loss plus per-datum outputs. Tinker's losses (cross_entropy,
+importance_sampling, ppo, cispo, dro, gspo) are functions of target logprobs, so each new
+one is one function and one `LOSSES` entry; names, inputs and config defaults come from
 `tunemesh_common.training.loss_specs`, which the scheduler validates requests against.
+(Tinker's `stable_reinforce` is not: it reads sampling-time information its sampler
+records server-side and does not publish.)
 
 With lp the learner's target logprobs, q the sampler's (`logprobs`), A the advantages,
 w the optional per-token `weights` (default 1) and ratio = exp(lp - q), every loss is a
@@ -16,6 +18,12 @@ sum over tokens:
     ppo                  -sum(w * min(ratio * A, clamp(ratio, lo, hi) * A))
     cispo                -sum(w * detach(clamp(ratio, lo, hi)) * lp * A)
     dro                  -sum(w * (lp * A - beta / 2 * (lp - q)^2))
+    gspo                 -sum(w * min(s_t * A, clamp(s_t, lo, hi) * A))
+
+gspo (GSPO-token) replaces ppo's token ratio by the datum's sequence ratio
+s = exp(mean(lp - q) over the tokens `sequence_ratio_mask` marks): each token's
+s_t = detach(s) * exp(lp - detach(lp)) has s's value and the gradient of its own lp.
+With no marked token s is undefined (NaN), so the item fails NON_FINITE_LOSS.
 """
 
 from __future__ import annotations
@@ -83,11 +91,17 @@ def importance_sampling(logprobs, inputs, config) -> DatumLoss:
     return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
 
 
+def _clipped_surrogate(
+    ratio: torch.Tensor, inputs: Mapping[str, torch.Tensor], config: Mapping[str, float | str]
+) -> torch.Tensor:
+    advantages = inputs["advantages"]
+    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
+    return -_weighted_sum(torch.minimum(ratio * advantages, clipped * advantages), inputs)
+
+
 def ppo(logprobs, inputs, config) -> DatumLoss:
     """The clipped surrogate: the ratio's effect stops outside [lo, hi] in A's direction."""
-    ratio, advantages = _ratio(logprobs, inputs), inputs["advantages"]
-    clipped = torch.clamp(ratio, config["clip_low_threshold"], config["clip_high_threshold"])
-    loss = -_weighted_sum(torch.minimum(ratio * advantages, clipped * advantages), inputs)
+    loss = _clipped_surrogate(_ratio(logprobs, inputs), inputs, config)
     return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
 
 
@@ -105,11 +119,22 @@ def dro(logprobs, inputs, config) -> DatumLoss:
     return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
 
 
+def gspo(logprobs, inputs, config) -> DatumLoss:
+    """ppo's clipped surrogate on the sequence ratio (GSPO-token): one clip decision per
+    datum, each token keeping the gradient of its own logprob."""
+    marked = inputs["sequence_ratio_mask"] != 0
+    log_ratio = torch.where(marked, logprobs.detach() - inputs["logprobs"], 0.0).sum() / marked.sum()
+    ratio = torch.exp(log_ratio + logprobs - logprobs.detach())
+    loss = _clipped_surrogate(ratio, inputs, config)
+    return DatumLoss(loss=loss, outputs={"logprobs": logprobs})
+
+
 _FUNCTIONS: dict[str, LossFn] = {
     "cross_entropy": cross_entropy,
     "importance_sampling": importance_sampling,
     "ppo": ppo,
     "cispo": cispo,
     "dro": dro,
+    "gspo": gspo,
 }
 LOSSES: dict[str, LossDef] = {name: LossDef(fn=fn, spec=SPECS[name]) for name, fn in _FUNCTIONS.items()}
