@@ -212,6 +212,7 @@ def test_tokenizer_is_relayed_once_per_model(mesh):
     second = mesh.sessions.GetTokenizer(request, metadata=B).files
     files = {f.name: f.content for f in first}
     assert files["tokenizer.json"] == (mesh.model_dir / "tokenizer.json").read_bytes()
+    assert files["config.json"] == (mesh.model_dir / "config.json").read_bytes()  # the model's own, for HF caches
     assert list(second) == list(first)
     assert fetched == 1 and mesh.trainer.calls["GetTokenizer"] == 1
     unknown = sessions_pb2.GetTokenizerRequest(base_model="no/such-model")

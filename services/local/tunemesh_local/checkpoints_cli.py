@@ -30,14 +30,20 @@ class UsageError(Exception):
     """A problem with the command line or its environment, told to the user as is."""
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:
-    """Register the `checkpoints` command group."""
+def connection_options() -> argparse.ArgumentParser:
+    """--address, --api-key and --state-dir (read by `resolve_connection`), as a parent parser."""
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--address", help="service address (default $TUNEMESH_ADDRESS, "
                         "else the local mesh's scheduler, else 127.0.0.1:50051)")
     common.add_argument("--api-key", help="API key (default $TUNEMESH_API_KEY)")
     common.add_argument("--state-dir", type=Path, default=None, help="local mesh state directory "
                         f"(default ${state.STATE_DIR_ENV} or ~/.tunemesh/local)")
+    return common
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    """Register the `checkpoints` command group."""
+    common = connection_options()
     group = commands.add_parser("checkpoints",
                                 help="list, inspect, download, import and delete checkpoints")
     actions = group.add_subparsers(dest="action", required=True)

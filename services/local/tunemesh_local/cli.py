@@ -1,5 +1,5 @@
 """`tunemesh up | status | down`: a local mesh on loopback; `tunemesh checkpoints ...`;
-`tunemesh keys create | list | revoke`.
+`tunemesh keys create | list | revoke`; `tunemesh tokenizers sync` (into a Hugging Face cache).
 
 State dir: --state-dir, else $TUNEMESH_STATE_DIR, else ~/.tunemesh/local.
 """
@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from tunemesh.errors import TunemeshError
-from tunemesh_local import checkpoints_cli, keys, launcher, state, status
+from tunemesh_local import checkpoints_cli, keys, launcher, state, status, tokenizers_cli
 from tunemesh_local.launcher import MeshConfig, ServiceFactory
 from tunemesh_local.state import MeshState
 
@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"state directory (default ${state.STATE_DIR_ENV} or ~/.tunemesh/local)")
     checkpoints_cli.add_parser(commands)
     keys.add_parser(commands)
+    tokenizers_cli.add_parser(commands)
     return parser
 
 
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None, services: ServiceFactory = launcher.defa
         return checkpoints_cli.run(args)
     if args.command == "keys":
         return keys.run(args)
+    if args.command == "tokenizers":
+        return tokenizers_cli.run(args)
     state_dir = (args.state_dir or state.default_state_dir()).expanduser()
     try:
         if args.command == "up":

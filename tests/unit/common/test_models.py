@@ -260,7 +260,9 @@ def test_tokenizer_files_rebuild_the_tokenizer(dense_dir, tmp_path):
     files = tokenizer_files(dense_dir)
     assert {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja"} <= files.keys()
     assert files["tokenizer.json"] == (dense_dir / "tokenizer.json").read_bytes()
-    assert "config.json" not in files and "model.safetensors" not in files
+    assert files["config.json"] == (dense_dir / "config.json").read_bytes()  # hub-cache loaders need it
+    assert "model.safetensors" not in files
+    assert tokenizer_files(tmp_path) == {}  # no tokenizer: nothing, not a lone config.json
     for name, content in files.items():
         (tmp_path / name).write_bytes(content)
     client = AutoTokenizer.from_pretrained(str(tmp_path))

@@ -24,6 +24,7 @@ TOKENIZER_FILE_NAMES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
+MODEL_CONFIG_FILE = "config.json"
 
 _SUBJECTS = ("the cat", "a dog", "my friend", "the teacher", "our model", "the student",
              "a bird", "the old man", "this machine", "the river", "she", "he", "they", "we")
@@ -96,10 +97,15 @@ def save_tiny_tokenizer(directory: Path) -> None:
 
 
 def tokenizer_files(path: Path) -> dict[str, bytes]:
-    """The tokenizer files present in a materialised model directory, by file name."""
+    """The tokenizer files present in a materialised model directory, by file name, with
+    its `config.json` when it has any (Hugging Face loaders reading a hub cache need one);
+    empty when the directory has no tokenizer."""
     path = Path(path)
-    return {
+    files = {
         name: (path / name).read_bytes()
         for name in TOKENIZER_FILE_NAMES
         if (path / name).is_file()
     }
+    if files and (path / MODEL_CONFIG_FILE).is_file():
+        files[MODEL_CONFIG_FILE] = (path / MODEL_CONFIG_FILE).read_bytes()
+    return files
