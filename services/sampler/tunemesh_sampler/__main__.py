@@ -22,6 +22,7 @@ from tunemesh_sampler.server import SamplerServicer
 
 log = logging.getLogger("tunemesh_sampler")
 SERVICE_NAME = sampler_pb2.DESCRIPTOR.services_by_name["SamplerService"].full_name
+ENGINE_CHECK_S = 1.0  # how often the engine is asked whether it still serves
 
 
 def build_engine(s: settings_mod.SamplerSettings):
@@ -61,9 +62,22 @@ async def serve(s: settings_mod.SamplerSettings) -> None:
         metrics.describe_node(sampler_metrics.registry, "sampler", s.node_id, core.info.name)
         registrations = [etcd_registration(s.etcd, "samplers", s.node_id, lambda: servicer.node().SerializeToString(),
                                            s.lease_ttl_s, 0.5, sampler_metrics.registry, "sampler", tls)] if s.etcd else []
+        failed = asyncio.Event()
+        watch = asyncio.create_task(watch_engine(engine, failed, ENGINE_CHECK_S), name="engine-watch")
+        host.on_stop(watch.cancel)
         await host.serve(registrations, ready={"node_id": s.node_id})
         log.info("sampler %s serving %s on %s (%s engine)", s.node_id, s.model, host.address, type(engine).__name__)
-        await host.wait()
+        if await host.wait(failed) is not None:
+            log.error("sampler %s: %s; exiting so that it is restarted (its etcd record goes with it)",
+                      s.node_id, engine.failure())
+            raise SystemExit(1)
+
+
+async def watch_engine(engine, failed: asyncio.Event, period_s: float) -> None:
+    """Set `failed` once the engine reports a failure (checked every `period_s`)."""
+    while engine.failure() is None:
+        await asyncio.sleep(period_s)
+    failed.set()
 
 
 def _follow(sampler_metrics: SamplerMetrics, core: SamplerCore, slots: int) -> None:

@@ -38,6 +38,11 @@ class SamplingEngine(Protocol):
         """logprob of tokens[i] given tokens[:i], for i = 1 .. len(tokens) - 1."""
         ...
 
+    def failure(self) -> str | None:
+        """Why the engine can serve nothing more (e.g. its engine-core process died), or
+        None while it can. The sampler exits on a failure, to be restarted."""
+        ...
+
     def close(self) -> None:
         """Release the engine's threads and memory."""
         ...

@@ -469,6 +469,9 @@ class TorchSamplingEngine:
         logprobs_tv = torch.log_softmax(logits_tv, dim=-1)
         return logprobs_tv.gather(-1, ids_bt[0, 1:, None]).squeeze(-1).tolist()
 
+    def failure(self) -> str | None:
+        return None  # runs in this process: it fails with it
+
     def close(self) -> None:
         with self._lock:
             self._closed = True

@@ -255,6 +255,13 @@ class VllmSamplingEngine:
         if self._closed:
             raise UnavailableError("ENGINE_CLOSED", "the generation engine is shut down")
 
+    def failure(self) -> str | None:
+        """vLLM marks itself errored once its engine-core process is gone (its own monitor
+        watches the process): every request after that fails ENGINE_DEAD."""
+        if not self._closed and self._llm.errored:
+            return "vLLM's engine core has stopped"
+        return None
+
     def close(self) -> None:
         """Cancel requests in flight, shut vLLM's engine-core process down, join the loop
         thread and remove the base adapter's files (idempotent)."""
