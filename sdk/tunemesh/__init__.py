@@ -7,6 +7,10 @@
         step = trainer.optim_step(tunemesh.AdamParams(learning_rate=1e-4))
         print(fb.result().metrics, step.result().metrics)
 
+Tinker's names are exported too (`import tunemesh as tinker`): its error names are
+tunemesh's errors (see `tunemesh.errors`), RestClient and AdminClient map its REST calls
+onto tunemesh's, and `tunemesh.lib.public_interfaces` mirrors its module path.
+
 Names are exported lazily, so `import tunemesh` (and `import tunemesh.v1.*_pb2` by the
 services) loads neither grpc nor numpy until an SDK name is used.
 """
@@ -21,6 +25,7 @@ _EXPORTS = {
     "tunemesh.checkpoints": ("Checkpoint", "CheckpointClient", "CheckpointFile"),
     "tunemesh.training_client": ("TrainingClient",),
     "tunemesh.sampling_client": ("SamplingClient",),
+    "tunemesh.rest_client": ("AdminClient", "RestClient"),
     "tunemesh.futures": ("APIFuture",),
     "tunemesh.retry": ("RetryPolicy",),
     "tunemesh.hyperparams": ("lora_learning_rate",),
@@ -40,13 +45,24 @@ _EXPORTS = {
         "SampledSequence",
         "SamplingParams",
         "OptimStepResponse",
+        "ParsedCheckpointTinkerPath",
+        "PromptProvenanceSpan",
+        "SampledProvenanceSpan",
         "SaveWeightsForSamplerResponse",
         "SaveWeightsResponse",
+        "StopReason",
         "SupportedModel",
         "TensorData",
     ),
     "tunemesh.errors": (
         "TunemeshError",
+        "TinkerError",
+        "APIError",
+        "APIConnectionError",
+        "APITimeoutError",
+        "AuthenticationError",
+        "BadRequestError",
+        "RateLimitError",
         "AbortedError",
         "AlreadyExistsError",
         "CancelledError",
@@ -74,6 +90,7 @@ if TYPE_CHECKING:
     from tunemesh.errors import *  # noqa: F403
     from tunemesh.futures import APIFuture
     from tunemesh.hyperparams import lora_learning_rate
+    from tunemesh.rest_client import AdminClient, RestClient
     from tunemesh.retry import RetryPolicy
     from tunemesh.sampling_client import SamplingClient
     from tunemesh.training_client import TrainingClient

@@ -6,8 +6,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tunemesh import tensors, types
-from tunemesh.errors import Code, TunemeshError, error_for
+from tunemesh.errors import Code, InvalidArgumentError, TunemeshError, error_for
 from tunemesh.v1 import operations_pb2, sessions_pb2, training_pb2, types_pb2
+
+UNSUPPORTED_CHUNK = "UNSUPPORTED_CHUNK"
+UNSUPPORTED_PROVENANCE = "UNSUPPORTED_PROVENANCE"
 
 
 def tensor_to_proto(tensor: types.TensorData) -> types_pb2.TensorData:
@@ -22,10 +25,15 @@ def tensor_from_proto(msg: types_pb2.TensorData, name: str = "tensor") -> types.
 
 
 def model_input_to_proto(model_input: types.ModelInput) -> types_pb2.ModelInput:
+    """The wire ModelInput; InvalidArgumentError [UNSUPPORTED_CHUNK] for a chunk that is
+    not text (tunemesh serves text models: Tinker's image chunks cannot be sent)."""
     chunks = []
     for chunk in model_input.chunks:
         if not isinstance(chunk, types.EncodedTextChunk):
-            raise TypeError(f"unsupported model input chunk {type(chunk).__name__}")
+            raise InvalidArgumentError(
+                UNSUPPORTED_CHUNK,
+                f"a ModelInput holds a {type(chunk).__name__}; tunemesh takes EncodedTextChunk only",
+            )
         encoded = types_pb2.EncodedTextChunk(tokens=chunk.tokens)
         chunks.append(types_pb2.ModelInputChunk(encoded_text=encoded))
     return types_pb2.ModelInput(chunks=chunks)
@@ -38,6 +46,8 @@ def model_input_from_proto(msg: types_pb2.ModelInput) -> types.ModelInput:
 
 
 def datum_to_proto(datum: types.Datum) -> types_pb2.Datum:
+    """The wire Datum. Provenance spans are not sent: they annotate, and no tunemesh loss
+    reads them (the one Tinker loss that does, stable_reinforce, is refused by name)."""
     inputs = {key: tensor_to_proto(value) for key, value in datum.loss_fn_inputs.items()}
     return types_pb2.Datum(
         model_input=model_input_to_proto(datum.model_input), loss_fn_inputs=inputs

@@ -25,7 +25,7 @@ import grpc
 from tunemesh import _wire
 from tunemesh.errors import TunemeshError, error_for, error_from_rpc
 from tunemesh.transport import Transport
-from tunemesh.types import LoraConfig
+from tunemesh.types import LoraConfig, ParsedCheckpointTinkerPath
 from tunemesh.v1 import checkpoints_pb2
 
 CHUNK_BYTES = 1024 * 1024
@@ -74,6 +74,31 @@ class Checkpoint:
     expire_time: datetime.datetime | None
     user_metadata: dict[str, str]
     files: tuple[CheckpointFile, ...]
+
+    # Tinker's names for the same facts, for code written against tinker.Checkpoint.
+
+    @property
+    def tinker_path(self) -> str:
+        """The path to pass back to tunemesh: `path`."""
+        return self.path
+
+    @property
+    def checkpoint_type(self) -> str:
+        """Tinker's kind: "training" (a state checkpoint) or "sampler" (sampler weights, an import)."""
+        return ParsedCheckpointTinkerPath.from_tinker_path(self.path).checkpoint_type
+
+    @property
+    def checkpoint_id(self) -> str:
+        """Tinker's `{weights|sampler_weights}/{name}`."""
+        return ParsedCheckpointTinkerPath.from_tinker_path(self.path).checkpoint_id
+
+    @property
+    def time(self) -> datetime.datetime:
+        return self.create_time
+
+    @property
+    def expires_at(self) -> datetime.datetime | None:
+        return self.expire_time
 
 
 def checkpoint_from_proto(msg: checkpoints_pb2.Checkpoint) -> Checkpoint:

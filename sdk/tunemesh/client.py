@@ -16,7 +16,7 @@ import os
 import pathlib
 import threading
 import uuid
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -29,6 +29,9 @@ from tunemesh.training_client import TrainingClient
 from tunemesh.transport import Transport, channel_credentials
 from tunemesh.types import GetServerCapabilitiesResponse, LoraConfig
 from tunemesh.v1 import sampling_pb2, sessions_pb2, training_pb2
+
+if TYPE_CHECKING:
+    from tunemesh.rest_client import RestClient
 
 logger = logging.getLogger(__name__)
 
@@ -147,6 +150,13 @@ class ServiceClient:
     def create_checkpoint_client(self) -> CheckpointClient:
         """A client for the caller's checkpoints: list, get, delete, download, import."""
         return CheckpointClient(self._transport)
+
+    def create_rest_client(self) -> RestClient:
+        """A `tunemesh.RestClient` (Tinker's client for runs and checkpoints) sharing this
+        client's connection."""
+        from tunemesh.rest_client import RestClient  # it imports this module
+
+        return RestClient(self._transport)
 
     def resume_training_client(self, run: str) -> TrainingClient:
         """A client for an existing run of the caller (`runs/{id}`), e.g. after this

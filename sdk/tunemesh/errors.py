@@ -12,6 +12,14 @@ the services calling each other, reads it back with `error_from_rpc`. A failed O
 carries the same code (a `google.rpc.Code` number), reason and message in `OperationError`
 (`error_for` rebuilds the error).
 
+Tinker's names (`import tunemesh as tinker`) are these classes or their bases, so an
+`except tinker.X` catches what tunemesh raises: TinkerError and APIError are
+TunemeshError, BadRequestError is InvalidArgumentError, AuthenticationError
+UnauthenticatedError, RateLimitError ResourceExhaustedError, APITimeoutError
+DeadlineExceededError, and APIConnectionError a second base of UnavailableError and
+DeadlineExceededError (as Tinker's APITimeoutError is an APIConnectionError).
+NotFoundError and PermissionDeniedError have the same name in both.
+
 A request gRPC itself refuses for its size (this client's send limit or the server's
 receive limit) becomes INVALID_ARGUMENT [REQUEST_TOO_LARGE], as the service reports
 requests over its own limits: it never reached the service, and sending it again fails
@@ -100,6 +108,16 @@ class TunemeshError(Exception):
         return f"{type(self).__name__}({self.reason!r}, {self.message!r}{code})"
 
 
+TinkerError = TunemeshError
+APIError = TunemeshError
+
+
+class APIConnectionError(Exception):
+    """Tinker's name for "the service could not be reached or did not answer in time": a
+    second base of UnavailableError and DeadlineExceededError (which are TunemeshErrors),
+    so `except APIConnectionError` catches both. tunemesh raises only those two."""
+
+
 class CancelledError(TunemeshError):
     default_code = grpc.StatusCode.CANCELLED
 
@@ -108,7 +126,7 @@ class InvalidArgumentError(TunemeshError):
     default_code = grpc.StatusCode.INVALID_ARGUMENT
 
 
-class DeadlineExceededError(TunemeshError):
+class DeadlineExceededError(TunemeshError, APIConnectionError):
     default_code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
@@ -144,7 +162,7 @@ class InternalError(TunemeshError):
     default_code = grpc.StatusCode.INTERNAL
 
 
-class UnavailableError(TunemeshError):
+class UnavailableError(TunemeshError, APIConnectionError):
     default_code = grpc.StatusCode.UNAVAILABLE
 
 
@@ -161,6 +179,11 @@ class ClientClosedError(TunemeshError):
 
     default_code = grpc.StatusCode.CANCELLED
 
+
+BadRequestError = InvalidArgumentError
+AuthenticationError = UnauthenticatedError
+RateLimitError = ResourceExhaustedError
+APITimeoutError = DeadlineExceededError
 
 _CLASS_BY_CODE = {
     cls.default_code: cls

@@ -37,6 +37,13 @@ class APIFuture(Generic[T]):
         """The underlying concurrent.futures.Future."""
         return self._inner
 
+    async def result_async(self, timeout: float | None = None) -> T:
+        """Await the result; raises TimeoutError if `timeout` seconds pass first. Like
+        `result(timeout)`, a timeout leaves the call running: await it again later."""
+        if timeout is None:
+            return await asyncio.wrap_future(self._inner)
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._inner)), timeout)
+
     async def coroutine(self) -> T:
         """Await the result (for APIs that want a coroutine object)."""
         return await asyncio.wrap_future(self._inner)
