@@ -66,21 +66,6 @@ def tinker_datums(rows: np.ndarray) -> list:
             for row in rows]
 
 
-def tinker_steps(client, datums: list, steps: int, *, depth: int) -> None:
-    """`tenant_steps` through the official SDK."""
-    from tinker import types
-
-    adam, in_flight = types.AdamParams(**ADAM), []
-    for _ in range(steps):
-        in_flight.append((client.forward_backward(datums, "cross_entropy"), client.optim_step(adam)))
-        while len(in_flight) >= depth:
-            for future in in_flight.pop(0):
-                future.result()
-    for pair in in_flight:
-        for future in pair:
-            future.result()
-
-
 def native_runs(mesh: BenchMesh, vocab: int, workload: Workload, tenants: int) -> tuple[list, list]:
     import tunemesh
 
@@ -95,6 +80,7 @@ def native_runs(mesh: BenchMesh, vocab: int, workload: Workload, tenants: int) -
 
 def gateway_runs(mesh: BenchMesh, url: str, vocab: int, workload: Workload, tenants: int) -> tuple[list, list]:
     import tinker
+    from tinker import types
 
     services = [tinker.ServiceClient(base_url=url, api_key=mesh.keys[i]) for i in range(tenants)]
     runs = []
@@ -102,7 +88,8 @@ def gateway_runs(mesh: BenchMesh, url: str, vocab: int, workload: Workload, tena
         client = service.create_lora_training_client(base_model=mesh.model, rank=workload.rank, seed=i)
         client = client.result() if hasattr(client, "result") else client
         datums = tinker_datums(token_rows(vocab, workload.batch, workload.seq_len, workload.seed + i))
-        runs.append(functools.partial(tinker_steps, client, datums, depth=workload.depth))
+        runs.append(functools.partial(tenant_steps, client, datums, depth=workload.depth,
+                                      adam=types.AdamParams(**ADAM)))
     return runs, services
 
 

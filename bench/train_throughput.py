@@ -219,11 +219,12 @@ def sdk_datums(rows: np.ndarray) -> list:
             for row in rows]
 
 
-def tenant_steps(client, datums: list, steps: int, *, depth: int) -> None:
-    """`steps` of forward_backward + optim_step, keeping at most `depth` steps in flight."""
+def tenant_steps(client, datums: list, steps: int, *, depth: int, adam=None) -> None:
+    """`steps` of forward_backward + optim_step, keeping at most `depth` steps in flight
+    (`adam`: the client SDK's AdamParams; tunemesh's with ADAM by default)."""
     import tunemesh
 
-    adam, in_flight = tunemesh.AdamParams(**ADAM), []
+    adam, in_flight = adam or tunemesh.AdamParams(**ADAM), []
     for _ in range(steps):
         in_flight.append((client.forward_backward(datums, "cross_entropy"), client.optim_step(adam)))
         while len(in_flight) >= depth:

@@ -1,5 +1,6 @@
 """Shared e2e fixtures: a real single-member etcd on free loopback ports; an observed mesh
-(`start_mesh` and `model_data_dir` come from tests/support/mesh_fixtures.py, for every suite)."""
+(`start_mesh` and `model_data_dir` come from tests/support/mesh_fixtures.py, for every suite);
+the session's tiny-dense mesh with a Tinker gateway before it (`gateway_process`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Iterator
 
 import mesh_traffic
 import pytest
+from gateway_process import gateway, gateway_mesh  # noqa: F401  (fixtures for the gateway's suites)
 
 from tunemesh_common.membership.etcd_process import EtcdProcess
 

@@ -1,84 +1,24 @@
 """The official `tinker` SDK, unmodified, against a real mesh through the gateway: etcd,
-checkpoint service, trainer, torch sampler and scheduler as processes (the suite's
-`start_mesh`), the gateway as a process on a loopback port in front of them (TLS to the
-scheduler, with the mesh CA)."""
+checkpoint service, trainer, torch sampler and scheduler as processes (the session's
+`gateway_mesh`), the gateway as a process on a loopback port in front of them (TLS to the
+scheduler, with the mesh CA; `gateway_process`)."""
 
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
+from gateway_process import MODEL, Gateway
 
 tinker = pytest.importorskip("tinker")
 from tinker import types  # noqa: E402
 
 pytestmark = pytest.mark.e2e
 
-MODEL = "tunemesh/tiny-dense"
 PROMPT = [5, 6, 7, 8]
 ANSWER = [60, 61, 62, 63, 64, 65]
 TIMEOUT = 120
-
-
-@pytest.fixture(scope="module")
-def mesh(start_mesh, tmp_path_factory: pytest.TempPathFactory):
-    with start_mesh(tmp_path_factory.mktemp("gateway-mesh"), samplers=1) as running:
-        yield running
-
-
-class Gateway:
-    """`python -m tunemesh_gateway` as a process on a loopback port (kept across restarts)."""
-
-    def __init__(self, mesh, state: pathlib.Path) -> None:
-        self.mesh, self.state, self.port, self.process = mesh, state, 0, None
-        self.log_path = state / "gateway.log"
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        ready = self.state / "ready.json"
-        ready.unlink(missing_ok=True)
-        env = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE"}
-        tls = ["--ca-bundle", self.mesh.ca_file] if self.mesh.ca_file else ["--insecure", "true"]
-        with open(self.log_path, "ab") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "tunemesh_gateway", "--listen", f"127.0.0.1:{self.port}",
-                 "--scheduler", self.mesh.scheduler_address, *tls, "--ready-file", str(ready)],
-                env=env, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while not ready.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"the gateway did not start:\n{self.log_path.read_text()[-3000:]}")
-            time.sleep(0.1)
-        self.port = int(json.loads(ready.read_text())["address"].rpartition(":")[2])
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture(scope="module")
-def gateway(mesh, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
-    running = Gateway(mesh, tmp_path_factory.mktemp("gateway"))
-    running.start()
-    try:
-        yield running
-    finally:
-        running.stop()
-        print(running.log_path.read_text()[-5000:])  # shown when a test failed
 
 
 @pytest.fixture

@@ -2,22 +2,30 @@
 
     python -m tunemesh_gateway --scheduler 127.0.0.1:50051 --ca-bundle ~/.tunemesh/mesh/ca.pem
     TINKER_BASE_URL=http://127.0.0.1:8000 TINKER_API_KEY=tml-... python my_tinker_script.py
+
+With --tls-cert / --tls-key it serves HTTPS; the tinker SDK (httpx) then trusts the mesh CA
+through `SSL_CERT_FILE=<ca.pem>` (`tunemesh up` starts it so and prints the line). GET
+/healthz answers 200 while the scheduler answers its health check, 503 otherwise; with
+--metrics-listen a plaintext /metrics, /healthz and /readyz endpoint (the one every
+service has) serves Prometheus and probes.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
-import pathlib
 import socket
 
+import grpc
 import prometheus_client
 import uvicorn
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tunemesh_common.membership import registry
 from tunemesh_common.service import rpc
+from tunemesh_common.service.host import write_ready_file
+from tunemesh_common.service.metrics import MetricsEndpoint
 from tunemesh_gateway import settings as settings_mod
 from tunemesh_gateway.app import create_app
 from tunemesh_gateway.core import CoreConfig
@@ -50,10 +58,34 @@ def bind(listen: str) -> socket.socket:
     return sock
 
 
-def write_ready(path: pathlib.Path, address: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps({"address": address, "pid": os.getpid(), "metrics_url": f"http://{address}/metrics"}))
-    os.replace(tmp, path)
+class SchedulerProbe:
+    """Whether the scheduler answers: grpc.health.v1 (no API key needed) on the gateway's
+    own channel to it, asked every `period_s` (sooner while it does not answer). The
+    gateway's /healthz and the metrics endpoint's /readyz read `reachable`."""
+
+    def __init__(self, period_s: float = 2.0, timeout_s: float = 2.0) -> None:
+        self.period_s, self.timeout_s = period_s, timeout_s
+        self.channel: grpc.aio.Channel | None = None  # the upstream's, once the app has started
+        self.reachable = False
+
+    async def check(self) -> bool:
+        if self.channel is None:
+            return False
+        try:
+            reply = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=self.timeout_s)
+        except grpc.RpcError:
+            return False
+        return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    async def run(self) -> None:
+        while True:
+            reachable = await self.check()
+            if reachable != self.reachable:
+                log.log(logging.INFO if reachable else logging.WARNING, "the scheduler is %s",
+                        "reachable" if reachable else "not reachable")
+            self.reachable = reachable
+            await asyncio.sleep(self.period_s if reachable else min(self.period_s, 0.5))
 
 
 async def serve(s: settings_mod.GatewaySettings) -> None:
@@ -61,23 +93,45 @@ async def serve(s: settings_mod.GatewaySettings) -> None:
         creds = credentials(s.ca_bundle, s.insecure)
     except ValueError as err:
         raise SystemExit(f"python -m tunemesh_gateway: {err}") from None
+    https = settings_mod.listener_tls(s)
     store = EtcdStore(registry.connect(s.etcd, tls=settings_mod.etcd_tls(s))) if s.etcd else MemoryStore()
-    app = create_app(lambda: GrpcUpstream(s.scheduler, creds), store, core_config(s),
-                     GatewayMetrics(prometheus_client.REGISTRY))
+    probe = SchedulerProbe()
+
+    def upstream() -> GrpcUpstream:
+        made = GrpcUpstream(s.scheduler, creds)
+        probe.channel = made.channel
+        return made
+
+    app = create_app(upstream, store, core_config(s), GatewayMetrics(prometheus_client.REGISTRY),
+                     ready=lambda: probe.reachable)
+    endpoint = await MetricsEndpoint.start(s.metrics_listen, prometheus_client.REGISTRY,
+                                           ready=lambda: probe.reachable)
     sock = bind(s.listen)
     host, port = sock.getsockname()[:2]
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    url = f"{'https' if https else 'http'}://{address}"
+    certfile, keyfile = https or (None, None)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=75,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, ssl_certfile=certfile, ssl_keyfile=keyfile))
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
-    while not server.started and not serving.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        log.info("gateway on http://%s, scheduler %s (%s), tables %s", address, s.scheduler,
-                 "plaintext" if creds is None else "TLS", f"in etcd {s.etcd}" if s.etcd else "in memory")
-        if s.ready_file:
-            write_ready(s.ready_file, address)
-    await serving
+    probing = None
+    try:
+        while not server.started and not serving.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            probing = asyncio.create_task(probe.run(), name="scheduler probe")
+            log.info("gateway on %s, scheduler %s (%s), tables %s", url, s.scheduler,
+                     "plaintext" if creds is None else "TLS", f"in etcd {s.etcd}" if s.etcd else "in memory")
+            if s.ready_file:
+                write_ready_file(s.ready_file, {"address": address, "url": url, "pid": os.getpid(),
+                                                "metrics_url": endpoint.url if endpoint else f"{url}/metrics"})
+        await serving
+    finally:
+        if probing is not None:
+            probing.cancel()
+            await asyncio.wait([probing])
+        if endpoint is not None:
+            await endpoint.close()
 
 
 def main(argv: list[str] | None = None) -> None:

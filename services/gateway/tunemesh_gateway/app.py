@@ -37,9 +37,10 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 
 
 def create_app(make_upstream: Callable[[], Upstream], store: GatewayStore, config: CoreConfig = CoreConfig(),
-               metrics: GatewayMetrics | None = None) -> FastAPI:
+               metrics: GatewayMetrics | None = None, ready: Callable[[], bool] | None = None) -> FastAPI:
     """The app; `make_upstream()` runs on the serving loop at startup (a grpc.aio channel
-    belongs to the loop it is made on)."""
+    belongs to the loop it is made on). `ready()` says whether the scheduler answers:
+    GET /healthz is 200 while it does, 503 while not (always 200 without `ready`)."""
     metrics = metrics or GatewayMetrics()
 
     @contextlib.asynccontextmanager
@@ -60,6 +61,12 @@ def create_app(make_upstream: Callable[[], Upstream], store: GatewayStore, confi
     _training(app)
     _sampling(app)
     _catalog(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> JSONResponse:
+        if ready is None or ready():
+            return JSONResponse({"status": "ok"})
+        return JSONResponse({"detail": "the scheduler is not reachable"}, status_code=503)
 
     @app.get("/metrics", include_in_schema=False)
     async def scrape() -> Response:

@@ -16,8 +16,10 @@ from tunemesh_common.service.settings import HostPort, HostPortOrEmpty
 class GatewaySettings(BaseSettings):
     """Tinker's HTTP protocol in front of the scheduler (`python -m tunemesh_gateway`).
 
-    The gateway is a client of the scheduler's public port (server TLS, API keys), not a
-    mesh node: it needs the mesh CA to check the scheduler, and no certificate of its own."""
+    The gateway is a client of the scheduler's public port (server TLS, API keys): it needs
+    the mesh CA to check the scheduler. Its own certificate (`gateway.tunemesh`, etcd user
+    tunemesh-gateway; `tunemesh up` issues one) serves HTTPS to Tinker clients
+    (--tls-cert) and proves it to etcd (--etcd-tls-cert); the two may be the same files."""
 
     model_config = settings.settings_config("gateway")
 
@@ -35,8 +37,16 @@ class GatewaySettings(BaseSettings):
     etcd_tls_cert: pathlib.Path | None = Field(None, description=(
         "PEM certificate (of the --ca-bundle CA) the gateway proves to etcd; its common name is the etcd user"))
     etcd_tls_key: pathlib.Path | None = Field(None, description="PEM private key of --etcd-tls-cert")
-    ready_file: pathlib.Path | None = Field(
-        None, description='written once serving: {"address", "pid", "metrics_url"} (for launchers)')
+    tls_cert: pathlib.Path | None = Field(None, description=(
+        "PEM certificate the HTTP listener serves (HTTPS), naming the hosts clients dial; unset: plain HTTP "
+        "(development, or behind a proxy that terminates TLS)"))
+    tls_key: pathlib.Path | None = Field(None, description="PEM private key of --tls-cert")
+    metrics_listen: HostPortOrEmpty = Field("", description=(
+        "host:port of a plaintext /metrics, /healthz (the process runs) and /readyz (the scheduler answers) "
+        "endpoint, as every service has, for Prometheus and probes; port 0 picks one; empty: none "
+        "(/metrics and /healthz are on the HTTP listener either way)"))
+    ready_file: pathlib.Path | None = Field(None, description=(
+        'written once serving: {"address", "url", "pid", "metrics_url"} (for launchers)'))
     poll_wait_s: float = Field(25.0, gt=0, le=40, description=(
         "longest hold of one retrieve_future long-poll, in seconds (the SDK reads for 45 s)"))
     call_timeout_s: float = Field(30.0, gt=0, description=(
@@ -55,7 +65,7 @@ class GatewaySettings(BaseSettings):
     fwdbwd_max_chunk_bytes: int = Field(4_000_000, ge=1024, description=(
         "client/config's fwdbwd_max_chunk_bytes_count cap: the SDK splits forward_backward calls by it"))
 
-    @field_validator("ca_bundle", "etcd_tls_cert", "etcd_tls_key", "ready_file", mode="after")
+    @field_validator("ca_bundle", "etcd_tls_cert", "etcd_tls_key", "tls_cert", "tls_key", "ready_file", mode="after")
     @classmethod
     def _expand_user(cls, value: Any) -> Any:
         return value.expanduser() if isinstance(value, pathlib.Path) else value
@@ -74,6 +84,23 @@ def etcd_tls(s: GatewaySettings) -> MeshTls | None:
         return MeshTls.from_files(*files)
     except ValueError as err:
         raise SystemExit(f"python -m tunemesh_gateway: {err}") from None
+
+
+def listener_tls(s: GatewaySettings) -> tuple[pathlib.Path, pathlib.Path] | None:
+    """The certificate and key the HTTP listener serves (checked readable PEM), None for
+    plain HTTP; SystemExit saying what is wrong."""
+    if s.tls_cert is None and s.tls_key is None:
+        return None
+    if s.tls_cert is None or s.tls_key is None:
+        raise SystemExit("python -m tunemesh_gateway: --tls-cert and --tls-key go together")
+    for what, path, marker in (("certificate", s.tls_cert, b"CERTIFICATE"), ("key", s.tls_key, b"PRIVATE KEY")):
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise SystemExit(f"python -m tunemesh_gateway: cannot read the TLS {what} {path}: {err.strerror}") from None
+        if b"-----BEGIN" not in data or marker not in data:
+            raise SystemExit(f"python -m tunemesh_gateway: the TLS {what} {path} is not PEM")
+    return s.tls_cert, s.tls_key
 
 
 def load(argv: list[str] | None = None) -> GatewaySettings:

@@ -5,8 +5,9 @@
 
 A mesh started with `MeshConfig.ca_dir` takes its CA from there instead (tests share one
 CA across meshes, so one `TUNEMESH_CA_BUNDLE` fits them all). Each certificate names its
-mesh identity and etcd user (`tunemesh_common.security.tls`); the scheduler's and etcd's
-also name localhost and 127.0.0.1, which clients dial.
+mesh identity and etcd user (`tunemesh_common.security.tls`); the scheduler's, etcd's and
+the gateway's also name localhost and 127.0.0.1, which clients dial (the gateway's HTTPS
+listener serves its certificate to Tinker clients, and proves it to etcd as its user).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from tunemesh_common.security.tls import etcd_user, identity_name
 
 LOOPBACK_NAMES = ("localhost",)
 LOOPBACK_IPS = ("127.0.0.1",)
+DIALLED_ROLES = ("scheduler", "etcd", "gateway")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +54,7 @@ class MeshCerts:
         a trainer or sampler), written as `<name>.pem` / `<name>-key.pem`."""
         dns = [identity_name(role, node_id)]
         ips: tuple[str, ...] = ()
-        if role in ("scheduler", "etcd"):  # dialled by address: clients check these names
+        if role in DIALLED_ROLES:  # dialled by address: clients check these names
             dns += LOOPBACK_NAMES
             ips = LOOPBACK_IPS
         issued = self._ca.issue(etcd_user(role), dns, ips)

@@ -11,10 +11,14 @@ token). Each user has one role of the same name, readwrite on the key prefixes b
     tunemesh-trainer      /tunemesh/nodes/trainers/  its node record, under its lease
     tunemesh-sampler      /tunemesh/nodes/samplers/  likewise
     tunemesh-checkpoint   (nothing)                  the checkpoint service does not use etcd
+    tunemesh-gateway      /tunemesh/gateway/         the Tinker gateway's tables (model ids,
+                                                     sampling sessions), nothing of the mesh's
 
 So a node record is written only by a node certificate of that kind (or the scheduler):
 the scheduler sends work to the addresses those records hold, and a trainer or sampler
 cannot place runs, rewrite the scheduler's journal or pose as a node of the other kind.
+The gateway, which faces Tinker clients over HTTP, reads and writes its own tables only:
+it can neither read the scheduler's runs and journal nor forge a node record.
 (etcd permissions are per user, not per key owner: any trainer certificate may write
 any trainer's record. The records are reachable only through mutual TLS to the node's
 own identity, `<node_id>.trainer.tunemesh`, which a forged record cannot give.)
@@ -62,6 +66,7 @@ ACCESS: dict[str, tuple[bytes, ...]] = {
     "trainer": (node_prefix("trainers"),),
     "sampler": (node_prefix("samplers"),),
     "checkpoint": (),
+    "gateway": (f"{ROOT}/gateway/".encode(),),
 }
 CALL_TIMEOUT_S = 10.0
 _ALREADY = "already exist"  # etcd 3.4: "etcdserver: user name already exists", "... role name ..."

@@ -5,6 +5,8 @@ subject alternative names carry its **mesh identity** (`identity_name`):
 
     scheduler.tunemesh            checkpoint.tunemesh          admin.tunemesh
     <node_id>.trainer.tunemesh    <node_id>.sampler.tunemesh   etcd.tunemesh
+    gateway.tunemesh              (the Tinker HTTP gateway: a client of the scheduler's
+                                  public port and of etcd, which no mesh server admits)
 
 - A channel to a mesh peer verifies the peer's certificate against the CA and checks
   the identity it expects (`grpc.ssl_target_name_override`), not the host it dials: the
@@ -34,7 +36,7 @@ import grpc
 from tunemesh.errors import PermissionDeniedError
 
 DOMAIN = "tunemesh"
-SINGLE_ROLES = frozenset({"scheduler", "checkpoint", "admin", "etcd"})  # one identity per role
+SINGLE_ROLES = frozenset({"scheduler", "checkpoint", "admin", "etcd", "gateway"})  # one identity per role
 NODE_ROLES = frozenset({"trainer", "sampler"})  # one identity per node
 _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
