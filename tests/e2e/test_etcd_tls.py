@@ -118,6 +118,28 @@ def test_a_trainer_writes_its_record_and_nothing_else(etcd: TlsEtcd) -> None:
     asyncio.run(scenario())
 
 
+def test_the_gateway_keeps_its_tables_and_reads_nothing_else(etcd: TlsEtcd) -> None:
+    """tunemesh-gateway: readwrite on /tunemesh/gateway/ (its EtcdStore) only."""
+    from tunemesh_gateway.etcd_store import EtcdStore
+
+    async def scenario() -> None:
+        async with etcd.client("scheduler") as scheduler:
+            await scheduler.put(registry.run_key("r7"), b"meta")
+        async with etcd.client("gateway") as client:
+            store = EtcdStore(client)
+            await store.put_model("s:train:0", "runs/r7")
+            assert await store.run_of("s:train:0") == "runs/r7"
+            denied = grpc.StatusCode.PERMISSION_DENIED
+            assert await _refusal(client.get(registry.run_key("r7"))) == denied
+            assert await _refusal(client.put(registry.placement_key("r7"), b"t1")) == denied
+            assert await _refusal(client.put(registry.node_key("trainers", "t1"), b"x")) == denied
+            assert await _refusal(client.get_prefix(f"{registry.ROOT}/".encode())) == denied
+        async with etcd.client("trainer", "t1") as trainer:
+            assert await _refusal(trainer.get(f"{registry.ROOT}/gateway/models/s:train:0".encode())) == denied
+
+    asyncio.run(scenario())
+
+
 def test_a_certificate_of_another_ca_or_no_tls_cannot_connect(etcd: TlsEtcd) -> None:
     async def scenario() -> None:
         stranger = etcd.tls("scheduler", ca=Authority.create("another CA"))

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import os
 import socket
+from collections.abc import Callable
 
 import grpc
 import prometheus_client
@@ -78,6 +79,15 @@ class SchedulerProbe:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
 
+    def watching(self, make_upstream: Callable[[], GrpcUpstream]) -> Callable[[], GrpcUpstream]:
+        """`make_upstream`, also handing this probe the channel of the upstream it makes."""
+        def made() -> GrpcUpstream:
+            upstream = make_upstream()
+            self.channel = upstream.channel
+            return upstream
+
+        return made
+
     async def run(self) -> None:
         while True:
             reachable = await self.check()
@@ -96,14 +106,8 @@ async def serve(s: settings_mod.GatewaySettings) -> None:
     https = settings_mod.listener_tls(s)
     store = EtcdStore(registry.connect(s.etcd, tls=settings_mod.etcd_tls(s))) if s.etcd else MemoryStore()
     probe = SchedulerProbe()
-
-    def upstream() -> GrpcUpstream:
-        made = GrpcUpstream(s.scheduler, creds)
-        probe.channel = made.channel
-        return made
-
-    app = create_app(upstream, store, core_config(s), GatewayMetrics(prometheus_client.REGISTRY),
-                     ready=lambda: probe.reachable)
+    app = create_app(probe.watching(lambda: GrpcUpstream(s.scheduler, creds)), store, core_config(s),
+                     GatewayMetrics(prometheus_client.REGISTRY), ready=lambda: probe.reachable)
     endpoint = await MetricsEndpoint.start(s.metrics_listen, prometheus_client.REGISTRY,
                                            ready=lambda: probe.reachable)
     sock = bind(s.listen)

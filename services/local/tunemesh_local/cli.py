@@ -19,7 +19,8 @@ from tunemesh_local.state import MeshState
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tunemesh", description="Run a tunemesh mesh on this machine.")
     commands = parser.add_subparsers(dest="command", required=True)
-    up = commands.add_parser("up", help="start etcd, trainers and a scheduler in the background")
+    up = commands.add_parser("up", help="start etcd, trainers, samplers, schedulers and the Tinker gateway in the "
+                                         "background")
     up.add_argument("--trainers", type=int, default=1, help="trainer processes (default 1)")
     up.add_argument("--trainer-ranks", type=int, default=1,
                     help="ranks per trainer: > 1 makes each a DeepSpeed ZeRO-3 group (needs deepspeed; default 1)")
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="checkpoint store root (default <state dir>/checkpoints, kept across restarts)")
     up.add_argument("--schedulers", type=int, default=2,
                     help="scheduler replicas (default 2: one leads, one stands by to take over)")
+    up.add_argument("--gateway", action=argparse.BooleanOptionalAction, default=True,
+                    help="the Tinker HTTP gateway, for the official tinker SDK and tinker-cookbook (default: on; "
+                         "--no-gateway leaves it out)")
     up.add_argument("--prometheus", action="store_true",
                     help="also start Prometheus (Debian's `prometheus`) scraping every service once a second")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for services (default 120)")
@@ -108,9 +112,11 @@ def _up(args: argparse.Namespace, state_dir: Path, services: ServiceFactory) -> 
                         trainer_device=args.trainer_device, trainer_dtype=args.trainer_dtype,
                         sampler_device=args.sampler_device, sampler_dtype=args.sampler_dtype,
                         sampler_kv_cache_bytes=args.sampler_kv_cache_bytes,
-                        sampler_kv_cache_fraction=args.sampler_kv_cache_fraction, insecure=args.insecure)
-    print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s) and "
-          f"{config.schedulers} scheduler replica(s) (state: {state_dir}) ...", flush=True)
+                        sampler_kv_cache_fraction=args.sampler_kv_cache_fraction, insecure=args.insecure,
+                        gateway=args.gateway)
+    print(f"starting etcd, a checkpoint service, {config.trainers} trainer(s), {config.samplers} sampler(s), "
+          f"{config.schedulers} scheduler replica(s){' and the Tinker gateway' if config.gateway else ''} "
+          f"(state: {state_dir}) ...", flush=True)
     mesh = launcher.up(config, services)
     print(describe_up(mesh, state_dir_flag=args.state_dir is not None))
     return 0
@@ -136,6 +142,7 @@ def describe_up(mesh: MeshState, state_dir_flag: bool) -> str:
         *([f"  export TUNEMESH_CA_BUNDLE={mesh.ca_file}    # TLS: the mesh CA"] if mesh.ca_file else
           ["  # plaintext (--insecure): development only"]),
         *key_lines,
+        *tinker_lines(mesh),
         f"More keys: tunemesh keys create --tenant T{suffix}    (list, revoke: no restart needed)",
         f"Logs: {Path(mesh.state_dir) / 'logs'}",
         *([f"Prometheus: {mesh.prometheus_url} (config {Path(mesh.state_dir) / 'prometheus.yml'})"]
@@ -143,6 +150,19 @@ def describe_up(mesh: MeshState, state_dir_flag: bool) -> str:
         f"Checkpoints: tunemesh checkpoints list{suffix}",
         f"Status: tunemesh status{suffix}    Stop: tunemesh down{suffix}",
     ])
+
+
+def tinker_lines(mesh: MeshState) -> list[str]:
+    """How the official tinker SDK reaches the mesh's gateway (none without one). The SDK's
+    HTTP client (httpx) reads the CA bundle from SSL_CERT_FILE, which replaces its default
+    roots in that process."""
+    if not mesh.gateway_url:
+        return []
+    return ["Official tinker SDK / tinker-cookbook (through the gateway):",
+            f"  export TINKER_BASE_URL={mesh.gateway_url}",
+            "  export TINKER_API_KEY=$TUNEMESH_API_KEY    # the same API keys",
+            *([f"  export SSL_CERT_FILE={mesh.ca_file}    # httpx trusts the mesh CA (instead of its default roots)"]
+              if mesh.ca_file else [])]
 
 
 def _status(args: argparse.Namespace, state_dir: Path) -> int:

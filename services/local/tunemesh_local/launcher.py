@@ -3,8 +3,14 @@
 Layout of a state dir: `mesh.json` (state), `api_keys.json` (hashed API keys, one made per
 tenant of a fresh state dir) and `client_keys.json` (those keys, for local clients; 0600),
 `etcd/` (etcd data), `checkpoints/` (the checkpoint store, kept across restarts),
-`logs/<name>.log`, `run/<name>.ready.json`, `trainers/<node-id>/`; with `--prometheus`
-also `prometheus.yml` and `prometheus/` (its data, kept across restarts).
+`logs/<name>.log`, `run/<name>.ready.json`, `trainers/<node-id>/`, `tls/` (the mesh CA and
+each process's certificate; not with --insecure); with `--prometheus` also `prometheus.yml`
+and `prometheus/` (its data, kept across restarts).
+
+The Tinker gateway (`tunemesh_gateway`, unless `MeshConfig.gateway` is off) is one more
+service: HTTPS with its `gateway` certificate (plain HTTP with --insecure), every scheduler
+replica as its upstream, its tables in etcd as user tunemesh-gateway (`/tunemesh/gateway/`
+only), a plaintext metrics endpoint Prometheus scrapes; `MeshState.gateway_url` is its URL.
 """
 
 from __future__ import annotations
@@ -80,6 +86,7 @@ class MeshConfig:
     # insecure: plaintext everywhere, no peer authentication (development only).
     insecure: bool = False
     ca_dir: Path | None = None
+    gateway: bool = True  # the Tinker HTTP gateway in front of the schedulers
 
     def certs(self) -> MeshCerts | None:
         """The issuer of this mesh's certificates; None with `insecure`."""
@@ -105,9 +112,11 @@ ServiceFactory = Callable[[MeshConfig, str, Path], list[ServiceSpec]]
 
 
 def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path) -> list[ServiceSpec]:
-    """A checkpoint service, N trainers (models assigned round-robin, one per trainer) and
-    one scheduler. The checkpoint service's port is picked first so the others can be told.
-    Each gets its certificate (or `--insecure true`)."""
+    """A checkpoint service, N trainers (models assigned round-robin, one per trainer),
+    M samplers, the scheduler replicas and (with `config.gateway`) the Tinker gateway. The
+    checkpoint service's port is picked first so the others can be told; so are the
+    schedulers' when there are several or a gateway (which is told every replica). Each
+    gets its certificate (or `--insecure true`)."""
     certs = config.certs()
     checkpoint = f"127.0.0.1:{pick_free_port()}"
     root = config.checkpoint_dir or config.state_dir / "checkpoints"
@@ -133,9 +142,11 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
                                 dtype=config.trainer_dtype)
         specs.append(ServiceSpec(node_id, "trainer", tuple(argv)))
     specs += sampler_services(config, etcd_endpoint, checkpoint, certs)
+    schedulers = []
     for index in range(config.schedulers):  # replicas get fixed ports: clients know every address
         name = "scheduler" if index == 0 else f"scheduler-{index}"
-        port = pick_free_port() if config.schedulers > 1 else 0
+        port = pick_free_port() if config.schedulers > 1 or config.gateway else 0
+        schedulers.append(f"127.0.0.1:{port}")
         argv = [sys.executable, "-m", "tunemesh_scheduler", "--etcd", etcd_endpoint,
                 "--listen", f"127.0.0.1:{port}", "--ready-file", str(config.ready_file(name)),
                 "--api-keys-file", str(api_keys_file), "--checkpoint", checkpoint,
@@ -144,7 +155,26 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
             pairs = ",".join(f"{key}={tenant}" for key, tenant in config.insecure_dev_keys.items())
             argv += ["--insecure-dev-keys", "true", "--api-keys", pairs]
         specs.append(ServiceSpec(name, "scheduler", tuple(argv)))
+    if config.gateway:
+        specs.append(gateway_service(config, etcd_endpoint, schedulers, certs))
     return specs
+
+
+def gateway_service(config: MeshConfig, etcd_endpoint: str, schedulers: list[str],
+                    certs: MeshCerts | None = None) -> ServiceSpec:
+    """The Tinker gateway before `schedulers` (every replica: it calls whichever leads). With
+    `certs`: HTTPS with the `gateway` certificate, which also proves etcd user
+    tunemesh-gateway (its tables only); the mesh CA checks the scheduler and etcd."""
+    argv = [sys.executable, "-m", "tunemesh_gateway", "--listen", "127.0.0.1:0", "--scheduler", ",".join(schedulers),
+            "--etcd", etcd_endpoint, "--ready-file", str(config.ready_file("gateway")),
+            "--metrics-listen", "127.0.0.1:0"]
+    if certs is None:
+        argv += ["--insecure", "true"]
+    else:
+        issued = certs.issue("gateway", "gateway")
+        argv += ["--ca-bundle", str(issued.ca), "--tls-cert", str(issued.cert), "--tls-key", str(issued.key),
+                 "--etcd-tls-cert", str(issued.cert), "--etcd-tls-key", str(issued.key)]
+    return ServiceSpec("gateway", "gateway", tuple(argv))
 
 
 def tls_flags(certs: MeshCerts | None, name: str, role: str, node_id: str = "") -> list[str]:
@@ -330,6 +360,8 @@ def _start_services(config: MeshConfig, mesh: MeshState, specs: list[ServiceSpec
                                     config.ready_timeout, since)
         record.address = str(info["address"])
         record.metrics_url = str(info.get("metrics_url", ""))
+        if spec.role == "gateway":
+            mesh.gateway_url = str(info.get("url") or f"http://{record.address}")
     mesh.scheduler_address = ",".join(p.address for p in mesh.by_role("scheduler"))
     state.save(mesh)
 

@@ -49,6 +49,7 @@ class MeshState:
     prometheus_url: str = ""  # with `tunemesh up --prometheus`
     ca_file: str = ""  # the mesh CA's certificate, for clients (TUNEMESH_CA_BUNDLE); "" with --insecure
     tls_dir: str = ""  # the processes' certificates (admin.pem: `tunemesh status`'s); "" with --insecure
+    gateway_url: str = ""  # the Tinker gateway's base URL (https, or http with --insecure); "" without one
 
     def by_role(self, role: str) -> list[ProcessRecord]:
         return [p for p in self.processes if p.role == role]

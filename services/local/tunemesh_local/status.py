@@ -21,6 +21,7 @@ def collect_status(mesh: MeshState, timeout: float = ETCD_QUERY_TIMEOUT_S) -> di
         "state_dir": mesh.state_dir,
         "etcd_endpoint": mesh.etcd_endpoint,
         "scheduler_address": mesh.scheduler_address,
+        "gateway_url": mesh.gateway_url,
         "api_keys_file": mesh.api_keys_file,
         "prometheus_url": mesh.prometheus_url,
         "processes": [
@@ -71,6 +72,7 @@ async def _query(endpoint: str, tls: MeshTls | None) -> tuple[list[dict], dict[s
 def render_status(view: dict) -> str:
     """Readable tables."""
     lines = [f"state dir   {view['state_dir']}", f"scheduler   {view['scheduler_address'] or '-'}",
+             *([f"gateway     {view['gateway_url']}"] if view.get("gateway_url") else []),
              f"etcd        {view['etcd_endpoint']} "
              + ("(reachable)" if view["etcd"]["reachable"] else f"(UNREACHABLE: {view['etcd']['error']})"),
              f"api keys    {view['api_keys_file']}"]

@@ -110,7 +110,7 @@ def test_every_image_the_chart_runs_is_a_target_running_that_service(variant):
             gpus = container["resources"]["limits"].get("nvidia.com/gpu", 0)
             assert ("gpu-base" in ancestry(target, all_stages)) == bool(gpus), (target, gpus)
             checked.add(container["name"])
-    assert checked == {"scheduler", "trainer", "sampler", "checkpoint"}
+    assert checked == {"scheduler", "trainer", "sampler", "checkpoint", "gateway"}
 
 
 def _pin(text: str, package: str) -> str:

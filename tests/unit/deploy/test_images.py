@@ -50,7 +50,7 @@ def test_the_script_builds_every_cpu_target_and_no_gpu_one():
 
 def test_the_charts_default_images_are_all_built_here():
     values = yaml.safe_load((CHART / "values.yaml").read_text())
-    images = {values[component]["image"] for component in ("scheduler", "trainer", "sampler", "checkpoint")}
+    images = {values[component]["image"] for component in ("scheduler", "trainer", "sampler", "checkpoint", "gateway")}
     assert images <= set(build_images.CPU_TARGETS)
     assert build_images.chart_tag() == values["images"]["tag"]
 
@@ -171,6 +171,36 @@ def test_control_images_hold_every_package_their_services_import():
     installed = _with_dependencies(_requirements(CONTROL_REQUIREMENTS.read_text()))
     missing = {m: sorted(by) for m, by in imports.items() if _distribution(m) not in installed}
     assert not missing, f"add their distributions to {CONTROL_REQUIREMENTS.relative_to(REPO)}: {missing}"
+
+
+def test_the_gateway_s_image_holds_every_package_the_gateway_imports():
+    """The chart runs `python -m tunemesh_gateway` in an image built on requirements.txt (no
+    gateway target of its own): that must cover fastapi, uvicorn, tinker and the rest."""
+    image = yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]["image"]
+    assert "cpu-base" in ancestry(image, stages()) and image in build_images.CPU_TARGETS
+    assert any("requirements.txt" in run for run in stages()["cpu-base"]["run"])
+    imports = third_party_imports(["tunemesh_gateway.__main__"])
+    assert {"fastapi", "uvicorn", "tinker", "aetcd"} <= {m.partition(".")[0] for m in imports}
+    installed = _with_platform_dependencies(_requirements((REPO / "requirements.txt").read_text()))
+    missing = {m: sorted(by) for m, by in imports.items() if _distribution(m) not in installed}
+    assert not missing, f"add their distributions to requirements.txt: {missing}"
+
+
+def _with_platform_dependencies(names) -> set[str]:
+    """`names` and what they require on this platform (environment markers evaluated, no extras)."""
+    from packaging.requirements import Requirement
+
+    todo, out = list(names), set()
+    while todo:
+        name = _canonical(todo.pop())
+        if name in out:
+            continue
+        out.add(name)
+        for text in importlib.metadata.requires(name) or []:
+            requirement = Requirement(text)
+            if requirement.marker is None or requirement.marker.evaluate({"extra": ""}):
+                todo.append(requirement.name)
+    return out
 
 
 def test_each_control_requirement_is_pinned_in_exactly_one_place():

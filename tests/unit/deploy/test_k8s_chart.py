@@ -19,7 +19,9 @@ from deploy import helm
 
 KUBERNETES_VERSIONS = ["1.31.0", "1.37.0"]  # the chart's kubeVersion floor, and the newest schemas
 MESH = {"scheduler", "trainer", "sampler", "checkpoint"}
-TLS_ROLES = ["scheduler", "checkpoint", "trainer", "sampler", "etcd", "admin"]
+SERVICES = MESH | {"gateway"}  # every tunemesh process (the gateway: HTTP, a client of the scheduler and etcd)
+TLS_ROLES = ["scheduler", "checkpoint", "trainer", "sampler", "etcd", "admin", "gateway"]
+PUBLIC = {("scheduler", "grpc"), ("gateway", "http")}  # the ports clients use
 PLAINTEXT = ["tls.enabled=false"]
 CERT_MANAGER = CHART / "cert-manager.yaml"
 
@@ -195,7 +197,7 @@ def reachable(policies: list[dict], target: dict, port: int, source: Source) -> 
     )
 
 
-def test_network_policies_open_only_the_scheduler_beyond_the_mesh(variant):
+def test_network_policies_open_only_the_scheduler_and_the_gateway_beyond_the_mesh(variant):
     _, docs = variant
     policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
     pods = {name: w["spec"]["template"]["metadata"]["labels"] for name, w in workloads(docs).items()}
@@ -205,15 +207,16 @@ def test_network_policies_open_only_the_scheduler_beyond_the_mesh(variant):
     scraper = Source({"app": "prometheus"}, namespace="monitoring")
     assert reachable(policies, pods["scheduler"], 50051, outside)
     assert reachable(policies, pods["scheduler"], 50051, stranger)
+    assert reachable(policies, pods["gateway"], 8000, outside)
     for name, labels in pods.items():
         for port_name, port in ports[name].items():
-            public = name == "scheduler" and port_name == "grpc"
+            public = (name, port_name) in PUBLIC
             assert reachable(policies, labels, port, scraper) == (public or port_name == "metrics"), (name, port_name)
             if public:
                 continue
             assert not reachable(policies, labels, port, outside), (name, port_name)
             assert not reachable(policies, labels, port, stranger), (name, port_name)
-            if name != "scheduler":  # nothing in the mesh calls the scheduler
+            if name not in ("scheduler", "gateway"):  # nothing in the mesh calls these
                 assert all(reachable(policies, labels, port, Source(peer)) for peer in pods.values()), (name, port_name)
 
 
@@ -244,7 +247,8 @@ def test_with_tls_every_service_is_probed_on_its_plaintext_metrics_port(variant)
                               "readinessProbe": ("http", ("/health?exclude=NOSPACE", port))}
             continue
         port = int(flags(container)["metrics-listen"].rpartition(":")[2])
-        startup = "/healthz" if name == "scheduler" else "/readyz"
+        # a scheduler standby, and a gateway whose scheduler is away, are alive but not ready
+        startup = "/healthz" if name in ("scheduler", "gateway") else "/readyz"
         assert probes == {"startupProbe": ("http", (startup, port)), "livenessProbe": ("http", ("/healthz", port)),
                           "readinessProbe": ("http", ("/readyz", port))}, name
 
@@ -351,7 +355,7 @@ def _settings_fields(service: str) -> set[str]:
 def test_every_service_flag_is_a_setting_of_that_service(variant):
     _, docs = variant
     for name, workload in workloads(docs).items():
-        if name not in MESH:
+        if name not in SERVICES:
             continue
         fields = _settings_fields(name)
         unknown = set(flags(workload["spec"]["template"]["spec"]["containers"][0])) - fields
@@ -373,7 +377,7 @@ def test_prometheus_scrapes_every_pod_on_a_declared_metrics_port(variant):
         assert annotations["prometheus.io/scrape"] == "true", name
         ports = {p["containerPort"] for c in template["spec"]["containers"] for p in c["ports"] if p["name"] == "metrics"}
         assert int(annotations["prometheus.io/port"]) in ports, name
-        if name in MESH:
+        if name in SERVICES:
             assert flags(template["spec"]["containers"][0])["metrics-listen"].endswith(f":{min(ports)}")
 
 
@@ -435,7 +439,7 @@ def test_metrics_disabled_turns_off_listeners_scrapes_and_their_policy():
     assert not [d for d in docs if d["metadata"]["name"] in ("tm-prometheus", "tm-metrics")]
     for name, workload in workloads(docs).items():
         assert "prometheus.io/scrape" not in workload["spec"]["template"]["metadata"].get("annotations", {}), name
-        if name in MESH:
+        if name in SERVICES:
             assert flags(workload["spec"]["template"]["spec"]["containers"][0])["metrics-listen"] == "", name
 
 
@@ -475,7 +479,8 @@ def secret_of(pod: dict, container: dict, path: str) -> str:
 
 
 TLS_FLAGS = {"mesh": ("tls-ca", "tls-cert", "tls-key"), "etcd": ("trusted-ca-file", "cert-file", "key-file"),
-             "etcd-peer": ("peer-trusted-ca-file", "peer-cert-file", "peer-key-file")}
+             "etcd-peer": ("peer-trusted-ca-file", "peer-cert-file", "peer-key-file"),
+             "gateway": ("ca-bundle", "tls-cert", "tls-key"), "gateway-etcd": ("ca-bundle", "etcd-tls-cert", "etcd-tls-key")}
 
 
 def test_every_process_reads_its_role_s_certificate_from_its_secret(variant):
@@ -485,7 +490,8 @@ def test_every_process_reads_its_role_s_certificate_from_its_secret(variant):
         pod = workload["spec"]["template"]["spec"]
         [container] = pod["containers"]
         args = flags(container)
-        for kind in (["mesh"] if name in MESH else ["etcd", "etcd-peer"]):
+        kinds = ["mesh"] if name in MESH else ["gateway", "gateway-etcd"] if name == "gateway" else ["etcd", "etcd-peer"]
+        for kind in kinds:
             files = [args[flag] for flag in TLS_FLAGS[kind]]
             assert [f.rpartition("/")[2] for f in files] == ["ca.crt", "tls.crt", "tls.key"], (name, files)
             assert {secret_of(pod, container, f) for f in files} == {secrets[name]}, name
@@ -513,7 +519,7 @@ def test_without_tls_every_hop_is_plaintext_and_no_certificate_is_mounted():
         assert not [m for m in container["volumeMounts"] if m["name"] == "tls"], name
         assert not [v for v in pod.get("volumes", []) if v["name"] == "tls"], name
         assert not set(args) & {flag for group in TLS_FLAGS.values() for flag in group}, name
-        if name in MESH:
+        if name in SERVICES:
             assert args["insecure"] == "true", name
         else:
             assert "client-cert-auth" not in args

@@ -64,7 +64,8 @@ def test_default_services_follow_the_contract(tmp_path: Path) -> None:
     specs = launcher.default_services(config, "127.0.0.1:2379", tmp_path / "keys.json")
     assert [(s.name, s.role) for s in specs] == [("checkpoint", "checkpoint"),
         ("trainer-0", "trainer"), ("trainer-1", "trainer"), ("trainer-2", "trainer"), ("sampler-0", "sampler"),
-        ("scheduler", "scheduler"), ("scheduler-1", "scheduler")]  # a leader and a standby by default
+        ("scheduler", "scheduler"), ("scheduler-1", "scheduler"),  # a leader and a standby by default
+        ("gateway", "gateway")]
     ckpt = list(specs[0].argv)
     assert ckpt[ckpt.index("--root-dir") + 1] == str(tmp_path / "checkpoints")
     address = ckpt[ckpt.index("--listen") + 1]
@@ -84,9 +85,11 @@ def test_default_services_follow_the_contract(tmp_path: Path) -> None:
     standby = list(specs[6].argv)
     assert standby[standby.index("--listen") + 1] != sched[sched.index("--listen") + 1]  # fixed, distinct ports
     assert not sched[sched.index("--listen") + 1].endswith(":0")
-    single = launcher.default_services(MeshConfig(state_dir=tmp_path, schedulers=1), "e:1", tmp_path / "k")
+    single = launcher.default_services(MeshConfig(state_dir=tmp_path, schedulers=1, gateway=False), "e:1",
+                                       tmp_path / "k")
     (alone,) = [s for s in single if s.role == "scheduler"]
-    assert alone.argv[alone.argv.index("--listen") + 1] == "127.0.0.1:0"  # one replica: any free port
+    assert alone.argv[alone.argv.index("--listen") + 1] == "127.0.0.1:0"  # one replica, no gateway: any free port
+    assert "gateway" not in {s.role for s in single}
     no_models = launcher.default_services(MeshConfig(state_dir=tmp_path), "e:1", tmp_path / "k")
     assert "--model" not in no_models[1].argv
     no_samplers = launcher.default_services(MeshConfig(state_dir=tmp_path, samplers=0), "e:1", tmp_path / "k")
