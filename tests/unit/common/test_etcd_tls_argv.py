@@ -49,11 +49,14 @@ def test_tls_without_a_metrics_port_is_refused() -> None:
 
 
 def test_every_mesh_role_has_an_etcd_user_and_nodes_only_their_own_records() -> None:
-    assert set(etcd_auth.ACCESS) == {"scheduler", "trainer", "sampler", "checkpoint"}
+    from tunemesh_gateway.etcd_store import PREFIX as GATEWAY_TABLES
+
+    assert set(etcd_auth.ACCESS) == {"scheduler", "trainer", "sampler", "checkpoint", "gateway"}
     assert etcd_auth.ACCESS["trainer"] == (registry.node_prefix("trainers"),)
     assert etcd_auth.ACCESS["sampler"] == (registry.node_prefix("samplers"),)
     assert etcd_auth.ACCESS["scheduler"] == (b"/tunemesh/",)
     assert etcd_auth.ACCESS["checkpoint"] == ()
+    assert etcd_auth.ACCESS["gateway"] == (b"/tunemesh/gateway/",) == (GATEWAY_TABLES.encode(),)  # its store's keys
 
 
 def _write_client(tmp_path: Path, role: str) -> list[str]:
