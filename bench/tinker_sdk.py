@@ -4,8 +4,8 @@
     python bench/tinker_sdk.py --model HuggingFaceTB/SmolLM2-135M-Instruct --tenants 1
     python bench/tinker_sdk.py --json bench/results/tinker_sdk.json
 
-One mesh (etcd, one trainer, scheduler) and one gateway (`python -m tunemesh_gateway`) on
-loopback. N tenants each run the same forward_backward(B x T tokens) + optim_step loop,
+One mesh (etcd, one trainer, scheduler and the Tinker gateway, HTTPS with the mesh CA)
+as `tunemesh up` starts it, on loopback. N tenants each run the same forward_backward(B x T tokens) + optim_step loop,
 two steps in flight, once with `tunemesh.ServiceClient` over gRPC and once with
 `tinker.ServiceClient` over HTTP through the gateway; the two alternate round by round
 on the same mesh, so drift hits both. Figure: the gateway's median round time over the
@@ -19,43 +19,14 @@ import dataclasses
 import functools
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_throughput import ADAM, TINY, BenchMesh, Workload, log, sdk_datums, tenant_steps, timed_rounds, token_rows  # noqa: E402
-
-
-class GatewayProcess:
-    """The gateway in front of `mesh`'s scheduler, on a free loopback port."""
-
-    def __init__(self, mesh: BenchMesh, state_dir: Path) -> None:
-        self.mesh, self.state_dir, self.process, self.url = mesh, state_dir, None, ""
-
-    def __enter__(self) -> GatewayProcess:
-        ready = self.state_dir / "gateway-ready.json"
-        tls = ["--ca-bundle", self.mesh.mesh.ca_file] if self.mesh.mesh.ca_file else ["--insecure", "true"]
-        self._log = open(self.state_dir / "gateway.log", "ab")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "tunemesh_gateway", "--listen", "127.0.0.1:0", "--scheduler", self.mesh.address,
-             *tls, "--ready-file", str(ready)], stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the gateway did not start: see {self.state_dir / 'gateway.log'}")
-            time.sleep(0.1)
-        self.url = "http://" + json.loads(ready.read_text())["address"]
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=20)
-        self._log.close()
 
 
 def tinker_datums(rows: np.ndarray) -> list:
@@ -141,12 +112,20 @@ def main(argv: list[str] | None = None) -> dict:
                "loadavg_before": os.getloadavg()[0], "rows": []}
     with tempfile.TemporaryDirectory(prefix="tunemesh-bench-") as state:
         with BenchMesh(args.model, args.data_dir, Path(state) / "mesh", max(counts)) as mesh:
-            with GatewayProcess(mesh, Path(state)) as gateway:
+            saved = os.environ.get("SSL_CERT_FILE")
+            if mesh.mesh.ca_file:  # the official SDK's httpx trusts the mesh CA through this
+                os.environ["SSL_CERT_FILE"] = mesh.mesh.ca_file
+            try:
                 for tenants in counts:
-                    row = compare(mesh, gateway.url, vocab, workload, tenants, args.rounds)
+                    row = compare(mesh, mesh.mesh.gateway_url, vocab, workload, tenants, args.rounds)
                     log(f"{tenants} tenant(s): native {row['native_step_ms_p50']} ms/step, gateway "
                         f"{row['gateway_step_ms_p50']} ms/step, ratio {row['gateway_over_native_p50']}")
                     results["rows"].append(row)
+            finally:
+                if saved is None:
+                    os.environ.pop("SSL_CERT_FILE", None)
+                else:
+                    os.environ["SSL_CERT_FILE"] = saved
     results["loadavg_after"] = os.getloadavg()[0]
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
