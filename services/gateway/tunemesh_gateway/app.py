@@ -23,10 +23,11 @@ from google.protobuf.message import DecodeError, Message
 from tinker import types as tt
 from tinker.proto import tinker_public_pb2 as tpb
 
-from tunemesh.errors import TunemeshError
+from tunemesh.errors import Code, TunemeshError
 
 from tunemesh_gateway import convert
 from tunemesh_gateway.core import Caller, CoreConfig, GatewayCore, GatewayStore, Upstream
+from tunemesh_gateway.key_guard import KeyGuard
 from tunemesh_gateway.metrics import GatewayMetrics
 from tunemesh_gateway.status import HttpError, Unsupported, detail, http_status
 
@@ -55,6 +56,7 @@ def create_app(make_upstream: Callable[[], Upstream], store: GatewayStore, confi
                 await upstream.close()
 
     app = FastAPI(title="tunemesh gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.keys = KeyGuard()
     _errors(app)
     _middleware(app, metrics)
     _sessions(app)
@@ -85,11 +87,22 @@ def core(request: Request) -> GatewayCore:
 
 
 def caller(request: Request) -> Caller:
-    """The Tinker API key, forwarded to the scheduler."""
+    """The Tinker API key, forwarded to the scheduler, unless this client must wait after
+    failed keys (429) or the key was refused lately (401): see key_guard.py."""
     key = request.headers.get("x-api-key", "").strip()
     if not key:
         raise HttpError(401, "send the API key in X-API-Key")
+    guard, now = request.app.state.keys, time.monotonic()
+    wait_s = guard.wait_s(_client(request), now)
+    if wait_s:
+        raise HttpError(429, f"too many failed API keys from this address; try again in {wait_s:.0f} s")
+    if guard.known_bad(key, now):
+        raise HttpError(401, "UNAUTHENTICATED: this API key was refused")
     return Caller(key)
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else ""
 
 
 async def body(request: Request, model: type[pydantic.BaseModel]) -> Any:
@@ -102,6 +115,9 @@ async def body(request: Request, model: type[pydantic.BaseModel]) -> Any:
 def _errors(app: FastAPI) -> None:
     @app.exception_handler(TunemeshError)
     async def tunemesh_error(request: Request, err: TunemeshError) -> JSONResponse:
+        if err.rpc_code == Code.UNAUTHENTICATED:
+            request.app.state.keys.refused(_client(request), request.headers.get("x-api-key", "").strip(),
+                                           time.monotonic())
         return _answer(request, http_status(err), detail(err))
 
     @app.exception_handler(HttpError)

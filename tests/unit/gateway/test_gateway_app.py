@@ -129,3 +129,36 @@ def test_checkpoint_lists_page_with_a_cursor(client, upstream):
         client.get("/api/v1/checkpoints", headers=KEY, params={"limit": 2, "offset": 1}).json())
     assert [c.tinker_path for c in page.checkpoints] == [f"tinker://{MODEL}/sampler_weights/{n}" for n in "bc"]
     assert (page.cursor.offset, page.cursor.limit, page.cursor.total_count) == (1, 2, 3)
+
+
+def test_refused_keys_are_remembered_and_a_guessing_client_waits_while_others_go_on(client, upstream):
+    from tunemesh.errors import UnauthenticatedError
+
+    def check(request):
+        if upstream.keys[-1] != "tml-alice":
+            raise UnauthenticatedError("BAD_API_KEY", "unknown key")
+
+    upstream.handlers["HeartbeatSession"] = check
+    beat = {"session_id": "s", "type": "session_heartbeat"}
+    bad = {"X-API-Key": "tml-guess-0"}
+    assert client.post("/api/v1/session_heartbeat", headers=bad, json=beat).status_code == 401
+    assert client.post("/api/v1/session_heartbeat", headers=bad, json=beat).status_code == 401  # remembered
+    assert upstream.keys.count("tml-guess-0") == 1  # the scheduler saw it once
+    statuses = [client.post("/api/v1/session_heartbeat", headers={"X-API-Key": f"tml-guess-{i}"}, json=beat).status_code
+                for i in range(1, 5)]
+    assert statuses == [401, 401, 401, 429]  # the 4th failure from this address: it waits
+    assert len([k for k in upstream.keys if k.startswith("tml-guess")]) == 4  # under the scheduler's 10
+    guard = client.app.state.keys
+    assert guard.wait_s("another-client", 0.0) == 0.0  # a throttle per client address
+
+
+def test_the_key_guard_forgets_refused_keys_after_a_while():
+    from tunemesh_gateway.key_guard import KeyGuard
+
+    guard = KeyGuard(remember_s=10.0, max_keys=2)
+    guard.refused("c1", "tml-a", now=0.0)
+    assert guard.known_bad("tml-a", 5.0) and not guard.known_bad("tml-a", 11.0)
+    guard.refused("c2", "tml-b", now=1.0)
+    guard.refused("c2", "tml-c", now=2.0)
+    assert not guard.known_bad("tml-a", 3.0) and guard.known_bad("tml-c", 3.0)  # bounded: oldest forgotten
+    assert guard.wait_s("c1", 0.0) == 0.0
