@@ -5,8 +5,11 @@ from the gateway's one address: unchecked, one user guessing keys would get the 
 and with it every Tinker user, blocked. So the gateway keeps its own tally per client
 address (a client over `max_failures` within the window waits, 429) and remembers keys
 the scheduler refused for a while (refused again here, 401, without a call), so one
-client can never spend the scheduler's allowance for the gateway's address. Pure: time
-is passed in.
+client guessing keys one call at a time cannot spend the scheduler's allowance for the
+gateway's address. Not covered: calls the gateway answers before the scheduler has seen
+the key (asample and create_model run in the background and fail through their futures;
+client_config answers defaults), guesses sent in parallel before the first answer, and
+several clients together. Pure: time is passed in.
 """
 
 from __future__ import annotations

@@ -48,10 +48,11 @@ async def fence_runs(plan: recovery.RecoveryPlan, trainers: TrainerPort) -> list
             if exc.reason == "ADAPTER_NOT_FOUND":
                 lost.append(run.name)
             return
-        known = max([run.last_seq_id, *(op.seq_id for op in recovered.finished + recovered.queued + recovered.lost)])
-        if applied > known:
-            log.warning("%s on %s took seq_ids through %d, the store knows them through %d: rebuilding it",
-                        run.name, run.node_id, applied, known, extra={"run": run.name})
+        stored = {op.seq_id for op in recovered.finished + recovered.queued + recovered.lost}
+        unknown = [seq for seq in range(run.last_seq_id + 1, applied + 1) if seq not in stored]
+        if unknown:  # above the store's last, or a gap below it (seq_ids may arrive out of order)
+            log.warning("%s on %s took seq_ids the store does not know (%d of them, the first %d): rebuilding it",
+                        run.name, run.node_id, len(unknown), unknown[0], extra={"run": run.name})
             lost.append(run.name)
 
     await asyncio.gather(*(fence(r) for r in plan.runs if r.run.node_id))  # frozen runs hold no adapter

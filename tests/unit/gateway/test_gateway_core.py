@@ -21,6 +21,7 @@ from tunemesh.v1 import (
     checkpoints_pb2, operations_pb2, sampling_pb2, sessions_pb2, training_pb2, types_pb2,
 )
 from tunemesh_gateway.core import Caller, CoreConfig, GatewayCore
+from tunemesh_gateway.core.futures import OP, FutureRef
 from tunemesh_gateway.status import Gone, HttpError, Unsupported
 from tunemesh_gateway.store import MemoryStore
 
@@ -208,9 +209,15 @@ def test_create_via_load_makes_a_run_from_the_checkpoint(upstream):
 
 def test_a_model_id_the_table_lost_is_found_by_its_run_label(upstream):
     """A restarted in-memory gateway: the run carries its Tinker model id as a label."""
-    other = training_pb2.TrainingRun(name="runs/other", user_metadata={"tinker.model_id": f"{SESSION}:train:1"})
-    mine = training_pb2.TrainingRun(name="runs/mine", user_metadata={"tinker.model_id": f"{SESSION}:train:2"})
-    pages = {"": ([other], "p2"), "p2": ([mine], "")}
+    session = f"sessions/{SESSION}"
+    other = training_pb2.TrainingRun(name="runs/other", session=session,
+                                     user_metadata={"tinker.model_id": f"{SESSION}:train:1"})
+    mine = training_pb2.TrainingRun(name="runs/mine", session=session,
+                                    user_metadata={"tinker.model_id": f"{SESSION}:train:2"})
+    # a label naming another session's model id (anyone may write labels) is not believed
+    forged = training_pb2.TrainingRun(name="runs/forged", session="sessions/mallory",
+                                      user_metadata={"tinker.model_id": f"{SESSION}:train:7"})
+    pages = {"": ([other, forged], "p2"), "p2": ([mine], "")}
 
     def listed(request):
         runs, token = pages[request.page_token]
@@ -229,6 +236,9 @@ def test_a_model_id_the_table_lost_is_found_by_its_run_label(upstream):
         assert run.user_metadata is None  # the gateway's own label is not the user's
         with pytest.raises(NotFoundError):
             await core.training.get_info(ALICE, f"{SESSION}:train:9")
+        with pytest.raises(NotFoundError):
+            await core.training.get_info(ALICE, f"{SESSION}:train:7")
+        assert await store.run_of(f"{SESSION}:train:7") is None
     run(body())
 
 
@@ -277,11 +287,9 @@ def test_failed_and_forgotten_operations(upstream):
                                                                         adam_params=tt.AdamParams()))
         assert await core.futures.retrieve(ALICE, bad["request_id"]) == {
             "error": "NON_FINITE_LOSS: loss is nan", "category": "user"}
-        upstream.handlers["OptimStep"] = queued("operations/gone")
-        gone = await core.training.optim_step(ALICE, tt.OptimStepRequest(model_id=MODEL, seq_id=2,
-                                                                         adam_params=tt.AdamParams()))
+        unordered = FutureRef(OP, "operations/gone", model=MODEL).encode()  # no seq_id to fill: 410
         with pytest.raises(Gone):
-            await core.futures.retrieve(ALICE, gone["request_id"])
+            await core.futures.retrieve(ALICE, unordered)
         with pytest.raises(HttpError):
             await core.futures.retrieve(ALICE, "not-ours")
     run(body())
@@ -486,4 +494,23 @@ def test_nan_free_logprobs_survive(upstream):
             (await core.futures.retrieve(ALICE, answer["request_id"])).SerializeToString())
         assert read.sequences[0].logprobs == [-0.5, -1.0] and not any(map(math.isnan, read.sequences[0].logprobs))
         assert read.prompt_logprobs is None
+    run(body())
+
+
+def test_a_training_call_the_scheduler_lost_fails_and_a_no_op_takes_its_seq_id(upstream):
+    def lost(request):
+        raise NotFoundError("OPERATION_NOT_FOUND", "no such operation")
+
+    upstream.handlers["OptimStep"] = queued("operations/o5")
+    upstream.handlers["WaitOperation"] = lost
+    upstream.handlers["Forward"] = queued("operations/filler")
+
+    async def body():
+        core, _ = await gateway(upstream)
+        submitted = await core.training.optim_step(ALICE, tt.OptimStepRequest(
+            model_id=MODEL, seq_id=5, adam_params=tt.AdamParams(learning_rate=0.1)))
+        answer = await core.futures.retrieve(ALICE, submitted["request_id"])
+        assert answer["error"].startswith("OPERATION_LOST") and answer["category"] == "server"
+        (filler,) = upstream.requests("Forward")
+        assert filler.seq_id == 5 and filler.request_id.endswith("#refused")
     run(body())

@@ -196,6 +196,7 @@ def test_submit_is_acknowledged_through_a_store_outage_and_the_log_catches_up():
         # ... but no client sees a result whose submission is not stored (core/release.py)
         assert [op.state for op in seen] == [OpState.RUNNING] * 2 and all(op.result is None for op in seen)
         assert core.get_operation("t1", ops[0].name).state is OpState.RUNNING and core.release.held == 2
+        assert core.operations.evict_finished(float("inf")) == []  # never forgotten while held
         assert (await _load_when_up(store)).operations == []
         with pytest.raises(UnavailableError):
             await core.sync(0)

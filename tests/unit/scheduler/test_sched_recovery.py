@@ -215,6 +215,13 @@ def test_takeover_rebuilds_a_run_whose_adapter_took_seq_ids_the_store_never_hear
         trainer.applied[run] = 5  # took 3..5 under a leader that never stored them
         plan = recovery.plan(await store.load())
         assert await takeover.fence_runs(plan, trainer) == [run]
+        # seq_ids arrive out of order: 4 and 5 stored, 3 acknowledged unstored, the trainer took all
+        plan = recovery.plan(await store.load())
+        recovered = plan.runs[0]
+        recovered.queued = [dataclasses.replace(recovered.finished[0], seq_id=seq) for seq in (4, 5)]
+        assert await takeover.fence_runs(plan, trainer) == [run]
+        recovered.queued.append(dataclasses.replace(recovered.finished[0], seq_id=3))
+        assert await takeover.fence_runs(plan, trainer) == []  # every seq_id it took is known
     asyncio.run(main())
 
 

@@ -46,7 +46,8 @@ class GatewayCore:
             config.call_timeout_s, config.sample_timeout_s, config.max_samples_per_call, config.max_inflight_samples))
         self.training = TrainingCore(upstream, store, names, self.local_futures, TrainingConfig(
             config.call_timeout_s, config.create_timeout_s, config.unnamed_sampler_ttl_s))
-        self.futures = FutureCore(upstream, names, self.local_futures, self.sampling, config.poll_wait_s)
+        self.futures = FutureCore(upstream, names, self.local_futures, self.sampling, config.poll_wait_s,
+                                  self.training.fill_lost)
         self.catalog = CatalogCore(upstream, names, config.call_timeout_s)
 
     async def close(self) -> None:

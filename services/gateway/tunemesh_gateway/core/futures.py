@@ -27,9 +27,9 @@ OP, CREATE, LOAD, SAMPLE = "op", "create", "load", "sample"
 
 @dataclasses.dataclass(frozen=True)
 class FutureRef:
-    """`kind` op: `key` is the operation name, `model` the Tinker model id; an unnamed
-    save_weights_for_sampler also carries the client's (`session`, `seq`) to make its
-    sampling session once. create, load (create-via-load): `key` is the model id. sample: `key` is
+    """`kind` op: `key` is the operation name, `model` the Tinker model id, `order` its
+    seq_id in the model's order; an unnamed save_weights_for_sampler also carries the
+    client's (`session`, `seq`) to make its sampling session once. create, load (create-via-load): `key` is the model id. sample: `key` is
     `{owner}/{sampling_session_id}/{seq_id}`."""
 
     kind: str
@@ -37,6 +37,7 @@ class FutureRef:
     model: str = ""
     session: str = ""
     seq: int = -1
+    order: int = -1
 
     def encode(self) -> str:
         fields = {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", -1)}
@@ -54,7 +55,8 @@ class FutureRef:
             ref = cls(**fields)
         except (binascii.Error, ValueError, TypeError) as err:
             raise ValueError("not a gateway request id") from err
-        if ref.kind not in (OP, CREATE, LOAD, SAMPLE) or not isinstance(ref.key, str) or not isinstance(ref.seq, int):
+        if (ref.kind not in (OP, CREATE, LOAD, SAMPLE) or not isinstance(ref.key, str)
+                or not isinstance(ref.seq, int) or not isinstance(ref.order, int)):
             raise ValueError("not a gateway request id")
         return ref
 

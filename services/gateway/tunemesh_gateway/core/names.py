@@ -15,7 +15,7 @@ from tunemesh.errors import NotFoundError
 from tunemesh.v1 import training_pb2
 from tunemesh_common.checkpoints.paths import is_segment
 
-from tunemesh_gateway.convert import IMPORTS, MODEL_ID_LABEL, TinkerPath, run_of_path, tinker_path
+from tunemesh_gateway.convert import IMPORTS, MODEL_ID_LABEL, TinkerPath, run_of_path, session_id_of, tinker_path
 from tunemesh_gateway.core.ports import Caller, GatewayStore, Upstream
 
 PAGE = 100
@@ -38,14 +38,18 @@ class Names:
 
     async def _recover(self, caller: Caller, model_id: str) -> str | None:
         """Find the run labelled `model_id` among the caller's runs; the table learns every
-        label it reads."""
+        label it reads. A label counts only when it names the run's own session: anyone may
+        write any label (user_metadata), but sessions are the tenant's, so no tenant can make
+        another's model id answer to its own run."""
         found, token = None, ""
         while True:
             request = training_pb2.ListTrainingRunsRequest(page_size=PAGE, page_token=token)
             page = await self._up.call(caller, self._up.training.ListTrainingRuns, request, self._timeout_s)
             for run in page.runs:
                 label = run.user_metadata.get(MODEL_ID_LABEL, "")
-                if label and await self._store.run_of(label) is None:
+                if not label.startswith(session_id_of(run.session) + ":train:"):
+                    continue
+                if await self._store.run_of(label) is None:
                     await self._store.put_model(label, run.name)
                 found = run.name if label == model_id else found
             token = page.next_page_token

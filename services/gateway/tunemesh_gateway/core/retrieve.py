@@ -2,13 +2,16 @@
 (then `try_again`: the SDK polls again at once), and answer in Tinker's result types.
 
 A failure is a 200 `{"error", "category"}` (the SDK raises RequestFailedError), except a
-future the gateway no longer knows or a sample that met a full or unreachable mesh: 410,
-and the SDK submits the sample again.
+future the gateway no longer knows or a sample that met a full or unreachable mesh: 410
+(the SDK submits a sample again; any other 410 it raises). A training call the scheduler
+no longer knows fails OPERATION_LOST, and a no-op takes its seq_id so that the model's
+later calls are not held behind it.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from google.protobuf.duration_pb2 import Duration
@@ -29,13 +32,15 @@ log = logging.getLogger(__name__)
 RESUBMIT_CODES = frozenset({Code.RESOURCE_EXHAUSTED, Code.UNAVAILABLE, Code.DEADLINE_EXCEEDED})
 """A sample that failed with these is answered 410: the SDK sends it again (it backs off first)."""
 Result = dict[str, Any] | Message  # JSON, or a Tinker protobuf (ForwardBackwardOutput, SampleResponse)
+FillLost = Callable[[Caller, str, int], Awaitable[None]]  # (caller, model id, seq_id)
 
 
 class FutureCore:
     def __init__(self, upstream: Upstream, names: Names, futures: LocalFutures, sampling: SamplingCore,
-                 poll_wait_s: float) -> None:
+                 poll_wait_s: float, fill_lost: FillLost | None = None) -> None:
         self._up, self._names, self._futures, self._sampling = upstream, names, futures, sampling
         self._wait_s = poll_wait_s
+        self._fill_lost = fill_lost
 
     async def retrieve(self, caller: Caller, request_id: str) -> Result:
         try:
@@ -74,9 +79,17 @@ class FutureCore:
         try:
             response = await self._up.call(caller, self._up.operations.WaitOperation, request, self._wait_s + 15)
         except TunemeshError as err:
-            if err.rpc_code == Code.NOT_FOUND:
+            if err.rpc_code != Code.NOT_FOUND:
+                raise
+            if ref.order < 1 or self._fill_lost is None:
                 raise Gone(f"operation {ref.key!r} is unknown or expired") from err
-            raise
+            # The official SDK re-sends only samples on 410: a lost training call would
+            # leave its seq_id a gap that holds every later call of the model.
+            await self._fill_lost(caller, ref.model, ref.order)
+            return failed_future(int(Code.UNAVAILABLE), "OPERATION_LOST",
+                                 f"the service no longer knows this call (seq_id {ref.order}; it expired, or a "
+                                 "scheduler failover during a state store outage lost it); its seq_id now holds "
+                                 "a no-op, so send the step again")
         op = response.operation
         if not op.done:
             return try_again(request_id)

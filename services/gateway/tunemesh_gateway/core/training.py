@@ -32,6 +32,9 @@ from tunemesh_gateway.status import HttpError, Unsupported, http_status
 log = logging.getLogger(__name__)
 
 
+SEQ_SPENDING = frozenset({400, 403, 404, 409, 410, 413, 422})  # refusals the SDK does not retry (not 401, 429, 5xx)
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     call_timeout_s: float = 30.0
@@ -163,9 +166,9 @@ class TrainingCore:
 
     async def _ordered(self, caller: Caller, model: str, seq: int, method: Any, build: Callable[[str], Any],
                        session: str = "", sampler_seq: int = -1) -> dict[str, Any]:
-        """Queue the ordered call `build(run)`. One refused (400) still used up its seq_id in
-        the SDK, which never sends it again: a no-op takes its place, or the model's later
-        calls would wait on the gap until the scheduler fails them."""
+        """Queue the ordered call `build(run)`. One refused (a 4xx the SDK does not retry)
+        still used up its seq_id in the SDK, which never sends it again: a no-op takes its
+        place, or the model's later calls would wait on the gap until the scheduler fails them."""
         run = await self._names.run(caller, model)
         try:
             call = build(run)
@@ -173,11 +176,17 @@ class TrainingCore:
                 call = await call
             response = await self._up.call(caller, method, call, self._config.call_timeout_s)
         except (TunemeshError, HttpError) as err:
-            if (err.status if isinstance(err, HttpError) else http_status(err)) == 400:
+            status = err.status if isinstance(err, HttpError) else http_status(err)
+            if status in SEQ_SPENDING and getattr(err, "reason", "") != "RUN_NOT_FOUND":  # no run: no gap
                 await self._fill(caller, run, model, seq)
             raise
-        ref = FutureRef(OP, response.operation.name, model=model, session=session, seq=sampler_seq)
+        ref = FutureRef(OP, response.operation.name, model=model, session=session, seq=sampler_seq, order=seq)
         return {"request_id": ref.encode(), "model_id": model}
+
+    async def fill_lost(self, caller: Caller, model: str, seq: int) -> None:
+        """A call the service lost after accepting it (its operation is unknown now): the
+        SDK raises its failure and never re-sends it, so a no-op takes its seq_id."""
+        await self._fill(caller, await self._names.run(caller, model), model, seq)
 
     async def _fill(self, caller: Caller, run: str, model: str, seq: int) -> None:
         """A forward of one token 0 with weight 0 at `seq`: no gradient, no state changed."""

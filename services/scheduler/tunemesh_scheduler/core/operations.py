@@ -24,9 +24,11 @@ class OperationStore:
     def __init__(self, clock: Callable[[], float], new_id: Callable[[], str],
                  metrics: SchedulerMetrics | None = None,
                  note: Callable[[StoreWrite], int] = lambda write: 0,
-                 on_finish: Callable[[OperationRecord], None] = lambda op: None) -> None:
+                 on_finish: Callable[[OperationRecord], None] = lambda op: None,
+                 held: Callable[[OperationRecord], bool] = lambda op: False) -> None:
         self._note = note  # journals every created, finished and evicted operation
         self._on_finish = on_finish  # e.g. numbers the completion for WatchOperations
+        self._held = held  # a finished op clients have not seen yet (core/release.py): not evicted
         self._clock = clock
         self._new_id = new_id
         self._metrics = metrics or SchedulerMetrics()
@@ -168,10 +170,11 @@ class OperationStore:
         return op
 
     def evict_finished(self, older_than: float) -> list[OperationRecord]:
-        """Forget operations that finished before `older_than` (epoch seconds); returns
-        them (their durable records are the caller's to compact)."""
+        """Forget operations that finished before `older_than` (epoch seconds), up to the
+        first one still held from clients; returns them (their durable records are the
+        caller's to compact)."""
         evicted = []
-        while self._finished and self._finished[0].end_time < older_than:
+        while self._finished and self._finished[0].end_time < older_than and not self._held(self._finished[0]):
             op = self._finished.popleft()
             del self._ops[op.name]
             if self._requests.get((op.tenant, op.request_id)) is op:

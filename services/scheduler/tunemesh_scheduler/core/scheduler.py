@@ -132,7 +132,8 @@ class SchedulerCore:
         self.completions: CompletionFeed[OperationRecord] = CompletionFeed(CompletionLog(_new_uuid()))
         # What clients see of finished operations: only those whose submission is stored.
         self.release = ReleaseGate(self.journal, lambda op: self.completions.record(op.tenant, op))
-        self.operations = OperationStore(clock, new_id, self._metrics, note, on_finish=self.release.finished)
+        self.operations = OperationStore(clock, new_id, self._metrics, note, on_finish=self.release.finished,
+                                         held=lambda op: not self.release.stored(op))
         self.sampling = SamplingSessionRegistry(clock, new_id, note)
         self.machine = SchedulerMachine(
             self.operations, self.sessions, clock=clock, note=note,
