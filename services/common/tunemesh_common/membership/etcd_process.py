@@ -117,6 +117,9 @@ def wait_healthy(endpoint: str, timeout: float, proc: subprocess.Popen | None = 
     raise UnavailableError("ETCD_NOT_HEALTHY", f"etcd at {endpoint} not healthy after {timeout:.0f}s")
 
 
+PORT_ATTEMPTS = 3  # first starts: a picked free port can be taken before etcd binds it
+
+
 class EtcdProcess:
     """An etcd child process with fixed ports, so it can be killed and restarted in place.
     With `tls`, clients need a certificate of its CA; health is checked on a plaintext
@@ -130,6 +133,7 @@ class EtcdProcess:
         self.peer_port = pick_free_port()
         self.metrics_port = pick_free_port() if tls else None
         self._proc: subprocess.Popen | None = None
+        self._started = False  # once up, restarts keep its ports (clients know them)
 
     @property
     def endpoint(self) -> str:
@@ -147,7 +151,28 @@ class EtcdProcess:
         return self._proc.pid if self._proc else None
 
     def start(self, timeout: float = 15.0) -> None:
-        """Start etcd (reusing the data dir if present) and wait until it is healthy."""
+        """Start etcd (reusing the data dir if present) and wait until it is healthy. The
+        first start takes fresh ports if another process took a picked one meanwhile."""
+        for attempt in range(PORT_ATTEMPTS):
+            try:
+                self._start(timeout)
+            except UnavailableError:
+                if self._started or attempt + 1 == PORT_ATTEMPTS or not self._lost_a_port():
+                    raise
+                logger.warning("etcd's port was taken before it bound it; trying fresh ports")
+                self.client_port, self.peer_port = pick_free_port(), pick_free_port()
+                self.metrics_port = pick_free_port() if self.tls else None
+                continue
+            self._started = True
+            return
+
+    def _lost_a_port(self) -> bool:
+        try:
+            return "address already in use" in self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return False
+
+    def _start(self, timeout: float) -> None:
         if self._proc is not None and self._proc.poll() is None:
             raise FailedPreconditionError("ETCD_RUNNING", f"etcd already running (pid {self._proc.pid})")
         self.data_dir.parent.mkdir(parents=True, exist_ok=True)
