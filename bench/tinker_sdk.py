@@ -76,6 +76,8 @@ def compare(mesh: BenchMesh, url: str, vocab: int, workload: Workload, tenants: 
     finally:
         for service in native_services:
             service.close()
+        for service in gateway_services:  # ends its session and its heartbeats
+            service.close("success").result(timeout=60)
     ratios = [g / n for g, n in zip(gateway_s, native_s)]
     steps = workload.steps
     return {"tenants": tenants, "rounds": rounds,
