@@ -514,3 +514,34 @@ def test_a_training_call_the_scheduler_lost_fails_and_a_no_op_takes_its_seq_id(u
         (filler,) = upstream.requests("Forward")
         assert filler.seq_id == 5 and filler.request_id.endswith("#refused")
     run(body())
+
+
+def test_an_open_arriving_after_a_failed_create_waits_for_the_one_in_progress(upstream):
+    first_fails, made = asyncio.Event(), []
+
+    async def create(request):
+        made.append(request)
+        if len(made) == 1:
+            await first_fails.wait()
+            raise UnavailableError("NO_SAMPLER", "none yet")
+        for _ in range(5):  # the retry is still creating when the late caller arrives
+            await asyncio.sleep(0)
+        return sampling_pb2.CreateSamplingSessionResponse(sampling_session=sampling_pb2.SamplingSession(
+            name=f"sampling_sessions/s{len(made)}", base_model="m"))
+
+    upstream.handlers["CreateSamplingSession"] = create
+
+    async def body():
+        core, _ = await gateway(upstream)
+        opening = lambda: asyncio.ensure_future(core.sampling.open(ALICE, SESSION, 3, "m", "", ""))  # noqa: E731
+        failing, waiting = opening(), opening()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        first_fails.set()
+        with pytest.raises(UnavailableError):
+            await failing
+        late = opening()  # arrives while `waiting` creates
+        entries = await asyncio.gather(waiting, late)
+        assert len(made) == 2 and entries[0].sampler_id == entries[1].sampler_id
+        assert core.sampling._opening == {}
+    run(body())

@@ -38,7 +38,7 @@ class SamplingCore:
     def __init__(self, upstream: Upstream, store: GatewayStore, names: Names, futures: LocalFutures,
                  config: SamplingConfig) -> None:
         self._up, self._store, self._names, self._futures, self._config = upstream, store, names, futures, config
-        self._opening: dict[tuple[str, int], asyncio.Lock] = {}
+        self._opening: dict[tuple[str, int], tuple[asyncio.Lock, int]] = {}  # (lock, its holder and waiters)
 
     # -- sampling sessions -------------------------------------------------------------
 
@@ -52,8 +52,10 @@ class SamplingCore:
                    tinker_path: str) -> SamplerEntry:
         """The sampling session of client counter (`session_id`, `seq_id`), made on first use."""
         key = (session_id, seq_id)
-        async with self._opening.setdefault(key, asyncio.Lock()):
-            try:
+        lock, users = self._opening.get(key, (asyncio.Lock(), 0))
+        self._opening[key] = (lock, users + 1)  # forgotten by its last user, not by the first done
+        try:
+            async with lock:
                 existing = await self._store.sampler_for_seq(session_id, seq_id)
                 if existing is not None and existing.owner == caller.owner:
                     return existing
@@ -63,8 +65,12 @@ class SamplingCore:
                                             self._config.call_timeout_s)).sampling_session
                 entry = SamplerEntry(convert.sampler_id_of(made.name), made.base_model, tinker_path, caller.owner)
                 return await self._store.put_sampler(entry, session_id, seq_id)
-            finally:
-                self._opening.pop(key, None)
+        finally:
+            lock, users = self._opening[key]
+            if users == 1:
+                del self._opening[key]
+            else:
+                self._opening[key] = (lock, users - 1)
 
     async def get_sampler(self, caller: Caller, sampler_id: str) -> dict[str, Any]:
         entry = await self._store.sampler(sampler_id)
