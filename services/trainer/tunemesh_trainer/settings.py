@@ -27,6 +27,9 @@ class TrainerSettings(settings.NodeSettings):
         "float32", description=(
             "the frozen base's dtype (LoRA, gradients and AdamW stay float32); float32 on every device unless "
             "asked, so the trainer's logprobs stay the reference"))
+    batch_invariant: bool = Field(True, description=(
+        "a row's logprobs never depend on what shares its batch, and equal the torch sampler's bit for bit "
+        "when it runs in the same mode (docs/numerics.md); false: torch's fastest kernels"))
     device: Device = Field("auto", description=(
         "torch device of a single-process trainer: cpu, cuda, cuda:N, or auto (cuda when available, else cpu); "
         "a rank group (--ranks, torchrun) puts each rank on its accelerator's device"))

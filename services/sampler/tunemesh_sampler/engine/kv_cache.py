@@ -9,9 +9,14 @@ buffer with room for the tokens still to come (`reserve`), so a step writes one 
 running out of room doubles the buffer (amortised O(1)). Reading `keys` / `values` gives
 the filled part as a view.
 
+Every row lies from index 0. A prefill appends its (right-padded) rows' positions; a decode
+step writes each row's one new position at that row's own length (`write_at`), so rows of
+different lengths share the buffer without left padding, as the trainer lays them out.
+Positions past a row's length hold zeros or its padding, which attention masks by position.
+
 Rows joining and leaving still go through `keys` / `values` (the engine selects rows and
-left-pads caches to merge them): assigning a tensor adopts it as a full buffer, and the
-engine reserves room again after each such edit.
+pads caches after their tokens to merge them): assigning a tensor adopts it as a full
+buffer, and the engine reserves room again after each such edit.
 """
 
 from __future__ import annotations
@@ -36,9 +41,17 @@ class _Slab:
             return
         shape = list(self.buffer.shape)
         shape[-2] = length
-        grown = self.buffer.new_empty(shape)
+        grown = self.buffer.new_zeros(shape)  # never garbage: masked positions still meet a matmul
         grown[..., : self.length, :] = self.filled
         self.buffer = grown
+
+    def write_rows(self, at_b: torch.Tensor, states: torch.Tensor) -> None:
+        """Row b's one new position (states [B, H, 1, D]) at index at_b[b]."""
+        end = int(at_b.max()) + 1
+        if end > self.buffer.shape[-2]:
+            self.reserve(max(end, 2 * self.buffer.shape[-2]))
+        self.buffer[torch.arange(len(at_b), device=at_b.device), :, at_b] = states[:, :, 0]
+        self.length = max(self.length, end)
 
     def append(self, states: torch.Tensor) -> None:
         end = self.length + states.shape[-2]
@@ -53,6 +66,7 @@ class ReservedLayer(DynamicLayer):
 
     def __init__(self) -> None:
         self._slabs: dict[str, _Slab | None] = {"keys": None, "values": None}
+        self.write_at: torch.Tensor | None = None  # per-row index of the next position (decode steps)
         super().__init__()
 
     @property
@@ -98,6 +112,8 @@ class ReservedLayer(DynamicLayer):
             slab = self._slabs[which]
             if slab is None:
                 self._slabs[which] = _Slab(states.clone())
+            elif self.write_at is not None:
+                slab.write_rows(self.write_at, states)
             else:
                 slab.append(states)
         return self.keys, self.values
@@ -110,6 +126,14 @@ def reserved_cache(config) -> DynamicCache:
     if all(type(layer) is DynamicLayer for layer in cache.layers):
         cache.layers = [ReservedLayer() for _ in cache.layers]
     return cache
+
+
+def write_at(cache: DynamicCache, lengths_b: torch.Tensor) -> None:
+    """The next forward (one token per row) writes row b's position at lengths_b[b]."""
+    for layer in cache.layers:
+        if not isinstance(layer, ReservedLayer):
+            raise TypeError("per-row cache writes need ReservedLayer layers")
+        layer.write_at = lengths_b
 
 
 def reserve(cache: DynamicCache, length: int) -> None:

@@ -4,10 +4,16 @@ and on fused MoE expert weights).
 Concurrent `generate` calls queue their rows (one row per sample) by tenant; one worker
 thread runs a KV-cached decode loop that rows join and leave step by step (continuous
 batching): each step admits waiting rows into the free slots of `max_batch_rows`, taking
-the tenants in turn, prefills them together and merges them into the running rows (caches
-left-padded to one length, each adapter's rows contiguous); a row that finished leaves at
-once and its slot goes to the next waiting row. So a long generation holds no one else
-back beyond sharing the steps, and scoring calls run between two steps.
+the tenants in turn, prefills them together and merges them into the running rows (each
+adapter's rows contiguous); a row that finished leaves at once and its slot goes to the
+next waiting row. So a long generation holds no one else back beyond sharing the steps,
+and scoring calls run between two steps.
+
+Every row lies in the cache from index 0 (prompts right-padded, each row's next token
+written at its own length; kv_cache.py), as the trainer lays out its rows, and attention is
+masked by position (tunemesh_common.numerics.attention). In batch-invariant mode (the
+default) a row's numbers then depend on nothing else in its batch, and the logprob of a
+sampled token equals the trainer's forward logprob of that token bit for bit.
 
 Sampling is per row and independent of the rest of the batch: each sampled row draws one
 uniform per step from its own `torch.Generator`, seeded from the request's seed and the
@@ -21,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import pathlib
@@ -32,7 +39,9 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from tunemesh_sampler.engine import attention, kv_cache
+from tunemesh_common.numerics import attention
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode
+from tunemesh_sampler.engine import kv_cache
 from tunemesh_common.lora import peft_format
 from tunemesh.errors import (
     AlreadyExistsError,
@@ -124,46 +133,48 @@ class _FairRows:
 
 @dataclasses.dataclass(eq=False)
 class _Batch:
-    """The rows decoding together, row-aligned: attention mask over the cache, the position
-    of each row's last token, the KV cache, each row's next-token logits."""
+    """The rows decoding together: how many tokens each row has in the cache (its next
+    token's position), the KV cache (every row from index 0), each row's next-token logits."""
 
     rows: list[_Row]
-    mask_bt: torch.Tensor
-    last_pos_b: torch.Tensor
+    lengths_b: torch.Tensor
     cache: DynamicCache
     logits_bv: torch.Tensor
     chooser: TokenChooser | None = None
 
+    @property
+    def width(self) -> int:
+        """Cache positions any row uses."""
+        return int(self.lengths_b.max())
+
     def select(self, indices: list[int]) -> None:
-        """Keep rows `indices`, in that order; then drop the cache's leading positions no
-        kept row attends to (the padding of rows that left)."""
-        index_b = torch.tensor(indices, dtype=torch.long, device=self.mask_bt.device)
+        """Keep rows `indices`, in that order; then drop the cache positions past every kept
+        row's length (the tail of rows that left)."""
+        index_b = torch.tensor(indices, dtype=torch.long, device=self.lengths_b.device)
         self.rows = [self.rows[i] for i in indices]
-        self.mask_bt, self.last_pos_b = self.mask_bt[index_b], self.last_pos_b[index_b]
-        self.logits_bv = self.logits_bv[index_b]
+        self.lengths_b, self.logits_bv = self.lengths_b[index_b], self.logits_bv[index_b]
         self.cache.batch_select_indices(index_b)
-        start = int(self.mask_bt.any(dim=0).int().argmax())
-        if start > 0:
-            self.mask_bt = self.mask_bt[:, start:]
-            for layer in _cache_layers(self.cache):
-                layer.keys, layer.values = layer.keys[..., start:, :], layer.values[..., start:, :]
+        width = self.width
+        for layer in _cache_layers(self.cache):
+            if layer.keys.shape[-2] > width:
+                layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
 
     def reserve(self) -> None:
         """Room in the cache for the tokens the rows may still generate, up to
         RESERVE_AHEAD_TOKENS (the cache was rebuilt by a join or a selection; decoding then
         writes in place, and a longer generation grows the cache by doubling)."""
         remaining = max(row.spec.max_tokens - len(row.tokens) for row in self.rows)
-        kv_cache.reserve(self.cache, self.mask_bt.shape[1] + min(remaining, RESERVE_AHEAD_TOKENS))
+        kv_cache.reserve(self.cache, self.width + min(remaining, RESERVE_AHEAD_TOKENS))
 
     def merged(self, other: _Batch) -> _Batch:
-        """This batch's rows then `other`'s, both left-padded to the longer cache."""
-        width = max(self.mask_bt.shape[1], other.mask_bt.shape[1])
-        for mine, theirs in zip(_cache_layers(self.cache), _cache_layers(other.cache), strict=True):
-            mine.keys = torch.cat([_left_pad_time(mine.keys, width), _left_pad_time(theirs.keys, width)])
-            mine.values = torch.cat([_left_pad_time(mine.values, width), _left_pad_time(theirs.values, width)])
-        mask_bt = torch.cat([_left_pad_time(self.mask_bt, width), _left_pad_time(other.mask_bt, width)])
-        return _Batch([*self.rows, *other.rows], mask_bt, torch.cat([self.last_pos_b, other.last_pos_b]),
-                      self.cache, torch.cat([self.logits_bv, other.logits_bv]))
+        """This batch's rows then `other`'s, both caches padded after their tokens to the longer one."""
+        mine_layers, their_layers = _cache_layers(self.cache), _cache_layers(other.cache)
+        width = max(mine_layers[0].keys.shape[-2], their_layers[0].keys.shape[-2])
+        for mine, theirs in zip(mine_layers, their_layers, strict=True):
+            mine.keys = torch.cat([_right_pad_time(mine.keys, width), _right_pad_time(theirs.keys, width)])
+            mine.values = torch.cat([_right_pad_time(mine.values, width), _right_pad_time(theirs.values, width)])
+        return _Batch([*self.rows, *other.rows], torch.cat([self.lengths_b, other.lengths_b]), self.cache,
+                      torch.cat([self.logits_bv, other.logits_bv]))
 
 
 def _cache_layers(cache: DynamicCache) -> list:
@@ -175,15 +186,14 @@ def _cache_layers(cache: DynamicCache) -> list:
     return layers
 
 
-def _left_pad_time(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """`tensor` ([B, T] or [B, H, T, D]) with zeros before its time axis up to `width`."""
-    axis = 1 if tensor.dim() == 2 else -2
-    missing = width - tensor.shape[axis]
+def _right_pad_time(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """`tensor` [B, H, T, D] with zeros after its time axis up to `width`."""
+    missing = width - tensor.shape[-2]
     if missing == 0:
         return tensor
     shape = list(tensor.shape)
-    shape[axis] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=axis)
+    shape[-2] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=-2)
 
 
 class TorchSamplingEngine:
@@ -201,9 +211,12 @@ class TorchSamplingEngine:
         max_batch_rows: int = 64,
         detokenize: Detokenize | None = None,
         dtype: str = "float32",
+        batch_invariant: bool = True,
     ) -> None:
         """`dtype` is the base model's, float32 or bfloat16 (LoRA factors stay float32, logits
-        are read in float32)."""
+        are read in float32). `batch_invariant`: a row's numbers never depend on the rest of
+        its batch and equal the trainer's in the same mode (tunemesh_common.numerics), at
+        the price measured in bench/README.md."""
         if num_threads:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
@@ -211,9 +224,12 @@ class TorchSamplingEngine:
         self._detokenize = detokenize
         base = load_frozen_base(model_dir, dtype, self._device)
         self._model = base.model
-        if dtype == "bfloat16" and self._device.type == "cpu" and base.model.config._attn_implementation == "sdpa":
-            attention.use_float32_attention(base.model)
+        self._body = base.model.base_model  # the decoder stack, without the vocab head
+        self._head = base.model.get_output_embeddings()
+        self.batch_invariant = batch_invariant
+        attention.use_attention(base.model, attention.INVARIANT if batch_invariant else attention.POSITIONAL)
         self._routing = base.routing
+        self._routing.batch_invariant = batch_invariant
         self._targets = LoraTargets(base)
         self._eos = _eos_token_ids(base.model)
         self.info = ModelInfo(
@@ -356,15 +372,15 @@ class TorchSamplingEngine:
         return True
 
     def _join(self, batch: _Batch | None, rows: list[_Row]) -> _Batch:
-        """Prefill `rows` (left-padded, together) and merge them into the running `batch`;
+        """Prefill `rows` (right-padded, together) and merge them into the running `batch`;
         each adapter's rows end up contiguous."""
         self.batches_run += 1
         rows = sorted(rows, key=lambda row: row.segment)
-        ids_bt, mask_bt = _left_pad([row.job.request.prompt_tokens for row in rows], self._device)
-        positions_bt = (mask_bt.cumsum(-1) - 1).clamp(min=0)
+        ids_bt, lengths_b = _right_pad([row.job.request.prompt_tokens for row in rows], self._device)
+        positions_bt = torch.arange(ids_bt.shape[1], device=self._device).expand_as(ids_bt)
         cache = kv_cache.reserved_cache(self._model.config)
-        logits_bv = self._forward(rows, ids_bt, mask_bt, positions_bt, cache)
-        joined = _Batch(rows, mask_bt, positions_bt[:, -1], cache, logits_bv)
+        logits_bv = self._forward(rows, ids_bt, positions_bt, cache, lengths_b - 1)
+        joined = _Batch(rows, lengths_b, cache, logits_bv)
         if batch is not None:
             joined = batch.merged(joined)
         order = sorted(range(len(joined.rows)), key=lambda i: joined.rows[i].segment)  # stable
@@ -387,24 +403,24 @@ class TorchSamplingEngine:
             tokens_b = tokens_b[kept]
             batch.chooser = TokenChooser([row.spec for row in batch.rows], self._device)
             batch.reserve()
-        batch.mask_bt = torch.cat([batch.mask_bt, batch.mask_bt.new_ones(len(batch.rows), 1)], dim=1)
-        batch.last_pos_b = batch.last_pos_b + 1
-        batch.logits_bv = self._forward(batch.rows, tokens_b[:, None], batch.mask_bt, batch.last_pos_b[:, None],
-                                        batch.cache)
+        kv_cache.write_at(batch.cache, batch.lengths_b)
+        batch.logits_bv = self._forward(batch.rows, tokens_b[:, None], batch.lengths_b[:, None], batch.cache,
+                                        torch.zeros_like(batch.lengths_b))
+        batch.lengths_b = batch.lengths_b + 1
         return batch
 
-    def _forward(self, rows: list[_Row], ids_bt, mask_bt, positions_bt, cache) -> torch.Tensor:
-        """The next-token logits of each row (float32), its adapter's LoRA applied."""
-        with torch.no_grad(), self._routing.use(RowPlan(_segments(rows), frozenset()), batched=True):
-            out = self._model(
-                input_ids=ids_bt,
-                attention_mask=mask_bt,
-                position_ids=positions_bt,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        return out.logits[:, -1].float()
+    def _forward(self, rows: list[_Row], ids_bt, positions_bt, cache, last_b) -> torch.Tensor:
+        """Each row's logits (float32) at its input position `last_b`, its adapter's LoRA
+        applied; the body runs on every input position, the vocab head on one per row."""
+        with torch.no_grad(), self._routing.use(RowPlan(_segments(rows), frozenset()), batched=True), \
+                self._numerics():
+            hidden_btd = self._body(input_ids=ids_bt, position_ids=positions_bt, past_key_values=cache,
+                                    use_cache=True).last_hidden_state
+            picked_b1d = hidden_btd[torch.arange(len(rows), device=self._device), last_b][:, None]
+            return self._head(picked_b1d)[:, 0].float()
+
+    def _numerics(self) -> contextlib.AbstractContextManager:
+        return BatchInvariantMode() if self.batch_invariant else contextlib.nullcontext()
 
     def _advance(self, rows: list[_Row], tokens: list[int], logprobs: list[float]) -> None:
         """Append each row's new token and apply its stops (a stopped row is finished)."""
@@ -464,7 +480,7 @@ class TorchSamplingEngine:
             return []
         ids_bt = torch.tensor([tokens], dtype=torch.long, device=self._device)
         segment = BASE_SEGMENT if adapter_key is None else adapter_key
-        with torch.no_grad(), self._routing.use(RowPlan(((segment, 0, 1),), frozenset())):
+        with torch.no_grad(), self._routing.use(RowPlan(((segment, 0, 1),), frozenset())), self._numerics():
             logits_tv = self._model(input_ids=ids_bt, use_cache=False).logits[0, :-1].float()
         logprobs_tv = torch.log_softmax(logits_tv, dim=-1)
         return logprobs_tv.gather(-1, ids_bt[0, 1:, None]).squeeze(-1).tolist()
@@ -528,14 +544,13 @@ def _eos_token_ids(model: nn.Module) -> frozenset[int]:
     return frozenset(int(v) for v in found)
 
 
-def _left_pad(prompts: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _right_pad(prompts: list[tuple[int, ...]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts as rows from position 0, padded with token 0 after their ends; their lengths."""
     width = max(len(p) for p in prompts)
     ids_bt = torch.zeros(len(prompts), width, dtype=torch.long)
-    mask_bt = torch.zeros(len(prompts), width, dtype=torch.long)
     for i, prompt in enumerate(prompts):
-        ids_bt[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
-        mask_bt[i, width - len(prompt):] = 1
-    return ids_bt.to(device), mask_bt.to(device)
+        ids_bt[i, : len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+    return ids_bt.to(device), torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)
 
 
 def _segments(rows: list[_Row]) -> tuple[tuple[str, int, int], ...]:

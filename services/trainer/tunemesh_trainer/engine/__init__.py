@@ -25,10 +25,11 @@ def build_torch_engine(
     device: str = "cpu",
     max_batch_tokens: int = 8192,
     dtype: str = "float32",
+    batch_invariant: bool = True,
 ) -> TrainingEngine:
     """Load a base model from a local HF directory into a fused multi-LoRA torch engine on
     `device` ("auto": cuda when available, else cpu), the frozen base in `dtype` (float32
-    or bfloat16)."""
+    or bfloat16); `batch_invariant`: see TorchTrainingEngine."""
     from tunemesh_trainer.engine.torch_engine import TorchTrainingEngine
 
     if device == "auto":
@@ -46,4 +47,5 @@ def build_torch_engine(
         device=device,
         max_batch_tokens=max_batch_tokens,
         dtype=dtype,
+        batch_invariant=batch_invariant,
     )

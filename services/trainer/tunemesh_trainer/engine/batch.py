@@ -21,6 +21,7 @@ class PackedBatch:
     positions_bt: torch.Tensor  # int64 (rows, max_len): 0..max_len-1 in every row
     plan: RowPlan
     first_rows: list[int]  # per item: index of its first row
+    real_bt: torch.Tensor  # bool (rows, max_len): the row's own tokens, not padding
 
 
 def pack_targets(items: Sequence[EngineItem], shape_bt: tuple[int, int], device: torch.device) -> torch.Tensor:
@@ -52,7 +53,8 @@ def pack_items(items: Sequence[EngineItem], device: torch.device) -> PackedBatch
     trainable = frozenset(i.adapter_id for i in items if i.kind is ItemKind.FORWARD_BACKWARD)
     plan = RowPlan(segments=tuple(segments), trainable=trainable)
     positions_bt = torch.arange(tokens_bt.shape[1]).expand_as(tokens_bt)
-    return PackedBatch(tokens_bt.to(device), positions_bt.to(device), plan, first_rows)
+    real_bt = positions_bt < torch.tensor(lengths)[:, None]
+    return PackedBatch(tokens_bt.to(device), positions_bt.to(device), plan, first_rows, real_bt.to(device))
 
 
 @dataclasses.dataclass
@@ -65,11 +67,18 @@ class ChunkPart:
 
 def plan_chunks(items: Sequence[EngineItem], max_padded_tokens: int) -> list[list[ChunkPart]]:
     """Split the batch's rows into chunks of at most `max_padded_tokens` padded tokens
-    (rows x longest row), in order; an item may span chunks, a row never does. Rows are
-    independent, so chunking bounds memory without changing any row's numbers."""
+    (rows x longest row), in order; a row never spans chunks. An item that does not fit
+    whole in the current chunk starts a new one, so where an item is split (only when it
+    alone exceeds the budget) depends on the item alone: its gradient is summed in the same
+    groups whatever else shares the batch. Rows are independent, so chunking bounds memory
+    without changing any row's numbers."""
     chunks: list[list[ChunkPart]] = [[]]
     rows, longest = 0, 0
     for index, item in enumerate(items):
+        own_longest = max((int(d.tokens.shape[0]) for d in item.data), default=0)
+        if rows and (rows + len(item.data)) * max(longest, own_longest) > max_padded_tokens:
+            chunks.append([])
+            rows, longest = 0, 0
         for datum in item.data:
             n = int(datum.tokens.shape[0])
             if rows and (rows + 1) * max(longest, n) > max_padded_tokens:

@@ -66,6 +66,20 @@ def partitioned_loading(zero_stage: int) -> Iterator[None]:
     finally:
         unset_hf_deepspeed_config()
         del config
+        _restore_functional_linear()
+
+
+def _restore_functional_linear() -> None:
+    """Undo `zero.Init`'s process-wide swap of torch.nn.functional.linear for DeepSpeed's
+    memory-efficient version. Its custom backward multiplies unpadded gradients, so rows
+    would get other bits than alone (batch_invariant.py), in this process's every engine;
+    and it saves no memory here, where every weight that trains is a LoRA factor."""
+    import torch
+    from deepspeed.runtime.zero.partition_parameters import InsertPostInitMethodToModuleSubClasses
+
+    original = getattr(InsertPostInitMethodToModuleSubClasses, "linear_bk", None)
+    if original is not None and torch.nn.functional.linear is not original:
+        torch.nn.functional.linear = original
 
 
 def _align_parameter_ids(device: str) -> None:
@@ -96,6 +110,7 @@ class DeepSpeedTrainingEngine:
         zero_stage: int = 3,
         expert_parallel: int = 1,
         dtype: str = "float32",
+        batch_invariant: bool = True,
     ) -> None:
         import deepspeed
         import torch.distributed as dist
@@ -108,7 +123,7 @@ class DeepSpeedTrainingEngine:
             self._local = TorchTrainingEngine(
                 model_dir, name, family, max_lora_rank, max_seq_len, num_threads=num_threads,
                 device=device, max_batch_tokens=max_batch_tokens, parallelism=parallelism(rank, world, device),
-                dtype=dtype,
+                dtype=dtype, batch_invariant=batch_invariant,
             )
         experts_per_rank = self._shard_experts(rank, world, expert_parallel)
         leaves = self._local.expert_block_types()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import pathlib
@@ -13,6 +14,8 @@ import torch
 from tunemesh.errors import AlreadyExistsError, Code, InvalidArgumentError, NotFoundError, UnimplementedError
 from tunemesh_common.lora.frozen_base import load_frozen_base
 from tunemesh_common.lora.multi_lora import MultiLoraExperts, RowPlan
+from tunemesh_common.numerics import attention
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode
 from tunemesh_trainer.domain import (
     AdamSpec,
     AdapterState,
@@ -49,10 +52,13 @@ class TorchTrainingEngine:
         max_batch_tokens: int = 8192,
         parallelism: Parallelism | None = None,
         dtype: str = "float32",
+        batch_invariant: bool = True,
     ) -> None:
         """`parallelism` spreads each batch's rows over processes (default: all here; see
         data_parallel.py). `dtype` is the frozen base's (float32 or bfloat16); LoRA factors,
-        their gradients, AdamW and the losses are float32 either way."""
+        their gradients, AdamW and the losses are float32 either way. `batch_invariant`:
+        a row's forward numbers do not depend on the rest of its batch and equal the torch
+        sampler's in the same mode (tunemesh_common.numerics)."""
         self._max_batch_tokens = max_batch_tokens  # padded tokens per chunk of a fused pass
         self._parallel = parallelism or SingleProcess()
         if num_threads:
@@ -61,6 +67,10 @@ class TorchTrainingEngine:
         self._base = load_frozen_base(model_dir, dtype, self._device)
         self._parallel.prepare(self._base.model)
         self._routing = self._base.routing
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            attention.use_attention(self._base.model, attention.INVARIANT)
+            self._routing.batch_invariant = True
         self._slots: dict[str, AdapterSlot] = {}
         self.info = ModelInfo(
             name=name,
@@ -217,7 +227,8 @@ class TorchTrainingEngine:
         packed = pack_items(items, self._device)
         train = walk_all or any(item.kind is ItemKind.FORWARD_BACKWARD for item in items)
         listening = usage.listen(self._routing, [int(d.tokens.shape[0]) for i in items for d in i.data])
-        with torch.set_grad_enabled(train), self._routing.use(packed.plan), listening:
+        with torch.set_grad_enabled(train), self._routing.use(packed.plan, real_tokens=packed.real_bt.reshape(-1)), \
+                listening, self._numerics():
             logits_btv = self._base.model(
                 input_ids=packed.tokens_bt, position_ids=packed.positions_bt, use_cache=False
             ).logits
@@ -239,10 +250,14 @@ class TorchTrainingEngine:
         """A forward (and backward) over one pad token without LoRA: keeps a rank with no
         rows left in step with the others' ZeRO-3 parameter gathers."""
         tokens_bt = torch.zeros((1, 1), dtype=torch.long, device=self._device)
-        with torch.set_grad_enabled(walk_all), self._routing.use(RowPlan(segments=(), trainable=frozenset())):
+        with torch.set_grad_enabled(walk_all), self._routing.use(RowPlan(segments=(), trainable=frozenset())), \
+                self._numerics():
             logits_btv = self._base.model(input_ids=tokens_bt, position_ids=tokens_bt, use_cache=False).logits
         if walk_all:
             (logits_btv.sum() * 0.0).backward()
+
+    def _numerics(self) -> contextlib.AbstractContextManager:
+        return BatchInvariantMode() if self.batch_invariant else contextlib.nullcontext()
 
     def _score(
         self, item: EngineItem, outcome: ItemOutcome, logprobs_btk: torch.Tensor, first_row: int
