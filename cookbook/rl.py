@@ -17,6 +17,10 @@ than when it answers with a bare number (a 3-shot prompt of bare answers: about 
 greedy, and RL did not lift it), so RL's quick win is the equation-first habit. Metric:
 greedy exact-match accuracy on distinct held-out problems (none in training), before,
 during (`--eval-every`) and after, with the same prompt, stops and budget as training.
+Each step also logs how on-policy it was, over its sampled tokens: the mean and max
+|sampler lp - trainer lp| (`onpolicy/logprob_abs_diff_mean`, `_max`) and the importance
+ratios exp(trainer lp - sampler lp) (`onpolicy/ratio_mean`, `_min`, `_max`); a sampler
+that agrees with the trainer bit for bit gives exactly 0 and 1 on an on-policy step.
 
 `--off-policy` samples step t+1's groups from the weights before step t's update while
 step t trains (one step of lag, corrected by the importance ratio).
@@ -33,9 +37,10 @@ import dataclasses
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import tunemesh
 
 from cookbook import common, tasks
@@ -91,11 +96,16 @@ def group_advantages(rewards: Sequence[float], scale_by_std: bool = True, eps: f
     return [(r - mean) / scale for r in rewards]
 
 
+def groups_with_spread(groups: Sequence[Group], scale_by_std: bool = True) -> list[tuple[Group, list[float]]]:
+    """The groups with reward variance (the others teach nothing), each with its advantages."""
+    kept = [(g, group_advantages(g.rewards, scale_by_std)) for g in groups]
+    return [(g, a) for g, a in kept if any(a)]
+
+
 def step_datums(groups: Sequence[Group], loss: str, scale_by_std: bool = True) -> list[tunemesh.Datum]:
     """One datum per completion of a group with reward variance; advantages per token are the
     completion's advantage over the step's completion tokens (so the loss is a per-token mean)."""
-    kept = [(g, group_advantages(g.rewards, scale_by_std)) for g in groups]
-    kept = [(g, a) for g, a in kept if any(a)]
+    kept = groups_with_spread(groups, scale_by_std)
     tokens = sum(len(s.tokens) for g, _ in kept for s in g.sequences)
     data = []
     for group, advantages in kept:
@@ -107,6 +117,30 @@ def step_datums(groups: Sequence[Group], loss: str, scale_by_std: bool = True) -
                 data.append(common.datum(group.prompt, sequence.tokens, logprobs=sequence.logprobs,
                                          advantages=per_token))
     return data
+
+
+def sampled_logprobs(sequences: Sequence[tunemesh.SampledSequence],
+                     outputs: Sequence[Mapping[str, tunemesh.TensorData]]) -> tuple[np.ndarray, np.ndarray]:
+    """The sampler's and the trainer's logprobs of the sampled tokens, over the datums of
+    `sequences` (one trainer output each, whose last len(tokens) positions are the completion's)."""
+    sampler = [lp for s in sequences for lp in s.logprobs]
+    trainer = [lp for s, o in zip(sequences, outputs, strict=True)
+               for lp in common.completion_logprobs(o, len(s.tokens))]
+    return np.asarray(sampler, dtype=np.float64), np.asarray(trainer, dtype=np.float64)
+
+
+def onpolicy_metrics(sampler_lp: np.ndarray, trainer_lp: np.ndarray) -> dict[str, float]:
+    """How far the trainer's logprobs of the sampled tokens are from the sampler's: mean and max
+    |difference| and the importance ratios exp(trainer - sampler); 0 and 1 when they agree."""
+    sampler_lp, trainer_lp = np.asarray(sampler_lp, np.float64), np.asarray(trainer_lp, np.float64)
+    if sampler_lp.shape != trainer_lp.shape or not sampler_lp.size:
+        raise ValueError(f"need equal, non-empty logprobs: {sampler_lp.shape} vs {trainer_lp.shape}")
+    diff = trainer_lp - sampler_lp
+    ratio = np.exp(diff)
+    return {"onpolicy/logprob_abs_diff_mean": float(np.abs(diff).mean()),
+            "onpolicy/logprob_abs_diff_max": float(np.abs(diff).max()),
+            "onpolicy/ratio_mean": float(ratio.mean()), "onpolicy/ratio_min": float(ratio.min()),
+            "onpolicy/ratio_max": float(ratio.max())}
 
 
 def stop_tokens(renderer: common.Renderer) -> list[int]:
@@ -183,18 +217,32 @@ class _Run:
         data = step_datums(groups, self.args.loss, scale_by_std=not self.args.no_std)
         row["groups_used"] = float(len(data) // self.args.group_size)
         if data:
-            row["loss"] = policy_step(self.training, data, self.args.loss, self.lr)
+            output = policy_step(self.training, data, self.args.loss, self.lr)
+            row["loss"] = output.metrics["loss:sum"]
+            trained = [s for g, _ in groups_with_spread(groups, not self.args.no_std) for s in g.sequences]
+            row.update(onpolicy_metrics(*sampled_logprobs(trained, output.loss_fn_outputs)))
         return row
 
 
-def policy_step(training: tunemesh.TrainingClient, data: list[tunemesh.Datum], loss: str, lr: float) -> float:
-    """forward_backward with the `--loss` choice, then an AdamW step (pipelined); the loss."""
+def policy_step(training: tunemesh.TrainingClient, data: list[tunemesh.Datum], loss: str,
+                lr: float) -> tunemesh.ForwardBackwardOutput:
+    """forward_backward with the `--loss` choice, then an AdamW step (pipelined); the
+    forward_backward's output (its loss, and the trainer's logprobs before the step)."""
     name, config = loss_config(loss)
     backward = training.forward_backward(data, name, config)
     step = training.optim_step(tunemesh.AdamParams(learning_rate=lr))
-    value = backward.result().metrics["loss:sum"]
+    output = backward.result()
     step.result()
-    return value
+    return output
+
+
+def progress_fields(row: Mapping[str, float]) -> dict[str, str]:
+    """A step's metrics for the progress bar: not the token count, and of the on-policy
+    metrics only the largest |sampler lp - trainer lp|."""
+    fields = {k: v for k, v in row.items() if k != "tokens" and not k.startswith("onpolicy/")}
+    if "onpolicy/logprob_abs_diff_max" in row:
+        fields["lp_diff"] = row["onpolicy/logprob_abs_diff_max"]
+    return {k: f"{v:.3g}" for k, v in fields.items()}
 
 
 def train(service: tunemesh.ServiceClient, args: argparse.Namespace, *, position: int = 0,
@@ -221,7 +269,7 @@ def train(service: tunemesh.ServiceClient, args: argparse.Namespace, *, position
         if args.eval_every and (step + 1) % args.eval_every == 0 and not last:
             row["eval_accuracy"] = run.evaluate(run.training.save_weights_and_get_sampling_client())[0]
         run.log.write(step + 1, **row)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in row.items() if k != "tokens"})
+        bar.set_postfix(progress_fields(row))
         bar.update()
     accuracy_after, replies_after = run.evaluate(run.training.save_weights_and_get_sampling_client())
     run.log.write(args.steps, eval_accuracy=accuracy_after)
