@@ -157,7 +157,7 @@ class _Run:
             else:
                 data.append(common.datum(s.prompt, s.sequence.tokens, logprobs=s.sequence.logprobs,
                                          advantages=advantages))
-        loss = policy_step(self.training, data, self.args.loss, self.lr)
+        loss = policy_step(self.training, data, self.args.loss, self.lr).metrics["loss:sum"]
         return {"reverse_kl": mean_reverse_kl([(s.teacher_logprobs, s.sequence.logprobs) for s in scored]),
                 "loss": loss, "tokens": float(tokens)}
 
