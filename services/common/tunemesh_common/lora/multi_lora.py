@@ -91,6 +91,7 @@ class LoraRouting:
         # padding, so an adapter's gradient sums over its own tokens only, however long the
         # batch's rows (a sum over more, zero, terms is not always the same bits)
         self.real_tokens: torch.Tensor | None = None
+        self._real_index: dict[tuple[int, int], torch.Tensor] = {}
 
     def real_rows(self) -> torch.Tensor | None:
         """The (rows, length) non-padding mask where LoRA must skip padding, else None."""
@@ -98,17 +99,29 @@ class LoraRouting:
             return None
         return self.real_tokens.reshape(self.plan.num_rows, -1)
 
+    def real_index(self, first_row: int, end_row: int) -> torch.Tensor | None:
+        """Where LoRA must skip padding: the positions of rows first_row..end_row's own tokens
+        among those rows' (rows x length) positions, row-major (worked out once per batch)."""
+        real = self.real_rows()
+        if real is None:
+            return None
+        index = self._real_index.get((first_row, end_row))
+        if index is None:
+            index = real[first_row:end_row].reshape(-1).nonzero().squeeze(1)
+            self._real_index[(first_row, end_row)] = index
+        return index
+
     @contextlib.contextmanager
     def use(self, plan: RowPlan, batched: bool = False, real_tokens: torch.Tensor | None = None) -> Iterator[None]:
         """Run under `plan`; `batched` (only without trainable adapters) applies LoRA in
         batched matmuls; `real_tokens` (bool, rows x length flattened) marks non-padding."""
         if batched and plan.trainable:
             raise ValueError("batched LoRA has no gradients: the plan must have no trainable adapter")
-        self.plan, self.batched, self.real_tokens = plan, batched, real_tokens
+        self.plan, self.batched, self.real_tokens, self._real_index = plan, batched, real_tokens, {}
         try:
             yield
         finally:
-            self.plan, self.batched, self.real_tokens = None, False, None
+            self.plan, self.batched, self.real_tokens, self._real_index = None, False, None, {}
 
 
 class MultiLoraLinear(nn.Module):
@@ -144,8 +157,7 @@ class MultiLoraLinear(nn.Module):
         out_r = out.reshape(rows, -1, out.shape[-1])
         sizes = [end - start for _, start, end in plan.segments]  # the segments tile the rows in order
         # split, not slicing: a slice's backward zero-fills a whole-batch gradient per segment
-        real = self.routing.real_rows()
-        reals = [None] * len(sizes) if real is None else torch.split(real, sizes)
+        reals = [self.routing.real_index(start, end) for _, start, end in plan.segments]
         pieces = [self._segment(plan, aid, x_s, out_s, real_s) for (aid, _, _), x_s, out_s, real_s
                   in zip(plan.segments, torch.split(x_r, sizes), torch.split(out_r, sizes), reals)]
         return (pieces[0] if len(pieces) == 1 else torch.cat(pieces)).reshape(out.shape)
@@ -168,15 +180,17 @@ class MultiLoraLinear(nn.Module):
                  real: torch.Tensor | None = None) -> torch.Tensor:
         """base + scale * x @ A.T @ B.T for the rows of one adapter (PEFT's order of operations;
         the LoRA product in the factors' dtype, float32, also over a bfloat16 base); only on
-        the `real` (non-padding) positions when given."""
+        the `real` (non-padding) positions when given (flat indices into rows x length)."""
         pair = self.pairs.get(adapter_id)
         if pair is None:
             return out
         a, b = (pair.a, pair.b) if adapter_id in plan.trainable else (pair.a.detach(), pair.b.detach())
         if real is None:
             return out + (F.linear(F.linear(x.to(a.dtype), a), b) * pair.scale).to(out.dtype)
-        delta = (F.linear(F.linear(x[real].to(a.dtype), a), b) * pair.scale).to(out.dtype)
-        return out + out.new_zeros(out.shape).index_put((real,), delta)
+        x_real = x.reshape(-1, x.shape[-1]).index_select(0, real)
+        delta = (F.linear(F.linear(x_real.to(a.dtype), a), b) * pair.scale).to(out.dtype)
+        flat = out.new_zeros(out.numel() // out.shape[-1], out.shape[-1]).index_put((real,), delta)
+        return out + flat.reshape(out.shape)
 
 
 def candidate_targets(model: nn.Module) -> dict[str, str]:

@@ -66,19 +66,23 @@ def invariant_attention(module: nn.Module, query, key, value, attention_mask, sc
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
-    missing = -key.shape[2] % KV_BLOCK
-    if missing:
-        key, value = (F.pad(t.float(), (0, 0, 0, missing)) for t in (key, value))
-    else:
-        key, value = key.float().contiguous(), value.float().contiguous()
-    kv_len = key.shape[2]
+    kv_len = key.shape[2] + -key.shape[2] % KV_BLOCK
+    key_t, value = _padded(key.transpose(-1, -2), kv_len), _padded(value.transpose(-1, -2), kv_len).transpose(-1, -2)
     q = query.float().reshape(batch, kv_heads, group * q_len, dim).contiguous()  # query head h = kv * group + g
     scale = dim ** -0.5 if scaling is None else scaling
     allowed = _allowed(position_ids, q_len, kv_len, query.device)
     allowed = allowed[:, None, None].expand(-1, 1, group, -1, -1).reshape(allowed.shape[0], 1, group * q_len, kv_len)
-    out = _InvariantCore.apply(q, key, value, allowed, scale, group)
+    out = _InvariantCore.apply(q, key_t, value.contiguous(), allowed, scale, group)
     out = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).contiguous()
     return out.to(query.dtype), None
+
+
+def _padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
+    """`tensor` (..., L) in float32, contiguous, with zeros after its last axis up to `length`:
+    one copy."""
+    out = tensor.new_zeros((*tensor.shape[:-1], length), dtype=torch.float32)
+    out[..., : tensor.shape[-1]] = tensor
+    return out
 
 
 def _blocked_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -95,13 +99,14 @@ def _blocked_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 class _InvariantCore(torch.autograd.Function):
     """softmax(q k^T * scale, masked) v for q (B, H, group * Lq, D) (rows: query head, then
-    position) and k, v (B, H, L, D) with L whole KV_BLOCKs; every sum in a fixed order."""
+    position), k^T (B, H, D, L) and v (B, H, L, D), all contiguous, L whole KV_BLOCKs; every
+    sum in a fixed order."""
 
     @staticmethod
-    def forward(ctx, q, k, v, allowed, scale: float, group: int):
-        scores = torch.matmul(q, k.transpose(-1, -2).contiguous()) * scale
+    def forward(ctx, q, k_t, v, allowed, scale: float, group: int):
+        scores = torch.matmul(q, k_t) * scale
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
-        ctx.save_for_backward(q, k, v, probs)
+        ctx.save_for_backward(q, k_t, v, probs)
         ctx.scale, ctx.group = scale, group
         return _blocked_values(probs, v)
 
@@ -109,15 +114,15 @@ class _InvariantCore(torch.autograd.Function):
     def backward(ctx, grad_out):
         from tunemesh_common.numerics.batch_invariant import BatchInvariantMode
 
-        q, k, v, probs = ctx.saved_tensors
+        q, k_t, v, probs = ctx.saved_tensors
         with BatchInvariantMode():
             grad_out = grad_out.contiguous()
             grad_probs = torch.matmul(grad_out, v.transpose(-1, -2).contiguous())
             grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * ctx.scale
-            grad_q = _blocked_values(grad_scores, k)
-            grad_k = _blocked_over_queries(grad_scores, q, ctx.group)
+            grad_q = _blocked_values(grad_scores, k_t.transpose(-1, -2))
+            grad_k_t = _blocked_over_queries(grad_scores, q, ctx.group).transpose(-1, -2)
             grad_v = _blocked_over_queries(probs, grad_out, ctx.group)
-        return grad_q, grad_k, grad_v, None, None, None
+        return grad_q, grad_k_t, grad_v, None, None, None
 
 
 def _blocked_over_queries(weights: torch.Tensor, rows: torch.Tensor, group: int) -> torch.Tensor:
