@@ -46,6 +46,17 @@ class FrozenBase:
     has_fused_experts: bool  # 3-D expert weights exist, wrapped or not (an unsupported layout)
 
     @property
+    def gemms_all_wrapped(self) -> bool:
+        """Every matmul of the model's forward with more than one term per sum runs inside a
+        LoRA wrapper (all linears wrapped, no MoE: a router's linear is not) or in
+        tunemesh's attention: those pad their own GEMMs in batch-invariant mode, so the
+        engine needs no model-wide BatchInvariantMode (~8 % of a decode step in dispatch)."""
+        if self.experts or self.has_fused_experts:
+            return False
+        wrapped = {id(wrapper.base) for wrapper in self.linears.values()}
+        return all(id(m) in wrapped for m in self.model.modules() if isinstance(m, nn.Linear))
+
+    @property
     def vocab_size(self) -> int:
         return int(self.model.config.vocab_size)
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunemesh_common.lora.batched_lora import StackCache, add_batched_lora
-from tunemesh_common.numerics.batch_invariant import batched_gemm_rows
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, batched_gemm_rows
 
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -135,6 +135,12 @@ class MultiLoraLinear(nn.Module):
         self._stacks = StackCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.routing.batch_invariant:  # its GEMMs padded here: the engine needs no model-wide mode
+            with BatchInvariantMode():
+                return self._forward(x)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
             # e.g. the vocab head on each row's last position (`logits_to_keep`): over a
             # strided 3-D bfloat16 input, torch's CPU linear copied the weight once per row
@@ -249,6 +255,12 @@ class MultiLoraExperts(nn.Module):
         self.pairs: dict[str, dict[str, LoraPair]] = {p: {} for p in EXPERT_PARAMETERS}
 
     def forward(self, hidden_nh: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        if self.routing.batch_invariant:
+            with BatchInvariantMode():
+                return self._forward(hidden_nh, top_k_index, top_k_weights)
+        return self._forward(hidden_nh, top_k_index, top_k_weights)
+
+    def _forward(self, hidden_nh: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
         if self.routing.on_route is not None:
             self.routing.on_route(top_k_index, self.num_experts)
         plan = self.routing.plan

@@ -63,6 +63,13 @@ def positional_attention(module: nn.Module, query, key, value, attention_mask, s
 def invariant_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, position_ids=None,
                         **kwargs):
     """The batch-invariant attention of the module docstring; (B, Lq, Hq, D)."""
+    from tunemesh_common.numerics.batch_invariant import BatchInvariantMode
+
+    with BatchInvariantMode():
+        return _invariant_attention(query, key, value, scaling, position_ids)
+
+
+def _invariant_attention(query, key, value, scaling, position_ids):
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads

@@ -227,6 +227,7 @@ class TorchSamplingEngine:
         self._body = base.model.base_model  # the decoder stack, without the vocab head
         self._head = base.model.get_output_embeddings()
         self.batch_invariant = batch_invariant
+        self._gemms_wrapped = base.gemms_all_wrapped
         attention.use_attention(base.model, attention.INVARIANT if batch_invariant else attention.POSITIONAL)
         self._routing = base.routing
         self._routing.batch_invariant = batch_invariant
@@ -420,7 +421,11 @@ class TorchSamplingEngine:
             return self._head(picked_b1d)[:, 0].float()
 
     def _numerics(self) -> contextlib.AbstractContextManager:
-        return BatchInvariantMode() if self.batch_invariant else contextlib.nullcontext()
+        """A model-wide BatchInvariantMode where some GEMM runs outside tunemesh's wrappers
+        (e.g. a MoE router); else nothing (the wrappers pad their own)."""
+        if self.batch_invariant and not self._gemms_wrapped:
+            return BatchInvariantMode()
+        return contextlib.nullcontext()
 
     def _advance(self, rows: list[_Row], tokens: list[int], logprobs: list[float]) -> None:
         """Append each row's new token and apply its stops (a stopped row is finished)."""

@@ -68,6 +68,7 @@ class TorchTrainingEngine:
         self._parallel.prepare(self._base.model)
         self._routing = self._base.routing
         self.batch_invariant = batch_invariant
+        self._gemms_wrapped = self._base.gemms_all_wrapped
         if batch_invariant:
             attention.use_attention(self._base.model, attention.INVARIANT)
             self._routing.batch_invariant = True
@@ -257,7 +258,11 @@ class TorchTrainingEngine:
             (logits_btv.sum() * 0.0).backward()
 
     def _numerics(self) -> contextlib.AbstractContextManager:
-        return BatchInvariantMode() if self.batch_invariant else contextlib.nullcontext()
+        """A model-wide BatchInvariantMode where some GEMM runs outside tunemesh's wrappers
+        (e.g. a MoE router); else nothing (the wrappers pad their own)."""
+        if self.batch_invariant and not self._gemms_wrapped:
+            return BatchInvariantMode()
+        return contextlib.nullcontext()
 
     def _score(
         self, item: EngineItem, outcome: ItemOutcome, logprobs_btk: torch.Tensor, first_row: int
