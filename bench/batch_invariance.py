@@ -36,12 +36,22 @@ from train_throughput import SMOLLM2, TINY, log, write_json  # noqa: E402
 MODES = {"invariant": True, "fast": False}
 
 
+def random_adapter(trainer, adapter_id: str, spec, seed: int, std: float = 0.02) -> None:
+    """Create `adapter_id` with random factors (a fresh LoRA's B is zero: it would change nothing)."""
+    from tunemesh_trainer.domain import AdapterState
+
+    trainer.create_adapter(adapter_id, spec)
+    rng = np.random.default_rng(seed)
+    weights = {n: rng.normal(0.0, std, t.shape).astype(np.float32)
+               for n, t in trainer.adapter(adapter_id).weights().items()}
+    trainer.import_adapter(adapter_id, AdapterState(spec, weights))
+
+
 def engines(model_dir: Path, entry, dtype: str, args, adapter_root: Path) -> dict:
     """Per mode: a trainer with the adapters, and a sampler with the same adapters loaded."""
-    from tunemesh_common.lora import peft_format  # noqa: F401  (the files below are PEFT's)
     from tunemesh_sampler.engine import build_torch_engine as build_sampler
     from tunemesh_trainer import checkpoint_files
-    from tunemesh_trainer.domain import AdapterState, LoraSpec
+    from tunemesh_trainer.domain import LoraSpec
     from tunemesh_trainer.engine import build_torch_engine as build_trainer
 
     common = dict(name=entry.name, family=entry.family, max_lora_rank=max(args.rank, 8),
@@ -51,16 +61,9 @@ def engines(model_dir: Path, entry, dtype: str, args, adapter_root: Path) -> dic
         trainer = build_trainer(model_dir, batch_invariant=invariant, **common)
         sampler = build_sampler(model_dir, batch_invariant=invariant, **common)
         for i in range(args.adapters):
-            spec = LoraSpec(rank=args.rank, alpha=2.0 * args.rank, seed=i)
-            trainer.create_adapter(f"a{i}", spec)
-            rng = np.random.default_rng(i)
-            weights = {n: rng.normal(0, 0.02, t.shape).astype(np.float32)
-                       for n, t in trainer.adapter(f"a{i}").weights().items()}
-            trainer.import_adapter(f"a{i}", AdapterState(spec, weights))
-            directory = adapter_root / mode / f"a{i}"
-            directory.mkdir(parents=True, exist_ok=True)
-            for name, parts in checkpoint_files.encode(trainer.export_adapter(f"a{i}", False), "base").items():
-                (directory / name).write_bytes(b"".join(bytes(p) for p in parts))
+            random_adapter(trainer, f"a{i}", LoraSpec(rank=args.rank, alpha=2.0 * args.rank, seed=i), seed=i)
+            directory = checkpoint_files.write_directory(trainer.export_adapter(f"a{i}", False), "base",
+                                                         adapter_root / mode / f"a{i}")
             sampler.load_adapter(f"a{i}", directory)
         built[mode] = (trainer, sampler)
     return built

@@ -57,23 +57,16 @@ def chat_prompts(model_dir: Path, count: int) -> list[tuple[int, ...]]:
 
 
 def trainer_with_adapter(model_dir: Path, entry, dtype: str, args, adapter_dir: Path):
-    """The trainer with adapter `a`: random factors (as tests/support/numerics_fixtures.py's
-    `random_adapter`), exported as a PEFT directory under `adapter_dir`."""
+    """The trainer with adapter `a` (random factors), exported as a PEFT directory under `adapter_dir`."""
+    from batch_invariance import random_adapter
     from tunemesh_trainer import checkpoint_files
-    from tunemesh_trainer.domain import AdapterState, LoraSpec
+    from tunemesh_trainer.domain import LoraSpec
     from tunemesh_trainer.engine import build_torch_engine as build_trainer
 
     trainer = build_trainer(model_dir, entry.name, entry.family, max_lora_rank=args.rank,
                             max_seq_len=args.max_seq_len, dtype=dtype)
-    spec = LoraSpec(rank=args.rank, alpha=2.0 * args.rank, seed=args.seed)
-    trainer.create_adapter("a", spec)
-    rng = np.random.default_rng(args.seed)
-    weights = {name: rng.normal(0.0, 0.05, tensor.shape).astype(np.float32)
-               for name, tensor in trainer.adapter("a").weights().items()}
-    trainer.import_adapter("a", AdapterState(spec, weights))
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    for name, parts in checkpoint_files.encode(trainer.export_adapter("a", False), "base").items():
-        (adapter_dir / name).write_bytes(b"".join(bytes(p) for p in parts))
+    random_adapter(trainer, "a", LoraSpec(rank=args.rank, alpha=2.0 * args.rank, seed=args.seed), args.seed, std=0.05)
+    checkpoint_files.write_directory(trainer.export_adapter("a", False), "base", adapter_dir)
     return trainer
 
 

@@ -56,7 +56,4 @@ def export_peft(engine, adapter_id: str, directory: pathlib.Path) -> pathlib.Pat
     """The adapter as the PEFT directory a sampler loads (what save_weights_for_sampler writes)."""
     from tunemesh_trainer import checkpoint_files
 
-    directory.mkdir(parents=True, exist_ok=True)
-    for name, parts in checkpoint_files.encode(engine.export_adapter(adapter_id, False), "base").items():
-        (directory / name).write_bytes(b"".join(bytes(p) for p in parts))
-    return directory
+    return checkpoint_files.write_directory(engine.export_adapter(adapter_id, False), "base", directory)

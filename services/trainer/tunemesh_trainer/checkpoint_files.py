@@ -4,6 +4,7 @@ checkpoints, `optimizer.safetensors` (AdamW moments and steps, keyed by PEFT ten
 from __future__ import annotations
 
 import json
+import pathlib
 import struct
 
 import numpy as np
@@ -29,6 +30,15 @@ def encode(state: AdapterState, base_model: str) -> dict[str, list]:
         metadata = {"format": OPTIMIZER_FORMAT, "steps": str(state.steps)}
         files[peft_format.OPTIMIZER_FILE] = peft_format.float32_file(tensors, metadata)
     return files
+
+
+def write_directory(state: AdapterState, base_model: str, directory: pathlib.Path) -> pathlib.Path:
+    """`state`'s checkpoint files written into `directory` (created): a PEFT adapter
+    directory that a sampler loads (plus the optimizer file when the state has one)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, parts in encode(state, base_model).items():
+        (directory / name).write_bytes(b"".join(bytes(part) for part in parts))
+    return directory
 
 
 def decode(files: dict[str, bytes], spec: LoraSpec, with_optimizer: bool) -> AdapterState:
