@@ -1,7 +1,9 @@
 """BatchInvariantMode on the running host: a row's result is the same bits in a GEMM of
 any number of rows (1 ... 3x the padding threshold, against 600), for 2-D linears and for
-batched matmuls of one or several matrices, with 1 and 2 threads. If this host's BLAS
-sums small GEMMs another way than measured (batch_invariant.py), these tests say so."""
+batched matmuls of one or several matrices, with 1, 2 and 4 threads, float32 and bfloat16,
+by both routes (a small GEMM on one thread where no gradient is recorded; padded to the
+all-threads threshold where one is). If this host's BLAS sums small GEMMs another way
+than measured (batch_invariant.py), these tests say so."""
 
 from __future__ import annotations
 
@@ -9,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tunemesh_common.numerics import batch_invariant
 from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, gemm_rows
 
 
-@pytest.fixture(params=[1, 2], ids=["1-thread", "2-threads"])
+@pytest.fixture(params=[1, 2, 4], ids=["1-thread", "2-threads", "4-threads"])
 def threads(request):
     saved = torch.get_num_threads()
     torch.set_num_threads(request.param)
@@ -25,11 +28,18 @@ def _rows_agree(compute, full: torch.Tensor, ref: torch.Tensor) -> list[int]:
     return [m for m in range(1, 3 * gemm_rows() + 1) if not torch.equal(compute(full[:m]), ref[:m])]
 
 
-@pytest.mark.parametrize("out_features,in_features", [(576, 576), (1536, 576), (8, 576), (576, 8)])
-def test_linear_rows_do_not_depend_on_the_row_count(threads, out_features, in_features):
+@pytest.fixture(params=[False, True], ids=["no-grad", "grad"])
+def grad(request):
+    """True: the weight records gradients, so small GEMMs are padded on every thread."""
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("out_features,in_features", [(576, 576), (1536, 576), (576, 1536), (8, 576), (576, 8)])
+def test_linear_rows_do_not_depend_on_the_row_count(threads, grad, dtype, out_features, in_features):
     g = torch.Generator().manual_seed(out_features + in_features)
-    weight = torch.randn(out_features, in_features, generator=g)
-    x = torch.randn(600, in_features, generator=g)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype).requires_grad_(grad)
+    x = torch.randn(600, in_features, generator=g).to(dtype)
     ref, ref_matmul = F.linear(x, weight), (x.reshape(1, -1, in_features) @ weight.T)[0]
     with BatchInvariantMode():
         assert _rows_agree(lambda rows: F.linear(rows, weight), x, ref) == []
@@ -37,9 +47,9 @@ def test_linear_rows_do_not_depend_on_the_row_count(threads, out_features, in_fe
 
 
 @pytest.mark.parametrize("matrices", [1, 2, 6])
-def test_batched_matmul_rows_do_not_depend_on_the_row_count(threads, matrices):
+def test_batched_matmul_rows_do_not_depend_on_the_row_count(threads, grad, matrices):
     g = torch.Generator().manual_seed(matrices)
-    b = torch.randn(matrices, 64, 48, generator=g)
+    b = torch.randn(matrices, 64, 48, generator=g).requires_grad_(grad)
     a = torch.randn(matrices, 600, 64, generator=g)
     ref = torch.bmm(a, b)
     with BatchInvariantMode():
@@ -57,3 +67,26 @@ def test_without_the_mode_a_single_row_is_summed_otherwise():
         assert torch.equal(F.linear(x[:1], weight), batched)
     if torch.equal(single, batched):
         pytest.skip("this BLAS sums one row like many")
+
+
+def test_a_small_gemm_on_one_thread_leaves_the_thread_count_as_it_was():
+    """The one-thread route sets MKL's and OpenMP's counts for the calling thread only and
+    restores them: the process-wide count is unchanged, and a later unpadded 5-row GEMM
+    outside the mode is still summed as two threads sum it (unlike the 600-row GEMM's rows)."""
+    if batch_invariant._THREAD_LOCAL is None:
+        pytest.skip("this build of torch has no per-thread thread counts: the padding route runs")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(1)
+        weight, x = torch.randn(576, 576, generator=g), torch.randn(600, 576, generator=g)
+        ref = F.linear(x, weight)
+        before = F.linear(x[:5], weight)
+        if torch.equal(before, ref[:5]):
+            pytest.skip("this BLAS sums 5 rows on two threads like 600")
+        with BatchInvariantMode():
+            assert torch.equal(F.linear(x[:5], weight), ref[:5])
+        assert torch.get_num_threads() == 2
+        assert torch.equal(F.linear(x[:5], weight), before)
+    finally:
+        torch.set_num_threads(saved)

@@ -15,6 +15,13 @@ so a BLAS that behaves otherwise fails the suite, not a tenant's run.
 
 What it costs is the padding: only GEMMs below the threshold grow (decode steps of few rows,
 a MoE expert that got few tokens, attention over few query rows); large ones run as before.
+A GEMM under the threshold whose matrix is small runs instead on one thread, padded to 4
+rows: measured, one thread at M >= 4 sums every row as two threads at M >= 12 do, and a
+4-row GEMM on one thread costs a third of a 12-row one on two (no second thread to wake,
+a third of the rows). That needs MKL's and OpenMP's per-thread thread counts
+(`mkl_set_num_threads_local`, `omp_set_num_threads`), which leave the process-wide count
+(and every other thread's GEMMs) alone; where torch's build lacks them, the padding to the
+many-thread threshold stays.
 Row-wise reductions (RMSNorm's mean, softmax, log_softmax) were measured invariant to the
 number of rows and to a masked tail as they are; attention's sum over key positions is not
 (its length changes with the batch): see `attention.py`.
@@ -22,29 +29,80 @@ number of rows and to a masked tail as they are; attention's sum over key positi
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import ctypes
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-BATCHED_GEMM_ROWS = 4  # bmm of several matrices: one thread per GEMM
+ONE_THREAD_ROWS = 4  # one thread, or one GEMM of a batched matmul of several matrices
+ONE_THREAD_MAX_ELEMENTS = 1 << 22  # a matrix up to this size: a small GEMM runs on one thread
 
 
 def gemm_rows() -> int:
-    """The fewest rows a 2-D GEMM needs for its row results to be the same as in any larger
-    GEMM: 4 with one thread, 12 with two (measured: MKL hands rows out 8 at a time, and
-    each thread's share must be 4 or more)."""
+    """The fewest rows a 2-D GEMM on all of torch's threads needs for its row results to be
+    the same as in any larger GEMM: 4 with one thread, 12 with two (measured: MKL hands rows
+    out 8 at a time, and each thread's share must be 4 or more)."""
     return 8 * max(1, torch.get_num_threads()) - 4
 
 
 def batched_gemm_rows(matrices: int) -> int:
-    """The fewest rows per matrix a batched matmul of `matrices` matrices needs."""
-    return BATCHED_GEMM_ROWS if matrices > 1 else gemm_rows()
+    """The fewest rows per matrix a batched matmul of `matrices` matrices needs (a batch of
+    small GEMMs under `gemm_rows()` rows runs on one thread where it can)."""
+    return ONE_THREAD_ROWS if matrices > 1 or _THREAD_LOCAL is not None else gemm_rows()
+
+
+def _thread_local_counts() -> tuple[Callable[[int], int], Callable[[int], None], Callable[[], int]] | None:
+    """MKL's and OpenMP's per-thread thread-count setters from torch's own library, or
+    None where this build of torch lacks them."""
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
+        mkl_local = lib.MKL_Set_Num_Threads_Local  # the C spelling crashes in torch's static MKL
+        omp_set, omp_get = lib.omp_set_num_threads, lib.omp_get_max_threads
+    except (OSError, AttributeError):
+        return None
+    mkl_local.argtypes, mkl_local.restype = [ctypes.c_int], ctypes.c_int
+    omp_set.argtypes, omp_set.restype = [ctypes.c_int], None
+    omp_get.argtypes, omp_get.restype = [], ctypes.c_int
+    return mkl_local, omp_set, omp_get
+
+
+_THREAD_LOCAL = _thread_local_counts() if torch.backends.mkl.is_available() else None
+
+
+@contextlib.contextmanager
+def _one_thread() -> Iterator[None]:
+    """GEMMs on the calling thread run on one thread; other threads' are untouched."""
+    mkl_local, omp_set, omp_get = _THREAD_LOCAL
+    saved_omp, saved_mkl = omp_get(), mkl_local(1)
+    omp_set(1)
+    try:
+        yield
+    finally:
+        omp_set(saved_omp)
+        mkl_local(saved_mkl)
+
+
+def _padded_call(func: Callable, rows: int, rows_of: torch.Tensor, matrix: torch.Tensor,
+                 pad: Callable[[int], tuple]):
+    """`func(*pad(n))` with the fewest padded rows n that keep `rows` rows (of `rows_of`)
+    invariant: on one thread where `matrix` is small enough for that to pay and no gradient
+    is recorded (autograd's backward GEMMs run on every thread, with the forward's rows)."""
+    need = gemm_rows()
+    if (need > ONE_THREAD_ROWS and _THREAD_LOCAL is not None and matrix.numel() <= ONE_THREAD_MAX_ELEMENTS
+            and not (torch.is_grad_enabled() and (rows_of.requires_grad or matrix.requires_grad))):
+        with _one_thread():
+            return func(*pad(max(rows, ONE_THREAD_ROWS)))
+    return func(*pad(need))
 
 
 def _pad_rows(x: torch.Tensor, rows: int, axis: int) -> torch.Tensor:
     """`x` with zero rows appended along `axis` up to `rows`."""
+    if x.shape[axis] >= rows:
+        return x
     shape = list(x.shape)
     shape[axis] = rows - x.shape[axis]
     return torch.cat([x, x.new_zeros(shape)], dim=axis)
@@ -52,13 +110,15 @@ def _pad_rows(x: torch.Tensor, rows: int, axis: int) -> torch.Tensor:
 
 def _flat_rows(func: Callable, x: torch.Tensor, *rest, **kwargs) -> torch.Tensor:
     """`func(x, *rest)` for a function that multiplies every row of `x` (all but its last
-    axis) by one matrix, with the rows padded to `gemm_rows()`."""
+    axis) by one matrix, with few rows padded (`_padded_call`)."""
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     need = gemm_rows()
     x = x.contiguous()  # a strided input reaches the BLAS copied or not depending on its shape
     if rows == 0 or rows >= need:
         return func(x, *rest, **kwargs)
-    out = func(_pad_rows(x.reshape(rows, x.shape[-1]), need, 0), *rest, **kwargs)
+    flat = x.reshape(rows, x.shape[-1])
+    out = _padded_call(lambda *args: func(*args, **kwargs), rows, flat, rest[0],
+                       lambda n: (_pad_rows(flat, n, 0), *rest))
     return out[:rows].reshape(*x.shape[:-1], out.shape[-1])
 
 
@@ -71,11 +131,14 @@ def _matmul(func, a, b, **kwargs):
         return func(a, b, **kwargs)
     if b.dim() == 2:  # one matrix for every row of `a`: torch folds the rows into one GEMM
         return _flat_rows(func, a, b, **kwargs)
-    rows = a.shape[-2]
-    need = batched_gemm_rows(max(a.shape[:-2].numel(), b.shape[:-2].numel()))
+    rows, matrices = a.shape[-2], max(a.shape[:-2].numel(), b.shape[:-2].numel())
+    need = ONE_THREAD_ROWS if matrices > 1 else gemm_rows()
     if rows == 0 or rows >= need:
         return func(a, b, **kwargs)
-    return func(_pad_rows(a, need, -2), b, **kwargs)[..., :rows, :]
+    if matrices > 1:
+        return func(_pad_rows(a, need, -2), b, **kwargs)[..., :rows, :]
+    return _padded_call(lambda *args: func(*args, **kwargs), rows, a, b,
+                        lambda n: (_pad_rows(a, n, -2), b))[..., :rows, :]
 
 
 def _mm(func, a, b, **kwargs):
@@ -86,9 +149,12 @@ def _addmm(func, input, mat1, mat2, **kwargs):
     rows, need = mat1.shape[0], gemm_rows()
     if rows == 0 or rows >= need:
         return func(input, mat1, mat2, **kwargs)
-    if input.dim() == 2 and input.shape[0] == rows:
-        input = _pad_rows(input, need, 0)
-    return func(input, _pad_rows(mat1, need, 0), mat2, **kwargs)[:rows]
+
+    def pad(n: int) -> tuple:
+        full = _pad_rows(input, n, 0) if input.dim() == 2 and input.shape[0] == rows else input
+        return full, _pad_rows(mat1, n, 0), mat2
+
+    return _padded_call(lambda *args: func(*args, **kwargs), rows, mat1, mat2, pad)[:rows]
 
 
 _PADDED: dict[Callable, Callable] = {
