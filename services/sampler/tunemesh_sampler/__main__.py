@@ -37,6 +37,7 @@ def build_engine(s: settings_mod.SamplerSettings):
         max_seq_len=entry.max_seq_len, max_adapters=s.max_adapters, num_threads=s.num_threads or None,
         device=s.device, dtype=s.dtype, kv_cache_bytes=int(s.kv_cache_bytes),
         kv_cache_fraction=s.kv_cache_fraction, batch_invariant=s.batch_invariant,
+        vllm_batch_invariant=s.vllm_batch_invariant,
     )
 
 

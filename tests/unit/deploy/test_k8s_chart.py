@@ -322,18 +322,20 @@ def test_device_dtype_and_kv_cache_values_reach_trainer_and_sampler_as_flags():
     def engine_flags(variant: str) -> dict[str, dict[str, str]]:
         docs = workloads(render_variant(variant))
         return {name: {k: v for k, v in flags(docs[name]["spec"]["template"]["spec"]["containers"][0]).items()
-                       if k in ("device", "dtype", "kv-cache-bytes", "kv-cache-fraction", "batch-invariant")}
+                       if k in ("device", "dtype", "kv-cache-bytes", "kv-cache-fraction", "batch-invariant",
+                                "vllm-batch-invariant")}
                 for name in ("trainer", "sampler")}
 
     assert engine_flags("default") == {
         "trainer": {"device": "auto", "dtype": "float32", "batch-invariant": "true"},
         "sampler": {"device": "auto", "dtype": "auto", "kv-cache-bytes": "1GiB", "kv-cache-fraction": "0.9",
-                    "batch-invariant": "true"}}
+                    "batch-invariant": "true", "vllm-batch-invariant": "false"}}
     gpu = yaml.safe_load(open(CHART / "values-gpu.yaml"))
     assert engine_flags("gpu") == {
         "trainer": {"device": "cuda", "dtype": "bfloat16", "batch-invariant": "true"},
         "sampler": {"device": "cuda", "dtype": "bfloat16", "kv-cache-bytes": "1GiB",
-                    "kv-cache-fraction": str(gpu["sampler"]["kvCacheFraction"]), "batch-invariant": "true"}}
+                    "kv-cache-fraction": str(gpu["sampler"]["kvCacheFraction"]), "batch-invariant": "true",
+                    "vllm-batch-invariant": "false"}}
 
 
 def test_torchrun_launcher_starts_the_rank_group_instead_of_ranks():

