@@ -108,11 +108,12 @@ class StackCache:
 
 
 def add_batched_lora(x: torch.Tensor, out: torch.Tensor, rows: int, bounds: tuple[tuple[int, int], ...],
-                     stacked: StackedFactors, min_rows: int = 0) -> torch.Tensor:
+                     stacked: StackedFactors, min_rows: int = 0, bmm=torch.bmm) -> torch.Tensor:
     """`out` (the base linear's output of `x`, `rows` rows first) plus each segment's LoRA,
     the segments being the row ranges `bounds` in the order of `stacked`'s adapters; `out`
     is updated in place and returned. `min_rows`: each segment's slab is padded with zero
-    rows up to it once, for both matmuls (batch-invariant mode asks that many rows)."""
+    rows up to it once, for both matmuls (batch-invariant mode asks that many rows); `bmm`:
+    torch's, or batch_invariant's padded one."""
     x_r = x.reshape(rows, -1, x.shape[-1])
     out_r = out.view(rows, -1, out.shape[-1])
     length = x_r.shape[1]
@@ -125,8 +126,8 @@ def add_batched_lora(x: torch.Tensor, out: torch.Tensor, rows: int, bounds: tupl
     x_g = x_g.reshape(layout.segments, slab_rows, -1).to(stacked.a.dtype)
     if slab_rows < min_rows:
         x_g = torch.cat([x_g, x_g.new_zeros(layout.segments, min_rows - slab_rows, x_g.shape[-1])], dim=1)
-    hidden = torch.bmm(x_g, stacked.a.transpose(1, 2))
-    delta = (torch.bmm(hidden, stacked.b.transpose(1, 2)) * stacked.scale).to(out.dtype)
+    hidden = bmm(x_g, stacked.a.transpose(1, 2))
+    delta = (bmm(hidden, stacked.b.transpose(1, 2)) * stacked.scale).to(out.dtype)
     delta = delta[:, :slab_rows].reshape(layout.segments * layout.width, length, -1)
     if layout.start >= 0:
         out_r[layout.start : layout.start + len(delta)] += delta

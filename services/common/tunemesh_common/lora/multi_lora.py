@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tunemesh_common.lora.batched_lora import StackCache, add_batched_lora
+from tunemesh_common.numerics import batch_invariant
 from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, batched_gemm_rows
 
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -135,18 +136,16 @@ class MultiLoraLinear(nn.Module):
         self._stacks = StackCache()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.routing.batch_invariant:  # its GEMMs padded here: the engine needs no model-wide mode
-            with BatchInvariantMode():
-                return self._forward(x)
-        return self._forward(x)
-
-    def _forward(self, x: torch.Tensor) -> torch.Tensor:
         if not x.is_contiguous():
             # e.g. the vocab head on each row's last position (`logits_to_keep`): over a
             # strided 3-D bfloat16 input, torch's CPU linear copied the weight once per row
             # (64 x 576 x 49152 for SmolLM2: 6 s of a 9 s prefill)
             x = x.contiguous()
-        out = self.base(x)
+        if self.routing.batch_invariant:  # through the module: DeepSpeed's ZeRO-3 hooks gather its weight
+            with BatchInvariantMode():
+                out = self.base(x)
+        else:
+            out = self.base(x)
         plan = self.routing.plan
         if plan is None or not any(aid in self.pairs for aid, _, _ in plan.segments):
             return out
@@ -155,6 +154,13 @@ class MultiLoraLinear(nn.Module):
             if batched is not None:
                 return batched
         return self._by_segment(plan, x, out)
+
+    @property
+    def _linear(self) -> Callable[..., torch.Tensor]:
+        """F.linear, or its padded twin in batch-invariant mode: this module pads its own GEMMs,
+        so a dense engine needs no model-wide BatchInvariantMode (whose dispatch every other
+        torch call pays too)."""
+        return batch_invariant.linear if self.routing.batch_invariant else F.linear
 
     def _by_segment(self, plan: RowPlan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """Each segment's LoRA on its own rows."""
@@ -180,7 +186,7 @@ class MultiLoraLinear(nn.Module):
                 return None
             min_rows = batched_gemm_rows(len(mine))
         return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked,
-                                min_rows)
+                                min_rows, batch_invariant.bmm if self.routing.batch_invariant else torch.bmm)
 
     def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor,
                  real: torch.Tensor | None = None) -> torch.Tensor:
@@ -191,10 +197,11 @@ class MultiLoraLinear(nn.Module):
         if pair is None:
             return out
         a, b = (pair.a, pair.b) if adapter_id in plan.trainable else (pair.a.detach(), pair.b.detach())
+        linear = self._linear
         if real is None:
-            return out + (F.linear(F.linear(x.to(a.dtype), a), b) * pair.scale).to(out.dtype)
+            return out + (linear(linear(x.to(a.dtype), a), b) * pair.scale).to(out.dtype)
         x_real = x.reshape(-1, x.shape[-1]).index_select(0, real)
-        delta = (F.linear(F.linear(x_real.to(a.dtype), a), b) * pair.scale).to(out.dtype)
+        delta = (linear(linear(x_real.to(a.dtype), a), b) * pair.scale).to(out.dtype)
         flat = out.new_zeros(out.numel() // out.shape[-1], out.shape[-1]).index_put((real,), delta)
         return out + flat.reshape(out.shape)
 

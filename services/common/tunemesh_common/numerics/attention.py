@@ -26,15 +26,19 @@ Two implementations are registered with transformers' AttentionInterface:
   query head, in order; the rows of padding positions carry exact zeros.
   Every matmul gets contiguous operands: torch passes a strided view to the BLAS as is or
   copies it depending on the batch size (whether the batch axes fold into one), and the
-  BLAS sums differently over the two layouts. Under `BatchInvariantMode`
-  (batch_invariant.py), so its matmuls never see too few rows.
+  BLAS sums differently over the two layouts. Its matmuls are batch_invariant.py's padded
+  ones, so they never see too few rows.
 """
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from tunemesh_common.numerics.batch_invariant import matmul
 
 POSITIONAL = "tunemesh_positional"
 INVARIANT = "tunemesh_invariant"
@@ -47,6 +51,29 @@ def _allowed(position_ids: torch.Tensor | None, q_len: int, kv_len: int, device:
     if position_ids is None:
         position_ids = torch.arange(q_len, device=device)[None]
     return torch.arange(kv_len, device=device)[None, None, :] <= position_ids[:, :, None]
+
+
+class _GroupedMask(threading.local):
+    """The invariant attention's mask, (B or 1, 1, group * q_len, kv_len), kept from one layer
+    to the next: every layer of a forward gets the same `position_ids` tensor and key length."""
+
+    key: tuple | None = None
+    mask: torch.Tensor | None = None
+
+    def get(self, position_ids: torch.Tensor | None, q_len: int, kv_len: int, group: int,
+            device: torch.device) -> torch.Tensor:
+        # the tensor itself is kept (so no other can take its id), and compared by identity
+        # and version (an in-place change bumps it)
+        key = (None if position_ids is None else position_ids._version, q_len, kv_len, group, device)
+        if self.key is None or self.key[0] is not position_ids or self.key[1:] != key:
+            allowed = _allowed(position_ids, q_len, kv_len, device)
+            self.mask = allowed[:, None, None].expand(-1, 1, group, -1, -1).reshape(
+                allowed.shape[0], 1, group * q_len, kv_len)
+            self.key = (position_ids, *key)
+        return self.mask
+
+
+_GROUPED_MASK = _GroupedMask()
 
 
 def positional_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, position_ids=None,
@@ -63,13 +90,6 @@ def positional_attention(module: nn.Module, query, key, value, attention_mask, s
 def invariant_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, position_ids=None,
                         **kwargs):
     """The batch-invariant attention of the module docstring; (B, Lq, Hq, D)."""
-    from tunemesh_common.numerics.batch_invariant import BatchInvariantMode
-
-    with BatchInvariantMode():
-        return _invariant_attention(query, key, value, scaling, position_ids)
-
-
-def _invariant_attention(query, key, value, scaling, position_ids):
     batch, q_heads, q_len, dim = query.shape
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
@@ -77,8 +97,7 @@ def _invariant_attention(query, key, value, scaling, position_ids):
     key_t, value = _padded(key.transpose(-1, -2), kv_len), _padded(value.transpose(-1, -2), kv_len).transpose(-1, -2)
     q = query.float().reshape(batch, kv_heads, group * q_len, dim).contiguous()  # query head h = kv * group + g
     scale = dim ** -0.5 if scaling is None else scaling
-    allowed = _allowed(position_ids, q_len, kv_len, query.device)
-    allowed = allowed[:, None, None].expand(-1, 1, group, -1, -1).reshape(allowed.shape[0], 1, group * q_len, kv_len)
+    allowed = _GROUPED_MASK.get(position_ids, q_len, kv_len, group, query.device)
     out = _InvariantCore.apply(q, key_t, value.contiguous(), allowed, scale, group)
     out = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).contiguous()
     return out.to(query.dtype), None
@@ -97,7 +116,7 @@ def _blocked_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     batch, heads, rows, length = probs.shape
     blocks = length // KV_BLOCK
     probs = probs.reshape(batch, heads, rows, blocks, KV_BLOCK).transpose(2, 3).contiguous()
-    partial = torch.matmul(probs, values.reshape(batch, heads, blocks, KV_BLOCK, values.shape[-1]).contiguous())
+    partial = matmul(probs, values.reshape(batch, heads, blocks, KV_BLOCK, values.shape[-1]).contiguous())
     out = partial[:, :, 0]
     for block in range(1, blocks):
         out = out + partial[:, :, block]
@@ -111,7 +130,7 @@ class _InvariantCore(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k_t, v, allowed, scale: float, group: int):
-        scores = torch.matmul(q, k_t) * scale
+        scores = matmul(q, k_t) * scale
         probs = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1)
         ctx.save_for_backward(q, k_t, v, probs)
         ctx.scale, ctx.group = scale, group
@@ -119,16 +138,13 @@ class _InvariantCore(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        from tunemesh_common.numerics.batch_invariant import BatchInvariantMode
-
         q, k_t, v, probs = ctx.saved_tensors
-        with BatchInvariantMode():
-            grad_out = grad_out.contiguous()
-            grad_probs = torch.matmul(grad_out, v.transpose(-1, -2).contiguous())
-            grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * ctx.scale
-            grad_q = _blocked_values(grad_scores, k_t.transpose(-1, -2))
-            grad_k_t = _blocked_over_queries(grad_scores, q, ctx.group).transpose(-1, -2)
-            grad_v = _blocked_over_queries(probs, grad_out, ctx.group)
+        grad_out = grad_out.contiguous()
+        grad_probs = matmul(grad_out, v.transpose(-1, -2).contiguous())
+        grad_scores = probs * (grad_probs - (grad_probs * probs).sum(-1, keepdim=True)) * ctx.scale
+        grad_q = _blocked_values(grad_scores, k_t.transpose(-1, -2))
+        grad_k_t = _blocked_over_queries(grad_scores, q, ctx.group).transpose(-1, -2)
+        grad_v = _blocked_over_queries(probs, grad_out, ctx.group)
         return grad_q, grad_k_t, grad_v, None, None, None
 
 
@@ -142,7 +158,7 @@ def _blocked_over_queries(weights: torch.Tensor, rows: torch.Tensor, group: int)
     rows = F.pad(rows.reshape(batch, heads, group, q_len, rows.shape[-1]), (0, 0, 0, missing))
     blocks = (q_len + missing) // Q_BLOCK
     weights = weights.reshape(batch, heads, group * blocks, Q_BLOCK, length).transpose(-1, -2).contiguous()
-    partial = torch.matmul(weights, rows.reshape(batch, heads, group * blocks, Q_BLOCK, rows.shape[-1]).contiguous())
+    partial = matmul(weights, rows.reshape(batch, heads, group * blocks, Q_BLOCK, rows.shape[-1]).contiguous())
     out = partial[:, :, 0]
     for block in range(1, group * blocks):
         out = out + partial[:, :, block]

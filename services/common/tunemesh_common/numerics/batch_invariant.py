@@ -171,6 +171,22 @@ _PADDED: dict[Callable, Callable] = {
 }
 
 
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear`, padded as under `BatchInvariantMode` (without a mode's per-call dispatch,
+    which every other torch call under a mode pays too)."""
+    return _linear(F.linear, input, weight, bias)
+
+
+def matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.matmul`, padded as under `BatchInvariantMode`."""
+    return _matmul(torch.matmul, a, b)
+
+
+def bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.bmm`, padded as under `BatchInvariantMode`."""
+    return _matmul(torch.bmm, a, b)
+
+
 class BatchInvariantMode(TorchFunctionMode):
     """While active (on this thread), the matmuls above never run below their row thresholds."""
 
