@@ -185,8 +185,11 @@ class MultiLoraLinear(nn.Module):
             if not stacked.uniform_rank:
                 return None
             min_rows = batched_gemm_rows(len(mine))
-        return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked,
-                                min_rows, batch_invariant.bmm if self.routing.batch_invariant else torch.bmm)
+        # a dozen small operations: on one thread they wake no other (a batched matmul of several
+        # matrices runs one thread per matrix either way, so the numbers are the same)
+        with batch_invariant.one_thread():
+            return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked,
+                                    min_rows, batch_invariant.bmm if self.routing.batch_invariant else torch.bmm)
 
     def _segment(self, plan: RowPlan, adapter_id: str, x: torch.Tensor, out: torch.Tensor,
                  real: torch.Tensor | None = None) -> torch.Tensor:

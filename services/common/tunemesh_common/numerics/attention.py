@@ -32,18 +32,29 @@ Two implementations are registered with transformers' AttentionInterface:
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunemesh_common.numerics.batch_invariant import matmul
+from tunemesh_common.numerics.batch_invariant import matmul, one_thread
 
 POSITIONAL = "tunemesh_positional"
 INVARIANT = "tunemesh_invariant"
 KV_BLOCK = 64  # key positions per block of the invariant sums over keys
 Q_BLOCK = 64  # query positions per block of the invariant backward's sums over queries
+ONE_THREAD_SCORES = 1 << 14  # attention without gradients over at most this many scores: one thread
+
+
+def _threads(query: torch.Tensor, kv_len: int) -> contextlib.AbstractContextManager:
+    """One thread for a small attention that records no gradient (a decode step): its dozen
+    small operations then wake no other thread. The same numbers either way: its batched
+    matmuls run one thread per matrix, and the rest is elementwise or row-wise."""
+    if torch.is_grad_enabled() or query.shape[:-1].numel() * kv_len > ONE_THREAD_SCORES:
+        return contextlib.nullcontext()
+    return one_thread()
 
 
 def _allowed(position_ids: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:
@@ -80,11 +91,12 @@ def positional_attention(module: nn.Module, query, key, value, attention_mask, s
                          **kwargs):
     """SDPA under the position mask; (B, Lq, Hq, D) like transformers' attention functions."""
     upcast = query.dtype == torch.bfloat16 and query.device.type == "cpu"
-    q, k, v = (t.float() for t in (query, key, value)) if upcast else (query, key, value)
-    allowed = _allowed(position_ids, query.shape[2], key.shape[2], query.device)[:, None]
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling,
-                                         enable_gqa=query.shape[1] != key.shape[1])
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    with _threads(query, key.shape[2]):
+        q, k, v = (t.float() for t in (query, key, value)) if upcast else (query, key, value)
+        allowed = _allowed(position_ids, query.shape[2], key.shape[2], query.device)[:, None]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=scaling,
+                                             enable_gqa=query.shape[1] != key.shape[1])
+        return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 
 def invariant_attention(module: nn.Module, query, key, value, attention_mask, scaling=None, position_ids=None,
@@ -94,20 +106,50 @@ def invariant_attention(module: nn.Module, query, key, value, attention_mask, sc
     kv_heads = key.shape[1]
     group = q_heads // kv_heads
     kv_len = key.shape[2] + -key.shape[2] % KV_BLOCK
-    key_t, value = _padded(key.transpose(-1, -2), kv_len), _padded(value.transpose(-1, -2), kv_len).transpose(-1, -2)
-    q = query.float().reshape(batch, kv_heads, group * q_len, dim).contiguous()  # query head h = kv * group + g
-    scale = dim ** -0.5 if scaling is None else scaling
-    allowed = _GROUPED_MASK.get(position_ids, q_len, kv_len, group, query.device)
-    out = _InvariantCore.apply(q, key_t, value.contiguous(), allowed, scale, group)
-    out = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).contiguous()
-    return out.to(query.dtype), None
+    with _threads(query, kv_len):
+        key_t = _padded(key.transpose(-1, -2), kv_len, -1, "keys")
+        value = _padded(value, kv_len, -2, "values")
+        q = query.float().reshape(batch, kv_heads, group * q_len, dim).contiguous()  # query head h = kv * group + g
+        scale = dim ** -0.5 if scaling is None else scaling
+        allowed = _GROUPED_MASK.get(position_ids, q_len, kv_len, group, query.device)
+        out = _InvariantCore.apply(q, key_t, value, allowed, scale, group)
+        out = out.reshape(batch, q_heads, q_len, dim).transpose(1, 2).contiguous()
+        return out.to(query.dtype), None
 
 
-def _padded(tensor: torch.Tensor, length: int) -> torch.Tensor:
-    """`tensor` (..., L) in float32, contiguous, with zeros after its last axis up to `length`:
-    one copy."""
-    out = tensor.new_zeros((*tensor.shape[:-1], length), dtype=torch.float32)
-    out[..., : tensor.shape[-1]] = tensor
+class _Scratch(threading.local):
+    """Buffers this thread reuses from one layer to the next where no gradient is recorded
+    (nothing keeps them past the layer): a decode step of 64 rows otherwise allocated, and
+    page-faulted in, ~12 MB of fresh memory per layer."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple, torch.Tensor] = {}
+
+    def take(self, name: str, shape: list[int], device: torch.device) -> torch.Tensor:
+        size = 1
+        for n in shape:
+            size *= n
+        buffer = self.buffers.get((name, device))
+        if buffer is None or buffer.numel() < size:
+            buffer = self.buffers[(name, device)] = torch.empty(size, dtype=torch.float32, device=device)
+        return buffer[:size].view(shape)
+
+
+_SCRATCH = _Scratch()
+
+
+def _padded(tensor: torch.Tensor, length: int, axis: int, name: str) -> torch.Tensor:
+    """`tensor` in float32, contiguous, with zeros after it along `axis` up to `length`: one
+    copy, into this thread's `name` buffer where no gradient is recorded."""
+    shape = list(tensor.shape)
+    shape[axis] = length
+    if torch.is_grad_enabled():  # the backward keeps it
+        out = torch.empty(shape, dtype=torch.float32, device=tensor.device)
+    else:
+        out = _SCRATCH.take(name, shape, tensor.device)
+    filled = tensor.shape[axis]
+    out.narrow(axis, 0, filled).copy_(tensor)
+    out.narrow(axis, filled, length - filled).zero_()
     return out
 
 

@@ -74,8 +74,14 @@ _THREAD_LOCAL = _thread_local_counts() if torch.backends.mkl.is_available() else
 
 
 @contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """GEMMs on the calling thread run on one thread; other threads' are untouched."""
+def one_thread() -> Iterator[None]:
+    """torch's kernels called from this thread run on one thread (no parallel region, so no
+    other thread to wake: with OMP_WAIT_POLICY=PASSIVE, which the local mesh sets, waking
+    one cost ~50 us per small operation); other threads' are untouched. A no-op where this
+    build of torch lacks per-thread thread counts."""
+    if _THREAD_LOCAL is None:
+        yield
+        return
     mkl_local, omp_set, omp_get = _THREAD_LOCAL
     saved_omp, saved_mkl = omp_get(), mkl_local(1)
     omp_set(1)
@@ -94,7 +100,7 @@ def _padded_call(func: Callable, rows: int, rows_of: torch.Tensor, matrix: torch
     need = gemm_rows()
     if (need > ONE_THREAD_ROWS and _THREAD_LOCAL is not None and matrix.numel() <= ONE_THREAD_MAX_ELEMENTS
             and not (torch.is_grad_enabled() and (rows_of.requires_grad or matrix.requires_grad))):
-        with _one_thread():
+        with one_thread():
             return func(*pad(max(rows, ONE_THREAD_ROWS)))
     return func(*pad(need))
 
