@@ -125,6 +125,9 @@ class LoraRouting:
             self.plan, self.batched, self.real_tokens, self._real_index = None, False, None, {}
 
 
+ONE_THREAD_LORA_TOKENS = 256  # batched LoRA over at most this many tokens runs on one thread
+
+
 class MultiLoraLinear(nn.Module):
     """A frozen base linear plus per-adapter LoRA factors, selected per row."""
 
@@ -185,9 +188,11 @@ class MultiLoraLinear(nn.Module):
             if not stacked.uniform_rank:
                 return None
             min_rows = batched_gemm_rows(len(mine))
-        # a dozen small operations: on one thread they wake no other (a batched matmul of several
-        # matrices runs one thread per matrix either way, so the numbers are the same)
-        with batch_invariant.one_thread():
+        # a decode step's dozen small operations: on one thread they wake no other (a batched matmul
+        # of several matrices runs one thread per matrix either way, so the numbers are the same);
+        # a prefill's are large enough to share
+        small = x.numel() <= ONE_THREAD_LORA_TOKENS * x.shape[-1]
+        with batch_invariant.one_thread() if small else contextlib.nullcontext():
             return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked,
                                     min_rows, batch_invariant.bmm if self.routing.batch_invariant else torch.bmm)
 

@@ -46,6 +46,7 @@ INVARIANT = "tunemesh_invariant"
 KV_BLOCK = 64  # key positions per block of the invariant sums over keys
 Q_BLOCK = 64  # query positions per block of the invariant backward's sums over queries
 ONE_THREAD_SCORES = 1 << 14  # attention without gradients over at most this many scores: one thread
+SCRATCH_MAX_ELEMENTS = 16 << 20  # a padded key or value tensor up to 64 MiB (float32) reuses its buffer
 
 
 def _threads(query: torch.Tensor, kv_len: int) -> contextlib.AbstractContextManager:
@@ -120,7 +121,8 @@ def invariant_attention(module: nn.Module, query, key, value, attention_mask, sc
 class _Scratch(threading.local):
     """Buffers this thread reuses from one layer to the next where no gradient is recorded
     (nothing keeps them past the layer): a decode step of 64 rows otherwise allocated, and
-    page-faulted in, ~12 MB of fresh memory per layer."""
+    page-faulted in, ~12 MB of fresh memory per layer. A larger tensor (a long prefill)
+    gets fresh memory, so the buffers stay small."""
 
     def __init__(self) -> None:
         self.buffers: dict[tuple, torch.Tensor] = {}
@@ -129,6 +131,8 @@ class _Scratch(threading.local):
         size = 1
         for n in shape:
             size *= n
+        if size > SCRATCH_MAX_ELEMENTS:
+            return torch.empty(shape, dtype=torch.float32, device=device)
         buffer = self.buffers.get((name, device))
         if buffer is None or buffer.numel() < size:
             buffer = self.buffers[(name, device)] = torch.empty(size, dtype=torch.float32, device=device)
