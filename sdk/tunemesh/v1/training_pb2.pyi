@@ -12,7 +12,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TrainingRun(_message.Message):
-    __slots__ = ("name", "session", "base_model", "lora_config", "step", "trainer_node", "create_time", "last_seq_id", "frozen", "user_metadata")
+    __slots__ = ("name", "session", "base_model", "lora_config", "step", "trainer_node", "create_time", "last_seq_id", "frozen", "user_metadata", "owner", "last_request_time")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -30,6 +30,8 @@ class TrainingRun(_message.Message):
     LAST_SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     FROZEN_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
+    LAST_REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
     name: str
     session: str
     base_model: str
@@ -40,7 +42,9 @@ class TrainingRun(_message.Message):
     last_seq_id: int
     frozen: bool
     user_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, name: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., trainer_node: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq_id: _Optional[int] = ..., frozen: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    owner: str
+    last_request_time: _timestamp_pb2.Timestamp
+    def __init__(self, name: _Optional[str] = ..., session: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., trainer_node: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq_id: _Optional[int] = ..., frozen: _Optional[bool] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., owner: _Optional[str] = ..., last_request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class CreateTrainingRunRequest(_message.Message):
     __slots__ = ("session", "base_model", "lora_config", "request_id", "from_checkpoint", "load_optimizer_state", "user_metadata")

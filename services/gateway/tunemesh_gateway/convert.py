@@ -394,10 +394,12 @@ def checkpoint(ck: checkpoints_pb2.Checkpoint, training_run_id: str) -> dict[str
 
 
 def training_run(run: training_pb2.TrainingRun, training_run_id: str) -> dict[str, Any]:
-    """Tinker's TrainingRun. tunemesh keeps no last-request time: the creation time stands in."""
-    return {"training_run_id": training_run_id, "base_model": run.base_model, "model_owner": "",
+    """Tinker's TrainingRun: its owner is the run's tenant; its last request time the
+    scheduler's (the creation time from a scheduler that reports none)."""
+    last = run.last_request_time if run.HasField("last_request_time") else run.create_time
+    return {"training_run_id": training_run_id, "base_model": run.base_model, "model_owner": run.owner,
             "is_lora": True, "corrupted": False, "lora_rank": run.lora_config.rank,
-            "last_request_time": iso(run.create_time), "user_metadata": user_labels(run.user_metadata)}
+            "last_request_time": iso(last), "user_metadata": user_labels(run.user_metadata)}
 
 
 def weights_info(ck: checkpoints_pb2.Checkpoint) -> dict[str, Any]:

@@ -55,6 +55,8 @@ def run(record: RunRecord) -> training_pb2.TrainingRun:
         last_seq_id=record.last_seq_id,
         frozen=not record.node_id,
         user_metadata=dict(record.user_metadata),
+        owner=record.tenant,
+        last_request_time=timestamp(record.last_request_time or record.create_time),
     )
 
 

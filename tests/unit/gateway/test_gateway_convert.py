@@ -224,10 +224,16 @@ def test_checkpoints_and_runs_validate_as_the_sdk_types():
     assert (parsed.checkpoint_id, parsed.checkpoint_type, parsed.tinker_path) == (
         "weights/s1", "training", f"tinker://{MODEL}/weights/s1")
     assert parsed.user_metadata == {"k": "v"} and parsed.expires_at is not None
-    run = training_pb2.TrainingRun(name="runs/r1", base_model="m", lora_config=types_pb2.LoraConfig(rank=8))
+    run = training_pb2.TrainingRun(name="runs/r1", base_model="m", lora_config=types_pb2.LoraConfig(rank=8),
+                                   owner="alice")
     run.user_metadata["renderer_name"] = "role_colon"
+    run.create_time.FromSeconds(1_700_000_000)
     parsed_run = tt.TrainingRun.model_validate(convert.training_run(run, MODEL))
     assert parsed_run.user_metadata == {"renderer_name": "role_colon"} and parsed_run.lora_rank == 8
+    assert parsed_run.model_owner == "alice" and parsed_run.last_request_time.timestamp() == 1_700_000_000
+    run.last_request_time.FromSeconds(1_700_000_500)  # a scheduler that reports it
+    assert tt.TrainingRun.model_validate(convert.training_run(run, MODEL)).last_request_time.timestamp() == \
+        1_700_000_500
     info = tt.GetInfoResponse.model_validate(convert.get_info(run, MODEL))
     assert info.model_data.model_name == info.model_data.tokenizer_id == "m"
     assert tt.WeightsInfoResponse.model_validate(convert.weights_info(ck)).lora_rank == 8

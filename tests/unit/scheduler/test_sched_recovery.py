@@ -462,3 +462,28 @@ def test_a_run_noted_before_its_ops_finish_records_cannot_pass_them() -> None:
         assert [o.seq_id for o in recovered.queued] == [1] and not recovered.lost
 
     asyncio.run(scenario())
+
+
+def test_a_taken_over_run_reports_its_latest_logged_operation_as_its_last_request():
+    """The last request time is not stored; a new scheduler takes the latest of the run's
+    logged operations, not the run's creation time."""
+    from tunemesh_scheduler import convert
+
+    async def main():
+        store, trainer, now = MemoryRunStore(), FakeTrainer(), [1000.0]
+        a = await _start(store, trainer, "a", clock=lambda: now[0])
+        session = a.core.create_session("t1")
+        run = (await a.core.create_run("t1", session.name, "tiny", {"rank": 8})).name
+        ops = []
+        for seq, at in ((1, 1010.0), (2, 1020.0)):
+            now[0] = at
+            ops.append(await a.submit(run, seq))
+        await a.wait_all(ops)
+        await a.core.sync()
+        await _crash()
+        now[0] = 2000.0
+        b = await _take_over(store, trainer, clock=lambda: now[0])
+        record = b.core.get_run("t1", run)
+        assert (convert.run(record).owner, convert.run(record).last_request_time.ToSeconds()) == ("t1", 1020)
+
+    asyncio.run(main())

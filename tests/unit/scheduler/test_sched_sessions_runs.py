@@ -244,3 +244,23 @@ def test_session_labels_are_bounded(labels):
         registry.create("t1", labels)
     assert caught.value.reason == "BAD_LABELS" and len(registry) == 0
     assert registry.create("t1", {f"k{i}": "v" * 256 for i in range(32)}).labels["k0"] == "v" * 256
+
+
+def test_a_run_reports_its_owner_and_when_its_latest_operation_came():
+    """GetTrainingRun's owner is the run's tenant; its last request time is the creation time
+    until an operation is accepted, then that operation's (Tinker's TrainingRun shows both)."""
+    from tunemesh_scheduler import convert
+
+    async def main():
+        mesh = await make_mesh()
+        run = await mesh.new_run("t1")
+        record = mesh.core.get_run("t1", run)
+        assert convert.run(record).owner == "t1"
+        assert convert.run(record).last_request_time.ToSeconds() == 1000
+        mesh.now[0] = 1042.0
+        op = await mesh.submit(run, 1)
+        mesh.now[0] = 1050.0
+        await mesh.wait_all([op])
+        assert convert.run(record).last_request_time.ToSeconds() == 1042
+
+    asyncio.run(main())

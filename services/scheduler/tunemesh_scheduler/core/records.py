@@ -107,6 +107,9 @@ class RunRecord:
     # (last_seq_id, step) as the store keeps them: moved on only when the operation log
     # below is compacted, so it never runs ahead of the logged operations.
     floor: tuple[int, int] = (0, 0)
+    # when its latest operation was accepted (0: none yet); not stored: a takeover takes the
+    # latest of the logged operations' times
+    last_request_time: float = 0.0
 
 
 @dataclasses.dataclass(slots=True)

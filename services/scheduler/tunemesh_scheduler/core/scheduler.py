@@ -295,6 +295,8 @@ class SchedulerCore:
         for sampling in plan.sampling_sessions:
             self.sampling.restore(sampling)
         for recovered in plan.runs:
+            recovered.run.last_request_time = max(
+                (op.create_time for op in (*recovered.finished, *recovered.queued, *recovered.lost)), default=0.0)
             self.runs.restore(recovered.run)
         self.machine.restore(plan)
         self._poke()
@@ -441,6 +443,7 @@ class SchedulerCore:
             payload=payload, payload_digest=payload_digest, num_tokens=num_tokens,
             node_id=record.node_id, epoch=record.epoch,
         )
+        record.last_request_time = op.create_time
         self.machine.submit(op)
         self._poke()
         await self._logged(op)
