@@ -90,3 +90,31 @@ def test_a_small_gemm_on_one_thread_leaves_the_thread_count_as_it_was():
         assert torch.equal(F.linear(x[:5], weight), before)
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("matrices", [0, 1, 8], ids=["linear", "bmm-1", "bmm-8"])
+def test_gemms_of_enough_rows_give_the_same_bits_on_one_thread_as_on_two(matrices, dtype):
+    """What running a decode step's LoRA and attention under `one_thread()` relies on: a GEMM
+    of 4 rows or more per matrix (a batched one of several matrices) or of 12 or more (one
+    matrix) sums each row on one thread as on two."""
+    if batch_invariant._THREAD_LOCAL is None:
+        pytest.skip("this build of torch has no per-thread thread counts")
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(matrices)
+        if matrices:
+            a, b = torch.randn(matrices, 64, 576, generator=g), torch.randn(matrices, 576, 192, generator=g)
+            compute, rows = (lambda m: torch.bmm(a[:, :m].to(dtype).contiguous(), b.to(dtype))), \
+                ([4, 5, 8, 13, 64] if matrices > 1 else [12, 13, 33, 64])
+        else:
+            a, b = torch.randn(64, 576, generator=g), torch.randn(1536, 576, generator=g)
+            compute, rows = (lambda m: F.linear(a[:m].to(dtype), b.to(dtype))), [12, 13, 33, 64]
+        for m in rows:
+            two = compute(m)
+            with batch_invariant.one_thread():
+                one = compute(m)
+            assert torch.equal(one, two), m
+    finally:
+        torch.set_num_threads(saved)
