@@ -19,7 +19,7 @@ A GEMM under the threshold whose matrix is small runs instead on one thread, pad
 rows: measured, one thread at M >= 4 sums every row as two threads at M >= 12 do, and a
 4-row GEMM on one thread costs a third of a 12-row one on two (no second thread to wake,
 a third of the rows). That needs MKL's and OpenMP's per-thread thread counts
-(`mkl_set_num_threads_local`, `omp_set_num_threads`), which leave the process-wide count
+(`MKL_Set_Num_Threads_Local`, `omp_set_num_threads`), which leave the process-wide count
 (and every other thread's GEMMs) alone; where torch's build lacks them, the padding to the
 many-thread threshold stays.
 Row-wise reductions (RMSNorm's mean, softmax, log_softmax) were measured invariant to the
