@@ -218,6 +218,32 @@ def test_failures_from_one_address_block_it_but_not_others_nor_known_keys(tmp_pa
     assert kdf_runs == 4  # a blocked attempt runs no KDF
 
 
+def test_guesses_sent_in_parallel_meet_the_limit_as_sequential_ones_do(tmp_path, counted):
+    path = tmp_path / "k.json"
+    alice, alice_record = api_keys.new_key("alice", kdf=FAST)
+    api_keys.write_key_file(path, [alice_record])
+    auth = _authenticator(path, Clock(), max_failures=3, window_s=60, block_s=30)
+    guesses = [alice[:-4] + f"{i:04d}" for i in range(12)]  # alice's id, wrong secrets: each costs a KDF
+
+    async def outcome(key: str, peer: str) -> str:
+        try:
+            return await auth(bearer(key), peer)
+        except (UnauthenticatedError, ResourceExhaustedError) as err:
+            return err.reason
+
+    async def scenario():
+        attack = [outcome(key, f"ipv4:10.0.0.66:{port}") for port, key in enumerate(guesses)]
+        # alice's first calls, in parallel from her own address: one KDF, all admitted
+        mine = [outcome(alice, "ipv4:10.0.0.7:1") for _ in range(4)]
+        return await asyncio.gather(*attack), await asyncio.gather(*mine)
+
+    attack, mine = asyncio.run(scenario())
+    assert attack == ["INVALID_API_KEY"] * 3 + ["AUTH_THROTTLED"] * 9
+    assert mine == ["alice"] * 4
+    assert len(counted) == 3 + 1  # the throttled guesses ran no KDF; alice's key was hashed once
+    assert auth._turns == {}  # no lock outlives its callers
+
+
 def test_inline_development_keys(counted):
     auth = KeyAuthenticator.inline({"key-a": "tenant-a", "tml-demo-bob": "bob"})
     assert asyncio.run(auth(bearer("tml-demo-bob"))) == "bob"

@@ -14,13 +14,16 @@ KDF is not run again for it), until its record changes. The file is re-read when
 mtime, size or inode changes (looked at most every `check_every_s`); a file that does not
 parse leaves the last good keys in force, logged with the reason. Failed attempts are
 counted per caller address (`throttle.FailureThrottle`): a caller over the limit is
-refused before any KDF runs, except with a key that already verified.
+refused before any KDF runs, except with a key that already verified. One caller's keys
+that have not verified are checked one at a time, so guesses sent in parallel meet the
+limit as sequential ones do (each waits for the verdict on the one before).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -32,7 +35,7 @@ import re
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from pathlib import Path
 
 from tunemesh.errors import ResourceExhaustedError, UnauthenticatedError
@@ -271,6 +274,7 @@ class KeyAuthenticator:
         self.ring, self._clock, self._cache_size = ring, clock, cache_size
         self.throttle = throttle if throttle is not None else FailureThrottle()
         self._verified: OrderedDict[str, tuple[bytes, KeyRecord]] = OrderedDict()  # key id -> (sha256, record)
+        self._turns: dict[str, list] = {}  # caller address -> [lock, holders and waiters]
 
     @classmethod
     def inline(cls, keys: Mapping[str, str], **kwargs) -> KeyAuthenticator:
@@ -293,17 +297,34 @@ class KeyAuthenticator:
             self._verified.move_to_end(key_id)
             return record.tenant
         source = source_of(peer)
-        wait_s = self.throttle.blocked_for(source, now)
-        if wait_s > 0:
-            raise ResourceExhaustedError("AUTH_THROTTLED", f"too many failed API key attempts from this address; "
-                                                           f"retry in {wait_s:.0f} s")
-        if record is None or record.revoked or not await asyncio.to_thread(record.matches, key):
-            self.throttle.failed(source, self._clock())
-            raise UnauthenticatedError("INVALID_API_KEY", "the API key is not valid")
+        async with self._turn(source):  # this caller's earlier unverified keys are judged first
+            cached = self._verified.get(key_id)  # verified while this call waited its turn?
+            if cached is not None and cached[1] is record and hmac.compare_digest(cached[0], digest):
+                return record.tenant
+            wait_s = self.throttle.blocked_for(source, self._clock())
+            if wait_s > 0:
+                raise ResourceExhaustedError("AUTH_THROTTLED", f"too many failed API key attempts from this "
+                                                               f"address; retry in {wait_s:.0f} s")
+            if record is None or record.revoked or not await asyncio.to_thread(record.matches, key):
+                self.throttle.failed(source, self._clock())
+                raise UnauthenticatedError("INVALID_API_KEY", "the API key is not valid")
         self._verified[key_id] = (digest, record)
         if len(self._verified) > self._cache_size:
             self._verified.popitem(last=False)
         return record.tenant
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, source: str) -> AsyncIterator[None]:
+        """Hold `source`'s one verification slot (its lock lives while anyone holds or waits for it)."""
+        entry = self._turns.setdefault(source, [asyncio.Lock(), 0])
+        entry[1] += 1
+        try:
+            async with entry[0]:
+                yield
+        finally:
+            entry[1] -= 1
+            if not entry[1]:
+                del self._turns[source]
 
 
 def api_key_from_metadata(metadata: Mapping[str, str]) -> str:
