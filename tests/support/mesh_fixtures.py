@@ -41,6 +41,7 @@ def start_mesh(model_data_dir: Path, mesh_ca_dir: Path) -> Callable[..., Abstrac
     session's model cache. Its schedulers accept the plain-text DEV_KEYS (tml-demo-alice,
     tml-demo-bob) besides the mesh's fresh keys. `prometheus=True` also starts a Prometheus (`mesh.prometheus_url`);
     `gateway=True` the launcher's Tinker gateway (`mesh.gateway_url`; off by default here, unlike `tunemesh up`).
+    `dev_keys=False` leaves DEV_KEYS out: only the fresh keys (`launcher.client_keys(mesh)`), as `tunemesh up`.
     Every hop runs TLS with certificates of the session's CA (`mesh_ca_dir`);
     `insecure=True` starts a plaintext mesh instead."""
     if shutil.which("etcd") is None:
@@ -50,7 +51,7 @@ def start_mesh(model_data_dir: Path, mesh_ca_dir: Path) -> Callable[..., Abstrac
     def start(state_dir: Path, trainers: int = 1, models: tuple[str, ...] = ("tunemesh/tiny-dense",),
               env: dict[str, str] | None = None, samplers: int = 0, sampler_engine: str = "torch",
               prometheus: bool = False, schedulers: int = 1, insecure: bool = False,
-              gateway: bool = False) -> Iterator[MeshState]:
+              gateway: bool = False, dev_keys: bool = True) -> Iterator[MeshState]:
         from tunemesh_local import launcher
 
         def services(config, etcd_endpoint, api_keys_file):
@@ -59,7 +60,7 @@ def start_mesh(model_data_dir: Path, mesh_ca_dir: Path) -> Callable[..., Abstrac
 
         config = launcher.MeshConfig(state_dir=Path(state_dir), trainers=trainers, models=tuple(models),
                                      ready_timeout=120.0, samplers=samplers, sampler_engine=sampler_engine,
-                                     prometheus=prometheus, schedulers=schedulers, insecure_dev_keys=DEV_KEYS,
+                                     prometheus=prometheus, schedulers=schedulers, insecure_dev_keys=DEV_KEYS if dev_keys else None,
                                      insecure=insecure, ca_dir=mesh_ca_dir, gateway=gateway)
         with pytest.MonkeyPatch.context() as patch:
             for name, value in {**MESH_ENV, **(env or {})}.items():

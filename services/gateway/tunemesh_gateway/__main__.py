@@ -24,13 +24,14 @@ import uvicorn
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tunemesh_common.membership import registry
-from tunemesh_common.service import rpc
+from tunemesh_common.service import api_keys, rpc
 from tunemesh_common.service.host import write_ready_file
 from tunemesh_common.service.metrics import MetricsEndpoint
 from tunemesh_gateway import settings as settings_mod
 from tunemesh_gateway.app import create_app
 from tunemesh_gateway.core import CoreConfig
 from tunemesh_gateway.etcd_store import EtcdStore
+from tunemesh_gateway.key_guard import KeyCheck
 from tunemesh_gateway.metrics import GatewayMetrics
 from tunemesh_gateway.store import MemoryStore
 from tunemesh_gateway.upstream import GrpcUpstream, credentials
@@ -44,6 +45,17 @@ def core_config(s: settings_mod.GatewaySettings) -> CoreConfig:
         poll_wait_s=s.poll_wait_s, max_samples_per_call=s.max_samples_per_call,
         max_inflight_samples=s.max_inflight_samples, result_ttl_s=s.result_ttl_s,
         unnamed_sampler_ttl_s=s.unnamed_sampler_ttl_s, fwdbwd_max_chunk_bytes=s.fwdbwd_max_chunk_bytes)
+
+
+def key_check(s: settings_mod.GatewaySettings) -> KeyCheck | None:
+    """Keys verified here against the mesh's keys file (--api-keys-file), else None (a KeyGuard)."""
+    if s.api_keys_file is None:
+        return None
+    try:
+        ring = api_keys.KeyRing(s.api_keys_file, check_every_s=s.api_keys_check_s)
+    except api_keys.KeyFileError as err:
+        raise SystemExit(f"python -m tunemesh_gateway: --api-keys-file: {err}") from None
+    return KeyCheck(api_keys.KeyAuthenticator(ring))
 
 
 def bind(listen: str) -> socket.socket:
@@ -104,10 +116,11 @@ async def serve(s: settings_mod.GatewaySettings) -> None:
     except ValueError as err:
         raise SystemExit(f"python -m tunemesh_gateway: {err}") from None
     https = settings_mod.listener_tls(s)
+    keys = key_check(s)
     store = EtcdStore(registry.connect(s.etcd, tls=settings_mod.etcd_tls(s))) if s.etcd else MemoryStore()
     probe = SchedulerProbe()
     app = create_app(probe.watching(lambda: GrpcUpstream(s.scheduler, creds)), store, core_config(s),
-                     GatewayMetrics(prometheus_client.REGISTRY), ready=lambda: probe.reachable)
+                     GatewayMetrics(prometheus_client.REGISTRY), ready=lambda: probe.reachable, keys=keys)
     endpoint = await MetricsEndpoint.start(s.metrics_listen, prometheus_client.REGISTRY,
                                            ready=lambda: probe.reachable)
     sock = bind(s.listen)
@@ -124,8 +137,9 @@ async def serve(s: settings_mod.GatewaySettings) -> None:
             await asyncio.sleep(0.05)
         if server.started:
             probing = asyncio.create_task(probe.run(), name="scheduler probe")
-            log.info("gateway on %s, scheduler %s (%s), tables %s", url, s.scheduler,
-                     "plaintext" if creds is None else "TLS", f"in etcd {s.etcd}" if s.etcd else "in memory")
+            log.info("gateway on %s, scheduler %s (%s), tables %s, API keys %s", url, s.scheduler,
+                     "plaintext" if creds is None else "TLS", f"in etcd {s.etcd}" if s.etcd else "in memory",
+                     f"verified here ({s.api_keys_file})" if keys else "checked by the scheduler")
             if s.ready_file:
                 write_ready_file(s.ready_file, {"address": address, "url": url, "pid": os.getpid(),
                                                 "metrics_url": endpoint.url if endpoint else f"{url}/metrics"})

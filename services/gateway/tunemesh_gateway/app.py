@@ -27,7 +27,7 @@ from tunemesh.errors import Code, TunemeshError
 
 from tunemesh_gateway import convert
 from tunemesh_gateway.core import Caller, CoreConfig, GatewayCore, GatewayStore, Upstream
-from tunemesh_gateway.key_guard import KeyGuard
+from tunemesh_gateway.key_guard import KeyCheck, KeyGuard
 from tunemesh_gateway.metrics import GatewayMetrics
 from tunemesh_gateway.status import HttpError, Unsupported, detail, http_status
 
@@ -38,10 +38,12 @@ MAX_BODY_BYTES = 256 * 1024 * 1024
 
 
 def create_app(make_upstream: Callable[[], Upstream], store: GatewayStore, config: CoreConfig = CoreConfig(),
-               metrics: GatewayMetrics | None = None, ready: Callable[[], bool] | None = None) -> FastAPI:
+               metrics: GatewayMetrics | None = None, ready: Callable[[], bool] | None = None,
+               keys: KeyCheck | KeyGuard | None = None) -> FastAPI:
     """The app; `make_upstream()` runs on the serving loop at startup (a grpc.aio channel
     belongs to the loop it is made on). `ready()` says whether the scheduler answers:
-    GET /healthz is 200 while it does, 503 while not (always 200 without `ready`)."""
+    GET /healthz is 200 while it does, 503 while not (always 200 without `ready`). `keys`
+    checks API keys before they are forwarded (default: a KeyGuard; see key_guard.py)."""
     metrics = metrics or GatewayMetrics()
 
     @contextlib.asynccontextmanager
@@ -56,7 +58,7 @@ def create_app(make_upstream: Callable[[], Upstream], store: GatewayStore, confi
                 await upstream.close()
 
     app = FastAPI(title="tunemesh gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
-    app.state.keys = KeyGuard()
+    app.state.keys = keys or KeyGuard()
     _errors(app)
     _middleware(app, metrics)
     _sessions(app)
@@ -86,18 +88,13 @@ def core(request: Request) -> GatewayCore:
     return request.app.state.core
 
 
-def caller(request: Request) -> Caller:
-    """The Tinker API key, forwarded to the scheduler, unless this client must wait after
-    failed keys (429) or the key was refused lately (401): see key_guard.py."""
+async def caller(request: Request) -> Caller:
+    """The Tinker API key, forwarded to the scheduler once the gateway's key check admits it
+    (401 for a bad key, 429 while this client must wait after failed ones): key_guard.py."""
     key = request.headers.get("x-api-key", "").strip()
     if not key:
         raise HttpError(401, "send the API key in X-API-Key")
-    guard, now = request.app.state.keys, time.monotonic()
-    wait_s = guard.wait_s(_client(request), now)
-    if wait_s:
-        raise HttpError(429, f"too many failed API keys from this address; try again in {wait_s:.0f} s")
-    if guard.known_bad(key, now):
-        raise HttpError(401, "UNAUTHENTICATED: this API key was refused")
+    await request.app.state.keys.admit(key, _client(request), time.monotonic())
     return Caller(key)
 
 
@@ -161,7 +158,7 @@ def _middleware(app: FastAPI, metrics: GatewayMetrics) -> None:
 def _sessions(app: FastAPI) -> None:
     @app.post("/api/v1/client/config")
     async def client_config(request: Request) -> dict[str, Any]:
-        return await core(request).sessions.client_config(caller(request))
+        return await core(request).sessions.client_config(await caller(request))
 
     @app.post("/api/v1/client/dynamic_config")
     async def dynamic_config(request: Request) -> dict[str, Any]:
@@ -170,16 +167,16 @@ def _sessions(app: FastAPI) -> None:
     @app.post("/api/v1/create_session")
     async def create_session(request: Request) -> dict[str, Any]:
         asked = await body(request, tt.CreateSessionRequest)
-        return await core(request).sessions.create_session(caller(request), asked)
+        return await core(request).sessions.create_session(await caller(request), asked)
 
     @app.post("/api/v1/session_heartbeat")
     async def heartbeat(request: Request) -> dict[str, Any]:
         beat = await body(request, tt.SessionHeartbeatRequest)
-        return await core(request).sessions.heartbeat(caller(request), beat.session_id)
+        return await core(request).sessions.heartbeat(await caller(request), beat.session_id)
 
     @app.post("/api/v1/sessions/{session_id}/finish")
     async def finish(request: Request, session_id: str) -> dict[str, Any]:
-        return await core(request).sessions.finish(caller(request), session_id)
+        return await core(request).sessions.finish(await caller(request), session_id)
 
     @app.post("/api/v1/telemetry")
     async def telemetry(request: Request) -> dict[str, Any]:
@@ -191,22 +188,22 @@ def _sessions(app: FastAPI) -> None:
 
     @app.get("/api/v1/get_server_capabilities")
     async def capabilities(request: Request) -> dict[str, Any]:
-        return await core(request).sessions.capabilities(caller(request))
+        return await core(request).sessions.capabilities(await caller(request))
 
 
 def _training(app: FastAPI) -> None:
     @app.post("/api/v1/create_model")
     async def create_model(request: Request) -> dict[str, Any]:
-        return await core(request).training.create_model(caller(request), await body(request, tt.CreateModelRequest))
+        return await core(request).training.create_model(await caller(request), await body(request, tt.CreateModelRequest))
 
     @app.post("/api/v1/get_info")
     async def get_info(request: Request) -> dict[str, Any]:
         asked = await body(request, tt.GetInfoRequest)
-        return await core(request).training.get_info(caller(request), asked.model_id)
+        return await core(request).training.get_info(await caller(request), asked.model_id)
 
     @app.post("/api/v1/forward_backward")
     async def forward_backward(request: Request) -> dict[str, Any]:
-        who = caller(request)
+        who = await caller(request)
         raw = await request.body()
         if request.headers.get("content-encoding", "").lower() == "zstd":
             raw = _unzstd(raw)
@@ -216,40 +213,40 @@ def _training(app: FastAPI) -> None:
 
     @app.post("/api/v1/optim_step")
     async def optim_step(request: Request) -> dict[str, Any]:
-        return await core(request).training.optim_step(caller(request), await body(request, tt.OptimStepRequest))
+        return await core(request).training.optim_step(await caller(request), await body(request, tt.OptimStepRequest))
 
     @app.post("/api/v1/save_weights")
     async def save_weights(request: Request) -> dict[str, Any]:
-        return await core(request).training.save_weights(caller(request), await body(request, tt.SaveWeightsRequest))
+        return await core(request).training.save_weights(await caller(request), await body(request, tt.SaveWeightsRequest))
 
     @app.post("/api/v1/save_weights_for_sampler")
     async def save_weights_for_sampler(request: Request) -> dict[str, Any]:
         asked = await body(request, tt.SaveWeightsForSamplerRequest)
-        return await core(request).training.save_weights_for_sampler(caller(request), asked)
+        return await core(request).training.save_weights_for_sampler(await caller(request), asked)
 
     @app.post("/api/v1/load_weights")
     async def load_weights(request: Request) -> dict[str, Any]:
-        return await core(request).training.load_weights(caller(request), await body(request, tt.LoadWeightsRequest))
+        return await core(request).training.load_weights(await caller(request), await body(request, tt.LoadWeightsRequest))
 
 
 def _sampling(app: FastAPI) -> None:
     @app.post("/api/v1/create_sampling_session")
     async def create_sampling_session(request: Request) -> dict[str, Any]:
         asked = await body(request, tt.CreateSamplingSessionRequest)
-        return await core(request).sampling.create_sampling_session(caller(request), asked)
+        return await core(request).sampling.create_sampling_session(await caller(request), asked)
 
     @app.get("/api/v1/samplers/{sampler_id}")
     async def get_sampler(request: Request, sampler_id: str) -> dict[str, Any]:
-        return await core(request).sampling.get_sampler(caller(request), sampler_id)
+        return await core(request).sampling.get_sampler(await caller(request), sampler_id)
 
     @app.post("/api/v1/asample")
     async def asample(request: Request) -> dict[str, Any]:
-        return await core(request).sampling.asample(caller(request), await body(request, tt.SampleRequest))
+        return await core(request).sampling.asample(await caller(request), await body(request, tt.SampleRequest))
 
     @app.post("/api/v1/retrieve_future")
     async def retrieve_future(request: Request) -> Response:
         asked = await body(request, tt.FutureRetrieveRequest)
-        result = await core(request).futures.retrieve(caller(request), asked.request_id)
+        result = await core(request).futures.retrieve(await caller(request), asked.request_id)
         if not isinstance(result, Message):
             return JSONResponse(result)
         if PROTOBUF in request.headers.get("accept", ""):
@@ -262,35 +259,35 @@ def _sampling(app: FastAPI) -> None:
 def _catalog(app: FastAPI) -> None:
     @app.get("/api/v1/training_runs")
     async def training_runs(request: Request, limit: int = 20, offset: int = 0) -> dict[str, Any]:
-        return await core(request).catalog.training_runs(caller(request), _bounded(limit), max(offset, 0))
+        return await core(request).catalog.training_runs(await caller(request), _bounded(limit), max(offset, 0))
 
     @app.get("/api/v1/training_runs/{training_run_id}")
     async def training_run(request: Request, training_run_id: str) -> dict[str, Any]:
-        return await core(request).catalog.training_run(caller(request), training_run_id)
+        return await core(request).catalog.training_run(await caller(request), training_run_id)
 
     @app.get("/api/v1/training_runs/{training_run_id}/checkpoints")
     async def run_checkpoints(request: Request, training_run_id: str) -> dict[str, Any]:
-        return await core(request).catalog.checkpoints(caller(request), training_run_id)
+        return await core(request).catalog.checkpoints(await caller(request), training_run_id)
 
     @app.get("/api/v1/checkpoints")
     async def user_checkpoints(request: Request, limit: int = 100, offset: int = 0) -> dict[str, Any]:
-        return await core(request).catalog.user_checkpoints(caller(request), _bounded(limit), max(offset, 0))
+        return await core(request).catalog.user_checkpoints(await caller(request), _bounded(limit), max(offset, 0))
 
     @app.delete("/api/v1/training_runs/{training_run_id}/checkpoints/{kind}/{name}")
     async def delete_checkpoint(request: Request, training_run_id: str, kind: str, name: str) -> dict[str, Any]:
-        await core(request).catalog.delete_checkpoint(caller(request), training_run_id, kind, name)
+        await core(request).catalog.delete_checkpoint(await caller(request), training_run_id, kind, name)
         return {}
 
     @app.put("/api/v1/training_runs/{training_run_id}/checkpoints/{kind}/{name}/ttl")
     async def set_ttl(request: Request, training_run_id: str, kind: str, name: str) -> dict[str, Any]:
         asked = await body(request, _TtlBody)
-        await core(request).catalog.set_ttl(caller(request), training_run_id, kind, name, asked.ttl_seconds)
+        await core(request).catalog.set_ttl(await caller(request), training_run_id, kind, name, asked.ttl_seconds)
         return {}
 
     @app.post("/api/v1/weights_info")
     async def weights_info(request: Request) -> dict[str, Any]:
         asked = await body(request, _WeightsInfoBody)
-        return await core(request).catalog.weights_info(caller(request), asked.tinker_path)
+        return await core(request).catalog.weights_info(await caller(request), asked.tinker_path)
 
 
 class _TtlBody(pydantic.BaseModel):

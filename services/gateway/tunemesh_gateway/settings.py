@@ -31,6 +31,11 @@ class GatewaySettings(BaseSettings):
         "`tunemesh up` prints it); unset: the system roots"))
     insecure: bool = Field(False, description=(
         "plaintext to the scheduler and etcd (a mesh run with --insecure; development)"))
+    api_keys_file: pathlib.Path | None = Field(None, description=(
+        "the mesh's API keys file (the scheduler's --api-keys-file, read-only): keys are verified here "
+        "before any call carries them, so the scheduler never sees guesses from the gateway's address; "
+        "unset: failed keys are only tallied per client (see key_guard.py)"))
+    api_keys_check_s: float = Field(2.0, gt=0, description="how often the API keys file is checked for changes")
     etcd: HostPortOrEmpty = Field("", description=(
         "host:port of the mesh's etcd, where the gateway keeps its tables (model ids, sampling sessions) "
         "across restarts and replicas; empty: in memory, lost on restart"))

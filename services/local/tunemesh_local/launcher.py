@@ -156,18 +156,23 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
             argv += ["--insecure-dev-keys", "true", "--api-keys", pairs]
         specs.append(ServiceSpec(name, "scheduler", tuple(argv)))
     if config.gateway:
-        specs.append(gateway_service(config, etcd_endpoint, schedulers, certs))
+        # inline development keys live in the schedulers' flags only: the gateway then leaves keys to them
+        keys_here = None if config.insecure_dev_keys else api_keys_file
+        specs.append(gateway_service(config, etcd_endpoint, schedulers, certs, keys_here))
     return specs
 
 
 def gateway_service(config: MeshConfig, etcd_endpoint: str, schedulers: list[str],
-                    certs: MeshCerts | None = None) -> ServiceSpec:
-    """The Tinker gateway before `schedulers` (every replica: it calls whichever leads). With
+                    certs: MeshCerts | None = None, api_keys_file: Path | None = None) -> ServiceSpec:
+    """The Tinker gateway before `schedulers` (every replica: it calls whichever leads),
+    verifying API keys against the schedulers' `api_keys_file` before it forwards them. With
     `certs`: HTTPS with the `gateway` certificate, which also proves etcd user
     tunemesh-gateway (its tables only); the mesh CA checks the scheduler and etcd."""
     argv = [sys.executable, "-m", "tunemesh_gateway", "--listen", "127.0.0.1:0", "--scheduler", ",".join(schedulers),
             "--etcd", etcd_endpoint, "--ready-file", str(config.ready_file("gateway")),
             "--metrics-listen", "127.0.0.1:0"]
+    if api_keys_file is not None:
+        argv += ["--api-keys-file", str(api_keys_file)]
     if certs is None:
         argv += ["--insecure", "true"]
     else:

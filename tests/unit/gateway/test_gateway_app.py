@@ -162,3 +162,44 @@ def test_the_key_guard_forgets_refused_keys_after_a_while():
     guard.refused("c2", "tml-c", now=2.0)
     assert not guard.known_bad("tml-a", 3.0) and guard.known_bad("tml-c", 3.0)  # bounded: oldest forgotten
     assert guard.wait_s("c1", 0.0) == 0.0
+
+
+def test_with_the_keys_file_bad_keys_never_reach_the_scheduler_however_many_clients_guess(upstream, tmp_path):
+    """KeyCheck: keys verified at the gateway (the mesh's keys file), so guesses from any
+    number of clients, in parallel or not, cost the scheduler nothing and cannot get the
+    gateway's one address throttled there; each client is throttled here on its own."""
+    import httpx
+
+    from tunemesh_common.service import api_keys
+    from tunemesh_common.service.throttle import FailureThrottle
+    from tunemesh_gateway.key_guard import KeyCheck
+
+    fast = api_keys.Kdf(n=1 << 10, r=8, p=1)
+    alice, record = api_keys.new_key("alice", kdf=fast)
+    api_keys.write_key_file(tmp_path / "keys.json", [record])
+    check = KeyCheck(api_keys.KeyAuthenticator(api_keys.KeyRing(tmp_path / "keys.json"),
+                                               FailureThrottle(max_failures=3, window_s=60, block_s=60)))
+    upstream.handlers["HeartbeatSession"] = lambda r: None
+    app = create_app(lambda: upstream, MemoryStore(), CoreConfig(poll_wait_s=0.05), keys=check)
+    beat = {"session_id": "s", "type": "session_heartbeat"}
+
+    async def scenario():
+        async def post(client: str, key: str) -> int:
+            transport = httpx.ASGITransport(app=app, client=(client, 1234))
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as http:
+                response = await http.post("/api/v1/session_heartbeat", headers={"X-API-Key": key}, json=beat)
+                return response.status_code
+
+        async with app.router.lifespan_context(app):
+            guesses = [alice[:-4] + f"{i:04d}" for i in range(8)]
+            parallel = await asyncio.gather(*(post("10.0.0.66", g) for g in guesses))  # one client, all at once
+            many = [await post(f"10.0.1.{i}", g) for i, g in enumerate(guesses)]  # many clients, a guess each
+            mine = await post("10.0.0.66", alice)  # a good key from the guessing address still waits
+            theirs = await post("10.0.0.7", alice)
+            return parallel, many, mine, theirs
+
+    parallel, many, mine, theirs = asyncio.run(scenario())
+    assert sorted(parallel) == [401] * 3 + [429] * 5
+    assert many == [401] * 8
+    assert (mine, theirs) == (429, 200)
+    assert upstream.keys == [alice]  # the scheduler saw only the key that verified

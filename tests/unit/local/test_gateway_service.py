@@ -33,6 +33,13 @@ def test_the_gateway_is_told_every_scheduler_replica_etcd_and_its_files(tmp_path
         assert _flag(gateway, "--etcd") == "127.0.0.1:2379"  # durable tables
         assert _flag(gateway, "--ready-file") == str(MeshConfig(state_dir=tmp_path).ready_file("gateway"))
         assert _flag(gateway, "--listen") == _flag(gateway, "--metrics-listen") == "127.0.0.1:0"
+        # the schedulers' keys file: keys are verified at the gateway before they are forwarded
+        assert _flag(gateway, "--api-keys-file") == _flag(specs["scheduler"], "--api-keys-file") == str(tmp_path / "k")
+
+
+def test_with_inline_development_keys_the_gateway_leaves_keys_to_the_schedulers(tmp_path: Path) -> None:
+    specs = _specs(MeshConfig(state_dir=tmp_path, insecure_dev_keys={"dev-key": "alice"}))
+    assert "--api-keys-file" not in specs["gateway"]  # it does not know the inline keys
 
 
 def test_with_tls_the_gateway_serves_https_and_reaches_etcd_with_its_own_certificate(tmp_path: Path) -> None:
