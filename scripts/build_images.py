@@ -4,8 +4,8 @@
     python3 scripts/build_images.py checkpoint      # one image (`make image-smoke`)
 
 1. Tools: Debian's buildah and debootstrap (apt-get installs them when missing and we are
-   root), and etcd for the scheduler's smoke test. Every buildah command uses
-   `--isolation chroot` (the default OCI runtime fails on this kernel's cgroups) and a
+   root), and etcd for the scheduler's and the gateway's smoke tests. Every buildah command
+   uses `--isolation chroot` (the default OCI runtime fails on this kernel's cgroups) and a
    storage.conf under the state directory (`.tunemesh/images`): no system-wide config.
 2. The base: `debootstrap --variant=minbase bookworm` from the machine's own Debian mirror
    (/etc/apt/sources.list*) with python3 and python3-venv, committed with
@@ -18,7 +18,8 @@
    pip's sources (index URLs, find-links; local directories mounted read-only under /run/host).
 4. Smoke: deploy/docker/probe.py, mounted read-only into the image, starts the service as
    the image's user and asks grpc.health.v1 for SERVING (the scheduler against an etcd
-   this script starts on loopback; the sampler on its vLLM engine).
+   this script starts on loopback; the sampler on its vLLM engine), or, for the gateway,
+   which serves HTTP only, GET /healthz for 200 with a scheduler of the same image behind it.
 5. Export: an OCI archive per image, <out>/tunemesh-<target>-<tag>.tar, holding
    "tunemesh-<target>:<tag>" (load it with `podman load` or `skopeo copy`).
 """
@@ -37,6 +38,7 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -70,16 +72,24 @@ class Smoke:
     module: str
     flags: tuple[str, ...] = ()
     timeout_s: float = 120.0
-    needs_etcd: bool = False  # "{etcd}" in flags becomes the loopback etcd's host:port
+    needs_etcd: bool = False  # "{etcd}" in flags and upstream becomes the loopback etcd's host:port
     script: str = ""  # Python run in the image, as its user, before the probe
+    upstream: tuple[str, ...] = ()  # module and flags of a service started first; "{upstream}": its address
+    http: str = ""  # the path probe.py asks for 200 over HTTP instead of grpc.health.v1
 
 
 PLAIN = ("--insecure", "true")
+SCHEDULER = ("--etcd", "{etcd}", "--insecure-dev-keys", "true", "--api-keys", "smoke-key=smoke", *PLAIN)
 # The chart's CPU targets (deploy/k8s/values.yaml); the GPU ones need a CUDA base and are not built here.
 CPU_TARGETS = {
     "checkpoint": Smoke("tunemesh_checkpoint", ("--root-dir", "{work}/store", *PLAIN)),
-    "scheduler": Smoke("tunemesh_scheduler", ("--etcd", "{etcd}", "--insecure-dev-keys", "true", "--api-keys", "smoke-key=smoke", *PLAIN),
-                       needs_etcd=True),
+    "scheduler": Smoke("tunemesh_scheduler", SCHEDULER, needs_etcd=True),
+    # HTTP only, and its /healthz is 503 until the scheduler answers the gateway's own gRPC
+    # health check: a scheduler from the same image (it holds the control packages and every
+    # service's code) runs first, on the loopback etcd the gateway's tables use too, so 200
+    # says the gateway serves, reaches the scheduler and its etcd client connects.
+    "gateway": Smoke("tunemesh_gateway", ("--scheduler", "{upstream}", "--etcd", "{etcd}", *PLAIN), needs_etcd=True,
+                     upstream=("tunemesh_scheduler", *SCHEDULER), http="/healthz"),
     # The DeepSpeed op JIT-built into the image (as root) loads as the image's user: its cache is that user's.
     "trainer-cpu": Smoke("tunemesh_trainer", ("--data-dir", "{work}/models", "--num-threads", "2", *PLAIN), 300.0,
                          script="from deepspeed.accelerator import get_accelerator; "
@@ -353,12 +363,14 @@ def smoke(b: Buildah, image: str, check: Smoke) -> None:
     with contextlib.ExitStack() as stack:
         etcd = stack.enter_context(loopback_etcd(b)) if check.needs_etcd else ""
         flags = [f.replace("{etcd}", etcd) for f in check.flags]
+        upstream = shlex.join(f.replace("{etcd}", etcd) for f in check.upstream)
+        options = (["--upstream", upstream] if upstream else []) + (["--http", check.http] if check.http else [])
         container = b("from", "--pull=never", "--quiet", image)
         try:
             if check.script:
                 b.stream("run", "--isolation", "chroot", container, "--", "python", "-c", check.script)
             b.stream("run", "--isolation", "chroot", "-v", f"{PROBE}:/run/probe.py:ro", container, "--",
-                     "python", "/run/probe.py", "--timeout", str(check.timeout_s), check.module, *flags)
+                     "python", "/run/probe.py", "--timeout", str(check.timeout_s), *options, check.module, *flags)
         finally:
             b("rm", container)
 
@@ -440,7 +452,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     targets, args.tag = args.targets or list(CPU_TARGETS), args.tag or chart_tag()
     b, args.out = Buildah(args.state.resolve()), (args.out or args.state).resolve()
-    ensure_tools(["buildah"] + (["etcd"] if "scheduler" in targets and not args.no_smoke else []), not args.no_install)
+    etcd = not args.no_smoke and any(CPU_TARGETS[t].needs_etcd for t in targets)
+    ensure_tools(["buildah"] + (["etcd"] if etcd else []), not args.no_install)
     b.setup()
     args.out.mkdir(parents=True, exist_ok=True)
     sources, settings = debian_sources(mirror=args.mirror), host_pip_settings()

@@ -54,7 +54,7 @@ def copy_sources(stage: dict) -> list[str]:
 
 
 def test_dockerfile_parses_into_the_service_targets():
-    assert {"scheduler", "checkpoint", "trainer-cpu", "trainer-gpu", "sampler-cpu", "sampler-gpu"} <= set(stages())
+    assert {"scheduler", "checkpoint", "gateway", "trainer-cpu", "trainer-gpu", "sampler-cpu", "sampler-gpu"} <= set(stages())
 
 
 def test_every_copied_path_exists_and_is_in_the_build_context():
@@ -76,7 +76,8 @@ def test_every_requirements_file_installed_was_copied_first():
                 assert requirement in copied, (name, requirement)
 
 
-@pytest.mark.parametrize("target", ["scheduler", "checkpoint", "trainer-cpu", "trainer-gpu", "sampler-cpu", "sampler-gpu"])
+@pytest.mark.parametrize("target", ["scheduler", "checkpoint", "gateway", "trainer-cpu", "trainer-gpu", "sampler-cpu",
+                                    "sampler-gpu"])
 def test_entrypoint_is_a_packaged_service_module(target):
     all_stages = stages()
     command = entrypoint(target, all_stages)

@@ -1,7 +1,8 @@
 """scripts/build_images.py (`make images`, `make image-smoke`): it builds exactly the Dockerfile's
 CPU targets, the images the chart runs by default, on the base the Dockerfile names; the slim
-scheduler / checkpoint images hold every package those services import; the host's Debian
-mirror and pip sources reach the build. No image is built here (`make image-smoke` does)."""
+scheduler / checkpoint images and the gateway image hold every package those services import
+(the gateway's: tinker's imports too, without torch); the host's Debian mirror and pip sources
+reach the build. No image is built here (`make image-smoke` does)."""
 
 from __future__ import annotations
 
@@ -9,17 +10,21 @@ import ast
 import functools
 import importlib.metadata
 import importlib.util
+import json
 import pathlib
 import re
+import socket
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import yaml
 from chart_variants import CHART, REPO
-from test_docker_images import DOCKERFILE, ancestry, entrypoint, stages
+from test_docker_images import DOCKERFILE, ancestry, copy_sources, entrypoint, stages
 
 CONTROL_REQUIREMENTS = REPO / "deploy" / "docker" / "requirements-control.txt"
+GATEWAY_REQUIREMENTS = REPO / "deploy" / "docker" / "requirements-gateway.txt"
 ML_STACK = {"torch", "transformers", "peft", "accelerate", "safetensors", "tokenizers", "vllm", "deepspeed"}
 
 
@@ -173,18 +178,7 @@ def test_control_images_hold_every_package_their_services_import():
     assert not missing, f"add their distributions to {CONTROL_REQUIREMENTS.relative_to(REPO)}: {missing}"
 
 
-def test_the_gateway_s_image_holds_every_package_the_gateway_imports():
-    """The chart runs `python -m tunemesh_gateway` in an image built on requirements.txt (no
-    gateway target of its own): that must cover fastapi, uvicorn, tinker and the rest."""
-    image = yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]["image"]
-    assert "cpu-base" in ancestry(image, stages()) and image in build_images.CPU_TARGETS
-    assert any("requirements.txt" in run for run in stages()["cpu-base"]["run"])
-    imports = third_party_imports(["tunemesh_gateway.__main__"])
-    assert {"fastapi", "uvicorn", "tinker", "aetcd"} <= {m.partition(".")[0] for m in imports}
-    installed = _with_platform_dependencies(_requirements((REPO / "requirements.txt").read_text()))
-    missing = {m: sorted(by) for m, by in imports.items() if _distribution(m) not in installed}
-    assert not missing, f"add their distributions to requirements.txt: {missing}"
-
+# ---- the gateway image -------------------------------------------------------------------------
 
 def _with_platform_dependencies(names) -> set[str]:
     """`names` and what they require on this platform (environment markers evaluated, no extras)."""
@@ -203,11 +197,112 @@ def _with_platform_dependencies(names) -> set[str]:
     return out
 
 
-def test_each_control_requirement_is_pinned_in_exactly_one_place():
+def _pip_installs(stage: dict) -> list[list[str]]:
+    """The words of each `pip install` command of a stage's RUN steps."""
+    commands = (command.split() for run in stage["run"] for command in run.split("&&"))
+    return [words for words in commands if words[:2] == ["pip", "install"]]
+
+
+def _no_deps_packages(words: list[str]) -> set[str]:
+    """What a `pip install --no-deps` command names, option values and paths (the project) aside."""
+    if "--no-deps" not in words:
+        return set()
+    names, options = set(), ("-c", "-r", "--constraint", "--requirement")
+    for before, word in zip(words[1:], words[2:]):
+        if before not in options and not word.startswith(("-", "/")):
+            names.add(_canonical(word.partition("==")[0]))
+    return names
+
+
+def image_packages(target: str) -> tuple[set[str], set[str]]:
+    """(what the requirements files installed by `target`'s stages name, what they install
+    with --no-deps), read from the Dockerfile: the first are installed with their
+    dependencies, the second without."""
+    all_stages = stages()
+    chain = [all_stages[s] for s in ancestry(target, all_stages)]
+    copied = {src.rsplit("/", 1)[-1]: REPO / src for stage in chain for src in copy_sources(stage)}
+    named, bare = set(), set()
+    for stage in chain:
+        for words in _pip_installs(stage):
+            bare |= _no_deps_packages(words)
+            for before, word in zip(words, words[1:]):
+                if before == "-r":
+                    named |= set(_requirements(copied[word.rsplit("/", 1)[-1]].read_text()))
+    return named, bare
+
+
+def gateway_target() -> str:
+    return yaml.safe_load((CHART / "values.yaml").read_text())["gateway"]["image"]
+
+
+def test_the_gateway_image_is_its_own_and_slim():
+    target, all_stages = gateway_target(), stages()
+    assert entrypoint(target, all_stages) == ["python", "-m", "tunemesh_gateway"]
+    assert not {"cpu-base", "gpu-base", "control-base"} & set(ancestry(target, all_stages))
+    named, bare = image_packages(target)
+    assert _canonical("aetcd") in named and _canonical("fastapi") in named  # control's file and its own
+    assert bare == {"tinker"}  # installed without its declared transformers, at requirements.txt's pin:
+    [install] = [w for s in ancestry(target, all_stages) for w in _pip_installs(all_stages[s]) if _no_deps_packages(w)]
+    assert "-c /src/requirements.txt" in " ".join(install)
+    assert _requirements((REPO / "requirements.txt").read_text())["tinker"]
+    heavy = (_with_platform_dependencies(named) | bare) & ML_STACK
+    assert not heavy, f"the gateway image would install the ML stack: {sorted(heavy)}"
+
+
+def test_the_gateway_image_holds_every_package_the_gateway_imports():
+    """Every third-party import of the gateway's code (eager or lazy), by distribution."""
+    imports = third_party_imports(["tunemesh_gateway.__main__"])
+    assert {"fastapi", "uvicorn", "tinker", "aetcd"} <= {m.partition(".")[0] for m in imports}
+    heavy = {m: sorted(by) for m, by in imports.items() if m.partition(".")[0] in ML_STACK}
+    assert not heavy, f"the gateway imports the ML stack (lazily or not): {heavy}"
+    named, bare = image_packages(gateway_target())
+    installed = _with_platform_dependencies(named) | bare
+    missing = {m: sorted(by) for m, by in imports.items() if _distribution(m) not in installed}
+    assert not missing, f"add their distributions to {GATEWAY_REQUIREMENTS.relative_to(REPO)}: {missing}"
+
+
+# Imports every module of tunemesh_gateway with every installed distribution outside
+# sys.argv[1] (a JSON list) refused, as in an image holding only those; prints the ML
+# stack's modules that got loaded anyway.
+REFUSING_IMPORT = textwrap.dedent("""
+    import importlib, importlib.abc, importlib.metadata, json, pkgutil, re, sys
+
+    image = set(json.loads(sys.argv[1]))
+    owners = importlib.metadata.packages_distributions()
+
+    class NotInTheImage(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            shipped_by = {re.sub(r"[-_.]+", "-", d).lower() for d in owners.get(name.partition(".")[0], [])}
+            if shipped_by and not shipped_by & image:
+                raise ModuleNotFoundError(f"No module named {name!r} (not in the image)", name=name)
+            return None
+
+    sys.meta_path.insert(0, NotInTheImage())
+    import tunemesh_gateway
+    for module in pkgutil.walk_packages(tunemesh_gateway.__path__, "tunemesh_gateway."):
+        importlib.import_module(module.name)
+    print(json.dumps(sorted(m for m in sys.modules if m.partition(".")[0] in sys.argv[2:])))
+""")
+
+
+def test_the_gateway_imports_with_only_its_image_s_packages():
+    """tinker is installed without its dependencies: importing tinker.types and tinker.proto
+    (its package's __init__ imports its client) must need only what the image lists, and take
+    no torch (tinker imports it only where it is installed; here it is refused)."""
+    named, bare = image_packages(gateway_target())
+    image = _with_platform_dependencies(named) | bare | {"tunemesh"}
+    done = subprocess.run([sys.executable, "-c", REFUSING_IMPORT, json.dumps(sorted(image)), *sorted(ML_STACK)],
+                          capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, f"add to {GATEWAY_REQUIREMENTS.relative_to(REPO)}: {done.stderr[-2000:]}"
+    assert json.loads(done.stdout) == []
+
+
+@pytest.mark.parametrize("path", [CONTROL_REQUIREMENTS, GATEWAY_REQUIREMENTS], ids=lambda p: p.name)
+def test_each_image_requirement_is_pinned_in_exactly_one_place(path):
     pinned = {n: v for n, v in _requirements((REPO / "requirements.txt").read_text()).items() if v}
-    for name, version in _requirements(CONTROL_REQUIREMENTS.read_text()).items():
+    for name, version in _requirements(path.read_text()).items():
         assert (name in pinned) != (version is not None), (
-            f"{name}: pin it in requirements.txt or in requirements-control.txt, not both or neither")
+            f"{name}: pin it in requirements.txt or in {path.name}, not both or neither")
 
 
 # ---- the host's Debian mirror and pip sources ----------------------------------------------------
@@ -271,3 +366,26 @@ def test_probe_fails_when_the_service_does_not_start():
     done = subprocess.run([sys.executable, PROBE, "--timeout", "60", "tunemesh_checkpoint", "--no-such-flag"],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode != 0 and "exited with" in done.stderr
+
+
+def test_probe_asks_an_http_service_behind_its_upstream():
+    """The gateway's smoke test in miniature: its /healthz is 200 once its scheduler address
+    answers grpc.health.v1, which the checkpoint service here does as well (no etcd needed)."""
+    done = subprocess.run([sys.executable, PROBE, "--timeout", "60", "--upstream",
+                           "tunemesh_checkpoint --root-dir {work}/store --insecure true", "--http", "/healthz",
+                           "tunemesh_gateway", "--scheduler", "{upstream}", "--insecure", "true"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "tunemesh_checkpoint at 127.0.0.1:" in done.stdout and "/healthz: 200 OK" in done.stdout
+
+
+def test_probe_fails_when_the_http_service_is_not_ready():
+    """Nothing listens at the gateway's scheduler address: /healthz stays 503 and the probe says so."""
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{unused.getsockname()[1]}"
+    done = subprocess.run([sys.executable, PROBE, "--timeout", "5", "--http", "/healthz", "tunemesh_gateway",
+                           "--scheduler", address, "--insecure", "true"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0, done.stdout + done.stderr
+    assert "503 Service Unavailable" in done.stdout and "not serving" in done.stderr
