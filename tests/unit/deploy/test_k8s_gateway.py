@@ -71,6 +71,18 @@ def test_the_gateway_calls_the_scheduler_service_and_etcd_and_serves_its_own(doc
     assert workloads(docs)["gateway"]["spec"]["replicas"] == 1
 
 
+def test_it_verifies_api_keys_against_the_scheduler_s_keys_secret(docs):
+    pod, container = gateway(docs)
+    scheduler = workloads(docs)["scheduler"]["spec"]["template"]["spec"]
+    [scheduler_container] = scheduler["containers"]
+    assert flags(container)["api-keys-file"] == flags(scheduler_container)["api-keys-file"]
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "api-keys")
+    assert mount["readOnly"] and flags(container)["api-keys-file"].startswith(mount["mountPath"] + "/")
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    scheduler_volumes = {v["name"]: v for v in scheduler["volumes"]}
+    assert volumes["api-keys"]["secret"] == scheduler_volumes["api-keys"]["secret"]  # the same Secret
+
+
 def test_with_tls_it_serves_https_and_reaches_etcd_with_the_gateway_certificate(docs):
     _, container = gateway(docs)
     args = flags(container)
