@@ -190,6 +190,32 @@ def test_create_model_makes_one_run_named_by_the_model_id(upstream):
     run(body())
 
 
+def test_another_key_reusing_a_create_request_id_runs_its_own_call_and_touches_nothing_of_the_first(upstream):
+    """Background futures are keyed by (key, request id): a create that names someone else's
+    model id (here: BOB sends ALICE's session id) neither finds ALICE's running work nor
+    blocks it; BOB's own call runs and fails on its own (the session is not his)."""
+    def created(request):
+        if upstream.keys[-1] != ALICE.api_key:
+            raise NotFoundError("SESSION_NOT_FOUND", "no such session of yours")
+        return training_pb2.CreateTrainingRunResponse(run=training_pb2.TrainingRun(name="runs/new"))
+
+    upstream.handlers["CreateTrainingRun"] = created
+
+    async def body():
+        core, store = await gateway(upstream)
+        request = tt.CreateModelRequest(session_id=SESSION, model_seq_id=1, base_model="tunemesh/tiny-dense",
+                                        lora_config=tt.LoraConfig(rank=8))
+        alice = await core.training.create_model(ALICE, request)
+        bob = await core.training.create_model(BOB, request)
+        assert bob["request_id"] == alice["request_id"]  # the id names the model, not the key
+        assert await core.futures.retrieve(BOB, bob["request_id"]) == {
+            "error": "SESSION_NOT_FOUND: no such session of yours", "category": "user"}
+        result = await core.futures.retrieve(ALICE, alice["request_id"])
+        assert tt.CreateModelResponse.model_validate(result).model_id == f"{SESSION}:train:1"
+        assert len(upstream.requests("CreateTrainingRun")) == 2 and await store.run_of(f"{SESSION}:train:1") == "runs/new"
+    run(body())
+
+
 def test_create_via_load_makes_a_run_from_the_checkpoint(upstream):
     upstream.handlers["CreateTrainingRun"] = lambda r: training_pb2.CreateTrainingRunResponse(
         run=training_pb2.TrainingRun(name="runs/r2"))
@@ -378,6 +404,22 @@ def test_a_large_sample_is_split_and_gets_one_id_per_sequence(upstream):
         assert calls[0].sampling_params.seed != calls[1].sampling_params.seed  # no repeated samples
         assert read.prompt_logprobs == [None, -1.0, -2.0]
         assert not upstream.requests("ComputeLogprobs")
+    run(body())
+
+
+def test_samples_without_a_seq_id_are_each_their_own(upstream):
+    """The SDK numbers its samples; a raw HTTP call without seq_id must not find another's future."""
+    sampler_answers(upstream)
+
+    async def body():
+        core, _ = await gateway(upstream)
+        first = await core.sampling.asample(ALICE, sample_request(seq_id=None))
+        second = await core.sampling.asample(ALICE, sample_request(seq_id=None))
+        assert first["request_id"] != second["request_id"]
+        assert not set(first["sample_sequence_ids"]) & set(second["sample_sequence_ids"])
+        for answer in (first, second):
+            await core.futures.retrieve(ALICE, answer["request_id"])
+        assert len(upstream.requests("Sample")) == 2
     run(body())
 
 

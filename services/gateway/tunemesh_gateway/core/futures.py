@@ -74,28 +74,30 @@ class _Entry:
 
 
 class LocalFutures:
-    """Background calls by request id, each visible only to the key that started it.
-    A finished one is kept `ttl_s` (the SDK fetches it once; HTTP retries may repeat)."""
+    """Background calls by (owner, request id): each key sees and starts only its own, so
+    a request id another key already uses (guessed or not) neither blocks nor reaches
+    that key's work. A finished one is kept `ttl_s` (the SDK fetches it once; HTTP
+    retries may repeat)."""
 
     def __init__(self, clock: Callable[[], float], ttl_s: float) -> None:
         self._clock, self._ttl_s = clock, ttl_s
-        self._entries: dict[str, _Entry] = {}
+        self._entries: dict[tuple[str, str], _Entry] = {}
 
-    def __contains__(self, request_id: str) -> bool:
-        return request_id in self._entries
+    def has(self, request_id: str, owner: str) -> bool:
+        return (owner, request_id) in self._entries
 
     def running(self, kind: str) -> int:
         return sum(1 for e in self._entries.values() if e.kind == kind and not e.task.done())
 
     def start(self, request_id: str, owner: str, kind: str, work: Callable[[], Awaitable[Any]]) -> bool:
-        """Run `work()` under `request_id` unless it already runs or has finished there;
-        True if it started now."""
+        """Run `work()` under `owner`'s `request_id` unless it already runs or has finished
+        there; True if it started now."""
         self._sweep()
-        if request_id in self._entries:
+        if (owner, request_id) in self._entries:
             return False
         entry = _Entry(owner, kind, asyncio.ensure_future(work()))
         entry.task.add_done_callback(lambda _: self._finished(entry))
-        self._entries[request_id] = entry
+        self._entries[(owner, request_id)] = entry
         return True
 
     def _finished(self, entry: _Entry) -> None:
@@ -106,22 +108,22 @@ class LocalFutures:
     async def wait(self, request_id: str, owner: str, timeout_s: float) -> tuple[bool, Any]:
         """(True, result) once done, (False, None) if still running after `timeout_s`;
         raises the work's exception, or Unknown (also for another key's future)."""
-        entry = self._entries.get(request_id)
-        if entry is None or entry.owner != owner:
+        entry = self._entries.get((owner, request_id))
+        if entry is None:
             raise Unknown(request_id)
         done, _ = await asyncio.wait({entry.task}, timeout=timeout_s)
         if not done:
             return False, None
         return True, entry.task.result()
 
-    def forget(self, request_id: str) -> None:
+    def forget(self, request_id: str, owner: str) -> None:
         """Drop a future (its work failed in a way the SDK should submit again)."""
-        self._entries.pop(request_id, None)
+        self._entries.pop((owner, request_id), None)
 
     def _sweep(self) -> None:
         horizon = self._clock() - self._ttl_s
-        for request_id in [r for r, e in self._entries.items() if e.done_at is not None and e.done_at < horizon]:
-            del self._entries[request_id]
+        for key in [k for k, e in self._entries.items() if e.done_at is not None and e.done_at < horizon]:
+            del self._entries[key]
 
     async def close(self) -> None:
         tasks = [e.task for e in self._entries.values() if not e.task.done()]

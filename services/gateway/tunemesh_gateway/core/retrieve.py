@@ -57,7 +57,7 @@ class FutureCore:
             raise Gone(f"request {request_id[:140]!r} is unknown or expired; submit it again") from None
         except TunemeshError as err:
             if ref.kind == SAMPLE and err.rpc_code in RESUBMIT_CODES:
-                self._futures.forget(request_id)
+                self._futures.forget(request_id, caller.owner)
                 raise Gone(f"sample not run ({detail(err)}); submit it again") from err
             return failed_future(int(err.rpc_code), err.reason, err.message)
         except Exception:  # a bug here must fail this future, not the gateway

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import uuid
 from typing import Any
 
 from tinker import types as tt
@@ -85,10 +86,14 @@ class SamplingCore:
         convert.check_sample_request(request)
         if request.num_samples < 1:
             raise InvalidArgumentError("BAD_NUM_SAMPLES", f"num_samples must be >= 1, got {request.num_samples}")
-        sampler, seq = request.sampling_session_id, request.seq_id if request.seq_id is not None else 0
+        sampler = request.sampling_session_id
+        # The SDK numbers its samples (seq_id), which makes a re-sent one find its future; a
+        # call without one (raw HTTP) is its own sample, never another's.
+        seq = request.seq_id if request.seq_id is not None else f"u{uuid.uuid4().hex}"
         request_id = FutureRef(SAMPLE, f"{caller.owner}/{sampler}/{seq}").encode()
         prompt = convert.prompt(request.prompt)
-        if request_id not in self._futures and self._futures.running(SAMPLE) >= self._config.max_inflight_samples:
+        if (not self._futures.has(request_id, caller.owner)
+                and self._futures.running(SAMPLE) >= self._config.max_inflight_samples):
             raise HttpError(429, "too many samples in flight at the gateway; retry shortly")
         self._futures.start(request_id, caller.owner, SAMPLE, lambda: self._sample(caller, request, prompt))
         return {"request_id": request_id,
