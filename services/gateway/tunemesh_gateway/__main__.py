@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
 from collections.abc import Callable
 
@@ -130,6 +131,9 @@ async def serve(s: settings_mod.GatewaySettings) -> None:
     certfile, keyfile = https or (None, None)
     server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, timeout_keep_alive=75,
                                            timeout_graceful_shutdown=5, ssl_certfile=certfile, ssl_keyfile=keyfile))
+    # uvicorn shuts down on SIGTERM, then raises it again under the handler it found: a quiet
+    # one here lets the cleanup below run and the process exit 0 (the default would kill it).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     serving = asyncio.ensure_future(server.serve(sockets=[sock]))
     probing = None
     try:
@@ -150,6 +154,7 @@ async def serve(s: settings_mod.GatewaySettings) -> None:
             await asyncio.wait([probing])
         if endpoint is not None:
             await endpoint.close()
+        log.info("gateway stopped")
 
 
 def main(argv: list[str] | None = None) -> None:
