@@ -32,3 +32,34 @@ def test_sigterm_stops_the_gateway_with_its_cleanup_and_exit_code_0(tmp_path: Pa
             proc.kill()
             proc.wait()
     assert log.read_text().rstrip().endswith("gateway stopped")  # the cleanup after uvicorn ran
+
+
+def test_connections_of_the_gateway_s_socket_send_without_nagle() -> None:
+    """The listening socket says it is TCP, so asyncio (uvicorn's transport) sets TCP_NODELAY
+    on every connection: otherwise each response on a kept-alive connection waits ~40 ms for
+    the client's delayed ACK (Nagle holding the body behind the headers)."""
+    import asyncio
+    import socket
+
+    from tunemesh_gateway.__main__ import bind
+
+    async def accepted_nodelay() -> int:
+        seen: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+        class Record(asyncio.Protocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                sock = transport.get_extra_info("socket")
+                seen.set_result(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+                transport.close()
+
+        sock = bind("127.0.0.1:0")
+        server = await asyncio.get_running_loop().create_server(Record, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(seen, 10)
+        finally:
+            writer.close()
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(accepted_nodelay()) != 0
