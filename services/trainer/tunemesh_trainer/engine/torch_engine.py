@@ -15,7 +15,7 @@ from tunemesh.errors import AlreadyExistsError, Code, InvalidArgumentError, NotF
 from tunemesh_common.lora.frozen_base import load_frozen_base
 from tunemesh_common.lora.multi_lora import MultiLoraExperts, RowPlan
 from tunemesh_common.numerics import attention
-from tunemesh_common.numerics.batch_invariant import BatchInvariantMode
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread
 from tunemesh_trainer.domain import (
     AdamSpec,
     AdapterState,
@@ -34,6 +34,16 @@ from tunemesh_trainer.engine.losses import LOSSES, target_logprobs
 from tunemesh_trainer.engine.validation import validate_item
 
 logger = logging.getLogger(__name__)
+
+# A fused pass over at most this many (batch tokens x base parameters) runs on one thread:
+# waking a second thread for every small operation cost more than it gave. Measured on 2
+# cores with the local mesh's OMP_WAIT_POLICY=PASSIVE (bench/README.md, overhead): a 1 x 8
+# forward_backward on tiny-dense took 21 ms on two threads and 4 ms on one, 8 x 4 x 64
+# tokens 188 against 91 ms; on SmolLM2 (135 M) one thread won up to about 128 tokens
+# (1 x 8: 445 against 205 ms; 2 x 64: even) and two beyond (8 x 2 x 64: 6.5 against 7.7 s).
+# A row's numbers are the same either way in batch-invariant mode (see one_thread and
+# tests/unit/trainer/test_trainer_threads.py).
+ONE_THREAD_WORK = 2e10
 
 
 class TorchTrainingEngine:
@@ -65,6 +75,8 @@ class TorchTrainingEngine:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
         self._base = load_frozen_base(model_dir, dtype, self._device)
+        self._base_params = sum(p.numel() for p in self._base.model.parameters())
+        self.one_thread_work = ONE_THREAD_WORK
         self._parallel.prepare(self._base.model)
         self._routing = self._base.routing
         self.batch_invariant = batch_invariant
@@ -176,8 +188,17 @@ class TorchTrainingEngine:
             if outcome.failure is None:
                 runnable.append((item, outcome))
         if runnable:
-            self._run(runnable)
+            with self._threads(runnable):
+                self._run(runnable)
         return outcomes
+
+    def _threads(self, runnable: list[tuple[EngineItem, ItemOutcome]]) -> contextlib.AbstractContextManager:
+        """One thread for a batch on the CPU up to `one_thread_work` (ONE_THREAD_WORK), else
+        torch's threads."""
+        tokens = sum(len(datum.tokens) for item, _ in runnable for datum in item.data)
+        if self._device.type == "cpu" and tokens * self._base_params <= self.one_thread_work:
+            return one_thread()
+        return contextlib.nullcontext()
 
     def _run(self, runnable: list[tuple[EngineItem, ItemOutcome]]) -> None:
         """The fused pass; on an unexpected error (e.g. out of memory) each item is run
