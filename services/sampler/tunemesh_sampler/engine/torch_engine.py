@@ -40,7 +40,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tunemesh_common.numerics import attention
-from tunemesh_common.numerics.batch_invariant import BatchInvariantMode
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread
 from tunemesh_sampler.engine import kv_cache
 from tunemesh_common.lora import peft_format
 from tunemesh.errors import (
@@ -63,6 +63,14 @@ logger = logging.getLogger(__name__)
 
 BASE_SEGMENT = ""  # the segment id of rows without an adapter (never an adapter key)
 RESERVE_AHEAD_TOKENS = 512  # cache positions reserved ahead of decoding (a long max_tokens grows the cache as it goes)
+# A forward over at most this many (input tokens x base parameters) runs on one thread:
+# with the local mesh's sleeping OpenMP threads, waking one for every small operation
+# cost more than it gave. Measured (2 cores, OMP_WAIT_POLICY=PASSIVE): a 16-row decode
+# step of tiny-dense took 2.7 ms on two threads and 1.1 on one; a SmolLM2 step broke even
+# at one row (68.4 vs 66.6 ms) and lost on one thread at 16 rows (102.7 vs 108.3 ms), its
+# large GEMMs wanting both threads' memory bandwidth. (Training crosses over later:
+# tunemesh_trainer.engine.torch_engine.ONE_THREAD_WORK.)
+ONE_THREAD_WORK = 1e8
 
 Detokenize = Callable[[list[int]], str]
 
@@ -224,6 +232,7 @@ class TorchSamplingEngine:
         self._detokenize = detokenize
         base = load_frozen_base(model_dir, dtype, self._device)
         self._model = base.model
+        self._base_params = sum(p.numel() for p in base.model.parameters())
         self._body = base.model.base_model  # the decoder stack, without the vocab head
         self._head = base.model.get_output_embeddings()
         self.batch_invariant = batch_invariant
@@ -414,11 +423,17 @@ class TorchSamplingEngine:
         """Each row's logits (float32) at its input position `last_b`, its adapter's LoRA
         applied; the body runs on every input position, the vocab head on one per row."""
         with torch.no_grad(), self._routing.use(RowPlan(_segments(rows), frozenset()), batched=True), \
-                self._numerics():
+                self._numerics(), self._threads(ids_bt.numel()):
             hidden_btd = self._body(input_ids=ids_bt, position_ids=positions_bt, past_key_values=cache,
                                     use_cache=True).last_hidden_state
             picked_b1d = hidden_btd[torch.arange(len(rows), device=self._device), last_b][:, None]
             return self._head(picked_b1d)[:, 0].float()
+
+    def _threads(self, tokens: int) -> contextlib.AbstractContextManager:
+        """One thread for a forward over `tokens` input tokens up to ONE_THREAD_WORK, else torch's."""
+        if self._device.type == "cpu" and tokens * self._base_params <= ONE_THREAD_WORK:
+            return one_thread()
+        return contextlib.nullcontext()
 
     def _numerics(self) -> contextlib.AbstractContextManager:
         """A model-wide BatchInvariantMode where some GEMM runs outside tunemesh's wrappers
@@ -485,7 +500,8 @@ class TorchSamplingEngine:
             return []
         ids_bt = torch.tensor([tokens], dtype=torch.long, device=self._device)
         segment = BASE_SEGMENT if adapter_key is None else adapter_key
-        with torch.no_grad(), self._routing.use(RowPlan(((segment, 0, 1),), frozenset())), self._numerics():
+        with torch.no_grad(), self._routing.use(RowPlan(((segment, 0, 1),), frozenset())), self._numerics(), \
+                self._threads(ids_bt.numel()):
             logits_tv = self._model(input_ids=ids_bt, use_cache=False).logits[0, :-1].float()
         logprobs_tv = torch.log_softmax(logits_tv, dim=-1)
         return logprobs_tv.gather(-1, ids_bt[0, 1:, None]).squeeze(-1).tolist()
