@@ -26,14 +26,6 @@ def _generate(engine, key: str | None) -> list[tuple[list[int], list[float]]]:
     return [(list(seq.tokens), list(seq.logprobs)) for result in asyncio.run(run()) for seq in result]
 
 
-@pytest.fixture
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.mark.parametrize("key", [None, "a2"])
 def test_small_forwards_run_on_one_thread_with_the_same_bits_as_on_two(engine, key, two_threads, monkeypatch):
     seen: list[int] = []

@@ -30,14 +30,6 @@ def wide_dense_dir(tmp_path_factory) -> pathlib.Path:
     return path
 
 
-@pytest.fixture
-def two_threads():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _engine(model_dir: pathlib.Path):
     engine = build_torch_engine(model_dir, "wide", "dense", max_lora_rank=16, max_seq_len=256)
     rng = np.random.default_rng(0)
