@@ -187,6 +187,7 @@ def test_results_of_a_store_outage_are_never_shown_and_a_new_leader_rebuilds_the
         a = await _start(store, trainer, "a", submit_store_wait_s=0.2)
         run = await a.new_run()
         await a.wait_all([await a.submit(run, 1)])
+        await a.core.sync()  # op 1 and its outcome are in the store
         store.down = True  # etcd goes away: training goes on, nothing is stored
         ops = [await a.submit(run, seq) for seq in (2, 3)]
         seen = [await a.core.wait_operation("t1", op.name, 0.2) for op in ops]
