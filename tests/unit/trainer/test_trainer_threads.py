@@ -98,3 +98,20 @@ def test_an_item_is_bit_identical_alone_on_one_thread_and_crowded_on_two(wide_de
     assert alone_grads.keys() == crowded_grads.keys()
     for name in alone_grads:
         assert torch.equal(alone_grads[name], crowded_grads[name]), name
+
+
+def test_optimizer_steps_run_on_one_thread(wide_dense_dir, two_threads, monkeypatch):
+    from tunemesh_trainer.domain import AdamSpec
+    from tunemesh_trainer.engine import adapter as adapter_mod
+
+    engine = _engine(wide_dense_dir)
+    seen: list[int] = []
+    real = adapter_mod.AdapterSlot.optim_step
+
+    def spy(self, adam):
+        seen.append(torch.get_num_threads())
+        return real(self, adam)
+
+    monkeypatch.setattr(adapter_mod.AdapterSlot, "optim_step", spy)
+    engine.optim_step("a0", AdamSpec(learning_rate=1e-3))
+    assert seen == [1] and torch.get_num_threads() == 2
