@@ -244,6 +244,67 @@ def test_guesses_sent_in_parallel_meet_the_limit_as_sequential_ones_do(tmp_path,
     assert auth._turns == {}  # no lock outlives its callers
 
 
+def test_a_reload_keeps_verified_keys_whose_record_did_not_change_and_forget_drops_one(tmp_path, counted):
+    path, clock = tmp_path / "k.json", Clock()
+    alice, alice_record = api_keys.new_key("alice", kdf=FAST)
+    bob, bob_record = api_keys.new_key("bob", kdf=FAST)
+    api_keys.write_key_file(path, [alice_record, bob_record])
+    auth = _authenticator(path, clock)
+
+    async def scenario():
+        await auth(bearer(alice), "p")
+        await auth(bearer(bob), "p")
+        before = len(counted)
+        _, carol_record = api_keys.new_key("carol", kdf=FAST)
+        api_keys.write_key_file(path, [alice_record, dataclasses.replace(bob_record, revoked=True), carol_record])
+        clock.now += 2.5  # reloaded at the next call
+        seen = [await auth(bearer(alice), "p")]  # unchanged record: still remembered, no KDF
+        after_reload = len(counted) - before
+        with pytest.raises(UnauthenticatedError):
+            await auth(bearer(bob), "p")  # its record changed (revoked)
+        auth.forget(alice)
+        seen.append(await auth(bearer(alice), "p"))  # verified again
+        return seen, after_reload, counted[before:]
+
+    seen, after_reload, kdfs = asyncio.run(scenario())
+    assert seen == ["alice", "alice"] and after_reload == 0
+    assert kdfs == [alice_record.id]  # bob's revoked record costs no KDF; alice's once, after forget
+
+
+def test_a_check_abandoned_by_its_caller_counts_as_a_failure(tmp_path, monkeypatch):
+    """A caller that cancels each guess while its KDF runs must still meet the limit."""
+    import threading
+
+    path = tmp_path / "k.json"
+    alice, record = api_keys.new_key("alice", kdf=FAST)
+    api_keys.write_key_file(path, [record])
+    auth = _authenticator(path, Clock(), max_failures=2, window_s=60, block_s=30)
+    started, release = threading.Event(), threading.Event()
+
+    def slow_matches(self, key: str) -> bool:  # a KDF that runs until the test lets it end
+        started.set()
+        release.wait(10)
+        return False
+
+    monkeypatch.setattr(KeyRecord, "matches", slow_matches)
+
+    async def scenario():
+        for _ in range(2):
+            started.clear()
+            task = asyncio.ensure_future(auth(bearer(alice[:-2] + "zz"), "ipv4:10.0.0.66:1"))
+            while not started.is_set():
+                await asyncio.sleep(0.001)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+        release.set()
+        with pytest.raises(ResourceExhaustedError) as blocked:
+            await auth(bearer(alice), "ipv4:10.0.0.66:2")
+        return blocked.value.reason
+
+    assert asyncio.run(scenario()) == "AUTH_THROTTLED"
+
+
 def test_inline_development_keys(counted):
     auth = KeyAuthenticator.inline({"key-a": "tenant-a", "tml-demo-bob": "bob"})
     assert asyncio.run(auth(bearer("tml-demo-bob"))) == "bob"

@@ -10,7 +10,8 @@ scrypt hash of each, in a keys file (JSON, written by `tunemesh keys`):
 
 A presented key is hashed against the one record its id names and compared in constant
 time (`hmac.compare_digest`); a key that verified once is remembered by its SHA-256 (the
-KDF is not run again for it), until its record changes. The file is re-read when its
+KDF is not run again for it), until its record changes (a reload keeps the other keys
+remembered) or `forget` drops it. The file is re-read when its
 mtime, size or inode changes (looked at most every `check_every_s`); a file that does not
 parse leaves the last good keys in force, logged with the reason. Failed attempts are
 counted per caller address (`throttle.FailureThrottle`): a caller over the limit is
@@ -286,32 +287,41 @@ class KeyAuthenticator:
 
     async def authenticate(self, key: str, peer: str = "") -> str:
         now = self._clock()
-        if self.ring.refresh(now):
-            self._verified.clear()
+        if self.ring.refresh(now):  # keep the keys whose record did not change
+            self._verified = OrderedDict((k, v) for k, v in self._verified.items() if self.ring.get(k) == v[1])
         if not key:
             raise UnauthenticatedError("MISSING_API_KEY", "send `authorization: Bearer <api key>`")
         key_id, digest = key_id_of(key), hashlib.sha256(key.encode()).digest()
         record = self.ring.get(key_id)
         cached = self._verified.get(key_id)
-        if cached is not None and cached[1] is record and hmac.compare_digest(cached[0], digest):
+        if cached is not None and cached[1] == record and hmac.compare_digest(cached[0], digest):
             self._verified.move_to_end(key_id)
             return record.tenant
         source = source_of(peer)
         async with self._turn(source):  # this caller's earlier unverified keys are judged first
             cached = self._verified.get(key_id)  # verified while this call waited its turn?
-            if cached is not None and cached[1] is record and hmac.compare_digest(cached[0], digest):
+            if cached is not None and cached[1] == record and hmac.compare_digest(cached[0], digest):
                 return record.tenant
             wait_s = self.throttle.blocked_for(source, self._clock())
             if wait_s > 0:
                 raise ResourceExhaustedError("AUTH_THROTTLED", f"too many failed API key attempts from this "
                                                                f"address; retry in {wait_s:.0f} s")
-            if record is None or record.revoked or not await asyncio.to_thread(record.matches, key):
+            try:
+                valid = record is not None and not record.revoked and await asyncio.to_thread(record.matches, key)
+            except asyncio.CancelledError:  # an abandoned check counts: cancelling must not dodge the limit
+                self.throttle.failed(source, self._clock())
+                raise
+            if not valid:
                 self.throttle.failed(source, self._clock())
                 raise UnauthenticatedError("INVALID_API_KEY", "the API key is not valid")
         self._verified[key_id] = (digest, record)
         if len(self._verified) > self._cache_size:
             self._verified.popitem(last=False)
         return record.tenant
+
+    def forget(self, key: str) -> None:
+        """Verify `key` again (KDF, throttle) the next time it comes."""
+        self._verified.pop(key_id_of(key), None)
 
     @contextlib.asynccontextmanager
     async def _turn(self, source: str) -> AsyncIterator[None]:
