@@ -28,11 +28,12 @@ from tunemesh_common.membership import registry
 from tunemesh_common.service import api_keys, rpc
 from tunemesh_common.service.host import write_ready_file
 from tunemesh_common.service.metrics import MetricsEndpoint
+from tunemesh_common.service.throttle import FailureThrottle
 from tunemesh_gateway import settings as settings_mod
 from tunemesh_gateway.app import create_app
 from tunemesh_gateway.core import CoreConfig
 from tunemesh_gateway.etcd_store import EtcdStore
-from tunemesh_gateway.key_guard import KeyCheck
+from tunemesh_gateway.key_guard import KeyCheck, KeyGuard
 from tunemesh_gateway.metrics import GatewayMetrics
 from tunemesh_gateway.store import MemoryStore
 from tunemesh_gateway.upstream import GrpcUpstream, credentials
@@ -56,7 +57,7 @@ def key_check(s: settings_mod.GatewaySettings) -> KeyCheck | None:
         ring = api_keys.KeyRing(s.api_keys_file, check_every_s=s.api_keys_check_s)
     except api_keys.KeyFileError as err:
         raise SystemExit(f"python -m tunemesh_gateway: --api-keys-file: {err}") from None
-    return KeyCheck(api_keys.KeyAuthenticator(ring))
+    return KeyCheck(api_keys.KeyAuthenticator(ring, FailureThrottle(max_failures=s.max_client_failures)))
 
 
 def bind(listen: str) -> socket.socket:
@@ -124,8 +125,9 @@ async def serve(s: settings_mod.GatewaySettings) -> None:
     keys = key_check(s)
     store = EtcdStore(registry.connect(s.etcd, tls=settings_mod.etcd_tls(s))) if s.etcd else MemoryStore()
     probe = SchedulerProbe()
+    guard = keys or KeyGuard(FailureThrottle(max_failures=s.max_client_failures))
     app = create_app(probe.watching(lambda: GrpcUpstream(s.scheduler, creds)), store, core_config(s),
-                     GatewayMetrics(prometheus_client.REGISTRY), ready=lambda: probe.reachable, keys=keys)
+                     GatewayMetrics(prometheus_client.REGISTRY), ready=lambda: probe.reachable, keys=guard)
     endpoint = await MetricsEndpoint.start(s.metrics_listen, prometheus_client.REGISTRY,
                                            ready=lambda: probe.reachable)
     sock = bind(s.listen)

@@ -6,11 +6,12 @@ would get the gateway, and with it every Tinker user, blocked. Two ways to stop 
 
 - `KeyCheck` (the gateway is given the mesh's keys file, `--api-keys-file`, as `tunemesh
   up` and the chart do): every key is verified here, as the scheduler verifies it
-  (`KeyAuthenticator`: a throttle per client address, a caller's unverified keys one at a
-  time, so parallel guesses meet the limit too). The scheduler only ever sees keys that
-  verified, so no number of clients guessing together, in parallel or not, can get the
-  gateway's address throttled. A key the scheduler still refuses (revoked there before
-  this file was re-read) counts as a failure of the client here.
+  (`KeyAuthenticator`: a throttle per client address, below the scheduler's, and a
+  caller's unverified keys one at a time, so parallel guesses meet the limit too). The
+  scheduler only ever sees keys that verified, so no number of clients guessing together,
+  in parallel or not, can get the gateway's address throttled. A key the scheduler still
+  refuses (revoked in its copy of the file first) is forgotten here and counts as a
+  failure of the client (docs/security.md: the window that leaves).
 - `KeyGuard` (no keys file): a tally per client address (a client over `max_failures`
   within the window waits, 429) and a memory of keys the scheduler refused (refused again
   here, 401, without a call). Not covered: calls the gateway answers before the scheduler
@@ -51,7 +52,9 @@ class KeyCheck:
             raise HttpError(429, f"too many failed API keys from this address: {err.message}") from None
 
     def refused(self, client: str, key: str, now: float) -> None:
-        """The scheduler refused a key that verified here: a failure of `client`."""
+        """The scheduler refused a key that verified here (revoked in its copy of the file
+        first): verified again next time, and a failure of `client`."""
+        self._auth.forget(key)
         self._auth.throttle.failed(client, now)
 
 

@@ -36,6 +36,9 @@ class GatewaySettings(BaseSettings):
         "before any call carries them, so the scheduler never sees guesses from the gateway's address; "
         "unset: failed keys are only tallied per client (see key_guard.py)"))
     api_keys_check_s: float = Field(2.0, gt=0, description="how often the API keys file is checked for changes")
+    max_client_failures: int = Field(4, ge=1, description=(
+        "failed API keys a client address may send per minute before it waits a minute (429); keep it "
+        "under the scheduler's --auth-max-failures (10), which counts the gateway's address as one"))
     etcd: HostPortOrEmpty = Field("", description=(
         "host:port of the mesh's etcd, where the gateway keeps its tables (model ids, sampling sessions) "
         "across restarts and replicas; empty: in memory, lost on restart"))

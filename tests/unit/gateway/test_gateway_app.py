@@ -203,3 +203,39 @@ def test_with_the_keys_file_bad_keys_never_reach_the_scheduler_however_many_clie
     assert many == [401] * 8
     assert (mine, theirs) == (429, 200)
     assert upstream.keys == [alice]  # the scheduler saw only the key that verified
+
+
+def test_a_key_the_scheduler_refuses_after_the_gateway_admitted_it_is_verified_again_and_counted(tmp_path):
+    """KeyCheck.refused: the key was revoked in the scheduler's copy of the file first."""
+    from tunemesh_common.service import api_keys
+    from tunemesh_common.service.throttle import FailureThrottle
+    from tunemesh_gateway.key_guard import KeyCheck
+    import time
+
+    from tunemesh_gateway.status import HttpError
+
+    fast = api_keys.Kdf(n=1 << 10, r=8, p=1)
+    alice, record = api_keys.new_key("alice", kdf=fast)
+    api_keys.write_key_file(tmp_path / "keys.json", [record])
+    calls = []
+    real = api_keys.KeyRecord.matches
+    throttle = FailureThrottle(max_failures=2, window_s=60, block_s=60)
+    check = KeyCheck(api_keys.KeyAuthenticator(api_keys.KeyRing(tmp_path / "keys.json"), throttle))
+
+    async def scenario():
+        now = time.monotonic()  # the authenticator's clock
+        api_keys.KeyRecord.matches = lambda self, key: calls.append(key) or real(self, key)
+        try:
+            await check.admit(alice, "c1", now)
+            await check.admit(alice, "c1", now)  # remembered: no second KDF
+            check.refused("c1", alice, now)
+            await check.admit(alice, "c1", now)  # verified again
+            check.refused("c1", alice, now)  # the second refusal blocks the client
+            with pytest.raises(HttpError) as blocked:
+                await check.admit(alice, "c1", now)
+            return blocked.value.status
+        finally:
+            api_keys.KeyRecord.matches = real
+
+    assert asyncio.run(scenario()) == 429
+    assert calls == [alice, alice]
