@@ -9,8 +9,12 @@ import asyncio
 import pytest
 import torch
 
+from tunemesh_common.numerics import batch_invariant
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
 from tunemesh_sampler.engine import torch_engine
+
+pytestmark = pytest.mark.skipif(batch_invariant._THREAD_LOCAL is None,
+                                reason="this torch build has no per-thread thread counts (one_thread is a no-op)")
 
 PROMPTS = [[5, 6, 7, 8, 9], [60, 61, 62], [100, 3, 17, 42, 8, 8, 1]]
 

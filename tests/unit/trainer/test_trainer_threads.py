@@ -11,10 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from tunemesh_common.numerics import batch_invariant
 from tunemesh_trainer.domain import AdapterState, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine
 
 VOCAB = 1024
+pytestmark = pytest.mark.skipif(batch_invariant._THREAD_LOCAL is None,
+                                reason="this torch build has no per-thread thread counts (one_thread is a no-op)")
 
 
 @pytest.fixture(scope="module")

@@ -75,7 +75,8 @@ class TorchTrainingEngine:
             torch.set_num_threads(num_threads)
         self._device = torch.device(device)
         self._base = load_frozen_base(model_dir, dtype, self._device)
-        self._base_params = sum(p.numel() for p in self._base.model.parameters())
+        # ZeRO-3 leaves each rank a partition: ds_numel is a parameter's whole size
+        self._base_params = sum(getattr(p, "ds_numel", p.numel()) for p in self._base.model.parameters())
         self.one_thread_work = ONE_THREAD_WORK
         self._parallel.prepare(self._base.model)
         self._routing = self._base.routing
