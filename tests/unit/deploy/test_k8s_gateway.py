@@ -54,8 +54,8 @@ def docs(request) -> list[dict]:
 
 def test_the_gateway_calls_the_scheduler_service_and_etcd_and_serves_its_own(docs):
     _, container = gateway(docs)
-    assert "command" not in container  # the gateway image's own entrypoint
-    assert entrypoint(IMAGE.match(container["image"])["target"], stages()) == ["python", "-m", "tunemesh_gateway"]
+    expected = ["python", "-m", "tunemesh_gateway"]  # the gateway image's own entrypoint, named too
+    assert container["command"] == expected == entrypoint(IMAGE.match(container["image"])["target"], stages())
     args = flags(container)
     [scheduler_port] = one(docs, "Service", "tm-scheduler")["spec"]["ports"]
     [etcd_port] = one(docs, "Service", "tm-etcd")["spec"]["ports"]
