@@ -5,6 +5,7 @@ they finish, waiting rows are admitted across tenants in turn, scoring runs betw
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import numpy as np
 import pytest
@@ -67,20 +68,33 @@ def test_a_short_request_joins_a_running_generation_and_both_stay_exact(engine, 
     assert [s.tokens for s in sampled] == [s.tokens for s in alone]
 
 
-def test_waiting_rows_are_admitted_across_tenants_in_turn(small_engine):
+def test_waiting_rows_are_admitted_across_tenants_in_turn(small_engine, monkeypatch):
     """Two slots; tenant A asks for 6 rows, then tenant B for 1: B's row gets the second
     slot of the first prefill instead of waiting behind A's other five."""
+    joined: list[list[str]] = []  # the tenants of each prefill's rows, in order
+    join = small_engine._join
+
+    def recorded(batch, rows):
+        joined.append([row.job.request.tenant for row in rows])
+        return join(batch, rows)
+
+    monkeypatch.setattr(small_engine, "_join", recorded)
 
     async def scenario():
         spec = SamplingSpec(max_tokens=8)
+        gate = threading.Event()  # holds the engine's one worker thread until both requests wait
+        small_engine._executor.submit(gate.wait, 10)
         many = asyncio.ensure_future(small_engine.generate(_request("a1", PROMPTS["a1"], spec, 6, tenant="A")))
         one = asyncio.ensure_future(small_engine.generate(_request("a2", PROMPTS["a2"], spec, 1, tenant="B")))
-        before = small_engine.batches_run
+        for _ in range(3):  # both coroutines queue their rows
+            await asyncio.sleep(0)
+        gate.set()
         await one
-        return small_engine.batches_run - before, many.done(), await many
+        return many.done(), await many
 
-    prefills_until_b, a_done_first, many = asyncio.run(scenario())
-    assert prefills_until_b == 1 and not a_done_first
+    a_done_first, many = asyncio.run(scenario())
+    assert joined[0] == ["A", "B"] and not a_done_first
+    assert sorted(t for rows in joined for t in rows) == ["A"] * 6 + ["B"]
     assert len({s.tokens for s in many}) == 1  # greedy: every row of A the same, wherever it ran
 
 
