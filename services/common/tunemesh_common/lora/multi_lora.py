@@ -192,7 +192,7 @@ class MultiLoraLinear(nn.Module):
         # of several matrices runs one thread per matrix either way, so the numbers are the same);
         # a prefill's are large enough to share
         small = x.numel() <= ONE_THREAD_LORA_TOKENS * x.shape[-1]
-        with batch_invariant.one_thread() if small else contextlib.nullcontext():
+        with batch_invariant.one_thread_if(small):
             return add_batched_lora(x, out, plan.num_rows, tuple((start, end) for _, start, end in mine), stacked,
                                     min_rows, batch_invariant.bmm if self.routing.batch_invariant else torch.bmm)
 

@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tunemesh_common.numerics.batch_invariant import matmul, one_thread
+from tunemesh_common.numerics.batch_invariant import matmul, one_thread_if
 
 POSITIONAL = "tunemesh_positional"
 INVARIANT = "tunemesh_invariant"
@@ -53,9 +53,7 @@ def _threads(query: torch.Tensor, kv_len: int) -> contextlib.AbstractContextMana
     """One thread for a small attention that records no gradient (a decode step): its dozen
     small operations then wake no other thread. The same numbers either way: its batched
     matmuls run one thread per matrix, and the rest is elementwise or row-wise."""
-    if torch.is_grad_enabled() or query.shape[:-1].numel() * kv_len > ONE_THREAD_SCORES:
-        return contextlib.nullcontext()
-    return one_thread()
+    return one_thread_if(not torch.is_grad_enabled() and query.shape[:-1].numel() * kv_len <= ONE_THREAD_SCORES)
 
 
 def _allowed(position_ids: torch.Tensor | None, q_len: int, kv_len: int, device: torch.device) -> torch.Tensor:

@@ -92,6 +92,11 @@ def one_thread() -> Iterator[None]:
         mkl_local(saved_mkl)
 
 
+def one_thread_if(small: bool) -> contextlib.AbstractContextManager:
+    """`one_thread()` for work judged `small` by the caller, else torch's threads."""
+    return one_thread() if small else contextlib.nullcontext()
+
+
 def _padded_call(func: Callable, rows: int, rows_of: torch.Tensor, matrix: torch.Tensor,
                  pad: Callable[[int], tuple]):
     """`func(*pad(n))` with the fewest padded rows n that keep `rows` rows (of `rows_of`)

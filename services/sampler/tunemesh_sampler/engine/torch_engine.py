@@ -40,7 +40,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from tunemesh_common.numerics import attention
-from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread_if
 from tunemesh_sampler.engine import kv_cache
 from tunemesh_common.lora import peft_format
 from tunemesh.errors import (
@@ -431,9 +431,7 @@ class TorchSamplingEngine:
 
     def _threads(self, tokens: int) -> contextlib.AbstractContextManager:
         """One thread for a forward over `tokens` input tokens up to ONE_THREAD_WORK, else torch's."""
-        if self._device.type == "cpu" and tokens * self._base_params <= ONE_THREAD_WORK:
-            return one_thread()
-        return contextlib.nullcontext()
+        return one_thread_if(self._device.type == "cpu" and tokens * self._base_params <= ONE_THREAD_WORK)
 
     def _numerics(self) -> contextlib.AbstractContextManager:
         """A model-wide BatchInvariantMode where some GEMM runs outside tunemesh's wrappers

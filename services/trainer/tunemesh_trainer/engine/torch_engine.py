@@ -15,7 +15,7 @@ from tunemesh.errors import AlreadyExistsError, Code, InvalidArgumentError, NotF
 from tunemesh_common.lora.frozen_base import load_frozen_base
 from tunemesh_common.lora.multi_lora import MultiLoraExperts, RowPlan
 from tunemesh_common.numerics import attention
-from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread_if
 from tunemesh_trainer.domain import (
     AdamSpec,
     AdapterState,
@@ -168,7 +168,7 @@ class TorchTrainingEngine:
         """AdamW on one thread on the CPU, always (so its numbers never depend on a thread
         count): elementwise work over an adapter's factors gains nothing from a second
         sleeping thread to wake (SmolLM2, rank 16: 40.7 ms on two, 26.5 ms on one)."""
-        with one_thread() if self._device.type == "cpu" else contextlib.nullcontext():
+        with one_thread_if(self._device.type == "cpu"):
             return self._slot(adapter_id).optim_step(adam)
 
     def _slot(self, adapter_id: str) -> AdapterSlot:
@@ -201,9 +201,7 @@ class TorchTrainingEngine:
         """One thread for a batch on the CPU up to `one_thread_work` (ONE_THREAD_WORK), else
         torch's threads."""
         tokens = sum(len(datum.tokens) for item, _ in runnable for datum in item.data)
-        if self._device.type == "cpu" and tokens * self._base_params <= self.one_thread_work:
-            return one_thread()
-        return contextlib.nullcontext()
+        return one_thread_if(self._device.type == "cpu" and tokens * self._base_params <= self.one_thread_work)
 
     def _run(self, runnable: list[tuple[EngineItem, ItemOutcome]]) -> None:
         """The fused pass; on an unexpected error (e.g. out of memory) each item is run
