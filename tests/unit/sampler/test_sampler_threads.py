@@ -30,8 +30,19 @@ def _generate(engine, key: str | None) -> list[tuple[list[int], list[float]]]:
     return [(list(seq.tokens), list(seq.logprobs)) for result in asyncio.run(run()) for seq in result]
 
 
+@pytest.fixture
+def worker_on_two_threads(engine):
+    """The engine's worker thread (where forwards run) on two threads: a thread's count is
+    its own, and the worker kept whatever count the thread that started it had."""
+    saved = engine._executor.submit(torch.get_num_threads).result()
+    engine._executor.submit(torch.set_num_threads, 2).result()
+    yield
+    engine._executor.submit(torch.set_num_threads, saved).result()
+
+
 @pytest.mark.parametrize("key", [None, "a2"])
-def test_small_forwards_run_on_one_thread_with_the_same_bits_as_on_two(engine, key, two_threads, monkeypatch):
+def test_small_forwards_run_on_one_thread_with_the_same_bits_as_on_two(engine, key, worker_on_two_threads,
+                                                                         monkeypatch):
     seen: list[int] = []
     hook = engine._model.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
     body = engine._body.register_forward_pre_hook(lambda module, args: seen.append(torch.get_num_threads()))
