@@ -11,10 +11,16 @@ so two replicas answering retries of one call agree on one session. Values are w
 only after the scheduler accepted the call they record (it checked the caller owns the
 session), so a key name never comes from a request the mesh refused. An etcd failure is
 UNAVAILABLE (503: the SDK retries).
+
+A model id names one run for good, and a sampler entry never changes once written, so
+what was read or written is kept in a bounded cache (CACHED entries each): every
+forward_backward, optim_step and asample looks one of them up, and an etcd read per call
+was about a millisecond of each (the bench in bench/README.md, `tinker_sdk.py`).
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 from collections.abc import Iterable
@@ -27,6 +33,7 @@ from tunemesh_common.membership import registry
 from tunemesh_gateway.core.ports import SamplerEntry
 
 PREFIX = f"{registry.ROOT}/gateway/"
+CACHED = 4096  # model ids, and sampler entries, kept in memory (least recently used go first)
 
 
 def _key(*parts: str | int) -> bytes:
@@ -39,14 +46,22 @@ class EtcdStore:
     def __init__(self, client: aetcd.Client) -> None:
         self._client = client
         self._txn = client.transactions
+        self._runs = _Lru()  # model id -> run
+        self._samplers = _Lru()  # sampler id -> SamplerEntry
 
     async def put_model(self, model_id: str, run: str) -> None:
         await self._do(self._client.transaction(compare=[], failure=[], success=[
             self._txn.put(_key("models", model_id), run.encode()),
             self._txn.put(_key("runs", run.removeprefix("runs/")), model_id.encode())]))
+        self._runs.put(model_id, run)
 
     async def run_of(self, model_id: str) -> str | None:
-        return await self._text(_key("models", model_id))
+        if (run := self._runs.get(model_id)) is not None:
+            return run
+        run = await self._text(_key("models", model_id))
+        if run is not None:
+            self._runs.put(model_id, run)
+        return run
 
     async def models_of(self, runs: Iterable[str]) -> dict[str, str]:
         found = {}
@@ -60,6 +75,7 @@ class EtcdStore:
         value = json.dumps(dataclasses.asdict(entry)).encode()
         if not session_id or seq_id < 0:
             await self._do(self._client.put(_key("samplers", entry.sampler_id), value))
+            self._samplers.put(entry.sampler_id, entry)
             return entry
         seq_key = _key("sampler_seqs", session_id, seq_id)
         claimed, responses = await self._do(self._client.transaction(
@@ -68,13 +84,20 @@ class EtcdStore:
                      self._txn.put(_key("samplers", entry.sampler_id), value)],
             failure=[self._txn.get(seq_key)]))
         if claimed:
+            self._samplers.put(entry.sampler_id, entry)
             return entry
         held = responses[0][0][0].decode()
         return await self.sampler(held) or entry
 
     async def sampler(self, sampler_id: str) -> SamplerEntry | None:
+        if (entry := self._samplers.get(sampler_id)) is not None:
+            return entry
         raw = await self._text(_key("samplers", sampler_id))
-        return SamplerEntry(**json.loads(raw)) if raw is not None else None
+        if raw is None:
+            return None
+        entry = SamplerEntry(**json.loads(raw))
+        self._samplers.put(sampler_id, entry)
+        return entry
 
     async def sampler_for_seq(self, session_id: str, seq_id: int) -> SamplerEntry | None:
         held = await self._text(_key("sampler_seqs", session_id, seq_id))
@@ -90,3 +113,22 @@ class EtcdStore:
             return await call
         except registry.ETCD_ERRORS as err:
             raise UnavailableError("GATEWAY_STORE_UNAVAILABLE", f"etcd: {registry.short_error(err)}") from err
+
+
+class _Lru:
+    """At most CACHED entries; a hit makes its entry the most recent."""
+
+    def __init__(self) -> None:
+        self._entries: collections.OrderedDict = collections.OrderedDict()
+
+    def get(self, key):
+        value = self._entries.get(key)
+        if value is not None:
+            self._entries.move_to_end(key)
+        return value
+
+    def put(self, key, value) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        if len(self._entries) > CACHED:
+            self._entries.popitem(last=False)
