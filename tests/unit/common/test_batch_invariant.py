@@ -118,3 +118,100 @@ def test_gemms_of_enough_rows_give_the_same_bits_on_one_thread_as_on_two(matrice
             assert torch.equal(one, two), m
     finally:
         torch.set_num_threads(saved)
+
+
+needs_dnn = pytest.mark.skipif(not batch_invariant._DNN, reason="this build of torch has no oneDNN linear")
+
+
+@needs_dnn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("out_features,in_features", [(576, 576), (1536, 576), (576, 1536), (192, 576), (49152, 8),
+                                                      (8, 576)])
+def test_frozen_linear_rows_do_not_depend_on_the_row_count(threads, dtype, out_features, in_features):
+    """oneDNN's linear (what a frozen base layer runs on): every row count from 1 (padded to
+    DNN_ROWS) to 3x the MKL threshold and 600 sums a row alike, with or without a bias."""
+    g = torch.Generator().manual_seed(out_features * in_features)
+    weight = torch.randn(out_features, in_features, generator=g).to(dtype)
+    bias = torch.randn(out_features, generator=g).to(dtype)
+    x = torch.randn(600, in_features, generator=g).to(dtype)
+    for b in (None, bias):
+        ref = batch_invariant.frozen_linear(x, weight, b)
+        assert _rows_agree(lambda rows: batch_invariant.frozen_linear(rows, weight, b), x, ref) == []
+        offset = batch_invariant.frozen_linear(x[7:40].contiguous(), weight, b)  # rows at another position
+        assert torch.equal(offset, ref[7:40])
+    exact = F.linear(x.double(), weight.double(), bias.double())  # sums of up to 1,536 unscaled products
+    torch.testing.assert_close(ref.double(), exact, rtol=0, atol=0.5 if dtype == torch.bfloat16 else 1e-3)
+
+
+@needs_dnn
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_frozen_linear_gives_the_same_bits_on_one_thread_as_on_two(dtype):
+    """The sampler runs small steps under `one_thread()`, the trainer large ones on every thread."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(5)
+        weight, x = torch.randn(1536, 576, generator=g).to(dtype), torch.randn(300, 576, generator=g).to(dtype)
+        for m in (1, 2, 5, 64, 300):
+            two = batch_invariant.frozen_linear(x[:m], weight)
+            with batch_invariant.one_thread():
+                one = batch_invariant.frozen_linear(x[:m], weight)
+            assert torch.equal(one, two), m
+    finally:
+        torch.set_num_threads(saved)
+
+
+@needs_dnn
+def test_frozen_linear_input_gradients_do_not_depend_on_the_row_count():
+    """Its backward (`grad @ weight`, the padded MKL matmul) keeps a row's input gradient
+    the same bits in a batch of any size, and equals F.linear's to rounding."""
+    g = torch.Generator().manual_seed(9)
+    weight, x = torch.randn(576, 1536, generator=g), torch.randn(64, 1536, generator=g)
+    grad_out = torch.randn(64, 576, generator=g)
+
+    def input_grad(m: int) -> torch.Tensor:
+        rows = x[:m].clone().requires_grad_(True)
+        (batch_invariant.frozen_linear(rows, weight) * grad_out[:m]).sum().backward()
+        return rows.grad
+
+    full = input_grad(64)
+    assert [m for m in (1, 2, 3, 5, 12, 13, 40) if not torch.equal(input_grad(m), full[:m])] == []
+    torch.testing.assert_close(full, grad_out @ weight)
+
+
+def test_a_weight_that_records_gradients_keeps_the_padded_mkl_route():
+    """LoRA factors (trainable in the trainer, not in the sampler) must sum alike in both:
+    `frozen_linear` takes oneDNN only for a weight that records no gradient (and small
+    layers, where oneDNN's per-call cost does not pay, keep MKL too)."""
+    g = torch.Generator().manual_seed(3)
+    weight, small, x = torch.randn(576, 576, generator=g), torch.randn(16, 576, generator=g), \
+        torch.randn(5, 576, generator=g)
+    for w in (weight.clone().requires_grad_(True), small):
+        with BatchInvariantMode():
+            want = F.linear(x, w)
+        assert torch.equal(batch_invariant.frozen_linear(x, w), want)
+
+
+@needs_dnn
+def test_frozen_base_mode_runs_a_module_s_linear_on_onednn():
+    g = torch.Generator().manual_seed(4)
+    layer = torch.nn.Linear(576, 576).requires_grad_(False)
+    x = torch.randn(3, 576, generator=g)
+    with batch_invariant.FrozenBaseMode():
+        got = layer(x)
+    assert torch.equal(got, batch_invariant.frozen_linear(x, layer.weight, layer.bias))
+
+
+@needs_dnn
+def test_the_fast_mode_s_frozen_linear_is_onednn_unpadded_and_close_to_mkl():
+    """The fast mode's base layers take oneDNN too (faster from a dozen rows up on
+    SmolLM2's layers), one row as one row; with gradients through the input as well."""
+    g = torch.Generator().manual_seed(6)
+    weight, x = torch.randn(1536, 576, generator=g), torch.randn(7, 576, generator=g)
+    got = batch_invariant.frozen_linear(x, weight, invariant=False)
+    lone = batch_invariant.frozen_linear(x[:1], weight, invariant=False)
+    assert torch.equal(lone, torch.ops.mkldnn._linear_pointwise(x[:1], weight, None, "none", [], ""))  # not padded
+    torch.testing.assert_close(got, F.linear(x, weight), rtol=1e-4, atol=1e-3)
+    rows = x.clone().requires_grad_(True)
+    batch_invariant.frozen_linear(rows, weight, invariant=False).sum().backward()
+    torch.testing.assert_close(rows.grad, torch.ones(7, 1536) @ weight)

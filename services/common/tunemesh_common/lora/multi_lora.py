@@ -17,7 +17,7 @@ from torch import nn
 
 from tunemesh_common.lora.batched_lora import StackCache, add_batched_lora
 from tunemesh_common.numerics import batch_invariant
-from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, batched_gemm_rows
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, FrozenBaseMode, batched_gemm_rows
 
 ATTENTION_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj")
 DENSE_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
@@ -144,10 +144,7 @@ class MultiLoraLinear(nn.Module):
             # strided 3-D bfloat16 input, torch's CPU linear copied the weight once per row
             # (64 x 576 x 49152 for SmolLM2: 6 s of a 9 s prefill)
             x = x.contiguous()
-        if self.routing.batch_invariant:  # through the module: DeepSpeed's ZeRO-3 hooks gather its weight
-            with BatchInvariantMode():
-                out = self.base(x)
-        else:
+        with FrozenBaseMode(self.routing.batch_invariant):  # through the module: ZeRO-3's hooks gather its weight
             out = self.base(x)
         plan = self.routing.plan
         if plan is None or not any(aid in self.pairs for aid, _, _ in plan.segments):
