@@ -4,8 +4,10 @@ factors, and the trainer -> PEFT directory step a sampler loads."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -57,3 +59,14 @@ def export_peft(engine, adapter_id: str, directory: pathlib.Path) -> pathlib.Pat
     from tunemesh_trainer import checkpoint_files
 
     return checkpoint_files.write_directory(engine.export_adapter(adapter_id, False), "base", directory)
+
+
+@contextlib.contextmanager
+def base_layers_on(kernel: str):
+    """The tiny models' layers lie under `DNN_MIN_WEIGHT`, so their frozen base linears run
+    on MKL; "onednn" sends them to oneDNN, as SmolLM2's and larger models' are."""
+    from tunemesh_common.numerics import batch_invariant
+
+    threshold = 0 if kernel == "onednn" else batch_invariant.DNN_MIN_WEIGHT
+    with mock.patch.object(batch_invariant, "DNN_MIN_WEIGHT", threshold):
+        yield

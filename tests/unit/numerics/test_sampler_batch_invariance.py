@@ -1,7 +1,8 @@
 """Batch invariance of the torch sampler, as a property: a request's sampled tokens and
 their logprobs are bit-identical alone and in a random crowd (other tenants, other
 adapters and the base model, other prompt lengths and budgets, greedy and sampled rows,
-some arriving while it decodes), on the dense and MoE tiny models, float32 and bfloat16."""
+some arriving while it decodes), on the dense and MoE tiny models, float32 and bfloat16, the
+dense model's base layers on MKL (as tiny layers run) and on oneDNN (as SmolLM2's do)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from numerics_fixtures import export_peft, random_adapter, tiny_model_dir
+from numerics_fixtures import base_layers_on, export_peft, random_adapter, tiny_model_dir
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
 
 VOCAB = 256
@@ -47,11 +48,12 @@ other = st.tuples(st.integers(1, 60), st.integers(1, 24), st.sampled_from([0.0, 
                   st.sampled_from([None, "a", "b"]), st.integers(1, 3), st.booleans())
 
 
-@pytest.mark.parametrize("kind,dtype", [("dense", "float32"), ("dense", "bfloat16"), ("moe", "float32")])
+@pytest.mark.parametrize("kind,dtype,layers", [("dense", "float32", "mkl"), ("dense", "bfloat16", "mkl"),
+                                               ("moe", "float32", "mkl"), ("dense", "float32", "onednn")])
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mine_len=st.integers(1, 40), temperature=st.sampled_from([0.0, 1.0]), others=st.lists(other, max_size=5),
        seed=st.integers(0, 10_000))
-def test_a_request_is_bit_identical_alone_and_in_any_crowd(kind, dtype, mine_len, temperature, others, seed):
+def test_a_request_is_bit_identical_alone_and_in_any_crowd(kind, dtype, layers, mine_len, temperature, others, seed):
     sampler = _sampler(kind, dtype)
     rng = np.random.default_rng(seed)
     mine = _request(rng.integers(1, VOCAB, mine_len).tolist(), 12, temperature, "a", "me", samples=2, seed=seed)
@@ -69,7 +71,8 @@ def test_a_request_is_bit_identical_alone_and_in_any_crowd(kind, dtype, mine_len
         await asyncio.gather(*early, *late)
         return await own
 
-    want, got = asyncio.run(alone()), asyncio.run(crowded())
+    with base_layers_on(layers):
+        want, got = asyncio.run(alone()), asyncio.run(crowded())
     for a, b in zip(want, got, strict=True):
         assert a.tokens == b.tokens
         assert np.array_equal(np.asarray(a.logprobs, np.float32), np.asarray(b.logprobs, np.float32))

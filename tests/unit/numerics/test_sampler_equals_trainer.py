@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from numerics_fixtures import export_peft, random_adapter, smollm2_dir, tiny_model_dir
+from numerics_fixtures import base_layers_on, export_peft, random_adapter, smollm2_dir, tiny_model_dir
 from tunemesh_sampler.domain import GenerateRequest, SamplingSpec
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind
 
@@ -68,17 +68,18 @@ def _prompts(vocab: int, seed: int) -> list[list[int]]:
     return [rng.integers(1, vocab, n).tolist() for n in (3, 11, 30)]
 
 
-@pytest.mark.parametrize("family", ["dense", "moe"])
+@pytest.mark.parametrize("family,layers", [("dense", "mkl"), ("moe", "mkl"), ("dense", "onednn")])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sampled_logprobs_equal_the_trainers_forward_on_tiny_models(tmp_path, family, dtype):
+def test_sampled_logprobs_equal_the_trainers_forward_on_tiny_models(tmp_path, family, layers, dtype):
     trainer, sampler = _engines(tiny_model_dir(family, tmp_path / "models"), family, dtype, tmp_path / "a",
                                 experts=family == "moe")
     try:
-        prompts = _prompts(256, 1)
-        for spec in (SamplingSpec(max_tokens=12, temperature=0.0),
-                     SamplingSpec(max_tokens=12, temperature=1.0, seed=7)):
-            results = asyncio.run(_sample(sampler, prompts, spec))
-            assert _check_sampled_logprobs(trainer, prompts, results) >= 12 * len(prompts)
+        with base_layers_on(layers):
+            prompts = _prompts(256, 1)
+            for spec in (SamplingSpec(max_tokens=12, temperature=0.0),
+                         SamplingSpec(max_tokens=12, temperature=1.0, seed=7)):
+                results = asyncio.run(_sample(sampler, prompts, spec))
+                assert _check_sampled_logprobs(trainer, prompts, results) >= 12 * len(prompts)
     finally:
         sampler.close()
 
@@ -95,39 +96,44 @@ def test_sampled_logprobs_equal_the_trainers_forward_on_smollm2(tmp_path, dtype)
         sampler.close()
 
 
-def test_a_sampled_row_does_not_depend_on_the_rows_beside_it(tmp_path):
-    """One request alone, then with other tenants' longer and shorter prompts arriving in
-    the same step and later (rows joining and leaving the running decode loop)."""
-    trainer, sampler = _engines(tiny_model_dir("dense", tmp_path / "models"), "dense", "float32", tmp_path / "a",
-                                experts=False)
-    spec = SamplingSpec(max_tokens=16, temperature=1.0, seed=11)
-    mine = [5, 9, 14, 3]
-    try:
-        (alone,) = asyncio.run(_sample(sampler, [mine], spec, num_samples=3))
+@pytest.mark.parametrize("layers", ["mkl", "onednn"])
+@pytest.mark.parametrize("samples", [3, 1], ids=["3-rows", "1-row"])
+def test_a_sampled_row_does_not_depend_on_the_rows_beside_it(tmp_path, samples, layers):
+    """One request alone (one row: every GEMM of its decode steps has a single row), then
+    with other tenants' longer and shorter prompts arriving in the same step and later (rows
+    joining and leaving the running decode loop); alone, its logprobs are the trainer's."""
+    with base_layers_on(layers):
+        trainer, sampler = _engines(tiny_model_dir("dense", tmp_path / "models"), "dense", "float32", tmp_path / "a",
+                                    experts=False)
+        spec = SamplingSpec(max_tokens=16, temperature=1.0, seed=11)
+        mine = [5, 9, 14, 3]
+        try:
+            (alone,) = asyncio.run(_sample(sampler, [mine], spec, num_samples=samples))
+            assert _check_sampled_logprobs(trainer, [mine], [alone]) > 0
 
-        async def crowded():
-            rng = np.random.default_rng(3)
-            first = [sampler.generate(GenerateRequest(prompt_tokens=tuple(rng.integers(1, 256, n).tolist()),
-                                                      spec=SamplingSpec(max_tokens=m, temperature=1.0, seed=n),
-                                                      num_samples=2, adapter_key=key, tenant=f"o{n}"))
-                     for n, m, key in ((40, 30, None), (2, 3, "a"), (17, 9, None))]
-            tasks = [asyncio.ensure_future(c) for c in first]
-            await asyncio.sleep(0)
-            own = asyncio.ensure_future(sampler.generate(GenerateRequest(prompt_tokens=tuple(mine), spec=spec,
-                                                                         num_samples=3, adapter_key="a", tenant="me")))
-            await asyncio.sleep(0.05)  # later rows join a running loop
-            late = [sampler.generate(GenerateRequest(prompt_tokens=tuple(rng.integers(1, 256, 25).tolist()),
-                                                     spec=SamplingSpec(max_tokens=20, temperature=0.0), num_samples=4,
-                                                     adapter_key="a", tenant="late"))]
-            await asyncio.gather(*tasks, *late)
-            return await own
+            async def crowded():
+                rng = np.random.default_rng(3)
+                first = [sampler.generate(GenerateRequest(prompt_tokens=tuple(rng.integers(1, 256, n).tolist()),
+                                                          spec=SamplingSpec(max_tokens=m, temperature=1.0, seed=n),
+                                                          num_samples=2, adapter_key=key, tenant=f"o{n}"))
+                         for n, m, key in ((40, 30, None), (2, 3, "a"), (17, 9, None))]
+                tasks = [asyncio.ensure_future(c) for c in first]
+                await asyncio.sleep(0)
+                own = asyncio.ensure_future(sampler.generate(GenerateRequest(
+                    prompt_tokens=tuple(mine), spec=spec, num_samples=samples, adapter_key="a", tenant="me")))
+                await asyncio.sleep(0.05)  # later rows join a running loop
+                late = [sampler.generate(GenerateRequest(
+                    prompt_tokens=tuple(rng.integers(1, 256, 25).tolist()), spec=SamplingSpec(max_tokens=20, temperature=0.0),
+                    num_samples=4, adapter_key="a", tenant="late"))]
+                await asyncio.gather(*tasks, *late)
+                return await own
 
-        shared = asyncio.run(crowded())
-        for a, b in zip(alone, shared, strict=True):
-            assert a.tokens == b.tokens
-            assert np.array_equal(np.asarray(a.logprobs, np.float32), np.asarray(b.logprobs, np.float32))
-    finally:
-        sampler.close()
+            shared = asyncio.run(crowded())
+            for a, b in zip(alone, shared, strict=True):
+                assert a.tokens == b.tokens
+                assert np.array_equal(np.asarray(a.logprobs, np.float32), np.asarray(b.logprobs, np.float32))
+        finally:
+            sampler.close()
 
 
 def test_on_policy_importance_sampling_has_ratio_one_and_equals_reinforce(tmp_path):

@@ -2,7 +2,8 @@
 and the gradient it leaves in its adapter are bit-identical whether it runs alone or in a
 random batch (other adapters, other lengths, forward and forward_backward items before and
 after it, chunking by `max_batch_tokens`), for the dense and the MoE tiny models (expert
-LoRA), with a float32 and a bfloat16 base. Each row is compared to the same row alone,
+LoRA), with a float32 and a bfloat16 base, the dense model's base layers on MKL (as tiny
+layers run) and on oneDNN (as SmolLM2's do). Each row is compared to the same row alone,
 bit for bit."""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from numerics_fixtures import datum, random_adapter, tiny_model_dir
+from numerics_fixtures import base_layers_on, datum, random_adapter, tiny_model_dir
 from tunemesh_trainer.domain import EngineItem, ItemKind
 
 FB, FWD = ItemKind.FORWARD_BACKWARD, ItemKind.FORWARD
@@ -55,18 +56,20 @@ companion = st.tuples(st.sampled_from(["o1", "o2"]), st.sampled_from([FB, FWD]),
                       st.lists(st.integers(1, 70), min_size=1, max_size=3))
 
 
-@pytest.mark.parametrize("kind,dtype", [("dense", "float32"), ("dense", "bfloat16"), ("moe", "float32"),
-                                        ("moe", "bfloat16")])
+@pytest.mark.parametrize("kind,dtype,layers", [("dense", "float32", "mkl"), ("dense", "bfloat16", "mkl"),
+                                               ("moe", "float32", "mkl"), ("moe", "bfloat16", "mkl"),
+                                               ("dense", "float32", "onednn"), ("dense", "bfloat16", "onednn")])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), before=st.lists(companion, max_size=2),
        after=st.lists(companion, max_size=2), budget=st.sampled_from(BUDGETS), seed=st.integers(0, 1000))
-def test_an_item_is_bit_identical_alone_and_in_any_batch(kind, dtype, lengths, before, after, budget, seed):
+def test_an_item_is_bit_identical_alone_and_in_any_batch(kind, dtype, layers, lengths, before, after, budget, seed):
     engine = _engine(kind, dtype, budget)
-    alone, alone_grads = _run(engine, kind, [_mine(seed, lengths)])
     others = [EngineItem(f"{adapter}-{i}", adapter, item_kind, [datum(seed + 100 * i + j, n) for j, n in enumerate(ns)])
               for i, (adapter, item_kind, ns) in enumerate([*before, *after])]
     batch = [*others[: len(before)], _mine(seed, lengths), *others[len(before):]]
-    shared, shared_grads = _run(engine, kind, batch)
+    with base_layers_on(layers):
+        alone, alone_grads = _run(engine, kind, [_mine(seed, lengths)])
+        shared, shared_grads = _run(engine, kind, batch)
     for a, b in zip(alone.outputs, shared.outputs, strict=True):
         assert np.array_equal(a["logprobs"], b["logprobs"])
     assert alone.metrics["loss:sum"] == shared.metrics["loss:sum"]
