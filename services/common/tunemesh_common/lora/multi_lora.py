@@ -92,7 +92,7 @@ class LoraRouting:
         # padding, so an adapter's gradient sums over its own tokens only, however long the
         # batch's rows (a sum over more, zero, terms is not always the same bits)
         self.real_tokens: torch.Tensor | None = None
-        self._real_index: dict[tuple[int, int], torch.Tensor] = {}
+        self._real_index: dict[tuple[int, int], torch.Tensor | None] = {}
 
     def real_rows(self) -> torch.Tensor | None:
         """The (rows, length) non-padding mask where LoRA must skip padding, else None."""
@@ -102,15 +102,17 @@ class LoraRouting:
 
     def real_index(self, first_row: int, end_row: int) -> torch.Tensor | None:
         """Where LoRA must skip padding: the positions of rows first_row..end_row's own tokens
-        among those rows' (rows x length) positions, row-major (worked out once per batch)."""
+        among those rows' (rows x length) positions, row-major (worked out once per batch);
+        None where those rows have no padding (every position is theirs: the same GEMMs
+        over the same positions, without gathering and scattering them)."""
         real = self.real_rows()
         if real is None:
             return None
-        index = self._real_index.get((first_row, end_row))
-        if index is None:
-            index = real[first_row:end_row].reshape(-1).nonzero().squeeze(1)
-            self._real_index[(first_row, end_row)] = index
-        return index
+        key = (first_row, end_row)
+        if key not in self._real_index:
+            rows = real[first_row:end_row]
+            self._real_index[key] = None if bool(rows.all()) else rows.reshape(-1).nonzero().squeeze(1)
+        return self._real_index[key]
 
     @contextlib.contextmanager
     def use(self, plan: RowPlan, batched: bool = False, real_tokens: torch.Tensor | None = None) -> Iterator[None]:
