@@ -318,7 +318,13 @@ class TorchTrainingEngine:
         self, runnable: list[tuple[EngineItem, ItemOutcome]], slots: dict[str, AdapterSlot]
     ) -> None:
         """Absorb each adapter's fresh gradients if all its items and gradients are finite;
-        otherwise drop them and fail its forward_backward items."""
+        otherwise drop them and fail its forward_backward items. On one thread: a few hundred
+        small per-tensor operations per adapter, each of which woke the second thread (the
+        same numbers: element-wise adds, and norms read only for finiteness)."""
+        with one_thread_if(self._device.type == "cpu"):
+            self._settle_each(runnable, slots)
+
+    def _settle_each(self, runnable: list[tuple[EngineItem, ItemOutcome]], slots: dict[str, AdapterSlot]) -> None:
         for adapter_id, slot in slots.items():
             own = [(item, out) for item, out in runnable
                    if item.adapter_id == adapter_id and item.kind is ItemKind.FORWARD_BACKWARD]
