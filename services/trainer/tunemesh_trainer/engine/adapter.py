@@ -50,8 +50,12 @@ class AdapterSlot:
         grads = [p.grad for p in self.params if p.grad is not None]
         if not grads:
             return True
-        norms = torch._foreach_norm(grads, ord=math.inf)  # inf/NaN anywhere shows in the max norm
-        return bool(torch.isfinite(torch.stack(norms)).all())
+        # inf/NaN anywhere shows in a tensor's 2-norm, which torch computes 15x faster than the
+        # max norm on CPU (0.7 vs 10 ms for SmolLM2's 422 factors); a 2-norm can also overflow
+        # on huge finite values, so only the max norm may call a gradient not finite
+        if bool(torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()):
+            return True
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(grads, ord=math.inf))).all())
 
     def absorb_fresh_grads(self) -> None:
         """Add the last backward's gradients into the accumulated ones, then clear them."""
