@@ -243,8 +243,10 @@ def frozen_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 
 def _dnn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int) -> torch.Tensor:
     """`input @ weight.T` on oneDNN, `weight` as laid out (a transposed view is read in place,
-    which the backward uses). A few rows of a no-gradient call by a small enough weight run on one thread (the same
-    bits as on every thread, measured; no second thread to wake), as `_padded_call` does."""
+    which the backward uses). A few rows by a small enough weight, where no gradient is
+    recorded (sampling, a trainer's `forward`, and the calls inside `_DnnLinear`, which run
+    with gradients off), run on one thread: the same bits as on every thread (measured and
+    tested), and no second thread to wake."""
     rows = input.numel() // input.shape[-1] if input.shape[-1] else 0
     x = input.contiguous().reshape(rows, input.shape[-1])
     few = (rows < gemm_rows() and weight.numel() <= ONE_THREAD_MAX_ELEMENTS
@@ -257,7 +259,7 @@ def _dnn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
 class _DnnLinear(torch.autograd.Function):
     """oneDNN both ways: the input's gradient `grad @ weight` is oneDNN's linear by the
     weight's transposed view (read in place, no copy; the same row invariance, measured;
-    2.2-2.4x MKL's time on SmolLM2's layers)."""
+    2.2-2.4x MKL's speed on SmolLM2's layers)."""
 
     @staticmethod
     def forward(ctx, input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -267,6 +269,7 @@ class _DnnLinear(torch.autograd.Function):
         return _dnn_linear(input, weight.contiguous(), bias, ctx.min_rows)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # oneDNN's linear has no derivative of its own
     def backward(ctx, grad_out: torch.Tensor):
         (weight,) = ctx.saved_tensors
         return _dnn_linear(grad_out, weight.t(), None, ctx.min_rows), None, None, None
