@@ -12,7 +12,8 @@ only after the scheduler accepted the call they record (it checked the caller ow
 session), so a key name never comes from a request the mesh refused. An etcd failure is
 UNAVAILABLE (503: the SDK retries).
 
-A model id names one run for good, and a sampler entry never changes once written, so
+A model id names one run for good (the first write wins: a later one for the same id
+returns the run it already names), and a sampler entry never changes once written, so
 what was read or written is kept in a bounded cache (CACHED entries each): every
 forward_backward, optim_step and asample looks one of them up, and an etcd read per call
 was about a millisecond of each (the bench in bench/README.md, `tinker_sdk.py`).
@@ -49,11 +50,16 @@ class EtcdStore:
         self._runs = _Lru()  # model id -> run
         self._samplers = _Lru()  # sampler id -> SamplerEntry
 
-    async def put_model(self, model_id: str, run: str) -> None:
-        await self._do(self._client.transaction(compare=[], failure=[], success=[
-            self._txn.put(_key("models", model_id), run.encode()),
-            self._txn.put(_key("runs", run.removeprefix("runs/")), model_id.encode())]))
-        self._runs.put(model_id, run)
+    async def put_model(self, model_id: str, run: str) -> str:
+        key = _key("models", model_id)
+        written, responses = await self._do(self._client.transaction(
+            compare=[self._txn.version(key) == 0],
+            success=[self._txn.put(key, run.encode()),
+                     self._txn.put(_key("runs", run.removeprefix("runs/")), model_id.encode())],
+            failure=[self._txn.get(key)]))
+        held = run if written else responses[0][0][0].decode()
+        self._runs.put(model_id, held)
+        return held
 
     async def run_of(self, model_id: str) -> str | None:
         if (run := self._runs.get(model_id)) is not None:

@@ -24,9 +24,11 @@ class MemoryStore:
         self._samplers: dict[str, SamplerEntry] = {}
         self._by_seq: dict[tuple[str, int], str] = {}  # (session id, sampling_session_seq_id) -> sampler id
 
-    async def put_model(self, model_id: str, run: str) -> None:
-        self._runs[model_id] = run
-        self._models[run] = model_id
+    async def put_model(self, model_id: str, run: str) -> str:
+        held = self._runs.setdefault(model_id, run)
+        if held == run:
+            self._models[run] = model_id
+        return held
 
     async def run_of(self, model_id: str) -> str | None:
         return self._runs.get(model_id)

@@ -10,10 +10,16 @@ from tunemesh_gateway.core import SamplerEntry
 
 async def check_store(store) -> None:
     assert await store.run_of("s:train:0") is None and await store.models_of(["runs/r1"]) == {}
-    await store.put_model("s:train:0", "runs/r1")
-    await store.put_model("s:train:1", "runs/r2")
+    assert await store.put_model("s:train:0", "runs/r1") == "runs/r1"
+    assert await store.put_model("s:train:1", "runs/r2") == "runs/r2"
     assert await store.run_of("s:train:0") == "runs/r1"
     assert await store.models_of(["runs/r1", "runs/r2", "runs/r9"]) == {"runs/r1": "s:train:0", "runs/r2": "s:train:1"}
+    # a model id names one run for good: a later write for it (another replica's race, a
+    # second run labelled alike) returns the run it names and changes nothing
+    assert await store.put_model("s:train:0", "runs/r7") == "runs/r1"
+    assert await store.run_of("s:train:0") == "runs/r1" and await store.models_of(["runs/r7"]) == {}
+    raced = await asyncio.gather(store.put_model("s:train:5", "runs/r5"), store.put_model("s:train:5", "runs/r6"))
+    assert raced[0] == raced[1] and raced[0] in ("runs/r5", "runs/r6")
 
     plain = SamplerEntry("ss0", "m", "", "owner-a")
     assert await store.put_sampler(plain) == plain and await store.sampler("ss0") == plain

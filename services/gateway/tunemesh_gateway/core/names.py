@@ -49,9 +49,8 @@ class Names:
                 label = run.user_metadata.get(MODEL_ID_LABEL, "")
                 if not label.startswith(session_id_of(run.session) + ":train:"):
                     continue
-                if await self._store.run_of(label) is None:
-                    await self._store.put_model(label, run.name)
-                found = run.name if label == model_id else found
+                held = await self._store.run_of(label) or await self._store.put_model(label, run.name)
+                found = held if label == model_id else found
             token = page.next_page_token
             if not token:
                 return found

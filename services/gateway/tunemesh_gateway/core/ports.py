@@ -51,8 +51,9 @@ class GatewayStore(Protocol):
     """The gateway's tables. Implementations: `store.MemoryStore` (one process, lost on
     restart); the scheduler owns everything else."""
 
-    async def put_model(self, model_id: str, run: str) -> None:
-        """Remember that Tinker model `model_id` is tunemesh run `run` (`runs/{id}`)."""
+    async def put_model(self, model_id: str, run: str) -> str:
+        """Remember that Tinker model `model_id` is tunemesh run `run` (`runs/{id}`), unless
+        the id already names a run: returns the run it names (the first write wins)."""
         ...
 
     async def run_of(self, model_id: str) -> str | None:
