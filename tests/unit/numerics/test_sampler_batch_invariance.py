@@ -2,7 +2,7 @@
 their logprobs are bit-identical alone and in a random crowd (other tenants, other
 adapters and the base model, other prompt lengths and budgets, greedy and sampled rows,
 some arriving while it decodes), on the dense and MoE tiny models, float32 and bfloat16, the
-dense model's base layers on MKL (as tiny layers run) and on oneDNN (as SmolLM2's do)."""
+base layers on MKL (as tiny layers run) and on oneDNN (as SmolLM2's do)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,8 @@ other = st.tuples(st.integers(1, 60), st.integers(1, 24), st.sampled_from([0.0, 
 
 
 @pytest.mark.parametrize("kind,dtype,layers", [("dense", "float32", "mkl"), ("dense", "bfloat16", "mkl"),
-                                               ("moe", "float32", "mkl"), ("dense", "float32", "onednn")])
+                                               ("moe", "float32", "mkl"), ("dense", "float32", "onednn"),
+                                               ("moe", "float32", "onednn")])
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(mine_len=st.integers(1, 40), temperature=st.sampled_from([0.0, 1.0]), others=st.lists(other, max_size=5),
        seed=st.integers(0, 10_000))

@@ -2,8 +2,8 @@
 and the gradient it leaves in its adapter are bit-identical whether it runs alone or in a
 random batch (other adapters, other lengths, forward and forward_backward items before and
 after it, chunking by `max_batch_tokens`), for the dense and the MoE tiny models (expert
-LoRA), with a float32 and a bfloat16 base, the dense model's base layers on MKL (as tiny
-layers run) and on oneDNN (as SmolLM2's do). Each row is compared to the same row alone,
+LoRA), with a float32 and a bfloat16 base, the base layers on MKL (as tiny layers run) and
+on oneDNN (as SmolLM2's do). Each row is compared to the same row alone,
 bit for bit."""
 
 from __future__ import annotations
@@ -58,7 +58,8 @@ companion = st.tuples(st.sampled_from(["o1", "o2"]), st.sampled_from([FB, FWD]),
 
 @pytest.mark.parametrize("kind,dtype,layers", [("dense", "float32", "mkl"), ("dense", "bfloat16", "mkl"),
                                                ("moe", "float32", "mkl"), ("moe", "bfloat16", "mkl"),
-                                               ("dense", "float32", "onednn"), ("dense", "bfloat16", "onednn")])
+                                               ("dense", "float32", "onednn"), ("dense", "bfloat16", "onednn"),
+                                               ("moe", "float32", "onednn")])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lengths=st.lists(st.integers(1, 40), min_size=1, max_size=3), before=st.lists(companion, max_size=2),
        after=st.lists(companion, max_size=2), budget=st.sampled_from(BUDGETS), seed=st.integers(0, 1000))

@@ -43,27 +43,29 @@ def test_top_k_and_top_p_draw_from_their_set_in_proportion():
                                atol=0.015)
 
 
-def test_a_row_draws_the_same_tokens_whatever_shares_its_batch():
+def test_a_row_draws_the_same_tokens_and_logprobs_whatever_shares_its_batch():
     logits_v = torch.randn(1000, generator=torch.Generator().manual_seed(3))
     plain = SamplingSpec(max_tokens=1, temperature=1.0, seed=1)
     truncated = SamplingSpec(max_tokens=1, temperature=0.8, top_k=50, top_p=0.9, seed=2)
     greedy = SamplingSpec(max_tokens=1)
     for spec in (plain, truncated):
-        alone = _draws([spec], logits_v)[0]
+        alone_tokens, alone_logprobs = _draws([spec], logits_v)
         others = [greedy, SamplingSpec(max_tokens=1, temperature=1.3, seed=9), truncated, plain]
-        mixed = _draws([*others, spec, greedy], logits_v)[len(others)]
-        assert mixed == alone
-        assert len(set(alone)) > 10  # the draws vary
+        mixed_tokens, mixed_logprobs = _draws([*others, spec, greedy], logits_v)
+        assert mixed_tokens[len(others)] == alone_tokens[0]
+        assert torch.equal(mixed_logprobs[len(others)], alone_logprobs[0])
+        assert len(set(alone_tokens[0])) > 10  # the draws vary
 
 
-def _draws(specs: list[SamplingSpec], logits_v: torch.Tensor, steps: int = 20) -> list[list[int]]:
-    """Each row's tokens over `steps` steps (row i is sample index 0 of its spec's seed;
-    logits differ per row by a shift, which changes no probability)."""
+def _draws(specs: list[SamplingSpec], logits_v: torch.Tensor, steps: int = 20) -> tuple[list[list[int]], torch.Tensor]:
+    """Each row's tokens and logprobs over `steps` steps; every row sees the same logits and
+    is sample index 0 of its spec's seed."""
     chooser = TokenChooser(specs, CPU)
     generators = [row_generator(spec, spec.seed or 0, 0) for spec in specs]
-    logits_bv = torch.stack([logits_v + i for i in range(len(specs))])
-    tokens = [chooser.choose(logits_bv, generators)[0].tolist() for _ in range(steps)]
-    return [list(row) for row in zip(*tokens)]
+    logits_bv = logits_v.expand(len(specs), -1).clone()
+    steps_out = [chooser.choose(logits_bv, generators) for _ in range(steps)]
+    tokens = [list(row) for row in zip(*(t.tolist() for t, _ in steps_out))]
+    return tokens, torch.stack([lp for _, lp in steps_out], dim=1)
 
 
 def test_a_token_of_probability_zero_is_never_drawn_even_at_the_ends_of_the_uniform():
