@@ -32,7 +32,8 @@ def _best_seconds(run, repeats: int) -> float:
 
 
 def measure_peaks(repeats: int = 5) -> dict:
-    """{"fp32_gflops", "bf16_gflops", "copy_gb_s", "threads"}: best of `repeats`."""
+    """{"fp32_gflops", "bf16_gflops", "copy_gb_s", "threads"}: best of `repeats`; the matmul
+    figures are the faster kernel's, each kernel's also given (`fp32_gflops_mm`, `..._onednn`)."""
     import torch
 
     n = MATMUL_SIZE
