@@ -33,9 +33,9 @@ oneDNN's per-call cost to pay: measured on this project's hosts, it sums a row t
 way for every M >= 2, on one thread as on two, in float32 and bfloat16, so a lone row is
 padded to 2 rows only; and in float32 it ran 1.7-2.3x faster than MKL's GEMM on SmolLM2's
 layers from 12 rows up, 2.5-4x on its vocabulary head. Its gradient with respect to the
-input is oneDNN's too (by the weight's transposed view); a frozen weight needs none. LoRA factors keep MKL
-everywhere: the trainer's, whose factors record gradients, and the sampler's batched
-ones must sum alike.
+input is oneDNN's too (by the weight's transposed view); a frozen weight needs none.
+LoRA factors keep MKL everywhere: the trainer's, whose factors record gradients, and the
+sampler's batched ones must sum alike.
 """
 
 from __future__ import annotations
@@ -275,20 +275,18 @@ class _DnnLinear(torch.autograd.Function):
         return _dnn_linear(grad_out, weight.t(), None, ctx.min_rows), None, None, None
 
 
-class FrozenBaseMode(TorchFunctionMode):
+class FrozenBaseMode(BatchInvariantMode):
     """For a frozen base layer called through its module (so DeepSpeed's ZeRO-3 hooks still
     gather its weight): `F.linear` is `frozen_linear`; with `invariant`, the other matmuls
-    are padded as under BatchInvariantMode."""
+    are padded as under BatchInvariantMode, else left alone."""
 
     def __init__(self, invariant: bool = True) -> None:
         super().__init__()
         self._invariant = invariant
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
         if func is F.linear:
-            return frozen_linear(*args, **kwargs, invariant=self._invariant)
-        padded = _PADDED.get(func) if self._invariant else None
-        if padded is None:
-            return func(*args, **kwargs)
-        return padded(func, *args, **kwargs)
+            return frozen_linear(*args, **(kwargs or {}), invariant=self._invariant)
+        if self._invariant:
+            return super().__torch_function__(func, types, args, kwargs)
+        return func(*args, **(kwargs or {}))
