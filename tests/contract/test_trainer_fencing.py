@@ -338,6 +338,57 @@ def test_a_repeated_fenced_load_is_not_applied_again(node, engine):  # noqa: F81
     assert status_of(lambda: _load(stub, "load-1", 10, 4)) == STALE
 
 
+# ---- RestoreAdapter (a run moving here) -------------------------------------------------
+
+
+def _restore(stub, name: str, epoch: int, adapter_id: str = "runs/a", lora=LORA) -> int:
+    request = trainer_pb2.RestoreAdapterRequest(
+        adapter_id=adapter_id, base_model=TINY_DENSE, lora_config=lora, epoch=epoch, tenant=TENANT,
+        path=f"tunemesh://runs/r1/state/{name}" if name else "", load_optimizer_state=bool(name))
+    return stub.RestoreAdapter(request, timeout=60).step
+
+
+def test_restore_rebuilds_an_adapter_replacing_a_stale_copy(node, loop, engine, storage):  # noqa: F811
+    stub = node.stub
+    create(stub, "runs/a", 1)
+    run_batch(stub, fb("fb-1", "runs/a", 1, 1), optim("opt-1", "runs/a", 2, 1))
+    _save(stub, "restore-1", 3, 1)
+    saved_digest = engine.adapter_digest("runs/a")
+    run_batch(stub, fb("fb-2", "runs/a", 4, 1), optim("opt-2", "runs/a", 5, 1))  # the copy goes stale
+    assert _restore(stub, "restore-1", 2) == 1
+    assert engine.adapter_digest("runs/a") == saved_digest
+    assert listed(stub) == {"runs/a": (2, 0)}  # a new history at the new epoch
+    assert status_of(lambda: _restore(stub, "", 1)) == STALE  # a deposed mover's restore
+    assert engine.adapter_digest("runs/a") == saved_digest
+    # On another node (a fresh ledger) that holds no copy: the same adapter, bit for bit.
+    node.close()
+    engine.delete_adapter("runs/a")
+    other, core = _serve(loop, engine, storage, node_id="node-g")
+    try:
+        assert _restore(other.stub, "restore-1", 2) == 1
+        assert engine.adapter_digest("runs/a") == saved_digest
+        assert listed(other.stub) == {"runs/a": (2, 0)}
+        # Fresh (no checkpoint) replaces the copy with a new adapter at step 0.
+        assert _restore(other.stub, "", 3) == 0
+        assert engine.adapter_digest("runs/a") != saved_digest
+    finally:
+        other.close()
+        core.close()
+
+
+def test_a_restore_that_cannot_load_leaves_no_adapter(node, engine):  # noqa: F811
+    stub = node.stub
+    create(stub, "runs/a", 1)
+    _save(stub, "rank-4", 0, 0)
+    bigger = type(LORA)(rank=LORA.rank * 2, train_attn=True, train_mlp=True, train_unembed=True, seed=1)
+    code, reason = status_of(lambda: _restore(stub, "rank-4", 2, adapter_id="runs/c", lora=bigger))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LORA_CONFIG_MISMATCH")
+    code, _ = status_of(lambda: _restore(stub, "missing", 2, adapter_id="runs/d"))
+    assert code is grpc.StatusCode.NOT_FOUND
+    assert "runs/c" not in engine.adapter_ids() and "runs/d" not in engine.adapter_ids()
+    assert set(listed(stub)) == {"runs/a"}
+
+
 # ---- unfenced calls ---------------------------------------------------------------------
 
 

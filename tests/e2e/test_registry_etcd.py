@@ -63,6 +63,29 @@ def test_crashed_node_expires_and_watcher_sees_add_update_remove(etcd_endpoint: 
     asyncio.run(scenario())
 
 
+def test_expire_ends_a_node_lease_at_once_and_a_live_node_registers_again(etcd_endpoint: str) -> None:
+    async def scenario() -> None:
+        seen: list[tuple[str, bytes | None]] = []
+        watcher = await NodeWatcher.start(etcd_endpoint, "trainers", on_change=lambda n, v: seen.append((n, v)))
+        reg = await NodeRegistration.start(etcd_endpoint, "trainers", "t2", _node("t2"), ttl=TTL)
+        await watcher.wait_for(lambda nodes: "t2" in nodes, timeout=5)
+        first = reg.lease_id
+        assert watcher.lease_of("t2") == first and watcher.lease_of("nobody") is None
+        assert await watcher.expire("t2", first + 1) is False  # not the lease its record is under
+        assert "t2" in watcher.nodes()
+        assert await watcher.expire("t2", first) is True
+        # The node lives and renews its lease every TTL/3, so no lapse ends it: the record
+        # goes because of `expire`, then the keepalive finds the lease gone and registers
+        # the node under a new one.
+        await watcher.wait_for(lambda nodes: watcher.lease_of("t2") not in (None, first), timeout=TTL + 10)
+        assert watcher.lease_of("t2") == reg.lease_id != first
+        assert [value is None for node, value in seen if node == "t2"] == [False, True, False]
+        await reg.stop()
+        await watcher.stop()
+
+    asyncio.run(scenario())
+
+
 def test_placement_is_fenced(etcd_endpoint: str) -> None:
     async def scenario() -> None:
         async with registry.connect(etcd_endpoint) as client:

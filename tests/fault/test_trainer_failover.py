@@ -1,5 +1,7 @@
 """Fault: a trainer dies (SIGKILL) while two tenants pipeline training on two trainers.
-Its runs move to the live trainer once its lease lapses: restored from their latest
+Its runs move to the live trainer as soon as the scheduler finds its port refusing
+connections (which ends its lease; a pause or a partition waits for the lease to lapse,
+see test_pause_and_etcd.py): restored from their latest
 automatic snapshot and replayed from the op log after it. Clients see only latency:
 every future completes, no operation is reported failed, and each tenant's per-step
 losses, final logprobs and saved adapter and optimizer files are bit-identical to an
@@ -11,7 +13,9 @@ import os
 import random
 
 import pytest
-from fault_ops import kill, process, restart
+from pathlib import Path
+
+from fault_ops import kill, leader, process, restart
 from twin_runs import assert_matches_twin, train_pair
 
 from tunemesh_local.state import MeshState
@@ -39,3 +43,5 @@ def test_trainer_sigkill_mid_pipeline_is_only_latency(fault_mesh: MeshState, twi
     assert unfinished[0] > 0, "the kill came after the pipelines drained: it tested nothing"
     assert_matches_twin(faulted, twin, f"(kill after step {after})")
     assert process(fault_mesh, victims[0]).pid  # restarted
+    log = (Path(fault_mesh.state_dir) / "logs" / f"{leader(fault_mesh)}.log").read_text(errors="replace")
+    assert f"trainer {victims[0]} refuses connections" in log, "the dead trainer waited for its lease to lapse"

@@ -28,6 +28,7 @@ from tunemesh_scheduler.sampler_client import GrpcSamplerPort, SamplerRouter
 from tunemesh_scheduler import takeover
 from tunemesh_scheduler.checkpoints import CheckpointProxy
 from tunemesh_scheduler.durable import EtcdRunStore
+from tunemesh_scheduler.liveness import DeathWatch
 from tunemesh_scheduler.server import (
     CheckpointServicer, OperationServicer, SamplingServicer, SessionServicer, TrainingServicer,
 )
@@ -136,6 +137,9 @@ async def _build(s: settings_mod.SchedulerSettings, host: ServiceHost,
     host.on_stop(checkpoints.close)
     trainers = GrpcTrainerPort(directory.address_of, s.trainer_timeout_s, checkpoints, tls)
     host.on_stop(trainers.close)
+    deaths = DeathWatch("trainer", directory.address_of, watcher.lease_of, watcher.expire)
+    trainers.on_unavailable = deaths.suspect  # a crashed trainer's runs move before its lease lapses
+    host.on_stop(deaths.close)
     call_store = CallStoreClient(s.checkpoint, s.checkpoint_timeout_s, tls=tls) if s.durable and s.checkpoint else None
     if call_store is not None:
         host.on_stop(call_store.close)
@@ -150,7 +154,8 @@ async def _build(s: settings_mod.SchedulerSettings, host: ServiceHost,
         max_queued_tokens_per_tenant=s.max_queued_tokens_per_tenant,
         store_timeout_s=s.store_timeout_s, snapshot_every_steps=s.snapshot_every_steps,
         snapshot_every_s=s.snapshot_every_s, session_timeout_s=s.session_timeout_s,
-        snapshot_min_interval_s=s.snapshot_min_interval_s, journal_linger_s=s.journal_linger_ms / 1000,
+        snapshot_min_interval_s=s.snapshot_min_interval_s, snapshot_replay_budget_s=s.snapshot_replay_budget_s,
+        journal_linger_s=s.journal_linger_ms / 1000,
     )
     core = SchedulerCore(placement, trainers, config, metrics=scheduler_metrics, store=store)
     await core.start()

@@ -43,6 +43,7 @@ class GrpcTrainerPort:
         self._timeout_s = timeout_s
         self._checkpoints = checkpoints  # CheckpointProxy: deletes superseded snapshots
         self.leader_token = 0  # sent on every call: trainers refuse a lower one than they saw
+        self.on_unavailable: Callable[[str], None] | None = None  # told the node of each UNAVAILABLE call
 
     def stub(self, node_id: str) -> trainer_pb2_grpc.TrainerServiceStub:
         return self._channels.stub(node_id)
@@ -54,6 +55,8 @@ class GrpcTrainerPort:
                 request, timeout=self._timeout_s, metadata=((LEADER_TOKEN_KEY, str(self.leader_token)),)
             )
         except grpc.aio.AioRpcError as err:
+            if err.code() is grpc.StatusCode.UNAVAILABLE and self.on_unavailable is not None:
+                self.on_unavailable(node_id)
             raise _translate(err, node_id) from None
 
     async def create_adapter(self, node_id: str, run_name: str, base_model: str, lora, epoch: int = 0) -> None:
@@ -61,6 +64,14 @@ class GrpcTrainerPort:
             adapter_id=run_name, base_model=base_model, lora_config=lora, epoch=epoch
         )
         await self._call(node_id, self.stub(node_id).CreateAdapter, request)
+
+    async def restore_adapter(self, node_id: str, run_name: str, base_model: str, lora, epoch: int,
+                              tenant: str, start: LoadRequest | None) -> int:
+        request = trainer_pb2.RestoreAdapterRequest(
+            adapter_id=run_name, base_model=base_model, lora_config=lora, epoch=epoch, tenant=tenant,
+            path=start.path if start else "", load_optimizer_state=bool(start and start.load_optimizer_state),
+        )
+        return (await self._call(node_id, self.stub(node_id).RestoreAdapter, request)).step
 
     async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
         request = trainer_pb2.AdoptAdapterRequest(adapter_id=run_name, epoch=epoch)

@@ -46,15 +46,19 @@ class CheckpointBridge:
         return await self._storage.write(tenant, header, files)
 
     async def load(self, request: trainer_pb2.LoadAdapterRequest) -> int:
-        checkpoint, files = await self._storage.read(request.tenant, request.path)
+        state = await self.read(request.tenant, request.path, request.load_optimizer_state)
+        return await self._core.import_adapter(request.adapter_id, state)
+
+    async def read(self, tenant: str, path: str, with_optimizer: bool) -> AdapterState:
+        """A checkpoint of this node's base model, fetched, checked and decoded."""
+        checkpoint, files = await self._storage.read(tenant, path)
         if checkpoint.base_model != self._core.info.name:
             raise FailedPreconditionError(
-                "WRONG_BASE_MODEL", f"{request.path} is for {checkpoint.base_model}, this run uses {self._core.info.name}"
+                "WRONG_BASE_MODEL", f"{path} is for {checkpoint.base_model}, this run uses {self._core.info.name}"
             )
-        if request.load_optimizer_state and not checkpoint.has_optimizer_state:
+        if with_optimizer and not checkpoint.has_optimizer_state:
             raise FailedPreconditionError(
-                "NO_OPTIMIZER_STATE", f"{request.path} holds weights only; load it without optimizer state"
+                "NO_OPTIMIZER_STATE", f"{path} holds weights only; load it without optimizer state"
             )
         spec = convert.lora_spec(checkpoint.lora_config)
-        state = await asyncio.to_thread(checkpoint_files.decode, files, spec, request.load_optimizer_state)
-        return await self._core.import_adapter(request.adapter_id, state)
+        return await asyncio.to_thread(checkpoint_files.decode, files, spec, with_optimizer)

@@ -49,6 +49,12 @@ class Ledger:
         """adapter id -> (epoch, applied seq_id)."""
         return {a: (e.epoch, e.applied_seq_id) for a, e in self._entries.items()}
 
+    def check_epoch(self, adapter_id: str, epoch: int) -> None:
+        """Raise STALE_EPOCH when the adapter is held at a higher epoch than `epoch`."""
+        entry = self._entries.get(adapter_id)
+        if entry is not None:
+            _check_epoch(adapter_id, entry, epoch)
+
     def adopt(self, adapter_id: str, epoch: int) -> int:
         """Raise the adapter's epoch to `epoch`; returns the highest seq_id taken."""
         entry = self._entries.get(adapter_id)

@@ -75,6 +75,22 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         self.ledger.open(request.adapter_id, request.epoch)
         return trainer_pb2.CreateAdapterResponse(num_parameters=count)
 
+    async def RestoreAdapter(self, request, context):
+        self.leader.check(context)
+        core = self.core  # UNAVAILABLE while the base model loads
+        if request.base_model and request.base_model != core.info.name:
+            raise InvalidArgumentError(
+                "WRONG_BASE_MODEL", f"node {self._node_id} serves {core.info.name}, not {request.base_model}"
+            )
+        self.ledger.check_epoch(request.adapter_id, request.epoch)
+        spec = convert.lora_spec(request.lora_config)
+        state = None
+        if request.path:  # read before the engine is asked, so the batch boundary is all it waits for
+            state = await self._bridge.read(request.tenant, request.path, request.load_optimizer_state)
+        step = await core.restore_adapter(request.adapter_id, spec, state)
+        self.ledger.open(request.adapter_id, request.epoch)
+        return trainer_pb2.RestoreAdapterResponse(step=step)
+
     async def DeleteAdapter(self, request, context):
         self.leader.check(context)
         await self.core.delete_adapter(request.adapter_id)
@@ -227,3 +243,4 @@ def _with_item_id(result: trainer_pb2.BatchItemResult, item_id: str) -> trainer_
     copy.CopyFrom(result)
     copy.item_id = item_id
     return copy
+

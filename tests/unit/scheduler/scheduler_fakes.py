@@ -86,6 +86,15 @@ class FakeTrainer:
         self.adapters.append((node_id, run_name))
         self.epochs[run_name] = epoch
 
+    async def restore_adapter(self, node_id: str, run_name: str, base_model: str, lora: Any, epoch: int,
+                              tenant: str, start: LoadRequest | None) -> int:
+        """Recorded as the calls it stands for: the stale copy deleted, created, loaded."""
+        await self.delete_adapter(node_id, run_name)
+        await self.create_adapter(node_id, run_name, base_model, lora, epoch)
+        if start is None:
+            return 0
+        return await self.load_adapter(node_id, run_name, tenant, start, Fence(0, epoch))
+
     async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
         if (node_id, run_name) not in self.adapters:
             raise NotFoundError("ADAPTER_NOT_FOUND", run_name)

@@ -185,6 +185,39 @@ def test_a_snapshot_is_due_after_every_s_seconds():
     asyncio.run(main())
 
 
+def test_a_snapshot_is_due_once_the_runs_rounds_add_up_to_the_replay_budget():
+    async def main():
+        now = [1000.0]
+        mesh, _ = await _start(clock=lambda: now[0], snapshot_every_steps=0, snapshot_every_s=0,
+                               snapshot_replay_budget_s=8)
+        trainer = mesh.trainer
+
+        async def round_of(seconds: float) -> None:
+            """Let the held round out once `seconds` passed, holding the next one."""
+            held, trainer.hold = trainer.hold, asyncio.Event()
+            now[0] += seconds
+            held.set()
+
+        run = await mesh.new_run()
+        for step in range(8):  # a forward_backward round of 1 s, then an optim_step round of 3 s
+            trainer.hold, sent = asyncio.Event(), len(trainer.batches)
+            ops = [await mesh.submit(run, 2 * step + 1), await mesh.submit(run, 2 * step + 2, kind=OPTIM, tokens=0)]
+            await _until(lambda: len(trainer.batches) == sent + 1)
+            await round_of(1.0)
+            await _until(lambda: len(trainer.batches) == sent + 2)
+            await round_of(3.0)
+            trainer.hold.set()
+            await mesh.wait_all(ops)
+            await settle()  # a snapshot asked for is confirmed now
+        asked = sorted(seq for seq, target in _sent_snapshots(trainer, run).items() if target)
+        # Counted from the run's first optim_step (seq_id 2): 3 + 1 + 3 + 1 = 8 s of rounds
+        # before seq_id 6 asks. The 3 s round of seq_id 6 itself is covered by its snapshot,
+        # so the next one asks after 1 + 3 + 1 + 3 + 1 = 9 s, at seq_id 12 (not at 10).
+        assert asked == [6, 12]
+
+    asyncio.run(main())
+
+
 @pytest.mark.parametrize("store", [True, False], ids=["never-by-config", "no-store"])
 def test_no_snapshots_when_switched_off_or_without_a_store(store):
     async def main():
@@ -275,6 +308,48 @@ def test_the_runs_of_a_lost_trainer_move_load_their_snapshot_and_replay_the_log(
         assert [(item.run_name, item.fence.seq_id) for item in first_on_b] == [(r1, 5), (r2, 1), (r1, 6), (r2, 2)]
         assert mesh.core.get_run("t1", r1).last_seq_id == 12
         assert mesh.core.snapshot()["operations_by_state"] == {"SUCCEEDED": 15, "FAILED": 1}
+
+    asyncio.run(main())
+
+
+def test_a_trainer_receiving_a_moved_run_holds_its_next_round_for_the_rebuild():
+    async def main():
+        now = [1000.0]
+        mesh, _ = await _start(clock=lambda: now[0], snapshot_every_steps=0)
+        trainer = mesh.trainer
+        r1, r3 = await mesh.new_run(), await mesh.new_run()
+        r2 = await mesh.new_run(node="node-b")
+        await _steps(mesh, r1, [FB, OPTIM])
+
+        def rebuilding(run: str):
+            return lambda: ("node-b", run) in getattr(trainer, "deleted", [])  # the restore's first call
+
+        trainer.adapter_hold = asyncio.Event()  # node-b rebuilds r1 until this is set
+        mesh.placement.node = "node-b"
+        mesh.core.relocate(r1)
+        await _until(rebuilding(r1))
+        sent = len(trainer.batches)
+        live = await mesh.submit(r2, 1)
+        await settle()
+        assert len(trainer.batches) == sent  # held while the rebuild is out
+        trainer.adapter_hold.set()
+        await mesh.wait_all([live])
+        _, first = trainer.batches[sent]
+        assert {(i.run_name, i.fence.seq_id) for i in first} == {(r2, 1), (r1, 1), (r1, 2)}  # the replay rides along
+
+        # A rebuild that does not end holds the node for restore_hold_s (1 s) only.
+        trainer.adapter_hold = asyncio.Event()
+        mesh.core.relocate(r3)
+        await _until(rebuilding(r3))
+        sent = len(trainer.batches)
+        live = await mesh.submit(r2, 2)
+        await settle()
+        assert len(trainer.batches) == sent
+        now[0] += 1.0
+        mesh.core.tick()
+        await mesh.wait_all([live])
+        assert [(i.run_name, i.fence.seq_id) for i in trainer.batches[sent][1]] == [(r2, 2)]
+        trainer.adapter_hold.set()
 
     asyncio.run(main())
 

@@ -298,6 +298,7 @@ class NodeWatcher:
         self._prefix = node_prefix(kind)
         self._on_change = on_change
         self._nodes: dict[str, bytes] = {}
+        self._leases: dict[str, int] = {}  # node_id -> the lease its record is under
         self._changed = asyncio.Condition()
         self._watch: aetcd.Watch | None = None
         self._task: asyncio.Task | None = None
@@ -321,6 +322,19 @@ class NodeWatcher:
     def nodes(self) -> dict[str, bytes]:
         """A copy of the current view."""
         return dict(self._nodes)
+
+    def lease_of(self, node_id: str) -> int | None:
+        """The lease node `node_id`'s current record is under (None: not registered)."""
+        return self._leases.get(node_id)
+
+    async def expire(self, node_id: str, lease_id: int) -> bool:
+        """End lease `lease_id` of node `node_id` now, as its lapse would: the record goes,
+        every watcher sees the node leave, and the node (if it lives after all) registers
+        again under a new lease. False when the record is under another lease by now."""
+        if self._leases.get(node_id) != lease_id:
+            return False
+        await self._client.revoke_lease(lease_id)
+        return True
 
     async def wait_for(self, predicate: Callable[[dict[str, bytes]], bool], timeout: float) -> dict[str, bytes]:
         """Wait until `predicate(nodes())` holds; return that view. Raises TimeoutError."""
@@ -358,7 +372,7 @@ class NodeWatcher:
                 node_id = event.kv.key[len(self._prefix):].decode()
                 value = event.kv.value if event.kind == aetcd.EventKind.PUT else None
                 self.revision = max(self.revision, event.kv.mod_revision)
-                await self._apply({node_id: value})
+                await self._apply({node_id: value}, {node_id: event.kv.lease} if value is not None else {})
         finally:
             watch, self._watch = self._watch, None
             try:
@@ -368,18 +382,20 @@ class NodeWatcher:
 
     async def _resync(self) -> None:
         result = await self._client.get_prefix(self._prefix)
-        fresh = {kv.key[len(self._prefix):].decode(): kv.value for kv in result}
-        changes: dict[str, bytes | None] = {k: v for k, v in fresh.items() if self._nodes.get(k) != v}
+        fresh = {kv.key[len(self._prefix):].decode(): kv for kv in result}
+        changes: dict[str, bytes | None] = {k: kv.value for k, kv in fresh.items() if self._nodes.get(k) != kv.value}
         changes.update({k: None for k in self._nodes if k not in fresh})
         self.revision = result.header.revision
         self.resyncs += 1
         self.connected = True
-        await self._apply(changes)
+        await self._apply(changes, {k: kv.lease for k, kv in fresh.items()})
 
-    async def _apply(self, changes: dict[str, bytes | None]) -> None:
+    async def _apply(self, changes: dict[str, bytes | None], leases: dict[str, int]) -> None:
+        self._leases.update(leases)
         for node_id, value in changes.items():
             if value is None:
                 self._nodes.pop(node_id, None)
+                self._leases.pop(node_id, None)
             else:
                 self._nodes[node_id] = value
         async with self._changed:

@@ -227,6 +227,30 @@ class LoadAdapterResponse(_message.Message):
     step: int
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
+class RestoreAdapterRequest(_message.Message):
+    __slots__ = ("adapter_id", "base_model", "lora_config", "epoch", "tenant", "path", "load_optimizer_state")
+    ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    LORA_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    LOAD_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    adapter_id: str
+    base_model: str
+    lora_config: _types_pb2.LoraConfig
+    epoch: int
+    tenant: str
+    path: str
+    load_optimizer_state: bool
+    def __init__(self, adapter_id: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., epoch: _Optional[int] = ..., tenant: _Optional[str] = ..., path: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ...) -> None: ...
+
+class RestoreAdapterResponse(_message.Message):
+    __slots__ = ("step",)
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    step: int
+    def __init__(self, step: _Optional[int] = ...) -> None: ...
+
 class AdoptAdapterRequest(_message.Message):
     __slots__ = ("adapter_id", "epoch")
     ADAPTER_ID_FIELD_NUMBER: _ClassVar[int]

@@ -90,6 +90,11 @@ class TrainerServiceStub:
                 request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotResponse.FromString,
                 _registered_method=True)
+        self.RestoreAdapter = channel.unary_unary(
+                '/tunemesh.internal.v1.TrainerService/RestoreAdapter',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.RestoreAdapterRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.RestoreAdapterResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -176,6 +181,15 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RestoreAdapter(self, request, context):
+        """Rebuilds an adapter here as of a checkpoint (a run moving to this node): any copy the
+        node holds is replaced. The checkpoint is read first, then the adapter is created and
+        loaded in one step between batches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -233,6 +247,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.AwaitSnapshot,
                     request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotRequest.FromString,
                     response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotResponse.SerializeToString,
+            ),
+            'RestoreAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestoreAdapter,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.RestoreAdapterRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_trainer__pb2.RestoreAdapterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -533,6 +552,33 @@ class TrainerService:
             '/tunemesh.internal.v1.TrainerService/AwaitSnapshot',
             tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotRequest.SerializeToString,
             tunemesh_dot_internal_dot_v1_dot_trainer__pb2.AwaitSnapshotResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestoreAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.internal.v1.TrainerService/RestoreAdapter',
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.RestoreAdapterRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_trainer__pb2.RestoreAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,

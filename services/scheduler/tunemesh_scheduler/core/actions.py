@@ -16,6 +16,7 @@ class Batch:
     node_id: str
     ops: list[OperationRecord]
     items: list[BatchItem]
+    sent_at: float = 0.0  # the machine's clock when it went out
 
 
 @dataclasses.dataclass(eq=False)

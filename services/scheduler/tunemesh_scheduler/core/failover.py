@@ -27,7 +27,7 @@ from collections.abc import Callable
 
 from tunemesh.errors import DataLossError, TunemeshError
 from tunemesh_scheduler.core.actions import ConfirmSnapshot, Freeze, Move
-from tunemesh_scheduler.core.ports import Fence, PlacementPort, RunStore, TrainerPort
+from tunemesh_scheduler.core.ports import PlacementPort, RunStore, TrainerPort
 from tunemesh_scheduler.core.work import LoadRequest, Work
 from tunemesh_scheduler.core.records import STATEFUL_KINDS, OperationRecord, OpState, RunRecord
 
@@ -66,25 +66,24 @@ class FailoverCalls:
             log.info("freezing %s: releasing its placement: %s", run.name, exc, extra={"run": run.name})
         log.info("run %s frozen (its session ended); its slot on %s is free", run.name, node, extra={"run": run.name})
 
-    async def move(self, action: Move) -> tuple[str, int, list[tuple[OperationRecord, Work]]]:
-        """Rebuild the run's adapter on a live trainer, up to its snapshot. Returns the
-        (node, epoch) it serves with now and the calls to replay there after the
-        snapshot: every finished call that changed the adapter, in seq_id order, with
-        the call itself. The machine sends them, fused with other work."""
+    async def move(self, action: Move, placed: Callable[[str], None] = lambda node: None,
+                   ) -> tuple[str, int, list[tuple[OperationRecord, Work]]]:
+        """Rebuild the run's adapter on a live trainer, up to its snapshot (`placed(node)`
+        once the trainer is chosen). Returns the (node, epoch) it serves with now and the
+        calls to replay there after the snapshot: every finished call that changed the
+        adapter, in seq_id order, with the call itself. The machine sends them, fused
+        with other work."""
         run = action.run
         old_node, snapshot, after = run.node_id, run.snapshot_path, run.snapshot_seq_id
         node = await self._placement.move(run.name, run.base_model, old_node)
+        placed(node)
         epoch = run.epoch + 1
         log.info("moving %s from %s to %s (epoch %d, snapshot after seq_id %d)", run.name, old_node or "(frozen)",
                  node, epoch, after, extra={"run": run.name})
-        try:
-            await self._trainer.delete_adapter(node, run.name)  # a stale copy (the same node, back)
-        except TunemeshError:
-            pass
-        await self._trainer.create_adapter(node, run.name, run.base_model, run.lora, epoch)
         start = LoadRequest(snapshot, True) if snapshot else run.origin
-        if start is not None:
-            await self._trainer.load_adapter(node, run.name, run.tenant, start, Fence(0, epoch))
+        # One call: any stale copy (the same node, back) is replaced, and the node reads the
+        # checkpoint before it waits for a batch boundary to create and load the adapter.
+        await self._trainer.restore_adapter(node, run.name, run.base_model, run.lora, epoch, run.tenant, start)
         return node, epoch, await self._calls_to_replay(run, action.history, after)
 
     async def _calls_to_replay(self, run: RunRecord, ops: list[OperationRecord],

@@ -38,7 +38,7 @@ from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome, SnapshotTarget, StoreWrite
 from tunemesh_scheduler.core.recovery import RecoveryPlan
 from tunemesh_scheduler.core.records import (
-    BATCHABLE_KINDS, OperationError, OperationRecord, OpKind, OpState, RunRecord,
+    BATCHABLE_KINDS, STATEFUL_KINDS, OperationError, OperationRecord, OpKind, OpState, RunRecord,
 )
 from tunemesh_scheduler.core.sequencing import RunLane
 from tunemesh_scheduler.core.sessions import SessionRegistry
@@ -61,6 +61,8 @@ class _Node:
     in_flight: Batch | None = None
     served: dict[str, float] = dataclasses.field(default_factory=dict)  # tenant -> when its last op here ended
     singles_running: int = 0
+    restoring: set[str] = dataclasses.field(default_factory=set)  # runs whose adapter is being rebuilt here
+    held_until: float = 0.0  # while runs are restoring, no round goes out before this
     batches_total: int = 0
     batch_items_total: int = 0
     batch_tokens_total: int = 0
@@ -93,6 +95,7 @@ class SchedulerMachine:
         fair_share_grace_s: float = 0.1,
         unreachable_retry_s: float = 1.0,
         move_retry_s: float = 2.0,
+        restore_hold_s: float = 1.0,
         session_timeout_s: float = 0.0,
         finished_ttl_s: float = 3600.0,
         snapshots: SnapshotPolicy = SnapshotPolicy(),
@@ -109,6 +112,7 @@ class SchedulerMachine:
         self._fair_share_grace_s = fair_share_grace_s
         self._retry_s = unreachable_retry_s
         self._move_retry_s = move_retry_s
+        self._restore_hold_s = restore_hold_s
         self._session_timeout_s = session_timeout_s
         self._finished_ttl_s = finished_ttl_s
         self.snapshots = SnapshotBook(snapshots)
@@ -196,7 +200,7 @@ class SchedulerMachine:
                 if run in self.lanes:
                     self._actions.append(Move(self.lanes[run].run, self.lanes[run].history()))
         for node_id, node in self._nodes.items():
-            if node.in_flight is None and node.ready and (
+            if node.in_flight is None and node.ready and not self._held(node, now) and (
                 node.backlog or now >= (node.ready_since or now) + self._batch_wait_s
             ):
                 self._actions.append(self._take_batch(node_id, node, now))
@@ -208,8 +212,13 @@ class SchedulerMachine:
         times = [at for at, _ in self._parked.values()] + list(self._move_at.values())
         times += [n.ready_since + self._batch_wait_s for n in self._nodes.values()
                   if n.in_flight is None and n.ready and n.ready_since is not None]
+        times += [n.held_until for n in self._nodes.values() if n.in_flight is None and n.ready and n.restoring]
         times += [lane.gap_deadline for lane in self.lanes.values() if lane.gap_deadline is not None]
         return min(times, default=None)
+
+    @staticmethod
+    def _held(node: _Node, now: float) -> bool:
+        return bool(node.restoring) and now < node.held_until
 
     def _take_batch(self, node_id: str, node: _Node, now: float) -> Batch:
         # a tenant served here moments ago is still active: its next op is on its way, so
@@ -225,7 +234,7 @@ class SchedulerMachine:
                  for op in ops]
         for op in ops:
             self._mark_running(op)
-        batch = Batch(node_id, ops, items)
+        batch = Batch(node_id, ops, items, now)
         node.in_flight = batch
         tokens = sum(op.num_tokens for op in ops)
         node.batches_total += 1
@@ -308,6 +317,8 @@ class SchedulerMachine:
         if error is not None:
             outcomes = [ItemOutcome(error=error)] * len(batch.ops)
         now = self._clock()
+        if error is None:  # what a move of these runs would replay grew by this round
+            self.snapshots.worked({op.run for op in batch.ops if op.kind in STATEFUL_KINDS}, now - batch.sent_at)
         for op, item, outcome in zip(batch.ops, batch.items, outcomes, strict=True):
             node.served[op.tenant] = now
             self._finish(op, dataclasses.replace(outcome, epoch=item.fence.epoch))
@@ -447,12 +458,26 @@ class SchedulerMachine:
             self._parked.pop(lane.head.name, None)
         self._actions.append(Move(run, lane.history()))
 
+    def restoring(self, move: Move, node_id: str) -> None:
+        """`move` placed its run on `node_id` and is rebuilding its adapter there. That node
+        sends no round for up to `restore_hold_s`, or until the rebuild ends: the trainer
+        rebuilds between two rounds, and the run's replay then rides the very next one
+        (not the one after, which costs a moved run a whole round on a slow model)."""
+        node = self._node(node_id)
+        node.restoring.add(move.run.name)
+        node.held_until = max(node.held_until, self._clock() + self._restore_hold_s)
+
+    def _restored(self, run_name: str) -> None:
+        for node in self._nodes.values():
+            node.restoring.discard(run_name)
+
     def moved(self, move: Move, node_id: str, epoch: int,
               replay: list[tuple[OperationRecord, Work]] = ()) -> None:
         """`move` rebuilt the run's adapter on `node_id` with `epoch`, up to its snapshot.
         `replay` (original operation, call) goes there first, in order; then the run's
         waiting operations follow."""
         run = move.run
+        self._restored(run.name)
         run.node_id, run.epoch = node_id, epoch
         self._note(StoreWrite(run))
         lane = self.lanes.get(run.name)
@@ -534,6 +559,7 @@ class SchedulerMachine:
     def move_failed(self, move: Move) -> None:
         """`move` did not finish (no trainer, a call failed, a replayed call in doubt):
         it is tried again, from the snapshot."""
+        self._restored(move.run.name)
         if move.run.name in self.lanes:
             self._move_at[move.run.name] = self._clock() + self._move_retry_s
 

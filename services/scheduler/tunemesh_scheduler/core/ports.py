@@ -110,6 +110,12 @@ class TrainerPort(Protocol):
         """Load a checkpoint of `tenant` into the run's adapter; returns its step count."""
         ...
 
+    async def restore_adapter(self, node_id: str, run_name: str, base_model: str, lora: Any, epoch: int,
+                              tenant: str, start: LoadRequest | None) -> int:
+        """Rebuild the run's adapter on the node at `epoch`, replacing any copy it holds,
+        loaded from checkpoint `start` of `tenant` (None: fresh); returns its step count."""
+        ...
+
     async def adopt_adapter(self, node_id: str, run_name: str, epoch: int) -> int:
         """Raise the adapter's epoch (fencing off older callers); returns the highest
         seq_id it has taken. NotFoundError when the node has no such adapter."""

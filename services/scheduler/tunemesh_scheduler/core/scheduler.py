@@ -92,6 +92,13 @@ class SchedulerConfig:
     # this long of the run's work (or `snapshot_every_steps` steps, if more). The
     # service's setting defaults to 2 s.
     snapshot_min_interval_s: float = 0.0
+    # ... or once the trainer rounds that carried its work since its last snapshot add up
+    # to this many seconds (what a move would replay: bounds a trainer death's recompute
+    # on slow models, where 8 steps take long); 0: never by work.
+    snapshot_replay_budget_s: float = 0.0
+    # A trainer receiving a moved run sends no round for up to this long while it rebuilds
+    # the run's adapter, so the run's replay rides the next round.
+    restore_hold_s: float = 1.0
     # The journal gathers changes this long before each write to the state store.
     journal_linger_s: float = 0.002
     # Wait before sending again an operation whose trainer could not be reached.
@@ -140,10 +147,11 @@ class SchedulerCore:
             gap_timeout_s=config.gap_timeout_s, batch_token_budget=config.batch_token_budget,
             batch_wait_s=config.batch_wait_s, fair_share_grace_s=config.fair_share_grace_s,
             unreachable_retry_s=config.unreachable_retry_s,
-            move_retry_s=move_retry_s, session_timeout_s=config.session_timeout_s,
+            move_retry_s=move_retry_s, restore_hold_s=config.restore_hold_s,
+            session_timeout_s=config.session_timeout_s,
             finished_ttl_s=config.finished_ttl_s,
             snapshots=SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s,
-                                     config.snapshot_min_interval_s),
+                                     config.snapshot_min_interval_s, config.snapshot_replay_budget_s),
             movable=store is not None, metrics=self._metrics,
         )
         self._calls = FailoverCalls(trainer, placement, store)
@@ -224,13 +232,17 @@ class SchedulerCore:
 
     async def _move(self, action: Move) -> None:
         try:
-            node, epoch, replay = await self._calls.move(action)
+            node, epoch, replay = await self._calls.move(action, lambda node: self._restoring(action, node))
         except Exception as exc:  # TunemeshError expected; anything else must not wedge the run
             level = logging.WARNING if isinstance(exc, TunemeshError) else logging.ERROR
             log.log(level, "moving %s failed (%r); trying again", action.run.name, exc, extra={"run": action.run.name})
             self.machine.move_failed(action)
             return
         self.machine.moved(action, node, epoch, replay)
+
+    def _restoring(self, action: Move, node: str) -> None:
+        self.machine.restoring(action, node)
+        self._poke()  # the node's hold has a deadline
 
     async def _confirm(self, action: ConfirmSnapshot) -> None:
         try:

@@ -1,8 +1,11 @@
 """When a run's automatic snapshot is due, and whether one is being written.
 
-A snapshot is asked for after a run's OPTIM_STEP every `every_steps` optimizer steps or
-`every_s` seconds, never sooner than `min_interval_s` after the run's last one, and never
-while one is being written. Pure: time comes in as an argument.
+A snapshot is asked for after a run's OPTIM_STEP every `every_steps` optimizer steps,
+every `every_s` seconds, or once the trainer rounds that carried the run's work since its
+last snapshot add up to `replay_budget_s` seconds (what a move would replay, so a
+trainer's death costs its runs about that much recompute, on any model), never sooner
+than `min_interval_s` after the run's last one, and never while one is being written.
+Pure: time and round durations come in as arguments.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ class SnapshotPolicy:
     every_steps: int = 8  # 0: never by steps
     every_s: float = 300.0  # 0: never by time
     min_interval_s: float = 0.0  # never sooner than this after the run's last snapshot
+    replay_budget_s: float = 0.0  # trainer seconds of the run's work since it; 0: never by work
 
 
 @dataclasses.dataclass
@@ -32,6 +36,9 @@ class _Progress:
     step_at_snapshot: int
     time_at_snapshot: float
     pending: bool = False  # a snapshot is being written
+    work_s: float = 0.0  # trainer seconds of the run's rounds since the step of its last snapshot
+    work_at_mark: float = 0.0  # work_s covered by the snapshot being written
+    round_of_mark: bool = False  # the run's next round carries the step the snapshot follows
 
 
 class SnapshotBook:
@@ -44,6 +51,17 @@ class SnapshotBook:
     def forget(self, run_name: str) -> None:
         self._progress.pop(run_name, None)
 
+    def worked(self, run_names, seconds: float) -> None:
+        """A trainer round of `seconds` carried work of each run in `run_names`."""
+        for name in run_names:
+            progress = self._progress.get(name)
+            if progress is None:
+                continue
+            progress.work_s += seconds
+            if progress.round_of_mark:  # the snapshot covers the round of its own step
+                progress.work_at_mark += seconds
+                progress.round_of_mark = False
+
     def mark(self, run: RunRecord, step: OperationRecord, now: float) -> None:
         """Name a snapshot path on OPTIM_STEP `step` of `run` when one is due."""
         progress = self._progress.setdefault(run.name, _Progress(run.step, now))
@@ -51,9 +69,11 @@ class SnapshotBook:
         since = now - progress.time_at_snapshot
         steps_due = policy.every_steps and run.step + 1 - progress.step_at_snapshot >= policy.every_steps
         time_due = policy.every_s and since >= policy.every_s
-        if not progress.pending and (steps_due or time_due) and since >= policy.min_interval_s:
+        work_due = policy.replay_budget_s and progress.work_s >= policy.replay_budget_s
+        if not progress.pending and (steps_due or time_due or work_due) and since >= policy.min_interval_s:
             step.snapshot_path = snapshot_path(run.name, step.seq_id)
             progress.pending = True
+            progress.work_at_mark, progress.round_of_mark = progress.work_s, True
 
     def finished(self, run: RunRecord, op: OperationRecord) -> bool:
         """`op` of `run` finished: True when it asked for a snapshot that now needs confirming."""
@@ -61,7 +81,7 @@ class SnapshotBook:
             return False
         if op.state is OpState.SUCCEEDED:
             return True
-        self._progress[run.name].pending = False
+        self._progress[run.name].pending = self._progress[run.name].round_of_mark = False
         return False
 
     def written(self, run: RunRecord, now: float) -> bool:
@@ -71,9 +91,10 @@ class SnapshotBook:
             return False
         progress.pending = False
         progress.step_at_snapshot, progress.time_at_snapshot = run.step, now
+        progress.work_s = max(0.0, progress.work_s - progress.work_at_mark)  # what came after the step
         return True
 
     def failed(self, run: RunRecord) -> None:
         progress = self._progress.get(run.name)
         if progress is not None:
-            progress.pending = False
+            progress.pending = progress.round_of_mark = False
