@@ -66,7 +66,7 @@ class SchedulerSettings(settings.ServiceSettings):
     snapshot_every_s: float = Field(300.0, ge=0, description="... or this long after its last snapshot; 0: never")
     snapshot_min_interval_s: float = Field(2.0, ge=0, description="... but never sooner than this after the last one")
     snapshot_replay_budget_s: float = Field(4.0, ge=0, description=(
-        "... or once the trainer rounds of its work since the last one add up to this many seconds "
+        "... or before the trainer rounds of its work since the last one pass this many seconds "
         "(what a move replays after a trainer dies); 0: never by work"))
     journal_linger_ms: float = Field(2.0, ge=0, description="the op log gathers changes this long before each etcd write")
     leader_ttl_s: int = Field(

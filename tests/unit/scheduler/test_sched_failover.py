@@ -185,11 +185,17 @@ def test_a_snapshot_is_due_after_every_s_seconds():
     asyncio.run(main())
 
 
-def test_a_snapshot_is_due_once_the_runs_rounds_add_up_to_the_replay_budget():
+# Rounds are counted from the run's first optim_step (seq_id 2). 1 s / 3 s rounds, budget
+# 8 s: 3 + 1 + 3 + 1 = 8 s before seq_id 6, and one more round would pass 8, so seq_id 6
+# asks; its own 3 s round is covered by its snapshot, so the next asks at seq_id 12 (9 s
+# + a round), not at 10. 2 s / 2 s rounds, budget 9 s: at seq_id 6, 8 s + a 2 s round
+# would pass 9, so it asks there, one step before the rounds alone reach the budget.
+@pytest.mark.parametrize("fb_s, optim_s, budget_s", [(1.0, 3.0, 8.0), (2.0, 2.0, 9.0)])
+def test_a_snapshot_is_due_before_the_runs_rounds_pass_the_replay_budget(fb_s, optim_s, budget_s):
     async def main():
         now = [1000.0]
         mesh, _ = await _start(clock=lambda: now[0], snapshot_every_steps=0, snapshot_every_s=0,
-                               snapshot_replay_budget_s=8)
+                               snapshot_replay_budget_s=budget_s)
         trainer = mesh.trainer
 
         async def round_of(seconds: float) -> None:
@@ -199,20 +205,17 @@ def test_a_snapshot_is_due_once_the_runs_rounds_add_up_to_the_replay_budget():
             held.set()
 
         run = await mesh.new_run()
-        for step in range(8):  # a forward_backward round of 1 s, then an optim_step round of 3 s
+        for step in range(8):  # a forward_backward round, then an optim_step round
             trainer.hold, sent = asyncio.Event(), len(trainer.batches)
             ops = [await mesh.submit(run, 2 * step + 1), await mesh.submit(run, 2 * step + 2, kind=OPTIM, tokens=0)]
             await _until(lambda: len(trainer.batches) == sent + 1)
-            await round_of(1.0)
+            await round_of(fb_s)
             await _until(lambda: len(trainer.batches) == sent + 2)
-            await round_of(3.0)
+            await round_of(optim_s)
             trainer.hold.set()
             await mesh.wait_all(ops)
             await settle()  # a snapshot asked for is confirmed now
         asked = sorted(seq for seq, target in _sent_snapshots(trainer, run).items() if target)
-        # Counted from the run's first optim_step (seq_id 2): 3 + 1 + 3 + 1 = 8 s of rounds
-        # before seq_id 6 asks. The 3 s round of seq_id 6 itself is covered by its snapshot,
-        # so the next one asks after 1 + 3 + 1 + 3 + 1 = 9 s, at seq_id 12 (not at 10).
         assert asked == [6, 12]
 
     asyncio.run(main())

@@ -92,9 +92,9 @@ class SchedulerConfig:
     # this long of the run's work (or `snapshot_every_steps` steps, if more). The
     # service's setting defaults to 2 s.
     snapshot_min_interval_s: float = 0.0
-    # ... or once the trainer rounds that carried its work since its last snapshot add up
-    # to this many seconds (what a move would replay: bounds a trainer death's recompute
-    # on slow models, where 8 steps take long); 0: never by work.
+    # ... or before the trainer rounds that carried its work since its last snapshot pass
+    # this many seconds (what a move would replay: bounds a trainer death's recompute on
+    # slow models, where 8 steps take long); 0: never by work.
     snapshot_replay_budget_s: float = 0.0
     # A trainer receiving a moved run sends no round for up to this long while it rebuilds
     # the run's adapter, so the run's replay rides the next round.

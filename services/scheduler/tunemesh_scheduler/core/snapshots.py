@@ -1,11 +1,11 @@
 """When a run's automatic snapshot is due, and whether one is being written.
 
 A snapshot is asked for after a run's OPTIM_STEP every `every_steps` optimizer steps,
-every `every_s` seconds, or once the trainer rounds that carried the run's work since its
-last snapshot add up to `replay_budget_s` seconds (what a move would replay, so a
-trainer's death costs its runs about that much recompute, on any model), never sooner
-than `min_interval_s` after the run's last one, and never while one is being written.
-Pure: time and round durations come in as arguments.
+every `every_s` seconds, or when the trainer rounds that carried the run's work since its
+last snapshot would pass `replay_budget_s` seconds with one more round like its last (what
+a move replays: so a trainer's death costs its runs at most about that much recompute,
+on any model), never sooner than `min_interval_s` after the run's last one, and never
+while one is being written. Pure: time and round durations come in as arguments.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class _Progress:
     work_s: float = 0.0  # trainer seconds of the run's rounds since the step of its last snapshot
     work_at_mark: float = 0.0  # work_s covered by the snapshot being written
     round_of_mark: bool = False  # the run's next round carries the step the snapshot follows
+    last_round_s: float = 0.0  # the run's latest round
 
 
 class SnapshotBook:
@@ -58,6 +59,7 @@ class SnapshotBook:
             if progress is None:
                 continue
             progress.work_s += seconds
+            progress.last_round_s = seconds
             if progress.round_of_mark:  # the snapshot covers the round of its own step
                 progress.work_at_mark += seconds
                 progress.round_of_mark = False
@@ -69,7 +71,7 @@ class SnapshotBook:
         since = now - progress.time_at_snapshot
         steps_due = policy.every_steps and run.step + 1 - progress.step_at_snapshot >= policy.every_steps
         time_due = policy.every_s and since >= policy.every_s
-        work_due = policy.replay_budget_s and progress.work_s >= policy.replay_budget_s
+        work_due = policy.replay_budget_s and progress.work_s + progress.last_round_s > policy.replay_budget_s
         if not progress.pending and (steps_due or time_due or work_due) and since >= policy.min_interval_s:
             step.snapshot_path = snapshot_path(run.name, step.seq_id)
             progress.pending = True
