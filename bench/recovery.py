@@ -148,7 +148,8 @@ PRICE_MODES = {  # scheduler settings of each side of the price
     "on": {"TUNEMESH_SCHEDULER_DURABLE": "true"},
     "off": {"TUNEMESH_SCHEDULER_DURABLE": "false"},
     "journal": {"TUNEMESH_SCHEDULER_DURABLE": "true", "TUNEMESH_SCHEDULER_SNAPSHOT_EVERY_STEPS": "0",
-                "TUNEMESH_SCHEDULER_SNAPSHOT_EVERY_S": "0"},  # the journal without snapshots
+                "TUNEMESH_SCHEDULER_SNAPSHOT_EVERY_S": "0",
+                "TUNEMESH_SCHEDULER_SNAPSHOT_REPLAY_BUDGET_S": "0"},  # the journal without snapshots
     "plain": {"TUNEMESH_SCHEDULER_DURABLE": "true"},  # as "on", with every hop in plaintext (--insecure)
 }
 
