@@ -185,13 +185,15 @@ def test_a_snapshot_is_due_after_every_s_seconds():
     asyncio.run(main())
 
 
-# Rounds are counted from the run's first optim_step (seq_id 2). 1 s / 3 s rounds, budget
-# 8 s: 3 + 1 + 3 + 1 = 8 s before seq_id 6, and one more round would pass 8, so seq_id 6
-# asks; its own 3 s round is covered by its snapshot, so the next asks at seq_id 12 (9 s
-# + a round), not at 10. 2 s / 2 s rounds, budget 9 s: at seq_id 6, 8 s + a 2 s round
-# would pass 9, so it asks there, one step before the rounds alone reach the budget.
-@pytest.mark.parametrize("fb_s, optim_s, budget_s", [(1.0, 3.0, 8.0), (2.0, 2.0, 9.0)])
-def test_a_snapshot_is_due_before_the_runs_rounds_pass_the_replay_budget(fb_s, optim_s, budget_s):
+# Rounds count from the run's first. 1 s / 3 s rounds, budget 8 s: at seq_id 6, 1 + 3 + 1 +
+# 3 + 1 = 9 s; seq_id 6's own 3 s round is covered by its snapshot, so the next asks at
+# seq_id 12, not at 10. 2 s / 2 s rounds, budget 11 s: at seq_id 6, 10 s and one more 2 s
+# round would pass 11 (the rounds alone pass it only at seq_id 8). 3 s / 1 s rounds, budget
+# 7 s: at seq_id 4, 3 + 1 + 3 = 7 s counted from the first round (from the first
+# optim_step, 4 s: the ask would come at seq_id 6), and every second step after.
+@pytest.mark.parametrize("fb_s, optim_s, budget_s, asks", [
+    (1.0, 3.0, 8.0, [6, 12]), (2.0, 2.0, 11.0, [6, 12]), (3.0, 1.0, 7.0, [4, 8, 12, 16])])
+def test_a_snapshot_is_due_before_the_runs_rounds_pass_the_replay_budget(fb_s, optim_s, budget_s, asks):
     async def main():
         now = [1000.0]
         mesh, _ = await _start(clock=lambda: now[0], snapshot_every_steps=0, snapshot_every_s=0,
@@ -216,7 +218,7 @@ def test_a_snapshot_is_due_before_the_runs_rounds_pass_the_replay_budget(fb_s, o
             await mesh.wait_all(ops)
             await settle()  # a snapshot asked for is confirmed now
         asked = sorted(seq for seq, target in _sent_snapshots(trainer, run).items() if target)
-        assert asked == [6, 12]
+        assert asked == asks
 
     asyncio.run(main())
 

@@ -317,8 +317,9 @@ class SchedulerMachine:
         if error is not None:
             outcomes = [ItemOutcome(error=error)] * len(batch.ops)
         now = self._clock()
-        if error is None:  # what a move of these runs would replay grew by this round
-            self.snapshots.worked({op.run for op in batch.ops if op.kind in STATEFUL_KINDS}, now - batch.sent_at)
+        if error is None and self.movable:  # what a move of these runs would replay grew by this round
+            worked = {op.run for op in batch.ops if op.kind in STATEFUL_KINDS and op.run in self.lanes}
+            self.snapshots.worked([self.lanes[run].run for run in worked], now - batch.sent_at, now)
         for op, item, outcome in zip(batch.ops, batch.items, outcomes, strict=True):
             node.served[op.tenant] = now
             self._finish(op, dataclasses.replace(outcome, epoch=item.fence.epoch))

@@ -52,12 +52,11 @@ class SnapshotBook:
     def forget(self, run_name: str) -> None:
         self._progress.pop(run_name, None)
 
-    def worked(self, run_names, seconds: float) -> None:
-        """A trainer round of `seconds` carried work of each run in `run_names`."""
-        for name in run_names:
-            progress = self._progress.get(name)
-            if progress is None:
-                continue
+    def worked(self, runs, seconds: float, now: float) -> None:
+        """A trainer round of `seconds`, ending at `now`, carried work of each of `runs`
+        (a run's first round starts its bookkeeping, so its first snapshot comes in time)."""
+        for run in runs:
+            progress = self._progress.setdefault(run.name, _Progress(run.step, now - seconds))
             progress.work_s += seconds
             progress.last_round_s = seconds
             if progress.round_of_mark:  # the snapshot covers the round of its own step
