@@ -5,6 +5,7 @@ an etcd it cannot reach, and the leader's store writes fenced by its token."""
 from __future__ import annotations
 
 import asyncio
+import socket
 
 import pytest
 
@@ -13,6 +14,7 @@ from tunemesh.errors import FailedPreconditionError
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.records import SessionRecord
 from tunemesh_scheduler.durable import EtcdRunStore
+from tunemesh_scheduler.liveness import local_leader_gone
 
 pytestmark = pytest.mark.e2e
 TTL = 2
@@ -48,6 +50,27 @@ def test_a_standby_takes_over_when_the_leader_stops_renewing(etcd_endpoint: str)
             second = leadership.LeaderElection(b, "scheduler", b"b:1", TTL)
             await asyncio.wait_for(second.campaign(), TTL * 4)
             await second.resign()
+
+    asyncio.run(scenario())
+
+
+def test_a_standby_ends_the_lease_of_a_leader_whose_port_refuses_connections(etcd_endpoint: str) -> None:
+    long_ttl = 30  # a lapse cannot be what hands over within the test's bound
+
+    async def scenario() -> None:
+        with socket.socket() as dead:  # bound, not listening: refuses, as a killed leader's port
+            dead.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{dead.getsockname()[1]}"
+            async with registry.connect(etcd_endpoint) as a, registry.connect(etcd_endpoint) as b:
+                first = leadership.LeaderElection(a, "scheduler", address.encode(), long_ttl)
+                await first.campaign()
+                first._task.cancel()  # killed: its lease is no longer renewed, nor revoked
+                second = leadership.LeaderElection(
+                    b, "scheduler", b"127.0.0.1:2", long_ttl,
+                    gone=lambda leader: local_leader_gone(leader.decode(), "127.0.0.1:2"))
+                await asyncio.wait_for(second.campaign(), long_ttl / 2)
+                assert (await b.get_lease_info(first._lease.id, keys=False)).TTL == -1  # ended, not lapsed
+                await second.resign()
 
     asyncio.run(scenario())
 

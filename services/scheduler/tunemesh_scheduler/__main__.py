@@ -28,7 +28,7 @@ from tunemesh_scheduler.sampler_client import GrpcSamplerPort, SamplerRouter
 from tunemesh_scheduler import takeover
 from tunemesh_scheduler.checkpoints import CheckpointProxy
 from tunemesh_scheduler.durable import EtcdRunStore
-from tunemesh_scheduler.liveness import DeathWatch
+from tunemesh_scheduler.liveness import DeathWatch, local_leader_gone
 from tunemesh_scheduler.server import (
     CheckpointServicer, OperationServicer, SamplingServicer, SessionServicer, TrainingServicer,
 )
@@ -144,7 +144,9 @@ async def _build(s: settings_mod.SchedulerSettings, host: ServiceHost,
     if call_store is not None:
         host.on_stop(call_store.close)
     store = EtcdRunStore(etcd, call_store) if s.durable else None
-    election = leadership.LeaderElection(etcd, "scheduler", s.listen.encode(), s.leader_ttl_s)
+    election = leadership.LeaderElection(
+        etcd, "scheduler", s.listen.encode(), s.leader_ttl_s,
+        gone=lambda leader: local_leader_gone(leader.decode(errors="replace"), s.listen))
     host.on_stop(election.resign)  # after the core has stopped
     config = SchedulerConfig(
         gap_timeout_s=s.gap_timeout_s, batch_token_budget=s.batch_token_budget, batch_wait_s=s.batch_wait_ms / 1000,

@@ -16,6 +16,7 @@ does, the moved runs' calls to it are fenced by epoch, and it registers again.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -42,6 +43,26 @@ async def refuses_connections(address: str, timeout_s: float = PROBE_TIMEOUT_S) 
     except OSError:
         pass
     return False
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+async def local_leader_gone(leader_listen: str, own_listen: str) -> bool:
+    """Whether the scheduler leader listening at `leader_listen` is surely dead, seen by a
+    replica listening at `own_listen`: only replicas of one host on loopback (as `tunemesh
+    up` runs them) probe, since a listen address elsewhere (a wildcard, a name) need not be
+    where another replica reaches the leader; those are left to the leader's lease."""
+    try:
+        if not (_loopback(parse_endpoint(leader_listen)[0]) and _loopback(parse_endpoint(own_listen)[0])):
+            return False
+    except Exception:  # noqa: BLE001 - not host:port: nothing to probe
+        return False
+    return await refuses_connections(leader_listen)
 
 
 class DeathWatch:

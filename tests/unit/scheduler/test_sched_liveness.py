@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import socket
 
-from tunemesh_scheduler.liveness import DeathWatch, refuses_connections
+from tunemesh_scheduler.liveness import DeathWatch, local_leader_gone, refuses_connections
 
 
 @contextlib.contextmanager
@@ -96,5 +96,23 @@ def test_a_node_registered_again_meanwhile_keeps_its_new_lease() -> None:
         watch.suspect("t0")
         await _settle(watch)
         assert probed.is_set() and leases.expired == [] and leases.leases == {"t0": 8}
+
+    asyncio.run(scenario())
+
+
+def test_only_replicas_of_one_host_on_loopback_probe_the_leader() -> None:
+    async def scenario() -> None:
+        with refusing_port() as address:
+            assert await local_leader_gone(address, "127.0.0.1:9")
+            port = address.rpartition(":")[2]
+            # A wildcard or another host's address need not be where this replica reaches
+            # the leader: never probed, left to the lease.
+            assert not await local_leader_gone(f"0.0.0.0:{port}", "127.0.0.1:9")
+            assert not await local_leader_gone(address, "0.0.0.0:9")
+            assert not await local_leader_gone(address, "10.1.2.3:9")
+            assert not await local_leader_gone("not an address", "127.0.0.1:9")
+        server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+        async with server:
+            assert not await local_leader_gone(f"127.0.0.1:{server.sockets[0].getsockname()[1]}", "127.0.0.1:9")
 
     asyncio.run(scenario())
