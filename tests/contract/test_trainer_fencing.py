@@ -387,6 +387,11 @@ def test_a_restore_that_cannot_load_leaves_no_adapter(node, engine):  # noqa: F8
     assert code is grpc.StatusCode.NOT_FOUND
     assert "runs/c" not in engine.adapter_ids() and "runs/d" not in engine.adapter_ids()
     assert set(listed(stub)) == {"runs/a"}
+    # Over a copy the node holds: the copy is gone with the failed restore, from the
+    # engine and from the ledger (nothing lists an adapter that is not there).
+    code, reason = status_of(lambda: _restore(stub, "rank-4", 2, adapter_id="runs/a", lora=bigger))
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "LORA_CONFIG_MISMATCH")
+    assert "runs/a" not in engine.adapter_ids() and listed(stub) == {}
 
 
 # ---- unfenced calls ---------------------------------------------------------------------

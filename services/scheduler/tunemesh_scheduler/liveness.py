@@ -20,6 +20,7 @@ import ipaddress
 import logging
 from collections.abc import Awaitable, Callable
 
+from tunemesh.errors import TunemeshError
 from tunemesh_common.membership.registry import ETCD_ERRORS, parse_endpoint, short_error
 
 log = logging.getLogger(__name__)
@@ -60,7 +61,7 @@ async def local_leader_gone(leader_listen: str, own_listen: str) -> bool:
     try:
         if not (_loopback(parse_endpoint(leader_listen)[0]) and _loopback(parse_endpoint(own_listen)[0])):
             return False
-    except Exception:  # noqa: BLE001 - not host:port: nothing to probe
+    except TunemeshError:  # not host:port: nothing to probe
         return False
     return await refuses_connections(leader_listen)
 
@@ -85,7 +86,7 @@ class DeathWatch:
             return  # gone already
         try:
             address = self._address_of(node_id)
-        except Exception:  # noqa: BLE001 - left the directory meanwhile
+        except TunemeshError:  # left the directory meanwhile
             return
         task = asyncio.ensure_future(self._probe(node_id, address, lease))
         self._probing[node_id] = task

@@ -62,27 +62,34 @@ class TrainerCore:
     async def restore_adapter(self, adapter_id: str, spec: LoraSpec, state: AdapterState | None) -> int:
         """The adapter as of `state` (None: fresh), replacing any copy this node holds, in
         one engine-thread call: a run moving here waits for one batch boundary, not three.
-        Returns its optimizer step count."""
+        Returns its optimizer step count. On failure the node holds no copy at all."""
+        held = self.holds(adapter_id)
         self._reserve_slot(adapter_id)
         try:
-            replaced, steps = await self._call(self._restore, adapter_id, spec, state)
+            steps = await self._call(self._restore, adapter_id, spec, state)
+        except BaseException:
+            if held:
+                self._metrics.adapter_unloaded()
+            raise
         finally:
             self._creating.discard(adapter_id)
-        if replaced:
+        if held:
             self._metrics.adapter_unloaded()
         self._metrics.adapter_loaded("new" if state is None else "checkpoint")
         log.info("adapter %s restored (rank %d, optimizer step %d)", adapter_id, spec.rank, steps)
         return steps
 
-    def _restore(self, adapter_id: str, spec: LoraSpec, state: AdapterState | None) -> tuple[bool, int]:
-        replaced = adapter_id in self._engine.adapter_ids()
-        if replaced:
+    def holds(self, adapter_id: str) -> bool:
+        return adapter_id in self._engine.adapter_ids()
+
+    def _restore(self, adapter_id: str, spec: LoraSpec, state: AdapterState | None) -> int:
+        if adapter_id in self._engine.adapter_ids():
             self._engine.delete_adapter(adapter_id)
         self._engine.create_adapter(adapter_id, spec)
         if state is None:
-            return replaced, 0
+            return 0
         try:
-            return replaced, self._engine.import_adapter(adapter_id, state)
+            return self._engine.import_adapter(adapter_id, state)
         except BaseException:
             self._engine.delete_adapter(adapter_id)  # no half-restored adapter stays
             raise

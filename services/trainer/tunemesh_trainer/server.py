@@ -67,29 +67,33 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
 
     async def CreateAdapter(self, request, context):
         self.leader.check(context)
-        if request.base_model and request.base_model != self.core.info.name:
-            raise InvalidArgumentError(
-                "WRONG_BASE_MODEL", f"node {self._node_id} serves {self.core.info.name}, not {request.base_model}"
-            )
+        self._check_base_model(request.base_model)
         count = await self.core.create_adapter(request.adapter_id, convert.lora_spec(request.lora_config))
         self.ledger.open(request.adapter_id, request.epoch)
         return trainer_pb2.CreateAdapterResponse(num_parameters=count)
 
     async def RestoreAdapter(self, request, context):
         self.leader.check(context)
-        core = self.core  # UNAVAILABLE while the base model loads
-        if request.base_model and request.base_model != core.info.name:
-            raise InvalidArgumentError(
-                "WRONG_BASE_MODEL", f"node {self._node_id} serves {core.info.name}, not {request.base_model}"
-            )
+        self._check_base_model(request.base_model)
         self.ledger.check_epoch(request.adapter_id, request.epoch)
         spec = convert.lora_spec(request.lora_config)
         state = None
         if request.path:  # read before the engine is asked, so the batch boundary is all it waits for
             state = await self._bridge.read(request.tenant, request.path, request.load_optimizer_state)
-        step = await core.restore_adapter(request.adapter_id, spec, state)
+        try:
+            step = await self.core.restore_adapter(request.adapter_id, spec, state)
+        except BaseException:
+            if not self.core.holds(request.adapter_id):
+                self.ledger.close(request.adapter_id)  # a replaced copy is gone with the failed restore
+            raise
         self.ledger.open(request.adapter_id, request.epoch)
         return trainer_pb2.RestoreAdapterResponse(step=step)
+
+    def _check_base_model(self, base_model: str) -> None:
+        """INVALID_ARGUMENT unless `base_model` (empty: any) is this node's (UNAVAILABLE while it loads)."""
+        served = self.core.info.name
+        if base_model and base_model != served:
+            raise InvalidArgumentError("WRONG_BASE_MODEL", f"node {self._node_id} serves {served}, not {base_model}")
 
     async def DeleteAdapter(self, request, context):
         self.leader.check(context)
@@ -243,4 +247,3 @@ def _with_item_id(result: trainer_pb2.BatchItemResult, item_id: str) -> trainer_
     copy.CopyFrom(result)
     copy.item_id = item_id
     return copy
-
