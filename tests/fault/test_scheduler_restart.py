@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import pytest
 from fault_ops import MODEL, kill, leader, restart
 from twin_runs import ADAM, RESULT_TIMEOUT_S, TENANTS, assert_matches_twin, step_data, train_pair
 
 import tunemesh
+from tunemesh_local import state
 from tunemesh_local.state import MeshState
 
 pytestmark = pytest.mark.e2e
@@ -35,9 +37,16 @@ def kill_leader(mesh: MeshState) -> None:
     restart(mesh, name)
 
 
+def _takeovers(mesh: MeshState) -> dict[str, int]:
+    """Per scheduler replica: how often its log says it ended a dead leader's lease."""
+    logs = Path(mesh.state_dir) / "logs"
+    return {r.name: (logs / f"{r.name}.log").read_text(errors="replace").count("is gone (its lease has")
+            for r in state.load(Path(mesh.state_dir)).by_role("scheduler")}
+
+
 def test_scheduler_sigkill_mid_pipeline_is_only_latency(mesh: MeshState, twin: list[dict]) -> None:
     after = random.Random(int.from_bytes(os.urandom(4), "little")).randrange(1, 8)  # a random step
-    unfinished = []
+    unfinished, before = [], _takeovers(mesh)
 
     def fault(trainees) -> None:
         trainees[0].futures[2 * after].result(timeout=RESULT_TIMEOUT_S)
@@ -47,6 +56,10 @@ def test_scheduler_sigkill_mid_pipeline_is_only_latency(mesh: MeshState, twin: l
     faulted = train_pair(mesh.scheduler_address, during=fault)
     assert unfinished[0] > 0, "the kill came after the pipelines drained: it tested nothing"
     assert_matches_twin(faulted, twin, f"(kill after step {after})")
+    # A standby (on loopback with the leader) found the dead leader's port refusing and
+    # ended its lease, rather than waiting for it to lapse (either replica may have: the
+    # killed one is back as a standby at once).
+    assert sum(_takeovers(mesh).values()) > sum(before.values())
 
 
 def test_run_survives_scheduler_restart_between_calls(mesh: MeshState) -> None:
