@@ -8,7 +8,9 @@ restarted, or the call timed out) re-sends it and learns what happened, exactly 
 
 Outcomes are opaque to the ledger (the server records wire messages). The last
 `RECENT` outcomes of each adapter are kept: a run has at most two operations out at a
-time, so only a repeat of a long-finished seq_id finds none (SEQ_ID_APPLIED).
+time, and a scheduler keeps at most four of its finishes from the store at once (then
+the next leader sends those again: tunemesh_scheduler/core/journal.py), so only a
+repeat of a long-finished seq_id finds none (SEQ_ID_APPLIED).
 """
 
 from __future__ import annotations

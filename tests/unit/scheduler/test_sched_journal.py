@@ -9,7 +9,8 @@ from scheduler_fakes import FakePlacement, FakeTrainer, settle
 
 from tunemesh.errors import Code, UnavailableError
 from tunemesh_scheduler.core import OpKind, OpState, SchedulerConfig, SchedulerCore, SessionRecord
-from tunemesh_scheduler.core.journal import MAX_GROUP, Journal
+from tunemesh_scheduler.core.journal import MAX_DEFERRED_PER_RUN, MAX_GROUP, Journal
+from tunemesh_scheduler.core.records import OperationRecord
 from tunemesh_scheduler.core.ports import StoreWrite
 from tunemesh_scheduler.core.store import MemoryRunStore
 
@@ -23,7 +24,10 @@ class RecordingStore(MemoryRunStore):
 
     async def apply(self, writes):
         await super().apply(writes)
-        self.groups.append([(w.record.name, w.delete, w.record.ended) for w in writes])
+        self.groups.append([(w.record.name, w.delete, getattr(w.record, "ended", False)) for w in writes])
+
+    def names(self) -> list[list[str]]:
+        return [[name for name, _, _ in group] for group in self.groups]
 
 
 def _session(name: str, ended: bool = False) -> SessionRecord:
@@ -141,6 +145,79 @@ def test_a_journal_without_a_store_keeps_nothing_and_never_waits():
         assert journal.note(StoreWrite(_session("a"))) == 0
         assert (journal.latest, journal.backlog) == (0, 0)
         assert await journal.synced(journal.latest, 0)
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+# ---- deferrable changes ------------------------------------------------------------------
+
+
+def _finish(run: str, seq_id: int) -> StoreWrite:
+    op = OperationRecord(name=f"operations/{run}-{seq_id}", tenant="t1", run=f"runs/{run}", seq_id=seq_id,
+                         kind=OpKind.FORWARD_BACKWARD, request_id="", payload_digest=b"", num_tokens=1,
+                         node_id="node-a", create_time=1.0, state=OpState.SUCCEEDED, end_time=2.0)
+    return StoreWrite(op, deferrable=True)
+
+
+def test_a_deferrable_change_waits_for_the_next_change_and_shares_its_write():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait, linger_s=0, defer_s=3600)
+        journal.start()
+        journal.note(_finish("a", 1))
+        journal.note(_finish("b", 1))
+        await settle()
+        assert store.groups == [] and journal.backlog == 2  # nobody waits on them: no write of their own
+        journal.note(StoreWrite(_session("s")))
+        await journal.synced(journal.latest, 1.0)
+        assert store.names() == [["operations/a-1", "operations/b-1", "sessions/s"]]  # one write, in order
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+def test_a_deferrable_change_is_written_after_defer_s_or_once_someone_waits_on_it():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait, linger_s=0, defer_s=0.001)
+        journal.start()
+        ticket = journal.note(_finish("a", 1))
+        async with asyncio.timeout(10):
+            while journal.backlog:  # the deferral ends by itself
+                await asyncio.sleep(0.001)
+        assert store.names() == [["operations/a-1"]]
+        await journal.stop()
+
+        waited = RecordingStore()
+        journal = Journal(waited, retry_s=_no_wait, linger_s=0, defer_s=3600)
+        journal.start()
+        ticket = journal.note(_finish("a", 1))
+        assert await journal.synced(ticket, 1.0)
+        assert waited.names() == [["operations/a-1"]]
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+def test_a_run_never_has_more_than_max_deferred_finishes_waiting():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait, linger_s=0, defer_s=3600)
+        journal.start()
+        for seq_id in range(1, MAX_DEFERRED_PER_RUN + 1):
+            journal.note(_finish("a", seq_id))
+            journal.note(_finish("b", seq_id))  # another run's count is its own
+        await settle()
+        assert store.groups == []
+        journal.note(_finish("a", MAX_DEFERRED_PER_RUN + 1))
+        await settle()
+        assert len(store.groups) == 1 and journal.backlog == 0  # everything before it too, in order
+        assert store.names()[0][-3:] == [f"operations/a-{MAX_DEFERRED_PER_RUN}", f"operations/b-{MAX_DEFERRED_PER_RUN}",
+                                        f"operations/a-{MAX_DEFERRED_PER_RUN + 1}"]
+        journal.note(_finish("a", MAX_DEFERRED_PER_RUN + 2))  # counted afresh after the write
+        await settle()
+        assert len(store.groups) == 1 and journal.backlog == 1
         await journal.stop()
 
     asyncio.run(main())

@@ -399,7 +399,8 @@ def test_finished_ops_are_forgotten_after_their_ttl_and_the_floor_is_stored_firs
     assert w.machine.evict_finished(1059) == 0
     w.writes.clear()
     assert w.machine.evict_finished(1061) == 1
-    assert w.writes == [StoreWrite(r), StoreWrite(op, delete=True)] and r.floor == (1, 0)
+    assert w.writes == [StoreWrite(r, deferrable=True), StoreWrite(op, delete=True, deferrable=True)]
+    assert r.floor == (1, 0)
 
 
 # ---- leader change ----------------------------------------------------------------------

@@ -181,6 +181,32 @@ def test_a_second_crash_counts_nothing_twice():
     asyncio.run(main())
 
 
+def test_finishes_a_crash_kept_from_the_store_are_sent_again_and_answer_the_same():
+    async def main():
+        store, trainer = MemoryRunStore(), FakeTrainer()
+        a = await _start(store, trainer, "a", journal_defer_s=3600)  # finishes wait for the next change
+        run = await a.new_run()
+        trainer.hold = asyncio.Event()
+        ops = [await a.submit(run, 1), await a.submit(run, 2, kind=OPTIM, tokens=0)]
+        await a.core.sync()  # the submissions are stored; then the trainer answers
+        trainer.hold.set()
+        await a.wait_all(ops)
+        shown = [a.core.get_operation("t1", op.name) for op in ops]
+        assert [op.state for op in shown] == [OpState.SUCCEEDED] * 2  # the client holds these results
+        assert [op.done for op in _stored_ops(await store.load(), run).values()] == [False, False]
+        sent = len(trainer.batches)
+        await _crash()
+
+        b = await _take_over(store, trainer, "b")
+        again = [await b.core.wait_operation("t1", op.name, 5.0) for op in ops]
+        assert [(op.state, op.result) for op in again] == [(op.state, op.result) for op in shown]
+        assert _fences(trainer, run, sent) == [(1, 2), (2, 2)]  # sent again under the new epoch
+        record = b.core.get_run("t1", run)
+        assert (record.step, record.last_seq_id) == (1, 2)
+
+    asyncio.run(main())
+
+
 def test_results_of_a_store_outage_are_never_shown_and_a_new_leader_rebuilds_the_run():
     async def main():
         store, trainer = MemoryRunStore(), FakeTrainer()

@@ -10,6 +10,19 @@ the journal's encoding and etcd call take the event loop, so the write overlaps 
 trainer's compute instead of delaying it. When the store is unreachable the flusher retries
 with backoff and keeps every change, in order, until it comes back.
 
+A deferrable change (`StoreWrite.deferrable`: an operation's finish, an eviction) wakes
+nobody: it waits, in its place in the order, for the next other change, for `defer_s`
+(50 ms) or for a run's MAX_DEFERRED_PER_RUN-th deferred change, whichever comes first, and
+is written with it. Each store transaction costs
+etcd and the scheduler about the same CPU whatever it holds, and the finishes of one
+trainer round would otherwise take one of their own before the submits they unblock.
+Nothing waits on a finish being stored (a client sees a result once the operation's
+submission is stored: core/release.py), and a scheduler that dies first leaves the
+operation queued in the store, so the next leader sends it again and the trainer, which
+applies a seq_id once, answers with the recorded outcome (it keeps a run's last 16:
+tunemesh_trainer/ledger.py; a run never has more than MAX_DEFERRED_PER_RUN finishes
+waiting here, plus the few it has out).
+
 Without a store (`Journal(None)`) nothing is kept and nothing waits: a scheduler whose
 state lives and dies with its process.
 
@@ -21,6 +34,7 @@ briefly, so runs keep training through a store outage (its op log catches up lat
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 
@@ -30,19 +44,24 @@ from tunemesh_scheduler.core.ports import RunStore, StoreWrite
 log = logging.getLogger(__name__)
 
 MAX_GROUP = 64  # changes per apply (etcd allows 128 operations per transaction)
+MAX_DEFERRED_PER_RUN = 4  # a run's deferrable changes waiting at once
 
 
 class Journal:
     """Pending changes and the flusher that writes them."""
 
     def __init__(self, store: RunStore | None, retry_s: Callable[[int], float] = lambda n: min(2.0, 0.1 * 2**n),
-                 linger_s: float = 0.002) -> None:
+                 linger_s: float = 0.002, defer_s: float = 0.05) -> None:
         self._store = store
         self._linger_s = linger_s
+        self._defer_s = defer_s
         self._retry_s = retry_s
         self._pending: list[StoreWrite] = []
         self._noted = 0  # tickets handed out
         self._synced = 0  # every ticket <= this is in the store
+        self._due = 0  # every ticket <= this is to be written now; later deferrable ones may wait
+        self._deferred: asyncio.TimerHandle | None = None  # makes waiting deferrable changes due
+        self._waiting: collections.Counter[str] = collections.Counter()  # deferrable changes not yet due, by run
         self._changed = asyncio.Condition()
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
@@ -64,13 +83,31 @@ class Journal:
         return self._noted - self._synced
 
     def note(self, write: StoreWrite) -> int:
-        """Queue one change; returns its ticket."""
+        """Queue one change; returns its ticket. A deferrable one is written with the
+        next other change or after `defer_s`."""
         if self._store is None:
             return 0
         self._pending.append(write)
         self._noted += 1
-        self._wake.set()
+        run = getattr(write.record, "run", "")
+        if not write.deferrable or self._defer_s <= 0 or self._waiting[run] >= MAX_DEFERRED_PER_RUN:
+            self._make_due(self._noted)
+            return self._noted
+        self._waiting[run] += 1
+        if self._deferred is None:
+            self._deferred = asyncio.get_running_loop().call_later(self._defer_s, self._deferred_due)
         return self._noted
+
+    def _make_due(self, ticket: int) -> None:
+        if ticket > self._due:
+            self._due = ticket
+            self._wake.set()
+        if ticket >= self._noted:
+            self._waiting.clear()
+
+    def _deferred_due(self) -> None:
+        self._deferred = None
+        self._make_due(self._noted)
 
     def start(self) -> None:
         if self._store is None:
@@ -88,12 +125,16 @@ class Journal:
         self._task.cancel()
         await asyncio.gather(self._task, return_exceptions=True)
         self._task = None
+        if self._deferred is not None:
+            self._deferred.cancel()
+            self._deferred = None
 
     async def synced(self, ticket: int, timeout_s: float) -> bool:
         """Wait until `ticket` is stored. Raises UnavailableError(STORE_UNAVAILABLE) after
         `timeout_s` (the change stays queued and is written once the store is back)."""
         if ticket <= self._synced:
             return True
+        self._make_due(ticket)
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._changed:
@@ -107,7 +148,7 @@ class Journal:
     async def _flush_forever(self) -> None:
         failures = 0
         while True:
-            if not self._pending:
+            if self._synced >= self._due:  # nothing, or only deferrable changes, pending
                 self._wake.clear()
                 await self._wake.wait()
                 await asyncio.sleep(self._linger_s)

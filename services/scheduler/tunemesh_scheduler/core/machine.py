@@ -418,9 +418,9 @@ class SchedulerMachine:
         # The runs' floors (last_seq_id, step) are stored before their log shrinks.
         for run in {op.run: self.lanes[op.run].run for op in compacted}.values():
             run.floor = (run.last_seq_id, run.step)
-            self._note(StoreWrite(run))
+            self._note(StoreWrite(run, deferrable=True))
         for op in compacted:
-            self._note(StoreWrite(op, delete=True))
+            self._note(StoreWrite(op, delete=True, deferrable=True))
         return len(evicted)
 
     # ---- moves and freezes -----------------------------------------------------------

@@ -189,7 +189,7 @@ class OperationStore:
         self._finished.append(op)
         self._move(op, state)
         replayed = state is OpState.SUCCEEDED and op.kind in STATEFUL_KINDS  # kept until a snapshot
-        self._note(StoreWrite(op, drop_call=not replayed))
+        self._note(StoreWrite(op, drop_call=not replayed, deferrable=True))  # nothing waits on it
         self._metrics.operation_finished(op.tenant, op.kind.value, state.value)
         self._on_finish(op)
         event = self._events.pop(op.name, None)

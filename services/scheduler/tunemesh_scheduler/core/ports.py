@@ -156,13 +156,16 @@ class StoreWrite:
     """One change to durable state: put a record, or delete it (`delete=True`); with
     `payload`, also keep a new operation's call; with `drop_call` (a finished operation
     that no replay needs), drop its kept call; with `trim_through` (a run), drop the
-    run's kept calls up to that seq_id (a snapshot covers them)."""
+    run's kept calls up to that seq_id (a snapshot covers them). A `deferrable` change
+    nobody waits for (a finish, an eviction) may wait for the next other change or the
+    journal's `defer_s`, so it shares that change's transaction (core/journal.py)."""
 
     record: SessionRecord | RunRecord | OperationRecord
     delete: bool = False
     payload: Work | None = None
     drop_call: bool = False
     trim_through: int = 0
+    deferrable: bool = False
 
 
 class RunStore(Protocol):

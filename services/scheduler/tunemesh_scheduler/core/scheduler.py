@@ -101,6 +101,8 @@ class SchedulerConfig:
     restore_hold_s: float = 1.0
     # The journal gathers changes this long before each write to the state store.
     journal_linger_s: float = 0.002
+    # A deferrable change (a finish, an eviction) waits at most this long for another to ride with.
+    journal_defer_s: float = 0.05
     # Wait before sending again an operation whose trainer could not be reached.
     unreachable_retry_s: float = 1.0
     # A session not heard from (heartbeat or create) this long ends; its runs freeze
@@ -131,7 +133,7 @@ class SchedulerCore:
         self._trainer = trainer
         self._config = config
         self._metrics = metrics or SchedulerMetrics()
-        self.journal = Journal(store, linger_s=config.journal_linger_s)  # None: state lives and dies with this process
+        self.journal = Journal(store, linger_s=config.journal_linger_s, defer_s=config.journal_defer_s)  # None: state lives and dies with this process
         note = self.journal.note
         self.sessions = SessionRegistry(clock, new_id, note)
         self.runs = RunRegistry(placement, trainer, clock, new_id, config.max_runs_per_tenant, note)
