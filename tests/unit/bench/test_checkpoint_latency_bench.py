@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+from bench_loader import bench_module
 
-BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location("checkpoint_latency", BENCH_DIR / "checkpoint_latency.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(BENCH_DIR))
+    with bench_module("checkpoint_latency") as module:
+        yield module
 
 
 def test_summarize_reports_medians_and_ratios(bench):

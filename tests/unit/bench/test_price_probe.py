@@ -2,30 +2,22 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from bench_loader import bench_module
 
-BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads Linux /proc")
 
 
 @pytest.fixture(scope="module")
 def probe():
-    sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location("price_probe", BENCH_DIR / "price_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(BENCH_DIR))
+    with bench_module("price_probe") as module:
+        yield module
 
 
 def _spin(seconds: float) -> None:

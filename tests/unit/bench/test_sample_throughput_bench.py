@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+from bench_loader import bench_module
 
-BENCH_DIR = Path(__file__).resolve().parents[3] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH_DIR))
-    spec = importlib.util.spec_from_file_location("sample_throughput", BENCH_DIR / "sample_throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
-    sys.path.remove(str(BENCH_DIR))
+    with bench_module("sample_throughput") as module:
+        yield module
 
 
 def _workload(bench, **changes):

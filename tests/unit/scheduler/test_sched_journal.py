@@ -160,11 +160,17 @@ def _finish(run: str, seq_id: int) -> StoreWrite:
     return StoreWrite(op, deferrable=True)
 
 
+def _deferring(store: RecordingStore, defer_s: float = 3600) -> Journal:
+    """A started journal that writes at once what is due (no linger)."""
+    journal = Journal(store, retry_s=_no_wait, linger_s=0, defer_s=defer_s)
+    journal.start()
+    return journal
+
+
 def test_a_deferrable_change_waits_for_the_next_change_and_shares_its_write():
     async def main():
         store = RecordingStore()
-        journal = Journal(store, retry_s=_no_wait, linger_s=0, defer_s=3600)
-        journal.start()
+        journal = _deferring(store)
         journal.note(_finish("a", 1))
         journal.note(_finish("b", 1))
         await settle()
@@ -180,9 +186,8 @@ def test_a_deferrable_change_waits_for_the_next_change_and_shares_its_write():
 def test_a_deferrable_change_is_written_after_defer_s_or_once_someone_waits_on_it():
     async def main():
         store = RecordingStore()
-        journal = Journal(store, retry_s=_no_wait, linger_s=0, defer_s=0.001)
-        journal.start()
-        ticket = journal.note(_finish("a", 1))
+        journal = _deferring(store, defer_s=0.001)
+        journal.note(_finish("a", 1))
         async with asyncio.timeout(10):
             while journal.backlog:  # the deferral ends by itself
                 await asyncio.sleep(0.001)
@@ -190,8 +195,7 @@ def test_a_deferrable_change_is_written_after_defer_s_or_once_someone_waits_on_i
         await journal.stop()
 
         waited = RecordingStore()
-        journal = Journal(waited, retry_s=_no_wait, linger_s=0, defer_s=3600)
-        journal.start()
+        journal = _deferring(waited)
         ticket = journal.note(_finish("a", 1))
         assert await journal.synced(ticket, 1.0)
         assert waited.names() == [["operations/a-1"]]
@@ -203,8 +207,7 @@ def test_a_deferrable_change_is_written_after_defer_s_or_once_someone_waits_on_i
 def test_a_run_never_has_more_than_max_deferred_finishes_waiting():
     async def main():
         store = RecordingStore()
-        journal = Journal(store, retry_s=_no_wait, linger_s=0, defer_s=3600)
-        journal.start()
+        journal = _deferring(store)
         for seq_id in range(1, MAX_DEFERRED_PER_RUN + 1):
             journal.note(_finish("a", seq_id))
             journal.note(_finish("b", seq_id))  # another run's count is its own
