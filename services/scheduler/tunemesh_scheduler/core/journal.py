@@ -13,9 +13,9 @@ with backoff and keeps every change, in order, until it comes back.
 A deferrable change (`StoreWrite.deferrable`: an operation's finish, an eviction) wakes
 nobody: it waits, in its place in the order, for the next other change, for `defer_s`
 (50 ms) or for a run's MAX_DEFERRED_PER_RUN-th deferred change, whichever comes first, and
-is written with it. Each store transaction costs
-etcd and the scheduler about the same CPU whatever it holds, and the finishes of one
-trainer round would otherwise take one of their own before the submits they unblock.
+is written with it. Each store transaction costs etcd and the scheduler about the same CPU
+whatever it holds, and the finishes of one trainer round would otherwise take one of their
+own before the submits they unblock.
 Nothing waits on a finish being stored (a client sees a result once the operation's
 submission is stored: core/release.py), and a scheduler that dies first leaves the
 operation queued in the store, so the next leader sends it again and the trainer, which
