@@ -336,9 +336,13 @@ class TrainingClient:
                                    lambda: self._resend(method, request))
 
     async def _stamped_send(self, method: Any, request: Any):
-        """On the lane: settle an in-doubt submit, stamp the next seq_id, send."""
+        """On the lane: settle an in-doubt submit, stamp the next seq_id, send. The
+        service acknowledges it once queued (`ack_when_queued`), before its state store
+        has it: this client keeps every call until its result and re-sends one whose
+        operation was lost (`_resend`), so the next call goes out without waiting on etcd."""
         await self._settle_in_doubt()
         request.seq_id = self._next_seq_id
+        request.ack_when_queued = True
         return await self._send(method, request)
 
     async def _send(self, method: Any, request: Any):

@@ -116,7 +116,7 @@ class DeleteTrainingRunResponse(_message.Message):
     def __init__(self) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("run", "seq_id", "request_id", "data", "loss_fn", "loss_fn_config")
+    __slots__ = ("run", "seq_id", "request_id", "data", "loss_fn", "loss_fn_config", "ack_when_queued")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,13 +130,15 @@ class ForwardRequest(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ACK_WHEN_QUEUED_FIELD_NUMBER: _ClassVar[int]
     run: str
     seq_id: int
     request_id: str
     data: _containers.RepeatedCompositeFieldContainer[_types_pb2.Datum]
     loss_fn: str
     loss_fn_config: _containers.MessageMap[str, _types_pb2.LossConfigValue]
-    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ...) -> None: ...
+    ack_when_queued: bool
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ..., ack_when_queued: _Optional[bool] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
     __slots__ = ("operation",)
@@ -145,7 +147,7 @@ class ForwardResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
 
 class ForwardBackwardRequest(_message.Message):
-    __slots__ = ("run", "seq_id", "request_id", "data", "loss_fn", "loss_fn_config")
+    __slots__ = ("run", "seq_id", "request_id", "data", "loss_fn", "loss_fn_config", "ack_when_queued")
     class LossFnConfigEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -159,13 +161,15 @@ class ForwardBackwardRequest(_message.Message):
     DATA_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_FIELD_NUMBER: _ClassVar[int]
     LOSS_FN_CONFIG_FIELD_NUMBER: _ClassVar[int]
+    ACK_WHEN_QUEUED_FIELD_NUMBER: _ClassVar[int]
     run: str
     seq_id: int
     request_id: str
     data: _containers.RepeatedCompositeFieldContainer[_types_pb2.Datum]
     loss_fn: str
     loss_fn_config: _containers.MessageMap[str, _types_pb2.LossConfigValue]
-    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ...) -> None: ...
+    ack_when_queued: bool
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., data: _Optional[_Iterable[_Union[_types_pb2.Datum, _Mapping]]] = ..., loss_fn: _Optional[str] = ..., loss_fn_config: _Optional[_Mapping[str, _types_pb2.LossConfigValue]] = ..., ack_when_queued: _Optional[bool] = ...) -> None: ...
 
 class ForwardBackwardResponse(_message.Message):
     __slots__ = ("operation",)
@@ -174,16 +178,18 @@ class ForwardBackwardResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
 
 class OptimStepRequest(_message.Message):
-    __slots__ = ("run", "seq_id", "request_id", "adam_params")
+    __slots__ = ("run", "seq_id", "request_id", "adam_params", "ack_when_queued")
     RUN_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     ADAM_PARAMS_FIELD_NUMBER: _ClassVar[int]
+    ACK_WHEN_QUEUED_FIELD_NUMBER: _ClassVar[int]
     run: str
     seq_id: int
     request_id: str
     adam_params: _types_pb2.AdamParams
-    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., adam_params: _Optional[_Union[_types_pb2.AdamParams, _Mapping]] = ...) -> None: ...
+    ack_when_queued: bool
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., adam_params: _Optional[_Union[_types_pb2.AdamParams, _Mapping]] = ..., ack_when_queued: _Optional[bool] = ...) -> None: ...
 
 class OptimStepResponse(_message.Message):
     __slots__ = ("operation",)
@@ -192,7 +198,7 @@ class OptimStepResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
 
 class SaveStateRequest(_message.Message):
-    __slots__ = ("run", "seq_id", "request_id", "name", "ttl_seconds", "user_metadata")
+    __slots__ = ("run", "seq_id", "request_id", "name", "ttl_seconds", "user_metadata", "ack_when_queued")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -206,13 +212,15 @@ class SaveStateRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ACK_WHEN_QUEUED_FIELD_NUMBER: _ClassVar[int]
     run: str
     seq_id: int
     request_id: str
     name: str
     ttl_seconds: int
     user_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    ack_when_queued: bool
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., ack_when_queued: _Optional[bool] = ...) -> None: ...
 
 class SaveStateResponse(_message.Message):
     __slots__ = ("operation",)
@@ -221,7 +229,7 @@ class SaveStateResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
 
 class SaveWeightsForSamplerRequest(_message.Message):
-    __slots__ = ("run", "seq_id", "request_id", "name", "ttl_seconds", "user_metadata")
+    __slots__ = ("run", "seq_id", "request_id", "name", "ttl_seconds", "user_metadata", "ack_when_queued")
     class UserMetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -235,13 +243,15 @@ class SaveWeightsForSamplerRequest(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     USER_METADATA_FIELD_NUMBER: _ClassVar[int]
+    ACK_WHEN_QUEUED_FIELD_NUMBER: _ClassVar[int]
     run: str
     seq_id: int
     request_id: str
     name: str
     ttl_seconds: int
     user_metadata: _containers.ScalarMap[str, str]
-    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    ack_when_queued: bool
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., name: _Optional[str] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ..., ack_when_queued: _Optional[bool] = ...) -> None: ...
 
 class SaveWeightsForSamplerResponse(_message.Message):
     __slots__ = ("operation",)
@@ -250,18 +260,20 @@ class SaveWeightsForSamplerResponse(_message.Message):
     def __init__(self, operation: _Optional[_Union[_operations_pb2.Operation, _Mapping]] = ...) -> None: ...
 
 class LoadStateRequest(_message.Message):
-    __slots__ = ("run", "seq_id", "request_id", "path", "load_optimizer_state")
+    __slots__ = ("run", "seq_id", "request_id", "path", "load_optimizer_state", "ack_when_queued")
     RUN_FIELD_NUMBER: _ClassVar[int]
     SEQ_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     LOAD_OPTIMIZER_STATE_FIELD_NUMBER: _ClassVar[int]
+    ACK_WHEN_QUEUED_FIELD_NUMBER: _ClassVar[int]
     run: str
     seq_id: int
     request_id: str
     path: str
     load_optimizer_state: bool
-    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., path: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ...) -> None: ...
+    ack_when_queued: bool
+    def __init__(self, run: _Optional[str] = ..., seq_id: _Optional[int] = ..., request_id: _Optional[str] = ..., path: _Optional[str] = ..., load_optimizer_state: _Optional[bool] = ..., ack_when_queued: _Optional[bool] = ...) -> None: ...
 
 class LoadStateResponse(_message.Message):
     __slots__ = ("operation",)

@@ -32,10 +32,12 @@ def timestamp(seconds: float | None) -> timestamp_pb2.Timestamp | None:
 
 
 def digest(request) -> bytes:
-    """Digest of a request without its request_id: equal digests mean the same call."""
+    """Digest of a request without its request_id and how it asks to be acknowledged:
+    equal digests mean the same call."""
     clone = type(request)()
     clone.CopyFrom(request)
     clone.ClearField("request_id")
+    clone.ClearField("ack_when_queued")
     return hashlib.sha256(clone.SerializeToString(deterministic=True)).digest()
 
 

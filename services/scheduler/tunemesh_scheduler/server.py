@@ -99,7 +99,7 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         validation.check_adam(request.adam_params)
         record = await self._core.submit(
             tenant, request.run, request.seq_id, request.request_id, OpKind.OPTIM_STEP,
-            StepWork(request.adam_params), convert.digest(request),
+            StepWork(request.adam_params), convert.digest(request), ack_when_queued=request.ack_when_queued,
         )
         return training_pb2.OptimStepResponse(operation=convert.operation(record))
 
@@ -118,7 +118,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         validation.check_checkpoint_fits(checkpoint, run.base_model, run.lora, request.load_optimizer_state)
         payload = LoadRequest(checkpoint.path, request.load_optimizer_state)
         record = await self._core.submit(
-            tenant, request.run, request.seq_id, request.request_id, OpKind.LOAD_STATE, payload, convert.digest(request)
+            tenant, request.run, request.seq_id, request.request_id, OpKind.LOAD_STATE, payload, convert.digest(request),
+            ack_when_queued=request.ack_when_queued,
         )
         return training_pb2.LoadStateResponse(operation=convert.operation(record))
 
@@ -146,7 +147,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         payload = SaveRequest(str(path), kind is OpKind.SAVE_STATE, request.ttl_seconds,
                               tuple(sorted(request.user_metadata.items())))
         record = await self._core.submit(
-            tenant, request.run, request.seq_id, request.request_id, kind, payload, convert.digest(request)
+            tenant, request.run, request.seq_id, request.request_id, kind, payload, convert.digest(request),
+            ack_when_queued=request.ack_when_queued,
         )
         return convert.operation(record)
 
@@ -159,7 +161,8 @@ class TrainingServicer(training_pb2_grpc.TrainingServiceServicer):
         tokens = validation.check_data(request.data, loss_fn, model, self._limits)
         work = DataWork(request.data, loss_fn, request.loss_fn_config, backward=kind is OpKind.FORWARD_BACKWARD)
         record = await self._core.submit(
-            tenant, request.run, request.seq_id, request.request_id, kind, work, convert.digest(request), tokens
+            tenant, request.run, request.seq_id, request.request_id, kind, work, convert.digest(request), tokens,
+            ack_when_queued=request.ack_when_queued,
         )
         return convert.operation(record)
 

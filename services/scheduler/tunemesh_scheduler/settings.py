@@ -68,7 +68,8 @@ class SchedulerSettings(settings.ServiceSettings):
     snapshot_replay_budget_s: float = Field(4.0, ge=0, description=(
         "... or before the trainer rounds of its work since the last one pass this many seconds "
         "(what a move replays after a trainer dies); 0: never by work"))
-    journal_linger_ms: float = Field(2.0, ge=0, description="the op log gathers changes this long before each etcd write")
+    journal_linger_ms: float = Field(20.0, ge=0, description=(
+        "a change nobody waits on yet waits at most this long to share an etcd write; one waited on goes at once"))
     journal_defer_ms: float = Field(50.0, ge=0, description="an operation's finish or eviction waits at most this "
                                     "long to share the next etcd write (0: written like any change)")
     leader_ttl_s: int = Field(

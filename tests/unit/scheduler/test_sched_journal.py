@@ -83,8 +83,8 @@ def test_changes_noted_while_a_write_is_in_flight_follow_it():
         store = RecordingStore()
         journal = Journal(store, retry_s=_no_wait)
         journal.start()
-        journal.note(StoreWrite(_session("a")))
-        await asyncio.sleep(0)  # the flusher takes "a"
+        journal.urge(journal.note(StoreWrite(_session("a"))))
+        await asyncio.sleep(0)  # the flusher takes "a" (waited on: no lingering)
         journal.note(StoreWrite(_session("b")))
         journal.note(StoreWrite(_session("c")))
         await journal.synced(journal.latest, 1.0)
@@ -298,3 +298,66 @@ async def _load_when_up(store: MemoryRunStore):
         return await store.load()
     finally:
         store.down = down
+
+
+# ---- lazy and urgent changes --------------------------------------------------------------
+
+
+def test_a_change_nobody_waits_on_lingers_for_others_and_goes_once_someone_waits():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait, linger_s=3600)
+        journal.start()
+        journal.note(StoreWrite(_session("a")))
+        journal.note(StoreWrite(_session("b")))
+        await settle()
+        assert store.groups == [] and journal.backlog == 2  # lingering: nobody waits on them
+        ticket = journal.note(StoreWrite(_session("c")))
+        assert await journal.synced(ticket, 1.0)  # waited on: written at once, with the others
+        assert store.names() == [["sessions/a", "sessions/b", "sessions/c"]]
+        journal.urge(journal.note(StoreWrite(_session("d"))))
+        await settle()
+        assert store.names()[1:] == [["sessions/d"]] and journal.backlog == 0
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+def test_a_change_nobody_waits_on_is_written_once_the_linger_ends():
+    async def main():
+        store = RecordingStore()
+        journal = Journal(store, retry_s=_no_wait, linger_s=0.001)
+        journal.start()
+        journal.note(StoreWrite(_session("a")))
+        async with asyncio.timeout(10):
+            while journal.backlog:
+                await asyncio.sleep(0.001)
+        assert store.names() == [["sessions/a"]]
+        await journal.stop()
+
+    asyncio.run(main())
+
+
+def test_a_submit_acknowledged_when_queued_waits_for_no_store_write_and_its_result_urges_one():
+    async def main():
+        store = RecordingStore()
+        core = await _core(store, journal_linger_s=3600)
+        trainer = core._trainer
+        session = core.create_session("t1")
+        run = await core.create_run("t1", session.name, "tiny", {"rank": 8})  # a create waits: written
+        written = len(store.groups)
+        trainer.hold = asyncio.Event()
+        queued = await core.submit("t1", run.name, 1, "r1", OpKind.FORWARD_BACKWARD, ("call", 1), "d1", 10,
+                                   ack_when_queued=True)
+        await settle()
+        assert queued.state is not OpState.SUCCEEDED and len(store.groups) == written  # acknowledged, not stored
+        trainer.hold.set()  # it finishes: its result is held until its submission is stored, so that write goes now
+        seen = await core.wait_operation("t1", queued.name, 5.0)
+        assert seen.state is OpState.SUCCEEDED and core.release.held == 0
+        assert [op.seq_id for op in (await store.load()).operations] == [1]
+        stored = await core.submit("t1", run.name, 2, "r2", OpKind.FORWARD_BACKWARD, ("call", 2), "d2", 10)
+        assert 2 in [op.seq_id for op in (await store.load()).operations]  # without: acknowledged once stored
+        assert stored.seq_id == 2
+        await core.stop()
+
+    asyncio.run(main())

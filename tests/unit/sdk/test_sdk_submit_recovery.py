@@ -129,6 +129,17 @@ def test_a_lost_operation_is_resent_with_the_same_ids_and_its_future_resolves(tr
     assert sent[0] == sent[1] and [s[1] for s in sent] == [1, 1, 2]
 
 
+def test_every_submit_asks_to_be_acknowledged_once_queued_its_resend_too(trainer, channel, mesh):
+    """The client keeps each call until its result and re-sends a lost one, so the service
+    need not store a call before acknowledging it (tunemesh_scheduler/core/journal.py)."""
+    mesh.lose_next_waits = 1
+    trainer.forward_backward(DATA).result(timeout=5)
+    trainer.forward(DATA).result(timeout=5)
+    trainer.optim_step().result(timeout=5)
+    sent = submitted(channel)
+    assert [r.seq_id for r in sent] == [1, 1, 2, 3] and all(r.ack_when_queued for r in sent)
+
+
 def test_a_lost_operation_whose_resend_is_rejected_fails_with_that_error(trainer, channel, mesh):
     mesh.lose_next_waits, mesh.pass_lost = 1, True
     with pytest.raises(tunemesh.FailedPreconditionError) as info:

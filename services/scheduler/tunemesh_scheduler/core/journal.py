@@ -2,33 +2,41 @@
 
 Core methods note each change with `note()` (synchronously, in the order they happen) and
 get a ticket; `synced(ticket)` waits until that change and every earlier one is in the
-store. One flusher task writes whatever is pending as one `apply` (group commit), so a
-burst of submits costs one round trip. Woken by a change, the flusher first lingers
-`linger_s` (2 ms): the changes of one scheduler turn (a batch's outcomes, the submits
-that follow them) share a transaction, and the next batch goes out to its trainer before
-the journal's encoding and etcd call take the event loop, so the write overlaps the
-trainer's compute instead of delaying it. When the store is unreachable the flusher retries
-with backoff and keeps every change, in order, until it comes back.
+store. One flusher task writes whatever is pending as one `apply` (group commit).
 
-A deferrable change (`StoreWrite.deferrable`: an operation's finish, an eviction) wakes
-nobody: it waits, in its place in the order, for the next other change, for `defer_s`
-(50 ms) or for a run's MAX_DEFERRED_PER_RUN-th deferred change, whichever comes first, and
-is written with it. Each store transaction costs etcd and the scheduler about the same CPU
-whatever it holds, and the finishes of one trainer round would otherwise take one of their
-own before the submits they unblock.
+How long a change waits depends on who waits for it. Each store transaction costs etcd and
+the scheduler about the same CPU whatever it holds, so the flusher gathers:
+
+- **urgent**: someone waits on the change (`synced()`: a create, a submit whose client
+  asked for a stored acknowledgement, a finished operation whose result is held until its
+  submission is stored, `urge()`). The flusher writes at once, with whatever else is
+  pending.
+- **lazy** (the default): nobody waits yet. The flusher lingers up to `linger_s` (20 ms)
+  for more changes, or until something becomes urgent. A training submit acknowledged at
+  once (the SDK's way: it keeps the call and re-sends it if the operation is ever lost)
+  is lazy, so the submits of a trainer round share a transaction, and its result is held
+  only if it finishes within the linger (then it becomes urgent).
+- **deferrable** (`StoreWrite.deferrable`: an operation's finish, an eviction, a run's
+  floor) wakes nobody: it waits, in its place in the order, for the next other change,
+  for `defer_s` (50 ms) or for a run's MAX_DEFERRED_PER_RUN-th deferred change, whichever
+  comes first, and is written with it. The finishes of one trainer round would otherwise
+  take a transaction of their own before the submits they unblock.
+
 Nothing waits on a finish being stored (a client sees a result once the operation's
 submission is stored: core/release.py), and a scheduler that dies first leaves the
 operation queued in the store, so the next leader sends it again and the trainer, which
 applies a seq_id once, answers with the recorded outcome (it keeps a run's last 16:
 tunemesh_trainer/ledger.py; a run never has more than MAX_DEFERRED_PER_RUN finishes
-waiting here, plus the few it has out).
+waiting here, plus the few it has out). When the store is unreachable the flusher retries
+with backoff and keeps every change, in order, until it comes back.
 
 Without a store (`Journal(None)`) nothing is kept and nothing waits: a scheduler whose
 state lives and dies with its process.
 
 Callers choose how long to wait: creating a session or a run waits for the store and
-answers UNAVAILABLE when it is down (nothing was promised); a training submit waits only
-briefly, so runs keep training through a store outage (its op log catches up later).
+answers UNAVAILABLE when it is down (nothing was promised); a training submit that asks
+for a stored acknowledgement waits only briefly, so runs keep training through a store
+outage (its op log catches up later).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ class Journal:
     """Pending changes and the flusher that writes them."""
 
     def __init__(self, store: RunStore | None, retry_s: Callable[[int], float] = lambda n: min(2.0, 0.1 * 2**n),
-                 linger_s: float = 0.002, defer_s: float = 0.05) -> None:
+                 linger_s: float = 0.02, defer_s: float = 0.05) -> None:
         self._store = store
         self._linger_s = linger_s
         self._defer_s = defer_s
@@ -60,6 +68,8 @@ class Journal:
         self._noted = 0  # tickets handed out
         self._synced = 0  # every ticket <= this is in the store
         self._due = 0  # every ticket <= this is to be written now; later deferrable ones may wait
+        self._urgent = 0  # someone waits on every ticket <= this: no lingering
+        self._hurry = asyncio.Event()  # set when `_urgent` grows: cuts a linger short
         self._deferred: asyncio.TimerHandle | None = None  # makes waiting deferrable changes due
         self._waiting: collections.Counter[str] = collections.Counter()  # deferrable changes not yet due, by run
         self._changed = asyncio.Condition()
@@ -90,8 +100,11 @@ class Journal:
         self._pending.append(write)
         self._noted += 1
         run = getattr(write.record, "run", "")
-        if not write.deferrable or self._defer_s <= 0 or self._waiting[run] >= MAX_DEFERRED_PER_RUN:
+        if not write.deferrable or self._defer_s <= 0:
             self._make_due(self._noted)
+            return self._noted
+        if self._waiting[run] >= MAX_DEFERRED_PER_RUN:  # the trainer keeps only a run's last outcomes
+            self.urge(self._noted)
             return self._noted
         self._waiting[run] += 1
         if self._deferred is None:
@@ -129,12 +142,21 @@ class Journal:
             self._deferred.cancel()
             self._deferred = None
 
+    def urge(self, ticket: int) -> None:
+        """Someone waits on `ticket`: write it, and everything before it, now."""
+        if ticket <= self._synced or ticket <= self._urgent:
+            return
+        self._urgent = ticket
+        self._make_due(ticket)
+        self._hurry.set()
+
     async def synced(self, ticket: int, timeout_s: float) -> bool:
-        """Wait until `ticket` is stored. Raises UnavailableError(STORE_UNAVAILABLE) after
-        `timeout_s` (the change stays queued and is written once the store is back)."""
+        """Wait until `ticket` is stored (written now: it is urgent). Raises
+        UnavailableError(STORE_UNAVAILABLE) after `timeout_s` (the change stays queued and
+        is written once the store is back)."""
         if ticket <= self._synced:
             return True
-        self._make_due(ticket)
+        self.urge(ticket)
         try:
             async with asyncio.timeout(timeout_s):
                 async with self._changed:
@@ -151,7 +173,7 @@ class Journal:
             if self._synced >= self._due:  # nothing, or only deferrable changes, pending
                 self._wake.clear()
                 await self._wake.wait()
-                await asyncio.sleep(self._linger_s)
+            await self._linger()
             group = self._pending[:MAX_GROUP]
             try:
                 await self._store.apply(group)
@@ -173,3 +195,15 @@ class Journal:
                 callback(self._synced)
             async with self._changed:
                 self._changed.notify_all()
+
+    async def _linger(self) -> None:
+        """Gather more changes for up to `linger_s`, unless someone waits on one pending
+        (or a full group is pending already)."""
+        self._hurry.clear()
+        if self._urgent > self._synced or len(self._pending) >= MAX_GROUP or self._linger_s <= 0:
+            return
+        try:
+            async with asyncio.timeout(self._linger_s):
+                await self._hurry.wait()
+        except TimeoutError:
+            pass

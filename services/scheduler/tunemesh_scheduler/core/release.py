@@ -1,8 +1,9 @@
 """Finished operations reach clients only once their submission is in the state store.
 
-Through a store outage the scheduler keeps training: a submit is acknowledged before the
-store confirms it (see journal.py) and its operation may finish meanwhile. Were its
-result shown then, and this scheduler lost the leadership before the store came back, the
+A submit may be acknowledged before the store confirms it: at once when its client asked
+so (the SDK does: it keeps each call until its result), or through a store outage, when
+the scheduler keeps training (see journal.py). Its operation may finish meanwhile. Were its
+result shown then, and this scheduler lost the leadership before storing it, the
 next leader would know nothing of the operation while the client already holds its
 result: the run's log would have a hole the client never re-sends, and every later call
 would wait on it. So a finished operation whose submission is not yet stored is shown as
@@ -46,6 +47,7 @@ class ReleaseGate:
             self._publish(op)
         else:
             self._held.append(op)
+            self._journal.urge(op.ticket)  # its client waits on it: no lingering
 
     def view(self, op: OperationRecord) -> OperationRecord:
         """The operation as clients may see it: a finished one not yet stored is RUNNING."""

@@ -99,8 +99,9 @@ class SchedulerConfig:
     # A trainer receiving a moved run sends no round for up to this long while it rebuilds
     # the run's adapter, so the run's replay rides the next round.
     restore_hold_s: float = 1.0
-    # The journal gathers changes this long before each write to the state store.
-    journal_linger_s: float = 0.002
+    # A change nobody waits on yet waits at most this long for others to share its write
+    # to the state store; one somebody waits on (a create, a held result) goes at once.
+    journal_linger_s: float = 0.02
     # A deferrable change (a finish, an eviction) waits at most this long for another to ride with.
     journal_defer_s: float = 0.05
     # Wait before sending again an operation whose trainer could not be reached.
@@ -430,9 +431,12 @@ class SchedulerCore:
         payload: Work,
         payload_digest: bytes | str,
         num_tokens: int = 0,
+        ack_when_queued: bool = False,
     ) -> OperationRecord:
         """Queue one training call of a run; returns its operation (an earlier one on
-        an idempotent retry). See `idempotency.check_call` / `find_duplicate` for the errors."""
+        an idempotent retry). See `idempotency.check_call` / `find_duplicate` for the errors.
+        Returns once the call is stored, or at once with `ack_when_queued` (the client
+        re-sends it if it is lost: the journal writes it within its linger)."""
         self._check_serving()
         record = self.runs.get(tenant, run)
         lane = self.machine.lanes[run]
@@ -460,7 +464,8 @@ class SchedulerCore:
         record.last_request_time = op.create_time
         self.machine.submit(op)
         self._poke()
-        await self._logged(op)
+        if not ack_when_queued:
+            await self._logged(op)
         return self.release.view(op)
 
     async def _logged(self, op: OperationRecord) -> None:
