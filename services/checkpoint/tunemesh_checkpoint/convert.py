@@ -91,11 +91,12 @@ class Upload:
                 seen.add(name)
             if chunk.offset != size:
                 raise InvalidArgumentError("BAD_UPLOAD", f"{name[:100]!r}: chunk at offset {chunk.offset}, expected {size}")
-            total += len(chunk.data)
+            data = chunk.data  # each read of a bytes field copies it
+            total += len(data)
             if total > self._max_bytes:
                 raise ResourceExhaustedError("UPLOAD_TOO_LARGE", f"uploads are limited to {self._max_bytes} bytes")
-            size += len(chunk.data)
-            yield name, chunk.data
+            size += len(data)
+            yield name, data
 
 
 async def call_upload(requests: AsyncIterator, max_bytes: int) -> tuple[str, int, list[bytes]]:
@@ -109,10 +110,11 @@ async def call_upload(requests: AsyncIterator, max_bytes: int) -> tuple[str, int
     async for request in requests:
         if request.WhichOneof("part") != "chunk":
             raise InvalidArgumentError("BAD_UPLOAD", "only the first message may carry a key")
-        total += len(request.chunk)
+        chunk = request.chunk  # each read of a bytes field copies it
+        total += len(chunk)
         if total > max_bytes:
             raise ResourceExhaustedError("UPLOAD_TOO_LARGE", f"uploads are limited to {max_bytes} bytes")
-        chunks.append(request.chunk)
+        chunks.append(chunk)
     return first.key.run, first.key.seq_id, chunks
 
 
