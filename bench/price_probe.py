@@ -36,6 +36,7 @@ import recovery  # noqa: E402
 from train_throughput import TINY, log, mesh_seconds, write_json  # noqa: E402
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+BATCH_COUNTERS = ("tunemesh_scheduler_batch_items_count", "tunemesh_scheduler_batch_items_sum")
 ETCD_COUNTERS = ("etcd_mvcc_txn_total", "etcd_mvcc_put_total", "etcd_mvcc_delete_total",
                  "etcd_disk_wal_fsync_duration_seconds_count")
 
@@ -67,6 +68,17 @@ def etcd_counters(metrics_address: str) -> dict[str, float]:
             if (m := re.search(rf"^{name} (\S+)$", text, re.M))}
 
 
+def batch_counters(schedulers: list) -> dict[str, float]:
+    """Fused batches and their operations, summed over the scheduler replicas (the leader
+    sends them all)."""
+    found = dict.fromkeys(BATCH_COUNTERS, 0.0)
+    for record in schedulers:
+        text = urllib.request.urlopen(record.metrics_url, timeout=10).read().decode()
+        for name in BATCH_COUNTERS:
+            found[name] += sum(float(v) for v in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+    return found
+
+
 def delta(after: dict, before: dict) -> dict:
     return {key: round(value - before.get(key, 0), 3) for key, value in after.items()}
 
@@ -82,18 +94,21 @@ def probe(args: argparse.Namespace, vocab_size: int, mode: str, state_dir: Path)
         etcd = health_endpoint(processes["etcd"].argv)
         trainer = processes["trainer-0"].pid
         cpu0 = {name: cpu_seconds(f"/proc/{p.pid}/stat")[0] for name, p in processes.items()}
+        schedulers = [p for p in processes.values() if p.role == "scheduler" and p.metrics_url]
         bench0, etcd0, threads0 = sum(os.times()[:2]), etcd_counters(etcd), threads(trainer)
+        batches0 = batch_counters(schedulers)
         started = time.monotonic()
         seconds = mesh_seconds(mesh, vocab_size, workload, args.tenants, args.rounds)
         wall = time.monotonic() - started
         cpu = {name: cpu_seconds(f"/proc/{p.pid}/stat")[0] - cpu0[name] for name, p in processes.items()}
         bench, etcd_after, threads1 = sum(os.times()[:2]) - bench0, etcd_counters(etcd), threads(trainer)
+        batches = delta(batch_counters(schedulers), batches0)
         snapshots = sum(m.startswith("snapshot of ") for _, m in recovery.log_entries(mesh.log_text("scheduler")))
     engine_tid = max(threads1, key=lambda tid: threads1[tid]["cpu_s"] - threads0.get(tid, {}).get("cpu_s", 0))
     return {"mode": mode, "seconds": [round(s, 3) for s in seconds], "wall_s": round(wall, 1),
             "tokens_per_s": round(workload.tokens(args.tenants) / sorted(seconds)[len(seconds) // 2], 1),
             "snapshots": snapshots, "cpu_s": {name: round(value, 2) for name, value in cpu.items()},
-            "bench_process_cpu_s": round(bench, 2), "etcd": delta(etcd_after, etcd0),
+            "bench_process_cpu_s": round(bench, 2), "etcd": delta(etcd_after, etcd0), "batches": batches,
             "engine_thread": delta(threads1[engine_tid], threads0.get(engine_tid, {})),
             "load_average_1m": round(os.getloadavg()[0], 2)}
 
