@@ -7,15 +7,16 @@ store. One flusher task writes whatever is pending as one `apply` (group commit)
 How long a change waits depends on who waits for it. Each store transaction costs etcd and
 the scheduler about the same CPU whatever it holds, so the flusher gathers:
 
-- **urgent**: someone waits on the change (`synced()`: a create, a submit whose client
-  asked for a stored acknowledgement, a finished operation whose result is held until its
-  submission is stored, `urge()`). The flusher writes at once, with whatever else is
-  pending.
+- **urgent**: someone waits, or is about to wait, on the change (`synced()`: a create, a
+  submit whose client asked for a stored acknowledgement; `urge()`: an operation being
+  sent to its trainer, whose result will be held until its submission is stored; a run's
+  fifth deferred finish). The flusher writes at once, with whatever else is pending.
 - **lazy** (the default): nobody waits yet. The flusher lingers up to `linger_s` (20 ms)
   for more changes, or until something becomes urgent. A training submit acknowledged at
   once (the SDK's way: it keeps the call and re-sends it if the operation is ever lost)
-  is lazy, so the submits of a trainer round share a transaction, and its result is held
-  only if it finishes within the linger (then it becomes urgent).
+  is lazy while it waits in its run's queue: the submits of clients that keep steps in
+  flight share transactions, and are stored by the time their trainer round comes; a
+  client that waits on each step has its submit written while the trainer computes.
 - **deferrable** (`StoreWrite.deferrable`: an operation's finish, an eviction, a run's
   floor) wakes nobody: it waits, in its place in the order, for the next other change,
   for `defer_s` (50 ms) or for a run's MAX_DEFERRED_PER_RUN-th deferred change, whichever

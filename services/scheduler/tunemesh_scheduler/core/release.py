@@ -47,7 +47,6 @@ class ReleaseGate:
             self._publish(op)
         else:
             self._held.append(op)
-            self._journal.urge(op.ticket)  # its client waits on it: no lingering
 
     def view(self, op: OperationRecord) -> OperationRecord:
         """The operation as clients may see it: a finished one not yet stored is RUNNING."""

@@ -212,6 +212,8 @@ class SchedulerCore:
 
     async def _execute(self, action: Action) -> None:
         try:
+            if isinstance(action, (Batch, Single)):  # its results wait for its submissions: write them meanwhile
+                self.journal.urge(max(op.ticket for op in (action.ops if isinstance(action, Batch) else [action.op])))
             if isinstance(action, Batch):
                 outcomes, error = await _guard(self._trainer.run_batch(action.node_id, action.items), action.ops[0])
                 self.machine.complete_batch(action, outcomes, error)
