@@ -34,6 +34,8 @@ way for every M >= 2, on one thread as on two, in float32 and bfloat16, so a lon
 padded to 2 rows only; and in float32 it ran 1.7-2.3x faster than MKL's GEMM on SmolLM2's
 layers from 12 rows up, 2.5-4x on its vocabulary head. Its gradient with respect to the
 input is oneDNN's too (by the weight's transposed view); a frozen weight needs none.
+oneDNN builds no bfloat16 inner product on CPUs without AVX-512 (AVX2-only hosts): there
+bfloat16 frozen layers take the padded `linear`, as LoRA factors do.
 LoRA factors keep MKL everywhere: the trainer's, whose factors record gradients, and the
 sampler's batched ones must sum alike.
 """
@@ -221,8 +223,10 @@ class BatchInvariantMode(TorchFunctionMode):
 
 DNN_ROWS = 2  # oneDNN's linear sums a row alike for every M >= 2 (M = 1 takes a GEMV)
 DNN_MIN_WEIGHT = 100_000  # elements: each oneDNN call costs ~11 us more than MKL's, which pays on larger layers
-_DNN_DTYPES = (torch.float32, torch.bfloat16)
 _DNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# oneDNN has no bfloat16 inner product on CPUs without AVX-512 (it refuses to build one):
+# there bfloat16 frozen layers take the padded `linear` like any other
+_DNN_DTYPES = (torch.float32, torch.bfloat16) if _DNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
 
 
 def frozen_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
