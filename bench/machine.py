@@ -36,12 +36,15 @@ def measure_peaks(repeats: int = 5) -> dict:
     figures are the faster kernel's, each kernel's also given (`fp32_gflops_mm`, `..._onednn`)."""
     import torch
 
-    n = MATMUL_SIZE
     peaks = {"threads": torch.get_num_threads()}
+    bf16_fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for dtype, key in ((torch.float32, "fp32_gflops"), (torch.bfloat16, "bf16_gflops")):
+        # without AVX-512 bfloat16 runs at well under 1 GFLOP/s: time a small matmul there
+        n = MATMUL_SIZE if dtype is torch.float32 or bf16_fast else 256
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         kernels = {"mm": lambda: torch.mm(a, b)}  # MKL in float32 on CPU builds
-        if hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        if hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise") and (
+                dtype is torch.float32 or bf16_fast):  # oneDNN builds no bf16 linear without AVX-512
             b_t = b.t().contiguous()  # oneDNN: what the engines' frozen base layers run on
             kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
         for name, run in kernels.items():
