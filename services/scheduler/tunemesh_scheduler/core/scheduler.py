@@ -100,7 +100,8 @@ class SchedulerConfig:
     # the run's adapter, so the run's replay rides the next round.
     restore_hold_s: float = 1.0
     # A change nobody waits on yet waits at most this long for others to share its write
-    # to the state store; one somebody waits on (a create, a held result) goes at once.
+    # to the state store; one somebody waits on (a create, an operation sent to its
+    # trainer, whose result waits for its submission) goes at once.
     journal_linger_s: float = 0.02
     # A deferrable change (a finish, an eviction) waits at most this long for another to ride with.
     journal_defer_s: float = 0.05
