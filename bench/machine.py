@@ -2,7 +2,8 @@
 
 `measure_peaks` times a large matmul (fp32 and bf16; by torch's `mm` and by oneDNN's linear,
 the faster being the ceiling: in float32 `mm` runs MKL at about half of what oneDNN
-reaches on this project's hosts) and a large copy with torch, on the threads torch is set
+reaches on this project's hosts; where there is no bfloat16 GEMM, bf16 is timed as the
+engines run it, in float32) and a large copy with torch, on the threads torch is set
 to use: the compute and memory-bandwidth ceilings a bench's figures are divided by. Benches measure them before and after their phases and keep the best
 (`best_peaks`). `ModelShape` reads a HF config; `sampling_bound` gives the tokens/s a
 sampling round could reach if every matmul ran at the measured peak and every decode step
@@ -37,16 +38,21 @@ def measure_peaks(repeats: int = 5) -> dict:
     import torch
 
     peaks = {"threads": torch.get_num_threads()}
+    dnn = hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise")
     bf16_fast = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     for dtype, key in ((torch.float32, "fp32_gflops"), (torch.bfloat16, "bf16_gflops")):
-        # without AVX-512 bfloat16 runs at well under 1 GFLOP/s: time a small matmul there
-        n = MATMUL_SIZE if dtype is torch.float32 or bf16_fast else 256
+        n = MATMUL_SIZE
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-        kernels = {"mm": lambda: torch.mm(a, b)}  # MKL in float32 on CPU builds
-        if hasattr(torch.ops, "mkldnn") and hasattr(torch.ops.mkldnn, "_linear_pointwise") and (
-                dtype is torch.float32 or bf16_fast):  # oneDNN builds no bf16 linear without AVX-512
-            b_t = b.t().contiguous()  # oneDNN: what the engines' frozen base layers run on
-            kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
+        b_t = b.t().contiguous()  # oneDNN: what the engines' frozen base layers run on
+        if dtype is torch.bfloat16 and not bf16_fast and dnn:
+            # no bfloat16 GEMM here (oneDNN builds none without AVX-512, torch's is a scalar
+            # loop): the engines compute bfloat16 layers in float32, and so does this ceiling
+            kernels = {"float32": lambda: torch.ops.mkldnn._linear_pointwise(a.float(), b_t.float(), None, "none",
+                                                                             [], "")}
+        else:
+            kernels = {"mm": lambda: torch.mm(a, b)}  # MKL in float32 on CPU builds
+            if dnn:
+                kernels["onednn"] = lambda: torch.ops.mkldnn._linear_pointwise(a, b_t, None, "none", [], "")
         for name, run in kernels.items():
             peaks[f"{key}_{name}"] = round(2 * n**3 / _best_seconds(run, repeats) / 1e9, 1)
         peaks[key] = max(peaks[f"{key}_{name}"] for name in kernels)  # the machine's, by its fastest kernel

@@ -34,8 +34,14 @@ way for every M >= 2, on one thread as on two, in float32 and bfloat16, so a lon
 padded to 2 rows only; and in float32 it ran 1.7-2.3x faster than MKL's GEMM on SmolLM2's
 layers from 12 rows up, 2.5-4x on its vocabulary head. Its gradient with respect to the
 input is oneDNN's too (by the weight's transposed view); a frozen weight needs none.
-oneDNN builds no bfloat16 inner product on CPUs without AVX-512 (AVX2-only hosts): there
-bfloat16 frozen layers take the padded `linear`, as LoRA factors do.
+oneDNN builds no bfloat16 inner product on CPUs without AVX-512 (AVX2-only hosts), and
+torch's own bfloat16 GEMM there is a scalar loop (measured: 17 s for the input gradient of
+SmolLM2's vocabulary head over 256 rows, 0.2 s in float32). There a bfloat16 frozen layer
+computes in float32 instead, from a float32 copy of its weight kept on the weight (exact:
+a bfloat16 value is a float32 one), and rounds its output to bfloat16 once, as a bfloat16
+GEMM with float32 accumulation does; both ways, on oneDNN for large weights and the padded
+`linear` for small ones, so the row invariance above holds. It costs the copy's memory
+(twice the bfloat16 weights) and runs at float32 speed.
 LoRA factors keep MKL everywhere: the trainer's, whose factors record gradients, and the
 sampler's batched ones must sum alike.
 """
@@ -224,25 +230,62 @@ class BatchInvariantMode(TorchFunctionMode):
 DNN_ROWS = 2  # oneDNN's linear sums a row alike for every M >= 2 (M = 1 takes a GEMV)
 DNN_MIN_WEIGHT = 100_000  # elements: each oneDNN call costs ~11 us more than MKL's, which pays on larger layers
 _DNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-# oneDNN has no bfloat16 inner product on CPUs without AVX-512 (it refuses to build one):
-# there bfloat16 frozen layers take the padded `linear` like any other
-_DNN_DTYPES = (torch.float32, torch.bfloat16) if _DNN and torch.ops.mkldnn._is_mkldnn_bf16_supported() else (torch.float32,)
+# a fast bfloat16 GEMM: oneDNN's, on CPUs with AVX-512 (without, oneDNN refuses to build one
+# and torch's fallback is a scalar loop): elsewhere bfloat16 frozen layers compute in float32
+BF16_GEMM = _DNN and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+_FLOAT32_COPY = "_tunemesh_float32"  # attribute of a bfloat16 frozen weight: (its version, its float32 copy)
 
 
 def frozen_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   invariant: bool = True) -> torch.Tensor:
-    """`F.linear` by a frozen weight on oneDNN where it applies (a CPU tensor of float32 or
-    bfloat16, a weight of DNN_MIN_WEIGHT elements or more, weight and bias recording no
-    gradient), else MKL's. `invariant`: batch-invariant (at least DNN_ROWS rows on oneDNN,
-    the padded `linear` otherwise); which kernel a layer takes depends on its weight only,
-    never on the rows."""
-    if not (_DNN and input.device.type == "cpu" and input.dtype in _DNN_DTYPES and weight.dtype == input.dtype
-            and weight.dim() == 2 and weight.numel() >= DNN_MIN_WEIGHT and not weight.requires_grad
-            and input.dim() >= 1 and (bias is None or (not bias.requires_grad and bias.dtype == input.dtype))):
+    """`F.linear` by a frozen weight on oneDNN where it applies (a CPU tensor of float32, or
+    of bfloat16 where BF16_GEMM, a weight of DNN_MIN_WEIGHT elements or more, weight and
+    bias recording no gradient), else MKL's; a frozen bfloat16 layer without BF16_GEMM
+    computes in float32 (`_widened_linear`). `invariant`: batch-invariant (at least
+    DNN_ROWS rows on oneDNN, the padded `linear` otherwise); which kernel a layer takes
+    depends on its weight only, never on the rows."""
+    frozen = (input.device.type == "cpu" and weight.dtype == input.dtype and weight.dim() == 2
+              and not weight.requires_grad and input.dim() >= 1
+              and (bias is None or (not bias.requires_grad and bias.dtype == input.dtype)))
+    if frozen and input.dtype == torch.bfloat16 and not BF16_GEMM:
+        return _widened_linear(input, weight, bias, invariant)
+    if not (frozen and _DNN and input.dtype in (torch.float32, torch.bfloat16) and weight.numel() >= DNN_MIN_WEIGHT):
         return linear(input, weight, bias) if invariant else F.linear(input, weight, bias)
+    return _onednn_linear(input, weight.contiguous(), bias, invariant)
+
+
+def _onednn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                   invariant: bool) -> torch.Tensor:
     if torch.is_grad_enabled() and input.requires_grad:
         return _DnnLinear.apply(input, weight, bias, invariant)
-    return _dnn_linear(input, weight.contiguous(), bias, DNN_ROWS if invariant else 1)
+    return _dnn_linear(input, weight, bias, DNN_ROWS if invariant else 1)
+
+
+def _widened_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                    invariant: bool) -> torch.Tensor:
+    """A frozen bfloat16 layer in float32 (its input and weight widened exactly, its output
+    rounded to bfloat16 once; its input gradient likewise, through autograd's casts)."""
+    x, weight32 = input.float(), float32_copy(weight)
+    bias32 = None if bias is None else bias.float()
+    if _DNN and weight.numel() >= DNN_MIN_WEIGHT:
+        out = _onednn_linear(x, weight32, bias32, invariant)
+    else:
+        out = linear(x, weight32, bias32) if invariant else F.linear(x, weight32, bias32)
+    return out.to(input.dtype)
+
+
+def float32_copy(weight: torch.Tensor) -> torch.Tensor:
+    """`weight` as a contiguous float32 tensor, made once and kept on the weight (made again
+    if the weight is changed in place); a DeepSpeed ZeRO-3 parameter, gathered per call,
+    keeps none (that would undo its partitioning)."""
+    if hasattr(weight, "ds_id"):
+        return weight.detach().float().contiguous()
+    version = (weight.data_ptr(), weight._version)
+    kept = getattr(weight, _FLOAT32_COPY, None)
+    if kept is None or kept[0] != version:
+        kept = (version, weight.detach().float().contiguous())
+        setattr(weight, _FLOAT32_COPY, kept)
+    return kept[1]
 
 
 def _dnn_linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, min_rows: int) -> torch.Tensor:
