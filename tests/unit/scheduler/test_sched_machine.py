@@ -22,6 +22,7 @@ from tunemesh_scheduler.core.store import MemoryRunStore
 FB, OPTIM = OpKind.FORWARD_BACKWARD, OpKind.OPTIM_STEP
 UNREACHABLE = OperationError(int(Code.UNAVAILABLE), "TRAINER_UNAVAILABLE", "trainer unreachable")
 LOST = OperationError(int(Code.NOT_FOUND), "ADAPTER_NOT_FOUND", "no such adapter on this trainer")
+FORGOTTEN = OperationError(int(Code.FAILED_PRECONDITION), "SEQ_ID_APPLIED", "applied long ago; its outcome is gone")
 BAD = OperationError(int(Code.INVALID_ARGUMENT), "BAD_INPUT", "tokens out of range")
 
 
@@ -263,6 +264,41 @@ def test_a_lost_adapter_moves_the_run_and_its_waiting_ops_follow_with_the_new_ep
     batch = _only_batch(w.actions())
     assert batch.node_id == "node-b" and batch.ops == [op] and batch.items[0].fence.epoch == 2
     assert StoreWrite(r) in w.writes and r.node_id == "node-b" and r.epoch == 2
+
+
+def test_a_call_whose_outcome_the_trainer_forgot_moves_the_run_and_is_recomputed_not_failed():
+    """A scheduler that took over sends again a call whose finish was never stored (its
+    result may have reached the client); the trainer applied it and no longer keeps its
+    outcome. Rebuilding from the snapshot and replaying recomputes it: the op succeeds,
+    and the run's step counts it."""
+    w = World()
+    r = w.run("runs/a")
+    for seq, kind in ((1, FB), (2, OPTIM)):
+        w.submit(r, seq, kind)
+        w.answer(_only_batch(w.actions()))
+    fb, step = w.submit(r, 3, FB), w.submit(r, 4, OPTIM)
+    batch = _only_batch(w.actions())
+    assert batch.ops == [fb, step]
+    w.answer(batch, FORGOTTEN, FORGOTTEN)
+    (move,) = w.actions()
+    assert isinstance(move, Move) and move.run is r and [op.seq_id for op in move.history][:2] == [1, 2]
+    assert fb.state is OpState.QUEUED and step.state is OpState.QUEUED  # never failed
+    w.machine.moved(move, "node-a", 2)
+    again = _only_batch(w.actions())
+    assert again.ops == [fb, step] and again.items[0].fence.epoch == 2
+    w.answer(again)
+    assert fb.state is step.state is OpState.SUCCEEDED and r.step == 2
+
+
+def test_a_forgotten_outcome_at_or_below_the_run_s_snapshot_fails_as_before():
+    """No snapshot before the call is left to recompute it from: the error stands."""
+    w = World()
+    r = w.run("runs/a")
+    r.snapshot_seq_id = 5
+    op = w.submit(r, 1)
+    w.answer(_only_batch(w.actions()), FORGOTTEN)
+    assert op.state is OpState.FAILED and op.error.reason == "SEQ_ID_APPLIED"
+    assert not [a for a in w.actions() if isinstance(a, Move)]
 
 
 def _out_when_its_node_is_lost(w: World):

@@ -49,6 +49,13 @@ log = logging.getLogger(__name__)
 
 # Errors that do not say a call certainly failed where it went: sent again, never final.
 IN_DOUBT_REASONS = frozenset({"TRAINER_UNAVAILABLE", "TRAINER_GONE", "ADAPTER_NOT_FOUND"})
+# The trainer applied the call so long ago that it no longer keeps its outcome: a scheduler
+# that took over with the call's finish unstored (its result may have reached the client)
+# sends it again. Rebuilding the adapter from a snapshot before the call and replaying
+# recomputes that outcome, bit for bit; failing the call would contradict what was shown.
+FORGOTTEN_REASON = "SEQ_ID_APPLIED"
+# Reasons that move the run (its adapter is gone, or its state is past what is known)
+MOVE_REASONS = frozenset({"ADAPTER_NOT_FOUND", FORGOTTEN_REASON})
 
 
 @dataclasses.dataclass
@@ -336,6 +343,9 @@ class SchedulerMachine:
         if op.done:
             return
         parked = _in_doubt(outcome.error) if self.movable else None
+        if (self.movable and outcome.error is not None and outcome.error.reason == FORGOTTEN_REASON
+                and op.seq_id > self.lanes[op.run].run.snapshot_seq_id):  # a snapshot before it can recompute it
+            parked = outcome.error
         if op.run in self.moving or op.epoch != outcome.epoch:
             parked = OperationError(Code.UNAVAILABLE, "RUN_MOVED", "the run moved while the call was out")
         if parked is not None and op.run in self.lanes:
@@ -356,7 +366,7 @@ class SchedulerMachine:
         log.info("sending %s again later: %s", op.name, why.message, extra={"run": op.run, "operation": op.name})
         self.operations.requeue(op)
         run = self.lanes[op.run].run
-        if why.reason == "ADAPTER_NOT_FOUND" and self.movable:
+        if why.reason in MOVE_REASONS and self.movable:
             self._move(run)
         elif op.run not in self.moving:
             self._parked[op.name] = (self._clock() + self._retry_s, op)
