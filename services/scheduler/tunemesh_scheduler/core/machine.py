@@ -344,6 +344,7 @@ class SchedulerMachine:
             return
         parked = _in_doubt(outcome.error) if self.movable else None
         if (self.movable and outcome.error is not None and outcome.error.reason == FORGOTTEN_REASON
+                and op.run in self.lanes
                 and op.seq_id > self.lanes[op.run].run.snapshot_seq_id):  # a snapshot before it can recompute it
             parked = outcome.error
         if op.run in self.moving or op.epoch != outcome.epoch:
