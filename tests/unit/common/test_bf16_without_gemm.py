@@ -51,7 +51,9 @@ def test_outputs_and_input_gradients_are_the_exact_ones_rounded_to_bfloat16(out_
 
 @pytest.mark.parametrize("out_features", [1536, 8], ids=["onednn", "small"])
 def test_every_gemm_of_the_layer_runs_in_float32_both_ways(out_features):
-    """No bfloat16 GEMM is called, forward or backward (torch's is the scalar loop)."""
+    """No bfloat16 GEMM is called (torch's is the scalar loop): seen here for the forward
+    of both routes and the backward of the oneDNN one (tunemesh's own); the small route's
+    backward is autograd's, of the float32 GEMM its forward ran, seen in the graph."""
     weight, x = _layer(out_features, 576, 16, 3)
     dtypes = []
     real_dnn, real_mm = torch.ops.mkldnn._linear_pointwise, torch.Tensor.mm
@@ -68,8 +70,16 @@ def test_every_gemm_of_the_layer_runs_in_float32_both_ways(out_features):
 
     rows = x.clone().requires_grad_(True)
     with mock.patch.object(torch.ops.mkldnn, "_linear_pointwise", dnn), Spy():
-        batch_invariant.frozen_linear(rows, weight).float().sum().backward()
-    assert dtypes and all(d == (torch.float32, torch.float32) for d in dtypes), dtypes
+        out = batch_invariant.frozen_linear(rows, weight)
+        forward_calls = len(dtypes)
+        (gemm, _), = out.grad_fn.next_functions  # what the bfloat16 cast's gradient flows into
+        small_backward = getattr(gemm, "_saved_mat2", None)
+        out.float().sum().backward()
+    assert forward_calls and all(d == (torch.float32, torch.float32) for d in dtypes), dtypes
+    if out_features * 576 >= batch_invariant.DNN_MIN_WEIGHT and batch_invariant._DNN:
+        assert len(dtypes) > forward_calls  # the backward's oneDNN call was seen too
+    else:
+        assert small_backward is not None and small_backward.dtype == torch.float32, type(gemm).__name__
 
 
 def test_the_float32_copy_is_made_once_and_again_after_an_in_place_change():
