@@ -6,11 +6,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -133,6 +135,17 @@ def _train(trainer: tunemesh.TrainingClient, steps: range) -> list[float]:
     return [f.result(timeout=120).metrics["loss:sum"] for f in futures]
 
 
+def _store_ops(mesh) -> dict[str, int]:
+    """How many files the checkpoint service took by rename and by stream (its metrics)."""
+    (checkpoint,) = mesh.by_role("checkpoint")
+    text = urllib.request.urlopen(checkpoint.metrics_url, timeout=10).read().decode()
+    counts = {}
+    for op in ("adopt_file", "write_file"):
+        found = re.search(r'^tunemesh_checkpoint_op_duration_seconds_count\{[^}]*op="%s"[^}]*\} (\S+)$' % op, text, re.M)
+        counts[op] = int(float(found.group(1))) if found else 0
+    return counts
+
+
 def test_state_survives_a_mesh_restart_and_resumes_exactly(start_mesh, tmp_path: Path) -> None:
     state_dir = tmp_path / "mesh"
     with start_mesh(state_dir) as mesh:
@@ -141,6 +154,9 @@ def test_state_survives_a_mesh_restart_and_resumes_exactly(start_mesh, tmp_path:
             _train(trainer, range(2))
             path = trainer.save_state("step-2").result(timeout=120).path
             expected = _train(trainer, range(2, 4))
+        # every process on one host: the trainer handed its files over by rename, streamed none
+        assert _store_ops(mesh) == {"adopt_file": 3, "write_file": 0}
+        assert list((state_dir / "checkpoints" / "handoff").iterdir()) == []
         cli = [sys.executable, "-m", "tunemesh_local.cli", "checkpoints", "list", "--address",
                mesh.scheduler_address, "--api-key", "tml-demo-alice", "--state-dir", str(state_dir)]
         plain_env = {k: v for k, v in ENV.items() if k != "TUNEMESH_CA_BUNDLE"}  # the CLI finds the mesh's CA

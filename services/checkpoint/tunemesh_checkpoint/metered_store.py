@@ -3,6 +3,7 @@ every operation (the `tunemesh_checkpoint_*` metrics)."""
 
 from __future__ import annotations
 
+import pathlib
 import time
 from collections.abc import Iterable, Iterator
 
@@ -79,6 +80,12 @@ class _MeteredWriter(CheckpointWriter):
     def write_blob(self, name: str, chunks: Iterable[bytes]) -> BlobInfo:
         with self._metrics.op("write_file"):
             info = self._writer.write_blob(name, chunks)
+        self._metrics.written(info.size)
+        return info
+
+    def adopt_blob(self, name: str, source: pathlib.Path, info: BlobInfo) -> BlobInfo:
+        with self._metrics.op("adopt_file"):
+            info = self._writer.adopt_blob(name, source, info)
         self._metrics.written(info.size)
         return info
 

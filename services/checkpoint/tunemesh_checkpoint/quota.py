@@ -14,6 +14,7 @@ quota must still have its runs snapshotted.
 
 from __future__ import annotations
 
+import pathlib
 import threading
 from collections.abc import Iterable, Iterator
 
@@ -115,6 +116,12 @@ class QuotaWriter(CheckpointWriter):
 
     def write_blob(self, name: str, chunks: Iterable[bytes]) -> BlobInfo:
         return self._writer.write_blob(name, self._reserving(chunks) if self._counted else chunks)
+
+    def adopt_blob(self, name: str, source: pathlib.Path, info: BlobInfo) -> BlobInfo:
+        if self._counted:
+            self._usage.reserve(self._segment, info.size)
+            self._reserved += info.size
+        return self._writer.adopt_blob(name, source, info)
 
     def _reserving(self, chunks: Iterable[bytes]) -> Iterator[bytes]:
         for chunk in chunks:

@@ -14,8 +14,9 @@ from tunemesh_checkpoint import convert
 from tunemesh_checkpoint.call_store import FilesystemCallStore
 from tunemesh_checkpoint.catalog import CheckpointCatalog, check_file_name
 from tunemesh_checkpoint.file_feed import write_files
+from tunemesh_checkpoint.handoff import HandoffDir
 from tunemesh_common.checkpoints.uploads import refusals_after_drain
-from tunemesh.errors import UnimplementedError
+from tunemesh.errors import FailedPreconditionError, UnimplementedError
 from tunemesh_common.service.rpc import current_tenant
 
 
@@ -65,9 +66,9 @@ class CheckpointServicer(checkpoints_pb2_grpc.CheckpointServiceServicer):
 
 class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
     def __init__(self, catalog: CheckpointCatalog, chunk_bytes: int, max_upload_bytes: int,
-                 calls: FilesystemCallStore | None = None) -> None:
+                 calls: FilesystemCallStore | None = None, handoff: HandoffDir | None = None) -> None:
         self._catalog, self._chunk_bytes, self._max_upload_bytes = catalog, chunk_bytes, max_upload_bytes
-        self._calls = calls
+        self._calls, self._handoff = calls, handoff
 
     async def WriteCheckpoint(self, request_iterator, context):
         """Each file goes to the store chunk by chunk as it arrives; the commit (one rename)
@@ -85,6 +86,16 @@ class StorageServicer(checkpoint_pb2_grpc.CheckpointStorageServiceServicer):
                 if not writer.committed:
                     await asyncio.to_thread(writer.abort)
         return checkpoint_pb2.WriteCheckpointResponse(checkpoint=convert.checkpoint(record))
+
+    async def AdoptCheckpoint(self, request, context):
+        """Files a caller on this host left in the handoff directory, taken by rename."""
+        if self._handoff is None:
+            raise FailedPreconditionError(
+                "NO_HANDOFF_DIR", "this checkpoint service has no handoff directory: stream the files (WriteCheckpoint)")
+        spec = convert.checkpoint_spec(request.header)
+        record = await asyncio.to_thread(self._handoff.take, self._catalog, current_tenant(), spec, request.handoff,
+                                         list(request.files), self._max_upload_bytes)
+        return checkpoint_pb2.AdoptCheckpointResponse(checkpoint=convert.checkpoint(record))
 
     async def ReadCheckpoint(self, request, context):
         async for part in _stream(self._catalog, current_tenant(), request.path, self._chunk_bytes):

@@ -25,6 +25,12 @@ class CheckpointSettings(settings.ServiceSettings):
     chunk_bytes: int = Field(1 << 20, ge=1, description="size of streamed file chunks, in bytes")
     max_upload_bytes: int = Field(4 << 30, ge=1,
                                   description="largest checkpoint written or imported in one stream, in bytes")
+    handoff_dir: pathlib.Path | None = Field(
+        None, description="a directory on the root's filesystem where trainers on this host leave checkpoint files "
+                          "for the service to take by rename (AdoptCheckpoint) instead of streaming them; "
+                          "created mode 0700; unset: none")
+    handoff_max_age_s: float = Field(
+        3600.0, gt=0, description="handoffs older than this are removed (their trainer died before handing them over)")
     max_bytes_per_tenant: int = Field(
         10 << 30, ge=0,
         description="bytes a tenant's checkpoints may hold in all (writes in progress included; automatic run "

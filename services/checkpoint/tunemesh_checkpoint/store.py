@@ -23,8 +23,10 @@ import hashlib
 import logging
 import os
 import pathlib
+import re
 import secrets
 import shutil
+import stat
 import threading
 import time
 import typing
@@ -70,6 +72,12 @@ class CheckpointWriter(abc.ABC):
     @abc.abstractmethod
     def write_blob(self, name: str, chunks: Iterable[bytes]) -> BlobInfo:
         """Stores one blob from a stream of chunks; returns its size and sha256."""
+
+    @abc.abstractmethod
+    def adopt_blob(self, name: str, source: pathlib.Path, info: BlobInfo) -> BlobInfo:
+        """Takes one blob that is already a whole, flushed file at `source` (on the store's
+        filesystem) by moving it in. Its size must be `info.size`; `info.sha256` is
+        recorded as the caller computed it (every read verifies it)."""
 
     @abc.abstractmethod
     def commit(self, metadata: dict) -> Manifest:
@@ -293,6 +301,22 @@ class FilesystemStore:
             pending.extend(pathlib.Path(e.path) for e in entries if e.is_dir(follow_symlinks=False))
 
 
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_handed_file(path: pathlib.Path, name: str, size: int) -> None:
+    """InvalidArgumentError(BAD_HANDOFF) unless `path` is a regular file of `size` bytes
+    with no other name (not a link, not shared with another file)."""
+    try:
+        status = os.lstat(path)
+    except FileNotFoundError:
+        raise InvalidArgumentError("BAD_HANDOFF", f"no file {name!r} was handed over") from None
+    if not stat.S_ISREG(status.st_mode) or status.st_nlink != 1:
+        raise InvalidArgumentError("BAD_HANDOFF", f"{name!r} is not a regular file with one name")
+    if status.st_size != size:
+        raise InvalidArgumentError("BAD_HANDOFF", f"{name!r} holds {status.st_size} bytes, not the {size} declared")
+
+
 def _verified_chunks(file: typing.BinaryIO, key: str, info: BlobInfo, chunk_size: int) -> Iterator[bytes]:
     with file:
         digest = hashlib.sha256()
@@ -338,6 +362,32 @@ class _FilesystemWriter(CheckpointWriter):
             path.unlink(missing_ok=True)
             raise
         self._blobs[name] = info
+        return info
+
+    def adopt_blob(self, name: str, source: pathlib.Path, info: BlobInfo) -> BlobInfo:
+        self._check_open()
+        validate_blob_name(name)
+        if name in self._blobs:
+            raise AlreadyExistsError("BLOB_EXISTS", f"blob {name!r} was already written")
+        if not _SHA256_HEX.fullmatch(info.sha256):
+            raise InvalidArgumentError("BAD_HANDOFF", f"{name!r}: sha256 {info.sha256[:80]!r} is not 64 hex digits")
+        _check_handed_file(source, name, info.size)
+        target = self._dir / name
+        try:
+            os.rename(source, target)
+        except FileNotFoundError:
+            raise InvalidArgumentError("BAD_HANDOFF", f"{name!r} was removed before it could be taken") from None
+        except OSError as err:
+            if err.errno == errno.EXDEV:
+                raise FailedPreconditionError(
+                    "HANDOFF_OTHER_FILESYSTEM", f"{name!r} lies on another filesystem than the store") from None
+            raise
+        try:  # what was checked is what was moved (nothing swapped it in between)
+            _check_handed_file(target, name, info.size)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        self._blobs[name] = info = BlobInfo(name, info.size, info.sha256)
         return info
 
     def _stream_to(self, path: pathlib.Path, name: str, chunks: Iterable[bytes]) -> BlobInfo:

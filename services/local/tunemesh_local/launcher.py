@@ -36,6 +36,7 @@ from tunemesh_local.certs import MeshCerts
 from tunemesh_local.state import MeshState, ProcessRecord
 
 ETCD_START_TIMEOUT_S = 15.0
+HANDOFF_DIR = "handoff"  # under the checkpoint root: checkpoint files trainers hand over by rename
 
 
 def local_trainer_threads(trainers: int) -> int:
@@ -120,8 +121,10 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
     certs = config.certs()
     checkpoint = f"127.0.0.1:{pick_free_port()}"
     root = config.checkpoint_dir or config.state_dir / "checkpoints"
+    handoff = _absolute(root) / HANDOFF_DIR  # every process runs on this host: trainers hand checkpoints over by rename
     specs = [ServiceSpec("checkpoint", "checkpoint", (
         sys.executable, "-m", "tunemesh_checkpoint", "--listen", checkpoint, "--root-dir", str(root),
+        "--handoff-dir", str(handoff),
         "--ready-file", str(config.ready_file("checkpoint")), *tls_flags(certs, "checkpoint", "checkpoint"),
     ))]
     for index in range(config.trainers):
@@ -129,6 +132,7 @@ def default_services(config: MeshConfig, etcd_endpoint: str, api_keys_file: Path
         argv = [sys.executable, "-m", "tunemesh_trainer", "--node-id", node_id, "--etcd", etcd_endpoint,
                 "--listen", "127.0.0.1:0", "--ready-file", str(config.ready_file(node_id)),
                 "--data-dir", str(config.data_dir or default_data_dir()), "--checkpoint", checkpoint,
+                "--checkpoint-handoff-dir", str(handoff),
                 *tls_flags(certs, node_id, "trainer", node_id)]
         if config.models:
             argv += ["--model", config.models[index % len(config.models)]]

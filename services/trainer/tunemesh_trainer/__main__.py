@@ -58,7 +58,7 @@ async def serve(s: settings_mod.TrainerSettings, group: RankGroup | None = None)
     config = HostConfig("trainer", s.listen, s.metrics_listen, s.advertise_host, s.ready_file,
                         registry=trainer_metrics.registry, tls=tls, peers=frozenset({"scheduler"}))
     async with ServiceHost(config) as host:
-        storage = CheckpointStorageClient(s.checkpoint, tls=tls)
+        storage = CheckpointStorageClient(s.checkpoint, tls=tls, handoff_dir=s.checkpoint_handoff_dir)
         host.on_stop(storage.close)
         servicer = TrainerServicer(s.node_id, host.bind(), host.metrics_url, checkpoints=storage)
         host.add_servicer(trainer_pb2_grpc.add_TrainerServiceServicer_to_server, servicer, SERVICE_NAME)

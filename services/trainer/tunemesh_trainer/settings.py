@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Literal
 
 from pydantic import Field
@@ -20,6 +21,9 @@ class TrainerSettings(settings.NodeSettings):
     max_batch_tokens: int = Field(8192, ge=1, description="padded tokens per chunk of a fused pass (bounds memory)")
     checkpoint: HostPortOrEmpty = Field("",
                             description="host:port of the checkpoint service; empty: saves and loads fail")
+    checkpoint_handoff_dir: pathlib.Path | None = Field(
+        None, description="the checkpoint service's handoff directory, when it runs on this host: checkpoints and "
+                          "snapshots are written there and taken by rename instead of streamed; unset: streamed")
     ranks: int = Field(1, ge=1, description="> 1: a DeepSpeed ZeRO-3 group of this many local ranks (this process is rank 0)")
     expert_parallel: int = Field(
         1, ge=1, description="> 1: groups of this many ranks split each MoE layer's experts (divides the ranks)")

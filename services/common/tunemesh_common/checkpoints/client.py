@@ -7,8 +7,11 @@ sha256 against the checkpoint's manifest) on top of the store's own check.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
+import logging
+import pathlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -16,10 +19,12 @@ import grpc
 from tunemesh_internal.v1 import checkpoint_pb2, checkpoint_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
 from tunemesh.errors import DataLossError, FailedPreconditionError
+from tunemesh_common.checkpoints import handoff
 from tunemesh_common.checkpoints.uploads import send_upload
 from tunemesh_common.service.rpc import CHANNEL_OPTIONS, TENANT_KEY, error_from_peer
 from tunemesh_common.security.tls import MeshTls, identity_name, open_channel
 
+log = logging.getLogger(__name__)
 CHECKPOINT_IDENTITY = identity_name("checkpoint")  # what the checkpoint service's certificate proves
 
 CHUNK_BYTES = 1 << 20
@@ -27,13 +32,18 @@ CALL_STORE_CALLER = "tunemesh-scheduler"  # the call store belongs to no tenant:
 
 
 class CheckpointStorageClient:
-    """Writes and reads whole checkpoints; one channel to the checkpoint service."""
+    """Writes and reads whole checkpoints; one channel to the checkpoint service.
+
+    With `handoff_dir` (the service's handoff directory, on this host) a write leaves the
+    files there and the service takes them by rename (AdoptCheckpoint), instead of
+    streaming their bytes; a service without one gets streamed writes (logged once)."""
 
     def __init__(self, address: str, timeout_s: float = 600.0, chunk_bytes: int = CHUNK_BYTES,
-                 tls: MeshTls | None = None) -> None:
+                 tls: MeshTls | None = None, handoff_dir: pathlib.Path | None = None) -> None:
         self.address = address
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
+        self._handoff_dir = handoff_dir
         self._channel = open_channel(address, tls, CHECKPOINT_IDENTITY, CHANNEL_OPTIONS) if address else None
         self._stub = checkpoint_pb2_grpc.CheckpointStorageServiceStub(self._channel) if address else None
 
@@ -46,8 +56,17 @@ class CheckpointStorageClient:
         self, tenant: str, header: checkpoint_pb2.WriteCheckpointHeader, files: dict[str, list]
     ) -> checkpoints_pb2.Checkpoint:
         """Upload `files` (name -> buffers in order) as a new checkpoint; returns it once
-        committed. Buffers are cut into chunks as they are sent, never joined."""
+        committed. Buffers are cut into chunks as they are sent, never joined (or, with a
+        handoff directory, written there and taken by the service)."""
         stub = self._require()
+        if self._handoff_dir is not None:
+            try:
+                return await self._hand_over(stub, tenant, header, files)
+            except FailedPreconditionError as err:
+                if err.reason != "NO_HANDOFF_DIR":
+                    raise
+                log.warning("checkpoint service %s has no handoff directory: streaming checkpoints", self.address)
+                self._handoff_dir = None
 
         async def requests() -> AsyncIterator[checkpoint_pb2.WriteCheckpointRequest]:
             yield checkpoint_pb2.WriteCheckpointRequest(header=header)
@@ -61,6 +80,21 @@ class CheckpointStorageClient:
             response = await send_upload(call, requests())  # a refusal stops the feed at once
         except grpc.aio.AioRpcError as err:
             raise error_from_peer(err, f"checkpoint service {self.address}") from None
+        return response.checkpoint
+
+    async def _hand_over(self, stub, tenant: str, header: checkpoint_pb2.WriteCheckpointHeader,
+                         files: dict[str, list]) -> checkpoints_pb2.Checkpoint:
+        """Write the files into the handoff directory (in a worker thread) and have the
+        service take them; nothing is left behind either way."""
+        handoff_dir = self._handoff_dir
+        token, described = await asyncio.to_thread(handoff.write_files, handoff_dir, files)
+        try:
+            request = checkpoint_pb2.AdoptCheckpointRequest(header=header, handoff=token, files=described)
+            response = await stub.AdoptCheckpoint(request, timeout=self._timeout_s, metadata=_tenant(tenant))
+        except grpc.aio.AioRpcError as err:
+            raise error_from_peer(err, f"checkpoint service {self.address}") from None
+        finally:  # the service removed it once it answered; not if it never got the call
+            await asyncio.to_thread(handoff.discard, handoff_dir, token)
         return response.checkpoint
 
     async def read(self, tenant: str, path: str) -> tuple[checkpoints_pb2.Checkpoint, dict[str, bytearray]]:

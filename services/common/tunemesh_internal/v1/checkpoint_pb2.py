@@ -26,7 +26,7 @@ from tunemesh.v1 import checkpoints_pb2 as tunemesh_dot_v1_dot_checkpoints__pb2
 from tunemesh.v1 import types_pb2 as tunemesh_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tunemesh/internal/v1/checkpoint.proto\x12\x14tunemesh.internal.v1\x1a\x1dtunemesh/v1/checkpoints.proto\x1a\x17tunemesh/v1/types.proto\"\xb2\x02\n\x15WriteCheckpointHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12,\n\x0blora_config\x18\x03 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x1b\n\x13has_optimizer_state\x18\x05 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x03\x12T\n\ruser_metadata\x18\x07 \x03(\x0b\x32=.tunemesh.internal.v1.WriteCheckpointHeader.UserMetadataEntry\x1a\x33\n\x11UserMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x88\x01\n\x16WriteCheckpointRequest\x12=\n\x06header\x18\x01 \x01(\x0b\x32+.tunemesh.internal.v1.WriteCheckpointHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.tunemesh.v1.FileChunkH\x00\x42\x06\n\x04part\"F\n\x17WriteCheckpointResponse\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.tunemesh.v1.Checkpoint\"%\n\x15ReadCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"x\n\x16ReadCheckpointResponse\x12-\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.tunemesh.v1.CheckpointH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.tunemesh.v1.FileChunkH\x00\x42\x06\n\x04part\"&\n\x07\x43\x61llKey\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\"W\n\x0ePutCallRequest\x12,\n\x03key\x18\x01 \x01(\x0b\x32\x1d.tunemesh.internal.v1.CallKeyH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"%\n\x0fPutCallResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\"<\n\x0eGetCallRequest\x12*\n\x03key\x18\x01 \x01(\x0b\x32\x1d.tunemesh.internal.v1.CallKey\" \n\x0fGetCallResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"S\n\x12\x44\x65leteCallsRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x18\n\x0ethrough_seq_id\x18\x02 \x01(\x03H\x00\x12\r\n\x03\x61ll\x18\x03 \x01(\x08H\x00\x42\x07\n\x05\x63\x61lls\",\n\x13\x44\x65leteCallsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03\x32\x93\x04\n\x18\x43heckpointStorageService\x12p\n\x0fWriteCheckpoint\x12,.tunemesh.internal.v1.WriteCheckpointRequest\x1a-.tunemesh.internal.v1.WriteCheckpointResponse(\x01\x12m\n\x0eReadCheckpoint\x12+.tunemesh.internal.v1.ReadCheckpointRequest\x1a,.tunemesh.internal.v1.ReadCheckpointResponse0\x01\x12X\n\x07PutCall\x12$.tunemesh.internal.v1.PutCallRequest\x1a%.tunemesh.internal.v1.PutCallResponse(\x01\x12X\n\x07GetCall\x12$.tunemesh.internal.v1.GetCallRequest\x1a%.tunemesh.internal.v1.GetCallResponse0\x01\x12\x62\n\x0b\x44\x65leteCalls\x12(.tunemesh.internal.v1.DeleteCallsRequest\x1a).tunemesh.internal.v1.DeleteCallsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n%tunemesh/internal/v1/checkpoint.proto\x12\x14tunemesh.internal.v1\x1a\x1dtunemesh/v1/checkpoints.proto\x1a\x17tunemesh/v1/types.proto\"\xb2\x02\n\x15WriteCheckpointHeader\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x12\n\nbase_model\x18\x02 \x01(\t\x12,\n\x0blora_config\x18\x03 \x01(\x0b\x32\x17.tunemesh.v1.LoraConfig\x12\x0c\n\x04step\x18\x04 \x01(\x03\x12\x1b\n\x13has_optimizer_state\x18\x05 \x01(\x08\x12\x13\n\x0bttl_seconds\x18\x06 \x01(\x03\x12T\n\ruser_metadata\x18\x07 \x03(\x0b\x32=.tunemesh.internal.v1.WriteCheckpointHeader.UserMetadataEntry\x1a\x33\n\x11UserMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x92\x01\n\x16\x41\x64optCheckpointRequest\x12;\n\x06header\x18\x01 \x01(\x0b\x32+.tunemesh.internal.v1.WriteCheckpointHeader\x12\x0f\n\x07handoff\x18\x02 \x01(\t\x12*\n\x05\x66iles\x18\x03 \x03(\x0b\x32\x1b.tunemesh.v1.CheckpointFile\"F\n\x17\x41\x64optCheckpointResponse\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.tunemesh.v1.Checkpoint\"\x88\x01\n\x16WriteCheckpointRequest\x12=\n\x06header\x18\x01 \x01(\x0b\x32+.tunemesh.internal.v1.WriteCheckpointHeaderH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.tunemesh.v1.FileChunkH\x00\x42\x06\n\x04part\"F\n\x17WriteCheckpointResponse\x12+\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.tunemesh.v1.Checkpoint\"%\n\x15ReadCheckpointRequest\x12\x0c\n\x04path\x18\x01 \x01(\t\"x\n\x16ReadCheckpointResponse\x12-\n\ncheckpoint\x18\x01 \x01(\x0b\x32\x17.tunemesh.v1.CheckpointH\x00\x12\'\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x16.tunemesh.v1.FileChunkH\x00\x42\x06\n\x04part\"&\n\x07\x43\x61llKey\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x0e\n\x06seq_id\x18\x02 \x01(\x03\"W\n\x0ePutCallRequest\x12,\n\x03key\x18\x01 \x01(\x0b\x32\x1d.tunemesh.internal.v1.CallKeyH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"%\n\x0fPutCallResponse\x12\x12\n\nsize_bytes\x18\x01 \x01(\x03\"<\n\x0eGetCallRequest\x12*\n\x03key\x18\x01 \x01(\x0b\x32\x1d.tunemesh.internal.v1.CallKey\" \n\x0fGetCallResponse\x12\r\n\x05\x63hunk\x18\x01 \x01(\x0c\"S\n\x12\x44\x65leteCallsRequest\x12\x0b\n\x03run\x18\x01 \x01(\t\x12\x18\n\x0ethrough_seq_id\x18\x02 \x01(\x03H\x00\x12\r\n\x03\x61ll\x18\x03 \x01(\x08H\x00\x42\x07\n\x05\x63\x61lls\",\n\x13\x44\x65leteCallsResponse\x12\x15\n\rdeleted_count\x18\x01 \x01(\x03\x32\x83\x05\n\x18\x43heckpointStorageService\x12p\n\x0fWriteCheckpoint\x12,.tunemesh.internal.v1.WriteCheckpointRequest\x1a-.tunemesh.internal.v1.WriteCheckpointResponse(\x01\x12n\n\x0f\x41\x64optCheckpoint\x12,.tunemesh.internal.v1.AdoptCheckpointRequest\x1a-.tunemesh.internal.v1.AdoptCheckpointResponse\x12m\n\x0eReadCheckpoint\x12+.tunemesh.internal.v1.ReadCheckpointRequest\x1a,.tunemesh.internal.v1.ReadCheckpointResponse0\x01\x12X\n\x07PutCall\x12$.tunemesh.internal.v1.PutCallRequest\x1a%.tunemesh.internal.v1.PutCallResponse(\x01\x12X\n\x07GetCall\x12$.tunemesh.internal.v1.GetCallRequest\x1a%.tunemesh.internal.v1.GetCallResponse0\x01\x12\x62\n\x0b\x44\x65leteCalls\x12(.tunemesh.internal.v1.DeleteCallsRequest\x1a).tunemesh.internal.v1.DeleteCallsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,28 +39,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WRITECHECKPOINTHEADER']._serialized_end=426
   _globals['_WRITECHECKPOINTHEADER_USERMETADATAENTRY']._serialized_start=375
   _globals['_WRITECHECKPOINTHEADER_USERMETADATAENTRY']._serialized_end=426
-  _globals['_WRITECHECKPOINTREQUEST']._serialized_start=429
-  _globals['_WRITECHECKPOINTREQUEST']._serialized_end=565
-  _globals['_WRITECHECKPOINTRESPONSE']._serialized_start=567
-  _globals['_WRITECHECKPOINTRESPONSE']._serialized_end=637
-  _globals['_READCHECKPOINTREQUEST']._serialized_start=639
-  _globals['_READCHECKPOINTREQUEST']._serialized_end=676
-  _globals['_READCHECKPOINTRESPONSE']._serialized_start=678
-  _globals['_READCHECKPOINTRESPONSE']._serialized_end=798
-  _globals['_CALLKEY']._serialized_start=800
-  _globals['_CALLKEY']._serialized_end=838
-  _globals['_PUTCALLREQUEST']._serialized_start=840
-  _globals['_PUTCALLREQUEST']._serialized_end=927
-  _globals['_PUTCALLRESPONSE']._serialized_start=929
-  _globals['_PUTCALLRESPONSE']._serialized_end=966
-  _globals['_GETCALLREQUEST']._serialized_start=968
-  _globals['_GETCALLREQUEST']._serialized_end=1028
-  _globals['_GETCALLRESPONSE']._serialized_start=1030
-  _globals['_GETCALLRESPONSE']._serialized_end=1062
-  _globals['_DELETECALLSREQUEST']._serialized_start=1064
-  _globals['_DELETECALLSREQUEST']._serialized_end=1147
-  _globals['_DELETECALLSRESPONSE']._serialized_start=1149
-  _globals['_DELETECALLSRESPONSE']._serialized_end=1193
-  _globals['_CHECKPOINTSTORAGESERVICE']._serialized_start=1196
-  _globals['_CHECKPOINTSTORAGESERVICE']._serialized_end=1727
+  _globals['_ADOPTCHECKPOINTREQUEST']._serialized_start=429
+  _globals['_ADOPTCHECKPOINTREQUEST']._serialized_end=575
+  _globals['_ADOPTCHECKPOINTRESPONSE']._serialized_start=577
+  _globals['_ADOPTCHECKPOINTRESPONSE']._serialized_end=647
+  _globals['_WRITECHECKPOINTREQUEST']._serialized_start=650
+  _globals['_WRITECHECKPOINTREQUEST']._serialized_end=786
+  _globals['_WRITECHECKPOINTRESPONSE']._serialized_start=788
+  _globals['_WRITECHECKPOINTRESPONSE']._serialized_end=858
+  _globals['_READCHECKPOINTREQUEST']._serialized_start=860
+  _globals['_READCHECKPOINTREQUEST']._serialized_end=897
+  _globals['_READCHECKPOINTRESPONSE']._serialized_start=899
+  _globals['_READCHECKPOINTRESPONSE']._serialized_end=1019
+  _globals['_CALLKEY']._serialized_start=1021
+  _globals['_CALLKEY']._serialized_end=1059
+  _globals['_PUTCALLREQUEST']._serialized_start=1061
+  _globals['_PUTCALLREQUEST']._serialized_end=1148
+  _globals['_PUTCALLRESPONSE']._serialized_start=1150
+  _globals['_PUTCALLRESPONSE']._serialized_end=1187
+  _globals['_GETCALLREQUEST']._serialized_start=1189
+  _globals['_GETCALLREQUEST']._serialized_end=1249
+  _globals['_GETCALLRESPONSE']._serialized_start=1251
+  _globals['_GETCALLRESPONSE']._serialized_end=1283
+  _globals['_DELETECALLSREQUEST']._serialized_start=1285
+  _globals['_DELETECALLSREQUEST']._serialized_end=1368
+  _globals['_DELETECALLSRESPONSE']._serialized_start=1370
+  _globals['_DELETECALLSRESPONSE']._serialized_end=1414
+  _globals['_CHECKPOINTSTORAGESERVICE']._serialized_start=1417
+  _globals['_CHECKPOINTSTORAGESERVICE']._serialized_end=2060
 # @@protoc_insertion_point(module_scope)

@@ -3,7 +3,7 @@ from tunemesh.v1 import types_pb2 as _types_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from collections.abc import Mapping as _Mapping
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -32,6 +32,22 @@ class WriteCheckpointHeader(_message.Message):
     ttl_seconds: int
     user_metadata: _containers.ScalarMap[str, str]
     def __init__(self, path: _Optional[str] = ..., base_model: _Optional[str] = ..., lora_config: _Optional[_Union[_types_pb2.LoraConfig, _Mapping]] = ..., step: _Optional[int] = ..., has_optimizer_state: _Optional[bool] = ..., ttl_seconds: _Optional[int] = ..., user_metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class AdoptCheckpointRequest(_message.Message):
+    __slots__ = ("header", "handoff", "files")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    header: WriteCheckpointHeader
+    handoff: str
+    files: _containers.RepeatedCompositeFieldContainer[_checkpoints_pb2.CheckpointFile]
+    def __init__(self, header: _Optional[_Union[WriteCheckpointHeader, _Mapping]] = ..., handoff: _Optional[str] = ..., files: _Optional[_Iterable[_Union[_checkpoints_pb2.CheckpointFile, _Mapping]]] = ...) -> None: ...
+
+class AdoptCheckpointResponse(_message.Message):
+    __slots__ = ("checkpoint",)
+    CHECKPOINT_FIELD_NUMBER: _ClassVar[int]
+    checkpoint: _checkpoints_pb2.Checkpoint
+    def __init__(self, checkpoint: _Optional[_Union[_checkpoints_pb2.Checkpoint, _Mapping]] = ...) -> None: ...
 
 class WriteCheckpointRequest(_message.Message):
     __slots__ = ("header", "chunk")

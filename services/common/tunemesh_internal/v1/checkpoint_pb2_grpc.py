@@ -44,6 +44,11 @@ class CheckpointStorageServiceStub:
                 request_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.WriteCheckpointRequest.SerializeToString,
                 response_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.WriteCheckpointResponse.FromString,
                 _registered_method=True)
+        self.AdoptCheckpoint = channel.unary_unary(
+                '/tunemesh.internal.v1.CheckpointStorageService/AdoptCheckpoint',
+                request_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.AdoptCheckpointRequest.SerializeToString,
+                response_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.AdoptCheckpointResponse.FromString,
+                _registered_method=True)
         self.ReadCheckpoint = channel.unary_stream(
                 '/tunemesh.internal.v1.CheckpointStorageService/ReadCheckpoint',
                 request_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.ReadCheckpointRequest.SerializeToString,
@@ -77,6 +82,16 @@ class CheckpointStorageServiceServicer:
     def WriteCheckpoint(self, request_iterator, context):
         """Writes a new checkpoint: the header first, then file chunks; committed atomically
         when the stream ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdoptCheckpoint(self, request, context):
+        """Writes a new checkpoint whose files the caller, on the same host, already wrote into
+        the service's handoff directory: the service takes them by rename (no byte is
+        streamed) and commits them atomically. FAILED_PRECONDITION NO_HANDOFF_DIR when the
+        service has none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -121,6 +136,11 @@ def add_CheckpointStorageServiceServicer_to_server(servicer, server):
                     servicer.WriteCheckpoint,
                     request_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.WriteCheckpointRequest.FromString,
                     response_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.WriteCheckpointResponse.SerializeToString,
+            ),
+            'AdoptCheckpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdoptCheckpoint,
+                    request_deserializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.AdoptCheckpointRequest.FromString,
+                    response_serializer=tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.AdoptCheckpointResponse.SerializeToString,
             ),
             'ReadCheckpoint': grpc.unary_stream_rpc_method_handler(
                     servicer.ReadCheckpoint,
@@ -175,6 +195,33 @@ class CheckpointStorageService:
             '/tunemesh.internal.v1.CheckpointStorageService/WriteCheckpoint',
             tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.WriteCheckpointRequest.SerializeToString,
             tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.WriteCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdoptCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tunemesh.internal.v1.CheckpointStorageService/AdoptCheckpoint',
+            tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.AdoptCheckpointRequest.SerializeToString,
+            tunemesh_dot_internal_dot_v1_dot_checkpoint__pb2.AdoptCheckpointResponse.FromString,
             options,
             channel_credentials,
             insecure,
