@@ -8,6 +8,7 @@ sha256 against the checkpoint's manifest) on top of the store's own check.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import logging
@@ -44,6 +45,9 @@ class CheckpointStorageClient:
         self._timeout_s = timeout_s
         self._chunk_bytes = chunk_bytes
         self._handoff_dir = handoff_dir
+        # One handoff written at a time: a round's snapshots (one per run) would otherwise
+        # take every core at once, beside the engine thread they come from.
+        self._handoff_writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint-handoff")
         self._channel = open_channel(address, tls, CHECKPOINT_IDENTITY, CHANNEL_OPTIONS) if address else None
         self._stub = checkpoint_pb2_grpc.CheckpointStorageServiceStub(self._channel) if address else None
 
@@ -87,7 +91,8 @@ class CheckpointStorageClient:
         """Write the files into the handoff directory (in a worker thread) and have the
         service take them; nothing is left behind either way."""
         handoff_dir = self._handoff_dir
-        token, described = await asyncio.to_thread(handoff.write_files, handoff_dir, files)
+        token, described = await asyncio.get_running_loop().run_in_executor(
+            self._handoff_writer, handoff.write_files, handoff_dir, files)
         try:
             request = checkpoint_pb2.AdoptCheckpointRequest(header=header, handoff=token, files=described)
             response = await stub.AdoptCheckpoint(request, timeout=self._timeout_s, metadata=_tenant(tenant))
@@ -118,6 +123,7 @@ class CheckpointStorageClient:
     async def close(self) -> None:
         if self._channel is not None:
             await self._channel.close()
+        self._handoff_writer.shutdown(wait=False)
 
 
 class CallStoreClient:
