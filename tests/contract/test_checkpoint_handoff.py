@@ -25,7 +25,8 @@ from tunemesh_common.checkpoints.client import CheckpointStorageClient
 from tunemesh_common.service import rpc
 from tunemesh_common.service.host import build_server
 from tunemesh.errors import (
-    DataLossError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, error_from_rpc,
+    DataLossError, FailedPreconditionError, InvalidArgumentError, ResourceExhaustedError, UnavailableError,
+    error_from_rpc,
 )
 
 TENANT = "alice"
@@ -268,3 +269,16 @@ def test_a_writer_that_fails_leaves_nothing_in_the_handoff_dir(tmp_path):
     assert data == b"ab" + np.arange(3, dtype=np.float32).tobytes()
     assert described == [checkpoints_pb2.CheckpointFile(name=FILES[0], size_bytes=14,
                                                          sha256=hashlib.sha256(data).hexdigest())]
+
+
+def test_a_handoff_the_service_never_got_is_removed_by_the_client(tmp_path):
+    async def scenario() -> None:
+        async with checkpoint_service(tmp_path / "store") as (address, directory):
+            pass  # stopped: its port refuses
+        client = CheckpointStorageClient(address, timeout_s=5, handoff_dir=directory)
+        with pytest.raises(UnavailableError):
+            await client.write(TENANT, header(), files())
+        await client.close()
+        assert list(directory.iterdir()) == []
+
+    run(scenario)

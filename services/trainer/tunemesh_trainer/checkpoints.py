@@ -1,7 +1,8 @@
 """Save and load adapters through the checkpoint service (server layer: protos in and out).
 
 A save snapshots the adapter on the engine thread between batches, encodes it in a worker
-thread and streams it while other runs keep training; a load fetches and checks the
+thread and streams it (or hands its files over, on the service's host) while other runs
+keep training; a load fetches and checks the
 checkpoint first and touches the adapter only once everything fits.
 """
 

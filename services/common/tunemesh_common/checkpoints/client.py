@@ -1,7 +1,8 @@
 """Clients of the internal CheckpointStorageService: checkpoints for trainers and samplers,
 the call store for the scheduler.
 
-Files and calls travel as 1 MiB chunks; checkpoint reads are verified end to end (size and
+Files and calls travel as 1 MiB chunks (or, for a checkpoint written on the service's own
+host, as files handed over by rename); checkpoint reads are verified end to end (size and
 sha256 against the checkpoint's manifest) on top of the store's own check.
 """
 
@@ -96,10 +97,11 @@ class CheckpointStorageClient:
         try:
             request = checkpoint_pb2.AdoptCheckpointRequest(header=header, handoff=token, files=described)
             response = await stub.AdoptCheckpoint(request, timeout=self._timeout_s, metadata=_tenant(tenant))
-        except grpc.aio.AioRpcError as err:
-            raise error_from_peer(err, f"checkpoint service {self.address}") from None
-        finally:  # the service removed it once it answered; not if it never got the call
+        except BaseException as err:  # the service removes what it answered for; not what it never got
             await asyncio.to_thread(handoff.discard, handoff_dir, token)
+            if isinstance(err, grpc.aio.AioRpcError):
+                raise error_from_peer(err, f"checkpoint service {self.address}") from None
+            raise
         return response.checkpoint
 
     async def read(self, tenant: str, path: str) -> tuple[checkpoints_pb2.Checkpoint, dict[str, bytearray]]:
