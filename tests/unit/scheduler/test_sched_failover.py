@@ -111,21 +111,25 @@ def test_every_second_optim_step_takes_a_snapshot_that_trims_the_kept_calls():
     asyncio.run(main())
 
 
-def test_no_second_snapshot_is_asked_for_while_one_is_being_written():
+def test_at_most_two_snapshots_of_a_run_are_written_at_once():
+    """With steps pipelined the next step's snapshot is asked for while the last one is
+    still being written; a third waits. Once written, the older is superseded and deleted."""
     async def main():
         mesh, _ = await _start(snapshot_every_steps=1)
         run = await mesh.new_run()
         mesh.trainer.snapshot_hold = asyncio.Event()
-        await _steps(mesh, run, [OPTIM, OPTIM, OPTIM])
+        await _steps(mesh, run, [OPTIM, OPTIM, OPTIM, OPTIM])
         await settle()
-        assert mesh.trainer.snapshot_calls == [("node-a", run, 1)]
+        assert mesh.trainer.snapshot_calls == [("node-a", run, 1), ("node-a", run, 2)]
         assert _sent_snapshots(mesh.trainer, run) == {1: SnapshotTarget(_snapshot_of(run, 1), "t1"),
-                                                      2: None, 3: None}
+                                                      2: SnapshotTarget(_snapshot_of(run, 2), "t1"),
+                                                      3: None, 4: None}
         assert mesh.core.get_run("t1", run).snapshot_path == ""  # not confirmed yet
         mesh.trainer.snapshot_hold.set()
-        await _until(lambda: mesh.core.get_run("t1", run).snapshot_seq_id == 1)
-        await _steps(mesh, run, [OPTIM], first=4)
-        assert _sent_snapshots(mesh.trainer, run)[4] == SnapshotTarget(_snapshot_of(run, 4), "t1")
+        await _until(lambda: mesh.core.get_run("t1", run).snapshot_seq_id == 2)
+        await _until(lambda: getattr(mesh.trainer, "deleted_checkpoints", []) == [("t1", _snapshot_of(run, 1))])
+        await _steps(mesh, run, [OPTIM], first=5)
+        assert _sent_snapshots(mesh.trainer, run)[5] == SnapshotTarget(_snapshot_of(run, 5), "t1")
 
     asyncio.run(main())
 

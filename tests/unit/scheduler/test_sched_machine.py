@@ -397,6 +397,38 @@ def test_a_failed_snapshot_is_asked_for_again_at_the_next_step():
     assert _step(w, r, 3).items[1].snapshot is not None
 
 
+def test_the_next_steps_snapshot_is_asked_for_while_the_last_is_written_and_a_late_one_is_superseded():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+    r = w.run("runs/a")
+    w.submit(r, 1), w.submit(r, 2, OPTIM), w.submit(r, 3), w.submit(r, 4, OPTIM)  # two steps pipelined
+    first = _only_batch(w.actions())
+    w.answer(first)
+    actions = w.actions()
+    (confirm_2,) = [a for a in actions if isinstance(a, ConfirmSnapshot)]
+    second = _only_batch(actions)  # out while the snapshot after seq_id 2 is still written
+    assert first.items[1].snapshot is not None and second.items[1].snapshot is not None
+    w.answer(second)
+    (confirm_4,) = [a for a in w.actions() if isinstance(a, ConfirmSnapshot)]
+    assert w.machine.snapshot_written(confirm_4) == ""  # written first
+    assert (r.snapshot_seq_id, StoreWrite(r, trim_through=4) in w.writes) == (4, True)
+    assert w.machine.snapshot_written(confirm_2) == confirm_2.op.snapshot_path  # late: delete it
+    assert r.snapshot_seq_id == 4 and r.snapshot_path == confirm_4.op.snapshot_path
+    w.submit(r, 5), w.submit(r, 6, OPTIM)
+    assert _only_batch(w.actions()).items[1].snapshot is not None  # nothing left out
+
+
+def test_a_third_snapshot_waits_until_one_of_two_is_written():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+    r = w.run("runs/a")
+    confirms = []
+    for seq in (1, 3, 5):
+        batch = _step(w, r, seq)
+        confirms += [a for a in w.actions() if isinstance(a, ConfirmSnapshot)]
+    assert [c.op.seq_id for c in confirms] == [2, 4] and batch.items[1].snapshot is None
+    w.machine.snapshot_failed(confirms[0])
+    assert _step(w, r, 7).items[1].snapshot is not None
+
+
 def test_a_snapshot_is_due_after_its_time_too():
     w = World(snapshots=SnapshotPolicy(every_steps=0, every_s=60))
     r = w.run("runs/a")

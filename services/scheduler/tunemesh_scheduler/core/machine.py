@@ -607,10 +607,12 @@ class SchedulerMachine:
         ('' when none)."""
         run, op = confirm.run, confirm.op
         if run.name in self.moving:  # the move builds on the snapshot it started from
-            self.snapshots.failed(run)
+            self.snapshots.failed(run, op.seq_id)
             return ""
-        if not self.snapshots.written(run, self._clock()):
+        if not self.snapshots.written(run, op.seq_id, self._clock()):
             return ""  # the run was deleted meanwhile
+        if op.seq_id < run.snapshot_seq_id:
+            return op.snapshot_path  # a later snapshot was written first: this one is superseded
         previous = run.snapshot_path
         if op.seq_id > run.snapshot_seq_id:
             run.snapshot_path, run.snapshot_seq_id = op.snapshot_path, op.seq_id
@@ -619,7 +621,7 @@ class SchedulerMachine:
         return previous if previous and previous != run.snapshot_path else ""
 
     def snapshot_failed(self, confirm: ConfirmSnapshot) -> None:
-        self.snapshots.failed(confirm.run)
+        self.snapshots.failed(confirm.run, confirm.op.seq_id)
 
     # ---- status ----------------------------------------------------------------------
 

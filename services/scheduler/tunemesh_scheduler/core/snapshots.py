@@ -1,11 +1,15 @@
-"""When a run's automatic snapshot is due, and whether one is being written.
+"""When a run's automatic snapshot is due, and which ones are being written.
 
 A snapshot is asked for after a run's OPTIM_STEP every `every_steps` optimizer steps,
 every `every_s` seconds, or when the trainer rounds that carried the run's work since its
 last snapshot would pass `replay_budget_s` seconds with one more round like its last (what
 a move replays: so a trainer's death costs its runs at most about that much recompute,
-on any model), never sooner than `min_interval_s` after the run's last one, and never
-while one is being written. Pure: time and round durations come in as arguments.
+on any model), never sooner than `min_interval_s` after the run's last one. Each of these
+counts from the run's latest snapshot, written or still being written. Up to
+`MAX_WRITING` snapshots of a run are written at once: with steps pipelined, the next
+step's snapshot is asked for while the last one is still being written, and waiting for
+it would leave every second step unsnapshot (a move would replay it). Pure: time and round
+durations come in as arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ import dataclasses
 
 from tunemesh_common.checkpoints import paths as checkpoint_paths
 from tunemesh_scheduler.core.records import OperationRecord, OpState, RunRecord
+
+MAX_WRITING = 2  # snapshots of one run out at once (each holds a copy of the adapter on its trainer)
 
 
 def snapshot_path(run_name: str, seq_id: int) -> str:
@@ -30,16 +36,27 @@ class SnapshotPolicy:
 
 
 @dataclasses.dataclass
+class _Mark:
+    """A snapshot asked for and not yet written (or the run's last written one)."""
+
+    seq_id: int
+    step: int  # the run's optimizer steps once the snapshot's step is applied
+    time: float
+    work_s: float = 0.0  # the run's work_s the snapshot covers
+    own_round: bool = False  # the run's next round carries the step the snapshot follows
+
+
+@dataclasses.dataclass
 class _Progress:
     """Snapshot bookkeeping of one run."""
 
-    step_at_snapshot: int
-    time_at_snapshot: float
-    pending: bool = False  # a snapshot is being written
+    written: _Mark  # the last snapshot written (work_s 0: work_s counts from it)
+    writing: list[_Mark] = dataclasses.field(default_factory=list)  # asked for, oldest first
     work_s: float = 0.0  # trainer seconds of the run's rounds since the step of its last snapshot
-    work_at_mark: float = 0.0  # work_s covered by the snapshot being written
-    round_of_mark: bool = False  # the run's next round carries the step the snapshot follows
     last_round_s: float = 0.0  # the run's latest round
+
+    def latest(self) -> _Mark:
+        return self.writing[-1] if self.writing else self.written
 
 
 class SnapshotBook:
@@ -52,29 +69,37 @@ class SnapshotBook:
     def forget(self, run_name: str) -> None:
         self._progress.pop(run_name, None)
 
+    def _of(self, run: RunRecord, now: float) -> _Progress:
+        progress = self._progress.get(run.name)
+        if progress is None:
+            progress = self._progress[run.name] = _Progress(_Mark(0, run.step, now))
+        return progress
+
     def worked(self, runs, seconds: float, now: float) -> None:
         """A trainer round of `seconds`, ending at `now`, carried work of each of `runs`
         (a run's first round starts its bookkeeping, so its first snapshot comes in time)."""
         for run in runs:
-            progress = self._progress.setdefault(run.name, _Progress(run.step, now - seconds))
+            progress = self._of(run, now - seconds)
             progress.work_s += seconds
             progress.last_round_s = seconds
-            if progress.round_of_mark:  # the snapshot covers the round of its own step
-                progress.work_at_mark += seconds
-                progress.round_of_mark = False
+            for mark in progress.writing:
+                if mark.own_round:  # the snapshot covers the round of its own step
+                    mark.work_s += seconds
+                    mark.own_round = False
 
     def mark(self, run: RunRecord, step: OperationRecord, now: float) -> None:
         """Name a snapshot path on OPTIM_STEP `step` of `run` when one is due."""
-        progress = self._progress.setdefault(run.name, _Progress(run.step, now))
-        policy = self.policy
-        since = now - progress.time_at_snapshot
-        steps_due = policy.every_steps and run.step + 1 - progress.step_at_snapshot >= policy.every_steps
+        progress = self._of(run, now)
+        latest, policy = progress.latest(), self.policy
+        since = now - latest.time
+        steps_due = policy.every_steps and run.step + 1 - latest.step >= policy.every_steps
         time_due = policy.every_s and since >= policy.every_s
-        work_due = policy.replay_budget_s and progress.work_s + progress.last_round_s > policy.replay_budget_s
-        if not progress.pending and (steps_due or time_due or work_due) and since >= policy.min_interval_s:
+        work_due = (policy.replay_budget_s
+                    and progress.work_s - latest.work_s + progress.last_round_s > policy.replay_budget_s)
+        if (len(progress.writing) < MAX_WRITING and (steps_due or time_due or work_due)
+                and since >= policy.min_interval_s):
             step.snapshot_path = snapshot_path(run.name, step.seq_id)
-            progress.pending = True
-            progress.work_at_mark, progress.round_of_mark = progress.work_s, True
+            progress.writing.append(_Mark(step.seq_id, run.step + 1, now, progress.work_s, own_round=True))
 
     def finished(self, run: RunRecord, op: OperationRecord) -> bool:
         """`op` of `run` finished: True when it asked for a snapshot that now needs confirming."""
@@ -82,20 +107,27 @@ class SnapshotBook:
             return False
         if op.state is OpState.SUCCEEDED:
             return True
-        self._progress[run.name].pending = self._progress[run.name].round_of_mark = False
+        self.failed(run, op.seq_id)
         return False
 
-    def written(self, run: RunRecord, now: float) -> bool:
-        """The run's pending snapshot is written; False when the run is no longer known."""
+    def written(self, run: RunRecord, seq_id: int, now: float) -> bool:
+        """The run's snapshot after `seq_id` is written; False when the run is no longer known."""
         progress = self._progress.get(run.name)
         if progress is None:
             return False
-        progress.pending = False
-        progress.step_at_snapshot, progress.time_at_snapshot = run.step, now
-        progress.work_s = max(0.0, progress.work_s - progress.work_at_mark)  # what came after the step
+        mark = next((m for m in progress.writing if m.seq_id == seq_id), None)
+        if mark is None or mark.seq_id <= progress.written.seq_id:
+            return True  # superseded by a later one written first
+        covered = mark.work_s
+        progress.writing = [m for m in progress.writing if m.seq_id > seq_id]
+        for later in progress.writing:
+            later.work_s -= covered
+        progress.work_s = max(0.0, progress.work_s - covered)  # what came after the step
+        progress.written = dataclasses.replace(mark, work_s=0.0, time=now, own_round=False)
         return True
 
-    def failed(self, run: RunRecord) -> None:
+    def failed(self, run: RunRecord, seq_id: int) -> None:
+        """The snapshot after `seq_id` was not written: a later step asks again."""
         progress = self._progress.get(run.name)
         if progress is not None:
-            progress.pending = progress.round_of_mark = False
+            progress.writing = [m for m in progress.writing if m.seq_id != seq_id]
