@@ -429,6 +429,27 @@ def test_a_third_snapshot_waits_until_one_of_two_is_written():
     assert _step(w, r, 7).items[1].snapshot is not None
 
 
+def test_a_step_sent_again_after_a_move_keeps_its_snapshot_and_does_not_hold_back_the_next():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=1))
+    r = w.run("runs/a")
+    _step(w, r, 1)
+    (confirm,) = w.actions()
+    w.submit(r, 3), w.submit(r, 4, OPTIM)
+    stale = _only_batch(w.actions())
+    w.clock.t += 1  # due again by time when it is sent again
+    w.machine.node_lost("node-a")
+    (move,) = w.actions()
+    w.machine.snapshot_failed(confirm)  # its trainer died before writing it
+    w.answer(stale)  # parked while the run moves
+    w.machine.moved(move, "node-b", 2)
+    again = _only_batch(w.actions())
+    assert again.items[1].snapshot == stale.items[1].snapshot  # asked for once, as before
+    w.answer(again)
+    w.clock.t += 1
+    w.submit(r, 5), w.submit(r, 6, OPTIM)  # while the snapshot after seq_id 4 is written
+    assert _only_batch(w.actions()).items[1].snapshot is not None
+
+
 def test_a_snapshot_is_due_after_its_time_too():
     w = World(snapshots=SnapshotPolicy(every_steps=0, every_s=60))
     r = w.run("runs/a")

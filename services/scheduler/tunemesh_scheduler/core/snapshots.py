@@ -89,6 +89,8 @@ class SnapshotBook:
 
     def mark(self, run: RunRecord, step: OperationRecord, now: float) -> None:
         """Name a snapshot path on OPTIM_STEP `step` of `run` when one is due."""
+        if step.snapshot_path:
+            return  # sent again (its trainer died): it still asks for the snapshot it asked for
         progress = self._of(run, now)
         latest, policy = progress.latest(), self.policy
         since = now - latest.time
