@@ -68,6 +68,9 @@ class SchedulerSettings(settings.ServiceSettings):
     snapshot_replay_budget_s: float = Field(4.0, ge=0, description=(
         "... or before the trainer rounds of its work since the last one pass this many seconds "
         "(what a move replays after a trainer dies); 0: never by work"))
+    restore_hold_s: float = Field(5.0, ge=0, description=(
+        "a trainer receiving moved runs gets no new round while it rebuilds them, for up to this long "
+        "after the latest rebuild began (so their replays ride one round)"))
     journal_linger_ms: float = Field(20.0, ge=0, description=(
         "a change nobody waits on yet waits at most this long to share an etcd write; one waited on goes at once"))
     journal_defer_ms: float = Field(50.0, ge=0, description="an operation's finish or eviction waits at most this "

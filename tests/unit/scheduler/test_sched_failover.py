@@ -346,15 +346,18 @@ def test_a_trainer_receiving_a_moved_run_holds_its_next_round_for_the_rebuild():
         _, first = trainer.batches[sent]
         assert {(i.run_name, i.fence.seq_id) for i in first} == {(r2, 1), (r1, 1), (r1, 2)}  # the replay rides along
 
-        # A rebuild that does not end holds the node for restore_hold_s (1 s) only.
+        # A rebuild that does not end holds the node for restore_hold_s (5 s) only.
         trainer.adapter_hold = asyncio.Event()
         mesh.core.relocate(r3)
         await _until(rebuilding(r3))
         sent = len(trainer.batches)
         live = await mesh.submit(r2, 2)
         await settle()
+        now[0] += 4.9
+        mesh.core.tick()
+        await settle()
         assert len(trainer.batches) == sent
-        now[0] += 1.0
+        now[0] += 0.1
         mesh.core.tick()
         await mesh.wait_all([live])
         assert [(i.run_name, i.fence.seq_id) for i in trainer.batches[sent][1]] == [(r2, 2)]

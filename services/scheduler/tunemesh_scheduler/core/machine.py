@@ -102,7 +102,7 @@ class SchedulerMachine:
         fair_share_grace_s: float = 0.1,
         unreachable_retry_s: float = 1.0,
         move_retry_s: float = 2.0,
-        restore_hold_s: float = 1.0,
+        restore_hold_s: float = 5.0,
         session_timeout_s: float = 0.0,
         finished_ttl_s: float = 3600.0,
         snapshots: SnapshotPolicy = SnapshotPolicy(),

@@ -96,9 +96,10 @@ class SchedulerConfig:
     # this many seconds (what a move would replay: bounds a trainer death's recompute on
     # slow models, where 8 steps take long); 0: never by work.
     snapshot_replay_budget_s: float = 0.0
-    # A trainer receiving a moved run sends no round for up to this long while it rebuilds
-    # the run's adapter, so the run's replay rides the next round.
-    restore_hold_s: float = 1.0
+    # A trainer receiving moved runs sends no round while it rebuilds their adapters (each
+    # reads its snapshot first, 68 MB on SmolLM2), for up to this long after the latest
+    # rebuild began, so every moved run's replay rides the next round.
+    restore_hold_s: float = 5.0
     # A change nobody waits on yet waits at most this long for others to share its write
     # to the state store; one somebody waits on (a create, an operation sent to its
     # trainer, whose result waits for its submission) goes at once.
