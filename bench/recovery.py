@@ -81,16 +81,33 @@ def step_period_s(times: list[float], since: float, until: float) -> float | Non
     return 2 * (until - since) / resolved if resolved >= 4 else None
 
 
-def recovery_summary(kills: list[dict], baseline_s: float, per_kill: dict[str, float] | None = None) -> dict:
+def recent_step_period_s(traces: list[list[float]], now: float, window_s: float = 30.0) -> float | None:
+    """Median step period of runs over the last `window_s` seconds (None: too few steps)."""
+    periods = [p for times in traces if (p := step_period_s(times, now - window_s, now)) is not None]
+    return float(np.median(periods)) if periods else None
+
+
+def kill_pause_s(rng: random.Random, step_period: float | None, kill_at: str) -> float:
+    """How long after every run's latest resolution the kill comes: at once (`round-end`:
+    the trainer has just started a round and the last step's snapshots are still being
+    written, the worst moment for a move) or at a uniformly random point of a step
+    (`random`: a fault at a random time)."""
+    if kill_at == "round-end" or not step_period:
+        return 0.0
+    return rng.uniform(0.0, step_period)
+
+
+def recovery_summary(kills: list[dict], baseline_s: float | None, per_kill: dict[str, float] | None = None) -> dict:
     """Percentiles of every affected run's recovery over all kills, and ratios to the
-    steady step period of the same run (and to `per_kill` references, e.g. the lease TTL)."""
+    steady step period of the same runs (and to `per_kill` references, e.g. the lease TTL)."""
     samples = [s for k in kills for s in k["runs"].values()]
     first = percentiles_s([s["first_s"] for s in samples])
     recovered = percentiles_s([s["recovered_s"] for s in samples])
-    ratios = {"recovered_p50_over_step_period": round(recovered["p50_s"] / baseline_s, 1)}
+    ratios = {"recovered_p50_over_step_period": round(recovered["p50_s"] / baseline_s, 1)} if baseline_s else {}
     for name, reference in (per_kill or {}).items():
         ratios[f"recovered_p50_over_{name}"] = round(recovered["p50_s"] / reference, 2)
-    return {"kills": len(kills), "first": first, "recovered": recovered, "step_period_s": round(baseline_s, 4),
+    return {"kills": len(kills), "first": first, "recovered": recovered,
+            "step_period_s": round(baseline_s, 4) if baseline_s else None,
             "samples_with_in_flight": sum(s["in_flight"] > 0 for s in samples), "ratios": ratios,
             "breakdown_p50_s": breakdown(kills)}
 
@@ -441,7 +458,8 @@ def _try(call):
         return repr(err)
 
 
-def one_kill(mesh: Mesh, pipes: Pipelines, fault: str, timeout_s: float) -> dict:
+def one_kill(mesh: Mesh, pipes: Pipelines, fault: str, timeout_s: float, rng: random.Random,
+             kill_at: str = "random") -> dict:
     """Kill (and restart) the trainer holding the most runs, or the scheduler; measure."""
     # every run is live right now (a run that recovered from the last kill and then
     # stalled would otherwise be rescued, unseen, by this kill moving it)
@@ -449,6 +467,9 @@ def one_kill(mesh: Mesh, pipes: Pipelines, fault: str, timeout_s: float) -> dict
     placement = pipes.placement()
     victim = collections.Counter(placement.values()).most_common(1)[0][0] if fault == "trainer" else "scheduler"
     affected = [run for run, node in placement.items() if fault == "scheduler" or node == victim]
+    period = recent_step_period_s([pipes.traces[run].times() for run in affected], time.monotonic())
+    pause = kill_pause_s(rng, period, kill_at)
+    time.sleep(pause)
     load = os.getloadavg()[0]
     t_kill, wall = mesh.kill(victim)
     restart_s = None
@@ -462,7 +483,7 @@ def one_kill(mesh: Mesh, pipes: Pipelines, fault: str, timeout_s: float) -> dict
     runs = {run: recovery_sample(pipes.traces[run].times(), t_kill) for run in affected}
     events = log_events(log_entries(mesh.log_text("scheduler")), wall)
     return {"victim": victim, "load_average_1m": round(load, 2), "restart_s": restart_s, "runs": runs,
-            "scheduler_log": events}
+            "step_period_s": period and round(period, 3), "pause_s": round(pause, 3), "scheduler_log": events}
 
 
 def measure_recovery(args: argparse.Namespace, vocab_size: int, fault: str, root: Path) -> dict:
@@ -472,14 +493,11 @@ def measure_recovery(args: argparse.Namespace, vocab_size: int, fault: str, root
     with Mesh(args.model, args.data_dir, root / f"recovery-{fault}", trainers=2, tenants=args.runs) as mesh:
         pipes, aborted = Pipelines(mesh, vocab_size, workload, args.runs), True
         try:
-            began = time.monotonic()
             time.sleep(args.warmup_s)
-            baseline = float(np.median([p for t in pipes.traces.values()
-                                        if (p := step_period_s(t.times(), began + 2.0, time.monotonic()))]))
             for k in range(args.kills):
                 time.sleep(rng.uniform(*args.between_s))
                 try:
-                    kills.append(one_kill(mesh, pipes, fault, args.recovery_timeout))
+                    kills.append(one_kill(mesh, pipes, fault, args.recovery_timeout, rng, args.kill_at))
                 except RecoveryTimeout as err:
                     err.kills = kills
                     raise
@@ -492,7 +510,9 @@ def measure_recovery(args: argparse.Namespace, vocab_size: int, fault: str, root
         raise RuntimeError(f"operations failed during the {fault} kills: {failures[:5]}")
     references = {"lease_ttl": LEASE_TTL_S} if fault == "trainer" else {
         "serving": breakdown(kills).get("serving_s") or float(np.median([k["restart_s"] for k in kills]))}
-    return {**recovery_summary(kills, baseline, references), "runs": args.runs,
+    periods = [k["step_period_s"] for k in kills if k["step_period_s"]]  # each kill's, just before it
+    baseline = float(np.median(periods)) if periods else None
+    return {**recovery_summary(kills, baseline, references), "runs": args.runs, "kill_at": args.kill_at,
             "workload": dataclasses.asdict(workload), "kill_log": kills}
 
 
@@ -553,6 +573,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--runs", type=int, default=4, help="runs pipelining during the kills (one tenant each)")
     p.add_argument("--warmup-s", type=float, default=8.0, help="pipelining before the first kill")
     p.add_argument("--between-s", default="3,6", help="random pause before each kill, min,max seconds")
+    p.add_argument("--kill-at", choices=("random", "round-end"), default="random",
+                   help="once every run resolved an operation, kill at a random point of a step (default) or at "
+                        "once, right after a round (the worst moment: its snapshots are still being written; "
+                        "what sessions before the fourteenth measured)")
     p.add_argument("--recovery-timeout", type=float, default=120.0, help="longest wait for a run after a kill")
     p.add_argument("--tenants", type=int, default=8, help="tenants (one run each) in the price meshes")
     p.add_argument("--price-pairs", type=int, default=3, help="groups of meshes (one per mode) for the price")

@@ -30,6 +30,29 @@ def test_step_period_counts_two_futures_per_step(bench):
     assert bench.step_period_s(times, 100.0, 101.0) is None  # nothing resolved there
 
 
+def test_recent_step_period_is_the_median_over_runs_of_the_last_window(bench):
+    every_s = [[0.5 * i for i in range(81)], [1.0 * i for i in range(41)]]  # a step per 1 s and per 2 s
+    assert bench.recent_step_period_s(every_s, 40.0, window_s=10.0) == pytest.approx((2 * 10 / 21 + 2 * 10 / 11) / 2)
+    assert bench.recent_step_period_s(every_s, 200.0) is None
+
+
+def test_a_kill_comes_at_once_after_a_round_or_at_a_random_point_of_a_step(bench):
+    import random
+
+    rng = random.Random(0)
+    assert bench.kill_pause_s(rng, 8.0, "round-end") == 0.0
+    assert bench.kill_pause_s(rng, None, "random") == 0.0  # no period known: at once
+    pauses = [bench.kill_pause_s(rng, 8.0, "random") for _ in range(200)]
+    assert 0.0 <= min(pauses) < 1.0 and 7.0 < max(pauses) < 8.0
+
+
+def test_recovery_summary_without_a_step_period_gives_no_ratio_to_it(bench):
+    kills = [{"runs": {"a": {"first_s": 4.0, "in_flight": 0, "recovered_s": 4.0}}, "restart_s": 9.0,
+              "scheduler_log": {"replayed_calls": {}}}]
+    summary = bench.recovery_summary(kills, None, per_kill={"lease_ttl": 5.0})
+    assert summary["step_period_s"] is None and summary["ratios"] == {"recovered_p50_over_lease_ttl": 0.8}
+
+
 def test_recovery_summary_pools_every_affected_run_of_every_kill(bench):
     kills = [{"runs": {"a": {"first_s": 0.01, "in_flight": 1, "recovered_s": 5.0},
                        "b": {"first_s": 6.0, "in_flight": 0, "recovered_s": 6.0}},
