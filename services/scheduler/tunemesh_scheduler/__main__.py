@@ -182,7 +182,8 @@ async def _take_over(parts: _Parts, token: int) -> None:
             core.node_lost(node)  # its runs move to a live trainer
         for run in adapters_lost:
             core.relocate(run)  # rebuilt from its snapshot and log (on the same node if it is the one)
-    directory.on_leave, directory.on_join = core.node_lost, core.node_joined
+    directory.on_leave = core.node_lost
+    directory.on_join = lambda node: core.node_joined(node, directory.models_of(node))
 
 
 def _add_servicers(host: ServiceHost, s: settings_mod.SchedulerSettings, parts: _Parts,

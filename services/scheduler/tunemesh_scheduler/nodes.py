@@ -78,6 +78,11 @@ class NodeDirectory:
         except NotFoundError:
             raise UnavailableError(f"NO_{self.kind.upper()}", f"no {self.kind} of {name} is registered right now") from None
 
+    def models_of(self, node_id: str) -> list[str]:
+        """The models node `node_id` serves ([] when it is not registered)."""
+        node = self._nodes.get(node_id)
+        return [m.name for m in node.models] if node is not None else []
+
     def serving(self, name: str) -> list[str]:
         return sorted(n for n, node in self._nodes.items() if any(m.name == name for m in node.models))
 

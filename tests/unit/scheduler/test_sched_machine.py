@@ -360,6 +360,60 @@ def test_a_lost_node_moves_only_its_own_runs_and_a_rejoined_one_is_cleaned():
     assert not w.machine.moved_away("node-a", "runs/unknown")
 
 
+def test_a_trainer_that_joins_takes_runs_over_until_none_holds_two_more_idle_ones_first():
+    w = World()
+    busy = w.run("runs/a")
+    idle = [w.run(f"runs/{x}") for x in "bcd"]
+    other_model = w.run("runs/m")
+    other_model.base_model = "other"
+    w.submit(busy, 1)
+    out = _only_batch(w.actions())
+    w.machine.node_joined("node-b", ["tiny"])
+    actions = w.actions()
+    assert isinstance(actions[0], FreeMovedAway) and actions[0].node_id == "node-b"
+    moves = actions[1:]
+    assert [type(a) for a in moves] == [Move, Move]  # 4 against 0: two move, 2 against 2
+    assert sorted(m.run.name for m in moves) == ["runs/b", "runs/c"]  # idle ones, not the busy one
+    assert {"runs/b", "runs/c"} <= w.machine.moving and "runs/a" not in w.machine.moving
+    w.answer(out)
+    assert busy.last_seq_id == 1  # its work went on meanwhile
+    w.machine.moved(moves[0], "node-b", 2)
+    (free,) = w.actions()
+    assert isinstance(free, FreeMovedAway) and free.node_id == "node-a"  # its stale copy there
+    assert w.machine.moved_away("node-a", moves[0].run.name) and not w.machine.moved_away("node-a", "runs/a")
+    assert idle[2].node_id == "node-a" and other_model.node_id == "node-a"
+
+
+def test_a_snapshot_written_while_its_run_moves_is_deleted_the_move_builds_on_the_one_before():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+    r = w.run("runs/a")
+    _step(w, r, 1)
+    (first,) = w.actions()
+    w.machine.snapshot_written(first)
+    _step(w, r, 3)
+    (second,) = w.actions()
+    w.machine.relocate("runs/a")  # (or any move)
+    assert "runs/a" in w.machine.moving
+    assert w.machine.snapshot_written(second) == second.op.snapshot_path
+    assert r.snapshot_seq_id == 2 and r.snapshot_path == first.op.snapshot_path
+
+
+def test_a_joining_trainer_moves_nothing_when_the_runs_are_balanced_or_not_of_its_model():
+    w = World()
+    w.run("runs/a"), w.run("runs/b", "node-b")
+    w.run("runs/c")  # node-a 2, node-b 1, node-c 0: 2 - 0 is two more
+    w.machine.node_joined("node-c", ["other"])
+    assert [type(a) for a in w.actions()] == [FreeMovedAway]
+    w.machine.node_joined("node-d", ["tiny"])
+    assert [type(a) for a in w.actions()] == [FreeMovedAway, Move]
+    w.machine.node_joined("node-b", ["tiny"])  # node-b 1, node-a 1 (one moving), node-d 0
+    assert [type(a) for a in w.actions()] == [FreeMovedAway]
+    static = World(movable=False)
+    static.run("runs/a"), static.run("runs/b")
+    static.machine.node_joined("node-b", ["tiny"])
+    assert static.actions() == []
+
+
 # ---- snapshots --------------------------------------------------------------------------
 
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from tunemesh.errors import Code
@@ -134,6 +134,7 @@ class SchedulerMachine:
         self._standins: dict[str, _Replay] = {}  # replayed call's stand-in operation -> its replay
         self._uncompacted: dict[str, list[OperationRecord]] = {}  # forgotten, stored record not yet deleted
         self._replays: dict[str, _Replay] = {}  # moved runs whose calls after the snapshot are being replayed
+        self._rebalancing: dict[str, str] = {}  # run moved to a trainer that joined -> the trainer it leaves
 
     # ---- runs ------------------------------------------------------------------------
 
@@ -148,6 +149,7 @@ class SchedulerMachine:
         lane.close()
         self.snapshots.forget(name)
         self._move_at.pop(name, None)
+        self._rebalancing.pop(name, None)
         self._uncompacted.pop(name, None)
 
     def restore(self, plan: RecoveryPlan) -> None:
@@ -442,11 +444,34 @@ class SchedulerMachine:
             if lane.run.node_id == node_id:
                 self._move(lane.run)
 
-    def node_joined(self, node_id: str) -> None:
-        """Trainer `node_id` (re)joined: it may still hold adapters of runs that moved
-        away meanwhile (it was paused or cut off past its lease)."""
+    def node_joined(self, node_id: str, models: Collection[str] = ()) -> None:
+        """Trainer `node_id` (re)joined, serving `models`: it may still hold adapters of
+        runs that moved away meanwhile (it was paused or cut off past its lease), and it
+        takes runs of its models over from the busiest trainer of theirs until none holds
+        two more than it (a trainer that died and came back would otherwise idle while
+        its runs crowd the survivor)."""
         if self.movable:
             self._actions.append(FreeMovedAway(node_id))
+            self._rebalance(node_id, set(models))
+
+    def _rebalance(self, node_id: str, models: set[str]) -> None:
+        placed = [lane.run for lane in self.lanes.values() if lane.run.base_model in models
+                  and lane.run.node_id and lane.run.name not in self.moving]
+        counts = collections.Counter(run.node_id for run in placed)
+        counts[node_id] += 0
+        while True:
+            busiest = max(counts, key=lambda n: (counts[n], n))
+            if counts[busiest] - counts[node_id] < 2:
+                return
+            # an idle run first (its move delays nobody), then the one with the least to replay
+            run = min((r for r in placed if r.node_id == busiest and r.name not in self.moving),
+                      key=lambda r: (not self.lanes[r.name].idle(), r.last_seq_id - r.snapshot_seq_id, r.name))
+            log.info("moving %s from %s to %s, which holds %d runs of %s against %d", run.name, busiest, node_id,
+                     counts[node_id], run.base_model, counts[busiest], extra={"run": run.name})
+            self._rebalancing[run.name] = busiest
+            self._move(run)
+            counts[busiest] -= 1
+            counts[node_id] += 1
 
     def moved_away(self, node_id: str, adapter: str) -> bool:
         """Whether adapter `adapter` held by `node_id` belongs to a run placed elsewhere
@@ -507,6 +532,9 @@ class SchedulerMachine:
     def _serve_again(self, run: RunRecord) -> None:
         """The run's move is over: its head goes out on its new node."""
         self.moving.discard(run.name)
+        left = self._rebalancing.pop(run.name, "")
+        if left and left != run.node_id:
+            self._actions.append(FreeMovedAway(left))  # the live trainer it left holds a stale copy
         lane = self.lanes[run.name]
         if lane.head is not None and lane.head.state is OpState.QUEUED:
             self._release(lane.head)
@@ -608,7 +636,7 @@ class SchedulerMachine:
         run, op = confirm.run, confirm.op
         if run.name in self.moving:  # the move builds on the snapshot it started from
             self.snapshots.failed(run, op.seq_id)
-            return ""
+            return op.snapshot_path if op.snapshot_path != run.snapshot_path else ""  # nobody's: delete it
         if not self.snapshots.written(run, op.seq_id, self._clock()):
             return ""  # the run was deleted meanwhile
         if op.seq_id < run.snapshot_seq_id:

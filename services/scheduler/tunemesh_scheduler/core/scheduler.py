@@ -18,7 +18,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any
 
 from tunemesh.errors import Code, FailedPreconditionError, NotFoundError, TunemeshError
@@ -532,10 +532,11 @@ class SchedulerCore:
         self.machine.node_lost(node_id)
         self._poke()
 
-    def node_joined(self, node_id: str) -> None:
-        """Trainer `node_id` (re)joined: free the adapters it still holds of runs that
-        moved away from it meanwhile (it was paused or cut off past its lease)."""
-        self.machine.node_joined(node_id)
+    def node_joined(self, node_id: str, models: Collection[str] = ()) -> None:
+        """Trainer `node_id` (re)joined, serving `models`: free the adapters it still holds
+        of runs that moved away from it meanwhile (it was paused or cut off past its lease)
+        and move runs of its models to it from trainers holding two or more runs more."""
+        self.machine.node_joined(node_id, models)
         self._poke()
 
     def relocate(self, run_name: str) -> None:
