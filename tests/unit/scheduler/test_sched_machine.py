@@ -387,11 +387,9 @@ def test_a_trainer_that_joins_takes_runs_over_until_none_holds_two_more_idle_one
 def test_a_snapshot_written_while_its_run_moves_is_deleted_the_move_builds_on_the_one_before():
     w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
     r = w.run("runs/a")
-    _step(w, r, 1)
-    (first,) = w.actions()
+    first = _snapshot_step(w, r, 1)
     w.machine.snapshot_written(first)
-    _step(w, r, 3)
-    (second,) = w.actions()
+    second = _snapshot_step(w, r, 3)
     w.machine.relocate("runs/a")  # (or any move)
     assert "runs/a" in w.machine.moving
     assert w.machine.snapshot_written(second) == second.op.snapshot_path
@@ -424,6 +422,13 @@ def _step(w: World, run: RunRecord, seq: int) -> Batch:
     return batch
 
 
+def _snapshot_step(w: World, run: RunRecord, seq: int) -> ConfirmSnapshot:
+    """One step of `run` whose snapshot is asked for; returns the confirmation to answer."""
+    _step(w, run, seq)
+    (confirm,) = w.actions()
+    return confirm
+
+
 def test_a_snapshot_is_asked_for_every_k_steps_and_confirmed_before_the_log_is_trimmed():
     w = World(snapshots=SnapshotPolicy(every_steps=2, every_s=0))
     r = w.run("runs/a")
@@ -444,9 +449,7 @@ def test_a_snapshot_is_asked_for_every_k_steps_and_confirmed_before_the_log_is_t
 def test_a_failed_snapshot_is_asked_for_again_at_the_next_step():
     w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
     r = w.run("runs/a")
-    _step(w, r, 1)
-    (confirm,) = w.actions()
-    w.machine.snapshot_failed(confirm)
+    w.machine.snapshot_failed(_snapshot_step(w, r, 1))
     assert r.snapshot_seq_id == 0
     assert _step(w, r, 3).items[1].snapshot is not None
 
@@ -486,8 +489,7 @@ def test_a_third_snapshot_waits_until_one_of_two_is_written():
 def test_a_step_sent_again_after_a_move_keeps_its_snapshot_and_does_not_hold_back_the_next():
     w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=1))
     r = w.run("runs/a")
-    _step(w, r, 1)
-    (confirm,) = w.actions()
+    confirm = _snapshot_step(w, r, 1)
     w.submit(r, 3), w.submit(r, 4, OPTIM)
     stale = _only_batch(w.actions())
     w.clock.t += 1  # due again by time when it is sent again
