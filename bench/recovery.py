@@ -13,7 +13,9 @@ then restarts it (the next kill again finds two trainers); a scheduler fault SIG
 scheduler and starts it again at once. Recovery of a run = its first future resolving
 after the kill (results computed before it and delivered within IN_FLIGHT_S are counted
 apart). Every run must complete an operation right before each kill, or the bench stops
-with a diagnosis. Price: 8 tenants' runs on one trainer, aggregate training tokens/s with
+with a diagnosis; the kill then comes at a random point of a step (`--kill-at random`) or
+at once (`round-end`). A restarted trainer takes half the runs back, so a trainer kill
+moves runs onto a trainer busy with others. Price: 8 tenants' runs on one trainer, aggregate training tokens/s with
 TUNEMESH_SCHEDULER_DURABLE=true vs false, a fresh mesh per repeat, on/off alternating.
 See bench/README.md.
 """
