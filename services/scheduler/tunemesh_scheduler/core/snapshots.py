@@ -118,7 +118,7 @@ class SnapshotBook:
         if progress is None:
             return False
         mark = next((m for m in progress.writing if m.seq_id == seq_id), None)
-        if mark is None or mark.seq_id <= progress.written.seq_id:
+        if mark is None:
             return True  # superseded by a later one written first
         covered = mark.work_s
         progress.writing = [m for m in progress.writing if m.seq_id > seq_id]
