@@ -22,7 +22,7 @@ from tunemesh_common.lora import peft_format
 from tunemesh_common.checkpoints.paths import (
     CheckpointKind, CheckpointPath, check_ttl, check_user_metadata, is_snapshot, storage_prefix,
 )
-from tunemesh.errors import AlreadyExistsError, InvalidArgumentError, NotFoundError, TunemeshError
+from tunemesh.errors import AlreadyExistsError, DataLossError, InvalidArgumentError, NotFoundError, TunemeshError
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class CheckpointCatalog:
         (ResourceExhaustedError(STORAGE_QUOTA)) before writing it."""
         _check_spec(spec)
         key = spec.path.storage_key(tenant)
-        if self._find(key) is not None:
+        if self._find(key) is not None and not is_snapshot(key):  # a snapshot may be written again
             raise _exists(spec.path)
         self.usage.check_room(key)  # a tenant already at its quota is refused before any byte
         return QuotaWriter(self._store.writer(key), self.usage, key)
@@ -103,7 +103,7 @@ class CheckpointCatalog:
             manifest = writer.commit(metadata)
         except TunemeshError as err:
             if err.reason == "CHECKPOINT_EXISTS":
-                raise _exists(spec.path) from None
+                return self._written_again(writer.key, spec, written)
             raise
         log.info("checkpoint %s committed (%d bytes)", spec.path, manifest.size_bytes)
         return _record(manifest)
@@ -131,6 +131,22 @@ class CheckpointCatalog:
             for file_name, data in files.items():
                 adapter.write_file(file_name, [data])
             return adapter.commit()
+
+    def _written_again(self, key: str, spec: CheckpointSpec, written: list[BlobInfo]) -> CheckpointRecord:
+        """`key` was taken when `written` was committed. An automatic snapshot names its run
+        and step, and a run's state after a step does not depend on which trainer computed
+        it (a moved run replays its calls bit for bit), so a snapshot is written again when
+        its step is sent again after a move (the old trainer may have written it first):
+        the same files are that snapshot. Other files there mean the replay diverged."""
+        existing = self._find(key)
+        if existing is None or not is_snapshot(key):
+            raise _exists(spec.path)
+        if _digests(existing.blobs) != _digests(written):
+            log.error("snapshot %s written again with other bytes: the run's replay diverged", spec.path)
+            raise DataLossError("SNAPSHOT_DIVERGED",
+                                f"{spec.path} exists with other files: the run's state after that step differs")
+        log.info("snapshot %s written again, with the same files", spec.path)
+        return _record(existing)
 
     # ---- reading ---------------------------------------------------------------------
 
@@ -241,6 +257,10 @@ def _record(manifest: Manifest) -> CheckpointRecord:
         expire_time=meta.get("expire_time"),
         files=manifest.blobs,
     )
+
+
+def _digests(blobs: Iterable[BlobInfo]) -> dict[str, str]:
+    return {b.name: b.sha256 for b in blobs}
 
 
 def _file_chunks(store: CheckpointStore, key: str, files: tuple[BlobInfo, ...], chunk_size: int) -> Iterator[tuple[str, int, bytes]]:

@@ -106,6 +106,7 @@ class QuotaWriter(CheckpointWriter):
 
     def __init__(self, writer: CheckpointWriter, usage: TenantUsage, key: str) -> None:
         self._writer, self._usage = writer, usage
+        self.key = key
         self._segment = segment_of(key)
         self._counted = not is_snapshot(key)
         self._reserved = 0

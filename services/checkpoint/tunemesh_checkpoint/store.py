@@ -69,6 +69,8 @@ def disk_full_as_exhausted(what: str) -> Iterator[None]:
 class CheckpointWriter(abc.ABC):
     """One checkpoint being written. As a context manager it aborts unless committed."""
 
+    key: str  # where it is committed
+
     @abc.abstractmethod
     def write_blob(self, name: str, chunks: Iterable[bytes]) -> BlobInfo:
         """Stores one blob from a stream of chunks; returns its size and sha256."""

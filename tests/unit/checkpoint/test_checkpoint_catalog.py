@@ -147,6 +147,26 @@ def test_a_second_write_to_the_same_path_is_refused_and_the_first_is_intact(cata
     assert read_all(catalog, "alice", STATE) == contents("first", optimizer=True)
 
 
+SNAPSHOT = "tunemesh://runs/r1/state/snapshot-000000000016"
+
+
+def test_a_snapshot_written_again_with_the_same_files_is_the_same_snapshot(catalog, store):
+    """A step re-sent after its run moved asks again for the snapshot the old trainer may
+    already have written: the same bytes answer with the existing record."""
+    first = write(catalog, "alice", SNAPSHOT, seed="s")
+    again = write(catalog, "alice", SNAPSHOT, seed="s")
+    assert again == first
+    assert read_all(catalog, "alice", SNAPSHOT) == contents("s", optimizer=True)
+    assert list((store.root / "staging").iterdir()) == []
+
+
+def test_a_snapshot_written_again_with_other_files_is_a_divergence(catalog):
+    first = write(catalog, "alice", SNAPSHOT, seed="s")
+    expect(DataLossError, "SNAPSHOT_DIVERGED", write, catalog, "alice", SNAPSHOT, seed="t")
+    assert catalog.get("alice", SNAPSHOT) == first
+    assert read_all(catalog, "alice", SNAPSHOT) == contents("s", optimizer=True)
+
+
 # --- required files --------------------------------------------------------------------
 
 
