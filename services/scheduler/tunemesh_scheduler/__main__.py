@@ -157,7 +157,7 @@ async def _build(s: settings_mod.SchedulerSettings, host: ServiceHost,
         store_timeout_s=s.store_timeout_s, snapshot_every_steps=s.snapshot_every_steps,
         snapshot_every_s=s.snapshot_every_s, session_timeout_s=s.session_timeout_s,
         snapshot_min_interval_s=s.snapshot_min_interval_s, snapshot_replay_budget_s=s.snapshot_replay_budget_s,
-        restore_hold_s=s.restore_hold_s, journal_linger_s=s.journal_linger_ms / 1000,
+        restore_hold_s=s.restore_hold_s, recover_alone=s.recover_alone, journal_linger_s=s.journal_linger_ms / 1000,
         journal_defer_s=s.journal_defer_ms / 1000,
     )
     core = SchedulerCore(placement, trainers, config, metrics=scheduler_metrics, store=store)

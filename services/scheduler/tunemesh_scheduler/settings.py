@@ -71,6 +71,9 @@ class SchedulerSettings(settings.ServiceSettings):
     restore_hold_s: float = Field(5.0, ge=0, description=(
         "a trainer receiving moved runs gets no new round while it rebuilds them, for up to this long "
         "after the latest rebuild began (so their replays ride one round)"))
+    recover_alone: bool = Field(True, description=(
+        "a run moved while its client waited goes out in a round of its own, the one fewest calls from "
+        "its answer first: on a CPU the moved runs answer one after another, not all after one long round"))
     journal_linger_ms: float = Field(20.0, ge=0, description=(
         "a change nobody waits on yet waits at most this long to share an etcd write; one waited on goes at once"))
     journal_defer_ms: float = Field(50.0, ge=0, description="an operation's finish or eviction waits at most this "

@@ -269,7 +269,7 @@ def test_without_a_store_nothing_moves():
 
 def test_the_runs_of_a_lost_trainer_move_load_their_snapshot_and_replay_the_log():
     async def main():
-        mesh, store = await _start(snapshot_every_steps=2)
+        mesh, store = await _start(snapshot_every_steps=2, recover_alone=False)  # replays fused
         trainer = mesh.trainer
         r1, r2 = await mesh.new_run(), await mesh.new_run()
         r3 = await mesh.new_run(node="node-c")
@@ -324,7 +324,7 @@ def test_the_runs_of_a_lost_trainer_move_load_their_snapshot_and_replay_the_log(
 def test_a_trainer_receiving_a_moved_run_holds_its_next_round_for_the_rebuild():
     async def main():
         now = [1000.0]
-        mesh, _ = await _start(clock=lambda: now[0], snapshot_every_steps=0)
+        mesh, _ = await _start(clock=lambda: now[0], snapshot_every_steps=0, recover_alone=False)
         trainer = mesh.trainer
         r1, r3 = await mesh.new_run(), await mesh.new_run()
         r2 = await mesh.new_run(node="node-b")

@@ -615,7 +615,7 @@ def _finished_steps(w: World, run: RunRecord, steps: int) -> list:
 
 
 def test_a_moved_runs_calls_are_replayed_in_order_fused_with_other_work_before_its_waiting_ops():
-    w = World()
+    w = World(recover_alone=False)
     moved, other = w.run("runs/a"), w.run("runs/b", "node-b")
     done = _finished_steps(w, moved, 2)
     waiting = w.submit(moved, 5)
@@ -636,6 +636,46 @@ def test_a_moved_runs_calls_are_replayed_in_order_fused_with_other_work_before_i
     batch = _only_batch(w.actions())
     assert batch.ops == [waiting] and batch.items[0].fence.epoch == 2 and "runs/a" not in w.machine.moving
     assert moved.last_seq_id == 4 and moved.step == 2  # replays change no counters
+
+
+def test_runs_moved_while_their_clients_waited_go_out_alone_fewest_calls_first():
+    w = World()
+    replayed, plain, idle = w.run("runs/a"), w.run("runs/b"), w.run("runs/i")
+    short, own = w.run("runs/d"), w.run("runs/c", "node-b")
+    done = _finished_steps(w, replayed, 2)
+    waiting_a, waiting_b, waiting_d = w.submit(replayed, 5), w.submit(plain, 1), w.submit(short, 1)
+    sent = _only_batch(w.actions())  # out on node-a when it dies
+    w.machine.node_lost("node-a")
+    moves = {m.run.name: m for m in w.actions()}
+    w.machine.complete_batch(sent, None, UNREACHABLE)  # parked: it goes to node-b
+    for move in moves.values():
+        w.machine.restoring(move, "node-b")
+    own_op = w.submit(own, 1)
+    assert w.actions() == []  # held while the rebuilds are out
+
+    # The first rebuilt run goes at once, alone, though another one is still being rebuilt.
+    w.machine.moved(moves["runs/b"], "node-b", 2)
+    first = _only_batch(w.actions())
+    assert _seqs(first) == [("runs/b", 1)]
+    w.machine.moved(moves["runs/a"], "node-b", 2, [(op, ("call", op.seq_id)) for op in done])
+    w.machine.moved(moves["runs/d"], "node-b", 2)
+    w.machine.moved(moves["runs/i"], "node-b", 2)  # nobody waits on it: not first
+    assert w.actions() == []  # one batch out at a time
+    w.answer(first)
+    assert waiting_b.state is OpState.SUCCEEDED
+    order = []
+    while (actions := w.actions()):
+        batch = _only_batch(actions)
+        order.append(_seqs(batch))
+        w.answer(batch)
+    assert order == [[("runs/d", 1)], [("runs/a", 1), ("runs/a", 2)], [("runs/a", 3), ("runs/a", 4)], [("runs/a", 5)],
+                     [("runs/c", 1)]]  # the node's own run after the moved ones, as a fused round would end
+    assert waiting_a.state is waiting_d.state is OpState.SUCCEEDED and own_op.state is OpState.SUCCEEDED
+
+    # Answered: the next calls of the moved runs are fused again.
+    later = [w.submit(replayed, 6), w.submit(plain, 2), w.submit(idle, 1)]
+    assert sorted(_seqs(_only_batch(w.actions()))) == [("runs/a", 6), ("runs/b", 2), ("runs/i", 1)]
+    assert [op.state for op in later] == [OpState.RUNNING] * 3
 
 
 def test_a_replayed_call_in_doubt_moves_the_run_again_and_late_answers_are_ignored():

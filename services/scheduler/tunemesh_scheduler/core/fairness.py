@@ -21,7 +21,7 @@ tenant that picked first moves to the back afterwards, so the first pick rotates
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 
 from tunemesh_scheduler.core.records import OperationRecord
 
@@ -51,6 +51,11 @@ class FairQueue:
             return False
         self._remove(op)
         return True
+
+    def ops(self) -> Iterator[OperationRecord]:
+        """Every waiting operation (in no promised order)."""
+        for runs in self._tenants.values():
+            yield from runs.values()
 
     def depth_by_tenant(self) -> dict[str, int]:
         return {tenant: len(runs) for tenant, runs in self._tenants.items()}

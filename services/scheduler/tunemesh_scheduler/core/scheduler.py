@@ -100,6 +100,9 @@ class SchedulerConfig:
     # reads its snapshot first, 68 MB on SmolLM2), for up to this long after the latest
     # rebuild began, so every moved run's replay rides the next round.
     restore_hold_s: float = 5.0
+    # A run moved while its client waited goes out in a round of its own, the one fewest
+    # calls from its answer first (see `SchedulerMachine._first_back`); False: fused.
+    recover_alone: bool = True
     # A change nobody waits on yet waits at most this long for others to share its write
     # to the state store; one somebody waits on (a create, an operation sent to its
     # trainer, whose result waits for its submission) goes at once.
@@ -153,6 +156,7 @@ class SchedulerCore:
             batch_wait_s=config.batch_wait_s, fair_share_grace_s=config.fair_share_grace_s,
             unreachable_retry_s=config.unreachable_retry_s,
             move_retry_s=move_retry_s, restore_hold_s=config.restore_hold_s,
+            recover_alone=config.recover_alone,
             session_timeout_s=config.session_timeout_s,
             finished_ttl_s=config.finished_ttl_s,
             snapshots=SnapshotPolicy(config.snapshot_every_steps, config.snapshot_every_s,
