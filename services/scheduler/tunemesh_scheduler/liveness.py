@@ -3,8 +3,9 @@
 A trainer's runs move when its etcd lease lapses (`lease_ttl_s`, 5 s by default): the
 only sign of death that a pause, a partition and a crash share. A crash often says more,
 sooner: the process is gone, so its host refuses connections to its port. When a call
-to a trainer fails UNAVAILABLE, `DeathWatch` connects to the trainer's address once;
-a refused connection (nothing listens there) ends the trainer's lease at once, which
+to a trainer fails UNAVAILABLE, `DeathWatch` connects to the trainer's address (again
+after 0.1 and 0.3 s while it is accepted: a dying process breaks its calls a moment
+before its port closes); a refused connection (nothing listens there) ends the trainer's lease at once, which
 every scheduler sees as the trainer leaving, so its runs move seconds earlier.
 
 Only a refusal counts. A paused or cut-off trainer still accepts connections (its kernel
@@ -26,6 +27,9 @@ from tunemesh_common.membership.registry import ETCD_ERRORS, parse_endpoint, sho
 log = logging.getLogger(__name__)
 
 PROBE_TIMEOUT_S = 1.0
+# A process being killed breaks its calls a moment before its port closes, so a probe
+# made as a call breaks can still be accepted: it probes again after these pauses.
+PROBE_AGAIN_S = (0.1, 0.3)
 
 
 async def refuses_connections(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> bool:
@@ -71,9 +75,11 @@ class DeathWatch:
 
     def __init__(self, kind: str, address_of: Callable[[str], str], lease_of: Callable[[str], int | None],
                  expire: Callable[[str, int], Awaitable[bool]],
-                 refuses: Callable[[str], Awaitable[bool]] = refuses_connections) -> None:
+                 refuses: Callable[[str], Awaitable[bool]] = refuses_connections,
+                 again_s: tuple[float, ...] = PROBE_AGAIN_S) -> None:
         self.kind = kind
         self._address_of, self._lease_of, self._expire, self._refuses = address_of, lease_of, expire, refuses
+        self._again_s = again_s
         self._probing: dict[str, asyncio.Task] = {}
         self.expired = 0  # leases ended by a probe (for tests and logs)
 
@@ -93,7 +99,11 @@ class DeathWatch:
         task.add_done_callback(lambda _t: self._probing.pop(node_id, None))
 
     async def _probe(self, node_id: str, address: str, lease: int) -> None:
-        if not await self._refuses(address):
+        for pause in (0.0, *self._again_s):
+            await asyncio.sleep(pause)
+            if await self._refuses(address):
+                break
+        else:
             return
         log.warning("%s %s refuses connections at %s: ending its lease now, so its runs move", self.kind,
                     node_id, address)

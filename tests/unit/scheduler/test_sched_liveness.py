@@ -74,10 +74,28 @@ def test_an_accepting_trainer_keeps_its_lease() -> None:
         server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
         async with server:
             address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
-            watch = DeathWatch("trainer", {"t0": address}.__getitem__, leases.lease_of, leases.expire)
+            watch = DeathWatch("trainer", {"t0": address}.__getitem__, leases.lease_of, leases.expire,
+                               again_s=(0.0, 0.0))
             watch.suspect("t0")  # paused or cut off, not dead: left to its lease
             await _settle(watch)
         assert leases.expired == [] and leases.leases == {"t0": 7}
+
+    asyncio.run(scenario())
+
+
+def test_a_trainer_whose_port_closes_a_moment_after_its_calls_broke_loses_its_lease() -> None:
+    async def scenario() -> None:
+        leases = Leases(t0=7)
+        answers = iter([False, False, True])  # accepted while the process is being torn down
+
+        async def refuses(address: str) -> bool:
+            return next(answers)
+
+        watch = DeathWatch("trainer", lambda n: "127.0.0.1:1", leases.lease_of, leases.expire, refuses=refuses,
+                           again_s=(0.0, 0.0))
+        watch.suspect("t0")
+        await _settle(watch)
+        assert leases.expired == [("t0", 7)]
 
     asyncio.run(scenario())
 

@@ -13,6 +13,7 @@ import contextvars
 import dataclasses
 import inspect
 import logging
+import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 
 import grpc
@@ -319,14 +320,18 @@ class _ThisNode(logging.Filter):
 
 
 def configure_logging(node: str = "") -> None:
-    """INFO to stderr, each line ending in its context (tenant, run, operation, node);
-    `node`: the node id of a trainer or sampler process, put on every line."""
+    """INFO (or `TUNEMESH_LOG_LEVEL`, e.g. DEBUG) to stderr, each line ending in its context
+    (tenant, run, operation, node); `node`: the node id of a trainer or sampler process,
+    put on every line."""
     handler = logging.StreamHandler()
     handler.setFormatter(ContextFormatter(LOG_FORMAT))
     handler.addFilter(_TenantOfTheCall())
     if node:
         handler.addFilter(_ThisNode(node))
-    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    level = os.environ.get("TUNEMESH_LOG_LEVEL", "INFO").upper()
+    if not isinstance(logging.getLevelName(level), int):
+        raise SystemExit(f"TUNEMESH_LOG_LEVEL={level!r} is not a log level (DEBUG, INFO, WARNING, ERROR)")
+    logging.basicConfig(level=level, handlers=[handler])
 
 
 class LeaderFence:

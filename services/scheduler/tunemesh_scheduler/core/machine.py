@@ -275,6 +275,8 @@ class SchedulerMachine:
         node.batch_items_total += len(ops)
         node.batch_tokens_total += tokens
         self._metrics.batch(node_id, len(ops), tokens)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("round to %s: %s", node_id, ", ".join(f"{op.run} {op.seq_id}" for op in ops))
         for op in ops:
             if op.num_tokens and op.name not in self._standins:  # a replay is not the tenant's usage
                 self._metrics.tokens(op.tenant, op.kind.value, op.num_tokens)
@@ -344,6 +346,8 @@ class SchedulerMachine:
         if node.in_flight is batch:
             node.in_flight = None
         node.backlog = bool(node.ready)
+        log.debug("round of %d items answered by %s after %.3f s%s", len(batch.ops), batch.node_id,
+                  self._clock() - batch.sent_at, f" ({error.reason})" if error else "")
         if error is None and (outcomes is None or len(outcomes) != len(batch.ops)):
             log.error("trainer %s answered %s outcomes for %d items", batch.node_id,
                       None if outcomes is None else len(outcomes), len(batch.ops))
