@@ -9,7 +9,7 @@ import grpc
 
 from tunemesh_internal.v1 import trainer_pb2, trainer_pb2_grpc
 from tunemesh.v1 import checkpoints_pb2
-from tunemesh.errors import TunemeshError, UnavailableError
+from tunemesh.errors import NotFoundError, TunemeshError, UnavailableError
 from tunemesh_common.service.rpc import LEADER_TOKEN_KEY, PeerChannels, error_from_peer
 from tunemesh_common.security.tls import MeshTls, identity_name
 from tunemesh_scheduler.core.ports import BatchItem, Fence, ItemOutcome
@@ -41,7 +41,7 @@ class GrpcTrainerPort:
         self._channels = PeerChannels(trainer_pb2_grpc.TrainerServiceStub, address_of, tls,
                                       lambda node_id: identity_name("trainer", node_id))
         self._timeout_s = timeout_s
-        self._checkpoints = checkpoints  # CheckpointProxy: deletes superseded snapshots
+        self._checkpoints = checkpoints  # CheckpointProxy: finds and deletes snapshots
         self.leader_token = 0  # sent on every call: trainers refuse a lower one than they saw
         self.on_unavailable: Callable[[str], None] | None = None  # told the node of each UNAVAILABLE call
 
@@ -84,6 +84,15 @@ class GrpcTrainerPort:
     async def delete_checkpoint(self, tenant: str, path: str) -> None:
         if self._checkpoints is not None:
             await self._checkpoints.delete(checkpoints_pb2.DeleteCheckpointRequest(path=path), tenant)
+
+    async def checkpoint_exists(self, tenant: str, path: str) -> bool:
+        if self._checkpoints is None:
+            return False
+        try:
+            await self._checkpoints.get(tenant, path)
+        except NotFoundError:
+            return False
+        return True
 
     async def list_adapters(self, node_id: str) -> list[str]:
         response = await self._call(node_id, self.stub(node_id).ListAdapters, trainer_pb2.ListAdaptersRequest())

@@ -123,6 +123,10 @@ class FakeTrainer:
     async def delete_checkpoint(self, tenant: str, path: str) -> None:
         self.deleted_checkpoints = [*getattr(self, "deleted_checkpoints", []), (tenant, path)]
 
+    async def checkpoint_exists(self, tenant: str, path: str) -> bool:
+        """Whether `path` is in `stored` (paths the checkpoint service holds; none by default)."""
+        return path in getattr(self, "stored", ())
+
     async def delete_adapter(self, node_id: str, run_name: str) -> None:
         self.deleted = [*getattr(self, "deleted", []), (node_id, run_name)]
 

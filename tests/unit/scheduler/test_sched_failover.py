@@ -321,6 +321,39 @@ def test_the_runs_of_a_lost_trainer_move_load_their_snapshot_and_replay_the_log(
     asyncio.run(main())
 
 
+def test_a_run_moves_from_a_snapshot_its_dead_trainer_wrote_without_confirming_it():
+    """The trainer committed the snapshot after step 4 and died before the scheduler heard
+    of it: the move starts there (nothing before it is replayed), and the run's older
+    snapshot is deleted. The one after step 6 never reached the store: not used."""
+    async def main():
+        mesh, store = await _start(snapshot_every_steps=1)
+        trainer = mesh.trainer
+        run = await mesh.new_run()
+        await _steps(mesh, run, [FB, OPTIM])
+        await _until(lambda: mesh.core.get_run("t1", run).snapshot_seq_id == 2)
+        trainer.snapshot_hold = asyncio.Event()  # confirmations never come from here on
+        await _steps(mesh, run, [FB, OPTIM, FB, OPTIM], first=3)
+        trainer.stored = {_snapshot_of(run, 4)}
+        trainer.batch_error["node-a"] = GONE  # dead
+        waiting = await mesh.submit(run, 7)
+        mesh.placement.node = "node-b"
+        mesh.core.node_lost("node-a")
+        await mesh.wait_all([waiting])
+        assert waiting.state is OpState.SUCCEEDED
+        assert _applied(trainer, "node-b", run) == [
+            (LOAD, Fence(0, 2), LoadRequest(_snapshot_of(run, 4), True)),
+            (FB, Fence(5, 2), (run, 5)), (OPTIM, Fence(6, 2), (run, 6)),  # replayed after it
+            (FB, Fence(7, 2), (run, 7))]
+        record = mesh.core.get_run("t1", run)
+        assert (record.snapshot_path, record.snapshot_seq_id) == (_snapshot_of(run, 4), 4)
+        await _until(lambda: ("t1", _snapshot_of(run, 2)) in getattr(trainer, "deleted_checkpoints", []))
+        await mesh.core.sync()
+        assert _kept(store, run) == [5, 6, 7]
+        trainer.snapshot_hold.set()
+
+    asyncio.run(main())
+
+
 def test_a_trainer_receiving_a_moved_run_holds_its_next_round_for_the_rebuild():
     async def main():
         now = [1000.0]

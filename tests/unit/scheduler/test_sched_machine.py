@@ -11,7 +11,7 @@ from tunemesh.errors import Code
 from tunemesh_scheduler.core import idempotency, recovery
 from tunemesh_scheduler.core.actions import Batch, ConfirmSnapshot, Freeze, FreeMovedAway, Move, Single
 from tunemesh_scheduler.core.machine import SchedulerMachine
-from tunemesh_scheduler.core.snapshots import SnapshotPolicy
+from tunemesh_scheduler.core.snapshots import SnapshotPolicy, snapshot_path
 from tunemesh_scheduler.core.operations import OperationStore
 from tunemesh_scheduler.core.ports import ItemOutcome, LoadResult, StoreWrite
 from tunemesh_scheduler.core.work import LoadRequest, SaveRequest
@@ -384,16 +384,42 @@ def test_a_trainer_that_joins_takes_runs_over_until_none_holds_two_more_idle_one
     assert idle[2].node_id == "node-a" and other_model.node_id == "node-a"
 
 
-def test_a_snapshot_written_while_its_run_moves_is_deleted_the_move_builds_on_the_one_before():
-    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+def _moving_with_an_unconfirmed_snapshot(w: World) -> tuple[RunRecord, str, str, Move]:
     r = w.run("runs/a")
     first = _snapshot_step(w, r, 1)
     w.machine.snapshot_written(first)
-    second = _snapshot_step(w, r, 3)
+    second = _snapshot_step(w, r, 3)  # its step succeeded; the confirmation is out
     w.machine.relocate("runs/a")  # (or any move)
+    (move,) = w.actions()
     assert "runs/a" in w.machine.moving
-    assert w.machine.snapshot_written(second) == second.op.snapshot_path
-    assert r.snapshot_seq_id == 2 and r.snapshot_path == first.op.snapshot_path
+    return r, first.op.snapshot_path, second.op.snapshot_path, move
+
+
+def test_a_move_may_start_from_a_snapshot_whose_confirmation_had_not_come():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+    r, older, newer, move = _moving_with_an_unconfirmed_snapshot(w)
+    assert move.unconfirmed == ((4, newer),)
+    writes = len(w.writes)
+    assert w.machine.moved(move, "node-b", 2, started_from=(4, newer)) == [older]  # superseded
+    assert (r.snapshot_seq_id, r.snapshot_path, r.node_id) == (4, newer, "node-b")
+    assert any(write.record is r and write.trim_through == 4 for write in w.writes[writes:])
+    # The next snapshot is asked for by the rules again, counted from the move.
+    assert _step(w, r, 5).items[1].snapshot.path == snapshot_path("runs/a", 6)
+
+
+def test_a_snapshot_written_while_its_run_moves_is_kept_for_the_move_or_deleted_after_it():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+    r, older, newer, move = _moving_with_an_unconfirmed_snapshot(w)
+    confirm = ConfirmSnapshot(r, w.machine.lanes["runs/a"].find(4))
+    assert w.machine.snapshot_written(confirm) == ""  # the move may be reading it
+    assert (r.snapshot_seq_id, r.snapshot_path) == (2, older)
+    # A move that failed: the next try may start from it, though nothing writes it any more.
+    w.machine.move_failed(move)
+    (again,) = w.actions(2.0)
+    assert isinstance(again, Move) and again.unconfirmed == ((4, newer),)
+    # A move that did not start from it (the store did not have it when asked) deletes it.
+    assert w.machine.moved(again, "node-b", 2) == [newer]
+    assert (r.snapshot_seq_id, r.snapshot_path) == (2, older)
 
 
 def test_a_joining_trainer_moves_nothing_when_the_runs_are_balanced_or_not_of_its_model():

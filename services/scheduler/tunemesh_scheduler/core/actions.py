@@ -32,6 +32,10 @@ class Move:
 
     run: RunRecord
     history: list[OperationRecord]  # the run's known operations, by seq_id
+    # (seq_id, path) of snapshots asked for after steps that succeeded, newer than the run's
+    # snapshot and not confirmed (the trainer may have died as it wrote them), newest first:
+    # the move starts from the newest the store has.
+    unconfirmed: tuple[tuple[int, str], ...] = ()
 
 
 @dataclasses.dataclass(eq=False)

@@ -67,16 +67,20 @@ class FailoverCalls:
         log.info("run %s frozen (its session ended); its slot on %s is free", run.name, node, extra={"run": run.name})
 
     async def move(self, action: Move, placed: Callable[[str], None] = lambda node: None,
-                   ) -> tuple[str, int, list[tuple[OperationRecord, Work]]]:
-        """Rebuild the run's adapter on a live trainer, up to its snapshot (`placed(node)`
-        once the trainer is chosen). Returns the (node, epoch) it serves with now and the
-        calls to replay there after the snapshot: every finished call that changed the
-        adapter, in seq_id order, with the call itself. The machine sends them, fused
-        with other work."""
+                   ) -> tuple[str, int, list[tuple[OperationRecord, Work]], tuple[int, str] | None]:
+        """Rebuild the run's adapter on a live trainer, up to its snapshot, or the newest
+        of `action.unconfirmed` the store has (`placed(node)` once the trainer is chosen).
+        Returns the (node, epoch) it serves with now, the calls to replay there after the
+        snapshot (every finished call that changed the adapter, in seq_id order, with the
+        call itself; the machine sends them) and the unconfirmed snapshot it started from
+        (None: the run's own)."""
         run = action.run
         old_node, snapshot, after = run.node_id, run.snapshot_path, run.snapshot_seq_id
         node = await self._placement.move(run.name, run.base_model, old_node)
         placed(node)
+        started_from = await self._newest_written(run, action.unconfirmed)
+        if started_from is not None:
+            after, snapshot = started_from
         epoch = run.epoch + 1
         log.info("moving %s from %s to %s (epoch %d, snapshot after seq_id %d)", run.name, old_node or "(frozen)",
                  node, epoch, after, extra={"run": run.name})
@@ -84,7 +88,21 @@ class FailoverCalls:
         # One call: any stale copy (the same node, back) is replaced, and the node reads the
         # checkpoint before it waits for a batch boundary to create and load the adapter.
         await self._trainer.restore_adapter(node, run.name, run.base_model, run.lora, epoch, run.tenant, start)
-        return node, epoch, await self._calls_to_replay(run, action.history, after)
+        return node, epoch, await self._calls_to_replay(run, action.history, after), started_from
+
+    async def _newest_written(self, run: RunRecord, unconfirmed: tuple[tuple[int, str], ...],
+                              ) -> tuple[int, str] | None:
+        """The newest of `unconfirmed` (newest first) the checkpoint service holds: a
+        committed checkpoint is whole, and its step succeeded, so it is the run's state
+        then, whoever wrote it."""
+        for seq_id, path in unconfirmed:
+            try:
+                if await self._trainer.checkpoint_exists(run.tenant, path):
+                    return seq_id, path
+            except TunemeshError as exc:
+                log.info("could not ask for snapshot %s of %s: %s", path, run.name, exc, extra={"run": run.name})
+                return None
+        return None
 
     async def _calls_to_replay(self, run: RunRecord, ops: list[OperationRecord],
                                after: int) -> list[tuple[OperationRecord, Work]]:

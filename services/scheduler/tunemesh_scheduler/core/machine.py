@@ -138,6 +138,7 @@ class SchedulerMachine:
         self._replays: dict[str, _Replay] = {}  # moved runs whose calls after the snapshot are being replayed
         self._rebalancing: dict[str, str] = {}  # run moved to a trainer that joined -> the trainer it leaves
         self._recovering: set[str] = set()  # moved while its client waited: until its next answer
+        self._written_while_moving: dict[str, dict[int, str]] = {}  # run -> seq_id -> snapshot, kept for the move
 
     # ---- runs ------------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ class SchedulerMachine:
         self._move_at.pop(name, None)
         self._rebalancing.pop(name, None)
         self._recovering.discard(name)
+        self._written_while_moving.pop(name, None)
         self._uncompacted.pop(name, None)
 
     def restore(self, plan: RecoveryPlan) -> None:
@@ -211,7 +213,7 @@ class SchedulerMachine:
             if at <= now:
                 del self._move_at[run]
                 if run in self.lanes:
-                    self._actions.append(Move(self.lanes[run].run, self.lanes[run].history()))
+                    self._actions.append(self._move_of(self.lanes[run].run))
         for node_id, node in self._nodes.items():
             if node.in_flight is None and node.ready and not self._held(node, now) and (
                 node.backlog or now >= (node.ready_since or now) + self._batch_wait_s
@@ -523,7 +525,21 @@ class SchedulerMachine:
         if lane.head is not None and lane.head.state is OpState.QUEUED:
             self._node(lane.head.node_id).ready.discard(lane.head)  # waits for the new node
             self._parked.pop(lane.head.name, None)
-        self._actions.append(Move(run, lane.history()))
+        self._actions.append(self._move_of(run))
+
+    def _move_of(self, run: RunRecord) -> Move:
+        """The move of `run`, with the snapshots it may start from besides the run's own:
+        those asked for after steps that succeeded whose confirmation had not come (the
+        trainer may have written them and died before saying so), and those confirmed
+        while the run was moving (a failed move's, kept for the next try)."""
+        lane = self.lanes[run.name]
+        candidates = dict(self._written_while_moving.get(run.name, {}))
+        for seq_id in self.snapshots.writing(run.name):
+            op = lane.find(seq_id)
+            if op is not None and op.state is OpState.SUCCEEDED and op.snapshot_path:
+                candidates[seq_id] = op.snapshot_path
+        newer = sorted(((s, p) for s, p in candidates.items() if s > run.snapshot_seq_id), reverse=True)
+        return Move(run, lane.history(), tuple(newer))
 
     def restoring(self, move: Move, node_id: str) -> None:
         """`move` placed its run on `node_id` and is rebuilding its adapter there. That node
@@ -539,18 +555,32 @@ class SchedulerMachine:
             node.restoring.discard(run_name)
 
     def moved(self, move: Move, node_id: str, epoch: int,
-              replay: list[tuple[OperationRecord, Work]] = ()) -> None:
-        """`move` rebuilt the run's adapter on `node_id` with `epoch`, up to its snapshot.
-        `replay` (original operation, call) goes there first, in order; then the run's
-        waiting operations follow."""
+              replay: list[tuple[OperationRecord, Work]] = (), started_from: tuple[int, str] | None = None,
+              ) -> list[str]:
+        """`move` rebuilt the run's adapter on `node_id` with `epoch`, up to its snapshot,
+        or up to `started_from` (seq_id, path): one of `move.unconfirmed`, which the run's
+        record names from now on. `replay` (original operation, call) goes there first,
+        in order; then the run's waiting operations follow. Returns the snapshots to
+        delete (superseded, or written while the run moved and not started from)."""
         run = move.run
         self._restored(run.name)
         run.node_id, run.epoch = node_id, epoch
-        self._note(StoreWrite(run))
+        doomed = []
+        if started_from is not None and started_from[0] > run.snapshot_seq_id:
+            doomed += [run.snapshot_path] if run.snapshot_path else []
+            run.snapshot_seq_id, run.snapshot_path = started_from
+            self.snapshots.forget(run.name)  # its rules count from the move on
+            log.info("%s moved from its snapshot after seq_id %d, written as its trainer died", run.name,
+                     run.snapshot_seq_id, extra={"run": run.name})
+            self._note(StoreWrite(run, trim_through=run.snapshot_seq_id))
+        else:
+            self._note(StoreWrite(run))
+        written = self._written_while_moving.pop(run.name, {})
+        doomed += [path for path in written.values() if path != run.snapshot_path]
         lane = self.lanes.get(run.name)
         if lane is None:
             self.moving.discard(run.name)
-            return
+            return doomed
         if replay or lane.unfinished():
             self._recovering.add(run.name)
         for op in lane.unfinished():
@@ -560,6 +590,7 @@ class SchedulerMachine:
             self._replay_next(run.name)
         else:
             self._serve_again(run)
+        return doomed
 
     def _serve_again(self, run: RunRecord) -> None:
         """The run's move is over: its head goes out on its new node."""
@@ -666,9 +697,11 @@ class SchedulerMachine:
         covers are dropped from the store. Returns the superseded snapshot to delete
         ('' when none)."""
         run, op = confirm.run, confirm.op
-        if run.name in self.moving:  # the move builds on the snapshot it started from
+        if run.name in self.moving:  # the move may start from it: `moved` keeps or deletes it
             self.snapshots.failed(run, op.seq_id)
-            return op.snapshot_path if op.snapshot_path != run.snapshot_path else ""  # nobody's: delete it
+            if op.snapshot_path != run.snapshot_path:
+                self._written_while_moving.setdefault(run.name, {})[op.seq_id] = op.snapshot_path
+            return ""
         if not self.snapshots.written(run, op.seq_id, self._clock()):
             return ""  # the run was deleted meanwhile
         if op.seq_id < run.snapshot_seq_id:

@@ -133,6 +133,11 @@ class TrainerPort(Protocol):
         """Delete a checkpoint of `tenant` (a superseded snapshot); NotFoundError if gone."""
         ...
 
+    async def checkpoint_exists(self, tenant: str, path: str) -> bool:
+        """Whether the checkpoint service holds `path` of `tenant` (a snapshot whose
+        confirmation did not come)."""
+        ...
+
     async def run_batch(self, node_id: str, items: Sequence[BatchItem]) -> Sequence[ItemOutcome]:
         """Execute items of different runs (forward kinds as one fused pass, then optimizer
         steps); one outcome per item, in order. Raising fails every item of the batch with

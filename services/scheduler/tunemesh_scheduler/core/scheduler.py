@@ -243,13 +243,15 @@ class SchedulerCore:
 
     async def _move(self, action: Move) -> None:
         try:
-            node, epoch, replay = await self._calls.move(action, lambda node: self._restoring(action, node))
+            node, epoch, replay, started_from = await self._calls.move(
+                action, lambda node: self._restoring(action, node))
         except Exception as exc:  # TunemeshError expected; anything else must not wedge the run
             level = logging.WARNING if isinstance(exc, TunemeshError) else logging.ERROR
             log.log(level, "moving %s failed (%r); trying again", action.run.name, exc, extra={"run": action.run.name})
             self.machine.move_failed(action)
             return
-        self.machine.moved(action, node, epoch, replay)
+        for path in self.machine.moved(action, node, epoch, replay, started_from):
+            await self._calls.delete_snapshot(action.run, path)
 
     def _restoring(self, action: Move, node: str) -> None:
         self.machine.restoring(action, node)

@@ -69,6 +69,11 @@ class SnapshotBook:
     def forget(self, run_name: str) -> None:
         self._progress.pop(run_name, None)
 
+    def writing(self, run_name: str) -> list[int]:
+        """seq_ids of the run's snapshots asked for and not yet written, oldest first."""
+        progress = self._progress.get(run_name)
+        return [m.seq_id for m in progress.writing] if progress is not None else []
+
     def _of(self, run: RunRecord, now: float) -> _Progress:
         progress = self._progress.get(run.name)
         if progress is None:
