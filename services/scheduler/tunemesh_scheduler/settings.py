@@ -70,7 +70,7 @@ class SchedulerSettings(settings.ServiceSettings):
         "(what a move replays after a trainer dies); 0: never by work"))
     restore_hold_s: float = Field(5.0, ge=0, description=(
         "a trainer receiving moved runs gets no new round while it rebuilds them, for up to this long "
-        "after the latest rebuild began (so their replays ride one round)"))
+        "after the latest rebuild began or the round it waited for ended"))
     recover_alone: bool = Field(True, description=(
         "a run moved while its client waited goes out in a round of its own, the one fewest calls from "
         "its answer first: on a CPU the moved runs answer one after another, not all after one long round"))

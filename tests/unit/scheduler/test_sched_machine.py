@@ -704,6 +704,27 @@ def test_runs_moved_while_their_clients_waited_go_out_alone_fewest_calls_first()
     assert [op.state for op in later] == [OpState.RUNNING] * 3
 
 
+def test_the_hold_for_a_rebuild_lasts_past_the_round_the_rebuild_waits_for():
+    """A trainer rebuilds between two rounds: a rebuild that began during a long round
+    ends only after it, so the hold counts again from that round's end."""
+    w = World(restore_hold_s=5.0)
+    moved, own = w.run("runs/a"), w.run("runs/c", "node-b")
+    w.submit(moved, 1)
+    dying = _only_batch(w.actions())
+    w.submit(own, 1)
+    long_round = _only_batch(w.actions())
+    w.machine.node_lost("node-a")
+    (move,) = w.actions()
+    w.machine.complete_batch(dying, None, UNREACHABLE)
+    w.machine.restoring(move, "node-b")
+    w.clock.t += 6.0  # past the hold; the round is still out, the rebuild waits for its end
+    w.answer(long_round)
+    w.submit(own, 2)
+    assert w.actions(0.5) == []  # held: the rebuild ends now
+    w.machine.moved(move, "node-b", 2)
+    assert _seqs(_only_batch(w.actions())) == [("runs/a", 1)]
+
+
 def test_a_replayed_call_in_doubt_moves_the_run_again_and_late_answers_are_ignored():
     w = World()
     run = w.run("runs/a")

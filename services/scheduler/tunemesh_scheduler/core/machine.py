@@ -348,6 +348,8 @@ class SchedulerMachine:
         if node.in_flight is batch:
             node.in_flight = None
         node.backlog = bool(node.ready)
+        if node.restoring:  # the rebuilds waited for this round to end: they end now
+            node.held_until = max(node.held_until, self._clock() + self._restore_hold_s)
         log.debug("round of %d items answered by %s after %.3f s%s", len(batch.ops), batch.node_id,
                   self._clock() - batch.sent_at, f" ({error.reason})" if error else "")
         if error is None and (outcomes is None or len(outcomes) != len(batch.ops)):
@@ -543,7 +545,8 @@ class SchedulerMachine:
 
     def restoring(self, move: Move, node_id: str) -> None:
         """`move` placed its run on `node_id` and is rebuilding its adapter there. That node
-        sends no round for up to `restore_hold_s`, or until the rebuild ends: the trainer
+        sends no round until the rebuild ends, for up to `restore_hold_s` after it began or
+        after the end of the round it waited for (see `complete_batch`): the trainer
         rebuilds between two rounds, and the run's replay then rides the very next one
         (not the one after, which costs a moved run a whole round on a slow model)."""
         node = self._node(node_id)

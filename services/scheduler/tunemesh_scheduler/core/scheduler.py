@@ -98,7 +98,8 @@ class SchedulerConfig:
     snapshot_replay_budget_s: float = 0.0
     # A trainer receiving moved runs sends no round while it rebuilds their adapters (each
     # reads its snapshot first, 68 MB on SmolLM2), for up to this long after the latest
-    # rebuild began, so every moved run's replay rides the next round.
+    # rebuild began or the round in progress (which a rebuild waits for) ended, so the
+    # moved runs go before the trainer's own.
     restore_hold_s: float = 5.0
     # A run moved while its client waited goes out in a round of its own, the one fewest
     # calls from its answer first (see `SchedulerMachine._first_back`); False: fused.
