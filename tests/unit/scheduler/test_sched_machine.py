@@ -422,6 +422,33 @@ def test_a_snapshot_written_while_its_run_moves_is_kept_for_the_move_or_deleted_
     assert (r.snapshot_seq_id, r.snapshot_path) == (2, older)
 
 
+def test_a_busy_run_moves_for_balance_once_its_call_is_answered_and_its_snapshot_written():
+    """Nothing is computed twice: the move waits for the round out and the snapshot after
+    it; the run's next call waits meanwhile and goes to the new trainer."""
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+    a, b = w.run("runs/a"), w.run("runs/b")
+    for run in (a, b):
+        w.submit(run, 1), w.submit(run, 2, OPTIM)
+    out = _only_batch(w.actions())
+    later = {run.name: w.submit(run, 3) for run in (a, b)}
+    w.machine.node_joined("node-b", ["tiny"])
+    assert [type(x) for x in w.actions()] == [FreeMovedAway]  # no move while its call is out
+    draining = next(iter(w.machine._draining))
+    w.answer(out)
+    actions = w.actions()
+    confirms = {x.run.name: x for x in actions if isinstance(x, ConfirmSnapshot)}
+    (next_round,) = _batches(actions)
+    assert _seqs(next_round) == [(r, 3) for r in ("runs/a", "runs/b") if r != draining]  # its next call waits
+    assert not any(isinstance(x, Move) for x in actions)  # its snapshot is still being written
+    w.machine.snapshot_written(confirms[draining])
+    (move,) = w.actions()
+    assert isinstance(move, Move) and move.run.name == draining
+    assert move.run.snapshot_seq_id == move.run.last_seq_id == 2  # nothing to replay
+    w.machine.moved(move, "node-b", 2)
+    moved_round = _only_batch(w.actions())
+    assert moved_round.node_id == "node-b" and moved_round.ops == [later[draining]]
+
+
 def test_a_joining_trainer_moves_nothing_when_the_runs_are_balanced_or_not_of_its_model():
     w = World()
     w.run("runs/a"), w.run("runs/b", "node-b")

@@ -139,6 +139,7 @@ class SchedulerMachine:
         self._rebalancing: dict[str, str] = {}  # run moved to a trainer that joined -> the trainer it leaves
         self._recovering: set[str] = set()  # moved while its client waited: until its next answer
         self._written_while_moving: dict[str, dict[int, str]] = {}  # run -> seq_id -> snapshot, kept for the move
+        self._draining: set[str] = set()  # to move for balance once no call is out and its snapshots are written
 
     # ---- runs ------------------------------------------------------------------------
 
@@ -156,6 +157,7 @@ class SchedulerMachine:
         self._rebalancing.pop(name, None)
         self._recovering.discard(name)
         self._written_while_moving.pop(name, None)
+        self._draining.discard(name)
         self._uncompacted.pop(name, None)
 
     def restore(self, plan: RecoveryPlan) -> None:
@@ -307,7 +309,7 @@ class SchedulerMachine:
 
     def _release(self, op: OperationRecord) -> None:
         """A run's head is ready to go out."""
-        if op.run in self.moving:
+        if op.run in self.moving or op.run in self._draining:
             return  # the move releases the run's head on its new node
         run = self.lanes[op.run].run
         if not run.node_id:  # frozen: rebuilt first, then the move releases the head
@@ -398,6 +400,7 @@ class SchedulerMachine:
                 self.lanes[op.run].run.step = outcome.result.step
         self._snapshot_finished(self.lanes[op.run].run, op)
         self.lanes[op.run].on_done(op)
+        self._drained(op.run)
 
     def _park(self, op: OperationRecord, why: OperationError) -> None:
         log.info("sending %s again later: %s", op.name, why.message, extra={"run": op.run, "operation": op.name})
@@ -407,6 +410,7 @@ class SchedulerMachine:
             self._move(run)
         elif op.run not in self.moving:
             self._parked[op.name] = (self._clock() + self._retry_s, op)
+            self._drained(op.run)
 
     def _fail_gap(self, lane: RunLane, waiting: list[OperationRecord]) -> None:
         log.warning("seq_id %d never arrived; failing %d ops", lane.next_seq_id, len(waiting),
@@ -483,14 +487,14 @@ class SchedulerMachine:
         runs that moved away meanwhile (it was paused or cut off past its lease), and it
         takes runs of its models over from the busiest trainer of theirs until none holds
         two more than it (a trainer that died and came back would otherwise idle while
-        its runs crowd the survivor)."""
+        its runs crowd the survivor); a busy one once it is quiet (`_drain_then_move`)."""
         if self.movable:
             self._actions.append(FreeMovedAway(node_id))
             self._rebalance(node_id, set(models))
 
     def _rebalance(self, node_id: str, models: set[str]) -> None:
         placed = [lane.run for lane in self.lanes.values() if lane.run.base_model in models
-                  and lane.run.node_id and lane.run.name not in self.moving]
+                  and lane.run.node_id and lane.run.name not in self.moving and lane.run.name not in self._draining]
         counts = collections.Counter(run.node_id for run in placed)
         counts[node_id] += 0
         while True:
@@ -503,9 +507,33 @@ class SchedulerMachine:
             log.info("moving %s from %s to %s, which holds %d runs of %s against %d", run.name, busiest, node_id,
                      counts[node_id], run.base_model, counts[busiest], extra={"run": run.name})
             self._rebalancing[run.name] = busiest
-            self._move(run)
+            self._drain_then_move(run)
             counts[busiest] -= 1
             counts[node_id] += 1
+
+    def _drain_then_move(self, run: RunRecord) -> None:
+        """Move `run` for balance once nothing of it is lost by moving: no call out (its
+        answer would be thrown away and the call computed again) and no snapshot being
+        written (the move would replay the step). Meanwhile its next call waits, so this
+        takes one round and a snapshot write, not a step computed twice."""
+        self._draining.add(run.name)
+        lane = self.lanes[run.name]
+        if lane.head is not None and lane.head.state is OpState.QUEUED and self._node(lane.head.node_id).ready.discard(
+                lane.head):
+            self._parked.pop(lane.head.name, None)
+        self._drained(run.name)
+
+    def _drained(self, run_name: str) -> None:
+        """Move a draining run once it is quiet."""
+        if run_name not in self._draining:
+            return
+        lane = self.lanes[run_name]
+        being_written = [seq for seq in self.snapshots.writing(run_name)
+                         if (op := lane.find(seq)) is not None and op.state is OpState.SUCCEEDED]
+        if being_written or any(op.state is OpState.RUNNING for op in lane.unfinished()):
+            return
+        self._draining.discard(run_name)
+        self._move(lane.run)
 
     def moved_away(self, node_id: str, adapter: str) -> bool:
         """Whether adapter `adapter` held by `node_id` belongs to a run placed elsewhere
@@ -522,6 +550,7 @@ class SchedulerMachine:
     def _move(self, run: RunRecord) -> None:
         if not self.movable or run.name not in self.lanes or run.name in self.moving:
             return
+        self._draining.discard(run.name)  # moved anyway (its trainer left): at once
         self.moving.add(run.name)
         lane = self.lanes[run.name]
         if lane.head is not None and lane.head.state is OpState.QUEUED:
@@ -699,6 +728,11 @@ class SchedulerMachine:
         """The trainer wrote the snapshot: the run's record names it and the calls it
         covers are dropped from the store. Returns the superseded snapshot to delete
         ('' when none)."""
+        superseded = self._snapshot_written(confirm)
+        self._drained(confirm.run.name)
+        return superseded
+
+    def _snapshot_written(self, confirm: ConfirmSnapshot) -> str:
         run, op = confirm.run, confirm.op
         if run.name in self.moving:  # the move may start from it: `moved` keeps or deletes it
             self.snapshots.failed(run, op.seq_id)
@@ -718,6 +752,7 @@ class SchedulerMachine:
 
     def snapshot_failed(self, confirm: ConfirmSnapshot) -> None:
         self.snapshots.failed(confirm.run, confirm.op.seq_id)
+        self._drained(confirm.run.name)
 
     # ---- status ----------------------------------------------------------------------
 
