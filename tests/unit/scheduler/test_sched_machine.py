@@ -449,6 +449,19 @@ def test_a_busy_run_moves_for_balance_once_its_call_is_answered_and_its_snapshot
     assert moved_round.node_id == "node-b" and moved_round.ops == [later[draining]]
 
 
+def test_a_joining_trainer_takes_as_many_busy_runs_as_idle_ones():
+    w = World()
+    runs = [w.run(f"runs/{x}") for x in "abcd"]
+    for run in runs:
+        w.submit(run, 1)
+    out = _only_batch(w.actions())
+    w.machine.node_joined("node-b", ["tiny"])
+    assert [type(x) for x in w.actions()] == [FreeMovedAway]
+    w.answer(out)
+    moves = [x for x in w.actions() if isinstance(x, Move)]
+    assert len({m.run.name for m in moves}) == 2  # 4 against 0: two distinct runs, then 2 against 2
+
+
 def test_a_joining_trainer_moves_nothing_when_the_runs_are_balanced_or_not_of_its_model():
     w = World()
     w.run("runs/a"), w.run("runs/b", "node-b")

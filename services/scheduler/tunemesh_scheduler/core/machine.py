@@ -502,7 +502,8 @@ class SchedulerMachine:
             if counts[busiest] - counts[node_id] < 2:
                 return
             # an idle run first (its move delays nobody), then the one with the least to replay
-            run = min((r for r in placed if r.node_id == busiest and r.name not in self.moving),
+            run = min((r for r in placed if r.node_id == busiest and r.name not in self.moving
+                       and r.name not in self._draining),
                       key=lambda r: (not self.lanes[r.name].idle(), r.last_seq_id - r.snapshot_seq_id, r.name))
             log.info("moving %s from %s to %s, which holds %d runs of %s against %d", run.name, busiest, node_id,
                      counts[node_id], run.base_model, counts[busiest], extra={"run": run.name})
