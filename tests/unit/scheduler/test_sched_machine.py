@@ -449,6 +449,25 @@ def test_a_busy_run_moves_for_balance_once_its_call_is_answered_and_its_snapshot
     assert moved_round.node_id == "node-b" and moved_round.ops == [later[draining]]
 
 
+def test_a_run_waiting_to_move_for_balance_whose_session_ends_is_frozen_not_moved():
+    w = World(snapshots=SnapshotPolicy(every_steps=1, every_s=0))
+    a, b = w.run("runs/a"), w.run("runs/b")
+    for run in (a, b):
+        w.submit(run, 1), w.submit(run, 2, OPTIM)
+    out = _only_batch(w.actions())
+    w.machine.node_joined("node-b", ["tiny"])
+    w.actions()
+    (draining,) = w.machine._draining
+    w.answer(out)
+    confirms = {x.run.name: x for x in w.actions() if isinstance(x, ConfirmSnapshot)}
+    w.machine.sessions.end("t1", w.session)
+    w.machine.sweep_sessions(w.clock())
+    freezes = {x.run.name: x for x in w.actions() if isinstance(x, Freeze)}
+    w.machine.frozen(freezes[draining])
+    w.machine.snapshot_written(confirms[draining])
+    assert not any(isinstance(x, Move) for x in w.actions())  # frozen, not rebuilt elsewhere
+
+
 def test_a_joining_trainer_takes_as_many_busy_runs_as_idle_ones():
     w = World()
     runs = [w.run(f"runs/{x}") for x in "abcd"]

@@ -701,6 +701,7 @@ class SchedulerMachine:
 
     def _freeze(self, run: RunRecord) -> None:
         if self.movable and run.name not in self.moving:
+            self._draining.discard(run.name)  # frozen instead: resumed wherever there is room
             self.moving.add(run.name)
             self._actions.append(Freeze(run))
 
