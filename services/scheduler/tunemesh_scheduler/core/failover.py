@@ -15,7 +15,7 @@ re-placed on a live trainer of its model with a raised epoch (the old trainer's 
 are refused from then on), its adapter is created there and loaded from the latest
 snapshot (or the checkpoint it was created from); the calls after the snapshot that
 changed the adapter are fetched from the store, and the machine replays them in seq_id
-order with their original seq_ids, fused with other runs' work. The engine is
+order with their original seq_ids, through the normal dispatch. The engine is
 batch-invariant, so the replay reproduces the same numbers; the operations waiting on
 the run then go to the new trainer.
 """

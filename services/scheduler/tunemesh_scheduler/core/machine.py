@@ -635,7 +635,7 @@ class SchedulerMachine:
         if lane.head is not None and lane.head.state is OpState.QUEUED:
             self._release(lane.head)
 
-    # ---- replay: a moved run's calls after its snapshot, fused with other work --------
+    # ---- replay: a moved run's calls after its snapshot, through the normal dispatch --
 
     def _standin(self, replay: _Replay) -> OperationRecord:
         """The next call of `replay` as an operation of its run's new node and epoch."""
