@@ -354,6 +354,23 @@ def test_a_run_moves_from_a_snapshot_its_dead_trainer_wrote_without_confirming_i
     asyncio.run(main())
 
 
+def test_a_deleted_run_leaves_no_snapshot_behind():
+    async def main():
+        mesh, _ = await _start(snapshot_every_steps=1)
+        trainer = mesh.trainer
+        run = await mesh.new_run()
+        await _steps(mesh, run, [OPTIM])
+        await _until(lambda: mesh.core.get_run("t1", run).snapshot_seq_id == 1)
+        trainer.snapshot_hold = asyncio.Event()
+        await _steps(mesh, run, [OPTIM], first=2)  # its snapshot is still being written
+        await mesh.core.delete_run("t1", run)
+        assert ("t1", _snapshot_of(run, 1)) in getattr(trainer, "deleted_checkpoints", [])
+        trainer.snapshot_hold.set()
+        await _until(lambda: ("t1", _snapshot_of(run, 2)) in getattr(trainer, "deleted_checkpoints", []))
+
+    asyncio.run(main())
+
+
 def test_a_trainer_receiving_a_moved_run_holds_its_next_round_for_the_rebuild():
     async def main():
         now = [1000.0]

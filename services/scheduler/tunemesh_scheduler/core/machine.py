@@ -741,8 +741,10 @@ class SchedulerMachine:
             if op.snapshot_path != run.snapshot_path:
                 self._written_while_moving.setdefault(run.name, {})[op.seq_id] = op.snapshot_path
             return ""
+        if run.name not in self.lanes:
+            return op.snapshot_path  # the run was deleted meanwhile: nobody's
         if not self.snapshots.written(run, op.seq_id, self._clock()):
-            return ""  # the run was deleted meanwhile
+            return ""  # its bookkeeping started over (a move from another snapshot)
         if op.seq_id < run.snapshot_seq_id:
             return op.snapshot_path  # a later snapshot was written first: this one is superseded
         previous = run.snapshot_path

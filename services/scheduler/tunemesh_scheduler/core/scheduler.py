@@ -414,7 +414,8 @@ class SchedulerCore:
         return record
 
     async def delete_run(self, tenant: str, name: str) -> None:
-        """Delete an idle run and free its adapter slot (and the tenant's quota)."""
+        """Delete an idle run, free its adapter slot (and the tenant's quota) and delete
+        its automatic snapshot (one still being written is deleted once written)."""
         self._check_serving()
         record = self.runs.get(tenant, name)
         if not self.machine.lanes[name].idle() or name in self.machine.moving:
@@ -423,6 +424,8 @@ class SchedulerCore:
             )
         self.machine.remove_run(name)
         await self.runs.delete(record)
+        if record.snapshot_path:  # internal: nobody else deletes it
+            await self._calls.delete_snapshot(record, record.snapshot_path)
 
     def list_runs(
         self, tenant: str, page_size: int = 0, page_token: str = ""
