@@ -32,6 +32,12 @@ async def _start(store=None, clock=lambda: 1000.0, **config) -> tuple[Mesh, Memo
     return Mesh(core, placement, trainer), store
 
 
+async def _one_run(**config) -> tuple[Mesh, FakeTrainer, str]:
+    """A started core (as `_start`) with one run on node-a."""
+    mesh, _ = await _start(**config)
+    return mesh, mesh.trainer, await mesh.new_run()
+
+
 async def _until(predicate, rounds: int = 500) -> None:
     """Turn the loop until `predicate()` holds (no clock involved)."""
     for _ in range(rounds):
@@ -356,9 +362,7 @@ def test_a_run_moves_from_a_snapshot_its_dead_trainer_wrote_without_confirming_i
 
 def test_a_deleted_run_leaves_no_snapshot_behind():
     async def main():
-        mesh, _ = await _start(snapshot_every_steps=1)
-        trainer = mesh.trainer
-        run = await mesh.new_run()
+        mesh, trainer, run = await _one_run(snapshot_every_steps=1)
         await _steps(mesh, run, [OPTIM])
         await _until(lambda: mesh.core.get_run("t1", run).snapshot_seq_id == 1)
         trainer.snapshot_hold = asyncio.Event()
@@ -543,9 +547,7 @@ def test_queue_counts_per_node_follow_the_operations_that_moved():
 
 def test_a_snapshot_confirmed_during_a_move_does_not_skip_replayed_calls():
     async def main():
-        mesh, _ = await _start(snapshot_every_steps=2)
-        trainer = mesh.trainer
-        run = await mesh.new_run()
+        mesh, trainer, run = await _one_run(snapshot_every_steps=2)
         record = mesh.core.get_run("t1", run)
         await _steps(mesh, run, [FB, OPTIM, FB, OPTIM])  # snapshot after seq_id 4
         await _until(lambda: record.snapshot_seq_id == 4)
