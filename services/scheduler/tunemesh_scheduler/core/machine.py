@@ -518,10 +518,7 @@ class SchedulerMachine:
         written (the move would replay the step). Meanwhile its next call waits, so this
         takes one round and a snapshot write, not a step computed twice."""
         self._draining.add(run.name)
-        lane = self.lanes[run.name]
-        if lane.head is not None and lane.head.state is OpState.QUEUED and self._node(lane.head.node_id).ready.discard(
-                lane.head):
-            self._parked.pop(lane.head.name, None)
+        self._withdraw_head(self.lanes[run.name])
         self._drained(run.name)
 
     def _drained(self, run_name: str) -> None:
@@ -529,9 +526,7 @@ class SchedulerMachine:
         if run_name not in self._draining:
             return
         lane = self.lanes[run_name]
-        being_written = [seq for seq in self.snapshots.writing(run_name)
-                         if (op := lane.find(seq)) is not None and op.state is OpState.SUCCEEDED]
-        if being_written or any(op.state is OpState.RUNNING for op in lane.unfinished()):
+        if self._being_written(lane) or any(op.state is OpState.RUNNING for op in lane.unfinished()):
             return
         self._draining.discard(run_name)
         self._move(lane.run)
@@ -553,11 +548,24 @@ class SchedulerMachine:
             return
         self._draining.discard(run.name)  # moved anyway (its trainer left): at once
         self.moving.add(run.name)
-        lane = self.lanes[run.name]
-        if lane.head is not None and lane.head.state is OpState.QUEUED:
-            self._node(lane.head.node_id).ready.discard(lane.head)  # waits for the new node
-            self._parked.pop(lane.head.name, None)
+        self._withdraw_head(self.lanes[run.name])
         self._actions.append(self._move_of(run))
+
+    def _withdraw_head(self, lane: RunLane) -> None:
+        """The run's queued head waits for its new node (`_serve_again` releases it)."""
+        if lane.head is not None and lane.head.state is OpState.QUEUED:
+            self._node(lane.head.node_id).ready.discard(lane.head)
+            self._parked.pop(lane.head.name, None)
+
+    def _being_written(self, lane: RunLane) -> dict[int, str]:
+        """seq_id -> path of the run's snapshots asked for after steps that succeeded and
+        not confirmed yet (its trainer may be writing them, or have written them)."""
+        found = {}
+        for seq_id in self.snapshots.writing(lane.run.name):
+            op = lane.find(seq_id)
+            if op is not None and op.state is OpState.SUCCEEDED and op.snapshot_path:
+                found[seq_id] = op.snapshot_path
+        return found
 
     def _move_of(self, run: RunRecord) -> Move:
         """The move of `run`, with the snapshots it may start from besides the run's own:
@@ -565,11 +573,7 @@ class SchedulerMachine:
         trainer may have written them and died before saying so), and those confirmed
         while the run was moving (a failed move's, kept for the next try)."""
         lane = self.lanes[run.name]
-        candidates = dict(self._written_while_moving.get(run.name, {}))
-        for seq_id in self.snapshots.writing(run.name):
-            op = lane.find(seq_id)
-            if op is not None and op.state is OpState.SUCCEEDED and op.snapshot_path:
-                candidates[seq_id] = op.snapshot_path
+        candidates = {**self._written_while_moving.get(run.name, {}), **self._being_written(lane)}
         newer = sorted(((s, p) for s, p in candidates.items() if s > run.snapshot_seq_id), reverse=True)
         return Move(run, lane.history(), tuple(newer))
 
