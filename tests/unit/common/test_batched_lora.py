@@ -1,5 +1,6 @@
-"""Batched LoRA (every adapter of a batch in two bmm calls) against the segment-by-segment
-path of MultiLoraLinear, on the layouts a sampler's batches take: equal contiguous
+"""Both LoRA paths of MultiLoraLinear, the sampler's batched one (every adapter of a batch in
+two bmm calls) and the grouped one (`_grouped`, also the trainer's), against LoRA computed
+segment by segment here, on the layouts a sampler's batches take: equal contiguous
 segments, unequal ones, rows without an adapter between them, ranks that differ, adapters
 without factors on the linear, a bfloat16 base, and factors reloaded under the same id."""
 
@@ -29,14 +30,30 @@ def _linear(base_dtype=torch.float32) -> MultiLoraLinear:
     return layer
 
 
+def _per_segment(layer: MultiLoraLinear, segments, x: torch.Tensor) -> torch.Tensor:
+    """The base plus each segment's own adapter's scale * x @ A.T @ B.T, one segment at a time."""
+    out = layer.base(x)
+    pieces = []
+    for aid, start, end in segments:
+        piece = out[start:end]
+        pair = layer.pairs.get(aid)
+        if pair is not None:
+            piece = piece + ((x[start:end].to(pair.a.dtype) @ pair.a.T @ pair.b.T) * pair.scale).to(out.dtype)
+        pieces.append(piece)
+    return torch.cat(pieces)
+
+
 def _both(layer: MultiLoraLinear, segments, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batched path's output, and the grouped path's after checking it against `_per_segment`."""
     plan = RowPlan(tuple(segments), frozenset())
     with torch.no_grad():
         with layer.routing.use(plan):
-            reference = layer(x)
+            grouped = layer(x)
         with layer.routing.use(plan, batched=True):
             batched = layer(x)
-    return batched, reference
+        tolerance = 1e-2 if x.dtype == torch.bfloat16 else 1e-5
+        torch.testing.assert_close(grouped, _per_segment(layer, segments, x), rtol=tolerance, atol=tolerance)
+    return batched, grouped
 
 
 LAYOUTS = {

@@ -1,7 +1,7 @@
 """Every adapter's LoRA on one linear in two batched matmuls (inference only).
 
-`MultiLoraLinear` applies LoRA segment by segment: per adapter of the batch a split, two
-small matmuls, a scale and an add, then a cat of the pieces. In a decode step of 64 rows
+Segment by segment, LoRA costs per adapter of the batch a split, two small matmuls, a
+scale and an add, then a cat of the pieces. In a decode step of 64 rows
 over 8 adapters that is ~40 small operations on each of SmolLM2's 210 linears, and their
 fixed cost (not their FLOPs) made LoRA add ~47 % to the step. Here the adapters' factors
 are stacked once per set of adapters, the rows of each adapter are laid out as one slab
@@ -10,13 +10,14 @@ gather otherwise) and LoRA is `bmm(bmm(x, A.T), B.T) * scale`, added in place: f
 operations whatever the number of adapters (the segmented-matmul idea of Punica / S-LoRA,
 in plain torch).
 
-Same arithmetic per row as the segment path, x @ A.T then @ B.T then * scale, in the
-factors' dtype (float32), with the factors in the segment path's memory layout (A and B
-row-major, used transposed): the BLAS sums a row the same way in both, so under
-`BatchInvariantMode` the two give the same bits (a different layout measured otherwise).
+Same arithmetic per row as `MultiLoraLinear._grouped` (the trainer's path, which groups
+segments of one rank and length and records gradients through the stacked factors), x @
+A.T then @ B.T then * scale, in the factors' dtype (float32), with the factors row-major
+and used transposed: each GEMM of a batched matmul of several matrices runs on one
+thread, so under batch-invariant mode (rows padded to 4) the two give the same bits.
 Factors of lower rank are padded with zero rows / columns up to the largest rank of the
-set (`StackedFactors.uniform_rank` tells whether any was). No autograd: the trainer keeps the segment path (gradients,
-and its numbers are checked against PEFT per segment).
+set (`StackedFactors.uniform_rank` tells whether any was). No autograd, and the factors
+are stacked once per set of adapters (a decode loop reuses them every step).
 """
 
 from __future__ import annotations
