@@ -9,7 +9,9 @@ random rows of `--seq-len` tokens, cross_entropy, weights 1) + each adapter's Ad
 One warmup step, then `--repeats` timed; MFU = training FLOPs per token
 (machine.ModelShape.training_flops) x tokens/s of the median step / the best fp32 matmul
 peak measured before and after. No mesh, no control plane: the engine's own ceiling,
-to read train_throughput.py's mesh figures against.
+to read train_throughput.py's mesh figures against. It also times the frozen base's GEMMs
+alone at the step's shapes (`machine.frozen_gemm_gflops`): their share of the peak bounds
+the MFU any engine could reach here.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import ModelShape, best_peaks, measure_peaks  # noqa: E402
+from machine import ModelShape, best_peaks, frozen_gemm_gflops, measure_peaks  # noqa: E402
 from train_throughput import SMOLLM2, log, write_json  # noqa: E402
 
 
@@ -84,18 +86,21 @@ def main(argv: list[str] | None = None) -> dict:
     step_seconds(engine, items, args.adapters)  # warmup
     seconds = [step_seconds(engine, items, args.adapters) for _ in range(args.repeats)]
     machine = best_peaks(before, measure_peaks())
-    load.append(os.getloadavg()[0])
     tokens = args.adapters * args.rows * args.seq_len
-    per_token = ModelShape.from_config(model_dir).training_flops(args.rows, args.seq_len, args.rank) / (
-        args.rows * args.seq_len)
+    shape = ModelShape.from_config(model_dir)
+    gemm = frozen_gemm_gflops(shape, tokens)
+    load.append(os.getloadavg()[0])
+    per_token = shape.training_flops(args.rows, args.seq_len, args.rank) / (args.rows * args.seq_len)
     rate = tokens / statistics.median(seconds)
     result = {"model": args.model, "adapters": args.adapters, "rows": args.rows, "seq_len": args.seq_len,
               "rank": args.rank, "step_seconds": [round(s, 4) for s in seconds], "tokens_per_s": round(rate, 1),
               "training_gflop_per_token": round(per_token / 1e9, 4),
               "mfu": round(rate * per_token / (machine["fp32_gflops"] * 1e9), 4), "machine": machine,
+              "frozen_gemm_gflops": gemm, "frozen_gemm_share_of_peak": round(gemm / machine["fp32_gflops"], 4),
               "load_average_1m": load, "cpu_count": os.cpu_count()}
     log(f"{args.model}: {args.adapters} adapters x {args.rows} x {args.seq_len}: {rate:.1f} tok/s, "
-        f"MFU {result['mfu']:.1%} of {machine['fp32_gflops']:.0f} GFLOP/s (steps {result['step_seconds']} s)")
+        f"MFU {result['mfu']:.1%} of {machine['fp32_gflops']:.0f} GFLOP/s (steps {result['step_seconds']} s); "
+        f"the base's GEMMs alone at these shapes: {gemm:.0f} GFLOP/s, {result['frozen_gemm_share_of_peak']:.1%}")
     write_json(args.json, result)
     return result
 

@@ -148,3 +148,31 @@ def sampling_bound(shape: ModelShape, rows: int, prompt_len: int, new_tokens: in
     return {"prefill_s": round(prefill_s, 4), "decode_s": round(decode_s, 4),
             "compute_bound_steps": compute_bound_steps, "steps": new_tokens - 1,
             "tokens_per_s": round(rows * new_tokens / seconds, 1)}
+
+
+def frozen_gemm_gflops(shape: ModelShape, tokens: int, repeats: int = 3) -> float:
+    """GFLOP/s of the frozen base's own GEMMs at a training pass's shapes: every layer's
+    linears and the vocab head over `tokens` rows, the forward and the input gradient, on
+    oneDNN as the engines run them (float32), each distinct shape timed (best of `repeats`)
+    and counted as often as the model has it. A fused pass cannot beat its base GEMMs, so
+    this rate over the matmul peak bounds its model FLOP utilisation from above."""
+    import collections
+
+    import torch
+
+    counts = collections.Counter({(i, o): 0 for i, o in shape.linear_shapes()})
+    for i, o in shape.linear_shapes():
+        counts[(i, o)] += shape.layers
+    counts[(shape.hidden, shape.vocab)] += 1
+    flops = seconds = 0.0
+    for (i, o), count in counts.items():
+        weight, x, grad = torch.randn(o, i), torch.randn(tokens, i), torch.randn(tokens, o)
+        weight_t = weight.t()
+
+        def run() -> None:
+            torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+            torch.ops.mkldnn._linear_pointwise(grad, weight_t, None, "none", [], "")
+
+        seconds += count * _best_seconds(run, repeats)
+        flops += count * 4 * tokens * i * o
+    return round(flops / seconds / 1e9, 1)
