@@ -79,6 +79,20 @@ class FrozenBase:
         return in_f, out_f, layer.num_experts
 
 
+WEIGHT_ALIGNMENT = 64  # bytes: torch's own CPU allocations, a cache line
+
+
+def _align_weights(model: nn.Module) -> None:
+    """Give every CPU weight loaded at an unaligned address (safetensors places tensors at
+    8-byte offsets in the file's buffer) memory of its own, aligned as torch allocates it.
+    oneDNN read such a weight at half speed through its transposed view, the input
+    gradients' GEMMs: SmolLM2's vocab head 67 against 118 GFLOP/s, its down_proj 72 against
+    100, on this project's AVX2 hosts. A ZeRO-3 partition is DeepSpeed's to place."""
+    for param in model.parameters():
+        if param.device.type == "cpu" and not hasattr(param, "ds_id") and param.data_ptr() % WEIGHT_ALIGNMENT:
+            param.data = param.data.clone()
+
+
 def load_frozen_base(model_dir: pathlib.Path, dtype: str, device: torch.device) -> FrozenBase:
     """Load the model of a local HF directory with its weights in `dtype` (a BASE_DTYPES
     key) on `device`, frozen and in eval mode, its LoRA targets wrapped (one routing).
@@ -92,6 +106,7 @@ def load_frozen_base(model_dir: pathlib.Path, dtype: str, device: torch.device) 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=BASE_DTYPES[dtype])
     model.requires_grad_(False)
     model = model.eval().to(device)
+    _align_weights(model)
     routing = LoraRouting()
     groups = candidate_targets(model)
     linears = install_wrappers(model, sorted(groups), routing)
