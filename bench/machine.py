@@ -153,8 +153,8 @@ def sampling_bound(shape: ModelShape, rows: int, prompt_len: int, new_tokens: in
 def frozen_gemm_gflops(shape: ModelShape, tokens: int, repeats: int = 3) -> float:
     """GFLOP/s of the frozen base's own GEMMs at a training pass's shapes: every layer's
     linears and the vocab head over `tokens` rows, the forward and the input gradient, on
-    oneDNN as the engines run them (float32), each distinct shape timed (best of `repeats`)
-    and counted as often as the model has it. A fused pass cannot beat its base GEMMs, so
+    oneDNN as the engines run them (float32), one weight per layer, each shape's layers
+    timed together (best of `repeats`). A fused pass cannot beat its base GEMMs, so
     this rate over the matmul peak bounds its model FLOP utilisation from above."""
     import collections
 
@@ -166,13 +166,15 @@ def frozen_gemm_gflops(shape: ModelShape, tokens: int, repeats: int = 3) -> floa
     counts[(shape.hidden, shape.vocab)] += 1
     flops = seconds = 0.0
     for (i, o), count in counts.items():
-        weight, x, grad = torch.randn(o, i), torch.randn(tokens, i), torch.randn(tokens, o)
-        weight_t = weight.t()
+        # one weight per layer, as the model has them: one weight used again and again would
+        # stay in the cache, which a pass through the model's weights does not
+        weights, x, grad = [torch.randn(o, i) for _ in range(count)], torch.randn(tokens, i), torch.randn(tokens, o)
 
         def run() -> None:
-            torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
-            torch.ops.mkldnn._linear_pointwise(grad, weight_t, None, "none", [], "")
+            for weight in weights:
+                torch.ops.mkldnn._linear_pointwise(x, weight, None, "none", [], "")
+                torch.ops.mkldnn._linear_pointwise(grad, weight.t(), None, "none", [], "")
 
-        seconds += count * _best_seconds(run, repeats)
+        seconds += _best_seconds(run, repeats)
         flops += count * 4 * tokens * i * o
     return round(flops / seconds / 1e9, 1)
