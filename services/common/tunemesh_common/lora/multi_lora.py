@@ -87,12 +87,13 @@ class LoraGroup:
     index: torch.Tensor
 
     @classmethod
-    def of(cls, members: list[tuple[str, torch.Tensor]]) -> LoraGroup:
+    def of(cls, members: list[tuple[str, torch.Tensor]], device: torch.device) -> LoraGroup:
+        """The group of `members` (adapter id, its positions on the CPU); `index` on `device`."""
         index = torch.cat([positions for _, positions in members])
         first = int(index[0]) if len(index) else 0
         back_to_back = bool(torch.equal(index, torch.arange(first, first + len(index))))
         return cls(tuple(aid for aid, _ in members), len(members[0][1]),
-                   (first, first + len(index)) if back_to_back else None, index)
+                   (first, first + len(index)) if back_to_back else None, index.to(device))
 
 
 class GroupedLora(torch.autograd.Function):
@@ -103,7 +104,7 @@ class GroupedLora(torch.autograd.Function):
     Batch invariance: a batched matmul of two or more matrices runs each GEMM on one thread,
     and one of a single matrix is run on one thread here too (`alone`), so a segment's
     numbers (forward and gradients) depend only on its own shape, not on how many segments
-    share its group (tests/unit/common/test_batch_invariant.py checks that on the running
+    share its group (tests/unit/common/test_grouped_lora.py checks that on the running
     host)."""
 
     @staticmethod
@@ -173,12 +174,13 @@ class LoraRouting:
             self._real_index[key] = None if bool(rows.all()) else rows.reshape(-1).nonzero().squeeze(1)
         return self._real_index[key]
 
-    def lora_groups(self, mine: tuple[tuple[str, int, int, int], ...], length: int) -> list[LoraGroup]:
+    def lora_groups(self, mine: tuple[tuple[str, int, int, int], ...], length: int,
+                    device: torch.device) -> list[LoraGroup]:
         """The segments `mine` ((adapter id, first row, end row, rank) of the segments with LoRA on
         a linear) grouped for `GroupedLora`: the segments of one rank and one token count go
         together, in row order; their tokens are the rows' positions of a (rows x length) batch,
         padding skipped where `real_index` says so. Worked out once per batch (every linear with
-        the same adapters asks the same)."""
+        the same adapters asks the same), the groups' positions moved to `device` once."""
         key = (mine, length)
         if key not in self._groups:
             by_shape: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
@@ -186,7 +188,7 @@ class LoraRouting:
                 real = self.real_index(first, end)
                 positions = torch.arange(first * length, end * length) if real is None else real.cpu() + first * length
                 by_shape.setdefault((rank, len(positions)), []).append((adapter_id, positions))
-            self._groups[key] = [LoraGroup.of(members) for members in by_shape.values()]
+            self._groups[key] = [LoraGroup.of(members, device) for members in by_shape.values()]
         return self._groups[key]
 
     @contextlib.contextmanager
@@ -245,13 +247,13 @@ class MultiLoraLinear(nn.Module):
         x_flat, width = x.reshape(-1, x.shape[-1]), out.shape[-1]
         invariant = self.routing.batch_invariant
         result = out
-        for group in self.routing.lora_groups(mine, length):
+        for group in self.routing.lora_groups(mine, length, x.device):
             pairs = [(self.pairs[aid], aid in plan.trainable) for aid in group.adapters]
             a = torch.stack([pair.a if trains else pair.a.detach() for pair, trains in pairs])
             b = torch.stack([pair.b if trains else pair.b.detach() for pair, trains in pairs])
             scale = torch.tensor([pair.scale for pair, _ in pairs], dtype=a.dtype, device=a.device).view(-1, 1, 1)
             segments = len(pairs)
-            x_g = x_flat[group.span[0] : group.span[1]] if group.span else x_flat.index_select(0, group.index.to(x.device))
+            x_g = x_flat[group.span[0] : group.span[1]] if group.span else x_flat.index_select(0, group.index)
             x_g = x_g.reshape(segments, group.tokens, -1).to(a.dtype)
             min_rows = batched_gemm_rows(segments) if invariant else 0
             if group.tokens < min_rows:
@@ -262,7 +264,7 @@ class MultiLoraLinear(nn.Module):
             if group.span == (0, len(x_flat)):
                 result = result + delta.view(result.shape)
             else:
-                result = result.reshape(-1, width).index_add(0, group.index.to(out.device), delta)
+                result = result.reshape(-1, width).index_add(0, group.index, delta)
         return result.view(out.shape)
 
     def _batched(self, plan: RowPlan, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
