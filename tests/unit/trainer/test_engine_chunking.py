@@ -9,7 +9,7 @@ from tunemesh_common.training import loss_specs
 from tunemesh.errors import Code
 from tunemesh_trainer.domain import AdamSpec, DatumArrays, EngineItem, ItemKind, LoraSpec
 from tunemesh_trainer.engine import build_torch_engine, losses
-from tunemesh_trainer.engine.batch import plan_chunks
+from tunemesh_trainer.engine.batch import plan_chunks, plan_lanes
 
 VOCAB = 256
 FB = ItemKind.FORWARD_BACKWARD
@@ -46,6 +46,32 @@ def test_plan_chunks_respects_the_padded_budget_and_keeps_row_order():
     assert flat == [(0, 30), (0, 5), (0, 17), (1, 9), (2, 24), (2, 3)]
     assert len(chunks) > 1
     assert len(plan_chunks(batch(), max_padded_tokens=10_000)) == 1
+
+
+def _tokens(items: list[EngineItem], lane: list[int]) -> int:
+    return sum(len(d.tokens) for i in lane for d in items[i].data)
+
+
+def test_plan_lanes_keeps_each_adapter_in_one_lane_and_balances_tokens():
+    items = [EngineItem(f"x{i}", f"a{i % 4}", FB, [datum(i, n)]) for i, n in enumerate((40, 30, 35, 25, 10, 20))]
+    lanes = plan_lanes(items, 2)
+    assert sorted(i for lane in lanes for i in lane) == list(range(len(items)))
+    for lane in lanes:
+        assert lane == sorted(lane)  # batch order within a lane
+    lane_of = {items[i].adapter_id: n for n, lane in enumerate(lanes) for i in lane}
+    assert all(lane_of[item.adapter_id] == n for n, lane in enumerate(lanes) for item in (items[i] for i in lane))
+    # adapters by tokens: a0 50, a1 50, a2 35, a3 25; largest first onto the lighter lane: 85 / 75
+    assert sorted(_tokens(items, lane) for lane in lanes) == [75, 85]
+    assert len(plan_lanes(items, 3)) == 3 and len(plan_lanes(items, 8)) == 4  # at most a lane per adapter
+
+
+def test_plan_lanes_declines_a_split_that_would_not_pay():
+    one_adapter = [EngineItem(f"x{i}", "a0", FB, [datum(i, 30)]) for i in range(4)]
+    assert plan_lanes(one_adapter, 2) is None
+    lopsided = [EngineItem("big", "a0", FB, [datum(1, 61)]), EngineItem("small", "a1", FB, [datum(2, 39)])]
+    assert plan_lanes(lopsided, 2) is None  # 61 % of the tokens in one lane
+    assert plan_lanes(lopsided, 2, max_share=0.61) == [[0], [1]]
+    assert plan_lanes(batch(), 1) is None
 
 
 def test_chunked_pass_equals_one_pass(tiny_dense_dir):

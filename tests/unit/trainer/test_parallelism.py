@@ -16,10 +16,12 @@ def _item(item_id: str, lengths: list[int]) -> EngineItem:
 
 
 def test_one_rank_is_a_single_process_and_more_are_data_parallel():
-    assert isinstance(parallelism(0, 1, "cpu"), SingleProcess)
+    one = parallelism(0, 1, "cpu")
+    assert isinstance(one, SingleProcess)
+    assert not one.concurrent_passes  # DeepSpeed's hooks gather weights for one pass at a time
     dp = parallelism(1, 3, "cpu")
     assert isinstance(dp, DataParallel) and (dp.rank, dp.world) == (1, 3)
-    assert not dp.retries_alone and dp.walks_all_layers
+    assert not dp.retries_alone and dp.walks_all_layers and not dp.concurrent_passes
 
 
 def test_a_single_process_runs_every_row_and_changes_nothing():
@@ -29,7 +31,7 @@ def test_a_single_process_runs_every_row_and_changes_nothing():
     outcome = ItemOutcome(item_id="x", outputs=[{"logprobs": np.ones(2)}], metrics={"loss:sum": 1.5})
     single.merge_outcomes([outcome], ExpertUsage())
     assert outcome.metrics == {"loss:sum": 1.5} and len(outcome.outputs) == 1
-    assert single.retries_alone and not single.walks_all_layers
+    assert single.retries_alone and not single.walks_all_layers and single.concurrent_passes
 
 
 def test_data_parallel_runs_its_share_and_walks_every_layer():

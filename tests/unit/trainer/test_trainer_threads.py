@@ -1,11 +1,14 @@
 """A fused pass small enough runs on one thread (no second thread to wake for each small
 operation: with OMP_WAIT_POLICY=PASSIVE that cost 4-5x on tiny models), a large one on
-torch's threads, and in batch-invariant mode an item's loss, logprobs and LoRA gradients
-are bit-identical either way: alone (one thread) and in a crowded batch (two threads)."""
+torch's threads, or, with several adapters, in lanes of one thread each; in batch-invariant
+mode an item's loss, logprobs and LoRA gradients are bit-identical every way: alone (one
+thread), in a crowded batch (two threads) and in a lane."""
 
 from __future__ import annotations
 
 import pathlib
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -91,7 +94,7 @@ def test_an_item_is_bit_identical_alone_on_one_thread_and_crowded_on_two(wide_de
     crowd = [_item(f"a{i}", 4, 64, 100 + i) for i in (1, 2, 3)]
     alone, alone_grads = _pass(engine, [item])
     assert seen[-1] == 1
-    engine.one_thread_work = 0
+    engine.one_thread_work, engine.lanes = 0, False
     crowded, crowded_grads = _pass(engine, [item, *crowd])
     assert seen[-1] == 2
     assert alone.metrics["loss:sum"] == crowded.metrics["loss:sum"]
@@ -118,3 +121,102 @@ def test_optimizer_steps_run_on_one_thread(wide_dense_dir, two_threads, monkeypa
     monkeypatch.setattr(adapter_mod.AdapterSlot, "optim_step", spy)
     engine.optim_step("a0", AdamSpec(learning_rate=1e-3))
     assert seen == [1] and torch.get_num_threads() == 2
+
+
+def _outcomes(engine, items: list[EngineItem]) -> tuple[list, dict]:
+    """Every item's outcome, and every adapter's fresh gradients, from one fused pass."""
+    for adapter in engine.adapter_ids():
+        engine.adapter(adapter).drop_fresh_grads()
+        for acc in engine.adapter(adapter).grads:
+            acc.zero_()
+    outcomes = engine.run_batch(items)
+    grads = {(adapter, name): grad.clone() for adapter in engine.adapter_ids()
+             for name, grad in engine.adapter(adapter).accumulated_grads().items()}
+    return outcomes, grads
+
+
+def _assert_same(mine: tuple[list, dict], theirs: tuple[list, dict]) -> None:
+    for a, b in zip(mine[0], theirs[0], strict=True):
+        assert a.failure is None and b.failure is None, (a.failure, b.failure)
+        assert a.metrics["loss:sum"] == b.metrics["loss:sum"], a.item_id
+        for da, db in zip(a.outputs, b.outputs, strict=True):
+            for name in da:
+                assert np.array_equal(da[name], db[name]), (a.item_id, name)
+    assert mine[1].keys() == theirs[1].keys()
+    for key in mine[1]:
+        assert torch.equal(mine[1][key], theirs[1][key]), key
+
+
+def _lane_batch() -> list[EngineItem]:
+    """Four adapters (one of them twice, one forward only) whose tokens split evenly in two lanes."""
+    return [_item("a0", 2, 40, 1), _item("a1", 1, 64, 2), _item("a2", 3, 30, 3, ItemKind.FORWARD),
+            _item("a0", 1, 24, 4), _item("a3", 2, 50, 5)]
+
+
+def test_a_large_batch_of_several_adapters_runs_in_lanes_of_one_thread(wide_dense_dir, two_threads):
+    engine = _engine(wide_dense_dir)
+    engine.one_thread_work = 0
+    seen: list[tuple[int, int]] = []
+    engine.model.register_forward_pre_hook(
+        lambda module, args: seen.append((threading.get_ident(), torch.get_num_threads())))
+    engine.run_batch(_lane_batch())
+    assert len({ident for ident, _ in seen}) == 2 and {threads for _, threads in seen} == {1}
+    seen.clear()
+    engine.run_batch([_item("a0", 4, 64, 6)])  # one adapter: one pass on torch's threads
+    assert seen == [(threading.get_ident(), 2)]
+    assert torch.get_num_threads() == 2
+
+
+def test_lanes_give_every_item_the_bits_of_one_pass_and_of_running_alone(wide_dense_dir, two_threads):
+    engine = _engine(wide_dense_dir)
+    engine.one_thread_work = 0
+    laned = _outcomes(engine, _lane_batch())
+    engine.lanes = False
+    one_pass = _outcomes(engine, _lane_batch())
+    _assert_same(laned, one_pass)
+    engine.lanes = True
+    for adapter in ("a1", "a3"):  # alone, each adapter's numbers again
+        items = [item for item in _lane_batch() if item.adapter_id == adapter]
+        outcomes, grads = _outcomes(engine, items)
+        own = {key: grad for key, grad in laned[1].items() if key[0] == adapter}
+        _assert_same((outcomes, {key: grads[key] for key in own}),
+                     ([o for o in laned[0] if o.item_id.startswith(adapter)], own))
+
+
+def test_a_failed_lane_waits_for_the_others_before_its_items_run_alone(wide_dense_dir, two_threads, monkeypatch):
+    """The first lane (run by the caller) fails while the second is still running: the items
+    are retried alone only once the second lane has stopped, and end as a clean batch's."""
+    from tunemesh_trainer.engine.torch_engine import TorchTrainingEngine
+
+    clean = _engine(wide_dense_dir)
+    clean.one_thread_work = 0
+    expected = _outcomes(clean, _lane_batch())
+    engine = _engine(wide_dense_dir)
+    engine.one_thread_work = 0
+    real, failed, lock = TorchTrainingEngine._run_chunk, threading.Event(), threading.Lock()
+    running, overlaps, calls = [0], [], []
+
+    def run_chunk(self, parts, outcomes, usage, walk_all):
+        adapters = {part.item.adapter_id for part in parts}
+        with lock:
+            calls.append(adapters)
+            first = len(calls) <= 2  # the two lanes' first chunks
+            if failed.is_set() and not first:
+                overlaps.append(running[0])  # a retry: nothing else may still run
+            running[0] += 1
+        try:
+            if first and "a0" in adapters:
+                failed.set()
+                raise RuntimeError("simulated failure in the caller's lane")
+            if first:
+                assert failed.wait(30)
+                time.sleep(0.2)  # still running well after the other lane failed
+            return real(self, parts, outcomes, usage, walk_all)
+        finally:
+            with lock:
+                running[0] -= 1
+
+    monkeypatch.setattr(TorchTrainingEngine, "_run_chunk", run_chunk)
+    result = _outcomes(engine, _lane_batch())
+    assert overlaps and set(overlaps) == {0}
+    _assert_same(result, expected)

@@ -1,7 +1,8 @@
 """Multi-adapter LoRA linears: each row of a fused batch uses its own adapter's A and B.
 
 A `LoraRouting` object, shared by every wrapped linear of one model, carries the current
-batch's row -> adapter plan; outside a batch the wrappers compute the base model alone.
+batch's row -> adapter plan (one per thread); outside a batch the wrappers compute the base
+model alone.
 Fused 3-D MoE experts get per-expert LoRA the same way (see `MultiLoraExperts`).
 """
 
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 
 import torch
@@ -133,32 +135,62 @@ class GroupedLora(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None
 
 
-class LoraRouting:
-    """Holds the plan of the batch now running; set it with `use`."""
+class _PassState(threading.local):
+    """What `LoraRouting.use` sets for the pass running on this thread."""
 
     def __init__(self) -> None:
         self.plan: RowPlan | None = None
-        # set by `use(plan, batched=True)` (inference): every adapter's LoRA in batched
-        # matmuls over factors stacked once (batched_lora.py) instead of grouped per pass
         self.batched = False
-        # Called by every MoE experts layer with its (tokens, top_k) expert choices, if set.
+        self.real_tokens: torch.Tensor | None = None
         self.on_route: Callable[[torch.Tensor, int], None] | None = None
+        self.real_index: dict[tuple[int, int], torch.Tensor | None] = {}
+        self.groups: dict[tuple, list[LoraGroup]] = {}
+
+
+class LoraRouting:
+    """Holds the plan of the batch now running; set it with `use`. Each thread sees the plan
+    it set: passes over disjoint adapters may run at once on threads of one process (the
+    trainer's lanes), every wrapped linear reading its own thread's plan."""
+
+    def __init__(self) -> None:
+        self._pass = _PassState()
         # set by an engine in batch-invariant mode: batched LoRA only where it gives the
         # grouped path's bits (adapters of one rank; see batched_lora.py)
         self.batch_invariant = False
-        # set by `use(..., real_tokens=)`: which of the batch's (rows x length) tokens are not
-        # padding; in batch-invariant mode LoRA (on linears and MoE experts) then skips the
-        # padding, so an adapter's gradient sums over its own tokens only, however long the
-        # batch's rows (a sum over more, zero, terms is not always the same bits)
-        self.real_tokens: torch.Tensor | None = None
-        self._real_index: dict[tuple[int, int], torch.Tensor | None] = {}
-        self._groups: dict[tuple, list[LoraGroup]] = {}
+
+    @property
+    def plan(self) -> RowPlan | None:
+        return self._pass.plan
+
+    @property
+    def batched(self) -> bool:
+        """Set by `use(plan, batched=True)` (inference): every adapter's LoRA in batched
+        matmuls over factors stacked once (batched_lora.py) instead of grouped per pass."""
+        return self._pass.batched
+
+    @property
+    def real_tokens(self) -> torch.Tensor | None:
+        """Set by `use(..., real_tokens=)`: which of the batch's (rows x length) tokens are not
+        padding; in batch-invariant mode LoRA (on linears and MoE experts) then skips the
+        padding, so an adapter's gradient sums over its own tokens only, however long the
+        batch's rows (a sum over more, zero, terms is not always the same bits)."""
+        return self._pass.real_tokens
+
+    @property
+    def on_route(self) -> Callable[[torch.Tensor, int], None] | None:
+        """Called by every MoE experts layer with its (tokens, top_k) expert choices, if set."""
+        return self._pass.on_route
+
+    @on_route.setter
+    def on_route(self, record: Callable[[torch.Tensor, int], None] | None) -> None:
+        self._pass.on_route = record
 
     def real_rows(self) -> torch.Tensor | None:
         """The (rows, length) non-padding mask where LoRA must skip padding, else None."""
-        if not self.batch_invariant or self.real_tokens is None or self.plan is None:
+        state = self._pass
+        if not self.batch_invariant or state.real_tokens is None or state.plan is None:
             return None
-        return self.real_tokens.reshape(self.plan.num_rows, -1)
+        return state.real_tokens.reshape(state.plan.num_rows, -1)
 
     def real_index(self, first_row: int, end_row: int) -> torch.Tensor | None:
         """Where LoRA must skip padding: the positions of rows first_row..end_row's own tokens
@@ -168,11 +200,11 @@ class LoraRouting:
         real = self.real_rows()
         if real is None:
             return None
-        key = (first_row, end_row)
-        if key not in self._real_index:
+        known, key = self._pass.real_index, (first_row, end_row)
+        if key not in known:
             rows = real[first_row:end_row]
-            self._real_index[key] = None if bool(rows.all()) else rows.reshape(-1).nonzero().squeeze(1)
-        return self._real_index[key]
+            known[key] = None if bool(rows.all()) else rows.reshape(-1).nonzero().squeeze(1)
+        return known[key]
 
     def lora_groups(self, mine: tuple[tuple[str, int, int, int], ...], length: int,
                     device: torch.device) -> list[LoraGroup]:
@@ -181,27 +213,29 @@ class LoraRouting:
         together, in row order; their tokens are the rows' positions of a (rows x length) batch,
         padding skipped where `real_index` says so. Worked out once per batch (every linear with
         the same adapters asks the same), the groups' positions moved to `device` once."""
-        key = (mine, length)
-        if key not in self._groups:
+        known, key = self._pass.groups, (mine, length)
+        if key not in known:
             by_shape: dict[tuple[int, int], list[tuple[str, torch.Tensor]]] = {}
             for adapter_id, first, end, rank in mine:
                 real = self.real_index(first, end)
                 positions = torch.arange(first * length, end * length) if real is None else real.cpu() + first * length
                 by_shape.setdefault((rank, len(positions)), []).append((adapter_id, positions))
-            self._groups[key] = [LoraGroup.of(members, device) for members in by_shape.values()]
-        return self._groups[key]
+            known[key] = [LoraGroup.of(members, device) for members in by_shape.values()]
+        return known[key]
 
     @contextlib.contextmanager
     def use(self, plan: RowPlan, batched: bool = False, real_tokens: torch.Tensor | None = None) -> Iterator[None]:
-        """Run under `plan`; `batched` (only without trainable adapters) applies LoRA in
-        batched matmuls; `real_tokens` (bool, rows x length flattened) marks non-padding."""
+        """Run under `plan` on this thread; `batched` (only without trainable adapters) applies
+        LoRA in batched matmuls; `real_tokens` (bool, rows x length flattened) marks non-padding."""
         if batched and plan.trainable:
             raise ValueError("batched LoRA has no gradients: the plan must have no trainable adapter")
-        self.plan, self.batched, self.real_tokens, self._real_index, self._groups = plan, batched, real_tokens, {}, {}
+        state = self._pass
+        state.plan, state.batched, state.real_tokens, state.real_index, state.groups = (
+            plan, batched, real_tokens, {}, {})
         try:
             yield
         finally:
-            self.plan, self.batched, self.real_tokens, self._real_index, self._groups = None, False, None, {}, {}
+            state.plan, state.batched, state.real_tokens, state.real_index, state.groups = None, False, None, {}, {}
 
 
 ONE_THREAD_LORA_TOKENS = 256  # batched LoRA over at most this many tokens runs on one thread

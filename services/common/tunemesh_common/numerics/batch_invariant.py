@@ -90,6 +90,7 @@ def _thread_local_counts() -> tuple[Callable[[int], int], Callable[[int], None],
 
 
 _THREAD_LOCAL = _thread_local_counts() if torch.backends.mkl.is_available() else None
+PER_THREAD_COUNTS = _THREAD_LOCAL is not None  # whether one_thread() limits this thread alone
 
 
 @contextlib.contextmanager
@@ -102,6 +103,9 @@ def one_thread() -> Iterator[None]:
         yield
         return
     mkl_local, omp_set, omp_get = _THREAD_LOCAL
+    # ATen sets a thread's OpenMP count to the process-wide one on the thread's first parallel
+    # operation, which would undo ours in a fresh thread (a trainer's lane): let it do so first
+    torch.get_num_threads()
     saved_omp, saved_mkl = omp_get(), mkl_local(1)
     omp_set(1)
     try:

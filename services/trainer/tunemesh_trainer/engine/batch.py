@@ -91,3 +91,34 @@ def plan_chunks(items: Sequence[EngineItem], max_padded_tokens: int) -> list[lis
             rows, longest = rows + 1, max(longest, n)
     return [chunk for chunk in chunks if chunk]
 
+
+
+# A lane may hold at most this share of a batch's tokens: two lanes on two cores run a fused
+# SmolLM2 step 1.15-1.2x faster than one pass on two OpenMP threads (bench/README.md,
+# "Lanes"), so a split less even than 60/40 would lose that to its longer lane.
+LANE_MAX_SHARE = 0.6
+
+
+def plan_lanes(items: Sequence[EngineItem], lanes: int, max_share: float = LANE_MAX_SHARE) -> list[list[int]] | None:
+    """The batch's item indices split into `lanes` groups that run at once, one thread each:
+    every item of an adapter in one lane (an adapter's gradient is then summed as in one
+    pass), adapters placed largest first on the lane with fewest tokens; each lane's indices
+    in batch order. None where a split does not pay: fewer than two adapters, or a lane
+    with more than `max_share` of the tokens."""
+    tokens: dict[str, int] = {}
+    for item in items:
+        tokens[item.adapter_id] = tokens.get(item.adapter_id, 0) + sum(int(d.tokens.shape[0]) for d in item.data)
+    total = sum(tokens.values())
+    if lanes < 2 or len(tokens) < 2 or total == 0:
+        return None
+    loads, lane_of = [0] * min(lanes, len(tokens)), {}
+    for adapter_id in sorted(tokens, key=lambda a: (-tokens[a], a)):
+        lane = loads.index(min(loads))
+        lane_of[adapter_id] = lane
+        loads[lane] += tokens[adapter_id]
+    if max(loads) > max_share * total:
+        return None
+    plan: list[list[int]] = [[] for _ in loads]
+    for index, item in enumerate(items):
+        plan[lane_of[item.adapter_id]].append(index)
+    return plan

@@ -54,6 +54,9 @@ class Parallelism(Protocol):
     # Whether every pass must run a backward through every layer even without a trainable
     # row here (the other ranks' collectives inside the backward need this rank's).
     walks_all_layers: bool
+    # Whether several passes may run at once on threads of this process (each its own rows:
+    # nothing inside a pass waits for another process).
+    concurrent_passes: bool
 
     def prepare(self, model: torch.nn.Module) -> None:
         """Adjust the loaded base model for this strategy (once, before any pass)."""
@@ -77,6 +80,9 @@ class SingleProcess:
     retries_alone = True
     walks_all_layers = False
 
+    def __init__(self, concurrent_passes: bool = True) -> None:
+        self.concurrent_passes = concurrent_passes
+
     def prepare(self, model: torch.nn.Module) -> None:
         pass
 
@@ -95,8 +101,10 @@ class SingleProcess:
 
 def parallelism(rank: int, world: int, device: str) -> Parallelism:
     """The strategy of rank `rank` of a process group of `world` ranks (the default
-    torch.distributed group), whose collective buffers live on `device`."""
-    return SingleProcess() if world == 1 else DataParallel(rank, world, device)
+    torch.distributed group), whose collective buffers live on `device`. A group of one
+    runs its passes one at a time: DeepSpeed's hooks gather weights per module call,
+    for one pass at a time."""
+    return SingleProcess(concurrent_passes=False) if world == 1 else DataParallel(rank, world, device)
 
 
 class DataParallel:
@@ -104,6 +112,7 @@ class DataParallel:
 
     retries_alone = False
     walks_all_layers = True
+    concurrent_passes = False
 
     def __init__(self, rank: int, world: int, device: str = "cpu") -> None:
         self.rank = rank

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
+import dataclasses
 import logging
 import math
 import pathlib
@@ -14,8 +16,8 @@ import torch
 from tunemesh.errors import AlreadyExistsError, Code, InvalidArgumentError, NotFoundError, UnimplementedError
 from tunemesh_common.lora.frozen_base import load_frozen_base
 from tunemesh_common.lora.multi_lora import MultiLoraExperts, RowPlan
-from tunemesh_common.numerics import attention
-from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread_if
+from tunemesh_common.numerics import attention, batch_invariant
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread, one_thread_if
 from tunemesh_trainer.domain import (
     AdamSpec,
     AdapterState,
@@ -27,7 +29,7 @@ from tunemesh_trainer.domain import (
     ModelInfo,
 )
 from tunemesh_trainer.engine.adapter import AdapterSlot
-from tunemesh_trainer.engine.batch import ChunkPart, pack_items, pack_targets, plan_chunks
+from tunemesh_trainer.engine.batch import ChunkPart, pack_items, pack_targets, plan_chunks, plan_lanes
 from tunemesh_trainer.engine.data_parallel import Parallelism, SingleProcess
 from tunemesh_trainer.engine.expert_usage import ExpertUsage
 from tunemesh_trainer.engine.losses import LOSSES, target_logprobs
@@ -78,6 +80,8 @@ class TorchTrainingEngine:
         # ZeRO-3 leaves each rank a partition: ds_numel is a parameter's whole size
         self._base_params = sum(getattr(p, "ds_numel", p.numel()) for p in self._base.model.parameters())
         self.one_thread_work = ONE_THREAD_WORK
+        # whether a batch of several adapters may run in lanes, a thread each (`_run_lanes`)
+        self.lanes = self._parallel.concurrent_passes and self._device.type == "cpu"
         self._parallel.prepare(self._base.model)
         self._routing = self._base.routing
         self.batch_invariant = batch_invariant
@@ -86,6 +90,7 @@ class TorchTrainingEngine:
             attention.use_attention(self._base.model, attention.INVARIANT)
             self._routing.batch_invariant = True
         self._slots: dict[str, AdapterSlot] = {}
+        self._lane_pool: concurrent.futures.ThreadPoolExecutor | None = None  # made by the first split batch
         self.info = ModelInfo(
             name=name,
             family=family,
@@ -231,17 +236,60 @@ class TorchTrainingEngine:
         usage = ExpertUsage()
         trained = sorted({item.adapter_id for item, _ in runnable if item.kind is ItemKind.FORWARD_BACKWARD})
         walk_all = self._parallel.walks_all_layers and bool(trained)
-        chunks = plan_chunks(self._parallel.local_items([item for item, _ in runnable]), self._max_batch_tokens)
-        passes = self._parallel.pass_count(len(chunks))  # before any pass: a collective
-        for chunk in chunks:
-            self._run_chunk(chunk, [runnable[part.index][1] for part in chunk], usage, walk_all)
-        for _ in range(passes - len(chunks)):
-            self._idle_pass(walk_all)
+        local = self._parallel.local_items([item for item, _ in runnable])
+        lanes = self._lanes(local)
+        if lanes is not None:
+            self._run_lanes(lanes, local, [outcome for _, outcome in runnable], usage)
+        else:
+            chunks = plan_chunks(local, self._max_batch_tokens)
+            passes = self._parallel.pass_count(len(chunks))  # before any pass: a collective
+            for chunk in chunks:
+                self._run_chunk(chunk, [runnable[part.index][1] for part in chunk], usage, walk_all)
+            for _ in range(passes - len(chunks)):
+                self._idle_pass(walk_all)
         self._parallel.reduce_gradients([slots[adapter_id] for adapter_id in trained])
         self._parallel.merge_outcomes([outcome for _, outcome in runnable], usage)
         for index, (_, outcome) in enumerate(runnable):
             outcome.metrics.update(usage.metrics(index))
         self._settle_gradients(runnable, slots)
+
+    def _lanes(self, items: list[EngineItem]) -> list[list[int]] | None:
+        """The batch split into lanes (`plan_lanes`), one per torch thread of the calling
+        thread, where this process runs every row on the CPU and can give each lane one
+        thread of its own; else None (one pass on torch's threads)."""
+        threads = torch.get_num_threads()
+        if not self.lanes or threads < 2 or not batch_invariant.PER_THREAD_COUNTS:
+            return None
+        return plan_lanes(items, threads)
+
+    def _run_lanes(self, lanes: list[list[int]], items: list[EngineItem], outcomes: list[ItemOutcome],
+                   usage: ExpertUsage) -> None:
+        """Each lane's chunks on a thread of its own (the first on this one), one torch thread
+        each. Every OpenMP thread of a pass on two threads waits at each operation's end for
+        the other, sleeping under the local mesh's OMP_WAIT_POLICY=PASSIVE (a wake per
+        operation) or spinning (which collapses when a neighbour takes a core, bench/README.md,
+        contention.py); lanes share no operation, so neither happens. A lane's rows get the
+        same numbers as in one pass in batch-invariant mode (one thread sums a row as two do,
+        batch_invariant.py). Every lane has stopped before an error of one is raised."""
+        if self._lane_pool is None:
+            self._lane_pool = concurrent.futures.ThreadPoolExecutor(len(lanes) - 1, thread_name_prefix="lane")
+        shares = [ExpertUsage() for _ in lanes]
+        others = [self._lane_pool.submit(self._run_lane, lane, items, outcomes, share)
+                  for lane, share in zip(lanes[1:], shares[1:])]
+        try:
+            self._run_lane(lanes[0], items, outcomes, shares[0])
+        finally:
+            concurrent.futures.wait(others)
+        for future in others:
+            future.result()
+        usage.combine([share.counts for share in shares])
+
+    def _run_lane(self, lane: list[int], items: list[EngineItem], outcomes: list[ItemOutcome],
+                  usage: ExpertUsage) -> None:
+        with one_thread():
+            for chunk in plan_chunks([items[index] for index in lane], self._max_batch_tokens):
+                parts = [dataclasses.replace(part, index=lane[part.index]) for part in chunk]
+                self._run_chunk(parts, [outcomes[part.index] for part in parts], usage, walk_all=False)
 
     def _run_chunk(
         self, parts: list[ChunkPart], outcomes: list[ItemOutcome], usage: ExpertUsage, walk_all: bool
