@@ -150,6 +150,7 @@ async def _build(s: settings_mod.SchedulerSettings, host: ServiceHost,
     host.on_stop(election.resign)  # after the core has stopped
     config = SchedulerConfig(
         gap_timeout_s=s.gap_timeout_s, batch_token_budget=s.batch_token_budget, batch_wait_s=s.batch_wait_ms / 1000,
+        merge_wait_s=s.merge_wait_ms / 1000,
         fair_share_grace_s=s.fair_share_grace_ms / 1000, max_ops_ahead=s.max_ops_ahead,
         finished_ttl_s=s.finished_ttl_s, max_runs_per_tenant=s.max_runs_per_tenant,
         max_queued_ops_per_tenant=s.max_queued_ops_per_tenant,

@@ -34,6 +34,9 @@ class SchedulerSettings(settings.ServiceSettings):
                                 description="host:port of /metrics (port 0 picks one); empty: no metrics endpoint")
     batch_token_budget: int = Field(16384, ge=1, description="most tokens in one fused batch")
     batch_wait_ms: int = Field(0, ge=0, description="extra time a ready batch waits for other tenants' work, in ms")
+    merge_wait_ms: int = Field(100, ge=0, description=(
+        "a free trainer's next round waits at most this long (and at most a tenth of its last round's time) "
+        "for the runs of its last round whose next call has not arrived yet, in ms; 0: never"))
     fair_share_grace_ms: int = Field(100, ge=0, description=(
         "a tenant whose operation ended on a trainer this recently still counts as active there: another "
         "tenant's flood gets one fair share per batch meanwhile, in ms (0: only tenants with ready work count)"))

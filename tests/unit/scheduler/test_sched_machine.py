@@ -151,6 +151,55 @@ def test_the_merge_window_waits_for_other_tenants_and_a_backlog_goes_at_once():
     assert len(_only_batch(w.actions()).ops) == 1  # left over: no new window
 
 
+def _one_round_of_three(w: World, dt: float) -> tuple[list[RunRecord], Batch]:
+    """Three tenants' runs, one round of all three that took `dt` seconds, answered."""
+    runs = [w.run(f"runs/{i}", tenant=f"t{i}") for i in range(3)]
+    for run in runs:
+        w.submit(run, 1)
+    batch = _only_batch(w.actions())
+    assert len(batch.ops) == 3
+    w.clock.t += dt
+    w.answer(batch)
+    return runs, batch
+
+
+def test_a_free_node_waits_for_the_runs_of_its_last_round_and_goes_once_all_are_back():
+    w = World(merge_wait_s=0.1)
+    runs, _ = _one_round_of_three(w, dt=5.0)
+    w.submit(runs[0], 2)
+    assert w.actions() == [] and w.machine.next_deadline() == w.clock() + 0.1  # min(0.1 s, 10 % of 5 s)
+    w.submit(runs[1], 2)
+    assert w.actions(0.01) == []
+    w.submit(runs[2], 2)  # the last one back: no reason left to wait
+    assert sorted(_seqs(_only_batch(w.actions(0.01)))) == [("runs/0", 2), ("runs/1", 2), ("runs/2", 2)]
+
+
+def test_the_merge_wait_is_bounded_by_its_setting_and_by_a_share_of_the_last_round():
+    w = World(merge_wait_s=0.1)
+    runs, _ = _one_round_of_three(w, dt=0.2)  # 10 % of the round: 20 ms
+    w.submit(runs[0], 2)
+    assert w.actions(0.019) == []
+    alone = _only_batch(w.actions(0.001))
+    assert _seqs(alone) == [("runs/0", 2)]  # runs/1 and runs/2 never came back
+    w.answer(alone)
+    w.submit(runs[0], 3)  # its last round held only itself: no wait now
+    assert _seqs(_only_batch(w.actions())) == [("runs/0", 3)]
+
+
+def test_a_lone_run_and_a_disabled_merge_wait_never_wait():
+    w = World(merge_wait_s=0.1)
+    lone = w.run("runs/lone")
+    w.submit(lone, 1)
+    first = _only_batch(w.actions())
+    w.answer(first)
+    w.submit(lone, 2)
+    assert _seqs(_only_batch(w.actions())) == [("runs/lone", 2)]  # its last round held only itself
+    off = World()
+    runs, _ = _one_round_of_three(off, dt=5.0)
+    off.submit(runs[0], 2)
+    assert _seqs(_only_batch(off.actions())) == [("runs/0", 2)]
+
+
 def test_the_token_budget_splits_but_a_larger_op_still_goes_alone():
     w = World(batch_token_budget=15)
     runs = [w.run(f"runs/{i}") for i in range(3)]

@@ -64,6 +64,7 @@ class SchedulerConfig:
     batch_token_budget: int = 16384
     # Merge window before each batch; 0 = dispatch as soon as the loop is free.
     batch_wait_s: float = 0.0
+    merge_wait_s: float = 0.0  # see SchedulerMachine._window_end
     # A tenant whose operation ended on a node this recently still counts as active there:
     # another tenant's flood gets one fair quantum per batch meanwhile (core/fairness.py).
     fair_share_grace_s: float = 0.1
@@ -154,7 +155,8 @@ class SchedulerCore:
         self.machine = SchedulerMachine(
             self.operations, self.sessions, clock=clock, note=note,
             gap_timeout_s=config.gap_timeout_s, batch_token_budget=config.batch_token_budget,
-            batch_wait_s=config.batch_wait_s, fair_share_grace_s=config.fair_share_grace_s,
+            batch_wait_s=config.batch_wait_s, merge_wait_s=config.merge_wait_s,
+            fair_share_grace_s=config.fair_share_grace_s,
             unreachable_retry_s=config.unreachable_retry_s,
             move_retry_s=move_retry_s, restore_hold_s=config.restore_hold_s,
             recover_alone=config.recover_alone,
