@@ -2,6 +2,8 @@
 
 Engine calls run one at a time on a dedicated worker thread: torch state is not shared
 across threads, and the event loop stays free to answer health checks and info calls.
+Within one call the engine may use threads of its own (lanes), and a batch's optimizer
+steps of different adapters may run side by side where the engine allows it.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class TrainerCore:
         self.max_adapters = max_adapters
         self._metrics = metrics or TrainerMetrics()
         self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
+        # A batch's optimizer steps of different adapters run at once where the engine says
+        # they may (`adapter_threads`: AdamW and the snapshot copy of one adapter touch nothing
+        # of another's), from the engine thread, which waits for them all
+        threads = getattr(engine, "adapter_threads", 1)
+        self._steps = (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="steps")
+                       if threads > 1 else None)
         self._creating: set[str] = set()
 
     @property
@@ -121,19 +129,22 @@ class TrainerCore:
 
     def _execute(self, items: list[EngineItem], optims: list[OptimItem]) -> list[ItemOutcome]:
         outcomes = self._engine.run_batch(items) if items else []
-        for optim in optims:
-            outcome = ItemOutcome(item_id=optim.item_id)
-            try:
-                outcome.metrics = self._engine.optim_step(optim.adapter_id, optim.adam)
-                if optim.snapshot:  # between this step and the next call: gradients are clear
-                    outcome.snapshot = self._engine.export_adapter(optim.adapter_id, True)
-            except TunemeshError as err:
-                outcome.failure = ItemFailure(int(err.rpc_code), err.reason, err.message)
-            except Exception:  # an engine bug fails this step alone, never the batch
-                log.exception("optimizer step of %s failed", optim.adapter_id)
-                outcome.failure = ItemFailure(int(Code.INTERNAL), "ENGINE_ERROR", "the optimizer step failed")
-            outcomes.append(outcome)
-        return outcomes
+        apart = len({optim.adapter_id for optim in optims}) == len(optims) > 1
+        steps = self._steps.map(self._step, optims) if self._steps is not None and apart else map(self._step, optims)
+        return outcomes + list(steps)
+
+    def _step(self, optim: OptimItem) -> ItemOutcome:
+        outcome = ItemOutcome(item_id=optim.item_id)
+        try:
+            outcome.metrics = self._engine.optim_step(optim.adapter_id, optim.adam)
+            if optim.snapshot:  # between this step and the next call: gradients are clear
+                outcome.snapshot = self._engine.export_adapter(optim.adapter_id, True)
+        except TunemeshError as err:
+            outcome.failure = ItemFailure(int(err.rpc_code), err.reason, err.message)
+        except Exception:  # an engine bug fails this step alone, never the batch
+            log.exception("optimizer step of %s failed", optim.adapter_id)
+            outcome.failure = ItemFailure(int(Code.INTERNAL), "ENGINE_ERROR", "the optimizer step failed")
+        return outcome
 
     async def export_adapter(self, adapter_id: str, with_optimizer: bool) -> AdapterState:
         """A snapshot taken between batches, so it never sees half a step."""
@@ -150,3 +161,5 @@ class TrainerCore:
 
     def close(self) -> None:
         self._worker.shutdown(wait=False, cancel_futures=True)
+        if self._steps is not None:
+            self._steps.shutdown(wait=False, cancel_futures=True)

@@ -220,3 +220,19 @@ def test_a_failed_lane_waits_for_the_others_before_its_items_run_alone(wide_dens
     result = _outcomes(engine, _lane_batch())
     assert overlaps and set(overlaps) == {0}
     _assert_same(result, expected)
+
+
+def test_lanes_share_the_callers_threads_between_them(wide_dense_dir, two_threads):
+    """On a host with more threads than adapters in the batch, each lane gets an equal
+    share of them (no core left idle by a lane of one thread)."""
+    engine = _engine(wide_dense_dir)
+    engine.one_thread_work = 0
+    seen: list[tuple[int, int]] = []
+    engine.model.register_forward_pre_hook(
+        lambda module, args: seen.append((threading.get_ident(), torch.get_num_threads())))
+    torch.set_num_threads(4)
+    engine.run_batch([_item("a0", 2, 40, 1), _item("a1", 2, 40, 2)])
+    assert len({ident for ident, _ in seen}) == 2 and {threads for _, threads in seen} == {2}
+    seen.clear()
+    engine.run_batch([_item(f"a{i}", 2, 40, i) for i in range(4)])  # four lanes now: the pool grows
+    assert len({ident for ident, _ in seen}) == 4 and {threads for _, threads in seen} == {1}

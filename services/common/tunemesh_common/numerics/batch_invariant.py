@@ -93,12 +93,19 @@ _THREAD_LOCAL = _thread_local_counts() if torch.backends.mkl.is_available() else
 PER_THREAD_COUNTS = _THREAD_LOCAL is not None  # whether one_thread() limits this thread alone
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
+def one_thread() -> contextlib.AbstractContextManager:
     """torch's kernels called from this thread run on one thread (no parallel region, so no
     other thread to wake: with OMP_WAIT_POLICY=PASSIVE, which the local mesh sets, waking
     one cost ~50 us per small operation); other threads' are untouched. A no-op where this
     build of torch lacks per-thread thread counts."""
+    return thread_count(1)
+
+
+@contextlib.contextmanager
+def thread_count(count: int) -> Iterator[None]:
+    """torch's kernels called from this thread run on `count` threads (MKL's and OpenMP's
+    per-thread counts); other threads' are untouched. A no-op where this build of torch
+    lacks per-thread thread counts."""
     if _THREAD_LOCAL is None:
         yield
         return
@@ -106,8 +113,8 @@ def one_thread() -> Iterator[None]:
     # ATen sets a thread's OpenMP count to the process-wide one on the thread's first parallel
     # operation, which would undo ours in a fresh thread (a trainer's lane): let it do so first
     torch.get_num_threads()
-    saved_omp, saved_mkl = omp_get(), mkl_local(1)
-    omp_set(1)
+    saved_omp, saved_mkl = omp_get(), mkl_local(count)
+    omp_set(count)
     try:
         yield
     finally:

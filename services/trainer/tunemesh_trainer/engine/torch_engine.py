@@ -17,7 +17,7 @@ from tunemesh.errors import AlreadyExistsError, Code, InvalidArgumentError, NotF
 from tunemesh_common.lora.frozen_base import load_frozen_base
 from tunemesh_common.lora.multi_lora import MultiLoraExperts, RowPlan
 from tunemesh_common.numerics import attention, batch_invariant
-from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread, one_thread_if
+from tunemesh_common.numerics.batch_invariant import BatchInvariantMode, one_thread_if, thread_count
 from tunemesh_trainer.domain import (
     AdamSpec,
     AdapterState,
@@ -91,6 +91,7 @@ class TorchTrainingEngine:
             self._routing.batch_invariant = True
         self._slots: dict[str, AdapterSlot] = {}
         self._lane_pool: concurrent.futures.ThreadPoolExecutor | None = None  # made by the first split batch
+        self._lane_workers = 0
         self.info = ModelInfo(
             name=name,
             family=family,
@@ -168,6 +169,13 @@ class TorchTrainingEngine:
 
     def adapter_digest(self, adapter_id: str) -> str:
         return self._slot(adapter_id).digest()
+
+    @property
+    def adapter_threads(self) -> int:
+        """How many different adapters' optimizer steps (and exports) may run at once, each
+        on a thread of its own (TrainerCore): one per torch thread where batches run in
+        lanes (on the CPU each step runs on one thread), else 1."""
+        return torch.get_num_threads() if self.lanes and batch_invariant.PER_THREAD_COUNTS else 1
 
     def optim_step(self, adapter_id: str, adam: AdamSpec) -> dict[str, float]:
         """AdamW on one thread on the CPU, always (so its numbers never depend on a thread
@@ -254,9 +262,9 @@ class TorchTrainingEngine:
         self._settle_gradients(runnable, slots)
 
     def _lanes(self, items: list[EngineItem]) -> list[list[int]] | None:
-        """The batch split into lanes (`plan_lanes`), one per torch thread of the calling
-        thread, where this process runs every row on the CPU and can give each lane one
-        thread of its own; else None (one pass on torch's threads)."""
+        """The batch split into lanes (`plan_lanes`), at most one per torch thread of the
+        calling thread, where this process runs every row on the CPU and can give each lane
+        threads of its own; else None (one pass on torch's threads)."""
         threads = torch.get_num_threads()
         if not self.lanes or threads < 2 or not batch_invariant.PER_THREAD_COUNTS:
             return None
@@ -264,20 +272,24 @@ class TorchTrainingEngine:
 
     def _run_lanes(self, lanes: list[list[int]], items: list[EngineItem], outcomes: list[ItemOutcome],
                    usage: ExpertUsage) -> None:
-        """Each lane's chunks on a thread of its own (the first on this one), one torch thread
-        each. Every OpenMP thread of a pass on two threads waits at each operation's end for
+        """Each lane's chunks on a thread of its own (the first on this one), with an equal
+        share of the caller's torch threads (one each on two cores). Every OpenMP thread of a pass on two threads waits at each operation's end for
         the other, sleeping under the local mesh's OMP_WAIT_POLICY=PASSIVE (a wake per
         operation) or spinning (which collapses when a neighbour takes a core, bench/README.md,
         contention.py); lanes share no operation, so neither happens. A lane's rows get the
         same numbers as in one pass in batch-invariant mode (one thread sums a row as two do,
         batch_invariant.py). Every lane has stopped before an error of one is raised."""
-        if self._lane_pool is None:
-            self._lane_pool = concurrent.futures.ThreadPoolExecutor(len(lanes) - 1, thread_name_prefix="lane")
+        if self._lane_pool is None or self._lane_workers < len(lanes) - 1:  # none yet, or too few threads
+            if self._lane_pool is not None:
+                self._lane_pool.shutdown(wait=False)
+            self._lane_workers = len(lanes) - 1
+            self._lane_pool = concurrent.futures.ThreadPoolExecutor(self._lane_workers, thread_name_prefix="lane")
         shares = [ExpertUsage() for _ in lanes]
-        others = [self._lane_pool.submit(self._run_lane, lane, items, outcomes, share)
+        each = max(1, torch.get_num_threads() // len(lanes))  # torch threads per lane
+        others = [self._lane_pool.submit(self._run_lane, lane, items, outcomes, share, each)
                   for lane, share in zip(lanes[1:], shares[1:])]
         try:
-            self._run_lane(lanes[0], items, outcomes, shares[0])
+            self._run_lane(lanes[0], items, outcomes, shares[0], each)
         finally:
             concurrent.futures.wait(others)
         for future in others:
@@ -285,8 +297,8 @@ class TorchTrainingEngine:
         usage.combine([share.counts for share in shares])
 
     def _run_lane(self, lane: list[int], items: list[EngineItem], outcomes: list[ItemOutcome],
-                  usage: ExpertUsage) -> None:
-        with one_thread():
+                  usage: ExpertUsage, threads: int) -> None:
+        with thread_count(threads):
             for chunk in plan_chunks([items[index] for index in lane], self._max_batch_tokens):
                 parts = [dataclasses.replace(part, index=lane[part.index]) for part in chunk]
                 self._run_chunk(parts, [outcomes[part.index] for part in parts], usage, walk_all=False)
