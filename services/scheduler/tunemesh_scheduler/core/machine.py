@@ -225,7 +225,7 @@ class SchedulerMachine:
                     self._actions.append(self._move_of(self.lanes[run].run))
         for node_id, node in self._nodes.items():
             if node.in_flight is None and node.ready and not self._held(node, now) and (
-                node.backlog or now >= self._window_end(node, now)
+                node.backlog or now >= self._window_end(node_id, node, now)
             ):
                 self._actions.append(self._take_batch(node_id, node, now))
         actions, self._actions = self._actions, []
@@ -234,13 +234,13 @@ class SchedulerMachine:
     def next_deadline(self) -> float | None:
         """The earliest time `next_actions` or `tick` may decide something new on its own."""
         times = [at for at, _ in self._parked.values()] + list(self._move_at.values())
-        times += [self._window_end(n, n.ready_since) for n in self._nodes.values()
+        times += [self._window_end(i, n, n.ready_since) for i, n in self._nodes.items()
                   if n.in_flight is None and n.ready and n.ready_since is not None]
         times += [n.held_until for n in self._nodes.values() if n.in_flight is None and n.ready and n.restoring]
         times += [lane.gap_deadline for lane in self.lanes.values() if lane.gap_deadline is not None]
         return min(times, default=None)
 
-    def _window_end(self, node: _Node, now: float) -> float:
+    def _window_end(self, node_id: str, node: _Node, now: float) -> float:
         """When the merge window of a free node's next round closes: `batch_wait_s` after its
         first ready operation, or later while some run of its last round has nothing ready
         yet: at most `merge_wait_s`, and at most MERGE_WAIT_SHARE of that round's time. Its
@@ -249,13 +249,20 @@ class SchedulerMachine:
         round for it (on a CPU, where a round's time grows with its rows, every step of
         clients that wait for each answer would alternate a round of one and one of the
         rest). A lone run, or runs whose next calls are all here, never wait."""
-        opened = now if node.ready_since is None else node.ready_since
+        if node.ready_since is None:  # work left from before (a backlog, a node back): no window
+            return now
+        opened = node.ready_since
         end = opened + self._batch_wait_s
         if self._merge_wait_s > 0 and node.last_runs:
             ready = {op.run for op in node.ready.ops()}
-            if any(run in self.lanes and run not in ready and run not in self.moving for run in node.last_runs):
+            if any(run not in ready and self._comes_back(run, node_id) for run in node.last_runs):
                 end = max(end, opened + min(self._merge_wait_s, MERGE_WAIT_SHARE * node.last_round_s))
         return end
+
+    def _comes_back(self, run: str, node_id: str) -> bool:
+        """Whether a run of a node's last round may still send its next call there."""
+        lane = self.lanes.get(run)
+        return lane is not None and lane.run.node_id == node_id and run not in self.moving
 
     def _held(self, node: _Node, now: float) -> bool:
         return bool(node.restoring) and now < node.held_until and self._first_back(node) is None
