@@ -273,8 +273,8 @@ class TorchTrainingEngine:
     def _run_lanes(self, lanes: list[list[int]], items: list[EngineItem], outcomes: list[ItemOutcome],
                    usage: ExpertUsage) -> None:
         """Each lane's chunks on a thread of its own (the first on this one), with an equal
-        share of the caller's torch threads (one each on two cores). Every OpenMP thread of a pass on two threads waits at each operation's end for
-        the other, sleeping under the local mesh's OMP_WAIT_POLICY=PASSIVE (a wake per
+        share of the caller's torch threads (one each on two cores). Every OpenMP thread of a
+        pass on two threads waits at each operation's end for the other, sleeping under the local mesh's OMP_WAIT_POLICY=PASSIVE (a wake per
         operation) or spinning (which collapses when a neighbour takes a core, bench/README.md,
         contention.py); lanes share no operation, so neither happens. A lane's rows get the
         same numbers as in one pass in batch-invariant mode (one thread sums a row as two do,
